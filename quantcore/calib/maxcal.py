@@ -1,0 +1,51 @@
+"""Max calibrator: running min/max, per tensor or per channel. Exact and trivially mergeable."""
+from __future__ import annotations
+
+import torch
+
+
+class MaxState:
+    """Running min and max; ``axis`` keeps one pair per channel along that dimension."""
+
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.total = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.axis is None:
+            lo, hi = torch.aminmax(x)
+        else:
+            ax = self.axis % x.dim()
+            flat = x.transpose(0, ax).reshape(x.shape[ax], -1)
+            lo, hi = torch.aminmax(flat, dim=1)
+        lo, hi = lo.float().cpu(), hi.float().cpu()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError("non-finite values (inf/nan) reached a calibrator")
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        self.total += x.numel()
+
+    def merge(self, other: "MaxState") -> "MaxState":
+        if other.min is None:
+            return self
+        if self.min is None:
+            self.min, self.max = other.min.clone(), other.max.clone()
+        else:
+            if self.min.shape != other.min.shape:
+                raise ValueError(f"per-channel shapes differ: {tuple(self.min.shape)} vs {tuple(other.min.shape)}")
+            self.min = torch.minimum(self.min, other.min)
+            self.max = torch.maximum(self.max, other.max)
+        self.total += other.total
+        return self
+
+    def to_dict(self) -> dict:
+        return {"axis": self.axis, "min": self.min, "max": self.max, "total": self.total}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaxState":
+        s = cls(d["axis"])
+        s.min, s.max, s.total = d["min"], d["max"], int(d["total"])
+        return s

@@ -1,0 +1,199 @@
+"""TensorQuantizer: one fake-quantization point in a model.
+
+The range lives in buffers (``amin``/``amax``) so it travels in the state_dict; calibration and
+quantization are separate switches; the collector (histogram or max state) is plain data that can be
+exported, merged across workers and loaded back before ranges are finalized.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .calib.histogram import DEFAULT_BINS, HistogramState
+from .calib.maxcal import MaxState
+from .formats import FLOAT_DTYPES, QuantSpec
+
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy", "tf_enhanced")
+_MIN_SCALE = 1e-8
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes a tensor according to a :class:`QuantSpec`.
+
+    Modes: ``calibrating`` (collect statistics, pass through), ``quantize`` (apply fake quant once a
+    range exists). ``kind`` is ``"weight"`` or ``"activation"``; weights are calibrated from the
+    parameter itself, never from data.
+    """
+
+    def __init__(self, spec: QuantSpec, kind: str = "activation", bins: int = DEFAULT_BINS) -> None:
+        super().__init__()
+        if kind not in ("weight", "activation"):
+            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+        self.spec = spec
+        self.kind = kind
+        self.bins = bins
+        self.calibrating = False
+        self.quantize = True
+        self.collector: HistogramState | MaxState | None = None
+        self.register_buffer("amin", torch.empty(0))
+        self.register_buffer("amax", torch.empty(0))
+        # Learnable (QAT) parameters are created on demand by make_learnable().
+        self.scale: nn.Parameter | None = None
+        self.zero_point: nn.Parameter | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return self.spec.is_float or self.amax.numel() > 0
+
+    @property
+    def active(self) -> bool:
+        """Whether forward changes the tensor."""
+        return self.spec.enabled and self.quantize and not self.calibrating and self.is_calibrated
+
+    def set_spec(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.collector = None
+
+    def reset_range(self) -> None:
+        self.amin = torch.empty(0, device=self.amin.device)
+        self.amax = torch.empty(0, device=self.amax.device)
+
+    def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
+        """Set the calibrated range; the grid always contains zero."""
+        dev = self.amax.device
+        lo_t = torch.as_tensor(lo, dtype=torch.float32).detach().clone().to(dev)
+        hi_t = torch.as_tensor(hi, dtype=torch.float32).detach().clone().to(dev)
+        if self.spec.symmetric:
+            a = torch.maximum(lo_t.abs(), hi_t.abs())
+            lo_t, hi_t = -a, a
+        else:
+            lo_t, hi_t = torch.clamp(lo_t, max=0.0), torch.clamp(hi_t, min=0.0)
+        self.amin, self.amax = lo_t, hi_t
+
+    # -- calibration ----------------------------------------------------------------------------
+    def start_calibration(self) -> None:
+        """Begin a fresh collection (activations) — previous statistics are dropped."""
+        self.collector = self.new_collector()
+        self.calibrating = self.kind == "activation" and not self.spec.is_float
+
+    def new_collector(self) -> HistogramState | MaxState:
+        if self.spec.calibrator in HISTOGRAM_METHODS and self.spec.axis is None:
+            return HistogramState(self.bins)
+        if self.spec.calibrator != "max" and self.kind == "activation":
+            raise ValueError(f"per-channel activation ranges support calibrator 'max' only, not "
+                             f"{self.spec.calibrator!r}")
+        return MaxState(self.spec.axis)
+
+    def collect(self, x: torch.Tensor) -> None:
+        if self.collector is None:
+            self.collector = self.new_collector()
+        self.collector.update(x)
+
+    def finalize(self) -> bool:
+        """Turn collected statistics into a range. Returns False when nothing was collected."""
+        self.calibrating = False
+        if self.spec.is_float:
+            return True
+        c = self.collector
+        if c is None or c.total == 0:
+            return False
+        if isinstance(c, HistogramState):
+            from .calib.search import find_range  # local: search depends on formats only
+
+            lo, hi = find_range(c, self.spec)
+        else:
+            lo, hi = c.min, c.max
+        self.set_range(lo, hi)
+        return True
+
+    def calibrate_tensor(self, x: torch.Tensor) -> None:
+        """One-shot calibration from a tensor (weights): max, or MSE searched on the tensor itself."""
+        if self.spec.is_float:
+            return
+        if self.spec.calibrator == "mse":
+            from .calib.search import tensor_mse_range
+
+            self.set_range(*tensor_mse_range(x.detach(), self.spec))
+            return
+        self.collector = self.new_collector()
+        self.collector.update(x)
+        self.finalize()
+
+    # -- quantization parameters ----------------------------------------------------------------
+    def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and integer zero point derived from the range (shape () or (C,))."""
+        qmin, qmax = self.spec.qrange()
+        if self.spec.symmetric:
+            scale = (self.amax / qmax).clamp_min(_MIN_SCALE)
+            zp = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = ((self.amax - self.amin) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+            zp = torch.clamp(torch.round(qmin - self.amin / scale), qmin, qmax).to(torch.int32)
+        return scale, zp
+
+    def make_learnable(self) -> None:
+        """Create scale/zero-point parameters from the calibrated range (QAT starts here)."""
+        if self.spec.is_float or not self.is_calibrated:
+            raise RuntimeError("make_learnable needs an integer quantizer with a calibrated range")
+        scale, zp = self.scale_zero_point()
+        self.scale = nn.Parameter(scale.reshape(-1).clone())
+        self.zero_point = nn.Parameter(zp.reshape(-1).float())
+        self.spec = self.spec.model_copy(update={"learnable": True})
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.collect(x)
+            return x
+        if not self.active:
+            return x
+        if self.spec.is_float:
+            return x.to(FLOAT_DTYPES[self.spec.format]).to(x.dtype)
+        return self._fake_quant(x)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.spec.qrange()
+        orig = x.dtype
+        xf = x.float() if orig != torch.float32 else x
+        axis = self.spec.axis
+        if self.spec.learnable and self.scale is not None:
+            zp = self.zero_point
+            if axis is None:
+                y = torch._fake_quantize_learnable_per_tensor_affine(xf, self.scale, zp, qmin, qmax, 1.0)
+            else:
+                y = torch._fake_quantize_learnable_per_channel_affine(
+                    xf, self.scale, zp, axis % x.dim(), qmin, qmax, 1.0)
+        else:
+            scale, zp = self.scale_zero_point()
+            if axis is None:
+                y = torch.fake_quantize_per_tensor_affine(xf, scale, zp, qmin, qmax)
+            else:
+                y = torch.fake_quantize_per_channel_affine(xf, scale, zp, axis % x.dim(), qmin, qmax)
+        return y.to(orig) if orig != torch.float32 else y
+
+    # -- persistence -------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # Ranges are empty before calibration and sized by it: adopt the stored shape.
+        for name in ("amin", "amax"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, nn.Parameter(torch.empty_like(state_dict[key])))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        if not self.spec.enabled:
+            return "disabled"
+        rng = ""
+        if self.amax.numel() == 1:
+            rng = f" range=[{float(self.amin):.4g}, {float(self.amax):.4g}]"
+        elif self.amax.numel() > 1:
+            rng = f" amax=[{float(self.amax.min()):.4g}..{float(self.amax.max()):.4g}]x{self.amax.numel()}"
+        state = "calib" if self.calibrating else ("on" if self.quantize else "off")
+        return f"{self.spec.short()} {self.kind} {state}{rng}"
