@@ -94,6 +94,20 @@ class CalibrationConfig(_Strict):
         return self
 
 
+class TrainConfig(_Strict):
+    """Plain FP32 training / fine-tuning (single process; QAT comes later)."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    pct_start: float = Field(0.25, gt=0, lt=1, description="OneCycle warm-up fraction")
+    hflip: bool = Field(True, description="random horizontal flips")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
 class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "custom"
@@ -103,6 +117,7 @@ class Recipe(_Strict):
     quant: QuantFormats = Field(default_factory=QuantFormats)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     overrides: list[Override] = Field(default_factory=list)
+    train: TrainConfig | None = None
 
     @model_validator(mode="after")
     def _version(self) -> "Recipe":

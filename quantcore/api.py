@@ -1,0 +1,243 @@
+"""The public verbs: prepare -> calibrate -> (evaluate) -> save / load, plus worker-state merging.
+
+    model = quantcore.build_model(recipe)                 # FP32, eval mode
+    quantcore.prepare(model, recipe)                      # fold BN, place quantizers (in place)
+    quantcore.calibrate(model, batches)                   # collect statistics, finalize ranges
+    quantcore.save(model, "s3://bucket/run/model.qc.pt")  # weights + ranges + recipe
+    model = quantcore.load("s3://bucket/run/model.qc.pt")
+
+Data-parallel calibration: each worker runs ``collect`` on its shard and returns
+``calibration_state(model)``; ``merge_calibration_states`` combines them exactly and
+``load_calibration_state`` + ``finalize`` give the same ranges as one worker that saw everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .calib.histogram import HistogramState
+from .calib.maxcal import MaxState
+from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
+from .config import Recipe
+from .encodings import encodings_table
+from .models import create_model
+from .placement import place_quantizers, quantizers
+from .recipe import load_recipe, recipe_from_dict
+from .versions import library_versions
+
+
+@dataclass
+class CalibrationResult:
+    batches: int = 0
+    images: int = 0
+    collect_s: float = 0.0
+    finalize_s: float = 0.0
+    uncalibrated: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def build_model(recipe: Recipe | str | dict, load_weights: bool = True) -> nn.Module:
+    """The recipe's FP32 model (eval mode)."""
+    return create_model(_recipe(recipe).model, load_weights=load_weights)
+
+
+def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Fold BatchNorm and place quantizers in place, as the recipe says. Returns the model."""
+    recipe = _recipe(recipe)
+    model.eval()
+    place_quantizers(model, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
+                     recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
+    model.quantcore_recipe = recipe
+    return model
+
+
+def _images(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and "image" in batch:
+        return batch["image"]
+    raise TypeError(f"calibration batch must be a tensor, (images, ...) or {{'image': ...}}, got {type(batch)}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def start_calibration(model: nn.Module) -> None:
+    """Put every activation quantizer in collection mode with fresh statistics."""
+    for q in quantizers(model).values():
+        q.start_calibration()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None,
+            progress: Any = None) -> CalibrationResult:
+    """Run forward passes in collection mode (statistics only, outputs are FP32)."""
+    res = CalibrationResult()
+    dev = _device(model)
+    t0 = time.perf_counter()
+    start_calibration(model)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = _images(batch).to(dev, non_blocking=True)
+        model(x)
+        res.batches += 1
+        res.images += x.shape[0]
+        if progress is not None:
+            progress(x.shape[0])
+    res.collect_s = time.perf_counter() - t0
+    return res
+
+
+@torch.no_grad()
+def finalize(model: nn.Module, result: CalibrationResult | None = None) -> CalibrationResult:
+    """Weights from their parameters, activations from collected statistics, shared groups unified."""
+    res = result or CalibrationResult()
+    t0 = time.perf_counter()
+    for mod in model.modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if wq is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            wq.calibrate_tensor(mod.weight)
+    qs = quantizers(model)
+    for name, q in qs.items():
+        if q.kind == "activation" and not q.finalize() and q.spec.enabled:
+            res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
+    placement = getattr(model, "quantcore_placement", None)
+    for group in getattr(placement, "share_groups", []) or []:
+        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
+        if members:
+            lo = torch.stack([m.amin.min() for m in members]).min()
+            hi = torch.stack([m.amax.max() for m in members]).max()
+            for m in members:
+                m.set_range(lo, hi)
+    res.finalize_s = time.perf_counter() - t0
+    return res
+
+
+def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None,
+              progress: Any = None) -> CalibrationResult:
+    """Collect statistics over ``batches`` and finalize every range."""
+    return finalize(model, collect(model, batches, max_batches, progress))
+
+
+# -- data-parallel calibration ----------------------------------------------------------------------
+def calibration_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each activation quantizer's collected statistics as plain tensors/numbers."""
+    out = {}
+    for name, q in quantizers(model).items():
+        if q.kind == "activation" and q.collector is not None:
+            kind = "hist" if isinstance(q.collector, HistogramState) else "max"
+            out[name] = {"type": kind, **q.collector.to_dict()}
+    return out
+
+
+def _state_obj(d: dict[str, Any]) -> HistogramState | MaxState:
+    body = {k: v for k, v in d.items() if k != "type"}
+    return HistogramState.from_dict(body) if d["type"] == "hist" else MaxState.from_dict(body)
+
+
+def merge_calibration_states(states: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Exact merge of several workers' statistics (order does not matter)."""
+    if not states:
+        raise ValueError("merge_calibration_states needs at least one state")
+    names = set().union(*states)
+    merged = {}
+    for name in sorted(names):
+        parts = [_state_obj(s[name]) for s in states if name in s]
+        acc = parts[0]
+        for p in parts[1:]:
+            acc.merge(p)
+        merged[name] = {"type": "hist" if isinstance(acc, HistogramState) else "max", **acc.to_dict()}
+    return merged
+
+
+def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
+    qs = quantizers(model)
+    unknown = sorted(set(state) - set(qs))
+    if unknown:
+        raise ValueError(f"calibration state names quantizers this model lacks: {unknown[:5]}")
+    for name, d in state.items():
+        qs[name].collector = _state_obj(d)
+
+
+# -- switches ---------------------------------------------------------------------------------------
+def set_quantization(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on/off everywhere (ranges are kept)."""
+    for q in quantizers(model).values():
+        q.quantize = enabled
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the FP32 path of a prepared model temporarily."""
+    qs = quantizers(model).values()
+    before = [q.quantize for q in qs]
+    for q in qs:
+        q.quantize = False
+    try:
+        yield model
+    finally:
+        for q, b in zip(qs, before):
+            q.quantize = b
+
+
+# -- artifacts --------------------------------------------------------------------------------------
+def encodings(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``encodings.json`` table."""
+    return encodings_table(model, extra)
+
+
+def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
+    """Write a calibrated checkpoint atomically to a local path or s3:// URI."""
+    from .io import storage
+
+    recipe = getattr(model, "quantcore_recipe", None)
+    if recipe is None:
+        raise ValueError("save() needs a model prepared with quantcore.prepare (it carries the recipe)")
+    specs = {n: q.spec.model_dump() for n, q in quantizers(model).items()}
+    meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
+            "versions": library_versions(), "extra": extra or {}}
+    storage.write_bytes(uri, checkpoint_bytes(model, meta))
+
+
+def load(uri: str, model: nn.Module | None = None) -> nn.Module:
+    """Load a calibrated checkpoint. The model is rebuilt from the stored recipe unless given."""
+    from .io import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} not found") from None
+    meta, state = read_checkpoint(data, uri)
+    recipe = recipe_from_dict(meta["recipe"], f"{uri} (stored recipe)")
+    if model is None:
+        model = create_model(recipe.model, load_weights=False)
+    prepare(model, recipe)
+    qs = quantizers(model)
+    specs = meta.get("quantizer_specs", {})
+    if set(specs) != set(qs):
+        raise CheckpointError(f"checkpoint {uri}: stored quantizers differ from the model's placement "
+                              f"(only in file: {sorted(set(specs) - set(qs))[:5]}, only in model: "
+                              f"{sorted(set(qs) - set(specs))[:5]})")
+    from .formats import QuantSpec
+
+    for name, spec in specs.items():
+        qs[name].set_spec(QuantSpec.model_validate(spec))
+    load_state_strict(model, state, uri)
+    model.quantcore_meta = meta
+    return model.eval()
+
+
+def _recipe(recipe: Recipe | str | dict) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

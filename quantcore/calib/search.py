@@ -1,0 +1,472 @@
+"""Range searches: turn collected statistics into a quantization range ``(lo, hi)``.
+
+``find_range`` works on a :class:`HistogramState` (activations), ``tensor_mse_range`` on a tensor
+itself (weights). Every search is vectorized in torch over candidates; the only Python loops are a
+small fixed number of coarse-to-fine refinement rounds.
+
+Error model used by the MSE / tf_enhanced searches: inside each histogram bin the density is taken
+as uniform (piecewise-uniform density), and the expected squared error of the integer grid is
+integrated *exactly* under that model. With prefix sums of the 0th/1st/2nd moments, the error of one
+grid cell ``[(n - 1/2) s, (n + 1/2) s)`` is ``M2 - 2 g M1 + g^2 M0`` (``g = n s``), so a candidate
+costs O(number of grid levels) instead of O(number of bins). Rounding each bin's centre to the grid
+instead aliases badly once the step is comparable to the bin width (8-bit grids on a 2048-bin
+histogram often are), and a flat ``s^2/12`` noise model is wrong for skewed data whose mass sits
+within one step of zero (post-softmax / post-GELU); the exact piecewise-uniform integral handles
+both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..formats import QuantSpec
+from .histogram import HistogramState
+
+#: AIMET's default weight on clipping noise for the tf_enhanced (SQNR) search.
+TF_ENHANCED_GAMMA = 3.0
+#: Same floor as the quantizer, so searched ranges never produce a zero scale.
+_MIN_SCALE = 1e-8
+#: Above this many grid levels (bits > 10) the per-cell integral is replaced by the s^2/12 model:
+#: such grids are far finer than any histogram bin, where the two agree.
+_MAX_EXACT_LEVELS = 1024
+#: Points (candidates x grid cells) evaluated per chunk, bounding temporary memory.
+_CHUNK_POINTS = 1 << 18
+
+Range = tuple[float, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------
+def find_range(state: HistogramState, spec: QuantSpec) -> Range:
+    """Range ``(lo, hi)`` for ``spec`` from a histogram; symmetric specs give ``(-a, a)``.
+
+    Empty or all-zero states give ``(0.0, 0.0)`` (the quantizer floors the scale).
+    """
+    if state.total == 0 or state.exp is None:
+        return 0.0, 0.0
+    method = spec.calibrator
+    if method == "max" or state.min == state.max:
+        # A single distinct value: every method's optimum is the value itself.
+        return _max_range(state, spec)
+    if method == "percentile":
+        return _percentile_range(state, spec)
+    if method == "mse":
+        return _mse_range(state, spec, gamma=1.0)
+    if method == "tf_enhanced":
+        return _mse_range(state, spec, gamma=TF_ENHANCED_GAMMA)
+    if method == "entropy":
+        return _entropy_range(state, spec)
+    raise ValueError(f"unknown calibrator {method!r}")
+
+
+def _max_range(state: HistogramState, spec: QuantSpec) -> Range:
+    if spec.symmetric:
+        a = max(abs(state.min), abs(state.max))
+        return -a, a
+    return float(state.min), float(state.max)
+
+
+def _abs_max(state: HistogramState) -> float:
+    return max(abs(state.min), abs(state.max))
+
+
+def _bin_width(state: HistogramState) -> float:
+    return state.range / state.bins
+
+
+# --------------------------------------------------------------------------------------------------
+# percentile
+# --------------------------------------------------------------------------------------------------
+def _hist_percentile(counts: torch.Tensor, e0: float, w: float, q: float) -> float:
+    """q-th percentile (0..100) of a histogram with first edge ``e0`` and bin width ``w``.
+
+    Linear interpolation inside the bin where the cumulative count crosses ``q% of total``.
+    """
+    c = counts.to(torch.float64)
+    cdf = torch.cumsum(c, 0)
+    target = cdf[-1] * (q / 100.0)
+    k = int(torch.searchsorted(cdf, target.reshape(1)).clamp_(max=c.numel() - 1))
+    prev = float(cdf[k - 1]) if k > 0 else 0.0
+    ck = float(c[k])
+    frac = (float(target) - prev) / ck if ck > 0 else 0.0
+    return e0 + (k + min(max(frac, 0.0), 1.0)) * w
+
+
+def _percentile_range(state: HistogramState, spec: QuantSpec) -> Range:
+    p, w = spec.percentile, _bin_width(state)
+    if spec.symmetric:
+        a = min(_hist_percentile(state.abs_counts(), 0.0, w, p), _abs_max(state))
+        return -a, a
+    r = state.range
+    lo = _hist_percentile(state.counts, -r, w, 100.0 - p)
+    hi = _hist_percentile(state.counts, -r, w, p)
+    return max(lo, state.min), min(hi, state.max)
+
+
+# --------------------------------------------------------------------------------------------------
+# MSE / tf_enhanced
+# --------------------------------------------------------------------------------------------------
+class _Moments:
+    """Prefix moments ``F_k(x) = int_{-inf}^{x} t^k rho(t) dt`` (k = 0, 1, 2) of a histogram read
+    as a piecewise-uniform density with total mass 1, in float64 (the grid error is a small
+    difference of these sums).
+
+    The table is padded with one empty bin on each side (density 0, prefix sums 0 / total), so any
+    point maps to a row by ``floor`` alone: points left of the data get zeros, points right of it
+    the totals, without a separate clamp of the point itself.
+    """
+
+    def __init__(self, counts: torch.Tensor, e0: float, w: float) -> None:
+        p = counts.to(torch.float64)
+        p = p / p.sum()
+        dev = p.device
+        n = p.numel()
+        a = e0 + w * torch.arange(n, dtype=torch.float64, device=dev)
+        b = a + w
+        per_bin = torch.stack([p, p * (a + b) / 2, p * (a * a + a * b + b * b) / 3], 1)
+        zero = torch.zeros(1, 3, dtype=torch.float64, device=dev)
+        cum = torch.cat([zero, torch.cumsum(per_bin, 0)])  # (n + 1, 3): prefix sums at the edges
+        dens = torch.cat([zero[0, :1], p / w, zero[0, :1]])
+        # row r covers [e0 + (r - 1) w, e0 + r w): prefix sums at its left edge, its density
+        cum = torch.cat([zero, cum])
+        self.c0, self.c1, self.c2 = (cum[:, k].contiguous() for k in range(3))
+        self.dens = dens
+        self.left = e0 - w  # left edge of row 0
+        self.w, self.n = w, n
+        self.total = cum[-1]
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = torch.floor((x - self.left) * (1.0 / self.w)).clamp_(0, self.n + 1)
+        dx = x - (self.left + r * self.w)  # offset from the row's left edge
+        return r.flatten().long(), dx, r
+
+    def at(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx, dx, _ = self._rows(x)
+        ej = x - dx
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, idx).view(x.shape)
+
+        d = take(self.dens) * dx  # factors of dx avoid cancelling x^3 - e^3
+        f0 = take(self.c0) + d
+        f1 = take(self.c1) + d * (2 * ej + dx) / 2
+        f2 = take(self.c2) + d * (ej * ej + ej * dx + dx * dx / 3)
+        return f0, f1, f2
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        """``F1(x) - x F0(x) = -int_{-inf}^{x} (x - t) rho(t) dt``."""
+        idx, dx, _ = self._rows(x)
+        c0 = self.c0.index_select(0, idx).view(x.shape)
+        c1 = self.c1.index_select(0, idx).view(x.shape)
+        half_d = self.dens.index_select(0, idx).view(x.shape).mul_(0.5)
+        return c1.sub_(x * c0).sub_(half_d.mul_(dx).mul_(dx))
+
+
+def _grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) exactly as the quantizer derives them from a range."""
+    qmin, qmax = spec.qrange()
+    if spec.symmetric:
+        s = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(_MIN_SCALE)
+        return s, torch.zeros_like(s)
+    s = ((hi - lo) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+    return s, torch.clamp(torch.round(qmin - lo / s), qmin, qmax)
+
+
+def _grid_error(mom: _Moments, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                gamma: float) -> torch.Tensor:
+    """Expected squared error per candidate range; clipping error is weighted by ``gamma``.
+
+    Grid points ``g_n = (nlo + n) s``, cell boundaries ``b_n = g_n - s/2``. With
+    ``H(b; g) = int_{-inf}^{b} (t - g)^2 rho`` the in-range error is
+    ``sum_n H(b_{n+1}; g_n) - H(b_n; g_n)``; regrouping by boundary, each interior boundary
+    contributes ``H(b; g - s) - H(b; g) = 2 s (F1(b) - b F0(b))``, so only one prefix function is
+    needed per boundary, and the full moments only at the two ends.
+    """
+    qmin, qmax = spec.qrange()
+    levels = qmax - qmin + 1
+    s, zp = _grid_params(lo, hi, spec)
+    nlo = qmin - zp  # grid = s * {nlo, ..., nlo + levels - 1}: zp is an integer
+    gmin, gmax = nlo * s, (nlo + levels - 1) * s
+    f0, f1, f2 = mom.at(torch.stack([gmin - s / 2, gmax + s / 2], 1))
+    t0, t1, t2 = mom.total
+    below = f2[:, 0] - 2 * gmin * f1[:, 0] + gmin * gmin * f0[:, 0]  # H(b_0; gmin)
+    h_end = f2[:, 1] - 2 * gmax * f1[:, 1] + gmax * gmax * f0[:, 1]  # H(b_L; gmax)
+    above = (t2 - 2 * gmax * t1 + gmax * gmax * t0) - h_end
+    if levels > _MAX_EXACT_LEVELS:
+        inner = (f0[:, 1] - f0[:, 0]) * s * s / 12
+    else:
+        m = torch.arange(1, levels, dtype=torch.float64, device=s.device) - 0.5
+        interior = (nlo[:, None] + m) * s[:, None]  # (K, levels - 1)
+        inner = 2 * s * mom.phi(interior).sum(1) + h_end - below
+    return inner.clamp_min(0) + gamma * (below + above).clamp_min(0)
+
+
+def _chunked(fn: Callable[..., torch.Tensor], *cands: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Evaluate ``fn`` over candidate rows in chunks of bounded size (memory only, same result)."""
+    k = cands[0].numel()
+    step = max(1, _CHUNK_POINTS // max(per_row, 1))
+    if k <= step:
+        return fn(*cands)
+    return torch.cat([fn(*(c[i:i + step] for c in cands)) for i in range(0, k, step)])
+
+
+def _occupied(state: HistogramState) -> tuple[torch.Tensor, float]:
+    """Signed counts trimmed to the occupied bins, and the left edge of the first one."""
+    nz = torch.nonzero(state.counts).flatten()
+    first, last = int(nz[0]), int(nz[-1])
+    w = _bin_width(state)
+    return state.counts[first:last + 1], -state.range + first * w
+
+
+def mse_objective(state: HistogramState, spec: QuantSpec, lo: torch.Tensor | float,
+                  hi: torch.Tensor | float, gamma: float = 1.0) -> torch.Tensor:
+    """Expected quantization error of the histogram's distribution (mass normalized to 1) for
+    candidate ranges; ``gamma`` weights the clipping part (1 = plain MSE)."""
+    counts, e0 = _occupied(state)
+    mom = _Moments(counts, e0, _bin_width(state))
+    dev = counts.device
+    lo_t = torch.as_tensor(lo, dtype=torch.float64, device=dev).reshape(-1)
+    hi_t = torch.as_tensor(hi, dtype=torch.float64, device=dev).reshape(-1)
+    return _grid_error(mom, lo_t, hi_t, spec, gamma)
+
+
+def _mse_range(state: HistogramState, spec: QuantSpec, gamma: float) -> Range:
+    counts, e0 = _occupied(state)
+    mom = _Moments(counts, e0, _bin_width(state))
+    dev = counts.device
+    qmin, qmax = spec.qrange()
+    per_row = min(qmax - qmin + 2, _MAX_EXACT_LEVELS)
+
+    def err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return _chunked(lambda a, b: _grid_error(mom, a, b, spec, gamma), lo, hi, per_row=per_row)
+
+    if spec.symmetric:
+        # 1-D: amax on a 64-point grid, then 4 rounds of 9 points within one step (step / 4).
+        amax = _abs_max(state)
+        cand = amax * torch.arange(1, 65, dtype=torch.float64, device=dev) / 64
+        step = amax / 64
+        best = float(cand[torch.argmin(err(-cand, cand))])
+        offs = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64, device=dev)
+        for _ in range(4):
+            cand = (best + step * offs).clamp(amax * 1e-6, amax)
+            best = float(cand[torch.argmin(err(-cand, cand))])
+            step /= 4
+        return -best, best
+
+    # 2-D: lo in [min(obs_min, 0), 0], hi in [0, max(obs_max, 0)] -- the grid always holds zero.
+    # A 13 x 13 grid, then 4 rounds of 7 x 7 within one step (step / 3).
+    lo_end, hi_end = min(state.min, 0.0), max(state.max, 0.0)
+    n = 12
+    frac = torch.arange(n + 1, dtype=torch.float64, device=dev) / n
+    lo_axis = lo_end * frac if lo_end < 0 else frac[:1] * 0
+    hi_axis = hi_end * frac if hi_end > 0 else frac[:1] * 0
+    lo_c, hi_c = torch.meshgrid(lo_axis, hi_axis, indexing="ij")
+    lo_c, hi_c = lo_c.flatten(), hi_c.flatten()
+    k = int(torch.argmin(err(lo_c, hi_c)))
+    best_lo, best_hi = float(lo_c[k]), float(hi_c[k])
+    d_lo, d_hi = -lo_end / n, hi_end / n
+    offs = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64, device=dev)
+    for _ in range(4):
+        lo_c, hi_c = torch.meshgrid((best_lo + d_lo * offs).clamp(lo_end, 0.0),
+                                    (best_hi + d_hi * offs).clamp(0.0, hi_end), indexing="ij")
+        lo_c, hi_c = lo_c.flatten(), hi_c.flatten()
+        k = int(torch.argmin(err(lo_c, hi_c)))
+        best_lo, best_hi = float(lo_c[k]), float(hi_c[k])
+        d_lo, d_hi = d_lo / 3, d_hi / 3
+    # Return the grid's own end points: the quantizer then re-derives exactly the scale and
+    # integer zero point evaluated here, with no rounding-boundary flip of the zero point.
+    s, zp = _grid_params(torch.tensor([best_lo], dtype=torch.float64),
+                         torch.tensor([best_hi], dtype=torch.float64), spec)
+    s_f, zp_f = float(s), float(zp)
+    return (qmin - zp_f) * s_f, (qmax - zp_f) * s_f
+
+
+# --------------------------------------------------------------------------------------------------
+# entropy (KL)
+# --------------------------------------------------------------------------------------------------
+class _KLTables:
+    """Prefix sums that make KL(P||Q) of one candidate O(levels) instead of O(bins).
+
+    With Q constant on the non-zero bins of each group, ``sum_j P_j log Q_j`` equals
+    ``sum_g G_g log(G_g / nnz_g)`` (G_g: mass of group g, nnz_g: its non-zero bins), and
+    ``sum_j P_j log P_j`` is a prefix sum except for the two bins that receive the outliers.
+    """
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        p = counts.to(torch.float64)
+        p = p / p.sum()
+        zero = torch.zeros(1, dtype=torch.float64, device=p.device)
+        self.p = p
+        self.plogp = torch.cat([zero, torch.cumsum(torch.xlogy(p, p), 0)])
+        self.mass = torch.cat([zero, torch.cumsum(p, 0)])  # prefix mass
+        self.nnz = torch.cat([zero, torch.cumsum((p > 0).to(torch.float64), 0)])  # prefix non-zeros
+
+    def kl(self, a: torch.Tensor, b: torch.Tensor, levels: int) -> torch.Tensor:
+        """KL(P||Q) for P = bins [a, b) with the mass left of a added to bin a and the mass right
+        of b added to bin b-1; Q = P merged into ``levels`` groups (bin j of the slice goes to
+        group floor(j * levels / (b - a))) and spread evenly over each group's non-zero bins."""
+        mass = self.mass
+        left = mass[a]
+        right = mass[-1] - mass[b]
+        pa, pb = self.p[a], self.p[b - 1]
+        fa, fb = pa + left, pb + right
+        plogp = (self.plogp[b] - self.plogp[a] - torch.xlogy(pa, pa) - torch.xlogy(pb, pb)
+                 + torch.xlogy(fa, fa) + torch.xlogy(fb, fb))
+        # group g starts at a + ceil(g * (b - a) / levels); levels is a power of two -> shift
+        g = torch.arange(levels + 1, device=a.device)
+        shift = levels.bit_length() - 1
+        starts = (g * (b - a)[:, None] + (levels - 1)).bitwise_right_shift_(shift).add_(a[:, None])
+        flat = starts.flatten()
+        shape = (a.numel(), levels + 1)
+        gm = mass.index_select(0, flat).view(shape).diff(dim=1)
+        gn = self.nnz.index_select(0, flat).view(shape).diff(dim=1)
+        gm[:, 0] += left
+        gm[:, -1] += right
+        gn[:, 0] += ((pa == 0) & (left > 0)).to(torch.float64)
+        gn[:, -1] += ((pb == 0) & (right > 0)).to(torch.float64)
+        # sum_g G log(G / nnz); empty groups (G = 0) contribute 0 via the clamps
+        q = (gm / gn.clamp_min_(1.0)).clamp_min_(1e-300).log_().mul_(gm).sum(1)
+        return (plogp - q).clamp_min(0)
+
+
+def kl_objective(counts: torch.Tensor, i: int, levels: int) -> float:
+    """TensorRT-style KL divergence of clipping the |x| histogram ``counts`` at bin ``i``."""
+    t = _KLTables(counts)
+    dev = counts.device
+    return float(t.kl(torch.tensor([0], device=dev), torch.tensor([int(i)], device=dev), levels))
+
+
+def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
+    """Symmetric: TensorRT's search on the |x| histogram, every threshold from ``levels`` bins to
+    the last occupied one, with ``levels = 2**(bits-1)`` (128 at 8 bits).
+
+    Asymmetric: the same KL with both ends free on the signed histogram (left outliers go to the
+    first kept bin, right outliers to the last) and ``levels = 2**bits``; exhaustive when the pair
+    count is small, else a coarse grid (<= 17 x 17) plus refinement rounds down to single bins.
+    """
+    w = _bin_width(state)
+    dev = state.counts.device
+    if spec.symmetric:
+        levels = 2 ** (spec.bits - 1)
+        h = state.abs_counts()
+        last = int(torch.nonzero(h).flatten()[-1]) + 1
+        amax = _abs_max(state)
+        if last <= levels:  # no clipping candidate beats keeping everything
+            return -amax, amax
+        t = _KLTables(h[:last])
+        i = torch.arange(levels, last + 1, device=dev)
+        kl = _chunked(lambda b: t.kl(torch.zeros_like(b), b, levels), i, per_row=levels + 1)
+        a = min(int(i[torch.argmin(kl)]) * w, amax)
+        return -a, a
+
+    levels = 2**spec.bits
+    n = state.bins
+    nz = torch.nonzero(state.counts).flatten()
+    start, stop = min(int(nz[0]), n), max(int(nz[-1]) + 1, n)  # keep zero (index n) inside
+    if stop - start <= levels:
+        return float(state.min), float(state.max)
+    t = _KLTables(state.counts[start:stop])
+    zero = n - start
+    a_max, b_min, b_max = zero, zero, stop - start  # candidate a in [0, zero], b in [zero, b_max]
+
+    def kl_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ok = (b - a) >= levels
+        out = torch.full(a.shape, math.inf, dtype=torch.float64, device=dev)
+        if bool(ok.any()):
+            out[ok] = _chunked(lambda x, y: t.kl(x, y, levels), a[ok], b[ok], per_row=levels + 1)
+        return out
+
+    def best_of(a_axis: torch.Tensor, b_axis: torch.Tensor) -> tuple[int, int]:
+        a, b = torch.meshgrid(a_axis, b_axis, indexing="ij")
+        a, b = a.flatten(), b.flatten()
+        k = int(torch.argmin(kl_pairs(a, b)))
+        return int(a[k]), int(b[k])
+
+    def axis(lo: int, hi: int, step: int) -> torch.Tensor:
+        pts = torch.arange(lo, hi + 1, step, device=dev)
+        return torch.unique(torch.cat([pts, torch.tensor([hi], device=dev)]))
+
+    na, nb = a_max + 1, b_max - b_min + 1
+    if na * nb <= 1024:
+        ba, bb = best_of(axis(0, a_max, 1), axis(b_min, b_max, 1))
+    else:
+        sa, sb = max(1, -(-na // 16)), max(1, -(-nb // 16))
+        ba, bb = best_of(axis(0, a_max, sa), axis(b_min, b_max, sb))
+        while sa > 1 or sb > 1:  # refinement: +-one coarse step around the best, step / 4
+            fa, fb = max(1, sa // 4), max(1, sb // 4)
+            ba, bb = best_of(axis(max(0, ba - sa), min(a_max, ba + sa), fa),
+                             axis(max(b_min, bb - sb), min(b_max, bb + sb), fb))
+            sa, sb = fa, fb
+    lo = max((start + ba - n) * w, state.min)
+    hi = min((start + bb - n) * w, state.max)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# weights: MSE search on the tensor itself
+# --------------------------------------------------------------------------------------------------
+def _fq_error(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Sum of squared fake-quant errors per (candidate, channel); ``lo``/``hi`` are (K, C)."""
+    qmin, qmax = spec.qrange()
+    s, zp = _grid_params(lo, hi, spec)
+    s, zp = s[..., None], zp[..., None]
+    q = (torch.round(flat / s) + zp).clamp_(qmin, qmax).sub_(zp).mul_(s)
+    return q.sub_(flat).square_().sum(-1)
+
+
+def _best_per_channel(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Among (K, C) candidate ranges pick, per channel, the one with the least error."""
+    per_cand = flat.numel()
+    step = max(1, (1 << 24) // max(per_cand, 1))  # chunk candidates: K copies of a big weight
+    err = torch.cat([_fq_error(flat, lo[i:i + step], hi[i:i + step], spec)
+                     for i in range(0, lo.shape[0], step)])
+    k = torch.argmin(err, 0, keepdim=True)
+    return lo.gather(0, k)[0], hi.gather(0, k)[0]
+
+
+def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE-optimal range of a tensor (weights) under ``spec``'s integer grid.
+
+    Per channel along ``spec.axis`` (shape (C,)) or per tensor (shape ()). The range is searched as
+    a fraction of the channel's own extremes, 0.2..1.0: 21 coarse ratios, then 17 ratios within one
+    coarse step of the best (per channel), using the real fake-quant error on the tensor. Asymmetric
+    specs refine the two ends independently (2-D) after the shared-ratio coarse pass. Ratio 1.0 is a
+    candidate, so the result is never worse than the max range.
+    """
+    xf = x.detach().float()
+    if spec.axis is None:
+        flat = xf.reshape(1, -1)
+    else:
+        flat = xf.movedim(spec.axis % xf.dim(), 0).reshape(xf.shape[spec.axis], -1)
+    dev = flat.device
+    lo_obs, hi_obs = torch.aminmax(flat, dim=1)
+    if spec.symmetric:
+        hi_obs = torch.maximum(lo_obs.abs(), hi_obs.abs())
+        lo_obs = -hi_obs
+    else:
+        lo_obs, hi_obs = lo_obs.clamp(max=0.0), hi_obs.clamp(min=0.0)
+
+    coarse = torch.linspace(0.2, 1.0, 21, device=dev)[:, None]  # (K, 1)
+    lo, hi = _best_per_channel(flat, coarse * lo_obs, coarse * hi_obs, spec)
+    r_lo = torch.where(lo_obs < 0, lo / lo_obs, torch.ones_like(lo))
+    r_hi = torch.where(hi_obs > 0, hi / hi_obs, torch.ones_like(hi))
+    offs = torch.linspace(-0.04, 0.04, 17, device=dev)[:, None]
+    if spec.symmetric:
+        r = (r_hi + offs).clamp(0.2, 1.0)
+        lo, hi = _best_per_channel(flat, r * lo_obs, r * hi_obs, spec)
+    else:
+        for width in (1.0, 0.25):  # two 9 x 9 rounds on (lo ratio, hi ratio)
+            o = torch.linspace(-0.04 * width, 0.04 * width, 9, device=dev)
+            ol, oh = torch.meshgrid(o, o, indexing="ij")
+            rl = (r_lo + ol.reshape(-1, 1)).clamp(0.2, 1.0)
+            rh = (r_hi + oh.reshape(-1, 1)).clamp(0.2, 1.0)
+            lo, hi = _best_per_channel(flat, rl * lo_obs, rh * hi_obs, spec)
+            r_lo = torch.where(lo_obs < 0, lo / lo_obs, torch.ones_like(lo))
+            r_hi = torch.where(hi_obs > 0, hi / hi_obs, torch.ones_like(hi))
+    if spec.axis is None:
+        return lo.reshape(()), hi.reshape(())
+    return lo, hi

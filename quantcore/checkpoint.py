@@ -1,0 +1,74 @@
+"""Calibrated checkpoints: weights + quantizer state + recipe + versions, safe to load.
+
+The file is a plain ``torch.save`` of tensors and JSON-like values only, so it is read with
+``torch.load(weights_only=True)`` (no pickled code). A SHA-256 digest over every tensor and every
+metadata value detects tampering or corruption before anything reaches the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "quantcore.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, tampered with, or does not match the model."""
+
+
+def _digest(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
+    """Serialize ``model.state_dict()`` with ``meta`` (JSON-like values only) and a digest."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    meta = json.loads(json.dumps(meta, default=str))  # only JSON types reach the file
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "meta": meta,
+               "state_dict": state, "sha256": _digest(meta, state)}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse and verify; returns (meta, state_dict). Errors name ``source``."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {source} is corrupted or not a quantcore checkpoint "
+                              f"(torch.load with weights_only=True failed: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {source} is not a quantcore checkpoint")
+    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {source} has format version {payload['format_version']}, newer "
+                              f"than this quantcore reads ({CHECKPOINT_VERSION})")
+    meta, state = payload.get("meta"), payload.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {source} lacks meta or state_dict")
+    if _digest(meta, state) != payload.get("sha256"):
+        raise CheckpointError(f"checkpoint {source} failed its SHA-256 check: the file was modified or "
+                              "corrupted after it was written")
+    return meta, state
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        raise CheckpointError(f"checkpoint {source} does not match the model built from its recipe: "
+                              f"missing keys [{few(list(missing))}], unexpected keys [{few(list(unexpected))}]")

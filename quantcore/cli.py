@@ -1,0 +1,224 @@
+"""``quantcore`` command line: pack, calibrate, evaluate, ptq, train, demo, recipes.
+
+User mistakes (bad recipe, bad data, missing file, bad URI) print one clear line and exit 2; no
+stack trace. Anything else is a bug and keeps its traceback (exit 1).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training quantization of vision models: calibrate, evaluate, report.")
+
+RecipeOpt = typer.Option(..., "--recipe", "-r", help="Built-in recipe name, YAML path, or s3:// URI. Repeat for several variants.")
+DeviceOpt = typer.Option("auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1 ...")
+WorkersOpt = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for decoding images.")
+BatchOpt = typer.Option(64, "--batch-size", "-b", help="Evaluation batch size (calibration uses the recipe's).")
+SkipOpt = typer.Option(False, "--skip-bad", help="Skip corrupt/missing samples and list them in the report instead of failing.")
+CacheOpt = typer.Option(None, "--cache-dir", help="Local directory caching remote zip shards.")
+LayoutOpt = typer.Option("auto", help="Dataset layout: auto, folder (ImageNet), zip (zipped/sharded), resisc.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def _opts(batch_size, workers, device, progress, checkpoint=None):
+    from .pipeline import RunOptions
+
+    return RunOptions(batch_size=batch_size, num_workers=workers, device=device, progress=progress,
+                      checkpoint=checkpoint)
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    from .recipe import builtin_recipes, load_recipe
+
+    for name in sorted(builtin_recipes()):
+        typer.echo(f"{name:<22} {load_recipe(name).description}")
+
+
+@app.command("show-recipe")
+def show_recipe(recipe: str = typer.Argument(..., help="Recipe name, path or URI.")) -> None:
+    """Print a recipe with every default filled in (validates it)."""
+    from .recipe import dump_recipe, load_recipe
+
+    typer.echo(dump_recipe(load_recipe(recipe)))
+
+
+@app.command()
+def pack(src: str = typer.Argument(..., help="Source dataset URI (ImageNet folder or Resisc45 imagepaths)."),
+         dst: str = typer.Argument(..., help="Destination URI for zip shards + maps (local or s3://)."),
+         split: List[str] = typer.Option(["train", "val"], "--split", "-s", help="Split(s) to pack."),
+         layout: str = LayoutOpt,
+         shard_size: int = typer.Option(10000, help="Images per zip shard."),
+         skip_bad: bool = SkipOpt) -> None:
+    """Convert a folder or imagepaths dataset into zip shards + maps (many workers can read in parallel)."""
+    from .data import pack as pack_fn
+
+    for s in split:
+        info = pack_fn(src, dst, s, layout=layout, shard_size=shard_size, skip_bad=skip_bad)
+        typer.echo(f"{s}: {json.dumps(_short(info))}")
+
+
+def _short(info):
+    if isinstance(info, dict):
+        return {k: v for k, v in info.items() if k in ("count", "shards", "classes", "skipped")} or info
+    return info
+
+
+@app.command()
+def calibrate(recipe: List[str] = RecipeOpt,
+              data: str = typer.Option(..., "--data", "-d", help="Calibration dataset URI."),
+              split: str = typer.Option("train", help="Split to draw calibration images from."),
+              out: str = typer.Option(..., "--out", "-o", help="Output URI prefix (local or s3://)."),
+              checkpoint: Optional[str] = typer.Option(None, help="FP32 weights (local/s3) overriding the recipe's."),
+              layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
+              workers: int = WorkersOpt, device: str = DeviceOpt, progress: bool = ProgressOpt) -> None:
+    """Calibrate: writes <out>/<recipe>/model.qc.pt, encodings.json and a report (no evaluation)."""
+    from .pipeline import DataSpec, ptq
+    from .recipe import load_recipe
+
+    rep = ptq([load_recipe(r) for r in recipe], DataSpec(data, split, layout, skip_bad, cache_dir), None, out,
+              _opts(64, workers, device, progress, checkpoint))
+    for name, v in rep["variants"].items():
+        typer.echo(f"{name}: {v['artifacts']['checkpoint']} ({v['calibration']['images']} images, "
+                   f"{v['calibration']['collect_s'] + v['calibration']['finalize_s']:.1f} s)")
+
+
+@app.command()
+def evaluate(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt)."),
+             data: str = typer.Option(..., "--data", "-d", help="Evaluation dataset URI."),
+             split: str = typer.Option("val", help="Split to evaluate on."),
+             out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write report.json/md/png."),
+             limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+             layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
+             batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
+             progress: bool = ProgressOpt) -> None:
+    """Evaluate a calibrated checkpoint, quantized vs its own float path, in one pass over the data."""
+    from .pipeline import DataSpec, evaluate_checkpoint
+
+    rep = evaluate_checkpoint(checkpoint, DataSpec(data, split, layout, skip_bad, cache_dir, limit), out,
+                              _opts(batch_size, workers, device, progress))
+    _print_results(rep)
+
+
+@app.command()
+def ptq(recipe: List[str] = RecipeOpt,
+        calib_data: str = typer.Option(..., "--calib-data", help="Calibration dataset URI."),
+        calib_split: str = typer.Option("train", help="Calibration split."),
+        eval_data: Optional[str] = typer.Option(None, help="Evaluation dataset URI (default: the calibration one)."),
+        eval_split: str = typer.Option("val", help="Evaluation split."),
+        out: str = typer.Option(..., "--out", "-o", help="Output URI prefix (local or s3://)."),
+        checkpoint: Optional[str] = typer.Option(None, help="FP32 weights (local/s3) overriding the recipe's."),
+        limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+        layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
+        batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
+        progress: bool = ProgressOpt) -> None:
+    """Calibrate every recipe, evaluate FP32 and all variants in one pass, write checkpoints and reports."""
+    from .pipeline import DataSpec, ptq as ptq_fn
+    from .recipe import load_recipe
+
+    rep = ptq_fn([load_recipe(r) for r in recipe], DataSpec(calib_data, calib_split, layout, skip_bad, cache_dir),
+                 DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit), out,
+                 _opts(batch_size, workers, device, progress, checkpoint))
+    _print_results(rep)
+    typer.echo(f"report: {out}/report.md")
+
+
+@app.command()
+def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose model: and train: sections are used."),
+          data: str = typer.Option(..., "--data", "-d", help="Training dataset URI."),
+          split: str = typer.Option("train", help="Training split."),
+          out: str = typer.Option(..., "--out", "-o", help="Where to write the FP32 state_dict (e.g. s3://b/m.pt)."),
+          epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
+          layout: str = LayoutOpt, workers: int = WorkersOpt, device: str = DeviceOpt) -> None:
+    """Plain FP32 training / fine-tuning of the recipe's model (single process)."""
+    import io
+
+    import torch
+
+    from .api import build_model
+    from .config import TrainConfig
+    from .data import eval_transform, make_loader, open_dataset
+    from .io import storage
+    from .pipeline import resolve_device
+    from .recipe import load_recipe
+    from .train import train_classifier
+
+    r = load_recipe(recipe)
+    cfg = r.train or TrainConfig()
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"epochs": epochs})
+    model = build_model(r)
+    ds = open_dataset(data, split, eval_transform(model), layout=layout)
+    loader = make_loader(ds, cfg.batch_size, workers, shuffle=True, seed=cfg.seed, drop_last=False)
+    res = train_classifier(model, lambda e: loader, len(loader), cfg, device=resolve_device(device),
+                           on_epoch=lambda e, loss: typer.echo(f"epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"))
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+    storage.write_bytes(out, buf.getvalue())
+    typer.echo(f"trained {res.steps} steps in {res.seconds:.0f} s -> {out}")
+
+
+@app.command()
+def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// prefix) acting as the object store."),
+         epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo recipe's, 12)."),
+         eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test images (default all 10,000)."),
+         train_limit: Optional[int] = typer.Option(None, help="Use only the first N images of each split (quick runs)."),
+         workers: int = WorkersOpt, progress: bool = ProgressOpt) -> None:
+    """Run the main job on one machine: pack Fashion-MNIST, train a small ViT, PTQ (ft1/ft2 W8A8, ft1 W4A4), report."""
+    from .demo import run_demo, summary_lines
+
+    res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=progress,
+                   num_workers=workers, log=typer.echo)
+    typer.echo("")
+    for line in summary_lines(res.report):
+        typer.echo(line)
+    typer.echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
+
+
+def _print_results(rep: dict) -> None:
+    for name, r in rep["results"].items():
+        extra = "" if name == rep.get("reference") else (
+            f"  Δ {r.get('delta_top1', 0):+.2f}  agreement {r['agreement']:.2f}%  SQNR {r['sqnr_db']:.1f} dB")
+        typer.echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{extra}")
+    if rep.get("skipped"):
+        typer.echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .demo import DemoError
+    from .io import StorageError
+    from .models import ModelError
+    from .recipe import RecipeError
+
+    return (RecipeError, DataError, ModelError, CheckpointError, StorageError, DemoError, FileNotFoundError,
+            PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except _user_errors() as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as err:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Datasets for calibration and evaluation: folder, zipped (sharded) and RESISC45 layouts on local or
+S3 storage, the model's own eval transform, packing into zip shards, calibration subsets and
+data-parallel sharding, and skip-aware loading.
+
+    ds = open_dataset("s3://bucket/imagenet", "val", eval_transform(model))
+    idx = per_class_subset(ds, 2, seed=3)
+    for images, labels, skipped in make_loader(ds, 64, num_workers=4, indices=shard_indices(idx, rank, world)):
+        ...
+"""
+from .base import IMG_EXTS, ImageDataset, decode_image
+from .detect import LAYOUTS, detect_layout, open_dataset
+from .errors import DataError, SkipLog, Skipped, SkipRecord
+from .folder import FolderDataset
+from .loader import SkipAwareLoader, collate_skip, make_loader
+from .pack import pack, pack_arrays, write_shards
+from .resisc import ImagePathsDataset, load_label_map
+from .subsets import first_batches, per_class_subset, random_subset, shard_indices
+from .transforms import describe_transform, eval_transform, model_fixed_img_size, model_in_chans
+from .zipped import INDEX_NAME, Shard, ZipShardDataset, find_shards, load_index
+
+Resisc45Dataset = ImagePathsDataset
+
+__all__ = [
+    "DataError", "SkipLog", "SkipRecord", "Skipped",
+    "ImageDataset", "FolderDataset", "ZipShardDataset", "ImagePathsDataset", "Resisc45Dataset", "Shard",
+    "open_dataset", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
+    "load_label_map", "INDEX_NAME",
+    "pack", "pack_arrays", "write_shards",
+    "per_class_subset", "first_batches", "random_subset", "shard_indices",
+    "collate_skip", "make_loader", "SkipAwareLoader",
+    "eval_transform", "describe_transform", "model_in_chans", "model_fixed_img_size",
+]

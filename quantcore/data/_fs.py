@@ -1,0 +1,85 @@
+"""Thin access layer over :mod:`quantcore.io.storage` (imported lazily so pickled datasets carry no
+module state) plus a few URI helpers the data package needs."""
+from __future__ import annotations
+
+import os
+
+
+def storage():
+    from quantcore.io import storage as _storage  # lazy: keeps datasets light to pickle/import
+
+    return _storage
+
+
+def is_s3(uri: str) -> bool:
+    return storage().is_s3(uri)
+
+
+def local_path(uri: str) -> str | None:
+    """Filesystem path for a local path or ``file://`` URI; ``None`` for S3 URIs."""
+    if storage().is_s3(uri):
+        return None
+    return storage().local_path(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return storage().join(str(uri), *parts)
+
+
+def dir_prefix(uri: str) -> str:
+    """``uri`` as a directory prefix (trailing slash) for listing."""
+    uri = str(uri)
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def rel(uri: str, prefix: str) -> str:
+    """Path of ``uri`` relative to directory ``prefix`` (both as returned by storage)."""
+    uri, prefix = str(uri), dir_prefix(prefix)
+    if uri.startswith(prefix):
+        return uri[len(prefix):]
+    lp, lu = local_path(prefix), local_path(uri)
+    if lp is not None and lu is not None:
+        return os.path.relpath(lu, lp).replace(os.sep, "/")
+    raise ValueError(f"{uri} is not under {prefix}")
+
+
+def list_files(prefix_uri: str, suffix: str | None = None) -> list[str]:
+    """All object/file URIs under directory ``prefix_uri`` (recursive), sorted; directory markers
+    (keys ending in '/') are returned too so callers can see empty S3 "folders"."""
+    pre = dir_prefix(prefix_uri)
+    lp = local_path(pre)
+    if lp is not None and not os.path.isdir(lp):
+        return []
+    out = storage().list_uris(pre, suffix=suffix)
+    return [u for u in out if _under(u, pre)]
+
+
+def _under(uri: str, prefix: str) -> bool:
+    if str(uri).startswith(prefix):
+        return True
+    lp, lu = local_path(prefix), local_path(uri)
+    if lp is not None and lu is not None:
+        lp = os.path.abspath(lp)
+        return os.path.abspath(lu).startswith(lp.rstrip(os.sep) + os.sep)
+    return False
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def read_or_data_error(uri: str, what: str = "file") -> bytes:
+    """``storage.read_bytes`` with a missing file turned into a DataError naming ``uri``.
+
+    Infrastructure failures (retries exhausted, access denied) propagate unchanged: they are not bad
+    data and must never be "skipped"."""
+    from .errors import DataError
+
+    try:
+        return storage().read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise DataError(f"{what} not found: {uri}", file=uri) from e
+
+
+def exists(uri: str) -> bool:
+    return bool(storage().exists(uri))

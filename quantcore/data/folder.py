@@ -1,0 +1,82 @@
+"""ImageNet-style folder layout: ``<root>/<split>/<class>/*.{JPEG,jpg,png,...}``; classes sorted -> label."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import _fs
+from .base import IMG_EXTS, ImageDataset, is_image_name
+from .errors import DataError, SkipRecord
+
+
+class FolderDataset(ImageDataset):
+    """Class-per-folder dataset on a local path, ``file://`` or ``s3://`` prefix.
+
+    Samples are sorted by (class, relative path). Non-image files are ignored but listed in
+    ``ignored``; an image outside any class folder or an empty class folder is a :class:`DataError`
+    (``skip_bad``: the empty class keeps its label index and is recorded in ``skipped``).
+    ``classes`` may be given to fix the label order (every listed class must exist, no others may).
+    """
+
+    layout = "folder"
+
+    def __init__(self, uri: str, split: str | None = "train", transform: Callable | None = None,
+                 skip_bad: bool = False, classes: list[str] | None = None) -> None:
+        super().__init__(uri, split or "", transform, skip_bad)
+        self.root = _fs.join(self.uri, split) if split else self.uri
+        per_class: dict[str, list[str]] = {}
+        for d in self._local_class_dirs():
+            per_class.setdefault(d, [])
+        for f in _fs.list_files(self.root):
+            r = _fs.rel(f, self.root)
+            parts = [p for p in r.split("/") if p]
+            if not parts or any(p.startswith(".") for p in parts):
+                continue  # hidden files/dirs (.DS_Store, .ipynb_checkpoints)
+            if r.endswith("/"):  # S3 "folder" marker
+                per_class.setdefault(parts[0], [])
+                continue
+            if not is_image_name(r):
+                self.ignored.append(f)
+                continue
+            if len(parts) == 1:
+                raise DataError(f"image {f} is not inside a class folder of {self.root}", file=f)
+            per_class.setdefault(parts[0], []).append("/".join(parts))
+        if not per_class:
+            raise DataError(f"no class folders found under {self.root} (expected <root>/<split>/<class>/*.jpg)",
+                            file=self.root)
+        if classes is not None:
+            missing = [c for c in classes if c not in per_class]
+            extra = sorted(set(per_class) - set(classes))
+            if extra:
+                raise DataError(f"class folders {extra[:10]} under {self.root} are not in the given class list",
+                                file=self.root)
+            for c in missing:
+                per_class[c] = []
+            self.classes = list(classes)
+        else:
+            self.classes = sorted(per_class)
+        for label, c in enumerate(self.classes):
+            files = sorted(per_class[c])
+            if not files:
+                where = _fs.join(self.root, c)
+                msg = f"class folder {where} is empty (no files with extensions {', '.join(IMG_EXTS)})"
+                if not self.skip_bad:
+                    raise DataError(msg, file=where)
+                self.skipped.add(SkipRecord(where + "/", msg))
+            self.samples.extend(files)
+            self.labels.extend([label] * len(files))
+        self._check()
+
+    def _local_class_dirs(self) -> list[str]:
+        p = _fs.local_path(self.root)
+        if p is None:
+            return []
+        if not os.path.isdir(p):
+            raise DataError(f"split folder {self.root} does not exist", file=self.root)
+        return sorted(e.name for e in os.scandir(p) if e.is_dir() and not e.name.startswith("."))
+
+    def where(self, index: int) -> str:
+        return _fs.join(self.root, self.samples[index])
+
+    def read_raw(self, index: int) -> bytes:
+        return _fs.read_or_data_error(self.where(index), "image")

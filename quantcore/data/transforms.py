@@ -1,0 +1,222 @@
+"""Evaluation transforms taken from the model itself.
+
+* timm models (anything with a ``pretrained_cfg``/``default_cfg``): ``timm.data.resolve_data_config``
+  + ``timm.data.create_transform`` - mean/std/crop_pct/interpolation/input size come from the model's
+  config, then the channel count and fixed image size are checked against the *built* model (a ViT
+  created with ``in_chans=1, img_size=28`` keeps the 3x224 ``pretrained_cfg`` of its architecture, but
+  must be fed 1x28x28). Grayscale models get PIL images converted to ``'L'``, all others to ``'RGB'``.
+* torchvision models: pass ``weights=`` (a ``WeightsEnum`` member or its ``.transforms()``) to use the
+  weights' own preset; otherwise the torchvision standard (resize 256, center crop 224, bilinear,
+  ImageNet mean/std).
+
+:func:`describe_transform` returns the same resolution as a JSON-able dict for reports.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConvertMode:
+    """Convert a PIL image to ``mode`` (``'RGB'``/``'L'``); tensors pass through. Picklable."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img):
+        if hasattr(img, "convert") and getattr(img, "mode", None) != self.mode:
+            return img.convert(self.mode)
+        return img
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"
+
+
+class EvalTransform:
+    """``ConvertMode`` followed by the model's transform; carries the resolved config as ``.config``."""
+
+    def __init__(self, inner: Callable, config: dict[str, Any]) -> None:
+        self.inner = inner
+        self.config = dict(config)
+        mode = config.get("mode")
+        self.convert = ConvertMode(mode) if mode else None
+
+    def __call__(self, img):
+        if self.convert is not None:
+            img = self.convert(img)
+        return self.inner(img)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(convert={self.convert!r}, inner={self.inner!r})"
+
+
+# ---------------------------------------------------------------------------------------- model probes
+def _pretrained_cfg(model: nn.Module | None) -> dict | None:
+    if model is None:
+        return None
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return None
+
+
+def model_in_chans(model: nn.Module | None, default: int = 3) -> int:
+    """Input channels of the built model: the ``first_conv`` named by its cfg, else the first conv."""
+    if model is None:
+        return default
+    cfg = _pretrained_cfg(model) or {}
+    first = cfg.get("first_conv")
+    for name in ([first] if isinstance(first, str) else list(first or [])):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(mod, "in_channels", None):
+            return int(mod.in_channels)
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+            return int(mod.in_channels)
+    in_chans = getattr(model, "in_chans", None)
+    return int(in_chans) if isinstance(in_chans, int) else default
+
+
+def model_fixed_img_size(model: nn.Module | None) -> tuple[int, int] | None:
+    """(H, W) a patch-embedding model insists on (timm ViT/DeiT/Swin with a fixed ``img_size``)."""
+    pe = getattr(model, "patch_embed", None) if model is not None else None
+    size = getattr(pe, "img_size", None)
+    if size is None or getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def _fit_channels(vals, in_chans: int, what: str) -> tuple[float, ...]:
+    vals = tuple(float(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals]))
+    if len(vals) == in_chans:
+        return vals
+    if len(vals) == 1:
+        return vals * in_chans
+    if in_chans == 1:  # grayscale model with an RGB config: single-channel average (timm adapts convs the same way)
+        return (sum(vals) / len(vals),)
+    raise ValueError(f"model has {in_chans} input channels but its {what} has {len(vals)} values: {vals}")
+
+
+def _mode_for(in_chans: int) -> str | None:
+    return {1: "L", 3: "RGB"}.get(in_chans)
+
+
+def _interp_name(x) -> str:
+    return str(getattr(x, "value", x))
+
+
+# ---------------------------------------------------------------------------------------- resolution
+def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_size: bool = False):
+    overrides = dict(overrides or {})
+    in_chans = int(overrides.pop("in_chans", model_in_chans(model)))
+    if weights is not None:
+        tv = weights.transforms() if hasattr(weights, "transforms") else weights
+        crop = getattr(tv, "crop_size", None)
+        resize = getattr(tv, "resize_size", None)
+        crop = list(crop) if crop is not None else None
+        cfg = {
+            "source": "torchvision-weights",
+            "input_size": [in_chans, crop[0], crop[-1]] if crop else None,
+            "resize_size": list(resize) if resize is not None else None,
+            "mean": list(getattr(tv, "mean", [])) or None,
+            "std": list(getattr(tv, "std", [])) or None,
+            "interpolation": _interp_name(getattr(tv, "interpolation", "")) or None,
+            "crop_pct": (crop[0] / resize[0]) if crop and resize else None,
+            "crop_mode": "center",
+            "mode": _mode_for(in_chans),
+        }
+        if overrides:
+            raise ValueError(f"overrides {sorted(overrides)} cannot be applied to torchvision weights transforms")
+        return tv, cfg
+
+    pcfg = _pretrained_cfg(model)
+    if pcfg is not None:
+        import timm.data
+
+        dc = timm.data.resolve_data_config(pretrained_cfg=pcfg, model=model, use_test_size=use_test_size)
+        fixed = model_fixed_img_size(model)
+        size = fixed if fixed is not None else tuple(dc["input_size"][1:])
+        dc["input_size"] = (in_chans, *size)
+        dc.update(overrides)
+        in_chans = int(dc["input_size"][0])
+        dc["mean"] = _fit_channels(dc["mean"], in_chans, "mean")
+        dc["std"] = _fit_channels(dc["std"], in_chans, "std")
+        kw = {k: dc[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in dc}
+        inner = timm.data.create_transform(**kw, is_training=False)
+        cfg = {"source": "timm", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+               "resize_size": _find_resize(inner), "mode": _mode_for(in_chans)}
+        return inner, cfg
+
+    # torchvision standard preset
+    from torchvision import transforms as T
+
+    resize = int(overrides.pop("resize_size", 256))
+    crop = int(overrides.pop("crop_size", 224))
+    mean = _fit_channels(overrides.pop("mean", IMAGENET_MEAN), in_chans, "mean")
+    std = _fit_channels(overrides.pop("std", IMAGENET_STD), in_chans, "std")
+    interp = str(overrides.pop("interpolation", "bilinear"))
+    if overrides:
+        raise ValueError(f"unknown transform overrides: {sorted(overrides)}")
+    inner = T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode(interp), antialias=True),
+        T.CenterCrop(crop),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+    cfg = {"source": "torchvision-default", "input_size": [in_chans, crop, crop], "resize_size": [resize],
+           "mean": list(mean), "std": list(std), "interpolation": interp, "crop_pct": crop / resize,
+           "crop_mode": "center", "mode": _mode_for(in_chans)}
+    return inner, cfg
+
+
+def _find_resize(t) -> list[int] | None:
+    for sub in getattr(t, "transforms", []) or []:
+        if type(sub).__name__ == "Resize":
+            s = sub.size
+            return [s] if isinstance(s, int) else list(s)
+    return None
+
+
+def eval_transform(model: nn.Module | None = None, *, weights: Any = None, overrides: dict | None = None,
+                   use_test_size: bool = False) -> EvalTransform:
+    """The model's evaluation transform: PIL image -> normalized ``C x H x W`` float tensor.
+
+    ``weights``: torchvision ``WeightsEnum`` member (or an already built ``weights.transforms()``) to use
+    instead of the model's own config. ``overrides``: timm data-config keys (``input_size``, ``mean``,
+    ``std``, ``crop_pct``, ``interpolation``, ``crop_mode``, ``in_chans``) that win over the model's.
+    ``use_test_size``: use the cfg's ``test_input_size``/``test_crop_pct`` where it has them (timm's
+    ``validate.py`` default); off by default, i.e. the cfg's ``input_size``/``crop_pct``.
+    """
+    inner, cfg = _resolve(model, weights, overrides, use_test_size)
+    return EvalTransform(inner, cfg)
+
+
+def describe_transform(model: nn.Module | None = None, *, weights: Any = None, overrides: dict | None = None,
+                       use_test_size: bool = False) -> dict[str, Any]:
+    """JSON-able summary (source, input_size, resize_size, mean, std, crop_pct, crop_mode,
+    interpolation, PIL mode) of :func:`eval_transform` for the same arguments."""
+    if isinstance(model, EvalTransform):
+        return dict(model.config)
+    _, cfg = _resolve(model, weights, overrides, use_test_size)
+    return cfg
+
+
+def dummy_input(model: nn.Module, batch: int = 1, **kw) -> torch.Tensor:
+    """Zero tensor shaped like the model's eval input (handy for tracing/export)."""
+    c, h, w = describe_transform(model, **kw)["input_size"]
+    return torch.zeros(batch, c, h, w)
+
+
+__all__ = ["eval_transform", "describe_transform", "model_in_chans", "model_fixed_img_size", "ConvertMode",
+           "EvalTransform", "dummy_input", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -1,0 +1,176 @@
+"""The demo: the main job on the embedded default (local folder as object store, local processes, CPU).
+
+Fashion-MNIST (Debian ``dataset-fashion-mnist``) is packed into zip shards in the local store, a small
+DeiT-style ViT is trained (cached), then PTQ runs in ft1 and ft2 placement at W8A8 and ft1 at W4A4;
+FP32 and every variant are evaluated on all 10,000 test images and a report is written.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import api
+from .config import TrainConfig
+from .io import storage
+from .recipe import load_recipe
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                  "ankle_boot"]
+DEMO_RECIPES = ("fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1")
+INSTALL_HINT = "apt-get install -y dataset-fashion-mnist   (or run: scripts/setup.sh demo)"
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format, gzip) as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DemoError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DemoError(f"{path}: truncated ({arr.size} of {int(np.prod(dims))} values)")
+    return arr.reshape(dims)
+
+
+def load_fashion_mnist(root: Path = FMNIST_DIR) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    files = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    out = {}
+    for split, (img, lab) in files.items():
+        if not (root / img).is_file():
+            raise DemoError(f"Fashion-MNIST not found at {root / img}. Install it: {INSTALL_HINT}")
+        out[split] = (read_idx(root / img), read_idx(root / lab))
+    return out
+
+
+def pack_fashion_mnist(data_uri: str, limit: int | None = None, log: Callable[[str], None] = print) -> None:
+    """Pack both splits as zip shards (PNG members) unless already there."""
+    from .data import load_index, pack_arrays
+
+    idx = load_index(data_uri)
+    if idx and all(s in idx.get("splits", {}) for s in ("train", "test")) and not limit:
+        return
+    log(f"packing Fashion-MNIST into zip shards at {data_uri}")
+    for split, (x, y) in load_fashion_mnist().items():
+        if limit:
+            x, y = x[:limit], y[:limit]
+        pack_arrays(x, y, data_uri, split, FMNIST_CLASSES, shard_size=10000)
+
+
+def _load_split_tensor(data_uri: str, split: str, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a whole (small) split once through the model's own eval transform."""
+    from .data import eval_transform, make_loader, open_dataset
+
+    ds = open_dataset(data_uri, split, eval_transform(model))
+    xs, ys = [], []
+    for x, y, _ in make_loader(ds, 1000, num_workers=0):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_fp32(data_uri: str, model_uri: str, cfg: TrainConfig, log: Callable[[str], None] = print):
+    """Train the demo ViT on the packed train split (cached at ``model_uri``)."""
+    from .data import describe_transform
+    from .models import vit_fmnist
+    from .train import train_classifier
+
+    torch.manual_seed(cfg.seed)
+    model = vit_fmnist()
+    x, y = _load_split_tensor(data_uri, "train", model)
+    n = len(y)
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+
+    def epoch_batches(epoch: int):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for i in range(0, n, cfg.batch_size):
+            j = perm[i:i + cfg.batch_size]
+            yield x[j], y[j]
+
+    log(f"training the demo ViT ({sum(p.numel() for p in model.parameters()):,} parameters) on {n:,} images, "
+        f"{cfg.epochs} epochs (cached afterwards)")
+    res = train_classifier(model, epoch_batches, steps, cfg,
+                           on_epoch=lambda e, loss: log(f"  epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(model_uri, buf.getvalue())
+    storage.write_bytes(model_uri + ".json", json.dumps(
+        {"train": cfg.model_dump(), "seconds": res.seconds, "transform": describe_transform(model)}, indent=2).encode())
+    log(f"  trained in {res.seconds:.0f} s -> {model_uri}")
+    return model
+
+
+@dataclass
+class DemoResult:
+    report: dict
+    out: str
+
+
+TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5}
+
+
+def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
+             eval_limit: int | None = None, progress: bool = True, num_workers: int = 0,
+             log: Callable[[str], None] = print) -> DemoResult:
+    from .pipeline import DataSpec, RunOptions, ptq
+
+    t0 = time.perf_counter()
+    store = str(store)
+    if not storage.is_s3(store):
+        os.makedirs(store, exist_ok=True)
+    data_uri = storage.join(store, "data", "fashion-mnist" + (f"-{train_limit}" if train_limit else ""))
+    pack_fashion_mnist(data_uri, limit=train_limit, log=log)
+    recipes = [load_recipe(n) for n in DEMO_RECIPES]
+    cfg = recipes[0].train or TrainConfig()
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"epochs": epochs})
+    key = hashlib.sha256(json.dumps([cfg.model_dump(), data_uri], sort_keys=True).encode()).hexdigest()[:12]
+    model_uri = storage.join(store, "models", f"vit_fmnist-{key}.pt")
+    if storage.exists(model_uri):
+        log(f"using the cached FP32 model {model_uri}")
+    else:
+        train_fp32(data_uri, model_uri, cfg, log)
+    out = storage.join(store, "runs", f"ptq-{key}")
+    log("PTQ: " + ", ".join(DEMO_RECIPES) + f" -> {out}")
+    rep = ptq(recipes, DataSpec(data_uri, "train"), DataSpec(data_uri, "test", limit=eval_limit), out,
+              RunOptions(batch_size=500, num_workers=num_workers, device="cpu", progress=progress,
+                         checkpoint=model_uri))
+    rep["timings_s"]["total"] = time.perf_counter() - t0
+    return DemoResult(rep, out)
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """The top-1 table printed at the end, with the targets checked."""
+    res = rep["results"]
+    fp = res["fp32"]["top1"]
+    lines = [f"{'model':<18}{'top-1 %':>9}{'Δ top-1':>9}{'agree %':>9}{'SQNR dB':>9}  target",
+             f"{'fp32':<18}{fp:>9.2f}{'':>9}{'':>9}{'':>9}"]
+    for name, r in res.items():
+        if name == "fp32":
+            continue
+        drop = fp - r["top1"]
+        if "w4a4" in name:
+            ok = drop <= TARGETS["w4a4_drop"]
+            tgt = f"drop <= {TARGETS['w4a4_drop']}: {'met' if ok else 'MISSED'}"
+        else:
+            ok = drop <= TARGETS["w8a8_drop"] and r["agreement"] >= TARGETS["w8a8_agreement"]
+            tgt = f"drop <= {TARGETS['w8a8_drop']} & agree >= {TARGETS['w8a8_agreement']}: {'met' if ok else 'MISSED'}"
+        lines.append(f"{name:<18}{r['top1']:>9.2f}{-drop:>+9.2f}{r['agreement']:>9.2f}{r['sqnr_db']:>9.1f}  {tgt}")
+    return lines

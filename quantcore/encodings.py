@@ -1,0 +1,59 @@
+"""The ``encodings.json`` table: one row per quantizer, readable by people and other toolchains."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+ENCODINGS_VERSION = 1
+
+
+def _num(t) -> float | list[float]:
+    t = t.detach().cpu()
+    return float(t) if t.numel() == 1 else [float(v) for v in t.reshape(-1)]
+
+
+def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    from .placement import quantizers
+
+    share = getattr(getattr(model, "quantcore_placement", None), "share_groups", []) or []
+    shared_with = {n: [m for m in g if m != n] for g in share for n in g}
+    rows = []
+    for name, q in quantizers(model).items():
+        s = q.spec
+        row: dict[str, Any] = {
+            "name": name, "kind": q.kind, "enabled": s.enabled, "format": s.format,
+            "bits": None if s.is_float else s.bits, "symmetric": s.symmetric, "axis": s.axis,
+            "narrow_range": s.narrow_range, "calibrator": None if s.is_float else s.calibrator,
+        }
+        if s.calibrator == "percentile" and not s.is_float:
+            row["percentile"] = s.percentile
+        if not s.is_float:
+            qmin, qmax = s.qrange()
+            row.update(quant_min=qmin, quant_max=qmax)
+            if q.is_calibrated:
+                scale, zp = q.scale_zero_point()
+                row.update(min=_num(q.amin), max=_num(q.amax), scale=_num(scale), zero_point=_num(zp))
+                if s.symmetric:
+                    row["amax"] = _num(q.amax)
+            else:
+                row["calibrated"] = False
+        if name in shared_with:
+            row["shared_with"] = shared_with[name]
+        rows.append(row)
+    return rows
+
+
+def encodings_table(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"version", "quantizers": [...], ...extra}`` for ``encodings.json``."""
+    table: dict[str, Any] = {"version": ENCODINGS_VERSION}
+    recipe = getattr(model, "quantcore_recipe", None)
+    if recipe is not None:
+        table["recipe"] = recipe.name
+        table["model"] = recipe.model.name
+    placement = getattr(model, "quantcore_placement", None)
+    if placement is not None:
+        table["family"], table["mode"] = placement.family, placement.mode
+    table.update(extra or {})
+    table["quantizers"] = quantizer_rows(model)
+    return table

@@ -1,0 +1,58 @@
+"""Storage I/O for quantcore: one API for local paths, ``file://`` and ``s3://`` URIs.
+
+See :mod:`quantcore.io.storage` for the guarantees (atomic writes, clear errors, retries).
+"""
+
+from .storage import (
+    MiB,
+    RangedReader,
+    S3Settings,
+    StorageError,
+    cleanup_incomplete_writes,
+    configure,
+    delete,
+    download_file,
+    exists,
+    get_client,
+    get_settings,
+    is_s3,
+    join,
+    list_uris,
+    local_path,
+    open_read,
+    parse_uri,
+    read_bytes,
+    read_range,
+    reset_client,
+    reset_config,
+    size,
+    upload_file,
+    write_bytes,
+)
+
+__all__ = [
+    "MiB",
+    "RangedReader",
+    "S3Settings",
+    "StorageError",
+    "cleanup_incomplete_writes",
+    "configure",
+    "delete",
+    "download_file",
+    "exists",
+    "get_client",
+    "get_settings",
+    "is_s3",
+    "join",
+    "list_uris",
+    "local_path",
+    "open_read",
+    "parse_uri",
+    "read_bytes",
+    "read_range",
+    "reset_client",
+    "reset_config",
+    "size",
+    "upload_file",
+    "write_bytes",
+]

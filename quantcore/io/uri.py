@@ -1,0 +1,162 @@
+"""URI parsing for the storage layer: local paths, ``file://`` URIs and ``s3://bucket/key``.
+
+Pure functions, no I/O. Anything that is not a recognised URI raises
+:class:`ValueError` naming the offending string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+from urllib.parse import unquote
+
+URI = Union[str, "os.PathLike[str]"]
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# Deliberately permissive (legacy buckets allow upper case / underscores); it only
+# rejects strings that can never be a bucket name.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{2,254}$")
+
+SUPPORTED_SCHEMES = ("s3", "file")
+
+
+@dataclass(frozen=True)
+class ParsedURI:
+    """A parsed storage location.
+
+    ``scheme`` is ``"local"`` for plain paths, ``"file"`` for ``file://`` URIs (both have
+    ``path`` set), or ``"s3"`` (``bucket`` and ``key`` set; ``key`` may be ``""``).
+    """
+
+    scheme: str
+    path: str = ""
+    bucket: str = ""
+    key: str = ""
+    original: str = ""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+
+def _as_str(uri: URI) -> str:
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if isinstance(uri, bytes):
+        raise ValueError(f"URI must be str or os.PathLike[str], got bytes: {uri!r}")
+    if not isinstance(uri, str):
+        raise ValueError(f"URI must be str or os.PathLike[str], got {type(uri).__name__}: {uri!r}")
+    if not uri:
+        raise ValueError("empty URI ''")
+    return uri
+
+
+def scheme_of(uri: URI) -> str:
+    """Return ``"s3"``, ``"file"`` or ``"local"``; raise ValueError for unknown schemes."""
+    s = _as_str(uri)
+    m = _SCHEME_RE.match(s)
+    if not m:
+        return "local"
+    scheme = m.group(1).lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f"unsupported URI scheme {scheme + '://'!r} in {s!r} "
+            f"(supported: local paths, file://, s3://)"
+        )
+    return scheme
+
+
+def parse_uri(uri: URI, *, require_key: bool = False) -> ParsedURI:
+    """Parse ``uri``.
+
+    Args:
+        uri: local path, ``file:///abs/path`` (or ``file://localhost/abs/path``) or
+            ``s3://bucket[/key]``.
+        require_key: for S3, reject a bucket-only URI (object operations need a key).
+
+    Raises:
+        ValueError: malformed URI or unsupported scheme; the message names the URI.
+    """
+    s = _as_str(uri)
+    scheme = scheme_of(s)
+    if scheme == "local":
+        return ParsedURI("local", path=s, original=s)
+    rest = s[len(scheme) + 3:]
+    if scheme == "file":
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        if not rest.startswith("/"):
+            raise ValueError(
+                f"file URI must be absolute, e.g. 'file:///data/x' (got {s!r})"
+            )
+        path = unquote(rest)
+        if not path.strip("/") and require_key:
+            raise ValueError(f"file URI {s!r} names no file")
+        return ParsedURI("file", path=path, original=s)
+    # s3
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI {s!r} has no bucket (expected 's3://bucket/key')")
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(f"S3 URI {s!r} has an invalid bucket name {bucket!r}")
+    if require_key and (not key or key.endswith("/")):
+        raise ValueError(f"S3 URI {s!r} names no object key (expected 's3://bucket/key')")
+    return ParsedURI("s3", bucket=bucket, key=key, original=s)
+
+
+def is_s3(uri: URI) -> bool:
+    """True if ``uri`` is an ``s3://`` URI (case-insensitive scheme). Never raises for str/PathLike."""
+    try:
+        s = _as_str(uri)
+    except ValueError:
+        return False
+    return s[:5].lower() == "s3://"
+
+
+def local_path(uri: URI) -> str:
+    """Return the filesystem path for a local path or ``file://`` URI; ValueError for S3/unknown."""
+    p = parse_uri(uri)
+    if p.is_s3:
+        raise ValueError(f"expected a local path or file:// URI, got S3 URI {p.original!r}")
+    return p.path
+
+
+def s3_uri(bucket: str, key: str) -> str:
+    """Format ``s3://bucket/key``."""
+    return f"s3://{bucket}/{key}"
+
+
+def file_uri(path: str) -> str:
+    """Format an absolute path as a (percent-encoded) ``file://`` URI."""
+    return Path(os.path.abspath(path)).as_uri()
+
+
+def join(uri: URI, *parts: str) -> str:
+    """Join path components onto ``uri``, keeping its kind (local path / file:// / s3://).
+
+    Leading slashes in ``parts`` are ignored (a part never resets the base to the root),
+    so ``join("s3://b/a", "/x/", "y.bin") == "s3://b/a/x/y.bin"`` and
+    ``join("/data", "/x") == "/data/x"``. A trailing slash on the last part is kept.
+    """
+    p = parse_uri(uri)
+    cleaned = [str(x).strip("/") for x in parts]
+    cleaned = [c for c in cleaned if c]
+    trailing = bool(parts) and str(parts[-1]).endswith("/") and bool(cleaned)
+    if p.is_s3:
+        segs = ([p.key.rstrip("/")] if p.key.rstrip("/") else []) + cleaned
+        key = "/".join(segs)
+        if trailing or (not cleaned and p.key.endswith("/") and key):
+            key += "/"
+        return s3_uri(p.bucket, key)
+    joined = os.path.join(p.path, *cleaned) if cleaned else p.path
+    if trailing and not joined.endswith(os.sep):
+        joined += os.sep
+    if p.scheme == "file":
+        uri_s = Path(joined).as_uri()
+        if trailing and not uri_s.endswith("/"):
+            uri_s += "/"
+        return uri_s
+    return joined

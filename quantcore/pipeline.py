@@ -1,0 +1,231 @@
+"""The jobs users run, as plain functions: calibrate, evaluate, ptq (calibrate + evaluate + report),
+train. The CLI, the demo and the cluster launchers all call these; none of them knows about clusters.
+
+Artifacts under ``out`` (local path or s3:// prefix), written atomically:
+    report.json, report.md, per_class.png        combined report (FP32 + every variant)
+    <variant>/model.qc.pt                        calibrated checkpoint (quantcore.load)
+    <variant>/encodings.json, <variant>/ranges.png, <variant>/report.json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import api
+from .config import Recipe
+from .data import (describe_transform, eval_transform, first_batches, make_loader, open_dataset,
+                   per_class_subset)
+from .evaluate import ModelScore, evaluate_models
+from .io import storage
+from .report import build_report, per_class_plot, ranges_plot, report_markdown
+
+
+@dataclass
+class DataSpec:
+    """Where images come from: ``uri`` + ``split`` (+ layout, bad-sample policy, local cache)."""
+
+    uri: str
+    split: str
+    layout: str = "auto"
+    skip_bad: bool = False
+    cache_dir: str | None = None
+    limit: int | None = None  # evaluate on the first N images only
+
+
+@dataclass
+class RunOptions:
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    progress: bool = True
+    checkpoint: str | None = None  # FP32 weights overriding recipe.model.checkpoint
+
+
+@dataclass
+class VariantResult:
+    name: str
+    recipe: Recipe
+    model: nn.Module
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _bar(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
+    if not checkpoint:
+        return recipe
+    model = recipe.model.model_copy(update={"checkpoint": checkpoint, "pretrained": False})
+    return recipe.model_copy(update={"model": model})
+
+
+def _calibration_indices(ds, recipe: Recipe) -> list[int]:
+    c = recipe.calibration
+    if c.images_per_class:
+        return per_class_subset(ds, c.images_per_class, seed=c.seed)
+    return first_batches(ds, c.num_batches or 1, c.batch_size, seed=c.seed)
+
+
+def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptions,
+                       fp32: nn.Module | None = None) -> tuple[nn.Module, list[VariantResult], list[dict]]:
+    """Build the FP32 model once, then prepare + calibrate one copy per recipe."""
+    if not recipes:
+        raise ValueError("at least one recipe is needed")
+    recipes = [_with_checkpoint(r, opts.checkpoint) for r in recipes]
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"recipe names must be unique within one run: {names}")
+    models = {json.dumps(r.model.model_dump(mode="json"), sort_keys=True) for r in recipes}
+    if len(models) > 1:
+        raise ValueError("all recipes of one run must describe the same model (model: section differs)")
+    dev = resolve_device(opts.device)
+    if fp32 is None:
+        fp32 = api.build_model(recipes[0])
+    fp32 = fp32.to(dev).eval()
+    ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
+                      cache_dir=data.cache_dir)
+    skipped: list[dict] = []
+    variants = []
+    for r in recipes:
+        idx = _calibration_indices(ds, r)
+        loader = make_loader(ds, r.calibration.batch_size, opts.num_workers, indices=idx)
+        model = api.prepare(copy.deepcopy(fp32), r)
+        with _bar(len(idx), f"calibrate {r.name}", opts.progress) as bar:
+            res = api.calibrate(model, loader, progress=bar.update)
+        skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
+        cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
+               "batches": res.batches, "images_per_class": r.calibration.images_per_class,
+               "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
+               "uncalibrated": res.uncalibrated}
+        variants.append(VariantResult(r.name, r, model, cal))
+    return fp32, variants, _dedupe(skipped)
+
+
+def _dedupe(records: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in records:
+        key = (r.get("name"), r.get("reason"))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: DataSpec,
+                      opts: RunOptions) -> tuple[dict[str, ModelScore], dict[str, Any], list[dict]]:
+    dev = resolve_device(opts.device)
+    ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
+                      cache_dir=data.cache_dir)
+    indices = list(range(min(len(ds), data.limit))) if data.limit else None
+    loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
+    models: dict[str, Any] = {"fp32": fp32}
+    for v in variants:
+        if v.name == "fp32":
+            raise ValueError("a recipe may not be named 'fp32' (reserved for the reference)")
+        models[v.name] = v.model.to(dev)
+    n = len(indices) if indices is not None else len(ds)
+    with _bar(n, "evaluate", opts.progress) as bar:
+        scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update)
+    info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count,
+            "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or [])}
+    skipped = list(loader.skipped.as_list())
+    return scores, info, _dedupe(skipped)
+
+
+def _write_json(uri: str, obj: Any) -> None:
+    storage.write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
+    base = storage.join(out, v.name)
+    ckpt, enc_uri, plot = (storage.join(base, "model.qc.pt"), storage.join(base, "encodings.json"),
+                           storage.join(base, "ranges.png"))
+    api.save(v.model, ckpt, extra={"calibration": v.calibration})
+    enc = api.encodings(v.model, extra={"calibration": v.calibration})
+    _write_json(enc_uri, enc)
+    storage.write_bytes(plot, ranges_plot(enc, f"Activation ranges: {v.name}"))
+    return {"checkpoint": ckpt, "encodings": enc_uri, "ranges_plot": plot}
+
+
+def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str,
+        opts: RunOptions | None = None, fp32: nn.Module | None = None) -> dict[str, Any]:
+    """Calibrate every recipe, evaluate FP32 and all variants in one pass, write artifacts + report."""
+    opts = opts or RunOptions()
+    t0 = time.perf_counter()
+    fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
+    t_cal = time.perf_counter()
+    artifacts = {v.name: write_variant_artifacts(v, out) for v in variants}
+    scores, data_info, eval_skipped = ({}, {}, [])
+    if evald is not None:
+        scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
+    t_eval = time.perf_counter()
+    ds_classes = data_info.pop("class_names", None) or None
+    data_info.update({"calib_uri": calib.uri, "calib_split": calib.split})
+    timings = {"calibrate": t_cal - t0, "evaluate": t_eval - t_cal}
+    cal = {v.name: v.calibration for v in variants}
+    first = variants[0]
+    rep = build_report(model=first.recipe.model.name, recipe=None, scores=scores, reference="fp32" if scores else None,
+                       data=data_info, calibration=first.calibration if len(variants) == 1 else
+                       {"method": ", ".join(sorted({v.calibration['method'] for v in variants})),
+                        "images": first.calibration["images"], "uri": calib.uri},
+                       timings=timings, skipped=skipped + eval_skipped, class_names=ds_classes,
+                       extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
+                                                    "calibration": cal[v.name], "artifacts": artifacts[v.name]}
+                                           for v in variants},
+                              "transform": describe_transform(fp32), "device": str(resolve_device(opts.device))})
+    if scores:
+        rep["plots"] = ["per_class.png"]
+        storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
+    _write_json(storage.join(out, "report.json"), rep)
+    storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+    for v in variants:  # each checkpoint gets the report of its own variant next to it
+        sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
+                   variants={v.name: rep["variants"][v.name]}, plots=[])
+        _write_json(storage.join(out, v.name, "report.json"), sub)
+    return rep
+
+
+def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions | None = None) -> dict:
+    """Evaluate a calibrated checkpoint against its own float path (quantization off)."""
+    from .evaluate import quant_toggle
+
+    opts = opts or RunOptions()
+    dev = resolve_device(opts.device)
+    model = api.load(checkpoint).to(dev)
+    ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
+                      skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
+    indices = list(range(min(len(ds), evald.limit))) if evald.limit else None
+    loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
+    name = model.quantcore_recipe.name
+    t0 = time.perf_counter()
+    with _bar(len(indices) if indices else len(ds), "evaluate", opts.progress) as bar:
+        scores = evaluate_models({"fp32": quant_toggle(model, False), name: quant_toggle(model, True)}, loader,
+                                 ds.num_classes, reference="fp32", device=dev, progress=bar.update)
+    api.set_quantization(model, True)
+    rep = build_report(model=model.quantcore_recipe.model.name, recipe=model.quantcore_recipe.model_dump(mode="json"),
+                       scores=scores, reference="fp32",
+                       data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
+                             "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off"},
+                       calibration=model.quantcore_meta.get("extra", {}).get("calibration"),
+                       timings={"evaluate": time.perf_counter() - t0}, skipped=loader.skipped.as_list())
+    if out:
+        rep["plots"] = ["per_class.png"]
+        storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
+        _write_json(storage.join(out, "report.json"), rep)
+        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+    return rep

@@ -1,0 +1,128 @@
+"""Name-based placement policy: ``keep_float`` globs and recipe :class:`~quantcore.config.Override` s.
+
+Matching: ``fnmatch`` (case-sensitive) against module names (``blocks.4.mlp.fc2``) and quantizer names
+(``blocks.4.mlp.fc2.input_quantizer``); a pattern that matches a module also covers everything below
+it (a float module has no quantized descendants; a spec patch on a module patches all its
+quantizers). Rules apply in order and the later one wins: ``keep_float`` globs first, then the
+overrides. ``float: true`` leaves modules float (or removes a matched quantizer); an explicit
+``float: false`` re-quantizes what an earlier rule (e.g. a family default) left float. ``spec`` /
+``enabled`` patch the spec of matched quantizers. A rule that matches nothing raises ``ValueError``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Iterable
+
+from ..config import Override, SpecPatch
+from ..formats import QuantSpec
+
+
+@dataclass
+class Rule:
+    pattern: str
+    float: bool | None = None
+    patch: SpecPatch | None = None
+    enabled: bool | None = None
+    source: str = ""
+    user: bool = True  # family defaults may match nothing
+    hits: set[str] = field(default_factory=set)
+
+    @property
+    def changes_spec(self) -> bool:
+        return self.patch is not None or self.enabled is not None
+
+
+def _ancestors_and_self(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def matches(pattern: str, name: str) -> bool:
+    """``pattern`` matches ``name`` itself or one of its ancestors."""
+    return any(fnmatchcase(n, pattern) for n in _ancestors_and_self(name))
+
+
+def build_rules(keep_float: list[str] | None, default_keep_float: list[str],
+                overrides: Iterable[Override | dict]) -> list[Rule]:
+    rules: list[Rule] = []
+    if keep_float is None:
+        rules += [Rule(p, float=True, source=f"default keep_float {p!r}", user=False) for p in default_keep_float]
+    else:
+        rules += [Rule(p, float=True, source=f"keep_float {p!r}") for p in keep_float]
+    for i, ov in enumerate(overrides):
+        ov = ov if isinstance(ov, Override) else Override.model_validate(ov)
+        fl = ov.float if "float" in ov.model_fields_set or ov.float else None
+        rule = Rule(ov.match, float=fl, patch=ov.spec, enabled=ov.enabled, source=f"overrides[{i}] {ov.match!r}")
+        if rule.float is None and not rule.changes_spec:
+            raise ValueError(f"override {ov.match!r} (overrides[{i}]) sets none of float, spec, enabled")
+        rules.append(rule)
+    return rules
+
+
+def decide_float(name: str, rules: list[Rule], default: bool = False) -> bool:
+    """Whether module ``name`` stays float: the last rule with a float decision that matches wins."""
+    decision = default
+    for r in rules:
+        if r.float is not None and matches(r.pattern, name):
+            r.hits.add(name)
+            decision = r.float
+    return decision
+
+
+def mark_module_hits(module_names: Iterable[str], rules: list[Rule]) -> None:
+    """Record which rules match some module name (for the 'matches nothing' check)."""
+    for name in module_names:
+        for r in rules:
+            if fnmatchcase(name, r.pattern):
+                r.hits.add(name)
+
+
+def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
+                          ) -> tuple[dict[str, QuantSpec], list[str], dict[str, list[str]]]:
+    """Apply the rules to planned quantizers (name -> spec), in order.
+
+    Returns the final spec of every quantizer, the quantizers a float rule removes (the last matching
+    float decision wins) and, per rule source, the quantizers whose spec it patched."""
+    final: dict[str, QuantSpec] = {}
+    remove: list[str] = []
+    spec_hits: dict[str, list[str]] = {}
+    for qname, spec in specs.items():
+        floated = False
+        for r in rules:
+            if not matches(r.pattern, qname):
+                continue
+            r.hits.add(qname)
+            if r.float is not None:
+                floated = r.float
+            if r.changes_spec:
+                if r.patch is not None:
+                    try:
+                        spec = r.patch.apply(spec)
+                    except ValueError as e:
+                        raise ValueError(f"{r.source} gives an invalid spec for quantizer {qname!r}: {e}") from e
+                if r.enabled is not None:
+                    spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
+                spec_hits.setdefault(r.source, []).append(qname)
+        if floated:
+            remove.append(qname)
+        final[qname] = spec
+    return final, remove, spec_hits
+
+
+def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]]) -> None:
+    """Raise ValueError for a user rule that matched nothing (silent no-ops hide typos)."""
+    for r in rules:
+        if not r.user:
+            continue
+        if r.float is not None and not r.hits:
+            raise ValueError(f"{r.source} matches no module and no quantizer of this model "
+                             "(check the name; module names look like 'blocks.4.mlp.fc2')")
+        if r.changes_spec and not spec_hits.get(r.source):
+            if r.hits:
+                some = sorted(r.hits)[:5]
+                raise ValueError(f"{r.source} matches {some} but no quantizer there: those modules are "
+                                 "float (add float: false to quantize them) or have no quantizers")
+            raise ValueError(f"{r.source} matches no module and no quantizer of this model "
+                             "(check the name; quantizer names look like "
+                             "'blocks.4.mlp.fc2.input_quantizer')")

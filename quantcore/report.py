@@ -1,0 +1,139 @@
+"""Run reports: ``report.json`` (machine-readable), ``report.md`` (people) and PNG plots."""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import math
+import os
+from typing import Any
+
+from .evaluate import ModelScore
+from .versions import library_versions
+
+REPORT_SCHEMA = "quantcore.report/1"
+# Process-wide switches that change model numerics: recorded, never silently relied upon.
+RECORDED_ENV = ("TIMM_FUSED_ATTN", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str, ModelScore],
+                 reference: str | None, data: dict[str, Any], calibration: dict[str, Any] | None = None,
+                 timings: dict[str, float] | None = None, skipped: list[dict[str, str]] | None = None,
+                 class_names: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    results = {n: s.as_dict() for n, s in scores.items()}
+    if reference is not None:
+        ref = scores[reference]
+        for n, s in scores.items():
+            if n != reference:
+                results[n]["delta_top1"] = s.top1 - ref.top1
+                results[n]["delta_top5"] = s.top5 - ref.top5
+    rep = {
+        "schema": REPORT_SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "recipe": recipe,
+        "data": data,
+        "calibration": calibration or {},
+        "reference": reference,
+        "results": results,
+        "class_names": class_names,
+        "timings_s": timings or {},
+        "skipped": skipped or [],
+        "versions": library_versions(),
+        "environment": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
+    }
+    rep.update(extra or {})
+    return _clean(rep)
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    ref = rep.get("reference")
+    lines = [f"# quantcore report: {rep['model']}", "",
+             f"Created {rep['created']}. Evaluation data: `{rep['data'].get('eval_uri', '?')}` "
+             f"({rep['data'].get('eval_count', '?')} images).", ""]
+    cal = rep.get("calibration") or {}
+    if cal:
+        lines += [f"Calibration: {cal.get('method', '?')} on {cal.get('images', '?')} images "
+                  f"from `{cal.get('uri', '?')}`.", ""]
+    lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
+              "|---|---|---|---|---|---|"]
+    for name, r in rep["results"].items():
+        def f(v, fmt="{:.2f}"):
+            return "–" if v is None else (fmt.format(v) if isinstance(v, (int, float)) else str(v))
+        delta = r.get("delta_top1")
+        lines.append(f"| {name} | {f(r['top1'])} | {f(r['top5'])} | {f(delta, '{:+.2f}')} | "
+                     f"{f(r.get('agreement') if name != ref else None)} | "
+                     f"{f(r.get('sqnr_db') if name != ref else None, '{:.1f}')} |")
+    lines.append("")
+    if rep.get("timings_s"):
+        lines += ["Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in rep["timings_s"].items()), ""]
+    skipped = rep.get("skipped") or []
+    lines += [f"Skipped samples: {len(skipped)}" + (":" if skipped else ".")]
+    lines += [f"- `{s['name']}`: {s['reason']}" for s in skipped[:50]]
+    if len(skipped) > 50:
+        lines.append(f"- … {len(skipped) - 50} more in report.json")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
+    for plot in rep.get("plots", []):
+        lines.append(f"![{plot}]({plot})")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_plot(rep: dict[str, Any]) -> bytes:
+    """Grouped bars of per-class top-1 for every evaluated model (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = rep["results"]
+    names = list(results)
+    ncls = len(next(iter(results.values()))["per_class"])
+    labels = rep.get("class_names") or [str(i) for i in range(ncls)]
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * ncls + 2), 4))
+    for i, n in enumerate(names):
+        vals = [v if v is not None else 0 for v in results[n]["per_class"]]
+        ax.bar(np.arange(ncls) + i * width, vals, width, label=n)
+    ax.set_xticks(np.arange(ncls) + 0.4 - width / 2, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 %")
+    ax.set_ylim(max(0, min(min(v or 0 for v in r["per_class"]) for r in results.values()) - 5), 100)
+    ax.set_title(f"Per-class accuracy: {rep['model']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def ranges_plot(encodings: dict[str, Any], title: str = "Activation ranges") -> bytes:
+    """Per-quantizer activation range (min..max) for every calibrated activation quantizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in encodings["quantizers"] if r["kind"] == "activation" and isinstance(r.get("max"), float)]
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(rows) + 1)))
+    for i, r in enumerate(rows):
+        ax.plot([r["min"], r["max"]], [i, i], lw=3)
+    ax.set_yticks(range(len(rows)), [r["name"].replace("_quantizer", "") for r in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("calibrated range")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

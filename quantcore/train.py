@@ -1,0 +1,56 @@
+"""Plain FP32 training / fine-tuning of a classifier (single process). QAT will reuse this loop."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int,
+                     cfg: TrainConfig, device: str | torch.device = "cpu",
+                     on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    """AdamW + OneCycle; ``epoch_batches(epoch)`` yields ``(images, labels[, ...])`` for that epoch."""
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=cfg.pct_start)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0, steps, loss_val = time.perf_counter(), 0, math.nan
+    for epoch in range(cfg.epochs):
+        running, n = 0.0, 0
+        for batch in epoch_batches(epoch):
+            if steps >= cfg.epochs * steps_per_epoch:
+                break
+            x, y = batch[0].to(device), batch[1].to(device)
+            if cfg.hflip:
+                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            running += float(loss) * y.numel()
+            n += y.numel()
+        loss_val = running / max(n, 1)
+        if on_epoch is not None:
+            on_epoch(epoch, loss_val)
+    model.eval()
+    return TrainResult(cfg.epochs, steps, time.perf_counter() - t0, loss_val)

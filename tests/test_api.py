@@ -1,0 +1,188 @@
+"""Recipes, the public API, checkpoints and encodings on a small ViT with random weights."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+import quantcore
+from quantcore import CheckpointError, RecipeError
+from quantcore.api import calibration_state, collect, finalize, load_calibration_state, merge_calibration_states
+
+TINY = {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 2}}
+
+
+def tiny_recipe(**over) -> quantcore.Recipe:
+    data = {"name": "tiny", "model": TINY, "calibration": {"method": "percentile", "num_batches": 4}}
+    data.update(over)
+    return quantcore.load_recipe(data)
+
+
+def batches(n=4, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 1, 28, 28, generator=g), torch.randint(0, 10, (bs,), generator=g)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    model = quantcore.build_model(recipe)
+    fp32 = copy.deepcopy(model)
+    quantcore.prepare(model, recipe)
+    res = quantcore.calibrate(model, batches())
+    return model, fp32, res
+
+
+# -- recipes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(quantcore.builtin_recipes()))
+def test_builtin_recipes_validate(name):
+    r = quantcore.load_recipe(name)
+    assert r.name == name
+    assert r.weight_spec().bits in (8,) or r.weight_spec().is_float
+
+
+def test_seed_recipes_match_their_seeds():
+    ft1, ft2 = quantcore.load_recipe("vit_b16_384_ft1"), quantcore.load_recipe("vit_b16_384_ft2")
+    assert ft1.weight_spec().axis == 0 and ft2.weight_spec().axis is None
+    assert ft1.activation_spec().calibrator == "percentile" and ft1.activation_spec().percentile == 99.99
+    rx = quantcore.load_recipe("resnext101_w8a8")
+    assert rx.placement.fold_bn and rx.calibration.images_per_class == 2
+    assert rx.weight_spec().symmetric and not rx.activation_spec().symmetric
+    fp = quantcore.load_recipe("deit_tiny_fp16_32")
+    assert fp.weight_spec().format == "fp16" and fp.activation_spec().format == "fp16"
+    mixed = quantcore.load_recipe("vit_b16_int8_mixed")
+    assert {o.match for o in mixed.overrides if o.float} == {"blocks.4.mlp.fc2", "blocks.5.mlp.fc2"}
+
+
+def test_recipe_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": TINY, "quant": {"weights": {"bitz": 8}}}))
+    with pytest.raises(RecipeError, match=r"bad\.yaml[\s\S]*quant\.weights\.bitz"):
+        quantcore.load_recipe(str(bad))
+    bad.write_text(yaml.safe_dump({"model": TINY, "quant": {"activations": {"bits": 1}}}))
+    with pytest.raises(RecipeError, match=r"quant\.activations\.bits"):
+        quantcore.load_recipe(str(bad))
+    bad.write_text(yaml.safe_dump({"model": TINY, "calibration": {"method": "median"}}))
+    with pytest.raises(RecipeError, match=r"calibration\.method"):
+        quantcore.load_recipe(str(bad))
+    bad.write_text("model: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        quantcore.load_recipe(str(bad))
+    with pytest.raises(RecipeError, match="not found"):
+        quantcore.load_recipe(str(tmp_path / "missing.yaml"))
+
+
+# -- API --------------------------------------------------------------------------------------------
+def test_calibrate_sets_every_range_and_quantization_changes_outputs(calibrated):
+    model, fp32, res = calibrated
+    assert res.batches == 4 and res.images == 32 and res.uncalibrated == []
+    qs = quantcore.quantizers(model)
+    assert qs and all(q.is_calibrated for q in qs.values())
+    x = batches(1, seed=7)[0][0]
+    with torch.no_grad():
+        ref, out = fp32(x), model(x)
+        with quantcore.quantization_disabled(model):
+            off = model(x)
+    assert torch.equal(off, ref)
+    assert not torch.equal(out, ref)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_merged_worker_states_equal_single_worker():
+    data = batches(6, seed=3)
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    base = quantcore.build_model(recipe)
+    single = quantcore.prepare(copy.deepcopy(base), recipe)
+    quantcore.calibrate(single, data)
+    states = []
+    for shard in (data[0:1], data[1:4], data[4:6]):
+        w = quantcore.prepare(copy.deepcopy(base), recipe)
+        collect(w, shard)
+        states.append(calibration_state(w))
+    merged_model = quantcore.prepare(copy.deepcopy(base), recipe)
+    load_calibration_state(merged_model, merge_calibration_states(states[::-1]))
+    finalize(merged_model)
+    a, b = quantcore.quantizers(single), quantcore.quantizers(merged_model)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n].amin, b[n].amin) and torch.equal(a[n].amax, b[n].amax), n
+
+
+def test_fp16_32_recipe_changes_outputs_only_slightly():
+    recipe = tiny_recipe(quant={"weights": {"format": "fp16"}, "activations": {"format": "fp16"}})
+    torch.manual_seed(0)
+    model = quantcore.build_model(recipe)
+    fp32 = copy.deepcopy(model)
+    quantcore.prepare(model, recipe)
+    quantcore.calibrate(model, batches(1))
+    x = batches(1, seed=5)[0][0]
+    with torch.no_grad():
+        ref, out = fp32(x), model(x)
+    assert not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def test_save_load_bit_identical(calibrated, tmp_path):
+    model, _, _ = calibrated
+    path = tmp_path / "model.qc.pt"
+    quantcore.save(model, str(path), extra={"note": "test"})
+    raw = torch.load(path, weights_only=True)  # no pickled code inside
+    assert raw["format"] == "quantcore.checkpoint"
+    loaded = quantcore.load(str(path))
+    x = batches(1, seed=11)[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.quantcore_meta["extra"] == {"note": "test"}
+    assert "torch" in loaded.quantcore_meta["versions"]
+
+
+def test_corrupted_and_tampered_checkpoints_are_refused(calibrated, tmp_path):
+    model, _, _ = calibrated
+    path = tmp_path / "m.pt"
+    quantcore.save(model, str(path))
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt.*corrupted"):
+        quantcore.load(str(trunc))
+    # Tamper: change one range value, keep the file well-formed.
+    payload = torch.load(path, weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith("amax"))
+    payload["state_dict"][key] = payload["state_dict"][key] * 2
+    tampered = tmp_path / "tampered.pt"
+    torch.save(payload, tampered)
+    with pytest.raises(CheckpointError, match="tampered.pt.*SHA-256"):
+        quantcore.load(str(tampered))
+    with pytest.raises(CheckpointError, match="not found"):
+        quantcore.load(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_mismatching_model_is_refused(calibrated, tmp_path):
+    model, _, _ = calibrated
+    path = tmp_path / "m.pt"
+    quantcore.save(model, str(path))
+    other = quantcore.build_model({"model": {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 3}}})
+    with pytest.raises(CheckpointError, match="m.pt"):
+        quantcore.load(str(path), model=other)
+
+
+def test_encodings_table(calibrated, tmp_path):
+    model, _, _ = calibrated
+    table = quantcore.encodings(model, extra={"calibration": "percentile"})
+    json.dumps(table)  # serializable
+    rows = {r["name"]: r for r in table["quantizers"]}
+    assert rows.keys() == quantcore.quantizers(model).keys()
+    w = next(r for n, r in rows.items() if n.endswith("fc1.weight_quantizer"))
+    assert w["kind"] == "weight" and w["axis"] == 0 and w["symmetric"] and w["bits"] == 8
+    assert isinstance(w["scale"], list) and len(w["scale"]) == len(w["amax"])
+    a = next(r for n, r in rows.items() if n.endswith("fc1.input_quantizer"))
+    assert a["calibrator"] == "percentile" and a["percentile"] == 99.99
+    q = quantcore.quantizers(model)[a["name"]]
+    assert a["scale"] == pytest.approx(float(q.amax) / 127)
+    assert a["zero_point"] == 0 and a["quant_min"] == -128 and a["quant_max"] == 127

@@ -1,0 +1,160 @@
+"""BatchNorm folding: pairs found by fx tracing or by declaration order, outputs preserved, BN gone."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from quantcore.fold import FoldError, find_conv_bn_pairs, fold_batchnorm
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return model
+
+
+def bn_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    scale = float(b.abs().max())
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale), float((a - b).abs().max()) / scale
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        )
+        self.pre_bn = nn.BatchNorm2d(8)  # BN *before* a conv: not foldable into it
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.side = nn.Conv2d(8, 8, 1)   # output used twice: not foldable
+        self.side_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.conv(self.pre_bn(x))
+        s = self.side(x)
+        x = self.side_bn(s) + s
+        return self.head(x.mean((2, 3)))
+
+
+class Untraceable(nn.Module):
+    """Shape-dependent control flow (as timm's MobileViT block) makes fx tracing fail."""
+
+    def __init__(self, swapped: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.swapped = swapped
+
+    def forward(self, x):
+        if math.ceil(x.shape[-1] / 2) > 1:
+            if self.swapped:  # declared conv, bn but applies bn first: declaration order lies
+                return self.conv(self.bn(x))
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_small_net_fx_pairs_and_outputs():
+    torch.manual_seed(0)
+    model = randomize_bn(SmallNet()).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    pairs = fold_batchnorm(model, example_input=x)
+    assert pairs == [("features.0", "features.1"), ("features.3", "features.4")]
+    assert isinstance(model.features[1], nn.Identity) and isinstance(model.features[4], nn.Identity)
+    assert model.features[0].bias is not None  # bias added where the conv had none
+    assert bn_names(model) == ["pre_bn", "side_bn"]
+    assert_close(outputs(model, x), outputs(ref, x))
+
+
+def test_training_mode_raises():
+    model = SmallNet().train()
+    with pytest.raises(FoldError, match="eval mode"):
+        fold_batchnorm(model)
+    model.eval()
+    model.features[1].train()
+    with pytest.raises(FoldError, match="features.1"):
+        fold_batchnorm(model)
+
+
+def test_fallback_to_declaration_order_when_tracing_fails():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Untraceable(), nn.BatchNorm2d(4)).eval()
+    randomize_bn(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert fold_batchnorm(model, example_input=x) == [("1.conv", "1.bn")]
+    assert_close(outputs(model, x), outputs(ref, x))
+    assert bn_names(model) == ["2"]  # Untraceable sits between conv 0 and BN 2
+
+
+def test_wrong_pair_detected_by_example_input_and_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(Untraceable(swapped=True)).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 4, 6, 6)
+    before = outputs(model, x)
+    w = model[0].conv.weight.detach().clone()
+    with pytest.raises(FoldError, match="changed the model's outputs"):
+        fold_batchnorm(model, example_input=x)
+    assert isinstance(model[0].bn, nn.BatchNorm2d) and torch.equal(model[0].conv.weight, w)
+    assert torch.equal(outputs(model, x), before)
+
+
+def test_resnext50_fold():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnext50_32x4d(weights=None)).eval()
+    n_bn = len(bn_names(model))
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    pairs = fold_batchnorm(model, example_input=x)
+    assert len(pairs) == n_bn == 53
+    assert ("layer1.0.conv1", "layer1.0.bn1") in pairs and ("layer1.0.downsample.0", "layer1.0.downsample.1") in pairs
+    assert bn_names(model) == []
+    assert_close(outputs(model, x), outputs(ref, x))
+
+
+def test_mobilevit_fold_keeps_activations():
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("mobilevit_xxs", pretrained=False)).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    act_type = type(model.stem.bn.act)
+    pairs = fold_batchnorm(model, example_input=x)
+    assert ("stem.conv", "stem.bn") in pairs
+    # MobileViT blocks do not trace; their ConvNormAct children still fold.
+    assert ("stages.2.1.conv_kxk.conv", "stages.2.1.conv_kxk.bn") in pairs
+    assert bn_names(model) == []
+    assert isinstance(model.stem.bn, nn.Sequential) and isinstance(model.stem.bn.act, act_type)
+    assert_close(outputs(model, x), outputs(ref, x))
+
+
+def test_find_pairs_does_not_modify():
+    model = SmallNet().eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert find_conv_bn_pairs(model) == [("features.0", "features.1"), ("features.3", "features.4")]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
