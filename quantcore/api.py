@@ -24,7 +24,7 @@ from .calib.histogram import HistogramState
 from .calib.maxcal import MaxState
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
-from .encodings import encodings_table
+from .encoding_table import encodings_table
 from .models import create_model
 from .placement import place_quantizers, quantizers
 from .recipe import load_recipe, recipe_from_dict

@@ -210,10 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return 130
-    except Exception as err:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(err, click.ClickException):
+    except Exception as err:
+        # Usage errors (typer vendors click, so match by behaviour, not class) carry their own exit code.
+        if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             return err.exit_code
         raise

@@ -35,7 +35,7 @@ def vit_fmnist(num_classes: int = 10, **kwargs) -> nn.Module:
     """Small DeiT-style ViT for 28x28 grayscale images (the demo model): patch 7, width 64, depth 4."""
     from timm.models.vision_transformer import VisionTransformer
 
-    args = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0,
+    args = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
                 num_classes=num_classes)
     args.update(kwargs)
     model = VisionTransformer(**args)

@@ -47,7 +47,7 @@ def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable],
             opt.step()
             sched.step()
             steps += 1
-            running += float(loss) * y.numel()
+            running += loss.item() * y.numel()
             n += y.numel()
         loss_val = running / max(n, 1)
         if on_epoch is not None:

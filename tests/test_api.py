@@ -42,7 +42,7 @@ def calibrated():
 def test_builtin_recipes_validate(name):
     r = quantcore.load_recipe(name)
     assert r.name == name
-    assert r.weight_spec().bits in (8,) or r.weight_spec().is_float
+    assert r.weight_spec().bits in (4, 8) or r.weight_spec().is_float
 
 
 def test_seed_recipes_match_their_seeds():

@@ -20,6 +20,15 @@ from quantcore.quantizer import TensorQuantizer
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on shared cores: intra-op threads only add contention."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 W = QuantSpec(axis=0, calibrator="max")
 A = QuantSpec(calibrator="max")
 W_OFF = W.model_copy(update={"enabled": False})
@@ -64,7 +73,7 @@ _BUILDERS = {
             (2, 3, 32, 32)),
     "deit": (lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=3),
              (2, 3, 32, 32)),
-    "mobilevit": (lambda: timm.create_model("mobilevit_xxs", pretrained=False), (2, 3, 64, 64)),
+    "mobilevit": (lambda: timm.create_model("mobilevit_xxs", pretrained=False), (2, 3, 32, 32)),
     "resnext": (lambda: torchvision.models.resnext50_32x4d(weights=None), (2, 3, 32, 32)),
     "generic": (TinyGeneric, (2, 3, 8, 8)),
 }
@@ -390,6 +399,24 @@ def test_residual_blocks():
         place_quantizers(get_model("generic")[0], PlacementConfig(quantize_residual=True), W, A)
 
 
+def test_state_dict_round_trip_and_deepcopy():
+    cfg = PlacementConfig(mode="ft2", quantize_residual=True, quantize_model_input=True)
+    ovs = [Override(match="blocks.2.attn.attn_quantizer", float=True)]
+    model, x = get_model("vit")
+    place_quantizers(model, cfg, W, A, ovs)
+    calibrate(model, x, model.quantcore_placement.share_groups)
+    y = run(model, x)
+    fresh, _ = get_model("vit")
+    place_quantizers(fresh, cfg, W, A, ovs)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(run(fresh, x), y)
+    clone = copy.deepcopy(model)  # the model-input hook and the result travel with the copy
+    assert clone.quantcore_placement.quantizers == model.quantcore_placement.quantizers
+    assert torch.equal(run(clone, x), y)
+    clone.input_quantizer.quantize = False
+    assert not torch.equal(run(clone, x), y)
+
+
 # -- overrides ----------------------------------------------------------------------------------------
 def test_override_float_the_two_most_sensitive_fc():
     """Seed recipe: INT8 everywhere except residual adds and blocks.4/5.mlp.fc2."""
@@ -449,6 +476,14 @@ def test_keep_float_typo_and_noop_override_raise():
         place_quantizers(get_model("vit")[0], PlacementConfig(keep_float=["patch_embd"]), W, A)
     with pytest.raises(ValueError, match="sets none"):
         place_quantizers(get_model("vit")[0], PlacementConfig(), W, A, [Override(match="head")])
+
+
+def test_explicit_keep_float_replaces_the_vit_defaults():
+    model, x = get_model("vit")
+    res = place_quantizers(model, PlacementConfig(keep_float=[]), W, A)
+    assert isinstance(model.patch_embed.proj, QuantConv2d) and isinstance(model.head, QuantLinear)
+    assert {"patch_embed.proj.weight_quantizer", "head.input_quantizer"} <= set(res.quantizers)
+    assert res.float_modules == []
 
 
 def test_float_override_of_a_container_and_model_input():

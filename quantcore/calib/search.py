@@ -5,19 +5,21 @@ itself (weights). Every search is vectorized in torch over candidates; the only 
 small fixed number of coarse-to-fine refinement rounds.
 
 Error model used by the MSE / tf_enhanced searches: inside each histogram bin the density is taken
-as uniform (piecewise-uniform density), and the expected squared error of the integer grid is
-integrated *exactly* under that model. With prefix sums of the 0th/1st/2nd moments, the error of one
-grid cell ``[(n - 1/2) s, (n + 1/2) s)`` is ``M2 - 2 g M1 + g^2 M0`` (``g = n s``), so a candidate
-costs O(number of grid levels) instead of O(number of bins). Rounding each bin's centre to the grid
-instead aliases badly once the step is comparable to the bin width (8-bit grids on a 2048-bin
-histogram often are), and a flat ``s^2/12`` noise model is wrong for skewed data whose mass sits
-within one step of zero (post-softmax / post-GELU); the exact piecewise-uniform integral handles
-both.
+as uniform (piecewise-uniform density), and the expected squared error of the integer grid (rounding
+inside the range, clipping outside) is integrated *exactly* under that model from prefix sums of the
+0th/1st/2nd moments, so a candidate costs O(grid levels) instead of O(bins) (see ``_grid_error``).
+Rounding each bin's centre to the grid instead aliases badly once the step is comparable to the bin
+width (8-bit grids on a 2048-bin histogram often are), and a flat ``s^2/12`` noise model is wrong
+for skewed data whose mass sits within one step of zero (post-softmax / post-GELU); the exact
+piecewise-uniform integral handles both.
+
+Entropy follows TensorRT's KL search, also O(levels) per threshold via prefix sums, so every
+threshold is evaluated (symmetric); asymmetric specs search both ends (see ``_entropy_range``).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,8 +30,8 @@ from .histogram import HistogramState
 TF_ENHANCED_GAMMA = 3.0
 #: Same floor as the quantizer, so searched ranges never produce a zero scale.
 _MIN_SCALE = 1e-8
-#: Above this many grid levels (bits > 10) the per-cell integral is replaced by the s^2/12 model:
-#: such grids are far finer than any histogram bin, where the two agree.
+#: Above this many grid levels (bits > 10) the in-range error uses the s^2/12 model instead of the
+#: per-cell integral: the step is then about a bin width or less, where the two agree closely.
 _MAX_EXACT_LEVELS = 1024
 #: Points (candidates x grid cells) evaluated per chunk, bounding temporary memory.
 _CHUNK_POINTS = 1 << 18
@@ -290,9 +292,11 @@ def _mse_range(state: HistogramState, spec: QuantSpec, gamma: float) -> Range:
 class _KLTables:
     """Prefix sums that make KL(P||Q) of one candidate O(levels) instead of O(bins).
 
-    With Q constant on the non-zero bins of each group, ``sum_j P_j log Q_j`` equals
-    ``sum_g G_g log(G_g / nnz_g)`` (G_g: mass of group g, nnz_g: its non-zero bins), and
-    ``sum_j P_j log P_j`` is a prefix sum except for the two bins that receive the outliers.
+    Q is constant over the non-zero bins of P within a group, so with ``G_g`` the clipped slice's
+    mass in group g, ``PG_g`` the same plus the outliers folded into it, ``nnz_g`` its non-zero bins
+    of P and ``S`` the slice mass (Q's normaliser):
+    ``KL = sum_j P_j log P_j + log S - sum_g PG_g log(G_g / nnz_g)``, where ``sum_j P_j log P_j`` is
+    a prefix sum except for the two bins that receive the outliers.
     """
 
     def __init__(self, counts: torch.Tensor) -> None:
@@ -305,9 +309,14 @@ class _KLTables:
         self.nnz = torch.cat([zero, torch.cumsum((p > 0).to(torch.float64), 0)])  # prefix non-zeros
 
     def kl(self, a: torch.Tensor, b: torch.Tensor, levels: int) -> torch.Tensor:
-        """KL(P||Q) for P = bins [a, b) with the mass left of a added to bin a and the mass right
-        of b added to bin b-1; Q = P merged into ``levels`` groups (bin j of the slice goes to
-        group floor(j * levels / (b - a))) and spread evenly over each group's non-zero bins."""
+        """KL(P||Q) of clipping to bins [a, b).
+
+        P: the slice with the mass left of ``a`` added to bin ``a`` and the mass right of ``b`` to
+        bin ``b - 1`` (normalised by the total). Q (TensorRT): the slice *without* the outliers,
+        merged into ``levels`` groups (bin j of the slice -> group floor(j * levels / (b - a))),
+        each group's mass spread evenly over its bins where P is non-zero, normalised by the slice
+        mass. +inf where P has mass that Q cannot represent (an empty group receiving outliers).
+        """
         mass = self.mass
         left = mass[a]
         right = mass[-1] - mass[b]
@@ -315,6 +324,7 @@ class _KLTables:
         fa, fb = pa + left, pb + right
         plogp = (self.plogp[b] - self.plogp[a] - torch.xlogy(pa, pa) - torch.xlogy(pb, pb)
                  + torch.xlogy(fa, fa) + torch.xlogy(fb, fb))
+        slice_mass = mass[b] - mass[a]
         # group g starts at a + ceil(g * (b - a) / levels); levels is a power of two -> shift
         g = torch.arange(levels + 1, device=a.device)
         shift = levels.bit_length() - 1
@@ -323,13 +333,16 @@ class _KLTables:
         shape = (a.numel(), levels + 1)
         gm = mass.index_select(0, flat).view(shape).diff(dim=1)
         gn = self.nnz.index_select(0, flat).view(shape).diff(dim=1)
-        gm[:, 0] += left
-        gm[:, -1] += right
+        pg = gm.clone()
+        pg[:, 0] += left
+        pg[:, -1] += right
         gn[:, 0] += ((pa == 0) & (left > 0)).to(torch.float64)
         gn[:, -1] += ((pb == 0) & (right > 0)).to(torch.float64)
-        # sum_g G log(G / nnz); empty groups (G = 0) contribute 0 via the clamps
-        q = (gm / gn.clamp_min_(1.0)).clamp_min_(1e-300).log_().mul_(gm).sum(1)
-        return (plogp - q).clamp_min(0)
+        # PG log(G / nnz): 0 for empty groups, -inf (KL = +inf) where G = 0 < PG
+        logq = gm.log().sub_(gn.clamp_min_(1.0).log_())
+        q = torch.where(pg > 0, pg * logq, torch.zeros_like(pg)).sum(1)
+        kl = plogp + slice_mass.log() - q
+        return torch.where(torch.isnan(kl), torch.full_like(kl, math.inf), kl.clamp_min(0))
 
 
 def kl_objective(counts: torch.Tensor, i: int, levels: int) -> float:
@@ -359,7 +372,7 @@ def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
         t = _KLTables(h[:last])
         i = torch.arange(levels, last + 1, device=dev)
         kl = _chunked(lambda b: t.kl(torch.zeros_like(b), b, levels), i, per_row=levels + 1)
-        a = min(int(i[torch.argmin(kl)]) * w, amax)
+        a = min(int(i[torch.argmin(kl)]) * w, amax)  # i = last (no clipping) is always finite
         return -a, a
 
     levels = 2**spec.bits
@@ -409,22 +422,27 @@ def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
 # weights: MSE search on the tensor itself
 # --------------------------------------------------------------------------------------------------
 def _fq_error(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Sum of squared fake-quant errors per (candidate, channel); ``lo``/``hi`` are (K, C)."""
+    """Sum of squared fake-quant errors per (candidate, channel); ``lo``/``hi`` are (K, C).
+
+    Same arithmetic as torch's fake-quant kernels: multiply by ``1/scale``, round half to even."""
     qmin, qmax = spec.qrange()
     s, zp = _grid_params(lo, hi, spec)
     s, zp = s[..., None], zp[..., None]
-    q = (torch.round(flat / s) + zp).clamp_(qmin, qmax).sub_(zp).mul_(s)
-    return q.sub_(flat).square_().sum(-1)
+    q = torch.mul(flat, 1.0 / s).round_()
+    if not spec.symmetric:
+        q = q.add_(zp).clamp_(qmin, qmax).sub_(zp)
+    else:
+        q = q.clamp_(qmin, qmax)
+    return q.mul_(s).sub_(flat).square_().sum(-1)
 
 
 def _best_per_channel(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                       spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Among (K, C) candidate ranges pick, per channel, the one with the least error."""
-    per_cand = flat.numel()
-    step = max(1, (1 << 24) // max(per_cand, 1))  # chunk candidates: K copies of a big weight
+    step = max(1, (1 << 22) // max(flat.numel(), 1))  # chunk candidates: K copies of a big weight
     err = torch.cat([_fq_error(flat, lo[i:i + step], hi[i:i + step], spec)
                      for i in range(0, lo.shape[0], step)])
-    k = torch.argmin(err, 0, keepdim=True)
+    k = torch.argmin(err, 0, keepdim=True)  # first minimum: ties keep the smaller ratio
     return lo.gather(0, k)[0], hi.gather(0, k)[0]
 
 
@@ -432,16 +450,19 @@ def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     """MSE-optimal range of a tensor (weights) under ``spec``'s integer grid.
 
     Per channel along ``spec.axis`` (shape (C,)) or per tensor (shape ()). The range is searched as
-    a fraction of the channel's own extremes, 0.2..1.0: 21 coarse ratios, then 17 ratios within one
-    coarse step of the best (per channel), using the real fake-quant error on the tensor. Asymmetric
-    specs refine the two ends independently (2-D) after the shared-ratio coarse pass. Ratio 1.0 is a
-    candidate, so the result is never worse than the max range.
+    a fraction of the channel's own extremes within [0.2, 1.0] using the real fake-quant error on
+    the tensor: 21 coarse ratios (step 0.04), then per channel 17 ratios within one coarse step of
+    the best (step 0.005). Asymmetric specs search the two ends by coordinate descent from the
+    best shared ratio (each end: 21 coarse ratios, then 17 fine ones). Every pass keeps the current
+    choice among its candidates and ratio 1.0 starts it, so the error never exceeds the max
+    range's.
     """
     xf = x.detach().float()
     if spec.axis is None:
         flat = xf.reshape(1, -1)
     else:
-        flat = xf.movedim(spec.axis % xf.dim(), 0).reshape(xf.shape[spec.axis], -1)
+        ax = spec.axis % xf.dim()
+        flat = xf.movedim(ax, 0).reshape(xf.shape[ax], -1)
     dev = flat.device
     lo_obs, hi_obs = torch.aminmax(flat, dim=1)
     if spec.symmetric:
@@ -450,23 +471,25 @@ def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     else:
         lo_obs, hi_obs = lo_obs.clamp(max=0.0), hi_obs.clamp(min=0.0)
 
-    coarse = torch.linspace(0.2, 1.0, 21, device=dev)[:, None]  # (K, 1)
+    def ratio(v: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        return torch.where(end != 0, v / torch.where(end != 0, end, 1.0), 1.0)
+
+    coarse = torch.linspace(0.2, 1.0, 21, device=dev)[:, None]  # (K, 1) ratios, step 0.04
+    fine = torch.linspace(-0.04, 0.04, 17, device=dev)[:, None]  # step 0.005
     lo, hi = _best_per_channel(flat, coarse * lo_obs, coarse * hi_obs, spec)
-    r_lo = torch.where(lo_obs < 0, lo / lo_obs, torch.ones_like(lo))
-    r_hi = torch.where(hi_obs > 0, hi / hi_obs, torch.ones_like(hi))
-    offs = torch.linspace(-0.04, 0.04, 17, device=dev)[:, None]
     if spec.symmetric:
-        r = (r_hi + offs).clamp(0.2, 1.0)
+        r = (ratio(hi, hi_obs) + fine).clamp(0.2, 1.0)
         lo, hi = _best_per_channel(flat, r * lo_obs, r * hi_obs, spec)
     else:
-        for width in (1.0, 0.25):  # two 9 x 9 rounds on (lo ratio, hi ratio)
-            o = torch.linspace(-0.04 * width, 0.04 * width, 9, device=dev)
-            ol, oh = torch.meshgrid(o, o, indexing="ij")
-            rl = (r_lo + ol.reshape(-1, 1)).clamp(0.2, 1.0)
-            rh = (r_hi + oh.reshape(-1, 1)).clamp(0.2, 1.0)
-            lo, hi = _best_per_channel(flat, rl * lo_obs, rh * hi_obs, spec)
-            r_lo = torch.where(lo_obs < 0, lo / lo_obs, torch.ones_like(lo))
-            r_hi = torch.where(hi_obs > 0, hi / hi_obs, torch.ones_like(hi))
+        # Coordinate descent from the shared ratio: the two ends' optima can differ a lot (an
+        # outlier on one side only), so each end first gets a full coarse pass, then a fine one.
+        for offsets, relative in ((coarse, False), (fine, True)):
+            base = ratio(hi, hi_obs) if relative else torch.zeros_like(hi)
+            r_hi = (base + offsets).clamp(0.2, 1.0)  # (K, C)
+            lo, hi = _best_per_channel(flat, lo.expand_as(r_hi), r_hi * hi_obs, spec)
+            base = ratio(lo, lo_obs) if relative else torch.zeros_like(lo)
+            r_lo = (base + offsets).clamp(0.2, 1.0)
+            lo, hi = _best_per_channel(flat, r_lo * lo_obs, hi.expand_as(r_lo), spec)
     if spec.axis is None:
         return lo.reshape(()), hi.reshape(())
     return lo, hi

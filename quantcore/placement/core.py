@@ -127,8 +127,10 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
             kind, any_block = "block", True
         else:
             continue
-        # In the vit family only Linears are quantized by default (convs, e.g. in blocks, stay float).
-        default_float = family == "vit" and kind == "layer" and not is_linear(mod)
+        # vit family defaults: only Linears are quantized (convs, e.g. in blocks, stay float). An
+        # explicit keep_float list replaces all defaults.
+        default_float = (family == "vit" and placement.keep_float is None and kind == "layer"
+                         and not is_linear(mod))
         if decide_float(name, rules, default_float):
             float_modules.append(name)
             continue

@@ -15,9 +15,9 @@ from ..nn.residual import is_timm_block
 FAMILIES = ("vit", "cnn", "generic")
 
 #: Module globs left float by default (``PlacementConfig.keep_float = None``). A glob also covers
-#: the matched module's descendants. In the vit family, layers other than ``nn.Linear`` are float by
-#: default as well (e.g. convolutions inside blocks); the cnn and generic families quantize every
-#: Linear/Conv1d/Conv2d.
+#: the matched module's descendants. With the default, the vit family also leaves every layer other
+#: than ``nn.Linear`` float (e.g. convolutions inside blocks); the cnn and generic families quantize
+#: every Linear/Conv1d/Conv2d. An explicit ``keep_float`` list replaces all of these defaults.
 DEFAULT_KEEP_FLOAT: dict[str, list[str]] = {
     "vit": ["patch_embed", "head", "head_dist", "attn_pool"],
     "cnn": [],
