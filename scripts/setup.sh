@@ -15,11 +15,11 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 UV=$(command -v uv || echo "$PY -m uv")
 stamp="$VENV/.quantcore-lock.sha256"
-want=$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(sha256sum requirements-dev.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || $UV venv --quiet --python "$PY" "$VENV"
   echo "installing the locked dependency set into $VENV (first run: a few minutes, ~5 GB)"
-  VIRTUAL_ENV="$VENV" $UV pip sync --quiet requirements.lock
+  VIRTUAL_ENV="$VENV" $UV pip sync --quiet requirements-dev.lock
   VIRTUAL_ENV="$VENV" $UV pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi

@@ -21,6 +21,15 @@ from quantcore.quantizer import TensorQuantizer
 METHODS = ("max", "percentile", "mse", "entropy", "tf_enhanced")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are small; on a shared CPU, intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------------------
 # data and independent helpers
 # --------------------------------------------------------------------------------------------------

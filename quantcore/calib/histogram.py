@@ -24,6 +24,44 @@ def _exp_above(amax: float) -> int:
     return e
 
 
+#: On CPU, ``torch.histc`` costs ~12 ns per element per thread (scalar loop, float counts), the
+#: integer path (floor -> int16 -> ``torch.bincount``) ~1-3 ns, but its counting loop is serial. Up
+#: to this many intra-op threads the integer path is faster; above it histc's parallel loop wins.
+#: Both give identical counts. Bin counts that are not a power of two always take the integer path.
+BINCOUNT_MAX_THREADS = 6
+#: ``torch.histc`` counts in float32: chunks of at most 2**24 elements keep every count exact.
+_HISTC_CHUNK = 1 << 24
+
+
+def _bin_counts(x: torch.Tensor, bins: int, exp: int) -> torch.Tensor:
+    """int64 counts (CPU) of ``floor(x * bins / 2**exp)`` over ``[-bins, bins)``, i.e. ``2 * bins``
+    bins; every element of ``x`` (float32/64) must satisfy ``|x| < 2**exp``.
+
+    The scale is a power of two when ``bins`` is, so ``x * scale`` and ``floor`` are exact (not
+    rounded). Both paths below bin the same floats and give bit-identical counts.
+    """
+    n = bins
+    scale = math.ldexp(float(n), -exp)
+    if x.dtype == torch.float32 and scale >= 2.0**126:
+        x = x.double()  # the scale itself would overflow float32 (|x| < 2**-115): exact in float64
+    pow2 = n & (n - 1) == 0
+    # Contiguous buffer even for a permuted view (q/k/v): one strided read, no reshape copy.
+    buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x, scale, out=buf).floor_()
+    if not pow2 or (x.device.type == "cpu" and torch.get_num_threads() <= BINCOUNT_MAX_THREADS):
+        buf.add_(n)  # integers in [0, 2n): exact
+        if not pow2:  # the scale is not a power of two: a rounded product can reach n exactly
+            buf.clamp_(max=2 * n - 1)
+        idx = buf.to(torch.int16 if 2 * n <= 32768 else torch.int32)
+        return torch.bincount(idx.view(-1), minlength=2 * n).cpu()
+    # histc finds the bin as (v + n) * 2n / 2n in the input's float type: exact only because 2n is
+    # a power of two (for other bin counts that product rounds once it passes 2**24).
+    h = torch.zeros(2 * n, dtype=torch.int64, device=x.device)
+    for chunk in buf.view(-1).split(_HISTC_CHUNK):
+        h += torch.histc(chunk, bins=2 * n, min=-n, max=n).to(torch.int64)
+    return h.cpu()
+
+
 @dataclass
 class HistogramState:
     """Counts over ``[-2**exp, 2**exp)``; ``exp`` is None until a non-zero value was seen."""
@@ -47,10 +85,13 @@ class HistogramState:
         if x.numel() == 0:
             return
         x = x.detach()
-        if not x.is_floating_point():
-            x = x.float()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # exact for fp16/bf16; the bin index x * bins / R is then exact too
         lo, hi = torch.aminmax(x)
-        lo_f, hi_f = float(lo), float(hi)
+        if x.device.type == "cpu":
+            lo_f, hi_f = float(lo), float(hi)
+        else:
+            lo_f, hi_f = torch.stack((lo, hi)).tolist()  # one device sync, not two
         if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
             raise ValueError("non-finite values (inf/nan) reached a calibrator")
         amax = max(abs(lo_f), abs(hi_f))
@@ -63,13 +104,7 @@ class HistogramState:
             elif need > self.exp:
                 self._coarsen(need)
         exp = self.exp if self.exp is not None else 0
-        n = self.bins
-        # Exact: power-of-two scale, then floor; histc on integer-valued floats is exact.
-        idx = torch.mul(x, math.ldexp(float(n), -exp)).floor_()
-        if idx.dtype in (torch.float16, torch.bfloat16):
-            idx = idx.float()
-        h = torch.histc(idx, bins=2 * n, min=-n, max=n)
-        self.counts += h.to(device="cpu", dtype=torch.int64)
+        self.counts += _bin_counts(x, self.bins, exp)
 
     def _coarsen(self, new_exp: int) -> None:
         if self.exp is None:

