@@ -403,7 +403,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray cluster address (auto, ray://host:10001, host:6379). Default: $RAY_ADDRESS as set "
                         "by `ray job submit`, else a local Ray instance.")
     p.add_argument("--gpus-per-task", type=float, default=1.0,
-                   help="GPUs each run reserves (0: CPU runs, device cpu). Default 1.")
+                   help="GPUs each run reserves (0: CPU runs on device cpu; a fraction such as 0.5 lets runs "
+                        "share a GPU). Default 1.")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each run reserves. Default 1.")
     p.add_argument("--max-retries", type=int, default=1,
                    help="Ray retries of a run whose worker died (node lost, OOM kill); run errors are not "
@@ -419,10 +420,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _failure(spec: RunSpec, out: str, err: BaseException, started: float) -> Dict[str, Any]:
+def _failure(spec: RunSpec, out: str, err: BaseException) -> Dict[str, Any]:
+    """Record of a run whose task itself failed (worker died, node lost ...): duration unknown."""
     rec = _run_record(spec, out)
     rec["error"] = f"{type(err).__name__}: {err}"[:4000]
-    rec["duration_s"] = round(time.perf_counter() - started, 3)
     return rec
 
 
@@ -459,7 +460,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             try:
                 rec = ray.get(ref)
             except Exception as err:  # worker died, task cancelled ...: recorded like a failed run
-                rec = _failure(spec, storage.join(out, spec.name), err, t0)
+                rec = _failure(spec, storage.join(out, spec.name), err)
             records[spec.name] = rec
             status = rec["status"] if rec["status"] != "succeeded" else "ok"
             detail = _one_line(rec) if rec["status"] == "succeeded" else rec["error"]

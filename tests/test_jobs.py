@@ -505,6 +505,21 @@ def test_torchx_local_cwd_calibrate_to_s3_moto_mock(image_folder, s3_server, s3_
     assert rep["environment"]["AWS_ENDPOINT_URL"] == s3_server
 
 
+def test_torchx_local_cwd_ddp_starts_ranks_through_the_launcher(tmp_path):
+    """The ddp component's command really runs: bash -> jobs.launch -> torchrun -> 2 ranks."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], "
+                      "'secret', os.environ.get('QUANTCORE_S3_SECRET'), 'args', __import__('sys').argv[1:])\n")
+    cmd = [str(TORCHX), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "jobs/components.py:ddp",
+           "--script", str(script), "--nproc_per_node", "2", "--gpus", "0", "--s3_secret", "qc-s3", "--", "--x", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-5000:]
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 secret qc-s3 args ['--x', '1']" in logs, logs[-5000:]
+
+
 # ------------------------------------------------------------------------------ sweep file
 
 def test_example_sweep_file_is_valid():
