@@ -23,7 +23,6 @@ run succeeded, 1 when any failed, 2 for a bad sweep file or arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -31,7 +30,7 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Dict, Iterator, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -219,7 +218,7 @@ def _metrics() -> Dict[str, Any]:
 
 
 class _RayBar:
-    """Stands in for quantcore.pipeline's tqdm bar: Ray metrics + a tqdm_ray bar + log lines."""
+    """Progress sink for quantcore.pipeline (RunOptions.progress_factory): Ray metrics, a tqdm_ray bar, log lines."""
 
     def __init__(self, sweep: str, run: str, total: Optional[int], desc: str, show: bool) -> None:
         self.tags = {"sweep": sweep, "run": run, "stage": desc.split(" ")[0]}
@@ -247,25 +246,6 @@ class _RayBar:
         if self.bar is not None:
             self.bar.close()
         print(f"[{self.run}] {self.desc}: done, {self.done} images", flush=True)
-
-
-@contextlib.contextmanager
-def _progress_hook(sweep: str, run: str, show: bool) -> Iterator[None]:
-    """Route quantcore.pipeline's progress bars to Ray for the duration of one run.
-
-    A Ray worker process runs one task at a time, so swapping the module's bar factory is safe.
-    """
-    from quantcore import pipeline
-
-    original = getattr(pipeline, "_bar", None)
-    if original is None:  # pipeline changed: run without live progress rather than fail
-        yield
-        return
-    pipeline._bar = lambda total, desc, enabled: _RayBar(sweep, run, total, desc, show)
-    try:
-        yield
-    finally:
-        pipeline._bar = original
 
 
 def _run_record(spec: RunSpec, out: str) -> Dict[str, Any]:
@@ -299,10 +279,11 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
         calib = pipeline.DataSpec(spec.calib_data or "", spec.calib_split, spec.layout, spec.skip_bad, spec.cache_dir)
         evald = pipeline.DataSpec(spec.eval_data or spec.calib_data or "", spec.eval_split, spec.layout,
                                   spec.skip_bad, spec.cache_dir, spec.limit)
-        opts = pipeline.RunOptions(batch_size=spec.batch_size, num_workers=spec.workers, device=device,
-                                   progress=False, checkpoint=spec.checkpoint)
-        with _progress_hook(sweep_name, spec.name, show_progress):
-            rep = pipeline.ptq(recipes, calib, evald, out, opts)
+        opts = pipeline.RunOptions(
+            batch_size=spec.batch_size, num_workers=spec.workers, device=device, progress=False,
+            checkpoint=spec.checkpoint,
+            progress_factory=lambda total, desc: _RayBar(sweep_name, spec.name, total, desc, show_progress))
+        rep = pipeline.ptq(recipes, calib, evald, out, opts)
         rec.update(_results(rep))
         rec["status"] = "succeeded"
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on

@@ -12,7 +12,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ class RunOptions:
     device: str = "auto"
     progress: bool = True
     checkpoint: str | None = None  # FP32 weights overriding recipe.model.checkpoint
+    # Progress sink: ``factory(total, desc)`` returns a context manager with ``update(n)``
+    # (a launcher routes progress to its dashboard this way); None = tqdm bars if ``progress``.
+    progress_factory: Callable[[int | None, str], Any] | None = None
 
 
 @dataclass
@@ -61,10 +64,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _bar(total: int | None, desc: str, enabled: bool):
+def _bar(total: int | None, desc: str, opts: "RunOptions"):
+    if opts.progress_factory is not None:
+        return opts.progress_factory(total, desc)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="img", disable=not opts.progress, leave=False, dynamic_ncols=True)
 
 
 def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
@@ -105,7 +110,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         idx = _calibration_indices(ds, r)
         loader = make_loader(ds, r.calibration.batch_size, opts.num_workers, indices=idx)
         model = api.prepare(copy.deepcopy(fp32), r)
-        with _bar(len(idx), f"calibrate {r.name}", opts.progress) as bar:
+        with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             res = api.calibrate(model, loader, progress=bar.update)
         skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
         cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
@@ -139,7 +144,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
             raise ValueError("a recipe may not be named 'fp32' (reserved for the reference)")
         models[v.name] = v.model.to(dev)
     n = len(indices) if indices is not None else len(ds)
-    with _bar(n, "evaluate", opts.progress) as bar:
+    with _bar(n, "evaluate", opts) as bar:
         scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update)
     info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or [])}
@@ -213,7 +218,7 @@ def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts:
     loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
     name = model.quantcore_recipe.name
     t0 = time.perf_counter()
-    with _bar(len(indices) if indices else len(ds), "evaluate", opts.progress) as bar:
+    with _bar(len(indices) if indices else len(ds), "evaluate", opts) as bar:
         scores = evaluate_models({"fp32": quant_toggle(model, False), name: quant_toggle(model, True)}, loader,
                                  ds.num_classes, reference="fp32", device=dev, progress=bar.update)
     api.set_quantization(model, True)

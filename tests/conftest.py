@@ -123,7 +123,7 @@ def s3_bucket(s3_client) -> str:
     return name
 
 
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", "s3"], ids=["local", "file", "s3_moto_mock"])
 def tmp_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty storage root URI, parametrised over a local path, a ``file://`` URI
     and an ``s3://`` bucket (the latter starts the moto server)."""

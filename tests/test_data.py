@@ -521,7 +521,7 @@ def _upload_tree(local_root, uri):
         storage.write_bytes(storage.join(uri, *rel.split(os.sep)), data)
 
 
-def test_s3_pack_and_read(tmp_path, folder, s3_server, s3_bucket):
+def test_s3_pack_and_read_moto_mock(tmp_path, folder, s3_server, s3_bucket):
     from quantcore.io import storage
 
     src = open_dataset(folder, "train")
@@ -547,7 +547,7 @@ def test_s3_pack_and_read(tmp_path, folder, s3_server, s3_bucket):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_s3_loader_and_skip(tmp_path, s3_server, s3_bucket, workers):
+def test_s3_loader_and_skip_moto_mock(tmp_path, s3_server, s3_bucket, workers):
     from torchvision import transforms as T
 
     root, bad = _corrupt_folder(tmp_path)
@@ -559,7 +559,7 @@ def test_s3_loader_and_skip(tmp_path, s3_server, s3_bucket, workers):
     assert names[0].startswith(uri)
 
 
-def test_s3_shard_uses_ranged_reads(tmp_path, s3_server, s3_bucket):
+def test_s3_shard_uses_ranged_reads_moto_mock(tmp_path, s3_server, s3_bucket):
     from quantcore.io import storage
 
     root = make_folder(tmp_path / "big", n=12)

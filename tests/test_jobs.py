@@ -408,6 +408,7 @@ def _self_signed_cert(tmp_path: Path) -> Tuple[Path, Path]:
     return key, cert
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kubernetes client vs. urllib3 2.x
 def test_launch_reads_secret_with_kubernetes_client_from_api_stand_in_mock(tmp_path):
     """The real kubernetes client path (in-cluster config, bearer token, TLS, base64) against a tiny
     HTTPS stand-in of the API server on 127.0.0.1."""

@@ -173,7 +173,7 @@ def test_round_trip_all_backends(tmp_store, tmp_path):
         assert f.read(3) == b"pla"
 
 
-def test_s3_list_pagination_and_directory_semantics(s3_bucket):
+def test_s3_list_pagination_and_directory_semantics_moto_mock(s3_bucket):
     root = f"s3://{s3_bucket}/data"
     keys = [f"data/{i:02d}/part.bin" for i in range(7)]
     for k in keys:
@@ -200,7 +200,7 @@ def _make_zip(n_members: int, member_size: int) -> bytes:
     return buf.getvalue()
 
 
-def test_zip_member_via_ranged_reads(s3_bucket, tmp_path):
+def test_zip_member_via_ranged_reads_moto_mock(s3_bucket, tmp_path):
     blob = _make_zip(40, 100_000)  # ~4 MB shard
     uri = f"s3://{s3_bucket}/shards/shard-000.zip"
     st.write_bytes(uri, blob)
@@ -231,7 +231,7 @@ def test_zip_member_via_ranged_reads(s3_bucket, tmp_path):
     assert counter2.calls == 0
 
 
-def test_ranged_reader_semantics(s3_bucket):
+def test_ranged_reader_semantics_moto_mock(s3_bucket):
     data = _rand(1_000_003, seed=5)
     uri = f"s3://{s3_bucket}/r.bin"
     st.write_bytes(uri, data)
@@ -254,7 +254,7 @@ def test_ranged_reader_semantics(s3_bucket):
         r.read(1)
 
 
-def test_ranged_reader_detects_object_replaced_mid_read(s3_bucket):
+def test_ranged_reader_detects_object_replaced_mid_read_moto_mock(s3_bucket):
     uri = f"s3://{s3_bucket}/changing.bin"
     st.write_bytes(uri, _rand(300_000, seed=1))
     with st.open_read(uri, block_size=100_000, max_blocks=1) as r:
@@ -268,7 +268,7 @@ def test_ranged_reader_detects_object_replaced_mid_read(s3_bucket):
 # ------------------------------------------------------------------------ multipart
 
 
-def test_multipart_write_and_upload(s3_bucket, tmp_path, s3_client):
+def test_multipart_write_and_upload_moto_mock(s3_bucket, tmp_path, s3_client):
     data = _rand(12 * MiB + 123, seed=7)
     parts = Counter()
     with hook("before-call.s3.UploadPart", parts):
@@ -297,7 +297,7 @@ def test_multipart_write_and_upload(s3_bucket, tmp_path, s3_client):
     assert "-" not in s3_client.head_object(Bucket=s3_bucket, Key="small.bin")["ETag"]
 
 
-def test_failed_multipart_upload_is_aborted(s3_bucket, s3_client):
+def test_failed_multipart_upload_is_aborted_moto_mock(s3_bucket, s3_client):
     calls = {"n": 0}
 
     def boom(**kwargs):
@@ -337,7 +337,7 @@ def test_settings_validation_and_env(monkeypatch):
         st.get_settings()
 
 
-def test_single_client_per_process_thread_safe(s3_server):
+def test_single_client_per_process_thread_safe_moto_mock(s3_server):
     seen = []
     threads = [threading.Thread(target=lambda: seen.append(st.get_client())) for _ in range(8)]
     for t in threads:
@@ -350,7 +350,7 @@ def test_single_client_per_process_thread_safe(s3_server):
 # -------------------------------------------------------------------------- retries
 
 
-def test_retry_on_503_and_throttling(s3_bucket):
+def test_retry_on_503_and_throttling_moto_mock(s3_bucket):
     uri = f"s3://{s3_bucket}/r/x.bin"
     st.configure(max_attempts=4)
     fail = FailFirst(2, status=503, code="ServiceUnavailable")
@@ -369,7 +369,7 @@ def test_retry_on_503_and_throttling(s3_bucket):
     assert fail.sends == 4
 
 
-def test_retry_on_connection_errors(s3_bucket):
+def test_retry_on_connection_errors_moto_mock(s3_bucket):
     uri = f"s3://{s3_bucket}/r/c.bin"
     st.write_bytes(uri, b"abc")
     st.configure(max_attempts=4)
@@ -382,7 +382,7 @@ def test_retry_on_connection_errors(s3_bucket):
         assert fail.sends == 3, type(exc).__name__
 
 
-def test_retries_exhausted_gives_clear_error(s3_bucket):
+def test_retries_exhausted_gives_clear_error_moto_mock(s3_bucket):
     uri = f"s3://{s3_bucket}/r/e.bin"
     st.write_bytes(uri, b"abc")
     st.configure(max_attempts=2)
@@ -420,7 +420,7 @@ def flaky_body(monkeypatch):
     return state
 
 
-def test_mid_stream_failures_are_retried_and_resumed(s3_bucket, flaky_body, tmp_path):
+def test_mid_stream_failures_are_retried_and_resumed_moto_mock(s3_bucket, flaky_body, tmp_path):
     data = _rand(3 * MiB + 17, seed=3)
     uri = f"s3://{s3_bucket}/s/data.bin"
     st.write_bytes(uri, data)
@@ -440,7 +440,7 @@ def test_mid_stream_failures_are_retried_and_resumed(s3_bucket, flaky_body, tmp_
     assert (tmp_path / "d.bin").read_bytes() == data
 
 
-def test_mid_stream_failures_exhausted(s3_bucket, flaky_body, tmp_path):
+def test_mid_stream_failures_exhausted_moto_mock(s3_bucket, flaky_body, tmp_path):
     uri = f"s3://{s3_bucket}/s/x.bin"
     st.write_bytes(uri, _rand(10_000))
     st.configure(max_attempts=3, base_delay=0.001)
@@ -517,7 +517,7 @@ _S3_KILL_SCRIPT = """
 """
 
 
-def test_s3_upload_killed_midway_leaves_no_object(s3_bucket, s3_client, tmp_path):
+def test_s3_upload_killed_midway_leaves_no_object_moto_mock(s3_bucket, s3_client, tmp_path):
     src = tmp_path / "big.bin"
     src.write_bytes(_rand(12 * MiB, seed=9))
     uri = f"s3://{s3_bucket}/artifacts/model.bin"
@@ -587,7 +587,7 @@ def test_local_writer_exception_leaves_nothing(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- errors
 
 
-def test_missing_objects_raise_file_not_found(s3_bucket, tmp_path):
+def test_missing_objects_raise_file_not_found_moto_mock(s3_bucket, tmp_path):
     missing = [f"s3://{s3_bucket}/nope/x.bin", f"s3://qc-no-such-bucket-{os.getpid()}/x.bin",
                str(tmp_path / "nope.bin"), (tmp_path / "nope.bin").as_uri()]
     for uri in missing:
@@ -608,7 +608,7 @@ def test_missing_objects_raise_file_not_found(s3_bucket, tmp_path):
     assert st.list_uris(str(tmp_path / "no-dir")) == []
 
 
-def test_service_specific_endpoint_env_is_honoured(s3_server, s3_bucket, monkeypatch):
+def test_service_specific_endpoint_env_is_honoured_moto_mock(s3_server, s3_bucket, monkeypatch):
     """boto3's native AWS_ENDPOINT_URL_S3 beats AWS_ENDPOINT_URL (no custom variables)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: must not be used
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
