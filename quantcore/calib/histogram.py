@@ -11,6 +11,7 @@ of one worker that saw everything. Memory is fixed (``2 * bins`` int64 counts) w
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -24,42 +25,49 @@ def _exp_above(amax: float) -> int:
     return e
 
 
-#: On CPU, ``torch.histc`` costs ~12 ns per element per thread (scalar loop, float counts), the
-#: integer path (floor -> int16 -> ``torch.bincount``) ~1-3 ns, but its counting loop is serial. Up
-#: to this many intra-op threads the integer path is faster; above it histc's parallel loop wins.
-#: Both give identical counts. Bin counts that are not a power of two always take the integer path.
+#: How a batch is binned (all paths give bit-identical counts):
+#:
+#: * CPU with at most ``BINCOUNT_MAX_THREADS`` intra-op threads: the tensor is taken in pieces of
+#:   ``_CPU_PIECE`` elements; each piece is read once from memory for its min/max and is still in
+#:   cache when it is binned (scale, floor, +bins, to int16, ``torch.bincount``) in reused scratch
+#:   buffers (no fresh pages per call). Pieces are exact: the state does not depend on how the data
+#:   was split (the merge property above). ``torch.histc`` costs ~12 ns per element per thread here
+#:   (scalar loop), this path ~2-4 ns, but its counting loop is serial: with many threads histc's
+#:   parallel loop wins.
+#: * otherwise (CUDA, many CPU threads): ``torch.histc`` on the floored values, in chunks of at most
+#:   2**24 elements because it counts in float32; bin counts that are not a power of two use
+#:   ``torch.bincount`` instead (histc's own bin arithmetic is only exact for power-of-two counts).
 BINCOUNT_MAX_THREADS = 6
-#: ``torch.histc`` counts in float32: chunks of at most 2**24 elements keep every count exact.
+_CPU_PIECE = 1 << 19
 _HISTC_CHUNK = 1 << 24
+_scratch = threading.local()
 
 
-def _bin_counts(x: torch.Tensor, bins: int, exp: int) -> torch.Tensor:
-    """int64 counts (CPU) of ``floor(x * bins / 2**exp)`` over ``[-bins, bins)``, i.e. ``2 * bins``
-    bins; every element of ``x`` (float32/64) must satisfy ``|x| < 2**exp``.
+def _scratch_buffers(numel: int, fdtype: torch.dtype, idtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-thread reusable float/int buffers of at least ``numel`` elements (CPU)."""
+    key = (fdtype, idtype)
+    bufs = _scratch.__dict__.get(key)
+    if bufs is None or bufs[0].numel() < numel:
+        size = max(numel, _CPU_PIECE)
+        bufs = (torch.empty(size, dtype=fdtype), torch.empty(size, dtype=idtype))
+        if size <= 4 * _CPU_PIECE:  # an odd huge row is not kept
+            _scratch.__dict__[key] = bufs
+    return bufs
 
-    The scale is a power of two when ``bins`` is, so ``x * scale`` and ``floor`` are exact (not
-    rounded). Both paths below bin the same floats and give bit-identical counts.
+
+def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
+    """Views covering every element of ``x`` once, about ``_CPU_PIECE`` elements each (no copy).
+
+    Dense layouts (contiguous, channels-last, permuted) are cut flat in memory order; other views
+    (q/k/v slices of a fused qkv tensor) along their outermost dimension.
     """
-    n = bins
-    scale = math.ldexp(float(n), -exp)
-    if x.dtype == torch.float32 and scale >= 2.0**126:
-        x = x.double()  # the scale itself would overflow float32 (|x| < 2**-115): exact in float64
-    pow2 = n & (n - 1) == 0
-    # Contiguous buffer even for a permuted view (q/k/v): one strided read, no reshape copy.
-    buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    torch.mul(x, scale, out=buf).floor_()
-    if not pow2 or (x.device.type == "cpu" and torch.get_num_threads() <= BINCOUNT_MAX_THREADS):
-        buf.add_(n)  # integers in [0, 2n): exact
-        if not pow2:  # the scale is not a power of two: a rounded product can reach n exactly
-            buf.clamp_(max=2 * n - 1)
-        idx = buf.to(torch.int16 if 2 * n <= 32768 else torch.int32)
-        return torch.bincount(idx.view(-1), minlength=2 * n).cpu()
-    # histc finds the bin as (v + n) * 2n / 2n in the input's float type: exact only because 2n is
-    # a power of two (for other bin counts that product rounds once it passes 2**24).
-    h = torch.zeros(2 * n, dtype=torch.int64, device=x.device)
-    for chunk in buf.view(-1).split(_HISTC_CHUNK):
-        h += torch.histc(chunk, bins=2 * n, min=-n, max=n).to(torch.int64)
-    return h.cpu()
+    if x.dim() == 0:
+        return [x.reshape(1)]
+    y = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # memory order
+    if y.is_contiguous():
+        return list(y.view(-1).split(_CPU_PIECE))
+    row = max(1, y[0].numel()) if y.shape[0] else 1
+    return list(y.split(max(1, _CPU_PIECE // row)))
 
 
 @dataclass
@@ -87,6 +95,19 @@ class HistogramState:
         x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # exact for fp16/bf16; the bin index x * bins / R is then exact too
+        if x.device.type == "cpu" and torch.get_num_threads() <= BINCOUNT_MAX_THREADS:
+            saved = (self.exp, self.counts.clone(), self.min, self.max, self.total)
+            try:
+                for piece in _pieces(x):
+                    self._bincount_piece(piece, self._observe(piece))
+            except BaseException:
+                self.exp, self.counts, self.min, self.max, self.total = saved  # all or nothing
+                raise
+            return
+        self._histc(x, self._observe(x))
+
+    def _observe(self, x: torch.Tensor) -> int:
+        """Fold ``x``'s min/max/count into the state, widen the range if needed; returns ``exp``."""
         lo, hi = torch.aminmax(x)
         if x.device.type == "cpu":
             lo_f, hi_f = float(lo), float(hi)
@@ -103,8 +124,42 @@ class HistogramState:
                 self.exp = need
             elif need > self.exp:
                 self._coarsen(need)
-        exp = self.exp if self.exp is not None else 0
-        self.counts += _bin_counts(x, self.bins, exp)
+        return self.exp if self.exp is not None else 0
+
+    def _scale(self, x: torch.Tensor, exp: int) -> tuple[torch.Tensor, float]:
+        """``bins / 2**exp`` (a power of two when ``bins`` is: ``x * scale`` is then exact)."""
+        scale = math.ldexp(float(self.bins), -exp)
+        if x.dtype == torch.float32 and scale >= 2.0**126:
+            x = x.double()  # the scale would overflow float32 (|x| < 2**-115): exact in float64
+        return x, scale
+
+    def _bincount_piece(self, x: torch.Tensor, exp: int) -> None:
+        """CPU: ``floor(x * scale) + bins`` (integers in [0, 2 * bins): exact) counted by bincount."""
+        n = self.bins
+        x, scale = self._scale(x, exp)
+        fbuf, ibuf = _scratch_buffers(x.numel(), x.dtype, torch.int16 if 2 * n <= 32768 else torch.int32)
+        buf = fbuf[:x.numel()].view(x.shape)
+        torch.mul(x, scale, out=buf).floor_().add_(n)
+        if n & (n - 1):  # the scale is not a power of two: a rounded product can reach n exactly
+            buf.clamp_(max=2 * n - 1)
+        idx = ibuf[:x.numel()]
+        idx.copy_(buf.view(-1))
+        self.counts += torch.bincount(idx, minlength=2 * n)
+
+    def _histc(self, x: torch.Tensor, exp: int) -> None:
+        n = self.bins
+        x, scale = self._scale(x, exp)
+        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous even for a view
+        torch.mul(x, scale, out=buf).floor_()
+        flat = buf.view(-1)
+        if n & (n - 1):  # histc finds the bin as (v + n) * 2n / 2n in float: exact for 2n = 2**k only
+            flat = flat.add_(n).clamp_(max=2 * n - 1).to(torch.int32 if 2 * n <= 2**31 else torch.int64)
+            self.counts += torch.bincount(flat, minlength=2 * n).cpu()
+            return
+        h = torch.zeros(2 * n, dtype=torch.int64, device=x.device)
+        for chunk in flat.split(_HISTC_CHUNK):  # histc counts in float32: exact up to 2**24
+            h += torch.histc(chunk, bins=2 * n, min=-n, max=n).to(torch.int64)
+        self.counts += h.cpu()
 
     def _coarsen(self, new_exp: int) -> None:
         if self.exp is None:
