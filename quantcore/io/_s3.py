@@ -175,6 +175,7 @@ def reset_config() -> None:
 _client: Any = None
 _client_pid: Optional[int] = None
 _session: Any = None  # boto3 Session reused when only the client config changes
+_loader: Any = None  # botocore data loader (parsed service models), inherited by forked workers
 _client_lock = threading.Lock()
 
 
@@ -184,7 +185,7 @@ def get_client() -> Any:
     Endpoint comes from boto3's native ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
     handling, region and credentials from boto3's standard chain.
     """
-    global _client, _client_pid, _session
+    global _client, _client_pid, _session, _loader
     c = _client
     if c is not None and _client_pid == os.getpid():
         return c
@@ -194,7 +195,16 @@ def get_client() -> Any:
 
             s = get_settings()
             if _session is None or _client_pid != os.getpid():
-                _session = boto3.session.Session()
+                import botocore.session
+
+                core = botocore.session.get_session()
+                if _loader is not None:
+                    # Forked DataLoader workers would otherwise re-read and parse the S3 model and
+                    # endpoint rules on every pass; the parent's parsed copy is read-only data.
+                    core.register_component("data_loader", _loader)
+                else:
+                    _loader = core.get_component("data_loader")
+                _session = boto3.session.Session(botocore_session=core)
             cfg = Config(
                 retries={"mode": s.retry_mode, "total_max_attempts": s.max_attempts},
                 connect_timeout=s.connect_timeout,
