@@ -87,15 +87,25 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None,
     dev = _device(model)
     t0 = time.perf_counter()
     start_calibration(model)
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = _images(batch).to(dev, non_blocking=True)
-        model(x)
-        res.batches += 1
-        res.images += x.shape[0]
-        if progress is not None:
-            progress(x.shape[0])
+    # Statistics describe the float model: weights already calibrated (a re-calibration) must not
+    # be fake-quantized while activations are collected.
+    weights = [q for q in quantizers(model).values() if q.kind == "weight"]
+    before = [q.quantize for q in weights]
+    for q in weights:
+        q.quantize = False
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = _images(batch).to(dev, non_blocking=True)
+            model(x)
+            res.batches += 1
+            res.images += x.shape[0]
+            if progress is not None:
+                progress(x.shape[0])
+    finally:
+        for q, b in zip(weights, before):
+            q.quantize = b
     res.collect_s = time.perf_counter() - t0
     return res
 

@@ -186,3 +186,15 @@ def test_encodings_table(calibrated, tmp_path):
     q = quantcore.quantizers(model)[a["name"]]
     assert a["scale"] == pytest.approx(float(q.amax) / 127)
     assert a["zero_point"] == 0 and a["quant_min"] == -128 and a["quant_max"] == 127
+
+
+def test_recalibration_gives_the_same_ranges_as_the_first_calibration():
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    data = batches(3, seed=4)
+    quantcore.calibrate(model, data)
+    first = {n: (q.amin.clone(), q.amax.clone()) for n, q in quantcore.quantizers(model).items()}
+    quantcore.calibrate(model, data)  # weights are calibrated now: they must stay float while collecting
+    for n, q in quantcore.quantizers(model).items():
+        assert torch.equal(q.amin, first[n][0]) and torch.equal(q.amax, first[n][1]), n

@@ -516,3 +516,27 @@ def test_tensor_quantizer_nothing_collected():
     q = TensorQuantizer(QuantSpec(calibrator="mse"))
     q.start_calibration()
     assert not q.finalize() and not q.active
+
+
+@pytest.mark.parametrize("bins", [2048, 20000])
+def test_bincount_and_histc_paths_agree_with_numpy(monkeypatch, bins):
+    """Both CPU binning paths give the exact floor(x * bins / R) counts, also for bin counts that are
+    not powers of two (where float32 bin positions would mis-bin)."""
+    import numpy as np
+
+    from quantcore.calib import histogram as hmod
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300_000, generator=g) * 3.0
+    fast = hmod.HistogramState(bins)
+    fast.update(x)
+    monkeypatch.setattr(hmod, "BINCOUNT_MAX_THREADS", -1)
+    slow = hmod.HistogramState(bins)
+    slow.update(x)
+    assert torch.equal(fast.counts, slow.counts) and fast.exp == slow.exp
+    r = 2.0 ** fast.exp
+    # The bin index is floor of the float32 product (exact when bins is a power of two; for other
+    # bin counts still identical on every path and worker, which is what merging needs).
+    idx = np.floor(x.numpy() * np.float32(bins / r)).astype(np.int64) + bins
+    ref = np.bincount(np.minimum(idx, 2 * bins - 1), minlength=2 * bins)
+    assert np.array_equal(fast.counts.numpy(), ref)
