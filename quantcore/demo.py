@@ -126,19 +126,25 @@ class DemoResult:
 TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5}
 
 
-def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
-             eval_limit: int | None = None, progress: bool = True, num_workers: int = 0,
-             log: Callable[[str], None] = print) -> DemoResult:
-    from .pipeline import DataSpec, RunOptions, ptq
+@dataclass
+class DemoPlan:
+    """What the PTQ step of the demo needs: packed data, trained FP32 weights, output prefix."""
 
-    t0 = time.perf_counter()
+    data_uri: str
+    model_uri: str
+    out: str
+    recipes: tuple[str, ...] = DEMO_RECIPES
+
+
+def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
+                 log: Callable[[str], None] = print) -> DemoPlan:
+    """Pack Fashion-MNIST into the store and train (or reuse) the FP32 model."""
     store = str(store)
     if not storage.is_s3(store):
         os.makedirs(store, exist_ok=True)
     data_uri = storage.join(store, "data", "fashion-mnist" + (f"-{train_limit}" if train_limit else ""))
     pack_fashion_mnist(data_uri, limit=train_limit, log=log)
-    recipes = [load_recipe(n) for n in DEMO_RECIPES]
-    cfg = recipes[0].train or TrainConfig()
+    cfg = load_recipe(DEMO_RECIPES[0]).train or TrainConfig()
     if epochs is not None:
         cfg = cfg.model_copy(update={"epochs": epochs})
     key = hashlib.sha256(json.dumps([cfg.model_dump(), data_uri], sort_keys=True).encode()).hexdigest()[:12]
@@ -147,13 +153,24 @@ def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: 
         log(f"using the cached FP32 model {model_uri}")
     else:
         train_fp32(data_uri, model_uri, cfg, log)
-    out = storage.join(store, "runs", f"ptq-{key}")
-    log("PTQ: " + ", ".join(DEMO_RECIPES) + f" -> {out}")
-    rep = ptq(recipes, DataSpec(data_uri, "train"), DataSpec(data_uri, "test", limit=eval_limit), out,
+    return DemoPlan(data_uri, model_uri, storage.join(store, "runs", f"ptq-{key}"))
+
+
+def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
+             eval_limit: int | None = None, progress: bool = True, num_workers: int = 0,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """The whole demo in this process (the cluster-entrypoint variant is ``python -m jobs.demo``)."""
+    from .pipeline import DataSpec, RunOptions, ptq
+
+    t0 = time.perf_counter()
+    plan = prepare_demo(store, epochs, train_limit, log)
+    log("PTQ: " + ", ".join(plan.recipes) + f" -> {plan.out}")
+    rep = ptq([load_recipe(n) for n in plan.recipes], DataSpec(plan.data_uri, "train"),
+              DataSpec(plan.data_uri, "test", limit=eval_limit), plan.out,
               RunOptions(batch_size=500, num_workers=num_workers, device="cpu", progress=progress,
-                         checkpoint=model_uri))
+                         checkpoint=plan.model_uri))
     rep["timings_s"]["total"] = time.perf_counter() - t0
-    return DemoResult(rep, out)
+    return DemoResult(rep, plan.out)
 
 
 def summary_lines(rep: dict) -> list[str]:

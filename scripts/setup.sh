@@ -37,7 +37,7 @@ if [ "${1:-}" = "demo" ] || [ "${1:-}" = "test" ]; then
 fi
 
 case "${1:-}" in
-  demo) shift; exec "$VENV/bin/quantcore" demo "$@" ;;
+  demo) shift; exec "$VENV/bin/python" -m jobs.demo "$@" ;;
   test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
   "") ;;
   *) echo "usage: scripts/setup.sh [demo|test] [args...]" >&2; exit 2 ;;

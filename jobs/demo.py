@@ -1,0 +1,73 @@
+"""The demo through the cluster's job entrypoint: ``python -m jobs.demo``.
+
+Packing and FP32 training run in this process (quantcore.demo); the PTQ step is the ``ptq`` TorchX
+component launched on TorchX's local scheduler (``torchx run -s local_cwd``): the same component,
+``jobs.launch`` entrypoint and ``quantcore ptq`` command a Kubernetes run uses, on the embedded
+default (local folder as object store, local processes, CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchx_ptq_command(data_uri: str, model_uri: str, out: str, recipes: tuple[str, ...],
+                       eval_limit: int | None, log_dir: str) -> list[str]:
+    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
+           "jobs/components.py:ptq", "--recipe", ",".join(recipes), "--calib_data", data_uri,
+           "--eval_data", data_uri, "--eval_split", "test", "--out", out, "--checkpoint", model_uri,
+           "--gpus", "0", "--workers", "0", "--batch_size", "500"]
+    if eval_limit:
+        cmd += ["--limit", str(eval_limit)]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="demo-store", help="local folder acting as the object store")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's, 12)")
+    p.add_argument("--train-limit", type=int, default=None, help="first N images of each split only")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
+    args = p.parse_args(argv)
+
+    from quantcore.demo import DemoError, prepare_demo, summary_lines
+    from quantcore.io import storage
+
+    t0 = time.perf_counter()
+    try:
+        plan = prepare_demo(args.store, args.epochs, args.train_limit)
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Absolute URIs: the local scheduler runs the component in its own working directory.
+    to_abs = (lambda u: u if storage.is_s3(u) else os.path.abspath(u))
+    data_uri, model_uri, out = to_abs(plan.data_uri), to_abs(plan.model_uri), to_abs(plan.out)
+    log_dir = os.path.join(to_abs(args.store), "torchx-logs")
+    cmd = torchx_ptq_command(data_uri, model_uri, out, plan.recipes, args.eval_limit, log_dir)
+    print("PTQ through the TorchX component on the local scheduler:\n  " + " ".join(cmd[1:]), flush=True)
+    env = dict(os.environ)
+    # `python` in the component's entrypoint must be this interpreter (the project's venv).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH")) if x)
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        print(f"error: the TorchX ptq job failed (exit {proc.returncode}); logs in {log_dir}", file=sys.stderr)
+        return proc.returncode or 1
+    rep = json.loads(storage.read_bytes(storage.join(out, "report.json")))
+    print()
+    for line in summary_lines(rep):
+        print(line)
+    print(f"\nreport: {out}/report.md   ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
