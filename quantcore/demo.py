@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import api
 from .config import TrainConfig
 from .io import storage
 from .recipe import load_recipe

@@ -31,11 +31,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from tiny_data import make_images  # this script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BUCKET = "qc-ray-e2e"
 SUBMISSION_ID = "quantcore-sweep-e2e"
-CLASSES = ["cat", "dog", "fox"]
 
 
 class E2EFailure(AssertionError):
@@ -83,20 +84,6 @@ def recipe(name: str, depth: int, patch: int, mode: str, method: str) -> Dict[st
                       "kwargs": {"patch_size": patch, "depth": depth}},
             "placement": {"family": "vit", "mode": mode},
             "calibration": {"method": method, "num_batches": 2, "batch_size": 4}}
-
-
-def make_images(root: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 4)):
-        for ci, c in enumerate(CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((32, 32, 3)) * 80 + ci * 80).astype(np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{c}_{i}.jpg", quality=90)
-    return root
 
 
 def run(cmd: List[str], env: Dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:

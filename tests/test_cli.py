@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 import quantcore
 from quantcore.cli import main
 from quantcore.io import storage
+from tiny_data import make_images
 
-CLASSES = ["cat", "dog", "fox"]
 RECIPE = {
     "name": "tiny_w8a8",
     "model": {"name": "quantcore/vit_fmnist", "num_classes": 3, "in_chans": 3, "img_size": 32,
@@ -27,15 +25,7 @@ REPORT_KEYS = {"schema", "created", "model", "data", "calibration", "reference",
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 4)):
-        for ci, c in enumerate(CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((32, 32, 3)) * 80 + ci * 80).astype(np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{c}_{i}.jpg", quality=90)
-    return root
+    return make_images(tmp_path_factory.mktemp("imgs"))
 
 
 @pytest.fixture()

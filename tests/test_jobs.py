@@ -16,10 +16,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # jobs/ is shipped as source, not installed
@@ -27,6 +25,7 @@ if str(REPO) not in sys.path:  # jobs/ is shipped as source, not installed
 
 from jobs import components, launch  # noqa: E402
 from jobs.ray_sweep import SweepError, load_sweep, parse_sweep  # noqa: E402
+from tiny_data import make_images  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TORCHX = BIN / "torchx"
@@ -34,7 +33,6 @@ COMPONENTS_FILE = REPO / "jobs" / "components.py"
 VOLCANO_SCHEMA = REPO / "tests" / "k8s_schemas" / "job-batch.volcano.sh-v1alpha1.json"
 COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp")
 LAUNCH_PREFIX = ["-m", "jobs.launch", "quantcore"]
-CLASSES = ["cat", "dog", "fox"]
 RECIPE = {
     "name": "tiny_w8a8",
     "model": {"name": "quantcore/vit_fmnist", "num_classes": 3, "in_chans": 3, "img_size": 32,
@@ -465,15 +463,7 @@ def test_launch_reads_secret_with_kubernetes_client_from_api_stand_in_mock(tmp_p
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 4)):
-        for ci, c in enumerate(CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((32, 32, 3)) * 80 + ci * 80).astype(np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{c}_{i}.jpg", quality=90)
-    return root
+    return make_images(tmp_path_factory.mktemp("imgs"))
 
 
 def test_torchx_local_cwd_calibrate_to_s3_moto_mock(image_folder, s3_server, s3_bucket, s3_client, tmp_path):

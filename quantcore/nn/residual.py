@@ -40,7 +40,7 @@ def is_timm_block(mod: nn.Module) -> bool:
 
 def check_block(mod: nn.Module, name: str = "") -> None:
     where = f"transformer block {name!r} ({type(mod).__module__}.{type(mod).__qualname__})"
-    hint = f"; leave its residual adds float (quantize_residual: false)" if name else ""
+    hint = "; leave its residual adds float (quantize_residual: false)" if name else ""
     if not is_timm_block(mod):
         raise ValueError(f"{where} is not a timm vision_transformer.Block{hint}")
     if type(mod).forward is not TimmBlock.forward and not isinstance(mod, QuantResidualBlock):
