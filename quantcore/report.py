@@ -109,7 +109,7 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     ax.set_ylabel("top-1 %")
     ax.set_ylim(max(0, min(min(v or 0 for v in r["per_class"]) for r in results.values()) - 5), 100)
     ax.set_title(f"Per-class accuracy: {rep['model']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
