@@ -198,3 +198,32 @@ def test_recalibration_gives_the_same_ranges_as_the_first_calibration():
     quantcore.calibrate(model, data)  # weights are calibrated now: they must stay float while collecting
     for n, q in quantcore.quantizers(model).items():
         assert torch.equal(q.amin, first[n][0]) and torch.equal(q.amax, first[n][1]), n
+
+
+def test_learnable_quantizers_pass_gradients_and_survive_save_load(tmp_path):
+    """QAT hook: make_learnable() turns calibrated ranges into parameters torch's learnable
+    fake-quant ops train; outputs are unchanged at the switch and the checkpoint keeps them."""
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    quantcore.calibrate(model, batches(2))
+    x = batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        before = model(x)
+    qs = quantcore.quantizers(model)
+    for q in qs.values():
+        q.make_learnable()
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    model(x).square().mean().backward()
+    act = next(q for n, q in qs.items() if n.endswith("fc1.input_quantizer"))
+    wgt = next(q for n, q in qs.items() if n.endswith("fc1.weight_quantizer"))
+    assert act.scale.grad is not None and act.scale.grad.abs().sum() > 0
+    assert wgt.scale.grad is not None and wgt.scale.grad.shape == wgt.scale.shape and wgt.scale.numel() > 1
+    path = tmp_path / "qat.pt"
+    quantcore.save(model, str(path))
+    loaded = quantcore.load(str(path))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert all(q.spec.learnable for q in quantcore.quantizers(loaded).values())
