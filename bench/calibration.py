@@ -23,6 +23,8 @@ Every timing is a ratio or an absolute number for the record; nothing here asser
 """
 from __future__ import annotations
 
+from bench._docs import write_section
+
 import argparse
 import contextlib
 import copy
@@ -646,18 +648,7 @@ def interpretation(res: dict[str, Any]) -> list[str]:
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            a, b = text.index(START), text.index(END) + len(END)
-            text = text[:a] + section.rstrip("\n") + text[b:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = ("# Benchmarks\n\nEach `##` section is written by its benchmark script under `bench/` "
-                "(see `bench/README.md`); a script rewrites only its own section.\n\n" + section)
-    path.write_text(text)
+    write_section(section, START, END, path)
 
 
 # --------------------------------------------------------------------------------------------------

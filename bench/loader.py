@@ -37,6 +37,8 @@ is left alone). Nothing here asserts a timing threshold.
 """
 from __future__ import annotations
 
+from bench._docs import write_section
+
 import argparse
 import contextlib
 import datetime as _dt
@@ -615,20 +617,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            a, b = text.index(START), text.index(END) + len(END)
-            text = text[:a] + section.rstrip("\n") + text[b:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = ("# Benchmarks\n\nEach `##` section is written by its benchmark script under `bench/`; "
-                "a script rewrites only its own section.\n\n" + section)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_section(section, START, END, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -133,3 +133,14 @@ def tmp_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return (tmp_path / "store").as_uri()
     bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/store"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small tensors on shared cores: intra-op threads only add contention (use per module)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -21,13 +21,7 @@ from quantcore.quantizer import TensorQuantizer
 METHODS = ("max", "percentile", "mse", "entropy", "tf_enhanced")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small; on a shared CPU, intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------------

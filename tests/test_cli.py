@@ -10,15 +10,8 @@ import yaml
 import quantcore
 from quantcore.cli import main
 from quantcore.io import storage
-from tiny_data import make_images
+from tiny_data import TINY_RECIPE as RECIPE, make_images
 
-RECIPE = {
-    "name": "tiny_w8a8",
-    "model": {"name": "quantcore/vit_fmnist", "num_classes": 3, "in_chans": 3, "img_size": 32,
-              "kwargs": {"patch_size": 8, "depth": 1}},
-    "placement": {"family": "vit", "mode": "ft1"},
-    "calibration": {"method": "mse", "num_batches": 2, "batch_size": 4},
-}
 REPORT_KEYS = {"schema", "created", "model", "data", "calibration", "reference", "results", "timings_s",
                "skipped", "versions", "variants", "transform"}
 

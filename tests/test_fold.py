@@ -13,13 +13,7 @@ from torch import nn
 from quantcore.fold import FoldError, find_conv_bn_pairs, fold_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: intra-op threads only add contention."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # jobs/ is shipped as source, not installed
 
 from jobs import components, launch  # noqa: E402
 from jobs.ray_sweep import SweepError, load_sweep, parse_sweep  # noqa: E402
-from tiny_data import make_images  # noqa: E402
+from tiny_data import TINY_RECIPE as RECIPE, make_images  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TORCHX = BIN / "torchx"
@@ -33,13 +33,6 @@ COMPONENTS_FILE = REPO / "jobs" / "components.py"
 VOLCANO_SCHEMA = REPO / "tests" / "k8s_schemas" / "job-batch.volcano.sh-v1alpha1.json"
 COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp")
 LAUNCH_PREFIX = ["-m", "jobs.launch", "quantcore"]
-RECIPE = {
-    "name": "tiny_w8a8",
-    "model": {"name": "quantcore/vit_fmnist", "num_classes": 3, "in_chans": 3, "img_size": 32,
-              "kwargs": {"patch_size": 8, "depth": 1}},
-    "placement": {"family": "vit", "mode": "ft1"},
-    "calibration": {"method": "mse", "num_batches": 2, "batch_size": 4},
-}
 
 
 def _subprocess_env(**extra: str) -> Dict[str, str]:

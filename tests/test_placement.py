@@ -20,13 +20,7 @@ from quantcore.quantizer import TensorQuantizer
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: intra-op threads only add contention."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 W = QuantSpec(axis=0, calibrator="max")

@@ -5,6 +5,15 @@ from pathlib import Path
 
 CLASSES = ["cat", "dog", "fox"]
 
+# A 1-block ViT for 3-channel 32x32 images: builds and calibrates in a second.
+TINY_RECIPE = {
+    "name": "tiny_w8a8",
+    "model": {"name": "quantcore/vit_fmnist", "num_classes": 3, "in_chans": 3, "img_size": 32,
+              "kwargs": {"patch_size": 8, "depth": 1}},
+    "placement": {"family": "vit", "mode": "ft1"},
+    "calibration": {"method": "mse", "num_batches": 2, "batch_size": 4},
+}
+
 
 def make_images(root: Path, splits: tuple[tuple[str, int], ...] = (("train", 6), ("val", 4))) -> Path:
     """ImageNet-style folders of 32x32 JPEGs whose brightness depends on the class."""
