@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, MutableMapping, Optional, Sequence
 
+from quantcore.errors import QuantcoreError, UserError
+
 SECRET_ENV = "QUANTCORE_S3_SECRET"
 NAMESPACE_ENV = "QUANTCORE_S3_SECRET_NAMESPACE"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -52,12 +54,22 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SecretReader = Callable[[str, str], Mapping[str, str]]
 
 
-class LaunchError(RuntimeError):
-    """The Secret could not be used; ``exit_code`` says whether retrying may help (1) or not (2)."""
+class LaunchError(QuantcoreError, RuntimeError):
+    """The Secret could not be read; ``exit_code`` says whether retrying may help (1) or not (2)."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: Optional[int] = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class SecretError(LaunchError, UserError):
+    """The Secret cannot be used as configured (missing, forbidden, incomplete): a user mistake,
+    retrying cannot help (exit 2)."""
+
+    exit_code = 2
 
 
 def log(msg: str) -> None:
@@ -78,7 +90,7 @@ def read_secret_incluster(namespace: str, name: str, sa_dir: str = SA_DIR,
                               cert_filename=os.path.join(sa_dir, "ca.crt"),
                               environ=os.environ if environ is None else environ).load_and_set(cfg)
     except ConfigException as err:
-        raise LaunchError(f"cannot use the in-cluster Kubernetes config to read Secret {namespace}/{name}: "
+        raise SecretError(f"cannot use the in-cluster Kubernetes config to read Secret {namespace}/{name}: "
                           f"{err}") from None
     with client.ApiClient(cfg) as api:
         secret = client.CoreV1Api(api).read_namespaced_secret(name, namespace, _request_timeout=30)
@@ -101,18 +113,18 @@ def _read(reader: SecretReader, namespace: str, name: str, attempts: int,
         except Exception as err:  # noqa: BLE001 - classified below, re-raised as LaunchError
             status = _status(err)
             if status == 403:
-                raise LaunchError(
+                raise SecretError(
                     f"{where}: forbidden (403). The pod's service account needs `get` on it: a Role rule "
                     f"apiGroups: [\"\"], resources: [secrets], resourceNames: [{name}], verbs: [get], "
                     f"bound to that service account") from None
             if status == 404:
-                raise LaunchError(f"{where} not found (404): create it with AWS_ACCESS_KEY_ID and "
+                raise SecretError(f"{where} not found (404): create it with AWS_ACCESS_KEY_ID and "
                                   f"AWS_SECRET_ACCESS_KEY, or fix {SECRET_ENV}") from None
             if status == 401:
-                raise LaunchError(f"{where}: unauthorized (401): the service-account token is missing "
+                raise SecretError(f"{where}: unauthorized (401): the service-account token is missing "
                                   f"or invalid (automountServiceAccountToken: false?)") from None
             if status is not None and 400 <= status < 500:
-                raise LaunchError(f"{where}: HTTP {status}: {getattr(err, 'reason', err)}") from None
+                raise SecretError(f"{where}: HTTP {status}: {getattr(err, 'reason', err)}") from None
             if attempt == attempts:
                 raise LaunchError(f"{where}: could not read it after {attempts} attempts: "
                                   f"{type(err).__name__}: {err}", exit_code=1) from None
@@ -143,7 +155,7 @@ def resolve_env(environ: Mapping[str, str], reader: Optional[SecretReader] = Non
     data = _read(reader, namespace, name, attempts, sleep)
     missing = [k for k in CREDENTIAL_KEYS if not data.get(k)]
     if missing:
-        raise LaunchError(f"Secret {namespace}/{name} has no {', '.join(missing)} "
+        raise SecretError(f"Secret {namespace}/{name} has no {', '.join(missing)} "
                           f"(its keys: {', '.join(sorted(data)) or 'none'})")
     exported, kept = [], []
     for key, value in data.items():

@@ -35,11 +35,13 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantcore.errors import UserError
+
 SUMMARY_SCHEMA = "quantcore.sweep-summary/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """The sweep file or the command line is wrong (exit 2)."""
 
 
@@ -257,7 +259,7 @@ def _run_record(spec: RunSpec, out: str) -> Dict[str, Any]:
         "eval_data": spec.eval_data or spec.calib_data, "eval_split": spec.eval_split, "limit": spec.limit,
         "out": out, "report": storage.join(out, "report.json"), "report_md": storage.join(out, "report.md"),
         "fp32_top1": None, "eval_count": None, "variants": {}, "duration_s": None, "error": None,
-        "traceback": None, "node": os.uname().nodename, "device": None,
+        "traceback": None, "node": os.uname().nodename, "device": None, "warnings": [],
     }
 
 
@@ -317,7 +319,8 @@ def _results(rep: Dict[str, Any]) -> Dict[str, Any]:
                           "checkpoint": art.get("checkpoint"), "encodings": art.get("encodings"),
                           "calibration_images": (v.get("calibration") or {}).get("images")}
     return {"fp32_top1": (results.get(ref) or {}).get("top1"),
-            "eval_count": (rep.get("data") or {}).get("eval_count"), "variants": variants}
+            "eval_count": (rep.get("data") or {}).get("eval_count"), "variants": variants,
+            "warnings": list(rep.get("warnings") or [])}
 
 
 def _one_line(rec: Dict[str, Any]) -> str:
@@ -368,6 +371,9 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         for r in failed:
             err = (r.get("error") or "unknown error").replace("\n", " ")
             lines.append(f"- **{r['name']}**: {err}")
+    warned = [(r["name"], w) for r in summary["runs"] for w in r.get("warnings") or []]
+    if warned:
+        lines += ["", "## Warnings", ""] + [f"- **{name}**: {w}" for name, w in warned]
     return "\n".join(lines) + "\n"
 
 
@@ -460,12 +466,14 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             "cpus_per_task": cpus_per_task, "versions": versions,
             "summary_json": storage.join(out, "summary.json"), "summary_md": storage.join(out, "summary.md")}
     summary = build_summary(sweep, ordered, meta)
-    storage.write_bytes(meta["summary_json"], (json.dumps(summary, indent=2) + "\n").encode())
+    storage.write_bytes(meta["summary_json"], (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
     storage.write_bytes(meta["summary_md"], summary_markdown(summary).encode())
     return summary
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from quantcore.io import StorageError
+
     args = _parser().parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
@@ -477,7 +485,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = run_sweep(sweep, args.out, sweep_file=args.sweep, address=args.address,
                             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
                             max_retries=args.max_retries, progress=args.progress)
-    except SweepError as err:
+    except (UserError, StorageError) as err:  # SweepError, a bad URI ...: one line, exit 2
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print("\n" + summary_markdown(summary), flush=True)

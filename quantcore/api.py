@@ -25,8 +25,10 @@ from .calib.maxcal import MaxState
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
+from .errors import UserError
 from .models import create_model
 from .placement import place_quantizers, quantizers
+from .quantizer import TensorQuantizer
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
 
@@ -44,14 +46,31 @@ class CalibrationResult:
 
 
 def build_model(recipe: Recipe | str | dict, load_weights: bool = True) -> nn.Module:
-    """The recipe's FP32 model (eval mode)."""
+    """The recipe's FP32 model (eval mode). ``model.quantcore_weights`` says where its weights came
+    from (``None``: random initialization, no checkpoint/pretrained/pretrained_file). Raises
+    :class:`~quantcore.models.ModelError` naming ``model.name`` when the recipe has no ``model:``."""
     return create_model(_recipe(recipe).model, load_weights=load_weights)
 
 
-def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: torch.Tensor | None = None) -> nn.Module:
-    """Fold BatchNorm and place quantizers in place, as the recipe says. Returns the model."""
+def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = None) -> nn.Module:
+    """Fold BatchNorm and place quantizers in place, as the recipe says. Returns the model.
+
+    ``model`` may be any ``nn.Module`` you built yourself: the recipe's ``model:`` section is then
+    optional (it is only used to build a model, and for its ``img_size``/``in_chans``).
+
+    ``example_input`` (a ``(N, C, H, W)`` tensor or a tuple of positional inputs) is run once to find
+    the ops to quantize and to prove BatchNorm folds; by default a seeded random tensor shaped like
+    the model's input (``model.img_size``/``in_chans`` of the recipe win). Raises
+    :class:`~quantcore.errors.PlacementError` naming the field/module/quantizer on a mistake.
+    """
+    from .placement import default_example_input
+
     recipe = _recipe(recipe)
     model.eval()
+    if example_input is None:
+        mc = recipe.model
+        example_input = default_example_input(model, img_size=getattr(mc, "img_size", None),
+                                              in_chans=getattr(mc, "in_chans", None))
     place_quantizers(model, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
                      recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
     model.quantcore_recipe = recipe
@@ -115,11 +134,17 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
     """Weights from their parameters, activations from collected statistics, shared groups unified."""
     res = result or CalibrationResult()
     t0 = time.perf_counter()
-    for mod in model.modules():
-        wq = getattr(mod, "weight_quantizer", None)
-        if wq is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
-            wq.calibrate_tensor(mod.weight)
     qs = quantizers(model)
+    for mod in model.modules():  # weights: from the parameter, or from what the op received
+        for attr, wq in mod._modules.items():
+            if not isinstance(wq, TensorQuantizer) or wq.kind != "weight":
+                continue
+            src = getattr(mod, wq.weight_attr, None) if wq.weight_attr else wq.observed
+            wq.observe, wq.observed = False, None
+            if isinstance(src, torch.Tensor):
+                wq.calibrate_tensor(src)
+            elif wq.spec.enabled and not wq.spec.is_float:
+                res.uncalibrated.append(next(n for n, q in qs.items() if q is wq))
     for name, q in qs.items():
         if q.kind == "activation" and not q.finalize() and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
@@ -160,7 +185,7 @@ def _state_obj(d: dict[str, Any]) -> HistogramState | MaxState:
 def merge_calibration_states(states: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Exact merge of several workers' statistics (order does not matter)."""
     if not states:
-        raise ValueError("merge_calibration_states needs at least one state")
+        raise UserError("merge_calibration_states needs at least one state")
     names = set().union(*states)
     merged = {}
     for name in sorted(names):
@@ -176,7 +201,8 @@ def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -
     qs = quantizers(model)
     unknown = sorted(set(state) - set(qs))
     if unknown:
-        raise ValueError(f"calibration state names quantizers this model lacks: {unknown[:5]}")
+        raise UserError(f"calibration state names quantizers this model lacks: {unknown[:5]} (prepared "
+                        f"with another recipe or model?)")
     for name, d in state.items():
         qs[name].collector = _state_obj(d)
 
@@ -214,15 +240,23 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
 
     recipe = getattr(model, "quantcore_recipe", None)
     if recipe is None:
-        raise ValueError("save() needs a model prepared with quantcore.prepare (it carries the recipe)")
+        raise UserError("save() needs a model prepared with quantcore.prepare (it carries the recipe)")
     specs = {n: q.spec.model_dump() for n, q in quantizers(model).items()}
+    placement = getattr(model, "quantcore_placement", None)
     meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
+            "example_input_shape": list(getattr(placement, "example_input_shape", []) or []),
             "versions": library_versions(), "extra": extra or {}}
     storage.write_bytes(uri, checkpoint_bytes(model, meta))
 
 
 def load(uri: str, model: nn.Module | None = None) -> nn.Module:
-    """Load a calibrated checkpoint. The model is rebuilt from the stored recipe unless given."""
+    """Load a calibrated checkpoint, with every weight, range and quantizer spec it stores.
+
+    The FP32 model is rebuilt from the stored recipe's ``model:`` section (no weights are downloaded:
+    the checkpoint holds them all). A model you built yourself (no ``model:`` section, or a class
+    quantcore cannot build) is passed as ``model``: a fresh, unprepared instance of the same
+    architecture, e.g. ``quantcore.load(uri, model=MyNet())``; its weights are replaced.
+    """
     from .io import storage
 
     try:
@@ -232,8 +266,19 @@ def load(uri: str, model: nn.Module | None = None) -> nn.Module:
     meta, state = read_checkpoint(data, uri)
     recipe = recipe_from_dict(meta["recipe"], f"{uri} (stored recipe)")
     if model is None:
+        if recipe.model is None:
+            raise CheckpointError(f"checkpoint {uri}: its recipe has no model: section to rebuild the model "
+                                  f"from; pass the module: quantcore.load(uri, model=MyModel())")
         model = create_model(recipe.model, load_weights=False)
-    prepare(model, recipe)
+    shape = meta.get("example_input_shape") or None
+    example = None
+    if shape:  # the same probe input as at calibration time: the same ops are found again
+        from .placement import default_example_input
+
+        example = default_example_input(model, img_size=None, in_chans=shape[1], batch=shape[0])
+        if list(example.shape) != list(shape):
+            example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    prepare(model, recipe, example_input=example)
     qs = quantizers(model)
     specs = meta.get("quantizer_specs", {})
     if set(specs) != set(qs):

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 CHECKPOINT_FORMAT = "quantcore.checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is unreadable, tampered with, or does not match the model."""
 
 

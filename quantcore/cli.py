@@ -6,6 +6,7 @@ stack trace. Anything else is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import List, Optional
 
@@ -16,8 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Built-in recipe name, YAML path, or s3:// URI. Repeat for several variants.")
 DeviceOpt = typer.Option("auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1 ...")
-WorkersOpt = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for decoding images.")
-BatchOpt = typer.Option(64, "--batch-size", "-b", help="Evaluation batch size (calibration uses the recipe's).")
+WorkersOpt = typer.Option(0, "--workers", "-j", min=0, help="DataLoader worker processes for decoding images.")
+BatchOpt = typer.Option(64, "--batch-size", "-b", min=1, help="Evaluation batch size (calibration uses the recipe's).")
 SkipOpt = typer.Option(False, "--skip-bad", help="Skip corrupt/missing samples and list them in the report instead of failing.")
 CacheOpt = typer.Option(None, "--cache-dir", help="Local directory caching remote zip shards.")
 LayoutOpt = typer.Option("auto", help="Dataset layout: auto, folder (ImageNet), zip (zipped/sharded), resisc.")
@@ -53,7 +54,7 @@ def pack(src: str = typer.Argument(..., help="Source dataset URI (ImageNet folde
          dst: str = typer.Argument(..., help="Destination URI for zip shards + maps (local or s3://)."),
          split: List[str] = typer.Option(["train", "val"], "--split", "-s", help="Split(s) to pack."),
          layout: str = LayoutOpt,
-         shard_size: int = typer.Option(10000, help="Images per zip shard."),
+         shard_size: int = typer.Option(10000, min=1, help="Images per zip shard."),
          skip_bad: bool = SkipOpt) -> None:
     """Convert a folder or imagepaths dataset into zip shards + maps (many workers can read in parallel)."""
     from .data import pack as pack_fn
@@ -93,7 +94,7 @@ def evaluate(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cal
              data: str = typer.Option(..., "--data", "-d", help="Evaluation dataset URI."),
              split: str = typer.Option("val", help="Split to evaluate on."),
              out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write report.json/md/png."),
-             limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+             limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset)."),
              layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
              batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
              progress: bool = ProgressOpt) -> None:
@@ -113,7 +114,7 @@ def ptq(recipe: List[str] = RecipeOpt,
         eval_split: str = typer.Option("val", help="Evaluation split."),
         out: str = typer.Option(..., "--out", "-o", help="Output URI prefix (local or s3://)."),
         checkpoint: Optional[str] = typer.Option(None, help="FP32 weights (local/s3) overriding the recipe's."),
-        limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+        limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset)."),
         layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
         batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
         progress: bool = ProgressOpt) -> None:
@@ -133,9 +134,12 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
           data: str = typer.Option(..., "--data", "-d", help="Training dataset URI."),
           split: str = typer.Option("train", help="Training split."),
           out: str = typer.Option(..., "--out", "-o", help="Where to write the FP32 state_dict (e.g. s3://b/m.pt)."),
-          epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
-          layout: str = LayoutOpt, workers: int = WorkersOpt, device: str = DeviceOpt) -> None:
-    """Plain FP32 training / fine-tuning of the recipe's model (single process)."""
+          epochs: Optional[int] = typer.Option(None, min=1, help="Override train.epochs."),
+          layout: str = LayoutOpt,
+          workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
+                                                help="DataLoader worker processes (default: train.num_workers)."),
+          device: str = DeviceOpt) -> None:
+    """Plain FP32 training / fine-tuning of the recipe's model (single process), as its train: section says."""
     import io
 
     import torch
@@ -154,7 +158,8 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
         cfg = cfg.model_copy(update={"epochs": epochs})
     model = build_model(r)
     ds = open_dataset(data, split, eval_transform(model), layout=layout)
-    loader = make_loader(ds, cfg.batch_size, workers, shuffle=True, seed=cfg.seed, drop_last=False)
+    loader = make_loader(ds, cfg.batch_size, cfg.num_workers if workers is None else workers, shuffle=True,
+                         seed=cfg.seed, drop_last=False)
     res = train_classifier(model, lambda e: loader, len(loader), cfg, device=resolve_device(device),
                            on_epoch=lambda e, loss: typer.echo(f"epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"))
     buf = io.BytesIO()
@@ -165,8 +170,8 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
 
 @app.command()
 def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// prefix) acting as the object store."),
-         epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo recipe's, 12)."),
-         eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test images (default all 10,000)."),
+         epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo recipe's, 12)."),
+         eval_limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N test images (default all 10,000)."),
          train_limit: Optional[int] = typer.Option(None, help="Use only the first N images of each split (quick runs)."),
          workers: int = WorkersOpt, progress: bool = ProgressOpt) -> None:
     """Run the main job on one machine: pack Fashion-MNIST, train a small ViT, PTQ (ft1/ft2 W8A8, ft1 W4A4), report."""
@@ -180,28 +185,46 @@ def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// pr
     typer.echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
 
 
+def _fmt(v, fmt: str) -> str:
+    return "–" if v is None else fmt.format(v)  # None: not finite (an SQNR of identical logits is +inf)
+
+
 def _print_results(rep: dict) -> None:
     for name, r in rep["results"].items():
         extra = "" if name == rep.get("reference") else (
-            f"  Δ {r.get('delta_top1', 0):+.2f}  agreement {r['agreement']:.2f}%  SQNR {r['sqnr_db']:.1f} dB")
+            f"  Δ {_fmt(r.get('delta_top1'), '{:+.2f}')}  agreement {_fmt(r.get('agreement'), '{:.2f}')}%  "
+            f"SQNR {_fmt(r.get('sqnr_db'), '{:.1f}')} dB")
         typer.echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{extra}")
     if rep.get("skipped"):
         typer.echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
+    for w in rep.get("warnings") or []:  # logged when found, repeated under the results
+        typer.echo(f"warning: {w}", err=True)
+
+
+class _WarningLine(logging.Handler):
+    """quantcore's logged warnings as one ``warning: ...`` line each on (the current) stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .demo import DemoError
+    from .errors import UserError
     from .io import StorageError
-    from .models import ModelError
-    from .recipe import RecipeError
 
-    return (RecipeError, DataError, ModelError, CheckpointError, StorageError, DemoError, FileNotFoundError,
-            PermissionError)
+    return (UserError, StorageError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    logger, handler = logging.getLogger("quantcore"), _WarningLine(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        return _main(argv)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except _user_errors() as err:

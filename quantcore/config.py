@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .formats import CalibMethod, FormatName, QuantSpec
 
@@ -112,7 +112,8 @@ class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "custom"
     description: str = ""
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="the FP32 model to build; optional only for "
+                                      "quantcore.prepare(my_module, recipe) on a model you built yourself")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     quant: QuantFormats = Field(default_factory=QuantFormats)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -123,6 +124,17 @@ class Recipe(_Strict):
     def _version(self) -> "Recipe":
         if self.version > RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is newer than this quantcore ({RECIPE_VERSION})")
+        if self.name == "fp32":
+            raise ValueError("name: 'fp32' is reserved for the FP32 reference in reports; choose another name")
+        for section, spec in (("quant.weights", self.weight_spec), ("quant.activations", self.activation_spec)):
+            try:
+                spec()
+            except ValidationError as err:  # the combined spec is wrong: name the section, not QuantSpec
+                msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                raise ValueError(f"{section}: {msgs}") from None
+        if self.activation_spec().axis is not None:
+            raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "
+                             "is the batch); remove it")
         return self
 
     def weight_spec(self) -> QuantSpec:

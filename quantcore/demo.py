@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .errors import UserError
 from .io import storage
 from .recipe import load_recipe
 
@@ -30,7 +31,7 @@ DEMO_RECIPES = ("fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1")
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist   (or run: scripts/setup.sh demo)"
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError):
     pass
 
 
@@ -188,5 +189,6 @@ def summary_lines(rep: dict) -> list[str]:
         else:
             ok = drop <= TARGETS["w8a8_drop"] and r["agreement"] >= TARGETS["w8a8_agreement"]
             tgt = f"drop <= {TARGETS['w8a8_drop']} & agree >= {TARGETS['w8a8_agreement']}: {'met' if ok else 'MISSED'}"
-        lines.append(f"{name:<18}{r['top1']:>9.2f}{-drop:>+9.2f}{r['agreement']:>9.2f}{r['sqnr_db']:>9.1f}  {tgt}")
+        sqnr = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"  # None: not finite (identical logits)
+        lines.append(f"{name:<18}{r['top1']:>9.2f}{-drop:>+9.2f}{r['agreement']:>9.2f}{sqnr:>9}  {tgt}")
     return lines

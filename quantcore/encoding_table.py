@@ -1,6 +1,7 @@
 """The ``encodings.json`` table: one row per quantizer, readable by people and other toolchains."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -8,9 +9,14 @@ from torch import nn
 ENCODINGS_VERSION = 1
 
 
-def _num(t) -> float | list[float]:
+def _float(v: float) -> float | None:
+    """JSON has no inf/nan: a non-finite range value is written as null."""
+    return v if math.isfinite(v) else None
+
+
+def _num(t) -> float | None | list[float | None]:
     t = t.detach().cpu()
-    return float(t) if t.numel() == 1 else [float(v) for v in t.reshape(-1)]
+    return _float(float(t)) if t.numel() == 1 else [_float(float(v)) for v in t.reshape(-1)]
 
 
 def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -50,7 +56,7 @@ def encodings_table(model: nn.Module, extra: dict[str, Any] | None = None) -> di
     recipe = getattr(model, "quantcore_recipe", None)
     if recipe is not None:
         table["recipe"] = recipe.name
-        table["model"] = recipe.model.name
+        table["model"] = recipe.model.name if recipe.model is not None else type(model).__name__
     placement = getattr(model, "quantcore_placement", None)
     if placement is not None:
         table["family"], table["mode"] = placement.family, placement.mode

@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 @dataclass
 class ModelScore:
@@ -55,7 +57,8 @@ def evaluate_models(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], b
     for batch in batches:
         images, labels = batch[0].to(device), batch[1].to(device)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"label out of range [0, {num_classes}) in evaluation data")
+            bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+            raise UserError(f"evaluation data: label {bad} is outside [0, {num_classes}) (the dataset's classes)")
         logits = {n: fn(images).float() for n, fn in models.items()}
         ref = logits.get(reference) if reference else None
         ref_top1 = ref.argmax(1) if ref is not None else None
@@ -63,7 +66,9 @@ def evaluate_models(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], b
         for n, out in logits.items():
             a = accs[n]
             if out.shape[-1] != num_classes:
-                raise ValueError(f"model {n!r} gives {out.shape[-1]} logits, the data has {num_classes} classes")
+                raise UserError(f"model.num_classes: model {n!r} gives {out.shape[-1]} logits, but the evaluation "
+                                f"data has {num_classes} classes; set model.num_classes: {num_classes} (and "
+                                f"weights trained for them)")
             topk = out.topk(k, dim=1).indices
             hit1 = topk[:, 0] == labels
             a.correct1 += int(hit1.sum())

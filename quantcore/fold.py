@@ -1,11 +1,19 @@
 """BatchNorm folding: merge eval-mode BatchNorm into the preceding convolution.
 
-``conv -> bn`` pairs are found with ``torch.fx`` where the model (or a submodule) traces: a conv
-call whose *only* user is a BatchNorm call. Where tracing fails (shape-dependent control flow, as in
-timm's MobileViT block), the parent's children are paired in declaration order (a conv immediately
-followed by a BatchNorm with as many channels: torchvision ``conv1``/``bn1``,
-``downsample.0``/``downsample.1``, timm ``ConvNormAct.conv``/``.bn``) and tracing is retried one
-level down. Pass ``example_input`` to verify the folded model against the original.
+Pairs are proven on the data flow of one forward on an example input
+(:func:`quantcore.placement.probe.run_probe`), never guessed from declaration order: a conv module
+folds into a BatchNorm module when
+
+* the conv module's output is exactly the output of its one convolution op, computed with the
+  module's own ``weight`` (and ``bias``) parameters (so ``StdConv2d``-style weight transforms or a
+  forward that post-processes the conv result are never folded into);
+* that output is read by nothing but one call of the BatchNorm module (an activation in between,
+  a residual add, a second reader: no fold);
+* each module runs once (a shared module would change its other uses too).
+
+Every other BatchNorm is listed with the reason it stayed (:attr:`FoldResult.unfolded`). The folded
+model is always compared with the original on the example input; on a mismatch it is restored and
+:class:`FoldError` is raised.
 
 A plain BatchNorm is replaced by ``nn.Identity``; timm's ``BatchNormAct2d`` (BN + drop + activation)
 by ``nn.Sequential(drop, act)``, keeping its activation.
@@ -13,14 +21,15 @@ by ``nn.Sequential(drop, act)``, keeping its activation.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.utils._pytree import tree_flatten
+
+from .errors import PlacementError
 
 try:
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -32,11 +41,17 @@ try:
 except ImportError:  # pragma: no cover
     BatchNormAct2d = None  # type: ignore[assignment]
 
-__all__ = ["fold_batchnorm", "find_conv_bn_pairs", "FoldError"]
+__all__ = ["fold_batchnorm", "find_conv_bn_pairs", "FoldError", "FoldResult", "is_batchnorm"]
 
 
-class FoldError(RuntimeError):
+class FoldError(PlacementError):
     """Folding is impossible or changed the model's outputs."""
+
+
+@dataclass
+class FoldResult:
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    unfolded: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> why it stayed
 
 
 # -- what can be folded ------------------------------------------------------------------------
@@ -46,6 +61,10 @@ def _has_base(mod: nn.Module, base: type | None) -> bool:
 
 def _is_conv(mod: nn.Module) -> bool:
     return isinstance(mod, _ConvNd) and not mod.transposed
+
+
+def is_batchnorm(mod: nn.Module) -> bool:
+    return isinstance(mod, _BatchNorm) or _has_base(mod, FrozenBatchNorm2d) or _has_base(mod, BatchNormAct2d)
 
 
 def _is_bn(mod: nn.Module) -> bool:
@@ -64,86 +83,83 @@ def _bn_features(bn: nn.Module) -> int:
     return int(bn.running_mean.numel()) if getattr(bn, "running_mean", None) is not None else -1
 
 
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    if not (_is_conv(conv) and _is_bn(bn)):
-        return False
-    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-        return False  # no running statistics: normalizes with batch statistics even in eval mode
-    return conv.out_channels == _bn_features(bn)
+def find_conv_bn_pairs(model: nn.Module, example_input: Any) -> FoldResult:
+    """``(conv_name, bn_name)`` for every conv->BatchNorm pair the data flow on ``example_input``
+    proves foldable, and the reason for every BatchNorm left alone."""
+    from .placement.probe import run_probe
 
-
-# -- finding pairs -----------------------------------------------------------------------------
-class _LeafTracer(torch.fx.Tracer):
-    """Convs and BatchNorms (including timm/torchvision subclasses) are leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _is_conv(m) or _is_bn(m) or isinstance(m, _BatchNorm):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _pairs_from_graph(graph: torch.fx.Graph, root: nn.Module) -> list[tuple[str, str]]:
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1:
-            continue
-        conv = root.get_submodule(node.target)
-        if not _is_conv(conv) or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if user.op != "call_module" or calls[user.target] != 1:
-            continue
-        if len(user.args) < 1 or user.args[0] is not node or user.kwargs:
-            continue
-        bn = root.get_submodule(user.target)
-        if _foldable(conv, bn):
-            pairs.append((node.target, user.target))
-    return pairs
-
-
-def _find_pairs(module: nn.Module, prefix: str, out: list[tuple[str, str]]) -> None:
-    try:
-        graph = _LeafTracer().trace(module)
-    except Exception:  # noqa: BLE001 - any tracing failure: fall back to declaration order
-        graph = None
-    if graph is not None:
-        for c, b in _pairs_from_graph(graph, module):
-            out.append((prefix + c, prefix + b))
-        return
-    children = list(module.named_children())
-    for (n1, m1), (n2, m2) in zip(children, children[1:]):
-        if _foldable(m1, m2):
-            out.append((prefix + n1, prefix + n2))
-    for n, m in children:
-        if not (_is_conv(m) or _is_bn(m)):
-            _find_pairs(m, prefix + n + ".", out)
-
-
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` for every foldable conv->BatchNorm pair (see module docstring)."""
-    found: list[tuple[str, str]] = []
-    if _is_conv(model) or _is_bn(model):
-        return found
-    _find_pairs(model, "", found)
-    # A module reachable under several names (shared) is never folded: folding would change the
-    # other uses too.
+    trace, _ = run_probe(model, example_input)
+    res = FoldResult()
+    mods = dict(model.named_modules())
     counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    seen: set[str] = set()
-    pairs = []
-    for c, b in found:
-        if c in seen or b in seen:
+    # Which calls read each tensor (module calls and ops, with the frames they ran in).
+    readers: dict[int, list[tuple[str, Any]]] = {}
+    for c in trace.calls:
+        for t in set(c.inputs):
+            readers.setdefault(t, []).append(("call", c))
+    for op in trace.ops:
+        for t in set(op.inputs):
+            readers.setdefault(t, []).append(("op", op))
+    conv_of_output: dict[int, tuple[str, int]] = {}  # output id -> (conv name, seq of its conv op)
+    for name, mod in mods.items():
+        if not _is_conv(mod):
             continue
-        if counts.get(id(model.get_submodule(c)), 0) != 1 or counts.get(id(model.get_submodule(b)), 0) != 1:
+        calls = trace.calls_of(name)
+        if len(calls) != 1 or counts.get(id(mod), 0) != 1:
             continue
-        seen.update((c, b))
-        pairs.append((c, b))
-    return pairs
+        call = calls[0]
+        frame = (call.name, call.index)
+        convs = [op for op in trace.ops if op.kind == "weighted" and op.stack and op.stack[-1] == frame]
+        if len(convs) != 1 or len(call.outputs) != 1 or convs[0].outputs != call.outputs:
+            continue
+        op = convs[0]
+        if op.weight != (f"{name}.weight" if name else "weight"):
+            continue
+        want_bias = f"{name}.bias" if mod.bias is not None else None
+        if op.bias != want_bias:
+            continue
+        conv_of_output[call.outputs[0]] = (name, op.seq)
+
+    for bn_name, bn in mods.items():
+        if not is_batchnorm(bn) or not bn_name:
+            continue
+        why = _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res)
+        if why:
+            res.unfolded[bn_name] = why
+    return res
+
+
+def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) -> str:
+    if not _is_bn(bn):
+        return f"{type(bn).__qualname__} overrides the BatchNorm forward"
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        return "no running statistics (normalizes with batch statistics)"
+    calls = trace.calls_of(bn_name)
+    if not calls:
+        return "not called on the example input"
+    if len(calls) != 1 or counts.get(id(bn), 0) != 1:
+        return "called or registered more than once"
+    call = calls[0]
+    frame = (call.name, call.index)
+    src = [t for t in call.inputs if t in conv_of_output]
+    if not call.inputs or call.inputs[0] not in conv_of_output:
+        return "its input is not the direct output of a convolution module"
+    conv_name, born = conv_of_output[call.inputs[0]]
+    conv = mods[conv_name]
+    if conv.out_channels != _bn_features(bn):
+        return f"channel count differs from {conv_name!r}"
+    for kind, r in readers.get(src[0], []):
+        if (kind == "call" and r is call) or r.seq < born:
+            continue  # the BatchNorm itself, or an older tensor that had the same id
+        stack = r.stack
+        if frame in stack:
+            continue  # read inside the BatchNorm's own forward
+        who = r.name if kind == "call" else f"op {r.func} in {stack[-1][0] if stack else '<model>'!r}"
+        return f"the output of {conv_name!r} is also read by {who}"
+    res.pairs.append((conv_name, bn_name))
+    return ""
 
 
 # -- folding -----------------------------------------------------------------------------------
@@ -176,69 +192,68 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
         conv.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
 
 
-def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    leaves, _ = tree_flatten(out)
-    return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
-
-
 def _set(model: nn.Module, name: str, mod: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, mod)
 
 
-def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | tuple | None = None,
-                   rtol: float = 1e-4, atol: float = 1e-5) -> list[tuple[str, str]]:
-    """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
+def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, atol: float = 1e-5) -> FoldResult:
+    """Fold every BatchNorm that the data flow on ``example_input`` proves to directly follow a conv,
+    in place (see the module docstring). Returns the folded pairs and why each other BatchNorm stayed.
 
-    Returns the folded ``(conv_name, bn_name)`` pairs. The model must be in eval mode (training-mode
-    BatchNorm normalizes with batch statistics and cannot be folded). With ``example_input`` the
-    outputs before and after are compared (``rtol``, and ``atol`` times the output's abs-max); on a
-    mismatch the model is restored and :class:`FoldError` is raised.
+    The model must be in eval mode. The outputs before and after are always compared on
+    ``example_input`` (``rtol``, and ``atol`` times the output's abs-max); on a mismatch the model is
+    restored and :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is raised.
     """
+    from .placement.probe import model_outputs
+
+    if example_input is None:
+        raise FoldError("fold_batchnorm needs an example input: pairs are proven on the data flow of one forward")
     if model.training:
         raise FoldError("fold_batchnorm needs the model in eval mode (call model.eval() first): "
                         "training-mode BatchNorm uses batch statistics and cannot be folded")
-    training = [n for n, m in model.named_modules() if (_is_bn(m) or _is_conv(m)) and m.training]
+    training = [n for n, m in model.named_modules() if (is_batchnorm(m) or _is_conv(m)) and m.training]
     if training:
         raise FoldError(f"fold_batchnorm needs eval mode, but {training[:5]} are in training mode "
                         "(call model.eval() first)")
-    pairs = find_conv_bn_pairs(model)
-    if not pairs:
-        return []
-    reference = _outputs(model, example_input) if example_input is not None else None
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad():
+        reference = [t.clone() for t in model_outputs(model(*inputs))]
+    res = find_conv_bn_pairs(model, example_input)
+    if not res.pairs:
+        return res
 
     backup = []
-    for conv_name, bn_name in pairs:
+    for conv_name, bn_name in res.pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         backup.append((conv, conv.weight.detach().clone(),
                        None if conv.bias is None else conv.bias.detach().clone(), bn_name, bn))
         _fold_into(conv, bn)
         _set(model, bn_name, _bn_replacement(bn))
 
-    if reference is not None:
-        after = _outputs(model, example_input)
-        bad = len(after) != len(reference)
-        worst = 0.0
-        for a, r in zip(after, reference):
-            if a.shape != r.shape:
-                bad = True
-                break
-            scale = float(r.abs().max()) if r.numel() and r.is_floating_point() else 1.0
-            if not torch.allclose(a, r, rtol=rtol, atol=atol * max(scale, 1e-12)):
-                bad = True
-                worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
-        if bad:
-            with torch.no_grad():
-                for conv, w, b, bn_name, bn in backup:
-                    conv.weight.copy_(w)
-                    if b is None:
-                        conv.bias = None
-                    else:
-                        conv.bias.copy_(b)
-                    _set(model, bn_name, bn)
-            raise FoldError(f"BatchNorm folding changed the model's outputs (max error {worst:.3g} of "
-                            f"the output scale; rtol={rtol}, atol={atol}); the model was restored. "
-                            f"Pairs tried: {pairs[:8]}{' ...' if len(pairs) > 8 else ''}")
-    return pairs
+    with torch.no_grad():
+        after = model_outputs(model(*inputs))
+    bad = len(after) != len(reference)
+    worst = 0.0
+    for a, r in zip(after, reference):
+        if a.shape != r.shape:
+            bad = True
+            break
+        scale = float(r.abs().max()) if r.numel() else 1.0
+        if not torch.allclose(a, r, rtol=rtol, atol=atol * max(scale, 1e-12)):
+            bad = True
+            worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
+    if bad:
+        with torch.no_grad():
+            for conv, w, b, bn_name, bn in backup:
+                conv.weight.copy_(w)
+                if b is None:
+                    conv.bias = None
+                else:
+                    conv.bias.copy_(b)
+                _set(model, bn_name, bn)
+        raise FoldError(f"BatchNorm folding changed the model's outputs (max error {worst:.3g} of the "
+                        f"output scale; rtol={rtol}, atol={atol}); the model was restored. Pairs tried: "
+                        f"{res.pairs[:8]}{' ...' if len(res.pairs) > 8 else ''}; leave them unfolded with "
+                        "placement.fold_bn: false")
+    return res

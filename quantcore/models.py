@@ -2,6 +2,8 @@
 
 Weights come from (in order): ``checkpoint`` (local path / file:// / s3:// state_dict), a timm
 ``pretrained_cfg`` overlay file (``pretrained_file``), or the library's pretrained weights.
+:func:`create_model` records where they came from in ``model.quantcore_weights`` (a short string), or
+``None`` when the model kept its random initialization: the pipeline warns about that, loudly.
 """
 from __future__ import annotations
 
@@ -12,19 +14,31 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UserError
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+PRETRAINED_BUILDERS: set[str] = set()  # builders that take ``pretrained=`` and load their own weights
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model could not be built or its weights could not be loaded."""
 
 
-def register_builder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a model builder under ``name`` (plain dict registry, as in timm)."""
+def register_builder(name: str,
+                     pretrained: bool = False) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a model builder under ``name`` (plain dict registry, as in timm).
+
+    ``pretrained=True``: the builder takes a ``pretrained: bool`` argument and loads its own weights
+    when it is true (``model.pretrained: true`` in a recipe). A builder that always loads weights may
+    instead set ``model.quantcore_weights`` (where they came from) on the model it returns.
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         BUILDERS[name] = fn
+        if pretrained:
+            PRETRAINED_BUILDERS.add(name)
+        else:
+            PRETRAINED_BUILDERS.discard(name)
         return fn
 
     return deco
@@ -61,36 +75,60 @@ def _kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
-def create_model(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
+def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Module:
     """The FP32 model described by ``cfg``, in eval mode. ``load_weights=False`` skips weights
-    (used when a quantized checkpoint supplies every tensor)."""
+    (used when a quantized checkpoint supplies every tensor).
+
+    With ``load_weights`` the model carries ``quantcore_weights``: where its weights came from, or
+    ``None`` when nothing was loaded (random initialization).
+    """
+    if cfg is None:
+        raise ModelError("model.name: the recipe has no model: section, so there is no model to build "
+                         "(add model: {name: ...}, or build the nn.Module yourself and pass it on)")
     name, source = cfg.name, cfg.source
     if name.startswith("torchvision:"):
         source, name = "torchvision", name.split(":", 1)[1]
     elif name.startswith("timm:"):
         source, name = "timm", name.split(":", 1)[1]
     pretrained = cfg.pretrained and load_weights and cfg.checkpoint is None
+    weights: str | None = None
     if name in BUILDERS:
-        model = BUILDERS[name](**_kwargs(cfg))
-        if pretrained:
-            raise ModelError(f"model {name}: builtin builder has no pretrained weights; set model.checkpoint")
+        if pretrained and name not in PRETRAINED_BUILDERS:
+            raise ModelError(f"model.pretrained: builder {name!r} has no pretrained weights; set model.checkpoint")
+        kw = _kwargs(cfg)
+        if name in PRETRAINED_BUILDERS:
+            kw["pretrained"] = pretrained
+        try:
+            model = BUILDERS[name](**kw)
+        except TypeError as err:  # an unknown or ill-typed builder argument
+            raise ModelError(f"model.kwargs: builder {name!r} rejected its arguments {kw}: {err}") from None
+        weights = getattr(model, "quantcore_weights", None) or (f"{name} pretrained" if pretrained else None)
     elif source == "torchvision":
         model = _torchvision(name, cfg, pretrained)
+        weights = f"torchvision:{name} weights DEFAULT" if pretrained else None
     else:
-        model = _timm(name, cfg, pretrained and load_weights)
+        use_file = bool(cfg.pretrained_file) and load_weights and cfg.checkpoint is None
+        model = _timm(name, cfg, pretrained, use_file)
+        if use_file:
+            weights = f"model.pretrained_file {cfg.pretrained_file}"
+        elif pretrained:
+            weights = f"timm pretrained {name}"
     if load_weights and cfg.checkpoint:
         load_state_dict_uri(model, cfg.checkpoint)
+        weights = f"model.checkpoint {cfg.checkpoint}"
+    if load_weights:
+        model.quantcore_weights = weights
     return model.eval()
 
 
-def _timm(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
+def _timm(name: str, cfg: ModelConfig, pretrained: bool, use_file: bool) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
         raise ModelError(f"model.name {name!r} is neither a timm model, 'torchvision:<name>', nor a builder "
                          f"({', '.join(sorted(BUILDERS))})")
     kw = _kwargs(cfg)
-    if cfg.pretrained_file:
+    if use_file:
         # timm's own overlay mechanism: weights from a local file, preprocessing from the timm config.
         kw["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file.removeprefix("file://")}
         pretrained = True
@@ -127,7 +165,8 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError(f"model.checkpoint {uri}: not a readable torch state_dict ({err})") from None
+        raise ModelError(f"model.checkpoint {uri}: not a readable torch state_dict ({_load_reason(err)}); "
+                         "expected a torch.save'd state_dict (pickled modules are refused)") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -136,9 +175,23 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _load_reason(err: Exception) -> str:
+    """The useful part of a torch.load failure (its weights_only text is a page of advice)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return (rest.splitlines() or [type(err).__name__])[0][:200]
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def load_state_dict_uri(model: nn.Module, uri: str) -> None:
     sd = read_state_dict(uri)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise ModelError(f"model.checkpoint {uri} does not match the model: "
+                         f"{'; '.join(lines[:3]) or err}{' ...' if len(lines) > 3 else ''}") from None
     if missing or unexpected:
         raise ModelError(f"model.checkpoint {uri} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"

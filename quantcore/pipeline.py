@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,11 +20,15 @@ from torch import nn
 
 from . import api
 from .config import Recipe
-from .data import (describe_transform, eval_transform, first_batches, make_loader, open_dataset,
+from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, open_dataset,
                    per_class_subset)
+from .errors import UserError
 from .evaluate import ModelScore, evaluate_models
 from .io import storage
+from .recipe import RecipeError
 from .report import build_report, per_class_plot, ranges_plot, report_markdown
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +40,7 @@ class DataSpec:
     layout: str = "auto"
     skip_bad: bool = False
     cache_dir: str | None = None
-    limit: int | None = None  # evaluate on the first N images only
+    limit: int | None = None  # evaluate on a class-stratified seeded sample of N images (data.limit_subset)
 
 
 @dataclass
@@ -61,7 +66,15 @@ class VariantResult:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--device {device!r}: not a torch device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _bar(total: int | None, desc: str, opts: "RunOptions"):
@@ -75,6 +88,9 @@ def _bar(total: int | None, desc: str, opts: "RunOptions"):
 def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
     if not checkpoint:
         return recipe
+    if recipe.model is None:
+        raise RecipeError(f"recipe {recipe.name!r}: model.name is missing (no model: section), so there is no "
+                          f"model to load the checkpoint {checkpoint} into")
     model = recipe.model.model_copy(update={"checkpoint": checkpoint, "pretrained": False})
     return recipe.model_copy(update={"model": model})
 
@@ -89,18 +105,17 @@ def _calibration_indices(ds, recipe: Recipe) -> list[int]:
 def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptions,
                        fp32: nn.Module | None = None) -> tuple[nn.Module, list[VariantResult], list[dict]]:
     """Build the FP32 model once, then prepare + calibrate one copy per recipe."""
-    if not recipes:
-        raise ValueError("at least one recipe is needed")
+    _check_recipes(recipes)
     recipes = [_with_checkpoint(r, opts.checkpoint) for r in recipes]
-    names = [r.name for r in recipes]
-    if len(set(names)) != len(names):
-        raise ValueError(f"recipe names must be unique within one run: {names}")
-    models = {json.dumps(r.model.model_dump(mode="json"), sort_keys=True) for r in recipes}
-    if len(models) > 1:
-        raise ValueError("all recipes of one run must describe the same model (model: section differs)")
     dev = resolve_device(opts.device)
     if fp32 is None:
+        if recipes[0].model is None:
+            raise RecipeError(f"recipe {recipes[0].name!r}: model.name is missing (no model: section); the "
+                              f"pipeline builds the FP32 model from it")
         fp32 = api.build_model(recipes[0])
+    weights = getattr(fp32, "quantcore_weights", "given by the caller")
+    if weights is None:
+        log.warning(random_weights_warning(recipes[0]))
     fp32 = fp32.to(dev).eval()
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
@@ -116,9 +131,38 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
-               "uncalibrated": res.uncalibrated}
+               "uncalibrated": res.uncalibrated, "fp32_weights": weights}
         variants.append(VariantResult(r.name, r, model, cal))
     return fp32, variants, _dedupe(skipped)
+
+
+def _check_recipes(recipes: Sequence[Recipe]) -> None:
+    """The recipes of one run: at least one, unique names, none named 'fp32', one model."""
+    if not recipes:
+        raise RecipeError("at least one recipe is needed (--recipe/-r)")
+    names = [r.name for r in recipes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RecipeError(f"name: recipe names must be unique within one run; {', '.join(map(repr, dupes))} "
+                          f"appears more than once")
+    if "fp32" in names:
+        raise RecipeError("name: 'fp32' is reserved for the FP32 reference in reports; rename that recipe")
+    first = recipes[0]
+    ref = first.model.model_dump(mode="json") if first.model is not None else None
+    for r in recipes[1:]:
+        other = r.model.model_dump(mode="json") if r.model is not None else None
+        if other != ref:
+            a, b = ref or {}, other or {}
+            fields = ", ".join(f"model.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)) or "model"
+            raise RecipeError(f"recipes {first.name!r} and {r.name!r} describe different models ({fields} "
+                              f"differ); one run calibrates one FP32 model: run them separately")
+
+
+def random_weights_warning(recipe: Recipe) -> str:
+    name = recipe.model.name if recipe.model is not None else "?"
+    return (f"the FP32 model {name} (recipe {recipe.name!r}) has RANDOM WEIGHTS: the recipe sets none of "
+            f"model.checkpoint, model.pretrained, model.pretrained_file, and no --checkpoint was given. Its "
+            f"accuracy, and every quantized variant's, will be at chance level.")
 
 
 def _dedupe(records: list[dict]) -> list[dict]:
@@ -136,24 +180,26 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     dev = resolve_device(opts.device)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
-    indices = list(range(min(len(ds), data.limit))) if data.limit else None
+    indices, subset = limit_subset(ds, data.limit)
     loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
     models: dict[str, Any] = {"fp32": fp32}
     for v in variants:
         if v.name == "fp32":
-            raise ValueError("a recipe may not be named 'fp32' (reserved for the reference)")
+            raise RecipeError("name: 'fp32' is reserved for the FP32 reference in reports; rename that recipe")
         models[v.name] = v.model.to(dev)
     n = len(indices) if indices is not None else len(ds)
     with _bar(n, "evaluate", opts) as bar:
         scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update)
-    info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count,
+    info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or [])}
     skipped = list(loader.skipped.as_list())
     return scores, info, _dedupe(skipped)
 
 
 def _write_json(uri: str, obj: Any) -> None:
-    storage.write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
+    # JSON has no inf/nan: reports and encodings write them as null, and a regression fails here
+    # instead of producing a file strict JSON consumers reject.
+    storage.write_bytes(uri, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
@@ -184,12 +230,14 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
     timings = {"calibrate": t_cal - t0, "evaluate": t_eval - t_cal}
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
-    rep = build_report(model=first.recipe.model.name, recipe=None, scores=scores, reference="fp32" if scores else None,
+    warnings = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
+    rep = build_report(model=_model_name(first.recipe, fp32), recipe=None, scores=scores,
+                       reference="fp32" if scores else None,
                        data=data_info, calibration=first.calibration if len(variants) == 1 else
                        {"method": ", ".join(sorted({v.calibration['method'] for v in variants})),
                         "images": first.calibration["images"], "uri": calib.uri},
                        timings=timings, skipped=skipped + eval_skipped, class_names=ds_classes,
-                       extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
+                       warnings=warnings, extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name]}
                                            for v in variants},
                               "transform": describe_transform(fp32), "device": str(resolve_device(opts.device))})
@@ -214,7 +262,7 @@ def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts:
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
                       skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
-    indices = list(range(min(len(ds), evald.limit))) if evald.limit else None
+    indices, subset = limit_subset(ds, evald.limit)
     loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
     name = model.quantcore_recipe.name
     t0 = time.perf_counter()
@@ -222,11 +270,18 @@ def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts:
         scores = evaluate_models({"fp32": quant_toggle(model, False), name: quant_toggle(model, True)}, loader,
                                  ds.num_classes, reference="fp32", device=dev, progress=bar.update)
     api.set_quantization(model, True)
-    rep = build_report(model=model.quantcore_recipe.model.name, recipe=model.quantcore_recipe.model_dump(mode="json"),
+    calibration = model.quantcore_meta.get("extra", {}).get("calibration")
+    warnings = []
+    if (calibration or {}).get("fp32_weights", "") is None:  # recorded at calibration time
+        warnings.append(random_weights_warning(model.quantcore_recipe))
+        log.warning(warnings[-1])
+    rep = build_report(model=_model_name(model.quantcore_recipe, model),
+                       recipe=model.quantcore_recipe.model_dump(mode="json"),
                        scores=scores, reference="fp32",
                        data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
+                             "eval_subset": subset,
                              "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off"},
-                       calibration=model.quantcore_meta.get("extra", {}).get("calibration"),
+                       calibration=calibration, warnings=warnings,
                        timings={"evaluate": time.perf_counter() - t0}, skipped=loader.skipped.as_list())
     if out:
         rep["plots"] = ["per_class.png"]
@@ -234,3 +289,7 @@ def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts:
         _write_json(storage.join(out, "report.json"), rep)
         storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
     return rep
+
+
+def _model_name(recipe: Recipe, model: nn.Module) -> str:
+    return recipe.model.name if recipe.model is not None else type(model).__name__

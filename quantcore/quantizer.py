@@ -37,6 +37,12 @@ class TensorQuantizer(nn.Module):
         self.collector: HistogramState | MaxState | None = None
         self.register_buffer("amin", torch.empty(0))
         self.register_buffer("amax", torch.empty(0))
+        # Weights: ``weight_attr`` names the parameter on the owning module the range comes from; a
+        # weight computed in forward (weight_attr None) is calibrated from what the op received
+        # (``observed``), recorded while ``observe`` is set (during a calibration pass).
+        self.weight_attr: str | None = None
+        self.observe = False
+        self.observed: torch.Tensor | None = None
         # Learnable (QAT) parameters are created on demand by make_learnable().
         self.scale: nn.Parameter | None = None
         self.zero_point: nn.Parameter | None = None
@@ -76,6 +82,8 @@ class TensorQuantizer(nn.Module):
         """Begin a fresh collection (activations) — previous statistics are dropped."""
         self.collector = self.new_collector()
         self.calibrating = self.kind == "activation" and not self.spec.is_float
+        if self.kind == "weight" and self.weight_attr is None:
+            self.observe, self.observed = True, None
 
     def new_collector(self) -> HistogramState | MaxState:
         if self.spec.calibrator in HISTOGRAM_METHODS and self.spec.axis is None:

@@ -9,18 +9,21 @@ import yaml
 from pydantic import ValidationError
 
 from .config import Recipe
+from .errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe could not be read or is invalid; the message names the source and the field."""
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"invalid recipe {source}:"]
+    """One line: ``invalid recipe SRC: field.path: message; other.field: message``."""
+    parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  - {loc}: {e['msg']}")
-    return "\n".join(lines)
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # whole-recipe checks name their fields themselves
+    return f"invalid recipe {source}: " + "; ".join(parts)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
@@ -49,18 +52,29 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     elif src.startswith("s3://"):
         from .io import storage
 
-        text = storage.read_bytes(src).decode()
+        try:
+            raw = storage.read_bytes(src)
+        except FileNotFoundError:
+            raise RecipeError(f"recipe {src} not found") from None
+        text = _decode(raw, src)
     else:
         path = Path(src.removeprefix("file://"))
         if not path.is_file():
             raise RecipeError(f"recipe {src!r} not found (not a file, and not one of the built-in "
                               f"recipes: {', '.join(sorted(shipped))})")
-        text = path.read_text()
+        text = _decode(path.read_bytes(), src)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {src} is not valid YAML: {err}") from None
     return recipe_from_dict(data, src)
+
+
+def _decode(raw: bytes, src: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {src} is not a UTF-8 text (YAML) file: {err}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

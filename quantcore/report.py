@@ -17,8 +17,10 @@ RECORDED_ENV = ("TIMM_FUSED_ATTN", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
 
 
 def _clean(v: Any) -> Any:
+    """JSON-safe: non-finite floats (an infinite SQNR of identical logits, a NaN per-class accuracy of
+    a class without images) become null, the only value every JSON consumer accepts."""
     if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return None
     if isinstance(v, dict):
         return {k: _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -29,7 +31,10 @@ def _clean(v: Any) -> Any:
 def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str, ModelScore],
                  reference: str | None, data: dict[str, Any], calibration: dict[str, Any] | None = None,
                  timings: dict[str, float] | None = None, skipped: list[dict[str, str]] | None = None,
-                 class_names: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 class_names: list[str] | None = None, extra: dict[str, Any] | None = None,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    """The report dict. ``warnings``: things the reader must know before trusting the numbers (e.g. an
+    FP32 model with random weights); shown at the top of report.md."""
     results = {n: s.as_dict() for n, s in scores.items()}
     if reference is not None:
         ref = scores[reference]
@@ -51,6 +56,7 @@ def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str,
         "skipped": skipped or [],
         "versions": library_versions(),
         "environment": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
+        "warnings": list(warnings or []),
     }
     rep.update(extra or {})
     return _clean(rep)
@@ -61,6 +67,13 @@ def report_markdown(rep: dict[str, Any]) -> str:
     lines = [f"# quantcore report: {rep['model']}", "",
              f"Created {rep['created']}. Evaluation data: `{rep['data'].get('eval_uri', '?')}` "
              f"({rep['data'].get('eval_count', '?')} images).", ""]
+    for w in rep.get("warnings") or []:
+        lines += [f"> **WARNING**: {w}", ""]
+    sub = rep["data"].get("eval_subset")
+    if sub:
+        lines += [f"**Subset evaluation**: {sub['selected']} of {sub['of']} images of the split "
+                  f"({sub['classes_represented']} of {sub['num_classes']} classes), {sub['method']} "
+                  f"(seed {sub['seed']}). Accuracies are estimates on this sample, not the full split.", ""]
     cal = rep.get("calibration") or {}
     if cal:
         lines += [f"Calibration: {cal.get('method', '?')} on {cal.get('images', '?')} images "
@@ -124,7 +137,8 @@ def ranges_plot(encodings: dict[str, Any], title: str = "Activation ranges") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in encodings["quantizers"] if r["kind"] == "activation" and isinstance(r.get("max"), float)]
+    rows = [r for r in encodings["quantizers"] if r["kind"] == "activation" and isinstance(r.get("max"), float)
+            and isinstance(r.get("min"), float)]
     fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(rows) + 1)))
     for i, r in enumerate(rows):
         ax.plot([r["min"], r["max"]], [i, i], lw=3)

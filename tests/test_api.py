@@ -227,3 +227,100 @@ def test_learnable_quantizers_pass_gradients_and_survive_save_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert all(q.spec.learnable for q in quantcore.quantizers(loaded).values())
+
+
+# -- own modules, weight provenance, JSON-safe artifacts -------------------------------------------
+class SmallNet(torch.nn.Module):
+    """A user's own model: quantcore cannot build it, so its recipe has no model: section."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_prepare_and_load_an_own_module_without_a_model_section(tmp_path):
+    recipe = quantcore.load_recipe({"name": "own", "placement": {"family": "generic"}})
+    assert recipe.model is None
+    torch.manual_seed(0)
+    model = quantcore.prepare(SmallNet(), recipe, example_input=torch.randn(2, 1, 28, 28))
+    quantcore.calibrate(model, batches(2))
+    path = str(tmp_path / "own.qc.pt")
+    quantcore.save(model, path)
+    assert quantcore.encodings(model)["model"] == "SmallNet"
+    loaded = quantcore.load(path, model=SmallNet())  # a fresh instance: its weights are replaced
+    x = batches(1, seed=3)[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match=r"own\.qc\.pt.*model="):
+        quantcore.load(path)
+    with pytest.raises(quantcore.models.ModelError, match=r"model\.name"):
+        quantcore.build_model(recipe)
+
+
+def test_build_model_records_where_its_weights_came_from(tmp_path):
+    from quantcore.models import BUILDERS, PRETRAINED_BUILDERS, register_builder
+
+    random = quantcore.build_model(tiny_recipe())
+    assert random.quantcore_weights is None  # random initialization: the pipeline warns
+    sd = tmp_path / "fp32.pt"
+    torch.save(random.state_dict(), sd)
+    loaded = quantcore.build_model(tiny_recipe(model={**TINY, "checkpoint": str(sd)}))
+    assert loaded.quantcore_weights == f"model.checkpoint {sd}"
+    assert not hasattr(quantcore.build_model(tiny_recipe(), load_weights=False), "quantcore_weights")
+
+    @register_builder("test/own_weights", pretrained=True)
+    def own(pretrained: bool = False, num_classes: int = 10):
+        return SmallNet()
+
+    try:
+        assert quantcore.build_model({"model": {"name": "test/own_weights", "pretrained": True}}
+                                     ).quantcore_weights == "test/own_weights pretrained"
+        assert quantcore.build_model({"model": {"name": "test/own_weights"}}).quantcore_weights is None
+    finally:
+        BUILDERS.pop("test/own_weights")
+        PRETRAINED_BUILDERS.discard("test/own_weights")
+    with pytest.raises(quantcore.models.ModelError, match=r"model\.pretrained"):
+        quantcore.build_model(tiny_recipe(model={**TINY, "pretrained": True}))
+
+
+def test_model_mistakes_name_the_recipe_field(tmp_path):
+    from quantcore.errors import UserError
+
+    with pytest.raises(UserError, match=r"model\.kwargs.*depthh"):
+        quantcore.build_model(tiny_recipe(model={**TINY, "kwargs": {"depthh": 2}}))
+    other = tmp_path / "other.pt"  # a state_dict of another width: shapes differ
+    torch.save(quantcore.build_model({"model": {**TINY, "kwargs": {"depth": 2, "embed_dim": 32}}}).state_dict(), other)
+    with pytest.raises(UserError, match=r"model\.checkpoint .*other\.pt.*size mismatch"):
+        quantcore.build_model(tiny_recipe(model={**TINY, "checkpoint": str(other)}))
+    with pytest.raises(RecipeError, match=r"quant\.activations: per-channel"):
+        tiny_recipe(quant={"activations": {"per_channel": True}})
+    with pytest.raises(RecipeError, match=r"name: 'fp32' is reserved"):
+        tiny_recipe(name="fp32")
+    with pytest.raises(UserError, match="prepare"):
+        quantcore.save(SmallNet(), str(tmp_path / "x.pt"))
+
+
+def test_reports_and_encodings_write_non_finite_numbers_as_null(calibrated):
+    from quantcore.evaluate import ModelScore
+    from quantcore.report import build_report, report_markdown
+
+    scores = {"fp32": ModelScore("fp32", 4, 50.0, 100.0, [50.0, float("nan")]),
+              "q": ModelScore("q", 4, 50.0, 100.0, [50.0, float("nan")], agreement=100.0, sqnr_db=float("inf"))}
+    rep = build_report(model="m", recipe=None, scores=scores, reference="fp32", data={},
+                       warnings=["the FP32 model has RANDOM WEIGHTS"])
+    assert rep["results"]["q"]["sqnr_db"] is None and rep["results"]["q"]["per_class"] == [50.0, None]
+    assert json.loads(json.dumps(rep, allow_nan=False))["warnings"] == ["the FP32 model has RANDOM WEIGHTS"]
+    md = report_markdown(rep)
+    assert "**WARNING**: the FP32 model has RANDOM WEIGHTS" in md
+    assert "| q | 50.00 | 100.00 | +0.00 | 100.00 | – |" in md
+    model, _, _ = calibrated
+    model = copy.deepcopy(model)
+    q = next(q for n, q in quantcore.quantizers(model).items() if n.endswith("fc1.input_quantizer"))
+    q.amax.fill_(float("inf"))
+    row = next(r for r in quantcore.encodings(model)["quantizers"] if r["name"].endswith("fc1.input_quantizer"))
+    assert row["max"] is None
+    json.dumps(quantcore.encodings(model), allow_nan=False)

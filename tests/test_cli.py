@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import quantcore
@@ -105,6 +106,95 @@ def test_user_mistakes_exit_2_without_traceback(image_folder, tmp_path, capsys):
     assert run("evaluate", "-c", tmp_path / "nope.pt", "-d", image_folder) == 2
     assert "nope.pt" in capsys.readouterr().err
     assert run("ptq", "--bogus-flag") != 0
+
+
+def _recipe(tmp_path, file: str, **over) -> Path:
+    path = tmp_path / f"{file}.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, **over}))
+    return path
+
+
+def expect_user_error(capsys, args, *words) -> str:
+    """Exit 2, exactly one ``error:`` line on stderr naming ``words``, no traceback."""
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) > 20, err
+    assert "Traceback" not in err and not any(ln.startswith(" ") for ln in err.splitlines()), err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+def test_every_kind_of_user_mistake_is_one_line_and_exit_2(image_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    ptq = ("ptq", "--calib-data", image_folder, "--out", out, "--no-progress")
+
+    def ptq_with(recipe, *more):
+        return ptq[:1] + ("-r", recipe) + ptq[1:] + more
+
+    good = _recipe(tmp_path, "good")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "typo", placement={"famly": "vit"})),
+                      "typo.yaml", "placement.famly")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "kw", model={**RECIPE["model"], "kwargs": {"depthh": 1}})),
+                      "model.kwargs", "depthh")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "pc", quant={"activations": {"per_channel": True}})),
+                      "pc.yaml", "quant.activations")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "fp32", name="fp32")), "name", "'fp32'")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "nomodel", model=None)), "model.name")
+    expect_user_error(capsys, ptq_with(good, "-r", good), "'tiny_w8a8'", "unique")
+    expect_user_error(capsys, ptq_with(good, "-r", _recipe(tmp_path, "other", name="other",
+                                                            model={**RECIPE["model"], "num_classes": 5})),
+                      "'other'", "model.num_classes")
+    # An override whose match: matches nothing names the override (PlacementError, a UserError).
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "ov", overrides=[{"match": "nope.*", "float": True}])),
+                      "overrides[0]", "nope.*")
+    # Bad files: FP32 weights that are no state_dict, weights of another model, a calibrated
+    # checkpoint that is no checkpoint, a data directory that does not exist.
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    expect_user_error(capsys, ptq_with(good, "--checkpoint", garbage), "model.checkpoint", "garbage.pt")
+    wide = tmp_path / "wide.pt"
+    torch.save(quantcore.build_model({"model": {**RECIPE["model"], "kwargs": {"patch_size": 8, "depth": 1,
+                                                                              "embed_dim": 32}}}).state_dict(), wide)
+    expect_user_error(capsys, ptq_with(good, "--checkpoint", wide), "model.checkpoint", "wide.pt", "size mismatch")
+    expect_user_error(capsys, ("evaluate", "-c", garbage, "-d", image_folder), "checkpoint", "garbage.pt")
+    expect_user_error(capsys, ("ptq", "-r", good, "--calib-data", tmp_path / "no-such-dir", "--out", out),
+                      "no-such-dir")
+    expect_user_error(capsys, ptq_with(good, "--device", "tpu:7"), "--device", "tpu:7")
+    # Found only when the model meets the data: 5 logits for 3 classes.
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "ncls", model={**RECIPE["model"], "num_classes": 5})),
+                      "model.num_classes", "5 logits", "3 classes")
+    assert run("train", "-r", good, "-d", image_folder, "-o", tmp_path / "w.pt", "--epochs", "0") == 2  # usage
+    assert not out.exists() or not any(out.rglob("report.json"))
+
+
+def test_random_fp32_weights_are_warned_about_and_recorded(image_folder, recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert sum("warning:" in ln and "RANDOM WEIGHTS" in ln for ln in err.splitlines()) >= 1, err
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["warnings"]) == 1 and "model.checkpoint" in rep["warnings"][0]
+    assert rep["variants"]["tiny_w8a8"]["calibration"]["fp32_weights"] is None
+    assert json.loads((out / "tiny_w8a8" / "report.json").read_text())["warnings"] == rep["warnings"]
+    assert "**WARNING**: the FP32 model quantcore/vit_fmnist" in (out / "report.md").read_text()
+    # The calibrated checkpoint remembers it: evaluating it warns again.
+    ev = tmp_path / "ev"
+    assert run("evaluate", "-c", out / "tiny_w8a8" / "model.qc.pt", "-d", image_folder, "-o", ev,
+               "--no-progress") == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    assert json.loads((ev / "report.json").read_text())["warnings"] == rep["warnings"]
+    # Loaded weights: no warning, and the report says where they came from.
+    weights = tmp_path / "fp32.pt"
+    torch.save(quantcore.build_model(quantcore.load_recipe(recipe_file)).state_dict(), weights)
+    out2 = tmp_path / "run2"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out2, "--checkpoint", weights,
+               "--no-progress", "--limit", "6") == 0
+    assert "RANDOM" not in capsys.readouterr().err
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert rep2["warnings"] == [] and rep2["variants"]["tiny_w8a8"]["calibration"]["fp32_weights"] == \
+        f"model.checkpoint {weights}"
 
 
 @pytest.mark.parametrize("cmd", ["pack", "calibrate", "evaluate", "ptq", "train", "demo"])

@@ -603,3 +603,275 @@ def test_pickle_and_lru_handles(packed):
     dl = make_loader(Half(), 2)
     out = [(y.tolist(), names) for _, y, names in dl]
     assert out == [([2, 3], ["s0", "s1"]), ([4, 5], [])] and dl.skipped.names == ["s0", "s1"]
+
+
+# ------------------------------------------------------- issue #7 fault 7: --limit is a stratified sample
+def test_class_quotas_proportional_every_class_deterministic():
+    from quantcore.data import class_quotas
+
+    assert class_quotas([1000] * 10, 64) == [6, 6, 7, 7, 7, 6, 6, 7, 6, 6]  # golden: same on every machine
+    assert class_quotas([9000, 10, 10, 10], 4) == [1, 1, 1, 1]  # each class represented once N >= classes
+    assert class_quotas([640, 10, 50], 64) == [58, 1, 5]
+    assert class_quotas([3, 0, 5], 8) == [3, 0, 5] and class_quotas([3, 0, 5], 100) == [3, 0, 5]
+    few = class_quotas([100] * 10, 4)  # N < classes: which classes is seeded, not "the first N"
+    assert sum(few) == 4 and few != [1, 1, 1, 1, 0, 0, 0, 0, 0, 0] and few == class_quotas([100] * 10, 4)
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        counts = rng.integers(0, 40, rng.integers(1, 25)).tolist()
+        total, nonempty = sum(counts), sum(1 for c in counts if c)
+        if not total:
+            continue
+        n = int(rng.integers(1, total + 3))
+        q = class_quotas(counts, n, seed=int(rng.integers(0, 5)))
+        assert sum(q) == min(n, total) and all(0 <= a <= c for a, c in zip(q, counts))
+        if n >= nonempty:
+            assert all(a >= 1 for a, c in zip(q, counts) if c)
+        elif n < total:
+            assert all(abs(a - n * c / total) < 1 for a, c in zip(q, counts))
+
+
+def test_stratified_subset_of_class_sorted_split():
+    from quantcore.data import limit_subset, stratified_subset
+
+    labels = [c for c in range(10) for _ in range(100)]  # class order, like every folder/zip dataset
+    idx = stratified_subset(labels, 64)
+    assert idx == sorted(set(idx)) and len(idx) == 64
+    assert sorted(np.bincount([labels[i] for i in idx]).tolist()) == [6] * 6 + [7] * 4
+    assert idx[:6] == [5, 16, 20, 36, 82, 93]  # golden: seeded, independent of machine / worker count
+    assert stratified_subset(labels, 64) == idx and stratified_subset(labels, 64, seed=1) != idx
+    # data-parallel workers split the same list; their union is the sample whatever the world size
+    for world in (1, 3, 4):
+        assert sum((shard_indices(idx, r, world) for r in range(world)), []) == idx
+
+    class DS:
+        uri, num_classes = "mem://x", 10
+
+        def __init__(self):
+            self.labels = labels
+
+        def __len__(self):
+            return len(self.labels)
+
+    got, info = limit_subset(DS(), 64)
+    assert got == idx and info["selected"] == 64 and info["of"] == 1000 and info["seed"] == 0
+    assert info["classes_represented"] == 10 and info["num_classes"] == 10 and "stratified" in info["method"]
+    assert limit_subset(DS(), None) == (None, None) and limit_subset(DS(), 0) == (None, None)
+    assert limit_subset(DS(), 5000) == (None, None)  # not a subset: the whole split
+    with pytest.raises(DataError, match="limit"):
+        limit_subset(DS(), -3)
+
+
+class _AlwaysClass0(torch.nn.Module):
+    """'Random weights' stand-in that always answers class 0 (a 1x1 conv so the transform sees 3 channels)."""
+
+    pretrained_cfg = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                      "crop_pct": 1.0, "interpolation": "bilinear", "first_conv": "conv"}
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.k = k
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.k) + self.conv(x).mean() * 0
+        out[:, 0] = 10.0
+        return out
+
+
+def test_limit_evaluates_stratified_sample_and_report_says_subset(tmp_path):
+    from quantcore.pipeline import DataSpec, RunOptions, evaluate_variants
+    from quantcore.report import build_report, report_markdown
+
+    root = make_folder(tmp_path / "lim", split="val", n=8)  # 3 classes x 8, stored in class order
+    opts = RunOptions(batch_size=8, progress=False, device="cpu")
+    scores, info, _ = evaluate_variants(_AlwaysClass0(), [], DataSpec(root, "val", limit=6), opts)
+    # old code: the first 6 images are all class 0 -> 100 %; a stratified sample has 2 per class -> 33.3 %
+    assert scores["fp32"].count == 6 and abs(scores["fp32"].top1 - 100 / 3) < 1e-6
+    sub = info["eval_subset"]
+    assert (sub["selected"], sub["of"], sub["classes_represented"], sub["num_classes"]) == (6, 24, 3, 3)
+    rep = build_report(model="m", recipe=None, scores=scores, reference="fp32", data=info)
+    assert json.loads(json.dumps(rep))["data"]["eval_subset"]["selected"] == 6
+    md = report_markdown(rep)
+    assert "Subset evaluation" in md and "6 of 24 images" in md and "stratified" in md
+    full, info_all, _ = evaluate_variants(_AlwaysClass0(), [], DataSpec(root, "val"), opts)
+    assert full["fp32"].count == 24 and info_all["eval_subset"] is None
+    assert "Subset" not in report_markdown(build_report(model="m", recipe=None, scores=full, reference="fp32",
+                                                        data=info_all))
+
+
+# ------------------------------------------------------- issue #7 fault 8: every PIL mode decoded, never clipped
+def _encode(im, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+_G16 = np.array([[0, 1, 128, 129], [257, 32767, 32768, 40000], [65534, 65535, 1000, 50000]], dtype=np.uint16)
+_G16_TO_8 = np.floor(_G16.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+
+
+def _mode_cases():
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]], dtype=np.uint8)
+    alpha = np.array([[0, 255], [128, 7]], dtype=np.uint8)
+    pal = Image.new("P", (2, 2))
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.putdata([0, 1, 1, 0])
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 0
+    pa = Image.merge("PA", (pal, Image.fromarray(alpha)))
+    pal_rgb = np.array([[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]], dtype=np.uint8)
+    cmyk = Image.frombytes("CMYK", (2, 1), bytes([0, 0, 0, 0, 255, 0, 0, 0]))
+    pgm16 = b"P5 4 3 65535\n" + _G16.astype(">u2").tobytes()
+    return {  # name: (encoded bytes or in-memory image, expected mode, expected pixels or None = convert('RGB'))
+        "1": (_encode(Image.fromarray(np.array([[0, 1], [1, 0]], bool)), "PNG"), "L",
+              np.array([[0, 255], [255, 0]], np.uint8)),
+        "L": (_encode(Image.fromarray(_G16_TO_8), "PNG"), "L", _G16_TO_8),
+        "LA": (_encode(Image.merge("LA", (Image.fromarray(rgb[..., 0]), Image.fromarray(alpha))), "PNG"), "L",
+               rgb[..., 0]),
+        "P": (_encode(pal, "PNG"), "RGB", pal_rgb),
+        "P+transparency": (_encode(pal_t, "PNG"), "RGB", pal_rgb),
+        "PA": (pa, "RGB", pal_rgb),
+        "RGB": (_encode(Image.fromarray(rgb), "PNG"), "RGB", rgb),
+        "RGBA": (_encode(Image.fromarray(np.dstack([rgb, alpha])), "PNG"), "RGB", rgb),
+        "RGBa": (Image.fromarray(np.dstack([rgb, alpha])).convert("RGBa"), "RGB", None),
+        "CMYK-tiff": (_encode(cmyk, "TIFF"), "RGB", np.array([[[255, 255, 255], [0, 255, 255]]], np.uint8)),
+        "CMYK-jpeg": (_encode(cmyk.resize((8, 8)), "JPEG", quality=95), "RGB", None),
+        "YCbCr": (_encode(Image.fromarray(rgb).convert("YCbCr"), "TIFF"), "RGB", None),
+        "LAB": (_encode(Image.fromarray(rgb).convert("LAB"), "TIFF"), "RGB", None),
+        "HSV": (Image.fromarray(rgb).convert("HSV"), "RGB", None),
+        "I;16-png": (_encode(Image.fromarray(_G16), "PNG"), "L", _G16_TO_8),
+        "I;16-tiff": (_encode(Image.fromarray(_G16), "TIFF"), "L", _G16_TO_8),
+        "I;16B-tiff": (_encode(Image.fromarray(_G16).convert("I").convert("I;16B"), "TIFF"), "L", _G16_TO_8),
+        "I;16L-mem": (Image.frombytes("I;16L", (4, 3), _G16.astype("<u2").tobytes()), "L", _G16_TO_8),
+        "I;16N-mem": (Image.frombytes("I;16N", (4, 3), _G16.tobytes()), "L", _G16_TO_8),
+        "I-pgm16": (pgm16, "L", _G16_TO_8),  # Netpbm maxval 65535: PIL mode 'I' holding 16-bit samples
+    }
+
+
+@pytest.mark.parametrize("case", list(_mode_cases()))
+def test_decode_every_mode_to_8bit(tmp_path, case):
+    from quantcore.data import decode_image, to_8bit
+    from quantcore.data.transforms import ConvertMode
+
+    src, mode, want = _mode_cases()[case]
+    if isinstance(src, bytes):
+        img = decode_image(src, f"x/{case}")
+        ref = Image.open(io.BytesIO(src))
+    else:
+        img, ref = to_8bit(src, f"x/{case}"), src
+    assert img.mode == mode, (case, img.mode)
+    got = np.asarray(img)
+    if want is None:  # PIL's own colour conversion (alpha dropped)
+        want = np.asarray((ref.convert("RGBA") if ref.mode in ("RGBa",) else ref).convert("RGB"))
+    assert got.dtype == np.uint8 and np.array_equal(got, want), (case, got, want)
+    # the transform path never clips: a foreign dataset handing over the raw mode gets the same pixels
+    rgb = ConvertMode("RGB")(ref if not isinstance(src, bytes) else Image.open(io.BytesIO(src)))
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), np.asarray(img.convert("RGB")))
+
+
+def test_16bit_png_in_folder_is_scaled_not_clipped(tmp_path):
+    from torchvision import transforms as T
+
+    g = np.full((16, 16), 33667, np.uint16)  # the report's file: mean 131 after scaling, 254+ when clipped
+    os.makedirs(tmp_path / "val" / "a")
+    Image.fromarray(g).save(tmp_path / "val" / "a" / "deep.png")
+    ds = FolderDataset(str(tmp_path), "val", T.Compose([eval_transform(None).convert, T.PILToTensor()]))
+    x, _ = ds[0]
+    assert x.shape == (3, 16, 16) and int(x.float().mean().round()) == 131
+
+
+@pytest.mark.parametrize("kind", ["F", "I32"])
+def test_float_and_32bit_images_refused_naming_file(tmp_path, kind):
+    arr = (np.arange(12, dtype=np.float32).reshape(3, 4) / 11) if kind == "F" else \
+        (np.arange(12, dtype=np.int32).reshape(3, 4) * 100000)
+    os.makedirs(tmp_path / "val" / "a")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "val" / "a" / "ok.png")
+    Image.fromarray(arr).save(tmp_path / "val" / "a" / "deep.tif")
+    ds = FolderDataset(str(tmp_path), "val")
+    with pytest.raises(DataError, match="deep.tif") as ei:
+        ds.load_image(0)
+    assert "deep.tif" in str(ei.value) and ("'F'" in str(ei.value) or "'I'" in str(ei.value))
+    assert ei.value.file.endswith("deep.tif")
+    with pytest.raises(DataError, match="deep.tif"):  # pack verifies, so it fails before any evaluation
+        pack(str(tmp_path), str(tmp_path / "out"), "val")
+    skip = FolderDataset(str(tmp_path), "val", skip_bad=True)
+    assert [type(skip[i]).__name__ for i in range(2)] == ["Skipped", "tuple"]
+    assert skip.skipped.names[0].endswith("deep.tif")
+
+
+# ------------------------------------------------------- issue #7 fault 9: file:// behaves like the plain path
+_ODD_NAMES = {"cl a/x y.jpg": 0, "clb/z%41.jpg": 1, "clb/q#1?.png": 2, "déjà vu/ü 100%.png": 3}
+
+
+def _odd_folder(root) -> str:
+    for name, seed in _ODD_NAMES.items():
+        p = os.path.join(root, "val", *name.split("/"))
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(_img_bytes(seed, os.path.splitext(name)[1]))
+    return str(root)
+
+
+def _same_dataset(a, b):
+    assert (a.classes, a.labels, a.samples) == (b.classes, b.labels, b.samples)
+    assert not a.skipped and not b.skipped
+    assert all(np.array_equal(pixels(a, i), pixels(b, i)) for i in range(len(a)))
+
+
+def test_file_uri_folder_identical_to_plain_path(tmp_path):
+    from quantcore.io import storage
+    from quantcore.io.uri import file_uri
+
+    root = _odd_folder(tmp_path / "data set é")  # the root itself has a space and non-ASCII
+    plain = open_dataset(root, "val")
+    assert plain.classes == ["cl a", "clb", "déjà vu"] and plain.labels == [0, 1, 1, 2]
+    assert plain.samples == ["cl a/x y.jpg", "clb/q#1?.png", "clb/z%41.jpg", "déjà vu/ü 100%.png"]
+    encoded = file_uri(root)  # RFC 8089, percent-encoded
+    assert "%20" in encoded and " " not in encoded
+    for uri in (encoded, "file://" + root, "file://localhost" + root, "file:" + root, encoded + "/"):
+        for skip_bad in (False, True):
+            _same_dataset(plain, open_dataset(uri, "val", skip_bad=skip_bad))
+        assert open_dataset(uri, "val", layout="folder").where(2) == storage.join(encoded, "val", "clb/z%41.jpg")
+    # packing from / to file:// gives the same bytes as plain paths; reading the shards back too
+    pack(root, str(tmp_path / "p1"), "val", shard_size=3)
+    pack(encoded, file_uri(str(tmp_path / "p 2%")), "val", shard_size=3)
+    assert tree_bytes(tmp_path / "p1") == tree_bytes(tmp_path / "p 2%")
+    for uri in (str(tmp_path / "p 2%"), file_uri(str(tmp_path / "p 2%"))):
+        z = open_dataset(uri, "val")
+        assert z.layout == "zip" and z.classes == plain.classes and z.samples == plain.samples
+        assert all(np.array_equal(pixels(z, i), pixels(plain, i)) for i in range(len(z)))
+
+
+def test_file_uri_grammar_round_trips():
+    from quantcore.io import storage
+    from quantcore.io.uri import file_uri, parse_uri
+
+    assert parse_uri("file:///d/a%20b/z%2541.jpg").path == "/d/a b/z%41.jpg"
+    assert parse_uri("file:///d/z%41.jpg").path == "/d/zA.jpg"  # %XX is always decoded: '%' is '%25'
+    assert parse_uri("file:///d/a b#c?d").path == "/d/a b#c?d"  # raw form: no query, no fragment
+    assert parse_uri("file:///d/%C3%A9").path == parse_uri("file:///d/é").path == "/d/é"
+    assert parse_uri("FILE://LOCALHOST/d/x").path == parse_uri("file:/d/x").path == "/d/x"
+    for name in ("/d/x y%41#?.jpg", "/d/é/ü", "/d/" + os.fsdecode(b"\xff\xfe"), "/d/a+b=c;d,e&f@g$h!'()*~"):
+        assert parse_uri(file_uri(name)).path == name
+        assert parse_uri(storage.join(file_uri("/d"), name[3:])).path == name
+    for bad in ("file://host/d/x", "file:///d/a%00b"):
+        with pytest.raises(ValueError, match="file"):
+            parse_uri(bad)
+
+
+def test_s3_keys_with_spaces_and_percent_round_trip_moto_mock(tmp_path, s3_server, s3_bucket):
+    from quantcore.io import storage
+
+    keys = ["odd/a b.bin", "odd/z%41.bin", "odd/z%2541.bin", "odd/h#1?x=2.bin", "odd/é ü.bin", "odd/p+q.bin"]
+    for i, k in enumerate(keys):
+        storage.write_bytes(f"s3://{s3_bucket}/{k}", bytes([i]))
+    assert storage.list_uris(f"s3://{s3_bucket}/odd") == sorted(f"s3://{s3_bucket}/{k}" for k in keys)
+    for i, k in enumerate(keys):
+        assert storage.read_bytes(f"s3://{s3_bucket}/{k}") == bytes([i])
+    root = _odd_folder(tmp_path / "src")
+    _upload_tree(root, f"s3://{s3_bucket}/odd-ds")
+    _same_dataset(open_dataset(root, "val"), open_dataset(f"s3://{s3_bucket}/odd-ds", "val"))
+    pack(f"s3://{s3_bucket}/odd-ds", f"s3://{s3_bucket}/odd-packed", "val", shard_size=3)
+    pack(root, str(tmp_path / "local-packed"), "val", shard_size=3)
+    assert storage.read_bytes(f"s3://{s3_bucket}/odd-packed/val-00001.zip") == \
+        (tmp_path / "local-packed" / "val-00001.zip").read_bytes()

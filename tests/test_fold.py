@@ -1,4 +1,5 @@
-"""BatchNorm folding: pairs found by fx tracing or by declaration order, outputs preserved, BN gone."""
+"""BatchNorm folding: pairs proven on the data flow of one forward, outputs preserved, BN gone; every
+BatchNorm left alone has its reason."""
 from __future__ import annotations
 
 import copy
@@ -81,13 +82,15 @@ class Untraceable(nn.Module):
         return x
 
 
-def test_small_net_fx_pairs_and_outputs():
+def test_small_net_pairs_reasons_and_outputs():
     torch.manual_seed(0)
     model = randomize_bn(SmallNet()).eval()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8)
-    pairs = fold_batchnorm(model, example_input=x)
-    assert pairs == [("features.0", "features.1"), ("features.3", "features.4")]
+    res = fold_batchnorm(model, example_input=x)
+    assert res.pairs == [("features.0", "features.1"), ("features.3", "features.4")]
+    assert "not the direct output of a convolution" in res.unfolded["pre_bn"]
+    assert "also read by" in res.unfolded["side_bn"]
     assert isinstance(model.features[1], nn.Identity) and isinstance(model.features[4], nn.Identity)
     assert model.features[0].bias is not None  # bias added where the conv had none
     assert bn_names(model) == ["pre_bn", "side_bn"]
@@ -96,36 +99,84 @@ def test_small_net_fx_pairs_and_outputs():
 
 def test_training_mode_raises():
     model = SmallNet().train()
+    x = torch.randn(2, 3, 8, 8)
     with pytest.raises(FoldError, match="eval mode"):
-        fold_batchnorm(model)
+        fold_batchnorm(model, x)
     model.eval()
     model.features[1].train()
     with pytest.raises(FoldError, match="features.1"):
-        fold_batchnorm(model)
+        fold_batchnorm(model, x)
+    with pytest.raises(FoldError, match="example input"):
+        fold_batchnorm(model.eval(), None)
 
 
-def test_fallback_to_declaration_order_when_tracing_fails():
+def test_untraceable_block_folds_on_data_flow():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), Untraceable(), nn.BatchNorm2d(4)).eval()
     randomize_bn(model)
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 6, 6)
-    assert fold_batchnorm(model, example_input=x) == [("1.conv", "1.bn")]
+    res = fold_batchnorm(model, example_input=x)
+    assert res.pairs == [("1.conv", "1.bn")]
     assert_close(outputs(model, x), outputs(ref, x))
     assert bn_names(model) == ["2"]  # Untraceable sits between conv 0 and BN 2
+    assert "not the direct output" in res.unfolded["2"]
 
 
-def test_wrong_pair_detected_by_example_input_and_restored():
+def test_declared_conv_bn_applied_in_another_order_is_not_folded():
+    """Declaration order lies: (conv, bn) declared, bn applied first. Nothing is folded, nothing changes."""
     torch.manual_seed(0)
     model = nn.Sequential(Untraceable(swapped=True)).eval()
     randomize_bn(model)
     x = torch.randn(2, 4, 6, 6)
     before = outputs(model, x)
-    w = model[0].conv.weight.detach().clone()
-    with pytest.raises(FoldError, match="changed the model's outputs"):
-        fold_batchnorm(model, example_input=x)
-    assert isinstance(model[0].bn, nn.BatchNorm2d) and torch.equal(model[0].conv.weight, w)
+    res = fold_batchnorm(model, example_input=x)
+    assert res.pairs == [] and "0.bn" in res.unfolded
+    assert isinstance(model[0].bn, nn.BatchNorm2d)
     assert torch.equal(outputs(model, x), before)
+
+
+class ConvReluBn(nn.Module):
+    """Declared (conv, bn), computes conv -> ReLU -> bn behind a shape-dependent branch (no fx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] % 2 == 0:
+            y = torch.relu(y)
+        return self.bn(y)
+
+
+def test_conv_relu_bn_is_not_folded_through_the_relu():
+    from quantcore import prepare
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(ConvReluBn())).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    recipe = {"model": {"name": "x"}, "placement": {"family": "generic", "fold_bn": True}}
+    prepare(model, recipe, example_input=x)
+    pl = model.quantcore_placement
+    assert pl.folded_bn == [] and "not the direct output" in pl.unfolded_bn["0.bn"]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))  # nothing calibrated: the FP32 path is untouched
+
+
+def test_generic_family_folds_plain_conv_bn():
+    from quantcore import prepare
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    prepare(model, {"model": {"name": "x"}, "placement": {"family": "generic", "fold_bn": True}}, example_input=x)
+    assert model.quantcore_placement.folded_bn == [("0", "1")] and isinstance(model[1], nn.Identity)
+    with torch.no_grad():
+        assert_close(model(x), ref(x))
 
 
 def test_resnext50_fold():
@@ -134,7 +185,7 @@ def test_resnext50_fold():
     n_bn = len(bn_names(model))
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    pairs = fold_batchnorm(model, example_input=x)
+    pairs = fold_batchnorm(model, example_input=x).pairs
     assert len(pairs) == n_bn == 53
     assert ("layer1.0.conv1", "layer1.0.bn1") in pairs and ("layer1.0.downsample.0", "layer1.0.downsample.1") in pairs
     assert bn_names(model) == []
@@ -147,7 +198,9 @@ def test_mobilevit_fold_keeps_activations():
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
     act_type = type(model.stem.bn.act)
-    pairs = fold_batchnorm(model, example_input=x)
+    res = fold_batchnorm(model, example_input=x)
+    pairs = res.pairs
+    assert res.unfolded == {}
     assert ("stem.conv", "stem.bn") in pairs
     # MobileViT blocks do not trace; their ConvNormAct children still fold.
     assert ("stages.2.1.conv_kxk.conv", "stages.2.1.conv_kxk.bn") in pairs
@@ -159,5 +212,6 @@ def test_mobilevit_fold_keeps_activations():
 def test_find_pairs_does_not_modify():
     model = SmallNet().eval()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    assert find_conv_bn_pairs(model) == [("features.0", "features.1"), ("features.3", "features.4")]
+    res = find_conv_bn_pairs(model, torch.randn(1, 3, 8, 8))
+    assert res.pairs == [("features.0", "features.1"), ("features.3", "features.4")]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())

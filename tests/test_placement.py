@@ -14,8 +14,9 @@ from torch import nn
 from quantcore.config import Override, PlacementConfig, SpecPatch
 from quantcore.fold import fold_batchnorm
 from quantcore.formats import QuantSpec
-from quantcore.nn import QuantAttention, QuantConv1d, QuantConv2d, QuantLinear, QuantResidualBlock
+from quantcore.nn import QuantResidualBlock
 from quantcore.placement import PlacementResult, detect_family, place_quantizers, quantizers
+from quantcore.placement.intercept import quantized_sdpa
 from quantcore.quantizer import TensorQuantizer
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
@@ -165,7 +166,8 @@ def test_detect_family():
     assert detect_family(get_model("generic")[0]) == "generic"
     assert detect_family(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())) == "cnn"
     # Attention without convs, not a VisionTransformer: vit
-    assert detect_family(nn.Sequential(nn.Linear(8, 8), Attention(8, num_heads=2))) == "vit"
+    assert detect_family(nn.Sequential(nn.Linear(8, 8), Attention(8, num_heads=2)).eval(),
+                         torch.randn(2, 5, 8)) == "vit"
 
 
 # -- expected names per family and mode ---------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_vit_names_modes_and_share_groups(key, mode):
     expect_float = {"patch_embed.proj", "head"} | ({"head_dist"} if key == "deit" else set())
     assert set(res.float_modules) == expect_float
     for i, blk in enumerate(model.blocks):
-        assert isinstance(blk.attn, QuantAttention) and isinstance(blk.attn, Attention)
+        assert type(blk.attn) is Attention and isinstance(blk.attn.q_quantizer, TensorQuantizer)
         for lin in BLOCK_LINEARS:
             q = qs[f"blocks.{i}.{lin}.weight_quantizer"]
             assert q.kind == "weight"
@@ -225,11 +227,12 @@ def test_mobilevit_names(mode):
     assert set(res.quantizers) == expected_mobilevit(ref, mode)
     assert "input_quantizer" not in res.quantizers  # the stem conv's input quantizer covers the image
     n_attn = sum(isinstance(m, Attention) for m in ref.modules())
-    assert n_attn > 0 and sum(isinstance(m, QuantAttention) for m in model.modules()) == n_attn
+    assert n_attn > 0 and sum(hasattr(m, "q_quantizer") for m in model.modules()) == n_attn
+    assert len(res.attention) == n_attn
     assert len(res.share_groups) == (n_attn if mode == "ft2" else 0)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
     assert len(res.folded_bn) == n_bn and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert isinstance(model.stem.conv, QuantConv2d) and isinstance(model.head.fc, QuantLinear)
+    assert hasattr(model.stem.conv, "weight_quantizer") and hasattr(model.head.fc, "weight_quantizer")
 
 
 def test_resnext_and_generic_names():
@@ -242,22 +245,25 @@ def test_resnext_and_generic_names():
     qs = quantizers(model)
     assert qs["layer1.0.conv2.weight_quantizer"].spec.axis == 0
     assert qs["layer1.0.conv2.input_quantizer"].spec.axis is None
-    assert isinstance(model.layer1[0].downsample[0], QuantConv2d)
+    assert hasattr(model.layer1[0].downsample[0], "weight_quantizer")
 
     model, x = get_model("generic")
     ref = copy.deepcopy(model)
-    res = place_quantizers(model, PlacementConfig(quantize_model_input=True, keep_float=["conv1d"]), W, A)
+    res = place_quantizers(model, PlacementConfig(quantize_model_input=True, keep_float=["conv1d"]), W, A,
+                           example_input=x)
     assert (res.family, res.mode, res.folded_bn) == ("generic", None, [])
-    assert set(res.quantizers) == expected_layers(ref, skip=["conv1d"]) | {"input_quantizer"}
-    assert res.quantizers[0] == "input_quantizer"
-    assert type(model.conv1d) is nn.Conv1d and res.float_modules == ["conv1d"]
-    assert isinstance(model.mlp[2], QuantLinear)  # a Linear subclass is found through the MRO
-    assert model.alias is model.head and isinstance(model.head, QuantLinear)
-    assert isinstance(model.conv, QuantConv2d)
+    # The first conv reads the image itself: its input quantizer is the model-input quantizer.
+    assert set(res.quantizers) == expected_layers(ref, skip=["conv1d"])
+    assert res.quantizers[0] == "conv.input_quantizer"
+    assert not hasattr(model.conv1d, "weight_quantizer") and res.float_modules == ["conv1d"]
+    assert hasattr(model.mlp[2], "weight_quantizer")  # a Linear subclass keeps its class and is quantized
+    assert type(model.mlp[2]) is TinyGeneric.MyLinear
+    assert model.alias is model.head and hasattr(model.head, "weight_quantizer")
+    assert hasattr(model.conv, "weight_quantizer")
 
-    model, _ = get_model("generic")
-    place_quantizers(model, PlacementConfig(), W, A)
-    assert isinstance(model.conv1d, QuantConv1d)
+    model, x = get_model("generic")
+    place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert hasattr(model.conv1d, "weight_quantizer")
 
 
 # -- disabled quantizers are bit-exact; calibrated ones are in the path ---------------------------------
@@ -265,10 +271,11 @@ def test_resnext_and_generic_names():
 def test_disabled_is_bit_exact_and_calibrated_is_close(key):
     model, x = get_model(key)
     ref = copy.deepcopy(model)
-    cfg = PlacementConfig(mode="ft2", quantize_model_input=True, quantize_residual=key in ("vit", "deit"))
-    res = place_quantizers(model, cfg, W, A)
+    attn = {"mode": "ft2"} if key in ("vit", "deit", "mobilevit") else {}
+    cfg = PlacementConfig(**attn, quantize_model_input=True, quantize_residual=key in ("vit", "deit"))
+    res = place_quantizers(model, cfg, W, A, example_input=x)
     if res.folded_bn:  # compare against the float model with the same (deterministic) folding
-        assert fold_batchnorm(ref) == res.folded_bn
+        assert fold_batchnorm(ref, x).pairs == res.folded_bn
     y_ref = run(ref, x)
     assert torch.equal(run(model, x), y_ref)  # nothing calibrated yet: nothing active
 
@@ -296,69 +303,57 @@ def test_placed_with_disabled_specs_is_bit_exact(key):
     assert torch.equal(run(model, x), run(ref, x))
 
 
-def test_fp32_sdpa_path_used_when_attention_quantizers_inactive(monkeypatch):
+def test_fused_sdpa_kept_while_attention_quantizers_inactive():
     model, x = get_model("vit")
     place_quantizers(model, PlacementConfig(mode="ft2"), W, A)
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    seen = []
+    for blk in model.blocks:
+        blk.attn.q_quantizer.register_forward_hook(lambda *a: seen.append(1))
+    y_ref = run(model, x)
+    assert seen == []  # nothing calibrated: timm's own fused forward, quantizers never called
+    calibrate(model, x)
+    seen.clear()
+    y_q = run(model, x)  # quantizing: the fused op is decomposed and q is quantized in every block
+    assert len(seen) == len(model.blocks) and not torch.equal(y_q, y_ref)
+    for blk in model.blocks:  # only non-attention quantizers active: fused op again
+        for a in ("q_quantizer", "k_quantizer", "softmax_input_quantizer", "attn_quantizer", "v_quantizer"):
+            getattr(blk.attn, a).quantize = False
+    seen.clear()
     run(model, x)
-    assert len(calls) == len(model.blocks)
-    calls.clear()
-    calibrate(model, x)  # calibrating takes the explicit path
-    assert calls == []
-    run(model, x)  # quantizing: explicit path
-    assert calls == []
-    for blk in model.blocks:  # only non-attention quantizers active: back to SDPA
-        for q in blk.attn.attention_quantizers().values():
-            q.quantize = False
-    run(model, x)
-    assert len(calls) == len(model.blocks)
+    assert seen == []
 
 
-def test_explicit_attention_path_matches_fused():
-    model, x = get_model("vit")
-    ref = copy.deepcopy(model)
-    place_quantizers(model, PlacementConfig(mode="ft2"), W_OFF, A_OFF)
-    y_fused = run(model, x)
-    assert torch.equal(y_fused, run(ref, x))
-    for blk in model.blocks:
-        blk.attn.force_explicit = True
-    y_explicit = run(model, x)
-    assert torch.allclose(y_explicit, y_fused, rtol=1e-5, atol=1e-5 * float(y_fused.abs().max()))
-
-    # An attention with fused_attn=False keeps timm's explicit path bit for bit.
-    model, x = get_model("vit")
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
-    ref = copy.deepcopy(model)
-    place_quantizers(model, PlacementConfig(), W_OFF, A_OFF)
-    assert all(not blk.attn.fused_attn for blk in model.blocks)
-    y_ref = run(ref, x)
-    assert torch.equal(run(model, x), y_ref)
-    for blk in model.blocks:
-        blk.attn.force_explicit = True
-    assert torch.equal(run(model, x), y_ref)
+def test_sdpa_decomposition_matches_torch_with_masks_scale_and_gqa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    bool_mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    float_mask = torch.randn(5, 5, generator=g)
+    for kw in ({}, {"attn_mask": bool_mask}, {"attn_mask": float_mask}, {"is_causal": True}, {"scale": 0.3}):
+        ref = F.scaled_dot_product_attention(q, k, v, **kw)
+        assert torch.allclose(quantized_sdpa({}, q, k, v, **kw), ref, rtol=1e-5, atol=1e-6), kw
+    k2, v2 = k[:, :2], v[:, :2]
+    ref = F.scaled_dot_product_attention(q, k2, v2, enable_gqa=True)
+    assert torch.allclose(quantized_sdpa({}, q, k2, v2, enable_gqa=True), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_mask_on_explicit_path():
-    torch.manual_seed(0)
-    attn = Attention(16, num_heads=2, qkv_bias=True).eval()
-    qa = QuantAttention.from_float(copy.deepcopy(attn), A_OFF, softmax_input=True)
-    x = torch.randn(2, 5, 16)
-    mask = torch.ones(5, 5, dtype=torch.bool).tril()
-    with torch.no_grad():
-        for kw in ({}, {"attn_mask": mask}, {"is_causal": True}):
-            y = attn(x, **kw)
-            qa.force_explicit = False
-            assert torch.equal(qa(x, **kw), y)
-            qa.force_explicit = True
-            assert torch.allclose(qa(x, **kw), y, rtol=1e-5, atol=1e-6)
+def test_fused_and_explicit_timm_attention_quantize_alike():
+    """timm's fused path (SDPA, decomposed) and its explicit path (q*scale @ k^T, softmax, @ v,
+    intercepted op by op) get the same quantizers and nearly the same output."""
+    outs = []
+    for fused in (True, False):
+        model, x = get_model("vit")
+        for blk in model.blocks:
+            blk.attn.fused_attn = fused
+        ref = copy.deepcopy(model)
+        res = place_quantizers(model, PlacementConfig(mode="ft2"), W, A)
+        assert len(res.attention) == len(model.blocks)
+        assert torch.equal(run(model, x), run(ref, x))  # not calibrated: bit-exact on both paths
+        calibrate(model, x, res.share_groups)
+        outs.append((run(model, x), run(ref, x), res.quantizers))
+    (yf, rf, qf), (ye, re_, qe) = outs
+    assert qf == qe and torch.allclose(rf, re_, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(yf, rf) and not torch.equal(ye, re_)
+    assert rel_err(yf, ye) < 0.05, rel_err(yf, ye)
 
 
 def test_each_quantizer_kind_is_in_the_path():
@@ -388,7 +383,7 @@ def test_residual_blocks():
     res = place_quantizers(model, PlacementConfig(mode="ft1", quantize_residual=True), W, A)
     assert set(res.quantizers) == expected_vit(ref, "ft1", residual=True)
     assert all(isinstance(b, QuantResidualBlock) and isinstance(b, Block) for b in model.blocks)
-    assert isinstance(model.blocks[0].attn, QuantAttention)
+    assert hasattr(model.blocks[0].attn, "q_quantizer")
     with pytest.raises(ValueError, match="quantize_residual"):
         place_quantizers(get_model("generic")[0], PlacementConfig(quantize_residual=True), W, A)
 
@@ -421,7 +416,7 @@ def test_override_float_the_two_most_sensitive_fc():
     gone = {f"blocks.{i}.mlp.fc2.{k}_quantizer" for i in (4, 5) for k in ("input", "weight")}
     assert set(res.quantizers) == expected_vit(ref, "ft1") - gone
     assert type(model.blocks[4].mlp.fc2) is nn.Linear and type(model.blocks[5].mlp.fc2) is nn.Linear
-    assert isinstance(model.blocks[3].mlp.fc2, QuantLinear)
+    assert hasattr(model.blocks[3].mlp.fc2, "weight_quantizer")
     assert {"blocks.4.mlp.fc2", "blocks.5.mlp.fc2"} <= set(res.float_modules)
     calibrate(model, x)
     assert rel_err(run(model, x), run(ref, x)) < 0.5
@@ -446,7 +441,7 @@ def test_override_spec_enabled_and_order():
     assert qs["blocks.3.attn.attn_quantizer"].spec.bits == 8 and not qs["blocks.3.attn.attn_quantizer"].spec.symmetric
     assert qs["blocks.1.attn.q_quantizer"].spec.enabled is False
     assert qs["blocks.1.attn.k_quantizer"].spec.enabled is True
-    assert "blocks.2.attn.attn_quantizer" not in qs and model.blocks[2].attn.attn_quantizer is None
+    assert "blocks.2.attn.attn_quantizer" not in qs and getattr(model.blocks[2].attn, "attn_quantizer", None) is None
     assert {"head.input_quantizer", "head.weight_quantizer"} <= set(res.quantizers)
     assert "head" not in res.float_modules
     assert qs["head.input_quantizer"].spec.bits == 8
@@ -475,7 +470,7 @@ def test_keep_float_typo_and_noop_override_raise():
 def test_explicit_keep_float_replaces_the_vit_defaults():
     model, x = get_model("vit")
     res = place_quantizers(model, PlacementConfig(keep_float=[]), W, A)
-    assert isinstance(model.patch_embed.proj, QuantConv2d) and isinstance(model.head, QuantLinear)
+    assert hasattr(model.patch_embed.proj, "weight_quantizer") and hasattr(model.head, "weight_quantizer")
     assert {"patch_embed.proj.weight_quantizer", "head.input_quantizer"} <= set(res.quantizers)
     assert res.float_modules == []
 
@@ -491,22 +486,25 @@ def test_float_override_of_a_container_and_model_input():
 
 # -- errors ---------------------------------------------------------------------------------------
 class OddAttention(Attention):
-    def forward(self, x, attn_mask=None, is_causal=False):  # unknown forward
+    def forward(self, x, attn_mask=None, is_causal=False):  # its own forward, around timm's
         return super().forward(x) * 2
 
 
-def test_unsupported_attention_raises_naming_the_module():
+def test_attention_subclass_with_its_own_forward_is_quantized():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), OddAttention(8, num_heads=2)).eval()
-    with pytest.raises(ValueError, match=r"'1'.*overrides timm Attention.forward"):
-        place_quantizers(model, PlacementConfig(), W, A)
-    # ... and can be left float by an override
-    res = place_quantizers(model, PlacementConfig(), W, A, [Override(match="1", float=True)])
-    assert res.float_modules == ["1", "1.qkv", "1.proj"]
-
-    attn = Attention(8, num_heads=2)
-    del attn.q_norm
-    with pytest.raises(ValueError, match=r"'blocks\.7\.attn'.*q_norm"):
-        QuantAttention.from_float(attn, A, name="blocks.7.attn")
+    x = torch.randn(2, 5, 8)
+    ref = copy.deepcopy(model)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert res.attention == ["1"] and "1.q_quantizer" in res.quantizers
+    assert torch.equal(run(model, x), run(ref, x))
+    calibrate(model, x)
+    assert not torch.equal(run(model, x), run(ref, x))
+    # ... and can be left float by an override, listed with the rule
+    model = copy.deepcopy(ref)
+    res = place_quantizers(model, PlacementConfig(), W, A, [Override(match="1", float=True)], example_input=x)
+    assert set(res.float_modules) == {"1", "1.qkv", "1.proj"}
+    assert all("overrides[0]" in r for r in res.float_reasons.values())
 
 
 def test_place_twice_raises():

@@ -315,12 +315,19 @@ def _mse_range(state: HistogramState, spec: QuantSpec, gamma: float) -> Range:
 # --------------------------------------------------------------------------------------------------
 # entropy (KL)
 # --------------------------------------------------------------------------------------------------
+#: First threshold tried, in bins of the reference histogram (TensorRT's / ModelOpt's ``start_bin``):
+#: with 2048 bins the range is never cut below 1/16 of the observed extent.
+ENTROPY_START_BIN = 128
+#: Asymmetric entropy: threshold pairs up to this many are all evaluated (one-sided data always is).
+_ENTROPY_EXHAUSTIVE_PAIRS = 4096
+
+
 class _KLTables:
     """Prefix sums that make KL(P||Q) of one candidate O(levels) instead of O(bins).
 
-    Q is constant over the non-zero bins of P within a group, so with ``G_g`` the clipped slice's
-    mass in group g, ``PG_g`` the same plus the outliers folded into it, ``nnz_g`` its non-zero bins
-    of P and ``S`` the slice mass (Q's normaliser):
+    Q is constant over the non-zero bins of the histogram within a group, so with ``G_g`` the
+    clipped slice's mass in group g, ``PG_g`` the same plus the outliers folded into it, ``nnz_g``
+    its non-zero bins and ``S`` the slice mass (Q's normaliser):
     ``KL = sum_j P_j log P_j + log S - sum_g PG_g log(G_g / nnz_g)``, where ``sum_j P_j log P_j`` is
     a prefix sum except for the two bins that receive the outliers.
     """
@@ -335,13 +342,14 @@ class _KLTables:
         self.nnz = torch.cat([zero, torch.cumsum((p > 0).to(torch.float64), 0)])  # prefix non-zeros
 
     def kl(self, a: torch.Tensor, b: torch.Tensor, levels: int) -> torch.Tensor:
-        """KL(P||Q) of clipping to bins [a, b).
+        """KL(P||Q) of clipping to bins [a, b), as TensorRT / ModelOpt define it.
 
         P: the slice with the mass left of ``a`` added to bin ``a`` and the mass right of ``b`` to
-        bin ``b - 1`` (normalised by the total). Q (TensorRT): the slice *without* the outliers,
-        merged into ``levels`` groups (bin j of the slice -> group floor(j * levels / (b - a))),
-        each group's mass spread evenly over its bins where P is non-zero, normalised by the slice
-        mass. +inf where P has mass that Q cannot represent (an empty group receiving outliers).
+        bin ``b - 1`` (normalised by the total). Q: the slice *without* the outliers, merged into
+        ``levels`` groups (bin j of the slice -> group floor(j * levels / (b - a))), each group's
+        mass spread evenly over its bins that are non-zero in the histogram, normalised by the
+        slice mass. +inf where P has mass that Q cannot represent: outliers folded into an empty
+        end bin.
         """
         mass = self.mass
         left = mass[a]
@@ -362,60 +370,108 @@ class _KLTables:
         pg = gm.clone()
         pg[:, 0] += left
         pg[:, -1] += right
-        gn[:, 0] += ((pa == 0) & (left > 0)).to(torch.float64)
-        gn[:, -1] += ((pb == 0) & (right > 0)).to(torch.float64)
-        # PG log(G / nnz): 0 for empty groups, -inf (KL = +inf) where G = 0 < PG
         logq = gm.log().sub_(gn.clamp_min_(1.0).log_())
         q = torch.where(pg > 0, pg * logq, torch.zeros_like(pg)).sum(1)
         kl = plogp + slice_mass.log() - q
-        return torch.where(torch.isnan(kl), torch.full_like(kl, math.inf), kl.clamp_min(0))
+        lost = ((pa == 0) & (left > 0)) | ((pb == 0) & (right > 0))
+        return torch.where(torch.isnan(kl) | lost, torch.full_like(kl, math.inf), kl.clamp_min(0))
 
 
-def kl_objective(counts: torch.Tensor, i: int, levels: int) -> float:
-    """TensorRT-style KL divergence of clipping the |x| histogram ``counts`` at bin ``i``."""
-    t = _KLTables(counts)
-    dev = counts.device
-    return float(t.kl(torch.tensor([0], device=dev), torch.tensor([int(i)], device=dev), levels))
+def _last_argmin(x: torch.Tensor) -> int:
+    """Index of the last minimum (the reference keeps the widest of equally good thresholds)."""
+    return x.numel() - 1 - int(torch.argmin(x.flip(0)))
+
+
+def _resample(counts: torch.Tensor, e0: float, w: float, lo: float, hi: float,
+              edges: torch.Tensor) -> torch.Tensor:
+    """Re-bin ``counts`` (bins of width ``w`` from ``e0``, data within ``[lo, hi]``) onto ``edges``.
+
+    Each bin's count is spread uniformly over the part of it inside ``[lo, hi]``; a bin that meets
+    ``[lo, hi]`` in one point holds a point mass there (a ReLU6 output saturated at exactly 6).
+    Mass at or beyond the last edge falls in the last new bin, as in ``torch.histc``. Empty
+    stretches stay exactly empty, so the non-zero bins KL's Q spreads over are well defined.
+    """
+    k = counts.numel()
+    c = counts.to(torch.float64)
+    knots = e0 + w * torch.arange(k + 1, dtype=torch.float64, device=c.device)
+    knots[0], knots[-1] = lo, hi  # lo lies in the first bin, hi in the last
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=c.device), torch.cumsum(c, 0)])
+    idx = (torch.searchsorted(knots, edges, right=True) - 1).clamp_(0, k - 1)
+    width = knots[idx + 1] - knots[idx]
+    t = torch.where(width > 0, (edges - knots[idx]) / width.clamp_min(1e-300), 1.0).clamp_(0.0, 1.0)
+    f = cdf[idx] + c[idx] * t
+    f[-1] = cdf[-1]
+    return f.diff().clamp_min_(0.0)
 
 
 def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
-    """Symmetric: TensorRT's search on the |x| histogram, every threshold from ``levels`` bins to
-    the last occupied one, with ``levels = 2**(bits-1)`` (128 at 8 bits).
+    """TensorRT's / ModelOpt's KL search (``_compute_amax_entropy``), on the histogram that
+    reference would have built from the same data.
 
-    Asymmetric: the same KL with both ends free on the signed histogram (left outliers go to the
-    first kept bin, right outliers to the last) and ``levels = 2**bits``; exhaustive when the pair
-    count is small, else a coarse grid (<= 17 x 17) followed by two rounds of exhaustive scans of
-    each end (within 4 coarse steps) with the other fixed. The 2-D KL surface is rippled, so this
-    lands near, not always on, the exhaustive optimum (KL within 0-2.5% of it on gaussian, laplace,
-    t and GELU data at 2048 bins) at a fraction of the exhaustive cost (~1-2.5M pairs).
+    The reference bins |x| into ``bins`` equal bins over ``[0, amax]``; ours span the power of two
+    above amax, so up to twice as wide. Its candidate thresholds are ``i * amax / bins`` for
+    ``i >= ENTROPY_START_BIN``: ours are re-binned onto that grid (each bin read as uniform over
+    its part of the observed range), so the candidates never depend on the power-of-two span.
+    Then, as in the reference:
+
+    * the zero bin takes the count of its neighbour (``bins[0] = bins[1]``): a spike of exact zeros
+      (86% of a ReLU6 output) is represented exactly by any grid, and left in it would make every
+      threshold but the narrowest look bad. Here it is done once at our own resolution (our zero
+      bin can overlap two of the reference's) and once on the re-binned histogram;
+    * Q spreads each group's mass over the bins that are non-zero in the histogram, so outliers
+      folded into an empty end bin give KL = +inf;
+    * of equal divergences the last (widest) threshold wins.
+
+    Symmetric specs search |x| with ``2**(bits-1)`` levels. Asymmetric ones re-bin the signed
+    histogram over ``[min(min, 0), max(max, 0)]`` (zero on a bin edge) and search both ends with
+    ``2**bits`` levels, left outliers folding into the first kept bin: on one-sided data that is
+    exactly the reference's unsigned search. Two-sided pairs are searched exhaustively when few,
+    else a coarse grid (<= 17 x 17) followed by two rounds of exhaustive scans of each end (within
+    4 coarse steps) with the other fixed; the 2-D KL surface is rippled, so this lands near, not
+    always on, the exhaustive optimum.
     """
-    w = _bin_width(state)
+    n, w = state.bins, _bin_width(state)
     dev = state.counts.device
     if spec.symmetric:
         levels = 2 ** (spec.bits - 1)
-        h = state.abs_counts()
-        last = int(torch.nonzero(h).flatten()[-1]) + 1
         amax = _abs_max(state)
-        if last <= levels:  # no clipping candidate beats keeping everything
-            return -amax, amax
-        t = _KLTables(h[:last])
-        i = torch.arange(levels, last + 1, device=dev)
+        signed = state.counts.to(torch.float64)
+        signed[n] = signed[n + 1]  # zero bin [0, w) (exact zeros land there); keep [-w, 0)
+        edges = torch.linspace(0.0, amax, n + 1, dtype=torch.float64, device=dev)
+        ref = torch.zeros(n, dtype=torch.float64, device=dev)
+        # |x| = the two halves folded, each re-binned within its own extreme (GELU's -0.17 edge)
+        for half, end in ((signed[n:], state.max), (signed[:n].flip(0), -state.min)):
+            if end > 0 and bool(half.any()):
+                ref += _resample(half[:int(torch.nonzero(half).flatten()[-1]) + 1], 0.0, w, 0.0, end, edges)
+        ref[0] = ref[1]
+        t = _KLTables(ref)
+        i = torch.arange(min(ENTROPY_START_BIN, n), n + 1, device=dev)
         kl = _chunked(lambda b: t.kl(torch.zeros_like(b), b, levels), i, per_row=levels + 1)
-        a = min(int(i[torch.argmin(kl)]) * w, amax)  # i = last (no clipping) is always finite
+        a = min(float(edges[int(i[_last_argmin(kl)])]), amax)
         return -a, a
 
     levels = 2**spec.bits
-    n = state.bins
-    nz = torch.nonzero(state.counts).flatten()
-    start, stop = min(int(nz[0]), n), max(int(nz[-1]) + 1, n)  # keep zero (index n) inside
-    if stop - start <= levels:
-        return float(state.min), float(state.max)
-    t = _KLTables(state.counts[start:stop])
-    zero = n - start
-    a_max, b_min, b_max = zero, zero, stop - start  # candidate a in [0, zero], b in [zero, b_max]
+    lo_end, hi_end = min(state.min, 0.0), max(state.max, 0.0)
+    v = (hi_end - lo_end) / n
+    k_lo = math.ceil(n * (-lo_end / (hi_end - lo_end)))
+    k_hi = math.ceil(n * (hi_end / (hi_end - lo_end)))
+    edges = v * torch.arange(-k_lo, k_hi + 1, dtype=torch.float64, device=dev)
+    counts, e0 = _occupied(state)
+    counts = counts.to(torch.float64)
+    z = n - int(torch.nonzero(state.counts).flatten()[0])  # our zero bin [0, w) in ``counts``
+    if 0 <= z < counts.numel():
+        counts[z] = counts[z + 1] if z + 1 < counts.numel() else 0.0
+    ref = _resample(counts, e0, w, float(state.min), float(state.max), edges)
+    if k_hi >= 2:  # the reference's zero bin, on the side the data lies
+        ref[k_lo] = ref[k_lo + 1]
+    elif k_lo >= 2:
+        ref[k_lo - 1] = ref[k_lo - 2]
+    t = _KLTables(ref)
+    total = k_lo + k_hi
+    start = min(ENTROPY_START_BIN, total)
 
     def kl_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ok = (b - a) >= levels
+        ok = (b - a) >= start
         out = torch.full(a.shape, math.inf, dtype=torch.float64, device=dev)
         if bool(ok.any()):
             out[ok] = _chunked(lambda x, y: t.kl(x, y, levels), a[ok], b[ok], per_row=levels + 1)
@@ -424,29 +480,29 @@ def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
     def best_of(a_axis: torch.Tensor, b_axis: torch.Tensor) -> tuple[int, int]:
         a, b = torch.meshgrid(a_axis, b_axis, indexing="ij")
         a, b = a.flatten(), b.flatten()
-        k = int(torch.argmin(kl_pairs(a, b)))
+        k = _last_argmin(kl_pairs(a, b))
         return int(a[k]), int(b[k])
 
     def axis(lo: int, hi: int, step: int) -> torch.Tensor:
         pts = torch.arange(lo, hi + 1, step, device=dev)
         return torch.unique(torch.cat([pts, torch.tensor([hi], device=dev)]))
 
-    na, nb = a_max + 1, b_max - b_min + 1
-    if na * nb <= 1024:
-        ba, bb = best_of(axis(0, a_max, 1), axis(b_min, b_max, 1))
+    na, nb = k_lo + 1, k_hi + 1  # a in [0, k_lo], b in [k_lo, total]
+    if na * nb <= _ENTROPY_EXHAUSTIVE_PAIRS:
+        ba, bb = best_of(axis(0, k_lo, 1), axis(k_lo, total, 1))
     else:
         # KL ripples as group boundaries move, so a shrinking 2-D window gets stuck easily: after
         # a coarse grid, alternate exhaustive scans of one end (within 4 coarse steps) with the
         # other end fixed, twice; every scan keeps the current pair, so KL never increases.
         sa, sb = max(1, -(-na // 16)), max(1, -(-nb // 16))
-        ba, bb = best_of(axis(0, a_max, sa), axis(b_min, b_max, sb))
+        ba, bb = best_of(axis(0, k_lo, sa), axis(k_lo, total, sb))
         for _ in range(2):
             ba, bb = best_of(torch.tensor([ba], device=dev),
-                             axis(max(b_min, bb - 4 * sb), min(b_max, bb + 4 * sb), 1))
-            ba, bb = best_of(axis(max(0, ba - 4 * sa), min(a_max, ba + 4 * sa), 1),
+                             axis(max(k_lo, bb - 4 * sb), min(total, bb + 4 * sb), 1))
+            ba, bb = best_of(axis(max(0, ba - 4 * sa), min(k_lo, ba + 4 * sa), 1),
                              torch.tensor([bb], device=dev))
-    lo = max((start + ba - n) * w, state.min)
-    hi = min((start + bb - n) * w, state.max)
+    lo = max(float(edges[ba]), state.min)
+    hi = min(float(edges[bb]), state.max)
     return lo, hi
 
 

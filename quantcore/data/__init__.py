@@ -7,14 +7,15 @@ data-parallel sharding, and skip-aware loading.
     for images, labels, skipped in make_loader(ds, 64, num_workers=4, indices=shard_indices(idx, rank, world)):
         ...
 """
-from .base import IMG_EXTS, ImageDataset, decode_image
+from .base import IMG_EXTS, ImageDataset, decode_image, to_8bit
 from .detect import LAYOUTS, detect_layout, open_dataset
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 from .folder import FolderDataset
 from .loader import SkipAwareLoader, collate_skip, make_loader
 from .pack import pack, pack_arrays, write_shards
 from .resisc import ImagePathsDataset, load_label_map
-from .subsets import first_batches, per_class_subset, random_subset, shard_indices
+from .subsets import (class_quotas, first_batches, limit_subset, per_class_subset, random_subset, shard_indices,
+                      stratified_subset)
 from .transforms import describe_transform, eval_transform, model_fixed_img_size, model_in_chans
 from .zipped import INDEX_NAME, Shard, ZipShardDataset, find_shards, load_index
 
@@ -26,7 +27,8 @@ __all__ = [
     "open_dataset", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
     "load_label_map", "INDEX_NAME",
     "pack", "pack_arrays", "write_shards",
-    "per_class_subset", "first_batches", "random_subset", "shard_indices",
+    "per_class_subset", "first_batches", "random_subset", "shard_indices", "stratified_subset", "class_quotas",
+    "limit_subset", "to_8bit",
     "collate_skip", "make_loader", "SkipAwareLoader",
     "eval_transform", "describe_transform", "model_in_chans", "model_fixed_img_size",
 ]

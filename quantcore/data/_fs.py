@@ -33,13 +33,21 @@ def dir_prefix(uri: str) -> str:
 
 
 def rel(uri: str, prefix: str) -> str:
-    """Path of ``uri`` relative to directory ``prefix`` (both as returned by storage)."""
+    """Name of ``uri`` relative to directory ``prefix`` (both as returned by storage), as a plain
+    ``/``-separated file name: local paths and ``file://`` URIs are compared as decoded file-system
+    paths (a ``file://`` listing is percent-encoded; the names it yields must not be), S3 keys
+    verbatim. A trailing ``/`` (S3 directory marker) is kept."""
     uri, prefix = str(uri), dir_prefix(prefix)
-    if uri.startswith(prefix):
-        return uri[len(prefix):]
     lp, lu = local_path(prefix), local_path(uri)
     if lp is not None and lu is not None:
-        return os.path.relpath(lu, lp).replace(os.sep, "/")
+        lp = dir_prefix(lp)
+        if lu.startswith(lp):
+            return lu[len(lp):]
+        r = os.path.relpath(lu, lp).replace(os.sep, "/")
+        if r != ".." and not r.startswith("../"):
+            return r
+    elif lp is None and lu is None and uri.startswith(prefix):
+        return uri[len(prefix):]
     raise ValueError(f"{uri} is not under {prefix}")
 
 
@@ -55,17 +63,17 @@ def list_files(prefix_uri: str, suffix: str | None = None) -> list[str]:
 
 
 def _under(uri: str, prefix: str) -> bool:
-    if str(uri).startswith(prefix):
-        return True
     lp, lu = local_path(prefix), local_path(uri)
     if lp is not None and lu is not None:
         lp = os.path.abspath(lp)
         return os.path.abspath(lu).startswith(lp.rstrip(os.sep) + os.sep)
-    return False
+    return lp is None and lu is None and str(uri).startswith(prefix)
 
 
 def basename(uri: str) -> str:
-    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+    """Last name of ``uri`` (decoded for ``file://`` URIs, verbatim for S3 keys)."""
+    lp = local_path(uri)
+    return (lp if lp is not None else str(uri)).rstrip("/").rsplit("/", 1)[-1]
 
 
 def read_or_data_error(uri: str, what: str = "file") -> bytes:

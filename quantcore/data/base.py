@@ -17,7 +17,8 @@ def is_image_name(name: str) -> bool:
 
 
 def decode_image(data: bytes, where: str):
-    """Fully decode ``data`` with PIL (so truncation is caught here, not in the transform)."""
+    """Fully decode ``data`` with PIL (so truncation is caught here, not in the transform) and bring it
+    to 8 bits per channel with :func:`to_8bit`: the result is always mode ``'L'`` or ``'RGB'``."""
     from PIL import Image
 
     try:
@@ -25,7 +26,66 @@ def decode_image(data: bytes, where: str):
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         raise DataError(f"cannot decode image {where}: {type(e).__name__}: {e}", file=where) from e
-    return img
+    return to_8bit(img, where)
+
+
+# Formats whose 32-bit ``'I'`` images hold at most 16-bit samples (old Pillow's 16-bit PNGs; Netpbm
+# files with maxval > 255, which Pillow rescales to 0..65535).
+_I_IS_16BIT = ("PNG", "PPM")
+_TO_RGB = ("RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def to_8bit(img, where: str):
+    """``img`` as an 8-bit ``'L'`` (one channel) or ``'RGB'`` image; never clips silently.
+
+    Rules, by PIL mode:
+      * ``L``, ``RGB``: unchanged. ``1``: ``L`` with 0/255.
+      * ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (16-bit grey): ``L``, scaled ``round(v * 255 / 65535)``.
+      * ``I`` (32-bit int): from PNG/Netpbm (at most 16-bit samples) scaled like 16-bit; from any other
+        format (32-bit TIFF ...) refused, and ``F`` (float) refused: neither has a defined white level,
+        so any scaling would be a guess. The :class:`DataError` names the file and the mode.
+      * Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, ``P`` with transparency) is dropped: the
+        (un-premultiplied) colour is kept, exactly what ``Image.convert('RGB')`` in torchvision's and
+        timm's loaders gives, so accuracies stay comparable with theirs.
+      * ``P``: its palette colours (``RGB``). ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's
+        conversion to ``RGB``. Any other mode is refused naming the file.
+    16-bit RGB(A) PNG/TIFF/PPM files are already reduced to 8 bits by PIL's decoder. EXIF orientation
+    and ICC profiles are not applied (as in torchvision/timm), so pixels are the stored ones.
+    """
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode in ("LA", "La"):
+        return (img.convert("LA") if mode == "La" else img).convert("L")
+    if mode in ("P", "PA"):
+        if mode == "PA" or "transparency" in img.info:
+            return img.convert("RGBA").convert("RGB")
+        return img.convert("RGB")
+    if mode in ("RGBA", "RGBa"):
+        return (img.convert("RGBA") if mode == "RGBa" else img).convert("RGB")
+    if mode in _TO_RGB:
+        return img.convert("RGB")
+    if mode.startswith("I;16") or (mode == "I" and getattr(img, "format", None) in _I_IS_16BIT):
+        return _scale_16bit(img, where)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise DataError(f"{kind} image (PIL mode {mode!r}, format {getattr(img, 'format', None)}) {where}: "
+                        f"no defined white level, refusing to guess a scale; convert it to 8- or 16-bit",
+                        file=where)
+    raise DataError(f"unsupported image mode {mode!r} in {where}", file=where)
+
+
+def _scale_16bit(img, where: str):
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img)
+    if a.ndim != 2 or a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+        raise DataError(f"16-bit image {where} (PIL mode {img.mode!r}) has samples outside 0..65535", file=where)
+    a = (a.astype(np.uint32) * 255 + 32767) // 65535  # round(v * 255 / 65535), exact in integers
+    return Image.fromarray(a.astype(np.uint8))
 
 
 class ImageDataset(Dataset):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad or inconsistent input data. The message always names the file (and shard / line).
 
     The constructor accepts a single message positionally so that the exception survives being

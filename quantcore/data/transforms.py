@@ -23,14 +23,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConvertMode:
-    """Convert a PIL image to ``mode`` (``'RGB'``/``'L'``); tensors pass through. Picklable."""
+    """Convert a PIL image to ``mode`` (``'RGB'``/``'L'``); tensors pass through. Picklable.
+
+    Images not yet in 8-bit ``L``/``RGB`` (e.g. handed over by a foreign dataset) first go through
+    :func:`quantcore.data.base.to_8bit`, so 16-bit images are scaled, never clipped."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, img):
         if hasattr(img, "convert") and getattr(img, "mode", None) != self.mode:
-            return img.convert(self.mode)
+            if img.mode not in ("L", "RGB"):
+                from .base import to_8bit
+
+                img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>")
+            return img if img.mode == self.mode else img.convert(self.mode)
         return img
 
     def __repr__(self) -> str:

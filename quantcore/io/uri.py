@@ -1,7 +1,20 @@
 """URI parsing for the storage layer: local paths, ``file://`` URIs and ``s3://bucket/key``.
 
 Pure functions, no I/O. Anything that is not a recognised URI raises
-:class:`ValueError` naming the offending string.
+:class:`UriError` (a :class:`~quantcore.errors.UserError`) naming the offending string.
+
+Grammar (a ``file://`` URI names exactly the file its plain path names):
+
+* **Plain path** (no ``scheme://``): used as is; nothing is decoded.
+* **file URI** (RFC 8089): ``file:///abs/path``, ``file://localhost/abs/path`` or ``file:/abs/path``.
+  The path is percent-decoded to bytes and then to a file name with ``os.fsdecode`` (UTF-8, any
+  byte round-trips), so ``%20`` is a space and a literal ``%`` must be written ``%25``. Characters
+  that a strict URI would need encoded (space, non-ASCII, ``#``, ``?``) are accepted raw and taken
+  literally: there is no query or fragment. Other hosts, relative paths and ``%00`` are refused.
+  URIs that quantcore *produces* (:func:`join`, ``storage.list_uris``) are always in the canonical
+  fully-encoded form of :func:`file_uri`, so feeding them back is exact.
+* **s3://bucket/key**: the key is taken verbatim (never percent-decoded or encoded), so keys with
+  spaces, ``%``, ``#``, ``?`` or non-ASCII characters round-trip exactly.
 """
 
 from __future__ import annotations
@@ -9,9 +22,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Union
-from urllib.parse import unquote
+from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+from ..errors import UserError
+
+
+class UriError(UserError):
+    """A malformed URI or an unsupported scheme; the message names the URI."""
 
 URI = Union[str, "os.PathLike[str]"]
 
@@ -46,11 +64,11 @@ def _as_str(uri: URI) -> str:
     if isinstance(uri, os.PathLike):
         uri = os.fspath(uri)
     if isinstance(uri, bytes):
-        raise ValueError(f"URI must be str or os.PathLike[str], got bytes: {uri!r}")
+        raise UriError(f"URI must be str or os.PathLike[str], got bytes: {uri!r}")
     if not isinstance(uri, str):
-        raise ValueError(f"URI must be str or os.PathLike[str], got {type(uri).__name__}: {uri!r}")
+        raise UriError(f"URI must be str or os.PathLike[str], got {type(uri).__name__}: {uri!r}")
     if not uri:
-        raise ValueError("empty URI ''")
+        raise UriError("empty URI ''")
     return uri
 
 
@@ -59,14 +77,27 @@ def scheme_of(uri: URI) -> str:
     s = _as_str(uri)
     m = _SCHEME_RE.match(s)
     if not m:
-        return "local"
+        return "file" if _is_short_file_uri(s) else "local"
     scheme = m.group(1).lower()
     if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(
+        raise UriError(
             f"unsupported URI scheme {scheme + '://'!r} in {s!r} "
             f"(supported: local paths, file://, s3://)"
         )
     return scheme
+
+
+def _is_short_file_uri(s: str) -> bool:
+    """RFC 8089's minimal form ``file:/abs/path`` (no authority)."""
+    return s[:6].lower() == "file:/" and s[6:7] != "/"
+
+
+def _decode_file_path(rest: str, original: str) -> str:
+    """Percent-decode the path of a file URI to a file name (exact inverse of :func:`file_uri`)."""
+    raw = unquote_to_bytes(rest.encode("utf-8", "surrogateescape"))
+    if b"\0" in raw:
+        raise UriError(f"file URI {original!r} contains a NUL byte (%00)")
+    return os.fsdecode(raw)
 
 
 def parse_uri(uri: URI, *, require_key: bool = False) -> ParsedURI:
@@ -84,26 +115,27 @@ def parse_uri(uri: URI, *, require_key: bool = False) -> ParsedURI:
     scheme = scheme_of(s)
     if scheme == "local":
         return ParsedURI("local", path=s, original=s)
-    rest = s[len(scheme) + 3:]
     if scheme == "file":
-        if rest.startswith("localhost/"):
+        rest = s[len("file:"):] if _is_short_file_uri(s) else s[len("file://"):]
+        if rest[:10].lower() == "localhost/":
             rest = rest[len("localhost"):]
         if not rest.startswith("/"):
-            raise ValueError(
+            raise UriError(
                 f"file URI must be absolute, e.g. 'file:///data/x' (got {s!r})"
             )
-        path = unquote(rest)
+        path = _decode_file_path(rest, s)
         if not path.strip("/") and require_key:
-            raise ValueError(f"file URI {s!r} names no file")
+            raise UriError(f"file URI {s!r} names no file")
         return ParsedURI("file", path=path, original=s)
     # s3
+    rest = s[len(scheme) + 3:]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"S3 URI {s!r} has no bucket (expected 's3://bucket/key')")
+        raise UriError(f"S3 URI {s!r} has no bucket (expected 's3://bucket/key')")
     if not _BUCKET_RE.match(bucket):
-        raise ValueError(f"S3 URI {s!r} has an invalid bucket name {bucket!r}")
+        raise UriError(f"S3 URI {s!r} has an invalid bucket name {bucket!r}")
     if require_key and (not key or key.endswith("/")):
-        raise ValueError(f"S3 URI {s!r} names no object key (expected 's3://bucket/key')")
+        raise UriError(f"S3 URI {s!r} names no object key (expected 's3://bucket/key')")
     return ParsedURI("s3", bucket=bucket, key=key, original=s)
 
 
@@ -120,7 +152,7 @@ def local_path(uri: URI) -> str:
     """Return the filesystem path for a local path or ``file://`` URI; ValueError for S3/unknown."""
     p = parse_uri(uri)
     if p.is_s3:
-        raise ValueError(f"expected a local path or file:// URI, got S3 URI {p.original!r}")
+        raise UriError(f"expected a local path or file:// URI, got S3 URI {p.original!r}")
     return p.path
 
 
@@ -130,8 +162,10 @@ def s3_uri(bucket: str, key: str) -> str:
 
 
 def file_uri(path: str) -> str:
-    """Format an absolute path as a (percent-encoded) ``file://`` URI."""
-    return Path(os.path.abspath(path)).as_uri()
+    """Format a path as the canonical ``file://`` URI of its absolute path: every byte of the
+    (``os.fsencode``-d) path except unreserved characters and ``/`` is percent-encoded, so
+    ``parse_uri(file_uri(p)).path == os.path.abspath(p)`` for every file name."""
+    return "file://" + quote_from_bytes(os.fsencode(os.path.abspath(path)), safe="/")
 
 
 def join(uri: URI, *parts: str) -> str:
@@ -155,7 +189,7 @@ def join(uri: URI, *parts: str) -> str:
     if trailing and not joined.endswith(os.sep):
         joined += os.sep
     if p.scheme == "file":
-        uri_s = Path(joined).as_uri()
+        uri_s = file_uri(joined)
         if trailing and not uri_s.endswith("/"):
             uri_s += "/"
         return uri_s

@@ -1,18 +1,4 @@
-"""Quantized modules."""
-from .attention import ATTENTION_QUANTIZERS, QuantAttention, is_timm_attention
-from .layers import QUANT_LAYERS, QuantConv1d, QuantConv2d, QuantLinear, quant_class_for
+"""Quantized modules (only where an op cannot be intercepted: timm residual adds)."""
 from .residual import RESIDUAL_QUANTIZERS, QuantResidualBlock, is_timm_block
 
-__all__ = [
-    "ATTENTION_QUANTIZERS",
-    "QUANT_LAYERS",
-    "QuantAttention",
-    "QuantConv1d",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantResidualBlock",
-    "RESIDUAL_QUANTIZERS",
-    "is_timm_attention",
-    "is_timm_block",
-    "quant_class_for",
-]
+__all__ = ["QuantResidualBlock", "RESIDUAL_QUANTIZERS", "is_timm_block"]

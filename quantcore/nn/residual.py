@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..errors import PlacementError
 from ..formats import QuantSpec
 from ..quantizer import TensorQuantizer
 
@@ -42,13 +43,13 @@ def check_block(mod: nn.Module, name: str = "") -> None:
     where = f"transformer block {name!r} ({type(mod).__module__}.{type(mod).__qualname__})"
     hint = "; leave its residual adds float (quantize_residual: false)" if name else ""
     if not is_timm_block(mod):
-        raise ValueError(f"{where} is not a timm vision_transformer.Block{hint}")
+        raise PlacementError(f"{where} is not a timm vision_transformer.Block{hint}")
     if type(mod).forward is not TimmBlock.forward and not isinstance(mod, QuantResidualBlock):
-        raise ValueError(f"{where} overrides timm Block.forward; quantcore cannot quantize the "
+        raise PlacementError(f"{where} overrides timm Block.forward; quantcore cannot quantize the "
                          f"residual adds of an unknown forward{hint}")
     missing = [a for a in _REQUIRED if not isinstance(getattr(mod, a, None), nn.Module)]
     if missing:
-        raise ValueError(f"{where} lacks submodule(s) {missing} that QuantResidualBlock relies on{hint}")
+        raise PlacementError(f"{where} lacks submodule(s) {missing} that QuantResidualBlock relies on{hint}")
 
 
 class QuantResidualBlock(TimmBlock):
@@ -64,7 +65,7 @@ class QuantResidualBlock(TimmBlock):
                    name: str = "") -> "QuantResidualBlock":
         check_block(mod, name)
         if isinstance(mod, QuantResidualBlock):
-            raise ValueError(f"transformer block {name!r} is already a QuantResidualBlock")
+            raise PlacementError(f"transformer block {name!r} is already a QuantResidualBlock")
         new = cls.__new__(cls)
         new.__dict__.update(mod.__dict__)
         new._parameters = dict(mod._parameters)

@@ -1,22 +1,25 @@
-"""Quantizer placement: which tensors of a model get a TensorQuantizer, per model family.
+"""Quantizer placement: which tensors of a model get a TensorQuantizer.
 
 Entry points: :func:`place_quantizers` (in place; returns a :class:`PlacementResult`, also stored as
-``model.quantcore_placement``), :func:`quantizers` (name -> TensorQuantizer) and
-:func:`detect_family`.
+``model.quantcore_placement``), :func:`quantizers` (name -> TensorQuantizer), :func:`detect_family`
+and :func:`default_example_input`. How ops are found and quantized: :mod:`.probe`, :mod:`.intercept`.
 """
-from .core import ROOT_INPUT_QUANTIZER, PlacementResult, place_quantizers, quantizers
-from .families import DEFAULT_KEEP_FLOAT, FAMILIES, detect_family, transformer_scopes
+from .core import (ROOT_INPUT_QUANTIZER, PlacementResult, default_example_input, detect_family,
+                   place_quantizers, quantizers)
+from .families import DEFAULT_KEEP_FLOAT, FAMILIES
+from .intercept import ATTENTION_QUANTIZERS
 from .vit import ModeSettings, mode_settings
 
 __all__ = [
+    "ATTENTION_QUANTIZERS",
     "DEFAULT_KEEP_FLOAT",
     "FAMILIES",
     "ModeSettings",
     "PlacementResult",
     "ROOT_INPUT_QUANTIZER",
+    "default_example_input",
     "detect_family",
     "mode_settings",
     "place_quantizers",
     "quantizers",
-    "transformer_scopes",
 ]

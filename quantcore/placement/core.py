@@ -1,26 +1,36 @@
-"""``place_quantizers``: put TensorQuantizers into a float model, in place."""
+"""``place_quantizers``: put TensorQuantizers into a float model, in place.
+
+The plan comes from what the model computes on an example input (:mod:`.probe`), not from class
+names: every ``F.linear``/``F.conv*`` op gets input/weight quantizers on the module that owns the
+weight (or on the calling module when the weight is computed in forward), every
+``softmax(q k^T) v`` (fused or explicit, timm / torchvision / Hugging Face alike) gets attention
+quantizers on the module whose forward computes it, and every Linear/Conv/attention that gets none is
+listed in :attr:`PlacementResult.float_reasons` with the reason. Modules are never replaced (except
+timm ``Block`` for ``quantize_residual``): the ops are intercepted (:mod:`.intercept`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..config import Override, PlacementConfig
-from ..fold import fold_batchnorm
+from ..errors import PlacementError
+from ..fold import FoldError, fold_batchnorm, is_batchnorm
 from ..formats import QuantSpec
-from ..nn.attention import ATTENTION_QUANTIZERS, QuantAttention, check_attention, is_timm_attention
-from ..nn.layers import QUANT_LAYERS
 from ..nn.residual import RESIDUAL_QUANTIZERS, QuantResidualBlock, check_block, is_timm_block
 from ..quantizer import TensorQuantizer
-from .families import DEFAULT_KEEP_FLOAT, FAMILIES, detect_family, in_scope, transformer_scopes
-from .generic import is_linear, is_quantizable_layer, module_refs, quantize_layer, set_module
+from .families import DEFAULT_KEEP_FLOAT, FAMILIES
+from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
+from .probe import Trace, run_probe
 from .vit import block_weight_spec, mode_settings
 
 ROOT_INPUT_QUANTIZER = "input_quantizer"
+_ATTN_OPTIONS = ("mode", "quantize_softmax_input", "quantize_gemm_output", "share_qkv_range")
 
 
 @dataclass
@@ -29,8 +39,9 @@ class PlacementResult:
 
     ``quantizers``: full dotted names of every TensorQuantizer, in module order. ``share_groups``:
     quantizers that must end with one common range (the union of their calibrated ranges).
-    ``folded_bn``: ``(conv, bn)`` pairs folded. ``float_modules``: Linear/Conv/Attention modules (and
-    residual blocks when ``quantize_residual``) deliberately left float.
+    ``folded_bn``: ``(conv, bn)`` pairs folded; ``unfolded_bn``: BatchNorm name -> why it stayed.
+    ``float_reasons``: every Linear/Conv/attention/op left float -> why (``float_modules`` lists the
+    names). ``attention``: modules whose ``softmax(q k^T) v`` is quantized.
     """
 
     family: str
@@ -38,7 +49,20 @@ class PlacementResult:
     quantizers: list[str] = field(default_factory=list)
     share_groups: list[list[str]] = field(default_factory=list)
     folded_bn: list[tuple[str, str]] = field(default_factory=list)
-    float_modules: list[str] = field(default_factory=list)
+    unfolded_bn: dict[str, str] = field(default_factory=dict)
+    float_reasons: dict[str, str] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
+    example_input_shape: list[int] = field(default_factory=list)
+
+    @property
+    def float_modules(self) -> list[str]:
+        return list(self.float_reasons)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "mode": self.mode, "quantizers": len(self.quantizers),
+                "attention": list(self.attention), "folded_bn": [list(p) for p in self.folded_bn],
+                "unfolded_bn": dict(self.unfolded_bn), "float": dict(self.float_reasons),
+                "example_input_shape": list(self.example_input_shape)}
 
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
@@ -63,144 +87,418 @@ def _add_root_input_quantizer(model: nn.Module, act_spec: QuantSpec, bins: int) 
 
 def _check_fresh(model: nn.Module) -> None:
     if getattr(model, "quantcore_placement", None) is not None:
-        raise ValueError("place_quantizers was already applied to this model")
-    quant_types = tuple(set(QUANT_LAYERS.values())) + (TensorQuantizer, QuantAttention, QuantResidualBlock)
-    found = [n or "<root>" for n, m in model.named_modules() if isinstance(m, quant_types)]
+        raise PlacementError("place_quantizers was already applied to this model")
+    found = [n or "<root>" for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, QuantResidualBlock))]
     if found:
-        raise ValueError(f"the model already contains quantized modules {found[:5]}; place quantizers "
-                         "on a float model")
-    if is_quantizable_layer(model) or is_timm_attention(model) or is_timm_block(model):
-        raise ValueError(f"the model itself is a {type(model).__name__}; wrap it in a container "
-                         "(e.g. nn.Sequential) so it can be replaced in place")
+        raise PlacementError(f"the model already contains quantizers {found[:5]}; place quantizers on a float model")
 
 
+# -- example input ---------------------------------------------------------------------------------
+def default_example_input(model: nn.Module, img_size: int | None = None, in_chans: int | None = None,
+                          batch: int = 2) -> torch.Tensor:
+    """A seeded ``(batch, C, H, W)`` normal tensor shaped like the model's input: Hugging Face
+    ``config.image_size/num_channels``, else the model's eval transform (timm pretrained_cfg, a
+    patch embedding's fixed size, torchvision's 224), with ``img_size``/``in_chans`` winning."""
+    c = h = w = None
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        c = getattr(cfg, "num_channels", None)
+    if h is None:
+        from ..data.transforms import describe_transform
+
+        c, h, w = describe_transform(model)["input_size"]
+    if img_size is not None:
+        h = w = img_size
+    if in_chans is not None:
+        c = in_chans
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, int(c or 3), int(h), int(w), generator=g).to(dev, dtype)
+
+
+# -- analysis of the trace -------------------------------------------------------------------------
 @dataclass
-class _Planned:
-    name: str
-    module: nn.Module
-    kind: str  # "layer" | "attention" | "block"
-    specs: dict[str, QuantSpec]  # attribute -> spec of the quantizers it gets
-    softmax_input: bool = False
+class _Site:
+    name: str  # what rules match: the owner module (or "owner.in_proj" for a prefixed weight)
+    kind: str  # "weighted" | "attention"
+    owner: str
+    prefix: str = ""
+    op: str = ""
+    weight_attr: Optional[str] = None
+    callers: dict[str, Optional[str]] = field(default_factory=dict)  # caller -> param path rel. caller
+    order: int = 0
+    reads_model_input: bool = False
+
+
+def _rel(path: str, base: str) -> str:
+    if not base:
+        return path
+    return "" if path == base else path[len(base) + 1:]
+
+
+def _within(name: str, base: str) -> bool:
+    return base == "" or name == base or name.startswith(base + ".")
+
+
+_ATTN_KINDS = ("matmul_act", "softmax", "sdpa", "einsum")
+
+
+def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    """Per module call: the attention-relevant ops run inside it, as ``(kind, origin)`` where origin is
+    the child of that module the op ran in ("" = the module's own forward)."""
+    seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for op in trace.ops:
+        if op.kind not in _ATTN_KINDS:
+            continue
+        for depth, frame in enumerate(op.stack):
+            origin = op.stack[depth + 1][0] if depth + 1 < len(op.stack) else ""
+            seqs.setdefault(frame, []).append((op.kind, origin))
+    return seqs
+
+
+def _has_attention(seq: list[tuple[str, str]]) -> bool:
+    """An SDPA, or a contiguous matmul-softmax-matmul whose ops come from the module's own forward and
+    at most one child (``nn.Softmax``): a pattern stitched across blocks is not an attention."""
+    kinds = [k for k, _ in seq]
+    if "sdpa" in kinds:
+        return True
+    for i in range(len(seq) - 2):
+        if kinds[i:i + 3] == ["matmul_act", "softmax", "matmul_act"]:
+            if len({o for _, o in seq[i:i + 3] if o}) <= 1:
+                return True
+    return False
+
+
+def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str]]:
+    mods = dict(model.named_modules())
+    sites: dict[tuple[str, str], _Site] = {}
+    float_reasons: dict[str, str] = {}
+    used_weights: set[str] = set()
+
+    # Weighted ops. Derived weights are counted per call of their caller.
+    derived_per_call: dict[tuple[str, int], int] = {}
+    for op in trace.ops:
+        if op.kind == "weighted" and op.weight is None and op.stack:
+            derived_per_call[op.stack[-1]] = derived_per_call.get(op.stack[-1], 0) + 1
+    for i, op in enumerate(trace.ops):
+        if op.kind == "transposed_conv":
+            owner = (op.weight or "").rpartition(".")[0]
+            float_reasons[owner or op.stack[-1][0]] = "transposed convolution (not quantized)"
+            if op.weight:
+                used_weights.add(op.weight)
+            continue
+        if op.kind == "matmul_param":
+            if op.weight:
+                used_weights.add(op.weight)
+                owner = op.weight.rpartition(".")[0]
+                float_reasons.setdefault(owner or op.weight, f"parameter {op.weight!r} is used by a matmul, "
+                                         "not by F.linear/conv (only those ops are quantized)")
+            continue
+        if op.kind != "weighted" or not op.stack:
+            continue
+        caller = op.stack[-1][0]
+        if op.weight is not None:
+            owner, _, attr = op.weight.rpartition(".")
+            used_weights.add(op.weight)
+            if not _within(owner, caller):
+                float_reasons.setdefault(owner, f"its weight is used by {caller!r}, which does not contain it")
+                continue
+            base = attr[: -len("_weight")] if attr.endswith("_weight") else attr
+            prefix = "" if attr == "weight" else base + "_"
+            name = owner if not prefix else (f"{owner}.{base}" if owner else base)
+            param = _rel(op.weight, caller)
+        else:
+            if op.weight_param_like:
+                float_reasons.setdefault(caller, f"{op.op} receives a view of a parameter (not quantized)")
+                continue
+            n = max(v for (c, _), v in derived_per_call.items() if c == caller)
+            if n > 1:
+                float_reasons[caller] = (f"its forward computes {n} {op.op} weights (quantcore quantizes one "
+                                         "computed weight per module)")
+                continue
+            if not caller:
+                float_reasons["<model>"] = "the model's own forward computes a weight (wrap the model)"
+                continue
+            owner, prefix, name, param, attr = caller, "", caller, None, None
+        key = (owner, prefix)
+        s = sites.get(key)
+        if s is None:
+            s = sites[key] = _Site(name, "weighted", owner, prefix, op.op, attr, order=op.seq)
+            s.reads_model_input = bool(op.inputs) and op.inputs[0] in trace.model_inputs
+        s.callers.setdefault(caller, param)
+
+    # Attention: the innermost modules whose calls compute softmax(q k^T) v.
+    seqs = _attention_seq(trace)
+    qualifying = {name for (name, _), seq in seqs.items() if _has_attention(seq)}
+    minimal = [m for m in qualifying if not any(o != m and _within(o, m) for o in qualifying)]
+    one = (["sdpa"], ["matmul_act", "softmax", "matmul_act"])
+    attn_frames: set[str] = set()
+    for m in minimal:
+        calls = [[k for k, _ in seq] for (name, _), seq in seqs.items() if name == m]
+        attn_frames.add(m)
+        label = m or "<model>"
+        bad = next((seq for seq in calls if seq not in one), None)
+        if bad is not None:
+            float_reasons[label] = (f"attention ops {bad} in one forward (quantcore quantizes one "
+                                    "softmax(QK^T)V, fused or as matmul-softmax-matmul, per module call)")
+            continue
+        first = min(op.seq for op in trace.ops if any(f[0] == m for f in op.stack))
+        sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if calls[0] == ["sdpa"] else "matmul",
+                                    callers={m: None}, order=first)
+    # Activation matmuls / einsums / softmaxes outside any quantized attention.
+    for op in trace.ops:
+        if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
+            if any(f[0] in attn_frames for f in op.stack):
+                continue
+            where = op.stack[-1][0] or "<model>"
+            what = {"einsum": "einsum", "softmax": "softmax", "sdpa": "scaled_dot_product_attention"}.get(
+                op.kind, "activation x activation matmul")
+            float_reasons.setdefault(where, f"{what} outside a softmax(QK^T)V pattern (its attention math "
+                                     "stays float)")
+
+    # Every Linear/Conv/MultiheadAttention module is quantized or listed.
+    owners = {s.owner for s in sites.values()}
+    for name, mod in mods.items():
+        if not name:
+            continue
+        if isinstance(mod, (nn.Linear, _ConvNd)):
+            w = f"{name}.weight"
+            if name in owners or name in float_reasons:
+                continue
+            if w in used_weights:
+                continue
+            called = trace.call_counts.get(name, 0)
+            float_reasons[name] = ("not called on the example input" if not called else
+                                   "its forward runs no F.linear/conv op quantcore can intercept")
+        elif isinstance(mod, nn.MultiheadAttention) and name not in attn_frames and name not in float_reasons:
+            float_reasons[name] = ("not called on the example input" if not trace.call_counts.get(name)
+                                   else "no softmax(QK^T)V seen in its forward")
+    return sorted(sites.values(), key=lambda s: s.order), float_reasons
+
+
+def _block_of(name: str, mods: dict[str, nn.Module]) -> str:
+    """The transformer block around attention module ``name``: its nearest ancestor that is an item
+    of a ModuleList/Sequential (timm ``blocks.3``, HF ``encoder.layer.3``, torchvision
+    ``encoder.layers.encoder_layer_3``), else its parent."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc, parent = ".".join(parts[:i]), ".".join(parts[: i - 1])
+        if isinstance(mods.get(parent), (nn.ModuleList, nn.Sequential)) and anc != name:
+            return anc
+    return name.rpartition(".")[0]
+
+
+def detect_family(model: nn.Module, example_input: Any = None, *, _sites: list[_Site] | None = None,
+                  _had_bn: bool | None = None) -> str:
+    """``"vit"``, ``"cnn"`` or ``"generic"``, from what the model computes on ``example_input``:
+
+    * vit: quantized attention and at most one convolution (the patch embedding);
+    * cnn: convolutions and a BatchNorm (or torchvision ResNet); attention inside (MobileViT, hybrids)
+      still gets its attention quantizers;
+    * generic: anything else.
+    """
+    if _sites is None:
+        if example_input is None:
+            example_input = default_example_input(model)
+        trace, _ = run_probe(model, example_input)
+        _sites, _ = _analyze(model, trace)
+    convs = [s for s in _sites if s.kind == "weighted" and s.op.startswith("conv")]
+    if any(s.kind == "attention" for s in _sites) and len(convs) <= 1:
+        return "vit"
+    resnet = any(k.__module__ == "torchvision.models.resnet" and k.__qualname__ == "ResNet"
+                 for k in type(model).__mro__)
+    had_bn = _had_bn if _had_bn is not None else any(is_batchnorm(m) for m in model.modules())
+    if convs and (resnet or had_bn):
+        return "cnn"
+    return "generic"
+
+
+def _act_check(name: str, spec: QuantSpec) -> None:
+    if spec.axis is not None and not spec.is_float:
+        raise PlacementError(f"activation quantizer {name!r} got a per-channel axis {spec.axis}: per-channel "
+                             "activation ranges are not supported (axis 0 is the batch: the ranges would depend "
+                             "on the batch size); remove per_channel/axis from that override")
 
 
 def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: QuantSpec,
                      act_spec: QuantSpec, overrides: Iterable[Override] = (), bins: int = 2048,
-                     example_input: torch.Tensor | None = None) -> PlacementResult:
-    """Insert quantizers into ``model`` in place and return what was done.
+                     example_input: Any = None) -> PlacementResult:
+    """Fold BatchNorm, then insert quantizers into ``model`` in place; return what was done.
 
-    ``weight_spec`` is used for every weight quantizer (per-channel along axis 0 when its axis is 0;
-    in transformer blocks the ft1/ft2 mode sets the axis); ``act_spec`` for every activation
-    quantizer. ``overrides`` (recipe order, later wins) can leave modules float or patch quantizer
-    specs. ``example_input`` verifies BatchNorm folding (cnn family).
+    ``example_input`` (a tensor or tuple of positional inputs; default: :func:`default_example_input`)
+    is run through the model to find every op to quantize and to prove and verify BatchNorm folds.
+    ``weight_spec`` is used for every weight quantizer (in transformer blocks the ft1/ft2 mode sets
+    the axis); ``act_spec`` for every activation quantizer. ``overrides`` (recipe order, later wins)
+    can leave modules float or patch quantizer specs.
 
-    Everything is planned and validated (attention/block structure, override matches) before the
-    model is touched, so a ValueError leaves the model as it was.
+    Raises :class:`~quantcore.errors.PlacementError` naming the recipe field, module or quantizer for
+    anything that cannot be done as asked (an override matching nothing, ``mode`` on a model without
+    attention, ``fold_bn`` on a model without BatchNorm, a fold that changes the outputs...). Options
+    are validated before the model is touched, except folding (restored on failure).
     """
     _check_fresh(model)
     overrides = list(overrides)
-    family = detect_family(model) if placement.family == "auto" else placement.family
-    if family not in FAMILIES:
-        raise ValueError(f"unknown placement family {family!r} (expected one of {FAMILIES} or 'auto')")
-    attn_family = family in ("vit", "cnn")
-    has_attention = any(is_timm_attention(m) for m in model.modules())
-    if family == "vit" and not has_attention:
-        raise ValueError("family 'vit' needs timm Attention modules, and this model has none "
-                         "(use family 'generic' or 'auto')")
+    if placement.family not in FAMILIES + ("auto",):
+        raise PlacementError(f"placement.family: unknown family {placement.family!r} (expected one of {FAMILIES} or 'auto')")
+    _act_check("activations", act_spec)
+    if example_input is None:
+        example_input = default_example_input(model)
+    shape = list(example_input.shape) if isinstance(example_input, torch.Tensor) else []
+    # Options that only apply to attention, set away from their defaults (a saved recipe lists every
+    # field, so "set" cannot mean "present").
+    defaults = PlacementConfig()
+    explicit = {k for k in _ATTN_OPTIONS if getattr(placement, k) != getattr(defaults, k)}
+
+    has_bn = any(is_batchnorm(m) for m in model.modules())
+    folded, unfolded = [], {}
+    if placement.fold_bn and has_bn:
+        try:
+            res = fold_batchnorm(model, example_input)
+        except FoldError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
+            raise PlacementError(f"the model failed on an example input of shape {shape} while BatchNorm "
+                                 f"folding was checked ({type(err).__name__}: {err}); pass example_input "
+                                 "to prepare() (or set model.img_size / in_chans)") from None
+        folded, unfolded = res.pairs, res.unfolded
+    try:
+        trace, _ = run_probe(model, example_input)
+    except Exception as err:  # noqa: BLE001
+        raise PlacementError(f"the model failed on an example input of shape {shape} while its ops were "
+                             f"traced ({type(err).__name__}: {err}); pass example_input to prepare() (or set "
+                             "model.img_size / in_chans)") from None
+    sites, float_reasons = _analyze(model, trace)
+    mods = dict(model.named_modules())
+    family = detect_family(model, _sites=sites, _had_bn=has_bn) if placement.family == "auto" else placement.family
+    attn_sites = [s for s in sites if s.kind == "attention"]
+    if family == "vit" and not attn_sites:
+        raise PlacementError("placement.family: 'vit' needs attention (softmax(QK^T)V), and this model computes "
+                             "none (use family 'generic' or 'auto')")
+    if not attn_sites:
+        bad = [k for k in _ATTN_OPTIONS if k in explicit]
+        if bad:
+            raise PlacementError(f"placement.{bad[0]}: {getattr(placement, bad[0])!r} applies to attention "
+                                 "(transformer) models, and this model computes no softmax(QK^T)V attention; "
+                                 "remove it")
+    settings = mode_settings(placement) if attn_sites else None
+    blocks = sorted({_block_of(s.owner, mods) for s in attn_sites})
 
     rules = build_rules(placement.keep_float, DEFAULT_KEEP_FLOAT[family], overrides)
-    mark_module_hits([n for n, _ in model.named_modules() if n], rules)
-    settings = mode_settings(placement) if family == "vit" or (attn_family and has_attention) else None
-    scopes = transformer_scopes(model) if settings is not None else []
+    mark_module_hits([n for n in mods if n], rules)
 
-    # -- plan (the model is not modified) --------------------------------------------------------
-    plan: list[_Planned] = []
-    float_modules: list[str] = []
-    any_block = False
-    for name, mod in model.named_modules():  # pre-order, shared modules once (first name)
-        if not name:
+    # -- plan ------------------------------------------------------------------------------------------
+    planned: dict[str, QuantSpec] = {}
+    chosen: list[_Site] = []
+    for s in sites:
+        default_float = family == "vit" and placement.keep_float is None and s.op.startswith("conv")
+        if decide_float(s.name, rules, default_float):
+            src = next((r.source for r in reversed(rules) if r.float and r.hits and s.name in r.hits), None)
+            float_reasons[s.name] = (f"kept float by {src}" if src else
+                                     "vit family default: convolutions (patch embedding) stay float")
             continue
-        if is_quantizable_layer(mod):
-            kind = "layer"
-        elif attn_family and is_timm_attention(mod):
-            kind = "attention"
-        elif placement.quantize_residual and is_timm_block(mod):
-            kind, any_block = "block", True
+        chosen.append(s)
+        base = f"{s.owner}." if s.owner else ""
+        if s.kind == "weighted":
+            scoped = settings is not None and s.op == "linear" and any(_within(s.owner, b) for b in blocks)
+            wspec = block_weight_spec(weight_spec, settings, s.name) if scoped else weight_spec
+            planned[f"{base}{s.prefix}input_quantizer"] = act_spec
+            planned[f"{base}{s.prefix}weight_quantizer"] = wspec
+            if scoped and settings.gemm_output:
+                planned[f"{base}{s.prefix}output_quantizer"] = act_spec
         else:
-            continue
-        # vit family defaults: only Linears are quantized (convs, e.g. in blocks, stay float). An
-        # explicit keep_float list replaces all defaults.
-        default_float = (family == "vit" and placement.keep_float is None and kind == "layer"
-                         and not is_linear(mod))
-        if decide_float(name, rules, default_float):
-            float_modules.append(name)
-            continue
-        scoped = settings is not None and in_scope(name, scopes)
-        if kind == "layer":
-            wspec = block_weight_spec(weight_spec, settings, name) if scoped and is_linear(mod) else weight_spec
-            specs = {"input_quantizer": act_spec, "weight_quantizer": wspec}
-            if scoped and settings.gemm_output and is_linear(mod):
-                specs["output_quantizer"] = act_spec
-            plan.append(_Planned(name, mod, kind, specs))
-        elif kind == "attention":
-            check_attention(mod, name)
-            specs = {a: act_spec for a in ATTENTION_QUANTIZERS
-                     if a != "softmax_input_quantizer" or settings.softmax_input}
-            plan.append(_Planned(name, mod, kind, specs, softmax_input=settings.softmax_input))
-        else:
-            check_block(mod, name)
-            plan.append(_Planned(name, mod, kind, {a: act_spec for a in RESIDUAL_QUANTIZERS}))
-    if placement.quantize_residual and not any_block:
-        raise ValueError("quantize_residual is set, but the model has no timm vision_transformer.Block "
-                         "whose residual adds quantcore can quantize")
+            for a in ATTENTION_QUANTIZERS:
+                if a != "softmax_input_quantizer" or settings.softmax_input:
+                    planned[f"{base}{a}"] = act_spec
+
+    res_blocks: list[str] = []
+    if placement.quantize_residual:
+        res_blocks = [n for n, m in mods.items() if n and is_timm_block(m) and not decide_float(n, rules)]
+        if not res_blocks:
+            raise PlacementError("placement.quantize_residual is set, but the model has no timm "
+                                 "vision_transformer.Block whose residual adds quantcore can quantize")
+        for n in res_blocks:
+            check_block(mods[n], n)
+            for a in RESIDUAL_QUANTIZERS:
+                planned[f"{n}.{a}"] = act_spec
 
     root_input = False
     if placement.quantize_model_input:
-        root_input = True
-        if family == "cnn":
-            # The first conv's input quantizer already quantizes the image.
-            first = next((n for n, m in model.named_modules() if isinstance(m, _ConvNd)), None)
-            root_input = not any(p.name == first and p.kind == "layer" for p in plan)
-        if root_input and hasattr(model, ROOT_INPUT_QUANTIZER):
-            raise ValueError(f"the model already has an attribute {ROOT_INPUT_QUANTIZER!r}; cannot add "
-                             "the model-input quantizer")
+        first = next((s for s in chosen if s.kind == "weighted"), None)
+        root_input = not (first is not None and first.reads_model_input and sites and first is sites[0])
+        if root_input:
+            if ROOT_INPUT_QUANTIZER in model._modules or hasattr(model, ROOT_INPUT_QUANTIZER):
+                raise PlacementError(f"the model already has an attribute {ROOT_INPUT_QUANTIZER!r}; cannot add "
+                                     "the model-input quantizer (placement.quantize_model_input)")
+            planned = {ROOT_INPUT_QUANTIZER: act_spec, **planned}
 
-    planned_specs: dict[str, QuantSpec] = {}
-    if root_input:
-        planned_specs[ROOT_INPUT_QUANTIZER] = act_spec
-    for p in plan:
-        for attr, spec in p.specs.items():
-            planned_specs[f"{p.name}.{attr}"] = spec
-    final_specs, remove, spec_hits = apply_quantizer_rules(planned_specs, rules)
-    check_all_matched(rules, spec_hits)
+    try:
+        final_specs, remove, spec_hits = apply_quantizer_rules(planned, rules)
+        check_all_matched(rules, spec_hits)
+    except PlacementError:
+        raise
+    except ValueError as e:
+        raise PlacementError(str(e)) from None
     removed = set(remove)
+    for qname, spec in final_specs.items():
+        if qname not in removed and planned[qname] is act_spec:
+            _act_check(qname, spec)
+    for qname in planned:
+        owner, _, attr = qname.rpartition(".")
+        holder = mods.get(owner) if owner else model
+        if holder is not None and attr != ROOT_INPUT_QUANTIZER and hasattr(holder, attr):
+            raise PlacementError(f"module {owner or '<model>'!r} already has an attribute {attr!r}; quantcore "
+                                 f"cannot add its quantizer (leave it float with an override "
+                                 f"{{match: {owner!r}, float: true}})")
 
-    # -- apply -------------------------------------------------------------------------------------
-    folded: list[tuple[str, str]] = []
-    if family == "cnn" and placement.fold_bn:
-        folded = fold_batchnorm(model, example_input)
+    # -- apply -------------------------------------------------------------------------------------------
+    def make(qname: str, kind: str, weight_attr: Optional[str] = None) -> Optional[TensorQuantizer]:
+        if qname in removed:
+            return None
+        q = TensorQuantizer(final_specs[qname], kind, bins)
+        q.weight_attr = weight_attr
+        owner, _, attr = qname.rpartition(".")
+        (mods[owner] if owner else model).add_module(attr, q)
+        return q
+
+    plans: dict[str, ModulePlan] = {}
+    share_groups: list[list[str]] = []
+    for s in chosen:
+        base = f"{s.owner}." if s.owner else ""
+        if s.kind == "weighted":
+            make(f"{base}{s.prefix}input_quantizer", "activation")
+            make(f"{base}{s.prefix}weight_quantizer", "weight", s.weight_attr)
+            if f"{base}{s.prefix}output_quantizer" in planned:
+                make(f"{base}{s.prefix}output_quantizer", "activation")
+            for caller, param in s.callers.items():
+                plans.setdefault(caller, ModulePlan()).weighted.append(
+                    WeightedSite(param, _rel(s.owner, caller), s.prefix, s.op))
+        else:
+            for a in ATTENTION_QUANTIZERS:
+                if f"{base}{a}" in planned:
+                    make(f"{base}{a}", "activation")
+            plans.setdefault(s.owner, ModulePlan()).attention = True
+            if settings.share_qkv:
+                share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")])
+    for caller, plan in plans.items():
+        install_hooks(mods[caller] if caller else model, plan)
+
+    from .generic import module_refs, set_module
 
     refs = module_refs(model)
-    share_groups: list[list[str]] = []
-    for p in plan:
-        if p.kind == "layer":
-            new = quantize_layer(p.module, p.specs["input_quantizer"], p.specs["weight_quantizer"],
-                                 p.specs.get("output_quantizer"), bins)
-        elif p.kind == "attention":
-            new = QuantAttention.from_float(p.module, act_spec, softmax_input=p.softmax_input, bins=bins,
-                                            name=p.name)
-            if settings.share_qkv:
-                share_groups.append([f"{p.name}.{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")])
-        else:
-            new = QuantResidualBlock.from_float(p.module, act_spec, bins=bins, name=p.name)
-        for attr in p.specs:
-            qname = f"{p.name}.{attr}"
+    for n in res_blocks:
+        old = mods[n]
+        new = QuantResidualBlock.from_float(old, act_spec, bins=bins, name=n)
+        for a in RESIDUAL_QUANTIZERS:
+            qname = f"{n}.{a}"
             if qname in removed:
-                setattr(new, attr, None)
-            else:
-                q = getattr(new, attr)
-                if q.spec != final_specs[qname]:
-                    q.set_spec(final_specs[qname])
-        for ref in refs[id(p.module)]:
+                setattr(new, a, None)
+            elif new._modules[a].spec != final_specs[qname]:
+                new._modules[a].set_spec(final_specs[qname])
+        for ref in refs[id(old)]:
             set_module(model, ref, new)
     if root_input and ROOT_INPUT_QUANTIZER not in removed:
         _add_root_input_quantizer(model, final_specs[ROOT_INPUT_QUANTIZER], bins)
@@ -213,8 +511,11 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
         mode=settings.mode if settings is not None else None,
         quantizers=names,
         share_groups=[g for g in groups if len(g) > 1],
-        folded_bn=folded,
-        float_modules=float_modules,
+        folded_bn=list(folded),
+        unfolded_bn=dict(unfolded),
+        float_reasons=float_reasons,
+        attention=[s.owner for s in chosen if s.kind == "attention"],
+        example_input_shape=shape,
     )
     model.quantcore_placement = result
     return result

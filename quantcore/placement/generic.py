@@ -1,10 +1,7 @@
-"""Generic placement helpers: module replacement and Linear/Conv quantization."""
+"""Module-tree helpers for placement."""
 from __future__ import annotations
 
 from torch import nn
-
-from ..formats import QuantSpec
-from ..nn.layers import quant_class_for
 
 
 def module_refs(model: nn.Module) -> dict[int, list[str]]:
@@ -20,19 +17,3 @@ def set_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
     parent, _, attr = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     setattr(owner, attr, new)
-
-
-def quantize_layer(mod: nn.Module, input_spec: QuantSpec | None, weight_spec: QuantSpec | None,
-                   output_spec: QuantSpec | None, bins: int) -> nn.Module:
-    cls = quant_class_for(mod)
-    if cls is None:
-        raise TypeError(f"no quantized class for {type(mod).__name__}")
-    return cls.from_float(mod, input_spec, weight_spec, output_spec, bins)
-
-
-def is_quantizable_layer(mod: nn.Module) -> bool:
-    return quant_class_for(mod) is not None
-
-
-def is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear)

@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable
 
 from ..config import Override, SpecPatch
+from ..errors import PlacementError
 from ..formats import QuantSpec
 
 
@@ -55,7 +56,7 @@ def build_rules(keep_float: list[str] | None, default_keep_float: list[str],
         fl = ov.float if "float" in ov.model_fields_set or ov.float else None
         rule = Rule(ov.match, float=fl, patch=ov.spec, enabled=ov.enabled, source=f"overrides[{i}] {ov.match!r}")
         if rule.float is None and not rule.changes_spec:
-            raise ValueError(f"override {ov.match!r} (overrides[{i}]) sets none of float, spec, enabled")
+            raise PlacementError(f"override {ov.match!r} (overrides[{i}]) sets none of float, spec, enabled")
         rules.append(rule)
     return rules
 
@@ -100,7 +101,7 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                     try:
                         spec = r.patch.apply(spec)
                     except ValueError as e:
-                        raise ValueError(f"{r.source} gives an invalid spec for quantizer {qname!r}: {e}") from e
+                        raise PlacementError(f"{r.source} gives an invalid spec for quantizer {qname!r}: {e}") from e
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
@@ -116,13 +117,13 @@ def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]]) -> Non
         if not r.user:
             continue
         if r.float is not None and not r.hits:
-            raise ValueError(f"{r.source} matches no module and no quantizer of this model "
+            raise PlacementError(f"{r.source} matches no module and no quantizer of this model "
                              "(check the name; module names look like 'blocks.4.mlp.fc2')")
         if r.changes_spec and not spec_hits.get(r.source):
             if r.hits:
                 some = sorted(r.hits)[:5]
-                raise ValueError(f"{r.source} matches {some} but no quantizer there: those modules are "
+                raise PlacementError(f"{r.source} matches {some} but no quantizer there: those modules are "
                                  "float (add float: false to quantize them) or have no quantizers")
-            raise ValueError(f"{r.source} matches no module and no quantizer of this model "
+            raise PlacementError(f"{r.source} matches no module and no quantizer of this model "
                              "(check the name; quantizer names look like "
                              "'blocks.4.mlp.fc2.input_quantizer')")

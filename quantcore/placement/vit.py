@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PlacementConfig
+from ..errors import PlacementError
 from ..formats import QuantSpec
 
 
@@ -31,7 +32,7 @@ class ModeSettings:
 def mode_settings(placement: PlacementConfig) -> ModeSettings:
     mode = placement.mode
     if mode not in ("ft1", "ft2"):
-        raise ValueError(f"unknown ViT placement mode {mode!r} (expected 'ft1' or 'ft2')")
+        raise PlacementError(f"unknown ViT placement mode {mode!r} (expected 'ft1' or 'ft2')")
     ft2 = mode == "ft2"
 
     def pick(value: bool | None) -> bool:
@@ -50,5 +51,5 @@ def block_weight_spec(weight_spec: QuantSpec, settings: ModeSettings, name: str)
     try:
         return QuantSpec.model_validate({**weight_spec.model_dump(), "axis": settings.weight_axis})
     except ValueError as e:
-        raise ValueError(f"mode {settings.mode} needs {'per-channel' if settings.weight_axis is not None else 'per-tensor'} "
+        raise PlacementError(f"mode {settings.mode} needs {'per-channel' if settings.weight_axis is not None else 'per-tensor'} "
                          f"weights for {name!r}, which the weight spec {weight_spec.short()} does not allow: {e}") from e

@@ -1,0 +1,343 @@
+"""Quantization by intercepting ops, not by replacing modules.
+
+A prepared model keeps every one of its modules and their ``forward`` methods. Quantizers are
+registered as submodules of the module that owns the weight (``blocks.0.attn.qkv.input_quantizer``)
+or of the module whose forward computes attention (``blocks.0.attn.q_quantizer``), and a
+``TorchFunctionMode`` is active while such a module runs. The mode sees the torch ops the module's own
+forward calls, whatever that forward looks like:
+
+* weighted ops (``F.linear``, ``F.conv1d/2d/3d``): input, weight and (optionally) output quantizers
+  are applied to the tensors the op really receives, so a ``Linear`` subclass that scales its weight,
+  timm's ``StdConv2d`` (standardized weight) or ``Conv2dSame`` (padding in forward) are quantized as
+  they compute;
+* attention: ``F.scaled_dot_product_attention`` is decomposed (only while one of its quantizers acts)
+  into ``softmax(q k^T * scale + mask) v`` with quantizers on q, k, the logits, the probabilities and
+  v; the explicit form (an activation x activation matmul, a softmax, a second matmul, as timm's
+  non-fused path, Hugging Face's eager attention, torchvision Swin, LeViT) gets the same quantizers;
+* ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is run with torch's own code while
+  the mode stays active inside it, so its in/out projections and attention are seen as above.
+
+Which op of which module gets which quantizers is decided once, by a probe forward on an example
+input (:mod:`quantcore.placement.probe`), and stored on each calling module as a small plan of names
+(``_qc_plan``): plain data, so ``copy.deepcopy``, pickling and ``state_dict`` are unaffected.
+
+While none of a module's quantizers changes or observes a tensor, its forward runs without the mode
+(bit-identical to the float model, fused kernels included).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..quantizer import TensorQuantizer
+
+#: Attention quantizer attribute names, in execution order.
+ATTENTION_QUANTIZERS = ("q_quantizer", "k_quantizer", "softmax_input_quantizer", "attn_quantizer",
+                        "v_quantizer")
+
+# -- op classification -----------------------------------------------------------------------------
+WEIGHTED_OPS: dict[Callable, str] = {F.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d",
+                                      torch.conv3d: "conv3d"}
+TRANSPOSED_CONV_OPS = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
+MATMUL_OPS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
+              torch.mm, torch.Tensor.mm}
+BADDBMM_OPS = {torch.baddbmm, torch.Tensor.baddbmm}
+SOFTMAX_OPS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+SDPA_OPS = {F.scaled_dot_product_attention}
+EINSUM_OPS = {torch.einsum}
+# Python-level torch functions whose body the mode must see into (they dispatch __torch_function__ on
+# entry, which would otherwise hide their inner ops).
+SEE_THROUGH = {F.multi_head_attention_forward}
+
+
+def _no_torch_function(*_a, **_k) -> bool:
+    return False
+
+
+_see_through_cache: dict[Callable, Callable] = {}
+
+
+def see_through(func: Callable) -> Callable:
+    """``func`` with its entry ``has_torch_function`` checks answering False (a copy of the function
+    object with patched globals; torch's own code, nothing else changes). Inner ops still dispatch to
+    the active mode."""
+    out = _see_through_cache.get(func)
+    if out is None:
+        g = dict(func.__globals__)
+        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+            g[name] = _no_torch_function
+        out = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__, func.__closure__)
+        out.__kwdefaults__ = func.__kwdefaults__
+        _see_through_cache[func] = out
+    return out
+
+
+def is_param_like(t: Any) -> bool:
+    """A parameter or a view of one (``weight.T``)."""
+    if isinstance(t, nn.Parameter):
+        return True
+    base = getattr(t, "_base", None)
+    return isinstance(base, nn.Parameter)
+
+
+def weighted_args(args: tuple, kwargs: dict) -> tuple[Any, Any, tuple, dict]:
+    """``(input, weight, other positional args, other kwargs)`` of a linear/conv call, whether the
+    input and weight were passed by position or by keyword (``F.linear(x, weight=w)``)."""
+    kwargs = dict(kwargs)
+    x = args[0] if len(args) > 0 else kwargs.pop("input", None)
+    w = args[1] if len(args) > 1 else kwargs.pop("weight", None)
+    return x, w, tuple(args[2:]), kwargs
+
+
+def weighted_bias(args: tuple, kwargs: dict) -> Any:
+    return args[2] if len(args) > 2 else kwargs.get("bias")
+
+
+def matmul_operands(func: Callable, args: tuple) -> tuple[int, int] | None:
+    if func in MATMUL_OPS:
+        return (0, 1)
+    if func in BADDBMM_OPS:
+        return (1, 2)
+    return None
+
+
+# -- plans ----------------------------------------------------------------------------------------
+@dataclass
+class WeightedSite:
+    """One weighted op of a calling module. ``param``: path of the weight parameter relative to the
+    caller (identity match), or None for a derived weight (matched by order among derived ops).
+    Quantizers live on ``owner`` (relative path, "" = the caller) as ``{prefix}input_quantizer``,
+    ``{prefix}weight_quantizer``, ``{prefix}output_quantizer``."""
+
+    param: Optional[str]
+    owner: str
+    prefix: str
+    op: str
+
+
+@dataclass
+class ModulePlan:
+    """What the mode does inside one module's forward (the module is the innermost running one)."""
+
+    weighted: list[WeightedSite] = field(default_factory=list)
+    attention: bool = False  # quantizers on the module itself (ATTENTION_QUANTIZERS)
+
+    def quantizer_refs(self) -> list[tuple[str, str]]:
+        refs = [(s.owner, f"{s.prefix}{k}") for s in self.weighted
+                for k in ("input_quantizer", "weight_quantizer", "output_quantizer")]
+        if self.attention:
+            refs += [("", a) for a in ATTENTION_QUANTIZERS]
+        return refs
+
+
+def _get(mod: nn.Module, path: str) -> nn.Module:
+    return mod.get_submodule(path) if path else mod
+
+
+def _quantizer(mod: nn.Module, owner: str, attr: str) -> Optional[TensorQuantizer]:
+    q = _get(mod, owner)._modules.get(attr)
+    return q if isinstance(q, TensorQuantizer) else None
+
+
+def _busy(q: Optional[TensorQuantizer]) -> bool:
+    return q is not None and (q.calibrating or q.active or q.observe)
+
+
+# -- runtime contexts -------------------------------------------------------------------------------
+class _Ctx:
+    """One running call of a hooked module."""
+
+    __slots__ = ("module", "plan", "by_param", "derived", "n_derived", "phase", "cycles", "quant")
+
+    def __init__(self, module: nn.Module, plan: Optional[ModulePlan]) -> None:
+        self.module = module
+        self.plan = plan
+        self.by_param: dict[int, WeightedSite] = {}
+        self.derived: list[WeightedSite] = []
+        self.n_derived = 0
+        self.phase = 0  # explicit attention: 0 expect q@k, 1 expect softmax, 2 expect attn@v
+        self.cycles = 0
+        self.quant: dict[str, Optional[TensorQuantizer]] = {}
+        if plan is not None:
+            for s in plan.weighted:
+                if s.param is None:
+                    self.derived.append(s)
+                else:
+                    self.by_param[id(module.get_parameter(s.param))] = s
+
+    def q(self, owner: str, attr: str) -> Optional[TensorQuantizer]:
+        key = owner + "|" + attr
+        if key not in self.quant:
+            self.quant[key] = _quantizer(self.module, owner, attr)
+        return self.quant[key]
+
+    def busy(self) -> bool:
+        if self.plan is None:
+            return False
+        return any(_busy(_quantizer(self.module, o, a)) for o, a in self.plan.quantizer_refs())
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[_Ctx] = []
+        self.mode: Optional["QuantOpMode"] = None
+        self.mode_depth = 0
+
+
+_state = _State()
+
+
+def _apply(q: Optional[TensorQuantizer], x: torch.Tensor) -> torch.Tensor:
+    return q(x) if q is not None else x
+
+
+class QuantOpMode(TorchFunctionMode):
+    """Applies the innermost running module's plan to the ops its forward calls."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        stack = _state.stack
+        ctx = stack[-1] if stack else None
+        if func in SEE_THROUGH:
+            with self:
+                return see_through(func)(*args, **kwargs)
+        if ctx is None or ctx.plan is None:
+            return func(*args, **kwargs)
+        if func in WEIGHTED_OPS:
+            return self._weighted(ctx, func, args, kwargs)
+        if ctx.plan.attention:
+            if func in SDPA_OPS:
+                return self._sdpa(ctx, args, kwargs)
+            ops = matmul_operands(func, args)
+            if ops is not None:
+                return self._matmul(ctx, func, args, kwargs, ops)
+            if func in SOFTMAX_OPS and ctx.phase == 1:
+                ctx.phase = 2
+        return func(*args, **kwargs)
+
+    # weighted ------------------------------------------------------------------------------------
+    def _weighted(self, ctx: _Ctx, func, args, kwargs):
+        x, w, rest, kw = weighted_args(args, kwargs)
+        site = ctx.by_param.get(id(w))
+        if site is None:
+            if ctx.n_derived < len(ctx.derived):
+                site = ctx.derived[ctx.n_derived]
+            ctx.n_derived += 1
+            if site is None:
+                return func(*args, **kwargs)
+        iq = ctx.q(site.owner, site.prefix + "input_quantizer")
+        wq = ctx.q(site.owner, site.prefix + "weight_quantizer")
+        oq = ctx.q(site.owner, site.prefix + "output_quantizer")
+        if wq is not None and site.param is None and (wq.observe or not wq.is_calibrated):
+            wq.observed = w.detach()  # a derived weight is calibrated from what the op receives
+        out = func(_apply(iq, x), _apply(wq, w), *rest, **kw)
+        return _apply(oq, out)
+
+    # attention -----------------------------------------------------------------------------------
+    def _attn_q(self, ctx: _Ctx, name: str) -> Optional[TensorQuantizer]:
+        return ctx.q("", name) if ctx.cycles == 0 else None
+
+    def _matmul(self, ctx: _Ctx, func, args, kwargs, ops: tuple[int, int]):
+        a, b = args[ops[0]], args[ops[1]]
+        if is_param_like(a) or is_param_like(b) or ctx.cycles > 0:
+            return func(*args, **kwargs)
+        args = list(args)
+        if ctx.phase == 0:
+            args[ops[0]] = _apply(self._attn_q(ctx, "q_quantizer"), a)
+            args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b)
+            ctx.phase = 1
+            return _apply(self._attn_q(ctx, "softmax_input_quantizer"), func(*args, **kwargs))
+        if ctx.phase == 2:
+            args[ops[0]] = _apply(self._attn_q(ctx, "attn_quantizer"), a)
+            args[ops[1]] = _apply(self._attn_q(ctx, "v_quantizer"), b)
+            ctx.phase = 0
+            ctx.cycles += 1
+            return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _sdpa(self, ctx: _Ctx, args, kwargs):
+        names = ATTENTION_QUANTIZERS
+        qs = {n: self._attn_q(ctx, n) for n in names}
+        if not any(_busy(q) for q in qs.values()):
+            ctx.cycles += 1
+            return F.scaled_dot_product_attention(*args, **kwargs)
+        ctx.cycles += 1
+        return quantized_sdpa(qs, *args, **kwargs)
+
+
+def quantized_sdpa(qs: dict[str, Optional[TensorQuantizer]], query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False
+                   ) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` semantics with quantizers on q, k, the logits (before the
+    mask: ``-inf`` never reaches a calibrator), the probabilities and v. Shapes ``(..., L, E)``,
+    ``(..., S, E)``, ``(..., S, Ev)`` -> ``(..., L, Ev)``. The softmax scale is applied after q is
+    quantized, as an integer GEMM would rescale its accumulator."""
+    q = _apply(qs.get("q_quantizer"), query)
+    k = _apply(qs.get("k_quantizer"), key)
+    v = _apply(qs.get("v_quantizer"), value)
+    if enable_gqa and k.dim() >= 3 and q.size(-3) != k.size(-3):
+        rep = q.size(-3) // k.size(-3)
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    logits = (q * s) @ k.transpose(-2, -1)
+    logits = _apply(qs.get("softmax_input_quantizer"), logits)
+    L, S = logits.size(-2), logits.size(-1)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask
+    attn = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    attn = _apply(qs.get("attn_quantizer"), attn)
+    return attn @ v
+
+
+# -- hooks --------------------------------------------------------------------------------------------
+def _pre_hook(module: nn.Module, args: tuple) -> None:
+    plan = module.__dict__.get("_qc_plan")
+    ctx = _Ctx(module, plan)
+    active = ctx.busy() or (_state.mode is not None)
+    _state.stack.append(ctx)
+    if active and _state.mode is None:
+        _state.mode = QuantOpMode()
+        _state.mode.__enter__()
+        _state.mode_depth = len(_state.stack)
+
+
+def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    if _state.stack:
+        _state.stack.pop()
+    if _state.mode is not None and len(_state.stack) < _state.mode_depth:
+        mode, _state.mode = _state.mode, None
+        mode.__exit__(None, None, None)
+    return None
+
+
+def install_hooks(module: nn.Module, plan: ModulePlan) -> None:
+    """Make ``module`` a context of the mode: while it runs (and no inner hooked module does), the
+    ops it calls follow ``plan``. Ops of its un-hooked children count as its own (an ``nn.Softmax``
+    child of an attention module is part of that attention)."""
+    module.__dict__["_qc_plan"] = plan
+    if not module.__dict__.get("_qc_hooked", False):
+        module.register_forward_pre_hook(_pre_hook)
+        module.register_forward_hook(_post_hook, always_call=True)
+        module.__dict__["_qc_hooked"] = True
+
+
+def plan_of(module: nn.Module) -> Optional[ModulePlan]:
+    return module.__dict__.get("_qc_plan")

@@ -1,0 +1,185 @@
+"""One forward on an example input that records what the model really computes.
+
+Every module gets temporary hooks and a ``TorchFunctionMode`` records each op with the stack of
+running modules, the tensors it reads (by identity) and the parameters it uses. Placement
+(:mod:`quantcore.placement.core`) derives its plan from this trace, and BatchNorm folding
+(:mod:`quantcore.fold`) proves each ``conv -> bn`` pair on the data flow it shows, whatever the
+model's Python looks like (shape-dependent branches included; ``torch.fx`` is not needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, is_param_like, see_through, weighted_args,
+                        weighted_bias)
+
+# Ops that read tensor metadata only: never a data-flow use.
+_METADATA = {"__get__", "size", "dim", "stride", "numel", "is_contiguous", "__len__", "is_floating_point",
+             "element_size", "data_ptr", "storage_offset", "is_complex", "get_device", "__format__",
+             "__repr__", "nelement", "ndimension", "has_names", "is_nonzero"}
+
+Frame = tuple[str, int]  # (module name, call index of that module)
+
+
+@dataclass
+class OpEvent:
+    kind: str  # weighted | transposed_conv | matmul_act | matmul_param | softmax | sdpa | einsum | other
+    func: str
+    stack: tuple[Frame, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    op: str = ""
+    weight: Optional[str] = None  # parameter name of the weight argument (weighted ops)
+    bias: Optional[str] = None
+    weight_param_like: bool = False  # weight is a parameter view (weight.T), not the parameter
+    seq: int = 0  # position in the trace (calls and ops share one counter)
+
+
+@dataclass
+class CallEvent:
+    name: str
+    index: int
+    stack: tuple[Frame, ...]  # enclosing frames, this call's frame last
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...] = ()
+    seq: int = 0
+
+
+@dataclass
+class Trace:
+    ops: list[OpEvent] = field(default_factory=list)
+    calls: list[CallEvent] = field(default_factory=list)
+    call_counts: dict[str, int] = field(default_factory=dict)
+    param_names: dict[int, str] = field(default_factory=dict)
+    model_inputs: tuple[int, ...] = ()
+    keep: list[Any] = field(default_factory=list)  # module outputs kept alive: their ids stay unique
+    counter: int = 0
+
+    def next_seq(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def calls_of(self, name: str) -> list[CallEvent]:
+        return [c for c in self.calls if c.name == name]
+
+
+def _tensor_ids(obj: Any) -> tuple[int, ...]:
+    leaves, _ = tree_flatten(obj)
+    return tuple(id(t) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _func_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or str(func)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, trace: Trace, stack: list[Frame]) -> None:
+        super().__init__()
+        self.trace = trace
+        self.stack = stack
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func in SEE_THROUGH:
+            with self:
+                return see_through(func)(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = _func_name(func)
+        if name in _METADATA:
+            return out
+        names = self.trace.param_names
+        ev = OpEvent("other", name, tuple(self.stack), _tensor_ids((args, kwargs)), _tensor_ids(out),
+                     seq=self.trace.next_seq())
+        if func in WEIGHTED_OPS:
+            x, w, _, _ = weighted_args(args, kwargs)
+            ev.kind, ev.op = "weighted", WEIGHTED_OPS[func]
+            ev.inputs = _tensor_ids((x, w, args[2:], kwargs))  # the data input first
+            ev.weight = names.get(id(w))
+            ev.weight_param_like = ev.weight is None and is_param_like(w)
+            b = weighted_bias(args, kwargs)
+            ev.bias = names.get(id(b)) if b is not None else None
+        elif func in TRANSPOSED_CONV_OPS:
+            ev.kind, ev.op = "transposed_conv", name
+            ev.weight = names.get(id(args[1])) if len(args) > 1 else None
+        elif func in MATMUL_OPS or func in BADDBMM_OPS:
+            i, j = (1, 2) if func in BADDBMM_OPS else (0, 1)
+            a, b = args[i], args[j]
+            if is_param_like(a) or is_param_like(b):
+                ev.kind = "matmul_param"
+                p = a if is_param_like(a) else b
+                ev.weight = names.get(id(p)) or names.get(id(getattr(p, "_base", None)))
+            else:
+                ev.kind = "matmul_act"
+        elif func in SOFTMAX_OPS:
+            ev.kind = "softmax"
+        elif func in SDPA_OPS:
+            ev.kind = "sdpa"
+        elif func in EINSUM_OPS:
+            ev.kind = "einsum"
+        self.trace.ops.append(ev)
+        return out
+
+
+@torch.no_grad()
+def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
+    """Run ``model`` once on ``example_input`` (a tensor, or a tuple of positional inputs) and record
+    it. Returns the trace and the model's output."""
+    trace = Trace()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        trace.param_names.setdefault(id(p), name)
+    stack: list[Frame] = []
+    handles = []
+    names = {}
+    for name, mod in model.named_modules():
+        names[id(mod)] = name
+
+    def pre(mod, args, kwargs):
+        name = names.get(id(mod))
+        if name is None:
+            return None
+        idx = trace.call_counts.get(name, 0)
+        trace.call_counts[name] = idx + 1
+        stack.append((name, idx))
+        trace.calls.append(CallEvent(name, idx, tuple(stack), _tensor_ids((args, kwargs)), seq=trace.next_seq()))
+        return None
+
+    def post(mod, args, kwargs, output):
+        name = names.get(id(mod))
+        if name is None or not stack:
+            return None
+        frame = stack.pop()
+        for c in reversed(trace.calls):
+            if (c.name, c.index) == frame:
+                c.outputs = _tensor_ids(output)
+                break
+        trace.keep.append(output)
+        return None
+
+    for mod in model.modules():
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    trace.model_inputs = _tensor_ids(inputs)
+    try:
+        with _Recorder(trace, stack):
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return trace, out
+
+
+def model_outputs(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple, dict, HF ModelOutput)."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return [logits.detach()]
+    leaves, _ = tree_flatten(out)
+    return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
