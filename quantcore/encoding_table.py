@@ -60,6 +60,8 @@ def encodings_table(model: nn.Module, extra: dict[str, Any] | None = None) -> di
     placement = getattr(model, "quantcore_placement", None)
     if placement is not None:
         table["family"], table["mode"] = placement.family, placement.mode
+        if hasattr(placement, "as_dict"):  # what was quantized, folded, and left float (with why)
+            table["placement"] = {k: v for k, v in placement.as_dict().items() if k not in ("family", "mode")}
     table.update(extra or {})
     table["quantizers"] = quantizer_rows(model)
     return table

@@ -52,6 +52,20 @@ class FoldError(PlacementError):
 class FoldResult:
     pairs: list[tuple[str, str]] = field(default_factory=list)
     unfolded: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> why it stayed
+    _backup: list = field(default_factory=list, repr=False)
+    _model: Any = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Put the BatchNorms back and the conv weights/biases as they were."""
+        for conv, w, b, bn_name, bn in self._backup:
+            conv.weight.copy_(w)
+            if b is None:
+                conv.bias = None
+            else:
+                conv.bias.copy_(b)
+            _set(self._model, bn_name, bn)
+        self._backup = []
 
 
 # -- what can be folded ------------------------------------------------------------------------
@@ -243,15 +257,9 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
         if not torch.allclose(a, r, rtol=rtol, atol=atol * max(scale, 1e-12)):
             bad = True
             worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
+    res._backup, res._model = backup, model
     if bad:
-        with torch.no_grad():
-            for conv, w, b, bn_name, bn in backup:
-                conv.weight.copy_(w)
-                if b is None:
-                    conv.bias = None
-                else:
-                    conv.bias.copy_(b)
-                _set(model, bn_name, bn)
+        res.undo()
         raise FoldError(f"BatchNorm folding changed the model's outputs (max error {worst:.3g} of the "
                         f"output scale; rtol={rtol}, atol={atol}); the model was restored. Pairs tried: "
                         f"{res.pairs[:8]}{' ...' if len(res.pairs) > 8 else ''}; leave them unfolded with "

@@ -238,7 +238,8 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
                         "images": first.calibration["images"], "uri": calib.uri},
                        timings=timings, skipped=skipped + eval_skipped, class_names=ds_classes,
                        warnings=warnings, extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
-                                                    "calibration": cal[v.name], "artifacts": artifacts[v.name]}
+                                                    "calibration": cal[v.name], "artifacts": artifacts[v.name],
+                                                    "placement": v.model.quantcore_placement.as_dict()}
                                            for v in variants},
                               "transform": describe_transform(fp32), "device": str(resolve_device(opts.device))})
     if scores:

@@ -88,6 +88,19 @@ def report_markdown(rep: dict[str, Any]) -> str:
                      f"{f(r.get('agreement') if name != ref else None)} | "
                      f"{f(r.get('sqnr_db') if name != ref else None, '{:.1f}')} |")
     lines.append("")
+    for vname, v in (rep.get("variants") or {}).items():
+        pl = v.get("placement") if isinstance(v, dict) else None
+        if not pl:
+            continue
+        lines += [f"Placement of `{vname}`: family {pl.get('family')}, {pl.get('quantizers')} quantizers, "
+                  f"{len(pl.get('attention') or [])} attentions quantized, {len(pl.get('folded_bn') or [])} "
+                  f"BatchNorms folded, {len(pl.get('unfolded_bn') or {})} kept.", ""]
+        floats = pl.get("float") or {}
+        if floats:
+            lines += [f"Left float in `{vname}`:"] + [f"- `{k}`: {r}" for k, r in list(floats.items())[:40]]
+            if len(floats) > 40:
+                lines.append(f"- … {len(floats) - 40} more in report.json")
+            lines.append("")
     if rep.get("timings_s"):
         lines += ["Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in rep["timings_s"].items()), ""]
     skipped = rep.get("skipped") or []

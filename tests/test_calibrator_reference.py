@@ -19,13 +19,17 @@ References, all computed from the *raw data*, never by calling the search under 
 
 Tolerances are histogram resolution. Our bins span the power of two above amax, so they are 1-2x
 as wide as the reference's (``amax / bins``); a threshold is known to one of our bins, i.e. up to
-two of the reference's. Entropy is therefore compared by the reference's own divergence: the best
-KL the reference finds within one of our bins of our threshold must be within ``KL_TOL`` of the
-reference's minimum (the KL curve is flat near its minimum, so the arg-min itself can move by
-tens of bins between equally good thresholds). Sparse heavy tails get ``KL_TOL_SPARSE``: there the
-reference's 2048-bin histogram has many empty bins (each one a +inf threshold) that our re-binned
-one smooths over, which moves the reference's minimum by its sampling noise (<= 7% at 1M samples
-over seeds 0-4).
+two of the reference's. Entropy is therefore compared by the reference's own divergence
+(``_ref_kl_ratio``): the best KL the reference finds within one of our bins of our threshold must
+be within ``KL_TOL`` (3%) of the reference's minimum. The arg-min itself is no measure: the KL curve
+is flat near its minimum (equally good thresholds tens of bins apart), and it jumps where a sharp
+feature crosses a bin edge (GELU's minimum at -0.17: up to 60% between bin counts 2032 and 2048),
+so the reference is run at three nearby bin counts and the best ratio counts. Sparse heavy tails get
+``KL_TOL_SPARSE`` (15%): the samples in a tail bin of ours are placed into the reference's finer
+bins by interpolation, not where they really were, and there single samples decide which
+thresholds are +inf. Measured over seeds 0-9 at 1M samples: <= 1.3% (ReLU, ReLU6, GELU, bimodal),
+3% (Student-t), 12% (Laplace with outliers). The KL search itself is checked exactly, on the
+histogram ours is re-binned to (``test_entropy_search_is_the_reference_on_our_rebinned_histogram``).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import pytest
 import torch
 
 from quantcore.calib.histogram import HistogramState
-from quantcore.calib.search import find_range
+from quantcore.calib.search import _reference_abs_hist, _reference_signed_hist, find_range
 from quantcore.formats import QuantSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BINS = 2048
 START_BIN = 128  # the reference's first candidate threshold (TensorRT / ModelOpt default)
 KL_TOL = 1.03
-KL_TOL_SPARSE = 1.10
+KL_TOL_SPARSE = 1.15
 SPARSE = {"student", "laplace_outliers"}
 
 
@@ -71,7 +75,7 @@ def synthetic(kind: str, n: int = 1_000_000, seed: int = 0) -> torch.Tensor:
         chi = (torch.randn(n, 2, generator=g) ** 2).sum(1) / 2
         return z / chi.sqrt().clamp_min(1e-3)
     if kind == "laplace_outliers":  # Laplace with 0.01% of values 8x larger
-        u = torch.rand(n, generator=g) - 0.5
+        u = (torch.rand(n, generator=g) - 0.5).clamp(-0.4999, 0.4999)
         x = -torch.sign(u) * torch.log1p(-2 * u.abs())
         idx = torch.randint(0, n, (n // 10_000,), generator=g)
         x[idx] *= 8
@@ -140,7 +144,7 @@ def _capture_all(torchvision, timm) -> dict[str, torch.Tensor]:
     acts.update({f"resnet18.{k}": v for k, v in _capture(net, _smooth_images(4, 64, 1), names).items()})
     net = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10).eval()
     names = [n.split(".", 1)[1] for n in REAL if n.startswith("vit.")]
-    acts.update({f"vit.{k}": v for k, v in _capture(net, _smooth_images(8, 64, 2), names).items()})
+    acts.update({f"vit.{k}": v for k, v in _capture(net, _smooth_images(32, 64, 2), names).items()})
     return acts
 
 
@@ -210,12 +214,23 @@ def _ref_entropy(hist: np.ndarray, edges: np.ndarray, bits: int, unsigned: bool 
     return float(edges[i_best]), kls
 
 
-def _ref_kl_at(kls: dict[int, float], v: float, thr: float, our_width: float) -> float:
-    """Best reference KL (bins of width ``v``) within one of our bins of our threshold ``thr``."""
-    i = thr / v
-    span = our_width / v
-    near = [kls[j] for j in range(math.floor(i - span), math.ceil(i + span) + 1) if j in kls]
-    return min(near) if near else math.inf
+def _ref_kl_ratio(x: torch.Tensor, thr: float, our_width: float, bits: int, unsigned: bool) -> float:
+    """How much worse than the reference's best our threshold ``thr`` is, by the reference's own
+    divergence: the best KL within one of our bins of ``thr`` over the reference's minimum.
+
+    The reference's choice is only defined up to its own binning (ModelOpt's bin width is set by
+    the first batch's max, and grows with later ones): on GELU outputs its KL curve jumps by up to
+    60% as the -0.17 minimum moves across a bin edge. So the reference is run with 2032, 2048 and
+    2064 bins and the best ratio counts.
+    """
+    ratios = []
+    for bins in (BINS - 16, BINS, BINS + 16):
+        hist, edges = _ref_hist(x, bins)
+        _, kls = _ref_entropy(hist, edges, bits, unsigned)
+        i, span = thr / edges[1], our_width / edges[1]
+        near = [kls[j] for j in range(math.floor(i - span), math.ceil(i + span) + 1) if j in kls]
+        ratios.append(min(near, default=math.inf) / min(kls.values()))
+    return min(ratios)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,10 +275,28 @@ def test_entropy_matches_reference(kind, spec_name):
     else:
         assert lo == -hi
     assert amax / 16 * (1 - 1e-6) <= hi <= amax  # the reference's candidate range
-    best = min(kls.values())
-    ours = _ref_kl_at(kls, amax / BINS, hi, st.range / st.bins)
-    tol = KL_TOL_SPARSE if kind in SPARSE else KL_TOL
-    assert ours <= tol * best, (hi, ref, ours / best)
+    ratio = _ref_kl_ratio(x, hi, st.range / st.bins, bits, unsigned)
+    assert ratio <= (KL_TOL_SPARSE if kind in SPARSE else KL_TOL), (hi, ref, ratio)
+
+
+@pytest.mark.parametrize("kind", ["relu6_sparse", "relu", "gelu", "student", "bimodal",
+                                  "resnet18.layer2.1.relu", "vit.blocks.1.mlp.act"])
+def test_entropy_search_is_the_reference_on_our_rebinned_histogram(kind):
+    """The KL search itself, exactly: ours picks the threshold the reference picks when given the
+    histogram ours was re-binned to (|x|, or the signed one for one-sided data and uint specs)."""
+    x = activation(kind)
+    st = _state(x)
+    ref_hist, edges = _reference_abs_hist(st)
+    for bits in (8, 4):
+        want, _ = _ref_entropy(ref_hist.numpy(), edges.numpy(), bits)
+        _, hi = find_range(st, QuantSpec(bits=bits, calibrator="entropy"))
+        assert hi == want
+    if float(x.min()) >= 0:
+        signed, edges, k0 = _reference_signed_hist(st)
+        assert k0 == 0
+        want, _ = _ref_entropy(signed.numpy(), edges.numpy(), 8, unsigned=True)
+        lo, hi = find_range(st, QuantSpec(bits=8, calibrator="entropy", symmetric=False))
+        assert (lo, hi) == (float(x.min()), min(want, float(x.max())))
 
 
 def test_entropy_candidates_do_not_depend_on_power_of_two_span():
@@ -280,19 +313,9 @@ def test_entropy_candidates_do_not_depend_on_power_of_two_span():
         assert hi == pytest.approx(c * ref, rel=1e-5), c
 
 
-def _ref_signed_hist(x: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Signed histogram over [min(x, 0), max(x, 0)], ``bins`` bins wide in all, zero on an edge
-    (index returned)."""
-    xs = x.double().numpy()
-    lo_end, hi_end = min(xs.min(), 0.0), max(xs.max(), 0.0)
-    v = (hi_end - lo_end) / bins
-    k_lo, k_hi = math.ceil(-lo_end / v - 1e-9), math.ceil(hi_end / v - 1e-9)
-    edges = v * np.arange(-k_lo, k_hi + 1)
-    edges[0], edges[-1] = min(edges[0], lo_end), max(edges[-1], hi_end)
-    return np.histogram(xs, bins=edges)[0].astype(np.float64), edges, k_lo
-
-
 def _ref_kl_pair(h: np.ndarray, a: int, b: int, levels: int) -> float:
+    """KL of keeping bins [a, b) of a signed histogram: outliers on each side folded into the end
+    bins, Q as in the reference."""
     p = h[a:b].copy()
     p[0] += h[:a].sum()
     p[-1] += h[b:].sum()
@@ -300,52 +323,61 @@ def _ref_kl_pair(h: np.ndarray, a: int, b: int, levels: int) -> float:
 
 
 @pytest.mark.parametrize("kind", ["gelu", "bimodal", "laplace_outliers", "vit.blocks.1.mlp.act"])
-def test_entropy_asymmetric_two_sided(kind):
-    """Two-sided asymmetric KL (no reference implementation exists): both ends free, outliers folded
-    into the end bins, 2**bits groups, the zero bin taking its positive neighbour's count. Our pair
-    must be at least as good as every pair on a dense grid, and a coordinate-wise optimum: no better
-    end within the scans of one end with the other fixed (up to resolution)."""
+def test_entropy_asymmetric_two_sided_search(kind):
+    """Two-sided asymmetric KL has no reference implementation: it is the reference's KL with both
+    ends free (outliers folded into both end bins, 2**bits groups) on the signed re-binned
+    histogram, whose fidelity the tests above check on |x| and one-sided data. Here the search:
+    within 2.5% of the exhaustive optimum over all pairs (numpy, from the definition); the 2-D KL
+    surface is rippled, and ours scans a coarse grid, then each end in turn."""
     bins = 512
     x = activation(kind)[:200_000]
     st = _state(x, bins)
     lo, hi = find_range(st, QuantSpec(bits=8, symmetric=False, calibrator="entropy"))
     assert float(x.min()) <= lo < 0 < hi <= float(x.max())
-    h, edges, z = _ref_signed_hist(x, bins)
-    if z + 1 < h.size:
-        h[z] = h[z + 1]
-    levels, n = 256, h.size
-    span = math.ceil(st.range / st.bins / (edges[1] - edges[0]))  # our bin, in reference bins
+    h, edges, k0 = (t.numpy() if isinstance(t, torch.Tensor) else t for t in _reference_signed_hist(st))
+    n = h.size
 
     def kl(a: int, b: int) -> float:
-        return _ref_kl_pair(h, a, b, levels) if b - a >= START_BIN else math.inf
+        return _ref_kl_pair(h, a, b, 256) if b - a >= START_BIN else math.inf
 
-    a0 = int(np.argmin(np.abs(edges - lo))) if lo > edges[0] else 0
-    b0 = int(np.argmin(np.abs(edges - hi))) if hi < edges[-1] else n
-    ours = min(kl(a, b) for a in range(max(0, a0 - span), min(z, a0 + span) + 1)
-               for b in range(max(z, b0 - span), min(n, b0 + span) + 1))
-    grid = min(kl(a, b) for a in range(0, z + 1, max(1, z // 12)) for b in range(z, n + 1, 16))
-    assert ours <= KL_TOL * grid
-    assert ours <= KL_TOL * min(kl(a0, b) for b in range(z, n + 1))
-    assert ours <= KL_TOL * min(kl(a, b0) for a in range(0, z + 1))
+    a_ours = 0 if lo == float(x.min()) else int(np.flatnonzero(edges == lo)[0])
+    b_ours = n if hi == float(x.max()) else int(np.flatnonzero(edges == hi)[0])
+    best = min(kl(a, b) for a in range(k0 + 1) for b in range(k0, n + 1))
+    assert kl(a_ours, b_ours) <= 1.025 * best
+    assert best < kl(0, n)  # a real trade-off: clipping pays
 
 
 # --------------------------------------------------------------------------------------------------
 # percentile
 # --------------------------------------------------------------------------------------------------
+def _order_stats(x: np.ndarray, q: float) -> tuple[float, float]:
+    """The two order statistics numpy's q-th percentile interpolates between."""
+    r = q / 100 * (x.size - 1)
+    lo, hi = math.floor(r), math.ceil(r)
+    part = np.partition(x, (lo, hi))
+    return float(part[lo]), float(part[hi])
+
+
 @pytest.mark.parametrize("p", [99.0, 99.99])
 @pytest.mark.parametrize("kind", ALL)
 def test_percentile_matches_numpy(kind, p):
-    """Within one of our bins of numpy's exact percentile; zeros count as data (a zero spike moves
-    the percentile down the tail, as in the reference), one-sided data keep lo at its minimum."""
+    """Within one of our bins of the raw data's percentile: between the two samples numpy
+    interpolates between (in a sparse tail they can be bins apart), widened by a bin. Zeros count
+    as data (a zero spike moves the percentile down the tail, as in the reference); one-sided data
+    keep lo at its minimum."""
     x = activation(kind)
     st = _state(x)
-    w = st.range / st.bins
+    w = st.range / st.bins * 1.001
     xn = x.double().numpy()
+
+    def close(ours: float, data: np.ndarray, q: float) -> bool:
+        a, b = _order_stats(data, q)
+        return a - w <= ours <= b + w
+
     _, hi = find_range(st, QuantSpec(calibrator="percentile", percentile=p))
-    assert abs(hi - np.percentile(np.abs(xn), p)) <= w * 1.001
+    assert close(hi, np.abs(xn), p)
     lo, hi = find_range(st, QuantSpec(calibrator="percentile", percentile=p, symmetric=False))
-    assert abs(lo - np.percentile(xn, 100 - p)) <= w * 1.001
-    assert abs(hi - np.percentile(xn, p)) <= w * 1.001
+    assert close(lo, xn, 100 - p) and close(hi, xn, p)
     assert float(x.min()) <= lo <= hi <= float(x.max())
 
 
@@ -370,10 +402,12 @@ def _objective(x: torch.Tensor, ranges: list[tuple[float, float]], spec: QuantSp
     scale = torch.tensor([s for s, _ in params], dtype=torch.float32)
     zp = torch.tensor([z for _, z in params], dtype=torch.int32)
     xs = x.expand(len(ranges), -1).contiguous()
-    err = (torch.fake_quantize_per_channel_affine(xs, scale, zp, 0, qmin, qmax) - xs) ** 2
-    s, z = scale.double()[:, None], zp.double()[:, None]
-    clipped = (xs < (qmin - z - 0.5) * s) | (xs > (qmax - z + 0.5) * s)
-    return (err.double() * (1 + (gamma - 1) * clipped)).mean(1).numpy()
+    err = (torch.fake_quantize_per_channel_affine(xs, scale, zp, 0, qmin, qmax) - xs).square_()
+    if gamma != 1.0:
+        s, z = scale[:, None], zp[:, None].float()
+        clipped = (xs < (qmin - z - 0.5) * s) | (xs > (qmax - z + 0.5) * s)
+        err = torch.where(clipped, gamma * err, err)
+    return (err.sum(1, dtype=torch.float64) / x.numel()).numpy()
 
 
 def _bruteforce(x: torch.Tensor, spec: QuantSpec, gamma: float) -> float:
@@ -385,7 +419,7 @@ def _bruteforce(x: torch.Tensor, spec: QuantSpec, gamma: float) -> float:
         lo_end, hi_end = min(lo_obs, 0.0), max(hi_obs, 0.0)
         los = [lo_end * k / 40 for k in range(41)] if lo_end < 0 else [0.0]
         cands = [(lo, hi_end * k / 60) for lo in los for k in range(1, 61)]
-    return float(min(_objective(x, cands[i:i + 500], spec, gamma).min() for i in range(0, len(cands), 500)))
+    return float(min(_objective(x, cands[i:i + 64], spec, gamma).min() for i in range(0, len(cands), 64)))
 
 
 @pytest.mark.parametrize("method,gamma", [("mse", 1.0), ("tf_enhanced", 3.0)])
@@ -409,7 +443,8 @@ def test_mse_and_tf_enhanced_match_bruteforce(kind, bits, symmetric, method, gam
 # --------------------------------------------------------------------------------------------------
 # max, and one-sided data under asymmetric specs
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["relu6_sparse", "relu", "mobilenet_v2.features.2.conv.0.2", "resnet18.relu"])
+@pytest.mark.parametrize("kind", ["relu6_sparse", "relu", "mobilenet_v2.features.2.conv.0.2",
+                                  "resnet18.relu"])
 def test_one_sided_asymmetric_ranges_start_at_zero(kind):
     """Non-negative data: every calibrator's asymmetric range starts at the observed minimum (0),
     so no code is spent on the empty negative side; max is exact."""
@@ -442,7 +477,7 @@ def test_ref_entropy_is_modelopt(modelopt_histogram, kind):
     h, e = _ref_hist(x, 512)
     for bits, unsigned in ((8, False), (4, False), (8, True)):
         theirs = float(modelopt_histogram._compute_amax_entropy(h.copy(), e, bits, unsigned))
-        assert _ref_entropy(h, e, bits, unsigned)[0] == pytest.approx(theirs, rel=1e-12)
+        assert _ref_entropy(h, e, bits, unsigned)[0] == pytest.approx(theirs, rel=1e-6)  # float32
 
 
 def test_modelopt_calibrator_on_raw_data(modelopt_histogram):

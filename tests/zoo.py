@@ -44,6 +44,12 @@ def _timm(arch: str, **kw) -> Callable[[], nn.Module]:
     return build
 
 
+def _bit_one_block_per_stage() -> nn.Module:
+    from timm.models.resnetv2 import _create_resnetv2_bit
+
+    return _create_resnetv2_bit("resnetv2_50x1_bit", pretrained=False, layers=[1, 1, 1, 1], width_factor=1)
+
+
 def _tv(arch: str, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision
@@ -85,7 +91,7 @@ def _hf(kind: str) -> Callable[[], nn.Module]:
             return T.BeitForImageClassification(T.BeitConfig(**small, use_relative_position_bias=True))
         if kind == "mobilevit":
             return T.MobileViTForImageClassification(T.MobileViTConfig(
-                image_size=64, num_channels=3, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                image_size=96, num_channels=3, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
                 num_attention_heads=2, num_labels=10, initializer_range=0.2))
         if kind == "swin":
             return T.SwinForImageClassification(T.SwinConfig(
@@ -113,12 +119,14 @@ ZOO: list[ZooModel] = [
     ZooModel("timm:cait_xxs24_224", _timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2), 32),
     ZooModel("timm:xcit_nano_12_p16_224", _timm("xcit_nano_12_p16_224", img_size=32, depth=2), 32),
     ZooModel("timm:vit_tiny_r_s16_p8_224", _timm("vit_tiny_r_s16_p8_224", img_size=64, depth=2), 64),
-    ZooModel("timm:levit_128s", _timm("levit_128s", img_size=64), 64),
+    # Large enough that the last stage attends over more than one token (softmax over one key is
+    # constant: its q/k quantizers could not act).
+    ZooModel("timm:levit_128s", _timm("levit_128s", img_size=160), 160),
     ZooModel("timm:pit_ti_224", _timm("pit_ti_224", img_size=64), 64),
     ZooModel("timm:coat_lite_tiny", _timm("coat_lite_tiny", img_size=64), 64),
     ZooModel("timm:twins_svt_small", _timm("twins_svt_small", img_size=64, depths=(1, 1, 1, 1)), 64),
     # timm conv nets / hybrids / MLPs
-    ZooModel("timm:mobilevit_xxs", _timm("mobilevit_xxs"), 64),
+    ZooModel("timm:mobilevit_xxs", _timm("mobilevit_xxs"), 128),
     ZooModel("timm:mobilevitv2_050", _timm("mobilevitv2_050"), 64),
     ZooModel("timm:convnext_atto", _timm("convnext_atto"), 64),
     ZooModel("timm:efficientnet_b0", _timm("efficientnet_b0"), 64),
@@ -128,7 +136,9 @@ ZOO: list[ZooModel] = [
     ZooModel("timm:regnetx_002", _timm("regnetx_002"), 64),
     ZooModel("timm:resnet18", _timm("resnet18"), 64),
     ZooModel("timm:resnext26ts", _timm("resnext26ts"), 64),
-    ZooModel("timm:resnetv2_50x1_bit", _timm("resnetv2_50x1_bit"), 64),
+    # One block per stage: a random-weight 50-layer pre-activation net is chaotic (one 8-bit input
+    # quantizer on the stem alone costs 30 dB), which says nothing about quantization.
+    ZooModel("timm:resnetv2_50x1_bit", _bit_one_block_per_stage, 64),
     ZooModel("timm:densenet121", _timm("densenet121"), 64),
     ZooModel("timm:inception_v3", _timm("inception_v3"), 96),
     ZooModel("timm:poolformer_s12", _timm("poolformer_s12"), 64),
@@ -139,7 +149,6 @@ ZOO: list[ZooModel] = [
     ZooModel("timm:dla34", _timm("dla34"), 64),
     ZooModel("timm:repvgg_a0", _timm("repvgg_a0"), 64),
     ZooModel("timm:rexnet_100", _timm("rexnet_100"), 64),
-    ZooModel("timm:vgg11_bn", _timm("vgg11_bn"), 64),
     ZooModel("timm:fastvit_t8", _timm("fastvit_t8"), 64),
     ZooModel("timm:efficientvit_b0", _timm("efficientvit_b0"), 64),
     # torchvision
@@ -161,7 +170,7 @@ ZOO: list[ZooModel] = [
     ZooModel("hf:ViTForImageClassification (sdpa)", _hf("vit_sdpa"), 32),
     ZooModel("hf:DeiTForImageClassificationWithTeacher", _hf("deit"), 32),
     ZooModel("hf:BeitForImageClassification", _hf("beit"), 32),
-    ZooModel("hf:MobileViTForImageClassification", _hf("mobilevit"), 64),
+    ZooModel("hf:MobileViTForImageClassification", _hf("mobilevit"), 96),
     ZooModel("hf:SwinForImageClassification", _hf("swin"), 32),
     ZooModel("hf:ConvNextForImageClassification", _hf("convnext"), 32),
 ]
@@ -185,6 +194,15 @@ def realistic_init(model: nn.Module, seed: int = 0) -> nn.Module:
             if getattr(mod, "running_mean", None) is not None:
                 mod.running_mean.copy_(rand(mod.running_mean, -0.2, 0.2))
                 mod.running_var.copy_(rand(mod.running_var, 0.5, 1.5))
+    for mod in model.modules():
+        # timm/HF init Linear weights with std 0.02 whatever the width: attention logits ~0 and a
+        # uniform softmax hide q/k quantization in float rounding. Trained weights are closer to
+        # 1/sqrt(fan_in).
+        if isinstance(mod, nn.Linear) and mod.weight.numel() > 1:
+            want = 1.0 / math.sqrt(mod.in_features)
+            std = float(mod.weight.std())
+            if 0 < std < 0.5 * want:
+                mod.weight.mul_(want / std)
     for name, p in model.named_parameters():
         if p.numel() <= 1 or not bool((p == p.reshape(-1)[0]).all()):
             continue
@@ -269,9 +287,27 @@ def _with_calibrator(model: nn.Module, calibrator: str) -> nn.Module:
     return clone
 
 
-def _acts(model: nn.Module, name: str, q, x: torch.Tensor, out: torch.Tensor) -> bool:
+def _lossless(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Quantizers that run and return their input unchanged (e.g. a per-channel weight quantizer of
+    a 1x1 depthwise conv: one value per channel, represented exactly by its scale)."""
+    import quantcore
+
+    seen: dict[str, list[bool]] = {}
+    hooks = []
+    for name, q in quantcore.quantizers(model).items():
+        def hook(mod, inp, outp, name=name):
+            # 1-ulp differences: dividing by the scale and multiplying back is not bit-exact
+            seen.setdefault(name, []).append(torch.allclose(inp[0], outp, rtol=1e-6, atol=0.0))
+        hooks.append(q.register_forward_hook(hook))
+    model(x)
+    for h in hooks:
+        h.remove()
+    return {n for n, v in seen.items() if all(v)}
+
+
+def _acts(model: nn.Module, q, x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether toggling quantizer ``q`` alone changes the logits: at its calibrated 8 bits, else at
-    2 bits with the same range (a saturated gate or a one-hot softmax can hide 8-bit rounding)."""
+    2 bits with the same range (a saturated gate can hide 8-bit rounding)."""
     q.quantize = False
     changed = not torch.equal(logits(model(x)).float(), out)
     q.quantize = True
@@ -320,6 +356,11 @@ def run_entry(entry: ZooModel, calibrators=CALIBRATORS, dead_check: bool = True)
         row["fp32_match"].append((f"{cal}, quantization off", ok, rel))
         out = logits(model(x_eval)).float()
         row["sqnr"][cal] = sqnr_db(ref, out)
-        if i == 0 and dead_check:
-            row["dead"] = [n for n, q in quantcore.quantizers(model).items() if not _acts(model, n, q, x_eval, out)]
+        if i == 0 and dead_check:  # on two images: half the cost, the same verdicts
+            x2 = x_eval[:2]
+            out2 = logits(model(x2)).float()
+            exact = _lossless(model, x2)
+            row["lossless"] = sorted(exact)
+            row["dead"] = [n for n, q in quantcore.quantizers(model).items()
+                           if n not in exact and not _acts(model, q, x2, out2)]
     return row

@@ -13,8 +13,11 @@ width (8-bit grids on a 2048-bin histogram often are), and a flat ``s^2/12`` noi
 for skewed data whose mass sits within one step of zero (post-softmax / post-GELU); the exact
 piecewise-uniform integral handles both.
 
-Entropy follows TensorRT's KL search, also O(levels) per threshold via prefix sums, so every
-threshold is evaluated (symmetric); asymmetric specs search both ends (see ``_entropy_range``).
+Entropy is TensorRT's / ModelOpt's KL search, run on the histogram that reference would build from
+the same data (``bins`` bins over ``[0, amax]``, re-binned from ours: its candidates do not depend on
+our power-of-two span), with its zero-bin rule; O(levels) per threshold via prefix sums, so every
+threshold is evaluated (symmetric, one-sided); two-sided asymmetric specs search both ends (see
+``_entropy_range``).
 """
 from __future__ import annotations
 
@@ -386,88 +389,137 @@ def _resample(counts: torch.Tensor, e0: float, w: float, lo: float, hi: float,
               edges: torch.Tensor) -> torch.Tensor:
     """Re-bin ``counts`` (bins of width ``w`` from ``e0``, data within ``[lo, hi]``) onto ``edges``.
 
-    Each bin's count is spread uniformly over the part of it inside ``[lo, hi]``; a bin that meets
-    ``[lo, hi]`` in one point holds a point mass there (a ReLU6 output saturated at exactly 6).
-    Mass at or beyond the last edge falls in the last new bin, as in ``torch.histc``. Empty
-    stretches stay exactly empty, so the non-zero bins KL's Q spreads over are well defined.
+    The cumulative count is known exactly at our bin edges (the first and last clamped to the
+    observed ``lo`` / ``hi``); in between it is interpolated by a monotone cubic (PCHIP), so a steep
+    density (the peak of a heavy-tailed activation, a few bins wide) is not flattened into steps.
+    A bin that meets ``[lo, hi]`` in one point holds a point mass there (a ReLU6 output saturated at
+    exactly 6); mass at or beyond the last edge falls in the last new bin, as in ``torch.histc``.
+    The cumulative counts are rounded to whole samples, so the result is a histogram of whole
+    samples like the reference's: empty stretches and sparse tails stay empty where no sample falls.
     """
     k = counts.numel()
+    dev = counts.device
     c = counts.to(torch.float64)
-    knots = e0 + w * torch.arange(k + 1, dtype=torch.float64, device=c.device)
+    knots = e0 + w * torch.arange(k + 1, dtype=torch.float64, device=dev)
     knots[0], knots[-1] = lo, hi  # lo lies in the first bin, hi in the last
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=c.device), torch.cumsum(c, 0)])
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), torch.cumsum(c, 0)])
+    h = knots.diff()
+    d = torch.where(h > 0, c / h.clamp_min(1e-300), 0.0)  # mean density per bin
+    # knot slopes (densities): weighted harmonic mean of the neighbours' (Fritsch-Butland), 0 at
+    # a local extremum or next to an empty bin; one-sided at the ends and beside a point mass
+    hl, hr, dl, dr = h[:-1], h[1:], d[:-1], d[1:]
+    wl, wr = 2 * hr + hl, hr + 2 * hl
+    both = (dl > 0) & (dr > 0)
+    inner = torch.where(both, (wl + wr) / (wl / dl.clamp_min(1e-300) + wr / dr.clamp_min(1e-300)), 0.0)
+    inner = torch.where(hl == 0, dr, torch.where(hr == 0, dl, inner))
+    m = torch.cat([d[:1], inner, d[-1:]])
     idx = (torch.searchsorted(knots, edges, right=True) - 1).clamp_(0, k - 1)
-    width = knots[idx + 1] - knots[idx]
-    t = torch.where(width > 0, (edges - knots[idx]) / width.clamp_min(1e-300), 1.0).clamp_(0.0, 1.0)
-    f = cdf[idx] + c[idx] * t
+    hi_ = h[idx]
+    t = torch.where(hi_ > 0, (edges - knots[idx]) / hi_.clamp_min(1e-300), 1.0).clamp_(0.0, 1.0)
+    t2, t3 = t * t, t * t * t
+    f = (cdf[idx] * (2 * t3 - 3 * t2 + 1) + cdf[idx + 1] * (3 * t2 - 2 * t3)
+         + hi_ * (m[idx] * (t3 - 2 * t2 + t) + m[idx + 1] * (t3 - t2)))
+    f = f.round_()
     f[-1] = cdf[-1]
     return f.diff().clamp_min_(0.0)
 
 
-def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
-    """TensorRT's / ModelOpt's KL search (``_compute_amax_entropy``), on the histogram that
-    reference would have built from the same data.
+def _cap_zero_bins(counts: torch.Tensor, z: int) -> None:
+    """Cap the two bins beside zero (``z``: ``[0, w)``, where exact zeros land; ``z - 1``:
+    ``[-w, 0)``) at their outer neighbours' counts, in place (the reference's zero-bin rule at our
+    resolution). A spike of exact zeros (ReLU) or of values just below zero (GELU of large
+    negative inputs) is removed; a smooth density keeps its shape; nothing is ever added."""
+    for j, out in ((z, z + 1), (z - 1, z - 2)):
+        if 0 <= j < counts.numel():
+            outer = counts[out] if 0 <= out < counts.numel() else counts.new_zeros(())
+            counts[j] = torch.minimum(counts[j], outer)
 
-    The reference bins |x| into ``bins`` equal bins over ``[0, amax]``; ours span the power of two
-    above amax, so up to twice as wide. Its candidate thresholds are ``i * amax / bins`` for
-    ``i >= ENTROPY_START_BIN``: ours are re-binned onto that grid (each bin read as uniform over
-    its part of the observed range), so the candidates never depend on the power-of-two span.
-    Then, as in the reference:
 
-    * the zero bin takes the count of its neighbour (``bins[0] = bins[1]``): a spike of exact zeros
-      (86% of a ReLU6 output) is represented exactly by any grid, and left in it would make every
-      threshold but the narrowest look bad. Here it is done once at our own resolution (our zero
-      bin can overlap two of the reference's) and once on the re-binned histogram;
-    * Q spreads each group's mass over the bins that are non-zero in the histogram, so outliers
-      folded into an empty end bin give KL = +inf;
-    * of equal divergences the last (widest) threshold wins.
-
-    Symmetric specs search |x| with ``2**(bits-1)`` levels. Asymmetric ones re-bin the signed
-    histogram over ``[min(min, 0), max(max, 0)]`` (zero on a bin edge) and search both ends with
-    ``2**bits`` levels, left outliers folding into the first kept bin: on one-sided data that is
-    exactly the reference's unsigned search. Two-sided pairs are searched exhaustively when few,
-    else a coarse grid (<= 17 x 17) followed by two rounds of exhaustive scans of each end (within
-    4 coarse steps) with the other fixed; the 2-D KL surface is rippled, so this lands near, not
-    always on, the exhaustive optimum.
-    """
+def _reference_abs_hist(state: HistogramState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's |x| histogram, ``bins`` bins over ``[0, amax]`` with its zero-bin rule
+    applied, re-binned from ours; and its ``bins + 1`` edges."""
     n, w = state.bins, _bin_width(state)
     dev = state.counts.device
-    if spec.symmetric:
-        levels = 2 ** (spec.bits - 1)
-        amax = _abs_max(state)
-        signed = state.counts.to(torch.float64)
-        signed[n] = signed[n + 1]  # zero bin [0, w) (exact zeros land there); keep [-w, 0)
-        edges = torch.linspace(0.0, amax, n + 1, dtype=torch.float64, device=dev)
-        ref = torch.zeros(n, dtype=torch.float64, device=dev)
-        # |x| = the two halves folded, each re-binned within its own extreme (GELU's -0.17 edge)
-        for half, end in ((signed[n:], state.max), (signed[:n].flip(0), -state.min)):
-            if end > 0 and bool(half.any()):
-                ref += _resample(half[:int(torch.nonzero(half).flatten()[-1]) + 1], 0.0, w, 0.0, end, edges)
-        ref[0] = ref[1]
-        t = _KLTables(ref)
-        i = torch.arange(min(ENTROPY_START_BIN, n), n + 1, device=dev)
-        kl = _chunked(lambda b: t.kl(torch.zeros_like(b), b, levels), i, per_row=levels + 1)
-        a = min(float(edges[int(i[_last_argmin(kl)])]), amax)
-        return -a, a
+    signed = state.counts.to(torch.float64)
+    _cap_zero_bins(signed, n)
+    edges = torch.linspace(0.0, _abs_max(state), n + 1, dtype=torch.float64, device=dev)
+    ref = torch.zeros(n, dtype=torch.float64, device=dev)
+    # the two halves folded, each re-binned within its own extreme (GELU's edge at -0.17)
+    for half, end in ((signed[n:], state.max), (signed[:n].flip(0), -state.min)):
+        if end > 0 and bool(half.any()):
+            last = int(torch.nonzero(half).flatten()[-1]) + 1
+            ref += _resample(half[:last], 0.0, w, 0.0, end, edges)
+    ref[0] = ref[1]
+    return ref, edges
 
-    levels = 2**spec.bits
+
+def _reference_signed_hist(state: HistogramState) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The signed counterpart: ``bins`` bins (one more when zero falls inside one) over
+    ``[min(min, 0), max(max, 0)]``, zero on edge ``k0``. The zero-bin rule applies to both halves
+    of the reference's zero bin: ``[0, v)`` and ``[-v, 0)`` take their outer neighbours' counts.
+    Returns (counts, edges, k0)."""
+    n, w = state.bins, _bin_width(state)
     lo_end, hi_end = min(state.min, 0.0), max(state.max, 0.0)
     v = (hi_end - lo_end) / n
     k_lo = math.ceil(n * (-lo_end / (hi_end - lo_end)))
     k_hi = math.ceil(n * (hi_end / (hi_end - lo_end)))
-    edges = v * torch.arange(-k_lo, k_hi + 1, dtype=torch.float64, device=dev)
+    edges = v * torch.arange(-k_lo, k_hi + 1, dtype=torch.float64, device=state.counts.device)
     counts, e0 = _occupied(state)
     counts = counts.to(torch.float64)
-    z = n - int(torch.nonzero(state.counts).flatten()[0])  # our zero bin [0, w) in ``counts``
-    if 0 <= z < counts.numel():
-        counts[z] = counts[z + 1] if z + 1 < counts.numel() else 0.0
+    _cap_zero_bins(counts, n - int(torch.nonzero(state.counts).flatten()[0]))  # [0, w): index n
     ref = _resample(counts, e0, w, float(state.min), float(state.max), edges)
-    if k_hi >= 2:  # the reference's zero bin, on the side the data lies
+    if k_hi >= 2:
         ref[k_lo] = ref[k_lo + 1]
-    elif k_lo >= 2:
+    if k_lo >= 2:
         ref[k_lo - 1] = ref[k_lo - 2]
+    return ref, edges, k_lo
+
+
+def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
+    """TensorRT's / ModelOpt's KL search (``_compute_amax_entropy``) on the histogram that this
+    reference would have built from the same data.
+
+    The reference bins |x| into ``bins`` equal bins over ``[0, amax]``, and its candidate
+    thresholds are ``i * amax / bins`` for ``i >= ENTROPY_START_BIN``. Ours span the power of two
+    above amax, so they are 1-2x as wide: they are re-binned onto the reference's grid
+    (``_resample``), so the candidates never depend on the power-of-two span. As in the reference:
+
+    * the zero bin takes its neighbour's count (``bins[0] = bins[1]``): a spike of exact zeros (86%
+      of a ReLU6 output) is represented exactly by any grid, and left in would make every threshold
+      but the narrowest look bad. Our bins beside zero overlap two of the reference's, so they are
+      first capped at their outer neighbours (``_cap_zero_bins``);
+    * Q spreads each group's mass over the bins that are non-zero in the histogram, so outliers
+      folded into an empty end bin give KL = +inf;
+    * of equal divergences the last (widest) threshold wins.
+
+    Symmetric specs search |x| with ``2**(bits-1)`` levels. Asymmetric ones use the signed
+    counterpart (``_reference_signed_hist``) with both ends free and ``2**bits`` levels, left
+    outliers folding into the first kept bin: on one-sided data this is exactly the reference's
+    unsigned search, and it is exhaustive. Two-sided pairs are searched exhaustively when few, else
+    a coarse grid (<= 17 x 17) followed by two rounds of exhaustive scans of each end (within 4
+    coarse steps) with the other fixed; the 2-D KL surface is rippled, so this lands near, not
+    always on, the exhaustive optimum.
+    """
+    if spec.symmetric:
+        return _entropy_symmetric(state, 2 ** (spec.bits - 1))
+    return _entropy_asymmetric(state, 2**spec.bits)
+
+
+def _entropy_symmetric(state: HistogramState, levels: int) -> Range:
+    ref, edges = _reference_abs_hist(state)
     t = _KLTables(ref)
-    total = k_lo + k_hi
+    n = ref.numel()
+    i = torch.arange(min(ENTROPY_START_BIN, n), n + 1, device=ref.device)
+    kl = _chunked(lambda b: t.kl(torch.zeros_like(b), b, levels), i, per_row=levels + 1)
+    a = min(float(edges[int(i[_last_argmin(kl)])]), _abs_max(state))
+    return -a, a
+
+
+def _entropy_asymmetric(state: HistogramState, levels: int) -> Range:
+    ref, edges, k0 = _reference_signed_hist(state)
+    t = _KLTables(ref)
+    dev = ref.device
+    total = ref.numel()
     start = min(ENTROPY_START_BIN, total)
 
     def kl_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -487,23 +539,21 @@ def _entropy_range(state: HistogramState, spec: QuantSpec) -> Range:
         pts = torch.arange(lo, hi + 1, step, device=dev)
         return torch.unique(torch.cat([pts, torch.tensor([hi], device=dev)]))
 
-    na, nb = k_lo + 1, k_hi + 1  # a in [0, k_lo], b in [k_lo, total]
+    na, nb = k0 + 1, total - k0 + 1  # a in [0, k0], b in [k0, total]: zero stays inside
     if na * nb <= _ENTROPY_EXHAUSTIVE_PAIRS:
-        ba, bb = best_of(axis(0, k_lo, 1), axis(k_lo, total, 1))
+        ba, bb = best_of(axis(0, k0, 1), axis(k0, total, 1))
     else:
         # KL ripples as group boundaries move, so a shrinking 2-D window gets stuck easily: after
         # a coarse grid, alternate exhaustive scans of one end (within 4 coarse steps) with the
         # other end fixed, twice; every scan keeps the current pair, so KL never increases.
         sa, sb = max(1, -(-na // 16)), max(1, -(-nb // 16))
-        ba, bb = best_of(axis(0, k_lo, sa), axis(k_lo, total, sb))
+        ba, bb = best_of(axis(0, k0, sa), axis(k0, total, sb))
         for _ in range(2):
             ba, bb = best_of(torch.tensor([ba], device=dev),
-                             axis(max(k_lo, bb - 4 * sb), min(total, bb + 4 * sb), 1))
-            ba, bb = best_of(axis(max(0, ba - 4 * sa), min(k_lo, ba + 4 * sa), 1),
+                             axis(max(k0, bb - 4 * sb), min(total, bb + 4 * sb), 1))
+            ba, bb = best_of(axis(max(0, ba - 4 * sa), min(k0, ba + 4 * sa), 1),
                              torch.tensor([bb], device=dev))
-    lo = max(float(edges[ba]), state.min)
-    hi = min(float(edges[bb]), state.max)
-    return lo, hi
+    return max(float(edges[ba]), state.min), min(float(edges[bb]), state.max)
 
 
 # --------------------------------------------------------------------------------------------------

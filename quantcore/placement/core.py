@@ -337,8 +337,8 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
 
     Raises :class:`~quantcore.errors.PlacementError` naming the recipe field, module or quantizer for
     anything that cannot be done as asked (an override matching nothing, ``mode`` on a model without
-    attention, ``fold_bn`` on a model without BatchNorm, a fold that changes the outputs...). Options
-    are validated before the model is touched, except folding (restored on failure).
+    attention, a fold that changes the outputs...). On any error the model is left as it was (a fold
+    is undone).
     """
     _check_fresh(model)
     overrides = list(overrides)
@@ -354,7 +354,7 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
     explicit = {k for k in _ATTN_OPTIONS if getattr(placement, k) != getattr(defaults, k)}
 
     has_bn = any(is_batchnorm(m) for m in model.modules())
-    folded, unfolded = [], {}
+    folded, unfolded, fold_res = [], {}, None
     if placement.fold_bn and has_bn:
         try:
             res = fold_batchnorm(model, example_input)
@@ -364,7 +364,18 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
             raise PlacementError(f"the model failed on an example input of shape {shape} while BatchNorm "
                                  f"folding was checked ({type(err).__name__}: {err}); pass example_input "
                                  "to prepare() (or set model.img_size / in_chans)") from None
-        folded, unfolded = res.pairs, res.unfolded
+        folded, unfolded, fold_res = res.pairs, res.unfolded, res
+    try:
+        return _place(model, placement, weight_spec, act_spec, overrides, bins, example_input, shape, explicit,
+                      has_bn, folded, unfolded)
+    except BaseException:
+        if fold_res is not None:  # a refusal leaves the model as it was
+            fold_res.undo()
+        raise
+
+
+def _place(model, placement, weight_spec, act_spec, overrides, bins, example_input, shape, explicit, has_bn,
+           folded, unfolded) -> PlacementResult:
     try:
         trace, _ = run_probe(model, example_input)
     except Exception as err:  # noqa: BLE001

@@ -1,0 +1,193 @@
+"""Issue #7 faults 1, 2, 4, 5 as kinds: layer subclasses with their own forward, weights used
+functionally by a parent, options that cannot apply, per-channel activations. Each right value is
+checked against an independent computation (the float layer's own math, a hand-made fake quant)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantcore
+from quantcore.config import Override, PlacementConfig, SpecPatch
+from quantcore.errors import PlacementError, UserError
+from quantcore.formats import QuantSpec
+from quantcore.placement import place_quantizers, quantizers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+W = QuantSpec(axis=0, calibrator="max")
+A = QuantSpec(calibrator="max")
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, 0.5 * self.weight, self.bias)
+
+
+class PadConv(nn.Conv2d):
+    """Pads in its own forward (third-party 'same' convs): a swapped plain conv gets the shape wrong."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardization in forward (timm StdConv2d-style)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, i, o, r=2):
+        super().__init__(i, o)
+        self.lora_a = nn.Linear(i, r, bias=False)
+        self.lora_b = nn.Linear(r, o, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))
+
+
+def _calibrate(model, x):
+    quantcore.calibrate(model, [x])
+
+
+def _fake_quant(t: torch.Tensor, amax: torch.Tensor, axis=None) -> torch.Tensor:
+    scale = (amax / 127).clamp_min(1e-8)
+    if axis is not None:
+        scale = scale.reshape(-1, *([1] * (t.dim() - 1)))
+    return torch.clamp(torch.round(t / scale), -128, 127) * scale
+
+
+@pytest.mark.parametrize("layer,x", [
+    (ScaledLinear(6, 5), torch.randn(4, 6)),
+    (PadConv(3, 4, 3, stride=2), torch.randn(2, 3, 9, 9)),
+    (StdConv(3, 4, 3, padding=1), torch.randn(2, 3, 8, 8)),
+    (LoRALinear(6, 5), torch.randn(4, 6)),
+], ids=["scaled-linear", "pad-in-forward-conv", "weight-standardized-conv", "lora"])
+def test_layer_subclass_keeps_its_forward_and_is_quantized_as_it_computes(layer, x):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).eval()
+    ref = copy.deepcopy(model)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert type(model[0]) is type(layer) and "0.weight_quantizer" in res.quantizers
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))  # prepared, not calibrated: bit-identical
+        _calibrate(model, x)
+        with quantcore.quantization_disabled(model):
+            assert torch.equal(model(x), ref(x))
+        y = model(x)
+    assert not torch.equal(y, ref(x))
+    qs = quantizers(model)
+    wq = qs["0.weight_quantizer"]
+    # The weight range is the one of the weight the op receives (scaled / standardized), per channel.
+    if isinstance(layer, ScaledLinear):
+        effective = 0.5 * ref[0].weight
+    elif isinstance(layer, StdConv):
+        w = ref[0].weight
+        effective = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+    else:
+        effective = ref[0].weight
+    amax = effective.detach().abs().reshape(effective.shape[0], -1).amax(1)
+    assert torch.allclose(wq.amax, amax, rtol=1e-6)
+    # Independent reference: the float layer's own math on fake-quantized input and weight.
+    xq = _fake_quant(x, qs["0.input_quantizer"].amax)
+    wqv = _fake_quant(effective.detach(), amax, axis=0)
+    with torch.no_grad():
+        if isinstance(layer, ScaledLinear):
+            expect = F.linear(xq, wqv, ref[0].bias)
+        elif isinstance(layer, PadConv):
+            expect = F.conv2d(F.pad(xq, (0, 1, 0, 1)), wqv, ref[0].bias, 2, 0)
+        elif isinstance(layer, StdConv):
+            expect = F.conv2d(xq, wqv, ref[0].bias, 1, 1)
+        else:  # LoRA: the base op quantized here; lora_a/lora_b are Linear modules with their own
+            la, lb = model[0].lora_a, model[0].lora_b
+            expect = F.linear(xq, wqv, ref[0].bias) + lb(la(x))
+    assert torch.allclose(y, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_projections_and_matmuls_are_quantized_and_act():
+    torch.manual_seed(0)
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.3)  # zero-initialised head: logits would not move
+    x = torch.randn(2, 3, 16, 16)
+    res = quantcore.prepare(model, {"model": {"name": "x"}}, example_input=x).quantcore_placement
+    mha = "encoder.layers.encoder_layer_0.self_attention"
+    assert res.attention == [mha]
+    for q in ("in_proj_input_quantizer", "in_proj_weight_quantizer", "out_proj.input_quantizer",
+              "out_proj.weight_quantizer", "q_quantizer", "k_quantizer", "attn_quantizer", "v_quantizer"):
+        assert f"{mha}.{q}" in res.quantizers, q
+    _calibrate(model, x)
+    qs = quantizers(model)
+    with torch.no_grad():
+        y = model(x)
+        for name in (f"{mha}.out_proj.weight_quantizer", f"{mha}.in_proj_weight_quantizer", f"{mha}.q_quantizer",
+                     f"{mha}.attn_quantizer"):
+            qs[name].quantize = False
+            assert not torch.equal(model(x), y), f"{name} has no effect"
+            qs[name].quantize = True
+    # in_proj's weight range comes from the packed in_proj_weight (3E x E, per output channel)
+    w = model.encoder.layers[0].self_attention.in_proj_weight
+    assert torch.allclose(qs[f"{mha}.in_proj_weight_quantizer"].amax, w.detach().abs().amax(1))
+    enc = quantcore.encodings(model)
+    assert {r["name"] for r in enc["quantizers"]} == set(qs)
+    assert enc["placement"]["attention"] == [mha]
+
+
+def test_every_layer_is_quantized_or_listed_with_a_reason():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+            self.mm_param = nn.Parameter(torch.randn(4, 4))
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+        def forward(self, x):
+            y = self.used(x) @ self.mm_param
+            return self.up(y.reshape(2, 4, 1, 1)).flatten(1)
+
+    model = Odd().eval()
+    x = torch.randn(2, 4)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert "used.weight_quantizer" in res.quantizers
+    assert res.float_reasons["unused"] == "not called on the example input"
+    assert "transposed" in res.float_reasons["up"]
+    assert "matmul" in res.float_reasons["mm_param"]
+
+
+@pytest.mark.parametrize("field,value", [("mode", "ft2"), ("quantize_softmax_input", True),
+                                         ("share_qkv_range", True), ("quantize_gemm_output", False)])
+def test_attention_options_on_a_model_without_attention_are_refused(field, value):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(PlacementError, match=rf"placement\.{field}"):
+        place_quantizers(model, PlacementConfig(**{field: value}), W, A, example_input=torch.randn(2, 3, 8, 8))
+    assert isinstance(model[1], nn.BatchNorm2d)  # nothing was changed before the refusal
+
+
+def test_per_channel_activation_override_is_refused_naming_the_quantizer():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    with pytest.raises(PlacementError, match=r"'0\.input_quantizer'.*per-channel"):
+        place_quantizers(model, PlacementConfig(), W, A, [Override(match="0", spec=SpecPatch(per_channel=True))],
+                         example_input=torch.randn(2, 4))
+    assert issubclass(PlacementError, UserError)
+
+
+def test_batch_size_does_not_change_activation_ranges_shape():
+    """Per-tensor activation ranges: a model calibrated at batch 4 evaluates at batch 5 (the old
+    per-channel activations used the batch axis and crashed there)."""
+    model = quantcore.prepare(nn.Sequential(nn.Linear(4, 3)).eval(), {"model": {"name": "x"}},
+                              example_input=torch.randn(4, 4))
+    quantcore.calibrate(model, [torch.randn(4, 4)])
+    assert quantizers(model)["0.input_quantizer"].amax.numel() == 1
+    with torch.no_grad():
+        assert model(torch.randn(5, 4)).shape == (5, 3)
