@@ -23,7 +23,11 @@ def test_zoo_model(entry):
     assert not row["unlisted_attention"], f"attention neither quantized nor listed: {row['unlisted_attention'][:8]}"
     assert row["quantizers"] > 0
     for cal, db in row["sqnr"].items():
-        assert db > zoo.SQNR_FLOOR_DB or math.isinf(db), f"{cal}: SQNR {db:.1f} dB"
+        floor = zoo.ENTROPY_FLOOR_DB if cal == "entropy" else zoo.SQNR_FLOOR_DB
+        assert db > floor or math.isinf(db), f"{cal}: SQNR {db:.1f} dB"
+    ref = row.get("sqnr_entropy_reference")
+    if ref is not None:  # entropy is as good as the reference algorithm on the same activations
+        assert row["sqnr"]["entropy"] >= ref - zoo.ENTROPY_REFERENCE_TOL_DB, (row["sqnr"]["entropy"], ref)
 
 
 def test_zoo_is_broad():
