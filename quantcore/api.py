@@ -84,7 +84,7 @@ def _images(batch: Any) -> torch.Tensor:
         return batch[0]
     if isinstance(batch, dict) and "image" in batch:
         return batch["image"]
-    raise TypeError(f"calibration batch must be a tensor, (images, ...) or {{'image': ...}}, got {type(batch)}")
+    raise UserError(f"calibration batch must be a tensor, (images, ...) or {{'image': ...}}, got {type(batch).__name__}")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -122,6 +122,12 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None,
             res.images += x.shape[0]
             if progress is not None:
                 progress(x.shape[0])
+    except BaseException:
+        # A failed pass must not leave quantizers collecting (they would pass activations through
+        # and keep adding later data to the statistics).
+        for q in quantizers(model).values():
+            q.calibrating, q.observe = False, False
+        raise
     finally:
         for q, b in zip(weights, before):
             q.quantize = b
@@ -174,11 +180,17 @@ def calibration_state(model: nn.Module) -> dict[str, dict[str, Any]]:
         if q.kind == "activation" and q.collector is not None:
             kind = "hist" if isinstance(q.collector, HistogramState) else "max"
             out[name] = {"type": kind, **q.collector.to_dict()}
+        elif q.kind == "weight" and q.observed is not None:
+            # A weight computed in forward (StdConv2d, a scaled or LoRA-merged weight): the tensor the
+            # op received is its calibration data (identical on every worker).
+            out[name] = {"type": "observed_weight", "tensor": q.observed.detach().cpu()}
     return out
 
 
-def _state_obj(d: dict[str, Any]) -> HistogramState | MaxState:
+def _state_obj(d: dict[str, Any]) -> HistogramState | MaxState | torch.Tensor:
     body = {k: v for k, v in d.items() if k != "type"}
+    if d["type"] == "observed_weight":
+        return body["tensor"]
     return HistogramState.from_dict(body) if d["type"] == "hist" else MaxState.from_dict(body)
 
 
@@ -189,6 +201,10 @@ def merge_calibration_states(states: list[dict[str, dict[str, Any]]]) -> dict[st
     names = set().union(*states)
     merged = {}
     for name in sorted(names):
+        if states[0].get(name, {}).get("type") == "observed_weight" or any(
+                s.get(name, {}).get("type") == "observed_weight" for s in states):
+            merged[name] = next(s[name] for s in states if name in s)
+            continue
         parts = [_state_obj(s[name]) for s in states if name in s]
         acc = parts[0]
         for p in parts[1:]:
@@ -204,7 +220,11 @@ def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -
         raise UserError(f"calibration state names quantizers this model lacks: {unknown[:5]} (prepared "
                         f"with another recipe or model?)")
     for name, d in state.items():
-        qs[name].collector = _state_obj(d)
+        obj = _state_obj(d)
+        if isinstance(obj, torch.Tensor):
+            qs[name].observed = obj.to(qs[name].amax.device)
+        else:
+            qs[name].collector = obj
 
 
 # -- switches ---------------------------------------------------------------------------------------
@@ -249,13 +269,15 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
     storage.write_bytes(uri, checkpoint_bytes(model, meta))
 
 
-def load(uri: str, model: nn.Module | None = None) -> nn.Module:
+def load(uri: str, model: nn.Module | None = None, example_input: Any = None) -> nn.Module:
     """Load a calibrated checkpoint, with every weight, range and quantizer spec it stores.
 
     The FP32 model is rebuilt from the stored recipe's ``model:`` section (no weights are downloaded:
     the checkpoint holds them all). A model you built yourself (no ``model:`` section, or a class
     quantcore cannot build) is passed as ``model``: a fresh, unprepared instance of the same
     architecture, e.g. ``quantcore.load(uri, model=MyNet())``; its weights are replaced.
+    ``example_input``: the probe input for placement (default: a seeded random tensor of the shape
+    stored at calibration time); pass one for a model that does not take a float image tensor.
     """
     from .io import storage
 
@@ -271,14 +293,9 @@ def load(uri: str, model: nn.Module | None = None) -> nn.Module:
                                   f"from; pass the module: quantcore.load(uri, model=MyModel())")
         model = create_model(recipe.model, load_weights=False)
     shape = meta.get("example_input_shape") or None
-    example = None
-    if shape:  # the same probe input as at calibration time: the same ops are found again
-        from .placement import default_example_input
-
-        example = default_example_input(model, img_size=None, in_chans=shape[1], batch=shape[0])
-        if list(example.shape) != list(shape):
-            example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    prepare(model, recipe, example_input=example)
+    if example_input is None and shape:  # the probe input of calibration time (same seed, same shape)
+        example_input = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    prepare(model, recipe, example_input=example_input)
     qs = quantizers(model)
     specs = meta.get("quantizer_specs", {})
     if set(specs) != set(qs):

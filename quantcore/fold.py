@@ -164,6 +164,9 @@ def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) ->
     conv = mods[conv_name]
     if conv.out_channels != _bn_features(bn):
         return f"channel count differs from {conv_name!r}"
+    root = next((c for c in trace.calls if c.name == "" and c.index == 0), None)
+    if root is not None and src[0] in root.outputs:
+        return f"the output of {conv_name!r} is also returned by the model"
     for kind, r in readers.get(src[0], []):
         if (kind == "call" and r is call) or r.seq < born:
             continue  # the BatchNorm itself, or an older tensor that had the same id

@@ -191,3 +191,162 @@ def test_batch_size_does_not_change_activation_ranges_shape():
     assert quantizers(model)["0.input_quantizer"].amax.numel() == 1
     with torch.no_grad():
         assert model(torch.randn(5, 4)).shape == (5, 3)
+
+
+# -- found by a new user trying to break it ----------------------------------------------------------
+R = {"name": "t", "model": {"name": "x"}, "calibration": {"method": "max"}}
+
+
+def test_failed_calibration_pass_leaves_no_quantizer_collecting():
+    model = quantcore.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), R,
+                              example_input=torch.randn(2, 8))
+    with pytest.raises(RuntimeError):
+        quantcore.calibrate(model, [torch.randn(2, 8), torch.randn(2, 9)])  # second batch: wrong width
+    assert not any(q.calibrating or q.observe for q in quantizers(model).values())
+
+
+def test_float_child_weight_is_not_taken_for_the_parents_computed_weight():
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return F.linear(self.head(x), self.w * 2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Blk()).eval()
+    x = torch.randn(2, 8)
+    quantcore.prepare(model, {**R, "overrides": [{"match": "0.head", "float": True}]}, example_input=x)
+    quantcore.calibrate(model, [x])
+    qs = quantizers(model)
+    assert "0.head.weight_quantizer" not in qs
+    assert torch.allclose(qs["0.weight_quantizer"].amax, (2 * model[0].w).detach().abs().amax(1))  # (4,), not head's
+    with torch.no_grad():
+        h = model[0].head(x)
+    assert torch.allclose(qs["0.input_quantizer"].amax, h.abs().max())
+
+
+def test_fold_is_checked_on_every_output_not_only_logits():
+    from collections import namedtuple
+
+    Out = namedtuple("Out", "logits features")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.bn(y)
+            return Out(z.mean((2, 3)), y)  # y, the conv output, is read twice: not foldable
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(model)
+    pl = quantcore.prepare(model, R, example_input=x).quantcore_placement
+    assert pl.folded_bn == [] and "bn" in pl.unfolded_bn
+    with torch.no_grad():
+        assert torch.equal(model(x).features, ref(x).features)
+
+
+def test_fully_masked_attention_row_is_zero_like_torch():
+    from quantcore.placement.intercept import quantized_sdpa
+
+    q = k = v = torch.randn(1, 2, 4, 8)
+    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    mask[0, :, 2, :] = False
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = quantized_sdpa({}, q, k, v, attn_mask=mask)
+    assert torch.allclose(out, ref, atol=1e-6) and bool((out[0, :, 2] == 0).all())
+
+
+def test_model_input_quantizer_acts_on_keyword_input():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, pixel_values=None):
+            return self.fc(self.norm(pixel_values))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = quantcore.prepare(Net().eval(), {**R, "placement": {"quantize_model_input": True}},
+                              example_input=x)
+    assert "input_quantizer" in model.quantcore_placement.quantizers
+    quantcore.calibrate(model, [x])
+    with torch.no_grad():
+        y = model(pixel_values=x)
+        model.input_quantizer.quantize = False
+        assert not torch.equal(model(pixel_values=x), y)
+
+
+def test_data_parallel_calibration_includes_computed_weights():
+    torch.manual_seed(0)
+    base = nn.Sequential(ScaledLinear(6, 5), nn.ReLU(), StdConv(1, 2, 1)).eval()
+
+    def build():
+        m = nn.Sequential(ScaledLinear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+        m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("2.")}, strict=False)
+        return m
+
+    torch.manual_seed(1)
+    ref_model = build()
+    x = torch.randn(8, 6)
+    one = quantcore.prepare(copy.deepcopy(ref_model), R, example_input=x[:2])
+    quantcore.calibrate(one, [x])
+    states = []
+    for shard in (x[:4], x[4:]):
+        w = quantcore.prepare(copy.deepcopy(ref_model), R, example_input=x[:2])
+        quantcore.collect(w, [shard])
+        states.append(quantcore.calibration_state(w))
+    merged_model = quantcore.prepare(copy.deepcopy(ref_model), R, example_input=x[:2])
+    quantcore.load_calibration_state(merged_model, quantcore.merge_calibration_states(states))
+    res = quantcore.finalize(merged_model)
+    assert res.uncalibrated == []
+    for n, q in quantizers(one).items():
+        assert torch.equal(q.amax, quantizers(merged_model)[n].amax), n
+
+
+def test_tied_weights_are_quantized_at_each_use_and_not_listed_float():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    x = torch.randn(2, 4)
+    res = place_quantizers(Tied().eval(), PlacementConfig(), W, A, example_input=x)
+    assert {"a.weight_quantizer", "b.weight_quantizer"} <= set(res.quantizers)
+    assert res.float_reasons == {}
+
+
+def test_load_takes_an_example_input_for_models_that_do_not_take_images(tmp_path):
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    model = quantcore.prepare(Tok().eval(), {"name": "tok"}, example_input=ids)
+    quantcore.calibrate(model, [ids])
+    quantcore.save(model, str(tmp_path / "m.qc.pt"))
+    back = quantcore.load(str(tmp_path / "m.qc.pt"), model=Tok(), example_input=ids)
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))

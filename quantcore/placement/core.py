@@ -70,19 +70,25 @@ def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def _quantize_model_input(module: nn.Module, args: tuple):
-    """Forward pre-hook: fake-quantize the first positional input with ``module.input_quantizer``."""
+def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: fake-quantize the model's image input with ``module.input_quantizer``: the
+    first positional tensor, else the first floating-point tensor keyword (``pixel_values=``)."""
     q = module._modules.get(ROOT_INPUT_QUANTIZER)
-    if q is None or not args or not isinstance(args[0], torch.Tensor):
+    if q is None:
         return None
-    return (q(args[0]),) + tuple(args[1:])
+    if args and isinstance(args[0], torch.Tensor):
+        return (q(args[0]),) + tuple(args[1:]), kwargs
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return args, {**kwargs, k: q(v)}
+    return None
 
 
 def _add_root_input_quantizer(model: nn.Module, act_spec: QuantSpec, bins: int) -> None:
     q = TensorQuantizer(act_spec, "activation", bins)
     # Registered first so that it leads quantizers(model) and the state_dict.
     model._modules = {ROOT_INPUT_QUANTIZER: q, **model._modules}
-    model.register_forward_pre_hook(_quantize_model_input)
+    model.register_forward_pre_hook(_quantize_model_input, with_kwargs=True)
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -194,9 +200,8 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
         if op.kind == "matmul_param":
             if op.weight:
                 used_weights.add(op.weight)
-                owner = op.weight.rpartition(".")[0]
-                float_reasons.setdefault(owner or op.weight, f"parameter {op.weight!r} is used by a matmul, "
-                                         "not by F.linear/conv (only those ops are quantized)")
+                float_reasons.setdefault(op.weight, f"parameter {op.weight!r} is used by a matmul, not by "
+                                         "F.linear/conv (only those ops are quantized)")
             continue
         if op.kind != "weighted" or not op.stack:
             continue
@@ -494,6 +499,11 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             plans.setdefault(s.owner, ModulePlan()).attention = True
             if settings.share_qkv:
                 share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")])
+    # Every module whose forward runs a weighted op gets a context, even with nothing to quantize
+    # (kept float): its ops must not be taken for its parent's computed-weight op.
+    for op in trace.ops:
+        if op.kind in ("weighted", "transposed_conv") and op.stack:
+            plans.setdefault(op.stack[-1][0], ModulePlan())
     for caller, plan in plans.items():
         install_hooks(mods[caller] if caller else model, plan)
 

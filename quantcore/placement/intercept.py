@@ -228,6 +228,8 @@ class QuantOpMode(TorchFunctionMode):
         x, w, rest, kw = weighted_args(args, kwargs)
         site = ctx.by_param.get(id(w))
         if site is None:
+            if is_param_like(w):  # another module's (float) weight: never a computed-weight site
+                return func(*args, **kwargs)
             if ctx.n_derived < len(ctx.derived):
                 site = ctx.derived[ctx.n_derived]
             ctx.n_derived += 1
@@ -300,7 +302,8 @@ def quantized_sdpa(qs: dict[str, Optional[TensorQuantizer]], query: torch.Tensor
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         else:
             logits = logits + attn_mask
-    attn = logits.softmax(dim=-1)
+    # A fully masked row: softmax gives NaN, torch's SDPA gives 0 (no key to attend to).
+    attn = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     attn = _apply(qs.get("attn_quantizer"), attn)

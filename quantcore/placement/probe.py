@@ -57,7 +57,7 @@ class Trace:
     ops: list[OpEvent] = field(default_factory=list)
     calls: list[CallEvent] = field(default_factory=list)
     call_counts: dict[str, int] = field(default_factory=dict)
-    param_names: dict[int, str] = field(default_factory=dict)
+    param_names: dict[int, list[str]] = field(default_factory=dict)  # a tied parameter has several
     model_inputs: tuple[int, ...] = ()
     keep: list[Any] = field(default_factory=list)  # module outputs kept alive: their ids stay unique
     counter: int = 0
@@ -94,27 +94,36 @@ class _Recorder(TorchFunctionMode):
         name = _func_name(func)
         if name in _METADATA:
             return out
-        names = self.trace.param_names
+        caller = self.stack[-1][0] if self.stack else ""
+
+        def pname(t: Any) -> Optional[str]:
+            """The parameter's name, preferring the one inside the calling module (tied weights)."""
+            found = self.trace.param_names.get(id(t))
+            if not found:
+                return None
+            inside = [n for n in found if not caller or n.startswith(caller + ".")]
+            return (inside or found)[0]
+
         ev = OpEvent("other", name, tuple(self.stack), _tensor_ids((args, kwargs)), _tensor_ids(out),
                      seq=self.trace.next_seq())
         if func in WEIGHTED_OPS:
             x, w, _, _ = weighted_args(args, kwargs)
             ev.kind, ev.op = "weighted", WEIGHTED_OPS[func]
             ev.inputs = _tensor_ids((x, w, args[2:], kwargs))  # the data input first
-            ev.weight = names.get(id(w))
+            ev.weight = pname(w)
             ev.weight_param_like = ev.weight is None and is_param_like(w)
             b = weighted_bias(args, kwargs)
-            ev.bias = names.get(id(b)) if b is not None else None
+            ev.bias = pname(b) if b is not None else None
         elif func in TRANSPOSED_CONV_OPS:
             ev.kind, ev.op = "transposed_conv", name
-            ev.weight = names.get(id(args[1])) if len(args) > 1 else None
+            ev.weight = pname(args[1]) if len(args) > 1 else None
         elif func in MATMUL_OPS or func in BADDBMM_OPS:
             i, j = (1, 2) if func in BADDBMM_OPS else (0, 1)
             a, b = args[i], args[j]
             if is_param_like(a) or is_param_like(b):
                 ev.kind = "matmul_param"
                 p = a if is_param_like(a) else b
-                ev.weight = names.get(id(p)) or names.get(id(getattr(p, "_base", None)))
+                ev.weight = pname(p) or pname(getattr(p, "_base", None))
             else:
                 ev.kind = "matmul_act"
         elif func in SOFTMAX_OPS:
@@ -133,7 +142,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
     it. Returns the trace and the model's output."""
     trace = Trace()
     for name, p in model.named_parameters(remove_duplicate=False):
-        trace.param_names.setdefault(id(p), name)
+        trace.param_names.setdefault(id(p), []).append(name)
     stack: list[Frame] = []
     handles = []
     names = {}
@@ -177,9 +186,9 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
 
 
 def model_outputs(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (tensor, tuple, dict, HF ModelOutput)."""
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return [logits.detach()]
+    """Every floating-point tensor of a model output (tensor, tuple, namedtuple, dict, HF ModelOutput):
+    a fold must keep features and auxiliary outputs too, not only the logits."""
+    if isinstance(out, dict):  # HF ModelOutput is an OrderedDict
+        out = list(out.values())
     leaves, _ = tree_flatten(out)
     return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
