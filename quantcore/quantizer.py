@@ -132,12 +132,14 @@ class TensorQuantizer(nn.Module):
     def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and integer zero point derived from the range (shape () or (C,))."""
         qmin, qmax = self.spec.qrange()
+        # float32 whatever model.to(dtype) did to the range buffers: torch's fake-quant ops need it
+        amin, amax = self.amin.float(), self.amax.float()
         if self.spec.symmetric:
-            scale = (self.amax / qmax).clamp_min(_MIN_SCALE)
+            scale = (amax / qmax).clamp_min(_MIN_SCALE)
             zp = torch.zeros_like(scale, dtype=torch.int32)
         else:
-            scale = ((self.amax - self.amin) / (qmax - qmin)).clamp_min(_MIN_SCALE)
-            zp = torch.clamp(torch.round(qmin - self.amin / scale), qmin, qmax).to(torch.int32)
+            scale = ((amax - amin) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+            zp = torch.clamp(torch.round(qmin - amin / scale), qmin, qmax).to(torch.int32)
         return scale, zp
 
     def make_learnable(self) -> None:

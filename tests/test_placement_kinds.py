@@ -350,3 +350,16 @@ def test_load_takes_an_example_input_for_models_that_do_not_take_images(tmp_path
     back = quantcore.load(str(tmp_path / "m.qc.pt"), model=Tok(), example_input=ids)
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_prepared_model_cast_to_another_dtype_still_quantizes(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    model = quantcore.prepare(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval(), R, example_input=x)
+    quantcore.calibrate(model, [x])
+    with torch.no_grad():
+        y32 = model(x)
+        y = model.to(dtype)(x.to(dtype))
+    assert y.dtype == dtype
+    assert torch.allclose(y.float(), y32, rtol=0.05, atol=0.05)
