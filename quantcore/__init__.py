@@ -1,7 +1,7 @@
 """quantcore: post-training quantization of vision models (INT8/INT4/FP16/FP8 fake quantization).
 
 Public API (see README): ``load_recipe``, ``build_model``, ``prepare``, ``calibrate``, ``collect``,
-``finalize``, ``calibration_state``, ``merge_calibration_states``, ``load_calibration_state``,
+``finalize``, ``convert``, ``calibration_state``, ``merge_calibration_states``, ``load_calibration_state``,
 ``set_quantization``, ``quantization_disabled``, ``quantizers``, ``encodings``, ``save``, ``load``.
 Names resolve lazily so ``import quantcore.io`` does not pay for torch/timm.
 """
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CalibrationResult": "api", "build_model": "api", "calibrate": "api", "calibration_state": "api",
-    "collect": "api", "encodings": "api", "finalize": "api", "load": "api", "load_calibration_state": "api",
+    "collect": "api", "convert": "api", "encodings": "api", "finalize": "api", "load": "api", "load_calibration_state": "api",
     "merge_calibration_states": "api", "prepare": "api", "quantization_disabled": "api", "save": "api",
     "set_quantization": "api", "CheckpointError": "checkpoint", "Recipe": "config", "QuantSpec": "formats",
     "quantizers": "placement", "TensorQuantizer": "quantizer", "RecipeError": "recipe",

@@ -227,6 +227,15 @@ def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -
             qs[name].collector = obj
 
 
+def convert(model: nn.Module) -> nn.Module:
+    """After QAT: write every learned scale/zero point back into its quantizer's range
+    (:meth:`TensorQuantizer.convert`), so ``encodings``, ``save``/``load`` and export report the
+    trained values. Outputs are unchanged. Returns the model."""
+    for q in quantizers(model).values():
+        q.convert()
+    return model
+
+
 # -- switches ---------------------------------------------------------------------------------------
 def set_quantization(model: nn.Module, enabled: bool) -> None:
     """Turn fake quantization on/off everywhere (ranges are kept)."""

@@ -151,6 +151,27 @@ class TensorQuantizer(nn.Module):
         self.zero_point = nn.Parameter(zp.reshape(-1).float())
         self.spec = self.spec.model_copy(update={"learnable": True})
 
+    @torch.no_grad()
+    def convert(self) -> None:
+        """Write learned scale/zero point back into the range (``amin``/``amax``) and go back to the
+        fixed-range ops: encodings, checkpoints and export then see the trained values. The output is
+        unchanged (torch's learnable ops round and clamp the zero point as the fixed ones do).
+        No-op for a quantizer that is not learnable."""
+        if not self.spec.learnable or self.scale is None:
+            return
+        qmin, qmax = self.spec.qrange()
+        scale = self.scale.detach().abs().clamp_min(_MIN_SCALE).float()
+        zp = self.zero_point.detach().round().clamp(qmin, qmax).float()
+        shape = self.amax.shape if self.amax.numel() == scale.numel() else scale.shape
+        if self.spec.symmetric:
+            amax = (scale * qmax).reshape(shape)
+            self.amin, self.amax = -amax, amax
+        else:
+            self.amin = ((qmin - zp) * scale).reshape(shape)
+            self.amax = ((qmax - zp) * scale).reshape(shape)
+        self.scale, self.zero_point = None, None
+        self.spec = self.spec.model_copy(update={"learnable": False})
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:

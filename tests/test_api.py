@@ -324,3 +324,37 @@ def test_reports_and_encodings_write_non_finite_numbers_as_null(calibrated):
     row = next(r for r in quantcore.encodings(model)["quantizers"] if r["name"].endswith("fc1.input_quantizer"))
     assert row["max"] is None
     json.dumps(quantcore.encodings(model), allow_nan=False)
+
+
+def test_convert_writes_learned_scales_back_into_the_ranges(tmp_path):
+    """After QAT the learned scale/zero point are the quantizer's range: encodings and checkpoints
+    report them (issue #8: before, encodings kept the calibration scale after training)."""
+    recipe = tiny_recipe(quant={"activations": {"bits": 8, "symmetric": False}})
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    quantcore.calibrate(model, batches(2))
+    x = batches(1, seed=9)[0][0]
+    qs = quantcore.quantizers(model)
+    for q in qs.values():
+        q.make_learnable()
+    with torch.no_grad():  # "training" moved every scale and zero point
+        for q in qs.values():
+            q.scale.mul_(1.3)
+            q.zero_point.add_(2.0 if not q.spec.symmetric else 0.0)
+        trained = model(x)
+        learned = {n: (q.scale.clone(), q.zero_point.clone()) for n, q in qs.items()}
+    quantcore.convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-5)
+    rows = {r["name"]: r for r in quantcore.encodings(model)["quantizers"]}
+    for n, q in qs.items():
+        assert not q.spec.learnable and q.scale is None
+        scale, zp = q.scale_zero_point()
+        torch.testing.assert_close(scale.reshape(-1), learned[n][0].abs().reshape(-1), rtol=1e-6, atol=0)
+        assert torch.equal(zp.reshape(-1).float(), learned[n][1].round().clamp(*q.spec.qrange()).reshape(-1))
+        assert rows[n]["scale"] == pytest.approx(scale.reshape(-1).tolist() if scale.numel() > 1 else float(scale))
+    path = tmp_path / "converted.qc.pt"
+    quantcore.save(model, str(path))
+    loaded = quantcore.load(str(path))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
