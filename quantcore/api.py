@@ -27,7 +27,7 @@ from .config import Recipe
 from .encoding_table import encodings_table
 from .errors import UserError
 from .models import create_model
-from .placement import place_quantizers, quantizers
+from .placement import place_quantizers, quantizers, unwrap
 from .quantizer import TensorQuantizer
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
@@ -154,7 +154,7 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
     for name, q in qs.items():
         if q.kind == "activation" and not q.finalize() and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
-    placement = getattr(model, "quantcore_placement", None)
+    placement = getattr(unwrap(model), "quantcore_placement", None)
     for group in getattr(placement, "share_groups", []) or []:
         members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
         if members:
@@ -259,14 +259,16 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 # -- artifacts --------------------------------------------------------------------------------------
 def encodings(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``encodings.json`` table."""
-    return encodings_table(model, extra)
+    """The ``encodings.json`` table (names of the unwrapped model under DDP / torch.compile)."""
+    return encodings_table(unwrap(model), extra)
 
 
 def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
-    """Write a calibrated checkpoint atomically to a local path or s3:// URI."""
+    """Write a calibrated checkpoint atomically to a local path or s3:// URI (the unwrapped model's
+    names under DDP / torch.compile, so it loads into a plain model)."""
     from .io import storage
 
+    model = unwrap(model)
     recipe = getattr(model, "quantcore_recipe", None)
     if recipe is None:
         raise UserError("save() needs a model prepared with quantcore.prepare (it carries the recipe)")

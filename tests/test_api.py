@@ -358,3 +358,20 @@ def test_convert_writes_learned_scales_back_into_the_ranges(tmp_path):
     loaded = quantcore.load(str(path))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_wrapped_models_use_the_unwrapped_names(tmp_path):
+    """DataParallel (DDP's single-process sibling) and torch.compile wrappers: quantizer names,
+    encodings and checkpoints are those of the plain model, which loads them back."""
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    quantcore.calibrate(model, batches(1))
+    plain = list(quantcore.quantizers(model))
+    for wrapped in (torch.nn.DataParallel(model), torch.compile(model)):
+        assert list(quantcore.quantizers(wrapped)) == plain
+        assert [r["name"] for r in quantcore.encodings(wrapped)["quantizers"]] == plain
+    quantcore.save(torch.nn.DataParallel(model), str(tmp_path / "w.qc.pt"))
+    x = batches(1, seed=3)[0][0]
+    with torch.no_grad():
+        assert torch.equal(quantcore.load(str(tmp_path / "w.qc.pt"))(x), model(x))

@@ -65,9 +65,22 @@ class PlacementResult:
                 "example_input_shape": list(self.example_input_shape)}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers:
+    quantizer names, placement, save and load are those of the unwrapped model."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """Every TensorQuantizer in ``model`` by full dotted name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    """Every TensorQuantizer in ``model`` (unwrapped, see :func:`unwrap`) by full dotted name, in
+    module order."""
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, TensorQuantizer)}
 
 
 def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
