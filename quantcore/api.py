@@ -245,7 +245,9 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
 
 @contextlib.contextmanager
 def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the FP32 path of a prepared model temporarily."""
+    """Run the FP32 path of a prepared model temporarily. The switch is the model's (every
+    quantizer's ``quantize`` flag), not the thread's: other threads using the same model meanwhile
+    run float too. Use a ``copy.deepcopy`` per thread to compare both paths concurrently."""
     qs = quantizers(model).values()
     before = [q.quantize for q in qs]
     for q in qs:

@@ -363,3 +363,58 @@ def test_prepared_model_cast_to_another_dtype_still_quantizes(dtype):
         y = model.to(dtype)(x.to(dtype))
     assert y.dtype == dtype
     assert torch.allclose(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+class EinsumAttention(nn.Module):
+    """softmax(QK^T)V written with einsum (torchvision MaxViT style)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        dots = torch.einsum("bid,bjd->bij", q, k) * q.shape[-1] ** -0.5
+        return torch.einsum("bij,bjd->bid", dots.softmax(dim=-1), v)
+
+
+def test_einsum_attention_is_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(EinsumAttention()).eval()
+    x = torch.randn(2, 5, 8)
+    ref = copy.deepcopy(model)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert res.attention == ["0"] and "0" not in res.float_reasons
+    quantcore.calibrate(model, [x])
+    qs = quantizers(model)
+    with torch.no_grad():
+        y = model(x)
+        for name in ("0.q_quantizer", "0.k_quantizer", "0.attn_quantizer", "0.v_quantizer"):
+            qs[name].quantize = False
+            assert not torch.equal(model(x), y), name
+            qs[name].quantize = True
+        with quantcore.quantization_disabled(model):
+            assert torch.equal(model(x), ref(x))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_dropout_in_training_keeps_its_expectation(fused):
+    """Probabilities are quantized before dropout's 1/(1-p) rescale: in train mode the expected
+    attention output equals the eval one (quantizing after the rescale clipped it to ~0.6x)."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=4,
+                          attn_drop_rate=0.5).eval()
+    m.blocks[0].attn.fused_attn = fused
+    x = torch.randn(2, 3, 16, 16)
+    quantcore.prepare(m, R, example_input=x)
+    quantcore.calibrate(m, [x])
+    attn, h = m.blocks[0].attn, torch.randn(2, 5, 192)
+    with torch.no_grad():
+        ev = attn.eval()(h)
+        attn.train()
+        torch.manual_seed(1)
+        mean = torch.stack([attn(h) for _ in range(400)]).mean(0)
+    ratio = float(mean.norm() / ev.norm())
+    assert 0.9 < ratio < 1.1, ratio

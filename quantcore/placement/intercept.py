@@ -11,9 +11,10 @@ forward calls, whatever that forward looks like:
   timm's ``StdConv2d`` (standardized weight) or ``Conv2dSame`` (padding in forward) are quantized as
   they compute;
 * attention: ``F.scaled_dot_product_attention`` is decomposed (only while one of its quantizers acts)
-  into ``softmax(q k^T * scale + mask) v`` with quantizers on q, k, the logits, the probabilities and
-  v; the explicit form (an activation x activation matmul, a softmax, a second matmul, as timm's
-  non-fused path, Hugging Face's eager attention, torchvision Swin, LeViT) gets the same quantizers;
+  into ``softmax(q k^T * scale + mask) v`` with quantizers on q, k, the logits, the probabilities (as
+  softmax makes them, before any dropout) and v; the explicit form (an activation x activation matmul
+  or two-operand einsum, a softmax, a second one, as timm's non-fused path, Hugging Face's eager
+  attention, torchvision Swin and MaxViT, LeViT) gets the same quantizers;
 * ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is run with torch's own code while
   the mode stays active inside it, so its in/out projections and attention are seen as above.
 
@@ -107,6 +108,16 @@ def matmul_operands(func: Callable, args: tuple) -> tuple[int, int] | None:
     if func in BADDBMM_OPS:
         return (1, 2)
     return None
+
+
+def einsum_operands(args: tuple) -> tuple[str, list] | None:
+    """``(equation, [a, b])`` of a two-operand ``torch.einsum`` call (either calling form), else None."""
+    if not args or not isinstance(args[0], str):
+        return None
+    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if len(ops) != 2 or not all(isinstance(o, torch.Tensor) for o in ops):
+        return None
+    return args[0], ops
 
 
 # -- plans ----------------------------------------------------------------------------------------
@@ -219,8 +230,16 @@ class QuantOpMode(TorchFunctionMode):
             ops = matmul_operands(func, args)
             if ops is not None:
                 return self._matmul(ctx, func, args, kwargs, ops)
+            if func in EINSUM_OPS:
+                ein = einsum_operands(args)
+                if ein is not None:
+                    eq, (a, b) = ein
+                    return self._matmul(ctx, lambda x, y: torch.einsum(eq, x, y), (a, b), {}, (0, 1))
             if func in SOFTMAX_OPS and ctx.phase == 1:
                 ctx.phase = 2
+                # The probabilities are quantized where softmax makes them: before dropout's 1/(1-p)
+                # rescale in training, which an eval-calibrated range would clip.
+                return _apply(self._attn_q(ctx, "attn_quantizer"), func(*args, **kwargs))
         return func(*args, **kwargs)
 
     # weighted ------------------------------------------------------------------------------------
@@ -257,8 +276,7 @@ class QuantOpMode(TorchFunctionMode):
             args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b)
             ctx.phase = 1
             return _apply(self._attn_q(ctx, "softmax_input_quantizer"), func(*args, **kwargs))
-        if ctx.phase == 2:
-            args[ops[0]] = _apply(self._attn_q(ctx, "attn_quantizer"), a)
+        if ctx.phase == 2:  # probabilities already quantized at the softmax
             args[ops[1]] = _apply(self._attn_q(ctx, "v_quantizer"), b)
             ctx.phase = 0
             ctx.cycles += 1
@@ -304,9 +322,9 @@ def quantized_sdpa(qs: dict[str, Optional[TensorQuantizer]], query: torch.Tensor
             logits = logits + attn_mask
     # A fully masked row: softmax gives NaN, torch's SDPA gives 0 (no key to attend to).
     attn = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+    attn = _apply(qs.get("attn_quantizer"), attn)  # before dropout's 1/(1-p) rescale (training)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
-    attn = _apply(qs.get("attn_quantizer"), attn)
     return attn @ v
 
 

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
-                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, is_param_like, see_through, weighted_args,
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, see_through, weighted_args,
                         weighted_bias)
 
 # Ops that read tensor metadata only: never a data-flow use.
@@ -131,7 +131,15 @@ class _Recorder(TorchFunctionMode):
         elif func in SDPA_OPS:
             ev.kind = "sdpa"
         elif func in EINSUM_OPS:
-            ev.kind = "einsum"
+            ein = einsum_operands(args)
+            if ein is not None and not any(is_param_like(o) for o in ein[1]):
+                ev.kind = "matmul_act"  # a two-operand einsum of activations is a batched matmul
+            elif ein is not None:
+                ev.kind = "matmul_param"
+                p = next(o for o in ein[1] if is_param_like(o))
+                ev.weight = pname(p) or pname(getattr(p, "_base", None))
+            else:
+                ev.kind = "einsum"
         self.trace.ops.append(ev)
         return out
 
