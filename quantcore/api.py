@@ -28,7 +28,6 @@ from .encoding_table import encodings_table
 from .errors import UserError
 from .models import create_model
 from .placement import place_quantizers, quantizers, unwrap
-from .quantizer import TensorQuantizer
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
 
@@ -141,16 +140,17 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
     res = result or CalibrationResult()
     t0 = time.perf_counter()
     qs = quantizers(model)
-    for mod in model.modules():  # weights: from the parameter, or from what the op received
-        for attr, wq in mod._modules.items():
-            if not isinstance(wq, TensorQuantizer) or wq.kind != "weight":
-                continue
-            src = getattr(mod, wq.weight_attr, None) if wq.weight_attr else wq.observed
-            wq.observe, wq.observed = False, None
-            if isinstance(src, torch.Tensor):
-                wq.calibrate_tensor(src)
-            elif wq.spec.enabled and not wq.spec.is_float:
-                res.uncalibrated.append(next(n for n, q in qs.items() if q is wq))
+    inner = unwrap(model)
+    for name, wq in qs.items():  # weights: from the parameter, or from what the op received
+        if wq.kind != "weight":
+            continue
+        owner = name.rpartition(".")[0]
+        src = getattr(inner.get_submodule(owner), wq.weight_attr, None) if wq.weight_attr else wq.observed
+        wq.observe, wq.observed = False, None
+        if isinstance(src, torch.Tensor):
+            wq.calibrate_tensor(src)
+        elif wq.spec.enabled and not wq.spec.is_float:
+            res.uncalibrated.append(name)
     for name, q in qs.items():
         if q.kind == "activation" and not q.finalize() and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported

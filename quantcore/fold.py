@@ -102,7 +102,10 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Any) -> FoldResult:
     proves foldable, and the reason for every BatchNorm left alone."""
     from .placement.probe import run_probe
 
-    trace, _ = run_probe(model, example_input)
+    return _pairs_from_trace(model, run_probe(model, example_input)[0])
+
+
+def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
     res = FoldResult()
     mods = dict(model.named_modules())
     counts: dict[int, int] = {}
@@ -157,17 +160,17 @@ def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) ->
         return "called or registered more than once"
     call = calls[0]
     frame = (call.name, call.index)
-    src = [t for t in call.inputs if t in conv_of_output]
     if not call.inputs or call.inputs[0] not in conv_of_output:
         return "its input is not the direct output of a convolution module"
-    conv_name, born = conv_of_output[call.inputs[0]]
+    src = call.inputs[0]
+    conv_name, born = conv_of_output[src]
     conv = mods[conv_name]
     if conv.out_channels != _bn_features(bn):
         return f"channel count differs from {conv_name!r}"
     root = next((c for c in trace.calls if c.name == "" and c.index == 0), None)
-    if root is not None and src[0] in root.outputs:
+    if root is not None and src in root.outputs:
         return f"the output of {conv_name!r} is also returned by the model"
-    for kind, r in readers.get(src[0], []):
+    for kind, r in readers.get(src, []):
         if (kind == "call" and r is call) or r.seq < born:
             continue  # the BatchNorm itself, or an older tensor that had the same id
         stack = r.stack
@@ -222,7 +225,7 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
     ``example_input`` (``rtol``, and ``atol`` times the output's abs-max); on a mismatch the model is
     restored and :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is raised.
     """
-    from .placement.probe import model_outputs
+    from .placement.probe import model_outputs, run_probe
 
     if example_input is None:
         raise FoldError("fold_batchnorm needs an example input: pairs are proven on the data flow of one forward")
@@ -234,9 +237,9 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
         raise FoldError(f"fold_batchnorm needs eval mode, but {training[:5]} are in training mode "
                         "(call model.eval() first)")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad():
-        reference = [t.clone() for t in model_outputs(model(*inputs))]
-    res = find_conv_bn_pairs(model, example_input)
+    trace, out = run_probe(model, example_input)  # the probe's output is the reference
+    reference = [t.clone() for t in model_outputs(out)]
+    res = _pairs_from_trace(model, trace)
     if not res.pairs:
         return res
 

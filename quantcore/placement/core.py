@@ -24,6 +24,7 @@ from ..formats import QuantSpec
 from ..nn.residual import RESIDUAL_QUANTIZERS, QuantResidualBlock, check_block, is_timm_block
 from ..quantizer import TensorQuantizer
 from .families import DEFAULT_KEEP_FLOAT, FAMILIES
+from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
 from .probe import Trace, run_probe
@@ -203,7 +204,7 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
     for op in trace.ops:
         if op.kind == "weighted" and op.weight is None and op.stack:
             derived_per_call[op.stack[-1]] = derived_per_call.get(op.stack[-1], 0) + 1
-    for i, op in enumerate(trace.ops):
+    for op in trace.ops:
         if op.kind == "transposed_conv":
             owner = (op.weight or "").rpartition(".")[0]
             float_reasons[owner or op.stack[-1][0]] = "transposed convolution (not quantized)"
@@ -342,6 +343,12 @@ def _act_check(name: str, spec: QuantSpec) -> None:
                              "on the batch size); remove per_channel/axis from that override")
 
 
+def _probe_failed(shape: list[int], during: str, err: Exception) -> PlacementError:
+    return PlacementError(f"the model failed on an example input of shape {shape} while {during} "
+                          f"({type(err).__name__}: {err}); pass example_input to prepare() (or set "
+                          "model.img_size / in_chans)")
+
+
 def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: QuantSpec,
                      act_spec: QuantSpec, overrides: Iterable[Override] = (), bins: int = 2048,
                      example_input: Any = None) -> PlacementResult:
@@ -379,9 +386,7 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
         except FoldError:
             raise
         except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
-            raise PlacementError(f"the model failed on an example input of shape {shape} while BatchNorm "
-                                 f"folding was checked ({type(err).__name__}: {err}); pass example_input "
-                                 "to prepare() (or set model.img_size / in_chans)") from None
+            raise _probe_failed(shape, "BatchNorm folding was checked", err) from None
         folded, unfolded, fold_res = res.pairs, res.unfolded, res
     try:
         return _place(model, placement, weight_spec, act_spec, overrides, bins, example_input, shape, explicit,
@@ -396,10 +401,8 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
            folded, unfolded) -> PlacementResult:
     try:
         trace, _ = run_probe(model, example_input)
-    except Exception as err:  # noqa: BLE001
-        raise PlacementError(f"the model failed on an example input of shape {shape} while its ops were "
-                             f"traced ({type(err).__name__}: {err}); pass example_input to prepare() (or set "
-                             "model.img_size / in_chans)") from None
+    except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
+        raise _probe_failed(shape, "its ops were traced", err) from None
     sites, float_reasons = _analyze(model, trace)
     mods = dict(model.named_modules())
     family = detect_family(model, _sites=sites, _had_bn=has_bn) if placement.family == "auto" else placement.family
@@ -519,8 +522,6 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             plans.setdefault(op.stack[-1][0], ModulePlan())
     for caller, plan in plans.items():
         install_hooks(mods[caller] if caller else model, plan)
-
-    from .generic import module_refs, set_module
 
     refs = module_refs(model)
     for n in res_blocks:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -59,7 +60,7 @@ class Trace:
     call_counts: dict[str, int] = field(default_factory=dict)
     param_names: dict[int, list[str]] = field(default_factory=dict)  # a tied parameter has several
     model_inputs: tuple[int, ...] = ()
-    keep: list[Any] = field(default_factory=list)  # module outputs kept alive: their ids stay unique
+    keep: list[Any] = field(default_factory=list)  # conv outputs kept alive: their ids stay unique
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -176,7 +177,8 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
             if (c.name, c.index) == frame:
                 c.outputs = _tensor_ids(output)
                 break
-        trace.keep.append(output)
+        if isinstance(mod, _ConvNd):  # fold asks who reads a conv's output: its id must stay unique
+            trace.keep.append(output)
         return None
 
     for mod in model.modules():
