@@ -1,9 +1,10 @@
 """The demo through the cluster's job entrypoint: ``python -m jobs.demo``.
 
 Packing and FP32 training run in this process (quantcore.demo); the PTQ step is the ``ptq`` TorchX
-component launched on TorchX's local scheduler (``torchx run -s local_cwd``): the same component,
-``jobs.launch`` entrypoint and ``quantcore ptq`` command a Kubernetes run uses, on the embedded
-default (local folder as object store, local processes, CPU).
+component and the QAT step the ``qat`` component (torchrun, 2 ranks, gloo), both launched on
+TorchX's local scheduler (``torchx run -s local_cwd``): the same components, ``jobs.launch``
+entrypoint and ``quantcore ptq``/``qat`` commands a Kubernetes run uses, on the embedded default
+(local folder as object store, local processes, CPU).
 """
 from __future__ import annotations
 
@@ -27,6 +28,27 @@ def torchx_ptq_command(data_uri: str, model_uri: str, out: str, recipes: tuple[s
     if eval_limit:
         cmd += ["--limit", str(eval_limit)]
     return cmd
+
+
+def torchx_qat_command(data_uri: str, model_uri: str, out: str, recipe: str, eval_limit: int | None,
+                       log_dir: str, ranks: int = 2) -> list[str]:
+    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
+           "jobs/components.py:qat", "--recipe", recipe, "--data", data_uri, "--eval_split", "test",
+           "--out", out, "--checkpoint", model_uri, "--gpus", "0", "--nproc_per_node", str(ranks), "--workers", "0"]
+    if eval_limit:
+        cmd += ["--eval_limit", str(eval_limit)]
+    return cmd
+
+
+def _run(cmd: list[str], what: str, log_dir: str) -> int:
+    env = dict(os.environ)
+    # `python` in the component's entrypoint must be this interpreter (the project's venv).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH")) if x)
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        print(f"error: the TorchX {what} job failed (exit {proc.returncode}); logs in {log_dir}", file=sys.stderr)
+    return proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,19 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(to_abs(args.store), "torchx-logs")
     cmd = torchx_ptq_command(data_uri, model_uri, out, plan.recipes, args.eval_limit, log_dir)
     print("PTQ through the TorchX component on the local scheduler:\n  " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ)
-    # `python` in the component's entrypoint must be this interpreter (the project's venv).
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH")) if x)
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        print(f"error: the TorchX ptq job failed (exit {proc.returncode}); logs in {log_dir}", file=sys.stderr)
-        return proc.returncode or 1
+    if _run(cmd, "ptq", log_dir):
+        return 1
     rep = json.loads(storage.read_bytes(storage.join(out, "report.json")))
+    qat_reports = {}
+    for name in plan.qat_recipes:
+        qout = storage.join(to_abs(plan.qat_out), name)
+        cmd = torchx_qat_command(data_uri, model_uri, qout, name, args.eval_limit, log_dir)
+        print(f"QAT of {name} through the TorchX qat component (torchrun, 2 ranks):\n  " + " ".join(cmd[1:]),
+              flush=True)
+        if _run(cmd, "qat", log_dir):
+            return 1
+        qat_reports[name] = json.loads(storage.read_bytes(storage.join(qout, "report.json")))
     print()
-    for line in summary_lines(rep):
+    for line in summary_lines(rep, qat_reports):
         print(line)
-    print(f"\nreport: {out}/report.md   ({time.perf_counter() - t0:.0f} s in all)")
+    print(f"\nreports: {out}/report.md, {to_abs(plan.qat_out)}/<recipe>/report.md   "
+          f"({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
 

@@ -168,8 +168,30 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
 
 def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None,
               progress: Any = None) -> CalibrationResult:
-    """Collect statistics over ``batches`` and finalize every range."""
-    return finalize(model, collect(model, batches, max_batches, progress))
+    """Collect statistics over ``batches`` and finalize every range.
+
+    Under ``torch.distributed`` (torchrun, Ray Train) every rank passes its own shard of the
+    calibration data; the ranks' statistics are all-gathered and merged exactly
+    (:func:`merge_calibration_states`) before every rank finalizes, so K ranks get bit-for-bit the
+    ranges of one process that saw all the shards. ``batches``/``images`` count all ranks."""
+    res = collect(model, batches, max_batches, progress)
+    sync_calibration(model, res)
+    return finalize(model, res)
+
+
+def sync_calibration(model: nn.Module, result: CalibrationResult | None = None) -> None:
+    """All-gather every rank's collected statistics and load their exact merge on every rank (a
+    no-op without a process group). Call between :func:`collect` and :func:`finalize`."""
+    from . import distributed
+
+    if not distributed.active():
+        return
+    mine = (calibration_state(model), (result.batches, result.images) if result else (0, 0))
+    gathered = distributed.all_gather_object(mine)
+    load_calibration_state(model, merge_calibration_states([g[0] for g in gathered]))
+    if result is not None:
+        result.batches = sum(g[1][0] for g in gathered)
+        result.images = sum(g[1][1] for g in gathered)
 
 
 # -- data-parallel calibration ----------------------------------------------------------------------

@@ -169,18 +169,55 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
 
 
 @app.command()
+def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YAML path or s3:// URI); its qat: section drives training."),
+        data: str = typer.Option(..., "--data", "-d", help="Training dataset URI (calibration images come from it too)."),
+        split: str = typer.Option("train", help="Training split."),
+        eval_data: Optional[str] = typer.Option(None, help="Validation dataset URI (default: the training one)."),
+        eval_split: str = typer.Option("val", help="Validation split (periodic validation and the final report)."),
+        out: str = typer.Option(..., "--out", "-o", help="Output URI prefix: checkpoints/, metrics.jsonl, ptq/, <recipe>/, report.*"),
+        checkpoint: Optional[str] = typer.Option(None, help="FP32 weights (local/s3) overriding the recipe's."),
+        init: Optional[str] = typer.Option(None, help="Start from this PTQ checkpoint (model.qc.pt) instead of calibrating."),
+        epochs: Optional[int] = typer.Option(None, min=1, help="Override qat.epochs."),
+        max_steps: Optional[int] = typer.Option(None, min=1, help="Override qat.max_steps (optimizer steps in all)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Override qat.batch_size (per rank)."),
+        eval_limit: Optional[int] = typer.Option(None, min=1, help="Final evaluation on a seeded, class-stratified sample of N images."),
+        layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
+        workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="DataLoader workers per rank (default: qat.num_workers)."),
+        device: str = DeviceOpt, progress: bool = ProgressOpt,
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the newest valid checkpoint under OUT/checkpoints.")) -> None:
+    """Quantization-aware training: calibrate (or --init), train with the recipe's qat: section, convert, report.
+
+    Data-parallel when started by torchrun (one rank per GPU with --device cuda) or Ray Train.
+    Exit 143 after SIGTERM: a checkpoint was written, and running the same command again resumes."""
+    from .pipeline import DataSpec
+    from .qat import QATOptions, run_qat
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    opts = QATOptions(device=device, num_workers=workers, progress=progress, checkpoint=checkpoint, init=init,
+                      resume=resume, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_limit=eval_limit)
+    rep = run_qat(r, DataSpec(data, split, layout, skip_bad, cache_dir),
+                  DataSpec(eval_data or data, eval_split, layout, skip_bad, cache_dir), out, opts)
+    import os
+
+    if os.environ.get("RANK", "0") == "0" and rep.get("results"):  # one rank prints (the group is gone by now)
+        _print_results(rep)
+        typer.echo(f"report: {out}/report.md")
+
+
+@app.command()
 def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// prefix) acting as the object store."),
          epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo recipe's, 12)."),
          eval_limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N test images (default all 10,000)."),
          train_limit: Optional[int] = typer.Option(None, help="Use only the first N images of each split (quick runs)."),
          workers: int = WorkersOpt, progress: bool = ProgressOpt) -> None:
-    """Run the main job on one machine: pack Fashion-MNIST, train a small ViT, PTQ (ft1/ft2 W8A8, ft1 W4A4), report."""
+    """Run the main job in this process: pack Fashion-MNIST, train a small ViT, PTQ (ft1/ft2 W8A8, ft1 W4A4), QAT (W4A4 ft1, W8A8 ft2), report."""
     from .demo import run_demo, summary_lines
 
     res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=progress,
                    num_workers=workers, log=typer.echo)
     typer.echo("")
-    for line in summary_lines(res.report):
+    for line in summary_lines(res.report, res.qat_reports):
         typer.echo(line)
     typer.echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
 
@@ -225,11 +262,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from .errors import Preempted
+
     try:
         app(args=argv, standalone_mode=False)
     except _user_errors() as err:
         typer.echo(f"error: {err}", err=True)
         return 2
+    except Preempted as err:  # a checkpoint was written: the launcher's retry resumes from it
+        typer.echo(f"preempted: {err}", err=True)
+        return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return 130

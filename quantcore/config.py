@@ -108,6 +108,93 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, as FasterTransformer's QAT) or adamw")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the model weights")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    nesterov: bool = False
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
+    weight_decay: float = Field(0.0, ge=0, description="not applied to biases, norms and quantizer ranges")
+    range_lr: float | None = Field(None, gt=0, description="learning rate of learned scales/zero points "
+                                   "(default: lr)")
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "onecycle", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from warmup_start x lr (cosine/constant/linear)")
+    warmup_start: float = Field(0.01, ge=0, le=1)
+    min_lr: float = Field(0.0, ge=0, description="end of the cosine/linear decay (absolute)")
+    pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: warm-up fraction")
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation from a float teacher (seed 002: KL, T=3; seed 004: DeiT with a CNN)."""
+
+    kind: Literal["none", "kd", "deit_hard", "deit_soft"] = Field(
+        "none", description="kd: KL(student/T || teacher/T) * T^2 on the logits; deit_*: DeiT distillation "
+        "token (timm *_distilled_* models) trained on the teacher's hard label or its soft KL")
+    teacher: ModelConfig | None = Field(None, description="the teacher model; None = the FP32 model being "
+                                        "quantized (self-distillation)")
+    temperature: float = Field(3.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = (1-alpha) * CE(label) + alpha * distillation")
+
+
+class AugmentConfig(_Strict):
+    """The training transform: the model's own data config (mean/std/size/interpolation) through
+    timm's ``create_transform(is_training=True)``; ``none`` uses the eval transform (no augmentation)."""
+
+    kind: Literal["model", "none"] = "model"
+    scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect range")
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float | None = Field(None, ge=0)
+    auto_augment: str | None = Field(None, description="timm auto-augment policy, e.g. rand-m9-mstd0.5")
+    re_prob: float = Field(0.0, ge=0, le=1, description="random erasing probability")
+
+
+class QATConfig(_Strict):
+    """Quantization-aware training: the one loop of ``quantcore qat`` (single process, torchrun ranks,
+    Ray Train workers). Batch size is per rank; the global batch is ``batch_size x world size``."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
+    batch_size: int = Field(32, ge=1, description="per rank")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    ranges: Literal["frozen", "learned"] = Field(
+        "learned", description="learned: LSQ-style learnable scale (and zero point when asymmetric) "
+        "initialized from calibration (AIMET range learning; with calibration.method tf_enhanced that is "
+        "its clamped initialization); frozen: calibrated ranges kept, weights trained through the STE")
+    learn_zero_point: bool = Field(True, description="asymmetric quantizers also learn their zero point")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    amp: Literal["auto", "off", "fp16", "bf16"] = Field(
+        "auto", description="autocast: auto = bf16 on a GPU that supports it (else fp16 with a grad scaler), "
+        "off on CPU")
+    bn: Literal["fold", "freeze", "train"] = Field(
+        "fold", description="fold: BatchNorm folded into the conv before calibration (placement.fold_bn) so "
+        "training sees the deployed graph; freeze: unfolded BN with running statistics frozen from "
+        "bn_freeze_step on; train: BN statistics keep updating")
+    bn_freeze_step: int = Field(0, ge=0, description="bn: freeze - optimizer steps before the statistics freeze")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints (and each epoch end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="steps between validation runs (also at each epoch end)")
+    eval_limit: int | None = Field(None, ge=1, description="periodic validation on a stratified sample of N images")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "QATConfig":
+        if self.bn != "freeze" and self.bn_freeze_step:
+            raise ValueError("bn_freeze_step is for bn: freeze only")
+        if self.distill.kind == "none" and self.distill.teacher is not None:
+            raise ValueError("distill.teacher is set but distill.kind is none")
+        return self
+
+
 class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "custom"
@@ -119,6 +206,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     overrides: list[Override] = Field(default_factory=list)
     train: TrainConfig | None = None
+    qat: QATConfig | None = Field(None, description="quantization-aware training after calibration (quantcore qat)")
 
     @model_validator(mode="after")
     def _version(self) -> "Recipe":
@@ -135,6 +223,8 @@ class Recipe(_Strict):
         if self.activation_spec().axis is not None:
             raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "
                              "is the batch); remove it")
+        if self.qat is not None and self.qat.bn == "fold" and not self.placement.fold_bn:
+            raise ValueError("qat.bn: fold needs placement.fold_bn: true (or set qat.bn: freeze/train)")
         return self
 
     def weight_spec(self) -> QuantSpec:

@@ -28,6 +28,8 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle_boot"]
 DEMO_RECIPES = ("fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1")
+# QAT after PTQ (each recipe's qat: section): where PTQ alone misses what QAT reaches
+DEMO_QAT = ("fmnist_w4a4_ft1", "fmnist_w8a8_ft2")
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist   (or run: scripts/setup.sh demo)"
 
 
@@ -121,9 +123,11 @@ def train_fp32(data_uri: str, model_uri: str, cfg: TrainConfig, log: Callable[[s
 class DemoResult:
     report: dict
     out: str
+    qat_reports: dict = None  # recipe name -> QAT report.json
 
 
-TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5}
+TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5,
+           "qat_w4a4_drop": 0.2, "qat_ft2_agreement": 99.7}
 
 
 @dataclass
@@ -134,6 +138,8 @@ class DemoPlan:
     model_uri: str
     out: str
     recipes: tuple[str, ...] = DEMO_RECIPES
+    qat_out: str = ""  # QAT runs write <qat_out>/<recipe>/
+    qat_recipes: tuple[str, ...] = DEMO_QAT
 
 
 def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
@@ -153,13 +159,17 @@ def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_lim
         log(f"using the cached FP32 model {model_uri}")
     else:
         train_fp32(data_uri, model_uri, cfg, log)
-    return DemoPlan(data_uri, model_uri, storage.join(store, "runs", f"ptq-{key}"))
+    qat_cfg = [load_recipe(n).model_dump(mode="json") for n in DEMO_QAT]
+    qkey = hashlib.sha256(json.dumps([key, qat_cfg], sort_keys=True).encode()).hexdigest()[:12]
+    return DemoPlan(data_uri, model_uri, storage.join(store, "runs", f"ptq-{key}"),
+                    qat_out=storage.join(store, "runs", f"qat-{qkey}"))
 
 
 def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
              eval_limit: int | None = None, progress: bool = True, num_workers: int = 0,
-             log: Callable[[str], None] = print) -> DemoResult:
-    """The whole demo in this process (the cluster-entrypoint variant is ``python -m jobs.demo``)."""
+             log: Callable[[str], None] = print, qat: bool = True) -> DemoResult:
+    """The whole demo in this process (the cluster-entrypoint variant is ``python -m jobs.demo``,
+    whose QAT step runs on 2 torchrun ranks through the TorchX ``qat`` component)."""
     from .pipeline import DataSpec, RunOptions, ptq
 
     t0 = time.perf_counter()
@@ -169,16 +179,27 @@ def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: 
               DataSpec(plan.data_uri, "test", limit=eval_limit), plan.out,
               RunOptions(batch_size=500, num_workers=num_workers, device="cpu", progress=progress,
                          checkpoint=plan.model_uri))
+    qat_reports = {}
+    if qat:
+        from .pipeline import DataSpec as _DS
+        from .qat import QATOptions, run_qat
+
+        for name in plan.qat_recipes:
+            out = storage.join(plan.qat_out, name)
+            log(f"QAT: {name} -> {out}")
+            qat_reports[name] = run_qat(load_recipe(name), _DS(plan.data_uri, "train"), _DS(plan.data_uri, "test"),
+                                        out, QATOptions(device="cpu", checkpoint=plan.model_uri, progress=progress,
+                                                        num_workers=num_workers, eval_limit=eval_limit))
     rep["timings_s"]["total"] = time.perf_counter() - t0
-    return DemoResult(rep, plan.out)
+    return DemoResult(rep, plan.out, qat_reports)
 
 
-def summary_lines(rep: dict) -> list[str]:
-    """The top-1 table printed at the end, with the targets checked."""
+def summary_lines(rep: dict, qat_reports: dict | None = None) -> list[str]:
+    """The top-1 table printed at the end (PTQ variants, then each QAT run), with the targets checked."""
     res = rep["results"]
     fp = res["fp32"]["top1"]
-    lines = [f"{'model':<18}{'top-1 %':>9}{'Δ top-1':>9}{'agree %':>9}{'SQNR dB':>9}  target",
-             f"{'fp32':<18}{fp:>9.2f}{'':>9}{'':>9}{'':>9}"]
+    lines = [f"{'model':<22}{'top-1 %':>9}{'Δ top-1':>9}{'agree %':>9}{'SQNR dB':>9}  target",
+             f"{'fp32':<22}{fp:>9.2f}{'':>9}{'':>9}{'':>9}"]
     for name, r in res.items():
         if name == "fp32":
             continue
@@ -189,6 +210,21 @@ def summary_lines(rep: dict) -> list[str]:
         else:
             ok = drop <= TARGETS["w8a8_drop"] and r["agreement"] >= TARGETS["w8a8_agreement"]
             tgt = f"drop <= {TARGETS['w8a8_drop']} & agree >= {TARGETS['w8a8_agreement']}: {'met' if ok else 'MISSED'}"
-        sqnr = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"  # None: not finite (identical logits)
-        lines.append(f"{name:<18}{r['top1']:>9.2f}{-drop:>+9.2f}{r['agreement']:>9.2f}{sqnr:>9}  {tgt}")
+        lines.append(_row(name, r, drop, tgt))
+    for name, qrep in (qat_reports or {}).items():
+        r = qrep["results"][name]
+        drop = qrep["results"]["fp32"]["top1"] - r["top1"]
+        if "w4a4" in name:
+            ok = drop <= TARGETS["qat_w4a4_drop"]
+            tgt = f"drop <= {TARGETS['qat_w4a4_drop']}: {'met' if ok else 'MISSED'}"
+        else:
+            ok = r["agreement"] >= TARGETS["qat_ft2_agreement"]
+            tgt = f"agree >= {TARGETS['qat_ft2_agreement']}: {'met' if ok else 'MISSED'}"
+        ranks = qrep.get("qat", {}).get("world_size", 1)
+        lines.append(_row(f"{name} QAT", r, drop, tgt + f" ({ranks} rank{'s' if ranks > 1 else ''})"))
     return lines
+
+
+def _row(name: str, r: dict, drop: float, tgt: str) -> str:
+    sqnr = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"  # None: not finite (identical logits)
+    return f"{name:<22}{r['top1']:>9.2f}{-drop:>+9.2f}{r['agreement']:>9.2f}{sqnr:>9}  {tgt}"

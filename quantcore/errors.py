@@ -21,3 +21,14 @@ class UserError(QuantcoreError, ValueError):
 class PlacementError(UserError):
     """A placement (quantizer insertion, BatchNorm folding, override) cannot be done as asked;
     the message names the module, quantizer or recipe field."""
+
+
+class Preempted(QuantcoreError):
+    """A job stopped on SIGTERM (pod eviction, spot notice) after writing a checkpoint at ``step``;
+    the CLI exits with ``exit_code`` (143 = 128 + SIGTERM) so launchers retry, and the retry resumes."""
+
+    exit_code = 143
+
+    def __init__(self, step: int, uri: str) -> None:
+        super().__init__(f"preempted (SIGTERM) at step {step}; checkpoint {uri} written, a restart resumes there")
+        self.step, self.uri = step, uri

@@ -5,6 +5,14 @@ Artifacts under ``out`` (local path or s3:// prefix), written atomically:
     report.json, report.md, per_class.png        combined report (FP32 + every variant)
     <variant>/model.qc.pt                        calibrated checkpoint (quantcore.load)
     <variant>/encodings.json, <variant>/ranges.png, <variant>/report.json
+
+Data parallel (torchrun/TorchX ``ddp``, Ray Train, ``torch.multiprocessing``): :func:`ptq` and
+:func:`evaluate_checkpoint` join the launcher's process group (:func:`quantcore.distributed.setup`;
+each rank on its own GPU with ``--device cuda``). Each rank calibrates on its contiguous shard of the
+calibration images (statistics merged exactly by :func:`quantcore.api.calibrate`) and evaluates its
+shard of the evaluation images (counts all-reduced by :func:`quantcore.evaluate.evaluate_models`),
+so K ranks produce the ranges and figures of one process. Only rank 0 writes artifacts and shows
+progress; every rank returns rank 0's report.
 """
 from __future__ import annotations
 
@@ -18,13 +26,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import api
+from . import api, distributed
 from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, open_dataset,
                    per_class_subset)
 from .errors import UserError
-from .evaluate import ModelScore, evaluate_models
-from .io import storage
+from .evaluate import ModelScore, evaluate_models, quant_toggle
+from .io import StorageError, storage
 from .recipe import RecipeError
 from .report import build_report, per_class_plot, ranges_plot, report_markdown
 
@@ -77,12 +85,73 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+class _NoBar:
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 def _bar(total: int | None, desc: str, opts: "RunOptions"):
+    """Progress for ``total`` images of this rank; only rank 0 shows any (bar or ``progress_factory``)."""
+    if distributed.rank() != 0:
+        return _NoBar()
     if opts.progress_factory is not None:
         return opts.progress_factory(total, desc)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not opts.progress, leave=False, dynamic_ncols=True)
+
+
+def _rank_device(device: str) -> torch.device:
+    """This rank's device: under an active process group ``cuda``/``auto`` is ``cuda:LOCAL_RANK``
+    (:func:`quantcore.distributed.setup`), otherwise :func:`resolve_device`."""
+    if distributed.active():
+        return distributed.setup(device).device
+    return resolve_device(device)
+
+
+def _my_shard(indices: Sequence[int] | None, n: int, batch_size: int) -> list[int] | None:
+    """This rank's whole batches of ``indices`` (``None`` = all ``n`` samples) under an active process
+    group (:func:`quantcore.distributed.shard_batches`: the single process's batches, so its exact
+    figures); unchanged without one."""
+    if not distributed.active():
+        return None if indices is None else list(indices)
+    return distributed.shard_batches(n if indices is None else indices, batch_size)
+
+
+def _gather_skipped(records: list[dict]) -> list[dict]:
+    """Skipped-sample records of every rank, in rank order, without duplicates."""
+    return _dedupe([r for part in distributed.all_gather_object(list(records)) for r in part])
+
+
+def _on_main(rep: dict[str, Any], write: Callable[[], None]) -> dict[str, Any]:
+    """Rank 0 runs ``write`` (the artifacts); every rank returns rank 0's ``rep``. A failure on rank 0
+    is raised on every rank (so no rank waits for it), as a user error where it was one."""
+    if not distributed.active():
+        write()
+        return rep
+    err: tuple[bool, str] | None = None
+    if distributed.rank() == 0:
+        try:
+            write()
+        except BaseException as e:  # re-raised below after the other ranks learn of it
+            err = (isinstance(e, (UserError, StorageError, FileNotFoundError, PermissionError)),
+                   f"{type(e).__name__}: {e}")
+            failure = e
+    shared = distributed.broadcast_object((rep, err) if distributed.rank() == 0 else None)
+    if distributed.rank() == 0:
+        if err is not None:
+            raise failure
+        return rep
+    rep, err = shared
+    if err is not None:
+        raise (UserError if err[0] else RuntimeError)(f"rank 0 failed to write the results: {err[1]}")
+    return rep
 
 
 def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
@@ -104,25 +173,30 @@ def _calibration_indices(ds, recipe: Recipe) -> list[int]:
 
 def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptions,
                        fp32: nn.Module | None = None) -> tuple[nn.Module, list[VariantResult], list[dict]]:
-    """Build the FP32 model once, then prepare + calibrate one copy per recipe."""
+    """Build the FP32 model once, then prepare + calibrate one copy per recipe.
+
+    Under an active process group each rank calibrates on its shard of the calibration images and
+    every rank ends with the same (exactly merged) ranges; the skipped list covers all ranks."""
     _check_recipes(recipes)
     recipes = [_with_checkpoint(r, opts.checkpoint) for r in recipes]
-    dev = resolve_device(opts.device)
+    dev = _rank_device(opts.device)
     if fp32 is None:
         if recipes[0].model is None:
             raise RecipeError(f"recipe {recipes[0].name!r}: model.name is missing (no model: section); the "
                               f"pipeline builds the FP32 model from it")
         fp32 = api.build_model(recipes[0])
     weights = getattr(fp32, "quantcore_weights", "given by the caller")
-    if weights is None:
+    if weights is None and distributed.rank() == 0:
         log.warning(random_weights_warning(recipes[0]))
     fp32 = fp32.to(dev).eval()
+    if weights is None:  # random initialization differs from rank to rank: all take rank 0's
+        distributed.broadcast_module(fp32)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
     skipped: list[dict] = []
     variants = []
     for r in recipes:
-        idx = _calibration_indices(ds, r)
+        idx = _my_shard(_calibration_indices(ds, r), len(ds), r.calibration.batch_size)
         loader = make_loader(ds, r.calibration.batch_size, opts.num_workers, indices=idx)
         model = api.prepare(copy.deepcopy(fp32), r)
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
@@ -133,7 +207,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights}
         variants.append(VariantResult(r.name, r, model, cal))
-    return fp32, variants, _dedupe(skipped)
+    return fp32, variants, _gather_skipped(_dedupe(skipped))
 
 
 def _check_recipes(recipes: Sequence[Recipe]) -> None:
@@ -177,10 +251,13 @@ def _dedupe(records: list[dict]) -> list[dict]:
 
 def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: DataSpec,
                       opts: RunOptions) -> tuple[dict[str, ModelScore], dict[str, Any], list[dict]]:
-    dev = resolve_device(opts.device)
+    """FP32 and every variant in one pass. Under an active process group each rank evaluates its
+    shard of the (limited) evaluation set and every rank gets the merged scores and skipped list."""
+    dev = _rank_device(opts.device)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
     indices, subset = limit_subset(ds, data.limit)
+    indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
     models: dict[str, Any] = {"fp32": fp32}
     for v in variants:
@@ -192,8 +269,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
         scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update)
     info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or [])}
-    skipped = list(loader.skipped.as_list())
-    return scores, info, _dedupe(skipped)
+    return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
 
 
 def _write_json(uri: str, obj: Any) -> None:
@@ -202,31 +278,53 @@ def _write_json(uri: str, obj: Any) -> None:
     storage.write_bytes(uri, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
+def variant_artifact_uris(name: str, out: str) -> dict[str, str]:
+    """Where :func:`write_variant_artifacts` puts a variant's files."""
+    base = storage.join(out, name)
+    return {"checkpoint": storage.join(base, "model.qc.pt"), "encodings": storage.join(base, "encodings.json"),
+            "ranges_plot": storage.join(base, "ranges.png")}
+
+
 def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
-    base = storage.join(out, v.name)
-    ckpt, enc_uri, plot = (storage.join(base, "model.qc.pt"), storage.join(base, "encodings.json"),
-                           storage.join(base, "ranges.png"))
+    uris = variant_artifact_uris(v.name, out)
+    ckpt, enc_uri, plot = uris["checkpoint"], uris["encodings"], uris["ranges_plot"]
     api.save(v.model, ckpt, extra={"calibration": v.calibration})
     enc = api.encodings(v.model, extra={"calibration": v.calibration})
     _write_json(enc_uri, enc)
     storage.write_bytes(plot, ranges_plot(enc, f"Activation ranges: {v.name}"))
-    return {"checkpoint": ckpt, "encodings": enc_uri, "ranges_plot": plot}
+    return uris
 
 
 def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str,
         opts: RunOptions | None = None, fp32: nn.Module | None = None) -> dict[str, Any]:
-    """Calibrate every recipe, evaluate FP32 and all variants in one pass, write artifacts + report."""
+    """Calibrate every recipe, evaluate FP32 and all variants in one pass, write artifacts + report.
+
+    Run by K ranks (torchrun, Ray Train), the ranks split the calibration and evaluation images,
+    rank 0 alone writes, and every rank returns the same report, whose figures (ranges, top-1/top-5,
+    per-class, agreement; SQNR up to float64 summation order) are those of one process;
+    ``report["data"]["world_size"]`` says how many ranks ran."""
     opts = opts or RunOptions()
+    ctx = distributed.setup(opts.device)
+    try:
+        return _ptq(recipes, calib, evald, out, opts, fp32)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,
+         fp32: nn.Module | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
     t_cal = time.perf_counter()
-    artifacts = {v.name: write_variant_artifacts(v, out) for v in variants}
+    artifacts = {v.name: variant_artifact_uris(v.name, out) for v in variants}
+    # checkpoints are written before evaluation starts (they survive a failing evaluation)
+    _on_main(artifacts, lambda: [write_variant_artifacts(v, out) for v in variants])
     scores, data_info, eval_skipped = ({}, {}, [])
     if evald is not None:
         scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
     t_eval = time.perf_counter()
     ds_classes = data_info.pop("class_names", None) or None
-    data_info.update({"calib_uri": calib.uri, "calib_split": calib.split})
+    data_info.update({"calib_uri": calib.uri, "calib_split": calib.split, "world_size": distributed.world_size()})
     timings = {"calibrate": t_cal - t0, "evaluate": t_eval - t_cal}
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
@@ -241,55 +339,75 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name],
                                                     "placement": v.model.quantcore_placement.as_dict()}
                                            for v in variants},
-                              "transform": describe_transform(fp32), "device": str(resolve_device(opts.device))})
+                              "transform": describe_transform(fp32), "device": str(_rank_device(opts.device))})
     if scores:
         rep["plots"] = ["per_class.png"]
-        storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
-    _write_json(storage.join(out, "report.json"), rep)
-    storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
-    for v in variants:  # each checkpoint gets the report of its own variant next to it
-        sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
-                   variants={v.name: rep["variants"][v.name]}, plots=[])
-        _write_json(storage.join(out, v.name, "report.json"), sub)
-    return rep
+
+    def write() -> None:
+        if scores:
+            storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
+        _write_json(storage.join(out, "report.json"), rep)
+        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+        for v in variants:  # each checkpoint gets the report of its own variant next to it
+            sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
+                       variants={v.name: rep["variants"][v.name]}, plots=[])
+            _write_json(storage.join(out, v.name, "report.json"), sub)
+
+    return _on_main(rep, write)
 
 
 def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions | None = None) -> dict:
-    """Evaluate a calibrated checkpoint against its own float path (quantization off)."""
-    from .evaluate import quant_toggle
+    """Evaluate a calibrated checkpoint against its own float path (quantization off).
 
+    Run by K ranks, each evaluates its shard of the images; rank 0 writes the report and every rank
+    returns it, with the single-process figures (see :func:`ptq`)."""
     opts = opts or RunOptions()
-    dev = resolve_device(opts.device)
+    ctx = distributed.setup(opts.device)
+    try:
+        return _evaluate_checkpoint(checkpoint, evald, out, opts)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions) -> dict:
+    dev = _rank_device(opts.device)
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
                       skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
     indices, subset = limit_subset(ds, evald.limit)
+    indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
     name = model.quantcore_recipe.name
     t0 = time.perf_counter()
-    with _bar(len(indices) if indices else len(ds), "evaluate", opts) as bar:
+    with _bar(len(indices) if indices is not None else len(ds), "evaluate", opts) as bar:
         scores = evaluate_models({"fp32": quant_toggle(model, False), name: quant_toggle(model, True)}, loader,
                                  ds.num_classes, reference="fp32", device=dev, progress=bar.update)
     api.set_quantization(model, True)
+    skipped = _gather_skipped(_dedupe(list(loader.skipped.as_list())))
     calibration = model.quantcore_meta.get("extra", {}).get("calibration")
     warnings = []
     if (calibration or {}).get("fp32_weights", "") is None:  # recorded at calibration time
         warnings.append(random_weights_warning(model.quantcore_recipe))
-        log.warning(warnings[-1])
+        if distributed.rank() == 0:
+            log.warning(warnings[-1])
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),
                        scores=scores, reference="fp32",
                        data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
-                             "eval_subset": subset,
+                             "eval_subset": subset, "world_size": distributed.world_size(),
                              "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off"},
                        calibration=calibration, warnings=warnings,
-                       timings={"evaluate": time.perf_counter() - t0}, skipped=loader.skipped.as_list())
+                       timings={"evaluate": time.perf_counter() - t0}, skipped=skipped)
     if out:
         rep["plots"] = ["per_class.png"]
-        storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
-        _write_json(storage.join(out, "report.json"), rep)
-        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
-    return rep
+
+    def write() -> None:
+        if out:
+            storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
+            _write_json(storage.join(out, "report.json"), rep)
+            storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+
+    return _on_main(rep, write)
 
 
 def _model_name(recipe: Recipe, model: nn.Module) -> str:

@@ -26,7 +26,8 @@ W8_AGREEMENT, W8_SQNR = 99.0, 30.0
 def demo_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
-    return run_demo(str(store), epochs=3, train_limit=6000, progress=False, log=lambda s: None)
+    return run_demo(str(store), epochs=3, train_limit=6000, progress=False, log=lambda s: None,
+                    qat=False)  # QAT: tests/test_qat.py, tests/test_demo_job.py
 
 
 def test_w8a8_matches_fp32_and_w4a4_degrades_gracefully(demo_run):

@@ -1,5 +1,5 @@
 """Datasets for calibration and evaluation: folder, zipped (sharded) and RESISC45 layouts on local or
-S3 storage, the model's own eval transform, packing into zip shards, calibration subsets and
+S3 storage, the model's own eval and training transforms, packing into zip shards, calibration subsets and
 data-parallel sharding, and skip-aware loading.
 
     ds = open_dataset("s3://bucket/imagenet", "val", eval_transform(model))
@@ -16,7 +16,8 @@ from .pack import pack, pack_arrays, write_shards
 from .resisc import ImagePathsDataset, load_label_map
 from .subsets import (class_quotas, first_batches, limit_subset, per_class_subset, random_subset, shard_indices,
                       stratified_subset)
-from .transforms import describe_transform, eval_transform, model_fixed_img_size, model_in_chans
+from .transforms import (TrainTransform, describe_transform, eval_transform, model_fixed_img_size, model_in_chans,
+                         train_transform)
 from .zipped import INDEX_NAME, Shard, ZipShardDataset, find_shards, load_index
 
 Resisc45Dataset = ImagePathsDataset
@@ -30,5 +31,6 @@ __all__ = [
     "per_class_subset", "first_batches", "random_subset", "shard_indices", "stratified_subset", "class_quotas",
     "limit_subset", "to_8bit",
     "collate_skip", "make_loader", "SkipAwareLoader",
-    "eval_transform", "describe_transform", "model_in_chans", "model_fixed_img_size",
+    "eval_transform", "train_transform", "TrainTransform", "describe_transform", "model_in_chans",
+    "model_fixed_img_size",
 ]

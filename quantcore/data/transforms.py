@@ -10,6 +10,10 @@
   ImageNet mean/std).
 
 :func:`describe_transform` returns the same resolution as a JSON-able dict for reports.
+
+:func:`train_transform` is the training counterpart (QAT): the same resolved mean/std/input size/
+interpolation/PIL mode, through timm's ``create_transform(is_training=True)`` (RandomResizedCrop, flip,
+colour jitter or auto-augment, random erasing) as the recipe's ``qat.augment`` asks.
 """
 from __future__ import annotations
 
@@ -213,10 +217,124 @@ def describe_transform(model: nn.Module | None = None, *, weights: Any = None, o
                        use_test_size: bool = False) -> dict[str, Any]:
     """JSON-able summary (source, input_size, resize_size, mean, std, crop_pct, crop_mode,
     interpolation, PIL mode) of :func:`eval_transform` for the same arguments."""
-    if isinstance(model, EvalTransform):
+    if isinstance(model, (EvalTransform, TrainTransform)):
         return dict(model.config)
     _, cfg = _resolve(model, weights, overrides, use_test_size)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------- training
+class TrainTransform:
+    """``ConvertMode`` followed by timm's training transform; ``.config`` says what was resolved and
+    which augmentation runs. Picklable (DataLoader workers).
+
+    Randomness comes only from python ``random`` and torch's global generator (what a training loop
+    reseeds per sample): timm's RandAugment/AugMix draw from numpy's global generator, so around them
+    numpy is seeded from python ``random`` and its previous state restored."""
+
+    def __init__(self, inner: Callable, config: dict[str, Any], numpy_rng: bool = False) -> None:
+        self.inner = inner
+        self.config = dict(config)
+        mode = config.get("mode")
+        self.convert = ConvertMode(mode) if mode else None
+        self.numpy_rng = numpy_rng
+
+    def __call__(self, img):
+        if self.convert is not None:
+            img = self.convert(img)
+        if not self.numpy_rng:
+            return self.inner(img)
+        import random
+
+        import numpy as np
+
+        saved = np.random.get_state()
+        np.random.seed(random.getrandbits(32))
+        try:
+            return self.inner(img)
+        finally:
+            np.random.set_state(saved)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(convert={self.convert!r}, inner={self.inner!r})"
+
+
+def _augment_error(field: str, msg: str):
+    from ..errors import UserError
+
+    return UserError(f"qat.augment.{field}: {msg}")
+
+
+def train_transform(model: nn.Module | None, augment: Any = None, *, weights: Any = None,
+                    overrides: dict | None = None) -> "TrainTransform | EvalTransform":
+    """The model's training transform: PIL image -> augmented, normalized ``C x H x W`` float tensor.
+
+    ``augment`` is a :class:`quantcore.config.AugmentConfig` (or a dict of its fields; None = its
+    defaults). The model's data config is resolved exactly as :func:`eval_transform` does (timm cfg or
+    torchvision standard, channels and fixed image size from the built model, ``'L'`` images for
+    grayscale models); the training pipeline is timm's ``create_transform(is_training=True)`` with that
+    input size, mean/std and interpolation. ``augment.kind == "none"`` returns the eval transform.
+
+    Grayscale models: RandomResizedCrop, flips, auto-augment and random erasing work on ``'L'``
+    images; ``color_jitter`` is refused (its saturation part cannot apply to one channel).
+    """
+    from ..config import AugmentConfig
+
+    if augment is None:
+        augment = AugmentConfig()
+    elif isinstance(augment, dict):
+        augment = AugmentConfig.model_validate(augment)
+    eval_inner, cfg = _resolve(model, weights, overrides, False)
+    if augment.kind == "none":
+        return EvalTransform(eval_inner, {**cfg, "augment": {"kind": "none"}})
+
+    import timm.data
+
+    input_size = cfg.get("input_size")
+    if not input_size:
+        raise ValueError("cannot resolve the model's input size for its training transform")
+    in_chans = int(input_size[0])
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    interpolation = cfg.get("interpolation") or "bilinear"
+    scale, ratio = tuple(float(x) for x in augment.scale), tuple(float(x) for x in augment.ratio)
+    if not 0 < scale[0] <= scale[1]:
+        raise _augment_error("scale", f"{list(scale)} must be 0 < min <= max (crop area fraction)")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise _augment_error("ratio", f"{list(ratio)} must be 0 < min <= max (crop aspect ratio)")
+    color_jitter = augment.color_jitter
+    if in_chans == 1 and color_jitter:
+        raise _augment_error("color_jitter", f"the model takes 1-channel (grayscale) images; colour jitter "
+                             "(brightness, contrast and saturation) cannot apply to them as asked - remove "
+                             "it, or use auto_augment (e.g. rand-m9-mstd0.5), whose ops work on grayscale")
+    if in_chans not in (1, 3) and (color_jitter or augment.auto_augment):
+        field = "color_jitter" if color_jitter else "auto_augment"
+        raise _augment_error(field, f"the model takes {in_chans}-channel inputs; PIL colour augmentation "
+                             "works on 1- or 3-channel images only - remove it")
+    aa = augment.auto_augment or None
+    # timm switches colour jitter off under auto-augment (unless the policy is '3a'): report what runs
+    cj_effective = color_jitter if color_jitter and not (aa and "3a" not in aa) else None
+    try:
+        inner = timm.data.create_transform(
+            input_size=tuple(input_size), is_training=True, scale=scale, ratio=ratio, hflip=float(augment.hflip),
+            vflip=0.0, color_jitter=color_jitter if color_jitter else None, auto_augment=aa,
+            interpolation=interpolation, mean=mean, std=std, re_prob=float(augment.re_prob))
+    except (AssertionError, KeyError, ValueError, IndexError) as err:
+        if aa:
+            raise _augment_error("auto_augment", f"{aa!r} is not a timm auto-augment policy "
+                                 f"(e.g. rand-m9-mstd0.5, augmix-m5, original, v0, 3a): {err}") from None
+        raise
+    config = {
+        "source": cfg.get("source"), "input_size": list(input_size), "mean": list(mean), "std": list(std),
+        "interpolation": interpolation, "mode": cfg.get("mode"),
+        "augment": {"kind": "model", "pipeline": "timm create_transform(is_training=True)",
+                    "crop": "RandomResizedCrop", "scale": list(scale), "ratio": list(ratio),
+                    "hflip": float(augment.hflip), "color_jitter": cj_effective, "auto_augment": aa,
+                    "re_prob": float(augment.re_prob)},
+    }
+    if color_jitter and cj_effective is None:
+        config["augment"]["note"] = "color_jitter not applied: timm disables it under auto_augment"
+    numpy_rng = bool(aa) and (aa.startswith("rand") or aa.startswith("augmix"))
+    return TrainTransform(inner, config, numpy_rng=numpy_rng)
 
 
 def dummy_input(model: nn.Module, batch: int = 1, **kw) -> torch.Tensor:
@@ -225,5 +343,5 @@ def dummy_input(model: nn.Module, batch: int = 1, **kw) -> torch.Tensor:
     return torch.zeros(batch, c, h, w)
 
 
-__all__ = ["eval_transform", "describe_transform", "model_in_chans", "model_fixed_img_size", "ConvertMode",
+__all__ = ["eval_transform", "train_transform", "TrainTransform", "describe_transform", "model_in_chans", "model_fixed_img_size", "ConvertMode",
            "EvalTransform", "dummy_input", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -1,0 +1,768 @@
+"""Quantization-aware training: prepare -> calibrate -> train -> convert, in one loop.
+
+The same :func:`run_qat` runs in one process (``quantcore qat``), in every torchrun rank (TorchX
+``qat`` component, Kubernetes), and as Ray Train's ``train_loop_per_worker`` (``jobs.ray_qat``):
+:func:`quantcore.distributed.setup` joins whatever process group the launcher describes.
+
+Steps:
+  1. Start point: the FP32 model (built from the recipe, prepared and calibrated data-parallel:
+     statistics merged exactly across ranks), or a PTQ checkpoint (``init``, a ``model.qc.pt``).
+     Saved as ``OUT/ptq/model.qc.pt``; a resumed run starts from that file, never recalibrates.
+  2. Ranges: ``qat.ranges: learned`` turns every calibrated integer quantizer into LSQ form
+     (learnable scale, and zero point when asymmetric; Esser et al. 2020, gradient scale
+     ``1/sqrt(N * qmax)``) initialized from calibration; ``frozen`` keeps the calibrated ranges.
+     Weights always train through the straight-through estimator of torch's fake-quant ops.
+  3. BatchNorm (CNNs): ``qat.bn: fold`` (default) trains the folded graph that is deployed; BN
+     layers placement could not fold run with frozen statistics. ``freeze``: BN kept, statistics
+     updated for ``bn_freeze_step`` steps then frozen (Jacob et al. 2018; Krishnamoorthi 2018).
+  4. Loop: per-rank batches from :func:`quantcore.distributed.epoch_batches` (every sample once
+     per epoch, equal step counts per rank, loss normalized by the global batch so K ranks'
+     averaged gradient is the global batch's); the model's training transform, reseeded per
+     ``(seed, epoch, sample)``; loss CE, KD (KL with temperature, seed 002) or DeiT distillation
+     token (hard/soft, seed 004); SGD/AdamW, cosine/OneCycle with warm-up, autocast on GPU,
+     gradient clipping; DistributedDataParallel when there is more than one rank.
+  5. Checkpoints (model, quantizer state, optimizer, scheduler, grad scaler, every rank's RNG
+     states, data position, step, metrics) every ``checkpoint_every`` steps and at each epoch end,
+     atomically, with a SHA-256 trailer; on SIGTERM one more before exiting with
+     :class:`Preempted` (exit 143). A restart resumes from the newest checkpoint that verifies
+     (corrupt ones are skipped with a warning): bit-identical to an uninterrupted run on CPU.
+  6. Convert (learned scale/zero point -> ranges), evaluate FP32 vs PTQ vs QAT sharded over the
+     ranks, write ``OUT/<recipe>/model.qc.pt``, ``encodings.json``, ``report.json``/``.md``,
+     ``training.png`` and ``metrics.jsonl`` (rank 0 only).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import api, distributed
+from .checkpoint import CheckpointError
+from .config import QATConfig, Recipe
+from .errors import Preempted, UserError
+from .io import storage
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = Preempted.exit_code  # launchers retry it (user errors exit 2 and are not retried)
+_CKPT_MAGIC = b"QCTRAIN1"
+_CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class QATOptions:
+    device: str = "auto"
+    num_workers: int | None = None  # None: qat.num_workers
+    progress: bool = True
+    checkpoint: str | None = None  # FP32 weights overriding recipe.model.checkpoint
+    init: str | None = None  # start from this PTQ checkpoint (model.qc.pt) instead of calibrating
+    resume: bool = True
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    eval_limit: int | None = None  # final evaluation on a stratified sample (None: whole split)
+    eval_batch_size: int = 256
+    on_log: Callable[[dict], None] | None = None  # every rank, same metrics (Ray Train: ray.train.report)
+    handle_sigterm: bool = True
+
+
+# ----------------------------------------------------------------------------------------- setup
+def _qat_config(recipe: Recipe, opts: QATOptions) -> QATConfig:
+    cfg = recipe.qat or QATConfig()
+    upd = {k: v for k, v in (("epochs", opts.epochs), ("max_steps", opts.max_steps),
+                             ("batch_size", opts.batch_size)) if v is not None}
+    if opts.num_workers is not None:
+        upd["num_workers"] = opts.num_workers
+    return cfg.model_copy(update=upd) if upd else cfg
+
+
+def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> list[str]:
+    """Turn every calibrated integer quantizer into its LSQ form (learnable scale, and zero point
+    when asymmetric and ``learn_zero_point``); returns their names. Float-format quantizers (FP16,
+    BF16, FP8 casts) have no range to learn and are left as they are."""
+    from .placement import quantizers
+
+    names = []
+    for name, q in quantizers(model).items():
+        if not q.spec.enabled or q.spec.is_float or q.amax.numel() == 0 or q.spec.learnable:
+            continue
+        q.make_learnable()
+        q.zero_point.requires_grad_(bool(learn_zero_point and not q.spec.symmetric))
+        names.append(name)
+    return names
+
+
+def _bn_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _set_train_mode(model: nn.Module, cfg: QATConfig, step: int) -> None:
+    model.train()
+    frozen = cfg.bn == "fold" or (cfg.bn == "freeze" and step >= cfg.bn_freeze_step)
+    if frozen:
+        for m in _bn_modules(model):
+            m.eval()
+
+
+def _param_groups(model: nn.Module, cfg: QATConfig) -> list[dict]:
+    from .quantizer import TensorQuantizer
+
+    qparams = {id(p) for m in model.modules() if isinstance(m, TensorQuantizer) for p in m.parameters(recurse=False)}
+    decay, no_decay, ranges = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in qparams:
+            ranges.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    o = cfg.optimizer
+    groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": o.lr},
+              {"params": ranges, "weight_decay": 0.0, "lr": o.range_lr or o.lr}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(groups: list[dict], cfg: QATConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: QATConfig, total_steps: int):
+    s = cfg.schedule
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=max(total_steps, 2), pct_start=s.pct_start)
+    floor = s.min_lr / cfg.optimizer.lr
+    warm = s.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return s.warmup_start + (1.0 - s.warmup_start) * step / warm
+        if s.name == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if s.name == "linear":
+            return floor + (1.0 - floor) * (1.0 - t)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _amp_dtype(cfg: QATConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]
+
+
+# ----------------------------------------------------------------------------------------- data
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[(epoch, index)]`` with python's and torch's global RNGs seeded from ``(seed, epoch,
+    index)`` around the item (restored afterwards): the random augmentation of a sample does not
+    depend on the worker, the batch it falls in or whether the run was resumed."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        h = int.from_bytes(hashlib.blake2b(f"{self.seed}/{epoch}/{index}".encode(), digest_size=8).digest(), "big")
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        random.seed(h)
+        torch.default_generator.manual_seed(h & ((1 << 63) - 1))  # torch.manual_seed also seeds CUDA: 90x slower
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
+
+
+def _train_loader(samples: SeededSamples, batches: list[list[int]], epoch: int, workers: int):
+    from torch.utils.data import DataLoader
+
+    from .data.loader import collate_skip
+
+    keyed = [[(epoch, i) for i in b] for b in batches]
+    # own generator: creating the iterator must not draw from the global RNG (resumes are bit-identical)
+    return DataLoader(samples, batch_sampler=keyed, num_workers=workers, collate_fn=collate_skip,
+                      generator=torch.Generator().manual_seed(epoch))
+
+
+# ----------------------------------------------------------------------------------------- losses
+def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """Per-sample KL(teacher/T || student/T) * T^2 (Hinton et al. 2015)."""
+    log_p = F.log_softmax(student.float() / t, dim=-1)
+    log_q = F.log_softmax(teacher.float() / t, dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1) * (t * t)
+
+
+def per_sample_loss(out: Any, labels: torch.Tensor, teacher_logits: torch.Tensor | None, cfg: QATConfig) -> torch.Tensor:
+    """The training loss of each sample (shape ``(N,)``), as ``qat.distill`` says."""
+    d = cfg.distill
+    if d.kind in ("deit_hard", "deit_soft"):
+        cls, dist_out = out
+        base = F.cross_entropy(cls.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
+        if d.kind == "deit_hard":
+            extra = F.cross_entropy(dist_out.float(), teacher_logits.argmax(-1), reduction="none")
+        else:
+            extra = _kl(dist_out, teacher_logits, d.temperature)
+        return (1 - d.alpha) * base + d.alpha * extra
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    base = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
+    if d.kind == "kd":
+        return (1 - d.alpha) * base + d.alpha * _kl(logits, teacher_logits, d.temperature)
+    return base
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def _ckpt_uri(out: str, step: int) -> str:
+    return storage.join(out, _CKPT_DIR, f"step-{step:09d}.pt")
+
+
+def encode_train_state(state: dict[str, Any]) -> bytes:
+    """``torch.save`` bytes + magic + SHA-256 of those bytes: a partial or altered file never verifies."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    return body + _CKPT_MAGIC + hashlib.sha256(body).digest()
+
+
+def decode_train_state(data: bytes, uri: str) -> dict[str, Any]:
+    tail = len(_CKPT_MAGIC) + 32
+    if len(data) < tail or data[-tail:-32] != _CKPT_MAGIC:
+        raise CheckpointError(f"training checkpoint {uri} is incomplete (no trailer)")
+    body = data[:-tail]
+    if hashlib.sha256(body).digest() != data[-32:]:
+        raise CheckpointError(f"training checkpoint {uri} failed its SHA-256 check")
+    try:
+        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"training checkpoint {uri} cannot be read: {err}") from None
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """``[(step, uri), ...]`` newest first."""
+    found = []
+    for uri in storage.list_uris(storage.join(out, _CKPT_DIR), suffix=".pt"):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("step-") and name[5:-3].isdigit():
+            found.append((int(name[5:-3]), uri))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(out: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint under ``OUT/checkpoints`` that verifies; corrupt ones are skipped with a
+    warning (never loaded)."""
+    for _step, uri in list_checkpoints(out):
+        try:
+            return uri, decode_train_state(storage.read_bytes(uri), uri)
+        except (CheckpointError, FileNotFoundError) as err:
+            log.warning("skipping training checkpoint %s: %s", uri, err)
+    return None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+          "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------- SIGTERM
+class _Sigterm:
+    """Remembers a SIGTERM instead of dying, so the loop can checkpoint first (main thread only:
+    elsewhere, e.g. inside a Ray Train worker thread, Ray's own failure handling applies)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.flag = False
+        self.prev = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self.prev = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # samples of this epoch's permutation done (all ranks)
+    metrics: list[dict] = field(default_factory=list)
+
+
+def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions | None = None) -> dict:
+    """Quantization-aware training of ``recipe`` on ``train`` (a :class:`~quantcore.pipeline.DataSpec`),
+    validated and reported on ``evald``; artifacts under ``out`` (local path or s3:// prefix).
+
+    Returns the report dict (same on every rank). Raises :class:`Preempted` after a SIGTERM
+    checkpoint, :class:`~quantcore.errors.UserError` for a bad recipe/data/option.
+    """
+    opts = opts or QATOptions()
+    ctx = distributed.setup(opts.device)
+    try:
+        return _run(recipe, train, evald, out, opts, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _start_point(recipe: Recipe, train: Any, opts: QATOptions, ctx: distributed.DistContext, out: str,
+                 resuming: bool) -> tuple[nn.Module, nn.Module, dict]:
+    """(FP32 model, calibrated model, calibration info), both on ``ctx.device``."""
+    from .data import eval_transform, make_loader, open_dataset
+    from .pipeline import _calibration_indices, _with_checkpoint, random_weights_warning
+
+    ptq_uri = storage.join(out, "ptq", "model.qc.pt")
+    if opts.init:
+        model = api.load(opts.init)
+        if recipe.model is not None and model.quantcore_recipe.model is not None and \
+                recipe.model.name != model.quantcore_recipe.model.name:
+            raise UserError(f"--init {opts.init}: its model {model.quantcore_recipe.model.name!r} is not the "
+                            f"recipe's model.name {recipe.model.name!r}")
+        fp32 = copy.deepcopy(model)
+        api.set_quantization(fp32, False)  # the checkpoint's own float path
+        info = dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}, init=opts.init)
+        return fp32.to(ctx.device).eval(), model.to(ctx.device), info
+    recipe = _with_checkpoint(recipe, opts.checkpoint)
+    if recipe.model is None:
+        raise UserError(f"recipe {recipe.name!r}: model.name is missing (no model: section) and no --init "
+                        f"checkpoint was given: there is no model to train")
+    torch.manual_seed(recipe.qat.seed if recipe.qat else 0)  # a randomly initialized model is the same on every rank
+    fp32 = api.build_model(recipe).to(ctx.device).eval()
+    if getattr(fp32, "quantcore_weights", "") is None:
+        log.warning(random_weights_warning(recipe))
+    if resuming:
+        model = api.load(ptq_uri).to(ctx.device)
+        return fp32, model, dict(model.quantcore_meta.get("extra", {}).get("calibration") or {})
+    ds = open_dataset(train.uri, train.split, eval_transform(fp32), layout=train.layout, skip_bad=train.skip_bad,
+                      cache_dir=train.cache_dir)
+    # whole batches per rank: each rank computes exactly the batches one process would (bitwise ranges)
+    idx = distributed.shard_batches(_calibration_indices(ds, recipe), recipe.calibration.batch_size)
+    model = api.prepare(copy.deepcopy(fp32), recipe)
+    loader = make_loader(ds, recipe.calibration.batch_size, _workers(opts, recipe), indices=idx)
+    res = api.calibrate(model, loader)
+    info = {"method": recipe.calibration.method, "uri": train.uri, "split": train.split, "images": res.images,
+            "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
+            "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
+            "fp32_weights": getattr(fp32, "quantcore_weights", "given")}
+    if ctx.is_main:
+        api.save(model, ptq_uri, extra={"calibration": info})
+    distributed.barrier()
+    return fp32, model, info
+
+
+def _workers(opts: QATOptions, recipe: Recipe) -> int:
+    if opts.num_workers is not None:
+        return opts.num_workers
+    return recipe.qat.num_workers if recipe.qat else 0
+
+
+def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module | None:
+    if cfg.distill.kind == "none":
+        return None
+    if cfg.distill.teacher is None:
+        t = fp32
+    else:
+        from .models import create_model
+
+        t = create_model(cfg.distill.teacher)
+        if getattr(t, "quantcore_weights", "") is None:
+            raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} has no weights (set checkpoint, "
+                            f"pretrained or pretrained_file): a random teacher would teach noise")
+    t = t.to(device).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
+         ctx: distributed.DistContext) -> dict:
+    from .data import open_dataset
+    from .data.transforms import train_transform
+    from .placement import unwrap
+
+    cfg = _qat_config(recipe, opts)
+    recipe = recipe.model_copy(update={"qat": cfg})
+    dev = ctx.device
+    t_start = time.perf_counter()
+    found = latest_checkpoint(out) if (opts.resume and ctx.is_main) else None
+    ckpt_uri = distributed.broadcast_object(found[0] if found else None)
+    if ckpt_uri is not None and found is None:  # other ranks read the one rank 0 chose
+        found = (ckpt_uri, decode_train_state(storage.read_bytes(ckpt_uri), ckpt_uri))
+    state_in = found[1] if found else None
+    if state_in is not None and ctx.is_main:
+        log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
+
+    fp32, model, cal_info = _start_point(recipe, train, opts, ctx, out, resuming=state_in is not None)
+    ptq_model = copy.deepcopy(model).eval()
+    for p in ptq_model.parameters():
+        p.requires_grad_(False)
+    learned = learnable_quantizers(model, cfg.learn_zero_point) if cfg.ranges == "learned" else []
+    model.to(dev)
+    if cfg.distill.kind.startswith("deit"):
+        if not hasattr(model, "set_distilled_training"):
+            raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token (use a "
+                            f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
+        model.set_distilled_training(True)
+    teacher = _teacher(cfg, fp32, dev)
+
+    ds = open_dataset(train.uri, train.split, train_transform(unwrap(model), cfg.augment), layout=train.layout,
+                      skip_bad=train.skip_bad, cache_dir=train.cache_dir)
+    samples = SeededSamples(ds, cfg.seed)
+    n = len(ds)
+    gb = cfg.batch_size * ctx.world_size
+    steps_per_epoch = (n + gb - 1) // gb
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    example_shape = list(getattr(unwrap(model).quantcore_placement, "example_input_shape", []) or [])
+
+    net: nn.Module = model
+    if ctx.is_distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                  static_graph=True)
+    opt = _optimizer(_param_groups(model, cfg), cfg)
+    sched = _scheduler(opt, cfg, total_steps)
+    amp = _amp_dtype(cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    st = _State()
+    torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # dropout / drop-path streams differ per rank
+    random.seed(cfg.seed + 7919 * ctx.rank)
+    if state_in is not None:
+        if set(state_in.get("learned", [])) != set(learned):
+            raise CheckpointError(f"training checkpoint {ckpt_uri} was written with other learned quantizers "
+                                  f"(recipe qat.ranges changed?); start a new --out or pass --no-resume")
+        from .checkpoint import load_state_strict
+
+        load_state_strict(model, state_in["model"], ckpt_uri)
+        opt.load_state_dict(state_in["optimizer"])
+        sched.load_state_dict(state_in["scheduler"])
+        scaler.load_state_dict(state_in["scaler"])
+        rngs = state_in["rng"]
+        if len(rngs) == ctx.world_size:
+            _set_rng_state(rngs[ctx.rank], dev)
+        st = _State(int(state_in["step"]), int(state_in["epoch"]), int(state_in["consumed"]),
+                    list(state_in["metrics"]))
+
+    workers = _workers(opts, recipe)
+    progress = _progress(total_steps, st.step, opts.progress and ctx.is_main)
+    metrics_uri = storage.join(out, "metrics.jsonl")
+
+    def save_checkpoint() -> str:
+        rngs = distributed.all_gather_object(_rng_state(dev))
+        uri = _ckpt_uri(out, st.step)
+        if ctx.is_main:
+            state = {"format": "quantcore.train-state/1", "step": st.step, "epoch": st.epoch,
+                     "consumed": st.consumed, "world_size": ctx.world_size, "learned": learned,
+                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": rngs, "metrics": st.metrics, "recipe": json.dumps(recipe.model_dump(mode="json"))}
+            storage.write_bytes(uri, encode_train_state(state))
+            for _s, old in list_checkpoints(out)[cfg.keep_checkpoints:]:
+                storage.delete(old)
+            _write_metrics(metrics_uri, st.metrics)
+        distributed.barrier()
+        return uri
+
+    eval_ctx = _EvalContext(evald, fp32, opts, workers) if evald is not None else None
+    window = {"loss": 0.0, "n": 0.0, "images": 0.0, "t": time.perf_counter()}
+    flag = torch.zeros(1)
+    with _Sigterm(opts.handle_sigterm) as sigterm, progress:
+        while st.step < total_steps:
+            batches = distributed.epoch_batches(n, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed, st.epoch,
+                                                start=st.consumed)
+            loader = _train_loader(samples, [b for b, _ in batches], st.epoch, workers)
+            _set_train_mode(net, cfg, st.step)
+            for (_idx, global_count), (images, labels, _skipped) in zip(batches, loader):
+                loss_sum = _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched, scaler,
+                                       amp, example_shape, model)
+                st.step += 1
+                st.consumed += global_count
+                window["loss"] += loss_sum
+                window["n"] += 0 if images is None else images.shape[0]
+                if cfg.bn == "freeze" and st.step == cfg.bn_freeze_step:
+                    _set_train_mode(net, cfg, st.step)
+                progress.update(1)
+                last = st.step >= total_steps
+                if st.step % cfg.log_every == 0 or last:
+                    m = _log_metrics(st, window, opt, ctx, n)
+                    progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                    if opts.on_log is not None:
+                        opts.on_log(dict(m))
+                if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last:
+                    _validate(st, eval_ctx, model, cfg, ctx, opts)
+                    _set_train_mode(net, cfg, st.step)
+                flag[0] = float(sigterm.flag)
+                if distributed.all_reduce(flag, "max").item() > 0:
+                    uri = save_checkpoint()
+                    raise Preempted(st.step, uri)
+                if st.step % cfg.checkpoint_every == 0 or last:  # last: a restart during the final
+                    save_checkpoint()                             # evaluation does not train again
+                if last:
+                    break
+            if st.consumed >= n:  # epoch finished
+                st.epoch += 1
+                st.consumed = 0
+                if eval_ctx is not None and st.step < total_steps:
+                    _validate(st, eval_ctx, model, cfg, ctx, opts)
+                    _set_train_mode(net, cfg, st.step)
+                if st.step < total_steps:
+                    save_checkpoint()
+    model.eval()
+    api.convert(model)
+    if cfg.distill.kind.startswith("deit"):
+        model.set_distilled_training(False)
+    train_s = time.perf_counter() - t_start
+    return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
+                   train_s)
+
+
+def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched, scaler, amp, example_shape,
+                model) -> float:
+    dev = ctx.device
+    empty = images is None or images.shape[0] == 0
+    if empty:  # this rank's share of a short last batch is empty: run a zero-weight step (DDP needs one)
+        images = torch.zeros([1] + example_shape[1:], device=dev)
+        labels = torch.zeros(1, dtype=torch.long, device=dev)
+    else:
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+    ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ac:
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(images)
+                t_logits = (t_out[0] if isinstance(t_out, (tuple, list)) else t_out).float()
+        out = net(images)
+        per = per_sample_loss(out, labels, t_logits, cfg)
+    # sum / global batch * world: DDP's gradient average then equals the global batch's mean gradient
+    weight = 0.0 if empty else float(ctx.world_size) / float(global_count)
+    loss = per.sum() * weight
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_grad_norm is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    _clamp_ranges(model)
+    return 0.0 if empty else float(per.detach().sum())
+
+
+@torch.no_grad()
+def _clamp_ranges(model: nn.Module) -> None:
+    """Keep learned scales positive and zero points on the grid (torch's learnable ops need it)."""
+    from .quantizer import _MIN_SCALE, TensorQuantizer
+
+    for q in model.modules():
+        if isinstance(q, TensorQuantizer) and q.scale is not None:
+            q.scale.clamp_(min=_MIN_SCALE)
+            lo, hi = q.spec.qrange()
+            q.zero_point.clamp_(lo, hi)
+
+
+def _log_metrics(st: _State, window: dict, opt, ctx, n: int) -> dict:
+    t = torch.tensor([window["loss"], window["n"]], dtype=torch.float64)
+    distributed.all_reduce(t)
+    dt = max(time.perf_counter() - window["t"], 1e-9)
+    m = {"step": st.step, "epoch": st.epoch + st.consumed / max(n, 1), "loss": float(t[0] / max(t[1], 1)),
+         "lr": float(opt.param_groups[0]["lr"]), "images_per_s": float(t[1]) / dt, "time": time.time()}
+    st.metrics.append(m)
+    window.update(loss=0.0, n=0.0, t=time.perf_counter())
+    return m
+
+
+class _progress:
+    """A tqdm bar over optimizer steps on rank 0 (no-op elsewhere)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="qat", unit="step", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+
+    def set_postfix(self, **kw) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kw, refresh=False)
+
+
+def _write_metrics(uri: str, metrics: list[dict]) -> None:
+    storage.write_bytes(uri, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+class _EvalContext:
+    """The validation data, opened once (eval transform of the FP32 model)."""
+
+    def __init__(self, evald: Any, fp32: nn.Module, opts: QATOptions, workers: int) -> None:
+        from .data import eval_transform, open_dataset
+
+        self.spec = evald
+        self.ds = open_dataset(evald.uri, evald.split, eval_transform(fp32), layout=evald.layout,
+                               skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
+        self.opts, self.workers = opts, workers
+
+    def loader(self, limit: int | None):
+        from .data import limit_subset, make_loader
+
+        indices, subset = limit_subset(self.ds, limit)
+        mine = distributed.shard_batches(indices if indices is not None else len(self.ds), self.opts.eval_batch_size)
+        return make_loader(self.ds, self.opts.eval_batch_size, self.workers, indices=mine), subset
+
+
+def _validate(st: _State, ev: _EvalContext, model: nn.Module, cfg: QATConfig, ctx, opts: QATOptions) -> None:
+    from .evaluate import evaluate_models
+
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # validation must not shift the training RNG streams
+        loader, _ = ev.loader(cfg.eval_limit)
+        scores = evaluate_models({"qat": model}, loader, ev.ds.num_classes, device=ctx.device)
+    m = {"step": st.step, "epoch": float(st.epoch), "val_top1": scores["qat"].top1, "val_count": scores["qat"].count,
+         "time": time.time()}
+    st.metrics.append(m)
+    if opts.on_log is not None:
+        opts.on_log(dict(m))
+
+
+def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
+            train_s) -> dict:
+    from .data import describe_transform
+    from .evaluate import evaluate_models
+    from .pipeline import _write_json, random_weights_warning
+    from .report import build_report, per_class_plot, report_markdown
+
+    name = recipe.name
+    scores, data_info, skipped = {}, {}, []
+    t0 = time.perf_counter()
+    if evald is not None:
+        ev = _EvalContext(evald, fp32, opts, _workers(opts, recipe))
+        loader, subset = ev.loader(opts.eval_limit)
+        models = {"fp32": fp32, f"{name}:ptq": ptq_model, name: model}
+        scores = evaluate_models(models, loader, ev.ds.num_classes, reference="fp32", device=ctx.device)
+        skipped = [r for part in distributed.all_gather_object(loader.skipped.as_list()) for r in part]
+        data_info = {"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
+                     "eval_subset": subset, "num_classes": ev.ds.num_classes}
+    data_info.update({"train_uri": train.uri, "train_split": train.split})
+    warnings = [random_weights_warning(recipe)] if cal_info.get("fp32_weights", "") is None else []
+    qat_info = {"steps": st.step, "epochs_done": st.epoch, "world_size": ctx.world_size,
+                "global_batch": cfg.batch_size * ctx.world_size, "learned_quantizers": len(learned),
+                "config": cfg.model_dump(mode="json"), "train_s": train_s, "metrics": "metrics.jsonl"}
+    art = {}
+    rep = build_report(model=recipe.model.name if recipe.model else type(model).__name__,
+                       recipe=recipe.model_dump(mode="json"), scores=scores, reference="fp32" if scores else None,
+                       data=data_info, calibration=cal_info,
+                       timings={"train": train_s, "evaluate": time.perf_counter() - t0}, skipped=skipped,
+                       warnings=warnings,
+                       extra={"qat": qat_info, "transform": describe_transform(fp32), "device": str(ctx.device),
+                              "variants": {name: {"placement": model.quantcore_placement.as_dict()}}})
+    if ctx.is_main:
+        base = storage.join(out, name)
+        art = {"checkpoint": storage.join(base, "model.qc.pt"), "encodings": storage.join(base, "encodings.json"),
+               "ptq_checkpoint": storage.join(out, "ptq", "model.qc.pt")}
+        extra = {"calibration": cal_info, "qat": qat_info}
+        api.save(model, art["checkpoint"], extra=extra)
+        _write_json(art["encodings"], api.encodings(model, extra=extra))
+        rep["variants"][name]["artifacts"] = art
+        rep["plots"] = ["training.png"] + (["per_class.png"] if scores else [])
+        storage.write_bytes(storage.join(out, "training.png"), training_plot(st.metrics, name))
+        if scores:
+            storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
+        _write_json(storage.join(out, "report.json"), rep)
+        md = report_markdown(rep) + _training_markdown(qat_info, st.metrics)
+        storage.write_bytes(storage.join(out, "report.md"), md.encode())
+        _write_metrics(storage.join(out, "metrics.jsonl"), st.metrics)
+    distributed.barrier()
+    return rep
+
+
+def _training_markdown(info: dict, metrics: list[dict]) -> str:
+    losses = [m for m in metrics if "loss" in m]
+    vals = [m for m in metrics if "val_top1" in m]
+    lines = ["", "## Quantization-aware training", "",
+             f"{info['steps']} steps on {info['world_size']} rank(s), global batch {info['global_batch']}, "
+             f"{info['learned_quantizers']} learned ranges, {info['train_s']:.0f} s."]
+    if losses:
+        lines.append(f"Loss {losses[0]['loss']:.4f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.4f} "
+                     f"(step {losses[-1]['step']}); {losses[-1]['images_per_s']:.0f} images/s at the end.")
+    if vals:
+        lines.append("Validation top-1: " + ", ".join(f"step {m['step']}: {m['val_top1']:.2f}%" for m in vals) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def training_plot(metrics: list[dict], title: str) -> bytes:
+    """Loss (and validation top-1 when measured) against the optimizer step, PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if pts:
+        ax.plot(*zip(*pts), label="training loss", color="C0")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    vals = [(m["step"], m["val_top1"]) for m in metrics if "val_top1" in m]
+    if vals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*vals), "o-", color="C1", label="validation top-1")
+        ax2.set_ylabel("top-1 %")
+    ax.set_title(f"QAT: {title}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()

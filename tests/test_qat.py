@@ -1,0 +1,303 @@
+"""Quantization-aware training: the loop, distillation losses, data-parallel sampling, checkpoints,
+SIGTERM and kill-a-rank resumes (bit-identical on CPU), convert/encodings, save/load.
+
+Real data: a small slice of Fashion-MNIST packed into zip shards, and a demo ViT trained on it for a
+few seconds (so quantization error and its recovery are real, not noise on random weights).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from quantcore import api, distributed
+from quantcore.config import QATConfig, Recipe
+from quantcore.demo import FMNIST_CLASSES, FMNIST_DIR, load_fashion_mnist
+from quantcore.errors import UserError
+from quantcore.pipeline import DataSpec
+from quantcore.qat import (QATOptions, decode_train_state, encode_train_state, latest_checkpoint, list_checkpoints,
+                           per_sample_loss, run_qat)
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+N_TRAIN, N_TEST = 480, 200
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory, one_torch_thread):
+    """(data dir, FP32 weights path): 480 train / 200 test images, a demo ViT trained 4 epochs on them."""
+    from quantcore.data import pack_arrays
+    from quantcore.models import vit_fmnist
+    from quantcore.train import train_classifier
+    from quantcore.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("fmnist")
+    data = load_fashion_mnist()
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        x, y = data[split]
+        pack_arrays(x[:n], y[:n], str(root / "data"), split, FMNIST_CLASSES, shard_size=200)
+    x = torch.from_numpy(data["train"][0][:N_TRAIN].copy()).float().div(255).sub(0.286).div(0.353)[:, None]
+    y = torch.from_numpy(data["train"][1][:N_TRAIN].copy()).long()
+    torch.manual_seed(0)
+    model = vit_fmnist()
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=3e-3)
+    train_classifier(model, lambda e: ((x[i:i + 32], y[i:i + 32]) for i in range(0, N_TRAIN, 32)), 15, cfg)
+    ckpt = root / "fp32.pt"
+    torch.save(model.state_dict(), ckpt)
+    return str(root / "data"), str(ckpt)
+
+
+def _recipe(ckpt: str, **qat) -> dict:
+    q = {"epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 1e-3}, "distill": {"kind": "kd"},
+         "augment": {"kind": "model", "scale": [0.8, 1.0]}, "checkpoint_every": 4, "log_every": 2,
+         "num_workers": 0}
+    q.update(qat)
+    return {"name": "t_w4", "model": {"name": "quantcore/vit_fmnist", "checkpoint": ckpt},
+            "placement": {"family": "vit", "mode": "ft1"},
+            "quant": {"weights": {"bits": 4, "symmetric": True, "per_channel": True},
+                      "activations": {"bits": 4, "symmetric": True}},
+            "calibration": {"method": "mse", "weights_method": "mse", "num_batches": 2, "batch_size": 32},
+            "overrides": [{"match": "blocks.*.attn.attn_quantizer", "spec": {"symmetric": False}}],
+            "qat": q}
+
+
+def _run(fmnist, out, **kw):
+    data, ckpt = fmnist
+    qat = kw.pop("qat", {})
+    r = Recipe.model_validate(_recipe(ckpt, **qat))
+    return run_qat(r, DataSpec(data, "train"), DataSpec(data, "test"), str(out),
+                   QATOptions(progress=False, **kw))
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:4]}"
+
+
+# ------------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("n,batch,world", [(10, 2, 2), (37, 4, 3), (5, 4, 4), (64, 8, 2), (1, 3, 2)])
+def test_epoch_batches_cover_every_sample_once_with_equal_steps_per_rank(n, batch, world):
+    for start in (0, min(n, batch * world + 1)):
+        per_rank = [distributed.epoch_batches(n, batch, world, r, seed=3, epoch=1, start=start) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # every rank runs the same number of steps
+        seen = [i for p in per_rank for b, _ in p for i in b]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 * 1_000_003 + 1)).tolist()
+        assert sorted(seen) == sorted(perm[start:])  # each remaining sample exactly once
+        for step in range(len(per_rank[0])):  # the normalizer is the real global batch size
+            counts = {p[step][1] for p in per_rank}
+            assert counts == {sum(len(p[step][0]) for p in per_rank)}
+    a = distributed.epoch_batches(n, batch, world, 0, seed=3, epoch=1)
+    assert a == distributed.epoch_batches(n, batch, world, 0, seed=3, epoch=1)  # deterministic in the seed
+
+
+# ------------------------------------------------------------------------------------ losses
+def test_kd_and_deit_losses_match_an_independent_formula():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10) * 2, torch.randint(0, 10, (6,))
+    cfg = QATConfig(distill={"kind": "kd", "temperature": 3.0, "alpha": 0.25})
+    ref_kl = torch.nn.functional.kl_div(torch.log_softmax(s / 3, -1), torch.softmax(t / 3, -1),
+                                        reduction="none").sum(-1) * 9
+    ref = 0.75 * torch.nn.functional.cross_entropy(s, y, reduction="none") + 0.25 * ref_kl
+    torch.testing.assert_close(per_sample_loss(s, y, t, cfg), ref)
+    d = torch.randn(6, 10)
+    hard = QATConfig(distill={"kind": "deit_hard", "alpha": 0.5})
+    ref_hard = 0.5 * torch.nn.functional.cross_entropy(s, y, reduction="none") + \
+        0.5 * torch.nn.functional.cross_entropy(d, t.argmax(-1), reduction="none")
+    torch.testing.assert_close(per_sample_loss((s, d), y, t, hard), ref_hard)
+    soft = QATConfig(distill={"kind": "deit_soft", "alpha": 0.5, "temperature": 1.0})
+    ref_soft = 0.5 * torch.nn.functional.cross_entropy(s, y, reduction="none") + 0.5 * torch.nn.functional.kl_div(
+        torch.log_softmax(d, -1), torch.softmax(t, -1), reduction="none").sum(-1)
+    torch.testing.assert_close(per_sample_loss((s, d), y, t, soft), ref_soft)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_corrupt_or_partial_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
+    from quantcore.io import storage
+
+    good = encode_train_state({"step": 4, "x": torch.arange(3)})
+    storage.write_bytes(str(tmp_path / "checkpoints" / "step-000000004.pt"), good)
+    storage.write_bytes(str(tmp_path / "checkpoints" / "step-000000008.pt"), good[:-10])  # partial write
+    bad = bytearray(encode_train_state({"step": 12, "x": torch.arange(3)}))
+    bad[100] ^= 0xFF  # one flipped byte
+    storage.write_bytes(str(tmp_path / "checkpoints" / "step-000000012.pt"), bytes(bad))
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [12, 8, 4]
+    with caplog.at_level(logging.WARNING, logger="quantcore"):
+        uri, state = latest_checkpoint(str(tmp_path))
+    assert uri.endswith("step-000000004.pt") and state["step"] == 4
+    assert "step-000000012.pt" in caplog.text and "SHA-256" in caplog.text
+    assert "step-000000008.pt" in caplog.text
+    with pytest.raises(UserError, match="SHA-256"):
+        decode_train_state(bytes(bad), "x")
+
+
+# ------------------------------------------------------------------------------------ the loop
+def test_qat_trains_converts_and_reports(fmnist, tmp_path):
+    """W4A4 with learned ranges and KD: the loss falls, learned scales reach encodings.json, the saved
+    model reloads bit-identically, and the report compares FP32, PTQ and QAT."""
+    out = tmp_path / "run"
+    seen = []
+    rep = _run(fmnist, out, on_log=seen.append)
+    assert set(rep["results"]) == {"fp32", "t_w4:ptq", "t_w4"}
+    assert rep["results"]["t_w4"]["count"] == N_TEST and rep["qat"]["steps"] == 2 * N_TRAIN // 16
+    losses = [m["loss"] for m in seen if "loss" in m]
+    assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3])  # it learns
+    assert [m["val_top1"] for m in seen if "val_top1" in m]  # validated at the end of epoch 1
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [m["step"] for m in seen if "loss" in m]
+    for f in ("report.md", "training.png", "ptq/model.qc.pt", "t_w4/encodings.json"):
+        assert (out / f).is_file(), f
+    # convert: the learned scales (last training checkpoint + the final steps) are what encodings report
+    model = api.load(str(out / "t_w4" / "model.qc.pt"))
+    ptq = api.load(str(out / "ptq" / "model.qc.pt"))
+    enc = json.loads((out / "t_w4" / "encodings.json").read_text())
+    enc_ptq = api.encodings(ptq)
+    name = "blocks.0.mlp.fc1.input_quantizer"
+    learned = {r["name"]: r for r in enc["quantizers"]}[name]["amax"]
+    calibrated = {r["name"]: r for r in enc_ptq["quantizers"]}[name]["amax"]
+    assert learned != pytest.approx(calibrated, rel=1e-4)  # training moved the range ...
+    assert learned == pytest.approx(float(model.get_submodule(name).amax), rel=1e-6)  # ... and encodings say so
+    assert not any(q.spec.learnable for q in api.quantizers(model).values())  # converted
+    # save/load bit-identical: the reloaded model gives the same logits as the one that was saved
+    x = torch.randn(4, 1, 28, 28)
+    again = api.load(str(out / "t_w4" / "model.qc.pt"))
+    assert torch.equal(model(x), again(x))
+    _assert_same_weights(model.state_dict(), again.state_dict())
+
+
+def test_frozen_ranges_keep_the_calibrated_ranges(fmnist, tmp_path):
+    _run(fmnist, tmp_path / "f", qat={"ranges": "frozen", "epochs": 1, "distill": {"kind": "none"}}, max_steps=6)
+    a = _state(tmp_path / "f" / "ptq" / "model.qc.pt")
+    b = _state(tmp_path / "f" / "t_w4" / "model.qc.pt")
+    ranges = [k for k in a if k.endswith((".amax", ".amin")) and "weight_quantizer" not in k]
+    assert ranges and all(torch.equal(a[k], b[k]) for k in ranges)
+    assert not torch.equal(a["blocks.0.mlp.fc1.weight"], b["blocks.0.mlp.fc1.weight"])  # weights trained
+
+
+def test_bad_qat_options_are_user_errors_naming_the_field(fmnist, tmp_path):
+    with pytest.raises(UserError, match="distillation token"):
+        _run(fmnist, tmp_path / "d", qat={"distill": {"kind": "deit_hard"}}, max_steps=1)
+    with pytest.raises(ValueError, match="bn_freeze_step"):
+        Recipe.model_validate(_recipe("x", bn="fold", bn_freeze_step=3))
+    with pytest.raises(ValueError, match="distill.teacher"):
+        Recipe.model_validate(_recipe("x", distill={"kind": "none", "teacher": {"name": "resnet18"}}))
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(fmnist, tmp_path):
+    data, ckpt = fmnist
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(ckpt, checkpoint_every=3, epochs=3)))
+
+    def cmd(out):
+        return [sys.executable, "-m", "quantcore.cli", "qat", "-r", str(recipe), "-d", data, "--eval-split", "test",
+                "-o", str(out), "--no-progress"]
+
+    ref = subprocess.run(cmd(tmp_path / "A"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(cmd(tmp_path / "B"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        ck_dir = tmp_path / "B" / "checkpoints"
+        deadline = time.time() + 300
+        while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "preempted" in err and "step-" in err
+    step = max(s for s, _ in list_checkpoints(str(tmp_path / "B")))
+    assert 0 < step < 3 * N_TRAIN // 16
+    assert not (tmp_path / "B" / "t_w4" / "model.qc.pt").exists()
+    again = subprocess.run(cmd(tmp_path / "B"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_same_weights(_state(tmp_path / "A" / "t_w4" / "model.qc.pt"), _state(tmp_path / "B" / "t_w4" / "model.qc.pt"))
+    a = json.loads((tmp_path / "A" / "report.json").read_text())["results"]
+    b = json.loads((tmp_path / "B" / "report.json").read_text())["results"]
+    assert a == b
+
+
+def _children(pid: int) -> list[int]:
+    """Descendant PIDs of ``pid`` (from /proc; only processes this test started)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.extend(kids.get(p, []))
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_two_rank_torchrun_qat_survives_a_killed_rank_with_the_same_final_weights(fmnist, tmp_path):
+    """2 ranks (gloo): K-rank calibration, DDP training, sharded evaluation; one rank SIGKILLed after the
+    first checkpoint, torchrun restarts both, they resume by themselves and end bit-identical."""
+    data, ckpt = fmnist
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(ckpt, checkpoint_every=3, epochs=3)))
+
+    def cmd(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max_restarts", "1", "-m", "quantcore.cli", "qat", "-r", str(recipe), "-d", data,
+                "--eval-split", "test", "-o", str(out), "--no-progress"]
+
+    ref = subprocess.run(cmd(tmp_path / "A"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    rep = json.loads((tmp_path / "A" / "report.json").read_text())
+    assert rep["qat"]["world_size"] == 2 and rep["results"]["fp32"]["count"] == N_TEST
+    assert rep["calibration"]["images"] == 64  # 2 batches of 32, split over the ranks and merged
+    proc = subprocess.Popen(cmd(tmp_path / "B"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        ck_dir = tmp_path / "B" / "checkpoints"
+        deadline = time.time() + 300
+        while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        ranks = [p for p in _children(proc.pid) if "quantcore.cli" in _cmdline(p) and "torch.distributed.run"
+                 not in _cmdline(p)]
+        assert len(ranks) == 2, [(p, _cmdline(p)) for p in _children(proc.pid)]
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in err or "Restarting" in err or "restart" in err.lower()
+    _assert_same_weights(_state(tmp_path / "A" / "t_w4" / "model.qc.pt"), _state(tmp_path / "B" / "t_w4" / "model.qc.pt"))
