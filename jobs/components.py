@@ -1,10 +1,12 @@
-"""TorchX components for quantcore: ``calibrate``, ``evaluate``, ``ptq`` and ``ddp``.
+"""TorchX components for quantcore: ``calibrate``, ``evaluate``, ``ptq``, ``ddp`` and ``qat``.
 
 Each component is a pure function returning a :class:`torchx.specs.AppDef`; its docstring is the
-``--help`` of ``torchx run``. The container command is always the ``quantcore`` CLI behind the
-:mod:`jobs.launch` entrypoint (``python -m jobs.launch quantcore <command> ...``), which loads S3
-credentials from the Kubernetes Secret named by ``--s3_secret`` when they are not in the
-environment already (TorchX's kubernetes scheduler cannot reference Secrets itself).
+``--help`` of ``torchx run``. The container command always starts with the :mod:`jobs.launch`
+entrypoint, which loads S3 credentials from the Kubernetes Secret named by ``--s3_secret`` when
+they are not in the environment already (TorchX's kubernetes scheduler cannot reference Secrets
+itself), and ends in the ``quantcore`` CLI: ``python -m jobs.launch quantcore <command> ...``;
+``ddp`` puts torchrun in between, ``qat`` :mod:`jobs.torchrun` (torchrun keeping the ranks' exit
+status: 2 for a user error, 143 after SIGTERM).
 
 Examples (from the repository root)::
 
@@ -381,4 +383,151 @@ def ddp(
     launch = " ".join(shlex.quote(a) for a in LAUNCHER)
     role = dataclasses.replace(role, name="ddp", args=["-c", f"exec {launch} {torchrun_cmd}"],
                               retry_policy=specs.RetryPolicy.APPLICATION)
+    return specs.AppDef(name=app.name, roles=[role], metadata=dict(app.metadata))
+
+
+def qat(
+    recipe: str,
+    data: str,
+    out: str,
+    split: str = "train",
+    eval_data: Optional[str] = None,
+    eval_split: str = "val",
+    checkpoint: Optional[str] = None,
+    init: Optional[str] = None,
+    epochs: int = 0,
+    max_steps: int = 0,
+    batch_size: int = 0,
+    eval_limit: int = 0,
+    workers: int = -1,
+    cache_dir: Optional[str] = None,
+    skip_bad: bool = False,
+    nnodes: int = 1,
+    nproc_per_node: int = 0,
+    max_restarts: int = 3,
+    name: str = "quantcore-qat",
+    image: str = DEFAULT_IMAGE,
+    gpus: int = 1,
+    cpu: int = 8,
+    memMB: int = 32768,
+    rdzv_port: int = 29500,
+    s3_endpoint: Optional[str] = None,
+    s3_secret: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Quantization-aware training, data-parallel on nnodes x nproc_per_node ranks: `quantcore qat` under torchrun.
+
+    nnodes containers (one Volcano gang) each run `python -m jobs.launch python -m jobs.torchrun
+    --nnodes N --nproc_per_node P --max_restarts R --rdzv_backend c10d ... -m quantcore.cli qat ARGS`:
+    jobs.launch loads the S3 credentials, jobs.torchrun is torchrun (c10d rendezvous on rank 0's
+    host) that keeps the ranks' exit status: 2 (a user error: bad recipe, URI, data) stops at once,
+    with no restart; any other failure restarts all ranks in place up to max_restarts times, and
+    the training loop resumes from its latest checkpoint under <out>/checkpoints by itself.
+    With gpus > 0 each rank gets --device cuda and uses its own GPU (cuda:LOCAL_RANK); with gpus 0
+    the ranks run on the CPU (gloo). Writes <out>/checkpoints/, metrics.jsonl, ptq/model.qc.pt,
+    <recipe name>/model.qc.pt + encodings.json and report.json/report.md/training.png.
+    Example: torchx run -s kubernetes -cfg queue=default,service_account=quantcore
+    jobs/components.py:qat --recipe vit_b16_384_ft2 --data s3://datasets/imagenet-zip
+    --out s3://runs/ft2-qat --nnodes 2 --gpus 4 --s3_secret quantcore-s3-credentials
+
+    Args:
+        recipe: the recipe to train (built-in name, YAML path inside the image, or s3:// URI); its
+            qat: section sets epochs, optimizer, distillation, checkpointing
+        data: training dataset URI (s3://bucket/prefix or a path inside the container); the
+            calibration images before training come from it too
+        out: output URI prefix for checkpoints, metrics, the QAT model and reports (s3://bucket/prefix);
+            rerunning with the same out resumes from its newest valid checkpoint
+        split: training split
+        eval_data: validation dataset URI; unset: the training dataset
+        eval_split: validation split (periodic validation and the final report)
+        checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
+        init: start from this PTQ checkpoint (model.qc.pt URI) instead of calibrating first
+        epochs: training epochs; 0: the recipe's qat.epochs
+        max_steps: stop after this many optimizer steps in all; 0: the recipe's qat.max_steps
+        batch_size: batch size per rank (the global batch is batch_size x nnodes x nproc_per_node);
+            0: the recipe's qat.batch_size
+        eval_limit: final evaluation on a seeded, class-stratified sample of N images; 0: all
+        workers: DataLoader worker processes per rank; -1: the recipe's qat.num_workers
+        cache_dir: directory caching remote zip shards between epochs (quantcore --cache-dir): put
+            it on a mounted PersistentVolumeClaim (see mounts), the container's own filesystem has
+            no ephemeral-storage request; unset: no cache
+        skip_bad: skip corrupt or missing images and list them in the report instead of failing
+        nnodes: number of nodes (containers, scheduled together as one gang)
+        nproc_per_node: ranks per node; 0: one per GPU (gpus), or 1 when gpus is 0. Must not
+            exceed gpus when gpus > 0 (each rank needs a GPU of its own)
+        max_restarts: times torchrun restarts all ranks in place after a failure other than a user
+            error (exit 2); each restart resumes from the latest checkpoint
+        name: job name
+        image: container image with quantcore and the jobs/ package
+        gpus: GPUs per node; 0 runs the ranks on the CPU (--device cpu, gloo), otherwise --device cuda
+        cpu: CPU cores per node (Kubernetes limit; the request is 100m lower)
+        memMB: memory in MB per node (Kubernetes limit; the request is 1024 MB lower)
+        rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only)
+        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
+        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
+            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
+            needs `get` on it) unless the credentials are already in the environment
+        env: extra environment variables, K1=V1,K2=V2
+        mounts: PersistentVolumeClaims to mount, type=volume,src=PVC_NAME,dst=/data[,readonly]
+            (host paths are not allowed on the cluster: no type=bind)
+        max_retries: times the scheduler restarts the whole job after a node/pod failure that
+            torchrun's in-place restarts cannot cover (Volcano RestartJob policy); it resumes
+            from the latest checkpoint too. TorchX 0.7 restarts on any failed pod, exit 2 (user
+            error) included, so each retry of a user error costs one more quick start
+    """
+    from torchx.components import dist
+
+    _check(gpus, cpu, memMB, 0, max_retries)
+    for flag, value, low in (("nnodes", nnodes, 1), ("nproc_per_node", nproc_per_node, 0),
+                             ("max_restarts", max_restarts, 0), ("epochs", epochs, 0), ("max_steps", max_steps, 0),
+                             ("batch_size", batch_size, 0), ("eval_limit", eval_limit, 0), ("workers", workers, -1)):
+        if value < low:
+            raise ValueError(f"--{flag} must be >= {low}, got {value}")
+    nproc = nproc_per_node or max(gpus, 1)
+    if gpus and nproc > gpus:
+        raise ValueError(f"--nproc_per_node ({nproc}) exceeds the GPUs per node (--gpus {gpus}): "
+                         f"each rank needs a GPU of its own")
+    recipe_ref = str(recipe).strip()
+    if not recipe_ref:
+        raise ValueError("--recipe: a recipe is needed")
+    args = ["qat", "--recipe", recipe_ref, "--data", data, "--split", split, "--out", out,
+            "--eval-data", eval_data or data, "--eval-split", eval_split]
+    for flag, value in (("--checkpoint", checkpoint), ("--init", init), ("--cache-dir", cache_dir)):
+        if value:
+            args += [flag, value]
+    for flag, number, unset in (("--epochs", epochs, 0), ("--max-steps", max_steps, 0), ("--batch-size", batch_size, 0),
+                                ("--eval-limit", eval_limit, 0), ("--workers", workers, -1)):
+        if number != unset:
+            args += [flag, str(number)]
+    args += ["--device", "cuda" if gpus > 0 else "cpu", "--no-progress"]
+    if skip_bad:
+        args.append("--skip-bad")
+    app = dist.ddp(
+        *args,
+        m="quantcore.cli",
+        image=image,
+        name=name,
+        cpu=cpu,
+        gpu=gpus,
+        memMB=memMB,
+        j=f"{nnodes}x{nproc}",
+        env=_env(env, s3_endpoint, s3_secret),  # a fresh dict: dist.ddp adds keys to it
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        rdzv_backend="c10d",
+        mounts=_as_list(mounts, "mounts") or None,
+    )
+    (role,) = app.roles
+    shell, torchrun_cmd = role.args
+    if role.entrypoint != "bash" or shell != "-c" or not torchrun_cmd.startswith("torchrun "):
+        raise RuntimeError(f"unexpected torchx.components.dist.ddp command: {role.entrypoint} {role.args}")
+    # jobs.torchrun instead of torchrun: the same launcher, keeping a rank's exit 2 (user error) as the
+    # container's status and not restarting after it. read_timeout: how long the other nodes wait for
+    # rank 0's store to come up (its image pull may be slower than theirs).
+    launch = " ".join(shlex.quote(a) for a in LAUNCHER + ["python", "-m", "jobs.torchrun"])
+    torchrun_args = torchrun_cmd[len("torchrun "):]
+    cmd = f"exec {launch} --max_restarts {max_restarts} --rdzv_conf read_timeout=300 {torchrun_args}"
+    role = dataclasses.replace(role, name="qat", args=["-c", cmd], retry_policy=specs.RetryPolicy.APPLICATION)
     return specs.AppDef(name=app.name, roles=[role], metadata=dict(app.metadata))

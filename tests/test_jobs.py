@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -31,7 +33,7 @@ BIN = Path(sys.executable).parent
 TORCHX = BIN / "torchx"
 COMPONENTS_FILE = REPO / "jobs" / "components.py"
 VOLCANO_SCHEMA = REPO / "tests" / "k8s_schemas" / "job-batch.volcano.sh-v1alpha1.json"
-COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp")
+COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp", "qat")
 LAUNCH_PREFIX = ["-m", "jobs.launch", "quantcore"]
 
 
@@ -134,6 +136,75 @@ def test_ddp_component_wraps_torchrun_in_the_launcher():
         components.ddp(nproc_per_node=8, gpus=4)
 
 
+def _qat_torchrun(app):
+    """The qat component's container command: (launcher words, torchrun's parsed arguments)."""
+    from torch.distributed.run import get_args_parser
+
+    (role,) = app.roles
+    assert role.entrypoint == "bash" and role.args[0] == "-c", (role.entrypoint, role.args)
+    words = shlex.split(role.args[1])
+    prefix = ["exec", "python", "-m", "jobs.launch", "python", "-m", "jobs.torchrun"]
+    assert words[:7] == prefix, words
+    return words, get_args_parser().parse_args(words[7:])
+
+
+def test_qat_component_runs_quantcore_qat_under_jobs_torchrun():
+    # mounts as torchx's CLI passes `--mounts type=volume,src=imagenet-pvc,dst=/data,readonly`
+    env, mounts = {"NCCL_DEBUG": "INFO"}, ["type=volume", "src=imagenet-pvc", "dst=/data", "readonly"]
+    app = components.qat(recipe="vit_b16_384_ft2", data="s3://b/train", out="s3://b/qat", eval_data="s3://b/val",
+                         init="s3://b/ptq/vit_b16_384_ft2/model.qc.pt", epochs=5, batch_size=32, workers=6,
+                         eval_limit=5000, cache_dir="/data/cache", nnodes=2, gpus=4, max_restarts=2,
+                         s3_endpoint="http://minio:9000", s3_secret="qc-s3", env=env, mounts=mounts, max_retries=1)
+    assert env == {"NCCL_DEBUG": "INFO"} and mounts == ["type=volume", "src=imagenet-pvc", "dst=/data", "readonly"]
+    (role,) = app.roles
+    words, a = _qat_torchrun(app)
+    # torchrun: 2 nodes x 4 ranks (one per GPU), c10d on rank 0's host, in-place restarts
+    assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.rdzv_backend) == ("2", "4", 2, "c10d")
+    assert a.rdzv_endpoint.endswith(":29500") and "rank0_env" in a.rdzv_endpoint and "read_timeout=300" in a.rdzv_conf
+    assert a.module and a.training_script == "quantcore.cli"
+    cli = a.training_script_args
+    assert cli[:9] == ["qat", "--recipe", "vit_b16_384_ft2", "--data", "s3://b/train", "--split", "train",
+                       "--out", "s3://b/qat"]
+    pairs = dict(zip(cli[1::2], cli[2::2]))
+    assert (pairs["--eval-data"], pairs["--init"], pairs["--epochs"], pairs["--batch-size"], pairs["--workers"],
+            pairs["--eval-limit"], pairs["--cache-dir"], pairs["--device"]) == (
+        "s3://b/val", "s3://b/ptq/vit_b16_384_ft2/model.qc.pt", "5", "32", "6", "5000", "/data/cache", "cuda")
+    assert "--max-steps" not in cli and "--checkpoint" not in cli and cli[-1] == "--no-progress"
+    _assert_cli_accepts(cli)  # the real `quantcore qat` accepts every option
+    assert role.name == "qat" and app.name == "quantcore-qat" and role.num_replicas == 2
+    assert (role.resource.gpu, role.port_map, role.max_retries, role.retry_policy.value) == (
+        4, {"c10d": 29500}, 1, "APPLICATION")
+    assert role.env["QUANTCORE_S3_SECRET"] == "qc-s3" and role.env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert role.env["NCCL_DEBUG"] == "INFO"
+    (mount,) = role.mounts
+    assert (mount.src, mount.dst_path, mount.read_only) == ("imagenet-pvc", "/data", True)
+
+    # CPU: one rank per node unless asked, gloo, --device cpu; the recipe's values unless overridden
+    cpu = components.qat(recipe="r.yaml", data="d", out="o", gpus=0, nproc_per_node=2, max_steps=10, workers=0)
+    _, a = _qat_torchrun(cpu)
+    assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.rdzv_endpoint) == ("1", "2", 3, "localhost:0")
+    pairs = dict(zip(a.training_script_args[1::2], a.training_script_args[2::2]))
+    assert (pairs["--device"], pairs["--max-steps"], pairs["--workers"], pairs["--eval-data"]) == (
+        "cpu", "10", "0", "d")
+    for flag in ("--epochs", "--batch-size", "--eval-limit", "--init", "--cache-dir"):
+        assert flag not in a.training_script_args
+    _assert_cli_accepts(a.training_script_args)
+    _, a = _qat_torchrun(components.qat(recipe="r", data="d", out="o", gpus=8))
+    assert a.nproc_per_node == "8"  # default: one rank per GPU
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(nproc_per_node=8, gpus=4), "each rank needs a GPU"), (dict(nnodes=0), "--nnodes"),
+    (dict(recipe=" "), "--recipe"), (dict(max_restarts=-1), "--max_restarts"), (dict(workers=-2), "--workers"),
+    (dict(epochs=-1), "--epochs"), (dict(gpus=-1), "--gpus"), (dict(mounts=["type=volume", " "]), "mounts"),
+])
+def test_qat_component_rejects_bad_arguments(bad, message):
+    kwargs: Dict[str, Any] = dict(recipe="r", data="d", out="o")
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=message):
+        components.qat(**kwargs)
+
+
 @pytest.mark.parametrize("bad", [dict(gpus=-1), dict(recipe=[]), dict(recipe=["a", " "]), dict(max_retries=-2)])
 def test_components_reject_bad_arguments(bad):
     kwargs: Dict[str, Any] = dict(recipe=["r"], data="d", out="o")
@@ -178,6 +249,10 @@ DRYRUN_ARGS = {
     "ddp": ["--nnodes", "2", "--nproc_per_node", "2", "--gpus", "2", "--s3_secret", "quantcore-s3-credentials",
             "--", "calibrate", "--recipe", "vit_b16_int8", "--data", "s3://datasets/imagenet-zip",
             "--out", "s3://runs/ddp"],
+    "qat": ["--recipe", "vit_b16_384_ft2", "--data", "s3://datasets/imagenet-zip", "--out", "s3://runs/qat",
+            "--init", "s3://runs/ptq/vit_b16_384_ft2/model.qc.pt", "--epochs", "5", "--batch_size", "32",
+            "--nnodes", "2", "--gpus", "4", "--max_restarts", "2", "--s3_secret", "quantcore-s3-credentials",
+            "--mounts", "type=volume,src=imagenet-pvc,dst=/data,readonly", "--cache_dir", "/data/cache"],
 }
 
 
@@ -222,7 +297,7 @@ def test_torchx_kubernetes_dryrun_is_a_valid_volcano_job(name, dryruns):
     assert (job["apiVersion"], job["kind"]) == ("batch.volcano.sh/v1alpha1", "Job")
     errors = k8s_tools.validate_object(job)  # Volcano schema + each task's pod template, strictly
     assert errors == [], "\n".join(errors)
-    assert len(k8s_tools.embedded_pod_templates(job)) == (2 if name == "ddp" else 1)
+    assert len(k8s_tools.embedded_pod_templates(job)) == (2 if name in ("ddp", "qat") else 1)
 
     spec = job["spec"]
     assert spec["queue"] == "default" and spec["schedulerName"] == "volcano"
@@ -239,6 +314,26 @@ def test_torchx_kubernetes_dryrun_is_a_valid_volcano_job(name, dryruns):
         assert cmd[:2] == ["bash", "-c"] and cmd[2].startswith("exec python -m jobs.launch torchrun ")
         assert "${TORCHX_RANK0_HOST:=localhost}:29500" in cmd[2] and "-m quantcore.cli calibrate" in cmd[2]
         assert len(spec["tasks"]) == 2 and gpus == "2"
+        return
+    if name == "qat":
+        from torch.distributed.run import get_args_parser
+
+        assert cmd[:2] == ["bash", "-c"] and len(spec["tasks"]) == 2 and gpus == "4"
+        hosts = []
+        for t in spec["tasks"]:  # the same command, but each task's own rank-0 host variable
+            (c,) = t["template"]["spec"]["containers"]
+            words = shlex.split(c["command"][2])
+            assert words[:7] == ["exec", "python", "-m", "jobs.launch", "python", "-m", "jobs.torchrun"], words
+            a = get_args_parser().parse_args(words[7:])
+            assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.rdzv_backend) == ("2", "4", 2, "c10d")
+            assert a.module and a.training_script == "quantcore.cli" and a.rdzv_id == job["metadata"]["name"]
+            hosts.append(a.rdzv_endpoint)
+            _assert_cli_accepts(a.training_script_args)
+            assert a.training_script_args[a.training_script_args.index("--device") + 1] == "cuda"
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert mounts["/data"]["readOnly"] is True
+        assert hosts == ["${TORCHX_RANK0_HOST:=localhost}:29500", "${VC_QAT_0_HOSTS:=localhost}:29500"]
+        assert spec["tasks"][0]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 29500
         return
     assert cmd[:4] == ["python", "-m", "jobs.launch", "quantcore"] and cmd[4] == name
     _assert_cli_accepts(cmd[4:])
@@ -502,6 +597,119 @@ def test_torchx_local_cwd_ddp_starts_ranks_through_the_launcher(tmp_path):
     assert proc.returncode == 0, logs[-5000:]
     for rank in (0, 1):
         assert f"rank {rank} of 2 secret qc-s3 args ['--x', '1']" in logs, logs[-5000:]
+
+
+def test_torchx_local_cwd_qat_trains_on_two_ranks_through_the_launcher(image_folder, tmp_path):
+    """The qat component's command really runs: bash -> jobs.launch -> jobs.torchrun -> 2 gloo ranks of
+    `quantcore qat` (calibrate, 2 optimizer steps, convert, sharded evaluation, report)."""
+    recipe = tmp_path / "tiny_qat.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "name": "tiny_qat", "qat": {
+        "epochs": 1, "batch_size": 2, "optimizer": {"name": "adamw", "lr": 1e-3}, "checkpoint_every": 1,
+        "log_every": 1, "num_workers": 0}}))
+    out = tmp_path / "out"
+    cmd = [str(TORCHX), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "jobs/components.py:qat",
+           "--recipe", str(recipe), "--data", str(image_folder), "--out", str(out), "--gpus", "0",
+           "--nproc_per_node", "2", "--max_steps", "2", "--workers", "0", "--s3_secret", "qc-s3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900, stdin=subprocess.DEVNULL)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-6000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert (rep["qat"]["world_size"], rep["qat"]["steps"], rep["qat"]["global_batch"]) == (2, 2, 4), rep.get("qat")
+    assert (out / "tiny_qat" / "model.qc.pt").is_file() and (out / "ptq" / "model.qc.pt").is_file()
+    assert list((out / "checkpoints").glob("step-*.pt"))
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2
+    assert "AWS credentials" in logs or "not running in a Kubernetes pod" in logs  # jobs.launch ran first
+
+
+# ------------------------------------------------------------------------------ jobs.torchrun
+
+def test_torchrun_exit_status_rules():
+    from jobs.torchrun import exit_status, status_of
+
+    assert exit_status({0: 1, 1: 2}, first_rank=0) == 2  # a user error on any rank: 2, whatever came first
+    assert exit_status({3: 143}, first_rank=3) == 143  # preempted rank: retry
+    assert exit_status({0: -9, 1: 1}, first_rank=0) == 137  # first failure was killed by SIGKILL
+    assert exit_status({0: 1, 1: 5}, first_rank=1) == 5 and exit_status({0: 1, 1: 5}) == 1
+    assert exit_status({1: 0}) == 1 and exit_status({}) == 1  # after a failure, never 0
+    assert status_of(-15) == 143 and status_of(3) == 3
+
+
+RANK_SCRIPT = """
+import os, signal, sys, time
+rank, restart = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+print(f"rank {rank} start {restart}", flush=True)
+mode = sys.argv[1]
+if mode == "user" and rank == 1:
+    sys.exit(2)
+if mode == "flaky" and rank == 1 and restart == 0:
+    sys.exit(3)
+if mode == "crash" and rank == 0:
+    sys.exit(5)
+if mode == "sigterm":
+    signal.signal(signal.SIGTERM, lambda *a: (print(f"rank {rank} checkpoint", flush=True), sys.exit(143)))
+    print(f"rank {rank} ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def _torchrun_proc(script: Path, mode: str, max_restarts: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jobs.torchrun", "--standalone", "--nproc_per_node", "2", "--max_restarts",
+           str(max_restarts), "--monitor_interval", "0.1", str(script), mode]
+    return subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(OMP_NUM_THREADS="1", LOGLEVEL="WARNING"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def test_jobs_torchrun_keeps_the_rank_exit_status_and_never_restarts_a_user_error(tmp_path):
+    """torchrun alone exits 1 for any rank failure and restarts user errors; jobs.torchrun exits 2 at
+    once (podFailurePolicy FailJob), restarts other failures in place and keeps their status."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    procs = {mode: _torchrun_proc(script, mode) for mode in ("user", "flaky", "crash")}
+    outs = {}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        outs[mode] = (proc.returncode, out, err)
+    rc, out, err = outs["user"]
+    assert rc == 2, err[-3000:]
+    assert "start 1" not in out and "exited 2 (user error): not restarting" in err  # no restart
+    rc, out, err = outs["flaky"]
+    assert rc == 0 and "rank 1 start 1" in out, err[-3000:]  # restarted in place, then fine
+    rc, out, err = outs["crash"]
+    assert rc == 5 and "rank 0 start 2" in out and "rank 0 start 3" not in out, err[-3000:]  # 2 restarts, status 5
+
+
+def test_jobs_torchrun_forwards_sigterm_and_exits_143(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    proc = _torchrun_proc(script, "sigterm")
+    try:
+        ready = 0
+        while ready < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-3000:]
+            ready += line.startswith("rank ") and line.rstrip().endswith("ready")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "rank 0 checkpoint" in out and "rank 1 checkpoint" in out and "got SIGTERM" in err
+
+
+def test_jobs_torchrun_fails_fast_on_a_quantcore_user_error(tmp_path):
+    """The real CLI under jobs.torchrun: a missing recipe exits 2 on both ranks, no restart, status 2."""
+    missing = tmp_path / "no-such-recipe.yaml"
+    cmd = [sys.executable, "-m", "jobs.torchrun", "--standalone", "--nproc_per_node", "2", "--max_restarts", "3",
+           "-m", "quantcore.cli", "qat", "-r", str(missing), "-d", str(tmp_path), "-o", str(tmp_path / "o"),
+           "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "not restarting" in proc.stderr and "Traceback" not in proc.stderr.split("jobs.torchrun:")[0]
+    assert proc.stderr.count(str(missing)) <= 3  # each rank said it once (+ torchrun's summary): no restart
 
 
 # ------------------------------------------------------------------------------ sweep file

@@ -94,9 +94,17 @@ def kustomize_render(bins) -> List[Dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def all_rendered(chart_renders, kustomize_render) -> List[Tuple[str, Dict[str, Any]]]:
+def kustomize_qat_render(bins) -> List[Dict[str, Any]]:
+    """k8s/qat/: the QAT examples, applied on top of the base k8s/."""
+    proc = _run([bins.kubectl, "kustomize", K8S / "qat"])
+    assert proc.returncode == 0, proc.stderr
+    return kt.load_docs(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def all_rendered(chart_renders, kustomize_render, kustomize_qat_render) -> List[Tuple[str, Dict[str, Any]]]:
     objs = [(f"chart[{name}]", o) for name, docs in chart_renders.items() for o in docs]
-    return objs + [("kustomize", o) for o in kustomize_render]
+    return objs + [("kustomize", o) for o in kustomize_render] + [("kustomize[qat]", o) for o in kustomize_qat_render]
 
 
 def ci_values(name: str) -> Dict[str, Any]:
@@ -107,8 +115,12 @@ def of_kind(objs, kind: str) -> List[Dict[str, Any]]:
     return [o for o in objs if o.get("kind") == kind]
 
 
-def by_run(objs) -> Dict[str, Dict[str, Any]]:
-    return {j["metadata"]["labels"]["quantcore.io/run"]: j for j in of_kind(objs, "Job")}
+def by_run(objs, kind: str = "Job") -> Dict[str, Dict[str, Any]]:
+    return {j["metadata"]["labels"]["quantcore.io/run"]: j for j in of_kind(objs, kind)}
+
+
+def is_qat_job(job: Dict[str, Any]) -> bool:
+    return job["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "qat"
 
 
 def env_of(container: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -251,7 +263,7 @@ def test_core_validation_is_strict_and_unknown_kinds_fail():
 
 def test_ci_values_files_exist():
     assert {f.name for f in CI_VALUES} >= {"minimal-values.yaml", "sweep-values.yaml",
-                                           "custom-scheduling-values.yaml"}
+                                           "custom-scheduling-values.yaml", "qat-values.yaml"}
 
 
 @pytest.mark.parametrize("values", [None] + CI_VALUES, ids=lambda v: v.name if v else "defaults")
@@ -276,8 +288,11 @@ def test_chart_renders_one_job_per_run_and_the_optional_rayjob(chart_renders):
         vals, objs = ci_values(f.name), chart_renders[f.name]
         assert sorted(by_run(objs)) == sorted(r["name"] for r in vals["runs"]), f.name
         sweep = (vals.get("sweep") or {}).get("enabled", False)
-        assert len(of_kind(objs, "RayJob")) == int(sweep), f.name
+        ray_qat = (vals.get("rayQat") or {}).get("enabled", False)
+        assert len(of_kind(objs, "RayJob")) == int(sweep) + int(ray_qat), f.name
         assert len(of_kind(objs, "ConfigMap")) == int(bool(vals.get("recipes"))) + int(sweep), f.name
+        qat_runs = sorted(r["name"] for r in vals["runs"] if r["mode"] == "qat")
+        assert sorted(by_run(objs, "Service")) == qat_runs, f.name  # one headless Service each
     assert not of_kind(chart_renders["defaults"], "Job")
     assert not of_kind(chart_renders["defaults"], "RayJob")
     for name, objs in chart_renders.items():
@@ -310,6 +325,7 @@ def _cli_parse(args: List[str]):
 
 def test_job_command_lines_are_accepted_by_the_cli(chart_renders, kustomize_render):
     jobs = [j for objs in chart_renders.values() for j in of_kind(objs, "Job")] + of_kind(kustomize_render, "Job")
+    jobs = [j for j in jobs if not is_qat_job(j)]  # torchrun command lines: test_qat_* below
     assert len(jobs) >= 7
     for job in jobs:
         (c,) = job["spec"]["template"]["spec"]["containers"]
@@ -390,6 +406,10 @@ GOOD_RUN = {"name": "r1", "mode": "calibrate", "model": "recipe", "recipe": "vit
             "data": "s3://datasets/imagenet-zip", "out": "s3://out/r1"}
 
 
+GOOD_QAT = {"name": "q1", "mode": "qat", "model": "recipe", "recipe": "vit_b16_int8",
+            "data": "s3://datasets/imagenet-zip", "out": "s3://out/q1"}
+
+
 def _without(d, key):
     return {k: v for k, v in d.items() if k != key}
 
@@ -421,6 +441,19 @@ BAD_VALUES = {
     "sweep-without-out": ({"sweep": {"enabled": True, "config": {"recipes": ["vit_b16_int8"]}}}, "/sweep/out"),
     "sweep-without-config": ({"sweep": {"enabled": True, "out": "s3://out/sweep"}}, "/sweep/config"),
     "negative-ray-workers": ({"sweep": {"workers": {"replicas": -1}}}, "/sweep/workers/replicas"),
+    "qat-key-on-a-ptq-run": ({"runs": [{**GOOD_RUN, "nnodes": 2}]}, "/runs/0/nnodes"),
+    "qat-with-a-recipe-list": ({"runs": [{**GOOD_QAT, "recipe": ["a", "b"]}]}, "/runs/0/recipe"),
+    "qat-with-limit": ({"runs": [{**GOOD_QAT, "limit": 10}]}, "/runs/0/limit"),
+    "qat-without-recipe": ({"runs": [_without(GOOD_QAT, "recipe")]}, "recipe"),
+    "qat-zero-nodes": ({"runs": [{**GOOD_QAT, "nnodes": 0}]}, "/runs/0/nnodes"),
+    "qat-short-grace-period": ({"runs": [{**GOOD_QAT, "terminationGracePeriodSeconds": 5}]},
+                               "/runs/0/terminationGracePeriodSeconds"),
+    "qat-bad-queue-name": ({"runs": [{**GOOD_QAT, "queueName": "GPU queue"}]}, "/runs/0/queueName"),
+    "qat-bad-init-uri": ({"runs": [{**GOOD_QAT, "init": "model.qc.pt"}]}, "/runs/0/init"),
+    "ray-qat-without-recipe": ({"rayQat": {"enabled": True, "data": "s3://datasets/x", "out": "s3://out/q"}},
+                               "/rayQat/recipe"),
+    "ray-qat-bad-storage-path": ({"rayQat": {"storagePath": "gs://bucket/ray"}}, "/rayQat/storagePath"),
+    "ray-qat-elastic-workers": ({"rayQat": {"workers": {"minReplicas": 1}}}, "minReplicas"),
 }
 
 
@@ -445,8 +478,13 @@ def test_helm_lint_strict_rejects(bins, tmp_path, case):
 
 def test_the_good_run_used_by_negative_cases_is_accepted(bins, tmp_path):
     f = tmp_path / "values.yaml"
-    f.write_text(yaml.safe_dump({"runs": [GOOD_RUN]}))
-    assert kt.validate_all(render(bins, f)) == []
+    f.write_text(yaml.safe_dump({"runs": [GOOD_RUN, GOOD_QAT]}))
+    objs = render(bins, f)
+    assert kt.validate_all(objs) == []
+    (job,) = _qat_jobs(objs)  # the smallest qat run: 1 pod, 1 GPU, 1 rank, 3 in-place restarts
+    a = qat_torchrun_args(job)
+    assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.shutdown_timeout) == ("1", "1", 3, 165)
+    assert job["spec"]["backoffLimit"] == 2 and qat_job_problems(job, of_kind(objs, "Service")) == []
 
 
 def test_template_guards(bins, tmp_path):
@@ -456,6 +494,19 @@ def test_template_guards(bins, tmp_path):
     assert proc.returncode != 0 and "runs[1].name" in proc.stderr
     proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml", sets=["sweep.workers.replicas=9"])
     assert proc.returncode != 0 and "maxReplicas" in proc.stderr
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_QAT, "gpus": 4, "nprocPerNode": 8}]}))
+    proc = helm_template(bins, f)
+    assert proc.returncode != 0 and "runs[0].nprocPerNode (8) exceeds gpus (4)" in proc.stderr
+    long = "q" * 38  # qat Job names are cut to 52 characters: two long run names can collide
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_QAT, "name": long + "-a"}, {**GOOD_QAT, "name": long + "-b"}]}))
+    proc = helm_template(bins, f)
+    assert proc.returncode != 0 and "both get the Job name" in proc.stderr
+    proc = _run([bins.helm, "template", "1qc", CHART, "--kube-version", MIN_KUBE,
+                 "-f", CHART / "ci" / "qat-values.yaml"])
+    assert proc.returncode != 0 and "must start with a letter" in proc.stderr
+    proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
+                         sets=["rayQat.name=vit-sweep"])
+    assert proc.returncode != 0 and "the two RayJobs need different names" in proc.stderr
 
 
 # --- policy: pod security, resources, GPUs, S3, RBAC --------------------------------------------
@@ -495,6 +546,11 @@ def test_every_container_has_requests_and_limits(all_rendered):
 
 def _gpu_limit(c):
     return (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu")
+
+
+def _cpu_limit(c) -> float:
+    v = str(c["resources"]["limits"]["cpu"])
+    return float(v[:-1]) / 1000 if v.endswith("m") else float(v)
 
 
 def _tol_keys(spec):
@@ -696,9 +752,12 @@ def test_kustomize_references_resolve(kustomize_render):
 
 
 def test_every_file_in_k8s_is_checked():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    generated = {f for g in kustomization["configMapGenerator"] for f in g["files"]}
+    """Every manifest is in a kustomization (k8s/ or k8s/qat/), every config file is shipped."""
+    kustomizations = {p.parent: yaml.safe_load(p.read_text()) for p in K8S.rglob("kustomization.yaml")}
+    assert set(kustomizations) == {K8S, K8S / "qat"}
+    listed = {(d / r).as_posix() for d, k in kustomizations.items() for r in k["resources"]}
+    generated = {(d / f).as_posix() for d, k in kustomizations.items()
+                 for g in k.get("configMapGenerator") or [] for f in g["files"]}
     seen_manifests = set()
     for path in sorted(K8S.rglob("*")):
         if not path.is_file():
@@ -708,10 +767,10 @@ def test_every_file_in_k8s_is_checked():
             continue
         assert path.suffix == ".yaml", f"unexpected file k8s/{rel}"
         docs = kt.load_file(path)
-        if rel == "kustomization.yaml":
+        if path.name == "kustomization.yaml":
             continue
         if rel.startswith("config/"):  # data shipped through configMapGenerator
-            assert rel in generated, f"k8s/{rel} is not shipped by any configMapGenerator"
+            assert path.as_posix() in generated, f"k8s/{rel} is not shipped by any configMapGenerator"
             if rel.startswith("config/recipes/"):
                 from quantcore.recipe import recipe_from_dict
                 recipe_from_dict(docs[0], rel)
@@ -719,8 +778,8 @@ def test_every_file_in_k8s_is_checked():
         assert kt.validate_all(docs) == [], rel
         for d in docs:
             assert security_problems(d) == [], rel
-        seen_manifests.add(rel)
-        assert rel in listed or rel.endswith(".example.yaml"), f"k8s/{rel} is not in kustomization.yaml"
+        seen_manifests.add(path.as_posix())
+        assert path.as_posix() in listed or rel.endswith(".example.yaml"), f"k8s/{rel} is not in a kustomization.yaml"
     assert listed <= seen_manifests
 
 
@@ -1079,3 +1138,286 @@ def test_torchx_volcano_jobs_validate_and_fit_the_rbac(kustomize_render):
     assert spec["serviceAccountName"] == sa["metadata"]["name"] and sa.get("automountServiceAccountToken", True)
     (role,) = of_kind(kustomize_render, "Role")
     assert role["rules"][0]["resourceNames"] == [env["QUANTCORE_S3_SECRET"]]
+
+
+# --- QAT: multi-node torchrun Jobs (Helm mode: qat, k8s/qat/) and the Ray Train RayJob ------------
+
+QAT_LAUNCH = re.compile(r'exec python -m jobs\.torchrun --rdzv_conf "(?P<conf>[^"]+)" "\$@"$')
+
+
+def qat_torchrun_args(job: Dict[str, Any], is_host: str = "1"):
+    """The torchrun command line of a QAT Job's container, parsed by torchrun's own parser: the
+    `sh -c` launcher adds --rdzv_conf (is_host from the pod index) and passes the args unchanged."""
+    from torch.distributed.run import get_args_parser
+
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    cmd = c["command"]
+    m = QAT_LAUNCH.search(cmd[2]) if cmd[:2] == ["sh", "-c"] and len(cmd) == 4 else None
+    assert m, f"unexpected QAT launcher {cmd}"
+    return get_args_parser().parse_args(["--rdzv_conf", m["conf"].replace("${host}", is_host)] + c["args"])
+
+
+def qat_job_problems(job: Dict[str, Any], services: Sequence[Dict[str, Any]]) -> List[str]:
+    """What would stop a QAT Indexed Job from forming its torchrun gang, or make it retry user errors."""
+    name = job["metadata"]["name"]
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    problems = []
+    try:
+        a = qat_torchrun_args(job)
+    except (AssertionError, SystemExit) as exc:
+        return [f"{name}: the container command is not the jobs.torchrun launcher: {exc}"]
+    nnodes = int(a.nnodes)
+    if spec.get("completionMode") != "Indexed":
+        problems.append(f"{name}: completionMode is not Indexed (no stable pod hostnames / JOB_COMPLETION_INDEX)")
+    if not spec.get("completions") == spec.get("parallelism") == nnodes:
+        problems.append(f"{name}: completions/parallelism {spec.get('completions')}/{spec.get('parallelism')} "
+                        f"!= --nnodes {nnodes}")
+    rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
+    if not any(r["action"] == "FailJob" and r.get("onExitCodes", {}).get("values") == [2]
+               and r["onExitCodes"].get("operator") == "In" and r["onExitCodes"].get("containerName") == c["name"]
+               for r in rules):
+        problems.append(f"{name}: no podFailurePolicy FailJob on exit code 2 of {c['name']} (user errors retried)")
+    disruption = {"type": "DisruptionTarget", "status": "True"}
+    if not any(r["action"] == "Ignore" and disruption in r.get("onPodConditions", []) for r in rules):
+        problems.append(f"{name}: evictions/preemptions (DisruptionTarget) count as failures")
+    if pod.get("restartPolicy") != "Never":
+        problems.append(f"{name}: restartPolicy must be Never (podFailurePolicy; torchrun restarts ranks itself)")
+    host, _, port = a.rdzv_endpoint.rpartition(":")
+    svc_name = pod.get("subdomain")
+    svcs = [s for s in services if s["metadata"]["name"] == svc_name]
+    if a.rdzv_backend != "c10d" or host != f"{name}-0.{svc_name}":
+        problems.append(f"{name}: rendezvous {a.rdzv_backend} at {a.rdzv_endpoint}, not c10d at pod 0 "
+                        f"({name}-0.{svc_name})")
+    if len(svcs) != 1:
+        problems.append(f"{name}: no Service {svc_name} (pod subdomain) rendered alongside")
+    else:
+        svc = svcs[0]["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        if svc.get("clusterIP") != "None" or svc.get("publishNotReadyAddresses") is not True:
+            problems.append(f"{name}: Service {svc_name} is not headless with publishNotReadyAddresses")
+        if not svc.get("selector") or any(labels.get(k) != v for k, v in svc["selector"].items()):
+            problems.append(f"{name}: Service {svc_name} selector {svc.get('selector')} does not select the pods")
+        if int(port) not in {p["port"] for p in svc.get("ports") or []}:
+            problems.append(f"{name}: rendezvous port {port} is not a port of Service {svc_name}")
+    if len(f"{name}-{nnodes - 1}") > 63:
+        problems.append(f"{name}: pod hostnames {name}-<index> exceed 63 characters")
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if a.shutdown_timeout is None or not 0 < a.shutdown_timeout < grace:
+        problems.append(f"{name}: torchrun --shutdown_timeout {a.shutdown_timeout} must be below "
+                        f"terminationGracePeriodSeconds {grace} (ranks checkpoint on SIGTERM)")
+    if not (a.module and a.training_script == "quantcore.cli" and a.training_script_args[:1] == ["qat"]):
+        problems.append(f"{name}: the ranks do not run `python -m quantcore.cli qat`")
+    gpus = int(_gpu_limit(c) or 0)
+    device = dict(zip(a.training_script_args, a.training_script_args[1:])).get("--device")
+    if device != ("cuda" if gpus else "cpu"):
+        problems.append(f"{name}: --device {device} with {gpus} GPU(s) per pod")
+    if gpus and int(a.nproc_per_node) > gpus:
+        problems.append(f"{name}: {a.nproc_per_node} ranks share {gpus} GPUs")
+    if "$(" in " ".join(c["command"] + c["args"]):
+        problems.append(f"{name}: $(...) in the command is expanded by Kubernetes, not the shell")
+    return problems
+
+
+def _qat_jobs(objs) -> List[Dict[str, Any]]:
+    return [j for j in of_kind(objs, "Job") if is_qat_job(j)]
+
+
+def test_qat_jobs_form_a_torchrun_gang_and_fail_fast(chart_renders, kustomize_qat_render):
+    jobs = [(n, j, objs) for n, objs in chart_renders.items() for j in _qat_jobs(objs)]
+    jobs += [("kustomize[qat]", j, kustomize_qat_render) for j in _qat_jobs(kustomize_qat_render)]
+    assert sorted(j["metadata"]["name"] for _, j, _ in jobs) == [
+        "qc-quantcore-tiny-cpu-qat", "qc-quantcore-vit-ft2-qat", "quantcore-qat-vit-b16-ft2"]
+    for src, job, objs in jobs:
+        assert qat_job_problems(job, of_kind(objs, "Service")) == [], src
+
+
+def test_qat_job_checker_catches_broken_jobs(chart_renders):
+    objs = chart_renders["qat-values.yaml"]
+    job, svcs = by_run(objs)["vit-ft2-qat"], of_kind(objs, "Service")
+    assert qat_job_problems(job, svcs) == []
+
+    def container(j):
+        return j["spec"]["template"]["spec"]["containers"][0]
+
+    def set_arg(flag, value):
+        def f(j):
+            args = container(j)["args"]
+            args[args.index(flag) + 1] = value
+        return f
+
+    for mutate, expected in [
+        (lambda j: j["spec"].pop("completionMode"), "Indexed"),
+        (lambda j: j["spec"].update(parallelism=1), "parallelism"),
+        (lambda j: j["spec"]["podFailurePolicy"]["rules"].pop(0), "exit code 2"),
+        (lambda j: j["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"].update(containerName="qc"), "exit code 2"),
+        (lambda j: j["spec"]["podFailurePolicy"]["rules"].pop(1), "DisruptionTarget"),
+        (lambda j: j["spec"]["template"]["spec"].update(subdomain="other"), "Service other"),
+        (set_arg("--rdzv_endpoint", "localhost:29500"), "not c10d at pod 0"),
+        (set_arg("--rdzv_endpoint", "qc-quantcore-vit-ft2-qat-0.qc-quantcore-vit-ft2-qat:29400"), "port 29400"),
+        (set_arg("--shutdown_timeout", "600"), "shutdown_timeout"),
+        (set_arg("--nproc_per_node", "8"), "share 4 GPUs"),
+        (set_arg("--device", "cpu"), "--device cpu"),
+        (lambda j: container(j).update(command=["torchrun"]), "launcher"),
+        (lambda j: container(j)["args"].append("$(HOME)"), "expanded by Kubernetes"),
+    ]:
+        bad = copy.deepcopy(job)
+        mutate(bad)
+        assert any(expected in p for p in qat_job_problems(bad, svcs)), expected
+    svc = copy.deepcopy(svcs)
+    next(s for s in svc if s["metadata"]["name"] == job["metadata"]["name"])["spec"].pop("clusterIP")
+    assert any("headless" in p for p in qat_job_problems(job, svc))
+
+
+def test_qat_job_arguments_follow_the_run_entries(chart_renders):
+    objs = chart_renders["qat-values.yaml"]
+    jobs = by_run(objs)
+
+    def parsed(run):
+        a = qat_torchrun_args(jobs[run])
+        return a, _cli_parse(a.training_script_args).params
+
+    a, p = parsed("vit-ft2-qat")  # 2 pods x 4 GPUs, one rank per GPU, inline recipe, PTQ start
+    assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.shutdown_timeout) == ("2", "4", 3, 285)
+    assert a.rdzv_id == "qc-quantcore-vit-ft2-qat" and "read_timeout=300" in a.rdzv_conf
+    assert p["recipe"] == "/etc/quantcore/recipes/vit_b16_ft2_qat_site.yaml" and p["checkpoint"] is None
+    assert p["init"] == "s3://quantcore-runs/site/ptq/vit_b16_ft2_qat_site/model.qc.pt"
+    assert (p["data"], p["eval_data"], p["split"], p["eval_split"]) == (
+        "s3://datasets/imagenet-zip", "s3://datasets/imagenet-val-zip", "train", "val")
+    assert (p["epochs"], p["batch_size"], p["workers"], p["max_steps"], p["eval_limit"]) == (5, 32, 6, None, None)
+    assert (p["device"], p["progress"], p["cache_dir"], p["out"]) == (
+        "cuda", False, "/cache/shards", "s3://quantcore-runs/site/vit-ft2-qat")
+    job = jobs["vit-ft2-qat"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["backoffLimit"] == 4  # 2 failures per pod of the gang
+    assert spec["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-batch"
+    assert job["metadata"]["labels"]["team"] == spec["template"]["metadata"]["labels"]["team"] == "vision"
+    assert spec["template"]["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert pod["terminationGracePeriodSeconds"] == 300 and pod["priorityClassName"] == "batch-high"
+    assert _gpu_limit(pod["containers"][0]) == 4 and "nvidia.com/gpu" in _tol_keys(pod)
+
+    a, p = parsed("tiny-cpu-qat")  # CPU: 2 ranks per pod (gloo); batch/workers from the recipe
+    assert (a.nnodes, a.nproc_per_node, a.max_restarts) == ("2", "2", 0)
+    assert (p["device"], p["checkpoint"], p["init"]) == ("cpu", "s3://quantcore-models/vit_base_patch16_224/fp32.pt",
+                                                         None)
+    assert (p["max_steps"], p["eval_limit"], p["batch_size"], p["workers"], p["epochs"]) == (20, 200, None, None, None)
+    assert p["eval_data"] == p["data"] == "/mnt/datasets/imagenet-tiny"
+    cpu = jobs["tiny-cpu-qat"]
+    assert "suspend" not in cpu["spec"] and "kueue.x-k8s.io/queue-name" not in cpu["metadata"]["labels"]
+    assert cpu["spec"]["backoffLimit"] == 4 and cpu["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 180
+    assert _gpu_limit(cpu["spec"]["template"]["spec"]["containers"][0]) is None
+    assert "priorityClassName" in cpu["spec"]["template"]["spec"]  # defaults apply to qat runs too
+
+
+def test_qat_launch_script_picks_the_store_host_by_pod_index(tmp_path, chart_renders, kustomize_qat_render):
+    """Run the container's real `sh -c` launcher with a stand-in `python` that records its argv."""
+    import sys
+
+    if shutil.which("sh") is None:
+        pytest.skip("no sh")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    for job in [by_run(chart_renders["qat-values.yaml"])["vit-ft2-qat"]] + _qat_jobs(kustomize_qat_render):
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        for index, host in (("0", "1"), ("1", "0"), ("7", "0")):
+            proc = subprocess.run(c["command"] + c["args"], capture_output=True, text=True, timeout=60,
+                                  env={"PATH": f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin",
+                                       "JOB_COMPLETION_INDEX": index})
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout) == ["-m", "jobs.torchrun", "--rdzv_conf",
+                                               f"is_host={host},read_timeout=300,join_timeout=900"] + c["args"]
+
+
+def test_qat_pods_reach_gpus_and_the_base_configuration(kustomize_render, kustomize_qat_render):
+    """k8s/qat/ uses the ServiceAccount, ConfigMaps and image of the base k8s/ kustomization."""
+    base_cms = {c["metadata"]["name"]: c for c in of_kind(kustomize_render, "ConfigMap")}
+    sas = {s["metadata"]["name"] for s in of_kind(kustomize_render, "ServiceAccount")}
+    (base_job,) = of_kind(kustomize_render, "Job")
+    image = base_job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert {o["kind"] for o in kustomize_qat_render} == {"Service", "Job", "RayJob"}
+    for o in kustomize_qat_render:
+        assert o["metadata"]["namespace"] == "quantcore"
+        for where, spec in kt.pod_specs(o):
+            assert spec["serviceAccountName"] in sas, where
+            for v in spec.get("volumes") or []:
+                if "configMap" in v:
+                    assert v["configMap"]["name"] in base_cms, f"{where}: {v}"
+        for where, c, spec in kt.containers(o):
+            assert c["image"] == image, where
+            for src in c.get("envFrom") or []:
+                assert src["configMapRef"]["name"] in base_cms, where
+            if c["name"] in ("quantcore", "ray-worker"):
+                assert _gpu_limit(c) == 4 and "nvidia.com/gpu" in _tol_keys(spec), where
+    (job,) = _qat_jobs(kustomize_qat_render)
+    recipe = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    recipe = recipe[recipe.index("--recipe") + 1]
+    assert Path(recipe).name in base_cms["quantcore-recipes"]["data"]
+    p = _cli_parse(qat_torchrun_args(job).training_script_args).params
+    assert p["device"] == "cuda" and p["recipe"] == recipe
+    from quantcore.recipe import recipe_from_dict
+
+    assert recipe_from_dict(yaml.safe_load(base_cms["quantcore-recipes"]["data"][Path(recipe).name])).qat is not None
+
+
+def _ray_qat_parser():
+    """jobs.ray_qat's own argument parser (the module imports nothing heavy at import time)."""
+    return _jobs_module("jobs.ray_qat")._parser()
+
+
+def test_rayjob_qat_entrypoint_and_workers(chart_renders, kustomize_qat_render):
+    (rj,) = of_kind(chart_renders["qat-values.yaml"], "RayJob")
+    (krj,) = of_kind(kustomize_qat_render, "RayJob")
+    parser = _ray_qat_parser()
+    for obj, workers in ((rj, 8), (krj, 8)):
+        argv = shlex.split(obj["spec"]["entrypoint"])
+        assert argv[:3] == ["python", "-m", "jobs.ray_qat"], argv
+        args = parser.parse_args(argv[3:])
+        group = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+        gpus = _gpu_limit(group["template"]["spec"]["containers"][0])
+        assert args.num_workers == workers == group["replicas"] * gpus  # one Ray Train worker per GPU
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]  # Ray Train needs them all
+        assert args.use_gpu is True and args.max_failures == 3 and args.storage_path == "s3://quantcore-runs/ray"
+        assert args.cpus_per_worker * gpus < _cpu_limit(group["template"]["spec"]["containers"][0])  # a CPU to spare
+        assert args.workers == 4
+        assert args.recipe == "/etc/quantcore/recipes/vit_b16_ft2_qat_site.yaml" and args.out.startswith("s3://")
+        head = obj["spec"]["rayClusterSpec"]["headGroupSpec"]
+        assert head["rayStartParams"]["num-gpus"] == "0"
+        assert _gpu_limit(head["template"]["spec"]["containers"][0]) is None
+        assert obj["spec"]["backoffLimit"] == 0  # a RayJob retry cannot tell user errors apart
+    args = parser.parse_args(shlex.split(rj["spec"]["entrypoint"])[3:])
+    assert (args.init, args.eval_data, args.epochs, args.max_steps, args.checkpoint) == (
+        "s3://quantcore-runs/site/ptq/vit_b16_ft2_qat_site/model.qc.pt", "s3://datasets/imagenet-val-zip", 5, None,
+        None)
+    assert rj["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-qat"
+
+
+def test_rayjob_qat_on_cpu_workers_and_with_a_sweep(bins):
+    objs = render(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
+                  sets=["rayQat.workers.gpus=0", "rayQat.workers.replicas=3", "rayQat.model=s3://models/fp32.pt",
+                        "rayQat.extraArgs[0]=--note", "rayQat.extraArgs[1]=it's QAT"])
+    rayjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in of_kind(objs, "RayJob")}
+    assert set(rayjobs) == {"ray-qat", "sweep"}
+    argv = shlex.split(rayjobs["ray-qat"]["spec"]["entrypoint"])
+    args, extra = _ray_qat_parser().parse_known_args(argv[3:])
+    assert args.num_workers == 3 and not args.use_gpu and args.checkpoint == "s3://models/fp32.pt"
+    assert extra == ["--note", "it's QAT"]
+    worker = rayjobs["ray-qat"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert _gpu_limit(worker["containers"][0]) is None and "tolerations" not in worker
+    assert kt.validate_all(objs) == []
+
+
+def test_every_batch_job_fails_fast_on_user_errors(all_rendered):
+    """Same policy on every Kubernetes Job: exit 2 (user error) fails the Job, no retry."""
+    n = 0
+    for src, obj in all_rendered:
+        if obj["kind"] != "Job":
+            continue
+        names = {c["name"] for c in obj["spec"]["template"]["spec"]["containers"]}
+        rules = obj["spec"].get("podFailurePolicy", {}).get("rules", [])
+        assert any(r["action"] == "FailJob" and r["onExitCodes"]["values"] == [2]
+                   and r["onExitCodes"]["containerName"] in names for r in rules if "onExitCodes" in r), \
+            f"{src}: {obj['metadata']['name']}"
+        n += 1
+    assert n >= 10

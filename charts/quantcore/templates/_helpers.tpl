@@ -24,6 +24,13 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The Job name of a run. qat Jobs are shorter: their pods are named <job>-<index> and
+     their headless Service shares the Job's name. ctx: dict root, run */}}
+{{- define "quantcore.jobName" -}}
+{{- $max := ternary 52 63 (eq .run.mode "qat") -}}
+{{- printf "%s-%s" (include "quantcore.fullname" .root) .run.name | trunc $max | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "quantcore.labels" -}}
 app.kubernetes.io/name: {{ include "quantcore.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name | quote }}
