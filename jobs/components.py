@@ -316,13 +316,13 @@ def ddp(
     Built on torchx.components.dist.ddp: nnodes containers (one Volcano gang) each run
     `python -m jobs.launch torchrun ... -m MODULE ARGS` (S3 credentials are loaded once per node,
     then torchrun starts nproc_per_node ranks with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT set; rank 0's host is the c10d rendezvous point). It is the launcher for
-    quantization-aware training: pass the trainer as --script path/in/image.py (or -m module) and
-    its arguments after `--`. Today quantcore has no distributed command yet, so the default
-    module is the quantcore CLI: every rank runs the given command in full (e.g.
-    `-- calibrate --recipe R --data D --out O/rank_$RANK` is useful to check the topology and
-    the data path, not to speed anything up). Example: torchx run -s kubernetes -cfg queue=default
-    jobs/components.py:ddp --nnodes 2 --nproc_per_node 4 --gpus 4 --script qat/train.py -- --epochs 3
+    MASTER_PORT set; rank 0's host is the c10d rendezvous point). The default module is the
+    quantcore CLI, whose calibrate, evaluate and ptq commands are data-parallel under torchrun:
+    calibration statistics are merged exactly, evaluation is sharded and merged, rank 0 writes
+    (e.g. `-- evaluate --checkpoint C --data D --out O` splits a 50k-image validation set over the
+    ranks). For QAT use the qat component (it keeps user errors fatal across restarts). Example:
+    torchx run -s kubernetes -cfg queue=default jobs/components.py:ddp --nnodes 2 --nproc_per_node 4
+    --gpus 4 -- evaluate --checkpoint s3://b/run/model.qc.pt --data s3://b/imagenet --out s3://b/eval
 
     Args:
         script_args: arguments for the module or script (after `--` on the command line)

@@ -301,3 +301,58 @@ def test_two_rank_torchrun_qat_survives_a_killed_rank_with_the_same_final_weight
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from" in err or "Restarting" in err or "restart" in err.lower()
     _assert_same_weights(_state(tmp_path / "A" / "t_w4" / "model.qc.pt"), _state(tmp_path / "B" / "t_w4" / "model.qc.pt"))
+
+
+def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teacher(fmnist, tmp_path):
+    """Seed 004's set-up in miniature: a distilled DeiT (distillation token) in FP16_32-style FP16 formats,
+    hard distillation from a CNN teacher with its own weights, bf16 autocast."""
+    import timm
+
+    data, _ = fmnist
+    torch.manual_seed(1)
+    teacher = timm.create_model("resnet10t", in_chans=1, num_classes=10)
+    t_ckpt = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), t_ckpt)
+    r = Recipe.model_validate({
+        "name": "deit_fp16", "model": {"name": "deit_tiny_distilled_patch16_224", "img_size": 28, "in_chans": 1,
+                                       "num_classes": 10, "kwargs": {"patch_size": 7, "depth": 1}},
+        "placement": {"family": "vit", "mode": "ft1"},
+        "quant": {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}},
+        "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
+        "qat": {"epochs": 1, "batch_size": 16, "amp": "bf16", "optimizer": {"name": "adamw", "lr": 1e-3},
+                "distill": {"kind": "deit_hard", "teacher": {"name": "resnet10t", "in_chans": 1, "num_classes": 10,
+                                                             "checkpoint": str(t_ckpt)}},
+                "augment": {"kind": "none"}, "log_every": 1, "num_workers": 0}})
+    seen = []
+    rep = run_qat(r, DataSpec(data, "train"), DataSpec(data, "test"), str(tmp_path / "o"),
+                  QATOptions(progress=False, max_steps=5, on_log=seen.append))
+    assert rep["qat"]["learned_quantizers"] == 0  # casts have no range to learn
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in seen if "loss" in m) and len(seen) >= 5
+    model = api.load(str(tmp_path / "o" / "deit_fp16" / "model.qc.pt"))
+    assert {q.spec.format for q in api.quantizers(model).values()} == {"fp16"}
+    assert not model.distilled_training  # the saved model averages both heads, as DeiT deploys
+
+
+def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path):
+    import timm
+
+    data, _ = fmnist
+    torch.manual_seed(2)
+    net = timm.create_model("resnet10t", in_chans=1, num_classes=10)
+    ck = tmp_path / "cnn.pt"
+    torch.save(net.state_dict(), ck)
+    small = {"pretrained_cfg_overlay": {"input_size": [1, 28, 28], "crop_pct": 1.0, "mean": [0.286], "std": [0.353]}}
+    base = {"name": "cnn", "model": {"name": "resnet10t", "in_chans": 1, "num_classes": 10, "checkpoint": str(ck),
+                                     "kwargs": small},
+            "placement": {"family": "cnn", "fold_bn": False},
+            "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
+            "qat": {"epochs": 1, "batch_size": 16, "bn": "freeze", "bn_freeze_step": 3, "checkpoint_every": 3,
+                    "augment": {"kind": "none"}, "num_workers": 0, "keep_checkpoints": 5}}
+    run_qat(Recipe.model_validate(base), DataSpec(data, "train"), None, str(tmp_path / "o"),
+            QATOptions(progress=False, max_steps=9))
+    states = {s: decode_train_state(Path(u).read_bytes(), u)["model"] for s, u in list_checkpoints(str(tmp_path / "o"))}
+    key = next(k for k in states[3] if k.endswith("running_mean"))
+    assert not torch.equal(states[3][key], _state(tmp_path / "o" / "ptq" / "model.qc.pt")[key])  # updated before
+    assert torch.equal(states[3][key], states[6][key]) and torch.equal(states[6][key], states[9][key])  # frozen after
+    with pytest.raises(ValueError, match="fold_bn"):
+        Recipe.model_validate({**base, "qat": {"bn": "fold"}})
