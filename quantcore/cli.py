@@ -180,7 +180,7 @@ def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YA
         epochs: Optional[int] = typer.Option(None, min=1, help="Override qat.epochs."),
         max_steps: Optional[int] = typer.Option(None, min=1, help="Override qat.max_steps (optimizer steps in all)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Override qat.batch_size (per rank)."),
-        eval_limit: Optional[int] = typer.Option(None, min=1, help="Final evaluation on a seeded, class-stratified sample of N images."),
+        eval_limit: Optional[int] = typer.Option(None, min=1, help="Final evaluation on a seeded, class-stratified sample of N images (periodic validation: qat.eval_limit)."),
         layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
         workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="DataLoader workers per rank (default: qat.num_workers)."),
         device: str = DeviceOpt, progress: bool = ProgressOpt,

@@ -116,7 +116,16 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
     weight_decay: float = Field(0.0, ge=0, description="not applied to biases, norms and quantizer ranges")
     range_lr: float | None = Field(None, gt=0, description="learning rate of learned scales/zero points "
-                                   "(default: lr)")
+                                   "(default: lr; with adamw use ~lr/10: Adam steps ~lr whatever the gradient)")
+
+    @model_validator(mode="after")
+    def _applies(self) -> "OptimizerConfig":
+        # (set to a non-default value: a dumped recipe carries every field)
+        only = {"sgd": ("betas",), "adamw": ("momentum", "nesterov")}[self.name]
+        bad = sorted(k for k in only if getattr(self, k) != type(self).model_fields[k].default)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not an option of optimizer {self.name!r}")
+        return self
 
 
 class ScheduleConfig(_Strict):

@@ -82,7 +82,10 @@ class QATOptions:
 
 # ----------------------------------------------------------------------------------------- setup
 def _qat_config(recipe: Recipe, opts: QATOptions) -> QATConfig:
-    cfg = recipe.qat or QATConfig()
+    if recipe.qat is None:  # training without settings chosen for the model and data is a foot-gun
+        raise UserError(f"recipe {recipe.name!r}: no qat: section; add one (epochs, batch_size, optimizer, "
+                        f"distill, augment ...; every field has a default: 'qat: {{}}' takes them all)")
+    cfg = recipe.qat
     upd = {k: v for k, v in (("epochs", opts.epochs), ("max_steps", opts.max_steps),
                              ("batch_size", opts.batch_size)) if v is not None}
     if opts.num_workers is not None:
@@ -94,15 +97,22 @@ def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> lis
     """Turn every calibrated integer quantizer into its LSQ form (learnable scale, and zero point
     when asymmetric and ``learn_zero_point``); returns their names. Float-format quantizers (FP16,
     BF16, FP8 casts) have no range to learn and are left as they are."""
-    from .placement import quantizers
+    from .placement import quantizers, unwrap
 
+    qs = quantizers(model)
     names = []
-    for name, q in quantizers(model).items():
+    for name, q in qs.items():
         if not q.spec.enabled or q.spec.is_float or q.amax.numel() == 0 or q.spec.learnable:
             continue
         q.make_learnable()
         q.zero_point.requires_grad_(bool(learn_zero_point and not q.spec.symmetric))
         names.append(name)
+    # Quantizers that share one range (ft2's q/k/v) share one learned scale/zero point: the trained
+    # model keeps the deployed constraint (same Parameter objects, so one optimizer entry each).
+    for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
+        members = [qs[n] for n in group if n in qs and qs[n].scale is not None]
+        for m in members[1:]:
+            m.scale, m.zero_point = members[0].scale, members[0].zero_point
     return names
 
 
@@ -346,34 +356,42 @@ def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOp
         distributed.teardown(ctx)
 
 
-def _start_point(recipe: Recipe, train: Any, opts: QATOptions, ctx: distributed.DistContext, out: str,
-                 resuming: bool) -> tuple[nn.Module, nn.Module, dict]:
-    """(FP32 model, calibrated model, calibration info), both on ``ctx.device``."""
+def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, ctx: distributed.DistContext,
+                 out: str, resuming: bool) -> tuple[nn.Module, nn.Module, dict, nn.Module | None]:
+    """(FP32 model, calibrated model, calibration info, teacher), on ``ctx.device``. Everything that
+    can be refused (distillation, teacher, BatchNorm options) is checked before calibrating."""
     from .data import eval_transform, make_loader, open_dataset
-    from .pipeline import _calibration_indices, _with_checkpoint, random_weights_warning
+    from .pipeline import _calibration_indices, random_weights_warning
 
     ptq_uri = storage.join(out, "ptq", "model.qc.pt")
     if opts.init:
         model = api.load(opts.init)
-        if recipe.model is not None and model.quantcore_recipe.model is not None and \
-                recipe.model.name != model.quantcore_recipe.model.name:
-            raise UserError(f"--init {opts.init}: its model {model.quantcore_recipe.model.name!r} is not the "
-                            f"recipe's model.name {recipe.model.name!r}")
+        _check_init(recipe, model.quantcore_recipe, opts.init)
         fp32 = copy.deepcopy(model)
         api.set_quantization(fp32, False)  # the checkpoint's own float path
+        fp32 = fp32.to(ctx.device).eval()
+        teacher = _prechecks(cfg, fp32, ctx.device)
         info = dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}, init=opts.init)
-        return fp32.to(ctx.device).eval(), model.to(ctx.device), info
-    recipe = _with_checkpoint(recipe, opts.checkpoint)
+        if ctx.is_main and not resuming:
+            api.save(model, ptq_uri, extra={"calibration": info})
+        distributed.barrier()
+        return fp32, model.to(ctx.device), info, teacher
     if recipe.model is None:
         raise UserError(f"recipe {recipe.name!r}: model.name is missing (no model: section) and no --init "
                         f"checkpoint was given: there is no model to train")
-    torch.manual_seed(recipe.qat.seed if recipe.qat else 0)  # a randomly initialized model is the same on every rank
+    torch.manual_seed(cfg.seed)  # a randomly initialized model is the same on every rank
     fp32 = api.build_model(recipe).to(ctx.device).eval()
-    if getattr(fp32, "quantcore_weights", "") is None:
+    if getattr(fp32, "quantcore_weights", "") is None and ctx.is_main:
         log.warning(random_weights_warning(recipe))
+    teacher = _prechecks(cfg, fp32, ctx.device)
     if resuming:
-        model = api.load(ptq_uri).to(ctx.device)
-        return fp32, model, dict(model.quantcore_meta.get("extra", {}).get("calibration") or {})
+        try:
+            model = api.load(ptq_uri).to(ctx.device)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; it is the calibrated start of the run whose training checkpoints are "
+                                  f"under {out}/checkpoints: restore it, or start over with --no-resume or "
+                                  f"another --out") from None
+        return fp32, model, dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}), teacher
     ds = open_dataset(train.uri, train.split, eval_transform(fp32), layout=train.layout, skip_bad=train.skip_bad,
                       cache_dir=train.cache_dir)
     # whole batches per rank: each rank computes exactly the batches one process would (bitwise ranges)
@@ -388,7 +406,87 @@ def _start_point(recipe: Recipe, train: Any, opts: QATOptions, ctx: distributed.
     if ctx.is_main:
         api.save(model, ptq_uri, extra={"calibration": info})
     distributed.barrier()
-    return fp32, model, info
+    return fp32, model, info, teacher
+
+
+# Fields of a recipe that may change between a run and its resumption (they do not change the
+# trained weights); anything else is another run and is refused.
+_RESUMABLE_CHANGES = ("eval_every", "eval_limit", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers")
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [path or "<recipe>"]
+
+
+def _check_same_run(stored_json: str, recipe: Recipe, uri: str) -> None:
+    stored = json.loads(stored_json)
+    now = recipe.model_dump(mode="json")
+    for d in (stored, now):
+        d.pop("description", None)
+        for k in _RESUMABLE_CHANGES:
+            (d.get("qat") or {}).pop(k, None)
+    diff = _diff(stored, now)
+    if diff:
+        raise CheckpointError(f"--out holds training checkpoints of another run ({uri}): the recipe differs in "
+                              f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; resuming would mix both. "
+                              f"Use another --out, or --no-resume to discard them")
+
+
+def _check_init(recipe: Recipe, stored: Recipe, uri: str) -> None:
+    """``--init``: the checkpoint must be the recipe's model, placement and formats (its calibration is
+    used as it is)."""
+    a, b = stored.model_dump(mode="json"), recipe.model_dump(mode="json")
+    for d in (a, b):
+        for k in ("checkpoint", "pretrained", "pretrained_file"):
+            (d.get("model") or {}).pop(k, None)
+    diff = [f for key in ("model", "placement", "quant", "overrides") for f in _diff(a.get(key), b.get(key), key)]
+    if recipe.model is None:
+        diff = [f for f in diff if not f.startswith("model")]
+    if diff:
+        raise UserError(f"--init {uri}: the checkpoint was calibrated with recipe {stored.name!r}, which differs "
+                        f"from {recipe.name!r} in {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; "
+                        f"pass the recipe it was made with plus your qat: section")
+
+
+def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module | None:
+    """Refuse options that cannot apply to this model, and build the teacher (checking it can take the
+    student's input and gives as many logits) - before any calibration or training."""
+    if cfg.distill.kind.startswith("deit") and not hasattr(fp32, "set_distilled_training"):
+        raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token (use a "
+                        f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
+    if cfg.bn != "fold" and not _bn_modules(fp32):
+        raise UserError(f"qat.bn: {cfg.bn}: the model has no BatchNorm layer; remove the setting (bn: fold)")
+    teacher = _teacher(cfg, fp32, device)
+    if teacher is not None and teacher is not fp32:
+        from .placement import default_example_input
+
+        x = default_example_input(fp32)
+        with torch.no_grad():
+            want = _logits(fp32(x)).shape[-1]
+            try:
+                got = _logits(teacher(x.to(device))).shape[-1]
+            except Exception as err:
+                raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} cannot take the student's "
+                                f"input {tuple(x.shape)} (the teacher sees the student's transformed images): "
+                                f"{type(err).__name__}: {err}") from None
+        if got != want:
+            raise UserError(f"qat.distill.teacher.num_classes: the teacher gives {got} logits, the student {want}")
+    return teacher
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_out(out: str) -> None:
+    if not storage.is_s3(out):
+        import os
+
+        path = out.removeprefix("file://")
+        if os.path.isfile(path):
+            raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
 
 
 def _workers(opts: QATOptions, recipe: Recipe) -> int:
@@ -405,13 +503,17 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
     else:
         from .models import create_model
 
-        t = create_model(cfg.distill.teacher)
+        try:
+            t = create_model(cfg.distill.teacher)
+        except UserError as err:
+            raise UserError(f"qat.distill.teacher: {err}") from None
         if getattr(t, "quantcore_weights", "") is None:
             raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} has no weights (set checkpoint, "
                             f"pretrained or pretrained_file): a random teacher would teach noise")
     t = t.to(device).eval()
-    for p in t.parameters():
-        p.requires_grad_(False)
+    if t is not fp32:  # (the FP32 model is copied into the student later: its flags must stay as they are)
+        for p in t.parameters():
+            p.requires_grad_(False)
     return t
 
 
@@ -421,30 +523,40 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     from .data.transforms import train_transform
     from .placement import unwrap
 
+    from .pipeline import _with_checkpoint
+
     cfg = _qat_config(recipe, opts)
     recipe = recipe.model_copy(update={"qat": cfg})
+    if not opts.init:
+        recipe = _with_checkpoint(recipe, opts.checkpoint)
+    _check_out(out)
     dev = ctx.device
     t_start = time.perf_counter()
+    if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
+        old = list_checkpoints(out)
+        if old:
+            log.warning("--no-resume: removing %d training checkpoint(s) of the previous run under %s/%s",
+                        len(old), out, _CKPT_DIR)
+        for _s, uri in old:
+            storage.delete(uri)
     found = latest_checkpoint(out) if (opts.resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
     if ckpt_uri is not None and found is None:  # other ranks read the one rank 0 chose
         found = (ckpt_uri, decode_train_state(storage.read_bytes(ckpt_uri), ckpt_uri))
     state_in = found[1] if found else None
-    if state_in is not None and ctx.is_main:
-        log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
+    if state_in is not None:
+        _check_same_run(state_in["recipe"], recipe, ckpt_uri)
+        if ctx.is_main:
+            log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
 
-    fp32, model, cal_info = _start_point(recipe, train, opts, ctx, out, resuming=state_in is not None)
+    fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None)
     ptq_model = copy.deepcopy(model).eval()
     for p in ptq_model.parameters():
         p.requires_grad_(False)
     learned = learnable_quantizers(model, cfg.learn_zero_point) if cfg.ranges == "learned" else []
     model.to(dev)
     if cfg.distill.kind.startswith("deit"):
-        if not hasattr(model, "set_distilled_training"):
-            raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token (use a "
-                            f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
         model.set_distilled_training(True)
-    teacher = _teacher(cfg, fp32, dev)
 
     ds = open_dataset(train.uri, train.split, train_transform(unwrap(model), cfg.augment), layout=train.layout,
                       skip_bad=train.skip_bad, cache_dir=train.cache_dir)

@@ -178,6 +178,7 @@ def test_qat_trains_converts_and_reports(fmnist, tmp_path):
     assert learned != pytest.approx(calibrated, rel=1e-4)  # training moved the range ...
     assert learned == pytest.approx(float(model.get_submodule(name).amax), rel=1e-6)  # ... and encodings say so
     assert not any(q.spec.learnable for q in api.quantizers(model).values())  # converted
+    assert not torch.equal(model.blocks[0].mlp.fc1.weight, ptq.blocks[0].mlp.fc1.weight)  # the weights trained too
     # save/load bit-identical: the reloaded model gives the same logits as the one that was saved
     x = torch.randn(4, 1, 28, 28)
     again = api.load(str(out / "t_w4" / "model.qc.pt"))
@@ -217,11 +218,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(
     proc = subprocess.Popen(cmd(tmp_path / "B"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        ck_dir = tmp_path / "B" / "checkpoints"
-        deadline = time.time() + 300
-        while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
+        _wait_for_checkpoint(proc, tmp_path / "B" / "checkpoints")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -238,6 +235,13 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(
     a = json.loads((tmp_path / "A" / "report.json").read_text())["results"]
     b = json.loads((tmp_path / "B" / "report.json").read_text())["results"]
     assert a == b
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ck_dir: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
 
 
 def _children(pid: int) -> list[int]:
@@ -285,11 +289,7 @@ def test_two_rank_torchrun_qat_survives_a_killed_rank_with_the_same_final_weight
     proc = subprocess.Popen(cmd(tmp_path / "B"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        ck_dir = tmp_path / "B" / "checkpoints"
-        deadline = time.time() + 300
-        while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
+        _wait_for_checkpoint(proc, tmp_path / "B" / "checkpoints")
         ranks = [p for p in _children(proc.pid) if "quantcore.cli" in _cmdline(p) and "torch.distributed.run"
                  not in _cmdline(p)]
         assert len(ranks) == 2, [(p, _cmdline(p)) for p in _children(proc.pid)]
@@ -356,3 +356,57 @@ def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path):
     assert torch.equal(states[3][key], states[6][key]) and torch.equal(states[6][key], states[9][key])  # frozen after
     with pytest.raises(ValueError, match="fold_bn"):
         Recipe.model_validate({**base, "qat": {"bn": "fold"}})
+
+
+def test_ft2_shared_qkv_range_stays_shared_through_learned_qat(fmnist, tmp_path):
+    data, ckpt = fmnist
+    r = _recipe(ckpt, epochs=1, ranges="learned", optimizer={"name": "adamw", "lr": 1e-3, "range_lr": 1e-2})
+    r["placement"] = {"family": "vit", "mode": "ft2"}
+    r["quant"] = {"weights": {"bits": 8, "per_channel": False}, "activations": {"bits": 8}}
+    run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "o"),
+            QATOptions(progress=False, max_steps=4))
+    enc = json.loads((tmp_path / "o" / "t_w4" / "encodings.json").read_text())
+    rows = {q["name"]: q for q in enc["quantizers"]}
+    ptq = {q["name"]: q for q in api.encodings(api.load(str(tmp_path / "o" / "ptq" / "model.qc.pt")))["quantizers"]}
+    for b in range(4):
+        qkv = [rows[f"blocks.{b}.attn.{x}_quantizer"]["amax"] for x in "qkv"]
+        assert qkv[0] == qkv[1] == qkv[2]  # one range, as ft2 deploys it
+        assert qkv[0] != ptq[f"blocks.{b}.attn.q_quantizer"]["amax"]  # and it was learned
+
+
+def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist, tmp_path):
+    import timm
+
+    data, ckpt = fmnist
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        _run(fmnist, tmp_path / "afile", max_steps=1)
+    torch.manual_seed(3)
+    t_ck = tmp_path / "t.pt"
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=7).state_dict(), t_ck)
+    teacher = {"name": "resnet10t", "in_chans": 1, "num_classes": 7, "checkpoint": str(t_ck)}
+    for qat, msg in (({"distill": {"kind": "kd", "teacher": teacher}}, "teacher.num_classes"),
+                     ({"distill": {"kind": "kd", "teacher": {"name": "no_such_model_xyz", "checkpoint": str(t_ck)}}},
+                      "qat.distill.teacher"),
+                     ({"bn": "freeze", "bn_freeze_step": 2}, "no BatchNorm"),
+                     ({"distill": {"kind": "deit_soft"}}, "distillation token")):
+        out = tmp_path / msg.replace(" ", "_")
+        with pytest.raises(UserError, match=msg):
+            _run(fmnist, out, qat=qat, max_steps=1)
+        assert not (out / "ptq").exists()  # refused before calibrating
+    with pytest.raises(ValueError, match="betas"):
+        Recipe.model_validate(_recipe(ckpt, optimizer={"name": "sgd", "betas": [0.9, 0.99]}))
+    # a run, then another recipe into the same --out: refused, never resumed into
+    out = tmp_path / "run"
+    _run(fmnist, out, qat={"epochs": 1}, max_steps=4)
+    with pytest.raises(UserError, match="optimizer.lr"):
+        _run(fmnist, out, qat={"epochs": 1, "optimizer": {"name": "adamw", "lr": 5e-3}}, max_steps=4)
+    # --no-resume discards the old checkpoints instead of keeping them above its own
+    _run(fmnist, out, qat={"epochs": 1, "optimizer": {"name": "adamw", "lr": 5e-3}}, max_steps=2, resume=False)
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]
+    # --init with a checkpoint of other formats is refused
+    with pytest.raises(UserError, match="quant"):
+        r = _recipe(ckpt)
+        r["quant"]["weights"]["bits"] = 8
+        run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "i"),
+                QATOptions(progress=False, init=str(out / "ptq" / "model.qc.pt"), max_steps=1))
