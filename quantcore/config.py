@@ -139,13 +139,21 @@ class ScheduleConfig(_Strict):
 class DistillConfig(_Strict):
     """Knowledge distillation from a float teacher (seed 002: KL, T=3; seed 004: DeiT with a CNN)."""
 
-    kind: Literal["none", "kd", "deit_hard", "deit_soft"] = Field(
-        "none", description="kd: KL(student/T || teacher/T) * T^2 on the logits; deit_*: DeiT distillation "
-        "token (timm *_distilled_* models) trained on the teacher's hard label or its soft KL")
+    kind: Literal["none", "kd", "logit_mse", "deit_hard", "deit_soft"] = Field(
+        "none", description="kd: KL(student/T || teacher/T) * T^2 on the logits; logit_mse: mean squared "
+        "error of the logits (KD's T->inf limit, Kim et al. 2021; matches the teacher's decisions best, "
+        "temperature unused); deit_*: DeiT distillation token (timm *_distilled_* models) trained on "
+        "the teacher's hard label or its soft KL")
     teacher: ModelConfig | None = Field(None, description="the teacher model; None = the FP32 model being "
                                         "quantized (self-distillation)")
     temperature: float = Field(3.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="loss = (1-alpha) * CE(label) + alpha * distillation")
+
+    @model_validator(mode="after")
+    def _temperature_applies(self) -> "DistillConfig":
+        if "temperature" in self.model_fields_set and self.kind in ("none", "logit_mse", "deit_hard"):
+            raise ValueError(f"distill.temperature does not apply to kind {self.kind} (only kd and deit_soft)")
+        return self
 
 
 class AugmentConfig(_Strict):

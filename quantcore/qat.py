@@ -244,6 +244,8 @@ def per_sample_loss(out: Any, labels: torch.Tensor, teacher_logits: torch.Tensor
     base = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
     if d.kind == "kd":
         return (1 - d.alpha) * base + d.alpha * _kl(logits, teacher_logits, d.temperature)
+    if d.kind == "logit_mse":
+        return (1 - d.alpha) * base + d.alpha * (logits.float() - teacher_logits.float()).pow(2).mean(-1)
     return base
 
 

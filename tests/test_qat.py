@@ -129,6 +129,11 @@ def test_kd_and_deit_losses_match_an_independent_formula():
     ref_soft = 0.5 * torch.nn.functional.cross_entropy(s, y, reduction="none") + 0.5 * torch.nn.functional.kl_div(
         torch.log_softmax(d, -1), torch.softmax(t, -1), reduction="none").sum(-1)
     torch.testing.assert_close(per_sample_loss((s, d), y, t, soft), ref_soft)
+    mse = QATConfig(distill={"kind": "logit_mse", "alpha": 0.4})
+    ref_mse = 0.6 * torch.nn.functional.cross_entropy(s, y, reduction="none") + 0.4 * ((s - t) ** 2).mean(-1)
+    torch.testing.assert_close(per_sample_loss(s, y, t, mse), ref_mse)
+    with pytest.raises(ValueError, match="temperature does not apply to kind logit_mse"):
+        QATConfig(distill={"kind": "logit_mse", "temperature": 2.0})
 
 
 # ------------------------------------------------------------------------------------ checkpoints
