@@ -1,12 +1,22 @@
 """TorchX components for quantcore: ``calibrate``, ``evaluate``, ``ptq``, ``ddp`` and ``qat``.
 
 Each component is a pure function returning a :class:`torchx.specs.AppDef`; its docstring is the
-``--help`` of ``torchx run``. The container command always starts with the :mod:`jobs.launch`
-entrypoint, which loads S3 credentials from the Kubernetes Secret named by ``--s3_secret`` when
-they are not in the environment already (TorchX's kubernetes scheduler cannot reference Secrets
-itself), and ends in the ``quantcore`` CLI: ``python -m jobs.launch quantcore <command> ...``;
-``ddp`` puts torchrun in between, ``qat`` :mod:`jobs.torchrun` (torchrun keeping the ranks' exit
-status: 2 for a user error, 143 after SIGTERM).
+``--help`` of ``torchx run`` (the options every component shares are declared once, in
+:class:`PodOptions`, and their help is added to each docstring by :func:`component`). The
+container command always starts with the :mod:`jobs.launch` entrypoint, which loads S3
+credentials from the Kubernetes Secret named by ``--s3_secret`` when they are not in the
+environment already (TorchX's kubernetes scheduler cannot reference Secrets itself), and ends in
+the ``quantcore`` CLI: ``python -m jobs.launch quantcore <command> ...``; ``ddp`` and ``qat`` put
+:mod:`jobs.torchrun` in between (torchrun keeping the ranks' exit status: 2 for a user error, 143
+after SIGTERM; per-rank ``$RANK`` references expanded; each rank on its own GPU).
+
+On ``-s kubernetes`` the Volcano Job that TorchX 0.7 builds is completed by :class:`QuantcoreRole`
+(see :func:`complete_volcano_job`): the Kubernetes ``restricted`` Pod Security context, writable
+``/tmp`` and ``/cache`` emptyDirs with an ephemeral-storage request, GPU tolerations, node
+selector, image-pull secrets, labels/annotations, the priority class on the pods, a deadline, and
+retry rules that end the job on exit status 2 (a user error) but restart it after infrastructure
+failures. ``-cfg priority_class=NAME`` (TorchX's own option) sets the job's and its pods' priority;
+``-cfg queue=NAME`` the Volcano queue.
 
 Examples (from the repository root)::
 
@@ -26,17 +36,48 @@ image of the working directory: the job runs the released ``--image`` as it is.
 Note: no ``from __future__ import annotations`` here; TorchX reads the annotations at runtime.
 """
 import dataclasses
+import posixpath
+import re
 import shlex
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torchx.specs as specs
 
-DEFAULT_IMAGE = "ghcr.io/quantcore/quantcore:0.1.0"
+# The one image reference of the project: README.md, images/Makefile's example, the Helm chart's
+# image.repository:tag (= Chart.yaml appVersion) and the kustomize `images:` entries use the same,
+# tests/test_torchx_k8s.py checks that they agree.
+DEFAULT_IMAGE = "registry.example.com/ml/quantcore:0.1.0"
 # The container command: the launcher, then the quantcore CLI.
 LAUNCHER = ["python", "-m", "jobs.launch"]
 SECRET_ENV = "QUANTCORE_S3_SECRET"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 
+# Pod security, as the Helm chart's pods (charts/quantcore: podSecurity, _helpers.tpl): the image's
+# non-root user and group (images/Dockerfile), the Kubernetes "restricted" profile.
+RUN_AS = 10001
+USER_ERROR_EXIT = 2  # quantcore, jobs.launch and jobs.torchrun exit 2 for a user mistake
+TMP_GB = 4  # /tmp emptyDir (HOME, torchrun's logs, temporary files)
+LOG_GB = 1  # container logs, counted against the pod's ephemeral-storage too
+# Writable paths of the pod (the root filesystem is read-only): HOME and the caches of the image.
+SCRATCH = {"tmp": "/tmp", "cache": "/cache"}
+RESERVED_PATHS = ("/", "/tmp", "/cache", "/dev/shm")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+# Container image reference (distribution/reference grammar): [HOST[:PORT]/]PATH[:TAG][@sha256:HEX]
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]+)?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REF = re.compile(rf"^(?:{_HOST}/)?{_PATH}(?:/{_PATH})*"
+                       r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NAME_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+class ComponentError(ValueError):
+    """A component argument that cannot work; the message starts with the option (``--name``)."""
+
+
+# ------------------------------------------------------------------------------ argument checks
 
 def _as_list(value: Optional[List[str]], what: str) -> List[str]:
     """A fresh list (never the caller's) of non-empty strings; a lone string counts as one item."""
@@ -45,27 +86,336 @@ def _as_list(value: Optional[List[str]], what: str) -> List[str]:
     items = [value] if isinstance(value, str) else list(value)
     items = [str(v).strip() for v in items]
     if any(not v for v in items):
-        raise ValueError(f"{what}: empty value in {items!r}")
+        raise ComponentError(f"{what}: empty value in {items!r}")
     return items
 
 
-def _check(gpus: int, cpu: int, memMB: int, workers: int, max_retries: int) -> None:
-    for name, value in (("gpus", gpus), ("cpu", cpu), ("memMB", memMB), ("workers", workers),
-                        ("max_retries", max_retries)):
-        if value < 0:
-            raise ValueError(f"--{name} must be >= 0, got {value}")
+def _qualified_name(key: str) -> bool:
+    """A label/annotation key or a toleration key: [DNS-subdomain prefix/]name (name <= 63)."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return len(name) <= 63 and bool(_NAME_PART.match(name))
 
 
-def _env(env: Optional[Dict[str, str]], s3_endpoint: Optional[str], s3_secret: Optional[str]) -> Dict[str, str]:
-    """A new env dict: the caller's extra variables, then the S3 endpoint and the Secret name."""
-    out = {str(k): str(v) for k, v in (env or {}).items()}
-    out.setdefault("PYTHONUNBUFFERED", "1")
-    if s3_endpoint:
-        out[ENDPOINT_ENV] = s3_endpoint
-    if s3_secret:
-        out[SECRET_ENV] = s3_secret
+def _string_map(value: Optional[Dict[str, str]], flag: str, label_values: bool) -> Dict[str, str]:
+    out = {str(k).strip(): str(v) for k, v in (value or {}).items()}
+    for k, v in out.items():
+        if not _qualified_name(k):
+            raise ComponentError(f"{flag}: {k!r} is not a valid key ([prefix/]name, name: letters, digits, "
+                                 f"'-', '_', '.', at most 63 characters)")
+        if label_values and v and (len(v) > 63 or not _NAME_PART.match(v)):
+            raise ComponentError(f"{flag}: value {v!r} of {k} is not a valid label value (at most 63 letters, "
+                                 f"digits, '-', '_', '.', starting and ending alphanumeric)")
     return out
 
+
+def check_image(image: str) -> str:
+    """``image`` if it is a pinned reference: REPO:TAG, REPO@sha256:HEX or REPO:TAG@sha256:HEX;
+    refused: malformed references, no tag and no digest (that is `latest`) and the `latest` tag."""
+    ref = str(image).strip()
+    m = IMAGE_REF.match(ref)
+    if not m:
+        raise ComponentError(f"--image {image!r}: not a container image reference "
+                             f"([registry/]repository:tag or [registry/]repository@sha256:<64 hex>)")
+    if not m.group("digest") and m.group("tag") in (None, "latest"):
+        raise ComponentError(f"--image {image!r}: pin a release tag or a digest (repository@sha256:...); "
+                             f"`latest` (or no tag) changes under a running job and its retries")
+    return ref
+
+
+def parse_tolerations(items: Optional[List[str]]) -> List[Dict[str, str]]:
+    """Tolerations from ``KEY[=VALUE][:EFFECT]`` strings (the syntax of ``kubectl taint``): no VALUE
+    tolerates any value (operator Exists), no EFFECT every effect."""
+    out = []
+    for item in _as_list(items, "--tolerations"):
+        key_value, _, effect = item.partition(":")
+        key, eq, value = key_value.partition("=")
+        if not _qualified_name(key) or (eq and (len(value) > 63 or not _NAME_PART.match(value))):
+            raise ComponentError(f"--tolerations {item!r}: expected KEY[=VALUE][:EFFECT], e.g. "
+                                 f"nvidia.com/gpu:NoSchedule or dedicated=ml:NoSchedule")
+        if effect and effect not in TAINT_EFFECTS:
+            raise ComponentError(f"--tolerations {item!r}: effect must be one of {', '.join(TAINT_EFFECTS)}")
+        tol = {"key": key, "operator": "Equal", "value": value} if eq else {"key": key, "operator": "Exists"}
+        if effect:
+            tol["effect"] = effect
+        out.append(tol)
+    return out
+
+
+def parse_pvc_mounts(mounts: Optional[List[str]]) -> List[specs.VolumeMount]:
+    """PersistentVolumeClaim mounts from torchx's ``type=volume,src=PVC,dst=PATH[,readonly]`` groups.
+
+    Host paths (``type=bind``) and devices (``type=device``) are refused: they become hostPath
+    volumes (and a privileged container for devices), which the namespace's ``restricted`` Pod
+    Security profile rejects. So are mount points that hide the pod's own scratch volumes."""
+    items = _as_list(mounts, "--mounts")
+    if not items:
+        return []
+    try:
+        parsed = specs.parse_mounts(items)
+    except (KeyError, ValueError) as err:
+        raise ComponentError(f"--mounts {','.join(items)}: {err.args[0] if err.args else err} "
+                             f"(expected type=volume,src=PVC_NAME,dst=/path[,readonly])") from None
+    out: List[specs.VolumeMount] = []
+    for m in parsed:
+        if not isinstance(m, specs.VolumeMount):
+            kind = "type=bind (a host path)" if isinstance(m, specs.BindMount) else "type=device (a host device)"
+            raise ComponentError(f"--mounts: {kind} is not allowed: the namespace enforces the restricted "
+                                 f"Pod Security profile (no hostPath volumes, no privileged containers); mount "
+                                 f"a PersistentVolumeClaim with type=volume,src=PVC_NAME,dst=/path[,readonly]")
+        dst = posixpath.normpath(m.dst_path) if m.dst_path else ""
+        if not dst.startswith("/") or dst in RESERVED_PATHS:
+            raise ComponentError(f"--mounts dst={m.dst_path!r}: needs an absolute path other than "
+                                 f"{', '.join(RESERVED_PATHS)} (the pod's own volumes)")
+        if len(m.src) > 253 or not _DNS_SUBDOMAIN.match(m.src):
+            raise ComponentError(f"--mounts src={m.src!r}: not a PersistentVolumeClaim name")
+        if dst in (o.dst_path for o in out):
+            raise ComponentError(f"--mounts: two volumes mounted at {dst}")
+        out.append(specs.VolumeMount(src=m.src, dst_path=dst, read_only=m.read_only))
+    return out
+
+
+# ------------------------------------------------------------------------------ shared options
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the help of a CLI option
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class PodOptions:
+    """The options every component shares: declared once here (type, default, help). Components
+    repeat the parameters in their signatures (TorchX builds the CLI from them) with these
+    defaults (``image: str = OPTS.image``); :func:`component` adds the help text to their
+    docstrings and :meth:`of` collects and checks them."""
+
+    image: str = _opt(DEFAULT_IMAGE, "container image with quantcore and the jobs/ package: REPO:TAG, "
+                      "or REPO@sha256:DIGEST to pin the exact build; `latest` and untagged references are "
+                      "refused")
+    gpus: int = _opt(1, "GPUs per container (per node); 0: CPU only. Pods with GPUs tolerate the "
+                     "nvidia.com/gpu:NoSchedule taint")
+    cpu: int = _opt(8, "CPU cores per container (Kubernetes limit; the request is 100m lower)")
+    memMB: int = _opt(32768, "memory in MB per container (Kubernetes limit; the request is 1024 MB lower)")
+    cache_gb: int = _opt(16, "GiB of node-local disk at /cache, an emptyDir of that sizeLimit (model "
+                         "weights: TORCH_HOME/HF_HOME, and the zip shard cache when cache_dir is under "
+                         "/cache); the pod requests and is limited to cache_gb + 5 GiB of ephemeral "
+                         "storage (4 for /tmp, 1 for logs) and is evicted if it writes more")
+    s3_endpoint: Optional[str] = _opt(None, "S3 endpoint URL for MinIO/Ceph etc., exported as "
+                                      "AWS_ENDPOINT_URL; unset: AWS")
+    s3_secret: Optional[str] = _opt(None, "name of a Kubernetes Secret (same namespace) with "
+                                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; jobs.launch reads it at "
+                                    "start-up (the pod's service account needs `get` on it) unless the "
+                                    "credentials are already in the environment. Unset: the pod mounts no "
+                                    "service-account token")
+    env: Optional[Dict[str, str]] = _opt(None, "extra environment variables, K1=V1,K2=V2")
+    mounts: Optional[List[str]] = _opt(None, "PersistentVolumeClaims to mount, "
+                                       "type=volume,src=PVC_NAME,dst=/data[,readonly] (more: repeat from "
+                                       "type=volume); host paths (type=bind) and devices are refused, the "
+                                       "namespace enforces the restricted Pod Security profile")
+    image_pull_secrets: Optional[List[str]] = _opt(None, "docker-registry Secrets (same namespace) to pull a "
+                                                   "private image with, comma-separated")
+    tolerations: Optional[List[str]] = _opt(None, "extra tolerations, comma-separated KEY[=VALUE][:EFFECT] "
+                                            "(kubectl taint syntax; no value: any value, no effect: every "
+                                            "effect), e.g. dedicated=ml:NoSchedule")
+    node_selector: Optional[Dict[str, str]] = _opt(None, "node labels the pods must match, K=V,K2=V2 (e.g. "
+                                                   "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3); the GPU "
+                                                   "request alone already keeps pods with GPUs on GPU nodes")
+    labels: Optional[Dict[str, str]] = _opt(None, "labels of the Volcano Job and its pods, K=V,K2=V2 (e.g. "
+                                            "team=vision; kueue.x-k8s.io/queue-name only matters with Kueue's "
+                                            "pod integration)")
+    annotations: Optional[Dict[str, str]] = _opt(None, "annotations of the Volcano Job and its pods, K=V,K2=V2")
+    deadline_s: int = _opt(0, "activeDeadlineSeconds of every pod: the kubelet stops a pod that runs longer, "
+                           "which counts as an infrastructure failure (restarted while max_retries last, so "
+                           "the bound is per attempt); 0: no deadline")
+    max_retries: int = _opt(2, "times Volcano restarts the whole job after an infrastructure failure (a pod "
+                            "evicted, or failed with any exit status but 2); exit status 2, a user error (bad "
+                            "recipe, URI, data, Secret), ends the job at once, without retries")
+
+    @classmethod
+    def of(cls, args: Mapping[str, Any]) -> "PodOptions":
+        """The shared options among a component's arguments (its ``locals()`` on entry), checked;
+        new lists and dicts, the caller's are never kept."""
+        opts = cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
+        for name in ("gpus", "cpu", "memMB", "deadline_s", "max_retries"):
+            if getattr(opts, name) < 0:
+                raise ComponentError(f"--{name} must be >= 0, got {getattr(opts, name)}")
+        if opts.cache_gb < 1:
+            raise ComponentError(f"--cache_gb must be >= 1 (/cache holds the model weights), got {opts.cache_gb}")
+        parse_pvc_mounts(opts.mounts)
+        parse_tolerations(opts.tolerations)
+        pull_secrets = _as_list(opts.image_pull_secrets, "--image_pull_secrets")
+        secrets = [("--image_pull_secrets", n) for n in pull_secrets]
+        if opts.s3_secret:
+            secrets.append(("--s3_secret", opts.s3_secret))
+        for flag, name in secrets:
+            if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+                raise ComponentError(f"{flag}: {name!r} is not a Secret name")
+        return dataclasses.replace(
+            opts, image=check_image(opts.image), env=dict(opts.env or {}), mounts=_as_list(opts.mounts, "--mounts"),
+            image_pull_secrets=pull_secrets, tolerations=_as_list(opts.tolerations, "--tolerations"),
+            node_selector=_string_map(opts.node_selector, "--node_selector", label_values=True),
+            labels=_string_map(opts.labels, "--labels", label_values=True),
+            annotations=_string_map(opts.annotations, "--annotations", label_values=False))
+
+    def volume_mounts(self) -> List[specs.VolumeMount]:
+        """The PersistentVolumeClaim mounts (see :func:`parse_pvc_mounts`)."""
+        return parse_pvc_mounts(self.mounts)
+
+    def environment(self) -> Dict[str, str]:
+        """A new env dict: the extra variables, then the S3 endpoint and the Secret name."""
+        out = {str(k): str(v) for k, v in (self.env or {}).items()}
+        out.setdefault("PYTHONUNBUFFERED", "1")
+        if self.s3_endpoint:
+            out[ENDPOINT_ENV] = self.s3_endpoint
+        if self.s3_secret:
+            out[SECRET_ENV] = self.s3_secret
+        return out
+
+
+OPTS = PodOptions()  # the defaults, for the components' signatures
+
+
+def component(fn: Callable[..., specs.AppDef]) -> Callable[..., specs.AppDef]:
+    """Add the help of the :class:`PodOptions` the component takes to its docstring's ``Args:``
+    (after the component's own; an option the docstring documents itself keeps its own text)."""
+    doc = fn.__doc__ or ""
+    documented = set(re.findall(r"^ {8}(\w+):", doc, flags=re.M))
+    lines = [f"        {f.name}: {f.metadata['help']}" for f in dataclasses.fields(PodOptions)
+             if f.name not in documented]
+    fn.__doc__ = doc.rstrip() + "\n" + "\n".join(lines) + "\n    "
+    return fn
+
+
+# ------------------------------------------------------------------------------ Kubernetes
+
+@dataclasses.dataclass
+class QuantcoreRole(specs.Role):
+    """A :class:`torchx.specs.Role` that completes its pods on ``-s kubernetes``.
+
+    Why a Role and its ``pre_proc``: TorchX 0.7's kubernetes scheduler has no pod overlay (it
+    emits ``securityContext: {}``, no tolerations, no pull secrets, ...), and ``Role.pre_proc`` is
+    TorchX's own hook for changing the scheduler request: ``Scheduler.submit_dryrun`` calls it for
+    every role, and both ``torchx run`` (which submits ``dryrun_info.request``) and ``torchx run
+    --dryrun`` (which prints it) go through ``submit_dryrun``. So what ``--dryrun`` shows is what
+    is submitted, with no scheduler to register (a scheduler entry point would replace TorchX's
+    whole scheduler table and need ``jobs`` installed as a package) and no patching of TorchX.
+    Other schedulers (local_cwd, local_docker) get the role unchanged.
+    """
+
+    pod: PodOptions = dataclasses.field(default_factory=PodOptions)
+    cache_dir: Optional[str] = None  # quantcore --cache-dir: must be on a writable volume of the pod
+    grace_s: int = 0  # the pods' terminationGracePeriodSeconds; 0: Kubernetes' default (30 s)
+
+    def pre_proc(self, scheduler: str, dryrun_info: specs.AppDryRunInfo) -> specs.AppDryRunInfo:
+        if scheduler == "kubernetes":
+            complete_volcano_job(dryrun_info.request.resource, self)
+        return dryrun_info
+
+
+def _role(role: specs.Role, pod: PodOptions, cache_dir: Optional[str] = None, grace_s: int = 0,
+          **changes: Any) -> QuantcoreRole:
+    """``role`` as a :class:`QuantcoreRole` (a new object), with ``changes`` applied."""
+    fields = {f.name: getattr(role, f.name) for f in dataclasses.fields(specs.Role)}
+    fields.update(changes)
+    return QuantcoreRole(**fields, pod=pod, cache_dir=cache_dir, grace_s=grace_s)
+
+
+def _writable(path: str, mounts: List[specs.VolumeMount]) -> bool:
+    path = posixpath.normpath(path)
+    roots = list(SCRATCH.values()) + [m.dst_path for m in mounts if not m.read_only]
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def volcano_policies(max_retries: int) -> List[Dict[str, Any]]:
+    """Task lifecycle policies: exit status 2 (a user error) terminates the job; with retries, an
+    evicted or otherwise failed pod restarts it (TorchX's RetryPolicy.APPLICATION). Volcano takes
+    the first policy that matches a pod's event or its container's exit code, so order matters."""
+    rules: List[Dict[str, Any]] = [{"exitCode": USER_ERROR_EXIT, "action": "TerminateJob"}]
+    if max_retries > 0:
+        rules += [{"event": "PodEvicted", "action": "RestartJob"}, {"event": "PodFailed", "action": "RestartJob"}]
+    return rules
+
+
+def _add_metadata(meta: Dict[str, Any], pod: PodOptions) -> None:
+    for key, extra in (("labels", pod.labels), ("annotations", pod.annotations)):
+        if extra:
+            meta[key] = {**meta.get(key, {}), **extra}
+
+
+def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
+    """Complete, in place, the Volcano Job TorchX built (``KubernetesJob.resource``) for ``role``'s tasks.
+
+    Job: ``role.pod.labels``/``annotations`` in its metadata. Each of the role's tasks (matched
+    by TorchX's role-name label): lifecycle :func:`volcano_policies`; its pod template (turned into
+    a plain dict) gets the ``restricted`` pod and container security context of the Helm chart's
+    pods (uid/gid 10001, fsGroup, RuntimeDefault seccomp, read-only root filesystem, no privilege
+    escalation, all capabilities dropped), emptyDirs at /tmp (4 GiB) and /cache (``cache_gb``)
+    with the matching ephemeral-storage request and limit, the GPU toleration when it has GPUs
+    plus ``tolerations``, ``node_selector``, ``image_pull_secrets``, the job's
+    ``priorityClassName`` (``-cfg priority_class``), ``activeDeadlineSeconds`` (``deadline_s``),
+    ``terminationGracePeriodSeconds`` (``role.grace_s``), no service links, and a service-account
+    token only when ``s3_secret`` needs one.
+    """
+    from torchx.schedulers.kubernetes_scheduler import LABEL_ROLE_NAME, sanitize_for_serialization
+
+    pod = role.pod
+    if role.cache_dir and not _writable(role.cache_dir, pod.volume_mounts()):
+        raise ComponentError(f"--cache_dir {role.cache_dir}: not on a writable volume of the pod (its root "
+                             f"filesystem is read-only): use a path under /cache (sized by --cache_gb) or "
+                             f"under a writable --mounts PersistentVolumeClaim")
+    _add_metadata(job.setdefault("metadata", {}), pod)
+    spec = job["spec"]
+    gb = f"{pod.cache_gb + TMP_GB + LOG_GB}Gi"
+    for task in spec["tasks"]:
+        tmpl = sanitize_for_serialization(task["template"])
+        tmeta = tmpl.setdefault("metadata", {})
+        if tmeta.get("labels", {}).get(LABEL_ROLE_NAME) != role.name:
+            continue
+        task["template"] = tmpl
+        task["policies"] = volcano_policies(role.max_retries)
+        _add_metadata(tmeta, pod)
+        ps = tmpl["spec"]
+        if any("hostPath" in v for v in ps.get("volumes", [])):
+            raise ComponentError(f"role {role.name}: hostPath volumes are not allowed (use --mounts type=volume)")
+        ps["securityContext"] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                 "fsGroup": RUN_AS, "fsGroupChangePolicy": "OnRootMismatch",
+                                 "seccompProfile": {"type": "RuntimeDefault"}}
+        ps["automountServiceAccountToken"] = bool(pod.s3_secret)  # jobs.launch reads the Secret via the API
+        ps["enableServiceLinks"] = False
+        ps["volumes"] = ps.get("volumes", []) + [
+            {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GB}Gi"}},
+            {"name": "cache", "emptyDir": {"sizeLimit": f"{pod.cache_gb}Gi"}}]
+        tolerations = ([dict(GPU_TOLERATION)] if role.resource.gpu > 0 else []) + parse_tolerations(pod.tolerations)
+        if tolerations:
+            ps["tolerations"] = tolerations
+        selector = {**ps.get("nodeSelector", {}), **pod.node_selector}
+        if selector:
+            ps["nodeSelector"] = selector
+        else:
+            ps.pop("nodeSelector", None)
+        if pod.image_pull_secrets:
+            ps["imagePullSecrets"] = [{"name": s} for s in pod.image_pull_secrets]
+        if spec.get("priorityClassName"):
+            ps["priorityClassName"] = spec["priorityClassName"]
+        if pod.deadline_s:
+            ps["activeDeadlineSeconds"] = pod.deadline_s
+        if role.grace_s:
+            ps["terminationGracePeriodSeconds"] = role.grace_s
+        for c in ps["containers"]:
+            c["securityContext"] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                    "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                                    "privileged": False, "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+            # a tag may move (the node must not run a stale copy); a digest is immutable
+            c["imagePullPolicy"] = "IfNotPresent" if "@sha256:" in c.get("image", "") else "Always"
+            c["volumeMounts"] = c.get("volumeMounts", []) + [
+                {"name": name, "mountPath": path} for name, path in SCRATCH.items()]
+            res = c.setdefault("resources", {})
+            res["requests"] = {**res.get("requests", {}), "ephemeral-storage": gb}
+            res["limits"] = {**res.get("limits", {}), "ephemeral-storage": gb}
+
+
+# ------------------------------------------------------------------------------ components
 
 def _common_flags(workers: int, gpus: int, cache_dir: Optional[str], skip_bad: bool) -> List[str]:
     flags = ["--workers", str(workers), "--device", "cuda" if gpus > 0 else "cpu", "--no-progress"]
@@ -76,41 +426,73 @@ def _common_flags(workers: int, gpus: int, cache_dir: Optional[str], skip_bad: b
     return flags
 
 
-def _app(command: str, cli_args: List[str], image: str, gpus: int, cpu: int, memMB: int,
-         env: Dict[str, str], max_retries: int, mounts: Optional[List[str]]) -> specs.AppDef:
-    role = specs.Role(
+def _check_workers(workers: int) -> None:
+    if workers < 0:
+        raise ComponentError(f"--workers must be >= 0, got {workers}")
+
+
+def _app(command: str, cli_args: List[str], pod: PodOptions, cache_dir: Optional[str]) -> specs.AppDef:
+    role = QuantcoreRole(
         name=command,
-        image=image,
+        image=pod.image,
         entrypoint=LAUNCHER[0],
         args=LAUNCHER[1:] + ["quantcore", command] + cli_args,
         num_replicas=1,
-        resource=specs.Resource(cpu=cpu, gpu=gpus, memMB=memMB),
-        env=env,
-        max_retries=max_retries,
+        resource=specs.Resource(cpu=pod.cpu, gpu=pod.gpus, memMB=pod.memMB),
+        env=pod.environment(),
+        max_retries=pod.max_retries,
         retry_policy=specs.RetryPolicy.APPLICATION,
-        mounts=specs.parse_mounts(_as_list(mounts, "mounts")) if mounts else [],
+        mounts=pod.volume_mounts(),
+        pod=pod,
+        cache_dir=cache_dir,
     )
     return specs.AppDef(name=f"quantcore-{command}", roles=[role])
 
 
+def _torchrun_app(app: specs.AppDef, name: str, pod: PodOptions, torchrun_opts: List[str],
+                  cache_dir: Optional[str] = None, grace_s: int = 0) -> specs.AppDef:
+    """torchx.components.dist.ddp's app with its ``torchrun`` replaced by ``jobs.launch`` +
+    ``jobs.torchrun`` (``torchrun_opts`` put first) and our PVC mounts."""
+    (role,) = app.roles
+    shell, torchrun_cmd = role.args
+    if role.entrypoint != "bash" or shell != "-c" or not torchrun_cmd.startswith("torchrun "):
+        raise RuntimeError(f"unexpected torchx.components.dist.ddp command: {role.entrypoint} {role.args}")
+    # `exec` keeps one process tree: bash expands the rank-0 host, jobs.launch loads the Secret and
+    # execs jobs.torchrun, which is torchrun keeping a rank's exit 2 (user error) as the container's
+    # status, not restarting after it, and running each rank through its per-rank shim.
+    launch = " ".join(shlex.quote(a) for a in LAUNCHER + ["python", "-m", "jobs.torchrun"] + torchrun_opts)
+    cmd = f"exec {launch} {torchrun_cmd[len('torchrun '):]}"
+    new = _role(role, pod, cache_dir, grace_s, name=name, args=["-c", cmd], retry_policy=specs.RetryPolicy.APPLICATION,
+                mounts=pod.volume_mounts())
+    return specs.AppDef(name=app.name, roles=[new], metadata=dict(app.metadata))
+
+
+@component
 def calibrate(
     recipe: List[str],
     data: str,
     out: str,
     split: str = "train",
     checkpoint: Optional[str] = None,
-    image: str = DEFAULT_IMAGE,
-    gpus: int = 1,
-    cpu: int = 8,
-    memMB: int = 32768,
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
-    s3_endpoint: Optional[str] = None,
-    s3_secret: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
+    image: str = OPTS.image,
+    gpus: int = OPTS.gpus,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
     """Calibrate recipes on a dataset: `quantcore calibrate` in one container (one replica).
 
@@ -124,37 +506,27 @@ def calibrate(
         out: output URI prefix for checkpoints, encodings and reports (s3://bucket/prefix)
         split: dataset split to draw the calibration images from
         checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
-        image: container image with quantcore and the jobs/ package
-        gpus: GPUs for the container; 0 runs on the CPU (--device cpu), otherwise --device cuda
-        cpu: CPU cores for the container (Kubernetes limit; the request is 100m lower)
-        memMB: memory in MB for the container (Kubernetes limit; the request is 1024 MB lower)
         workers: DataLoader worker processes decoding images (quantcore --workers)
-        cache_dir: local directory caching remote zip shards (quantcore --cache-dir); unset: no cache
+        cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
+            /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
-        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
-        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
-            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
-            needs `get` on it) unless the credentials are already in the environment
-        env: extra environment variables, K1=V1,K2=V2
-        mounts: volumes to mount, e.g. type=volume,src=PVC_NAME,dst=/data[,readonly] or
-            type=bind,src=/host/path,dst=/data (see torchx.specs.parse_mounts)
-        max_retries: times the scheduler restarts a failed job (Volcano RestartJob policy)
     """
-    _check(gpus, cpu, memMB, workers, max_retries)
-    recipes = _as_list(recipe, "recipe")
+    pod = PodOptions.of(locals())
+    _check_workers(workers)
+    recipes = _as_list(recipe, "--recipe")
     if not recipes:
-        raise ValueError("--recipe: at least one recipe is needed")
+        raise ComponentError("--recipe: at least one recipe is needed")
     args: List[str] = []
     for r in recipes:
         args += ["--recipe", r]
     args += ["--data", data, "--split", split, "--out", out]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    args += _common_flags(workers, gpus, cache_dir, skip_bad)
-    return _app("calibrate", args, image, gpus, cpu, memMB, _env(env, s3_endpoint, s3_secret),
-                max_retries, mounts)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
+    return _app("calibrate", args, pod, cache_dir)
 
 
+@component
 def evaluate(
     checkpoint: str,
     data: str,
@@ -162,18 +534,25 @@ def evaluate(
     split: str = "val",
     limit: int = 0,
     batch_size: int = 64,
-    image: str = DEFAULT_IMAGE,
-    gpus: int = 1,
-    cpu: int = 8,
-    memMB: int = 32768,
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
-    s3_endpoint: Optional[str] = None,
-    s3_secret: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
+    image: str = OPTS.image,
+    gpus: int = OPTS.gpus,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
     """Evaluate a calibrated checkpoint against its own float path: `quantcore evaluate`, one replica.
 
@@ -187,34 +566,24 @@ def evaluate(
         split: dataset split to evaluate on
         limit: evaluate on the first N images only; 0 evaluates the whole split
         batch_size: evaluation batch size
-        image: container image with quantcore and the jobs/ package
-        gpus: GPUs for the container; 0 runs on the CPU (--device cpu), otherwise --device cuda
-        cpu: CPU cores for the container (Kubernetes limit; the request is 100m lower)
-        memMB: memory in MB for the container (Kubernetes limit; the request is 1024 MB lower)
         workers: DataLoader worker processes decoding images (quantcore --workers)
-        cache_dir: local directory caching remote zip shards (quantcore --cache-dir); unset: no cache
+        cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
+            /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
-        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
-        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
-            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
-            needs `get` on it) unless the credentials are already in the environment
-        env: extra environment variables, K1=V1,K2=V2
-        mounts: volumes to mount, e.g. type=volume,src=PVC_NAME,dst=/data[,readonly] or
-            type=bind,src=/host/path,dst=/data (see torchx.specs.parse_mounts)
-        max_retries: times the scheduler restarts a failed job (Volcano RestartJob policy)
     """
-    _check(gpus, cpu, memMB, workers, max_retries)
+    pod = PodOptions.of(locals())
+    _check_workers(workers)
     if limit < 0 or batch_size < 1:
-        raise ValueError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
+        raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
     args = ["--checkpoint", checkpoint, "--data", data, "--split", split, "--out", out,
             "--batch-size", str(batch_size)]
     if limit:
         args += ["--limit", str(limit)]
-    args += _common_flags(workers, gpus, cache_dir, skip_bad)
-    return _app("evaluate", args, image, gpus, cpu, memMB, _env(env, s3_endpoint, s3_secret),
-                max_retries, mounts)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
+    return _app("evaluate", args, pod, cache_dir)
 
 
+@component
 def ptq(
     recipe: List[str],
     calib_data: str,
@@ -225,18 +594,25 @@ def ptq(
     checkpoint: Optional[str] = None,
     limit: int = 0,
     batch_size: int = 64,
-    image: str = DEFAULT_IMAGE,
-    gpus: int = 1,
-    cpu: int = 8,
-    memMB: int = 32768,
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
-    s3_endpoint: Optional[str] = None,
-    s3_secret: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
+    image: str = OPTS.image,
+    gpus: int = OPTS.gpus,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
     """Post-training quantization end to end: `quantcore ptq` (calibrate + evaluate + report), one replica.
 
@@ -254,28 +630,18 @@ def ptq(
         checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
         limit: evaluate on the first N images only; 0 evaluates the whole split
         batch_size: evaluation batch size (calibration uses the recipe's)
-        image: container image with quantcore and the jobs/ package
-        gpus: GPUs for the container; 0 runs on the CPU (--device cpu), otherwise --device cuda
-        cpu: CPU cores for the container (Kubernetes limit; the request is 100m lower)
-        memMB: memory in MB for the container (Kubernetes limit; the request is 1024 MB lower)
         workers: DataLoader worker processes decoding images (quantcore --workers)
-        cache_dir: local directory caching remote zip shards (quantcore --cache-dir); unset: no cache
+        cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
+            /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
-        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
-        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
-            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
-            needs `get` on it) unless the credentials are already in the environment
-        env: extra environment variables, K1=V1,K2=V2
-        mounts: volumes to mount, e.g. type=volume,src=PVC_NAME,dst=/data[,readonly] or
-            type=bind,src=/host/path,dst=/data (see torchx.specs.parse_mounts)
-        max_retries: times the scheduler restarts a failed job (Volcano RestartJob policy)
     """
-    _check(gpus, cpu, memMB, workers, max_retries)
+    pod = PodOptions.of(locals())
+    _check_workers(workers)
     if limit < 0 or batch_size < 1:
-        raise ValueError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
-    recipes = _as_list(recipe, "recipe")
+        raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
+    recipes = _as_list(recipe, "--recipe")
     if not recipes:
-        raise ValueError("--recipe: at least one recipe is needed")
+        raise ComponentError("--recipe: at least one recipe is needed")
     args: List[str] = []
     for r in recipes:
         args += ["--recipe", r]
@@ -286,11 +652,11 @@ def ptq(
         args += ["--checkpoint", checkpoint]
     if limit:
         args += ["--limit", str(limit)]
-    args += _common_flags(workers, gpus, cache_dir, skip_bad)
-    return _app("ptq", args, image, gpus, cpu, memMB, _env(env, s3_endpoint, s3_secret),
-                max_retries, mounts)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
+    return _app("ptq", args, pod, cache_dir)
 
 
+@component
 def ddp(
     *script_args: str,
     m: str = "quantcore.cli",
@@ -299,30 +665,41 @@ def ddp(
     min_nnodes: int = 0,
     nproc_per_node: int = 1,
     name: str = "quantcore-ddp",
-    image: str = DEFAULT_IMAGE,
-    gpus: int = 1,
-    cpu: int = 8,
-    memMB: int = 32768,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
-    s3_endpoint: Optional[str] = None,
-    s3_secret: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
+    image: str = OPTS.image,
+    gpus: int = OPTS.gpus,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
-    """Data-parallel launch on several GPUs and nodes with torchrun (torch.distributed.run).
+    """Data-parallel launch on several GPUs and nodes with torchrun (through jobs.torchrun).
 
     Built on torchx.components.dist.ddp: nnodes containers (one Volcano gang) each run
-    `python -m jobs.launch torchrun ... -m MODULE ARGS` (S3 credentials are loaded once per node,
-    then torchrun starts nproc_per_node ranks with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT set; rank 0's host is the c10d rendezvous point). The default module is the
-    quantcore CLI, whose calibrate, evaluate and ptq commands are data-parallel under torchrun:
-    calibration statistics are merged exactly, evaluation is sharded and merged, rank 0 writes
-    (e.g. `-- evaluate --checkpoint C --data D --out O` splits a 50k-image validation set over the
-    ranks). For QAT use the qat component (it keeps user errors fatal across restarts). Example:
-    torchx run -s kubernetes -cfg queue=default jobs/components.py:ddp --nnodes 2 --nproc_per_node 4
-    --gpus 4 -- evaluate --checkpoint s3://b/run/model.qc.pt --data s3://b/imagenet --out s3://b/eval
+    `python -m jobs.launch python -m jobs.torchrun ... -m MODULE ARGS` (S3 credentials are loaded
+    once per node, then torchrun starts nproc_per_node ranks with RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT set; rank 0's host is the c10d rendezvous point). jobs.torchrun
+    keeps a rank's exit status 2 (user error: the job ends, no retry), expands $RANK, $LOCAL_RANK,
+    $GROUP_RANK, $WORLD_SIZE and $LOCAL_WORLD_SIZE in ARGS for each rank (quote them for your
+    shell: --out 's3://b/o/rank_$RANK') and makes cuda:LOCAL_RANK each rank's default CUDA device.
+    The default module is the quantcore CLI, whose calibrate, evaluate and ptq commands are
+    data-parallel under torchrun: calibration statistics are merged exactly, evaluation is
+    sharded and merged, rank 0 writes (e.g. `-- evaluate --checkpoint C --data D --out O --device
+    cuda` splits a 50k-image validation set over the ranks, one GPU each). For QAT use the qat
+    component. Example: torchx run -s kubernetes -cfg queue=default jobs/components.py:ddp
+    --nnodes 2 --nproc_per_node 4 --gpus 4 -- evaluate --checkpoint s3://b/run/model.qc.pt
+    --data s3://b/imagenet --out s3://b/eval --device cuda
 
     Args:
         script_args: arguments for the module or script (after `--` on the command line)
@@ -333,59 +710,40 @@ def ddp(
         min_nnodes: minimum number of nodes for an elastic job; 0 means nnodes (fixed size)
         nproc_per_node: processes (ranks) per node, normally one per GPU
         name: job name
-        image: container image with quantcore and the jobs/ package
-        gpus: GPUs per node (0: CPU ranks with the gloo backend, chosen by the script)
-        cpu: CPU cores per node (Kubernetes limit; the request is 100m lower)
-        memMB: memory in MB per node (Kubernetes limit; the request is 1024 MB lower)
         rdzv_backend: torchrun rendezvous backend (c10d, or static with fixed node ranks)
         rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only)
-        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
-        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
-            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
-            needs `get` on it) unless the credentials are already in the environment
-        env: extra environment variables, K1=V1,K2=V2
-        mounts: volumes to mount, e.g. type=volume,src=PVC_NAME,dst=/data[,readonly] or
-            type=bind,src=/host/path,dst=/data (see torchx.specs.parse_mounts)
-        max_retries: times the scheduler restarts the failed job (Volcano RestartJob policy)
+        gpus: GPUs per node (0: CPU ranks with the gloo backend, chosen by the script); each rank
+            gets cuda:LOCAL_RANK as its default device, so nproc_per_node must not exceed gpus
     """
     from torchx.components import dist
 
-    _check(gpus, cpu, memMB, 0, max_retries)
+    pod = PodOptions.of(locals())
     if nnodes < 1 or nproc_per_node < 1:
-        raise ValueError(f"--nnodes and --nproc_per_node must be >= 1, got {nnodes} and {nproc_per_node}")
+        raise ComponentError(f"--nnodes and --nproc_per_node must be >= 1, got {nnodes} and {nproc_per_node}")
     if not 0 <= min_nnodes <= nnodes:
-        raise ValueError(f"--min_nnodes must be between 0 and --nnodes ({nnodes}), got {min_nnodes}")
-    if gpus and nproc_per_node > gpus:
-        raise ValueError(f"--nproc_per_node ({nproc_per_node}) exceeds the GPUs per node (--gpus {gpus})")
+        raise ComponentError(f"--min_nnodes must be between 0 and --nnodes ({nnodes}), got {min_nnodes}")
+    if pod.gpus and nproc_per_node > pod.gpus:
+        raise ComponentError(f"--nproc_per_node ({nproc_per_node}) exceeds the GPUs per node (--gpus {pod.gpus})")
     j = f"{min_nnodes}:{nnodes}x{nproc_per_node}" if 0 < min_nnodes < nnodes else f"{nnodes}x{nproc_per_node}"
     app = dist.ddp(
         *[str(a) for a in script_args],
         script=script,
         m=None if script else m,
-        image=image,
+        image=pod.image,
         name=name,
-        cpu=cpu,
-        gpu=gpus,
-        memMB=memMB,
+        cpu=pod.cpu,
+        gpu=pod.gpus,
+        memMB=pod.memMB,
         j=j,
-        env=_env(env, s3_endpoint, s3_secret),  # a fresh dict: dist.ddp adds keys to it
-        max_retries=max_retries,
+        env=pod.environment(),  # a fresh dict: dist.ddp adds keys to it
+        max_retries=pod.max_retries,
         rdzv_port=rdzv_port,
         rdzv_backend=rdzv_backend,
-        mounts=_as_list(mounts, "mounts") or None,
     )
-    (role,) = app.roles
-    shell, torchrun_cmd = role.args
-    if role.entrypoint != "bash" or shell != "-c" or not torchrun_cmd.startswith("torchrun "):
-        raise RuntimeError(f"unexpected torchx.components.dist.ddp command: {role.entrypoint} {role.args}")
-    # `exec` keeps one process tree: bash expands the rank-0 host, the launcher loads the Secret
-    # and execs torchrun, torchrun starts the ranks (environment inherited).
-    launch = " ".join(shlex.quote(a) for a in LAUNCHER)
-    role = dataclasses.replace(role, name="ddp", args=["-c", f"exec {launch} {torchrun_cmd}"],
-                              retry_policy=specs.RetryPolicy.APPLICATION)
-    return specs.AppDef(name=app.name, roles=[role], metadata=dict(app.metadata))
+    return _torchrun_app(app, "ddp", pod, [])
 
 
+@component
 def qat(
     recipe: str,
     data: str,
@@ -405,29 +763,38 @@ def qat(
     nnodes: int = 1,
     nproc_per_node: int = 0,
     max_restarts: int = 3,
+    grace_s: int = 180,
     name: str = "quantcore-qat",
-    image: str = DEFAULT_IMAGE,
-    gpus: int = 1,
-    cpu: int = 8,
-    memMB: int = 32768,
     rdzv_port: int = 29500,
-    s3_endpoint: Optional[str] = None,
-    s3_secret: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
+    image: str = OPTS.image,
+    gpus: int = OPTS.gpus,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
     """Quantization-aware training, data-parallel on nnodes x nproc_per_node ranks: `quantcore qat` under torchrun.
 
     nnodes containers (one Volcano gang) each run `python -m jobs.launch python -m jobs.torchrun
-    --nnodes N --nproc_per_node P --max_restarts R --rdzv_backend c10d ... -m quantcore.cli qat ARGS`:
+    --max_restarts R --rdzv_conf read_timeout=300 --rdzv_backend c10d ... -m quantcore.cli qat ARGS`:
     jobs.launch loads the S3 credentials, jobs.torchrun is torchrun (c10d rendezvous on rank 0's
     host) that keeps the ranks' exit status: 2 (a user error: bad recipe, URI, data) stops at once,
-    with no restart; any other failure restarts all ranks in place up to max_restarts times, and
-    the training loop resumes from its latest checkpoint under <out>/checkpoints by itself.
-    With gpus > 0 each rank gets --device cuda and uses its own GPU (cuda:LOCAL_RANK); with gpus 0
-    the ranks run on the CPU (gloo). Writes <out>/checkpoints/, metrics.jsonl, ptq/model.qc.pt,
-    <recipe name>/model.qc.pt + encodings.json and report.json/report.md/training.png.
+    with no restart and no retry of the job; any other failure restarts all ranks in place up to
+    max_restarts times, and the training loop resumes from its latest checkpoint under
+    <out>/checkpoints by itself. With gpus > 0 each rank gets --device cuda and uses its own GPU
+    (cuda:LOCAL_RANK); with gpus 0 the ranks run on the CPU (gloo). Writes <out>/checkpoints/,
+    metrics.jsonl, ptq/model.qc.pt, <recipe name>/model.qc.pt + encodings.json and
+    report.json/report.md/training.png.
     Example: torchx run -s kubernetes -cfg queue=default,service_account=quantcore
     jobs/components.py:qat --recipe vit_b16_384_ft2 --data s3://datasets/imagenet-zip
     --out s3://runs/ft2-qat --nnodes 2 --gpus 4 --s3_secret quantcore-s3-credentials
@@ -450,48 +817,41 @@ def qat(
             0: the recipe's qat.batch_size
         eval_limit: final evaluation on a seeded, class-stratified sample of N images; 0: all
         workers: DataLoader worker processes per rank; -1: the recipe's qat.num_workers
-        cache_dir: directory caching remote zip shards between epochs (quantcore --cache-dir): put
-            it on a mounted PersistentVolumeClaim (see mounts), the container's own filesystem has
-            no ephemeral-storage request; unset: no cache
+        cache_dir: directory caching remote zip shards between epochs (quantcore --cache-dir), e.g.
+            /cache/shards with a cache_gb that holds the dataset, or a path on a writable mounted
+            PersistentVolumeClaim (see mounts) to keep it across pods; unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
         nnodes: number of nodes (containers, scheduled together as one gang)
         nproc_per_node: ranks per node; 0: one per GPU (gpus), or 1 when gpus is 0. Must not
             exceed gpus when gpus > 0 (each rank needs a GPU of its own)
         max_restarts: times torchrun restarts all ranks in place after a failure other than a user
             error (exit 2); each restart resumes from the latest checkpoint
+        grace_s: seconds a pod gets after SIGTERM (eviction, preemption, deadline) to write a
+            checkpoint and exit 143 (its terminationGracePeriodSeconds; torchrun waits grace_s - 15
+            for the ranks)
         name: job name
-        image: container image with quantcore and the jobs/ package
-        gpus: GPUs per node; 0 runs the ranks on the CPU (--device cpu, gloo), otherwise --device cuda
-        cpu: CPU cores per node (Kubernetes limit; the request is 100m lower)
-        memMB: memory in MB per node (Kubernetes limit; the request is 1024 MB lower)
         rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only)
-        s3_endpoint: S3 endpoint URL for MinIO/Ceph etc., exported as AWS_ENDPOINT_URL; unset: AWS
-        s3_secret: name of a Kubernetes Secret (same namespace) with AWS_ACCESS_KEY_ID and
-            AWS_SECRET_ACCESS_KEY; jobs.launch reads it at start-up (the pod's service account
-            needs `get` on it) unless the credentials are already in the environment
-        env: extra environment variables, K1=V1,K2=V2
-        mounts: PersistentVolumeClaims to mount, type=volume,src=PVC_NAME,dst=/data[,readonly]
-            (host paths are not allowed on the cluster: no type=bind)
-        max_retries: times the scheduler restarts the whole job after a node/pod failure that
-            torchrun's in-place restarts cannot cover (Volcano RestartJob policy); it resumes
-            from the latest checkpoint too. TorchX 0.7 restarts on any failed pod, exit 2 (user
-            error) included, so each retry of a user error costs one more quick start
+        max_retries: times Volcano restarts the whole job after an infrastructure failure that
+            torchrun's in-place restarts cannot cover (a pod evicted or failed with any exit status
+            but 2); it resumes from the latest checkpoint too. Exit status 2 (a user error) ends
+            the job at once
     """
     from torchx.components import dist
 
-    _check(gpus, cpu, memMB, 0, max_retries)
+    pod = PodOptions.of(locals())
     for flag, value, low in (("nnodes", nnodes, 1), ("nproc_per_node", nproc_per_node, 0),
-                             ("max_restarts", max_restarts, 0), ("epochs", epochs, 0), ("max_steps", max_steps, 0),
+                             ("max_restarts", max_restarts, 0), ("grace_s", grace_s, 20), ("epochs", epochs, 0),
+                             ("max_steps", max_steps, 0),
                              ("batch_size", batch_size, 0), ("eval_limit", eval_limit, 0), ("workers", workers, -1)):
         if value < low:
-            raise ValueError(f"--{flag} must be >= {low}, got {value}")
-    nproc = nproc_per_node or max(gpus, 1)
-    if gpus and nproc > gpus:
-        raise ValueError(f"--nproc_per_node ({nproc}) exceeds the GPUs per node (--gpus {gpus}): "
-                         f"each rank needs a GPU of its own")
+            raise ComponentError(f"--{flag} must be >= {low}, got {value}")
+    nproc = nproc_per_node or max(pod.gpus, 1)
+    if pod.gpus and nproc > pod.gpus:
+        raise ComponentError(f"--nproc_per_node ({nproc}) exceeds the GPUs per node (--gpus {pod.gpus}): "
+                             f"each rank needs a GPU of its own")
     recipe_ref = str(recipe).strip()
     if not recipe_ref:
-        raise ValueError("--recipe: a recipe is needed")
+        raise ComponentError("--recipe: a recipe is needed")
     args = ["qat", "--recipe", recipe_ref, "--data", data, "--split", split, "--out", out,
             "--eval-data", eval_data or data, "--eval-split", eval_split]
     for flag, value in (("--checkpoint", checkpoint), ("--init", init), ("--cache-dir", cache_dir)):
@@ -501,33 +861,26 @@ def qat(
                                 ("--eval-limit", eval_limit, 0), ("--workers", workers, -1)):
         if number != unset:
             args += [flag, str(number)]
-    args += ["--device", "cuda" if gpus > 0 else "cpu", "--no-progress"]
+    args += ["--device", "cuda" if pod.gpus > 0 else "cpu", "--no-progress"]
     if skip_bad:
         args.append("--skip-bad")
     app = dist.ddp(
         *args,
         m="quantcore.cli",
-        image=image,
+        image=pod.image,
         name=name,
-        cpu=cpu,
-        gpu=gpus,
-        memMB=memMB,
+        cpu=pod.cpu,
+        gpu=pod.gpus,
+        memMB=pod.memMB,
         j=f"{nnodes}x{nproc}",
-        env=_env(env, s3_endpoint, s3_secret),  # a fresh dict: dist.ddp adds keys to it
-        max_retries=max_retries,
+        env=pod.environment(),  # a fresh dict: dist.ddp adds keys to it
+        max_retries=pod.max_retries,
         rdzv_port=rdzv_port,
         rdzv_backend="c10d",
-        mounts=_as_list(mounts, "mounts") or None,
     )
-    (role,) = app.roles
-    shell, torchrun_cmd = role.args
-    if role.entrypoint != "bash" or shell != "-c" or not torchrun_cmd.startswith("torchrun "):
-        raise RuntimeError(f"unexpected torchx.components.dist.ddp command: {role.entrypoint} {role.args}")
-    # jobs.torchrun instead of torchrun: the same launcher, keeping a rank's exit 2 (user error) as the
-    # container's status and not restarting after it. read_timeout: how long the other nodes wait for
-    # rank 0's store to come up (its image pull may be slower than theirs).
-    launch = " ".join(shlex.quote(a) for a in LAUNCHER + ["python", "-m", "jobs.torchrun"])
-    torchrun_args = torchrun_cmd[len("torchrun "):]
-    cmd = f"exec {launch} --max_restarts {max_restarts} --rdzv_conf read_timeout=300 {torchrun_args}"
-    role = dataclasses.replace(role, name="qat", args=["-c", cmd], retry_policy=specs.RetryPolicy.APPLICATION)
-    return specs.AppDef(name=app.name, roles=[role], metadata=dict(app.metadata))
+    # read_timeout: how long the other nodes wait for rank 0's store to come up (its image pull may
+    # be slower than theirs). shutdown_timeout: the ranks' time to checkpoint after SIGTERM, within
+    # the pod's grace period (as the Helm chart's qat Jobs).
+    opts = ["--max_restarts", str(max_restarts), "--rdzv_conf", "read_timeout=300",
+            "--shutdown_timeout", str(grace_s - 15)]
+    return _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s)

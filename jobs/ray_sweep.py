@@ -1,4 +1,4 @@
-"""A PTQ sweep on a Ray cluster: one Ray task per run, many runs in parallel.
+"""A PTQ sweep on a Ray cluster: one Ray task per run, many runs in parallel, resumable.
 
     python -m jobs.ray_sweep --sweep SWEEP.yaml --out OUT_URI [--address auto] [--gpus-per-task 1]
 
@@ -7,7 +7,8 @@ Usually submitted as a Ray job (``ray job submit -- python -m jobs.ray_sweep ...
 ``jobs/sweep.example.yaml``, validated with clear errors naming the field) lists runs. Each run
 becomes one task named ``ptq:<name>`` that calls :func:`quantcore.pipeline.ptq` and writes
 ``<OUT>/<name>/`` (``report.json``, ``report.md``, ``per_class.png``, ``<recipe>/model.qc.pt``,
-``<recipe>/encodings.json`` ...).
+``<recipe>/encodings.json`` ...). ``--gpus-per-task 0`` makes CPU tasks (``num_gpus=0``, device
+cpu); a run that sets ``device: cuda`` then is an error (exit 2), not a task that never starts.
 
 In the Ray dashboard: the tasks by name, their log lines (``(ptq:<name> pid=...)``), progress
 bars (``ray.experimental.tqdm_ray``) and the metrics ``quantcore_sweep_images_processed``
@@ -15,29 +16,59 @@ bars (``ray.experimental.tqdm_ray``) and the metrics ``quantcore_sweep_images_pr
 ``quantcore_sweep_top1`` (per run and variant, fp32 included), ``quantcore_sweep_run_seconds``
 and ``quantcore_sweep_runs_finished`` (tag status) for Prometheus/Grafana.
 
+Resuming. A run is *complete* when ``<OUT>/<name>/_SUCCESS.json`` (its completion manifest:
+the run's spec fingerprint, its summary record and every artifact with its size) exists and
+every artifact it lists exists with that size. The task writes the manifest last, atomically
+(one object via :mod:`quantcore.io.storage`), after all artifacts, and deletes an old one
+before it starts rewriting a run, so a run killed half-way is never taken as complete. A sweep
+started again with the same ``--out`` (a retried RayJob, a resubmitted job) reuses complete
+runs without a Ray task and recomputes the others: missing or partial outputs, failed runs,
+and runs whose spec changed (fingerprint of the merged run fields; a recipe file edited behind
+the same URI is not detected: ``--no-resume`` recomputes everything). ``<OUT>/summary.json`` and
+``summary.md`` are rewritten each time a run finishes (``state: running``, unfinished runs
+``pending``) and once more at the end (``state: finished``), so a driver or head that dies
+loses no finished run and the next attempt picks up from the manifests.
+
+Why manifests in the output and not Ray Tune's resumable experiments: the output prefix is
+the only thing a retried RayJob shares with the attempt that died (a new cluster, new head,
+empty local disks); a manifest next to the artifacts says exactly which runs are complete,
+is checked against the artifacts themselves, is readable by anyone without Ray, and keeps the
+sweep a plain task fan-out. Tune's restore keys its state on the experiment directory and
+trial ids, needs a second ``Tuner.restore`` code path in the driver, and knows nothing about
+whether a trial's artifacts actually reached the bucket.
+
 A failing run is recorded (status ``failed`` with its error) and does not stop the others. At the
-end ``<OUT>/summary.json`` and ``<OUT>/summary.md`` are written (per run: status, FP32 and
-quantized top-1, delta, agreement, SQNR, artifact URIs, duration, error). Exit status: 0 when every
-run succeeded, 1 when any failed, 2 for a bad sweep file or arguments.
+end ``<OUT>/summary.json`` and ``<OUT>/summary.md`` say, per run: status, FP32 and quantized
+top-1, delta, agreement, SQNR, artifact URIs, duration, error, and whether the run was reused
+from an earlier attempt. Exit status: 0 when every run succeeded, 1 when any failed or the
+output storage failed (retries exhausted: retrying the job resumes), 2 for a bad sweep file or
+arguments (a user error: retrying cannot help).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as _dt
+import hashlib
 import json
+import math
 import os
 import re
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantcore.errors import UserError
 
-SUMMARY_SCHEMA = "quantcore.sweep-summary/1"
+# /2: summaries are written while the sweep runs (`state`, status `pending`, `runs_pending`)
+# and say which runs were reused from an earlier attempt (`reused`, `runs_reused`).
+SUMMARY_SCHEMA = "quantcore.sweep-summary/2"
+MANIFEST_SCHEMA = "quantcore.sweep-run/1"
+MANIFEST_NAME = "_SUCCESS.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -250,24 +281,115 @@ class _RayBar:
         print(f"[{self.run}] {self.desc}: done, {self.done} images", flush=True)
 
 
-def _run_record(spec: RunSpec, out: str) -> Dict[str, Any]:
+def _run_record(spec: RunSpec, out: str, status: str = "failed") -> Dict[str, Any]:
     from quantcore.io import storage
 
     return {
-        "name": spec.name, "status": "failed", "recipes": spec.recipe_labels(), "checkpoint": spec.checkpoint,
+        "name": spec.name, "status": status, "recipes": spec.recipe_labels(), "checkpoint": spec.checkpoint,
         "calib_data": spec.calib_data, "calib_split": spec.calib_split,
         "eval_data": spec.eval_data or spec.calib_data, "eval_split": spec.eval_split, "limit": spec.limit,
         "out": out, "report": storage.join(out, "report.json"), "report_md": storage.join(out, "report.md"),
-        "fp32_top1": None, "eval_count": None, "variants": {}, "duration_s": None, "error": None,
-        "traceback": None, "node": os.uname().nodename, "device": None, "warnings": [],
+        "manifest": storage.join(out, MANIFEST_NAME),
+        "fp32_top1": None, "eval_count": None, "variants": {}, "duration_s": None, "finished_at": None,
+        "reused": False, "error": None, "traceback": None,
+        "node": os.uname().nodename if status != "pending" else None, "device": None, "warnings": [],
     }
+
+
+def run_fingerprint(spec: RunSpec) -> str:
+    """sha256 of the run's merged fields (defaults applied) as canonical JSON: a manifest only
+    completes the run it was written for."""
+    canon = json.dumps(spec.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _relative(uri: str, out: str) -> str:
+    prefix = out.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        raise ValueError(f"artifact {uri} is not under the run's output {out}")
+    return uri[len(prefix):]
+
+
+def _report_artifacts(rep: Dict[str, Any], out: str) -> List[str]:
+    """The files :func:`quantcore.pipeline.ptq` wrote for ``rep``, relative to ``out``."""
+    from quantcore.io import storage
+
+    rel = ["report.json", "report.md"] + [str(p) for p in rep.get("plots") or []]
+    for name, v in (rep.get("variants") or {}).items():
+        rel += [_relative(u, out) for u in (v.get("artifacts") or {}).values()]
+        rel.append(_relative(storage.join(out, name, "report.json"), out))
+    return sorted(set(rel))
+
+
+def _ray_job_id() -> Optional[str]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - provenance only
+        return None
+
+
+def write_manifest(spec: RunSpec, out: str, rep: Dict[str, Any], rec: Dict[str, Any]) -> str:
+    """Write ``<out>/_SUCCESS.json``: the last object of a run, written once every artifact of
+    ``rep`` exists (each one's size is read back and recorded). Returns its URI."""
+    from quantcore.io import storage
+
+    artifacts = []
+    for rel in _report_artifacts(rep, out):
+        try:
+            artifacts.append({"path": rel, "size": storage.size(storage.join(out, rel))})
+        except FileNotFoundError:
+            raise RuntimeError(f"artifact {storage.join(out, rel)} is missing after the run") from None
+    manifest = {"schema": MANIFEST_SCHEMA, "run": spec.name, "fingerprint": run_fingerprint(spec),
+                "spec": spec.model_dump(mode="json", exclude_none=True), "finished_at": rec["finished_at"],
+                "ray_job_id": _ray_job_id(), "artifacts": artifacts, "record": rec}
+    uri = storage.join(out, MANIFEST_NAME)
+    storage.write_bytes(uri, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+    return uri
+
+
+def completed_record(spec: RunSpec, out: str) -> Tuple[Optional[Dict[str, Any]], str]:
+    """``(record, why)``: the run's summary record from its manifest when the run at ``out`` is
+    complete (manifest of this spec, every listed artifact present with its recorded size),
+    else ``(None, reason it must be computed)``."""
+    from quantcore.io import storage
+
+    uri = storage.join(out, MANIFEST_NAME)
+    # storage errors propagate: an unreachable bucket is no reason to recompute finished runs
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None, "not run yet (no completion manifest)"
+    try:
+        manifest = json.loads(raw)
+    except ValueError as err:  # not JSON, not UTF-8: a foreign or damaged object
+        return None, f"unreadable completion manifest {uri} ({type(err).__name__}: {err})"
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA \
+            or not isinstance(manifest.get("record"), dict) or not isinstance(manifest.get("artifacts"), list) \
+            or not all(isinstance(a, dict) and isinstance(a.get("path"), str) for a in manifest["artifacts"]):
+        return None, f"{uri} is not a {MANIFEST_SCHEMA} manifest"
+    if manifest.get("fingerprint") != run_fingerprint(spec):
+        return None, "its fields changed since the completed run (fingerprint differs)"
+    for a in manifest["artifacts"]:
+        art = storage.join(out, a["path"])
+        try:
+            size = storage.size(art)
+        except FileNotFoundError:
+            return None, f"artifact {art} is missing"
+        if size != a.get("size"):
+            return None, f"artifact {art} has {size} bytes, the manifest says {a.get('size')}"
+    rec = dict(manifest["record"], reused=True)
+    return rec, f"complete since {manifest.get('finished_at')} ({len(manifest['artifacts'])} artifacts)"
 
 
 def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: str,
                 show_progress: bool = True) -> Dict[str, Any]:
-    """One run: :func:`quantcore.pipeline.ptq` into ``out``. Never raises for a failing run:
-    the returned record says ``status: failed`` with the error."""
+    """One run: :func:`quantcore.pipeline.ptq` into ``out``, then its completion manifest
+    (:func:`write_manifest`). Never raises for a failing run: the returned record says
+    ``status: failed`` with the error, and no manifest exists afterwards."""
     from quantcore import pipeline
+    from quantcore.io import storage
     from quantcore.recipe import load_recipe
 
     spec = RunSpec.model_validate(run)
@@ -277,6 +399,8 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
     print(f"[{spec.name}] start: recipes {', '.join(rec['recipes'])} -> {out} (device {device})", flush=True)
     t0 = time.perf_counter()
     try:
+        # from here until the new manifest exists the run is incomplete, whatever an older one said
+        storage.delete(storage.join(out, MANIFEST_NAME))
         recipes = [load_recipe(r) for r in spec.recipes or []]
         calib = pipeline.DataSpec(spec.calib_data or "", spec.calib_split, spec.layout, spec.skip_bad, spec.cache_dir)
         evald = pipeline.DataSpec(spec.eval_data or spec.calib_data or "", spec.eval_split, spec.layout,
@@ -287,12 +411,12 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
             progress_factory=lambda total, desc: _RayBar(sweep_name, spec.name, total, desc, show_progress))
         rep = pipeline.ptq(recipes, calib, evald, out, opts)
         rec.update(_results(rep))
-        rec["status"] = "succeeded"
+        rec.update(status="succeeded", duration_s=round(time.perf_counter() - t0, 3), finished_at=_now())
+        write_manifest(spec, out, rep, rec)
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
-        rec["error"] = f"{type(err).__name__}: {err}"
-        rec["traceback"] = traceback.format_exc()[-6000:]
+        rec.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-6000:],
+                   duration_s=round(time.perf_counter() - t0, 3), finished_at=_now())
         print(f"[{spec.name}] FAILED: {rec['error']}", flush=True)
-    rec["duration_s"] = round(time.perf_counter() - t0, 3)
     try:
         m = _metrics()
         m["seconds"].set(rec["duration_s"], tags={"sweep": sweep_name, "run": spec.name, "status": rec["status"]})
@@ -342,17 +466,29 @@ def _ptq_task(run: Dict[str, Any], out: str, sweep_name: str, default_device: st
 
 # ------------------------------------------------------------------------------ summary
 
-def build_summary(sweep: Sweep, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, Any]:
-    ok = sum(r["status"] == "succeeded" for r in records)
-    return {"schema": SUMMARY_SCHEMA, **meta, "runs_total": len(records), "runs_succeeded": ok,
-            "runs_failed": len(records) - ok, "description": sweep.description, "runs": records}
+def build_summary(sweep: Sweep, records: Dict[str, Dict[str, Any]], meta: Dict[str, Any],
+                  state: Literal["running", "finished"]) -> Dict[str, Any]:
+    """Summary of ``sweep`` in run order: ``records`` by run name; runs without one are ``pending``."""
+    from quantcore.io import storage
+
+    out = meta["out"]
+    runs = [records.get(s.name) or _run_record(s, storage.join(out, s.name), "pending") for s in sweep.runs]
+    count = {k: sum(r["status"] == k for r in runs) for k in ("succeeded", "failed", "pending")}
+    return {"schema": SUMMARY_SCHEMA, **meta, "state": state, "runs_total": len(runs),
+            "runs_succeeded": count["succeeded"], "runs_failed": count["failed"], "runs_pending": count["pending"],
+            "runs_reused": sum(bool(r.get("reused")) for r in runs), "description": sweep.description,
+            "runs": runs}
 
 
 def summary_markdown(summary: Dict[str, Any]) -> str:
+    done = summary["runs_succeeded"] + summary["runs_failed"]
+    state = ("" if summary["state"] == "finished" else
+             f" **In progress**: {done} of {summary['runs_total']} runs finished so far.")
     lines = [f"# quantcore PTQ sweep: {summary['out']}", "",
              f"Sweep file `{summary['sweep_file']}`; started {summary['started']}, "
              f"{summary['duration_s']:.0f} s in all. {summary['runs_succeeded']} of {summary['runs_total']} "
-             f"runs succeeded" + (f", **{summary['runs_failed']} failed**." if summary["runs_failed"] else "."), "",
+             f"runs succeeded" + (f", **{summary['runs_failed']} failed**." if summary["runs_failed"] else ".")
+             + state, "",
              "| run | status | variant | FP32 top-1 % | quantized top-1 % | Δ top-1 | agreement % | "
              "SQNR dB | duration s | artifacts |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -365,7 +501,10 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
             lines.append(f"| {r['name']} | {r['status']} | {name} | {_fmt(r['fp32_top1'])} | {_fmt(v['top1'])} | "
                          f"{_fmt(v['delta_top1'], '{:+.2f}')} | {_fmt(v['agreement'])} | "
                          f"{_fmt(v['sqnr_db'], '{:.1f}')} | {dur} | {arts} |")
-    failed = [r for r in summary["runs"] if r["status"] != "succeeded"]
+    reused = [r["name"] for r in summary["runs"] if r.get("reused")]
+    if reused:
+        lines += ["", f"Reused from an earlier attempt (complete manifests, not recomputed): {', '.join(reused)}."]
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
         for r in failed:
@@ -377,30 +516,89 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(summary: Dict[str, Any]) -> None:
+    """summary.json, then summary.md (each one atomic object)."""
+    from quantcore.io import storage
+
+    storage.write_bytes(summary["summary_json"], (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    storage.write_bytes(summary["summary_md"], summary_markdown(summary).encode())
+
+
 # ------------------------------------------------------------------------------ driver
+
+def _resource_amount(text: str) -> float:
+    """argparse type of --gpus-per-task / --cpus-per-task: what Ray accepts as a task's amount."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    if v > 1 and not v.is_integer():
+        raise argparse.ArgumentTypeError(f"above 1 it must be a whole number (only a fraction below 1 shares "
+                                         f"a device), got {text!r}")
+    return v
+
+
+def _retries(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.ray_sweep",
         description="Run a PTQ sweep on a Ray cluster: one task (ptq:<name>) per run of the sweep file, "
-                    "results in <OUT>/<name>/, summary in <OUT>/summary.json and summary.md.")
+                    "results in <OUT>/<name>/, summary in <OUT>/summary.json and summary.md. Runs that "
+                    "are already complete in <OUT> (see --no-resume) are reused, not recomputed.")
     p.add_argument("--sweep", required=True, help="Sweep file (local path or s3:// URI), see jobs/sweep.example.yaml.")
     p.add_argument("--out", required=True, help="Output URI prefix (s3://bucket/prefix or a path shared by all nodes).")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (auto, ray://host:10001, host:6379). Default: $RAY_ADDRESS as set "
                         "by `ray job submit`, else a local Ray instance.")
-    p.add_argument("--gpus-per-task", type=float, default=1.0,
-                   help="GPUs each run reserves (0: CPU runs on device cpu; a fraction such as 0.5 lets runs "
-                        "share a GPU). Default 1.")
-    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each run reserves. Default 1.")
-    p.add_argument("--max-retries", type=int, default=1,
+    p.add_argument("--gpus-per-task", type=_resource_amount, default=1.0,
+                   help="GPUs each run reserves: 0 makes CPU tasks (num_gpus=0, device cpu) for a cluster "
+                        "without GPUs; a fraction such as 0.5 lets runs share a GPU. Default 1.")
+    p.add_argument("--cpus-per-task", type=_resource_amount, default=1.0, help="CPUs each run reserves. Default 1.")
+    p.add_argument("--max-retries", type=_retries, default=1,
                    help="Ray retries of a run whose worker died (node lost, OOM kill); run errors are not "
                         "retried. Default 1.")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="Run only the named run(s) of the sweep file (repeatable).")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="Recompute every run, even those whose completion manifest (<OUT>/<name>/_SUCCESS.json) "
+                        "says they are complete.")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="No tqdm_ray progress bars (metrics and log lines stay).")
     return p
+
+
+def task_options(name: str, gpus_per_task: float, cpus_per_task: float, max_retries: int) -> Dict[str, Any]:
+    """Ray ``.options()`` of the task of run ``name``; ``num_gpus`` is exactly ``gpus_per_task``
+    (0 = a CPU task that never waits for a GPU)."""
+    for flag, value in (("--gpus-per-task", gpus_per_task), ("--cpus-per-task", cpus_per_task)):
+        try:
+            _resource_amount(str(value))
+        except argparse.ArgumentTypeError as err:
+            raise SweepError(f"{flag}: {err}") from None
+    if max_retries < 0:
+        raise SweepError(f"--max-retries: must be >= 0, got {max_retries}")
+    return {"name": f"ptq:{name}", "num_gpus": gpus_per_task, "num_cpus": cpus_per_task,
+            "max_retries": max_retries, "retry_exceptions": False}
+
+
+def _check_devices(sweep: Sweep, gpus_per_task: float, source: str) -> None:
+    if gpus_per_task > 0:
+        return
+    for i, run in enumerate(sweep.runs):
+        if run.device and run.device.startswith("cuda"):
+            raise SweepError(f"{source}: runs[{i}]({run.name}).device: {run.device!r} needs a GPU, but "
+                             f"--gpus-per-task is 0 (CPU tasks)")
 
 
 def _now() -> str:
@@ -411,49 +609,31 @@ def _failure(spec: RunSpec, out: str, err: BaseException) -> Dict[str, Any]:
     """Record of a run whose task itself failed (worker died, node lost ...): duration unknown."""
     rec = _run_record(spec, out)
     rec["error"] = f"{type(err).__name__}: {err}"[:4000]
+    rec["finished_at"] = _now()
     return rec
+
+
+def _completed(sweep: Sweep, out: str) -> Dict[str, Tuple[Optional[Dict[str, Any]], str]]:
+    """:func:`completed_record` of every run (a few HEAD requests each, in parallel)."""
+    from quantcore.io import storage
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(16, len(sweep.runs)))) as pool:
+        futures = {s.name: pool.submit(completed_record, s, storage.join(out, s.name)) for s in sweep.runs}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str] = None,
               gpus_per_task: float = 1.0, cpus_per_task: float = 1.0, max_retries: int = 1,
-              progress: bool = True) -> Dict[str, Any]:
+              progress: bool = True, resume: bool = True) -> Dict[str, Any]:
     import ray
 
-    from quantcore.io import storage
+    from quantcore.io import StorageError, storage
 
-    if gpus_per_task < 0 or cpus_per_task < 0 or max_retries < 0:
-        raise SweepError("--gpus-per-task, --cpus-per-task and --max-retries must be >= 0")
+    options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in sweep.runs}
+    _check_devices(sweep, gpus_per_task, sweep_file)
     started_at, t0 = _now(), time.perf_counter()
     sweep_name = out.rstrip("/").rsplit("/", 1)[-1] or "sweep"
     default_device = "cuda" if gpus_per_task > 0 else "cpu"
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-    task = ray.remote(_ptq_task)
-    pending: Dict[Any, RunSpec] = {}
-    for spec in sweep.runs:
-        ref = task.options(name=f"ptq:{spec.name}", num_gpus=gpus_per_task, num_cpus=cpus_per_task,
-                           max_retries=max_retries, retry_exceptions=False).remote(
-            spec.model_dump(mode="json", exclude_none=True), storage.join(out, spec.name), sweep_name,
-            default_device, progress)
-        pending[ref] = spec
-    print(f"sweep {sweep_file}: {len(pending)} runs submitted ({gpus_per_task:g} GPU, {cpus_per_task:g} CPU "
-          f"each) -> {out}", flush=True)
-    records: Dict[str, Dict[str, Any]] = {}
-    waiting = list(pending)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        for ref in done:
-            spec = pending[ref]
-            try:
-                rec = ray.get(ref)
-            except Exception as err:  # worker died, task cancelled ...: recorded like a failed run
-                rec = _failure(spec, storage.join(out, spec.name), err)
-            records[spec.name] = rec
-            status = rec["status"] if rec["status"] != "succeeded" else "ok"
-            detail = _one_line(rec) if rec["status"] == "succeeded" else rec["error"]
-            print(f"[{len(records)}/{len(pending)}] {spec.name}: {status} "
-                  f"({_fmt(rec.get('duration_s'), '{:.1f}')} s) {detail}", flush=True)
-    ordered = [records[s.name] for s in sweep.runs]
     versions: Dict[str, Any] = {"ray": ray.__version__}
     try:
         import quantcore
@@ -461,14 +641,71 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
         versions["quantcore"] = quantcore.__version__
     except Exception:  # noqa: BLE001
         pass
-    meta = {"sweep_file": sweep_file, "out": out, "started": started_at, "finished": _now(),
-            "duration_s": round(time.perf_counter() - t0, 3), "gpus_per_task": gpus_per_task,
-            "cpus_per_task": cpus_per_task, "versions": versions,
+    meta = {"sweep_file": sweep_file, "out": out, "started": started_at, "finished": None, "duration_s": 0.0,
+            "gpus_per_task": gpus_per_task, "cpus_per_task": cpus_per_task, "versions": versions,
             "summary_json": storage.join(out, "summary.json"), "summary_md": storage.join(out, "summary.md")}
-    summary = build_summary(sweep, ordered, meta)
-    storage.write_bytes(meta["summary_json"], (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-    storage.write_bytes(meta["summary_md"], summary_markdown(summary).encode())
-    return summary
+
+    def summary(state: Literal["running", "finished"]) -> Dict[str, Any]:
+        meta["duration_s"] = round(time.perf_counter() - t0, 3)
+        meta["finished"] = _now() if state == "finished" else None
+        return build_summary(sweep, records, meta, state)
+
+    def checkpoint_summary() -> None:
+        # a storage hiccup must not stop the sweep: the manifests are the record, the next write catches up
+        try:
+            write_summary(summary("running"))
+        except (StorageError, OSError) as err:
+            print(f"summary not updated ({type(err).__name__}: {err}); the next update retries", flush=True)
+
+    records: Dict[str, Dict[str, Any]] = {}
+    total = len(sweep.runs)
+    if resume:
+        done = _completed(sweep, out)
+        for spec in sweep.runs:
+            rec, why = done[spec.name]
+            if rec is not None:
+                records[spec.name] = rec
+                print(f"[{len(records)}/{total}] {spec.name}: reused, {why}: {rec['manifest']}", flush=True)
+            elif not why.startswith("not run yet"):
+                print(f"{spec.name}: recomputing: {why}", flush=True)
+    todo = [s for s in sweep.runs if s.name not in records]
+    checkpoint_summary()
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=True)
+        if gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
+            print(f"warning: tasks ask {gpus_per_task:g} GPU each but no node of the Ray cluster has a GPU now; "
+                  f"they wait for GPU nodes. For a CPU sweep pass --gpus-per-task 0.", flush=True)
+        task = ray.remote(_ptq_task)
+        pending: Dict[Any, RunSpec] = {}
+        for spec in todo:
+            ref = task.options(**options[spec.name]).remote(
+                spec.model_dump(mode="json", exclude_none=True), storage.join(out, spec.name), sweep_name,
+                default_device, progress)
+            pending[ref] = spec
+        print(f"sweep {sweep_file}: {len(pending)} runs submitted, {len(records)} reused ({gpus_per_task:g} GPU, "
+              f"{cpus_per_task:g} CPU each) -> {out}", flush=True)
+        waiting = list(pending)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            for ref in ready:
+                spec = pending[ref]
+                try:
+                    rec = ray.get(ref)
+                except Exception as err:  # worker died, task cancelled ...: recorded like a failed run
+                    rec = _failure(spec, storage.join(out, spec.name), err)
+                records[spec.name] = rec
+                status = rec["status"] if rec["status"] != "succeeded" else "ok"
+                detail = _one_line(rec) if rec["status"] == "succeeded" else rec["error"]
+                print(f"[{len(records)}/{total}] {spec.name}: {status} "
+                      f"({_fmt(rec.get('duration_s'), '{:.1f}')} s) {detail}", flush=True)
+            if waiting:
+                checkpoint_summary()
+    else:
+        print(f"sweep {sweep_file}: all {total} runs already complete in {out}, nothing to run", flush=True)
+    final = summary("finished")
+    write_summary(final)
+    return final
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -484,10 +721,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             sweep = sweep.model_copy(update={"runs": [r for r in sweep.runs if r.name in args.only]})
         summary = run_sweep(sweep, args.out, sweep_file=args.sweep, address=args.address,
                             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                            max_retries=args.max_retries, progress=args.progress)
-    except (UserError, StorageError) as err:  # SweepError, a bad URI ...: one line, exit 2
+                            max_retries=args.max_retries, progress=args.progress, resume=args.resume)
+    except UserError as err:  # SweepError, a bad URI ...: one line, exit 2 (retrying cannot help)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except StorageError as err:  # storage retries exhausted: exit 1, a retry resumes from the manifests
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     print("\n" + summary_markdown(summary), flush=True)
     print(f"summary: {summary['summary_json']}", flush=True)
     if summary["runs_failed"]:

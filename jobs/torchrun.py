@@ -3,8 +3,9 @@
 torchrun (``torch.distributed.run``) exits 1 whenever a rank fails, whatever the rank's own exit
 status, and restarts all local ranks (``--max_restarts``) after any failure. The launchers above it
 decide on that status: quantcore exits 2 for a user mistake (bad recipe, URI or data: retrying
-cannot help, so the Kubernetes ``podFailurePolicy`` fails the Job at once) and 143 after SIGTERM
-once a checkpoint is written (retry: the run resumes from it). This wrapper runs torchrun in this
+cannot help, so the Helm Jobs' ``podFailurePolicy`` and the TorchX Volcano Jobs' ``exitCode: 2``
+policy end the job at once) and 143 after SIGTERM once a checkpoint is written (retry: the run
+resumes from it). This wrapper runs torchrun in this
 process, with the same options and the same environment for the ranks, and:
 
 * stops restarting the ranks as soon as one of them exits 2 (a user error, the same on every
@@ -15,14 +16,39 @@ process, with the same options and the same environment for the ranks, and:
   has forwarded it to the ranks and waited ``--shutdown_timeout`` seconds for them.
 
 On success (every rank exited 0) it exits 0, like torchrun.
+
+Each rank runs through this module too (``python -u -m jobs.torchrun --run-rank (-m MODULE | SCRIPT)
+ARGS``, set up by :func:`through_rank_shim`), which, inside the rank's own process:
+
+* expands references to the rank's torchrun variables in ARGS: ``$RANK``/``${RANK}``,
+  ``$LOCAL_RANK``, ``$GROUP_RANK``, ``$ROLE_RANK``, ``$WORLD_SIZE``, ``$LOCAL_WORLD_SIZE`` and
+  ``$ROLE_WORLD_SIZE`` (e.g. ``--out s3://b/run/rank_$RANK``): a shell on the node cannot, they
+  only exist once torchrun has started the rank; other ``$`` text is left alone;
+* makes ``cuda:LOCAL_RANK`` the rank's default CUDA device when the node has GPUs
+  (:func:`quantcore.distributed.resolve_rank_device`, as ``quantcore --device cuda`` does), so
+  ``torch.device("cuda")``/``.cuda()`` in any module or script puts each rank on its own GPU
+  instead of all on GPU 0; exit 2 when the node has fewer GPUs than ranks;
+* then runs the module or script in the same process (``runpy``, as ``python -m``/``python SCRIPT``
+  would: same PID, signals, exit status).
+
+``--no-python`` and ``--run-path`` launches are passed to torchrun unchanged.
 """
 from __future__ import annotations
 
 import functools
+import os
+import re
+import runpy
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import List, Mapping, MutableMapping, Optional, Sequence
 
 USER_ERROR = 2
+RUN_RANK = "--run-rank"
+# torchrun's per-rank variables that ARGS may refer to (set by the agent for each rank).
+RANK_VARS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+             "ROLE_WORLD_SIZE")
+_NAMES = "|".join(sorted(RANK_VARS, key=len, reverse=True))
+_RANK_REF = re.compile(r"\$(?:\{(%s)\}|(%s)(?![A-Za-z0-9_]))" % (_NAMES, _NAMES))
 
 
 def log(msg: str) -> None:
@@ -77,15 +103,89 @@ def stop_restarts_after_user_error() -> bool:
     return True
 
 
+def expand_rank_refs(args: Sequence[str], environ: Mapping[str, str]) -> List[str]:
+    """``args`` with ``$NAME``/``${NAME}`` replaced for every NAME in :data:`RANK_VARS` (a new list)."""
+    def sub(m: "re.Match[str]") -> str:
+        name = m.group(1) or m.group(2)
+        if name not in environ:
+            raise KeyError(f"{m.group(0)}: {name} is not set (not started by torchrun?)")
+        return environ[name]
+
+    return [_RANK_REF.sub(sub, a) for a in args]
+
+
+def through_rank_shim(args: Sequence[str]) -> List[str]:
+    """torchrun's arguments with the training target wrapped: ``[opts] -m jobs.torchrun --run-rank
+    (-m MODULE | SCRIPT) ARGS`` (a new list). ``--no-python``/``--run-path`` launches are returned
+    as they are (no Python interpreter of ours to run the target in)."""
+    from torch.distributed.run import get_args_parser
+
+    ns = get_args_parser().parse_args(list(args))
+    if ns.no_python or ns.run_path:
+        return list(args)
+    tail = list(ns.training_script_args)
+    k = len(args) - len(tail) - 1  # argparse REMAINDER: the target, then its arguments, end the list
+    if k < 0 or args[k] != ns.training_script:
+        raise ValueError(f"cannot find the training script in {list(args)!r}")
+    target = ["-m", ns.training_script] if ns.module else [ns.training_script]
+    opts = list(args[:k]) + ([] if ns.module else ["-m"])
+    return opts + ["jobs.torchrun", RUN_RANK] + target + tail
+
+
+def bind_rank_gpu(environ: Mapping[str, str]) -> Optional[object]:
+    """Make ``cuda:LOCAL_RANK`` this process's default CUDA device when CUDA is available; the
+    device, or None on a node without GPUs. Raises quantcore's UserError (exit 2) when the node
+    has no GPU for this local rank."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from quantcore.distributed import resolve_rank_device
+
+    return resolve_rank_device("cuda", int(environ.get("LOCAL_RANK") or 0))
+
+
+def run_rank(argv: Sequence[str], environ: Optional[MutableMapping[str, str]] = None) -> int:
+    """The rank side: ``(-m MODULE | SCRIPT) ARGS`` with rank references expanded, on this rank's
+    GPU, run in this process. The target's own ``sys.exit`` status propagates as it is."""
+    from quantcore.errors import UserError
+
+    environ = os.environ if environ is None else environ
+    argv = list(argv)
+    module = argv[:1] == ["-m"]
+    if module:
+        argv = argv[1:]
+    if not argv:
+        log(f"{RUN_RANK}: no module or script to run")
+        return USER_ERROR
+    target, rest = argv[0], argv[1:]
+    try:
+        rest = expand_rank_refs(rest, environ)
+        bind_rank_gpu(environ)
+    except (KeyError, UserError) as err:
+        log(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+        return USER_ERROR
+    sys.argv = [target] + rest
+    if module:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python SCRIPT` would
+        runpy.run_path(target, run_name="__main__")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [RUN_RANK]:
+        return run_rank(args[1:])
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
     stop_restarts_after_user_error()
     try:
-        torchrun_main(args)
+        torchrun_main(through_rank_shim(args))
     except ChildFailedError as err:
         first_rank, _ = err.get_first_failure()
         code = exit_status({rank: f.exitcode for rank, f in err.failures.items()}, first_rank)

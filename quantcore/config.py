@@ -151,7 +151,9 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _temperature_applies(self) -> "DistillConfig":
-        if "temperature" in self.model_fields_set and self.kind in ("none", "logit_mse", "deit_hard"):
+        # compared with the default, not model_fields_set: stored recipes are dumped with every field
+        if self.temperature != type(self).model_fields["temperature"].default and \
+                self.kind in ("none", "logit_mse", "deit_hard"):
             raise ValueError(f"distill.temperature does not apply to kind {self.kind} (only kd and deit_soft)")
         return self
 

@@ -1,19 +1,30 @@
-"""End-to-end check of ``jobs.ray_sweep`` on a real local Ray cluster, S3 being moto_server.
+"""End-to-end check of ``jobs.ray_sweep`` on a real local Ray cluster, S3 being moto_server:
+a sweep killed after some runs finished and submitted again skips the finished runs.
 
-Meant to run inside fresh network + PID namespaces (tests/test_jobs.py does this), so that Ray
-only sees the loopback interface and ``ray stop --force`` can only reach this cluster:
+Meant to run inside fresh network + PID namespaces (tests/test_ray_sweep.py does this), so that
+Ray only sees the loopback interface and ``ray stop --force`` can only reach this cluster:
 
     unshare -n -p -f --mount-proc sh -c 'ip link set lo up && "$0" "$@"' .venv/bin/python tests/ray_e2e.py
 
 Steps: start moto_server on 127.0.0.1, create a bucket, pack a tiny 3-class JPEG dataset into it,
 upload two recipes of two different tiny ViTs and a sweep file with three runs (the third names a
-recipe that does not exist), ``ray start --head`` on 127.0.0.1, submit
-``python -m jobs.ray_sweep ... --gpus-per-task 0`` with ``ray job submit --no-wait``, poll until it
-ends, then check: the job failed *only* because of the broken run (exit 1, summary says 2 of 3
-succeeded), both good runs wrote checkpoints, encodings and reports, summary.json/summary.md are
-in the bucket, the dashboard API lists the job and the tasks by name (``ptq:<run>``) and the
-Prometheus endpoint exports the sweep's metrics. ``ray stop --force`` and moto are stopped in
-``finally``. Prints ``RAY E2E OK`` and exits 0 on success; otherwise exits 1 with the reason.
+recipe that does not exist), ``ray start --head`` on 127.0.0.1 (2 CPUs, no GPU).
+
+Attempt 1: ``python -m jobs.ray_sweep ... --gpus-per-task 0 --cpus-per-task 2`` (one run at a
+time) with ``ray job submit --no-wait``; as soon as ``summary.json`` in the bucket shows a
+finished run, ``ray job stop`` kills the driver (SIGTERM, then SIGKILL: no final summary, the
+run in flight dies with it). Checks: the summary left behind says ``state: running`` and lists
+the finished run(s); each has a completion manifest written by attempt 1's Ray job.
+
+Attempt 2: the same sweep and ``--out`` (``--gpus-per-task 0``), polled until it ends. Checks:
+the job failed *only* because of the broken run (exit 1, summary says 2 of 3 succeeded, state
+finished), both good runs wrote checkpoints, encodings and reports; the runs attempt 1 finished
+are ``reused`` (driver log and summary), their manifests and artifacts were not rewritten
+(LastModified/ETag unchanged) and attempt 2 ran a task for exactly the other runs (state API,
+by job id), each a CPU task (no GPU in its required resources); the dashboard API lists both jobs
+and the tasks by name (``ptq:<run>``); the Prometheus endpoint exports the sweep's metrics.
+``ray stop --force`` and moto are stopped in ``finally``. Prints ``RAY E2E OK`` and exits 0 on
+success; otherwise exits 1 with the reason.
 """
 from __future__ import annotations
 
@@ -37,6 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BUCKET = "qc-ray-e2e"
 SUBMISSION_ID = "quantcore-sweep-e2e"
+ATTEMPT1_ID = SUBMISSION_ID + "-attempt1"
+MANIFEST = "_SUCCESS.json"
+VARIANTS = {"vit-a": "tiny_a_w8a8", "vit-b": "tiny_b_w8a8"}  # the good runs and their recipe
 
 
 class E2EFailure(AssertionError):
@@ -190,20 +204,84 @@ def main() -> int:
         wait_http(url + "/api/version", 120)
         log(f"ray cluster up, dashboard {url}")
 
-        t_submit = time.monotonic()
-        run([ray, "job", "submit", "--address", url, "--submission-id", SUBMISSION_ID, "--no-wait", "--",
-             "python", "-m", "jobs.ray_sweep", "--sweep", sweep_uri, "--out", out, "--gpus-per-task", "0"],
-            env, timeout=120)
-
         from ray.job_submission import JobStatus, JobSubmissionClient
+        from ray.util.state import list_tasks
 
         client = JobSubmissionClient(url)
-        deadline = time.monotonic() + args.timeout
-        status = client.get_job_status(SUBMISSION_ID)
-        while not status.is_terminal():
-            check(time.monotonic() < deadline, f"job still {status} after {args.timeout:.0f} s")
-            time.sleep(2)
-            status = client.get_job_status(SUBMISSION_ID)
+        entry = ["python", "-m", "jobs.ray_sweep", "--sweep", sweep_uri, "--out", out, "--gpus-per-task", "0"]
+
+        def s3_get(key: str) -> bytes:
+            return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+        def stamps(key: str) -> tuple:
+            head = s3.head_object(Bucket=BUCKET, Key=key)
+            return head["LastModified"], head["ETag"]
+
+        def wait_terminal(sub_id: str) -> Any:
+            deadline = time.monotonic() + args.timeout
+            status = client.get_job_status(sub_id)
+            while not status.is_terminal():
+                check(time.monotonic() < deadline, f"job {sub_id} still {status} after {args.timeout:.0f} s")
+                time.sleep(1)
+                status = client.get_job_status(sub_id)
+            return status
+
+        # --- attempt 1: one run at a time (2 CPUs per task), killed once the summary shows a finished run
+        t_submit = time.monotonic()
+        run([ray, "job", "submit", "--address", url, "--submission-id", ATTEMPT1_ID, "--no-wait", "--"]
+            + entry + ["--cpus-per-task", "2"], env, timeout=120)
+        deadline, first = time.monotonic() + args.timeout, None
+        while first is None:
+            check(time.monotonic() < deadline, f"no run finished within {args.timeout:.0f} s")
+            check(not client.get_job_status(ATTEMPT1_ID).is_terminal(),
+                  f"attempt 1 ended before a run finished:\n{client.get_job_logs(ATTEMPT1_ID)[-4000:]}")
+            try:
+                partial = json.loads(s3_get("runs/e2e/summary.json"))
+                first = partial if partial["runs_succeeded"] >= 1 else None
+            except s3.exceptions.NoSuchKey:
+                pass
+            if first is None:
+                time.sleep(0.5)
+        client.stop_job(ATTEMPT1_ID)  # the driver gets SIGTERM, then SIGKILL: no final summary
+        status1 = wait_terminal(ATTEMPT1_ID)
+        job1 = client.get_job_info(ATTEMPT1_ID).job_id
+        check(status1 == JobStatus.STOPPED, f"attempt 1: expected STOPPED, got {status1} (finished before the kill)")
+        # a retried RayJob starts once the old cluster is gone: wait until no task of attempt 1 runs
+        deadline = time.monotonic() + 90
+        while list_tasks(address=url, filters=[("job_id", "=", job1), ("state", "=", "RUNNING")], limit=100):
+            check(time.monotonic() < deadline, "tasks of the stopped attempt 1 still running after 90 s")
+            time.sleep(1)
+        killed = json.loads(s3_get("runs/e2e/summary.json"))
+        check(killed["schema"] == "quantcore.sweep-summary/2" and killed["state"] == "running",
+              f"summary after the kill: {killed.get('schema')} {killed.get('state')}")
+        finished = sorted(r["name"] for r in killed["runs"] if r["status"] == "succeeded")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/e2e/").get("Contents", [])]
+        complete = sorted(k.split("/")[2] for k in keys if k.endswith("/" + MANIFEST))
+        check(finished and set(finished) <= set(complete),
+              f"summary says {finished} finished, manifests exist for {complete}")
+        check("broken" not in complete, "a failed run has a completion manifest")
+        damaged = None
+        if len(complete) == len(VARIANTS):
+            # tiny runs are quick: both may have finished before the kill. Then the one finished last
+            # loses an artifact, as if the head had died during its uploads: it must be recomputed.
+            damaged = max(complete, key=lambda n: json.loads(s3_get(f"runs/e2e/{n}/{MANIFEST}"))["finished_at"])
+            s3.delete_object(Bucket=BUCKET, Key=f"runs/e2e/{damaged}/{VARIANTS[damaged]}/encodings.json")
+            log(f"both runs finished before the kill: deleted {damaged}/{VARIANTS[damaged]}/encodings.json")
+        reused = [n for n in complete if n != damaged]
+        before = {}
+        for name in reused:
+            manifest = json.loads(s3_get(f"runs/e2e/{name}/{MANIFEST}"))
+            check(manifest["ray_job_id"] == job1, f"{name}: manifest written by job {manifest['ray_job_id']}")
+            for key in [f"runs/e2e/{name}/{MANIFEST}"] + [f"runs/e2e/{name}/{a['path']}"
+                                                          for a in manifest["artifacts"]]:
+                before[key] = stamps(key)
+        log(f"attempt 1 killed after {complete} finished (summary state {killed['state']}, "
+            f"{killed['runs_succeeded']} succeeded, {killed['runs_pending']} pending)")
+
+        # --- attempt 2: the same sweep and --out, resubmitted -------------------------------------
+        run([ray, "job", "submit", "--address", url, "--submission-id", SUBMISSION_ID, "--no-wait", "--"]
+            + entry, env, timeout=120)
+        status = wait_terminal(SUBMISSION_ID)
         logs = client.get_job_logs(SUBMISSION_ID)
         log(f"job {SUBMISSION_ID}: {status} after {time.monotonic() - t_submit:.0f} s; driver log tail:\n"
             + logs[-6000:])
@@ -214,14 +292,14 @@ def main() -> int:
         check("1 of 3 runs failed: broken" in logs, "driver log lacks '1 of 3 runs failed: broken'")
         info = client.get_job_info(SUBMISSION_ID)
         check("exit code 1" in (info.message or ""), f"job message does not say exit code 1: {info.message!r}")
-
-        def s3_get(key: str) -> bytes:
-            return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        job2 = info.job_id
 
         summary = json.loads(s3_get("runs/e2e/summary.json"))
-        check(summary["schema"] == "quantcore.sweep-summary/1", f"summary schema {summary.get('schema')}")
-        check((summary["runs_total"], summary["runs_succeeded"], summary["runs_failed"]) == (3, 2, 1),
-              f"summary counts {summary['runs_total']}/{summary['runs_succeeded']}/{summary['runs_failed']}")
+        check(summary["schema"] == "quantcore.sweep-summary/2" and summary["state"] == "finished",
+              f"summary schema/state {summary.get('schema')} {summary.get('state')}")
+        check((summary["runs_total"], summary["runs_succeeded"], summary["runs_failed"], summary["runs_pending"])
+              == (3, 2, 1, 0), f"summary counts {summary['runs_total']}/{summary['runs_succeeded']}/"
+              f"{summary['runs_failed']}/{summary['runs_pending']}")
         by_name = {r["name"]: r for r in summary["runs"]}
         check(list(by_name) == ["vit-a", "vit-b", "broken"], f"summary runs {list(by_name)}")
         for run_name, variant, count in (("vit-a", "tiny_a_w8a8", 9), ("vit-b", "tiny_b_w8a8", 12)):
@@ -248,27 +326,57 @@ def main() -> int:
         check("| vit-a | succeeded | tiny_a_w8a8 |" in md and "**broken**" in md, "summary.md content:\n" + md)
         log("bucket: reports, checkpoints, encodings and summary present")
 
-        # Dashboard: the job in the job list, the tasks by name.
+        # Resume: the runs attempt 1 completed were reused, untouched; the others were computed by attempt 2.
+        computed = [n for n in by_name if n not in reused]
+        check(summary["runs_reused"] == len(reused) and all(by_name[n]["reused"] is (n in reused) for n in by_name),
+              f"reused flags {[(n, r['reused']) for n, r in by_name.items()]}, complete after attempt 1 {reused}")
+        for name in reused:
+            check(f"] {name}: reused, complete since" in logs, f"attempt 2 log does not say {name} was reused")
+        if damaged:
+            needle = f"{damaged}: recomputing: artifact {out}/{damaged}/{VARIANTS[damaged]}/encodings.json is missing"
+            check(needle in logs, f"attempt 2 log lacks {needle!r}")
+        for key, stamp in before.items():
+            check(stamps(key) == stamp, f"{key} was rewritten by attempt 2: {stamp} -> {stamps(key)}")
+        for name in computed:
+            if by_name[name]["status"] == "succeeded":
+                manifest = json.loads(s3_get(f"runs/e2e/{name}/{MANIFEST}"))
+                check(manifest["ray_job_id"] == job2, f"{name}: manifest of job {manifest['ray_job_id']}, not {job2}")
+        tasks = list_tasks(address=url, filters=[("name", "!=", "")], limit=1000, detail=True)
+        ptq = [t for t in tasks if t.name.startswith("ptq:")]
+        ran2 = sorted(t.name[4:] for t in ptq if t.job_id == job2)
+        check(ran2 == sorted(computed), f"attempt 2 ran tasks for {ran2}, expected exactly {sorted(computed)}")
+        for t in ptq:
+            if t.job_id == job2:
+                check(t.state == "FINISHED", f"task {t.name} of attempt 2: {t.state}")
+                check(not (t.required_resources or {}).get("GPU"),
+                      f"--gpus-per-task 0 but {t.name} asked {t.required_resources}")
+        for name in reused:
+            check(any(t.name == f"ptq:{name}" and t.job_id == job1 and t.state == "FINISHED" for t in ptq),
+                  f"no finished task ptq:{name} in attempt 1")
+        log(f"attempt 2 reused {reused} and computed {computed}")
+        log("resume: finished runs not recomputed (no task in attempt 2, artifacts and manifests untouched)")
+
+        # Dashboard: both jobs in the job list, the tasks by name.
         jobs = json.loads(http_get(url + "/api/jobs/"))
         mine = [j for j in jobs if j.get("submission_id") == SUBMISSION_ID]
         check(len(mine) == 1 and "jobs.ray_sweep" in mine[0]["entrypoint"] and mine[0]["status"] == "FAILED",
               f"/api/jobs/ does not list {SUBMISSION_ID} as expected: {json.dumps(jobs)[:2000]}")
-        from ray.util.state import list_tasks
-
-        names = {t.name: t.state for t in list_tasks(address=url, filters=[("name", "!=", "")], limit=1000)}
-        for n in ("ptq:vit-a", "ptq:vit-b", "ptq:broken"):
-            check(names.get(n) == "FINISHED", f"task {n} in the state API: {names.get(n)} (all: {names})")
-        log(f"dashboard lists job {SUBMISSION_ID} and tasks {sorted(n for n in names if n.startswith('ptq:'))}")
+        check(any(j.get("submission_id") == ATTEMPT1_ID and j["status"] == "STOPPED" for j in jobs),
+              f"/api/jobs/ does not list {ATTEMPT1_ID} as STOPPED")
+        names = sorted({t.name for t in ptq})
+        check(names == ["ptq:broken", "ptq:vit-a", "ptq:vit-b"], f"ptq tasks in the state API: {names}")
+        log(f"dashboard lists job {SUBMISSION_ID} and tasks {names}")
 
         # Prometheus endpoint of the node: the sweep's metrics (exported every few seconds).
         wanted = ("ray_quantcore_sweep_images_processed", "ray_quantcore_sweep_top1")
+        metric_run = next(n for n in computed if by_name[n]["status"] == "succeeded")  # attempt 1's workers are gone
         text, deadline = "", time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
             except OSError:
                 text = ""
-            if all(w in text for w in wanted) and 'run="vit-b"' in text:
+            if all(w in text for w in wanted) and f'run="{metric_run}"' in text:
                 break
             time.sleep(2)
         missing = [w for w in wanted if w not in text]

@@ -261,7 +261,7 @@ def main() -> int:
         check(killed is not None, "no worker was killed: no checkpoint appeared while the job ran")
         check(status == JobStatus.SUCCEEDED, f"job ended {status}, expected SUCCEEDED")
         resumed = [int(s) for s in re.findall(r"resuming from s3://\S+/qat/checkpoints/step-(\d+)\.pt", logs)]
-        check(resumed and resumed[0] > 0, f"no 'resuming from .../qat/checkpoints/step-N.pt' in the job log")
+        check(resumed and resumed[0] > 0, "no 'resuming from .../qat/checkpoints/step-N.pt' in the job log")
         check(min(killed["checkpoints"]) <= resumed[0] < MAX_STEPS,
               f"resumed from step {resumed[0]}, checkpoints seen before the kill: {killed['checkpoints']}")
         log(f"worker group restarted, resumed from step {resumed[0]} (of {MAX_STEPS})")

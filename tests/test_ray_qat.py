@@ -4,7 +4,6 @@ Ray cluster with a worker killed mid-training (tests/ray_qat_e2e.py)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ import yaml
 
 from jobs import ray_qat
 from quantcore.errors import UserError
+from netns import in_netns, netns_usable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-UNSHARE = ["unshare", "-n", "-p", "-f", "--mount-proc"]
 
 QAT_RECIPE = {"name": "t_qat", "model": {"name": "quantcore/vit_fmnist", "num_classes": 4},
               "qat": {"max_steps": 3, "batch_size": 4}}
@@ -190,25 +189,16 @@ def test_storage_location_custom_s3_endpoint(monkeypatch):
     assert ray_qat.storage_location("/mnt/shared/ray", "s3://b/out") == ("/mnt/shared/ray", None)
 
 
-def _netns_usable() -> bool:
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return False
-    try:
-        return subprocess.run(UNSHARE + ["sh", "-c", "ip link set lo up"], capture_output=True,
-                              timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _netns_usable(), reason="unshare of network + PID namespaces unavailable or not permitted")
+@pytest.mark.skipif(not netns_usable(), reason="unshare of network + PID namespaces unavailable or not permitted")
 def test_ray_train_qat_two_workers_moto_s3_resumes_after_worker_kill():
     """tests/ray_qat_e2e.py inside fresh network (loopback only) and PID namespaces (`ray stop --force`
     only reaches this cluster; the killed worker is ours): 2 Ray Train workers, checkpoints in moto S3,
     SIGKILL to rank 1 after the first checkpoint, Ray restarts the group, the loop resumes, and the
     final weights equal an uninterrupted torchrun run's bit for bit."""
-    cmd = UNSHARE + ["sh", "-c", 'ip link set lo up && "$0" "$@"', sys.executable,
-                     str(REPO / "tests" / "ray_qat_e2e.py"), "--timeout", "420"]
+    cmd = in_netns([sys.executable, REPO / "tests" / "ray_qat_e2e.py", "--timeout", "420"])
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

@@ -13,33 +13,103 @@
 {{- join " " $quoted -}}
 {{- end -}}
 
+{{/* Ray's per-node health endpoint (dashboard agent), served by Ray >= 2.53: 200 when the raylet
+     (and on the head the GCS) is healthy, else 503. The probes below use it through httpGet, so
+     KubeRay injects none of its own: KubeRay 1.1-1.5 inject `wget` exec probes, and the CUDA image
+     has no wget (pods would never become Ready). */}}
+{{- define "quantcore.rayProbes" -}}
+readinessProbe:
+  httpGet:
+    path: /api/healthz
+    port: 52365
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 10
+livenessProbe:
+  httpGet:
+    path: /api/healthz
+    port: 52365
+  initialDelaySeconds: 30
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 120
+{{- end -}}
+
+{{/* object-store-memory (bytes) of a Ray node group, checked against its shared memory: Ray puts
+     the object store into /dev/shm only if it fits there (otherwise onto disk under /tmp, or it
+     refuses to start above 10 GB), and the in-memory /dev/shm counts against the container's memory
+     limit. Ray's default (30% of the memory limit) is larger than the shm sizes used here, hence an
+     explicit size. ctx: dict g (head / workers block), where (its values path) */}}
+{{- define "quantcore.rayObjectStore" -}}
+{{- $mem := dig "limits" "memory" "" (default (dict) .g.resources) -}}
+{{- if not $mem -}}
+{{- fail (printf "%s.resources.limits.memory is required: Ray sizes its memory from it" .where) -}}
+{{- end -}}
+{{- $memB := int64 (include "quantcore.bytes" (dict "q" $mem "where" (printf "%s.resources.limits.memory" .where))) -}}
+{{- $shmB := int64 (include "quantcore.bytes" (dict "q" .g.shmSize "where" (printf "%s.shmSize" .where))) -}}
+{{- $osB := int64 (include "quantcore.bytes" (dict "q" .g.objectStoreMemory "where" (printf "%s.objectStoreMemory" .where))) -}}
+{{- if lt $osB 78643200 -}}
+{{- fail (printf "%s.objectStoreMemory (%s) is below Ray's minimum object store of 75Mi" .where .g.objectStoreMemory) -}}
+{{- end -}}
+{{- if gt $osB $shmB -}}
+{{- fail (printf "%s.objectStoreMemory (%s) exceeds %s.shmSize (%s): the object store must fit into /dev/shm (Ray would put it on disk, or refuse to start)" .where .g.objectStoreMemory .where .g.shmSize) -}}
+{{- end -}}
+{{- if ge $shmB $memB -}}
+{{- fail (printf "%s.shmSize (%s) must be below %s.resources.limits.memory (%v): /dev/shm is memory of the container" .where .g.shmSize .where $mem) -}}
+{{- end -}}
+{{- $osB -}}
+{{- end -}}
+
 {{/* A KubeRay RayJob (ray.io/v1) on a throw-away Ray cluster: a submitter pod runs `ray job submit`
      with the entrypoint, the driver runs on the head (no CPUs/GPUs advertised, so work lands on the
      workers), the workers do the work, and the cluster is deleted when the job finishes.
+     Queueing: queueName (Kueue) labels the RayJob and creates it suspended (Kueue admits head,
+     workers and submitter together); volcanoQueue labels it for KubeRay's Volcano integration (the
+     operator runs with --batch-scheduler=volcano and puts head and workers into one PodGroup).
      ctx: dict
        root        the chart root context
        cfg         the values block (.Values.sweep / .Values.rayQat)
-       component   app.kubernetes.io/component of the RayJob ("sweep", "qat"); pods get -submitter/-head/-worker
+       valuesKey   its name in the values ("sweep", "rayQat"), for error messages
+       component   app.kubernetes.io/component of the RayJob ("sweep", "ray-qat"); pods get -submitter/-head/-worker
        entrypoint  the entrypoint as a list of arguments
        headMounts  extra volumeMounts of the head container (YAML list text, may be "")
        headVolumes extra volumes of the head pod (YAML list text, may be "") */}}
 {{- define "quantcore.rayJob" -}}
 {{- $root := .root -}}
 {{- $cfg := .cfg -}}
+{{- $key := .valuesKey -}}
 {{- $w := $cfg.workers -}}
 {{- $minReplicas := ternary $w.minReplicas $w.replicas (hasKey $w "minReplicas") -}}
 {{- $maxReplicas := ternary $w.maxReplicas $w.replicas (hasKey $w "maxReplicas") -}}
 {{- if or (lt (int $w.replicas) (int $minReplicas)) (gt (int $w.replicas) (int $maxReplicas)) }}
-{{- fail (printf "%s.workers: need minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" .valuesKey (int $minReplicas) (int $w.replicas) (int $maxReplicas)) }}
+{{- fail (printf "%s.workers: need minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" $key (int $minReplicas) (int $w.replicas) (int $maxReplicas)) }}
 {{- end }}
+{{- if semverCompare "<2.53.0" $cfg.rayVersion }}
+{{- fail (printf "%s.rayVersion %s: the Ray pods' health probes need Ray >= 2.53 (/api/healthz); rayVersion must equal the ray in the image" $key $cfg.rayVersion) }}
+{{- end }}
+{{- include "quantcore.checkQueues" (dict "queueName" $cfg.queueName "volcanoQueue" $cfg.volcanoQueue "where" $key) }}
+{{- if and $cfg.queueName (not $cfg.shutdownAfterJobFinishes) }}
+{{- fail (printf "%s.queueName needs %s.shutdownAfterJobFinishes: true (Kueue does not admit a RayJob whose cluster outlives the job)" $key $key) }}
+{{- end }}
+{{- $headStore := include "quantcore.rayObjectStore" (dict "g" $cfg.head "where" (printf "%s.head" $key)) }}
+{{- $workerStore := include "quantcore.rayObjectStore" (dict "g" $w "where" (printf "%s.workers" $key)) }}
 {{- $s3env := include "quantcore.s3Env" $root }}
+{{- $labels := deepCopy (default (dict) $cfg.labels) }}
+{{- with $cfg.queueName }}{{ $_ := set $labels "kueue.x-k8s.io/queue-name" . }}{{ end }}
+{{- with $cfg.volcanoQueue }}
+{{- $_ := set $labels "ray.io/scheduler-name" "volcano" }}
+{{- $_ := set $labels "volcano.sh/queue-name" . }}
+{{- with $cfg.priorityClassName }}{{ $_ := set $labels "ray.io/priority-class-name" . }}{{ end }}
+{{- end }}
+{{- $pod := dict "root" $root "labels" $cfg.labels "annotations" $cfg.podAnnotations "where" (printf "%s.labels" $key) }}
 apiVersion: ray.io/v1
 kind: RayJob
 metadata:
-  name: {{ printf "%s-%s" (include "quantcore.fullname" $root) $cfg.name | trunc 47 | trimSuffix "-" }}
+  name: {{ include "quantcore.rayJobName" (dict "root" $root "name" $cfg.name) }}
+  namespace: {{ $root.Release.Namespace }}
   labels:
-    {{- include "quantcore.labels" $root | nindent 4 }}
-    app.kubernetes.io/component: {{ .component }}
+    {{- include "quantcore.labelsFor" (dict "root" $root "component" .component "run" "" "extra" $labels "where" (printf "%s.labels" $key)) | nindent 4 }}
 spec:
   entrypoint: {{ include "quantcore.shellJoin" .entrypoint | quote }}
   submissionMode: {{ $cfg.submissionMode }}
@@ -47,12 +117,14 @@ spec:
   ttlSecondsAfterFinished: {{ int $cfg.ttlSecondsAfterFinished }}
   activeDeadlineSeconds: {{ int $cfg.activeDeadlineSeconds }}
   backoffLimit: {{ int $cfg.backoffLimit }}
+  {{- if $cfg.queueName }}
+  # Kueue unsuspends the RayJob when it admits head, workers and submitter together.
+  suspend: true
+  {{- end }}
   {{- if eq $cfg.submissionMode "K8sJobMode" }}
   submitterPodTemplate:
     metadata:
-      labels:
-        {{- include "quantcore.labels" $root | nindent 8 }}
-        app.kubernetes.io/component: {{ .component }}-submitter
+      {{- include "quantcore.podMetadata" (merge (dict "component" (printf "%s-submitter" .component) "run" "") $pod) | nindent 6 }}
     spec:
       serviceAccountName: {{ include "quantcore.serviceAccountName" $root }}
       automountServiceAccountToken: false
@@ -64,10 +136,13 @@ spec:
       {{- end }}
       securityContext:
         {{- include "quantcore.podSecurityContext" $root | nindent 8 }}
+      {{- with $cfg.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
       containers:
         - name: ray-job-submitter
           image: {{ include "quantcore.image" $root }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          imagePullPolicy: {{ include "quantcore.pullPolicy" $root }}
           resources:
             {{- toYaml $cfg.submitter.resources | nindent 12 }}
           securityContext:
@@ -89,11 +164,11 @@ spec:
         dashboard-host: "0.0.0.0"
         num-cpus: "0"
         num-gpus: "0"
+        object-store-memory: {{ $headStore | quote }}
+        metrics-export-port: "8080"
       template:
         metadata:
-          labels:
-            {{- include "quantcore.labels" $root | nindent 12 }}
-            app.kubernetes.io/component: {{ .component }}-head
+          {{- include "quantcore.podMetadata" (merge (dict "component" (printf "%s-head" .component) "run" "") $pod) | nindent 10 }}
         spec:
           serviceAccountName: {{ include "quantcore.serviceAccountName" $root }}
           automountServiceAccountToken: false
@@ -104,11 +179,11 @@ spec:
           {{- end }}
           securityContext:
             {{- include "quantcore.podSecurityContext" $root | nindent 12 }}
-          {{- include "quantcore.scheduling" (dict "root" $root "gpus" 0 "nodeSelector" $cfg.head.nodeSelector "tolerations" $cfg.head.tolerations "affinity" $cfg.head.affinity) | nindent 10 }}
+          {{- include "quantcore.scheduling" (dict "root" $root "gpus" 0 "nodeSelector" $cfg.head.nodeSelector "tolerations" $cfg.head.tolerations "affinity" $cfg.head.affinity "priorityClassName" $cfg.priorityClassName) | nindent 10 }}
           containers:
             - name: ray-head
               image: {{ include "quantcore.image" $root }}
-              imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+              imagePullPolicy: {{ include "quantcore.pullPolicy" $root }}
               ports:
                 - name: gcs-server
                   containerPort: 6379
@@ -116,6 +191,9 @@ spec:
                   containerPort: 8265
                 - name: client
                   containerPort: 10001
+                - name: metrics
+                  containerPort: 8080
+              {{- include "quantcore.rayProbes" . | nindent 14 }}
               {{- if $s3env }}
               env:
                 {{- $s3env | nindent 16 }}
@@ -140,12 +218,12 @@ spec:
         minReplicas: {{ int $minReplicas }}
         maxReplicas: {{ int $maxReplicas }}
         # KubeRay derives num-cpus / num-gpus / memory from the container limits.
-        rayStartParams: {}
+        rayStartParams:
+          object-store-memory: {{ $workerStore | quote }}
+          metrics-export-port: "8080"
         template:
           metadata:
-            labels:
-              {{- include "quantcore.labels" $root | nindent 14 }}
-              app.kubernetes.io/component: {{ .component }}-worker
+            {{- include "quantcore.podMetadata" (merge (dict "component" (printf "%s-worker" .component) "run" "") $pod) | nindent 12 }}
           spec:
             serviceAccountName: {{ include "quantcore.serviceAccountName" $root }}
             automountServiceAccountToken: false
@@ -156,11 +234,15 @@ spec:
             {{- end }}
             securityContext:
               {{- include "quantcore.podSecurityContext" $root | nindent 14 }}
-            {{- include "quantcore.scheduling" (dict "root" $root "gpus" $w.gpus "nodeSelector" $w.nodeSelector "tolerations" $w.tolerations "affinity" $w.affinity) | nindent 12 }}
+            {{- include "quantcore.scheduling" (dict "root" $root "gpus" $w.gpus "nodeSelector" $w.nodeSelector "tolerations" $w.tolerations "affinity" $w.affinity "priorityClassName" $cfg.priorityClassName) | nindent 12 }}
             containers:
               - name: ray-worker
                 image: {{ include "quantcore.image" $root }}
-                imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+                imagePullPolicy: {{ include "quantcore.pullPolicy" $root }}
+                ports:
+                  - name: metrics
+                    containerPort: 8080
+                {{- include "quantcore.rayProbes" . | nindent 16 }}
                 {{- if $s3env }}
                 env:
                   {{- $s3env | nindent 18 }}
