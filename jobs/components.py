@@ -6,9 +6,11 @@ Each component is a pure function returning a :class:`torchx.specs.AppDef`; its 
 container command always starts with the :mod:`jobs.launch` entrypoint, which loads S3
 credentials from the Kubernetes Secret named by ``--s3_secret`` when they are not in the
 environment already (TorchX's kubernetes scheduler cannot reference Secrets itself), and ends in
-the ``quantcore`` CLI: ``python -m jobs.launch quantcore <command> ...``; ``ddp`` and ``qat`` put
-:mod:`jobs.torchrun` in between (torchrun keeping the ranks' exit status: 2 for a user error, 143
-after SIGTERM; per-rank ``$RANK`` references expanded; each rank on its own GPU).
+the ``quantcore`` CLI: ``python -m jobs.launch quantcore <command> ...``. ``ddp``, ``qat``, and
+``calibrate``/``evaluate``/``ptq`` with ``gpus`` > 1 (one data-parallel rank per GPU, as the Helm
+chart's Jobs) put :mod:`jobs.torchrun` in between (torchrun keeping the ranks' exit status: 2 for a
+user error, 143 after SIGTERM; per-rank ``$RANK`` references expanded; each rank on its own GPU).
+Every component runs one rank per GPU: ``nproc_per_node`` is ``gpus`` whenever ``gpus`` > 0.
 
 On ``-s kubernetes`` the Volcano Job that TorchX 0.7 builds is completed by :class:`QuantcoreRole`
 (see :func:`complete_volcano_job`): the Kubernetes ``restricted`` Pod Security context, writable
@@ -42,13 +44,15 @@ import shlex
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torchx.specs as specs
+from torchx.specs.finder import ComponentValidationException
 
 # The one image reference of the project: README.md, images/Makefile's example, the Helm chart's
 # image.repository:tag (= Chart.yaml appVersion) and the kustomize `images:` entries use the same,
 # tests/test_torchx_k8s.py checks that they agree.
 DEFAULT_IMAGE = "registry.example.com/ml/quantcore:0.1.0"
-# The container command: the launcher, then the quantcore CLI.
+# The container command: the launcher, then the quantcore CLI (with torchrun in between for ranks).
 LAUNCHER = ["python", "-m", "jobs.launch"]
+TORCHRUN = ["python", "-m", "jobs.torchrun"]
 SECRET_ENV = "QUANTCORE_S3_SECRET"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 
@@ -63,6 +67,19 @@ SCRATCH = {"tmp": "/tmp", "cache": "/cache"}
 RESERVED_PATHS = ("/", "/tmp", "/cache", "/dev/shm")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# TorchX 0.7 requests memMB - 1024 MB (its node reservation; never below 0) under a limit of memMB:
+# from 2048 on, the request is at least 1 GiB, about what Python with torch needs before any model.
+MIN_MEM_MB = 2048
+
+# Names on Kubernetes. TorchX 0.7 names the Volcano Job normalize_str(f"{app.name}-{random_id()}")
+# (torchx.schedulers.ids.random_id: a 64-bit number written in at most 14 letters and digits) and
+# each task normalize_str(f"{role}-{replica}"); Volcano names a task's pod f"{job}-{task}-0", and
+# its svc plugin uses the job name for a headless Service and as the pods' subdomain, and the pod
+# name as each pod's hostname. Service names are DNS-1035 labels, subdomains and hostnames DNS-1123
+# labels: at most 63 characters each.
+TORCHX_ID_MAX = 14
+DNS_LABEL_MAX = 63
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 # Container image reference (distribution/reference grammar): [HOST[:PORT]/]PATH[:TAG][@sha256:HEX]
 _HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]+)?"
@@ -73,8 +90,11 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _NAME_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
-class ComponentError(ValueError):
-    """A component argument that cannot work; the message starts with the option (``--name``)."""
+class ComponentError(ValueError, ComponentValidationException):
+    """A component argument that cannot work; the message starts with the option (``--name``) and
+    says what would work. A :class:`torchx.specs.finder.ComponentValidationException` too: the
+    ``torchx run`` CLI reports those as one error line (``Failed to run component ... got
+    errors: <message>``, exit status 1) instead of a traceback."""
 
 
 # ------------------------------------------------------------------------------ argument checks
@@ -122,6 +142,43 @@ def check_image(image: str) -> str:
         raise ComponentError(f"--image {image!r}: pin a release tag or a digest (repository@sha256:...); "
                              f"`latest` (or no tag) changes under a running job and its retries")
     return ref
+
+
+def check_job_name(name: str, role: str, nnodes: int) -> str:
+    """``name`` if TorchX uses it as it is and every name derived from it on Kubernetes is valid.
+
+    Refused: names that TorchX's ``normalize_str`` would change behind the user's back (upper
+    case, ``_``, ``/`` ...) or that cannot start a Service name (a DNS-1035 label: a lower-case
+    letter first), and names too long for the Volcano Job name ``NAME-<id>`` (id: at most
+    :data:`TORCHX_ID_MAX` characters) or the longest pod name ``NAME-<id>-ROLE-<nnodes - 1>-0`` to
+    stay within :data:`DNS_LABEL_MAX` characters (see the comment at :data:`TORCHX_ID_MAX`)."""
+    ref = str(name)
+    if not _DNS_1035_LABEL.match(ref):
+        from torchx.util.strings import normalize_str
+
+        raise ComponentError(f"--name {name!r}: use lower-case letters, digits and '-', starting with a letter "
+                             f"and ending with a letter or digit (TorchX would name the job "
+                             f"{normalize_str(ref)}-<id>; a Kubernetes Service name starts with a letter)")
+    longest_pod = f"-{'x' * TORCHX_ID_MAX}-{role}-{nnodes - 1}-0"
+    limit = DNS_LABEL_MAX - len(longest_pod)
+    if len(ref) > limit:
+        raise ComponentError(f"--name {name!r}: {len(ref)} characters, at most {limit} with --nnodes {nnodes} "
+                             f"(TorchX names the Volcano Job and its Service NAME-<id of up to {TORCHX_ID_MAX} "
+                             f"characters>, Volcano the pods <job>-{role}-<node>-0; each must be a DNS label of at "
+                             f"most {DNS_LABEL_MAX} characters)")
+    return ref
+
+
+def ranks_per_node(nproc_per_node: int, gpus: int) -> int:
+    """torchrun's ``--nproc_per_node``: one rank per GPU (``nproc_per_node`` 0 or ``gpus``); with
+    no GPUs, ``nproc_per_node`` CPU ranks, 1 when 0. Any other count with GPUs is refused: fewer
+    ranks leave GPUs idle, more put two ranks on one GPU (rank i uses cuda:LOCAL_RANK)."""
+    if nproc_per_node < 0:
+        raise ComponentError(f"--nproc_per_node must be >= 0, got {nproc_per_node}")
+    if gpus and nproc_per_node not in (0, gpus):
+        raise ComponentError(f"--nproc_per_node {nproc_per_node} with --gpus {gpus}: each node runs one rank per "
+                             f"GPU; leave --nproc_per_node at 0 (one per GPU) or set it to {gpus}, or change --gpus")
+    return nproc_per_node or max(gpus, 1)
 
 
 def parse_tolerations(items: Optional[List[str]]) -> List[Dict[str, str]]:
@@ -192,10 +249,12 @@ class PodOptions:
     image: str = _opt(DEFAULT_IMAGE, "container image with quantcore and the jobs/ package: REPO:TAG, "
                       "or REPO@sha256:DIGEST to pin the exact build; `latest` and untagged references are "
                       "refused")
-    gpus: int = _opt(1, "GPUs per container (per node); 0: CPU only. Pods with GPUs tolerate the "
-                     "nvidia.com/gpu:NoSchedule taint")
-    cpu: int = _opt(8, "CPU cores per container (Kubernetes limit; the request is 100m lower)")
-    memMB: int = _opt(32768, "memory in MB per container (Kubernetes limit; the request is 1024 MB lower)")
+    gpus: int = _opt(1, "GPUs per container (per node), one rank each: with more than 1, the command "
+                     "runs under torchrun (jobs.torchrun), one data-parallel rank per GPU; 0: CPU only. Pods "
+                     "with GPUs tolerate the nvidia.com/gpu:NoSchedule taint")
+    cpu: int = _opt(8, "CPU cores per container, at least 1 (Kubernetes limit; the request is 100m lower)")
+    memMB: int = _opt(32768, f"memory in MB per container, at least {MIN_MEM_MB} (Kubernetes limit; the "
+                      f"request is 1024 MB lower)")
     cache_gb: int = _opt(16, "GiB of node-local disk at /cache, an emptyDir of that sizeLimit (model "
                          "weights: TORCH_HOME/HF_HOME, and the zip shard cache when cache_dir is under "
                          "/cache); the pod requests and is limited to cache_gb + 5 GiB of ephemeral "
@@ -236,9 +295,11 @@ class PodOptions:
         """The shared options among a component's arguments (its ``locals()`` on entry), checked;
         new lists and dicts, the caller's are never kept."""
         opts = cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
-        for name in ("gpus", "cpu", "memMB", "deadline_s", "max_retries"):
-            if getattr(opts, name) < 0:
-                raise ComponentError(f"--{name} must be >= 0, got {getattr(opts, name)}")
+        for name, low, why in (("gpus", 0, ""), ("cpu", 1, " (CPU cores of the container's limit)"),
+                               ("memMB", MIN_MEM_MB, " (the memory limit; the pod requests 1024 MB less)"),
+                               ("deadline_s", 0, ""), ("max_retries", 0, "")):
+            if getattr(opts, name) < low:
+                raise ComponentError(f"--{name} must be >= {low}{why}, got {getattr(opts, name)}")
         if opts.cache_gb < 1:
             raise ComponentError(f"--cache_gb must be >= 1 (/cache holds the model weights), got {opts.cache_gb}")
         parse_pvc_mounts(opts.mounts)
@@ -432,11 +493,20 @@ def _check_workers(workers: int) -> None:
 
 
 def _app(command: str, cli_args: List[str], pod: PodOptions, cache_dir: Optional[str]) -> specs.AppDef:
+    """One container: ``python -m jobs.launch quantcore COMMAND ARGS``; with ``gpus`` > 1 one rank per
+    GPU, as the Helm chart's Jobs: ``... jobs.launch python -m jobs.torchrun --standalone
+    --nproc_per_node GPUS --max_restarts 0 -m quantcore.cli COMMAND ARGS`` (calibrate, evaluate and
+    ptq are data-parallel under torchrun; jobs.torchrun keeps a rank's exit 2). No in-place
+    restarts: there is no checkpoint to resume from, Volcano's retries (max_retries) restart the job."""
+    cli = ["quantcore", command] + cli_args
+    if pod.gpus > 1:
+        cli = TORCHRUN + ["--standalone", "--nproc_per_node", str(pod.gpus), "--max_restarts", "0",
+                          "-m", "quantcore.cli", command] + cli_args
     role = QuantcoreRole(
         name=command,
         image=pod.image,
         entrypoint=LAUNCHER[0],
-        args=LAUNCHER[1:] + ["quantcore", command] + cli_args,
+        args=LAUNCHER[1:] + cli,
         num_replicas=1,
         resource=specs.Resource(cpu=pod.cpu, gpu=pod.gpus, memMB=pod.memMB),
         env=pod.environment(),
@@ -460,7 +530,7 @@ def _torchrun_app(app: specs.AppDef, name: str, pod: PodOptions, torchrun_opts: 
     # `exec` keeps one process tree: bash expands the rank-0 host, jobs.launch loads the Secret and
     # execs jobs.torchrun, which is torchrun keeping a rank's exit 2 (user error) as the container's
     # status, not restarting after it, and running each rank through its per-rank shim.
-    launch = " ".join(shlex.quote(a) for a in LAUNCHER + ["python", "-m", "jobs.torchrun"] + torchrun_opts)
+    launch = " ".join(shlex.quote(a) for a in LAUNCHER + TORCHRUN + torchrun_opts)
     cmd = f"exec {launch} {torchrun_cmd[len('torchrun '):]}"
     new = _role(role, pod, cache_dir, grace_s, name=name, args=["-c", cmd], retry_policy=specs.RetryPolicy.APPLICATION,
                 mounts=pod.volume_mounts())
@@ -497,7 +567,9 @@ def calibrate(
     """Calibrate recipes on a dataset: `quantcore calibrate` in one container (one replica).
 
     Writes <out>/<recipe>/model.qc.pt, encodings.json, ranges.png and report.json for every
-    recipe, without evaluating them (use the ptq component for calibration + evaluation).
+    recipe, without evaluating them (use the ptq component for calibration + evaluation). With
+    gpus > 1 the container runs one rank per GPU under jobs.torchrun: each rank calibrates on its
+    share of the images, the statistics are merged exactly and rank 0 writes.
 
     Args:
         recipe: recipe(s) to calibrate, comma-separated: built-in names, YAML paths inside the
@@ -557,7 +629,8 @@ def evaluate(
     """Evaluate a calibrated checkpoint against its own float path: `quantcore evaluate`, one replica.
 
     Writes <out>/report.json, report.md and per_class.png (quantized vs. FP32 top-1/top-5,
-    agreement, logit SQNR).
+    agreement, logit SQNR). With gpus > 1 the container runs one rank per GPU under
+    jobs.torchrun: the split is sharded over the ranks, the results merged and rank 0 writes.
 
     Args:
         checkpoint: calibrated checkpoint URI (<calibrate out>/<recipe>/model.qc.pt)
@@ -618,6 +691,8 @@ def ptq(
 
     Calibrates every recipe, evaluates FP32 and all variants in one pass and writes
     <out>/report.json, report.md, per_class.png and <out>/<recipe>/model.qc.pt, encodings.json.
+    With gpus > 1 the container runs one rank per GPU under jobs.torchrun (calibration and
+    evaluation data-parallel, rank 0 writes).
 
     Args:
         recipe: recipe(s) to calibrate, comma-separated: built-in names, YAML paths inside the
@@ -663,7 +738,7 @@ def ddp(
     script: Optional[str] = None,
     nnodes: int = 1,
     min_nnodes: int = 0,
-    nproc_per_node: int = 1,
+    nproc_per_node: int = 0,
     name: str = "quantcore-ddp",
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
@@ -696,10 +771,11 @@ def ddp(
     The default module is the quantcore CLI, whose calibrate, evaluate and ptq commands are
     data-parallel under torchrun: calibration statistics are merged exactly, evaluation is
     sharded and merged, rank 0 writes (e.g. `-- evaluate --checkpoint C --data D --out O --device
-    cuda` splits a 50k-image validation set over the ranks, one GPU each). For QAT use the qat
+    cuda` splits a 50k-image validation set over the ranks, one GPU each); on one node the
+    calibrate, evaluate and ptq components with gpus > 1 do the same. For QAT use the qat
     component. Example: torchx run -s kubernetes -cfg queue=default jobs/components.py:ddp
-    --nnodes 2 --nproc_per_node 4 --gpus 4 -- evaluate --checkpoint s3://b/run/model.qc.pt
-    --data s3://b/imagenet --out s3://b/eval --device cuda
+    --nnodes 2 --gpus 4 -- evaluate --checkpoint s3://b/run/model.qc.pt --data s3://b/imagenet
+    --out s3://b/eval --device cuda
 
     Args:
         script_args: arguments for the module or script (after `--` on the command line)
@@ -708,23 +784,26 @@ def ddp(
             rank runs instead of a module
         nnodes: number of nodes (containers); with min_nnodes < nnodes the job is elastic
         min_nnodes: minimum number of nodes for an elastic job; 0 means nnodes (fixed size)
-        nproc_per_node: processes (ranks) per node, normally one per GPU
-        name: job name
+        nproc_per_node: processes (ranks) per node; 0: one per GPU (gpus), or 1 when gpus is 0.
+            With gpus > 0 it must equal gpus (each rank uses its own GPU, cuda:LOCAL_RANK)
+        name: job name: lower-case letters, digits and '-', starting with a letter; on Kubernetes
+            at most 40 characters with nnodes <= 10 (the Volcano Job, its Service and the pods are
+            named after it, see the error for other nnodes)
         rdzv_backend: torchrun rendezvous backend (c10d, or static with fixed node ranks)
         rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only)
-        gpus: GPUs per node (0: CPU ranks with the gloo backend, chosen by the script); each rank
-            gets cuda:LOCAL_RANK as its default device, so nproc_per_node must not exceed gpus
+        gpus: GPUs per node, one rank each (0: CPU ranks with the gloo backend, chosen by the
+            script); each rank gets cuda:LOCAL_RANK as its default device
     """
     from torchx.components import dist
 
     pod = PodOptions.of(locals())
-    if nnodes < 1 or nproc_per_node < 1:
-        raise ComponentError(f"--nnodes and --nproc_per_node must be >= 1, got {nnodes} and {nproc_per_node}")
+    if nnodes < 1:
+        raise ComponentError(f"--nnodes must be >= 1, got {nnodes}")
     if not 0 <= min_nnodes <= nnodes:
         raise ComponentError(f"--min_nnodes must be between 0 and --nnodes ({nnodes}), got {min_nnodes}")
-    if pod.gpus and nproc_per_node > pod.gpus:
-        raise ComponentError(f"--nproc_per_node ({nproc_per_node}) exceeds the GPUs per node (--gpus {pod.gpus})")
-    j = f"{min_nnodes}:{nnodes}x{nproc_per_node}" if 0 < min_nnodes < nnodes else f"{nnodes}x{nproc_per_node}"
+    nproc = ranks_per_node(nproc_per_node, pod.gpus)
+    name = check_job_name(name, "ddp", nnodes)
+    j = f"{min_nnodes}:{nnodes}x{nproc}" if 0 < min_nnodes < nnodes else f"{nnodes}x{nproc}"
     app = dist.ddp(
         *[str(a) for a in script_args],
         script=script,
@@ -822,14 +901,16 @@ def qat(
             PersistentVolumeClaim (see mounts) to keep it across pods; unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
         nnodes: number of nodes (containers, scheduled together as one gang)
-        nproc_per_node: ranks per node; 0: one per GPU (gpus), or 1 when gpus is 0. Must not
-            exceed gpus when gpus > 0 (each rank needs a GPU of its own)
+        nproc_per_node: ranks per node; 0: one per GPU (gpus), or 1 when gpus is 0. With gpus > 0
+            it must equal gpus (each rank uses its own GPU, cuda:LOCAL_RANK)
         max_restarts: times torchrun restarts all ranks in place after a failure other than a user
             error (exit 2); each restart resumes from the latest checkpoint
         grace_s: seconds a pod gets after SIGTERM (eviction, preemption, deadline) to write a
             checkpoint and exit 143 (its terminationGracePeriodSeconds; torchrun waits grace_s - 15
             for the ranks)
-        name: job name
+        name: job name: lower-case letters, digits and '-', starting with a letter; on Kubernetes
+            at most 40 characters with nnodes <= 10 (the Volcano Job, its Service and the pods are
+            named after it, see the error for other nnodes)
         rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only)
         max_retries: times Volcano restarts the whole job after an infrastructure failure that
             torchrun's in-place restarts cannot cover (a pod evicted or failed with any exit status
@@ -839,16 +920,13 @@ def qat(
     from torchx.components import dist
 
     pod = PodOptions.of(locals())
-    for flag, value, low in (("nnodes", nnodes, 1), ("nproc_per_node", nproc_per_node, 0),
-                             ("max_restarts", max_restarts, 0), ("grace_s", grace_s, 20), ("epochs", epochs, 0),
-                             ("max_steps", max_steps, 0),
-                             ("batch_size", batch_size, 0), ("eval_limit", eval_limit, 0), ("workers", workers, -1)):
+    for flag, value, low in (("nnodes", nnodes, 1), ("max_restarts", max_restarts, 0), ("grace_s", grace_s, 20),
+                             ("epochs", epochs, 0), ("max_steps", max_steps, 0), ("batch_size", batch_size, 0),
+                             ("eval_limit", eval_limit, 0), ("workers", workers, -1)):
         if value < low:
             raise ComponentError(f"--{flag} must be >= {low}, got {value}")
-    nproc = nproc_per_node or max(pod.gpus, 1)
-    if pod.gpus and nproc > pod.gpus:
-        raise ComponentError(f"--nproc_per_node ({nproc}) exceeds the GPUs per node (--gpus {pod.gpus}): "
-                             f"each rank needs a GPU of its own")
+    nproc = ranks_per_node(nproc_per_node, pod.gpus)
+    name = check_job_name(name, "qat", nnodes)
     recipe_ref = str(recipe).strip()
     if not recipe_ref:
         raise ComponentError("--recipe: a recipe is needed")

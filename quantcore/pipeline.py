@@ -13,6 +13,12 @@ calibration images (statistics merged exactly by :func:`quantcore.api.calibrate`
 shard of the evaluation images (counts all-reduced by :func:`quantcore.evaluate.evaluate_models`),
 so K ranks produce the ranges and figures of one process. Only rank 0 writes artifacts and shows
 progress; every rank returns rank 0's report.
+
+Many variants: each is prepared on a transient copy of the FP32 model and then holds the FP32
+model's tensors wherever it did not change them (:class:`quantcore.evaluate.WeightSharing`), so N
+variants on a device cost one set of weights plus what each changes; the report's
+``evaluation_cost`` says what the data path and each variant's forward cost per image and what the
+models hold in memory.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, open_dataset,
                    per_class_subset)
 from .errors import UserError
-from .evaluate import ModelScore, evaluate_models, quant_toggle
+from .evaluate import (EvalCost, ModelScore, WeightSharing, cost_markdown, evaluate_models, model_memory,
+                       peak_memory, quant_toggle)
 from .io import StorageError, storage
 from .recipe import RecipeError
 from .report import build_report, per_class_plot, ranges_plot, report_markdown
@@ -115,6 +122,17 @@ def _rank_device(device: str) -> torch.device:
     return resolve_device(device)
 
 
+def _loader(ds, batch_size: int, num_workers: int, indices, device: torch.device, batched_decode: bool | None = None):
+    """The evaluation/calibration loader: on a GPU, workers only read bytes and each batch is decoded
+    (nvJPEG) and transformed on the device (:func:`quantcore.data.decode.device_loader`); elsewhere the
+    workers decode and transform (:func:`make_loader`). ``batched_decode`` forces the choice (tests)."""
+    if batched_decode if batched_decode is not None else device.type == "cuda":
+        from .data.decode import device_loader
+
+        return device_loader(ds, batch_size, device=device, num_workers=num_workers, indices=indices)
+    return make_loader(ds, batch_size, num_workers, indices=indices)
+
+
 def _my_shard(indices: Sequence[int] | None, n: int, batch_size: int) -> list[int] | None:
     """This rank's whole batches of ``indices`` (``None`` = all ``n`` samples) under an active process
     group (:func:`quantcore.distributed.shard_batches`: the single process's batches, so its exact
@@ -173,9 +191,12 @@ def _calibration_indices(ds, recipe: Recipe) -> list[int]:
 
 def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptions,
                        fp32: nn.Module | None = None) -> tuple[nn.Module, list[VariantResult], list[dict]]:
-    """Build the FP32 model once, then prepare + calibrate one copy per recipe.
+    """Build the FP32 model once, then prepare + calibrate one variant per recipe.
 
-    Under an active process group each rank calibrates on its shard of the calibration images and
+    Each variant is prepared on a ``copy.deepcopy`` of the FP32 model, then shares every tensor it
+    left bit-identical with the FP32 model (or an earlier variant): see
+    :class:`~quantcore.evaluate.WeightSharing` (change a variant's weights in place only after
+    copying it). Under an active process group each rank calibrates on its shard of the calibration images and
     every rank ends with the same (exactly merged) ranges; the skipped list covers all ranks."""
     _check_recipes(recipes)
     recipes = [_with_checkpoint(r, opts.checkpoint) for r in recipes]
@@ -195,10 +216,12 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                       cache_dir=data.cache_dir)
     skipped: list[dict] = []
     variants = []
+    sharing = WeightSharing(fp32)
     for r in recipes:
         idx = _my_shard(_calibration_indices(ds, r), len(ds), r.calibration.batch_size)
-        loader = make_loader(ds, r.calibration.batch_size, opts.num_workers, indices=idx)
+        loader = _loader(ds, r.calibration.batch_size, opts.num_workers, idx, dev)
         model = api.prepare(copy.deepcopy(fp32), r)
+        sharing.share(model)  # before calibrating: the transient copy is freed here
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             res = api.calibrate(model, loader, progress=bar.update)
         skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
@@ -258,18 +281,27 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
                       cache_dir=data.cache_dir)
     indices, subset = limit_subset(ds, data.limit)
     indices = _my_shard(indices, len(ds), opts.batch_size)
-    loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
-    models: dict[str, Any] = {"fp32": fp32}
+    loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
+    models: dict[str, Any] = {"fp32": fp32.to(dev)}
     for v in variants:
         if v.name == "fp32":
             raise RecipeError("name: 'fp32' is reserved for the FP32 reference in reports; rename that recipe")
         models[v.name] = v.model.to(dev)
     n = len(indices) if indices is not None else len(ds)
+    cost = EvalCost(list(models), dev)
     with _bar(n, "evaluate", opts) as bar:
-        scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update)
+        scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update,
+                                 cost=cost)
     info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
-            "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or [])}
+            "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
+            "evaluation_cost": _cost_info(cost, models, dev)}
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
+
+
+def _cost_info(cost: EvalCost, models: dict[str, nn.Module], dev: torch.device) -> dict[str, Any]:
+    """``time`` (this pass, all ranks) and ``memory`` (this rank's models; the peak of rank 0's
+    process or device is what the report shows) of an evaluation."""
+    return {"time": cost.as_dict(reference="fp32"), "memory": {**model_memory(models), **peak_memory(dev)}}
 
 
 def _write_json(uri: str, obj: Any) -> None:
@@ -324,6 +356,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
     t_eval = time.perf_counter()
     ds_classes = data_info.pop("class_names", None) or None
+    eval_cost = data_info.pop("evaluation_cost", None)
     data_info.update({"calib_uri": calib.uri, "calib_split": calib.split, "world_size": distributed.world_size()})
     timings = {"calibrate": t_cal - t0, "evaluate": t_eval - t_cal}
     cal = {v.name: v.calibration for v in variants}
@@ -339,7 +372,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name],
                                                     "placement": v.model.quantcore_placement.as_dict()}
                                            for v in variants},
-                              "transform": describe_transform(fp32), "device": str(_rank_device(opts.device))})
+                              "transform": describe_transform(fp32), "device": str(_rank_device(opts.device)),
+                              **({"evaluation_cost": eval_cost} if eval_cost else {})})
     if scores:
         rep["plots"] = ["per_class.png"]
 
@@ -347,7 +381,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         if scores:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
         _write_json(storage.join(out, "report.json"), rep)
-        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+        storage.write_bytes(storage.join(out, "report.md"), _markdown(rep).encode())
         for v in variants:  # each checkpoint gets the report of its own variant next to it
             sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
                        variants={v.name: rep["variants"][v.name]}, plots=[])
@@ -376,12 +410,13 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                       skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
     indices, subset = limit_subset(ds, evald.limit)
     indices = _my_shard(indices, len(ds), opts.batch_size)
-    loader = make_loader(ds, opts.batch_size, opts.num_workers, indices=indices)
+    loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
     name = model.quantcore_recipe.name
     t0 = time.perf_counter()
+    cost = EvalCost(["fp32", name], dev)
     with _bar(len(indices) if indices is not None else len(ds), "evaluate", opts) as bar:
         scores = evaluate_models({"fp32": quant_toggle(model, False), name: quant_toggle(model, True)}, loader,
-                                 ds.num_classes, reference="fp32", device=dev, progress=bar.update)
+                                 ds.num_classes, reference="fp32", device=dev, progress=bar.update, cost=cost)
     api.set_quantization(model, True)
     skipped = _gather_skipped(_dedupe(list(loader.skipped.as_list())))
     calibration = model.quantcore_meta.get("extra", {}).get("calibration")
@@ -397,7 +432,8 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                              "eval_subset": subset, "world_size": distributed.world_size(),
                              "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off"},
                        calibration=calibration, warnings=warnings,
-                       timings={"evaluate": time.perf_counter() - t0}, skipped=skipped)
+                       timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,
+                       extra={"evaluation_cost": _cost_info(cost, {name: model}, dev)})
     if out:
         rep["plots"] = ["per_class.png"]
 
@@ -405,9 +441,15 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         if out:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
             _write_json(storage.join(out, "report.json"), rep)
-            storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+            storage.write_bytes(storage.join(out, "report.md"), _markdown(rep).encode())
 
     return _on_main(rep, write)
+
+
+def _markdown(rep: dict[str, Any]) -> str:
+    """report.md: :func:`quantcore.report.report_markdown` plus the evaluation-cost section."""
+    ec = rep.get("evaluation_cost")
+    return report_markdown(rep) + ("\n" + cost_markdown(ec, rep.get("reference")) if ec else "")
 
 
 def _model_name(recipe: Recipe, model: nn.Module) -> str:

@@ -1,15 +1,20 @@
 """The Helm chart on a shared GPU cluster (issue #9), rendered with the real helm and validated
 strictly (tests/k8s_tools.py), each defect with a test that fails on the old templates:
 
-* RBAC never binds the namespace's `default` ServiceAccount;
-* final object names are unique DNS labels, long names are cut with a hash suffix;
+* RBAC never binds the namespace's `default` ServiceAccount (and says which value is wrong);
+* final object names are unique and valid for their kind (DNS-1123 subdomain / label, DNS-1035 for
+  Services, RayJobs and KubeRay's derived names), release names that break them are refused, and
+  long names are cut with a hash suffix that keeps the run name readable;
 * no Job or RayJob reads what another one of the same release writes (they start together);
 * a pod with G > 1 GPUs runs G data-parallel ranks (jobs.torchrun), not one process;
 * a CPU sweep asks no GPU per Ray task; a task no worker can hold is refused;
 * labels, pod annotations, priority classes, Kueue and Volcano on every Job, RayJob and pod;
 * no default GPU node label; `helm test` pods that run here against the real code (and a mock S3);
 * Ray pods: HTTP probes without wget (the documented KubeRay minimum depends on it), an object
-  store that Ray itself places into /dev/shm, and an optional PodMonitor for the metrics port.
+  store that Ray itself places into /dev/shm, and an optional PodMonitor for the metrics port;
+* local paths only on mounted PersistentVolumeClaims; every pod's emptyDirs fit its memory and
+  ephemeral-storage requests and limits; sweep settings jobs.ray_sweep would refuse, and settings
+  the chart would ignore, are refused when rendering.
 """
 from __future__ import annotations
 
@@ -30,12 +35,14 @@ import yaml
 import k8s_tools as kt
 from test_k8s import (  # noqa: F401  (fixtures: used by name; _hermetic_helm is autouse)
     CHART, GOOD_QAT, GOOD_RUN, K8S, REPO, TORCHRUN, _cli_parse, _gpu_limit, _hermetic_helm, _jobs_module, _run,
-    bins, by_run, chart_renders, helm_template, is_qat_job, kustomize_qat_render, kustomize_render, of_kind,
-    qat_torchrun_args, quantcore_argv, rbac_problems, render, security_problems,
+    all_rendered, bins, by_run, chart_renders, helm_template, is_qat_job, kustomize_qat_render, kustomize_render,
+    of_kind, qat_torchrun_args, quantcore_argv, rbac_problems, render, security_problems,
 )
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 GI = 2 ** 30
 
 
@@ -77,10 +84,12 @@ def all_rayjobs(chart_renders, kustomize_render, kustomize_qat_render):
 # --- 1. RBAC never binds the namespace's default ServiceAccount ----------------------------------
 
 def test_rbac_refuses_to_bind_the_default_service_account(bins, tmp_path):
-    for sa in ({"create": False, "name": ""}, {"create": False, "name": "default"},
-               {"create": True, "name": "default"}):
+    for sa, says in (({"create": False, "name": ""}, "serviceAccount.create is false and serviceAccount.name is empty"),
+                     ({"create": False, "name": "default"}, "serviceAccount.name: default is the namespace's"),
+                     ({"create": True, "name": "default"}, "serviceAccount.name: default is the namespace's own")):
         err = refused(bins, tmp_path, {"serviceAccount": sa, "runs": [GOOD_RUN]})
-        assert "`default` ServiceAccount" in err and "serviceAccount.name" in err, err
+        assert "`default` ServiceAccount" in err and "serviceAccount.name" in err and says in err, err
+        assert "set serviceAccount.create: true," not in err.lower() or not sa["create"], err  # not what it had
     # the same values without RBAC: nothing is bound, the pods run as `default` without a token
     objs = render(bins, values_file(tmp_path, {"serviceAccount": {"create": False, "name": ""},
                                                 "rbac": {"create": False}, "runs": [GOOD_RUN]}))
@@ -117,26 +126,116 @@ def _long_name_values() -> Dict[str, Any]:
 
 
 def name_problems(objs: List[Dict[str, Any]]) -> List[str]:
-    """Final names: unique per kind, DNS-1123 labels of at most 63 characters (Services: DNS-1035),
-    qat Jobs leave room for the pod index, RayJobs for KubeRay's derived names."""
+    """Final names as the API server and KubeRay check them, per kind: unique per kind; every name
+    a DNS-1123 subdomain (<= 253); Services DNS-1035 labels; Jobs at most 63 characters (the Job
+    controller puts the name into a label); a pod subdomain a DNS-1123 label, and qat Jobs (pod
+    hostnames <job>-<index>) DNS-1123 labels with room for the index; RayJobs DNS-1035 labels of
+    at most 47 characters, and the names KubeRay derives (RayCluster <name>-<5>, Service
+    <cluster>-head-svc) DNS-1035 labels too; every label value valid."""
     problems, seen = [], {}
     for o in objs:
         kind, name = o["kind"], o["metadata"]["name"]
         if (kind, name) in seen:
             problems.append(f"{kind}/{name} rendered twice")
         seen[(kind, name)] = o
-        if not DNS1123_LABEL.match(name) or len(name) > 63:
-            problems.append(f"{kind}/{name}: not a DNS-1123 label of at most 63 characters")
-        if kind == "Service" and not DNS1035_LABEL.match(name):
+        if not DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+            problems.append(f"{kind}/{name}: not a DNS-1123 subdomain")
+        if kind == "Service" and not (DNS1035_LABEL.match(name) and len(name) <= 63):
             problems.append(f"Service/{name}: not a DNS-1035 label")
-        if kind == "RayJob" and len(name) > 47:
-            problems.append(f"RayJob/{name}: longer than KubeRay's 47 characters")
-        if kind == "Job" and is_qat_job(o) and len(f"{name}-{o['spec']['completions'] - 1}") > 63:
-            problems.append(f"Job/{name}: pod hostname {name}-<index> longer than 63 characters")
-        for v in (o["metadata"].get("labels") or {}).values():
-            if len(v) > 63:
-                problems.append(f"{kind}/{name}: label value {v!r} longer than 63 characters")
+        if kind == "Job" and len(name) > 63:
+            problems.append(f"Job/{name}: longer than 63 characters (the pods' job-name label)")
+        if kind == "Job" and is_qat_job(o):
+            hostname = f"{name}-{o['spec']['completions'] - 1}"
+            if not DNS1123_LABEL.match(hostname) or len(hostname) > 63:
+                problems.append(f"Job/{name}: pod hostname {hostname} is not a DNS-1123 label of at most 63 characters")
+        if kind == "RayJob":
+            if not DNS1035_LABEL.match(name) or len(name) > 47:
+                problems.append(f"RayJob/{name}: not a DNS-1035 label of at most KubeRay's 47 characters")
+            for derived in (f"{name}-abcde", f"{name}-abcde-head-svc"):
+                if not DNS1035_LABEL.match(derived) or len(derived) > 63:
+                    problems.append(f"RayJob/{name}: KubeRay's {derived} is not a DNS-1035 label")
+        for where, tpl in [(f"{kind}/{name}", o)] + pod_templates(o):
+            spec = tpl.get("spec") or {}
+            if "subdomain" in spec and not (DNS1123_LABEL.match(spec["subdomain"]) and len(spec["subdomain"]) <= 63):
+                problems.append(f"{where}: subdomain {spec['subdomain']} is not a DNS-1123 label")
+            for k, v in ((tpl.get("metadata") or {}).get("labels") or {}).items():
+                if len(str(v)) > 63 or not LABEL_VALUE.match(str(v)):
+                    problems.append(f"{where}: label {k}={v!r} is not a valid label value")
     return problems
+
+
+def test_every_rendered_name_is_valid_for_its_kind(all_rendered):
+    by_source: Dict[str, List[Dict[str, Any]]] = {}
+    for src, o in all_rendered:
+        by_source.setdefault(src, []).append(o)
+    for src, objs in by_source.items():
+        assert name_problems(objs) == [], src
+    assert len(by_source) >= 9
+
+
+# The reviewer's releases: a dot (valid for Helm, which only asks for a DNS-1123 subdomain) and a
+# leading digit. Fine for most objects; not for a qat Job's Service and pod subdomain, nor for a
+# RayJob (KubeRay derives DNS-1035 names from it).
+QAT_RUN = {**GOOD_QAT, "name": "vit-qat", "nnodes": 3, "gpus": 2, "out": "s3://out/qat"}
+CPU_SWEEP = {"enabled": True, "name": "cpu-sweep", "out": "s3://out/sweep", "workers": {"gpus": 0, "replicas": 1},
+             "config": {"version": 1, "runs": [{"name": "a", "recipe": "deit_tiny_fp16_32",
+                                                "calib_data": "s3://datasets/tiny"}]}}
+
+
+def _template(bins, release: str, values: Path) -> subprocess.CompletedProcess:
+    return _run([bins.helm, "template", release, CHART, "--namespace", "ml-batch", "--kube-version", "1.30.0",
+                 "-f", values])
+
+
+@pytest.mark.parametrize("release,values,kind", [
+    ("vision.team-calibration-june", {"runs": [GOOD_RUN, QAT_RUN]}, "the qat Job and headless Service name"),
+    ("2024-sweep", {"runs": [QAT_RUN]}, "the qat Job and headless Service name"),
+    ("2024-sweep", {"sweep": CPU_SWEEP}, "the RayJob name of sweep"),
+    ("vision.team", {"rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x",
+                                "out": "s3://out/rq"}}, "the RayJob name of rayQat"),
+], ids=["dot-qat", "digit-qat", "digit-sweep", "dot-rayqat"])
+def test_release_names_the_api_server_or_kuberay_would_reject_are_refused(bins, tmp_path, release, values, kind):
+    proc = _template(bins, release, values_file(tmp_path, values))
+    assert proc.returncode != 0
+    assert f'the release name "{release}": {kind}' in proc.stderr and "DNS-1035 label" in proc.stderr, proc.stderr
+    # with fullnameOverride the same values render, and every name is valid
+    objs = render(bins, values_file(tmp_path, {**values, "fullnameOverride": "vision-calib"}))
+    assert name_problems(objs) == [] and kt.validate_all(objs) == []
+
+
+def test_dotted_and_digit_release_names_are_fine_where_kubernetes_allows_them(bins, tmp_path):
+    """Plain Jobs, ConfigMaps, the ServiceAccount, RBAC, NetworkPolicy and test pods take
+    DNS-1123 subdomains: such releases keep working for them."""
+    for release in ("vision.team-calibration-june", "2024-sweep"):
+        proc = _template(bins, release, values_file(tmp_path, {"runs": [GOOD_RUN], "recipes": {"r": {"model": {
+            "name": "m"}}}}))
+        assert proc.returncode == 0, proc.stderr
+        objs = kt.load_docs(proc.stdout)
+        assert name_problems(objs) == [] and kt.validate_all(objs) == []
+        assert by_run(objs)["r1"]["metadata"]["name"] == f"{release}-quantcore-r1"
+
+
+def test_name_checker_flags_names_the_cluster_rejects(chart_renders):
+    objs = copy.deepcopy(chart_renders["qat-values.yaml"])
+    assert name_problems(objs) == []
+    # what the chart rendered for `helm template vision.team-calibration-june` before
+    for o in objs:
+        if o["kind"] in ("Service", "Job", "RayJob"):
+            o["metadata"]["name"] = o["metadata"]["name"].replace("qc-quantcore", "vision.team-quantcore")
+            spec = (o["spec"].get("template") or {}).get("spec") or {}
+            if "subdomain" in spec:
+                spec["subdomain"] = o["metadata"]["name"]
+    problems = name_problems(objs)
+    for needle in ("Service/vision.team-quantcore-vit-ft2-qat: not a DNS-1035 label", "subdomain vision.team",
+                   "pod hostname vision.team", "RayJob/vision.team-quantcore-vit-ft2-ray-qat: not a DNS-1035"):
+        assert any(needle in p for p in problems), (needle, problems)
+    objs = copy.deepcopy(chart_renders["sweep-values.yaml"])
+    (rj,) = of_kind(objs, "RayJob")
+    rj["metadata"]["name"] = "2024-sweep-quantcore-vit-sweep"
+    assert any("RayJob/2024-sweep" in p and "DNS-1035" in p for p in name_problems(objs))
+    job = of_kind(objs, "Job")[0]
+    job["spec"]["template"]["metadata"]["labels"]["team"] = "a b"
+    assert any("label team='a b'" in p for p in name_problems(objs))
 
 
 def test_long_names_stay_unique_dns_labels(bins, tmp_path):
@@ -159,15 +258,61 @@ def test_long_names_stay_unique_dns_labels(bins, tmp_path):
     assert any("rendered twice" in p for p in name_problems(cut))
 
 
-def test_name_checker_flags_bad_names(chart_renders):
-    objs = copy.deepcopy(chart_renders["qat-values.yaml"])
-    assert name_problems(objs) == []
-    svc = next(o for o in objs if o["kind"] == "Service")
-    svc["metadata"]["name"] = "1" + svc["metadata"]["name"]
-    job = next(o for o in objs if o["kind"] == "Job")
-    job["metadata"]["name"] = "x" * 62
-    problems = name_problems(objs)
-    assert any("DNS-1035" in p for p in problems) and any("pod hostname" in p for p in problems)
+def _old_trunc(name: str, max_len: int) -> str:
+    """The chart's earlier cut: the first max-9 characters of the whole name plus a hash."""
+    import hashlib
+    return name if len(name) <= max_len else \
+        f"{name[:max_len - 9].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def unreadable_names(objs: List[Dict[str, Any]], min_keep: int = 20) -> List[str]:
+    """Jobs and RayJobs whose name keeps less than min_keep characters of their run / block name
+    (the whole name when shorter): after a cut a name must still say which run it is."""
+    problems = []
+    for o in of_kind(objs, "Job") + of_kind(objs, "RayJob"):
+        name, labels = o["metadata"]["name"], o["metadata"]["labels"]
+        run = labels.get("quantcore.io/run") or labels["app.kubernetes.io/component"]  # sweep / ray-qat
+        part = run[:min_keep].rstrip("-")
+        if part not in name:
+            problems.append(f"{o['kind']}/{name}: keeps no readable part of {run!r}")
+    return problems
+
+
+def test_cut_names_keep_the_run_readable(bins, tmp_path):
+    runs = [{**GOOD_RUN, "name": "vit-b16-384-ft2-w8a8-percentile-imnet-a1", "out": "s3://out/a1"},
+            {**GOOD_RUN, "name": "vit-b16-384-ft2-w8a8-percentile-imnet-a2", "out": "s3://out/a2"},
+            {**GOOD_QAT, "name": "vit-b16-384-ft2-w8a8-percentile-imnet-q1", "out": "s3://out/q1", "nnodes": 12}]
+    sweep = {"enabled": True, "name": "vit-b16-sweep-pct-aa", "out": "s3://out/sweep",
+             "config": {"runs": [{"name": "a", "recipe": "vit_b16_int8", "calib_data": "s3://data/x"}]}}
+    values = values_file(tmp_path, {"runs": runs, "sweep": {**sweep, "name": "vit-b16-sweep-pct-aa"}})
+    proc = _run([bins.helm, "template", LONG_RELEASE, CHART, "--kube-version", "1.30.0", "-f", values])
+    assert proc.returncode == 0, proc.stderr
+    objs = kt.load_docs(proc.stdout)
+    assert name_problems(objs) == [] and unreadable_names(objs) == []
+    jobs = by_run(objs)
+    assert jobs["vit-b16-384-ft2-w8a8-percentile-imnet-a1"]["metadata"]["name"].startswith(
+        "nightly-quant-vit-b16-384-ft2-w8a8-percentile-imnet-a1-")  # release part first, then the whole run
+    assert jobs["vit-b16-384-ft2-w8a8-percentile-imnet-q1"]["metadata"]["name"].startswith(
+        "nightly-quan-vit-b16-384-ft2-w8a8-percentil-")  # qat: 52 characters, 30 of the run
+    # the earlier cut: "<release prefix>-<hash>-vi-<hash>", no trace of the run
+    old = copy.deepcopy(objs)
+    for o in old:
+        if o["kind"] in ("Job", "RayJob"):
+            run = o["metadata"]["labels"].get("quantcore.io/run") or "vit-b16-sweep-pct-aa"
+            full = _old_trunc(f"{LONG_RELEASE}-quantcore", 40)
+            o["metadata"]["name"] = _old_trunc(f"{full}-{run}", 47 if o["kind"] == "RayJob" else 63)
+    assert len(unreadable_names(old)) == 3
+
+
+def test_chart_readme_states_the_name_limits():
+    """The schema's name limits are the ones the chart README states."""
+    import json
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    run_max = schema["definitions"]["run"]["properties"]["name"]["maxLength"]
+    block_max = {schema["properties"][k]["properties"]["name"]["maxLength"] for k in ("sweep", "rayQat")}
+    text = (CHART / "README.md").read_text()
+    assert (run_max, block_max) == (40, {20})
+    assert "at most 40 characters" in text and "at most 20 characters" in text
 
 
 # --- 3. no run reads what another run of the release writes ---------------------------------------
@@ -467,8 +612,8 @@ def helm_test_pods(objs) -> Dict[str, Dict[str, Any]]:
 def test_helm_test_pods_are_rendered_hooks(chart_renders):
     for name, objs in chart_renders.items():
         pods = helm_test_pods(objs)
-        has_s3 = name not in ("defaults",)
-        assert set(pods) == ({"image", "s3"} if has_s3 else {"image"}), name
+        has_data = name not in ("defaults",)
+        assert set(pods) == ({"image", "data"} if has_data else {"image"}), name
         for pod in pods.values():
             spec = pod["spec"]
             assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] == 600, name
@@ -520,12 +665,21 @@ def test_image_test_pod_passes_on_this_code_and_names_what_fails(chart_renders, 
     assert len(failed) == 2 and "rayVersion 2.0.0" in failed[0] and "vit_b16_int9" in failed[1]
 
 
-def test_s3_test_pod_against_mock_s3(chart_renders, s3_server, s3_client):
+def test_data_test_pod_against_mock_s3_and_a_volume(chart_renders, s3_server, s3_client, tmp_path):
+    """The data test pod checks the s3:// inputs and outputs (against a mock S3 on 127.0.0.1) and
+    the local inputs on the release's volumes (a local directory standing in for the claim)."""
     objs = chart_renders["sweep-values.yaml"]
-    pod = helm_test_pods(objs)["s3"]
+    pod = helm_test_pods(objs)["data"]
     c = pod["spec"]["containers"][0]
     args = c["args"]
-    assert sorted(a.split("=", 1)[0] for a in args) == ["in"] * 4 + ["out"] * 5
+    local = [a for a in args if not a.split("=", 1)[1].startswith("s3://")]
+    assert local == ["in=/mnt/datasets/imagenet-tiny"]
+    assert sorted(a.split("=", 1)[0] for a in args if a not in local) == ["in"] * 4 + ["out"] * 5
+    # the claim of resnext-cpu-smoke is mounted read-only where the run's pod mounts it
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/mnt/datasets"]
+    assert mount["readOnly"] is True
+    assert vols[mount["name"]]["persistentVolumeClaim"] == {"claimName": "imagenet-tiny", "readOnly": True}
     # the container's environment as the kubelet would set it (Secret values from the mock)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     for e in c["env"]:
@@ -534,26 +688,33 @@ def test_s3_test_pod_against_mock_s3(chart_renders, s3_server, s3_client):
     env.update(AWS_ENDPOINT_URL=s3_server, AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
                AWS_SHARED_CREDENTIALS_FILE=os.devnull, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     env.pop("AWS_SESSION_TOKEN", None)  # moto accepts any credentials; a token needs a real STS
-    for bucket in {a.split("=", 1)[1][5:].split("/")[0] for a in args}:
+    remote = [a for a in args if a not in local]
+    for bucket in {a.split("=", 1)[1][5:].split("/")[0] for a in remote}:
         try:
             s3_client.create_bucket(Bucket=bucket)
         except s3_client.exceptions.BucketAlreadyOwnedByYou:
             pass
-    for a in args:
+    for a in remote:
         kind, uri = a.split("=", 1)
         bucket, _, key = uri[5:].partition("/")
         if kind == "in":  # objects are stored as they are; datasets are prefixes with objects under them
             s3_client.put_object(Bucket=bucket, Key=key if key.endswith(".pt") else f"{key}/train/shard-0.zip",
                                  Body=b"x")
-    proc = _run_test_pod(pod, env)
+    volume = tmp_path / "volume"
+    (volume / "imagenet-tiny" / "train").mkdir(parents=True)
+    on_volume = [a.replace("/mnt/datasets", str(volume)) for a in args]
+    proc = _run_test_pod(pod, env, args=on_volume)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok  ") == len(args)
-    # a missing input and a missing output bucket are named
+    # a missing input (in S3 and on the volume) and a missing output bucket are named
     s3_client.delete_object(Bucket="datasets", Key="imagenet-val-zip/train/shard-0.zip")
-    proc = _run_test_pod(pod, env, args=args + ["out=s3://no-such-bucket-here/x"])
+    (volume / "imagenet-tiny" / "train").rmdir()
+    (volume / "imagenet-tiny").rmdir()
+    proc = _run_test_pod(pod, env, args=on_volume + ["out=s3://no-such-bucket-here/x"])
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAIL")]
-    assert proc.returncode == 1 and len(failed) == 2
-    assert "in=s3://datasets/imagenet-val-zip" in failed[0] and "out=s3://no-such-bucket-here/x" in failed[1]
+    assert proc.returncode == 1 and len(failed) == 3, proc.stdout
+    assert "in=s3://datasets/imagenet-val-zip" in failed[0] and f"in={volume}/imagenet-tiny" in failed[1]
+    assert "out=s3://no-such-bucket-here/x" in failed[2]
 
 
 # --- 9. KubeRay probes: no wget, and the documented minimum ----------------------------------------
@@ -793,3 +954,323 @@ def test_podmonitor_schema_rejects(chart_renders, case):
     missing = copy.deepcopy(pm)
     del missing["spec"]["selector"]
     assert any("selector" in e for e in kt.validate_object(missing))
+
+
+# --- 12. local paths live on PersistentVolumeClaims ------------------------------------------------
+
+PATH_FLAGS = ("--data", "--eval-data", "--calib-data", "--checkpoint", "--init", "--recipe", "--out",
+              "--storage-path", "--cache-dir")
+WRITTEN = ("--out", "--storage-path", "--cache-dir")
+
+
+def _local(uri: Any) -> Optional[str]:
+    uri = str(uri)
+    return uri[len("file://"):] if uri.startswith("file:///") else uri if uri.startswith("/") else None
+
+
+def local_path_problems(objs: List[Dict[str, Any]]) -> List[str]:
+    """Every local path a Job or RayJob reads or writes (from its command line as the real parsers
+    read it, and the sweep file's runs) must be inside a volume its pods mount: a
+    PersistentVolumeClaim (read-write for outputs), an emptyDir (scratch) or the recipes
+    ConfigMap; the container's root filesystem is read-only and holds none of the user's data."""
+    cms = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    problems = []
+
+    def check(where: str, spec: Dict[str, Any], path: str, write: bool) -> None:
+        vols = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts") or []]
+        best = None
+        for m in mounts:
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+                if best is None or len(m["mountPath"]) > len(best["mountPath"]):
+                    best = m
+        vol = vols.get(best["name"]) if best else None
+        if vol is None or not ({"persistentVolumeClaim", "emptyDir", "configMap"} & set(vol)):
+            problems.append(f"{where}: {path} is on no mounted volume")
+        elif write and (best.get("readOnly") or "configMap" in vol
+                        or (vol.get("persistentVolumeClaim") or {}).get("readOnly")):
+            problems.append(f"{where}: {path} is written to read-only volume {vol['name']}")
+
+    for o in objs:
+        name = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "Job":
+            argv = qat_torchrun_args(o).training_script_args if is_qat_job(o) else quantcore_argv(o)
+            specs = [o["spec"]["template"]["spec"]]
+            pairs = [(a, v) for a, v in zip(argv, argv[1:]) if a in PATH_FLAGS]
+        elif o["kind"] == "RayJob":
+            argv = shlex.split(o["spec"]["entrypoint"])
+            cluster = o["spec"]["rayClusterSpec"]
+            specs = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                     for g in cluster["workerGroupSpecs"]]
+            pairs = [(a, v) for a, v in zip(argv, argv[1:]) if a in PATH_FLAGS]
+            if argv[2] == "jobs.ray_sweep":
+                vol = next(v for v in specs[0]["volumes"] if v["name"] == "sweep")
+                sweep = _jobs_module("jobs.ray_sweep").parse_sweep(
+                    yaml.safe_load(cms[vol["configMap"]["name"]]["data"]["sweep.yaml"]))
+                for r in sweep.runs:
+                    pairs += [("--checkpoint", r.checkpoint), ("--calib-data", r.calib_data),
+                              ("--eval-data", r.eval_data), ("--cache-dir", r.cache_dir)]
+                    pairs += [("--recipe", x) for x in r.recipes or [] if isinstance(x, str)]
+                specs = specs[1:]  # the tasks run on the workers
+        else:
+            continue
+        for flag, value in pairs:
+            path = _local(value) if value else None
+            if path:
+                for spec in specs:
+                    check(f"{name} {flag}", spec, path, flag in WRITTEN)
+    return problems
+
+
+def test_every_local_path_is_on_a_mounted_volume(chart_renders, kustomize_render, kustomize_qat_render):
+    for name, objs in list(chart_renders.items()) + [("kustomize", kustomize_render + kustomize_qat_render)]:
+        assert local_path_problems(objs) == [], name
+    objs = chart_renders["sweep-values.yaml"]
+    pod = by_run(objs)["resnext-cpu-smoke"]["spec"]["template"]["spec"]
+    assert {"name": "datasets", "persistentVolumeClaim": {"claimName": "imagenet-tiny", "readOnly": True}} \
+        in pod["volumes"]
+    assert {"name": "datasets", "mountPath": "/mnt/datasets", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert all("hostPath" not in v for o in objs for _, s in kt.pod_specs(o) for v in s.get("volumes") or [])
+    # the ci example as it was: data on /mnt/datasets and no volume there
+    old = copy.deepcopy(objs)
+    job = by_run(old)["resnext-cpu-smoke"]["spec"]["template"]["spec"]
+    job["volumes"] = [v for v in job["volumes"] if v["name"] != "datasets"]
+    job["containers"][0]["volumeMounts"] = [m for m in job["containers"][0]["volumeMounts"]
+                                           if m["name"] != "datasets"]
+    problems = local_path_problems(old)
+    assert any("--calib-data: /mnt/datasets/imagenet-tiny is on no mounted volume" in p for p in problems)
+
+
+def test_volumes_reach_every_pod_that_needs_them(bins, tmp_path):
+    values = {
+        "volumes": [{"name": "datasets", "claimName": "imagenet", "mountPath": "/mnt/datasets"}],
+        "runs": [{**GOOD_RUN, "mode": "ptq", "data": "/mnt/datasets/imagenet", "out": "/mnt/runs/r1",
+                  "volumes": [{"name": "runs", "claimName": "quantcore-runs", "mountPath": "/mnt/runs",
+                               "readOnly": False}]},
+                 {**GOOD_QAT, "data": "file:///mnt/datasets/imagenet", "out": "s3://out/q1"}],
+        "sweep": {"enabled": True, "out": "/mnt/sweeps/x",
+                  "volumes": [{"name": "sweeps", "claimName": "sweeps", "mountPath": "/mnt/sweeps", "readOnly": False}],
+                  "config": {"defaults": {"cache_dir": "/cache/shards"}, "runs": [
+                      {"name": "a", "recipe": "vit_b16_int8", "calib_data": "/mnt/datasets/imagenet"}]}},
+        "rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "/mnt/datasets/imagenet",
+                   "out": "s3://out/rq", "storagePath": "/mnt/sweeps/ray-qat",
+                   "volumes": [{"name": "sweeps", "claimName": "sweeps", "mountPath": "/mnt/sweeps",
+                                "readOnly": False}]},
+    }
+    objs = render(bins, values_file(tmp_path, values))
+    assert kt.validate_all(objs) == [] and local_path_problems(objs) == []
+    assert len(of_kind(objs, "Job")) == 2 and len(of_kind(objs, "RayJob")) == 2
+    data = helm_test_pods(objs)["data"]
+    assert sorted(v["persistentVolumeClaim"]["claimName"] for v in data["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v) == ["imagenet", "quantcore-runs", "sweeps"]
+    assert [a for a in data["spec"]["containers"][0]["args"] if not a.startswith(("in=s3", "out=s3"))] == [
+        "in=/mnt/datasets/imagenet"]
+    for o in objs:
+        for where, spec in kt.pod_specs(o):
+            assert all("hostPath" not in v for v in spec.get("volumes") or []), where
+
+
+LOCAL_PATH_REFUSALS = {
+    "unmounted-data": ({"runs": [{**GOOD_RUN, "data": "/mnt/datasets/imagenet-tiny"}]},
+                       "runs[0] (r1).data: /mnt/datasets/imagenet-tiny is a local path, but no volume is mounted "
+                       "above it (mounted: none). Add the PersistentVolumeClaim that holds it under volumes (every "
+                       "pod) or runs[0].volumes"),
+    "volume-of-another-run": (
+        {"runs": [{**GOOD_RUN, "volumes": [{"name": "d", "claimName": "c", "mountPath": "/mnt/d"}]},
+                  {**GOOD_RUN, "name": "r2", "out": "s3://out/r2", "data": "file:///mnt/d/x"}]},
+        "runs[1] (r2).data: file:///mnt/d/x is a local path, but no volume is mounted above it"),
+    "out-on-read-only-volume": (
+        {"volumes": [{"name": "d", "claimName": "c", "mountPath": "/mnt/d"}],
+         "runs": [{**GOOD_RUN, "out": "/mnt/d/out"}]},
+        "runs[0] (r1).out: /mnt/d/out is written to volume d (claim c), which is mounted read-only"),
+    "recipe-path": ({"runs": [{**GOOD_RUN, "recipe": "/etc/recipes/x.yaml"}]},
+                    "runs[0] (r1).recipe: /etc/recipes/x.yaml is a local path"),
+    "sweep-file-path": ({"sweep": {"enabled": True, "out": "s3://out/sweep", "config": {"runs": [
+        {"name": "a", "recipe": "vit_b16_int8", "calib_data": "/data/imagenet"}]}}},
+        "sweep.config.runs[0].calib_data: /data/imagenet is a local path"),
+    "ray-qat-storage-path": ({"rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x",
+                                         "out": "s3://out/rq", "storagePath": "/shared/ray"}},
+                             "rayQat.storagePath: /shared/ray is a local path"),
+    "volume-over-tmp": ({"volumes": [{"name": "d", "claimName": "c", "mountPath": "/tmp/data"}]},
+                        "volumes: volume d's mountPath /tmp/data collides with the chart's /tmp"),
+    "volume-named-like-the-chart's": ({"volumes": [{"name": "cache", "claimName": "c", "mountPath": "/mnt/c"}]},
+                                      'volume name "cache" is the chart\'s own'),
+    "two-volumes-one-path": (
+        {"volumes": [{"name": "d", "claimName": "c", "mountPath": "/mnt/d"}],
+         "runs": [{**GOOD_RUN, "volumes": [{"name": "e", "claimName": "c2", "mountPath": "/mnt/d"}]}]},
+        "volumes d and e are both mounted at /mnt/d"),
+    "two-claims-one-path": (
+        {"runs": [{**GOOD_RUN, "volumes": [{"name": "d", "claimName": "c1", "mountPath": "/mnt/d"}]},
+                  {**GOOD_RUN, "name": "r2", "out": "s3://out/r2",
+                   "volumes": [{"name": "d", "claimName": "c2", "mountPath": "/mnt/d"}]}]},
+        "runs[1] (r2) mounts claim c2 at /mnt/d, where another workload of the release mounts claim c1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCAL_PATH_REFUSALS))
+def test_local_paths_without_a_volume_are_refused(bins, tmp_path, case):
+    values, message = LOCAL_PATH_REFUSALS[case]
+    assert message in refused(bins, tmp_path, values)
+
+
+# --- 13. pod storage: /dev/shm in memory, emptyDirs on disk -----------------------------------------
+
+def storage_problems(obj: Dict[str, Any]) -> List[str]:
+    """What the kubelet enforces on a pod's emptyDirs: an in-memory one (/dev/shm) counts against
+    the memory limit and must stay below it; disk ones count against ephemeral storage, so the pod
+    must request ephemeral storage (the scheduler reserves it) and a limit must hold them all."""
+    problems = []
+    for where, spec in kt.pod_specs(obj):
+        containers = spec.get("containers") or []
+        disk = [v for v in spec.get("volumes") or [] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+        shm = [v for v in spec.get("volumes") or [] if "emptyDir" in v and v["emptyDir"].get("medium") == "Memory"]
+
+        def total(kind: str, res: str) -> Optional[int]:
+            values = [(c.get("resources") or {}).get(kind, {}).get(res) for c in containers]
+            return None if any(v is None for v in values) else sum(_bytes(v) for v in values)
+
+        if shm:
+            memory = total("limits", "memory")
+            size = sum(_bytes(v["emptyDir"]["sizeLimit"]) for v in shm)
+            if memory is None or size >= memory:
+                problems.append(f"{where}: in-memory emptyDir of {size} bytes, memory limit {memory}")
+        if disk:
+            if any("sizeLimit" not in v["emptyDir"] for v in disk):
+                problems.append(f"{where}: a disk emptyDir without sizeLimit")
+            sizes = sum(_bytes(v["emptyDir"].get("sizeLimit", 0)) for v in disk)
+            if not any((c.get("resources") or {}).get("requests", {}).get("ephemeral-storage") for c in containers):
+                problems.append(f"{where}: disk emptyDirs ({sizes} bytes) but no ephemeral-storage request")
+            limit = total("limits", "ephemeral-storage")
+            if limit is not None and limit < sizes:
+                problems.append(f"{where}: ephemeral-storage limit {limit} below its emptyDirs ({sizes} bytes)")
+    return problems
+
+
+def test_every_pod_reserves_its_emptydirs(all_rendered):
+    n = 0
+    for src, obj in all_rendered:
+        assert storage_problems(obj) == [], f"{src}: {obj['kind']}/{obj['metadata']['name']}"
+        n += len(kt.pod_specs(obj))
+    assert n >= 40
+    # what the reviewer found: resnext-cpu-smoke, the test pods and the submitters had no request
+    objs = [o for src, o in all_rendered if src == "chart[sweep-values.yaml]"]
+    for o in objs:
+        for where, spec in kt.pod_specs(o):
+            for c in spec["containers"]:
+                assert c["resources"]["requests"]["ephemeral-storage"], where
+    old = copy.deepcopy(by_run(objs)["resnext-cpu-smoke"])
+    c = old["spec"]["template"]["spec"]["containers"][0]
+    c["resources"] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
+    assert any("no ephemeral-storage request" in p for p in storage_problems(old))
+    dshm = next(v for v in old["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    dshm["emptyDir"]["sizeLimit"] = "64Gi"
+    assert any("in-memory emptyDir" in p for p in storage_problems(old))
+
+
+def test_run_resources_merge_with_the_defaults(chart_renders):
+    c = by_run(chart_renders["sweep-values.yaml"])["resnext-cpu-smoke"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "16Gi"},
+                              "limits": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "72Gi"}}
+
+
+STORAGE_REFUSALS = {
+    # the reviewer's values: a 64Gi in-memory /dev/shm on a 2Gi memory limit, and a 500Gi cache
+    "shm-above-memory": ({"runs": [{**GOOD_RUN, "gpus": 0, "shmSize": "64Gi", "cacheSize": "500Gi",
+                                    "resources": {"limits": {"memory": "2Gi"}}}]},
+                         "runs[0] (r1).shmSize (64Gi) must be below runs[0] (r1).resources.limits.memory (2Gi)"),
+    "qat-shm-above-memory": ({"runs": [{**GOOD_QAT, "shmSize": "32Gi", "resources": {"limits": {"memory": "32Gi"}}}]},
+                             "runs[0] (q1).shmSize (32Gi) must be below"),
+    "cache-above-ephemeral-limit": ({"runs": [{**GOOD_RUN, "cacheSize": "500Gi"}]},
+                                    "runs[0] (r1).resources.limits.ephemeral-storage (72Gi) is below the emptyDir "
+                                    "volumes it must hold (tmpSize 4Gi + cacheSize 500Gi)"),
+    "no-ephemeral-request": ({"defaults": {"resources": {"requests": {"ephemeral-storage": None}}},
+                              "runs": [GOOD_RUN]},
+                             "runs[0] (r1).resources.requests.ephemeral-storage is required"),
+    "submitter-without-ephemeral-request": (
+        {"sweep": {"enabled": True, "out": "s3://out/sweep",
+                   "config": {"runs": [{"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]},
+                   "submitter": {"resources": {"requests": {"ephemeral-storage": None}}}}},
+        "sweep.submitter.resources.requests.ephemeral-storage is required"),
+    "test-pods-without-ephemeral-request": ({"tests": {"resources": {"requests": {"ephemeral-storage": None}}}},
+                                            "tests.resources.requests.ephemeral-storage is required"),
+    "ray-worker-cache-above-limit": (
+        {"rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x", "out": "s3://out/rq",
+                    "workers": {"cacheSize": "100Gi"}}},
+        "rayQat.workers.resources.limits.ephemeral-storage (72Gi) is below the emptyDir volumes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORAGE_REFUSALS))
+def test_pod_storage_is_checked_when_rendering(bins, tmp_path, case):
+    values, message = STORAGE_REFUSALS[case]
+    assert message in refused(bins, tmp_path, values)
+
+
+# --- 14. sweep settings refused before the cluster is up ------------------------------------------
+
+def test_sweep_amounts_follow_jobs_ray_sweep(bins, tmp_path):
+    sweep = CHART / "ci" / "sweep-values.yaml"
+    parser = _jobs_module("jobs.ray_sweep")._parser()
+    for key, value in (("gpusPerTask", 1.5), ("cpusPerTask", 2.5)):
+        err = refused(bins, tmp_path, {"sweep": {key: value, "workers": {"gpus": 2}}}, sweep)
+        assert f"sweep.{key} ({value}): above 1 it must be a whole number" in err
+        with pytest.raises(SystemExit):  # the same rule as jobs.ray_sweep's
+            parser.parse_args(["--sweep", "s", "--out", "o", f"--{key[:4]}-per-task", str(value)])
+    (rj,) = of_kind(render(bins, sweep, sets=["sweep.gpusPerTask=2", "sweep.workers.gpus=2"]), "RayJob")
+    args = parser.parse_args(shlex.split(rj["spec"]["entrypoint"])[3:])
+    assert args.gpus_per_task == 2 and sweep_task_problems(rj) == []
+
+
+SWEEP_REFUSALS = {
+    "empty-runs": ({"config": {"version": 1, "runs": []}}, "sweep.config.runs: the sweep file needs a non-empty list"),
+    "no-runs": ({"config": {"version": 1, "defaults": {"limit": 5}}}, "sweep.config.runs: the sweep file needs"),
+    "run-not-a-mapping": ({"config": {"runs": ["vit_b16_int8"]}}, "sweep.config.runs[0]: each run is a mapping"),
+    "max-replicas-without-autoscaler": ({"workers": {"replicas": 1, "maxReplicas": 4}},
+                                        "sweep.workers.maxReplicas (4) differs from sweep.workers.replicas (1): "
+                                        "the chart runs Ray without its autoscaler"),
+    "min-replicas-without-autoscaler": ({"workers": {"replicas": 4, "minReplicas": 1}},
+                                        "sweep.workers.minReplicas (1) differs"),
+    "cuda-on-cpu-tasks": ({"workers": {"gpus": 0}, "config": {"runs": [
+        {"name": "a", "recipe": "r", "calib_data": "s3://data/x"},
+        {"name": "b", "recipe": "r", "calib_data": "s3://data/x", "device": "cuda"}]}},
+        "sweep.config.runs[1].device: cuda (run b) needs a GPU, but the sweep's tasks get none"),
+    "cuda-default-on-cpu-tasks": ({"gpusPerTask": 0, "config": {"defaults": {"device": "cuda:0"}, "runs": [
+        {"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]}},
+        "sweep.config.defaults.device: cuda:0 (run a) needs a GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP_REFUSALS))
+def test_sweep_settings_are_refused_when_rendering(bins, tmp_path, case):
+    sweep, message = SWEEP_REFUSALS[case]
+    base = {"enabled": True, "out": "s3://out/sweep",
+            "config": {"runs": [{"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]}}
+    assert message in refused(bins, tmp_path, {"sweep": {**base, **sweep}})
+
+
+def test_jobs_ray_sweep_refuses_what_the_chart_refuses():
+    """The render-time sweep checks are jobs.ray_sweep's own rules, not stricter ones."""
+    ray_sweep = _jobs_module("jobs.ray_sweep")
+    for config in ({"version": 1, "runs": []}, {"version": 1}, {"runs": ["vit_b16_int8"]}):
+        with pytest.raises(ray_sweep.SweepError):
+            ray_sweep.parse_sweep(config)
+    sweep = ray_sweep.parse_sweep({"runs": [{"name": "b", "recipe": "r", "calib_data": "s3://d/x", "device": "cuda"}]})
+    with pytest.raises(ray_sweep.SweepError, match="needs a GPU"):
+        ray_sweep._check_devices(sweep, 0.0, "sweep")
+
+
+# --- 15. settings that would be ignored are refused -----------------------------------------------
+
+def test_settings_that_would_be_ignored_are_refused(bins, tmp_path):
+    err = refused(bins, tmp_path, {"monitoring": {"podMonitor": {"enabled": True}}, "runs": [GOOD_RUN]})
+    assert "monitoring.podMonitor.enabled is true, but this release has no Ray pods to scrape" in err
+    err = refused(bins, tmp_path, {"serviceAccount": {"create": False, "name": "",
+                                                       "annotations": {"eks.amazonaws.com/role-arn": "x"}},
+                                   "rbac": {"create": False}, "s3": {"secretName": ""}, "runs": [GOOD_RUN]})
+    assert "serviceAccount.annotations apply only to a ServiceAccount the chart creates" in err
+    assert 'the existing account "default"' in err
+    # the same annotations on an account the chart creates are rendered
+    irsa = {"eks.amazonaws.com/role-arn": "x"}
+    objs = render(bins, values_file(tmp_path, {"serviceAccount": {"create": True, "name": "", "annotations": irsa}}))
+    (sa,) = of_kind(objs, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "x"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -65,7 +66,7 @@ def test_calibrate_component_appdef():
     recipes, env = ["tiny.yaml", "s3://b/r2.yaml"], {"FOO": "bar"}
     recipes_before, env_before = list(recipes), dict(env)
     app = components.calibrate(recipe=recipes, data="s3://b/data", out="s3://b/out", checkpoint="s3://b/fp32.pt",
-                               gpus=2, cpu=6, memMB=20000, workers=3, s3_endpoint="http://minio:9000",
+                               gpus=1, cpu=6, memMB=20000, workers=3, s3_endpoint="http://minio:9000",
                                s3_secret="qc-s3", env=env, max_retries=3, cache_dir="/cache/shards",
                                skip_bad=True)
     assert (recipes, env) == (recipes_before, env_before)  # caller's arguments untouched
@@ -75,7 +76,7 @@ def test_calibrate_component_appdef():
                     "--split", "train", "--out", "s3://b/out", "--checkpoint", "s3://b/fp32.pt", "--workers", "3",
                     "--device", "cuda", "--no-progress", "--cache-dir", "/cache/shards", "--skip-bad"]
     _assert_cli_accepts(args)
-    assert (role.resource.gpu, role.resource.cpu, role.resource.memMB) == (2, 6, 20000)
+    assert (role.resource.gpu, role.resource.cpu, role.resource.memMB) == (1, 6, 20000)
     assert role.env["AWS_ENDPOINT_URL"] == "http://minio:9000" and role.env["QUANTCORE_S3_SECRET"] == "qc-s3"
     assert role.env["FOO"] == "bar" and role.num_replicas == 1 and role.image == components.DEFAULT_IMAGE
     assert role.max_retries == 3 and role.retry_policy.value == "APPLICATION"
@@ -137,6 +138,73 @@ def test_ddp_component_wraps_torchrun_in_the_launcher():
         components.ddp(nproc_per_node=8, gpus=4)
 
 
+def _torchrun_words(app) -> Tuple[List[str], Any]:
+    """A one-container component's command with ranks: (the words up to jobs.torchrun, torchrun's
+    parsed arguments)."""
+    from torch.distributed.run import get_args_parser
+
+    (role,) = app.roles
+    words = [role.entrypoint] + role.args
+    prefix = ["python", "-m", "jobs.launch", "python", "-m", "jobs.torchrun"]
+    assert words[:6] == prefix, words
+    return words[:6], get_args_parser().parse_args(words[6:])
+
+
+@pytest.mark.parametrize("gpus", [2, 8])
+def test_multi_gpu_components_run_one_data_parallel_rank_per_gpu(gpus):
+    """calibrate/evaluate/ptq with gpus > 1: jobs.launch (Secret first), then jobs.torchrun with one
+    rank per GPU, as the Helm chart's Jobs (before: one process holding every GPU)."""
+    apps = {"calibrate": components.calibrate(recipe=["r"], data="d", out="o", gpus=gpus),
+            "evaluate": components.evaluate(checkpoint="c", data="d", out="o", gpus=gpus),
+            "ptq": components.ptq(recipe=["a", "b"], calib_data="d", out="o", gpus=gpus)}
+    for command, app in apps.items():
+        _, a = _torchrun_words(app)
+        assert (a.standalone, a.nproc_per_node, a.max_restarts) == (True, str(gpus), 0), command
+        assert a.module and a.training_script == "quantcore.cli"
+        cli = a.training_script_args
+        assert cli[0] == command and cli[cli.index("--device") + 1] == "cuda"
+        _assert_cli_accepts(cli)
+        assert app.roles[0].resource.gpu == gpus and app.roles[0].num_replicas == 1
+    for gpus_ in (0, 1):  # one process: no torchrun
+        assert _cli_args(components.ptq(recipe=["r"], calib_data="d", out="o", gpus=gpus_))[0] == "ptq"
+
+
+def test_multi_gpu_component_command_ends_on_a_user_error_with_exit_2(tmp_path):
+    """The container command of calibrate --gpus 2, run as it is (jobs.launch -> jobs.torchrun -> 2
+    ranks of quantcore): a recipe that does not exist exits 2 (the Volcano job ends, no retry)."""
+    missing = tmp_path / "no-such-recipe.yaml"
+    (role,) = components.calibrate(recipe=[str(missing)], data=str(tmp_path), out=str(tmp_path / "o"), gpus=2,
+                                   workers=0).roles
+    assert role.entrypoint == "python"
+    proc = subprocess.run([sys.executable] + role.args, cwd=REPO, env=_subprocess_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"recipe '{missing}' not found" in proc.stderr  # quantcore's own user error, on the ranks
+    assert "jobs.torchrun FAILED" in proc.stderr and proc.stderr.rstrip().endswith("exit status 2")
+
+
+@pytest.mark.parametrize("fn", ["ddp", "qat"])
+def test_ranks_per_node_is_one_per_gpu(fn):
+    """ddp (like qat) defaults --nproc_per_node to --gpus and refuses any other count with GPUs: fewer
+    ranks left GPUs idle (ddp's default was 1 rank on 4 GPUs), more share a GPU."""
+    def make(**kw):
+        if fn == "ddp":
+            return components.ddp("evaluate", "--device", "cuda", **kw)
+        return components.qat(recipe="r", data="d", out="o", **kw)
+
+    def nproc(app):
+        return re.search(r"--nproc_per_node (\d+)", app.roles[0].args[1]).group(1)
+
+    assert nproc(make(nnodes=2, gpus=4)) == "4" and nproc(make(gpus=4, nproc_per_node=4)) == "4"
+    assert nproc(make(gpus=0)) == "1" and nproc(make(gpus=0, nproc_per_node=3)) == "3"
+    for bad in (1, 2, 8):
+        with pytest.raises(ValueError, match=rf"--nproc_per_node {bad} with --gpus 4: each node runs one rank per "
+                                             rf"GPU; leave --nproc_per_node at 0 \(one per GPU\) or set it to 4"):
+            make(nnodes=2, gpus=4, nproc_per_node=bad)
+    with pytest.raises(ValueError, match="--nproc_per_node must be >= 0"):
+        make(nproc_per_node=-1)
+
+
 def _qat_torchrun(app):
     """The qat component's container command: (launcher words, torchrun's parsed arguments)."""
     from torch.distributed.run import get_args_parser
@@ -195,7 +263,7 @@ def test_qat_component_runs_quantcore_qat_under_jobs_torchrun():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(nproc_per_node=8, gpus=4), "each rank needs a GPU"), (dict(nnodes=0), "--nnodes"),
+    (dict(nproc_per_node=8, gpus=4), "one rank per GPU"), (dict(nnodes=0), "--nnodes"),
     (dict(recipe=" "), "--recipe"), (dict(max_restarts=-1), "--max_restarts"), (dict(workers=-2), "--workers"),
     (dict(epochs=-1), "--epochs"), (dict(gpus=-1), "--gpus"), (dict(mounts=["type=volume", " "]), "mounts"),
     (dict(mounts=["type=bind", "src=/mnt/imagenet", "dst=/data"]), "--mounts: type=bind"),

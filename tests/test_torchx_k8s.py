@@ -52,10 +52,10 @@ DRYRUN_ARGS = {
                  "--out", "s3://runs/eval", "--limit", "1000", "--gpus", "0", "--max_retries", "0",
                  "--image", f"registry.example.com/ml/quantcore@{DIGEST}"],
     "ptq": ["--recipe", "vit_b16_384_ft1,vit_b16_384_ft2", "--calib_data", "s3://datasets/imagenet-zip",
-            "--out", "s3://runs/ptq", "--s3_secret", "quantcore-s3-credentials", "--mounts",
+            "--out", "s3://runs/ptq", "--gpus", "2", "--s3_secret", "quantcore-s3-credentials", "--mounts",
             "type=volume,src=imagenet-pvc,dst=/data,readonly,type=volume,src=shard-cache,dst=/shards",
             "--cache_dir", "/shards/imagenet"],
-    "ddp": ["--nnodes", "2", "--nproc_per_node", "2", "--gpus", "2", "--s3_secret", "quantcore-s3-credentials",
+    "ddp": ["--nnodes", "2", "--gpus", "2", "--s3_secret", "quantcore-s3-credentials",
             "--", "calibrate", "--recipe", "vit_b16_int8", "--data", "s3://datasets/imagenet-zip",
             "--out", "s3://runs/ddp/rank_$RANK", "--device", "cuda"],
     "qat": ["--recipe", "vit_b16_384_ft2", "--data", "s3://datasets/imagenet-zip", "--out", "s3://runs/qat",
@@ -158,6 +158,32 @@ def _ours(app, cfg: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     return sanitize_for_serialization(info.request.resource)
 
 
+# Names a Volcano Job brings onto the cluster (volcano-sh/volcano): the job itself (admission webhook:
+# a qualified name, <= 63); its svc plugin's headless Service (a DNS-1035 label) and NetworkPolicy,
+# both named after the job, and ConfigMap <job>-svc; the pods <job>-<task>-<index> (jobhelpers.MakePodName),
+# whose hostname is the pod name and subdomain the job name (DNS-1123 labels). kubernetes-validate
+# does not check metadata.name, so this does.
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def final_names(job: Dict[str, Any]) -> List[Tuple[str, str, "re.Pattern[str]", int]]:
+    """(what, name, pattern, max length) of every name derived from a Volcano Job's name."""
+    jn = job["metadata"]["name"]
+    names = [("Volcano Job", jn, DNS_1123_LABEL, 63), ("Service (svc plugin)", jn, DNS_1035_LABEL, 63),
+             ("pod subdomain", jn, DNS_1123_LABEL, 63), ("ConfigMap (svc plugin)", f"{jn}-svc", DNS_SUBDOMAIN, 253)]
+    for task in job["spec"]["tasks"]:
+        for i in range(int(task.get("replicas", 1))):
+            names.append(("pod name and hostname", f"{jn}-{task['name']}-{i}", DNS_1123_LABEL, 63))
+    return names
+
+
+def name_problems(job: Dict[str, Any]) -> List[str]:
+    return [f"{what} {name!r}: " + (f"{len(name)} characters (> {most})" if len(name) > most else "invalid")
+            for what, name, pattern, most in final_names(job) if len(name) > most or not pattern.match(name)]
+
+
 # ------------------------------------------------------------------------------ every component
 
 @pytest.mark.parametrize("name", COMPONENT_NAMES)
@@ -182,6 +208,13 @@ def test_dryrun_is_a_strictly_valid_volcano_job(name, jobs):
             assert pod["automountServiceAccountToken"] is True  # jobs.launch reads the Secret with it
         else:
             assert pod["automountServiceAccountToken"] is False and "QUANTCORE_S3_SECRET" not in env
+
+
+@pytest.mark.parametrize("name", COMPONENT_NAMES)
+def test_dryrun_final_names_are_valid(name, jobs):
+    job = jobs[name]
+    assert job["metadata"]["name"].startswith(("quantcore-" + name + "-"))
+    assert name_problems(job) == []
 
 
 @pytest.mark.parametrize("name", COMPONENT_NAMES)
@@ -236,6 +269,15 @@ def test_dryrun_commands(name, jobs):
     for t in spec["tasks"]:
         (c,) = t["template"]["spec"]["containers"]
         cmd = c["command"]
+        if name == "ptq":  # --gpus 2: one data-parallel rank per GPU, as the Helm chart's Jobs
+            assert cmd[:6] == ["python", "-m", "jobs.launch", "python", "-m", "jobs.torchrun"], cmd
+            a = get_args_parser().parse_args(cmd[6:])
+            assert (a.standalone, a.nproc_per_node, a.max_restarts, a.module, a.training_script) == (
+                True, "2", 0, True, "quantcore.cli")
+            assert a.training_script_args[0] == "ptq" and "--device" in a.training_script_args
+            _assert_cli_accepts(a.training_script_args)
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+            continue
         if name not in ("ddp", "qat"):
             assert cmd[:4] == ["python", "-m", "jobs.launch", "quantcore"] and cmd[4] == name
             _assert_cli_accepts(cmd[4:])
@@ -250,6 +292,7 @@ def test_dryrun_commands(name, jobs):
         hosts.append(a.rdzv_endpoint)
         if name == "ddp":  # quoted: no shell expands it; jobs.torchrun does, for each rank
             assert "s3://runs/ddp/rank_$RANK" in a.training_script_args and "'s3://runs/ddp/rank_$RANK'" in cmd[2]
+            assert a.nproc_per_node == "2"  # --nproc_per_node unset: one rank per GPU (--gpus 2)
         else:
             assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.rdzv_backend) == ("2", "4", 2, "c10d")
             # SIGTERM: the ranks get grace - 15 s to checkpoint, within the pod's grace period
@@ -336,6 +379,108 @@ def test_volcano_schema_refuses_a_policy_with_both_event_and_exit_code():
     assert any("policies" in e for e in kt.validate_object(new))
 
 
+# ------------------------------------------------------------------------------ names
+
+def _longest_id(monkeypatch) -> None:
+    """TorchX's job ids as long as they get: random_id() of the largest 64-bit number."""
+    from torchx.schedulers import ids
+
+    monkeypatch.setattr(ids, "random_uint64", lambda: 2 ** 64 - 1)
+    assert len(ids.random_id()) == components.TORCHX_ID_MAX
+
+
+@pytest.mark.parametrize("fn,nnodes", [("qat", 2), ("qat", 10), ("qat", 11), ("ddp", 10)])
+def test_job_names_stay_within_the_dns_limits(fn, nnodes, monkeypatch):
+    """The longest --name accepted gives 63-character pod names with TorchX's longest id; one more
+    character is refused, naming the limit. Rendered without the check, that name breaks the pods'
+    hostnames (before: no limit at all)."""
+    _longest_id(monkeypatch)
+
+    def make(name):
+        if fn == "qat":
+            return components.qat(recipe="r", data="d", out="o", nnodes=nnodes, name=name)
+        return components.ddp("evaluate", nnodes=nnodes, name=name)
+
+    limit = 63 - len(f"-{'x' * components.TORCHX_ID_MAX}-{fn}-{nnodes - 1}-0")
+    assert limit == (39 if nnodes > 10 else 40)  # the help says: at most 40 characters with nnodes <= 10
+    longest = ("team-a-" + "v" * 63)[:limit]
+    job = _ours(make(longest))
+    assert name_problems(job) == [] and kt.validate_object(job) == []
+    assert max(len(n) for _, n, _, _ in final_names(job)) == 63
+    with pytest.raises(ValueError, match=re.escape(f"--name '{longest}x': {limit + 1} characters, at most {limit} "
+                                                   f"with --nnodes {nnodes}")):
+        make(longest + "x")
+    import dataclasses
+
+    old = _ours(dataclasses.replace(make(longest), name=longest + "x"))  # the name without the check
+    assert any(p.startswith("pod name and hostname") and "64 characters" in p for p in name_problems(old))
+
+
+def test_the_reviewers_long_qat_name_is_refused(monkeypatch):
+    _longest_id(monkeypatch)
+    long = "vit-b16-384-ft2-w8a8-qat-imagenet-full-5-epochs-kd"
+    with pytest.raises(ValueError, match=re.escape(f"--name '{long}': 50 characters, at most 40 with --nnodes 2")):
+        components.qat(recipe="r", data="d", out="o", nnodes=2, name=long)
+    import dataclasses
+
+    app = components.qat(recipe="r", data="d", out="o", nnodes=2)
+    problems = name_problems(_ours(dataclasses.replace(app, name=long)))
+    assert "Volcano Job 'vit-b16-384-ft2-w8a8-qat-imagenet-full-5-epochs-kd-" in problems[0]
+    assert "65 characters" in problems[0]
+
+
+@pytest.mark.parametrize("bad", ["Vit_B16_QAT", "vit.b16", "team/run", "1st-run", "-run", "qat ft2"])
+def test_names_that_torchx_would_rewrite_or_kubernetes_refuse_are_refused(bad):
+    """TorchX lower-cases a name and drops what is not [a-z0-9-] (Vit_B16_QAT: job vitb16qat-<id>),
+    dist.ddp takes `a/b` as experiment a, run b; a Service name needs a letter first."""
+    for make in (lambda: components.qat(recipe="r", data="d", out="o", name=bad),
+                 lambda: components.ddp("evaluate", name=bad)):
+        with pytest.raises(ValueError, match=re.escape(f"--name {bad!r}: use lower-case letters, digits and '-'")):
+            make()
+    import dataclasses
+
+    from torchx.components import dist
+
+    app = components.qat(recipe="r", data="d", out="o")
+    old = _ours(dataclasses.replace(app, name=bad))
+    job_name = old["metadata"]["name"]
+    # without the check: the job is not called what the user asked for, or its Service is invalid
+    assert not job_name.startswith(bad + "-") or name_problems(old), job_name
+    assert dist.ddp(m="x", name="team/run").name == "run"  # TorchX's own reading of a `/`
+    with pytest.raises(ValueError, match="--name 'run-': use"):  # a DNS label ends with a letter or digit
+        components.qat(recipe="r", data="d", out="o", name="run-")
+
+
+# ------------------------------------------------------------------------------ resources
+
+def test_resource_floors_match_the_help_and_the_requests():
+    """--cpu and --memMB: the help states the minimum, the components refuse one less, and the
+    minimum still gives the pod a real request (TorchX requests memMB - 1024 MB and cpu - 100m)."""
+    import dataclasses
+
+    from torchx import specs
+    from torchx.components import dist
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(components.PodOptions)}
+    floors = {k: int(re.search(r"at least (\d+)", helps[k]).group(1)) for k in ("cpu", "memMB")}
+    assert floors == {"cpu": 1, "memMB": components.MIN_MEM_MB}
+    for key, low in floors.items():
+        for make in (lambda **kw: components.ptq(recipe=["r"], calib_data="d", out="o", **kw),
+                     lambda **kw: components.ddp("evaluate", **kw)):
+            with pytest.raises(ValueError, match=re.escape(f"--{key} must be >= {low}")):
+                make(**{key: low - 1})
+    (pod,) = _pods(_ours(components.ptq(recipe=["r"], calib_data="d", out="o", cpu=1, memMB=2048)))
+    res = pod["containers"][0]["resources"]
+    assert (res["requests"]["cpu"], res["limits"]["cpu"]) == ("900m", "1000m")
+    assert (res["requests"]["memory"], res["limits"]["memory"]) == ("1024M", "2048M")
+    # before: what TorchX makes of the values the components now refuse
+    app = components.ptq(recipe=["r"], calib_data="d", out="o")
+    app.roles[0].resource = specs.Resource(cpu=0, gpu=0, memMB=100)
+    (old,) = _pods(_plain_torchx_job(app))
+    assert old["containers"][0]["resources"]["requests"] == {"memory": "0M"}  # no CPU, no memory request
+    assert dist.ddp(m="x", cpu=0).roles[0].resource.cpu == 2  # --cpu 0 silently became 2 cores
+
+
 # ------------------------------------------------------------------------------ mounts
 
 def test_mounts_are_pvcs_only():
@@ -360,11 +505,26 @@ def test_mounts_are_pvcs_only():
         components.ddp(mounts=["type=bind", "src=/x", "dst=/y"])
 
 
-def test_torchx_cli_refuses_a_bind_mount_with_a_clear_error():
-    proc = _run(_torchx(["jobs/components.py:ptq", "--recipe", "r", "--calib_data", "d", "--out", "o",
-                         "--mounts", "type=bind,src=/mnt/imagenet,dst=/data"]))
-    assert proc.returncode != 0 and "=== SCHEDULER REQUEST ===" not in proc.stdout
-    assert "ComponentError: --mounts: type=bind (a host path) is not allowed" in proc.stderr, proc.stderr[-2000:]
+@pytest.mark.parametrize("args,message", [
+    (["ptq", "--recipe", "r", "--calib_data", "d", "--out", "o", "--mounts", "type=bind,src=/mnt/imagenet,dst=/data"],
+     "--mounts: type=bind (a host path) is not allowed"),
+    (["ddp", "--nnodes", "2", "--gpus", "4", "--nproc_per_node", "1", "--", "evaluate"],
+     "--nproc_per_node 1 with --gpus 4: each node runs one rank per GPU"),
+    (["qat", "--recipe", "r", "--data", "d", "--out", "o", "--cache_dir", "/var/cache/qc"],  # from the pre_proc
+     "--cache_dir /var/cache/qc: not on a writable volume"),
+])
+def test_torchx_cli_reports_a_component_error_as_one_line(args, message):
+    """A ComponentError is torchx's ComponentValidationException: the CLI prints the message after
+    `got errors:`, with no traceback (before: ~20 lines of torchx's stack first), and exits 1 (torchx's
+    status for a component error; a CLI of ours would exit 2)."""
+    proc = _run(_torchx([f"jobs/components.py:{args[0]}"] + args[1:]))
+    assert proc.returncode == 1 and "=== SCHEDULER REQUEST ===" not in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("torchx ") and ln.endswith(" ERROR"))
+    assert lines[at + 1:at + 3] == [f"Failed to run component `jobs/components.py:{args[0]}` got errors:",
+                                    lines[at + 2]] and lines[at + 2].startswith(message), lines
+    assert len(lines) == at + 3  # the message ends the output
 
 
 @pytest.mark.parametrize("name", COMPONENT_NAMES)

@@ -1,6 +1,8 @@
 """Max calibrator: running min/max, per tensor or per channel. Exact and trivially mergeable."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,14 +18,20 @@ class MaxState:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         if self.axis is None:
+            if not x.is_contiguous() and x.device.type == "cpu":
+                x = x.contiguous()  # a strided view (q/k/v of a fused qkv): copy + read < strided read
             lo, hi = torch.aminmax(x)
+            lo_f, hi_f = torch.stack((lo, hi)).float().tolist()  # one device sync
+            if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+                raise ValueError("non-finite values (inf/nan) reached a calibrator")
+            lo, hi = torch.tensor(lo_f, dtype=torch.float32), torch.tensor(hi_f, dtype=torch.float32)
         else:
             ax = self.axis % x.dim()
             flat = x.transpose(0, ax).reshape(x.shape[ax], -1)
             lo, hi = torch.aminmax(flat, dim=1)
-        lo, hi = lo.float().cpu(), hi.float().cpu()
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise ValueError("non-finite values (inf/nan) reached a calibrator")
+            lo, hi = lo.float().cpu(), hi.float().cpu()
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise ValueError("non-finite values (inf/nan) reached a calibrator")
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         self.total += x.numel()

@@ -164,20 +164,39 @@ class ImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         try:
-            img = self.load_image(index)
+            sample = self.decode(index)
         except DataError as e:
             if not self.skip_bad:
                 raise
             marker = Skipped(index, self.where(index), str(e))
             self.skipped.add(marker)
             return marker
+        return sample, self.labels[index]
+
+    def decode(self, index: int) -> Any:
+        """The decode step: sample ``index`` decoded and transformed. A transform with ``from_bytes(data,
+        where)`` (:class:`~quantcore.data.transforms.EvalTransform`: JPEG via torchvision, see
+        :mod:`quantcore.data.decode`) gets the encoded bytes; any other gets :meth:`load_image`'s PIL image.
+        Raises :class:`DataError` naming the file for unreadable or undecodable data (skippable); other
+        errors of the transform carry a note naming the file."""
+        from_bytes = getattr(self.transform, "from_bytes", None)
+        if from_bytes is not None:
+            data, where = self.read_raw(index), self.where(index)
+            try:
+                return from_bytes(data, where)
+            except DataError:
+                raise
+            except Exception as e:
+                e.add_note(f"while decoding/transforming {where}")
+                raise
+        img = self.load_image(index)
         if self.transform is not None:
             try:
                 img = self.transform(img)
             except Exception as e:
                 e.add_note(f"while transforming {self.where(index)}")
                 raise
-        return img, self.labels[index]
+        return img
 
     def describe(self) -> dict[str, Any]:
         """Small JSON-able summary for reports."""

@@ -7,13 +7,18 @@ they travel back from worker processes with the batch; :class:`SkipAwareLoader` 
 ``loader.skipped`` - the dataset's own :class:`SkipLog`, which also holds what was skipped while the
 dataset was indexed. A batch whose samples were all skipped is not yielded; its names are reported
 with the next yielded batch (and are always in ``loader.skipped``).
+
+Every batch of indices :func:`make_loader` hands a worker is a :class:`Batch` that also names the
+batch the same worker gets next (``DataLoader`` deals batches to its workers in turn), so a dataset
+with ``__getitems__`` (zip shards on S3) can fetch it while this one decodes.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections import deque
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from .errors import SkipLog, Skipped, SkipRecord
@@ -27,6 +32,53 @@ def collate_skip(batch: Sequence[Any]) -> tuple[Any, torch.Tensor, list[SkipReco
         return None, torch.empty(0, dtype=torch.long), skipped
     images, labels = default_collate(good)
     return images, torch.as_tensor(labels, dtype=torch.long), skipped
+
+
+class Batch(list):
+    """Indices of one batch; ``ahead``: the indices of the batch the same worker is expected to get
+    next (``None`` at the end). A plain list to every consumer that ignores ``ahead``."""
+
+    def __init__(self, indices: Iterable[int] = (), ahead: list[int] | None = None) -> None:
+        super().__init__(indices)
+        self.ahead = ahead
+
+    def __reduce__(self):  # keep ``ahead`` through the worker index queues
+        return (Batch, (list(self), self.ahead))
+
+
+class LookaheadBatchSampler:
+    """Wraps a batch sampler: yields :class:`Batch` ``k`` with ``ahead`` = batch ``k + num_workers``
+    (the next one for the same worker under ``DataLoader``'s round-robin; the next one at all with
+    no workers). Buffers ``num_workers`` batches of indices."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], num_workers: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.batch_size = getattr(batch_sampler, "batch_size", None)
+        self.stride = max(1, int(num_workers))
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch]:
+        buf: deque[list[int]] = deque()
+        for b in self.batch_sampler:
+            buf.append(list(b))
+            if len(buf) > self.stride:
+                yield Batch(buf.popleft(), buf[self.stride - 1])
+        while buf:
+            b = buf.popleft()
+            yield Batch(b, buf[self.stride - 1] if len(buf) >= self.stride else None)
+
+
+class _BatchSubset(Subset):
+    """``Subset`` that maps a :class:`Batch`'s ``ahead`` too."""
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        ahead = getattr(indices, "ahead", None)
+        mapped = Batch((self.indices[i] for i in indices),
+                       [self.indices[i] for i in ahead] if ahead is not None else None)
+        get = getattr(self.dataset, "__getitems__", None)
+        return get(mapped) if callable(get) else [self.dataset[i] for i in mapped]
 
 
 def _base_dataset(ds: Any) -> Any:
@@ -50,7 +102,7 @@ class SkipAwareLoader:
 
     @property
     def batch_size(self):
-        return self.loader.batch_size
+        return self.loader.batch_size or getattr(self.loader.batch_sampler, "batch_size", None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -89,8 +141,9 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, indices: Se
                 persistent_workers: bool = False, prefetch_factor: int | None = None,
                 multiprocessing_context: Any = None) -> SkipAwareLoader:
     """DataLoader over ``dataset`` (or ``Subset(dataset, indices)``) yielding ``(images, labels,
-    skipped_names)``; shuffling, if asked, is seeded so runs are reproducible."""
-    ds = Subset(dataset, list(indices)) if indices is not None else dataset
+    skipped_names)``; shuffling, if asked, is seeded so runs are reproducible. Batches carry the
+    next batch of the same worker (:class:`LookaheadBatchSampler`) for read-ahead."""
+    ds = _BatchSubset(dataset, list(indices)) if indices is not None else dataset
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw["persistent_workers"] = persistent_workers
@@ -99,6 +152,8 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, indices: Se
         if multiprocessing_context is not None:
             kw["multiprocessing_context"] = multiprocessing_context
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate_skip,
-                    drop_last=drop_last, pin_memory=pin_memory, generator=gen, **kw)
+    sampler = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+    batches = LookaheadBatchSampler(BatchSampler(sampler, batch_size, drop_last), num_workers)
+    dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_skip,
+                    pin_memory=pin_memory, generator=gen, **kw)
     return SkipAwareLoader(dl)

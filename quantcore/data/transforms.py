@@ -17,6 +17,7 @@ colour jitter or auto-augment, random erasing) as the recipe's ``qat.augment`` a
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -49,21 +50,55 @@ class ConvertMode:
 
 
 class EvalTransform:
-    """``ConvertMode`` followed by the model's transform; carries the resolved config as ``.config``."""
+    """``ConvertMode`` followed by the model's transform; carries the resolved config as ``.config``.
 
-    def __init__(self, inner: Callable, config: dict[str, Any]) -> None:
+    ``decoder`` (``'auto'``, ``'torchvision'``, ``'pil'``; see :mod:`quantcore.data.decode`): with a
+    torchvision decoder and a transform made of steps that have exact tensor counterparts, datasets call
+    :meth:`from_bytes` and JPEGs are decoded by ``torchvision.io.decode_jpeg`` and transformed as ``uint8``
+    tensors (``.plan``); other formats keep PIL and this transform. ``config["decoder"]`` records the
+    choice (and why PIL was kept); ``counts`` tallies which decoder ran in this process."""
+
+    def __init__(self, inner: Callable, config: dict[str, Any], decoder: str = "auto") -> None:
+        from .decode import DECODERS, resolve_decoder, tensor_plan
+
         self.inner = inner
         self.config = dict(config)
         mode = config.get("mode")
         self.convert = ConvertMode(mode) if mode else None
+        name = resolve_decoder(decoder)
+        self.plan, reason = tensor_plan(inner) if name != "pil" else (None, "")
+        if self.plan is None and name != "pil":
+            name, reason = "pil", f"{decoder!r} asked, but {reason}: the whole transform stays on PIL"
+        info: dict[str, Any] = {"name": name, "asked": decoder, "jpeg": DECODERS[name]}
+        if self.plan is not None:
+            info["tensor_steps"] = self.plan.describe()
+        if reason:
+            info["reason"] = reason
+        self.config["decoder"] = info
+        self.counts: Counter = Counter()
 
     def __call__(self, img):
         if self.convert is not None:
             img = self.convert(img)
         return self.inner(img)
 
+    def from_bytes(self, data: bytes, where: str) -> torch.Tensor:
+        """Encoded image -> normalized ``C x H x W`` float32 tensor; raises :class:`DataError` naming
+        ``where`` for a file the PIL path cannot decode either (same message)."""
+        from .base import decode_image
+        from .decode import to_mode, try_torchvision
+
+        x = try_torchvision(data) if self.plan is not None else None
+        if x is not None:
+            self.counts["torchvision"] += 1
+            return self.plan(to_mode(x, self.config.get("mode")))
+        img = decode_image(data, where)
+        self.counts["pil"] += 1
+        return self(img)
+
     def __repr__(self) -> str:
-        return f"EvalTransform(convert={self.convert!r}, inner={self.inner!r})"
+        decoder = self.config["decoder"]["name"]
+        return f"EvalTransform(convert={self.convert!r}, inner={self.inner!r}, decoder={decoder!r})"
 
 
 # ---------------------------------------------------------------------------------------- model probes
@@ -200,27 +235,31 @@ def _find_resize(t) -> list[int] | None:
 
 
 def eval_transform(model: nn.Module | None = None, *, weights: Any = None, overrides: dict | None = None,
-                   use_test_size: bool = False) -> EvalTransform:
-    """The model's evaluation transform: PIL image -> normalized ``C x H x W`` float tensor.
+                   use_test_size: bool = False, decoder: str = "auto") -> EvalTransform:
+    """The model's evaluation transform: PIL image (or, through ``from_bytes``, encoded bytes) ->
+    normalized ``C x H x W`` float tensor.
 
     ``weights``: torchvision ``WeightsEnum`` member (or an already built ``weights.transforms()``) to use
     instead of the model's own config. ``overrides``: timm data-config keys (``input_size``, ``mean``,
     ``std``, ``crop_pct``, ``interpolation``, ``crop_mode``, ``in_chans``) that win over the model's.
     ``use_test_size``: use the cfg's ``test_input_size``/``test_crop_pct`` where it has them (timm's
     ``validate.py`` default); off by default, i.e. the cfg's ``input_size``/``crop_pct``.
+    ``decoder``: ``'auto'`` (torchvision for JPEG when its image extension loads), ``'torchvision'`` or
+    ``'pil'`` (PIL for everything, the reference); pixels agree within :mod:`quantcore.data.decode`'s
+    stated tolerance (decode bit-exact, resize within 1 of 255 levels).
     """
     inner, cfg = _resolve(model, weights, overrides, use_test_size)
-    return EvalTransform(inner, cfg)
+    return EvalTransform(inner, cfg, decoder=decoder)
 
 
 def describe_transform(model: nn.Module | None = None, *, weights: Any = None, overrides: dict | None = None,
-                       use_test_size: bool = False) -> dict[str, Any]:
+                       use_test_size: bool = False, decoder: str = "auto") -> dict[str, Any]:
     """JSON-able summary (source, input_size, resize_size, mean, std, crop_pct, crop_mode,
-    interpolation, PIL mode) of :func:`eval_transform` for the same arguments."""
+    interpolation, PIL mode, decoder) of :func:`eval_transform` for the same arguments."""
     if isinstance(model, (EvalTransform, TrainTransform)):
         return dict(model.config)
-    _, cfg = _resolve(model, weights, overrides, use_test_size)
-    return cfg
+    return dict(eval_transform(model, weights=weights, overrides=overrides, use_test_size=use_test_size,
+                               decoder=decoder).config)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -303,7 +342,7 @@ def train_transform(model: nn.Module | None, augment: Any = None, *, weights: An
         raise _augment_error("ratio", f"{list(ratio)} must be 0 < min <= max (crop aspect ratio)")
     color_jitter = augment.color_jitter
     if in_chans == 1 and color_jitter:
-        raise _augment_error("color_jitter", f"the model takes 1-channel (grayscale) images; colour jitter "
+        raise _augment_error("color_jitter", "the model takes 1-channel (grayscale) images; colour jitter "
                              "(brightness, contrast and saturation) cannot apply to them as asked - remove "
                              "it, or use auto_augment (e.g. rand-m9-mstd0.5), whose ops work on grayscale")
     if in_chans not in (1, 3) and (color_jitter or augment.auto_augment):

@@ -9,7 +9,14 @@ shards are found by listing and class names default to ``"0".."K-1"``.
 
 Members are read with :mod:`zipfile` over ``storage.open_read`` (ranged GETs on S3), so only the
 central directory and the members actually used are transferred. Zip handles are opened lazily, once
-per process (DataLoader workers each open their own).
+per process (DataLoader workers each open their own, from the size, ETag and central directory the
+parent read while indexing: no request to open a shard).
+
+Batches (``__getitems__``, what ``DataLoader`` calls) on S3 are planned: the byte extents of the
+batch's members in each shard are merged (:data:`MAX_GAP`, :data:`MAX_SPAN`) and fetched with one GET
+per run, concurrently, and the batch that :func:`quantcore.data.make_loader` says comes next to this
+worker (``indices.ahead``) is requested before this one decodes, so its GETs overlap the decoding.
+Every member is then read and checked by :mod:`zipfile` exactly as for a single item.
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ import os
 import re
 import zipfile
 import zlib
+from array import array
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from . import _fs
 from .base import ImageDataset
@@ -27,6 +35,10 @@ from .errors import DataError, SkipRecord
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "quantcore-zip-shards"
+#: Members of a batch at most this many bytes apart are fetched in one GET (the gap is read too).
+MAX_GAP = 32 * 1024
+#: Longest single planned GET, bytes (longer runs are split, and fetched concurrently).
+MAX_SPAN = 16 * 1024 * 1024
 
 
 try:
@@ -125,17 +137,27 @@ class ZipShardDataset(ImageDataset):
     """All shards of one split of a zipped dataset (see module doc).
 
     ``cache_dir``/``block_size``: passed to ``storage.open_read`` (persistent block cache / ranged GET
-    size on S3). At most ``max_open_shards`` zip handles are kept open per process (LRU).
+    size on S3). ``transport``: the S3 GET client (``boto3``, ``s3torchconnector``, ``fsspec``; see
+    :data:`quantcore.io.ranged.TRANSPORTS`). ``batch_reads=False`` turns batch planning and read-ahead
+    off (every member read on demand, block by block). At most ``max_open_shards`` zip handles are
+    kept open per process (LRU; a batch touching more shards keeps them all open while it is read).
     """
 
     layout = "zip"
 
     def __init__(self, uri: str, split: str = "train", transform: Callable | None = None, skip_bad: bool = False,
                  cache_dir: str | None = None, classes: list[str] | None = None,
-                 num_classes: int | None = None, block_size: int | None = None, max_open_shards: int = 8) -> None:
+                 num_classes: int | None = None, block_size: int | None = None, max_open_shards: int = 8,
+                 transport: str = "boto3", batch_reads: bool = True) -> None:
         super().__init__(uri, split, transform, skip_bad)
         self.cache_dir = cache_dir
         self.block_size = block_size
+        self.transport = transport
+        self.batch_reads = bool(batch_reads)
+        # per shard: ((size, etag), (central directory offset, bytes)) from the indexing pass (S3 only)
+        self._seeds: dict[int, tuple] = {}
+        self._extents: dict[int, dict[str, tuple[int, int]]] = {}  # indexing only, then per-sample arrays
+        self._keep_open = 0  # shards of the batch being read: never evicted under it
         self.max_open_shards = max(1, int(max_open_shards))
         self.index = load_index(self.uri)
         self.shards = find_shards(self.uri, split, self.index)
@@ -173,6 +195,11 @@ class ZipShardDataset(ImageDataset):
             self.labels.append(label)
             self._shard_of.append(k)
             self._member.append(member)
+        # byte extent of every sample's member in its shard: local header .. next member / directory
+        ext = [self._extents.get(k, {}).get(m, (-1, -1)) for k, m in zip(self._shard_of, self._member)]
+        self._ext_start = array("q", (e[0] for e in ext))
+        self._ext_end = array("q", (e[1] for e in ext))
+        self._extents = {}
         self._check()
 
     # ------------------------------------------------------------------------------------ indexing
@@ -204,6 +231,7 @@ class ZipShardDataset(ImageDataset):
             zf = self._open_zip(sh)
             try:
                 members = [n for n in zf.namelist() if not n.endswith("/")]
+                self._remember_layout(k, zf)
             finally:
                 _close_zip(zf)
         except DataError as e:
@@ -233,10 +261,27 @@ class ZipShardDataset(ImageDataset):
                 self.skipped.add(SkipRecord(f"{sh.zip_uri}:{m}", f"zip member not listed in {sh.map_uri}"))
         return out
 
-    def _open_zip(self, sh: Shard) -> zipfile.ZipFile:
-        kw = {"cache_dir": self.cache_dir}
+    def _remember_layout(self, k: int, zf: zipfile.ZipFile) -> None:
+        """Keep what a worker needs to open shard ``k`` without a request (size, ETag, central
+        directory) and each member's byte extent, when the shard is read over ranged GETs."""
+        fp = zf.fp
+        start_dir = getattr(zf, "start_dir", None)
+        if not hasattr(fp, "tail_bytes") or not isinstance(start_dir, int):
+            return
+        self._seeds[k] = ((fp.size, fp.etag), (start_dir, fp.tail_bytes(start_dir)))
+        infos = sorted(zf.infolist(), key=lambda z: z.header_offset)
+        ends = [z.header_offset for z in infos[1:]] + [start_dir]
+        self._extents[k] = {z.filename: (z.header_offset, e) for z, e in zip(infos, ends)}
+
+    def _open_zip(self, sh: Shard, k: int | None = None) -> zipfile.ZipFile:
+        kw: dict[str, Any] = {"cache_dir": self.cache_dir}
         if self.block_size:
             kw["block_size"] = self.block_size
+        if _fs.is_s3(sh.zip_uri):
+            kw["transport"] = self.transport
+            seed = self._seeds.get(k) if k is not None else None
+            if seed is not None:
+                kw["known"], kw["tail"] = seed
         try:
             fh = _fs.storage().open_read(sh.zip_uri, **kw)
         except (FileNotFoundError, IsADirectoryError) as e:
@@ -257,11 +302,52 @@ class ZipShardDataset(ImageDataset):
             self._handles, self._pid = {}, os.getpid()
         zf = self._handles.pop(k, None)
         if zf is None:
-            while len(self._handles) >= self.max_open_shards:  # LRU: bound memory of remote block caches
+            # LRU: bound memory of remote block caches (``keep``: the shards of the batch being read)
+            while len(self._handles) >= max(self.max_open_shards, self._keep_open):
                 _close_zip(self._handles.pop(next(iter(self._handles))))
-            zf = self._open_zip(self.shards[k])
+            zf = self._open_zip(self.shards[k], k)
         self._handles[k] = zf  # (re)insert as most recently used
         return zf
+
+    def _plan(self, indices: Sequence[int]) -> list[tuple[Any, list]]:
+        """Start the GETs of the members of ``indices`` (one per run of neighbouring members per
+        shard); returns ``[(reader, span keys)]`` to release once read."""
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        n = len(self)
+        for i in indices:
+            i = int(i)
+            if 0 <= i < n and self._ext_start[i] >= 0:
+                by_shard.setdefault(self._shard_of[i], []).append((self._ext_start[i], self._ext_end[i]))
+        held = []
+        for k, ranges in by_shard.items():
+            try:
+                fp = self._zip(k).fp
+            except DataError:
+                continue  # reported, per sample, when the batch reads it
+            if hasattr(fp, "prefetch"):
+                from quantcore.io.ranged import coalesce
+
+                held.append((fp, fp.prefetch(coalesce(ranges, MAX_GAP, MAX_SPAN))))
+        return held
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """``[self[i] for i in indices]`` (same results and errors), with the batch's S3 reads
+        planned and the next batch (``indices.ahead``, set by ``make_loader``) requested first."""
+        if not self.batch_reads or not _fs.is_s3(self.uri):
+            held = []
+        else:
+            ahead = list(getattr(indices, "ahead", None) or ())
+            self._keep_open = len({self._shard_of[int(i)] for i in list(indices) + ahead if 0 <= int(i) < len(self)})
+            held = self._plan(indices)
+            if ahead:
+                self._plan(ahead)  # its spans are released when that batch is read
+        try:
+            get = getattr(super(), "__getitems__", None)
+            return get(list(indices)) if get is not None else [self[i] for i in indices]
+        finally:
+            self._keep_open = 0
+            for fp, keys in held:
+                fp.release(keys)
 
     def shard_of(self, index: int) -> Shard:
         return self.shards[self._shard_of[index]]

@@ -83,7 +83,7 @@ class S3Settings:
     max_delay: float = 20.0  # seconds, backoff cap
     multipart_threshold: int = 64 * MiB
     part_size: int = 16 * MiB
-    max_concurrency: int = 4  # parallel UploadPart requests
+    max_concurrency: int = 4  # parallel UploadPart requests; parallel planned ranged GETs per process
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_pool_connections: int = 16
@@ -180,7 +180,8 @@ _client_lock = threading.Lock()
 
 
 def get_client() -> Any:
-    """The process-wide boto3 S3 client (thread-safe; created lazily, re-created after fork).
+    """The process-wide boto3 S3 client (thread-safe; created lazily; after a fork the child keeps
+    it with fresh connections, see :func:`_adopt_forked_client`).
 
     Endpoint comes from boto3's native ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
     handling, region and credentials from boto3's standard chain.
@@ -190,6 +191,9 @@ def get_client() -> Any:
     if c is not None and _client_pid == os.getpid():
         return c
     with _client_lock:
+        if _client is not None and _client_pid != os.getpid() and _adopt_forked_client(_client):
+            _client_pid = os.getpid()
+            return _client
         if _client is None or _client_pid != os.getpid():
             import boto3.session  # local import keeps `import quantcore.io` cheap
 
@@ -214,6 +218,18 @@ def get_client() -> Any:
             _client = _session.client("s3", config=cfg)
             _client_pid = os.getpid()
         return _client
+
+
+def _adopt_forked_client(client: Any) -> bool:
+    """In a forked child (a DataLoader worker), keep the parent's client - built once, not once per
+    worker per pass - but drop its pooled connections: they are the parent's sockets. Closing them
+    here only closes the child's copies of the descriptors. False (build a new client) if botocore's
+    layout is not the one expected."""
+    try:
+        client._endpoint.http_session.close()  # urllib3 PoolManager.clear(): new pools on demand
+    except Exception:
+        return False
+    return True
 
 
 def reset_client() -> None:

@@ -164,6 +164,10 @@ def open_read(
     block_size: int = DEFAULT_BLOCK_SIZE,
     cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
     max_blocks: int = DEFAULT_MAX_BLOCKS,
+    *,
+    transport: str = "boto3",
+    known: Optional[tuple] = None,
+    tail: Optional[tuple] = None,
 ) -> BinaryIO:
     """Open ``uri`` for reading as a seekable binary file object (use as a context manager).
 
@@ -172,12 +176,16 @@ def open_read(
     ``max_blocks`` blocks (and, with ``cache_dir``, a persistent on-disk block cache), so
     e.g. ``zipfile.ZipFile(open_read("s3://b/shard-000.zip"))`` only fetches the central
     directory and the members it reads. Raises FileNotFoundError immediately if absent.
+    S3 only: ``transport`` names the GET client (:data:`quantcore.io.ranged.TRANSPORTS`);
+    ``known=(size, etag)`` skips the HEAD and ``tail=(offset, bytes)`` seeds the object's last
+    bytes (both taken by another reader of the same object, e.g. in a parent process).
     """
     p = parse_uri(uri, require_key=True)
     if p.is_s3:
         return RangedReader(  # type: ignore[return-value]
             p.original, block_size=block_size, max_blocks=max_blocks,
-            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None)
+            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+            transport=transport, known=known, tail=tail)
     _check_local_file(p.path, p.original)
     return open(p.path, "rb")
 

@@ -6,7 +6,24 @@
 {{- if le (len .name) (int .max) -}}
 {{- .name -}}
 {{- else -}}
-{{- printf "%s-%s" (.name | trunc (int (sub .max 9)) | trimSuffix "-") (.name | sha256sum | trunc 8) -}}
+{{- printf "%s-%s" (regexReplaceAll "[-.]+$" (.name | trunc (int (sub .max 9))) "") (.name | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "<prefix>-<suffix>" in at most .max characters, unique like "quantcore.truncName", but cut so
+     that the suffix (a run or block name) stays readable: the prefix (the release's full name)
+     gives way first, down to 12 characters. Long: "<prefix part>-<suffix part>-<8 hex of the
+     sha256 of the whole name>". ctx: dict prefix, suffix, max */}}
+{{- define "quantcore.joinName" -}}
+{{- $full := printf "%s-%s" .prefix .suffix -}}
+{{- if le (len $full) (int .max) -}}
+{{- $full -}}
+{{- else -}}
+{{- $room := sub (sub (int .max) 9) 1 -}}{{/* 9: "-" + 8 hex digits; 1: the "-" between the parts */}}
+{{- $keep := min (len .suffix) (sub $room (min (len .prefix) 12)) -}}
+{{- $head := regexReplaceAll "[-.]+$" (trunc (int (sub $room $keep)) .prefix) "" -}}
+{{- $tail := regexReplaceAll "[-.]+$" (trunc (int $keep) .suffix) "" -}}
+{{- printf "%s-%s-%s" $head $tail ($full | sha256sum | trunc 8) -}}
 {{- end -}}
 {{- end -}}
 
@@ -42,14 +59,37 @@
      Job's name. ctx: dict root, run */}}
 {{- define "quantcore.jobName" -}}
 {{- $max := ternary 52 63 (eq .run.mode "qat") -}}
-{{- include "quantcore.truncName" (dict "name" (printf "%s-%s" (include "quantcore.fullname" .root) .run.name) "max" $max) -}}
+{{- include "quantcore.joinName" (dict "prefix" (include "quantcore.fullname" .root) "suffix" .run.name "max" $max) -}}
 {{- end -}}
 
 {{/* The name of a RayJob, at most 47 characters: KubeRay derives longer names from it (RayCluster
      <name>-<5 chars>, head Service <cluster>-head-svc) and rejects longer RayJob names.
      ctx: dict root, name (the block's `name`) */}}
 {{- define "quantcore.rayJobName" -}}
-{{- include "quantcore.truncName" (dict "name" (printf "%s-%s" (include "quantcore.fullname" .root) .name) "max" 47) -}}
+{{- include "quantcore.joinName" (dict "prefix" (include "quantcore.fullname" .root) "suffix" .name "max" 47) -}}
+{{- end -}}
+
+{{/* The name of a `helm test` pod. ctx: dict root, name (its suffix) */}}
+{{- define "quantcore.testPodName" -}}
+{{- include "quantcore.joinName" (dict "prefix" (include "quantcore.fullname" .root) "suffix" (printf "test-%s" .name) "max" 63) -}}
+{{- end -}}
+
+{{/* Fails unless .name is a valid object name of its kind. Names derive from the release name (or
+     fullnameOverride), which Helm only requires to be a DNS-1123 subdomain: dots and a leading
+     digit pass Helm but not the API server or KubeRay for some kinds.
+     ctx: dict root, name, rule ("dns1035" | "label" | "subdomain"), max, what (the object, for
+     the message), why (what needs the rule) */}}
+{{- define "quantcore.checkName" -}}
+{{- $rules := dict
+    "dns1035" (list "^[a-z]([-a-z0-9]*[a-z0-9])?$" "a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, no dots)")
+    "label" (list "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" "a DNS-1123 label (lowercase letters, digits and '-', no dots)")
+    "subdomain" (list "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$" "a DNS-1123 subdomain") -}}
+{{- $rule := get $rules .rule -}}
+{{- if or (not (regexMatch (index $rule 0) .name)) (gt (len .name) (int .max)) -}}
+{{- $origin := printf "the release name %q" .root.Release.Name -}}
+{{- with .root.Values.fullnameOverride }}{{ $origin = printf "fullnameOverride %q" . }}{{ end -}}
+{{- fail (printf "%s: %s %q must be %s of at most %d characters (%s). Choose a release name that starts with a letter and has no dots, or set fullnameOverride" $origin .what .name (index $rule 1) (int .max) .why) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The chart's own labels (what selectors and tools rely on). ctx: root */}}
@@ -183,7 +223,9 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
-{{/* Writable scratch volumes for a read-only root filesystem. ctx: dict root, tmpSize, cacheSize, shmSize */}}
+{{/* Writable scratch volumes for a read-only root filesystem, the inline recipes, and the
+     PersistentVolumeClaims of .pvcs (entries of `volumes`).
+     ctx: dict root, tmpSize, cacheSize, shmSize, pvcs (list) */}}
 {{- define "quantcore.scratchVolumes" -}}
 - name: tmp
   emptyDir:
@@ -201,8 +243,15 @@ seccompProfile:
   configMap:
     name: {{ include "quantcore.fullname" .root }}-recipes
 {{- end }}
+{{- range .pvcs }}
+- name: {{ .name }}
+  persistentVolumeClaim:
+    claimName: {{ .claimName }}
+    readOnly: {{ include "quantcore.pvcReadOnly" . }}
+{{- end }}
 {{- end -}}
 
+{{/* ctx: dict root, pvcs (list) */}}
 {{- define "quantcore.scratchMounts" -}}
 - name: tmp
   mountPath: /tmp
@@ -210,11 +259,57 @@ seccompProfile:
   mountPath: /cache
 - name: dshm
   mountPath: /dev/shm
-{{- if .Values.recipes }}
+{{- if .root.Values.recipes }}
 - name: recipes
   mountPath: /etc/quantcore/recipes
   readOnly: true
 {{- end }}
+{{- range .pvcs }}
+- name: {{ .name }}
+  mountPath: {{ .mountPath }}
+  readOnly: {{ include "quantcore.pvcReadOnly" . }}
+{{- end }}
+{{- end -}}
+
+{{/* A `volumes` entry's readOnly: true unless it says false (most volumes hold inputs). ctx: the entry */}}
+{{- define "quantcore.pvcReadOnly" -}}
+{{- ternary "false" "true" (and (hasKey . "readOnly") (not .readOnly)) -}}
+{{- end -}}
+
+{{/* Pod-level storage that the kubelet enforces, checked the way the RayJob template checks the
+     object store: the in-memory /dev/shm counts against the memory limit, and the disk emptyDirs
+     (tmp, cache: .disk) against ephemeral storage, so the scheduler must reserve room for them
+     (requests.ephemeral-storage) and the limit must hold them (else the kubelet evicts the pod
+     before they fill up). ctx: dict resources, where (values path of the resources), disk (list
+     of dict name size), shm (dict name size, or nil) */}}
+{{- define "quantcore.checkPodStorage" -}}
+{{- $res := default (dict) .resources -}}
+{{- if .shm -}}
+{{- $mem := dig "limits" "memory" "" $res -}}
+{{- if not $mem -}}
+{{- fail (printf "%s.limits.memory is required: the in-memory /dev/shm (%s: %s) counts against it" .where .shm.name .shm.size) -}}
+{{- end -}}
+{{- $shmB := int64 (include "quantcore.bytes" (dict "q" .shm.size "where" .shm.name)) -}}
+{{- if ge $shmB (int64 (include "quantcore.bytes" (dict "q" $mem "where" (printf "%s.limits.memory" .where)))) -}}
+{{- fail (printf "%s (%s) must be below %s.limits.memory (%v): /dev/shm is memory of the container, and the processes need the rest" .shm.name .shm.size .where $mem) -}}
+{{- end -}}
+{{- end -}}
+{{- if .disk -}}
+{{- $names := list -}}
+{{- $sum := int64 0 -}}
+{{- range .disk -}}
+{{- $names = append $names (printf "%s %s" .name .size) -}}
+{{- $sum = add $sum (int64 (include "quantcore.bytes" (dict "q" .size "where" .name))) -}}
+{{- end -}}
+{{- if not (dig "requests" "ephemeral-storage" "" $res) -}}
+{{- fail (printf "%s.requests.ephemeral-storage is required: the pod writes emptyDir volumes on the node's disk (%s), and the scheduler must reserve room for them" .where (join ", " $names)) -}}
+{{- end -}}
+{{- with dig "limits" "ephemeral-storage" "" $res -}}
+{{- if lt (int64 (include "quantcore.bytes" (dict "q" . "where" (printf "%s.limits.ephemeral-storage" $.where)))) $sum -}}
+{{- fail (printf "%s.limits.ephemeral-storage (%v) is below the emptyDir volumes it must hold (%s): the kubelet would evict the pod before they fill up; raise the limit or lower the sizes" $.where . (join " + " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A recipe reference as passed to --recipe: inline recipes become their mounted path. ctx: dict root, ref */}}
@@ -306,5 +401,77 @@ schedulerName: {{ . }}
 {{- printf "%d" (int64 (floor (mulf (float64 $q) 1000.0))) -}}
 {{- else -}}
 {{- fail (printf "%s: %q is not a CPU quantity (e.g. 8, 500m)" .where $q) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks of values that the schema cannot word clearly --------------------------------------- */}}
+{{/* Keys of a label, annotation or node selector map: an optional DNS-subdomain prefix and "/",
+     then a name of at most 63 characters. (The schema checks label values; helm reports its
+     key-pattern errors at unrelated paths, hence this check.) ctx: dict m (map), where, kind */}}
+{{- define "quantcore.checkKeys" -}}
+{{- range $k, $_ := (default (dict) .m) -}}
+{{- $parts := splitn "/" 2 $k -}}
+{{- $name := ternary $parts._1 $parts._0 (contains "/" $k) -}}
+{{- $prefix := ternary $parts._0 "" (contains "/" $k) -}}
+{{- $ok := and (le (len $name) 63) (regexMatch "^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$" $name) -}}
+{{- if contains "/" $k -}}
+{{- $ok = and $ok (le (len $prefix) 253) (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$" $prefix) -}}
+{{- end -}}
+{{- if not $ok -}}
+{{- fail (printf "%s: %q is not a valid %s key: an optional DNS prefix and \"/\" (e.g. example.com/), then a name of at most 63 characters - letters, digits, '-', '_' and '.', beginning and ending with a letter or digit" $.where $k $.kind) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The PersistentVolumeClaims of one pod (release-wide `volumes` + the workload's own): unique
+     names and mount paths, none taking the place of the chart's own volumes. ctx: dict vols, where */}}
+{{- define "quantcore.checkVolumes" -}}
+{{- $names := dict -}}
+{{- $paths := dict -}}
+{{- range $i, $v := .vols -}}
+{{- if has $v.name (list "tmp" "cache" "dshm" "recipes" "sweep") -}}
+{{- fail (printf "%s: volume name %q is the chart's own (tmp, cache, dshm, recipes, sweep): choose another" $.where $v.name) -}}
+{{- end -}}
+{{- if hasKey $names $v.name -}}
+{{- fail (printf "%s: two volumes are named %q: a pod's volume names must be unique (release-wide `volumes` and the workload's own are mounted together)" $.where $v.name) -}}
+{{- end -}}
+{{- $_ := set $names $v.name true -}}
+{{- range list "/tmp" "/cache" "/dev/shm" "/etc/quantcore" -}}
+{{- if or (eq $v.mountPath .) (hasPrefix (printf "%s/" .) $v.mountPath) (hasPrefix (printf "%s/" $v.mountPath) .) -}}
+{{- fail (printf "%s: volume %s's mountPath %s collides with the chart's %s (scratch space, shared memory, recipes): mount it elsewhere, e.g. under /mnt" $.where $v.name $v.mountPath .) -}}
+{{- end -}}
+{{- end -}}
+{{- if hasKey $paths $v.mountPath -}}
+{{- fail (printf "%s: volumes %s and %s are both mounted at %s" $.where (get $paths $v.mountPath) $v.name $v.mountPath) -}}
+{{- end -}}
+{{- $_ := set $paths $v.mountPath $v.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A local path (/… or file:///…) must lie on a volume mounted into the pods that use it (the
+     chart mounts PersistentVolumeClaims only: the namespace enforces the restricted Pod Security
+     profile, which forbids hostPath), and a path written to must be on a writable one.
+     .roots: other directories or files the pods have (the inline recipes, /cache). Renders
+     nothing. ctx: dict uri, field (values path), write (bool), vols (list), roots (list), hint
+     (where volumes can be added) */}}
+{{- define "quantcore.checkLocalPath" -}}
+{{- $uri := toString .uri -}}
+{{- $path := "" -}}
+{{- if hasPrefix "file://" $uri }}{{ $path = trimPrefix "file://" $uri }}{{ else if hasPrefix "/" $uri }}{{ $path = $uri }}{{ end -}}
+{{- if $path -}}
+{{- $on := dict -}}
+{{- range .vols -}}
+{{- if and (or (eq $path .mountPath) (hasPrefix (printf "%s/" .mountPath) $path)) (gt (len .mountPath) (len (default "" $on.mountPath))) }}{{ $on = . }}{{ end -}}
+{{- end -}}
+{{- $inRoot := false -}}
+{{- range .roots }}{{ if or (eq $path .) (hasPrefix (printf "%s/" .) $path) }}{{ $inRoot = true }}{{ end }}{{ end -}}
+{{- if and (not $on) (not $inRoot) -}}
+{{- $mounted := list -}}
+{{- range .vols }}{{ $mounted = append $mounted .mountPath }}{{ end -}}
+{{- fail (printf "%s: %s is a local path, but no volume is mounted above it (mounted: %s). Add the PersistentVolumeClaim that holds it under %s, e.g. {name: datasets, claimName: <pvc>, mountPath: /mnt/datasets}, or use an s3:// URI" .field $uri (default "none" (join ", " $mounted)) .hint) -}}
+{{- end -}}
+{{- if and $on .write (eq (include "quantcore.pvcReadOnly" $on) "true") -}}
+{{- fail (printf "%s: %s is written to volume %s (claim %s), which is mounted read-only: set readOnly: false on that volume" .field $uri $on.name $on.claimName) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

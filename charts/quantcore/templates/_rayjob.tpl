@@ -80,10 +80,12 @@ livenessProbe:
 {{- $cfg := .cfg -}}
 {{- $key := .valuesKey -}}
 {{- $w := $cfg.workers -}}
-{{- $minReplicas := ternary $w.minReplicas $w.replicas (hasKey $w "minReplicas") -}}
-{{- $maxReplicas := ternary $w.maxReplicas $w.replicas (hasKey $w "maxReplicas") -}}
-{{- if or (lt (int $w.replicas) (int $minReplicas)) (gt (int $w.replicas) (int $maxReplicas)) }}
-{{- fail (printf "%s.workers: need minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" $key (int $minReplicas) (int $w.replicas) (int $maxReplicas)) }}
+{{- /* No Ray autoscaler (enableInTreeAutoscaling: false, which Kueue needs to admit a RayJob), so
+       KubeRay starts exactly `replicas` workers: other bounds would be ignored, hence refused. */ -}}
+{{- range $bound := list "minReplicas" "maxReplicas" }}
+{{- if and (hasKey $w $bound) (ne (int (get $w $bound)) (int $w.replicas)) }}
+{{- fail (printf "%s.workers.%s (%d) differs from %s.workers.replicas (%d): the chart runs Ray without its autoscaler (enableInTreeAutoscaling: false), so KubeRay starts exactly `replicas` workers and never scales. Set replicas to the number of workers you want and remove minReplicas/maxReplicas" $key $bound (int (get $w $bound)) $key (int $w.replicas)) }}
+{{- end }}
 {{- end }}
 {{- if semverCompare "<2.53.0" $cfg.rayVersion }}
 {{- fail (printf "%s.rayVersion %s: the Ray pods' health probes need Ray >= 2.53 (/api/healthz); rayVersion must equal the ray in the image" $key $cfg.rayVersion) }}
@@ -94,6 +96,14 @@ livenessProbe:
 {{- end }}
 {{- $headStore := include "quantcore.rayObjectStore" (dict "g" $cfg.head "where" (printf "%s.head" $key)) }}
 {{- $workerStore := include "quantcore.rayObjectStore" (dict "g" $w "where" (printf "%s.workers" $key)) }}
+{{- range $g := list "head" "workers" }}
+{{- $gv := get $cfg $g }}
+{{- include "quantcore.checkPodStorage" (dict "resources" $gv.resources "where" (printf "%s.%s.resources" $key $g) "disk" (list (dict "name" (printf "%s.%s.tmpSize" $key $g) "size" $gv.tmpSize) (dict "name" (printf "%s.%s.cacheSize" $key $g) "size" $gv.cacheSize)) "shm" nil) }}
+{{- end }}
+{{- if eq $cfg.submissionMode "K8sJobMode" }}
+{{- include "quantcore.checkPodStorage" (dict "resources" $cfg.submitter.resources "where" (printf "%s.submitter.resources" $key) "disk" (list (dict "name" "the submitter's /tmp" "size" "1Gi")) "shm" nil) }}
+{{- end }}
+{{- $pvcs := concat (default (list) $root.Values.volumes) (default (list) $cfg.volumes) }}
 {{- $s3env := include "quantcore.s3Env" $root }}
 {{- $labels := deepCopy (default (dict) $cfg.labels) }}
 {{- with $cfg.queueName }}{{ $_ := set $labels "kueue.x-k8s.io/queue-name" . }}{{ end }}
@@ -203,20 +213,20 @@ spec:
               securityContext:
                 {{- include "quantcore.containerSecurityContext" $root | nindent 16 }}
               volumeMounts:
-                {{- include "quantcore.scratchMounts" $root | nindent 16 }}
+                {{- include "quantcore.scratchMounts" (dict "root" $root "pvcs" $pvcs) | nindent 16 }}
                 {{- with .headMounts }}
                 {{- . | nindent 16 }}
                 {{- end }}
           volumes:
-            {{- include "quantcore.scratchVolumes" (dict "root" $root "tmpSize" $cfg.head.tmpSize "cacheSize" $cfg.head.cacheSize "shmSize" $cfg.head.shmSize) | nindent 12 }}
+            {{- include "quantcore.scratchVolumes" (dict "root" $root "tmpSize" $cfg.head.tmpSize "cacheSize" $cfg.head.cacheSize "shmSize" $cfg.head.shmSize "pvcs" $pvcs) | nindent 12 }}
             {{- with .headVolumes }}
             {{- . | nindent 12 }}
             {{- end }}
     workerGroupSpecs:
       - groupName: {{ $w.groupName }}
         replicas: {{ int $w.replicas }}
-        minReplicas: {{ int $minReplicas }}
-        maxReplicas: {{ int $maxReplicas }}
+        minReplicas: {{ int $w.replicas }}
+        maxReplicas: {{ int $w.replicas }}
         # KubeRay derives num-cpus / num-gpus / memory from the container limits.
         rayStartParams:
           object-store-memory: {{ $workerStore | quote }}
@@ -252,7 +262,7 @@ spec:
                 securityContext:
                   {{- include "quantcore.containerSecurityContext" $root | nindent 18 }}
                 volumeMounts:
-                  {{- include "quantcore.scratchMounts" $root | nindent 18 }}
+                  {{- include "quantcore.scratchMounts" (dict "root" $root "pvcs" $pvcs) | nindent 18 }}
             volumes:
-              {{- include "quantcore.scratchVolumes" (dict "root" $root "tmpSize" $w.tmpSize "cacheSize" $w.cacheSize "shmSize" $w.shmSize) | nindent 14 }}
+              {{- include "quantcore.scratchVolumes" (dict "root" $root "tmpSize" $w.tmpSize "cacheSize" $w.cacheSize "shmSize" $w.shmSize "pvcs" $pvcs) | nindent 14 }}
 {{- end -}}

@@ -1,13 +1,14 @@
 {{/* A `helm test` pod (hook `test`; kept after a failure for its log, replaced by the next run).
      ctx: dict root, name (suffix of the pod name), component, command (list), args (list),
-     env (YAML list text, may be ""), recipes (bool: mount the inline recipes) */}}
+     env (YAML list text, may be ""), recipes (bool: mount the inline recipes), pvcs (list of
+     `volumes` entries, mounted read-only) */}}
 {{- define "quantcore.testPod" -}}
 {{- $root := .root -}}
 {{- $t := $root.Values.tests -}}
 apiVersion: v1
 kind: Pod
 metadata:
-  name: {{ include "quantcore.truncName" (dict "name" (printf "%s-test-%s" (include "quantcore.fullname" $root) .name) "max" 63) }}
+  name: {{ include "quantcore.testPodName" (dict "root" $root "name" .name) }}
   namespace: {{ $root.Release.Namespace }}
   {{- $meta := fromYaml (include "quantcore.podMetadata" (dict "root" $root "component" .component "run" "" "labels" nil "annotations" nil "where" "labels")) }}
   labels:
@@ -51,6 +52,7 @@ spec:
       env:
         {{- . | nindent 8 }}
       {{- end }}
+      {{- include "quantcore.checkPodStorage" (dict "resources" $t.resources "where" "tests.resources" "disk" (list (dict "name" "the test pods' /tmp" "size" "1Gi")) "shm" nil) }}
       resources:
         {{- toYaml $t.resources | nindent 8 }}
       securityContext:
@@ -63,6 +65,11 @@ spec:
           mountPath: /etc/quantcore/recipes
           readOnly: true
         {{- end }}
+        {{- range $i, $p := .pvcs }}
+        - name: pvc-{{ $i }}
+          mountPath: {{ $p.mountPath }}
+          readOnly: true
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir:
@@ -71,5 +78,11 @@ spec:
     - name: recipes
       configMap:
         name: {{ include "quantcore.fullname" $root }}-recipes
+    {{- end }}
+    {{- range $i, $p := .pvcs }}
+    - name: pvc-{{ $i }}
+      persistentVolumeClaim:
+        claimName: {{ $p.claimName }}
+        readOnly: true
     {{- end }}
 {{- end -}}
