@@ -40,7 +40,7 @@ import time
 import traceback
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from tiny_data import make_images  # this script's folder is on sys.path
 
@@ -110,6 +110,74 @@ def run(cmd: List[str], env: Dict[str, str], timeout: float, cwd: Path = REPO) -
     return proc
 
 
+# --- shared by the Ray end-to-end scripts (this one and ray_qat_e2e.py) ------------------------
+_AWS_ENV_DROP = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "HTTP_PROXY", "HTTPS_PROXY",
+                 "http_proxy", "https_proxy", "RAY_ADDRESS")
+
+
+def start_moto(work: Path, drop_env: Tuple[str, ...] = ()) -> Tuple[subprocess.Popen, str]:
+    """moto_server on a free 127.0.0.1 port (log in ``work/moto.log``) and this process's AWS
+    environment pointed at it, nothing inherited from the caller's; returns (process, endpoint)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto_log = open(work / "moto.log", "wb")
+    moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=moto_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_http(endpoint + "/", 60, moto)
+    log(f"moto_server pid {moto.pid} on {endpoint}")
+    os.environ.update({
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+    })
+    for k in _AWS_ENV_DROP + drop_env:
+        os.environ.pop(k, None)
+    return moto, endpoint
+
+
+def ray_head(work: Path, num_cpus: int, extra_env: Optional[Dict[str, str]] = None
+             ) -> Tuple[List[str], Dict[str, str], int, int]:
+    """The `ray start --head` command (loopback only, dashboard and metrics on free ports, temp dir in
+    ``work``) and the environment for it and the jobs; returns (command, env, dashboard port,
+    metrics port)."""
+    gcs, dash, metrics_port = free_port(), free_port(), free_port()
+    env = dict(os.environ)
+    env.update({
+        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+    })
+    env.update(extra_env or {})
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--metrics-export-port", str(metrics_port), "--num-cpus", str(num_cpus), "--num-gpus", "0",
+           "--object-store-memory", str(100 * 1024 * 1024), "--temp-dir", str(work / "ray"),
+           "--disable-usage-stats"]
+    return cmd, env, dash, metrics_port
+
+
+def stop_cluster(moto: Optional[subprocess.Popen], ray_start: Optional[subprocess.Popen], ray_started: bool,
+                 env: Dict[str, str]) -> None:
+    """Stop what the script started, by PID (and `ray stop --force`, inside the test's PID namespace)."""
+    if ray_start is not None and ray_start.poll() is None:
+        ray_start.kill()  # by PID: our own `ray start`, if it is still starting
+        ray_start.wait(timeout=30)
+    if ray_started:
+        try:
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env or None, capture_output=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        except Exception as err:  # noqa: BLE001
+            print(f"ray stop failed: {err}", flush=True)
+    if moto is not None:
+        moto.terminate()  # by PID
+        try:
+            moto.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait(timeout=15)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeout", type=float, default=420, help="Seconds the Ray job may take.")
@@ -124,36 +192,10 @@ def main() -> int:
     ok = False
     try:
         # --- S3 stand-in ----------------------------------------------------------------------
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        moto_log = open(work / "moto.log", "wb")
-        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=moto_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_http(endpoint + "/", 60, moto)
-        log(f"moto_server pid {moto.pid} on {endpoint}")
-        os.environ.update({
-            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true",
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-        })
-        for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "HTTP_PROXY", "HTTPS_PROXY",
-                  "http_proxy", "https_proxy", "RAY_ADDRESS"):
-            os.environ.pop(k, None)
+        moto, endpoint = start_moto(work)
         # --- Ray cluster, started in the background while the data is packed -------------------
-        gcs, dash, metrics_port = free_port(), free_port(), free_port()
-        env = dict(os.environ)
-        env.update({
-            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
-        })
-        ray = str(BIN / "ray")
-        ray_cmd = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-                   "--metrics-export-port", str(metrics_port), "--num-cpus", "2", "--num-gpus", "0",
-                   "--object-store-memory", str(100 * 1024 * 1024), "--temp-dir", str(work / "ray"),
-                   "--disable-usage-stats"]
+        ray_cmd, env, dash, metrics_port = ray_head(work, num_cpus=2)
+        ray = ray_cmd[0]
         log("$ " + " ".join(ray_cmd))
         ray_started = True  # from here on `ray stop` runs in finally, even if start fails half-way
         # output to a file, not a pipe: daemons that keep an inherited pipe open would block reading it
@@ -389,22 +431,7 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         print("RAY E2E FAILED with an exception:\n" + traceback.format_exc(), flush=True)
     finally:
-        if ray_start is not None and ray_start.poll() is None:
-            ray_start.kill()  # by PID: our own `ray start`, if it is still starting
-            ray_start.wait(timeout=30)
-        if ray_started:
-            try:
-                subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env or None, capture_output=True,
-                               timeout=120, stdin=subprocess.DEVNULL)
-            except Exception as err:  # noqa: BLE001
-                print(f"ray stop failed: {err}", flush=True)
-        if moto is not None:
-            moto.terminate()  # by PID
-            try:
-                moto.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                moto.kill()
-                moto.wait(timeout=15)
+        stop_cluster(moto, ray_start, ray_started, env)
         if not ok:
             for f in sorted((work / "ray").glob("session_latest/logs/*")):
                 if f.name.startswith(("job-driver", "worker-")) and f.suffix in (".log", ".err", ".out"):

@@ -38,7 +38,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ray_e2e import E2EFailure, check, free_port, http_get, run, wait_http  # this script's folder is on sys.path
+# this script's folder is on sys.path
+from ray_e2e import (E2EFailure, check, free_port, http_get, ray_head, run, start_moto, stop_cluster,
+                     wait_http)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -112,39 +114,13 @@ def main() -> int:
     timings: Dict[str, float] = {}
     try:
         # --- S3 stand-in ------------------------------------------------------------------------
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        moto_log = open(work / "moto.log", "wb")
-        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=moto_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_http(endpoint + "/", 60, moto)
-        log(f"moto_server pid {moto.pid} on {endpoint}")
-        os.environ.update({
-            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true",
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-        })
-        for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "HTTP_PROXY", "HTTPS_PROXY",
-                  "http_proxy", "https_proxy", "RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                  "MASTER_PORT"):
-            os.environ.pop(k, None)
+        moto, endpoint = start_moto(work, drop_env=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                     "MASTER_PORT"))
 
         # --- Ray cluster, started in the background ------------------------------------------------
-        gcs, dash, metrics_port = free_port(), free_port(), free_port()
-        env = dict(os.environ)
-        env.update({
-            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",  # jobs.ray_qat enables Train state tracking
-            "OMP_NUM_THREADS": "1",  # the torchrun reference and the Ray workers (1 CPU each) use one thread
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
-        })
-        ray = str(BIN / "ray")
-        ray_cmd = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-                   "--metrics-export-port", str(metrics_port), "--num-cpus", "3", "--num-gpus", "0",
-                   "--object-store-memory", str(100 * 1024 * 1024), "--temp-dir", str(work / "ray"),
-                   "--disable-usage-stats"]
+        # the torchrun reference and the Ray workers (1 CPU each) use one thread
+        ray_cmd, env, dash, metrics_port = ray_head(work, num_cpus=3, extra_env={"OMP_NUM_THREADS": "1"})
+        ray = ray_cmd[0]
         log("$ " + " ".join(ray_cmd))
         ray_started = True  # from here on `ray stop` runs in finally, even if start fails half-way
         ray_start_log = work / "ray_start.log"
@@ -342,22 +318,7 @@ def main() -> int:
         if ref is not None and ref.poll() is None:
             ref.kill()  # by PID: our own torchrun reference
             ref.wait(timeout=30)
-        if ray_start is not None and ray_start.poll() is None:
-            ray_start.kill()  # by PID: our own `ray start`, if it is still starting
-            ray_start.wait(timeout=30)
-        if ray_started:
-            try:
-                subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env or None, capture_output=True,
-                               timeout=120, stdin=subprocess.DEVNULL)
-            except Exception as err:  # noqa: BLE001
-                print(f"ray stop failed: {err}", flush=True)
-        if moto is not None:
-            moto.terminate()  # by PID
-            try:
-                moto.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                moto.kill()
-                moto.wait(timeout=15)
+        stop_cluster(moto, ray_start, ray_started, env)
         if not ok:
             for f in sorted((work / "ray").glob("session_latest/logs/**/*")):
                 if f.is_file() and f.name.startswith(("job-driver", "worker-", "ray-train", "controller")) \
