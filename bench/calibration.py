@@ -23,12 +23,11 @@ Every timing is a ratio or an absolute number for the record; nothing here asser
 """
 from __future__ import annotations
 
-from bench._docs import write_section
+from bench._docs import finish, new_record, write_section
 
 import argparse
 import contextlib
 import copy
-import datetime as _dt
 import io
 import json
 import math
@@ -712,14 +711,8 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_file = RESULTS / f"calibration-{device.type}.json"
-    res: dict[str, Any] = {
-        "command": "python -m bench.calibration " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick, "machine": machine(device),
-        "loadavg_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "results_file": str(results_file.relative_to(ROOT)), "overhead": [],
-    }
-    res["command"] = res["command"].rstrip()
+    res: dict[str, Any] = new_record("calibration", argv, results_file, quick=args.quick, machine=machine(device),
+                                     overhead=[])
     t0 = time.perf_counter()
     if "overhead" not in skip:
         for m in models:
@@ -728,18 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         res["finalize"] = bench_finalize(args, device)
     if "update" not in skip:
         res["update"] = bench_update(args, device)
-    res["loadavg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    res["wall_s"] = time.perf_counter() - t0
-    res["interpretation"] = interpretation(res)
-    section = render(res)
-    if args.no_write:
-        print(section)
-        return 0
-    results_file.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    write_doc(section)
-    print(section)
-    log(f"wrote {results_file.relative_to(ROOT)} and {DOC.relative_to(ROOT)} ({res['wall_s']:.0f}s)")
-    return 0
+    return finish(res, t0, render, results_file, write_doc, args.no_write, log,
+                  before_render=lambda r: r.update(interpretation=interpretation(r)))
 
 
 if __name__ == "__main__":

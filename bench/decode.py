@@ -33,7 +33,6 @@ Results: ``bench/results/decode-<device>.json`` (``-quick`` for ``--quick``) and
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import io
 import json
 import math
@@ -47,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench._docs import write_section
+from bench._docs import new_record, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -340,10 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     from bench.loader import machine
 
-    res: dict[str, Any] = {"command": " ".join(["python -m bench.decode", *(argv if argv is not None else sys.argv[1:])]),
-                           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "quick": a.quick, "threads": a.threads, "batch": a.batch, "device": a.device,
-                           "machine": machine(), "loadavg_start": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
+    res: dict[str, Any] = new_record("decode", argv, RESULTS / "decode.json", quick=a.quick, threads=a.threads,
+                                     batch=a.batch, device=a.device, machine=machine())
     if gpu:
         res["gpu"] = torch.cuda.get_device_name(torch.device(a.device))
     log(f"generating {n} photo-like JPEGs")

@@ -36,11 +36,10 @@ is left alone). Nothing here asserts a timing threshold.
 """
 from __future__ import annotations
 
-from bench._docs import write_section
+from bench._docs import finish, new_record, write_section
 
 import argparse
 import contextlib
-import datetime as _dt
 import io
 import json
 import math
@@ -592,16 +591,11 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_file = RESULTS / f"loader-cpu{'-quick' if args.quick else ''}.json"
-    res: dict[str, Any] = {
-        "command": ("python -m bench.loader " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick, "machine": machine(), "workers": workers, "batch_size": args.batch_size,
-        "shard_size": args.shard_size, "target_ratio": TARGET_RATIO, "start_method": "fork",
-        "loadavg_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "results_file": str(results_file.relative_to(ROOT)), "reps": [],
-        "kinds": list(KINDS) + ([] if args.no_diagnose else [k for k in DIAG_KINDS if _available(k)]),
-        "transports_missing": [k for k in DIAG_KINDS if not _available(k)],
-    }
+    res: dict[str, Any] = new_record(
+        "loader", argv, results_file, quick=args.quick, machine=machine(), workers=workers,
+        batch_size=args.batch_size, shard_size=args.shard_size, target_ratio=TARGET_RATIO, start_method="fork",
+        reps=[], kinds=list(KINDS) + ([] if args.no_diagnose else [k for k in DIAG_KINDS if _available(k)]),
+        transports_missing=[k for k in DIAG_KINDS if not _available(k)])
     model = timm.create_model(MODEL, pretrained=False)
     transform = eval_transform(model)
     del model
@@ -706,19 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    res["loadavg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    res["wall_s"] = time.perf_counter() - t_start
-    res["summary"] = summarize(res)
-    res["interpretation"] = interpretation(res)
-    section = render(res)
-    if args.no_write:
-        print(section)
-        return 0
-    results_file.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    write_doc(section)
-    print(section)
-    log(f"wrote {results_file.relative_to(ROOT)} and {DOC.relative_to(ROOT)} ({res['wall_s']:.0f}s)")
-    return 0
+    return finish(res, t_start, render, results_file, write_doc, args.no_write, log,
+                  before_render=lambda r: r.update(summary=summarize(r), interpretation=interpretation(r)))
 
 
 if __name__ == "__main__":

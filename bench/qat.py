@@ -27,12 +27,11 @@ Results: ``bench/results/qat-<device>.json`` and the section between the ``bench
 """
 from __future__ import annotations
 
-from bench._docs import write_section
+from bench._docs import finish, new_record, write_section
 
 import argparse
 import contextlib
 import copy
-import datetime as _dt
 import json
 import math
 import os
@@ -699,32 +698,16 @@ def main(argv: list[str] | None = None) -> int:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
 
-    res: dict[str, Any] = {
-        "command": ("python -m bench.qat " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick, "machine": machine(device), "threads": torch.get_num_threads(),
-        "loadavg_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "results_file": str(results_file.relative_to(ROOT)), "ratio": [], "notes": args.note,
-    }
+    res: dict[str, Any] = new_record("qat", argv, results_file, quick=args.quick, machine=machine(device),
+                                     threads=torch.get_num_threads(), ratio=[], notes=args.note)
     t0 = time.perf_counter()
     if "ratio" not in skip:
         for mname in models:
             res["ratio"].append(bench_ratio(mname, args, device))
     if "ddp" not in skip:
         res["ddp"] = bench_ddp(args, device)
-    res["loadavg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    res["wall_s"] = time.perf_counter() - t0
-    res["interpretation"] = interpretation(res)
-    section = render(res)
-    if args.no_write:
-        print(section)
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    write_doc(section)
-    print(section)
-    log(f"wrote {results_file.relative_to(ROOT)} and {DOC.relative_to(ROOT)} ({res['wall_s']:.0f}s)")
-    return 0
+    return finish(res, t0, render, results_file, write_doc, args.no_write, log,
+                  before_render=lambda r: r.update(interpretation=interpretation(r)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._docs import write_section
+from bench._docs import finish, new_record, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -227,12 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--counts: numbers between 1 and {len(recipes(99))}")
     from bench.loader import generate_folder
 
-    res: dict[str, Any] = {
-        "command": ("python -m bench.variants " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": str(device),
-        "threads": args.threads, "images": args.images, "batch": args.batch, "machine": machine(),
-        "loadavg_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "results_file": str(results_file.relative_to(ROOT)), "runs": []}
+    res: dict[str, Any] = new_record("variants", argv, results_file, device=str(device), threads=args.threads,
+                                     images=args.images, batch=args.batch, machine=machine(), runs=[])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qc-variants-") as tmp:
         res["data"] = generate_folder(Path(tmp), max(args.images, CLASSES))  # every class folder
@@ -243,17 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  total {r['time']['total']['ms_per_image']:.1f} ms/img, models "
                 f"{r['memory']['models_bytes'] / 2 ** 20:.0f} MB, peak {r['memory']['peak_bytes'] / 2 ** 20:.0f} MB")
             res["runs"].append(r)
-    res["loadavg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    res["wall_s"] = time.perf_counter() - t0
-    section = render(res)
-    if args.no_write:
-        print(section)
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    write_section(section, START, END, DOC)
-    print(section)
-    return 0
+    return finish(res, t0, render, results_file, lambda sec: write_section(sec, START, END, DOC), args.no_write)
 
 
 if __name__ == "__main__":

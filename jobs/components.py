@@ -41,7 +41,7 @@ import dataclasses
 import posixpath
 import re
 import shlex
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torchx.specs as specs
 from torchx.specs.finder import ComponentValidationException
@@ -334,6 +334,8 @@ class PodOptions:
 
 
 OPTS = PodOptions()  # the defaults, for the components' signatures
+#: Shared options a component does not take because they cannot apply to it (export runs on CPU).
+OPTIONS_NOT_TAKEN: Dict[str, Tuple[str, ...]] = {"export": ("gpus",)}
 
 
 def component(fn: Callable[..., specs.AppDef]) -> Callable[..., specs.AppDef]:
@@ -654,6 +656,58 @@ def evaluate(
         args += ["--limit", str(limit)]
     args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
     return _app("evaluate", args, pod, cache_dir)
+
+
+@component
+def export(
+    checkpoint: str,
+    out: str,
+    format: str = "all",  # noqa: A002 - the CLI option's name
+    opset: int = 0,
+    check_data: Optional[str] = None,
+    check_split: str = "test",
+    check_limit: int = 0,
+    image: str = OPTS.image,
+    cpu: int = OPTS.cpu,
+    memMB: int = OPTS.memMB,
+    cache_gb: int = OPTS.cache_gb,
+    s3_endpoint: Optional[str] = OPTS.s3_endpoint,
+    s3_secret: Optional[str] = OPTS.s3_secret,
+    env: Optional[Dict[str, str]] = OPTS.env,
+    mounts: Optional[List[str]] = OPTS.mounts,
+    image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
+    tolerations: Optional[List[str]] = OPTS.tolerations,
+    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
+    labels: Optional[Dict[str, str]] = OPTS.labels,
+    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    deadline_s: int = OPTS.deadline_s,
+    max_retries: int = OPTS.max_retries,
+) -> specs.AppDef:
+    """Export a calibrated checkpoint for deployment: `quantcore export`, one replica, no GPU.
+
+    Writes <out>/model.onnx (QuantizeLinear/DequantizeLinear, TensorRT's explicit-quantization layout),
+    model_float.onnx + model.encodings (AIMET 2.0.0), trt_ranges.json/.cache and export_report.json.
+
+    Args:
+        checkpoint: calibrated checkpoint URI (PTQ or QAT model.qc.pt)
+        out: output URI prefix (s3://bucket/prefix)
+        format: onnx, aimet, trt-table, a comma-separated list, or all
+        opset: ONNX opset 13..21; 0 = quantcore's default (17, or 21 when a 4/16-bit quantizer needs it)
+        check_data: dataset URI whose images run through onnxruntime and the fake-quant model
+        check_split: split of check_data
+        check_limit: check on a seeded, class-stratified sample of N images; 0 = the whole split
+    """
+    pod = PodOptions.of({**locals(), "gpus": 0})  # OPTIONS_NOT_TAKEN: no GPU
+    if opset < 0 or check_limit < 0:
+        raise ComponentError(f"--opset and --check_limit must be >= 0, got {opset} and {check_limit}")
+    args = [checkpoint, "--out", out, "--format", format]
+    if opset:
+        args += ["--opset", str(opset)]
+    if check_data:
+        args += ["--check-data", check_data, "--check-split", check_split]
+        if check_limit:
+            args += ["--check-limit", str(check_limit)]
+    return _app("export", args, pod, None)
 
 
 @component

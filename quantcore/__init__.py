@@ -18,7 +18,7 @@ _EXPORTS = {
     "merge_calibration_states": "api", "prepare": "api", "quantization_disabled": "api", "save": "api",
     "set_quantization": "api", "CheckpointError": "checkpoint", "Recipe": "config", "QuantSpec": "formats",
     "quantizers": "placement", "TensorQuantizer": "quantizer", "RecipeError": "recipe",
-    "builtin_recipes": "recipe", "load_recipe": "recipe",
+    "builtin_recipes": "recipe", "load_recipe": "recipe", "CalibrationError": "errors", "UserError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,7 +25,7 @@ from .calib.maxcal import MaxState
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
-from .errors import UserError
+from .errors import CalibrationError, UserError
 from .models import create_model
 from .placement import place_quantizers, quantizers, unwrap
 from .recipe import load_recipe, recipe_from_dict
@@ -39,6 +39,8 @@ class CalibrationResult:
     collect_s: float = 0.0
     finalize_s: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)
+    #: what the recipe's calibration-time transforms did: ``reparam_layernorm``, ``reconstruction``
+    transforms: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -148,11 +150,16 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
         src = getattr(inner.get_submodule(owner), wq.weight_attr, None) if wq.weight_attr else wq.observed
         wq.observe, wq.observed = False, None
         if isinstance(src, torch.Tensor):
-            wq.calibrate_tensor(src)
+            with _naming(name, wq):
+                wq.calibrate_tensor(src)
         elif wq.spec.enabled and not wq.spec.is_float:
             res.uncalibrated.append(name)
     for name, q in qs.items():
-        if q.kind == "activation" and not q.finalize() and q.spec.enabled:
+        if q.kind != "activation":
+            continue
+        with _naming(name, q):
+            done = q.finalize()
+        if not done and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
     placement = getattr(unwrap(model), "quantcore_placement", None)
     for group in getattr(placement, "share_groups", []) or []:
@@ -166,6 +173,18 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
     return res
 
 
+@contextlib.contextmanager
+def _naming(name: str, q: Any) -> Iterator[None]:
+    """Range searches raise plain ValueErrors (they do not know the quantizer's name): name it."""
+    try:
+        yield
+    except CalibrationError:
+        raise
+    except ValueError as e:
+        raise CalibrationError(f"quantizer {name!r} (format {q.spec.format!r}, calibrator "
+                               f"{q.spec.calibrator!r}): {e}") from None
+
+
 def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None,
               progress: Any = None) -> CalibrationResult:
     """Collect statistics over ``batches`` and finalize every range.
@@ -173,10 +192,38 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
     Under ``torch.distributed`` (torchrun, Ray Train) every rank passes its own shard of the
     calibration data; the ranks' statistics are all-gathered and merged exactly
     (:func:`merge_calibration_states`) before every rank finalizes, so K ranks get bit-for-bit the
-    ranges of one process that saw all the shards. ``batches``/``images`` count all ranks."""
+    ranges of one process that saw all the shards. ``batches``/``images`` count all ranks.
+
+    The recipe's calibration-time transforms run here, so every path that calibrates a recipe
+    (``ptq``, QAT's start point, analysis, Ray/torchrun ranks) applies them, each once per model:
+    with ``placement.reparam_layernorm`` the LayerNorms are first reparameterized (RepQ-ViT) from one
+    extra FP32 pass over ``batches`` (:func:`quantcore.transforms.reparam_layernorm`); with a
+    ``reconstruction`` section the weights' rounding is then learned (AdaRound/BRECQ,
+    :func:`quantcore.recon.reconstruct`) on the same batches. ``result.transforms`` reports both."""
+    inner = unwrap(model)
+    recipe = getattr(inner, "quantcore_recipe", None)
+    reparam = recipe is not None and recipe.placement.reparam_layernorm and \
+        getattr(inner, "quantcore_reparam", None) is None
+    recon = recipe is not None and getattr(recipe, "reconstruction", None) is not None and \
+        getattr(inner, "quantcore_reconstruction", None) is None
+    if (reparam or recon) and iter(batches) is batches:  # a one-shot iterator: every pass reads the same batches
+        batches = list(batches)
+    if reparam:
+        from .transforms import reparam_layernorm
+
+        reparam_layernorm(model, batches, max_batches)
     res = collect(model, batches, max_batches, progress)
     sync_calibration(model, res)
-    return finalize(model, res)
+    res = finalize(model, res)
+    if recon:
+        from .recon import reconstruct
+
+        reconstruct(model, batches, recipe.reconstruction)
+    for key, attr in (("reparam_layernorm", "quantcore_reparam"), ("reconstruction", "quantcore_reconstruction")):
+        done = getattr(inner, attr, None)
+        if done is not None and hasattr(done, "as_dict"):
+            res.transforms[key] = done.as_dict()
+    return res
 
 
 def sync_calibration(model: nn.Module, result: CalibrationResult | None = None) -> None:
@@ -348,3 +395,63 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
 
 def _recipe(recipe: Recipe | str | dict) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget: dict[str, float] | None = None,
+            calib_batches: Iterable | None = None, eval_batches: Iterable | None = None,
+            fp32: nn.Module | None = None, groups: Any = "module", search_groups: Any = "quantizer",
+            choices: tuple[str, ...] = ("4", "6", "8", "float"), cost: str = "bits", workers: int = 1,
+            out: str | None = None) -> dict[str, Any]:
+    """Error analysis, sensitivity and (``search=True``) the mixed-precision search of a calibrated
+    model on ``batches`` (``(images, labels)``; see :mod:`quantcore.analysis`).
+
+    ``budget``: one of ``{"delta_top1": 0.1}``, ``{"agreement": 99.5}``, ``{"sqnr_db": 30}``.
+    ``calib_batches``: the calibration images (statistics for other bit widths; with ``fp32`` the
+    chosen recipe is re-run through prepare + calibrate, ``search.reproduced``). ``eval_batches``: a
+    final check. ``out``: also write analysis.json/md, plots and search_recipe.yaml there. Returns the
+    result dict (``search_recipe``: the recipe YAML). Raises :class:`UserError` naming the option."""
+    from .analysis.run import AnalyzeOptions, analyze_model
+    from .analysis.search import Budget
+    from .recipe import dump_recipe
+
+    from .analysis.run import check_searchable
+
+    opts = AnalyzeOptions(search=search, budget=Budget.from_options(**budget) if budget else None, groups=groups,
+                          search_groups=search_groups, choices=choices, cost=cost, workers=workers)
+    check_searchable(getattr(unwrap(model), "quantcore_recipe", None), opts)
+    stats = calibration_state(model) if search and calib_batches is None else None
+    res, recipe = analyze_model(model, list(batches), opts, stats=stats, fp32=fp32,
+                                calib_batches=list(calib_batches) if calib_batches is not None else None,
+                                eval_batches=list(eval_batches) if eval_batches is not None else None)
+    if recipe is not None:
+        res["search_recipe"] = dump_recipe(recipe)
+    if out is not None:
+        from .analysis.report import write_outputs
+
+        res["artifacts"] = write_outputs(res, out, res.get("search_recipe"))
+    return res
+
+
+def export(model: nn.Module | str, out: str, formats: str | list[str] = "all", *, opset: int | None = None,
+           check_data: str | None = None, check_split: str = "test", check_limit: int | None = None,
+           example_input: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write deployment files for a calibrated model (or a checkpoint URI, PTQ or QAT) into ``out`` (local
+    directory or s3:// prefix): ``model.onnx`` (QuantizeLinear/DequantizeLinear, TensorRT explicit
+    quantization / onnxruntime), ``model_float.onnx`` + ``model.encodings`` (AIMET/QNN 2.0.0),
+    ``trt_ranges.json``/``.cache`` (TensorRT per-tensor ranges), ``export_report.json``.
+
+    ``formats``: ``"all"`` or any of ``onnx``, ``aimet``, ``trt-table`` (list or comma-separated). ``opset``:
+    13..21 (default 17, 21 when a 4/16-bit quantizer needs it). ``check_data``: dataset URI whose
+    ``check_split`` (optionally a seeded class-stratified ``check_limit`` images) is run through
+    onnxruntime and the fake-quant model (top-1 agreement, top-1 of both). ``example_input``: the export's
+    trace input ``(1, C, H, W)`` (default: the shape stored at calibration). Returns the report. Raises
+    :class:`~quantcore.errors.UserError` (``ExportError``) naming the quantizer or option that cannot be
+    exported (see :mod:`quantcore.export`)."""
+    from .export.run import CheckData, export_checkpoint, export_model
+
+    check = CheckData(check_data, check_split, check_limit) if check_data else None
+    if isinstance(model, str):
+        if example_input is not None:
+            return export_model(load(model), out, formats, opset, check, x=example_input, source=model)
+        return export_checkpoint(model, out, formats, opset, check)
+    return export_model(model, out, formats, opset, check, x=example_input)

@@ -206,6 +206,77 @@ def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YA
 
 
 @app.command()
+def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), or FP32 weights with --recipe."),
+            data: str = typer.Option(..., "--data", "-d", help="Dataset URI (calibration images and held-out analysis/search images)."),
+            out: str = typer.Option(..., "--out", "-o", help="Where to write analysis.json/md, plots, search_recipe.yaml."),
+            recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for FP32 weights (default: the checkpoint's own)."),
+            split: str = typer.Option("train", help="Split for calibration and the held-out analysis/search images."),
+            eval_split: Optional[str] = typer.Option(None, help="Split for the final check of the model and the search's recipe (e.g. test)."),
+            limit: int = typer.Option(1000, min=1, help="Held-out images for error analysis and sensitivity."),
+            search_limit: int = typer.Option(5000, min=1, help="Held-out images the search measures its budget on."),
+            eval_limit: Optional[int] = typer.Option(None, help="Final check on a seeded, class-stratified sample of N images."),
+            search: bool = typer.Option(False, "--search", help="Run the mixed-precision search (needs a budget)."),
+            budget_top1: Optional[float] = typer.Option(None, help="Search budget: max top-1 drop vs FP32, points."),
+            budget_agreement: Optional[float] = typer.Option(None, help="Search budget: min top-1 agreement with FP32, %."),
+            budget_sqnr: Optional[float] = typer.Option(None, help="Search budget: min logit SQNR vs FP32, dB."),
+            groups: str = typer.Option("module", help="Sensitivity groups: quantizer, module, block, or comma-separated globs (blocks.*.mlp.fc2)."),
+            search_groups: str = typer.Option("quantizer", help="Search groups (same forms as --groups)."),
+            choices: str = typer.Option("4,6,8,float", help="Search precisions, cheapest first: bits, float (no quantizer), fp16/bf16 (a cast; it also acts during calibration, so downstream ranges differ slightly from the search's)."),
+            cost: str = typer.Option("bits", help="Search cost model: bits (effective bits) or bops."),
+            no_errors: bool = typer.Option(False, "--no-errors", help="Skip the per-quantizer error analysis."),
+            no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="Skip the sensitivity sweep."),
+            parallel: int = typer.Option(1, "--parallel", min=1, help="Processes sharing the sensitivity/search sweeps (ranks under torchrun)."),
+            batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt) -> None:
+    """Find what hurts: per-quantizer SQNR (isolated/cumulative), sensitivity, and a mixed-precision search to a budget."""
+    from .analysis.run import AnalyzeOptions, run_cli
+    from .analysis.search import Budget, parse_choices
+
+    budget = None
+    if search or any(v is not None for v in (budget_top1, budget_agreement, budget_sqnr)):
+        budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr)
+    opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,
+                          groups=groups, search_groups=search_groups, choices=parse_choices(choices.split(","), "--choices"),
+                          cost=cost, workers=parallel)
+    if cost not in ("bits", "bops"):
+        from .errors import UserError
+
+        raise UserError(f"--cost: unknown cost model {cost!r} (bits or bops)")
+    res = run_cli(recipe, checkpoint, data, out, split=split, eval_split=eval_split, limit=limit,
+                  search_limit=search_limit, eval_limit=eval_limit, batch_size=batch_size, workers=workers,
+                  device=device, opts=opts)
+    if res.get("search"):
+        s = res["search"]
+        typer.echo(f"search: {'met' if s['met'] else 'NOT met'} ({s['budget']['text']}); "
+                   f"{100 * s['fraction_above_lowest']:.1f}% of quantizers above {s['choices'][0]}; "
+                   f"metrics {json.dumps(s['metrics'])}")
+        if s.get("check"):
+            typer.echo(f"check on {eval_split}: {json.dumps(s['check'])}")
+    typer.echo(f"report: {res['artifacts']['md']}")
+
+
+@app.command("export")
+def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint (model.qc.pt, PTQ or QAT), local or s3://."),
+               out: str = typer.Option(..., "--out", "-o", help="Directory or s3:// prefix for model.onnx, encodings, tables, export_report.json."),
+               format: str = typer.Option("all", "--format", "-f", help="onnx, aimet, trt-table, a comma-separated list, or all."),
+               opset: Optional[int] = typer.Option(None, help="ONNX opset 13..21 (default 17; 21 when a 4/16-bit quantizer needs it)."),
+               check_data: Optional[str] = typer.Option(None, help="Dataset URI: run its images through onnxruntime and the fake-quant model (agreement, top-1)."),
+               check_split: str = typer.Option("test", help="Split of --check-data."),
+               check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images.")) -> None:
+    """Export a checkpoint for deployment: ONNX QDQ (TensorRT/onnxruntime), AIMET encodings, TensorRT range table."""
+    from .export.run import CheckData, export_checkpoint
+
+    check = CheckData(check_data, check_split, check_limit) if check_data else None
+    rep = export_checkpoint(checkpoint, out, format, opset, check)
+    typer.echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
+               f"{len(rep['not_trt_native'])} not TensorRT-native")
+    if rep.get("check"):
+        c = rep["check"]
+        typer.echo(f"onnxruntime vs fake quant on {c['images']} images: agreement {c['top1_agreement']:.2f}%, "
+                   f"top-1 {c['top1_onnx']:.2f}% vs {c['top1_fake_quant']:.2f}%")
+    typer.echo(f"report: {rep['files']['report']}")
+
+
+@app.command()
 def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// prefix) acting as the object store."),
          epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo recipe's, 12)."),
          eval_limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N test images (default all 10,000)."),

@@ -5,11 +5,12 @@ field (see :func:`quantcore.recipe.load_recipe`). ``version`` lets old saved rec
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .formats import CalibMethod, FormatName, QuantSpec
+from .recon.config import ReconstructionConfig
 
 RECIPE_VERSION = 1
 
@@ -60,8 +61,17 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder arguments")
 
 
+def _known_family(name: str) -> str:
+    if name != "auto":
+        from .placement.families import family_plan
+
+        family_plan(name)  # ValueError listing the registered families
+    return name
+
+
 class PlacementConfig(_Strict):
-    family: Literal["auto", "vit", "cnn", "generic"] = "auto"
+    family: Annotated[str, AfterValidator(_known_family)] = Field(
+        "auto", description="a registered family (vit, cnn, generic, ...) or 'auto'")
     mode: Literal["ft1", "ft2"] = Field("ft1", description="ViT mode as in FasterTransformer")
     quantize_softmax_input: bool | None = Field(None, description="default: ft2 only")
     quantize_gemm_output: bool | None = Field(None, description="default: ft2 only")
@@ -70,6 +80,9 @@ class PlacementConfig(_Strict):
     quantize_model_input: bool = Field(False, description="quantize the image fed to the model")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding conv before calibration")
     keep_float: list[str] | None = Field(None, description="module globs left float; None = family default")
+    reparam_layernorm: bool = Field(False, description="RepQ-ViT: fold per-channel post-LayerNorm ranges into the "
+                                    "LayerNorm affine and the next Linear(s) before calibration (one extra FP32 pass), "
+                                    "so their inputs quantize per tensor (quantcore.transforms.reparam)")
 
 
 class QuantFormats(_Strict):
@@ -226,6 +239,8 @@ class Recipe(_Strict):
     overrides: list[Override] = Field(default_factory=list)
     train: TrainConfig | None = None
     qat: QATConfig | None = Field(None, description="quantization-aware training after calibration (quantcore qat)")
+    reconstruction: ReconstructionConfig | None = Field(
+        None, description="AdaRound/BRECQ weight rounding learned right after calibration (quantcore.recon)")
 
     @model_validator(mode="after")
     def _version(self) -> "Recipe":

@@ -38,8 +38,9 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
             qmin, qmax = s.qrange()
             row.update(quant_min=qmin, quant_max=qmax)
             if q.is_calibrated:
-                scale, zp = q.scale_zero_point()
-                row.update(min=_num(q.amin), max=_num(q.amax), scale=_num(scale), zero_point=_num(zp))
+                row.update(min=_num(q.amin), max=_num(q.amax))
+                # the kind's own parameters (uniform int: scale, zero_point; other grids: theirs)
+                row.update({k: _num(v) if hasattr(v, "detach") else v for k, v in s.kind.encoding(q).items()})
                 if s.symmetric:
                     row["amax"] = _num(q.amax)
             else:

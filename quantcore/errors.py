@@ -23,6 +23,11 @@ class PlacementError(UserError):
     the message names the module, quantizer or recipe field."""
 
 
+class CalibrationError(UserError):
+    """A quantizer's range cannot be computed from what it saw (e.g. negative data reaching a log2
+    grid); the message names the quantizer and its format."""
+
+
 class Preempted(QuantcoreError):
     """A job stopped on SIGTERM (pod eviction, spot notice) after writing a checkpoint at ``step``;
     the CLI exits with ``exit_code`` (143 = 128 + SIGTERM) so launchers retry, and the retry resumes."""

@@ -5,20 +5,30 @@ A :class:`QuantSpec` is pure data (a validated pydantic model) so that recipes, 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-FormatName = Literal["int", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"]
-CalibMethod = Literal["max", "percentile", "mse", "entropy", "tf_enhanced"]
+from .calib.registry import calibrator, calibrator_names
+from .quantizer_kinds import FLOAT_DTYPES, quantizer_kind, quantizer_kind_names
 
-# Float formats are cast round-trips; FP8 only where this torch has the dtypes.
-FLOAT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
-if hasattr(torch, "float8_e4m3fn"):
-    FLOAT_DTYPES["fp8_e4m3"] = torch.float8_e4m3fn
-if hasattr(torch, "float8_e5m2"):
-    FLOAT_DTYPES["fp8_e5m2"] = torch.float8_e5m2
+
+def _known_format(name: str) -> str:
+    quantizer_kind(name)  # ValueError listing the registered formats
+    return name
+
+
+def _known_calibrator(name: str) -> str:
+    calibrator(name)
+    return name
+
+
+#: A registered quantizer kind (``quantcore.quantizer_kinds``): int, fp16, bf16, fp8_e4m3, fp8_e5m2, ...
+FormatName = Annotated[str, AfterValidator(_known_format)]
+#: A registered calibrator (``quantcore.calib.registry``): max, percentile, mse, entropy, tf_enhanced, ...
+CalibMethod = Annotated[str, AfterValidator(_known_calibrator)]
+
+__all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "calibrator_names", "quantizer_kind_names"]
 
 
 class QuantSpec(BaseModel):
@@ -38,24 +48,28 @@ class QuantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
-        if self.format != "int" and self.format not in FLOAT_DTYPES:
-            raise ValueError(f"format {self.format!r} needs a torch with that dtype")
-        if self.format == "int" and self.axis is not None and self.calibrator not in ("max", "mse"):
-            raise ValueError("per-channel ranges support calibrator 'max' or 'mse' (weights) only")
+        kind = quantizer_kind(self.format)
+        if not kind.is_float and self.axis is not None and not calibrator(self.calibrator).per_channel:
+            per_ch = [n for n in calibrator_names() if calibrator(n).per_channel]
+            raise ValueError(f"per-channel ranges support calibrator {per_ch} only, not {self.calibrator!r}")
         if self.narrow_range and not self.symmetric:
             raise ValueError("narrow_range applies to symmetric quantizers only")
+        kind.validate(self)
         return self
 
     @property
+    def kind(self):
+        """The registered :class:`~quantcore.quantizer_kinds.QuantizerKind` of ``format``."""
+        return quantizer_kind(self.format)
+
+    @property
     def is_float(self) -> bool:
-        return self.format != "int"
+        """A cast round-trip (no range, no calibration)."""
+        return quantizer_kind(self.format).is_float
 
     def qrange(self) -> tuple[int, int]:
-        """Integer code range (quant_min, quant_max)."""
-        if self.symmetric:
-            top = 2 ** (self.bits - 1) - 1
-            return (-top if self.narrow_range else -top - 1), top
-        return 0, 2**self.bits - 1
+        """Integer code range (quant_min, quant_max) of the kind's grid."""
+        return quantizer_kind(self.format).qrange(self)
 
     def short(self) -> str:
         if self.is_float:

@@ -196,3 +196,14 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> None:
         raise ModelError(f"model.checkpoint {uri} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def output_logits(out):
+    """The logits tensor of a classifier's output: a tensor as is, a Hugging Face ``ModelOutput``'s
+    ``.logits``, or the first item of a tuple/list (timm distilled heads in training mode)."""
+    lg = getattr(out, "logits", None)
+    if isinstance(lg, torch.Tensor):
+        return lg
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out

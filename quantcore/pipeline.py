@@ -37,7 +37,7 @@ from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, open_dataset,
                    per_class_subset)
 from .errors import UserError
-from .evaluate import (EvalCost, ModelScore, WeightSharing, cost_markdown, evaluate_models, model_memory,
+from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
                        peak_memory, quant_toggle)
 from .io import StorageError, storage
 from .recipe import RecipeError
@@ -223,12 +223,12 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         model = api.prepare(copy.deepcopy(fp32), r)
         sharing.share(model)  # before calibrating: the transient copy is freed here
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
-            res = api.calibrate(model, loader, progress=bar.update)
+            res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
         skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
         cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
-               "uncalibrated": res.uncalibrated, "fp32_weights": weights}
+               "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
         variants.append(VariantResult(r.name, r, model, cal))
     return fp32, variants, _gather_skipped(_dedupe(skipped))
 
@@ -381,7 +381,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         if scores:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
         _write_json(storage.join(out, "report.json"), rep)
-        storage.write_bytes(storage.join(out, "report.md"), _markdown(rep).encode())
+        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
         for v in variants:  # each checkpoint gets the report of its own variant next to it
             sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
                        variants={v.name: rep["variants"][v.name]}, plots=[])
@@ -441,15 +441,9 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         if out:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
             _write_json(storage.join(out, "report.json"), rep)
-            storage.write_bytes(storage.join(out, "report.md"), _markdown(rep).encode())
+            storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
 
     return _on_main(rep, write)
-
-
-def _markdown(rep: dict[str, Any]) -> str:
-    """report.md: :func:`quantcore.report.report_markdown` plus the evaluation-cost section."""
-    ec = rep.get("evaluation_cost")
-    return report_markdown(rep) + ("\n" + cost_markdown(ec, rep.get("reference")) if ec else "")
 
 
 def _model_name(recipe: Recipe, model: nn.Module) -> str:

@@ -96,13 +96,15 @@ def _qat_config(recipe: Recipe, opts: QATOptions) -> QATConfig:
 def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> list[str]:
     """Turn every calibrated integer quantizer into its LSQ form (learnable scale, and zero point
     when asymmetric and ``learn_zero_point``); returns their names. Float-format quantizers (FP16,
-    BF16, FP8 casts) have no range to learn and are left as they are."""
+    BF16, FP8 casts) have no range to learn, and kinds without a learnable form (e.g. log2 grids)
+    keep their calibrated range frozen; both are left as they are."""
     from .placement import quantizers, unwrap
 
     qs = quantizers(model)
     names = []
     for name, q in qs.items():
-        if not q.spec.enabled or q.spec.is_float or q.amax.numel() == 0 or q.spec.learnable:
+        if (not q.spec.enabled or q.spec.is_float or q.amax.numel() == 0 or q.spec.learnable
+                or not q.spec.kind.supports_learnable):
             continue
         q.make_learnable()
         q.zero_point.requires_grad_(bool(learn_zero_point and not q.spec.symmetric))
@@ -400,11 +402,11 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     idx = distributed.shard_batches(_calibration_indices(ds, recipe), recipe.calibration.batch_size)
     model = api.prepare(copy.deepcopy(fp32), recipe)
     loader = make_loader(ds, recipe.calibration.batch_size, _workers(opts, recipe), indices=idx)
-    res = api.calibrate(model, loader)
+    res = api.calibrate(model, loader)  # + the recipe's reparam/reconstruction
     info = {"method": recipe.calibration.method, "uri": train.uri, "split": train.split, "images": res.images,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
-            "fp32_weights": getattr(fp32, "quantcore_weights", "given")}
+            "fp32_weights": getattr(fp32, "quantcore_weights", "given"), **res.transforms}
     if ctx.is_main:
         api.save(model, ptq_uri, extra={"calibration": info})
     distributed.barrier()
@@ -479,7 +481,9 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Modu
 
 
 def _logits(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    from .models import output_logits
+
+    return output_logits(out)
 
 
 def _check_out(out: str) -> None:

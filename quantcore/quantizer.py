@@ -6,100 +6,16 @@ exported, merged across workers and loaded back before ranges are finalized.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .calib.histogram import DEFAULT_BINS, HistogramState
 from .calib.maxcal import MaxState
-from .formats import FLOAT_DTYPES, QuantSpec
+from .calib.registry import calibrator
+from .formats import QuantSpec
+from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F401 - public here since 0.1
 
-HISTOGRAM_METHODS = ("percentile", "mse", "entropy", "tf_enhanced")
 _MIN_SCALE = 1e-8
-
-
-class LSQFakeQuant(torch.autograd.Function):
-    """Fake quantization with a learnable scale and zero point (LSQ, Esser et al. 2020; LSQ+ for the
-    zero point): the same values and gradients as torch's
-    ``_fake_quantize_learnable_per_{tensor,channel}_affine`` (straight-through estimator for ``x``
-    where ``round(x / s + z)`` is on the grid; scale/zero-point gradients scaled by ``grad_factor``;
-    tests/test_qat.py compares both), in plain elementwise torch ops, which measure 2.5-3x faster
-    than torch's kernels on CPU (QAT step time is dominated by fake quantization on small models).
-
-    ``x``: any shape; ``scale``/``zero_point``: shape ``(1,)`` or ``(C,)`` with ``axis`` the channel
-    dimension of ``x``. Returns a tensor like ``x``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, axis):  # noqa: D102
-        shape = [1] * x.dim()
-        if axis is not None:
-            shape[axis] = -1
-        s = scale.detach().reshape(shape)
-        z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape)
-        q = (x * s.reciprocal()).round_().add_(z)  # round(x * (1/s)) + z, as torch's kernels compute it
-        qc = q.clamp(qmin, qmax)
-        mask = qc == q  # on the grid: the straight-through estimator passes the gradient
-        y = qc.sub_(z).mul_(s)
-        ctx.save_for_backward(x, y, s, mask)
-        ctx.meta = (grad_factor, axis, zero_point.requires_grad)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):  # noqa: D102
-        x, y, s, mask = ctx.saved_tensors
-        g, axis, learn_zp = ctx.meta
-        gx = torch.where(mask, gy, 0.0)
-        # d y / d s = (y - x) / s on the grid and y / s off it, so
-        # sum(gy * dy/ds) = (sum(gy * y) - sum(gx * x)) / s ; d y / d z = -s off the grid, 0 on it
-        if axis is None:
-            gyf, gxf = gy.reshape(-1), gx.reshape(-1)
-            gs = (torch.dot(gyf, y.reshape(-1)) - torch.dot(gxf, x.reshape(-1))).reshape(1)
-            gz = (gxf.sum() - gyf.sum()).reshape(1) if learn_zp else None
-        else:
-            dims = [d for d in range(x.dim()) if d != axis]
-            gs = ((gy * y).sum(dims) - (gx * x).sum(dims)).reshape(-1)
-            gz = (gx.sum(dims) - gy.sum(dims)).reshape(-1) if learn_zp else None
-        s1 = s.reshape(-1)
-        gs = gs / s1 * g
-        if gz is not None:
-            gz = gz * s1 * g
-        return gx, gs, gz, None, None, None, None
-
-
-def _fixed_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                      axis: int | None) -> torch.Tensor:
-    """Fake quantization with a fixed range: the values of torch's ``fake_quantize_per_{tensor,channel}
-    _affine`` (``(clamp(round(x * (1/s)) + z) - z) * s``) and their straight-through gradient, in
-    vectorized elementwise ops (2-4x faster than torch's CPU kernels: this is every quantizer of a
-    PTQ evaluation and of QAT with frozen ranges). ``scale``/``zero_point``: ``()`` or ``(C,)``."""
-    shape = [1] * x.dim()
-    if axis is not None:
-        shape[axis] = -1
-    s = scale.reshape(shape) if scale.dim() else scale
-    z = zero_point.to(x.dtype).reshape(shape) if zero_point.dim() else zero_point.to(x.dtype)
-    symmetric = not bool(zero_point.any())
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        q = (x * s.reciprocal()).round_()
-        if symmetric:
-            return q.clamp_(qmin, qmax).mul_(s)
-        return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
-    return _FixedFakeQuant.apply(x, s, z, qmin, qmax)
-
-
-class _FixedFakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax):  # noqa: D102
-        q = (x * s.reciprocal()).round_().add_(z)
-        qc = q.clamp(qmin, qmax)
-        ctx.save_for_backward(qc == q)
-        return qc.sub_(z).mul_(s)
-
-    @staticmethod
-    def backward(ctx, gy):  # noqa: D102
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, gy, 0.0), None, None, None, None
 
 
 class TensorQuantizer(nn.Module):
@@ -171,12 +87,11 @@ class TensorQuantizer(nn.Module):
             self.observe, self.observed = True, None
 
     def new_collector(self) -> HistogramState | MaxState:
-        if self.spec.calibrator in HISTOGRAM_METHODS and self.spec.axis is None:
-            return HistogramState(self.bins)
-        if self.spec.calibrator != "max" and self.kind == "activation":
+        cal = calibrator(self.spec.calibrator)
+        if self.spec.axis is not None and cal.statistics != "max" and self.kind == "activation":
             raise ValueError(f"per-channel activation ranges support calibrator 'max' only, not "
                              f"{self.spec.calibrator!r}")
-        return MaxState(self.spec.axis)
+        return cal.new_state(self.spec, self.bins)
 
     def collect(self, x: torch.Tensor) -> None:
         if self.collector is None:
@@ -204,10 +119,9 @@ class TensorQuantizer(nn.Module):
         """One-shot calibration from a tensor (weights): max, or MSE searched on the tensor itself."""
         if self.spec.is_float:
             return
-        if self.spec.calibrator == "mse":
-            from .calib.search import tensor_mse_range
-
-            self.set_range(*tensor_mse_range(x.detach(), self.spec))
+        rng = self.spec.kind.tensor_range(x.detach(), self.spec)
+        if rng is not None:
+            self.set_range(*rng)
             return
         self.collector = self.new_collector()
         self.collector.update(x)
@@ -229,8 +143,9 @@ class TensorQuantizer(nn.Module):
 
     def make_learnable(self) -> None:
         """Create scale/zero-point parameters from the calibrated range (QAT starts here)."""
-        if self.spec.is_float or not self.is_calibrated:
-            raise RuntimeError("make_learnable needs an integer quantizer with a calibrated range")
+        if self.spec.is_float or not self.is_calibrated or not self.spec.kind.supports_learnable:
+            raise RuntimeError(f"make_learnable needs a calibrated quantizer whose format has a learnable range "
+                               f"(format {self.spec.format!r})")
         scale, zp = self.scale_zero_point()
         self.scale = nn.Parameter(scale.reshape(-1).clone())
         self.zero_point = nn.Parameter(zp.reshape(-1).float())
@@ -264,25 +179,11 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.active:
             return x
-        if self.spec.is_float:
-            return x.to(FLOAT_DTYPES[self.spec.format]).to(x.dtype)
-        return self._fake_quant(x)
-
-    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = self.spec.qrange()
+        kind = self.spec.kind
+        if kind.is_float:
+            return kind.fake_quant(self, x)
         orig = x.dtype
-        xf = x.float() if orig != torch.float32 else x
-        axis = self.spec.axis
-        if self.spec.learnable and self.scale is not None:
-            zp = self.zero_point
-            # LSQ's gradient scale 1/sqrt(N * qmax) (Esser et al. 2020): N elements share one scale
-            # (per sample for activations, per channel for per-channel weights)
-            per = x.numel() if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
-            g = 1.0 / math.sqrt(max(1, per // self.scale.numel()) * max(qmax, 1))
-            y = LSQFakeQuant.apply(xf, self.scale, zp, qmin, qmax, g, None if axis is None else axis % x.dim())
-        else:
-            scale, zp = self.scale_zero_point()
-            y = _fixed_fake_quant(xf, scale, zp, qmin, qmax, None if axis is None else axis % x.dim())
+        y = kind.fake_quant(self, x.float() if orig != torch.float32 else x)  # grids work in float32
         return y.to(orig) if orig != torch.float32 else y
 
     # -- persistence -------------------------------------------------------------------------------

@@ -78,6 +78,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
     if cal:
         lines += [f"Calibration: {cal.get('method', '?')} on {cal.get('images', '?')} images "
                   f"from `{cal.get('uri', '?')}`.", ""]
+        for key, what in (("reparam_layernorm", "LayerNorm reparameterization (RepQ-ViT)"),
+                          ("reconstruction", "Reconstruction (AdaRound/BRECQ)")):
+            if cal.get(key):
+                info = cal[key]
+                brief = ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float, str)))[:300]
+                lines += [f"{what}: {brief}.", ""]
     lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
               "|---|---|---|---|---|---|"]
     for name, r in rep["results"].items():
@@ -111,7 +117,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
     for plot in rep.get("plots", []):
         lines.append(f"![{plot}]({plot})")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if rep.get("evaluation_cost"):
+        from .evaluate import cost_markdown
+
+        text += "\n" + cost_markdown(rep["evaluation_cost"], rep.get("reference"))
+    return text
 
 
 def per_class_plot(rep: dict[str, Any]) -> bytes:

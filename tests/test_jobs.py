@@ -33,7 +33,7 @@ from tiny_data import TINY_RECIPE as RECIPE, make_images  # noqa: E402
 BIN = Path(sys.executable).parent
 TORCHX = BIN / "torchx"
 COMPONENTS_FILE = REPO / "jobs" / "components.py"
-COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp", "qat")
+COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp", "qat", "export")
 LAUNCH_PREFIX = ["-m", "jobs.launch", "quantcore"]
 
 

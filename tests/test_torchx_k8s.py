@@ -34,7 +34,7 @@ from jobs import components  # noqa: E402
 from test_jobs import TORCHX, _assert_cli_accepts, _subprocess_env  # noqa: E402
 from test_k8s import security_problems  # noqa: E402
 
-COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp", "qat")
+COMPONENT_NAMES = ("calibrate", "evaluate", "ptq", "ddp", "qat", "export")
 VOLCANO_SCHEMA = REPO / "tests" / "k8s_schemas" / "job-batch.volcano.sh-v1alpha1.json"
 CHART = REPO / "charts" / "quantcore"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -51,6 +51,9 @@ DRYRUN_ARGS = {
     "evaluate": ["--checkpoint", "s3://runs/calib/vit_b16_int8/model.qc.pt", "--data", "s3://datasets/imagenet-zip",
                  "--out", "s3://runs/eval", "--limit", "1000", "--gpus", "0", "--max_retries", "0",
                  "--image", f"registry.example.com/ml/quantcore@{DIGEST}"],
+    "export": ["--checkpoint", "s3://runs/ptq/vit_b16_384_ft2/model.qc.pt", "--out", "s3://runs/export",
+               "--check_data", "s3://datasets/imagenet-zip", "--check_limit", "500", "--max_retries", "1",
+               "--s3_secret", "quantcore-s3-credentials"],
     "ptq": ["--recipe", "vit_b16_384_ft1,vit_b16_384_ft2", "--calib_data", "s3://datasets/imagenet-zip",
             "--out", "s3://runs/ptq", "--gpus", "2", "--s3_secret", "quantcore-s3-credentials", "--mounts",
             "type=volume,src=imagenet-pvc,dst=/data,readonly,type=volume,src=shard-cache,dst=/shards",
@@ -246,7 +249,7 @@ def test_dryrun_gpu_pods_tolerate_the_gpu_taint_like_the_helm_pods(name, jobs, h
     assert components.GPU_TOLERATION in gpu_tolerations
     for pod in _pods(jobs[name]):
         gpus = pod["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu")
-        if name == "evaluate":  # --gpus 0: a CPU pod needs no GPU toleration
+        if name in ("evaluate", "export"):  # no GPU: a CPU pod needs no GPU toleration
             assert gpus is None and "tolerations" not in pod
             continue
         assert int(gpus) > 0 and components.GPU_TOLERATION in pod["tolerations"]
@@ -350,7 +353,7 @@ def volcano_action(job: Dict[str, Any], task: str, event: str, exit_code: int = 
 def test_user_errors_end_the_job_and_infrastructure_failures_restart_it(name, jobs):
     job = jobs[name]
     retries = job["spec"]["maxRetry"]
-    assert retries == {"calibrate": 3, "evaluate": 0}.get(name, components.OPTS.max_retries)
+    assert retries == {"calibrate": 3, "evaluate": 0, "export": 1}.get(name, components.OPTS.max_retries)
     for task in job["spec"]["tasks"]:
         t = task["name"]
         assert volcano_action(job, t, "PodFailed", 2) == "TerminateJob"  # user error: no retry
@@ -656,6 +659,9 @@ def test_shared_options_are_declared_once():
         hints = typing.get_type_hints(fn)
         _, docs = get_fn_docstring(fn)
         for f in dataclasses.fields(components.PodOptions):
+            if f.name in components.OPTIONS_NOT_TAKEN.get(name, ()):
+                assert f.name not in params, (name, f.name)
+                continue
             assert params[f.name].default == f.default, (name, f.name)
             assert hints[f.name] == typing.get_type_hints(components.PodOptions)[f.name], (name, f.name)
             assert docs[f.name].strip(), (name, f.name)

@@ -235,12 +235,9 @@ def images(n: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def logits(out) -> torch.Tensor:
-    lg = getattr(out, "logits", None)
-    if isinstance(lg, torch.Tensor):
-        return lg
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
+    from quantcore.models import output_logits
+
+    return output_logits(out)
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

@@ -77,18 +77,12 @@ def find_range(state: HistogramState, spec: QuantSpec) -> Range:
 
 
 def _find_range(state: HistogramState, spec: QuantSpec) -> Range:
-    method = spec.calibrator
-    if method == "max" or state.min == state.max:  # one distinct value: all methods agree
+    if spec.calibrator == "max" or state.min == state.max:  # one distinct value: all methods agree
         return _max_range(state, spec)
-    if method == "percentile":
-        return _percentile_range(state, spec)
-    if method == "mse":
-        return _mse_range(state, spec, gamma=1.0)
-    if method == "tf_enhanced":
-        return _mse_range(state, spec, gamma=TF_ENHANCED_GAMMA)
-    if method == "entropy":
-        return _entropy_range(state, spec)
-    raise ValueError(f"unknown calibrator {method!r}")
+    from ..quantizer_kinds import quantizer_kind
+
+    # the kind decides: a non-uniform grid searches its own error; uniform ones use the calibrator's
+    return quantizer_kind(spec.format).compute_range(state, spec)
 
 
 def _max_range(state: HistogramState, spec: QuantSpec) -> Range:
@@ -102,7 +96,7 @@ def _abs_max(state: HistogramState) -> float:
     return max(abs(state.min), abs(state.max))
 
 
-def _bin_width(state: HistogramState) -> float:
+def bin_width(state: HistogramState) -> float:
     return state.range / state.bins
 
 
@@ -125,7 +119,7 @@ def _hist_percentile(counts: torch.Tensor, e0: float, w: float, q: float) -> flo
 
 
 def _percentile_range(state: HistogramState, spec: QuantSpec) -> Range:
-    p, w = spec.percentile, _bin_width(state)
+    p, w = spec.percentile, bin_width(state)
     if spec.symmetric:
         a = min(_hist_percentile(state.abs_counts(), 0.0, w, p), _abs_max(state))
         return -a, a
@@ -138,7 +132,7 @@ def _percentile_range(state: HistogramState, spec: QuantSpec) -> Range:
 # --------------------------------------------------------------------------------------------------
 # MSE / tf_enhanced
 # --------------------------------------------------------------------------------------------------
-class _Moments:
+class Moments:
     """Prefix moments ``F_k(x) = int_{-inf}^{x} t^k rho(t) dt`` (k = 0, 1, 2) of a histogram read
     as a piecewise-uniform density with total mass 1, in float64 (the grid error is a small
     difference of these sums).
@@ -204,7 +198,7 @@ def _grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[t
     return s, torch.clamp(torch.round(qmin - lo / s), qmin, qmax)
 
 
-def _grid_error(mom: _Moments, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+def _grid_error(mom: Moments, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
                 gamma: float) -> torch.Tensor:
     """Expected squared error per candidate range; clipping error is weighted by ``gamma``.
 
@@ -242,11 +236,11 @@ def _chunked(fn: Callable[..., torch.Tensor], *cands: torch.Tensor, per_row: int
     return torch.cat([fn(*(c[i:i + step] for c in cands)) for i in range(0, k, step)])
 
 
-def _occupied(state: HistogramState) -> tuple[torch.Tensor, float]:
+def occupied_bins(state: HistogramState) -> tuple[torch.Tensor, float]:
     """Signed counts trimmed to the occupied bins, and the left edge of the first one."""
     nz = torch.nonzero(state.counts).flatten()
     first, last = int(nz[0]), int(nz[-1])
-    w = _bin_width(state)
+    w = bin_width(state)
     return state.counts[first:last + 1], -state.range + first * w
 
 
@@ -254,8 +248,8 @@ def mse_objective(state: HistogramState, spec: QuantSpec, lo: torch.Tensor | flo
                   hi: torch.Tensor | float, gamma: float = 1.0) -> torch.Tensor:
     """Expected quantization error of the histogram's distribution (mass normalized to 1) for
     candidate ranges; ``gamma`` weights the clipping part (1 = plain MSE)."""
-    counts, e0 = _occupied(state)
-    mom = _Moments(counts, e0, _bin_width(state))
+    counts, e0 = occupied_bins(state)
+    mom = Moments(counts, e0, bin_width(state))
     dev = counts.device
     lo_t = torch.as_tensor(lo, dtype=torch.float64, device=dev).reshape(-1)
     hi_t = torch.as_tensor(hi, dtype=torch.float64, device=dev).reshape(-1)
@@ -263,8 +257,8 @@ def mse_objective(state: HistogramState, spec: QuantSpec, lo: torch.Tensor | flo
 
 
 def _mse_range(state: HistogramState, spec: QuantSpec, gamma: float) -> Range:
-    counts, e0 = _occupied(state)
-    mom = _Moments(counts, e0, _bin_width(state))
+    counts, e0 = occupied_bins(state)
+    mom = Moments(counts, e0, bin_width(state))
     dev = counts.device
     qmin, qmax = spec.qrange()
     per_row = min(qmax - qmin + 2, _MAX_EXACT_LEVELS)
@@ -438,7 +432,7 @@ def _cap_zero_bins(counts: torch.Tensor, z: int) -> None:
 def _reference_abs_hist(state: HistogramState) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's |x| histogram, ``bins`` bins over ``[0, amax]`` with its zero-bin rule
     applied, re-binned from ours; and its ``bins + 1`` edges."""
-    n, w = state.bins, _bin_width(state)
+    n, w = state.bins, bin_width(state)
     dev = state.counts.device
     signed = state.counts.to(torch.float64)
     _cap_zero_bins(signed, n)
@@ -458,13 +452,13 @@ def _reference_signed_hist(state: HistogramState) -> tuple[torch.Tensor, torch.T
     ``[min(min, 0), max(max, 0)]``, zero on edge ``k0``. The zero-bin rule applies to both halves
     of the reference's zero bin: ``[0, v)`` and ``[-v, 0)`` take their outer neighbours' counts.
     Returns (counts, edges, k0)."""
-    n, w = state.bins, _bin_width(state)
+    n, w = state.bins, bin_width(state)
     lo_end, hi_end = min(state.min, 0.0), max(state.max, 0.0)
     v = (hi_end - lo_end) / n
     k_lo = math.ceil(n * (-lo_end / (hi_end - lo_end)))
     k_hi = math.ceil(n * (hi_end / (hi_end - lo_end)))
     edges = v * torch.arange(-k_lo, k_hi + 1, dtype=torch.float64, device=state.counts.device)
-    counts, e0 = _occupied(state)
+    counts, e0 = occupied_bins(state)
     counts = counts.to(torch.float64)
     _cap_zero_bins(counts, n - int(torch.nonzero(state.counts).flatten()[0]))  # [0, w): index n
     ref = _resample(counts, e0, w, float(state.min), float(state.max), edges)

@@ -23,7 +23,7 @@ from ..fold import FoldError, fold_batchnorm, is_batchnorm
 from ..formats import QuantSpec
 from ..nn.residual import RESIDUAL_QUANTIZERS, QuantResidualBlock, check_block, is_timm_block
 from ..quantizer import TensorQuantizer
-from .families import DEFAULT_KEEP_FLOAT, FAMILIES
+from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
@@ -313,7 +313,8 @@ def _block_of(name: str, mods: dict[str, nn.Module]) -> str:
 
 def detect_family(model: nn.Module, example_input: Any = None, *, _sites: list[_Site] | None = None,
                   _had_bn: bool | None = None) -> str:
-    """``"vit"``, ``"cnn"`` or ``"generic"``, from what the model computes on ``example_input``:
+    """The registered family (:mod:`quantcore.placement.families`, tried in priority order) that
+    matches what the model computes on ``example_input``. Built-ins:
 
     * vit: quantized attention and at most one convolution (the patch embedding);
     * cnn: convolutions and a BatchNorm (or torchvision ResNet); attention inside (MobileViT, hybrids)
@@ -326,14 +327,11 @@ def detect_family(model: nn.Module, example_input: Any = None, *, _sites: list[_
         trace, _ = run_probe(model, example_input)
         _sites, _ = _analyze(model, trace)
     convs = [s for s in _sites if s.kind == "weighted" and s.op.startswith("conv")]
-    if any(s.kind == "attention" for s in _sites) and len(convs) <= 1:
-        return "vit"
     resnet = any(k.__module__ == "torchvision.models.resnet" and k.__qualname__ == "ResNet"
                  for k in type(model).__mro__)
     had_bn = _had_bn if _had_bn is not None else any(is_batchnorm(m) for m in model.modules())
-    if convs and (resnet or had_bn):
-        return "cnn"
-    return "generic"
+    return detect(FamilyFacts(has_attention=any(s.kind == "attention" for s in _sites), convolutions=len(convs),
+                              had_batchnorm=had_bn, torchvision_resnet=resnet))
 
 
 def _act_check(name: str, spec: QuantSpec) -> None:
@@ -367,8 +365,9 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
     """
     _check_fresh(model)
     overrides = list(overrides)
-    if placement.family not in FAMILIES + ("auto",):
-        raise PlacementError(f"placement.family: unknown family {placement.family!r} (expected one of {FAMILIES} or 'auto')")
+    if placement.family != "auto" and placement.family not in family_names():
+        raise PlacementError(f"placement.family: unknown family {placement.family!r} (registered: "
+                             f"{family_names()} or 'auto')")
     _act_check("activations", act_spec)
     if example_input is None:
         example_input = default_example_input(model)
@@ -407,9 +406,10 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     mods = dict(model.named_modules())
     family = detect_family(model, _sites=sites, _had_bn=has_bn) if placement.family == "auto" else placement.family
     attn_sites = [s for s in sites if s.kind == "attention"]
-    if family == "vit" and not attn_sites:
-        raise PlacementError("placement.family: 'vit' needs attention (softmax(QK^T)V), and this model computes "
-                             "none (use family 'generic' or 'auto')")
+    plan = family_plan(family)
+    if plan.requires_attention and not attn_sites:
+        raise PlacementError(f"placement.family: {family!r} needs attention (softmax(QK^T)V), and this model "
+                             "computes none (use family 'generic' or 'auto')")
     if not attn_sites:
         bad = [k for k in _ATTN_OPTIONS if k in explicit]
         if bad:
@@ -419,18 +419,17 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     settings = mode_settings(placement) if attn_sites else None
     blocks = sorted({_block_of(s.owner, mods) for s in attn_sites})
 
-    rules = build_rules(placement.keep_float, DEFAULT_KEEP_FLOAT[family], overrides)
+    rules = build_rules(placement.keep_float, list(plan.default_keep_float), overrides)
     mark_module_hits([n for n in mods if n], rules)
 
     # -- plan ------------------------------------------------------------------------------------------
     planned: dict[str, QuantSpec] = {}
     chosen: list[_Site] = []
     for s in sites:
-        default_float = family == "vit" and placement.keep_float is None and s.op.startswith("conv")
-        if decide_float(s.name, rules, default_float):
+        default_reason = plan.default_float_reason(s, placement.keep_float is not None)
+        if decide_float(s.name, rules, default_reason is not None):
             src = next((r.source for r in reversed(rules) if r.float and r.hits and s.name in r.hits), None)
-            float_reasons[s.name] = (f"kept float by {src}" if src else
-                                     "vit family default: convolutions (patch embedding) stay float")
+            float_reasons[s.name] = f"kept float by {src}" if src else default_reason
             continue
         chosen.append(s)
         base = f"{s.owner}." if s.owner else ""

@@ -1,21 +1,118 @@
-"""Model families and their defaults.
+"""Model families: registered placement plans.
 
-The family is detected from what the model computes (:func:`quantcore.placement.core.detect_family`),
-not from its class: ``vit`` (attention, at most a patch-embedding convolution), ``cnn`` (convolutions
-with BatchNorm; attention inside still quantized) and ``generic``.
+A family is detected from what the model computes (:func:`quantcore.placement.core.detect_family`),
+not from its class. Each :class:`FamilyPlan` says when it applies (``matches``, tried in ``priority``
+order), what stays float by default, and what it requires; the placement engine
+(:mod:`quantcore.placement.core`) applies whichever plan the recipe names or detection picks. A new
+family is one module with a subclass and one :func:`register_family` call.
+
+Built-in: ``vit`` (attention, at most a patch-embedding convolution), ``cnn`` (convolutions with
+BatchNorm; attention inside still quantized) and ``generic`` (anything else).
 """
 from __future__ import annotations
 
-FAMILIES = ("vit", "cnn", "generic")
+from dataclasses import dataclass
+from typing import Any
 
-#: Module globs left float by default (``PlacementConfig.keep_float = None``). A glob also covers
-#: the matched module's descendants. With the default, the vit family also leaves every convolution
-#: float (the patch embedding); the cnn and generic families quantize every Linear/Conv. Names cover
-#: timm (``patch_embed``, ``head``), torchvision (``conv_proj``, ``heads``) and Hugging Face
-#: (``embeddings``, ``classifier``) ViTs. An explicit ``keep_float`` list replaces all of these.
-DEFAULT_KEEP_FLOAT: dict[str, list[str]] = {
-    "vit": ["patch_embed", "head", "head_dist", "attn_pool", "conv_proj", "heads", "*.embeddings",
-            "classifier", "distillation_classifier", "cls_classifier"],
-    "cnn": [],
-    "generic": [],
-}
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What detection knows about a model: its traced sites and a few flags."""
+
+    has_attention: bool
+    convolutions: int
+    had_batchnorm: bool
+    torchvision_resnet: bool
+
+
+class FamilyPlan:
+    """Base of a family's placement plan.
+
+    ``default_keep_float``: module globs left float by default (``PlacementConfig.keep_float =
+    None``); a glob also covers the matched module's descendants. An explicit ``keep_float`` list in
+    the recipe replaces them.
+    """
+
+    name: str = ""
+    priority: int = 100  # detection order: lower first
+    default_keep_float: tuple[str, ...] = ()
+    requires_attention: bool = False
+
+    def matches(self, facts: FamilyFacts) -> bool:  # pragma: no cover - overridden
+        """Whether detection picks this family for a model with ``facts``."""
+        return False
+
+    def default_float_reason(self, site: Any, keep_float_given: bool) -> str | None:
+        """Why ``site`` (a traced weighted op or attention) stays float by default, or ``None``."""
+        return None
+
+
+class ViTPlan(FamilyPlan):
+    name = "vit"
+    priority = 10
+    requires_attention = True
+    # timm (patch_embed, head), torchvision (conv_proj, heads), Hugging Face (embeddings, classifier)
+    default_keep_float = ("patch_embed", "head", "head_dist", "attn_pool", "conv_proj", "heads", "*.embeddings",
+                          "classifier", "distillation_classifier", "cls_classifier")
+
+    def matches(self, facts: FamilyFacts) -> bool:
+        return facts.has_attention and facts.convolutions <= 1
+
+    def default_float_reason(self, site: Any, keep_float_given: bool) -> str | None:
+        if not keep_float_given and site.op.startswith("conv"):
+            return "vit family default: convolutions (patch embedding) stay float"
+        return None
+
+
+class CNNPlan(FamilyPlan):
+    name = "cnn"
+    priority = 20
+
+    def matches(self, facts: FamilyFacts) -> bool:
+        return facts.convolutions > 0 and (facts.torchvision_resnet or facts.had_batchnorm)
+
+
+class GenericPlan(FamilyPlan):
+    name = "generic"
+    priority = 1000
+
+    def matches(self, facts: FamilyFacts) -> bool:
+        return True
+
+
+_FAMILIES: Registry[FamilyPlan] = Registry("family", reserved=("auto",))
+
+
+def register_family(plan: FamilyPlan) -> FamilyPlan:
+    """Register ``plan`` under ``plan.name``; ``ValueError`` if another class holds the name."""
+    return _FAMILIES.register(plan)
+
+
+def family_plan(name: str) -> FamilyPlan:
+    """The plan registered as ``name``; ``ValueError`` listing the registered ones otherwise."""
+    return _FAMILIES.get(name)
+
+
+def family_names() -> list[str]:
+    """Registered families in detection (priority) order."""
+    return [n for n, _ in sorted(_FAMILIES.items(), key=lambda kv: (kv[1].priority, kv[0]))]
+
+
+def detect(facts: FamilyFacts) -> str:
+    """The first registered family (by priority) whose plan matches ``facts``."""
+    for name in family_names():
+        if _FAMILIES.get(name).matches(facts):
+            return name
+    return "generic"
+
+
+for _p in (ViTPlan, CNNPlan, GenericPlan):
+    register_family(_p())
+
+
+#: The built-in family names (family_names() also lists ones registered later).
+FAMILIES = tuple(family_names())
+#: Default keep-float globs per family, as plain lists.
+DEFAULT_KEEP_FLOAT: dict[str, list[str]] = {n: list(family_plan(n).default_keep_float) for n in family_names()}

@@ -1,0 +1,183 @@
+"""One analysis run (what ``quantcore analyze`` and :func:`quantcore.api.analyze` do).
+
+Data: calibration images are the recipe's own (``calibration`` section, as ``quantcore ptq`` picks
+them); the analysis/search images are a seeded sample of the *rest* of the same split (held out from
+calibration, so the search is not tuned on the test set); an optional evaluation split checks the
+chosen recipe at the end, run through the normal PTQ path (prepare + calibrate + evaluate).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import api
+from ..errors import UserError
+from .engine import Engine
+from .error_analysis import error_analysis
+from .groups import as_grouping
+from .search import Budget, collect_statistics, search, search_recipe, verify_recipe
+from .sensitivity import sensitivity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalyzeOptions:
+    """What to run. ``groups``: sensitivity/logit-case grouping; ``search_groups``: the search's."""
+
+    errors: bool = True
+    sensitivity: bool = True
+    search: bool = False
+    budget: Budget | None = None
+    groups: Any = "module"
+    search_groups: Any = "quantizer"
+    choices: Sequence[str] = ("4", "6", "8", "float")
+    cost: str = "bits"
+    workers: int = 1
+    memory_mb: float = 512.0
+    clip_warn: float = 0.01
+
+
+def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stats: dict | None = None,
+                  fp32: nn.Module | None = None, calib_batches: list | None = None,
+                  eval_batches: list | None = None, checkpoint: str | None = None) -> tuple[dict[str, Any], Any]:
+    """Run the parts ``opts`` asks for on a calibrated ``model``; returns ``(result, search recipe or
+    None)``. ``stats``: calibration statistics (default: collected on ``calib_batches``); ``fp32`` +
+    ``calib_batches``: the FP32 model to re-run the recipe through the PTQ path (``reproduced``);
+    ``eval_batches``: the final check (``check``)."""
+    if opts.search and opts.budget is None:
+        raise UserError("--search needs a budget: --budget-top1, --budget-agreement or --budget-sqnr")
+    groups, sgroups = as_grouping(opts.groups), as_grouping(opts.search_groups)
+    eng = Engine(model, batches)
+    result: dict[str, Any] = {"name": getattr(getattr(model, "quantcore_recipe", None), "name", type(model).__name__)}
+    t0 = time.perf_counter()
+    if opts.errors:
+        result["errors"] = error_analysis(model, eng, groups=groups, memory_mb=opts.memory_mb,
+                                          clip_warn=opts.clip_warn, workers=opts.workers)
+    if opts.sensitivity:
+        result["sensitivity"] = sensitivity(model, eng, groups=groups, workers=opts.workers,
+                                            errors=result.get("errors"))
+    recipe = None
+    if opts.search:
+        if stats is None:
+            if calib_batches is None:
+                raise UserError("the search needs calibration statistics: pass calib_batches (or stats)")
+            stats = collect_statistics(model, calib_batches)
+        res = search(model, eng, opts.budget, stats, groups=sgroups, choices=opts.choices, cost=opts.cost,
+                     workers=opts.workers)
+        recipe = search_recipe(model.quantcore_recipe, model, res, checkpoint=checkpoint)
+        if fp32 is not None and calib_batches is not None:
+            res["reproduced"] = verify_recipe(recipe, fp32, calib_batches, batches)
+            res["reproduced"]["equal"] = res["reproduced"] == res["metrics"]
+            if not res["reproduced"]["equal"]:
+                log.warning("the search recipe run through prepare+calibrate gives %s, the search measured %s",
+                            res["reproduced"], res["metrics"])
+            if eval_batches is not None:
+                res["check"] = verify_recipe(recipe, fp32, calib_batches, eval_batches)
+        result["search"] = res
+    if eval_batches is not None:
+        result["base_check"] = Engine(model, eval_batches).evaluate({"m": {}})["m"]
+    result["seconds"] = time.perf_counter() - t0
+    return result, recipe
+
+
+def _batches(ds, indices: list[int], batch_size: int, workers: int, device: torch.device) -> list:
+    from ..pipeline import _loader
+
+    return [(x, y) for x, y, *_ in _loader(ds, batch_size, workers, indices, device)]
+
+
+def check_searchable(recipe: Any, opts: AnalyzeOptions) -> None:
+    """The search reuses one set of calibration statistics for every candidate; calibration-time
+    weight changes (LayerNorm reparameterization, reconstruction) would have to be redone per
+    candidate, which it does not do: refuse instead of reporting figures the recipe won't give."""
+    if not opts.search or recipe is None:
+        return
+    if recipe.placement.reparam_layernorm:
+        raise UserError(f"--search: recipe {recipe.name!r} sets placement.reparam_layernorm, which the search "
+                        "does not redo per candidate; search without it, then add it to the found recipe")
+    if getattr(recipe, "reconstruction", None) is not None:
+        raise UserError(f"--search: recipe {recipe.name!r} has a reconstruction section, which the search does "
+                        "not redo per candidate; search without it, then add it to the found recipe")
+
+
+def run_cli(recipe: str | None, checkpoint: str, data: str, out: str, *, split: str = "train",
+            eval_split: str | None = None, limit: int = 1000, search_limit: int = 5000, eval_limit: int | None = None,
+            batch_size: int = 256, workers: int = 0, device: str = "auto", opts: AnalyzeOptions) -> dict[str, Any]:
+    """The ``quantcore analyze`` job: load or calibrate, analyze, search, check, write the outputs."""
+    from ..checkpoint import CheckpointError
+    from ..data import eval_transform, limit_subset, open_dataset
+    from ..pipeline import _calibration_indices, _with_checkpoint, resolve_device
+    from ..recipe import dump_recipe, load_recipe
+    from .report import write_outputs
+
+    if limit < 1 or search_limit < 1:
+        raise UserError("--limit/--search-limit: must be at least 1 image")
+    dev = resolve_device(device)
+    model = fp32 = None
+    fp32_ckpt = None
+    try:
+        model = api.load(checkpoint).to(dev)
+        r = model.quantcore_recipe
+    except CheckpointError as err:
+        if recipe is None:
+            raise UserError(f"--checkpoint {checkpoint}: not a calibrated checkpoint ({err}); give --recipe to "
+                            "calibrate FP32 weights") from None
+        r = _with_checkpoint(load_recipe(recipe), checkpoint)
+        fp32_ckpt = checkpoint
+    if fp32 is None and r.model is not None and (r.model.checkpoint or r.model.pretrained):
+        fp32 = api.build_model(r).to(dev).eval()
+        fp32_ckpt = fp32_ckpt or r.model.checkpoint
+    check_searchable(r, opts)
+    ref = fp32 if fp32 is not None else model
+    ds = open_dataset(data, split, eval_transform(ref))
+    cidx = _calibration_indices(ds, r)
+    calib = _batches(ds, cidx, r.calibration.batch_size, workers, dev)
+    if model is None:
+        if fp32 is None:
+            raise UserError(f"recipe {r.name!r}: no FP32 weights to calibrate (model.checkpoint)")
+        model = api.prepare(copy.deepcopy(fp32), r)
+        api.calibrate(model, calib)
+        stats = api.calibration_state(model)
+    else:
+        stats = collect_statistics(model, calib) if opts.search else None
+    taken = set(cidx)
+    rest = [i for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist() if i not in taken]
+    held = rest[:max(limit, search_limit if opts.search else 0)]
+    search_set = _batches(ds, sorted(held[:search_limit]), batch_size, workers, dev) if opts.search else None
+    analysis_set = _batches(ds, sorted(held[:limit]), batch_size, workers, dev)
+    eval_set = None
+    if eval_split:
+        eds = open_dataset(data, eval_split, eval_transform(ref))
+        eidx, _ = limit_subset(eds, eval_limit)
+        eval_set = _batches(eds, eidx if eidx is not None else list(range(len(eds))), batch_size, workers, dev)
+    info = {"checkpoint": checkpoint, "data": data, "split": split, "calibration_images": len(cidx),
+            "analysis_images": len(sorted(held[:limit])), "eval_split": eval_split}
+    a_opts = copy.copy(opts)
+    a_opts.search = False
+    result, _ = analyze_model(model, analysis_set, a_opts)
+    recipe_obj = None
+    if opts.search:
+        s_opts = AnalyzeOptions(errors=False, sensitivity=False, search=True, budget=opts.budget,
+                                search_groups=opts.search_groups, choices=opts.choices, cost=opts.cost,
+                                workers=opts.workers)
+        sres, recipe_obj = analyze_model(model, search_set, s_opts, stats=stats, fp32=fp32, calib_batches=calib,
+                                         eval_batches=eval_set, checkpoint=fp32_ckpt)
+        result["search"] = sres["search"]
+        info["search_images"] = len(held[:search_limit])
+        if "base_check" in sres:
+            result["base_check"] = sres["base_check"]
+    elif eval_set is not None:
+        result["base_check"] = Engine(model, eval_set).evaluate({"m": {}})["m"]
+    result["info"] = info
+    from .. import distributed
+
+    if not distributed.active() or distributed.rank() == 0:  # under torchrun: rank 0 writes
+        result["artifacts"] = write_outputs(result, out, dump_recipe(recipe_obj) if recipe_obj is not None else None)
+    return result

@@ -1,0 +1,355 @@
+"""Mixed-precision search to an accuracy budget, with reused calibration statistics.
+
+Statistics do not depend on bit width: the activation collectors of one calibration pass
+(:func:`quantcore.api.calibration_state`) give the range of any candidate spec
+(:class:`RangeBank`: ``set_spec`` + ``load_calibration_state`` + ``finalize`` on the quantizer, or
+the weight itself), so no candidate recollects activations. Every configuration the search reports
+is verified by an actual evaluation, and the recipe it writes (the base recipe plus ``overrides``)
+gives the same ranges when run through ``quantcore ptq`` on the same calibration images.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .. import api
+from ..config import Override, Recipe, SpecPatch
+from ..errors import UserError
+from ..formats import FLOAT_DTYPES, QuantSpec
+from ..placement import quantizers, unwrap
+from .engine import Engine
+from .groups import group_matches, make_groups
+
+FLOAT = "float"  # the quantizers pass their tensor through (override enabled: false)
+_FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8}
+BUDGET_METRICS = {"delta_top1": "--budget-top1", "agreement": "--budget-agreement", "sqnr_db": "--budget-sqnr"}
+
+
+# -- statistics and ranges ----------------------------------------------------------------------------
+def collect_statistics(model: nn.Module, batches: Iterable) -> dict[str, dict[str, Any]]:
+    """Collect calibration statistics of a calibrated (e.g. loaded) model without changing its ranges;
+    returns :func:`quantcore.api.calibration_state`. Use the images the recipe calibrates on."""
+    qs = quantizers(model)
+    saved = {n: (q.amin, q.amax) for n, q in qs.items()}
+    api.collect(model, batches)
+    state = api.calibration_state(model)
+    for n, q in qs.items():
+        q.calibrating, q.observe = False, False
+        q.amin, q.amax = saved[n]
+    return state
+
+
+class RangeBank:
+    """Range of quantizer ``name`` under any spec, from stored statistics (cached per spec)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
+        self.model = unwrap(model)
+        self.qs = quantizers(self.model)
+        self.state = state
+        self._cache: dict[tuple[str, str], tuple[QuantSpec, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, name: str, spec: QuantSpec) -> tuple[QuantSpec, torch.Tensor, torch.Tensor]:
+        key = (name, spec.model_dump_json())
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        q = self.qs[name]
+        if spec.is_float:
+            empty = torch.empty(0, device=q.amax.device)
+            res = (spec, empty, empty)
+        else:
+            saved = (q.spec, q.collector, q.amin, q.amax, q.calibrating)
+            try:
+                q.set_spec(spec)
+                if q.kind == "activation":
+                    if name not in self.state:
+                        raise UserError(f"no calibration statistics for {name!r}: collect them first "
+                                        f"(analysis.collect_statistics)")
+                    api.load_calibration_state(self.model, {name: self.state[name]})
+                    if not q.finalize():
+                        raise UserError(f"calibration statistics of {name!r} are empty")
+                else:
+                    src = (getattr(self.model.get_submodule(name.rpartition(".")[0]), q.weight_attr)
+                           if q.weight_attr else self.state.get(name, {}).get("tensor"))
+                    if src is None:
+                        raise UserError(f"weight quantizer {name!r} has no weight to calibrate from")
+                    q.calibrate_tensor(src.detach())
+                res = (spec, q.amin.detach().clone(), q.amax.detach().clone())
+            finally:
+                q.spec, q.collector, q.amin, q.amax, q.calibrating = saved
+        self._cache[key] = res
+        return res
+
+
+# -- choices, budget, cost ----------------------------------------------------------------------------
+def parse_choices(choices: Sequence[str | int], field: str = "choices") -> list[str]:
+    """``4``, ``"6"`` (integer bits), ``"fp16"``/``"bf16"``/``"fp8_e4m3"`` (float casts), ``"float"``
+    (no quantizer), cheapest first as given. Raises UserError naming ``field``."""
+    out = []
+    for c in choices:
+        c = str(c).strip().lower()
+        if c.isdigit():
+            if not 2 <= int(c) <= 16:
+                raise UserError(f"{field}: {c} bits is outside 2..16")
+        elif c != FLOAT and c not in FLOAT_DTYPES:
+            raise UserError(f"{field}: unknown choice {c!r} (integer bits, {sorted(FLOAT_DTYPES)} or 'float')")
+        out.append(c)
+    if not out or len(set(out)) != len(out):
+        raise UserError(f"{field}: give at least one choice, each once (got {list(choices)})")
+    return out
+
+
+def choice_patch(choice: str) -> SpecPatch | None:
+    if choice == FLOAT:
+        return None
+    if choice.isdigit():
+        return SpecPatch(format="int", bits=int(choice))
+    return SpecPatch(format=choice)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy budget measured against FP32 on the search images: ``delta_top1`` (max drop of top-1,
+    points), ``agreement`` (min top-1 agreement with FP32, %) or ``sqnr_db`` (min logit SQNR)."""
+
+    metric: str
+    value: float
+
+    @classmethod
+    def from_options(cls, delta_top1: float | None = None, agreement: float | None = None,
+                     sqnr_db: float | None = None) -> "Budget":
+        given = {k: v for k, v in (("delta_top1", delta_top1), ("agreement", agreement), ("sqnr_db", sqnr_db))
+                 if v is not None}
+        if len(given) != 1:
+            raise UserError(f"budget: give exactly one of {', '.join(BUDGET_METRICS.values())} "
+                            f"(got {', '.join(BUDGET_METRICS[k] for k in given) or 'none'})")
+        (k, v), = given.items()
+        opt = BUDGET_METRICS[k]
+        if not math.isfinite(v):
+            raise UserError(f"{opt}: must be a finite number, got {v}")
+        if k == "delta_top1" and not 0 <= v <= 100:
+            raise UserError(f"{opt}: the allowed top-1 drop is in points, 0..100; got {v}")
+        if k == "agreement" and not 0 < v <= 100:
+            raise UserError(f"{opt}: agreement with FP32 is a percentage in (0, 100]; got {v}")
+        return cls(k, float(v))
+
+    def ok(self, m: dict[str, Any]) -> bool:
+        if self.metric == "delta_top1":
+            if m.get("delta_top1") is None:
+                raise UserError("--budget-top1 needs labelled data (the search images have no labels)")
+            return m["delta_top1"] >= -self.value - 1e-9
+        if self.metric == "agreement":
+            return m["agreement"] >= self.value - 1e-9
+        return m["sqnr_db"] is None or m["sqnr_db"] >= self.value
+
+    def describe(self) -> str:
+        return {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
+                "sqnr_db": f"logit SQNR >= {self.value:g} dB"}[self.metric]
+
+
+class CostModel:
+    """Cost of a configuration. ``bits``: effective bits, the average bits per element over every
+    quantized weight (elements x bits) and activation (elements per image x bits), float = 32;
+    ``bops``: sum over Linear/Conv modules of MACs per image (forward hooks) x weight bits x input
+    bits, in GBOPs. A float tensor counts ``float_bits`` (16: deployed in FP16).
+
+    Choice ``fp16``: a cast acts during calibration too, so through ``quantcore ptq`` the ranges
+    downstream of it differ slightly from the statistics the search reuses; ``float`` (no quantizer)
+    reproduces exactly."""
+
+    def __init__(self, engine: Engine, kind: str = "bits") -> None:
+        if kind not in ("bits", "bops"):
+            raise UserError(f"cost: unknown cost model {kind!r} (bits or bops)")
+        self.kind, self.eng = kind, engine
+        self.numel = {}
+        for n in engine.active:
+            q = engine.qs[n]
+            self.numel[n] = engine.trace.numel_per_image.get(n, 0.0)
+
+    float_bits = 16.0  # a float (unquantized) tensor is deployed in FP16
+
+    def bits_of(self, spec: QuantSpec | None) -> float:
+        if spec is None:
+            return self.float_bits
+        return float(_FLOAT_BITS.get(spec.format, 16)) if spec.is_float else float(spec.bits)
+
+    def __call__(self, specs: dict[str, QuantSpec | None]) -> float:
+        if self.kind == "bits":
+            tot = sum(self.numel.values())
+            return sum(self.numel[n] * self.bits_of(specs.get(n)) for n in self.numel) / max(tot, 1)
+        total = 0.0
+        for mod, macs in self.eng.trace.macs.items():
+            w, a = specs.get(f"{mod}.weight_quantizer"), specs.get(f"{mod}.input_quantizer")
+            total += macs * self.bits_of(w) * self.bits_of(a)
+        return total / 1e9
+
+
+# -- the search ----------------------------------------------------------------------------------------
+def _pareto(points: list[dict[str, Any]], key: str, higher: bool) -> list[dict[str, Any]]:
+    pts = sorted(points, key=lambda p: (p["cost"], -p["score"] if higher else p["score"]))
+    front, best = [], -math.inf
+    for p in pts:
+        s = p["score"] if higher else -p["score"]
+        if s > best:
+            front.append(p)
+            best = s
+    return front
+
+
+def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: dict[str, dict[str, Any]], *,
+           groups: Any = "quantizer", choices: Sequence[str | int] = ("4", "6", "8", "float"), cost: str = "bits",
+           workers: int = 1, progress=None) -> dict[str, Any]:
+    """Cheapest per-group precision among ``choices`` that meets ``budget`` on ``batches``.
+
+    1. every group at the cheapest choice; 2. sensitivity: each group alone at the most precise choice
+    (the others cheapest), ordered by KL gain per unit of cost; 3. raise groups in that order to the
+    most precise choice until the budget is met; 4. try each raised group at every cheaper choice
+    (least sensitive first) and keep the cheapest that still meets it. Every step is an evaluation.
+
+    ``stats``: :func:`quantcore.api.calibration_state` of the calibration (ranges of every candidate
+    spec come from it). Returns ``config`` (group -> choice), ``specs`` (quantizer -> spec dict or
+    None = float), ``metrics`` and ``cost`` of the chosen configuration, ``met`` (budget met),
+    ``evaluated`` (every configuration tried: cost, metrics, ok) and ``pareto`` (its front), and
+    ``fraction_above_lowest`` (of the quantizers). Raises UserError naming the field on bad input."""
+    t0 = time.perf_counter()
+    ch = parse_choices(choices)
+    eng = batches if isinstance(batches, Engine) else Engine(model, batches)
+    grp = make_groups(eng, groups, field="search_groups")
+    bank = RangeBank(eng.model, stats)
+    costf = CostModel(eng, cost)
+    higher = True  # every budget metric is better when larger
+    score_key = budget.metric
+
+    def specs_of(cfg: dict[str, str]) -> dict[str, QuantSpec | None]:
+        out = {}
+        for g, members in grp.items():
+            patch = choice_patch(cfg[g])
+            for n in members:
+                out[n] = None if patch is None else patch.apply(eng.qs[n].spec)
+        return out
+
+    def engine_config(cfg: dict[str, str]) -> dict:
+        out = {}
+        for n, s in specs_of(cfg).items():
+            st = None if s is None else bank.get(n, s)
+            q = eng.qs[n]
+            if st is not None and st[0] == q.spec and torch.equal(st[1], q.amin) and torch.equal(st[2], q.amax):
+                continue  # the model's own state: lets the engine reuse the forward up to the first change
+            out[n] = st
+        return out
+
+    evaluated: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
+
+    def run(batch_cfgs: dict[str, dict[str, str]], step: str, par: int = 1) -> dict[str, dict[str, Any]]:
+        todo = {k: c for k, c in batch_cfgs.items() if tuple(sorted(c.items())) not in seen}
+        res = eng.evaluate({k: engine_config(c) for k, c in todo.items()}, workers=par) if todo else {}
+        out = {}
+        for k, c in batch_cfgs.items():
+            key = tuple(sorted(c.items()))
+            if key not in seen:
+                m = res[k]
+                rec = {"label": k, "step": step, "config": dict(c), "cost": costf(specs_of(c)), "metrics": m,
+                       "ok": budget.ok(m), "score": _score(m, score_key)}
+                seen[key] = rec
+                evaluated.append(rec)
+            out[k] = seen[key]
+        if progress:
+            progress(len(evaluated))
+        return out
+
+    low, top = ch[0], ch[-1]
+    cfg = {g: low for g in grp}
+    cur = run({"all-" + low: cfg}, "start")["all-" + low]
+    order: list[str] = []
+    if not cur["ok"] and len(ch) > 1:
+        sens = run({f"{g}={top}": {**cfg, g: top} for g in grp}, "sensitivity", workers)
+        gain = {g: (cur["metrics"]["kl"] - sens[f"{g}={top}"]["metrics"]["kl"])
+                / max(sens[f"{g}={top}"]["cost"] - cur["cost"], 1e-12) for g in grp}
+        order = sorted(grp, key=lambda g: -gain[g])
+        raised = []
+        for g in order:
+            cfg = {**cfg, g: top}
+            raised.append(g)
+            cur = run({f"raise {g}": cfg}, "raise")[f"raise {g}"]
+            if cur["ok"]:
+                break
+        if cur["ok"]:
+            for g in reversed(raised):
+                for c in ch[:-1]:
+                    trial = {**cfg, g: c}
+                    r = run({f"lower {g}={c}": trial}, "lower")[f"lower {g}={c}"]
+                    if r["ok"]:
+                        cfg, cur = trial, r
+                        break
+    ok = [e for e in evaluated if e["ok"]]
+    if ok:  # the cheapest verified configuration (an earlier step may have found a cheaper one)
+        best = min(ok, key=lambda e: (e["cost"], -e["score"]))
+        cfg, cur = dict(best["config"]), best
+    specs = specs_of(cfg)
+    n_above = sum(1 for g, members in grp.items() for _ in members if cfg[g] != low)
+    return {"budget": {"metric": budget.metric, "value": budget.value, "text": budget.describe()},
+            "choices": ch, "cost_model": cost, "group_by": groups if isinstance(groups, str) else list(groups),
+            "groups": grp, "config": cfg, "specs": {n: None if s is None else s.model_dump() for n, s in specs.items()},
+            "metrics": cur["metrics"], "cost": cur["cost"], "met": cur["ok"],
+            "fraction_above_lowest": n_above / max(len(specs), 1), "quantizers_above_lowest": n_above,
+            "order": order, "evaluated": evaluated, "pareto": _pareto(evaluated, score_key, higher),
+            "images": sum(x.shape[0] for x, _ in eng.batches), "seconds": time.perf_counter() - t0}
+
+
+def _score(m: dict[str, Any], key: str) -> float:
+    v = m.get(key)
+    if key == "sqnr_db" and v is None:
+        return math.inf
+    return -math.inf if v is None else float(v)
+
+
+# -- the result as a recipe ------------------------------------------------------------------------------
+def search_recipe(base: Recipe, model: nn.Module, result: dict[str, Any], name: str | None = None,
+                  checkpoint: str | None = None) -> Recipe:
+    """``base`` plus one override per group whose choice changes its quantizers' specs (``enabled:
+    false`` for 'float', else ``spec: {format, bits}``), matched by the group's owner module when it
+    holds exactly those quantizers, else by each quantizer name. ``checkpoint``: FP32 weights to
+    record as ``model.checkpoint``."""
+    qs = quantizers(model)
+    eng_like = type("E", (), {"qs": qs})()
+    overrides = list(base.overrides)
+    for g, members in result["groups"].items():
+        choice = result["config"][g]
+        patch = choice_patch(choice)
+        if patch is not None and all(patch.apply(qs[n].spec) == qs[n].spec for n in members):
+            continue  # already so in the base recipe
+        for match in group_matches(eng_like, members):
+            if patch is None:
+                # enabled: false, not float: true -- a removed attention quantizer lets its module run
+                # fused SDPA during calibration, and the ulp-level change moves ranges downstream of it
+                overrides.append(Override(match=match, enabled=False))
+            else:
+                fields = {"bits": patch.bits} if patch.format == "int" else {}
+                if patch.format != "int" or any(qs[n].spec.format != "int" for n in members):
+                    fields["format"] = patch.format
+                overrides.append(Override(match=match, spec=SpecPatch(**fields)))
+    d = base.model_dump(mode="json")
+    # exclude_unset keeps each override's meaning (an explicit float: false re-quantizes)
+    d["overrides"] = [o.model_dump(mode="json", exclude_unset=True) for o in overrides]
+    d["name"] = name or f"{base.name}_mp"
+    d["description"] = (f"{base.name} + mixed precision ({result['budget']['text']}, {result['cost_model']} "
+                        f"cost {result['cost']:.4g})")
+    if checkpoint and d.get("model") is not None:
+        d["model"].update(checkpoint=checkpoint, pretrained=False)
+    return Recipe.model_validate(d)
+
+
+def verify_recipe(recipe: Recipe, fp32: nn.Module, calib_batches: Iterable, eval_batches: Iterable,
+                  workers: int = 1) -> dict[str, Any]:
+    """Run ``recipe`` through the normal PTQ path (``api.prepare`` on a copy of ``fp32`` +
+    ``api.calibrate`` on ``calib_batches``) and return its metrics on ``eval_batches``."""
+    m = api.prepare(copy.deepcopy(fp32), recipe)
+    api.calibrate(m, calib_batches)
+    return Engine(m, eval_batches).evaluate({"m": {}}, workers=workers)["m"]

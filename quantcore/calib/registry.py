@@ -1,0 +1,123 @@
+"""Calibrators and their registry (``QuantSpec.calibrator`` / ``calibration.method`` name one).
+
+A calibrator is three things: the mergeable statistics it collects (:class:`HistogramState`, whose
+fixed power-of-two binning merges exactly across workers, or :class:`MaxState`), and how a range is
+computed from them. Collect = ``state.update(x)``; merge = ``state.merge(other)`` (both on the state
+classes, shared by every calibrator of a kind); compute = :meth:`Calibrator.compute_range`. Adding a
+calibrator is one module with a subclass plus one :func:`register_calibrator` call.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from ..registry import Registry
+from .histogram import DEFAULT_BINS, HistogramState
+from .maxcal import MaxState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..formats import QuantSpec
+
+Range = tuple[float, float]
+
+
+class Calibrator:
+    """Base class. ``statistics``: which state it reads; ``per_channel``: whether it can give
+    per-channel ranges (weights; activations are per tensor apart from ``max``)."""
+
+    name: str = ""
+    statistics: Literal["histogram", "max"] = "histogram"
+    per_channel: bool = False
+
+    def new_state(self, spec: "QuantSpec", bins: int = DEFAULT_BINS) -> HistogramState | MaxState:
+        """A fresh, empty collector for ``spec`` (``bins``: histogram resolution)."""
+        if self.statistics == "histogram" and spec.axis is None:
+            return HistogramState(bins)
+        return MaxState(spec.axis)
+
+    def compute_range(self, state: HistogramState, spec: "QuantSpec") -> Range:
+        """``(lo, hi)`` for ``spec`` from a non-empty histogram (symmetric specs: ``(-a, a)``)."""
+        raise NotImplementedError
+
+
+_CALIBRATORS: Registry[Calibrator] = Registry("calibrator")
+
+
+def register_calibrator(cal: Calibrator) -> Calibrator:
+    """Register ``cal`` under ``cal.name``; ``ValueError`` if another class holds that name."""
+    return _CALIBRATORS.register(cal)
+
+
+def calibrator(name: str) -> Calibrator:
+    """The calibrator registered as ``name``; ``ValueError`` listing the registered ones otherwise."""
+    return _CALIBRATORS.get(name)
+
+
+def calibrator_names() -> list[str]:
+    return _CALIBRATORS.names()
+
+
+# -- built-ins (the searches live in .search; imported lazily: search imports formats) -------------
+class MaxCalibrator(Calibrator):
+    """Observed min/max (per tensor or per channel)."""
+
+    name = "max"
+    statistics = "max"
+    per_channel = True
+
+    def compute_range(self, state, spec):
+        from .search import _max_range
+
+        return _max_range(state, spec)
+
+
+class PercentileCalibrator(Calibrator):
+    """The ``spec.percentile`` percentile of |x| (symmetric) or of each tail (asymmetric)."""
+
+    name = "percentile"
+
+    def compute_range(self, state, spec):
+        from .search import _percentile_range
+
+        return _percentile_range(state, spec)
+
+
+class MSECalibrator(Calibrator):
+    """Range minimizing the expected squared quantization error (rounding + clipping) on the
+    histogram; weights: the same on the tensor itself (:func:`.search.tensor_mse_range`)."""
+
+    name = "mse"
+    per_channel = True
+    gamma = 1.0
+
+    def compute_range(self, state, spec):
+        from .search import _mse_range
+
+        return _mse_range(state, spec, gamma=self.gamma)
+
+
+class TFEnhancedCalibrator(MSECalibrator):
+    """AIMET's tf_enhanced (SQNR) search: clipping noise weighted by ``TF_ENHANCED_GAMMA``."""
+
+    name = "tf_enhanced"
+    per_channel = False
+
+    @property
+    def gamma(self) -> float:  # type: ignore[override]
+        from .search import TF_ENHANCED_GAMMA
+
+        return TF_ENHANCED_GAMMA
+
+
+class EntropyCalibrator(Calibrator):
+    """TensorRT's / ModelOpt's KL-divergence threshold search."""
+
+    name = "entropy"
+
+    def compute_range(self, state, spec):
+        from .search import _entropy_range
+
+        return _entropy_range(state, spec)
+
+
+for _c in (MaxCalibrator, PercentileCalibrator, MSECalibrator, EntropyCalibrator, TFEnhancedCalibrator):
+    register_calibrator(_c())

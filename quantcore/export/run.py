@@ -1,0 +1,181 @@
+"""``quantcore export``: a checkpoint (PTQ or QAT ``model.qc.pt``, local or s3://) to deployment files.
+
+Writes into ``out`` (local directory or s3:// prefix):
+
+* ``model.onnx`` — QDQ ONNX (:mod:`.onnx_qdq`), checked with ``onnx.checker`` and run in onnxruntime;
+* ``model_float.onnx`` + ``model.encodings`` (AIMET/QNN 2.0.0, :mod:`.aimet`) + ``tensor_map.json``
+  (quantizer -> tensor name) for ``aimet``;
+* ``model_float.onnx`` + ``trt_ranges.json`` + ``trt_ranges.cache`` for ``trt-table`` (:mod:`.trt_table`);
+* ``export_report.json`` — checker result, opset, every quantizer's nodes and ONNX type, the quantizers
+  TensorRT's explicit quantization does not run natively, onnxruntime vs fake-quant agreement on the
+  example input and, with ``check_data``, top-1 / agreement on real images.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .aimet import encodings_v2
+from .onnx_qdq import (ExportError, OnnxExport, check_model, export_onnx, float_graph, ort_session)
+from .trt_table import calibration_cache, range_table
+
+FORMATS = ("onnx", "aimet", "trt-table")
+#: onnxruntime settings the agreement check runs under: every fusion and integer kernel, less the two
+#: rewrites that change values (:data:`~quantcore.export.onnx_qdq.VALUE_CHANGING_REWRITES`).
+CHECK_OPTIMIZATION = "all-exact"
+
+
+def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, one format or a comma-separated list -> formats; :class:`ExportError` naming ``--format``."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [i.strip() for i in items if i.strip()]
+    if items == ["all"]:
+        return FORMATS
+    bad = [i for i in items if i not in FORMATS]
+    if bad or not items:
+        raise ExportError(f"--format: {bad or value!r} not one of {list(FORMATS)} or 'all'")
+    return tuple(dict.fromkeys(items))
+
+
+def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A seeded float input of the shape the model was calibrated with (stored in the checkpoint)."""
+    placement = getattr(model, "quantcore_placement", None)
+    shape = list(getattr(placement, "example_input_shape", []) or [])
+    if len(shape) < 2:
+        raise ExportError("the checkpoint stores no example input shape; pass example_input= to quantcore.api.export")
+    return torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0))
+
+
+@dataclass
+class CheckData:
+    """Images to check the ONNX model against the fake-quant model on: a dataset URI, split and an
+    optional seeded class-stratified limit (``quantcore.data.limit_subset``)."""
+
+    uri: str
+    split: str = "test"
+    limit: Optional[int] = None
+    batch_size: int = 250
+
+
+def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    from ..data import eval_transform, limit_subset, make_loader, open_dataset
+
+    ds = open_dataset(check.uri, check.split, eval_transform(model))
+    idx, subset = limit_subset(ds, check.limit)
+    xs, ys = [], []
+    for x, y, _ in make_loader(ds, check.batch_size, num_workers=0, indices=idx):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys), subset
+
+
+@torch.no_grad()
+def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+            batch_size: int = 250, optimization: str = "all", threads: int = 1) -> dict[str, Any]:
+    """onnxruntime (CPU) vs ``model`` (fake quant, CPU, float32) on ``x`` ``(N, C, H, W)``: top-1 agreement
+    (%), max |logit difference|, and with labels ``y`` both top-1 accuracies (%) and their difference
+    (points)."""
+    from ..placement import unwrap
+    from .onnx_qdq import _Logits
+
+    sess = ort_session(onnx_bytes, threads=threads, optimization=optimization)
+    ref_model = _Logits(unwrap(model)).eval()
+    p_ort, p_ref, maxdiff = [], [], 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].float()
+        a = sess.run(["logits"], {"input": xb.numpy()})[0]
+        b = ref_model(xb).float().numpy()
+        maxdiff = max(maxdiff, float(np.abs(a - b).max()))
+        p_ort.append(a.argmax(1))
+        p_ref.append(b.argmax(1))
+    po, pr = np.concatenate(p_ort), np.concatenate(p_ref)
+    res: dict[str, Any] = {"images": int(len(x)), "optimization": optimization,
+                           "top1_agreement": float(100.0 * (po == pr).mean()), "max_abs_logit_diff": maxdiff}
+    if y is not None:
+        yy = y.numpy()
+        res["top1_onnx"] = float(100.0 * (po == yy).mean())
+        res["top1_fake_quant"] = float(100.0 * (pr == yy).mean())
+        res["top1_delta"] = res["top1_onnx"] - res["top1_fake_quant"]
+    return res
+
+
+def _write(out: str, name: str, data: bytes | str) -> str:
+    from ..io import storage
+
+    uri = out.rstrip("/") + "/" + name
+    storage.write_bytes(uri, data.encode() if isinstance(data, str) else data)  # creates local parents
+    return uri
+
+
+def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, opset: Optional[int] = None,
+                 check: Optional[CheckData] = None, x: Optional[torch.Tensor] = None,
+                 source: Optional[str] = None) -> dict[str, Any]:
+    """Export a prepared, calibrated ``model`` to ``out`` (see the module docstring); returns the report
+    (also written as ``export_report.json``). Raises :class:`ExportError` (a UserError) naming the
+    quantizer or option that cannot be exported."""
+    t0 = time.perf_counter()
+    formats = parse_formats(formats)
+    x = example_input(model) if x is None else x
+    ex: OnnxExport = export_onnx(model, x, opset=opset)
+    report: dict[str, Any] = {"source": source, "formats": list(formats), "opset": ex.opset,
+                              "checker": check_model(ex.model), "files": {}}
+    recipe = getattr(model, "quantcore_recipe", None)
+    if recipe is not None:
+        report["recipe"] = recipe.name
+    onnx_bytes = ex.to_bytes()
+    report["smoke"] = compare(model, onnx_bytes, torch.cat([x, example_input(model, 3)[1:]]),
+                              optimization=CHECK_OPTIMIZATION)
+    report["quantizers"] = {name: {"op": p.op, "type": p.dtype, "axis": p.axis, "kind": p.kind,
+                                   "nodes": ex.graph[name]["nodes"], "trt_native": p.trt_native(),
+                                   **({"notes": p.notes} if p.notes else {})}
+                            for name, p in ex.plans.items()}
+    from ..placement import quantizers, unwrap
+
+    inactive = [n for n, q in quantizers(unwrap(model)).items() if n not in ex.plans]
+    report["inactive_quantizers"] = inactive  # disabled / off / uncalibrated: no node (the tensor stays float)
+    report["not_trt_native"] = [n for n, p in ex.plans.items() if not p.trt_native()]
+    if "onnx" in formats:
+        report["files"]["onnx"] = _write(out, "model.onnx", onnx_bytes)
+    if "aimet" in formats or "trt-table" in formats:
+        fproto, tensor_map = float_graph(ex.model)
+        check_model(fproto)
+        report["files"]["float_onnx"] = _write(out, "model_float.onnx", fproto.SerializeToString())
+        report["files"]["tensor_map"] = _write(out, "tensor_map.json", json.dumps(tensor_map, indent=1))
+        if "aimet" in formats:
+            doc = encodings_v2(ex.plans, tensor_map)
+            report["files"]["aimet"] = _write(out, "model.encodings", json.dumps(doc, indent=1))
+        if "trt-table" in formats:
+            table = range_table(ex.plans, tensor_map)
+            report["files"]["trt_ranges"] = _write(out, "trt_ranges.json", json.dumps(table, indent=1))
+            report["files"]["trt_cache"] = _write(out, "trt_ranges.cache", calibration_cache(table))
+            report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
+                                   "widened": [r["quantizer"] for r in table["tensors"].values() if not r["exact"]]}
+    if check is not None:
+        xs, ys, subset = _load_check_images(model, check)
+        report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),
+                           **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
+        # onnxruntime's defaults (with the value-changing rewrites), for the record
+        report["check_ort_default"] = compare(model, onnx_bytes, xs, ys, check.batch_size, optimization="all")
+    report["wall_s"] = time.perf_counter() - t0
+    report["files"]["report"] = out.rstrip("/") + "/export_report.json"
+    _write(out, "export_report.json", json.dumps(report, indent=1, default=str))
+    return report
+
+
+def export_checkpoint(checkpoint: str, out: str, formats: str | Sequence[str] = "all", opset: Optional[int] = None,
+                      check: Optional[CheckData] = None) -> dict[str, Any]:
+    """:func:`export_model` on ``quantcore.api.load(checkpoint)`` (PTQ or QAT, local or s3://)."""
+    from ..api import load
+
+    parse_formats(formats)  # bad --format fails before the checkpoint is read
+    model = load(checkpoint)
+    return export_model(model, out, formats, opset, check, source=checkpoint)
+
+
+__all__ = ["FORMATS", "CheckData", "compare", "example_input", "export_checkpoint", "export_model", "parse_formats"]

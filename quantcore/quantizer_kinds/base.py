@@ -1,0 +1,108 @@
+"""Quantizer kinds: what a :class:`~quantcore.quantizer.TensorQuantizer` does with a calibrated range.
+
+A kind is registered under one or more ``QuantSpec.format`` names. The TensorQuantizer module keeps
+what every kind shares (the range buffers, the mergeable calibration collector, the calibrate /
+quantize switches, state_dict handling); the kind supplies the grid: how the range is searched, how a
+tensor is fake-quantized, which spec fields apply, and what ``encodings.json`` records. Adding a kind
+is one module with a subclass plus one :func:`register_quantizer_kind` call (see
+``quantcore/quantizer_kinds/affine.py`` and ``floatcast.py`` for the built-ins).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover - typing only (formats imports this package)
+    import torch
+
+    from ..calib.histogram import HistogramState
+    from ..formats import QuantSpec
+    from ..quantizer import TensorQuantizer
+
+Range = tuple[float, float]
+
+
+class QuantizerKind:
+    """Base of every quantizer kind. Subclasses override what differs from a uniform integer grid.
+
+    Class attributes:
+        is_float: a cast round-trip (FP16/BF16/FP8): no range, never calibrated.
+        supports_learnable: QAT may learn this kind's range (LSQ-style scale/zero point).
+        supports_per_channel: per-channel (``axis``) ranges are meaningful.
+        supports_asymmetric: ``symmetric: false`` is meaningful.
+        calibrators: the calibrator names this kind accepts (``None``: every registered one).
+    """
+
+    name: str = ""
+    is_float: bool = False
+    supports_learnable: bool = False
+    supports_per_channel: bool = True
+    supports_asymmetric: bool = True
+    calibrators: tuple[str, ...] | None = None
+
+    def validate(self, spec: "QuantSpec") -> None:
+        """Raise ``ValueError`` (naming the spec field) for a combination this kind cannot do."""
+        if self.is_float:
+            return
+        if spec.axis is not None and not self.supports_per_channel:
+            raise ValueError(f"format {spec.format!r} has per-tensor ranges only (remove axis/per_channel)")
+        if not spec.symmetric and not self.supports_asymmetric:
+            raise ValueError(f"format {spec.format!r} does not take symmetric: false")
+        if spec.learnable and not self.supports_learnable:
+            raise ValueError(f"format {spec.format!r} has no learnable (QAT) range")
+        if self.calibrators is not None and spec.calibrator not in self.calibrators:
+            raise ValueError(f"format {spec.format!r} takes calibrator one of {list(self.calibrators)}, "
+                             f"not {spec.calibrator!r}")
+
+    def qrange(self, spec: "QuantSpec") -> tuple[int, int]:
+        """Integer code range ``(quant_min, quant_max)`` of the grid."""
+        if spec.symmetric:
+            top = 2 ** (spec.bits - 1) - 1
+            return (-top if spec.narrow_range else -top - 1), top
+        return 0, 2**spec.bits - 1
+
+    def compute_range(self, state: "HistogramState", spec: "QuantSpec") -> Range:
+        """Range ``(lo, hi)`` from a histogram, by the spec's calibrator. Kinds whose grid is not
+        uniform override this to search for their own grid's error (the calibrators' searches model a
+        uniform grid)."""
+        from ..calib import calibrator
+
+        return calibrator(spec.calibrator).compute_range(state, spec)
+
+    def tensor_range(self, x: "torch.Tensor", spec: "QuantSpec"):
+        """One-shot range of a tensor the quantizer sees whole (weights): ``(lo, hi)`` tensors of shape
+        ``()`` or ``(C,)``, or ``None`` to use the calibrator's statistics of ``x``. Default: the MSE
+        search on the tensor itself for calibrator ``mse`` (uniform grid)."""
+        if spec.calibrator == "mse":
+            from ..calib.search import tensor_mse_range
+
+            return tensor_mse_range(x, spec)
+        return None
+
+    def fake_quant(self, quantizer: "TensorQuantizer", x: "torch.Tensor") -> "torch.Tensor":
+        """Quantize-dequantize ``x`` (float32, any shape) with ``quantizer``'s range; differentiable
+        (straight-through) where QAT needs it. Returns a float32 tensor shaped like ``x``."""
+        raise NotImplementedError
+
+    def encoding(self, quantizer: "TensorQuantizer") -> dict[str, Any]:
+        """Kind-specific fields of this quantizer's ``encodings.json`` row (a calibrated one)."""
+        return {}
+
+
+_KINDS: Registry[QuantizerKind] = Registry("quantizer format")
+
+
+def register_quantizer_kind(kind: QuantizerKind, *names: str) -> QuantizerKind:
+    """Register ``kind`` under ``names`` (default: ``kind.name``), the ``QuantSpec.format`` values
+    that select it. Raises ``ValueError`` if a name is taken by another kind."""
+    return _KINDS.register(kind, *names)
+
+
+def quantizer_kind(name: str) -> QuantizerKind:
+    """The kind registered for format ``name``; ``ValueError`` listing the registered ones otherwise."""
+    return _KINDS.get(name)
+
+
+def quantizer_kind_names() -> list[str]:
+    return _KINDS.names()

@@ -1,0 +1,214 @@
+"""quantcore.analysis against independent references: brute-force fake quantization, direct forwards
+of the full model, recipes with overrides run through prepare + calibrate."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from quantcore import api
+from quantcore.analysis import Budget, Engine, LogitStats, error_analysis, make_groups, parse_choices, search
+from quantcore.analysis import search_recipe, sensitivity, verify_recipe
+from quantcore.config import Override
+from quantcore.demo import FMNIST_DIR, load_fashion_mnist
+from quantcore.errors import UserError
+from quantcore.models import vit_fmnist
+from quantcore.placement import quantizers
+from quantcore.recipe import dump_recipe, load_recipe
+
+pytestmark = pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST not installed")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is fastest on a shared machine
+    torch.manual_seed(0)
+    data = load_fashion_mnist()
+
+    def tensors(split, n, start=0):
+        x, y = data[split]
+        x = torch.from_numpy(x[start:start + n].copy()).float().div(255).unsqueeze(1)
+        return (x - 0.2860) / 0.3530, torch.from_numpy(y[start:start + n].astype("int64"))
+
+    xc, yc = tensors("train", 256)
+    xe, ye = tensors("test", 256)
+    calib = [(xc[i:i + 64], yc[i:i + 64]) for i in range(0, 256, 64)]
+    evalb = [(xe[i:i + 128], ye[i:i + 128]) for i in range(0, 256, 128)]
+    fp32 = vit_fmnist().eval()
+    base = load_recipe("fmnist_w4a4_ft1")
+    # percentile/max ranges: the cheap calibrators keep the test fast (the search recomputes ranges)
+    recipe = base.model_copy(update={"qat": None, "train": None, "calibration": base.calibration.model_copy(
+        update={"method": "percentile", "weights_method": "max"})})
+    model = api.prepare(copy.deepcopy(fp32), recipe)
+    api.calibrate(model, calib)
+    yield fp32, recipe, model, calib, evalb
+    torch.set_num_threads(threads)
+
+
+def _direct_stats(model, batches, quantized=True):
+    """LogitStats from plain full forwards: quantization on vs. api.quantization_disabled."""
+    st = LogitStats()
+    with torch.no_grad():
+        for x, y in batches:
+            with api.quantization_disabled(model):
+                ref = model(x)
+            api.set_quantization(model, quantized)
+            st.update(model(x), ref, y)
+            api.set_quantization(model, True)
+    return st.metrics()
+
+
+def _capture_input(module, model, x, quantized):
+    got = []
+    h = module.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            if quantized:
+                model(x)
+            else:
+                with api.quantization_disabled(model):
+                    model(x)
+    finally:
+        h.remove()
+    return got[0]
+
+
+def _brute_sqnr(x, q):
+    """Fake-quantize x by hand with torch's reference op and the quantizer's scale/zero point."""
+    scale, zp = q.scale_zero_point()
+    qmin, qmax = q.spec.qrange()
+    y = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
+    return 10 * math.log10(float((x.double() ** 2).sum()) / float(((y - x).double() ** 2).sum())), y
+
+
+def test_isolated_tensor_sqnr_equals_brute_force(setup):
+    fp32, recipe, model, calib, evalb = setup
+    name = "blocks.1.mlp.fc2.input_quantizer"
+    q = quantizers(model)[name]
+    res = error_analysis(model, evalb[:1], logits=False)
+    x = _capture_input(model.get_submodule("blocks.1.mlp.fc2"), model, evalb[0][0], quantized=False)
+    ref, _ = _brute_sqnr(x, q)
+    assert res["quantizers"][name]["isolated"]["sqnr_db"] == pytest.approx(ref, abs=1e-3)
+    assert res["order"][0] == "blocks.0.attn.qkv.input_quantizer"
+    # a weight: quantized per channel by hand
+    wq = quantizers(model)["blocks.0.mlp.fc1.weight_quantizer"]
+    w = model.blocks[0].mlp.fc1.weight.detach()
+    scale, zp = wq.scale_zero_point()
+    qmin, qmax = wq.spec.qrange()
+    yw = torch.fake_quantize_per_channel_affine(w, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax)
+    refw = 10 * math.log10(float((w.double() ** 2).sum()) / float(((yw - w).double() ** 2).sum()))
+    assert res["quantizers"]["blocks.0.mlp.fc1.weight_quantizer"]["isolated"]["sqnr_db"] == pytest.approx(refw, abs=1e-6)
+
+
+def test_cumulative_all_equals_full_quantized_model(setup):
+    fp32, recipe, model, calib, evalb = setup
+    res = error_analysis(model, evalb, groups="block")
+    last = list(res["groups"])[-1]
+    direct = _direct_stats(model, evalb)
+    assert res["groups"][last]["cumulative"] == direct
+    assert res["model"] == direct
+    # the cumulative tensor SQNR at the last quantizer's input: quantized model vs float twin
+    name = "blocks.3.mlp.fc2.input_quantizer"
+    q = quantizers(model)[name]
+    out = []
+    h = q.register_forward_hook(lambda m, a, o: out.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(evalb[0][0])
+    finally:
+        h.remove()
+    one = error_analysis(model, evalb[:1], logits=False)
+    xf = _capture_input(model.get_submodule("blocks.3.mlp.fc2"), model, evalb[0][0], quantized=False)
+    ref = 10 * math.log10(float((xf.double() ** 2).sum()) / float(((out[0] - xf).double() ** 2).sum()))
+    assert one["quantizers"][name]["cumulative"]["sqnr_db"] == pytest.approx(ref, abs=1e-3)
+    # isolated logits of one quantizer = a full forward with only it switched on
+    g = "blocks.2.mlp.fc1.input_quantizer"
+    iso = error_analysis(model, evalb, groups=[g])["groups"][g]["isolated"]
+    for n, qq in quantizers(model).items():
+        qq.quantize = n == g
+    try:
+        st = LogitStats()
+        with torch.no_grad():
+            for x, y in evalb:
+                with api.quantization_disabled(model):
+                    ref = model(x)
+                st.update(model(x), ref, y)
+    finally:
+        api.set_quantization(model, True)
+    assert iso == st.metrics()
+
+
+def test_alone_float_equals_override(setup):
+    fp32, recipe, model, calib, evalb = setup
+    sens = sensitivity(model, evalb, groups=["blocks.*.mlp.fc1"])
+    err = error_analysis(model, evalb, groups=["blocks.*.mlp.fc1"])
+    assert sensitivity(model, evalb, groups=["blocks.*.mlp.fc1"], errors=err)["groups"] == sens["groups"]
+    got = sens["groups"]["blocks.*.mlp.fc1"]["alone_float"]
+    r2 = recipe.model_copy(update={"overrides": list(recipe.overrides) + [
+        Override(match="blocks.*.mlp.fc1", float=True)]})
+    m2 = api.prepare(copy.deepcopy(fp32), r2)
+    api.calibrate(m2, calib)
+    st = LogitStats()
+    with torch.no_grad():
+        for x, y in evalb:
+            st.update(m2(x), fp32(x), y)
+    assert got == st.metrics()
+    assert sens["model"] == _direct_stats(model, evalb)
+
+
+def test_search_recipe_reproduces_its_figure(setup, tmp_path):
+    fp32, recipe, model, calib, evalb = setup
+    stats = api.calibration_state(model)
+    budget = Budget.from_options(agreement=99.0)
+    res = search(model, evalb, budget, stats, groups="block", choices=("4", "8", "float"))
+    assert res["evaluated"] and res["pareto"]
+    rec = search_recipe(recipe, model, res)
+    path = tmp_path / "search_recipe.yaml"
+    path.write_text(dump_recipe(rec))
+    again = verify_recipe(load_recipe(str(path)), fp32, calib, evalb)
+    assert again == res["metrics"]
+    assert res["met"] == budget.ok(again)
+    # the cost of every evaluated configuration is ordered as the bits say
+    lo = next(e for e in res["evaluated"] if e["step"] == "start")
+    assert all(e["cost"] >= lo["cost"] for e in res["evaluated"])
+
+
+def test_user_errors_name_the_field(setup):
+    fp32, recipe, model, calib, evalb = setup
+    eng = Engine(model, evalb[:1])
+    with pytest.raises(UserError, match="groups.*blocks.9.mlp"):
+        make_groups(eng, ["blocks.9.mlp"])
+    with pytest.raises(UserError, match="groups: unknown grouping"):
+        make_groups(eng, "layer")
+    with pytest.raises(UserError, match="--budget-top1"):
+        Budget.from_options(delta_top1=-0.5)
+    with pytest.raises(UserError, match="--budget-agreement"):
+        Budget.from_options(agreement=120)
+    with pytest.raises(UserError, match="exactly one"):
+        Budget.from_options(delta_top1=0.1, sqnr_db=20)
+    with pytest.raises(UserError, match="choices"):
+        parse_choices(["4", "int3"])
+    from quantcore.cli import main
+
+    assert main(["analyze", "-c", "/nonexistent.qc.pt", "-d", "x", "-o", "y", "--search", "--budget-top1", "-1"]) == 2
+
+
+@pytest.mark.parametrize("patch", [{"placement": {"reparam_layernorm": True}},
+                                   {"reconstruction": {"iterations": 10}}])
+def test_search_refuses_recipes_with_calibration_time_weight_changes(patch):
+    """The search reuses one set of statistics per candidate: reparam/reconstruction can't be redone -> error."""
+    import quantcore
+    from quantcore import api as qapi
+
+    rec = quantcore.load_recipe({"name": "r", "model": {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 1}},
+                                 **patch})
+    torch.manual_seed(0)
+    model = qapi.prepare(qapi.build_model(rec, load_weights=False), rec)
+    field = "reparam_layernorm" if "placement" in patch else "reconstruction"
+    with pytest.raises(quantcore.UserError, match=f"--search.*{field}"):
+        qapi.analyze(model, [(torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))], search=True,
+                     budget={"delta_top1": 0.1})

@@ -1,0 +1,359 @@
+"""quantcore export: ONNX QDQ graphs checked by onnx.checker and run in onnxruntime against quantcore's own
+fake-quant model (real Fashion-MNIST images, the model zoo), AIMET 2.0.0 encodings round trips checked
+against torch's fake-quant kernels, the TensorRT range table, and the CLI."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from quantcore import api  # noqa: E402
+from quantcore.demo import FMNIST_DIR, load_fashion_mnist  # noqa: E402
+from quantcore.export import ExportError, check_model, export_onnx, float_graph, graph_quantizers, ort_session  # noqa: E402
+from quantcore.export.aimet import encodings_v2, load_encodings  # noqa: E402
+from quantcore.export.run import CheckData, compare, export_checkpoint  # noqa: E402
+from quantcore.export.trt_table import range_table, read_calibration_cache, calibration_cache  # noqa: E402
+from quantcore.placement import quantizers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+HAVE_FMNIST = (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed")
+ONNX_DTYPE = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    data = load_fashion_mnist()
+
+    def tensors(split, n, start=0):
+        x, y = data[split]
+        x = torch.from_numpy(x[start:start + n].copy()).float().div(255).unsqueeze(1)
+        return (x - 0.2860) / 0.3530, torch.from_numpy(y[start:start + n].astype("int64"))
+
+    return tensors("train", 256), tensors("test", 512)
+
+
+def _tiny_fmnist(recipe_name: str, calib, **quant):
+    """The demo ViT (2 blocks, random weights) prepared with a demo recipe and calibrated on real images."""
+    from quantcore.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    data = recipe.model_dump(mode="json")
+    data["model"]["kwargs"] = {"depth": 2}
+    data["calibration"]["num_batches"] = 4
+    if quant:
+        for k, v in quant.items():
+            data["quant"][k].update(v)
+    torch.manual_seed(0)
+    model = api.build_model(data, load_weights=False)
+    api.prepare(model, data)
+    x, y = calib
+    api.calibrate(model, [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
+    return model
+
+
+def _initializers(proto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _assert_rows_in_graph(rows, proto):
+    """Every encodings.json row: its Q/DQ (or Cast) nodes named after it, its ONNX type and its scale /
+    zero point as the named initializers."""
+    found = graph_quantizers(proto)
+    inits = {i.name: i for i in proto.graph.initializer}
+    arrays = _initializers(proto)
+    checked = 0
+    for row in rows:
+        name = row["name"]
+        if not row["enabled"] or row.get("calibrated") is False:
+            assert name not in found
+            continue
+        assert name in found, f"{name} has no node in the graph"
+        rec = found[name]
+        if row["format"] in ("fp16", "bf16"):
+            assert rec["op"] == "cast" and rec["nodes"][:2] == [f"{name}/Cast_to", f"{name}/Cast_back"]
+            continue
+        assert f"{name}/QuantizeLinear" in rec["nodes"] and f"{name}/DequantizeLinear" in rec["nodes"]
+        signed = row["quant_min"] < 0
+        want = {(8, True): "INT8", (8, False): "UINT8", (4, True): "INT4", (4, False): "UINT4"}[(row["bits"], signed)]
+        assert ONNX_DTYPE[inits[f"{name}.zero_point"].data_type] == want
+        np.testing.assert_allclose(arrays[f"{name}.scale"].reshape(-1), np.asarray(row["scale"], np.float32).reshape(-1),
+                                   rtol=1e-6)
+        assert arrays[f"{name}.zero_point"].reshape(-1).tolist() == np.asarray(row["zero_point"]).reshape(-1).tolist()
+        if row["axis"] is not None:
+            q = next(n for n in proto.graph.node if n.name == f"{name}/QuantizeLinear")
+            assert next(a.i for a in q.attribute if a.name == "axis") == 0  # output channel of the weight
+        checked += 1
+    return checked
+
+
+# -- the demo ViT on real images ---------------------------------------------------------------------------
+@needs_fmnist
+@pytest.mark.parametrize("recipe,opset", [("fmnist_w8a8_ft2", 17), ("fmnist_w8a8_ft1", 17), ("fmnist_w4a4_ft1", 21)])
+def test_every_quantizer_of_encodings_json_is_a_named_qdq_pair_and_onnxruntime_agrees(fmnist, recipe, opset):
+    model = _tiny_fmnist(recipe, fmnist[0])
+    xe, ye = fmnist[1]
+    ex = export_onnx(model, xe[:1])
+    assert ex.opset == opset
+    check_model(ex.model)
+    rows = api.encodings(model)["quantizers"]
+    # ft2: 17 per block (3 weighted ops x 3 + fc2 x 3 + 5 attention) incl. GEMM outputs; all must be there
+    assert _assert_rows_in_graph(rows, ex.model) == len(rows) == len(quantizers(model))
+    attn = [r["name"] for r in rows if r["name"].endswith(("q_quantizer", "k_quantizer", "v_quantizer",
+                                                           "softmax_input_quantizer", "attn_quantizer"))]
+    assert len(attn) >= 8  # both attention matmuls' operands (and the softmax) of both blocks
+    res = compare(model, ex.to_bytes(), xe, ye, optimization="all-exact")
+    assert res["top1_agreement"] >= 99.8 and abs(res["top1_delta"]) <= 0.2
+    # Without onnxruntime's fusions the graph is the fake-quant arithmetic itself
+    exact = compare(model, ex.to_bytes(), xe[:64], optimization="disable")
+    assert exact["top1_agreement"] == 100.0 and exact["max_abs_logit_diff"] < 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained_demo(tmp_path_factory):
+    """The demo pipeline on a freshly trained demo ViT (2 epochs: ~87% top-1, real activation
+    statistics): packed Fashion-MNIST, PTQ of the three demo recipes -> ``(store, {recipe: ckpt dir})``."""
+    from quantcore.config import TrainConfig
+    from quantcore.demo import DEMO_RECIPES, pack_fashion_mnist, train_fp32
+    from quantcore.pipeline import DataSpec, RunOptions, ptq
+    from quantcore.recipe import load_recipe
+
+    store = tmp_path_factory.mktemp("demo")
+    data = str(store / "fashion-mnist")
+    pack_fashion_mnist(data, log=lambda m: None)
+    weights = str(store / "vit_fmnist.pt")
+    train_fp32(data, weights, TrainConfig(epochs=2), log=lambda m: None)
+    ptq([load_recipe(n) for n in DEMO_RECIPES], DataSpec(data, "train"), DataSpec(data, "test", limit=500),
+        str(store / "runs"), RunOptions(batch_size=500, num_workers=0, device="cpu", progress=False, checkpoint=weights))
+    return data, {n: store / "runs" / n for n in DEMO_RECIPES}
+
+
+@needs_fmnist
+@pytest.mark.parametrize("recipe", ["fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1"])
+def test_trained_demo_checkpoints_on_the_whole_test_set(trained_demo, recipe, tmp_path):
+    """The acceptance: all 10,000 Fashion-MNIST test images, ONNX (onnxruntime, every fusion and integer
+    kernel that keeps values) vs the checkpoint's fake-quant model, on a trained demo ViT."""
+    data, runs = trained_demo
+    ck = runs[recipe] / "model.qc.pt"
+    rep = export_checkpoint(str(ck), str(tmp_path), "onnx", check=CheckData(data, "test"))
+    c = rep["check"]
+    assert c["images"] == 10000 and "subset" not in c
+    assert c["top1_agreement"] >= 99.9 and abs(c["top1_delta"]) <= 0.1
+    rows = json.loads((ck.parent / "encodings.json").read_text())["quantizers"]
+    assert _assert_rows_in_graph(rows, onnx.load(str(tmp_path / "model.onnx"))) == len(rows)
+
+
+# -- the model zoo --------------------------------------------------------------------------------------------
+ZOO_EXPORT = ["timm:vit_tiny_patch16_224", "timm:deit_tiny_distilled_patch16_224", "timm:coat_lite_tiny",
+              "timm:mobilevit_xxs", "timm:resnet18", "torchvision:resnext50_32x4d", "torchvision:vit (MultiheadAttention)",
+              "hf:ViTForImageClassification (sdpa)", "hf:ViTForImageClassification (eager)",
+              "hf:MobileViTForImageClassification", "hf:SwinForImageClassification"]
+
+
+@pytest.mark.parametrize("name", ZOO_EXPORT)
+def test_zoo_family_exports_and_runs(name):
+    entry = next(e for e in zoo.ZOO if e.name == name)
+    model = zoo.build(entry)
+    calib, held = zoo.images(4, entry.size, seed=0), zoo.images(4, entry.size, seed=1)
+    api.prepare(model, zoo.recipe_for("max"), example_input=calib[:2])
+    api.calibrate(model, [(calib, None)])
+    ex = export_onnx(model, held[:1])
+    check_model(ex.model)
+    active = {n for n, q in quantizers(model).items() if q.active}
+    assert active == set(graph_quantizers(ex.model))
+    for mod in model.quantcore_placement.attention:  # attention quantizers where quantcore applies them
+        assert {f"{mod}.q_quantizer", f"{mod}.k_quantizer", f"{mod}.v_quantizer", f"{mod}.attn_quantizer"} <= active
+    with torch.no_grad():
+        fq = zoo.logits(model(held))
+        nudged = zoo.logits(model(held + 1e-5 * torch.randn(held.shape, generator=torch.Generator().manual_seed(2))))
+    out = torch.from_numpy(ort_session(ex.to_bytes(), optimization="all-exact").run(None, {"input": held.numpy()})[0])
+    # onnxruntime's float ops differ from torch's in the last bits, which moves a value across a rounding tie
+    # now and then (x / s in QuantizeLinear vs x * (1/s) in torch too). Most models then agree to > 100 dB;
+    # some random-weight ones (CoaT, MobileViT) are chaotic at the grid: a 1e-5 input nudge alone moves
+    # their fake-quant logits to ~25 dB. ONNX must be as close as that nudge, or 60 dB.
+    assert zoo.sqnr_db(fq, out) >= min(60.0, zoo.sqnr_db(fq, nudged) - 3.0)
+
+
+def test_fp16_quantizers_are_cast_pairs():
+    entry = next(e for e in zoo.ZOO if e.name == "timm:vit_tiny_patch16_224")
+    model = zoo.build(entry)
+    x = zoo.images(2, entry.size)
+    recipe = zoo.recipe_for("max")
+    recipe["quant"] = {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}}
+    api.prepare(model, recipe, example_input=x)
+    ex = export_onnx(model, x[:1])
+    check_model(ex.model)
+    rows = api.encodings(model)["quantizers"]
+    assert _assert_rows_in_graph(rows, ex.model) == 0 and set(graph_quantizers(ex.model)) == {r["name"] for r in rows}
+    with torch.no_grad():
+        fq = model(x)
+    out = ort_session(ex.to_bytes()).run(None, {"input": x.numpy()})[0]
+    assert zoo.sqnr_db(fq, torch.from_numpy(out)) > 60
+
+
+# -- what cannot be exported ------------------------------------------------------------------------------------
+@needs_fmnist
+def test_refusals_name_the_quantizer_or_option(fmnist):
+    log2 = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0])
+    qname = "blocks.0.attn.attn_quantizer"
+    q = quantizers(log2)[qname]
+    q.set_spec(q.spec.model_copy(update={"format": "log2", "calibrator": "max"}))
+    q.set_range(0.0, 1.0)
+    with pytest.raises(ExportError, match=rf"quantizer {qname}: format 'log2'"):
+        export_onnx(log2, fmnist[1][0][:1])
+    six = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0], activations={"bits": 6})
+    with pytest.raises(ExportError, match=r"quantizer blocks\.0\.attn\.qkv\.input_quantizer: 6-bit"):
+        export_onnx(six, fmnist[1][0][:1])
+    w4 = _tiny_fmnist("fmnist_w4a4_ft1", fmnist[0])
+    with pytest.raises(ExportError, match=r"--opset 17: quantizer .* is INT4"):
+        export_onnx(w4, fmnist[1][0][:1], opset=17)
+    with pytest.raises(ExportError, match=r"--opset: 25"):
+        export_onnx(w4, fmnist[1][0][:1], opset=25)
+
+
+@needs_fmnist
+def test_qat_learnable_ranges_are_converted_on_a_copy(fmnist):
+    model = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0])
+    for q in quantizers(model).values():
+        if q.active:
+            q.make_learnable()
+    with torch.no_grad():
+        for q in quantizers(model).values():
+            if q.scale is not None:
+                q.scale.mul_(1.03)  # "trained": the ranges no longer match amin/amax
+    ex = export_onnx(model, fmnist[1][0][:1])
+    assert all(q.scale is not None for q in quantizers(model).values() if q.spec.learnable)  # caller's model untouched
+    res = compare(model, ex.to_bytes(), fmnist[1][0][:128], optimization="disable")
+    assert res["top1_agreement"] == 100.0 and res["max_abs_logit_diff"] < 1e-3
+
+
+# -- AIMET encodings ---------------------------------------------------------------------------------------------
+@needs_fmnist
+def test_aimet_encodings_round_trip(fmnist):
+    a = _tiny_fmnist("fmnist_w8a8_ft1", fmnist[0])  # per-channel weights, asymmetric fc2 input / softmax output
+    ex = export_onnx(a, fmnist[1][0][:1])
+    fproto, tensor_map = float_graph(ex.model)
+    check_model(fproto)
+    doc = json.loads(json.dumps(encodings_v2(ex.plans, tensor_map)))
+    assert doc["version"] == "2.0.0" and len(doc["encodings"]) == len(ex.plans)
+    tensors = {o for n in fproto.graph.node for o in n.output} | {i.name for i in fproto.graph.initializer}
+    assert {e["name"] for e in doc["encodings"]} <= tensors  # keyed by the float graph's tensor names
+    w = next(e for e in doc["encodings"] if e["name"] == "blocks.0.attn.qkv.weight")
+    assert w["output_dtype"] == "int8" and w["axis"] == 0 and len(w["y_scale"]) == a.blocks[0].attn.qkv.weight.shape[0] and "y_zero_point" not in w
+    asym = next(e for e in doc["encodings"] if e["name"] == tensor_map["blocks.0.mlp.fc2.input_quantizer"][0])
+    assert asym["output_dtype"] == "uint8" and isinstance(asym["y_zero_point"], int) and asym["y_zero_point"] > 0
+    # Read back onto a model calibrated differently (fewer images, percentile): the file's ranges win
+    b = _tiny_fmnist("fmnist_w8a8_ft1", (fmnist[0][0][:64] * 0.5, fmnist[0][1][:64]))
+    assert not torch.equal(quantizers(b)["blocks.0.attn.qkv.input_quantizer"].amax,
+                           quantizers(a)["blocks.0.attn.qkv.input_quantizer"].amax)
+    res = load_encodings(b, doc, tensor_map, source="model.encodings")
+    assert res["loaded"] == len(ex.plans) and not res["unmatched"] and not res["missing"]
+    for name, qa in quantizers(a).items():
+        qb = quantizers(b)[name]
+        sa, za = qa.scale_zero_point()
+        sb, zb = qb.scale_zero_point()
+        torch.testing.assert_close(sb, sa, rtol=1e-6, atol=0)
+        assert torch.equal(za, zb) and qa.spec.symmetric == qb.spec.symmetric and qa.spec.axis == qb.spec.axis
+    x = fmnist[1][0][:64]
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_aimet_entries_match_torch_fake_quant_kernels():
+    """A hand-written AIMET 2.0.0 file (as AIMET would calibrate it) against torch's own fake-quant ops."""
+    entry = next(e for e in zoo.ZOO if e.name == "timm:vit_tiny_patch16_224")
+    model = zoo.build(entry)
+    x = zoo.images(2, entry.size)
+    api.prepare(model, zoo.recipe_for("max"), example_input=x)
+    tmap = {"blocks.0.mlp.fc2.input_quantizer": ["act"], "blocks.0.attn.qkv.weight_quantizer": ["w"]}
+    rng = np.random.default_rng(0)
+    wscale = (rng.random(576) * 0.01 + 1e-3).tolist()
+    doc = {"version": "2.0.0", "encodings": [
+        {"name": "act", "output_dtype": "uint8", "y_scale": 0.0123, "y_zero_point": 37},
+        {"name": "w", "output_dtype": "int8", "y_scale": wscale, "axis": 0},
+        {"name": "not_in_model", "output_dtype": "int8", "y_scale": 0.1}]}
+    res = load_encodings(model, doc, tmap, strict=True)
+    assert res["unmatched"] == ["not_in_model"]
+    qa, qw = quantizers(model)["blocks.0.mlp.fc2.input_quantizer"], quantizers(model)["blocks.0.attn.qkv.weight_quantizer"]
+    t = torch.randn(4, 17, 768) * 2
+    ref = torch.fake_quantize_per_tensor_affine(t, 0.0123, 37, 0, 255)
+    torch.testing.assert_close(qa(t), ref, rtol=0, atol=1e-6)
+    wt = torch.randn(576, 192) * 0.3
+    s = torch.tensor(wscale, dtype=torch.float32)
+    ref = torch.fake_quantize_per_channel_affine(wt, s, torch.zeros(576, dtype=torch.int32), 0, -128, 127)
+    torch.testing.assert_close(qw(wt), ref, rtol=0, atol=1e-6)
+    with pytest.raises(ExportError, match=r"enc\.json: not an AIMET 2\.0\.0"):
+        load_encodings(model, {"version": "1.0.0", "activation_encodings": {}}, tmap, source="enc.json")
+    with pytest.raises(ExportError, match=r"enc\.json: encodings\[0\] .*signed type with a non-zero zero point"):
+        load_encodings(model, {"version": "2.0.0", "encodings": [{"name": "act", "output_dtype": "int8",
+                                                                  "y_scale": 0.1, "y_zero_point": 3}]}, tmap, source="enc.json")
+
+
+# -- TensorRT range table ----------------------------------------------------------------------------------------
+@needs_fmnist
+def test_trt_range_table_and_cache(fmnist):
+    model = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0])
+    ex = export_onnx(model, fmnist[1][0][:1])
+    _, tensor_map = float_graph(ex.model)
+    table = range_table(ex.plans, tensor_map)
+    qs = quantizers(model)
+    acts = [n for n, q in qs.items() if q.active and q.kind == "activation"]
+    assert sorted(r["quantizer"] for r in table["tensors"].values()) == sorted(acts)
+    cache = read_calibration_cache(calibration_cache(table))
+    for t, row in table["tensors"].items():
+        q = qs[row["quantizer"]]
+        assert cache[t] == pytest.approx(row["scale"], rel=1e-6)
+        if q.spec.symmetric:  # TensorRT's amax/127 is quantcore's scale
+            assert row["exact"] and row["scale"] == pytest.approx(float(q.scale_zero_point()[0]), rel=1e-6)
+        else:  # asymmetric: widened to the larger side
+            assert not row["exact"] and row["amax"] == pytest.approx(max(-float(q.amin), float(q.amax)), rel=1e-5)
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------------
+def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket):
+    from quantcore.cli import main
+    from quantcore.io import storage
+    from tiny_data import TINY_RECIPE, make_images
+
+    root = make_images(tmp_path / "imgs")
+    torch.manual_seed(0)
+    model = api.build_model(TINY_RECIPE, load_weights=False)
+    api.prepare(model, TINY_RECIPE)
+    from quantcore.data import eval_transform, make_loader, open_dataset
+
+    ds = open_dataset(str(root), "train", eval_transform(model))
+    api.calibrate(model, [(x, y) for x, y, _ in make_loader(ds, 6)])
+    ck = str(tmp_path / "model.qc.pt")
+    api.save(model, ck)
+    out = str(tmp_path / "export")
+    assert main(["export", ck, "--out", out, "--check-data", str(root), "--check-split", "val"]) == 0
+    rep = json.loads(Path(out, "export_report.json").read_text())
+    assert rep["checker"]["ok"] and rep["check"]["images"] == 12 and rep["check"]["top1_agreement"] == 100.0
+    for f in ("model.onnx", "model_float.onnx", "model.encodings", "tensor_map.json", "trt_ranges.json", "trt_ranges.cache"):
+        assert Path(out, f).is_file()
+    s3out = f"s3://{s3_bucket}/exp"
+    assert main(["export", ck, "--out", s3out, "--format", "onnx,aimet"]) == 0
+    check_model(onnx.load_from_string(storage.read_bytes(s3out + "/model.onnx")))
+    assert json.loads(storage.read_bytes(s3out + "/model.encodings"))["version"] == "2.0.0"
+    assert not storage.exists(s3out + "/trt_ranges.json")
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    from quantcore.cli import main
+
+    assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.qc.pt" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--format", "tflite"]) == 2
+    assert "--format" in capsys.readouterr().err

@@ -1,0 +1,365 @@
+"""ViT quantizer kinds (issue #11): log2 / log_sqrt2 (FQ-ViT, RepQ-ViT) and twin_int (PTQ4ViT).
+
+Each grid is checked against a numpy reference written from the papers' formulas (not calling
+quantcore), on real post-softmax and post-GELU activations of the demo ViT on Fashion-MNIST; the
+range searches against a brute force of their objective (the histogram read as a piecewise-uniform
+density, integrated here by dense sampling) over a fine candidate grid.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import quantcore
+from quantcore.formats import QuantSpec
+from quantcore.placement import quantizers
+from quantcore.quantizer import TensorQuantizer
+from quantcore.recipe import RecipeError, recipe_from_dict
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+CHECKPOINT = Path("/tmp/demo-final/models/vit_fmnist-1f25aebd998a.pt")
+SOFTMAX = "blocks.*.attn.attn_quantizer"
+GELU = "blocks.*.mlp.fc2.input_quantizer"
+
+
+# -- numpy references (from the papers / reference code, independent of quantcore) ---------------
+def ref_log(x: np.ndarray, s: float, bits: int, k: int) -> np.ndarray:
+    """FQ-ViT log2 (k=1) / RepQ-ViT log√2 (k=2): the reference code's formulas, with scale s."""
+    n = 2**bits
+    x = x.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        code = np.round(-k * np.log2(x / s))
+    mask = (code >= n) | (x <= 0) | np.isnan(code)
+    q = np.clip(np.nan_to_num(code, nan=0, posinf=n, neginf=0), 0, n - 1)
+    if k == 1:
+        y = s * 2.0 ** (-q)
+    else:  # RepQ-ViT: 2**(-ceil(q/2)) * (sqrt(2) if q odd else 1) * s
+        y = 2.0 ** (-np.ceil(q / 2)) * ((q % 2) * (math.sqrt(2) - 1) + 1) * s
+    y[mask] = 0.0
+    return y
+
+
+def ref_twin(x: np.ndarray, d1: float, d2: float, bits: int, gelu: bool) -> np.ndarray:
+    """PTQ4ViT twin uniform: one region bit, bits-1 magnitude bits per region."""
+    n = 2 ** (bits - 1)
+    x = x.astype(np.float64)
+    r2 = np.clip(np.round(x / d2), 0, n - 1) * d2
+    if gelu:
+        r1 = np.clip(np.round(x / d1), -n, 0) * d1
+        return np.where(x < 0, r1, r2)
+    r1 = np.clip(np.round(x / d1), 0, n - 1) * d1
+    return np.where(x < n * d1, r1, r2)
+
+
+def sampled_objective(state, fq, sub: int = 32) -> np.ndarray:
+    """E[(Q(X) - X)^2] under the histogram read as uniform inside each bin, by dense midpoint
+    sampling (``sub`` points per bin). ``fq(points (P,)) -> (K, P)``. Returns (K,)."""
+    counts = state.counts.numpy().astype(np.float64)
+    n = state.bins
+    r = 2.0**state.exp
+    w = r / n
+    occ = np.nonzero(counts)[0]
+    left = -r + occ * w
+    pts = (left[:, None] + (np.arange(sub) + 0.5)[None, :] * (w / sub)).ravel()
+    wts = np.repeat(counts[occ] / counts.sum() / sub, sub)
+    err = (fq(pts) - pts[None, :]) ** 2
+    return err @ wts
+
+
+# -- real activations ------------------------------------------------------------------------------
+def _fmnist(n: int) -> torch.Tensor:
+    with gzip.open(FMNIST, "rb") as f:
+        raw = f.read()
+    x = np.frombuffer(raw, dtype=np.uint8, offset=16)[: n * 784].reshape(n, 1, 28, 28)
+    return (torch.from_numpy(x.astype(np.float32)) / 255.0 - 0.2860) / 0.3530
+
+
+def _recipe(name: str = "vitq_test", **over) -> dict:
+    r = {"name": name, "model": {"name": "quantcore/vit_fmnist"}, "placement": {"family": "vit", "mode": "ft1"},
+         "quant": {"weights": {"bits": 4, "symmetric": True, "per_channel": True},
+                   "activations": {"bits": 4, "symmetric": True}},
+         "calibration": {"method": "mse", "weights_method": "mse", "bins": 2048}, "overrides": []}
+    r.update(over)
+    return r
+
+
+def _demo_model() -> torch.nn.Module:
+    from quantcore.models import vit_fmnist
+
+    torch.manual_seed(0)
+    m = vit_fmnist()
+    if CHECKPOINT.is_file():  # the trained demo model when the demo store is there; else timm's init
+        m.load_state_dict(torch.load(CHECKPOINT, map_location="cpu"))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    if not FMNIST.is_file():
+        pytest.skip(f"Fashion-MNIST not installed at {FMNIST}")
+    return _fmnist(256)
+
+
+@pytest.fixture(scope="module")
+def acts(images) -> dict[str, torch.Tensor]:
+    """Post-softmax and post-GELU tensors of block 1 of the demo ViT on Fashion-MNIST test images."""
+    m = _demo_model()
+    quantcore.prepare(m, recipe_from_dict(_recipe()))
+    qs = quantizers(m)
+    got = {}
+    hooks = [qs[f"blocks.1.{k}"].register_forward_pre_hook(lambda _m, a, k=k: got.__setitem__(k, a[0].detach().clone()))
+             for k in ("attn.attn_quantizer", "mlp.fc2.input_quantizer")]
+    quantcore.api.start_calibration(m)  # collecting quantizers pass their input through unchanged
+    with torch.no_grad():
+        m(images[:128])
+    for h in hooks:
+        h.remove()
+    return {"softmax": got["attn.attn_quantizer"], "gelu": got["mlp.fc2.input_quantizer"]}
+
+
+def _calibrated(fmt: str, bits: int, x: torch.Tensor, calibrator: str = "mse", bins: int = 2048) -> TensorQuantizer:
+    q = TensorQuantizer(QuantSpec(format=fmt, bits=bits, symmetric=False, calibrator=calibrator), bins=bins)
+    q.start_calibration()
+    q(x)
+    assert q.finalize()
+    return q
+
+
+# -- the grids against the references --------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("fmt,k", [("log2", 1), ("log_sqrt2", 2)])
+@pytest.mark.parametrize("calibrator", ["max", "mse"])
+def test_log_grid_matches_reference(acts, fmt, k, bits, calibrator):
+    x = acts["softmax"]
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    q = _calibrated(fmt, bits, x, calibrator)
+    s = float(q.amax)
+    if calibrator == "max":
+        assert s == float(x.max())
+    else:
+        assert 0.25 * float(x.max()) <= s <= float(x.max())
+    y = q(x)
+    ref = ref_log(x.numpy(), s, bits, k)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=2e-6, atol=0)
+    # the grid has at most 2**bits non-zero levels, all of the form s * 2**(-j/k)
+    levels = np.unique(y.numpy()[y.numpy() > 0])
+    assert len(levels) <= 2**bits
+    j = -k * np.log2(levels / s)
+    np.testing.assert_allclose(j, np.round(j), atol=1e-4)
+    # the search improves on (or matches) the plain max scale
+    if calibrator == "mse":
+        mse = float(((y - x) ** 2).mean())
+        qmax = _calibrated(fmt, bits, x, "max")
+        assert mse <= float(((qmax(x) - x) ** 2).mean()) * 1.0001
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("fmt,k", [("log2", 1), ("log_sqrt2", 2)])
+def test_log_grid_edge_cases(fmt, k, bits):
+    s = 0.75
+    q = TensorQuantizer(QuantSpec(format=fmt, bits=bits, symmetric=False, calibrator="max"))
+    q.set_range(0.0, s)
+    n = 2**bits
+    codes = torch.arange(min(n, 120), dtype=torch.float64)  # float32 normals (2**-126 and up)
+    exact = (s * torch.exp2(-codes / k)).float()  # every grid point maps to itself
+    above = torch.tensor([s, 0.9, 1.0, 5.0])       # values above amax take code 0 = s
+    below = torch.tensor([s * 2.0 ** (-(n + 1) / k), 0.0] + ([1e-30] if bits == 4 else []))  # past the last code
+    x = torch.cat([exact, above, below])
+    y = q(x)
+    c = len(codes)
+    np.testing.assert_allclose(y[:c].numpy(), exact.numpy(), rtol=2e-7)
+    assert torch.all(y[c:c + 4] == torch.tensor(s))
+    assert torch.all(y[c + 4:] == 0)
+    np.testing.assert_allclose(y.numpy(), ref_log(x.numpy(), s, bits, k), rtol=2e-6)
+    # exact powers of two below s = 1 (FQ-ViT's setting) land exactly on log2 codes
+    q.set_range(0.0, 1.0)
+    p2 = torch.tensor([2.0**-j for j in range(min((n - 1) // k + 1, 20))])
+    assert torch.equal(q(p2), p2) if k == 1 else torch.allclose(q(p2), p2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["softmax", "gelu"])
+def test_twin_matches_reference(acts, kind, bits):
+    x = acts[kind]
+    q = _calibrated("twin_int", bits, x)
+    enc = q.spec.kind.encoding(q)
+    assert enc["region_convention"] == kind
+    d1, d2, m = enc["delta1"], enc["delta2"], enc["exponent_m"]
+    assert d2 == d1 * 2.0**m  # PTQ4ViT's power-of-two constraint, exactly
+    if kind == "softmax":
+        assert d2 == pytest.approx(1 / (2 ** (bits - 1) - 1))
+    else:
+        assert -2 ** (bits - 1) * d1 >= float(x.min()) - 1e-7  # R1 within the negative range
+    y = q(x)
+    ref = ref_twin(x.numpy(), d1, d2, bits, kind == "gelu")
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert len(np.unique(y.numpy())) <= 2**bits
+
+
+def test_twin_edge_cases():
+    # GELU form, 4 bits: d1 = 0.02, m = 3 -> d2 = 0.16
+    q = TensorQuantizer(QuantSpec(format="twin_int", bits=4, symmetric=False, calibrator="mse"))
+    q.set_range(-8 * 0.02, 7 * 0.16)
+    x = torch.tensor([0.0, -0.02, -0.16, -1.0, 0.16, 0.08, 1.12, 9.0, -0.0099])
+    y = q(x)
+    np.testing.assert_allclose(y.numpy(), ref_twin(x.numpy(), 0.02, 0.16, 4, True), rtol=1e-6, atol=1e-8)
+    assert y[3] == pytest.approx(-0.16) and y[7] == pytest.approx(1.12)  # both ends clip
+    # softmax form, 8 bits: amax = 2**-m
+    q.set_spec(QuantSpec(format="twin_int", bits=8, symmetric=False, calibrator="mse"))
+    q.set_range(0.0, 2.0**-5)
+    d2 = 1 / 127
+    d1 = d2 / 32
+    x = torch.tensor([0.0, d1, 127 * d1, 128 * d1 - 1e-6, 128 * d1 + 1e-6, 0.5, 1.0, 1.5])
+    np.testing.assert_allclose(q(x).numpy(), ref_twin(x.numpy(), d1, d2, 8, False), rtol=1e-6, atol=1e-9)
+
+
+# -- range searches: the brute-force optimum of their objective --------------------------------------
+@pytest.mark.parametrize("fmt,k", [("log2", 1), ("log_sqrt2", 2)])
+def test_log_search_is_brute_force_optimum(acts, fmt, k):
+    x = acts["softmax"]
+    q = _calibrated(fmt, 4, x, bins=512)
+    st = q.collector
+    smax = float(x.max())
+    cands = smax * 2.0 ** -np.linspace(0, 2, 1601)
+    bf = sampled_objective(st, lambda p: np.stack([ref_log(p, s, 4, k) for s in cands]))
+    got = sampled_objective(st, lambda p: ref_log(p, float(q.amax), 4, k)[None, :])[0]
+    assert got <= bf.min() * (1 + 1e-3)
+    # and it is a real choice: the objective varies by far more than that over the candidates
+    assert bf.max() > 1.5 * bf.min()
+
+
+def test_twin_softmax_search_is_brute_force_optimum(acts):
+    x = acts["softmax"]
+    q = _calibrated("twin_int", 4, x, bins=512)
+    d2 = 1 / 7
+    ms = np.arange(0, 25)
+    bf = sampled_objective(q.collector, lambda p: np.stack([ref_twin(p, d2 / 2.0**m, d2, 4, False) for m in ms]))
+    assert q.spec.kind.encoding(q)["exponent_m"] == int(ms[np.argmin(bf)])
+
+
+def test_twin_gelu_search_is_brute_force_optimum(acts):
+    x = acts["gelu"]
+    bits, n = 4, 8
+    q = _calibrated("twin_int", bits, x, bins=512)
+    a = -float(x.min()) * np.linspace(0.02, 1.0, 250)
+    ms = np.arange(-2, 11)
+
+    def fq(p):
+        return np.stack([ref_twin(p, ai / n, ai / n * 2.0**m, bits, True) for ai in a for m in ms])
+
+    bf = sampled_objective(q.collector, fq, sub=8)
+    enc = q.spec.kind.encoding(q)
+    got = sampled_objective(q.collector, lambda p: ref_twin(p, enc["delta1"], enc["delta2"], bits, True)[None, :],
+                            sub=8)[0]
+    assert got <= bf.min() * (1 + 2e-3)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_negative_inputs_are_refused_naming_the_format(acts):
+    with pytest.raises(ValueError, match=r"format 'log2'.*non-negative"):
+        _calibrated("log2", 4, acts["gelu"])
+    q = _calibrated("log_sqrt2", 4, acts["gelu"], calibrator="max")  # max: the range is checked at use
+    with pytest.raises(ValueError, match=r"format 'log_sqrt2'.*non-negative"):
+        q(acts["gelu"])
+    with pytest.raises(ValueError, match=r"format 'twin_int'.*post-softmax.*reach"):
+        _calibrated("twin_int", 4, acts["softmax"] * 3)  # non-negative but beyond [0, 1]
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"format": "log2"}, r"'log2'.*symmetric: false"),
+    ({"format": "log2", "symmetric": False, "per_channel": True}, r"'log2'.*per-tensor"),
+    ({"format": "log_sqrt2", "symmetric": False, "calibrator": "entropy"}, r"'log_sqrt2' takes calibrator"),
+    ({"format": "twin_int", "symmetric": True}, r"twin_int.*symmetric: false"),
+    ({"format": "twin_int", "symmetric": False, "calibrator": "max"}, r"'twin_int' takes calibrator"),
+])
+def test_invalid_specs_are_refused_naming_the_override(patch, msg):
+    # an override is a partial spec: it is checked where it applies, and the error names it
+    r = recipe_from_dict(_recipe(overrides=[{"match": SOFTMAX, "spec": patch}]))
+    with pytest.raises(ValueError, match=msg) as err:
+        quantcore.prepare(_demo_model(), r)
+    assert "overrides" in str(err.value) and "attn_quantizer" in str(err.value)
+    with pytest.raises(ValueError, match=msg):  # and the spec itself, wherever it is built
+        QuantSpec(**{k: v for k, v in patch.items() if k != "per_channel"}, **({"axis": 0} if "per_channel" in patch else {}))
+
+
+def test_unknown_format_names_the_recipe_field(tmp_path):
+    import yaml
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(_recipe(overrides=[{"match": SOFTMAX, "spec": {"format": "log3"}}])))
+    with pytest.raises(RecipeError, match=r"bad\.yaml.*overrides\.0\.spec\.format.*unknown quantizer format 'log3'.*log2"):
+        quantcore.recipe.load_recipe(str(p))
+    with pytest.raises(RecipeError, match=r"quant\.activations\.format.*'log3'"):
+        recipe_from_dict(_recipe(quant={"activations": {"format": "log3"}}))
+
+
+def test_straight_through_gradient(acts):
+    x = acts["softmax"][:4].clone().requires_grad_(True)
+    q = _calibrated("log_sqrt2", 4, x.detach(), "mse")
+    y = q(x)
+    y.sum().backward()
+    inside = (x.detach() <= float(q.amax)).float()
+    assert torch.equal(x.grad, inside)
+    g = acts["gelu"][:4].clone().requires_grad_(True)
+    qt = _calibrated("twin_int", 4, g.detach())
+    qt(g).pow(2).sum().backward()
+    assert torch.isfinite(g.grad).all() and (g.grad != 0).any()
+
+
+# -- the whole path: recipe -> calibrate -> encodings -> save/load ------------------------------------
+def test_recipe_calibrate_save_load_roundtrip(images, tmp_path):
+    r = recipe_from_dict(_recipe(overrides=[
+        {"match": SOFTMAX, "spec": {"format": "log_sqrt2", "symmetric": False}},
+        {"match": "blocks.0.attn.attn_quantizer", "spec": {"format": "log2", "symmetric": False, "calibrator": "max"}},
+        {"match": GELU, "spec": {"format": "twin_int", "symmetric": False}},
+        {"match": "blocks.3.attn.attn_quantizer", "spec": {"format": "twin_int", "symmetric": False}}]))
+    m = quantcore.prepare(_demo_model(), r)
+    quantcore.calibrate(m, [images[:64], images[64:128]])
+    x = images[128:192]
+    with torch.no_grad():
+        y = m(x)
+    enc = {row["name"]: row for row in quantcore.encodings(m)["quantizers"]}
+    assert enc["blocks.0.attn.attn_quantizer"]["format"] == "log2"
+    assert enc["blocks.1.attn.attn_quantizer"]["log_base"] == "sqrt2"
+    assert "formula" in enc["blocks.1.attn.attn_quantizer"] and enc["blocks.1.attn.attn_quantizer"]["scale"] > 0
+    row = enc["blocks.2.mlp.fc2.input_quantizer"]
+    assert row["region_convention"] == "gelu" and row["delta2"] == row["delta1"] * 2.0 ** row["exponent_m"]
+    assert enc["blocks.3.attn.attn_quantizer"]["region_convention"] == "softmax"
+    import json
+
+    json.dumps(quantcore.encodings(m))  # plain JSON
+    uri = str(tmp_path / "m.qc.pt")
+    quantcore.save(m, uri)
+    m2 = quantcore.load(uri)
+    with torch.no_grad():
+        y2 = m2(x)
+    assert torch.equal(y, y2)
+    q1, q2 = quantizers(m), quantizers(m2)
+    for name in q1:
+        assert q1[name].spec == q2[name].spec
+        assert torch.equal(q1[name].amin, q2[name].amin) and torch.equal(q1[name].amax, q2[name].amax)
+    assert quantcore.encodings(m2)["quantizers"] == quantcore.encodings(m)["quantizers"]
+    # and the new kinds change the output relative to the float path (they are on)
+    with torch.no_grad(), quantcore.api.quantization_disabled(m2):
+        assert not torch.equal(m2(x), y)
+
+
+def test_calibration_error_names_the_quantizer():
+    """Negative (post-GELU) data reaching a log2 grid: the error names the quantizer, not only the format."""
+    import quantcore
+
+    rec = quantcore.load_recipe({
+        "name": "bad_log2", "model": {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 1}},
+        "calibration": {"method": "mse", "num_batches": 1},
+        "overrides": [{"match": "blocks.*.mlp.fc2.input_quantizer",
+                       "spec": {"format": "log2", "symmetric": False}}]})
+    torch.manual_seed(0)
+    model = quantcore.build_model(rec)
+    quantcore.prepare(model, rec)
+    with pytest.raises(quantcore.CalibrationError, match=r"'blocks\.0\.mlp\.fc2\.input_quantizer'.*log2"):
+        quantcore.calibrate(model, [(torch.randn(4, 1, 28, 28), torch.zeros(4))])
