@@ -84,6 +84,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
                 info = cal[key]
                 brief = ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float, str)))[:300]
                 lines += [f"{what}: {brief}.", ""]
+                lines += [l for w in info.get("warnings") or [] for l in (f"> **WARNING**: {w}", "")]
     lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
               "|---|---|---|---|---|---|"]
     for name, r in rep["results"].items():

@@ -212,3 +212,11 @@ def test_search_refuses_recipes_with_calibration_time_weight_changes(patch):
     with pytest.raises(quantcore.UserError, match=f"--search.*{field}"):
         qapi.analyze(model, [(torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))], search=True,
                      budget={"delta_top1": 0.1})
+
+
+def test_choices_are_ordered_cheapest_first_whatever_the_order_given():
+    """The search starts from the first choice: '8,4' must still start at 4 bits."""
+    from quantcore.analysis.search import parse_choices
+
+    assert parse_choices(["8", "4"]) == ["4", "8"]
+    assert parse_choices(["float", "fp16", "8", "fp8_e4m3", "6"]) == ["6", "8", "fp8_e4m3", "fp16", "float"]

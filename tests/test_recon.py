@@ -369,3 +369,24 @@ def test_pipeline_runs_reconstruction_when_the_recipe_asks(tmp_path):
     assert not torch.equal(fp32.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
     w = fp32.blocks[0].attn.qkv.weight  # the FP32 model kept float weights (not grid points)
     assert not torch.equal(wq(w), w)
+
+
+def test_asking_for_more_images_than_calibration_gives_is_said():
+    """reconstruction.num_images set above what calibration passes: used all, and warned (not silent)."""
+    import warnings as _w
+
+    import quantcore
+    from quantcore.recon import reconstruct
+    from quantcore.recon.config import ReconstructionConfig
+
+    rec = quantcore.load_recipe({"name": "r", "model": {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 1}},
+                                 "quant": {"weights": {"bits": 4}}, "calibration": {"method": "max"}})
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(rec, load_weights=False), rec)
+    batches = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    quantcore.calibrate(model, batches)
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        res = reconstruct(model, batches, ReconstructionConfig(num_images=5000, iterations=2, batch_size=8))
+    assert res.images == 16 and any("num_images is 5000" in w for w in res.warnings)
+    assert any("num_images is 5000" in str(c.message) for c in caught)

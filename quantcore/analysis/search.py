@@ -90,7 +90,8 @@ class RangeBank:
 # -- choices, budget, cost ----------------------------------------------------------------------------
 def parse_choices(choices: Sequence[str | int], field: str = "choices") -> list[str]:
     """``4``, ``"6"`` (integer bits), ``"fp16"``/``"bf16"``/``"fp8_e4m3"`` (float casts), ``"float"``
-    (no quantizer), cheapest first as given. Raises UserError naming ``field``."""
+    (no quantizer), returned cheapest first whatever the order given (the search starts from the
+    first). Raises UserError naming ``field``."""
     out = []
     for c in choices:
         c = str(c).strip().lower()
@@ -102,7 +103,17 @@ def parse_choices(choices: Sequence[str | int], field: str = "choices") -> list[
         out.append(c)
     if not out or len(set(out)) != len(out):
         raise UserError(f"{field}: give at least one choice, each once (got {list(choices)})")
-    return out
+    return sorted(out, key=_choice_bits)
+
+
+def _choice_bits(c: str) -> float:
+    """Storage bits of a choice, for ordering: integers by their bits, a float cast just after the
+    integer grid of its width (fp8 after int8), no quantizer last."""
+    if c.isdigit():
+        return float(c)
+    if c == FLOAT:
+        return 32.0
+    return (8.0 if c.startswith("fp8") else 16.0) + 0.5
 
 
 def choice_patch(choice: str) -> SpecPatch | None:

@@ -159,10 +159,12 @@ class ReconstructionResult:
     seconds: float = 0.0
     units: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "mode": self.mode, "images": self.images, "seconds": self.seconds,
-                "units": [dict(u) for u in self.units], "skipped": dict(self.skipped)}
+                "units": [dict(u) for u in self.units], "skipped": dict(self.skipped),
+                "warnings": list(self.warnings)}
 
 
 class _Stop(Exception):
@@ -442,6 +444,13 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
     if n_global == 0:
         raise UserError("reconstruction: no calibration images")
     res.images = n_global
+    asked = cfg.num_images != type(cfg).model_fields["num_images"].default  # the default means "at most"
+    if asked and n_global < cfg.num_images:  # said, not silent: the recipe asked for more than calibration gave
+        res.warnings.append(f"reconstruction.num_images is {cfg.num_images}, but only {n_global} calibration images "
+                            "were given (all used); raise calibration.num_batches x batch_size to use more")
+        import warnings
+
+        warnings.warn(res.warnings[-1], stacklevel=2)
     mods = dict(inner.named_modules())
     qs = quantizers(inner)
 
