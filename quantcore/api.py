@@ -212,9 +212,10 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
         from .transforms import reparam_layernorm
 
         reparam_layernorm(model, batches, max_batches)
-    res = collect(model, batches, max_batches, progress)
-    sync_calibration(model, res)
-    res = finalize(model, res)
+    from .backends import calibrate as backend_calibrate
+
+    # calibration.backend computes the ranges: native = collect + sync_calibration + finalize
+    res = backend_calibrate(model, batches, max_batches, progress)
     if recon:
         from .recon import reconstruct
 

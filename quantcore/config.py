@@ -49,11 +49,23 @@ class Override(_Strict):
     enabled: bool | None = Field(None, description="shortcut for spec.enabled")
 
 
+def _known_source(name: str) -> str:
+    if name != "auto":
+        from .model_sources import SOURCES
+
+        SOURCES.get(name)  # ValueError listing the registered model sources
+    return name
+
+
 class ModelConfig(_Strict):
-    name: str = Field(min_length=1, description="timm name, 'torchvision:<name>', or a registered builder")
-    source: Literal["auto", "timm", "torchvision"] = "auto"
+    name: str = Field(min_length=1, description="timm name, 'torchvision:<name>', a registered builder, or a "
+                      "Hugging Face save_pretrained directory (local/s3://)")
+    source: Annotated[str, AfterValidator(_known_source)] = Field(
+        "auto", description="a registered model source (builder, timm, torchvision, hf, npz, ...) or 'auto': "
+        "picked from model.name / model.checkpoint (quantcore.model_sources)")
     pretrained: bool = Field(False, description="load the library's pretrained weights (needs a local file or hub)")
-    checkpoint: str | None = Field(None, description="local path, file:// or s3:// URI of FP32 weights")
+    checkpoint: str | None = Field(None, description="local path, file:// or s3:// URI of FP32 weights: a torch "
+                                   "state_dict, safetensors, or a Google ViT .npz (source npz)")
     pretrained_file: str | None = Field(None, description="timm pretrained_cfg overlay: weights file")
     num_classes: int | None = Field(None, ge=1)
     in_chans: int | None = Field(None, ge=1)
@@ -90,6 +102,13 @@ class QuantFormats(_Strict):
     activations: SpecPatch = Field(default_factory=lambda: SpecPatch(bits=8, symmetric=True))
 
 
+def _known_backend(name: str) -> str:
+    from .backends import backend
+
+    backend(name)  # ValueError listing the registered backends
+    return name
+
+
 class CalibrationConfig(_Strict):
     method: CalibMethod = "percentile"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
@@ -99,6 +118,9 @@ class CalibrationConfig(_Strict):
     images_per_class: int | None = Field(None, ge=1, description="calibration subset, e.g. 2 per class")
     bins: int = Field(2048, ge=64, le=65536)
     seed: int = 0
+    backend: Annotated[str, AfterValidator(_known_backend)] = Field(
+        "native", description="the engine that computes the ranges of quantcore's quantizers: native, modelopt "
+        "(NVIDIA ModelOpt's calibrators), aimet (AIMET QuantSim) - quantcore.backends")
 
     @model_validator(mode="after")
     def _even_bins(self) -> "CalibrationConfig":

@@ -1,6 +1,8 @@
-"""Build FP32 models from a :class:`ModelConfig`: timm, torchvision, or quantcore's own builders.
+"""Build FP32 models from a :class:`ModelConfig` through the model-source registry
+(:mod:`quantcore.model_sources`: quantcore's own builders, timm, torchvision, Hugging Face directories,
+Google ViT ``.npz``).
 
-Weights come from (in order): ``checkpoint`` (local path / file:// / s3:// state_dict), a timm
+Weights come from (in order): ``checkpoint`` (local path / file:// / s3:// state_dict or safetensors), a timm
 ``pretrained_cfg`` overlay file (``pretrained_file``), or the library's pretrained weights.
 :func:`create_model` records where they came from in ``model.quantcore_weights`` (a short string), or
 ``None`` when the model kept its random initialization: the pipeline warns about that, loudly.
@@ -79,41 +81,20 @@ def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Modul
     """The FP32 model described by ``cfg``, in eval mode. ``load_weights=False`` skips weights
     (used when a quantized checkpoint supplies every tensor).
 
+    The model comes from the registered source :func:`quantcore.model_sources.resolve_source` picks
+    (builder, timm, torchvision, hf directory, Google ViT ``.npz``); ``model.checkpoint`` (torch
+    state_dict or safetensors) is loaded on top unless the source reads it itself (``npz``).
     With ``load_weights`` the model carries ``quantcore_weights``: where its weights came from, or
     ``None`` when nothing was loaded (random initialization).
     """
     if cfg is None:
         raise ModelError("model.name: the recipe has no model: section, so there is no model to build "
                          "(add model: {name: ...}, or build the nn.Module yourself and pass it on)")
-    name, source = cfg.name, cfg.source
-    if name.startswith("torchvision:"):
-        source, name = "torchvision", name.split(":", 1)[1]
-    elif name.startswith("timm:"):
-        source, name = "timm", name.split(":", 1)[1]
-    pretrained = cfg.pretrained and load_weights and cfg.checkpoint is None
-    weights: str | None = None
-    if name in BUILDERS:
-        if pretrained and name not in PRETRAINED_BUILDERS:
-            raise ModelError(f"model.pretrained: builder {name!r} has no pretrained weights; set model.checkpoint")
-        kw = _kwargs(cfg)
-        if name in PRETRAINED_BUILDERS:
-            kw["pretrained"] = pretrained
-        try:
-            model = BUILDERS[name](**kw)
-        except TypeError as err:  # an unknown or ill-typed builder argument
-            raise ModelError(f"model.kwargs: builder {name!r} rejected its arguments {kw}: {err}") from None
-        weights = getattr(model, "quantcore_weights", None) or (f"{name} pretrained" if pretrained else None)
-    elif source == "torchvision":
-        model = _torchvision(name, cfg, pretrained)
-        weights = f"torchvision:{name} weights DEFAULT" if pretrained else None
-    else:
-        use_file = bool(cfg.pretrained_file) and load_weights and cfg.checkpoint is None
-        model = _timm(name, cfg, pretrained, use_file)
-        if use_file:
-            weights = f"model.pretrained_file {cfg.pretrained_file}"
-        elif pretrained:
-            weights = f"timm pretrained {name}"
-    if load_weights and cfg.checkpoint:
+    from .model_sources import resolve_source
+
+    source, name = resolve_source(cfg)
+    model, weights = source.build(cfg, name, load_weights)
+    if load_weights and cfg.checkpoint and not source.consumes_checkpoint:
         load_state_dict_uri(model, cfg.checkpoint)
         weights = f"model.checkpoint {cfg.checkpoint}"
     if load_weights:
@@ -121,47 +102,19 @@ def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Modul
     return model.eval()
 
 
-def _timm(name: str, cfg: ModelConfig, pretrained: bool, use_file: bool) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name):
-        raise ModelError(f"model.name {name!r} is neither a timm model, 'torchvision:<name>', nor a builder "
-                         f"({', '.join(sorted(BUILDERS))})")
-    kw = _kwargs(cfg)
-    if use_file:
-        # timm's own overlay mechanism: weights from a local file, preprocessing from the timm config.
-        kw["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file.removeprefix("file://")}
-        pretrained = True
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kw)
-    except Exception as err:  # hub downloads fail offline: say what to do instead
-        raise ModelError(f"could not build timm model {name!r} (pretrained={pretrained}): {err}. "
-                         "Offline? Point model.checkpoint or model.pretrained_file at a local/s3 file.") from err
-
-
-def _torchvision(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    import torchvision
-
-    kw = dict(cfg.kwargs)
-    if cfg.num_classes is not None:
-        kw["num_classes"] = cfg.num_classes
-    try:
-        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
-    except ValueError as err:
-        raise ModelError(f"model.name torchvision:{name}: {err}") from None
-    except Exception as err:
-        raise ModelError(f"could not build torchvision model {name!r} (pretrained={pretrained}): {err}. "
-                         "Offline? Point model.checkpoint at a local/s3 state_dict.") from err
-
-
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """A plain state_dict from a local/s3 file (``{'state_dict': ...}`` / ``{'model': ...}`` unwrapped)."""
+    """A plain state_dict from a local/s3 file: safetensors (by suffix or header), or torch.save'd
+    (``{'state_dict': ...}`` / ``{'model': ...}`` unwrapped)."""
     from .io import storage
 
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError as err:
         raise ModelError(f"model.checkpoint {uri}: not found") from err
+    from .model_sources.weights import is_safetensors, read_safetensors
+
+    if is_safetensors(data, uri):
+        return {k.removeprefix("module."): v for k, v in read_safetensors(data, uri).items()}
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:

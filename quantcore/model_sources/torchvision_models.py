@@ -1,0 +1,32 @@
+"""Source ``torchvision``: ``torchvision.models.get_model`` (``model.name: torchvision:<name>``)."""
+from __future__ import annotations
+
+from torch import nn
+
+from . import ModelSource, register_source
+
+
+class TorchvisionSource(ModelSource):
+    name = "torchvision"
+    priority = 90  # never claims a bare name: picked by the ``torchvision:`` prefix or ``source: torchvision``
+
+    def build(self, cfg, name: str, load_weights: bool) -> tuple[nn.Module, str | None]:
+        import torchvision
+
+        from ..models import ModelError
+
+        pretrained = cfg.pretrained and load_weights and cfg.checkpoint is None
+        kw = dict(cfg.kwargs)
+        if cfg.num_classes is not None:
+            kw["num_classes"] = cfg.num_classes
+        try:
+            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+        except ValueError as err:
+            raise ModelError(f"model.name torchvision:{name}: {err}") from None
+        except Exception as err:
+            raise ModelError(f"could not build torchvision model {name!r} (pretrained={pretrained}): {err}. "
+                             "Offline? Point model.checkpoint at a local/s3 state_dict.") from err
+        return model, (f"torchvision:{name} weights DEFAULT" if pretrained else None)
+
+
+register_source(TorchvisionSource())

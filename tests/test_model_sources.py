@@ -1,0 +1,507 @@
+"""Model sources (quantcore.model_sources): the seeds' own model files.
+
+* Google ViT ``.npz`` (plain and R50 hybrid): the tests write the archive from a random-weight timm model
+  with their own key table, taken from the published layout (google-research/vision_transformer's flax
+  module names, as FasterTransformer's ViT reads them) - not from timm's loader - then load it through a
+  recipe and compare logits with the original model.
+* Hugging Face ``save_pretrained`` directories (ViT, DeiT with teacher, MobileViT, Swin; local and S3):
+  logits against the original, preprocessing against transformers' own image processor on a JPEG,
+  prepare + calibrate + save/load on the loaded model.
+* safetensors ``model.checkpoint``: same logits as the torch state_dict.
+* Bad input: ModelError naming the file and the key/field.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantcore
+from quantcore.models import BUILDERS, ModelError, register_builder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random (norm scales around 1), so each tensor changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_scale = p.dim() == 1 and any(s in name for s in ("norm", "gn", "ln")) and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if is_scale else 0.1 * noise)
+    return model.eval()
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 6, 6, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    return x + 0.25 * torch.randn(n, 3, size, size, generator=g)
+
+
+def logits(out) -> torch.Tensor:
+    return quantcore.models.output_logits(out)
+
+
+def assert_same_logits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    assert a.std() > 0.05, "logits too flat to tell a wrong mapping from a right one"
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def photo(w: int, h: int, seed: int = 0):
+    """A JPEG-decoded, photo-like RGB image: colour gradients, overlapping shapes, soft texture."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / w * 200 + 30, yy / h * 180 + 40, (xx + yy) / (w + h) * 150 + 60], -1)
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
+        x1, y1 = x0 + rng.integers(4, w // 2 + 5), y0 + rng.integers(4, h // 2 + 5)
+        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(0.8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+# ---------------------------------------------------------------- Google .npz, own key table
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().astype(np.float32).copy()
+
+
+def _hwio(w: torch.Tensor) -> np.ndarray:  # torch OIHW -> flax HWIO
+    return _np(w.permute(2, 3, 1, 0))
+
+
+def google_vit_npz(m) -> dict[str, np.ndarray]:
+    """The published layout of google-research/vision_transformer (flax names): Encoder1DBlock =
+    LayerNorm_0, MultiHeadDotProductAttention_1 (DenseGeneral query/key/value kernels (D, heads, head_dim),
+    out kernel (heads, head_dim, D)), LayerNorm_2, MlpBlock_3 (Dense_0, Dense_1, kernels (in, out))."""
+    d = m.embed_dim
+    heads = m.blocks[0].attn.num_heads
+    hd = d // heads
+    out = {
+        "cls": _np(m.cls_token),
+        "Transformer/posembed_input/pos_embedding": _np(m.pos_embed),
+        "Transformer/encoder_norm/scale": _np(m.norm.weight), "Transformer/encoder_norm/bias": _np(m.norm.bias),
+        "head/kernel": _np(m.head.weight.T), "head/bias": _np(m.head.bias),
+        "embedding/kernel": _hwio(m.patch_embed.proj.weight), "embedding/bias": _np(m.patch_embed.proj.bias),
+    }
+    for i, b in enumerate(m.blocks):
+        pre = f"Transformer/encoderblock_{i}/"
+        out[pre + "LayerNorm_0/scale"], out[pre + "LayerNorm_0/bias"] = _np(b.norm1.weight), _np(b.norm1.bias)
+        out[pre + "LayerNorm_2/scale"], out[pre + "LayerNorm_2/bias"] = _np(b.norm2.weight), _np(b.norm2.bias)
+        ws, bs = b.attn.qkv.weight.chunk(3, 0), b.attn.qkv.bias.chunk(3, 0)
+        for n, w_, b_ in zip(("query", "key", "value"), ws, bs):
+            out[f"{pre}MultiHeadDotProductAttention_1/{n}/kernel"] = _np(w_.T.reshape(d, heads, hd))
+            out[f"{pre}MultiHeadDotProductAttention_1/{n}/bias"] = _np(b_.reshape(heads, hd))
+        out[f"{pre}MultiHeadDotProductAttention_1/out/kernel"] = _np(b.attn.proj.weight.T.reshape(heads, hd, d))
+        out[f"{pre}MultiHeadDotProductAttention_1/out/bias"] = _np(b.attn.proj.bias)
+        for r, fc in enumerate((b.mlp.fc1, b.mlp.fc2)):
+            out[f"{pre}MlpBlock_3/Dense_{r}/kernel"] = _np(fc.weight.T)
+            out[f"{pre}MlpBlock_3/Dense_{r}/bias"] = _np(fc.bias)
+    bb = getattr(m.patch_embed, "backbone", None)
+    if bb is not None:  # vision_transformer's models_resnet: root + block{stage}/unit{n} (StdConv + GroupNorm)
+        out["conv_root/kernel"] = _hwio(bb.stem.conv.weight)
+        out["gn_root/scale"], out["gn_root/bias"] = _np(bb.stem.norm.weight), _np(bb.stem.norm.bias)
+        for s, stage in enumerate(bb.stages):
+            for u, blk in enumerate(stage.blocks):
+                pre = f"block{s + 1}/unit{u + 1}/"
+                for r in (1, 2, 3):
+                    out[f"{pre}conv{r}/kernel"] = _hwio(getattr(blk, f"conv{r}").weight)
+                    out[f"{pre}gn{r}/scale"] = _np(getattr(blk, f"norm{r}").weight)
+                    out[f"{pre}gn{r}/bias"] = _np(getattr(blk, f"norm{r}").bias)
+                if blk.downsample is not None:
+                    out[pre + "conv_proj/kernel"] = _hwio(blk.downsample.conv.weight)
+                    out[pre + "gn_proj/scale"] = _np(blk.downsample.norm.weight)
+                    out[pre + "gn_proj/bias"] = _np(blk.downsample.norm.bias)
+    return out
+
+
+TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "num_classes": 10,
+            "kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}}
+
+
+def tiny_vit(**over) -> nn.Module:
+    import timm
+
+    kw = {**TINY_VIT["kwargs"], **over}
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, **kw)
+
+
+@pytest.fixture
+def r50_hybrid_builder():
+    """A small R50+ViT hybrid (vit_base_r50_s16_384's construction: ResNet-v2 without pre-activation,
+    StdConv2dSame + GroupNorm, 'same' stem, then ViT on its feature map), registered as a builder."""
+    from timm.layers import StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_hybrid import HybridEmbed
+
+    @register_builder("test/r50_vit_tiny")
+    def build(num_classes: int = 10, depth: int = 2, layers=(1, 2, 1)):
+        backbone = ResNetV2(layers=tuple(layers), channels=(128, 256, 512), stem_chs=32, num_classes=0,
+                            global_pool="", preact=False, stem_type="same",
+                            conv_layer=partial(StdConv2dSame, eps=1e-8))
+        model = VisionTransformer(img_size=64, patch_size=1, embed_dim=64, depth=depth, num_heads=2,
+                                  num_classes=num_classes, embed_layer=partial(HybridEmbed, backbone=backbone))
+        model.pretrained_cfg = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                "crop_pct": 1.0, "interpolation": "bilinear"}
+        return model
+
+    yield "test/r50_vit_tiny"
+    BUILDERS.pop("test/r50_vit_tiny")
+
+
+def test_npz_vit_loads_with_the_original_logits(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize(tiny_vit())
+    path = tmp_path / "ViT-Ti_8.npz"
+    np.savez(path, **google_vit_npz(ref))
+    model = quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(path)}})  # source auto -> npz
+    assert "Google ViT .npz" in model.quantcore_weights
+    x = images(3, 32)
+    with torch.no_grad():
+        assert_same_logits(model(x), ref(x))
+    # preprocessing: timm's config of the architecture (the ViT .npz family is normalized with 0.5/0.5)
+    from quantcore.data.transforms import describe_transform
+
+    t = describe_transform(model)
+    assert t["mean"] == [0.5] * 3 and t["std"] == [0.5] * 3 and t["input_size"] == [3, 32, 32]
+    # explicit source, and load_weights=False builds the bare architecture
+    assert quantcore.build_model({"model": {**TINY_VIT, "source": "npz", "checkpoint": str(path)}},
+                                 load_weights=False).blocks[0].attn.qkv.weight.shape == (192, 64)
+
+
+def test_npz_r50_hybrid_loads_with_the_original_logits(tmp_path, r50_hybrid_builder):
+    torch.manual_seed(0)
+    ref = randomize(BUILDERS[r50_hybrid_builder]())
+    path = tmp_path / "R50+ViT-Ti.npz"
+    arrays = google_vit_npz(ref)
+    assert "block2/unit2/conv3/kernel" in arrays and "block1/unit1/conv_proj/kernel" in arrays
+    np.savez(path, **arrays)
+    model = quantcore.build_model({"model": {"name": r50_hybrid_builder, "checkpoint": str(path)}})
+    x = images(2, 64)
+    with torch.no_grad():
+        assert_same_logits(model(x), ref(x))
+    # a backbone with other units per stage is another architecture
+    with pytest.raises(ModelError, match=r"R50\+ViT-Ti\.npz.*units per stage \[1, 2, 1\].*\[1, 1, 1\]"):
+        quantcore.build_model({"model": {"name": r50_hybrid_builder, "checkpoint": str(path),
+                                         "kwargs": {"layers": [1, 1, 1]}}})
+    with pytest.raises(ModelError, match=r"R50\+ViT-Ti\.npz is an R50\+ViT hybrid.*plain ViT"):
+        quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(path)}})
+
+
+def test_npz_of_another_architecture_is_refused_naming_file_and_key(tmp_path):
+    torch.manual_seed(0)
+    arrays = google_vit_npz(randomize(tiny_vit()))
+    path = tmp_path / "vit.npz"
+    np.savez(path, **arrays)
+
+    def build(**model):
+        return quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(path), **model}})
+
+    with pytest.raises(ModelError, match=r"vit\.npz has 2 encoder blocks.*has 3"):
+        build(kwargs={**TINY_VIT["kwargs"], "depth": 3})
+    with pytest.raises(ModelError, match=r"vit\.npz: head/kernel has 10 classes.*model\.num_classes: 10"):
+        build(num_classes=5)
+    with pytest.raises(ModelError, match=r"vit\.npz: Transformer/posembed_input/pos_embedding has shape "
+                                         r"\[1, 17, 64\].*\[1, 37, 64\]"):
+        build(img_size=48)
+    with pytest.raises(ModelError, match=r"vit\.npz: embedding/kernel is a 8x8 patch kernel"):
+        build(kwargs={**TINY_VIT["kwargs"], "patch_size": 4})
+
+    def variant(name, **change):
+        p = tmp_path / name
+        np.savez(p, **{k: v for k, v in {**arrays, **change}.items() if v is not None})
+        return str(p)
+
+    with pytest.raises(ModelError, match=r"pre_logits\.npz: key groups \['pre_logits'\]"):
+        build(checkpoint=variant("pre_logits.npz", **{"pre_logits/kernel": np.zeros((64, 64), np.float32)}))
+    key = "Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"
+    with pytest.raises(ModelError, match=rf"missing_key\.npz: key '{key}' missing"):
+        build(checkpoint=variant("missing_key.npz", **{key: None}))
+    with pytest.raises(ModelError, match=r"bad_shape\.npz does not fit"):
+        build(checkpoint=variant("bad_shape.npz", **{key: np.zeros(7, np.float32)}))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match=r"junk\.npz: not a readable \.npz"):
+        build(checkpoint=str(junk))
+    with pytest.raises(ModelError, match=r"absent\.npz: not found"):
+        build(checkpoint=str(tmp_path / "absent.npz"))
+    with pytest.raises(ModelError, match=r"model\.name resnet18: timm's \.npz loader reads into VisionTransformer"):
+        quantcore.build_model({"model": {"name": "resnet18", "checkpoint": str(path)}})
+
+
+# ---------------------------------------------------------------------------- safetensors
+def test_safetensors_checkpoint_gives_the_same_logits_as_the_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = randomize(tiny_vit())
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    torch.save(sd, tmp_path / "w.pt")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    save_file(sd, str(tmp_path / "w_named_bin.bin"))  # detected by its header, not its name
+    cfg = {k: v for k, v in TINY_VIT.items()}
+    x = images(2, 32)
+    outs = []
+    for f in ("w.pt", "w.safetensors", "w_named_bin.bin"):
+        m = quantcore.build_model({"model": {**cfg, "checkpoint": str(tmp_path / f)}})
+        assert m.quantcore_weights == f"model.checkpoint {tmp_path / f}"
+        with torch.no_grad():
+            outs.append(m(x))
+    with torch.no_grad():
+        assert_same_logits(outs[0], ref(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes((tmp_path / "w.safetensors").read_bytes()[:200])
+    with pytest.raises(ModelError, match=r"broken\.safetensors: not a readable safetensors"):
+        quantcore.build_model({"model": {**cfg, "checkpoint": str(bad)}})
+    save_file({k: v for k, v in sd.items() if k != "head.bias"}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ModelError, match=r"short\.safetensors does not match the model: missing \['head\.bias'\]"):
+        quantcore.build_model({"model": {**cfg, "checkpoint": str(tmp_path / "short.safetensors")}})
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+SMALL = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+             num_attention_heads=2, intermediate_size=96, num_labels=10, initializer_range=0.2)
+
+
+def hf_model(kind: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        m = T.ViTForImageClassification(T.ViTConfig(**SMALL))
+    elif kind == "deit":
+        m = T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**SMALL))
+    elif kind == "mobilevit":
+        m = T.MobileViTForImageClassification(T.MobileViTConfig(
+            image_size=96, num_channels=3, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+            num_attention_heads=2, num_labels=10, initializer_range=0.2))
+        with torch.no_grad():  # its random features are small: scale the head so logits tell models apart
+            m.classifier.weight.mul_(50)
+    elif kind == "swin":
+        m = T.SwinForImageClassification(T.SwinConfig(
+            image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+            window_size=4, num_labels=10, initializer_range=0.2))
+    else:
+        raise KeyError(kind)
+    return m.eval()
+
+
+def hf_processor(kind: str):
+    """Processors with unusual statistics, so a default could not pass for them."""
+    import transformers as T
+
+    if kind == "vit":
+        return T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.31, 0.42, 0.53],
+                                   image_std=[0.21, 0.26, 0.33], resample=3)
+    if kind == "deit":
+        return T.DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32},
+                                    image_mean=[0.6, 0.5, 0.4], image_std=[0.3, 0.2, 0.1], resample=2)
+    if kind == "mobilevit":
+        return T.MobileViTImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 96, "width": 96})
+    return None
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "mobilevit", "swin"])
+def test_hf_directory_loads_with_the_original_logits_and_preprocessing(tmp_path, kind):
+    from quantcore.data.transforms import eval_transform
+
+    ref = hf_model(kind)
+    d = tmp_path / kind
+    ref.save_pretrained(d)
+    proc = hf_processor(kind)
+    if proc is not None:
+        proc.save_pretrained(d)
+    model = quantcore.build_model({"model": {"name": str(d)}})  # source auto -> hf
+    assert type(model) is type(ref) and model.quantcore_weights == f"hf directory {d} (model.safetensors)"
+    size = ref.config.image_size
+    x = images(2, size)
+    flip = kind == "mobilevit"  # its processor feeds BGR: quantcore's model takes RGB and flips itself
+    with torch.no_grad():
+        assert_same_logits(logits(model(x)), logits(ref(x[:, [2, 1, 0]] if flip else x)))
+        assert_same_logits(logits(model(pixel_values=x)), logits(model(x)))
+    hp = model.pretrained_cfg["hf_preprocessing"]
+    assert hp["flip_channel_order"] is flip
+    t = eval_transform(model, decoder="pil")
+    if proc is None:  # no preprocessor_config.json: the model type's processor defaults, at config size
+        assert hp["file"] is None and "no preprocessor_config.json" in hp["notes"][0]
+        assert t.config["input_size"] == [3, size, size]
+        return
+    assert hp["file"] == f"{d}/preprocessor_config.json"
+    want_mean = {"vit": [0.31, 0.42, 0.53], "deit": [0.6, 0.5, 0.4], "mobilevit": [0.0] * 3}[kind]
+    torch.testing.assert_close(torch.tensor(t.config["mean"]), torch.tensor(want_mean))
+    # transformers' own processor on a JPEG photo is the reference (channels flipped back for MobileViT)
+    h_in = {"vit": 32, "deit": 40, "mobilevit": 112}[kind]  # resize is the identity here: exact comparison
+    for w, h, tol in ((h_in, h_in, 1e-5), (61, 47, None)):
+        img = photo(w, h)
+        want = proc(images=img, return_tensors="pt")["pixel_values"][0]
+        want = want[[2, 1, 0]] if flip else want
+        got = t(img)
+        assert got.shape == want.shape == (3, size, size)
+        if tol is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
+        else:  # PIL vs torchvision resampling: a few grey levels apart on a real photo
+            assert (got - want).abs().mean() / want.std() < 0.05
+
+
+def test_hf_model_prepares_calibrates_saves_and_loads(tmp_path):
+    ref = hf_model("mobilevit")
+    d = tmp_path / "mobilevit"
+    ref.save_pretrained(d)
+    hf_processor("mobilevit").save_pretrained(d)
+    recipe = {"name": "hf_w8a8", "model": {"name": str(d)},
+              "quant": {"weights": {"bits": 8, "symmetric": True, "per_channel": True},
+                        "activations": {"bits": 8, "symmetric": True}},
+              "calibration": {"method": "max", "num_batches": 1, "batch_size": 4}}
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    assert len(quantcore.quantizers(model)) > 10
+    quantcore.calibrate(model, [images(4, 96, seed=1)])
+    x = images(2, 96, seed=2)
+    with torch.no_grad():
+        fp = logits(ref(x[:, [2, 1, 0]]))
+        q = logits(model(x))
+    sqnr = 10 * torch.log10(fp.pow(2).mean() / (q - fp).pow(2).mean())
+    assert 15 < sqnr < 80, sqnr  # quantized (not identical), and not broken
+    path = str(tmp_path / "mv.qc.pt")
+    quantcore.save(model, path)
+    loaded = quantcore.load(path)  # rebuilt from config.json only, channel flip included
+    with torch.no_grad():
+        assert torch.equal(logits(loaded(x)), q)
+
+
+def test_hf_directory_on_s3_and_npz_on_s3(tmp_path, s3_bucket):
+    from quantcore.io import storage
+
+    ref = hf_model("vit")
+    d = tmp_path / "vit"
+    ref.save_pretrained(d)
+    hf_processor("vit").save_pretrained(d)
+    for f in os.listdir(d):
+        storage.upload_file(str(d / f), f"s3://{s3_bucket}/models/vit/{f}")
+    model = quantcore.build_model({"model": {"name": f"s3://{s3_bucket}/models/vit"}})
+    x = images(2, 32)
+    with torch.no_grad():
+        assert_same_logits(logits(model(x)), logits(ref(x)))
+    assert model.pretrained_cfg["hf_preprocessing"]["file"] == f"s3://{s3_bucket}/models/vit/preprocessor_config.json"
+    assert quantcore.build_model({"model": {"name": f"s3://{s3_bucket}/models/vit"}}, load_weights=False
+                                 ).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
+    with pytest.raises(ModelError, match=rf"s3://{s3_bucket}/models/none: no files"):
+        quantcore.build_model({"model": {"name": f"s3://{s3_bucket}/models/none"}})
+
+    torch.manual_seed(0)
+    vit = randomize(tiny_vit())
+    np.savez(tmp_path / "v.npz", **google_vit_npz(vit))
+    storage.upload_file(str(tmp_path / "v.npz"), f"s3://{s3_bucket}/npz/v.npz")
+    m = quantcore.build_model({"model": {**TINY_VIT, "checkpoint": f"s3://{s3_bucket}/npz/v.npz"}})
+    with torch.no_grad():
+        assert_same_logits(m(x), vit(x))
+
+
+def test_hf_mistakes_name_the_file_and_field(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("vit")
+    d = tmp_path / "vit"
+    ref.save_pretrained(d)
+
+    def build(name=str(d), **model):
+        return quantcore.build_model({"model": {"name": name, "source": "hf", **model}})
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"empty/config\.json: not found"):
+        build(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match=r"nowhere: not a directory"):
+        build(str(tmp_path / "nowhere"))
+    cfg = json.loads((d / "config.json").read_text())
+    for name, change, pattern in (
+            ("arch", {"architectures": ["ViTFooForImageClassification"]}, r"arch/config\.json: architectures\[0\] "
+                                                                          r"'ViTFooForImageClassification'"),
+            ("base", {"architectures": ["ViTModel"]}, r"base/config\.json: architectures\[0\] 'ViTModel' is not"),
+            ("mtype", {"model_type": "vit_unheard_of"}, r"mtype/config\.json: model_type 'vit_unheard_of'")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ModelError, match=pattern):
+            build(str(tmp_path / name))
+    # weights of another shape / with a key missing
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((d / "config.json").read_text())
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if k != "classifier.bias"}, str(bad / "model.safetensors"))
+    with pytest.raises(ModelError, match=r"bad/model\.safetensors does not match ViTForImageClassification.*"
+                                         r"classifier\.bias"):
+        build(str(bad))
+    # pytorch_model.bin (older save_pretrained) loads the same; a config.json field typo is refused
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((d / "config.json").read_text())
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    x = images(2, 32)
+    with torch.no_grad():
+        assert_same_logits(logits(build(str(tmp_path / "bin"))(x)), logits(ref(x)))
+    with pytest.raises(ModelError, match=r"model\.kwargs \['hiddden_size'\]: not fields of ViTConfig"):
+        build(kwargs={"hiddden_size": 3})
+    assert build(kwargs={"attn_implementation": "eager"}).config._attn_implementation == "eager"
+    with pytest.raises(ModelError, match=r"model\.num_classes 5 differs from .*config\.json num_labels 10"):
+        build(num_classes=5)
+    with pytest.raises(ModelError, match=r"model\.img_size: not used by source hf"):
+        build(img_size=64)
+    (d / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"vit/preprocessor_config\.json: not a readable image processor"):
+        build()
+
+
+# ------------------------------------------------------------------------------ the registry
+def test_source_names_are_validated_and_sources_register():
+    from quantcore.model_sources import SOURCES, ModelSource, register_source
+    from quantcore.recipe import RecipeError
+
+    assert {"builder", "timm", "torchvision", "hf", "npz"} <= set(SOURCES.names())
+    with pytest.raises(RecipeError, match=r"model\.source: unknown model source 'onnx' \(registered: .*'hf'"):
+        quantcore.load_recipe({"model": {"name": "x", "source": "onnx"}})
+
+    class Fixed(ModelSource):
+        name = "test_fixed"
+
+        def build(self, cfg, name, load_weights):
+            return nn.Linear(2, 3), "test weights"
+
+    register_source(Fixed())
+    try:
+        m = quantcore.build_model({"model": {"name": "anything", "source": "test_fixed"}})
+        assert isinstance(m, nn.Linear) and m.quantcore_weights == "test weights"
+        assert isinstance(quantcore.build_model({"model": {"name": "test_fixed:anything"}}), nn.Linear)
+    finally:
+        SOURCES.unregister("test_fixed")
+
+
+def test_cli_exits_2_naming_the_file(tmp_path, capsys):
+    import yaml
+
+    from quantcore.cli import main
+
+    torch.manual_seed(0)
+    np.savez(tmp_path / "deep.npz", **google_vit_npz(randomize(tiny_vit(depth=3))))
+    recipe = tmp_path / "r.yaml"
+    model = {**TINY_VIT, "checkpoint": str(tmp_path / "deep.npz")}
+    recipe.write_text(yaml.safe_dump({"name": "npz_cli", "model": model}))
+    rc = main(["calibrate", "-r", str(recipe), "-d", str(tmp_path / "no-data"), "-o", str(tmp_path / "out"),
+               "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "deep.npz has 3 encoder blocks" in err and "Traceback" not in err, err
