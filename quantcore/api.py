@@ -27,7 +27,7 @@ from .config import Recipe
 from .encoding_table import encodings_table
 from .errors import CalibrationError, UserError
 from .models import create_model
-from .placement import place_quantizers, quantizers, unwrap
+from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
 
@@ -161,14 +161,7 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
             done = q.finalize()
         if not done and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
-    placement = getattr(unwrap(model), "quantcore_placement", None)
-    for group in getattr(placement, "share_groups", []) or []:
-        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
-        if members:
-            lo = torch.stack([m.amin.min() for m in members]).min()
-            hi = torch.stack([m.amax.max() for m in members]).max()
-            for m in members:
-                m.set_range(lo, hi)
+    unify_shared_ranges(model)
     res.finalize_s = time.perf_counter() - t0
     return res
 

@@ -96,6 +96,15 @@ def report_markdown(rep: dict[str, Any]) -> str:
                      f"{f(r.get('sqnr_db') if name != ref else None, '{:.1f}')} |")
     lines.append("")
     for vname, v in (rep.get("variants") or {}).items():
+        be = ((v.get("calibration") or {}).get("backend") or {}) if isinstance(v, dict) else {}
+        if be:  # which toolkit computed the ranges: several variants may compare toolkits in one run
+            engines = ", ".join(f"{k} {n}" for k, n in sorted((be.get("engines") or {}).items()))
+            lines += [f"Ranges of `{vname}` computed by {be.get('name')} {be.get('version') or ''}".rstrip()
+                      + (f" (quantizers per range source: {engines})" if engines else "") + ".", ""]
+            if be.get("no_counterpart"):
+                n = len(be["no_counterpart"])
+                lines += [f"> **WARNING**: {n} quantizer(s) of `{vname}` have no {be.get('name')} counterpart; "
+                          f"their ranges come from quantcore's calibrator (report.json lists them).", ""]
         pl = v.get("placement") if isinstance(v, dict) else None
         if not pl:
             continue

@@ -102,24 +102,6 @@ def weight_tensor(model: nn.Module, name: str, q: "TensorQuantizer") -> torch.Te
     return q.observed
 
 
-def unify_shared(model: nn.Module) -> list[list[str]]:
-    """Give each shared group (``placement.share_groups``: e.g. one q/k/v range) the union of its
-    members' ranges, as :func:`quantcore.api.finalize` does. Returns the groups unified."""
-    from ..placement import quantizers, unwrap
-
-    qs = quantizers(model)
-    done = []
-    for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
-        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
-        if members:
-            lo = torch.stack([m.amin.min() for m in members]).min()
-            hi = torch.stack([m.amax.max() for m in members]).max()
-            for m in members:
-                m.set_range(lo, hi)
-            done.append(list(group))
-    return done
-
-
 class Feed:
     """Stands in for a quantizer's collector during a peer's calibration pass: every tensor the
     quantizer sees goes to the peer's calibrator. ``amax`` (set by the backend once collection ends)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import Backend
-from ._common import check_common, check_quantizer, record, refuse_data_parallel, unify_shared
+from ._common import check_common, check_quantizer, record, refuse_data_parallel
 
 ACT_METHODS = ("max", "percentile", "tf_enhanced")
 WEIGHT_METHODS = ("max",)
@@ -59,7 +59,7 @@ class AimetBackend(Backend):
 
     def calibrate(self, model, batches: Iterable, max_batches: int | None = None, progress: Any = None):
         from ..api import _images
-        from ..placement import quantizers, unwrap
+        from ..placement import quantizers, unify_shared_ranges, unwrap
         from .native import NativeBackend
 
         refuse_data_parallel(self.name)
@@ -101,7 +101,7 @@ class AimetBackend(Backend):
             else:
                 ranges[name] = "quantcore: no AIMET counterpart (op not wrapped by AIMET)"
                 unmapped.append(name)
-        shared = unify_shared(model)
+        shared = unify_shared_ranges(model)
         for group in shared:
             for n in group:
                 ranges[n] += " + union of the shared group"

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import torch
 
 from . import Backend
-from ._common import Feed, check_common, check_quantizer, feeding, record, refuse_data_parallel, unify_shared, \
+from ._common import Feed, check_common, check_quantizer, feeding, record, refuse_data_parallel, \
     weight_tensor
 
 ACT_METHODS = ("max", "percentile", "entropy")  # not "mse": see the module docstring
@@ -60,7 +60,7 @@ class ModelOptBackend(Backend):
 
     def calibrate(self, model, batches: Iterable, max_batches: int | None = None, progress: Any = None):
         from .. import api
-        from ..placement import quantizers, unwrap
+        from ..placement import quantizers, unify_shared_ranges, unwrap
 
         from modelopt.torch.quantization.calib import HistogramCalibrator, MaxCalibrator
 
@@ -114,7 +114,7 @@ class ModelOptBackend(Backend):
                     ranges[name] = "quantcore: disabled quantizer (range not used)"
         for name in feeds:  # the peer's statistics are not quantcore state (calibration_state, merge)
             qs[name].collector = None
-        shared = unify_shared(model)
+        shared = unify_shared_ranges(model)
         for group in shared:
             for n in group:
                 ranges[n] += " + union of the shared group"

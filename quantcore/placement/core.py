@@ -84,6 +84,23 @@ def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, TensorQuantizer)}
 
 
+def unify_shared_ranges(model: nn.Module) -> list[list[str]]:
+    """Give each shared group of the placement (``PlacementResult.share_groups``: e.g. one range for
+    q/k/v, which one fused kernel reads) the union of its calibrated members' ranges, in place.
+    Members without a range yet are left alone. Returns the groups unified (quantizer names)."""
+    qs = quantizers(model)
+    done = []
+    for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
+        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
+        if members:
+            lo = torch.stack([m.amin.min() for m in members]).min()
+            hi = torch.stack([m.amax.max() for m in members]).max()
+            for m in members:
+                m.set_range(lo, hi)
+            done.append(list(group))
+    return done
+
+
 def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: fake-quantize the model's image input with ``module.input_quantizer``: the
     first positional tensor, else the first floating-point tensor keyword (``pixel_values=``)."""
