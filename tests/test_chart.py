@@ -325,14 +325,15 @@ def data_flow(objs: List[Dict[str, Any]]) -> List[Tuple[str, List[str], List[str
     """(workload, the URIs it writes, the URIs it reads) of every Job and RayJob, from the command
     lines as the real parsers read them (quantcore CLI, torchrun, jobs.ray_qat, jobs.ray_sweep + its
     sweep file from the rendered ConfigMap)."""
-    reads = ("--checkpoint", "--data", "--calib-data", "--eval-data", "--init", "--recipe")
+    reads = ("--checkpoint", "--data", "--calib-data", "--eval-data", "--init", "--recipe", "--check-data")
     cms = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
     out = []
     for o in objs:
         name = f"{o['kind']}/{o['metadata']['name']}"
         if o["kind"] == "Job":
             argv = qat_torchrun_args(o).training_script_args if is_qat_job(o) else quantcore_argv(o)
-            out.append((name, _flag_values(argv, ("--out",)), _flag_values(argv, reads)))
+            positional = [argv[1]] if argv[0] == "export" else []  # export's checkpoint is its argument
+            out.append((name, _flag_values(argv, ("--out",)), positional + _flag_values(argv, reads)))
         elif o["kind"] == "RayJob":
             argv = shlex.split(o["spec"]["entrypoint"])
             if argv[:3] == ["python", "-m", "jobs.ray_qat"]:
@@ -372,7 +373,7 @@ def test_no_workload_reads_what_another_of_its_release_writes(chart_renders):
     for name, objs in chart_renders.items():
         assert data_flow_problems(objs) == [], name
     flow = data_flow(chart_renders["sweep-values.yaml"])
-    assert len(flow) == 5 and all(outs for _, outs, _ in flow)
+    assert len(flow) == 6 and all(outs for _, outs, _ in flow)
 
 
 def test_data_flow_checker_catches_the_calibrate_then_evaluate_race(chart_renders):
@@ -394,6 +395,9 @@ def test_chart_refuses_runs_that_read_another_runs_output(bins, tmp_path):
             "writes") in err and "mode ptq" in err
     qat = {**GOOD_QAT, "init": "s3://runs/site/calib/vit_b16_int8/model.qc.pt"}
     assert "runs[1] (q1).init reads" in refused(bins, tmp_path, {"runs": [calib, qat]})
+    export = {"name": "x1", "mode": "export", "model": "s3://runs/site/calib/vit_b16_int8/model.qc.pt",
+              "out": "s3://runs/site/export"}
+    assert "runs[1] (x1).model reads" in refused(bins, tmp_path, {"runs": [calib, export]})
     ray_qat = {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://runs/site/calib",
                "out": "s3://runs/ray-qat"}
     assert "rayQat.data reads s3://runs/site/calib" in refused(bins, tmp_path, {"runs": [calib], "rayQat": ray_qat})
@@ -674,7 +678,7 @@ def test_data_test_pod_against_mock_s3_and_a_volume(chart_renders, s3_server, s3
     args = c["args"]
     local = [a for a in args if not a.split("=", 1)[1].startswith("s3://")]
     assert local == ["in=/mnt/datasets/imagenet-tiny"]
-    assert sorted(a.split("=", 1)[0] for a in args if a not in local) == ["in"] * 4 + ["out"] * 5
+    assert sorted(a.split("=", 1)[0] for a in args if a not in local) == ["in"] * 4 + ["out"] * 6
     # the claim of resnext-cpu-smoke is mounted read-only where the run's pod mounts it
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/mnt/datasets"]

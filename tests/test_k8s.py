@@ -371,6 +371,14 @@ def test_job_arguments_follow_the_run_entries(chart_renders):
     assert p["checkpoint"] == "s3://quantcore-runs/2024-05/calib/vit_b16_w8a8_site/model.qc.pt"
     assert (p["split"], p["limit"], p["out"]) == ("val", 10000, "s3://quantcore-runs/site/eval")
 
+    mode, p = params("vit-site-export")  # export: CPU, the checkpoint as argument, data -> --check-data
+    assert mode == "export"
+    assert p["checkpoint"] == "s3://quantcore-runs/2024-05/calib/vit_b16_w8a8_site/model.qc.pt"
+    assert (p["out"], p["format"], p["opset"]) == ("s3://quantcore-runs/site/export", "onnx,trt-table", 17)
+    assert (p["check_data"], p["check_split"], p["check_limit"]) == ("s3://datasets/imagenet-zip", "val", 2000)
+    (c,) = jobs["vit-site-export"]["spec"]["template"]["spec"]["containers"]
+    assert _gpu_limit(c) is None and p["check_data"]  # defaults.gpus does not apply to export: a CPU pod
+
     mode, p = params("vit-variants-ptq")  # several recipes, built-in names pass through, model=recipe
     assert mode == "ptq"
     assert p["recipe"] == ["vit_b16_int8", "vit_b16_int8_mixed", "/etc/quantcore/recipes/vit_b16_w8a8_site.yaml"]
@@ -428,6 +436,9 @@ GOOD_QAT = {"name": "q1", "mode": "qat", "model": "recipe", "recipe": "vit_b16_i
             "data": "s3://datasets/imagenet-zip", "out": "s3://out/q1"}
 
 
+GOOD_EXPORT = {"name": "x1", "mode": "export", "model": "s3://runs/vit/vit_b16_int8/model.qc.pt", "out": "s3://out/x1"}
+
+
 def _without(d, key):
     return {k: v for k, v in d.items() if k != key}
 
@@ -442,6 +453,8 @@ BAD_VALUES = {
     "image-digest-malformed": ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
     "missing-model": ({"runs": [_without(GOOD_RUN, "model")]}, "model"),
     "missing-data": ({"runs": [_without(GOOD_RUN, "data")]}, "data"),
+    "export-bad-format": ({"runs": [{**GOOD_EXPORT, "format": "tflite"}]}, "/runs/0/format"),
+    "export-bad-opset": ({"runs": [{**GOOD_EXPORT, "opset": 11}]}, "/runs/0/opset"),
     "missing-out": ({"runs": [_without(GOOD_RUN, "out")]}, "out"),
     "invalid-mode": ({"runs": [{**GOOD_RUN, "mode": "quantize"}]}, "/runs/0/mode"),
     "bad-data-uri": ({"runs": [{**GOOD_RUN, "data": "http://example.com/x"}]}, "/runs/0/data"),
@@ -507,7 +520,7 @@ TEMPLATE_REFUSALS = {
         {"runs": [{**GOOD_RUN, "mode": "evaluate", "model": "s3://models/x/model.qc.pt"}]},
         ["runs[0] (r1).recipe does not apply to mode evaluate", "reads the recipe from the checkpoint"]),
     "calibrate-with-limit": ({"runs": [{**GOOD_RUN, "limit": 100}]},
-                             ["runs[0] (r1).limit does not apply to mode calibrate (only to evaluate, ptq)",
+                             ["runs[0] (r1).limit does not apply to mode calibrate (only to evaluate, ptq, export)",
                               "use mode ptq"]),
     "calibrate-with-eval-data": ({"runs": [{**GOOD_RUN, "evalData": "s3://datasets/val"}]},
                                  ["runs[0] (r1).evalData does not apply to mode calibrate"]),
@@ -518,6 +531,20 @@ TEMPLATE_REFUSALS = {
     "qat-with-limit": ({"runs": [{**GOOD_QAT, "limit": 10}]}, ["runs[0] (q1).limit does not apply to mode qat",
                                                               "evalLimit"]),
     "qat-without-recipe": ({"runs": [_without(GOOD_QAT, "recipe")]}, ["runs[0] (q1).recipe is required for mode qat"]),
+    "export-needs-a-checkpoint-uri": (
+        {"runs": [{**_without(GOOD_EXPORT, "model"), "model": "recipe"}]},
+        ["runs[0] (x1).model: mode export needs the URI of a calibrated checkpoint"]),
+    "export-with-recipe": ({"runs": [{**GOOD_EXPORT, "recipe": "vit_b16_int8"}]},
+                           ["runs[0] (x1).recipe does not apply to mode export"]),
+    "export-with-gpus": ({"runs": [{**GOOD_EXPORT, "gpus": 1}]}, ["runs[0] (x1).gpus: export runs on CPU"]),
+    "export-limit-without-data": ({"runs": [{**GOOD_EXPORT, "limit": 100}]},
+                                  ["runs[0] (x1).limit: export checks the ONNX graph on the images of `data`"]),
+    "export-split-without-data": ({"runs": [{**GOOD_EXPORT, "split": "val"}]}, ["runs[0] (x1).split: export"]),
+    "export-with-batch-size": ({"runs": [{**GOOD_EXPORT, "batchSize": 8}]},
+                               ["runs[0] (x1).batchSize does not apply to mode export", "without a DataLoader"]),
+    "format-on-a-ptq-run": ({"runs": [{**GOOD_RUN, "mode": "ptq", "format": "onnx"}]},
+                            ["runs[0] (r1).format does not apply to mode ptq (only to export)",
+                             "add a run of mode export"]),
     "bad-pod-label-key": ({"podLabels": {"Bad Key": "x"}}, ["podLabels: \"Bad Key\" is not a valid label key"]),
     "bad-run-label-key": ({"runs": [{**GOOD_RUN, "labels": {"example.com/a/b": "x"}}]},
                           ["runs[0].labels: \"example.com/a/b\" is not a valid label key"]),

@@ -74,18 +74,22 @@
 
 {{- /* Which run keys each mode uses. A key a mode ignores is refused rather than dropped. */ -}}
 {{- $qatOnly := list "init" "nnodes" "nprocPerNode" "epochs" "maxSteps" "evalLimit" "maxRestarts" "terminationGracePeriodSeconds" "rdzvPort" -}}
-{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq") "recipe" (list "calibrate" "ptq" "qat") -}}
+{{- $loaderModes := list "calibrate" "evaluate" "ptq" "qat" -}}
+{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq" "export") "recipe" (list "calibrate" "ptq" "qat") "format" (list "export") "opset" (list "export") "batchSize" $loaderModes "layout" $loaderModes "workers" $loaderModes "skipBad" $loaderModes -}}
 {{- range $q := $qatOnly }}{{ $_ := set $modesOf $q (list "qat") }}{{ end -}}
 {{- $hints := dict
     "calibrate" "calibrate evaluates nothing: remove it, or use mode ptq (calibrate, then evaluate, in one Job)"
     "evaluate" "evaluate reads the recipe from the checkpoint and the images from data/split: remove it"
-    "limit-qat" "qat evaluates with evalLimit: use that instead" -}}
+    "limit-qat" "qat evaluates with evalLimit: use that instead"
+    "export" "export reads the recipe from the checkpoint and checks its ONNX graph in onnxruntime on CPU, without a DataLoader: remove it"
+    "format" "only export runs write deployment formats: remove it, or add a run of mode export that reads this run's checkpoint in a later release" -}}
 {{- range $i, $run := $v.runs -}}
 {{- $who := printf "runs[%d] (%s)" $i $run.name -}}
 {{- range $key, $modes := $modesOf -}}
 {{- if and (hasKey $run $key) (not (has $run.mode $modes)) -}}
 {{- $hint := "only qat runs use it: remove it, or set mode: qat" -}}
 {{- if not (has $key $qatOnly) }}{{ $hint = get $hints $run.mode }}{{ end -}}
+{{- if has $key (list "format" "opset") }}{{ $hint = get $hints "format" }}{{ end -}}
 {{- if and (eq $key "limit") (eq $run.mode "qat") }}{{ $hint = get $hints "limit-qat" }}{{ end -}}
 {{- fail (printf "%s.%s does not apply to mode %s (only to %s): %s" $who $key $run.mode (join ", " $modes) $hint) -}}
 {{- end -}}
@@ -96,8 +100,16 @@
 {{- if and (eq $run.mode "qat") (kindIs "slice" $run.recipe) -}}
 {{- fail (printf "%s.recipe: qat trains one recipe, got a list of %d: give each recipe its own qat run" $who (len $run.recipe)) -}}
 {{- end -}}
-{{- if and (eq $run.mode "evaluate") (eq (toString $run.model) "recipe") -}}
-{{- fail (printf "%s.model: mode evaluate needs the URI of a calibrated checkpoint (…/model.qc.pt, written by calibrate or ptq), not `recipe`" $who) -}}
+{{- if and (has $run.mode (list "evaluate" "export")) (eq (toString $run.model) "recipe") -}}
+{{- fail (printf "%s.model: mode %s needs the URI of a calibrated checkpoint (…/model.qc.pt, written by calibrate, ptq or qat), not `recipe`" $who $run.mode) -}}
+{{- end -}}
+{{- if eq $run.mode "export" -}}
+{{- if and (not $run.data) (or (hasKey $run "limit") (hasKey $run "split")) -}}
+{{- fail (printf "%s.%s: export checks the ONNX graph on the images of `data` (--check-data); without data there is nothing to limit or split: set data, or remove %s" $who (ternary "limit" "split" (hasKey $run "limit")) (ternary "limit" "split" (hasKey $run "limit"))) -}}
+{{- end -}}
+{{- if gt (int (default 0 $run.gpus)) 0 -}}
+{{- fail (printf "%s.gpus: export runs on CPU (ONNX export and the onnxruntime check; TensorRT engines are built on the deployment target): set gpus: 0 or remove it" $who) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
