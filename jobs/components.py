@@ -665,7 +665,7 @@ def export(
     format: str = "all",  # noqa: A002 - the CLI option's name
     opset: int = 0,
     check_data: Optional[str] = None,
-    check_split: str = "test",
+    check_split: Optional[str] = None,
     check_limit: int = 0,
     image: str = OPTS.image,
     cpu: int = OPTS.cpu,
@@ -694,17 +694,20 @@ def export(
         format: onnx, aimet, trt-table, a comma-separated list, or all
         opset: ONNX opset 13..21; 0 = quantcore's default (17, or 21 when a 4/16-bit quantizer needs it)
         check_data: dataset URI whose images run through onnxruntime and the fake-quant model
-        check_split: split of check_data
-        check_limit: check on a seeded, class-stratified sample of N images; 0 = the whole split
+        check_split: split of check_data (default test)
+        check_limit: check on a seeded, class-stratified sample of N images of check_data; 0 = the whole split
     """
     pod = PodOptions.of({**locals(), "gpus": 0})  # OPTIONS_NOT_TAKEN: no GPU
     if opset < 0 or check_limit < 0:
         raise ComponentError(f"--opset and --check_limit must be >= 0, got {opset} and {check_limit}")
+    if not check_data and (check_split or check_limit):
+        raise ComponentError("--check_split and --check_limit apply to the images of --check_data: set "
+                             "--check_data, or remove them")
     args = [checkpoint, "--out", out, "--format", format]
     if opset:
         args += ["--opset", str(opset)]
     if check_data:
-        args += ["--check-data", check_data, "--check-split", check_split]
+        args += ["--check-data", check_data, "--check-split", check_split or "test"]
         if check_limit:
             args += ["--check-limit", str(check_limit)]
     return _app("export", args, pod, None)

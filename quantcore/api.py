@@ -427,7 +427,7 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
 
 
 def export(model: nn.Module | str, out: str, formats: str | list[str] = "all", *, opset: int | None = None,
-           check_data: str | None = None, check_split: str = "test", check_limit: int | None = None,
+           check_data: str | None = None, check_split: str | None = None, check_limit: int | None = None,
            example_input: torch.Tensor | None = None) -> dict[str, Any]:
     """Write deployment files for a calibrated model (or a checkpoint URI, PTQ or QAT) into ``out`` (local
     directory or s3:// prefix): ``model.onnx`` (QuantizeLinear/DequantizeLinear, TensorRT explicit
@@ -436,14 +436,14 @@ def export(model: nn.Module | str, out: str, formats: str | list[str] = "all", *
 
     ``formats``: ``"all"`` or any of ``onnx``, ``aimet``, ``trt-table`` (list or comma-separated). ``opset``:
     13..21 (default 17, 21 when a 4/16-bit quantizer needs it). ``check_data``: dataset URI whose
-    ``check_split`` (optionally a seeded class-stratified ``check_limit`` images) is run through
+    ``check_split`` (default ``test``; optionally a seeded class-stratified ``check_limit`` images, 0 = all) is run through
     onnxruntime and the fake-quant model (top-1 agreement, top-1 of both). ``example_input``: the export's
     trace input ``(1, C, H, W)`` (default: the shape stored at calibration). Returns the report. Raises
     :class:`~quantcore.errors.UserError` (``ExportError``) naming the quantizer or option that cannot be
     exported (see :mod:`quantcore.export`)."""
-    from .export.run import CheckData, export_checkpoint, export_model
+    from .export.run import check_data as check_options, export_checkpoint, export_model
 
-    check = CheckData(check_data, check_split, check_limit) if check_data else None
+    check = check_options(check_data, check_split, check_limit)
     if isinstance(model, str):
         if example_input is not None:
             return export_model(load(model), out, formats, opset, check, x=example_input, source=model)

@@ -260,12 +260,12 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
                format: str = typer.Option("all", "--format", "-f", help="onnx, aimet, trt-table, a comma-separated list, or all."),
                opset: Optional[int] = typer.Option(None, help="ONNX opset 13..21 (default 17; 21 when a 4/16-bit quantizer needs it)."),
                check_data: Optional[str] = typer.Option(None, help="Dataset URI: run its images through onnxruntime and the fake-quant model (agreement, top-1)."),
-               check_split: str = typer.Option("test", help="Split of --check-data."),
-               check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images.")) -> None:
+               check_split: Optional[str] = typer.Option(None, help="Split of --check-data (default test)."),
+               check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images of --check-data (0 or unset: the whole split).")) -> None:
     """Export a checkpoint for deployment: ONNX QDQ (TensorRT/onnxruntime), AIMET encodings, TensorRT range table."""
-    from .export.run import CheckData, export_checkpoint
+    from .export.run import check_data as check_options, export_checkpoint
 
-    check = CheckData(check_data, check_split, check_limit) if check_data else None
+    check = check_options(check_data, check_split, check_limit)
     rep = export_checkpoint(checkpoint, out, format, opset, check)
     typer.echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
                f"{len(rep['not_trt_native'])} not TensorRT-native")
@@ -320,7 +320,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .errors import UserError
     from .io import StorageError
 
-    return (UserError, StorageError, FileNotFoundError, PermissionError)
+    # OS errors about the paths the user gave (an output that is a file, a directory where a file goes)
+    return (UserError, StorageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

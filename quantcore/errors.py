@@ -37,3 +37,21 @@ class Preempted(QuantcoreError):
     def __init__(self, step: int, uri: str) -> None:
         super().__init__(f"preempted (SIGTERM) at step {step}; checkpoint {uri} written, a restart resumes there")
         self.step, self.uri = step, uri
+
+
+def one_line(err: Exception) -> str:
+    """A pydantic ``ValidationError`` as ``field: message; ...`` on one line (its ``str`` is a
+    multi-line dump with URLs); any other error as ``str(err)``."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return str(err)
+    try:
+        items = errors()
+    except Exception:  # noqa: BLE001 - not pydantic's errors(): fall back to the message
+        return str(err)
+    parts = []
+    for e in items:
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or str(err)

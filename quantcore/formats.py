@@ -76,4 +76,6 @@ class QuantSpec(BaseModel):
             return self.format
         kind = "sym" if self.symmetric else "asym"
         gran = f"ch{self.axis}" if self.axis is not None else "tensor"
-        return f"int{self.bits}/{kind}/{gran}/{self.calibrator}"
+        # the registered kind by name: a 4-bit log2 or twin grid is not int4
+        grid = f"int{self.bits}" if self.format == "int" else f"{self.format}:{self.bits}b"
+        return f"{grid}/{kind}/{gran}/{self.calibrator}"

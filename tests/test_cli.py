@@ -149,6 +149,10 @@ def test_every_kind_of_user_mistake_is_one_line_and_exit_2(image_folder, tmp_pat
     # An override whose match: matches nothing names the override (PlacementError, a UserError).
     expect_user_error(capsys, ptq_with(_recipe(tmp_path, "ov", overrides=[{"match": "nope.*", "float": True}])),
                       "overrides[0]", "nope.*")
+    # An override whose spec does not fit a quantizer (checked at placement: the spec it patches
+    # depends on the quantizer) names the override, the quantizer and the fix, on one line.
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "twin", overrides=[{"match": "*", "spec": {"format": "twin_int"}}])),
+                      "overrides[0]", "invalid spec for quantizer", "before the override: int8/", "set symmetric: false")
     # Bad files: FP32 weights that are no state_dict, weights of another model, a calibrated
     # checkpoint that is no checkpoint, a data directory that does not exist.
     garbage = tmp_path / "garbage.pt"

@@ -211,8 +211,9 @@ def test_refusals_name_the_quantizer_or_option(fmnist):
     q = quantizers(log2)[qname]
     q.set_spec(q.spec.model_copy(update={"format": "log2", "calibrator": "max"}))
     q.set_range(0.0, 1.0)
-    with pytest.raises(ExportError, match=rf"quantizer {qname}: format 'log2'"):
+    with pytest.raises(ExportError, match=rf"quantizer {qname}: format 'log2'.*every export format") as err:
         export_onnx(log2, fmnist[1][0][:1])
+    assert "AIMET encodings and the TensorRT range table" in str(err.value)  # not only "ONNX" for --format aimet
     six = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0], activations={"bits": 6})
     with pytest.raises(ExportError, match=r"quantizer blocks\.0\.attn\.qkv\.input_quantizer: 6-bit"):
         export_onnx(six, fmnist[1][0][:1])
@@ -322,7 +323,7 @@ def test_trt_range_table_and_cache(fmnist):
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
-def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket):
+def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket, capsys):
     from quantcore.cli import main
     from quantcore.io import storage
     from tiny_data import TINY_RECIPE, make_images
@@ -348,6 +349,12 @@ def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket):
     check_model(onnx.load_from_string(storage.read_bytes(s3out + "/model.onnx")))
     assert json.loads(storage.read_bytes(s3out + "/model.encodings"))["version"] == "2.0.0"
     assert not storage.exists(s3out + "/trt_ranges.json")
+    # an output location that is a file: one error line naming it, exit 2, the file untouched
+    before = Path(out, "model.onnx").read_bytes()
+    assert main(["export", ck, "--out", str(Path(out, "model.onnx", "sub")), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx is a file, not a directory" in err and "Traceback" not in err
+    assert Path(out, "model.onnx").read_bytes() == before
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
@@ -357,3 +364,11 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert "missing.qc.pt" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--format", "tflite"]) == 2
     assert "--format" in capsys.readouterr().err
+    # check options without the data they apply to would be ignored: refused, naming them
+    assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--check-limit", "50"]) == 2
+    assert "--check-limit needs --check-data" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--check-split", "val"]) == 2
+    assert "--check-split needs --check-data" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--check-data",
+                 str(tmp_path), "--check-limit", "-1"]) == 2
+    assert "--check-limit must be >= 0" in capsys.readouterr().err

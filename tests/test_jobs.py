@@ -284,6 +284,17 @@ def test_components_reject_bad_arguments(bad):
         components.calibrate(**kwargs)
 
 
+@pytest.mark.parametrize("bad, message", [(dict(check_limit=50), "--check_limit apply to the images of --check_data"),
+                                          (dict(check_split="val"), "--check_split and"),
+                                          (dict(opset=-1), "--opset")])
+def test_export_component_refuses_options_that_would_be_dropped(bad, message):
+    with pytest.raises(ValueError, match=message):
+        components.export(checkpoint="s3://b/m/model.qc.pt", out="s3://b/x", **bad)
+    ok = components.export(checkpoint="s3://b/m/model.qc.pt", out="s3://b/x", check_data="s3://b/d", check_limit=50)
+    args = ok.roles[0].args
+    assert args[args.index("--check-split") + 1] == "test" and args[args.index("--check-limit") + 1] == "50"
+
+
 @pytest.mark.parametrize("name", COMPONENT_NAMES)
 def test_component_passes_torchx_validation_and_documents_every_argument(name):
     import inspect

@@ -363,3 +363,11 @@ def test_calibration_error_names_the_quantizer():
     quantcore.prepare(model, rec)
     with pytest.raises(quantcore.CalibrationError, match=r"'blocks\.0\.mlp\.fc2\.input_quantizer'.*log2"):
         quantcore.calibrate(model, [(torch.randn(4, 1, 28, 28), torch.zeros(4))])
+
+
+@pytest.mark.parametrize("fmt", ["log2", "log_sqrt2", "twin_int"])
+def test_reports_name_the_grid_not_int(fmt):
+    """Analysis tables, errors and repr show ``spec.short()``: a 4-bit log2/twin grid is not int4."""
+    s = QuantSpec(format=fmt, bits=4, symmetric=False, calibrator="mse" if fmt == "twin_int" else "max").short()
+    assert s.startswith(f"{fmt}:4b/") and "int4" not in s
+    assert QuantSpec(format="int", bits=4).short().startswith("int4/")

@@ -101,13 +101,16 @@ def quantizer_qdq(name: str, q: TensorQuantizer) -> Optional[QdqSpec]:
     spec = q.spec
     if spec.kind.is_float:
         if spec.format not in _FLOAT_CASTS:
-            raise ExportError(f"quantizer {name}: format {spec.format!r} has no ONNX export here (casts: "
+            raise ExportError(f"quantizer {name}: format {spec.format!r} has no export here (casts: "
                               f"{sorted(_FLOAT_CASTS)}; FP8 needs opset 19 float8 types TensorRT/onnxruntime "
                               f"do not run as Q/DQ on CPU)")
         return QdqSpec(name, "cast", q.kind, spec.format, dtype=_FLOAT_CASTS[spec.format], min_opset=MIN_OPSET)
     if spec.format != "int":
-        raise ExportError(f"quantizer {name}: format {spec.format!r} is not a uniform affine grid; ONNX "
-                          f"QuantizeLinear/DequantizeLinear express format 'int' only")
+        raise ExportError(f"quantizer {name}: format {spec.format!r} is not a uniform affine grid; every export "
+                          f"format expresses format 'int' only (ONNX QuantizeLinear/DequantizeLinear, AIMET "
+                          f"encodings and the TensorRT range table are all scale/zero-point grids). Its "
+                          f"parameters are in encodings.json; for deployment calibrate it as format int or "
+                          f"keep it float (an override)")
     if spec.learnable and q.scale is not None:
         raise ExportError(f"quantizer {name} still has learnable (QAT) scale/zero point: run quantcore.convert(model) "
                           f"first (quantcore export does this for a checkpoint)")

@@ -63,6 +63,21 @@ class CheckData:
     batch_size: int = 250
 
 
+def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[int] = None) -> Optional[CheckData]:
+    """The onnxruntime check's images from the CLI/API options: ``None`` without ``uri``. ``split``
+    defaults to ``test``; ``limit`` ``None`` or ``0`` = the whole split. A split or limit without a
+    URI, or a negative limit, raises :class:`ExportError` naming the option (it would be ignored)."""
+    if not uri:
+        given = [o for o, v in (("--check-split", split), ("--check-limit", limit)) if v is not None]
+        if given:
+            raise ExportError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --check-data (the dataset whose images are run "
+                              f"through onnxruntime); without it nothing is checked")
+        return None
+    if limit is not None and int(limit) < 0:
+        raise ExportError(f"--check-limit must be >= 0 (0 = the whole split), got {limit}")
+    return CheckData(uri, split or "test", (int(limit) or None) if limit is not None else None)
+
+
 def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     from ..data import eval_transform, limit_subset, make_loader, open_dataset
 

@@ -80,8 +80,14 @@ def _atomic_local_writer(path: str) -> Iterator[BinaryIO]:
     """
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "target is a directory", path)
+        raise IsADirectoryError(errno.EISDIR, "cannot write a file there: a directory of that name exists", path)
     parent = os.path.dirname(path)
+    up = parent
+    while not os.path.isdir(up):  # the first existing ancestor must be a directory
+        if os.path.lexists(up):
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {up} is a file, not a directory "
+                                     f"(the output location must be a directory or a new path)", up)
+        up = os.path.dirname(up)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

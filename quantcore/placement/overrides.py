@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable
 
 from ..config import Override, SpecPatch
-from ..errors import PlacementError
+from ..errors import PlacementError, one_line
 from ..formats import QuantSpec
 
 
@@ -101,7 +101,8 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                     try:
                         spec = r.patch.apply(spec)
                     except ValueError as e:
-                        raise PlacementError(f"{r.source} gives an invalid spec for quantizer {qname!r}: {e}") from e
+                        raise PlacementError(f"{r.source} gives an invalid spec for quantizer {qname!r} (before the "
+                                             f"override: {spec.short()}): {one_line(e)}") from None
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
