@@ -151,7 +151,8 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
     weight_decay: float = Field(0.0, ge=0, description="not applied to biases, norms and quantizer ranges")
     range_lr: float | None = Field(None, gt=0, description="learning rate of learned scales/zero points "
-                                   "(default: lr; with adamw use ~lr/10: Adam steps ~lr whatever the gradient)")
+                                   "(default: lr). sgd: as it is; adamw: relative - a scale steps by about "
+                                   "range_lr x its calibrated value, a zero point by range_lr x the grid width")
 
     @model_validator(mode="after")
     def _applies(self) -> "OptimizerConfig":

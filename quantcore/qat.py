@@ -131,23 +131,50 @@ def _set_train_mode(model: nn.Module, cfg: QATConfig, step: int) -> None:
 
 
 def _param_groups(model: nn.Module, cfg: QATConfig) -> list[dict]:
+    """Optimizer parameter groups: decayed weights, undecayed biases/norms, and the learned ranges.
+
+    With SGD every range parameter takes ``range_lr`` as it is (LSQ's gradient scale conditions it).
+    With AdamW the step of a parameter is about its learning rate whatever the gradient, and scales
+    span orders of magnitude (a weight scale ~1e-3, an activation scale ~1e-1): one absolute rate
+    either freezes the large ones or blows up the small ones (measured: a per-tensor weight scale
+    grew 9x in one epoch at 1e-3). So under AdamW ``range_lr`` is relative, as with TQT's log-domain
+    thresholds (Jain et al., 2019): a scale steps by about ``range_lr`` times its calibrated value
+    (per-channel: the mean over its channels), a
+    zero point by ``range_lr`` times the grid width in codes. Quantizers are bucketed by calibrated
+    scale (factors of sqrt(2)), so a few groups carry every range. The calibrated range
+    (``amin``/``amax``) is fixed until :func:`quantcore.convert`, so a resumed run rebuilds the same
+    groups."""
     from .quantizer import TensorQuantizer
 
-    qparams = {id(p) for m in model.modules() if isinstance(m, TensorQuantizer) for p in m.parameters(recurse=False)}
-    decay, no_decay, ranges = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in qparams:
-            ranges.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
     o = cfg.optimizer
+    range_lr = o.range_lr or o.lr
+    buckets: dict[float, list] = {}
+    qparams = set()
+    for m in model.modules():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        # a shared range (ft2's q/k/v) is one parameter in several quantizers: give it one group
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in qparams]
+        qparams.update(id(p) for p in m.parameters(recurse=False))
+        for p in own:
+            lr = range_lr
+            if o.name == "adamw":
+                if p is m.scale:
+                    s0, _ = m.scale_zero_point()  # from the calibrated range: unchanged by training
+                    ref = float(s0.abs().float().mean().clamp_min(1e-12))
+                    lr = range_lr * 2.0 ** (round(2 * math.log2(ref)) / 2)
+                else:  # zero point, in codes
+                    qmin, qmax = m.spec.qrange()
+                    lr = range_lr * (qmax - qmin)
+            buckets.setdefault(lr, []).append(p)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in qparams:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": o.lr},
-              {"params": ranges, "weight_decay": 0.0, "lr": o.range_lr or o.lr}]
+              {"params": no_decay, "weight_decay": 0.0, "lr": o.lr}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr} for lr, ps in sorted(buckets.items())]
     return [g for g in groups if g["params"]]
 
 

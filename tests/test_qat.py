@@ -415,3 +415,48 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
         r["quant"]["weights"]["bits"] = 8
         run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "i"),
                 QATOptions(progress=False, init=str(out / "ptq" / "model.qc.pt"), max_steps=1))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_adamw_range_steps_are_relative_to_each_calibrated_scale(name):
+    """Adam's first step is lr * sign(grad) whatever the gradient (bias-corrected moments: m/sqrt(v) =
+    sign(g)); scales span orders of magnitude, so under AdamW each scale must move by about range_lr
+    times its own calibrated value (within the sqrt(2) bucket), zero points by range_lr x the grid
+    width; under SGD range_lr stays an absolute rate."""
+    from tiny_data import TINY_RECIPE
+
+    from quantcore.qat import _optimizer, _param_groups, learnable_quantizers
+
+    torch.manual_seed(0)
+    recipe = Recipe.model_validate({**TINY_RECIPE, "quant": {"activations": {"symmetric": False}},
+                                    "qat": {"optimizer": {"name": name, "lr": 1e-3, "range_lr": 1e-2}}})
+    model = api.build_model(recipe, load_weights=False)
+    api.prepare(model, recipe)
+    x = torch.randn(8, 3, 32, 32)
+    api.calibrate(model, [(x, None)])
+    learnable_quantizers(model)
+    qs = {n: q for n, q in api.quantizers(model).items() if q.scale is not None}
+    scales = torch.stack([q.scale.detach().abs().mean() for q in qs.values()])
+    assert scales.max() / scales.min() > 20  # the model's scales span orders of magnitude
+    before = {n: (q.scale.detach().clone(), q.zero_point.detach().clone()) for n, q in qs.items()}
+    opt = _optimizer(_param_groups(model, recipe.qat), recipe.qat)
+    model.train()
+    model(x).logsumexp(1).sum().backward()
+    opt.step()
+    for n, q in qs.items():
+        s0, z0 = before[n]
+        moved = (q.scale.detach() - s0).abs()
+        if name == "sgd":
+            continue
+        # per-channel scales share their quantizer's rate: relative to the mean of its channels
+        rel = moved.max() / s0.abs().mean()
+        assert 1e-2 / 1.5 < rel < 1e-2 * 1.5, (n, rel)
+        if q.zero_point.requires_grad and q.zero_point.grad is not None and q.zero_point.grad.abs().sum() > 0:
+            qmin, qmax = q.spec.qrange()
+            (lr_z,) = [g["lr"] for g in opt.param_groups if any(p is q.zero_point for p in g["params"])]
+            assert lr_z == pytest.approx(1e-2 * (qmax - qmin))  # codes: the same share of every grid
+            # |step| = lr * |g| / (|g| + eps): at most lr (less only for gradients near Adam's eps)
+            assert 0 < (q.zero_point.detach() - z0).abs().max() <= lr_z * 1.0001
+    if name == "sgd":  # one group for all ranges at the absolute rate
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs == [1e-3, 1e-3, 1e-2] or lrs == [1e-3, 1e-2], lrs
