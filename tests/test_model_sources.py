@@ -467,6 +467,280 @@ def test_hf_mistakes_name_the_file_and_field(tmp_path):
         build()
 
 
+# ------------------------------------------------- HF preprocessing: every processor class quantcore accepts
+def _proc_case(kind: str):
+    """(transformers config, image processor, resize target T) for a processor class; an image of T x T
+    goes through the processor's resize unchanged, so the comparison on it is exact."""
+    import transformers as T
+
+    if kind == "levit":  # shortest_edge -> int(256/224 * 64) = 73, then crop 64
+        return (T.LevitConfig(image_size=64, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                              key_dim=[8, 8, 8], num_labels=3),
+                T.LevitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}), 73)
+    if kind == "efficientnet":  # include_top (the default) divides by image_std twice
+        return (T.EfficientNetConfig(image_size=64, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
+                                     num_labels=3),
+                T.EfficientNetImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.4, 0.5, 0.6],
+                                             image_std=[0.2, 0.3, 0.4]), 64)
+    if kind == "efficientnet_offset":  # rescale_offset: x / 127.5 - 1, then normalize, no include_top
+        return (T.EfficientNetConfig(image_size=64, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
+                                     num_labels=3),
+                T.EfficientNetImageProcessor(size={"height": 72, "width": 72}, crop_size={"height": 64, "width": 64},
+                                             do_center_crop=True, rescale_factor=1 / 127.5, rescale_offset=True,
+                                             include_top=False, resample=2), 72)
+    if kind == "convnext":  # below 384: shorter side to int(56 / 0.875) = 64, crop 56
+        return (T.ConvNextConfig(image_size=56, num_labels=3),
+                T.ConvNextImageProcessor(size={"shortest_edge": 56}, crop_pct=0.875), 64)
+    if kind == "convnext384":  # 384 and above: warp to 384 x 384, crop_pct unused
+        return (T.ConvNextConfig(image_size=384, num_labels=3),
+                T.ConvNextImageProcessor(size={"shortest_edge": 384}), 384)
+    if kind == "poolformer":  # shorter side to int(56 / 0.9) = 62, crop 56
+        return (T.PoolFormerConfig(num_labels=3),
+                T.PoolFormerImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                           crop_pct=0.9), 62)
+    if kind == "bit":
+        return (T.BitConfig(num_labels=3),
+                T.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}), 64)
+    if kind == "mobilenet_v2":
+        return (T.MobileNetV2Config(image_size=56, num_labels=3),
+                T.MobileNetV2ImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}), 64)
+    if kind == "segformer":  # ignores do_center_crop
+        return (T.SegformerConfig(num_labels=3),
+                T.SegformerImageProcessor(size={"height": 48, "width": 48}, do_center_crop=True,
+                                          crop_size={"height": 32, "width": 32}), 48)
+    raise KeyError(kind)
+
+
+PROC_KINDS = ["levit", "efficientnet", "efficientnet_offset", "convnext", "convnext384", "poolformer", "bit",
+              "mobilenet_v2", "segformer"]
+
+
+@pytest.mark.parametrize("kind", PROC_KINDS)
+def test_hf_preprocessing_reproduces_each_processor_class(tmp_path, kind):
+    """transformers' own processor on JPEG photos is the reference. An image whose resize is the identity
+    must come out the same to float rounding (geometry + statistics exact); other sizes within resampling
+    tolerance: mean |diff| below 5% of the input's std (PIL vs torchvision filters), allowing the crop window
+    to sit one pixel apart (see :func:`_shift_tolerant_error`). Before the fix LeViT was 1.2 std off on
+    average and EfficientNet 0.44."""
+    from transformers import AutoImageProcessor
+
+    from quantcore.data.transforms import eval_transform
+    from quantcore.model_sources.hf import hf_data_config
+
+    config, proc, target = _proc_case(kind)
+    d = tmp_path / kind
+    d.mkdir()
+    proc.save_pretrained(d)
+    if kind in ("levit", "efficientnet"):  # end to end: source auto, architecture only
+        arch = "LevitForImageClassification" if kind == "levit" else "EfficientNetForImageClassification"
+        config.architectures = [arch]
+        config.save_pretrained(d)
+        model = quantcore.build_model({"model": {"name": str(d)}}, load_weights=False)
+        pcfg = model.pretrained_cfg
+    else:
+        pcfg = hf_data_config(str(d), str(d), config, None)
+        model = nn.Identity()
+        model.pretrained_cfg = pcfg
+    hp = pcfg["hf_preprocessing"]
+    assert hp["file"] == f"{d}/preprocessor_config.json" and hp["notes"] == []
+    assert hp["processor"] == type(AutoImageProcessor.from_pretrained(d)).__name__
+    t = eval_transform(model, decoder="pil")
+    ref = AutoImageProcessor.from_pretrained(d)  # what the directory's users get
+    for w, h, exact in ((target, target, True), (97, 80, False), (70, 101, False)):
+        img = photo(w, h, seed=w)
+        want = ref(images=img, return_tensors="pt")["pixel_values"][0]
+        got = t(img)
+        assert got.shape == want.shape, (got.shape, want.shape)
+        if exact:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        else:
+            assert _shift_tolerant_error(got, want) < 0.05, _shift_tolerant_error(got, want)
+
+
+def _shift_tolerant_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """mean |got - want| / std(want), the smallest over crop windows moved by at most one pixel: the centre
+    crop of (n - crop) odd starts at int((n - crop) / 2) in transformers and at round(...) in torchvision's
+    CenterCrop (quantcore's eval transform), one pixel apart in half those cases."""
+    best = float("inf")
+    h, w = want.shape[-2:]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            a = got[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+            b = want[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            best = min(best, float((a - b).abs().mean() / want.std()))
+    return best
+
+
+def test_hf_preprocessing_it_cannot_reproduce_is_refused(tmp_path):
+    import transformers as T
+
+    ref = hf_model("vit")  # image_size 32
+    base = tmp_path / "vit"
+    ref.save_pretrained(base)
+
+    def with_proc(tag, proc):
+        d = tmp_path / tag
+        d.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (d / f).write_bytes((base / f).read_bytes())
+        proc.save_pretrained(d)
+        return str(d)
+
+    def refused(tag, proc, pattern):
+        with pytest.raises(ModelError, match=pattern):
+            quantcore.build_model({"model": {"name": with_proc(tag, proc)}})
+
+    size = {"height": 32, "width": 32}
+    refused("perceiver", T.PerceiverImageProcessor(size=size, crop_size=size),
+            r"perceiver/preprocessor_config\.json: image processor PerceiverImageProcessor is not one quantcore "
+            r"reproduces")
+    refused("pad", T.ViTImageProcessor(size=size, do_pad=True, pad_size={"height": 40, "width": 40}),
+            r"pad/preprocessor_config\.json \(ViTImageProcessor\): do_pad True .* not reproduced")
+    refused("lanczos", T.ViTImageProcessor(size=size, resample=1),
+            r"lanczos/preprocessor_config\.json \(ViTImageProcessor\): resample lanczos is not reproduced")
+    refused("noresize", T.ViTImageProcessor(size=size, do_resize=False), r"noresize/.*do_resize is false")
+    refused("nocrop", T.BitImageProcessor(size={"shortest_edge": 32}, do_center_crop=False),
+            r"nocrop/preprocessor_config\.json \(BitImageProcessor\): size \{'shortest_edge': 32\} without "
+            r"do_center_crop")
+    refused("mean2", T.ViTImageProcessor(size=size, image_mean=[0.5, 0.5]),
+            r"mean2/preprocessor_config\.json \(ViTImageProcessor\): image_mean has 2 values, the model has 3")
+    # a processor size the model does not take: found when the model is built, not at the first batch
+    refused("size40", T.ViTImageProcessor(size={"height": 40, "width": 40}),
+            r"size40/preprocessor_config\.json: size/crop_size give 40x40 inputs, but ViTForImageClassification of "
+            r".*size40/config\.json \(image_size 32\) does not take them")
+    refused("nonsquare", T.ViTImageProcessor(size={"height": 32, "width": 48}), r"give 32x48 inputs")
+
+
+# ------------------------------------------------- npz: the whole architecture, heads and stray keys included
+def test_npz_with_another_head_count_or_a_stray_key_is_refused(tmp_path):
+    torch.manual_seed(0)
+    four = randomize(tiny_vit(num_heads=4))
+    arrays = google_vit_npz(four)  # query kernels (64, 4, 16)
+    path = tmp_path / "heads4.npz"
+    np.savez(path, **arrays)
+    m = quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(path),
+                                         "kwargs": {**TINY_VIT["kwargs"], "num_heads": 4}}})
+    x = images(2, 32)
+    with torch.no_grad():
+        assert_same_logits(m(x), four(x))
+    with pytest.raises(ModelError, match=r"heads4\.npz does not fit vit_tiny_patch16_224: Transformer/encoderblock_0/"
+                                         r"MultiHeadDotProductAttention_1/query/kernel has shape \[64, 4, 16\], the "
+                                         r"model needs \[64, 2, 32\].*num_heads 2.*archive has 4 heads"):
+        quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(path)}})  # 2 heads
+    stray = dict(arrays)
+    stray["Transformer/encoderblock_0/extra/kernel"] = np.zeros(3, np.float32)
+    np.savez(tmp_path / "stray.npz", **stray)
+    with pytest.raises(ModelError, match=r"stray\.npz: keys \['Transformer/encoderblock_0/extra/kernel'\] are not "
+                                         r"read by timm's loader"):
+        quantcore.build_model({"model": {**TINY_VIT, "checkpoint": str(tmp_path / "stray.npz"),
+                                         "kwargs": {**TINY_VIT["kwargs"], "num_heads": 4}}})
+    gray = randomize(tiny_vit(in_chans=1))  # timm would sum an RGB kernel into a grey one
+    np.savez(tmp_path / "rgb.npz", **google_vit_npz(randomize(tiny_vit())))
+    with pytest.raises(ModelError, match=r"rgb\.npz: embedding/kernel|rgb\.npz does not fit .*embedding/kernel"):
+        quantcore.build_model({"model": {**TINY_VIT, "in_chans": 1, "checkpoint": str(tmp_path / "rgb.npz")}})
+    assert gray.patch_embed.proj.weight.shape[1] == 1
+
+
+# ------------------------------------------------- HF bad inputs: one-line UserErrors naming file and field
+def test_hf_bad_weights_and_directories_are_one_line_user_errors(tmp_path, capfd):
+    import json as _json
+
+    from quantcore.errors import UserError
+
+    ref = hf_model("vit")
+    d = tmp_path / "vit"
+    ref.save_pretrained(d)
+    data = (d / "model.safetensors").read_bytes()
+
+    def copy(tag, weights: bytes | None = data, **config):
+        out = tmp_path / tag
+        out.mkdir()
+        cfg = {**_json.loads((d / "config.json").read_text()), **config}
+        (out / "config.json").write_text(_json.dumps(cfg))
+        if weights is not None:
+            (out / "model.safetensors").write_bytes(weights)
+        return str(out)
+
+    def refused(name, pattern, **model):
+        capfd.readouterr()
+        with pytest.raises(UserError, match=pattern) as info:
+            quantcore.build_model({"model": {"name": name, **model}})
+        assert "\n" not in str(info.value)
+        assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table is not printed
+        return str(info.value)
+
+    refused(copy("trunc", data[: len(data) // 2]), r"trunc/model\.safetensors: not a readable safetensors file")
+    refused(copy("empty", b""), r"empty/model\.safetensors: empty file")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((d / "config.json").read_text())
+    from safetensors.torch import load_file
+    torch.save(load_file(str(d / "model.safetensors")), tmp_path / "bin" / "pytorch_model.bin")
+    blob = (tmp_path / "bin" / "pytorch_model.bin").read_bytes()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(blob[: len(blob) // 2])
+    refused(str(tmp_path / "bin"), r"bin/pytorch_model\.bin: a truncated torch\.save archive")
+    labels = {str(i): f"l{i}" for i in range(5)}
+    refused(copy("labels5", id2label=labels, label2id={v: int(k) for k, v in labels.items()}),
+            r"labels5/model\.safetensors does not match ViTForImageClassification of config\.json: shapes differ: "
+            r"classifier\.bias \[10\] in the file, \[5\] for the config.*num_labels is 5 .*10-class head")
+    refused(copy("chans1", num_channels=1), r"chans1/model\.safetensors .*projection\.weight \[48, 3, 8, 8\] in the "
+                                            r"file, \[48, 1, 8, 8\].*num_channels is 1")
+    refused(copy("wide", hidden_size=64), r"wide/model\.safetensors .*shapes differ: .*hidden_size")
+    refused(copy("deep", num_hidden_layers=3), r"deep/model\.safetensors .*missing \[.*num_hidden_layers")
+    # directories: no config.json (auto source says so, not "not a timm model"), absent, empty
+    nocfg = tmp_path / "nocfg"
+    nocfg.mkdir()
+    (nocfg / "model.safetensors").write_bytes(data)
+    refused(str(nocfg), r"nocfg/config\.json: not found")
+    (tmp_path / "emptydir").mkdir()
+    refused(str(tmp_path / "emptydir"), r"emptydir/config\.json: not found")
+    refused(str(tmp_path / "absent"), r"'.*absent': no such directory \(a Hugging Face save_pretrained directory")
+    # a bare timm name stays timm's even where a folder of that name exists
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        (tmp_path / "resnet18").mkdir()
+        assert type(quantcore.build_model({"model": {"name": "resnet18"}})).__name__ == "ResNet"
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.parametrize("case", ["truncated_safetensors", "num_labels", "processor_size", "no_config"])
+def test_cli_exits_2_with_one_error_line_for_bad_hf_directories(tmp_path, capsys, case):
+    import transformers as T
+    import yaml
+
+    from quantcore.cli import main
+
+    ref = hf_model("vit")
+    d = tmp_path / "m"
+    ref.save_pretrained(d)
+    if case == "truncated_safetensors":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:100])
+        want = "m/model.safetensors: not a readable safetensors file"
+    elif case == "num_labels":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["id2label"] = {str(i): f"l{i}" for i in range(5)}
+        cfg["label2id"] = {f"l{i}": i for i in range(5)}
+        (d / "config.json").write_text(json.dumps(cfg))
+        want = "num_labels is 5"
+    elif case == "processor_size":
+        T.ViTImageProcessor(size={"height": 40, "width": 40}).save_pretrained(d)
+        want = "m/preprocessor_config.json: size/crop_size give 40x40 inputs"
+    else:
+        (d / "config.json").unlink()
+        want = "m/config.json: not found"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "hf_cli", "model": {"name": str(d)},
+                                      "calibration": {"method": "max", "num_batches": 1, "batch_size": 4}}))
+    rc = main(["calibrate", "-r", str(recipe), "-d", str(tmp_path / "no-data"), "-o", str(tmp_path / "out"),
+               "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and want in lines[0], err
+    assert "Traceback" not in err and "LOAD REPORT" not in err, err
+
+
 # ------------------------------------------------------------------------------ the registry
 def test_source_names_are_validated_and_sources_register():
     from quantcore.model_sources import SOURCES, ModelSource, register_source

@@ -10,9 +10,14 @@ reads the hybrid's ResNet-v2 root and units). Preprocessing is timm's config for
 (mean/std 0.5 for these checkpoints).
 
 timm's loader is lenient where quantization must not be: it resamples a position embedding or patch
-kernel of another size, skips a head of another class count and ignores keys it has no place for. So
-before loading, the archive is checked against the model (block count, hybrid units, head, position
-embedding and patch kernel shapes, no unread groups such as ``pre_logits``), and after loading every
+kernel of another size, skips a head of another class count, ignores keys it has no place for and
+flattens the (width, heads, head_dim) attention kernels, so another head count loads without a word. So
+before loading, the archive is checked against the model completely: block count, hybrid units, head,
+position embedding and patch kernel shapes, then every key timm's loader reads for this model must be
+there with exactly the shape the model needs (attention kernels ``(width, num_heads, head_dim)``, MLP
+widths, norms, hybrid convolutions; input channels are not adapted) and every other key under the
+checkpoint's prefix (``pre_logits``, a stray ``encoderblock_0/extra/...``) is refused, because the loader
+would drop it. Only the ``.npy`` headers are read for this (no tensor data). After loading every
 parameter must have been written (parameters are NaN-filled first). Each refusal is a ModelError naming
 the file and the key or recipe field.
 """
@@ -79,7 +84,8 @@ def _local_file(uri: str) -> Iterator[str]:
 def load_npz(model: nn.Module, path: str, uri: str, name: str) -> None:
     """Load the Google-layout ``.npz`` at local ``path`` (``uri`` for messages) into the timm
     ``VisionTransformer`` ``model`` (built as ``name``) with timm's loader, after checking that the
-    archive is exactly this architecture; raises ModelError naming ``uri`` and the key/field."""
+    archive is exactly this architecture (every key the loader reads present with the model's shape, no
+    other key); raises ModelError naming ``uri`` and the key/field."""
     import numpy as np
 
     from ..models import ModelError
@@ -94,7 +100,8 @@ def load_npz(model: nn.Module, path: str, uri: str, name: str) -> None:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ModelError(f"model.checkpoint {uri}: a single .npy array, not a keyed .npz archive")
     with npz:
-        _check_layout(model, npz, uri, name)
+        shapes = _npz_shapes(npz, uri)
+    _check_layout(model, shapes, uri, name)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))
@@ -112,19 +119,144 @@ def load_npz(model: nn.Module, path: str, uri: str, name: str) -> None:
                          f"({unset[:5]}{' ...' if len(unset) > 5 else ''}) - not this architecture's checkpoint")
 
 
-def _check_layout(model: nn.Module, npz, uri: str, name: str) -> None:
+def _npz_shapes(npz, uri: str) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of every array in the open archive, from the ``.npy`` headers only (a ViT-L
+    archive is over a gigabyte); ModelError for a member that is not a plain numeric array."""
+    import numpy as np
+
     from ..models import ModelError
 
-    keys = set(npz.files)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key in npz.files:
+        try:
+            with npz.zip.open(key + ".npy") as f:
+                version = np.lib.format.read_magic(f)
+                reader = readers.get(version)
+                if reader is None:  # newer header format: let numpy read the array
+                    arr = npz[key]
+                    shape, dtype = arr.shape, arr.dtype
+                else:
+                    shape, _, dtype = reader(f)
+        except Exception as err:  # truncated member, bad header
+            raise ModelError(f"model.checkpoint {uri}: array {key!r} is not readable ({err})") from None
+        if dtype.hasobject:
+            raise ModelError(f"model.checkpoint {uri}: array {key!r} holds pickled Python objects, not numbers")
+        shapes[key] = tuple(int(d) for d in shape)
+    return shapes
+
+
+def _hwio(w: torch.Tensor) -> tuple[int, ...]:
+    """Flax kernel shape (H, W, in, out) of a torch conv weight (out, in, H, W)."""
+    return (int(w.shape[2]), int(w.shape[3]), int(w.shape[1]), int(w.shape[0]))
+
+
+def _vec(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def _attn_shapes(out: dict, pre: str, attn: nn.Module, q: nn.Linear, proj: nn.Linear, what: str) -> None:
+    """Flax MultiHeadDotProductAttention keys: query/key/value kernels (width, heads, head_dim), biases
+    (heads, head_dim), out kernel (heads, head_dim, width); the head count is part of the shape."""
+    heads, hd = int(attn.num_heads), int(attn.head_dim)
+    hint = f"{what} has num_heads {heads} of head_dim {hd}"
+    for n in ("query", "key", "value"):
+        out[f"{pre}{n}/kernel"] = ([(int(q.in_features), heads, hd)], hint)
+        out[f"{pre}{n}/bias"] = ([(heads, hd)], hint)
+    out[f"{pre}out/kernel"] = ([(heads, hd, int(proj.out_features))], hint)
+    out[f"{pre}out/bias"] = ([(int(proj.out_features),)], "")
+
+
+def _mlp_shapes(out: dict, pre: str, mlp: nn.Module) -> None:
+    for r, fc in enumerate((mlp.fc1, mlp.fc2)):
+        hint = f"MLP {fc.in_features} -> {fc.out_features}"
+        out[f"{pre}Dense_{r}/kernel"] = ([(int(fc.in_features), int(fc.out_features))], hint)
+        out[f"{pre}Dense_{r}/bias"] = ([(int(fc.out_features),)], hint)
+
+
+def _norm_shapes(out: dict, pre: str, norm: nn.Module, flat_ok: bool = False) -> None:
+    c = int(norm.weight.shape[0])
+    shapes = [(c,), (1, 1, 1, c)] if flat_ok else [(c,)]  # old ResNet archives keep (1, 1, 1, C) GroupNorm params
+    out[f"{pre}scale"] = (shapes, "")
+    out[f"{pre}bias"] = (shapes, "")
+
+
+def expected_keys(model: nn.Module, rel: set[str], prefix: str = "") -> dict[str, tuple[list[tuple[int, ...]], str]]:
+    """Every key (relative to the archive's prefix) timm's ``_load_weights`` reads for ``model``, with the
+    shapes it must have for the model to come out exactly as built (``rel``: the archive's keys without
+    ``prefix``, which together tell the vision_transformer, big_vision and scanned layouts apart, as timm
+    does) and a hint naming the dimension."""
+    big_vision = (prefix.startswith("params/") or "pos_embedding" in rel
+                  or "Transformer/encoderblock/LayerNorm_0/scale" in rel)
+    scan = "Transformer/encoderblock/LayerNorm_0/scale" in rel
+    out: dict[str, tuple[list[tuple[int, ...]], str]] = {}
+    pe = model.patch_embed
+    out["embedding/kernel"] = ([_hwio(pe.proj.weight)], "patch size and width")
+    out["embedding/bias"] = ([_vec(pe.proj.bias)], "")
+    if getattr(model, "cls_token", None) is not None:
+        out["cls"] = ([_vec(model.cls_token)], "")
+    out["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = (
+        [_vec(model.pos_embed)], "image size / patch grid")
+    if hasattr(model.norm, "weight"):
+        _norm_shapes(out, "Transformer/encoder_norm/", model.norm)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        out["head/kernel"] = ([(int(head.in_features), int(head.out_features))], "classes")
+        out["head/bias"] = ([(int(head.out_features),)], "classes")
+    backbone = getattr(pe, "backbone", None)
+    if backbone is not None:
+        stem = backbone.stem if hasattr(backbone, "stem") else backbone
+        out["conv_root/kernel"] = ([_hwio(stem.conv.weight)], "stem")
+        _norm_shapes(out, "gn_root/", stem.norm, flat_ok=True)
+        for i, stage in enumerate(getattr(backbone, "stages", [])):
+            for j, blk in enumerate(stage.blocks):
+                bp = f"block{i + 1}/unit{j + 1}/"
+                for r in (1, 2, 3):
+                    out[f"{bp}conv{r}/kernel"] = ([_hwio(getattr(blk, f"conv{r}").weight)], "ResNet widths")
+                    _norm_shapes(out, f"{bp}gn{r}/", getattr(blk, f"norm{r}"), flat_ok=True)
+                if blk.downsample is not None:
+                    out[f"{bp}conv_proj/kernel"] = ([_hwio(blk.downsample.conv.weight)], "ResNet widths")
+                    _norm_shapes(out, f"{bp}gn_proj/", blk.downsample.norm, flat_ok=True)
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and hasattr(pool, "latent"):  # AttentionPoolLatent (MAP head)
+        mp = "MAPHead_0/"
+        out[f"{mp}probe"] = ([_vec(pool.latent)], "")
+        _attn_shapes(out, f"{mp}MultiHeadDotProductAttention_0/", pool, pool.q, pool.proj, "the MAP head")
+        _norm_shapes(out, f"{mp}LayerNorm_0/", pool.norm)
+        _mlp_shapes(out, f"{mp}MlpBlock_0/", pool.mlp)
+    mha, mlp_i, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    blocks: dict[str, tuple[list[tuple[int, ...]], str]] = {}
+    for i, blk in enumerate(model.blocks.children()):
+        one: dict[str, tuple[list[tuple[int, ...]], str]] = {}
+        _norm_shapes(one, "LayerNorm_0/", blk.norm1)
+        _attn_shapes(one, f"MultiHeadDotProductAttention_{mha}/", blk.attn, blk.attn.qkv, blk.attn.proj,
+                     f"block {i}")
+        _norm_shapes(one, f"LayerNorm_{ln2}/", blk.norm2)
+        _mlp_shapes(one, f"MlpBlock_{mlp_i}/", blk.mlp)
+        if scan:  # one stacked array per key, blocks along the first axis
+            depth = len(model.blocks)
+            for k, (shapes, hint) in one.items():
+                blocks.setdefault(f"Transformer/encoderblock/{k}", ([(depth, *s) for s in shapes], hint))
+        else:
+            blocks.update({f"Transformer/encoderblock_{i}/{k}": v for k, v in one.items()})
+    out.update(blocks)
+    return out
+
+
+def _check_layout(model: nn.Module, shapes: dict[str, tuple[int, ...]], uri: str, name: str) -> None:
+    from ..models import ModelError
+
+    keys = set(shapes)
     p = next((p for p in _PREFIXES if f"{p}embedding/kernel" in keys), None)
     if p is None:
         raise ModelError(f"model.checkpoint {uri}: no 'embedding/kernel' key - not a Google ViT checkpoint "
                          f"(keys: {sorted(keys)[:5]})")
     where = f"model.checkpoint {uri}"
     rel = {k[len(p):] for k in keys if k.startswith(p)}
+    shape = {k: shapes[p + k] for k in rel}
 
     # groups timm's loader has no place for would be dropped silently
-    extra = sorted({k.split("/")[0] for k in rel} - _GROUPS
+    extra = sorted({k.split("/")[0] for k in rel} - _GROUPS - {"pos_embedding"}
                    - {g for g in (k.split("/")[0] for k in rel) if re.fullmatch(r"block\d+", g)}
                    - ({"MAPHead_0"} if getattr(model, "attn_pool", None) is not None else set()))
     if extra:
@@ -133,7 +265,7 @@ def _check_layout(model: nn.Module, npz, uri: str, name: str) -> None:
 
     # encoder depth
     if "Transformer/encoderblock/LayerNorm_0/scale" in rel:  # big_vision scan layout: stacked blocks
-        depth = int(npz[f"{p}Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+        depth = int(shape["Transformer/encoderblock/LayerNorm_0/scale"][0])
     else:
         idx = {int(m.group(1)) for k in rel if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
         depth = max(idx) + 1 if idx else 0
@@ -160,14 +292,15 @@ def _check_layout(model: nn.Module, npz, uri: str, name: str) -> None:
                              f"{name} has {per_stage(model_units)}")
 
     # patch kernel (HWIO) and position embedding: timm would resample other sizes, changing the model
-    kh, kw, _, dim = npz[f"{p}embedding/kernel"].shape
+    kshape = shape["embedding/kernel"]
     w = model.patch_embed.proj.weight
-    if (int(dim), int(kh), int(kw)) != (w.shape[0], w.shape[2], w.shape[3]):
+    if len(kshape) == 4 and (kshape[3], kshape[0], kshape[1]) != (w.shape[0], w.shape[2], w.shape[3]):
+        kh, kw, _, dim = kshape
         raise ModelError(f"{where}: embedding/kernel is a {kh}x{kw} patch kernel of width {dim}, model.name {name} "
                          f"has {w.shape[2]}x{w.shape[3]} of width {w.shape[0]}")
     pos_key = "pos_embedding" if "pos_embedding" in rel else "Transformer/posembed_input/pos_embedding"
     if pos_key in rel and getattr(model, "pos_embed", None) is not None:
-        got, want = tuple(npz[p + pos_key].shape), tuple(model.pos_embed.shape)
+        got, want = shape[pos_key], tuple(model.pos_embed.shape)
         if got != want:
             raise ModelError(f"{where}: {pos_key} has shape {list(got)}, model.name {name} expects {list(want)} "
                              "(another image size or patch grid: set model.img_size / pick the architecture the "
@@ -177,12 +310,32 @@ def _check_layout(model: nn.Module, npz, uri: str, name: str) -> None:
     head = getattr(model, "head", None)
     n_cls = head.out_features if isinstance(head, nn.Linear) else 0
     if "head/kernel" in rel:
-        k = int(npz[f"{p}head/kernel"].shape[-1])
+        k = int(shape["head/kernel"][-1])
         if k != n_cls:
             raise ModelError(f"{where}: head/kernel has {k} classes, the model {n_cls}: set model.num_classes: {k}")
     elif n_cls:
         raise ModelError(f"{where} has no head/kernel (a feature extractor): set model.num_classes: 0, or use a "
                          "fine-tuned checkpoint")
+
+    # everything else, key by key: timm flattens attention kernels (so another head count would load) and
+    # adapts input channels, and it never looks at keys it has no use for
+    want = expected_keys(model, rel, p)
+    missing = [k for k in want if k not in rel]
+    if missing:
+        raise ModelError(f"model.checkpoint {uri}: key {p + missing[0]!r} missing - the archive is not a {name}"
+                         f"{f' ({len(missing)} keys missing)' if len(missing) > 1 else ''}")
+    for k, (ok, hint) in want.items():
+        if shape[k] not in ok:
+            why = f" ({hint})" if hint else ""
+            if k.endswith(("query/kernel", "key/kernel", "value/kernel")) and len(shape[k]) >= 3:
+                why += (f"; the archive has {shape[k][-2]} heads of {shape[k][-1]}: set model.kwargs.num_heads / "
+                        "pick the architecture it was trained as")
+            raise ModelError(f"{where} does not fit {name}: {p + k} has shape {list(shape[k])}, the model needs "
+                             f"{list(ok[0])}{why}")
+    unread = sorted(rel - set(want))
+    if unread:
+        raise ModelError(f"{where}: keys {[p + k for k in unread[:5]]}{' ...' if len(unread) > 5 else ''} are not "
+                         f"read by timm's loader for {name}; loading would drop them and change the model")
 
 
 register_source(NpzSource())

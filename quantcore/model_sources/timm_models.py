@@ -1,6 +1,8 @@
 """Source ``timm``: ``timm.create_model`` (the ``source: auto`` fallback for any other name)."""
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from . import ModelSource, register_source
@@ -30,6 +32,13 @@ def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False
     from ..models import BUILDERS, ModelError, _kwargs
 
     if not timm.is_model(name):
+        from .hf import looks_like_path
+
+        if looks_like_path(name) or "/" in name or os.sep in name:  # meant as a model directory, most likely
+            where = "a file, not a directory" if os.path.isfile(name) else "no such directory"
+            raise ModelError(f"model.name {name!r}: {where} (a Hugging Face save_pretrained directory holds "
+                             f"config.json + weights); nor is it a timm model, 'torchvision:<name>' or a builder "
+                             f"({', '.join(sorted(BUILDERS))})")
         raise ModelError(f"model.name {name!r} is neither a timm model, 'torchvision:<name>', nor a builder "
                          f"({', '.join(sorted(BUILDERS))})")
     kw = _kwargs(cfg)
