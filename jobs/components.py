@@ -694,7 +694,7 @@ def export(
         format: onnx, aimet, trt-table, a comma-separated list, or all
         opset: ONNX opset 13..21; 0 = quantcore's default (17, or 21 when a 4/16-bit quantizer needs it)
         check_data: dataset URI whose images run through onnxruntime and the fake-quant model
-        check_split: split of check_data (default test)
+        check_split: split of check_data (default val, as evaluate)
         check_limit: check on a seeded, class-stratified sample of N images of check_data; 0 = the whole split
     """
     pod = PodOptions.of({**locals(), "gpus": 0})  # OPTIONS_NOT_TAKEN: no GPU
@@ -707,7 +707,7 @@ def export(
     if opset:
         args += ["--opset", str(opset)]
     if check_data:
-        args += ["--check-data", check_data, "--check-split", check_split or "test"]
+        args += ["--check-data", check_data, "--check-split", check_split or "val"]
         if check_limit:
             args += ["--check-limit", str(check_limit)]
     return _app("export", args, pod, None)

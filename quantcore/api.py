@@ -436,7 +436,7 @@ def export(model: nn.Module | str, out: str, formats: str | list[str] = "all", *
 
     ``formats``: ``"all"`` or any of ``onnx``, ``aimet``, ``trt-table`` (list or comma-separated). ``opset``:
     13..21 (default 17, 21 when a 4/16-bit quantizer needs it). ``check_data``: dataset URI whose
-    ``check_split`` (default ``test``; optionally a seeded class-stratified ``check_limit`` images, 0 = all) is run through
+    ``check_split`` (default ``val``; optionally a seeded class-stratified ``check_limit`` images, 0 = all) is run through
     onnxruntime and the fake-quant model (top-1 agreement, top-1 of both). ``example_input``: the export's
     trace input ``(1, C, H, W)`` (default: the shape stored at calibration). Returns the report. Raises
     :class:`~quantcore.errors.UserError` (``ExportError``) naming the quantizer or option that cannot be

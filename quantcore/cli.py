@@ -260,7 +260,7 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
                format: str = typer.Option("all", "--format", "-f", help="onnx, aimet, trt-table, a comma-separated list, or all."),
                opset: Optional[int] = typer.Option(None, help="ONNX opset 13..21 (default 17; 21 when a 4/16-bit quantizer needs it)."),
                check_data: Optional[str] = typer.Option(None, help="Dataset URI: run its images through onnxruntime and the fake-quant model (agreement, top-1)."),
-               check_split: Optional[str] = typer.Option(None, help="Split of --check-data (default test)."),
+               check_split: Optional[str] = typer.Option(None, help="Split of --check-data (default val, as evaluate)."),
                check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images of --check-data (0 or unset: the whole split).")) -> None:
     """Export a checkpoint for deployment: ONNX QDQ (TensorRT/onnxruntime), AIMET encodings, TensorRT range table."""
     from .export.run import check_data as check_options, export_checkpoint

@@ -80,9 +80,15 @@ class EvalAccumulator:
 
     @torch.no_grad()
     def update(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """Add one batch: ``logits[name]`` of shape ``(N, num_classes)`` for every model, ``labels`` (N,)."""
+        """Add one batch: ``logits[name]`` of shape ``(N, num_classes)`` for every model (or the model's raw
+        output: a Hugging Face ``ModelOutput`` / tuple, see :func:`quantcore.models.output_logits`),
+        ``labels`` (N,)."""
+        from .models import output_logits
+
         c = self.num_classes
         self._check_labels(labels)
+        # a model's raw output: Hugging Face classifiers return a ModelOutput, distilled heads a tuple
+        logits = {n: output_logits(v) for n, v in logits.items()}
         ref = logits[self.reference].double() if self.reference is not None else None
         ref_top1 = ref.argmax(1) if ref is not None else None
         k = min(5, c)

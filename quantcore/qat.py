@@ -55,6 +55,7 @@ from .checkpoint import CheckpointError
 from .config import QATConfig, Recipe
 from .errors import Preempted, UserError
 from .io import storage
+from .models import output_logits
 
 log = logging.getLogger(__name__)
 
@@ -717,7 +718,7 @@ def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched
         if teacher is not None:
             with torch.no_grad():
                 t_out = teacher(images)
-                t_logits = (t_out[0] if isinstance(t_out, (tuple, list)) else t_out).float()
+                t_logits = output_logits(t_out).float()  # a Hugging Face teacher returns a ModelOutput
         out = net(images)
         per = per_sample_loss(out, labels, t_logits, cfg)
     # sum / global batch * world: DDP's gradient average then equals the global batch's mean gradient

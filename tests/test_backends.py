@@ -325,3 +325,18 @@ def test_aimet_ranges_map_back_by_module_and_unmapped_are_flagged(fp32, images):
         assert torch.allclose(qa[n].amax, qn[n].amax, rtol=0.02, atol=0), n
     for n in flagged:  # quantcore's own range, union of the shared q/k/v group included
         assert qa[n].is_calibrated
+
+
+@needs_aimet
+@pytest.mark.parametrize("placement", [{"quantize_residual": True}])
+def test_aimet_runs_with_quantcore_layers_that_read_their_quantizers(fp32, images, placement):
+    """quantcore's own layers (the residual blocks of quantize_residual) ask their quantizers whether
+    to take the quantized path; AIMET's float copy must answer (it had bare nn.Identity: AttributeError).
+    The residual quantizers have no AIMET counterpart: quantcore's ranges, flagged."""
+    r = recipe("aimet", "max", "ft2")
+    r["placement"] = {**r["placement"], **placement}
+    am, res = calibrated(fp32, images, r)
+    rec = res.transforms["backend"]
+    residual = [n for n in rec["ranges"] if n.rsplit(".", 1)[-1].startswith(("residual", "branch"))]
+    assert residual and set(residual) <= set(rec["no_counterpart"])
+    assert all(api.quantizers(am)[n].is_calibrated for n in residual)

@@ -341,3 +341,45 @@ def test_peak_rss_is_bounded_in_the_number_of_variants(tmp_path):
     assert res["peak_4"] - res["peak_1"] < 0.75 * size, res
     # control: four separate copies on top are seen by the same measurement
     assert res["peak_copies"] - res["peak_4"] > 2.5 * size, res
+
+
+def test_hugging_face_classifiers_are_evaluated_through_ptq_and_evaluate(tmp_path, capsys):
+    """A model whose forward returns a transformers ``ModelOutput`` (every HF directory model) goes
+    through the CLI's ptq and evaluate (evaluation took ``.double()`` of the output object), and
+    its scores equal those computed from ``.logits`` by hand."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_data import make_images
+
+    from quantcore import api
+    from quantcore.cli import main
+    from quantcore.evaluate import EvalAccumulator
+
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    d = tmp_path / "vit"
+    hf.save_pretrained(d)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    data = make_images(tmp_path / "imgs")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "hf_w8a8", "model": {"name": str(d)},
+                                  "calibration": {"method": "max", "num_batches": 1, "batch_size": 4}}))
+    out = tmp_path / "o"
+    assert main(["ptq", "-r", str(recipe), "--calib-data", str(data), "--eval-data", str(data), "--eval-split", "val",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["results"]) == {"fp32", "hf_w8a8"} and rep["data"]["eval_count"] == 12
+    assert main(["evaluate", "-c", str(out / "hf_w8a8" / "model.qc.pt"), "-d", str(data), "--split", "val",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    # the accumulator takes raw outputs: the same figures as from the logits tensors
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    q = api.load(str(out / "hf_w8a8" / "model.qc.pt")).eval()
+    with torch.no_grad():
+        raw = {"fp32": hf(pixel_values=x), "q": q(x)}
+    a, b = EvalAccumulator(["fp32", "q"], 3, "fp32"), EvalAccumulator(["fp32", "q"], 3, "fp32")
+    a.update(raw, labels)
+    b.update({n: v.logits if hasattr(v, "logits") else v for n, v in raw.items()}, labels)
+    assert [t.tolist() for t in a._ints() + a._floats()] == [t.tolist() for t in b._ints() + b._floats()]

@@ -349,6 +349,22 @@ def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket, capsys):
     check_model(onnx.load_from_string(storage.read_bytes(s3out + "/model.onnx")))
     assert json.loads(storage.read_bytes(s3out + "/model.encodings"))["version"] == "2.0.0"
     assert not storage.exists(s3out + "/trt_ranges.json")
+    # another export into the same folder that would leave the first one's files beside its own: refused
+    # before anything is written; the same formats again replace them
+    before_enc = Path(out, "model.encodings").read_bytes()
+    assert main(["export", ck, "--out", out, "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds model_float.onnx" in err and "trt_ranges.cache" in err and "nothing was written" in err
+    assert Path(out, "model.encodings").read_bytes() == before_enc
+    # bad check data fails before any file is written; malformed or empty --out before any work
+    assert main(["export", ck, "--out", str(tmp_path / "new"), "--check-data", str(root), "--check-split", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    for bad in ("s3:/bucket/x", "", "s3://"):
+        assert main(["export", ck, "--out", bad, "--format", "onnx"]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert not Path("s3:").exists()
+    assert main(["export", ck, "--out", out, "--format", "all,onnx"]) == 2
+    assert "'all' already names every format" in capsys.readouterr().err
     # an output location that is a file: one error line naming it, exit 2, the file untouched
     before = Path(out, "model.onnx").read_bytes()
     assert main(["export", ck, "--out", str(Path(out, "model.onnx", "sub")), "--format", "onnx"]) == 2

@@ -292,7 +292,7 @@ def test_export_component_refuses_options_that_would_be_dropped(bad, message):
         components.export(checkpoint="s3://b/m/model.qc.pt", out="s3://b/x", **bad)
     ok = components.export(checkpoint="s3://b/m/model.qc.pt", out="s3://b/x", check_data="s3://b/d", check_limit=50)
     args = ok.roles[0].args
-    assert args[args.index("--check-split") + 1] == "test" and args[args.index("--check-limit") + 1] == "50"
+    assert args[args.index("--check-split") + 1] == "val" and args[args.index("--check-limit") + 1] == "50"
 
 
 @pytest.mark.parametrize("name", COMPONENT_NAMES)

@@ -117,14 +117,16 @@ def test_join_and_is_s3():
 
 
 @pytest.mark.parametrize("bad", ["s3://", "s3:///key", "s3://bkt", "s3://bkt/dir/", "gs://bkt/key",
-                                 "http://h/x", "", "file://relative/x"])
+                                 "http://h/x", "", "file://relative/x", "s3:/bkt/key", "S3:/bkt/key", "gs:/bkt/x"])
 def test_bad_uris_raise_value_error_naming_uri(bad):
+    """Malformed URIs are refused by every operation (a scheme with one slash is a typo, not the local
+    folder 's3:'), never read or written locally."""
     for fn in (st.read_bytes, st.size, st.exists, st.open_read,
                lambda u: st.write_bytes(u, b"x"), lambda u: st.read_range(u, 0, 1)):
         with pytest.raises(ValueError) as ei:
             fn(bad)
         assert repr(bad) in str(ei.value) or (bad == "" and "empty URI" in str(ei.value))
-    if bad.startswith(("gs:", "http:", "s3://", "file://relative")) and bad not in ("s3://bkt", "s3://bkt/dir/"):
+    if bad.startswith(("gs:", "http:", "s3:", "S3:", "file://relative")) and bad not in ("s3://bkt", "s3://bkt/dir/"):
         with pytest.raises(ValueError, match="bkt|s3|gs|http|file"):
             st.list_uris(bad)
 
@@ -618,3 +620,21 @@ def test_service_specific_endpoint_env_is_honoured_moto_mock(s3_server, s3_bucke
         assert st.read_bytes(f"s3://{s3_bucket}/ep.bin") == b"ok"
     finally:
         st.reset_client()
+
+
+def test_one_slash_scheme_typos_name_the_fix_and_drive_letters_stay_local():
+    with pytest.raises(ValueError, match=r"'s3:/bkt/k' looks like a s3:// URI with one slash missing; write 's3://bkt/k'"):
+        st.parse_uri("s3:/bkt/k")
+    assert st.parse_uri("c:/data").scheme == "local" and st.parse_uri("file:/data/x").path == "/data/x"
+
+
+def test_missing_credentials_are_a_user_error_naming_the_uri():
+    """botocore's NoCredentialsError (no keys, no profile, no role) is a set-up mistake: a StorageError
+    (the CLI's exit 2) that names the URI and how to provide credentials, not a traceback."""
+    from botocore import exceptions as bexc
+
+    from quantcore.io import StorageError
+    from quantcore.io._s3 import translate
+
+    err = translate(bexc.NoCredentialsError(), "s3://bkt/k", "head_object")
+    assert isinstance(err, StorageError) and "s3://bkt/k" in str(err) and "AWS_ACCESS_KEY_ID" in str(err)

@@ -38,7 +38,7 @@ def check_common(recipe: "Recipe", backend: str, act_methods: tuple[str, ...], w
     after calibration: a run that mixes engines would not compare toolkits)."""
     from ..quantizer_kinds import quantizer_kind
 
-    where = f"(calibration.backend {backend!r})"
+    where = f"calibration.backend {backend!r}"
     c = recipe.calibration
     if c.method not in act_methods:
         raise recipe_error(f"calibration.method: {c.method!r} is not available with {where}; it offers "

@@ -48,6 +48,15 @@ WEIGHT_METHODS = ("max",)
 _SLOTS = {"input_quantizer": "input", "output_quantizer": "output", "weight_quantizer": "weight"}
 
 
+class _PassThrough(nn.Identity):
+    """A switched-off quantizer in AIMET's float copy: the identity, with the flags quantcore's layers
+    read before choosing their path (e.g. the residual blocks of ``placement.quantize_residual``)."""
+
+    calibrating = False
+    active = False
+    observe = False
+
+
 class AimetBackend(Backend):
     name = "aimet"
     package = "aimet_torch"
@@ -128,7 +137,7 @@ class AimetBackend(Backend):
         for name, m in list(float_copy.named_modules()):
             for attr, child in list(m._modules.items()):
                 if isinstance(child, TensorQuantizer):  # intercepts then pass through (no TensorQuantizer)
-                    m._modules[attr] = nn.Identity()
+                    m._modules[attr] = _PassThrough()
         # Modules AIMET has no quantized class for (timm's LayerNorm, ...) stay float in the sim: their
         # quantcore quantizers, if any, are reported as having no counterpart. AIMET's switch is
         # class-wide: restored right after.

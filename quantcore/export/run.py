@@ -37,6 +37,9 @@ def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
     items = [i.strip() for i in items if i.strip()]
     if items == ["all"]:
         return FORMATS
+    if "all" in items:
+        raise ExportError(f"--format {value!r}: 'all' already names every format ({', '.join(FORMATS)}); give "
+                          f"'all' alone or a list without it")
     bad = [i for i in items if i not in FORMATS]
     if bad or not items:
         raise ExportError(f"--format: {bad or value!r} not one of {list(FORMATS)} or 'all'")
@@ -58,15 +61,16 @@ class CheckData:
     optional seeded class-stratified limit (``quantcore.data.limit_subset``)."""
 
     uri: str
-    split: str = "test"
+    split: str = "val"
     limit: Optional[int] = None
     batch_size: int = 250
 
 
 def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[int] = None) -> Optional[CheckData]:
     """The onnxruntime check's images from the CLI/API options: ``None`` without ``uri``. ``split``
-    defaults to ``test``; ``limit`` ``None`` or ``0`` = the whole split. A split or limit without a
-    URI, or a negative limit, raises :class:`ExportError` naming the option (it would be ignored)."""
+    defaults to ``val`` (as ``quantcore evaluate``); ``limit`` ``None`` or ``0`` = the whole split. A
+    split or limit without a URI, or a negative limit, raises :class:`ExportError` naming the option
+    (it would be ignored)."""
     if not uri:
         given = [o for o, v in (("--check-split", split), ("--check-limit", limit)) if v is not None]
         if given:
@@ -75,7 +79,7 @@ def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[
         return None
     if limit is not None and int(limit) < 0:
         raise ExportError(f"--check-limit must be >= 0 (0 = the whole split), got {limit}")
-    return CheckData(uri, split or "test", (int(limit) or None) if limit is not None else None)
+    return CheckData(uri, split or "val", (int(limit) or None) if limit is not None else None)
 
 
 def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
@@ -123,9 +127,26 @@ def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[to
 def _write(out: str, name: str, data: bytes | str) -> str:
     from ..io import storage
 
-    uri = out.rstrip("/") + "/" + name
+    uri = storage.join(out, name)  # parses out: an empty or malformed location is refused, never written
     storage.write_bytes(uri, data.encode() if isinstance(data, str) else data)  # creates local parents
     return uri
+
+
+#: Every file an export can write (export_report.json lists those of the last export).
+EXPORT_FILES = ("model.onnx", "model_float.onnx", "tensor_map.json", "model.encodings", "trt_ranges.json",
+                "trt_ranges.cache")
+
+
+def _refuse_stale(out: str, writing: set[str]) -> None:
+    """Files of an earlier export in ``out`` that this one would not replace would sit next to its
+    own as if they belonged to it (another checkpoint's graph beside these encodings): refuse."""
+    from ..io import storage
+
+    stale = [f for f in EXPORT_FILES if f not in writing and storage.exists(storage.join(out, f))]
+    if stale:
+        raise ExportError(f"--out {out} already holds {', '.join(stale)} from an earlier export, which this export "
+                          f"({', '.join(sorted(writing)) or 'nothing'}) would not replace: remove them or choose "
+                          f"another --out (nothing was written)")
 
 
 def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, opset: Optional[int] = None,
@@ -134,8 +155,11 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     """Export a prepared, calibrated ``model`` to ``out`` (see the module docstring); returns the report
     (also written as ``export_report.json``). Raises :class:`ExportError` (a UserError) naming the
     quantizer or option that cannot be exported."""
+    from ..io import storage
+
     t0 = time.perf_counter()
     formats = parse_formats(formats)
+    storage.join(out, "export_report.json")  # an empty or malformed --out fails here, before any work
     x = example_input(model) if x is None else x
     ex: OnnxExport = export_onnx(model, x, opset=opset)
     report: dict[str, Any] = {"source": source, "formats": list(formats), "opset": ex.opset,
@@ -155,30 +179,33 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     inactive = [n for n, q in quantizers(unwrap(model)).items() if n not in ex.plans]
     report["inactive_quantizers"] = inactive  # disabled / off / uncalibrated: no node (the tensor stays float)
     report["not_trt_native"] = [n for n, p in ex.plans.items() if not p.trt_native()]
+    pending: dict[str, tuple[str, bytes | str]] = {}  # report key -> (file name, content): written last
     if "onnx" in formats:
-        report["files"]["onnx"] = _write(out, "model.onnx", onnx_bytes)
+        pending["onnx"] = ("model.onnx", onnx_bytes)
     if "aimet" in formats or "trt-table" in formats:
         fproto, tensor_map = float_graph(ex.model)
         check_model(fproto)
-        report["files"]["float_onnx"] = _write(out, "model_float.onnx", fproto.SerializeToString())
-        report["files"]["tensor_map"] = _write(out, "tensor_map.json", json.dumps(tensor_map, indent=1))
+        pending["float_onnx"] = ("model_float.onnx", fproto.SerializeToString())
+        pending["tensor_map"] = ("tensor_map.json", json.dumps(tensor_map, indent=1))
         if "aimet" in formats:
-            doc = encodings_v2(ex.plans, tensor_map)
-            report["files"]["aimet"] = _write(out, "model.encodings", json.dumps(doc, indent=1))
+            pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(ex.plans, tensor_map), indent=1))
         if "trt-table" in formats:
             table = range_table(ex.plans, tensor_map)
-            report["files"]["trt_ranges"] = _write(out, "trt_ranges.json", json.dumps(table, indent=1))
-            report["files"]["trt_cache"] = _write(out, "trt_ranges.cache", calibration_cache(table))
+            pending["trt_ranges"] = ("trt_ranges.json", json.dumps(table, indent=1))
+            pending["trt_cache"] = ("trt_ranges.cache", calibration_cache(table))
             report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
                                    "widened": [r["quantizer"] for r in table["tensors"].values() if not r["exact"]]}
-    if check is not None:
+    if check is not None:  # before anything is written: bad check data leaves out as it was
         xs, ys, subset = _load_check_images(model, check)
         report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),
                            **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
         # onnxruntime's defaults (with the value-changing rewrites), for the record
         report["check_ort_default"] = compare(model, onnx_bytes, xs, ys, check.batch_size, optimization="all")
+    _refuse_stale(out, {name for name, _ in pending.values()})
+    for key, (name, data) in pending.items():
+        report["files"][key] = _write(out, name, data)
     report["wall_s"] = time.perf_counter() - t0
-    report["files"]["report"] = out.rstrip("/") + "/export_report.json"
+    report["files"]["report"] = storage.join(out, "export_report.json")
     _write(out, "export_report.json", json.dumps(report, indent=1, default=str))
     return report
 
@@ -188,7 +215,10 @@ def export_checkpoint(checkpoint: str, out: str, formats: str | Sequence[str] = 
     """:func:`export_model` on ``quantcore.api.load(checkpoint)`` (PTQ or QAT, local or s3://)."""
     from ..api import load
 
-    parse_formats(formats)  # bad --format fails before the checkpoint is read
+    from ..io import storage
+
+    parse_formats(formats)  # bad --format or --out fails before the checkpoint is read
+    storage.join(out, "export_report.json")
     model = load(checkpoint)
     return export_model(model, out, formats, opset, check, source=checkpoint)
 

@@ -359,6 +359,9 @@ def translate(e: BaseException, uri: str, op: str) -> BaseException:
             uri=uri,
             attempts=n,
         )
+    if isinstance(e, bexc.NoCredentialsError):  # a set-up mistake the user fixes, not a crash
+        return StorageError(f"S3 {op} on {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
+                            f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run where an IAM role provides them)", uri=uri)
     if isinstance(e, bexc.ParamValidationError):
         return ValueError(f"invalid S3 request for {uri!r} ({op}): {e}")
     if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError)):

@@ -34,6 +34,8 @@ class UriError(UserError):
 URI = Union[str, "os.PathLike[str]"]
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# a scheme of 2+ characters followed by one slash (one letter would be a drive letter)
+_ONE_SLASH_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
 # Deliberately permissive (legacy buckets allow upper case / underscores); it only
 # rejects strings that can never be a bucket name.
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{2,254}$")
@@ -77,7 +79,13 @@ def scheme_of(uri: URI) -> str:
     s = _as_str(uri)
     m = _SCHEME_RE.match(s)
     if not m:
-        return "file" if _is_short_file_uri(s) else "local"
+        if _is_short_file_uri(s):
+            return "file"
+        typo = _ONE_SLASH_RE.match(s)
+        if typo and typo.group(1).lower() != "file":  # 's3:/bucket/x' is a typo, not a local folder 's3:'
+            raise UriError(f"{s!r} looks like a {typo.group(1)}:// URI with one slash missing; write "
+                           f"'{typo.group(1)}://{s[len(typo.group(0)):]}' (or './{s}' for a local directory)")
+        return "local"
     scheme = m.group(1).lower()
     if scheme not in SUPPORTED_SCHEMES:
         raise UriError(
