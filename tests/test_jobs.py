@@ -647,7 +647,9 @@ def test_jobs_torchrun_keeps_the_rank_exit_status_and_never_restarts_a_user_erro
     assert rc == 5 and "rank 0 start 2" in out and "rank 0 start 3" not in out, err[-3000:]  # 2 restarts, status 5
 
 
-ARGS_SCRIPT = "import os, sys\nprint('rank', os.environ['RANK'], sys.argv[1:], flush=True)\n"
+# one write(2) per line: two ranks share the pipe, and unbuffered print() writes word by word
+ARGS_SCRIPT = ("import os, sys\n"
+               "os.write(1, f\"rank {os.environ['RANK']} {sys.argv[1:]}\\n\".encode())\n")
 
 
 @pytest.mark.parametrize("launcher", ["torch.distributed.run", "jobs.torchrun"])
