@@ -557,10 +557,51 @@ def test_hf_preprocessing_reproduces_each_processor_class(tmp_path, kind):
             assert _shift_tolerant_error(got, want) < 0.05, _shift_tolerant_error(got, want)
 
 
+# shortest-edge resize + centre crop: an image with the target as its shorter side is not resized, so
+# only the crop decides the pixels (crop sizes: levit 64, convnext 56, poolformer 56, bit 56, mobilenet 56)
+ODD_CROP_KINDS = {"levit": 64, "convnext": 56, "poolformer": 56, "bit": 56, "mobilenet_v2": 56}
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_CROP_KINDS))
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_hf_centre_crop_starts_where_transformers_starts_it(tmp_path, kind, decoder):
+    """transformers starts a centre crop at floor((n - crop) / 2); torchvision's CenterCrop rounds
+    (half to even), one pixel apart when the half margin is x.5 with x odd. On such an image, which the
+    resize leaves alone, quantcore's pixels must be transformers' exactly, on both decode paths."""
+    from transformers import AutoImageProcessor
+
+    from quantcore.data.transforms import eval_transform
+    from quantcore.model_sources.hf import hf_data_config
+
+    config, proc, target = _proc_case(kind)
+    crop = ODD_CROP_KINDS[kind]
+    d = tmp_path / kind
+    d.mkdir()
+    proc.save_pretrained(d)
+    model = nn.Identity()
+    model.pretrained_cfg = hf_data_config(str(d), str(d), config, None)
+    extra = next(e for e in range(1, 16) if (target + e - crop) % 2 and round((target + e - crop) / 2) != (target + e - crop) // 2)
+    img = photo(target + extra, target, seed=extra)  # wider than tall: the horizontal offset decides
+    want = AutoImageProcessor.from_pretrained(d)(images=img, return_tensors="pt")["pixel_values"][0]
+    t = eval_transform(model, decoder=decoder)
+    assert t.config.get("crop_offset") == "floor"
+    if decoder == "pil":
+        torch.testing.assert_close(t(img), want, rtol=0, atol=1e-4)
+    else:  # through the uint8 tensor plan (PNG bytes: lossless, so the pixels are the same)
+        import io as _io
+
+        buf = _io.BytesIO()
+        img.save(buf, format="PNG")
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        assert t.plan is not None and "center_crop_floor" in " ".join(t.plan.describe())
+        torch.testing.assert_close(t.plan(x), want, rtol=0, atol=1e-4)
+
+
 def _shift_tolerant_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """mean |got - want| / std(want), the smallest over crop windows moved by at most one pixel: the centre
-    crop of (n - crop) odd starts at int((n - crop) / 2) in transformers and at round(...) in torchvision's
-    CenterCrop (quantcore's eval transform), one pixel apart in half those cases."""
+    """mean |got - want| / std(want), the smallest over crop windows moved by at most one pixel: on
+    resized images the resampling filters (PIL in transformers, antialiased resize in quantcore's tensor
+    path) may move edges by a pixel; where the crop starts is checked exactly by
+    test_hf_centre_crop_starts_where_transformers_starts_it."""
     best = float("inf")
     h, w = want.shape[-2:]
     for dy in (-1, 0, 1):

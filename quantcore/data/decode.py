@@ -141,7 +141,7 @@ class TensorPlan:
     """A model's eval transform as ops on ``uint8`` tensors: ``geometry`` (resize/center crop, per image,
     ``uint8`` in and out) then ``finish`` (to float in [0, 1], normalize; works on a batch). Picklable."""
 
-    geometry: tuple[tuple, ...]  # ("resize", size, interpolation, max_size) | ("center_crop", size)
+    geometry: tuple[tuple, ...]  # ("resize", size, interpolation, max_size) | ("center_crop"[_floor], size)
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
@@ -150,6 +150,10 @@ class TensorPlan:
         for op in self.geometry:
             if op[0] == "resize":
                 x = F.resize(x, op[1], interpolation=InterpolationMode(op[2]), max_size=op[3], antialias=True)
+            elif op[0] == "center_crop_floor":  # Hugging Face processors: offsets rounded down
+                from .transforms import FloorCenterCrop
+
+                x = FloorCenterCrop(op[1])(x)
             else:
                 x = F.center_crop(x, op[1])
         return x
@@ -163,7 +167,7 @@ class TensorPlan:
         return self.finish(self.resize_crop(x))
 
     def describe(self) -> list[str]:
-        out = [f"resize({op[1]}, {op[2]}, antialias)" if op[0] == "resize" else f"center_crop({op[1]})"
+        out = [f"resize({op[1]}, {op[2]}, antialias)" if op[0] == "resize" else f"{op[0]}({op[1]})"
                for op in self.geometry]
         return out + ["to_float/255"] + (["normalize"] if self.mean is not None else [])
 
@@ -181,6 +185,8 @@ def tensor_plan(transform: Callable) -> tuple[TensorPlan | None, str]:
     tensor counterpart here (the caller then keeps the PIL transform)."""
     from torchvision import transforms as T
     from torchvision.transforms import v2
+
+    from .transforms import FloorCenterCrop
 
     try:
         from torchvision.transforms._presets import ImageClassification
@@ -210,6 +216,8 @@ def tensor_plan(transform: Callable) -> tuple[TensorPlan | None, str]:
             if interp not in _TENSOR_INTERP:
                 return None, f"Resize interpolation {interp!r} (tensor resize matches Pillow only for {_TENSOR_INTERP})"
             geometry.append(("resize", _size(s.size), interp, s.max_size))
+        elif isinstance(s, FloorCenterCrop) and stage == "uint8":
+            geometry.append(("center_crop_floor", _size(s.size)))
         elif isinstance(s, (T.CenterCrop, v2.CenterCrop)) and stage == "uint8":
             geometry.append(("center_crop", _size(s.size)))
         elif isinstance(s, T.ToTensor) or (MaybeToTensor and isinstance(s, MaybeToTensor)):

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torchvision import transforms as _T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,6 +164,28 @@ def _interp_name(x) -> str:
 
 
 # ---------------------------------------------------------------------------------------- resolution
+class FloorCenterCrop(_T.CenterCrop):
+    """Centre crop that starts at ``floor((size - crop) / 2)`` on each axis, as Hugging Face image
+    processors do (torchvision rounds the offset). PIL image or ``... x H x W`` tensor in, the same
+    type out; an input smaller than the crop is padded as :class:`torchvision.transforms.CenterCrop`
+    pads it."""
+
+    def forward(self, img):
+        from torchvision.transforms import functional as TF
+
+        h, w = _hw(img)
+        ch, cw = self.size if len(self.size) == 2 else (self.size[0], self.size[0])
+        if h < ch or w < cw:
+            return super().forward(img)
+        return TF.crop(img, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+
+def _hw(img) -> tuple[int, int]:
+    if isinstance(img, torch.Tensor):
+        return int(img.shape[-2]), int(img.shape[-1])
+    return int(img.size[1]), int(img.size[0])  # PIL: (width, height)
+
+
 def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_size: bool = False):
     overrides = dict(overrides or {})
     in_chans = int(overrides.pop("in_chans", model_in_chans(model)))
@@ -202,6 +225,11 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
         inner = timm.data.create_transform(**kw, is_training=False)
         cfg = {"source": "timm", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                "resize_size": _find_resize(inner), "mode": _mode_for(in_chans)}
+        if pcfg.get("hf_preprocessing") and hasattr(inner, "transforms"):
+            # transformers' processors start a centre crop at floor((size - crop) / 2); torchvision's
+            # CenterCrop rounds, one pixel off for half the odd margins
+            inner.transforms = [FloorCenterCrop(t.size) if type(t) is _T.CenterCrop else t for t in inner.transforms]
+            cfg["crop_offset"] = "floor"
         return inner, cfg
 
     # torchvision standard preset

@@ -30,8 +30,8 @@ class defaults fill in missing fields) is reproduced class by class (:data:`PROC
 
 Anything not reproduced exactly (another processor class, padding, no resize, a shortest_edge resize without
 crop, other filters, a mean/std of another length, a size the model refuses) is a ModelError naming the file,
-the processor class and the field; the pixels then equal the processor's up to resampling and a one-pixel
-difference in where an odd centre crop starts (transformers truncates, torchvision rounds).
+the processor class and the field; the pixels then equal the processor's up to resampling (the centre
+crop starts where transformers starts it, rounded down: ``quantcore.data.transforms.FloorCenterCrop``).
 
 Without ``preprocessor_config.json``: the model type's default image processor (mean/std, resample,
 channel flip) with the image squashed to ``config.json``'s ``image_size``; ``hf_preprocessing.file`` is
