@@ -727,6 +727,9 @@ def test_hf_bad_weights_and_directories_are_one_line_user_errors(tmp_path, capfd
                                             r"file, \[48, 1, 8, 8\].*num_channels is 1")
     refused(copy("wide", hidden_size=64), r"wide/model\.safetensors .*shapes differ: .*hidden_size")
     refused(copy("deep", num_hidden_layers=3), r"deep/model\.safetensors .*missing \[.*num_hidden_layers")
+    # the same mismatch made by the recipe's model.kwargs names the kwargs, not only config.json
+    refused(str(d), r"vit/model\.safetensors .*shapes differ: .*model\.kwargs \{'hidden_size': 64\} override "
+                    r"config\.json", kwargs={"hidden_size": 64})
     # directories: no config.json (auto source says so, not "not a timm model"), absent, empty
     nocfg = tmp_path / "nocfg"
     nocfg.mkdir()

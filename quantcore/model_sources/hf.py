@@ -93,7 +93,7 @@ class HFSource(ModelSource):
                 raise ModelError(f"model.num_classes {cfg.num_classes} differs from {_join(name, CONFIG)} "
                                  f"num_labels {config.num_labels} (a new head would be random): remove it")
             if want_weights:
-                model = _from_pretrained(cls, local, name, config)
+                model = _from_pretrained(cls, local, name, config, dict(cfg.kwargs or {}))
                 weights = f"hf directory {name} ({_weights_file(local)})"
             else:
                 model = cls(config)
@@ -320,7 +320,7 @@ def _shape(s) -> list[int]:
     return [int(d) for d in s] if s is not None else []
 
 
-def _mismatch_message(where: str, cls, config, mismatched: list) -> str:
+def _mismatch_message(where: str, cls, config, mismatched: list, overrides: dict | None = None) -> str:
     """One line for weights whose shapes differ from what ``config.json`` builds: each key with both shapes,
     and the config field when it is the classifier (num_labels) or the input channels (num_channels)."""
     items = []
@@ -345,12 +345,15 @@ def _mismatch_message(where: str, cls, config, mismatched: list) -> str:
         hint = f" - {CONFIG} num_channels is {config.num_channels}, the weights take {items[0][1][1]} channels"
     else:
         hint = f" - {CONFIG} does not describe these weights (a width or count field such as hidden_size differs)"
+    if overrides:  # the config was changed by the recipe: the mismatch may be the recipe's doing
+        hint += (f" - model.kwargs {dict(sorted(overrides.items()))} override {CONFIG}: check them first")
     return f"{where} does not match {cls.__name__} of {CONFIG}: shapes differ: {'; '.join(parts)}{more}{hint}"
 
 
-def _from_pretrained(cls, local: str, name: str, config) -> nn.Module:
+def _from_pretrained(cls, local: str, name: str, config, overrides: dict | None = None) -> nn.Module:
     """``cls.from_pretrained`` in FP32 from the local directory; every weight must match exactly: ModelError
-    naming the weights file and the keys (with shapes, and the config field where it is clear)."""
+    naming the weights file and the keys (with shapes, and the config field where it is clear; a field
+    that ``model.kwargs`` (``overrides``) set is named as that kwarg)."""
     from ..models import ModelError
 
     wfile = _weights_file(local)
@@ -377,7 +380,7 @@ def _from_pretrained(cls, local: str, name: str, config) -> nn.Module:
         raise ModelError(f"{where}: transformers could not load it into {cls.__name__}: {msg}") from None
     mismatched = list(info.get("mismatched_keys") or [])
     if mismatched:
-        raise ModelError(_mismatch_message(where, cls, config, mismatched))
+        raise ModelError(_mismatch_message(where, cls, config, mismatched, overrides))
     bad = {k: sorted(str(x) for x in (info.get(k) or [])) for k in ("missing_keys", "unexpected_keys")}
     if any(bad.values()):
         parts = [f"{k.split('_')[0]} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in bad.items() if v]
