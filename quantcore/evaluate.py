@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .models import output_logits
 
 
 @dataclass
@@ -83,8 +84,6 @@ class EvalAccumulator:
         """Add one batch: ``logits[name]`` of shape ``(N, num_classes)`` for every model (or the model's raw
         output: a Hugging Face ``ModelOutput`` / tuple, see :func:`quantcore.models.output_logits`),
         ``labels`` (N,)."""
-        from .models import output_logits
-
         c = self.num_classes
         self._check_labels(labels)
         # a model's raw output: Hugging Face classifiers return a ModelOutput, distilled heads a tuple

@@ -496,9 +496,9 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Modu
 
         x = default_example_input(fp32)
         with torch.no_grad():
-            want = _logits(fp32(x)).shape[-1]
+            want = output_logits(fp32(x)).shape[-1]
             try:
-                got = _logits(teacher(x.to(device))).shape[-1]
+                got = output_logits(teacher(x.to(device))).shape[-1]
             except Exception as err:
                 raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} cannot take the student's "
                                 f"input {tuple(x.shape)} (the teacher sees the student's transformed images): "
@@ -506,12 +506,6 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Modu
         if got != want:
             raise UserError(f"qat.distill.teacher.num_classes: the teacher gives {got} logits, the student {want}")
     return teacher
-
-
-def _logits(out: Any) -> torch.Tensor:
-    from .models import output_logits
-
-    return output_logits(out)
 
 
 def _check_out(out: str) -> None:
