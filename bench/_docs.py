@@ -73,8 +73,8 @@ def finish(res: dict, t0: float, render, results_file: Path, write_doc, no_write
 
 
 def demo_store(store: str = "demo-store") -> tuple[str, str]:
-    """``(data_uri, fp32_weights_uri)`` of the demo: packs Fashion-MNIST and trains the demo ViT in
-    ``store`` unless they are there already (what ``scripts/setup.sh demo`` leaves behind)."""
+    """``(data_uri, fp32_weights_uri)`` of the demo: packs Fashion-MNIST and installs the shipped demo
+    ViT in ``store`` unless they are there already (what ``scripts/setup.sh demo`` leaves behind)."""
     from quantcore.demo import prepare_demo
 
     plan = prepare_demo(store, log=lambda m: print(m, flush=True))

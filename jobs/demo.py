@@ -1,6 +1,6 @@
 """The demo through the cluster's job entrypoint: ``python -m jobs.demo``.
 
-Packing and FP32 training run in this process (quantcore.demo); the PTQ step is the ``ptq`` TorchX
+Packing and installing the shipped FP32 model (or training one, ``--retrain``) run in this process (quantcore.demo); the PTQ step is the ``ptq`` TorchX
 component and the QAT step the ``qat`` component (torchrun, 2 ranks, gloo), both launched on
 TorchX's local scheduler (``torchx run -s local_cwd``): the same components, ``jobs.launch``
 entrypoint and ``quantcore ptq``/``qat`` commands a Kubernetes run uses, on the embedded default
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's, 12)")
     p.add_argument("--train-limit", type=int, default=None, help="first N images of each split only")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--seed", type=int, default=None,
+                   help="FP32 training seed (default: the recipe's, 0); another seed trains a new model")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the FP32 model here instead of using the one shipped with quantcore")
     args = p.parse_args(argv)
 
     from quantcore.demo import DemoError, prepare_demo, summary_lines
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        plan = prepare_demo(args.store, args.epochs, args.train_limit)
+        plan = prepare_demo(args.store, args.epochs, args.train_limit, seed=args.seed, retrain=args.retrain)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

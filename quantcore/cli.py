@@ -281,12 +281,14 @@ def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// pr
          epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo recipe's, 12)."),
          eval_limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N test images (default all 10,000)."),
          train_limit: Optional[int] = typer.Option(None, help="Use only the first N images of each split (quick runs)."),
+         seed: Optional[int] = typer.Option(None, help="FP32 training seed (default: the demo recipe's, 0); another seed trains a new model."),
+         retrain: bool = typer.Option(False, "--retrain", help="Train the FP32 model here instead of using the one shipped with quantcore."),
          workers: int = WorkersOpt, progress: bool = ProgressOpt) -> None:
-    """Run the main job in this process: pack Fashion-MNIST, train a small ViT, PTQ (ft1/ft2 W8A8, ft1 W4A4), QAT (W4A4 ft1, W8A8 ft2), report."""
+    """Run the main job in this process: pack Fashion-MNIST, install the shipped small ViT (or train one), PTQ (ft1/ft2 W8A8, ft1 W4A4), QAT (W4A4 ft1, W8A8 ft2), report."""
     from .demo import run_demo, summary_lines
 
     res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=progress,
-                   num_workers=workers, log=typer.echo)
+                   num_workers=workers, log=typer.echo, seed=seed, retrain=retrain)
     typer.echo("")
     for line in summary_lines(res.report, res.qat_reports):
         typer.echo(line)

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import quantcore
+from quantcore.demo import SHIPPED_FP32 as CHECKPOINT  # the trained demo ViT shipped with quantcore
 from quantcore.errors import PlacementError
 from quantcore.recipe import recipe_from_dict
 from quantcore.transforms import collect_channel_ranges, find_layernorm_pairs, reparam_layernorm
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-CHECKPOINT = Path("/tmp/demo-final/models/vit_fmnist-1f25aebd998a.pt")
 
 
 def _fmnist(n: int) -> torch.Tensor:
@@ -51,8 +51,7 @@ def _demo_model() -> nn.Module:
 
     torch.manual_seed(0)
     m = vit_fmnist()
-    if CHECKPOINT.is_file():
-        m.load_state_dict(torch.load(CHECKPOINT, map_location="cpu"))
+    m.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
     return m.eval()
 
 

@@ -17,12 +17,12 @@ import torch
 
 import quantcore
 from quantcore.formats import QuantSpec
+from quantcore.demo import SHIPPED_FP32 as CHECKPOINT  # the trained demo ViT shipped with quantcore
 from quantcore.placement import quantizers
 from quantcore.quantizer import TensorQuantizer
 from quantcore.recipe import RecipeError, recipe_from_dict
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-CHECKPOINT = Path("/tmp/demo-final/models/vit_fmnist-1f25aebd998a.pt")
 SOFTMAX = "blocks.*.attn.attn_quantizer"
 GELU = "blocks.*.mlp.fc2.input_quantizer"
 
@@ -93,8 +93,7 @@ def _demo_model() -> torch.nn.Module:
 
     torch.manual_seed(0)
     m = vit_fmnist()
-    if CHECKPOINT.is_file():  # the trained demo model when the demo store is there; else timm's init
-        m.load_state_dict(torch.load(CHECKPOINT, map_location="cpu"))
+    m.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
     return m.eval()
 
 
