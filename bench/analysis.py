@@ -17,7 +17,8 @@
    through prepare + calibrate and evaluated on the 10,000 test images.
 
 Results: ``bench/results/analysis.json`` and the section between the ``bench:analysis`` markers of
-``docs/benchmarks.md``. One intra-op thread (the machine is shared). Nothing here asserts a threshold.
+``docs/benchmarks.md``. One intra-op thread (the machine is shared); part vitb takes ``--vitb-threads``.
+Nothing here asserts a threshold.
 """
 from __future__ import annotations
 
@@ -112,7 +113,11 @@ def part_search(args) -> dict[str, Any]:
 
 
 def part_vitb(args) -> dict[str, Any]:
+    import os
+
     import timm
+
+    from bench._docs import loadavg
 
     from quantcore import api
     from quantcore.analysis import Engine, error_analysis, sensitivity
@@ -122,6 +127,9 @@ def part_vitb(args) -> dict[str, Any]:
     x = torch.randn(8, 3, 224, 224, generator=g)
     recipe = api._recipe("vit_b16_int8")
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": False})})
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.vitb_threads)  # what `quantcore analyze` gets by default is every core
+    load = loadavg()
     t0 = time.perf_counter()
     api.prepare(model, recipe)
     api.calibrate(model, [x])
@@ -134,8 +142,10 @@ def part_vitb(args) -> dict[str, Any]:
     t2 = time.perf_counter()
     sens = sensitivity(model, eng, groups="block", errors=err)  # alone-quantized = the isolated cases
     t_sens = time.perf_counter() - t2
+    torch.set_num_threads(threads_before)
     worst = sorted(err["quantizers"], key=lambda n: (err["quantizers"][n]["isolated"]["sqnr_db"] or 1e9))[:3]
-    return {"quantizers": len(err["order"]), "groups": len(err["groups"]), "calibrate_s": t_cal,
+    return {"threads": args.vitb_threads, "cpus": os.cpu_count(), "loadavg": load,
+            "quantizers": len(err["order"]), "groups": len(err["groups"]), "calibrate_s": t_cal,
             "error_analysis_s": t_err, "tensor_s": err["timings_s"]["tensor"], "logits_s": err["timings_s"]["logits"],
             "sensitivity_s": t_sens, "total_s": t_err + t_sens, "warnings": len(err["warnings"]),
             "lowest_isolated_sqnr": {n: err["quantizers"][n]["isolated"]["sqnr_db"] for n in worst},
@@ -233,7 +243,9 @@ def render(res: dict[str, Any]) -> str:
               f"cumulative for every quantizer: {v['tensor_s']:.0f} s; logit effect isolated + cumulative per block: "
               f"{v['logits_s']:.0f} s) **{v['error_analysis_s']:.0f} s**; sensitivity per block (alone quantized, "
               f"alone float; alone quantized reused from the isolated cases) {v['sensitivity_s']:.0f} s; both **{v['total_s']:.0f} s** (target < 120 s). Calibration "
-              f"{v['calibrate_s']:.0f} s before that.", ""]
+              f"{v['calibrate_s']:.0f} s before that. {v.get('threads', 1)} intra-op thread(s)"
+              + (f" (`--vitb-threads`; the machine has {v['cpus']} logical CPUs)" if v.get("cpus") else "")
+              + (f"; load average {v['loadavg']} when the part started" if v.get("loadavg") else "") + ".", ""]
     w = res.get("workers")
     if w:
         L += ["### Sensitivity sweep: 1 vs 2 worker processes", "",
@@ -262,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--seed-recipe", default="fmnist_w8a8_ft1")
     p.add_argument("--store", default="demo-store", help="the demo's store (data packed, model trained if missing)")
+    p.add_argument("--vitb-threads", type=int, default=1,
+                   help="intra-op threads of part vitb (the others use one); quantcore analyze uses every core")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
