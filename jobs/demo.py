@@ -54,14 +54,26 @@ def _run(cmd: list[str], what: str, log_dir: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="demo-store", help="local folder acting as the object store")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's, 12)")
-    p.add_argument("--train-limit", type=int, default=None, help="first N images of each split only")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
+    def at_least(lo: int):
+        def conv(v: str) -> int:
+            n = int(v)
+            if n < lo:
+                raise argparse.ArgumentTypeError(f"must be >= {lo} (got {n})")
+            return n
+        return conv
+
+    p.add_argument("--store", default="demo-store", help="local folder (or s3:// prefix) acting as the object store")
+    p.add_argument("--epochs", type=at_least(1), default=None,
+                   help="FP32 training epochs; other than the recipe's 12, a model is trained here (as --retrain)")
+    p.add_argument("--train-limit", type=at_least(1), default=None,
+                   help="first N images of each split only; a model is trained on them here (as --retrain)")
+    p.add_argument("--eval-limit", type=at_least(0), default=None,
+                   help="evaluate a seeded, class-stratified sample of N test images (default, or 0: all 10,000)")
     p.add_argument("--seed", type=int, default=None,
-                   help="FP32 training seed (default: the recipe's, 0); another seed trains a new model")
+                   help="FP32 training seed; other than the recipe's 0, a model is trained here (as --retrain)")
     p.add_argument("--retrain", action="store_true",
-                   help="train the FP32 model here instead of using the one shipped with quantcore")
+                   help="use a model trained here (trained now, or cached in the store by an earlier run) "
+                        "instead of the one shipped with quantcore")
     args = p.parse_args(argv)
 
     from quantcore.demo import DemoError, prepare_demo, summary_lines

@@ -278,11 +278,11 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
 
 @app.command()
 def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// prefix) acting as the object store."),
-         epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo recipe's, 12)."),
-         eval_limit: Optional[int] = typer.Option(None, help="Evaluate a seeded, class-stratified sample of N test images (default all 10,000)."),
-         train_limit: Optional[int] = typer.Option(None, help="Use only the first N images of each split (quick runs)."),
-         seed: Optional[int] = typer.Option(None, help="FP32 training seed (default: the demo recipe's, 0); another seed trains a new model."),
-         retrain: bool = typer.Option(False, "--retrain", help="Train the FP32 model here instead of using the one shipped with quantcore."),
+         epochs: Optional[int] = typer.Option(None, min=1, help="FP32 training epochs; other than the demo recipe's 12, a model is trained here (as --retrain)."),
+         eval_limit: Optional[int] = typer.Option(None, min=0, help="Evaluate a seeded, class-stratified sample of N test images (default, or 0: all 10,000)."),
+         train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N images of each split; a model is trained on them here (as --retrain)."),
+         seed: Optional[int] = typer.Option(None, help="FP32 training seed; other than the demo recipe's 0, a model is trained here (as --retrain)."),
+         retrain: bool = typer.Option(False, "--retrain", help="Use a model trained here (trained now, or cached in the store by an earlier run) instead of the one shipped with quantcore."),
          workers: int = WorkersOpt, progress: bool = ProgressOpt) -> None:
     """Run the main job in this process: pack Fashion-MNIST, install the shipped small ViT (or train one), PTQ (ft1/ft2 W8A8, ft1 W4A4), QAT (W4A4 ft1, W8A8 ft2), report."""
     from .demo import run_demo, summary_lines

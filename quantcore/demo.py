@@ -153,12 +153,25 @@ SHIPPED_FP32 = Path(__file__).resolve().parent / "demo_assets" / "vit_fmnist_see
 
 def shipped_fp32(cfg: TrainConfig) -> dict | None:
     """The shipped weights' record (``SHIPPED_FP32`` + ``.json``: ``train``, ``sha256``, ``top1_test``,
-    ...) when they were trained with exactly ``cfg``; ``None`` otherwise or when not installed."""
+    ...) when they were trained with exactly ``cfg``; ``None`` otherwise or when neither file is
+    installed. Raises :class:`DemoError` naming the file when only one of the two is there or the
+    record cannot be read (a damaged install)."""
     meta_path = SHIPPED_FP32.with_name(SHIPPED_FP32.name + ".json")
-    if not (SHIPPED_FP32.is_file() and meta_path.is_file()):
+    have = (SHIPPED_FP32.is_file(), meta_path.is_file())
+    if not any(have):
         return None
-    meta = json.loads(meta_path.read_text())
-    return meta if meta.get("train") == cfg.model_dump() else None
+    fix = "reinstall quantcore or run the demo with --retrain"
+    if not all(have):
+        missing = meta_path if have[0] else SHIPPED_FP32
+        raise DemoError(f"{missing}: missing beside {(SHIPPED_FP32 if have[0] else meta_path).name} (a damaged "
+                        f"install); {fix}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta.get("train"), dict) or not isinstance(meta.get("sha256"), str):
+            raise ValueError("no 'train' or 'sha256' field")
+    except (ValueError, AttributeError) as err:
+        raise DemoError(f"{meta_path}: not a readable record of the shipped model ({err}); {fix}") from None
+    return meta if meta["train"] == cfg.model_dump() else None
 
 
 def _install_shipped(meta: dict, model_uri: str, log: Callable[[str], None]) -> None:
@@ -168,9 +181,13 @@ def _install_shipped(meta: dict, model_uri: str, log: Callable[[str], None]) -> 
                         f"install); reinstall quantcore or run the demo with --retrain")
     storage.write_bytes(model_uri, data)
     storage.write_bytes(model_uri + ".json", json.dumps(dict(meta, source=str(SHIPPED_FP32)), indent=2).encode())
-    log(f"using the FP32 demo model shipped with quantcore ({SHIPPED_FP32.name}: trained by "
-        f"quantcore.demo.train_fp32, seed {meta['train']['seed']}, {meta['train']['epochs']} epochs, "
-        f"test top-1 {meta['top1_test']:.2f} %; --retrain trains it here) -> {model_uri}")
+    log(f"using the FP32 demo model shipped with quantcore ({_describe(meta)}; --retrain trains one here) "
+        f"-> {model_uri}")
+
+
+def _describe(meta: dict) -> str:
+    return (f"{SHIPPED_FP32.name}: trained by quantcore.demo.train_fp32, seed {meta['train']['seed']}, "
+            f"{meta['train']['epochs']} epochs, test top-1 {meta['top1_test']:.2f} %")
 
 
 def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
@@ -181,7 +198,12 @@ def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_lim
     differs from the recipe's train config asks for another model. ``seed``: the FP32 training seed
     (default: the recipe's, 0). Raises :class:`DemoError` when Fashion-MNIST is not installed."""
     store = str(store)
+    for opt, v, lo in (("--epochs", epochs, 1), ("--train-limit", train_limit, 1)):
+        if v is not None and v < lo:
+            raise DemoError(f"{opt} must be >= {lo} (got {v})")
     if not storage.is_s3(store):
+        if os.path.exists(store) and not os.path.isdir(store):
+            raise DemoError(f"--store {store}: exists and is not a directory")
         os.makedirs(store, exist_ok=True)
     data_uri = storage.join(store, "data", "fashion-mnist" + (f"-{train_limit}" if train_limit else ""))
     pack_fashion_mnist(data_uri, limit=train_limit, log=log)
@@ -196,8 +218,12 @@ def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_lim
     else:
         key = hashlib.sha256(json.dumps([cfg.model_dump(), data_uri], sort_keys=True).encode()).hexdigest()[:12]
     model_uri = storage.join(store, "models", f"vit_fmnist-{key}.pt")
-    if storage.exists(model_uri):
-        log(f"using the cached FP32 model {model_uri}")
+    cached = storage.exists(model_uri)
+    if cached and meta is not None and hashlib.sha256(storage.read_bytes(model_uri)).hexdigest() != meta["sha256"]:
+        log(f"the cached copy {model_uri} differs from the shipped model (sha256): installing it again")
+        cached = False
+    if cached:
+        log(f"using the cached FP32 model {model_uri}" + (f" ({_describe(meta)})" if meta is not None else ""))
     elif meta is not None:
         _install_shipped(meta, model_uri, log)
     else:
@@ -260,7 +286,7 @@ def target_rows(rep: dict, qat_reports: dict | None = None) -> list[dict]:
         else:
             ok = drop <= TARGETS["w8a8_drop"] and agree >= TARGETS["w8a8_agreement"]
             tgt = f"drop <= {TARGETS['w8a8_drop']} & agree >= {TARGETS['w8a8_agreement']}"
-        rows.append(dict(name=name, top1=r["top1"], delta_top1=-drop, agreement=r["agreement"],
+        rows.append(dict(name=name, top1=r["top1"], delta_top1=0.0 - drop, agreement=r["agreement"],
                          sqnr_db=r["sqnr_db"], target=tgt, met=ok, ranks=ranks))
     return rows
 

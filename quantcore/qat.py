@@ -56,6 +56,7 @@ from .config import QATConfig, Recipe
 from .errors import Preempted, UserError
 from .io import storage
 from .models import output_logits
+from .train import one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def _optimizer(groups: list[dict], cfg: QATConfig) -> torch.optim.Optimizer:
 def _scheduler(opt: torch.optim.Optimizer, cfg: QATConfig, total_steps: int):
     s = cfg.schedule
     if s.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=max(total_steps, 2), pct_start=s.pct_start)
+        return one_cycle(opt, [g["lr"] for g in opt.param_groups], total_steps, s.pct_start)
     floor = s.min_lr / cfg.optimizer.lr
     warm = s.warmup_steps
 

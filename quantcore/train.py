@@ -20,6 +20,17 @@ class TrainResult:
     final_loss: float
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float | list[float], total_steps: int,
+              pct_start: float) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's OneCycleLR, with the warm-up fraction nudged so both phases last at least part of a
+    step: ``pct_start * total_steps`` at or below 1 makes OneCycleLR divide by zero on its first
+    ``step()`` (a short run: 1,000 images in batches of 256 for one epoch is 4 steps). At least 2
+    steps are scheduled."""
+    total = max(int(total_steps), 2)
+    pct = min(max(pct_start, 1.5 / total), 1.0 - 0.5 / total)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct)
+
+
 def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int,
                      cfg: TrainConfig, device: str | torch.device = "cpu",
                      on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -27,8 +38,7 @@ def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable],
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=cfg.pct_start)
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch, cfg.pct_start)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0, steps, loss_val = time.perf_counter(), 0, math.nan

@@ -120,3 +120,74 @@ def test_printed_targets_are_checked_per_row_at_their_limits():
                     "fmnist_w4a4_ft1 QAT": True, "fmnist_w8a8_ft2 QAT": False}
     text = "\n".join(summary_lines(rep, qat))
     assert text.count("MISSED") == 3 and text.count(": met") == 2 and "(2 ranks)" in text
+
+
+def test_damaged_or_partial_records_are_refused_by_name(tmp_path, monkeypatch, no_data_no_training):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    pt, rec = assets / SHIPPED_FP32.name, assets / RECORD.name
+    monkeypatch.setattr(demo, "SHIPPED_FP32", pt)
+    assert shipped_fp32(_demo_cfg()) is None  # nothing installed: the demo trains (and says so)
+    shutil.copy(SHIPPED_FP32, pt)
+    with pytest.raises(DemoError, match=r"vit_fmnist_seed0\.pt\.json: missing beside vit_fmnist_seed0\.pt"):
+        prepare_demo(str(tmp_path / "s"), log=lambda m: None)
+    for text, why in (("{not json", "Expecting property name"), ('{"train": {}}', "no 'train' or 'sha256'")):
+        rec.write_text(text)
+        with pytest.raises(DemoError, match=f"vit_fmnist_seed0.pt.json: not a readable record .*{why}.*--retrain"):
+            prepare_demo(str(tmp_path / "s"), log=lambda m: None)
+    pt.unlink()
+    shutil.copy(RECORD, rec)
+    with pytest.raises(DemoError, match=r"vit_fmnist_seed0\.pt: missing beside"):
+        prepare_demo(str(tmp_path / "s"), log=lambda m: None)
+    assert not no_data_no_training
+
+
+def test_a_damaged_cached_copy_is_installed_again(tmp_path, no_data_no_training):
+    logs = []
+    plan = prepare_demo(str(tmp_path / "s"), log=logs.append)
+    with open(plan.model_uri, "r+b") as f:
+        f.truncate(1000)
+    prepare_demo(str(tmp_path / "s"), log=logs.append)
+    assert "differs from the shipped model" in logs[-2] and "shipped with quantcore" in logs[-1]
+    assert open(plan.model_uri, "rb").read() == SHIPPED_FP32.read_bytes()
+
+
+def test_demo_refuses_bad_options_and_a_store_that_is_a_file(tmp_path, no_data_no_training):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DemoError, match="--store .*exists and is not a directory"):
+        prepare_demo(str(tmp_path / "f"), log=lambda m: None)
+    for kw, opt in (({"epochs": 0}, "--epochs"), ({"train_limit": 0}, "--train-limit"),
+                    ({"train_limit": -5}, "--train-limit")):
+        with pytest.raises(DemoError, match=f"{opt} must be >= 1"):
+            prepare_demo(str(tmp_path / "s"), log=lambda m: None, **kw)
+    assert not no_data_no_training
+
+
+@pytest.mark.parametrize("images", [1, 100, 1000, 1024])
+def test_short_training_runs_schedule_without_dividing_by_zero(images):
+    from quantcore.train import train_classifier
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(images, 1, 2, 2), torch.randint(0, 3, (images,))
+    cfg = TrainConfig(epochs=1, batch_size=256, lr=1e-2, hflip=False)
+    steps = (images + 255) // 256
+    res = train_classifier(model, lambda e: ((x[i:i + 256], y[i:i + 256]) for i in range(0, images, 256)), steps, cfg)
+    assert res.steps == steps and torch.isfinite(torch.tensor(res.final_loss))
+
+
+@pytest.mark.parametrize("argv, opt", [(["--epochs", "0"], "--epochs"), (["--train-limit", "0"], "--train-limit"),
+                                       (["--eval-limit", "-1"], "--eval-limit")])
+def test_job_entrypoint_refuses_out_of_range_options(argv, opt, capsys):
+    from jobs.demo import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2 and f"argument {opt}: must be >=" in capsys.readouterr().err
+
+
+def test_job_entrypoint_names_a_store_that_is_a_file(tmp_path, capsys, no_data_no_training):
+    from jobs.demo import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["--store", str(tmp_path / "f")]) == 2
+    assert "--store" in capsys.readouterr().err
