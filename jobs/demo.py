@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        plan = prepare_demo(args.store, args.epochs, args.train_limit, seed=args.seed, retrain=args.retrain)
+        plan = prepare_demo(args.store, args.epochs, args.train_limit, seed=args.seed, retrain=args.retrain,
+                            eval_limit=args.eval_limit)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -191,12 +191,15 @@ def _describe(meta: dict) -> str:
 
 
 def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
-                 log: Callable[[str], None] = print, seed: int | None = None, retrain: bool = False) -> DemoPlan:
+                 log: Callable[[str], None] = print, seed: int | None = None, retrain: bool = False,
+                 eval_limit: int | None = None) -> DemoPlan:
     """Pack Fashion-MNIST into the store and install the shipped FP32 model, or train (or reuse) one.
 
     The shipped weights are used unless ``retrain``, ``train_limit`` or an ``epochs``/``seed`` that
     differs from the recipe's train config asks for another model. ``seed``: the FP32 training seed
-    (default: the recipe's, 0). Raises :class:`DemoError` when Fashion-MNIST is not installed."""
+    (default: the recipe's, 0). ``eval_limit`` (N test images, 0/None = all) names the run folders, so
+    a run on a sample never overwrites the full run's reports. Raises :class:`DemoError` when
+    Fashion-MNIST is not installed or an option is out of range."""
     store = str(store)
     for opt, v, lo in (("--epochs", epochs, 1), ("--train-limit", train_limit, 1)):
         if v is not None and v < lo:
@@ -230,8 +233,9 @@ def prepare_demo(store: str = "demo-store", epochs: int | None = None, train_lim
         train_fp32(data_uri, model_uri, cfg, log)
     qat_cfg = [load_recipe(n).model_dump(mode="json") for n in DEMO_QAT]
     qkey = hashlib.sha256(json.dumps([key, qat_cfg], sort_keys=True).encode()).hexdigest()[:12]
-    return DemoPlan(data_uri, model_uri, storage.join(store, "runs", f"ptq-{key}"),
-                    qat_out=storage.join(store, "runs", f"qat-{qkey}"))
+    sample = f"-eval{eval_limit}" if eval_limit else ""
+    return DemoPlan(data_uri, model_uri, storage.join(store, "runs", f"ptq-{key}{sample}"),
+                    qat_out=storage.join(store, "runs", f"qat-{qkey}{sample}"))
 
 
 def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: int | None = None,
@@ -243,7 +247,7 @@ def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: 
     from .pipeline import DataSpec, RunOptions, ptq
 
     t0 = time.perf_counter()
-    plan = prepare_demo(store, epochs, train_limit, log, seed=seed, retrain=retrain)
+    plan = prepare_demo(store, epochs, train_limit, log, seed=seed, retrain=retrain, eval_limit=eval_limit)
     log("PTQ: " + ", ".join(plan.recipes) + f" -> {plan.out}")
     rep = ptq([load_recipe(n) for n in plan.recipes], DataSpec(plan.data_uri, "train"),
               DataSpec(plan.data_uri, "test", limit=eval_limit), plan.out,

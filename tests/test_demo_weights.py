@@ -83,6 +83,10 @@ def test_demo_installs_the_shipped_model_unless_asked_for_another(tmp_path, no_d
         assert p.model_uri not in uris and p.out != plan.out
         uris.add(p.model_uri)
     assert [c.seed for c in no_data_no_training] == [1, 0, 0, 0]
+    # a run on a test sample reports into its own folders (never over the full run's)
+    sample = prepare_demo(str(tmp_path / "s"), log=logs.append, eval_limit=300)
+    assert sample.model_uri == plan.model_uri and sample.out != plan.out and sample.qat_out != plan.qat_out
+    assert prepare_demo(str(tmp_path / "s"), log=logs.append, eval_limit=0).out == plan.out
     assert [c.epochs for c in no_data_no_training] == [12, 12, 2, 12]
 
 
