@@ -2,7 +2,8 @@
 
 Fashion-MNIST (Debian ``dataset-fashion-mnist``) is packed into zip shards in the local store, the
 small DeiT-style ViT shipped with quantcore is installed (or one is trained and cached), then PTQ
-runs in ft1 and ft2 placement at W8A8 and ft1 at W4A4; FP32 and every variant are evaluated on all 10,000 test images and a report is written.
+runs in ft1 and ft2 placement at W8A8 and ft1 at W4A4; FP32 and every variant are evaluated on all
+10,000 test images and a report is written.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ class DemoPlan:
 # "Demo across FP32 training seeds"), so a retrained model would make the printed targets a matter of
 # luck. ``--retrain`` (or any --seed/--epochs/--train-limit) trains here instead.
 SHIPPED_FP32 = Path(__file__).resolve().parent / "demo_assets" / "vit_fmnist_seed0.pt"
+_DAMAGED = "(a damaged install); reinstall quantcore or run the demo with --retrain"
 
 
 def shipped_fp32(cfg: TrainConfig) -> dict | None:
@@ -160,25 +162,22 @@ def shipped_fp32(cfg: TrainConfig) -> dict | None:
     have = (SHIPPED_FP32.is_file(), meta_path.is_file())
     if not any(have):
         return None
-    fix = "reinstall quantcore or run the demo with --retrain"
     if not all(have):
         missing = meta_path if have[0] else SHIPPED_FP32
-        raise DemoError(f"{missing}: missing beside {(SHIPPED_FP32 if have[0] else meta_path).name} (a damaged "
-                        f"install); {fix}")
+        raise DemoError(f"{missing}: missing beside {(SHIPPED_FP32 if have[0] else meta_path).name} {_DAMAGED}")
     try:
         meta = json.loads(meta_path.read_text())
         if not isinstance(meta.get("train"), dict) or not isinstance(meta.get("sha256"), str):
             raise ValueError("no 'train' or 'sha256' field")
     except (ValueError, AttributeError) as err:
-        raise DemoError(f"{meta_path}: not a readable record of the shipped model ({err}); {fix}") from None
+        raise DemoError(f"{meta_path}: not a readable record of the shipped model ({err}) {_DAMAGED}") from None
     return meta if meta["train"] == cfg.model_dump() else None
 
 
 def _install_shipped(meta: dict, model_uri: str, log: Callable[[str], None]) -> None:
     data = SHIPPED_FP32.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise DemoError(f"{SHIPPED_FP32}: sha256 differs from its record {SHIPPED_FP32.name}.json (a damaged "
-                        f"install); reinstall quantcore or run the demo with --retrain")
+        raise DemoError(f"{SHIPPED_FP32}: sha256 differs from its record {SHIPPED_FP32.name}.json {_DAMAGED}")
     storage.write_bytes(model_uri, data)
     storage.write_bytes(model_uri + ".json", json.dumps(dict(meta, source=str(SHIPPED_FP32)), indent=2).encode())
     log(f"using the FP32 demo model shipped with quantcore ({_describe(meta)}; --retrain trains one here) "
