@@ -1,12 +1,16 @@
 """Analysis and mixed-precision search benchmark (issue #11 items 2-4).
 
-    flock /tmp/bench.lock python -m bench.analysis [--parts search,vitb,workers,seed001] [--search-images N]
+    flock /tmp/bench.lock python -m bench.analysis [--parts search,search_conf,vitb,workers,seed001]
+        [--search-images N] [--confidence 0.9]
 
 1. **search**: the demo W4A4 ft1 PTQ checkpoint; the search (per-quantizer groups, choices 4/6/8/float,
    effective-bits cost) measures its budget "Δ top-1 <= 0.1" on a held-out part of the TRAIN split
    (calibration images excluded); the chosen recipe is then run through the normal PTQ path
    (prepare + calibrate) and evaluated on all 10,000 TEST images. Reported: the test Δ, the fraction
    of quantizers above 4 bits, whether the recipe reproduces the search's figure exactly.
+   **search_conf**: the same search with the budget checked on the lower ``--confidence`` bound of
+   the held-out Δ (``--budget-confidence``), so that a result within the noise of 5,000 images does
+   not count as met.
 2. **vitb**: error analysis (tensor SQNR isolated/cumulative for all quantizers, logit effects per
    block) and sensitivity of a timm ViT-B/16 (random weights, ``vit_base_patch16_224``, recipe
    vit_b16_int8, 8 images), timed.
@@ -78,6 +82,15 @@ def demo_data(recipe, model, search_images: int):
 
 
 def part_search(args) -> dict[str, Any]:
+    return _search(args, None)
+
+
+def part_search_conf(args) -> dict[str, Any]:
+    """The same search with the budget checked on the lower ``--confidence`` bound of the held-out Δ."""
+    return _search(args, args.confidence)
+
+
+def _search(args, confidence: float | None) -> dict[str, Any]:
     from quantcore import api
     from quantcore.analysis import Budget, collect_statistics, search, search_recipe, verify_recipe
     from quantcore.analysis.engine import Engine
@@ -89,7 +102,7 @@ def part_search(args) -> dict[str, Any]:
     t0 = time.perf_counter()
     stats = collect_statistics(model, calib)
     t_stats = time.perf_counter() - t0
-    budget = Budget.from_options(delta_top1=args.budget)
+    budget = Budget.from_options(delta_top1=args.budget, confidence=confidence)
     res = search(model, held, budget, stats, groups="quantizer", choices=("4", "6", "8", "float"))
     log(f"search: {len(res['evaluated'])} configurations in {res['seconds']:.0f} s, met={res['met']}, "
         f"{res['quantizers_above_lowest']} above 4 bits")
@@ -100,11 +113,13 @@ def part_search(args) -> dict[str, Any]:
     test_base = Engine(model, test).evaluate({"m": {}})["m"]
     from quantcore.recipe import dump_recipe
 
-    (RESULTS.parent / "analysis_search_recipe.yaml").write_text(dump_recipe(rec))
+    name = "analysis_search_recipe.yaml" if confidence is None else "analysis_search_conf_recipe.yaml"
+    (RESULTS.parent / name).write_text(dump_recipe(rec))
     return {"search_images": res["images"], "stats_s": t_stats, "search_s": res["seconds"],
             "verify_s": time.perf_counter() - t1, "evaluated": len(res["evaluated"]),
             "pareto": [{"cost": p["cost"], "score": p["score"]} for p in res["pareto"]],
             "met_on_search": res["met"], "search_metrics": res["metrics"], "reproduced": reproduced,
+            "confidence": confidence, "bound": res["budget"]["bound"],
             "reproduced_exactly": reproduced == res["metrics"], "test_mixed": test_mp, "test_w4a4": test_base,
             "cost_bits": res["cost"], "above_4": res["quantizers_above_lowest"], "quantizers": len(res["specs"]),
             "fraction_above_4": res["fraction_above_lowest"],
@@ -209,33 +224,70 @@ def _f(v, fmt="{:.2f}"):
     return "–" if v is None else fmt.format(v)
 
 
+def _disc(m: dict[str, Any]) -> str:
+    return "–" if m.get("gained") is None else f"{m['gained']} / {m['lost']}"
+
+
+def _render_search(res: dict[str, Any]) -> list[str]:
+    runs = [(k, res[k]) for k in ("search", "search_conf") if res.get(k)]
+    b = runs[0][1]["test_w4a4"]
+    L = ["### Mixed-precision search on the demo ViT (W4A4 ft1 start, budget Δ top-1 <= "
+         f"{res['budget']:g} point)", "",
+         f"Searched on {runs[0][1]['search_images']} held-out TRAIN images (calibration images excluded); each "
+         "chosen recipe was run through prepare + calibrate and evaluated on all 10,000 TEST images. *Budget "
+         "checked on*: the held-out Δ itself, or its lower confidence bound (`--budget-confidence`; paired "
+         "per-image differences, normal approximation). Gained / lost: images whose top-1 became right / wrong.",
+         "", "| search | images | top-1 | Δ top-1 | 90 % bound of Δ | gained / lost | agreement | logit SQNR dB "
+         "| quantizers above 4 bits | effective bits |", "|---|---|---|---|---|---|---|---|---|---|",
+         f"| W4A4 ft1 (start) | test | {b['top1']:.2f} | {b['delta_top1']:+.2f} | "
+         f"{_f(_bound90(b), '{:+.2f}')} | {_disc(b)} | {b['agreement']:.2f} | {_f(b['sqnr_db'], '{:.1f}')} | 0 | 4 |"]
+    for key, s in runs:
+        what = "Δ itself" if s.get("confidence") is None else f"{100 * s['confidence']:g} % bound"
+        for label, m in (("held-out train", s["search_metrics"]), ("**test**", s["test_mixed"])):
+            L.append(f"| budget on {what} | {label} | {m['top1']:.2f} | {m['delta_top1']:+.2f} | "
+                     f"{_f(_bound90(m), '{:+.2f}')} | {_disc(m)} | {m['agreement']:.2f} | {_f(m['sqnr_db'], '{:.1f}')} "
+                     f"| {s['above_4']}/{s['quantizers']} ({100 * s['fraction_above_4']:.1f}%) | {s['cost_bits']:.3f} |")
+    L.append("")
+    for key, s in runs:
+        t = s["test_mixed"]
+        what = "the held-out Δ itself" if s.get("confidence") is None else \
+            f"the lower {100 * s['confidence']:g} % confidence bound of the held-out Δ"
+        met = t["delta_top1"] >= -res["budget"] - 1e-9 and s["fraction_above_4"] < 0.15
+        L += [f"- **Budget on {what}** ({'met' if s['met_on_search'] else 'NOT met'} on the held-out images): "
+              f"{s['evaluated']} configurations evaluated in {s['search_s']:.0f} s (statistics collected once in "
+              f"{s['stats_s']:.1f} s and reused for every bit width); the recipe re-run through the PTQ path "
+              f"reproduces the search's figure {'exactly' if s['reproduced_exactly'] else 'NOT exactly'}. On test: "
+              f"Δ {t['delta_top1']:+.2f} ({'within' if t['delta_top1'] >= -res['budget'] - 1e-9 else 'outside'} the "
+              f"budget). Issue target (Δ <= {res['budget']:g} on test with < 15% of the quantizers above 4 bits): "
+              f"**{'met' if met else 'not met'}**.",
+              f"  Raised: {', '.join(f'`{g}`={c}' for g, c in s['choices'].items()) or 'none'}."]
+    pt = dict(runs).get("search")
+    if pt:
+        m, t = pt["search_metrics"], pt["test_mixed"]
+        L += [f"- Reading: the point-estimate search stopped at held-out Δ {m['delta_top1']:+.2f} with "
+              f"{m['gained'] + m['lost']} images changing correctness, whose 90 % bound is {_bound90(m):+.2f}; the "
+              f"test set then gave {t['delta_top1']:+.2f}. A budget met by the point estimate alone is met on other "
+              "images about half the time (`tests/test_budget_confidence.py` measures this on real W4A4 "
+              "predictions); the bound costs more bits and keeps the promise."]
+    L.append("")
+    return L
+
+
+def _bound90(m: dict[str, Any]) -> float | None:
+    from quantcore.analysis.search import delta_lower_bound
+
+    if m.get("gained") is None:
+        return None
+    return delta_lower_bound(m["gained"], m["lost"], m["count"], 0.9)
+
+
 def render(res: dict[str, Any]) -> str:
     L = [START, "## Analysis and mixed-precision search (issue #11)", "",
          f"`{res['command']}` on {res['date']}; CPU, one intra-op thread; load average {res['loadavg_start']} at "
          f"start, {res['loadavg_end']} at end (a 2-core machine shared with other jobs); {res['wall_s']:.0f} s in all."
          + ("".join(f" Part {k} kept from the run of {d}." for k, d in (res.get("kept_from") or {}).items())), ""]
-    s = res.get("search")
-    if s:
-        t, b = s["test_mixed"], s["test_w4a4"]
-        L += ["### Mixed-precision search on the demo ViT (W4A4 ft1 start, budget Δ top-1 <= "
-              f"{res['budget']:g} point)", "",
-              f"Searched on {s['search_images']} held-out TRAIN images (calibration images excluded); the chosen "
-              "recipe was run through prepare + calibrate and evaluated on all 10,000 TEST images.", "",
-              "| | top-1 | Δ top-1 | agreement | logit SQNR dB | quantizers above 4 bits | effective bits |",
-              "|---|---|---|---|---|---|---|",
-              f"| W4A4 ft1 (start), test | {b['top1']:.2f} | {b['delta_top1']:+.2f} | {b['agreement']:.2f} | "
-              f"{_f(b['sqnr_db'], '{:.1f}')} | 0 | 4 |",
-              f"| search result, held-out train | {s['search_metrics']['top1']:.2f} | "
-              f"{s['search_metrics']['delta_top1']:+.2f} | {s['search_metrics']['agreement']:.2f} | "
-              f"{_f(s['search_metrics']['sqnr_db'], '{:.1f}')} | {s['above_4']}/{s['quantizers']} | {s['cost_bits']:.3f} |",
-              f"| search result, **test** | {t['top1']:.2f} | **{t['delta_top1']:+.2f}** | {t['agreement']:.2f} | "
-              f"{_f(t['sqnr_db'], '{:.1f}')} | **{100 * s['fraction_above_4']:.1f}%** | {s['cost_bits']:.3f} |", "",
-              f"- {s['evaluated']} configurations evaluated in {s['search_s']:.0f} s (statistics collected once in "
-              f"{s['stats_s']:.1f} s and reused for every bit width); the recipe re-run through the PTQ path "
-              f"reproduces the search's figure {'exactly' if s['reproduced_exactly'] else 'NOT exactly'}.",
-              f"- Target (issue): meets Δ <= {res['budget']:g} on the test set with < 15% of the quantizers above 4 "
-              f"bits: **{'met' if t['delta_top1'] >= -res['budget'] - 1e-9 and s['fraction_above_4'] < 0.15 else 'not met'}**.",
-              f"- Raised: {', '.join(f'`{g}`={c}' for g, c in s['choices'].items())}.", ""]
+    if res.get("search") or res.get("search_conf"):
+        L += _render_search(res)
     v = res.get("vitb")
     if v:
         L += ["### ViT-B/16 analysis time (random weights, 8 images, recipe vit_b16_int8)", "",
@@ -268,10 +320,11 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.analysis", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="search,vitb,workers,seed001")
+    p.add_argument("--parts", default="search,search_conf,vitb,workers,seed001")
     p.add_argument("--search-images", type=int, default=5000)
     p.add_argument("--worker-images", type=int, default=2000)
     p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--confidence", type=float, default=0.9, help="part search_conf: --budget-confidence")
     p.add_argument("--seed-recipe", default="fmnist_w8a8_ft1")
     p.add_argument("--store", default="demo-store", help="the demo's store (data packed, model trained if missing)")
     p.add_argument("--vitb-threads", type=int, default=1,
@@ -287,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         old = json.loads(RESULTS.read_text())
-        for k in ("search", "vitb", "workers", "seed001"):
+        for k in ("search", "search_conf", "vitb", "workers", "seed001"):
             if k not in parts and k in old:
                 res[k] = old[k]
                 res.setdefault("kept_from", {})[k] = (old.get("kept_from") or {}).get(k, old.get("date"))

@@ -399,7 +399,8 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
     """Error analysis, sensitivity and (``search=True``) the mixed-precision search of a calibrated
     model on ``batches`` (``(images, labels)``; see :mod:`quantcore.analysis`).
 
-    ``budget``: one of ``{"delta_top1": 0.1}``, ``{"agreement": 99.5}``, ``{"sqnr_db": 30}``.
+    ``budget``: one of ``{"delta_top1": 0.1}``, ``{"agreement": 99.5}``, ``{"sqnr_db": 30}``, plus
+    optionally ``"confidence": 0.9`` (check the lower confidence bound, see :class:`~.analysis.Budget`).
     ``calib_batches``: the calibration images (statistics for other bit widths; with ``fp32`` the
     chosen recipe is re-run through prepare + calibrate, ``search.reproduced``). ``eval_batches``: a
     final check. ``out``: also write analysis.json/md, plots and search_recipe.yaml there. Returns the

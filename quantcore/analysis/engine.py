@@ -59,6 +59,8 @@ class LogitStats:
     labelled: int = 0
     correct: int = 0
     fp32_correct: int = 0
+    gained: int = 0  # labelled samples FP32 gets wrong and the configuration right
+    lost: int = 0  # ... FP32 right and the configuration wrong (delta_top1 = gained - lost)
     agree: int = 0
     kl: float = 0.0  # sum over samples of KL(p_fp32 || p_config), nats
     sig: float = 0.0  # sum of squared FP32 logits
@@ -77,6 +79,9 @@ class LogitStats:
             self.labelled += lab.numel()
             self.correct += int((top == lab).sum())
             self.fp32_correct += int((rtop == lab).sum())
+            hit, fhit = top == lab, rtop == lab
+            self.gained += int((hit & ~fhit).sum())
+            self.lost += int((fhit & ~hit).sum())
         lr, lo = torch.log_softmax(ref, 1), torch.log_softmax(out, 1)
         self.kl += float((lr.exp() * (lr - lo)).sum())
         self.sig += float((ref * ref).sum())
@@ -90,13 +95,15 @@ class LogitStats:
         return self
 
     def metrics(self) -> dict[str, float | int | None]:
-        """``top1``/``fp32_top1``/``delta_top1`` (points; None without labels), ``agreement`` (%),
-        ``kl`` (mean nats per sample), ``sqnr_db`` (None = identical logits), ``cosine``."""
+        """``top1``/``fp32_top1``/``delta_top1`` (points; None without labels), ``gained``/``lost``
+        (images whose top-1 became right/wrong; their difference makes ``delta_top1``), ``agreement``
+        (%), ``kl`` (mean nats per sample), ``sqnr_db`` (None = identical logits), ``cosine``."""
         n = max(self.count, 1)
         top1 = 100.0 * self.correct / self.labelled if self.labelled else None
         f32 = 100.0 * self.fp32_correct / self.labelled if self.labelled else None
         return {"count": self.count, "top1": top1, "fp32_top1": f32,
                 "delta_top1": None if top1 is None else top1 - f32,
+                "gained": self.gained if self.labelled else None, "lost": self.lost if self.labelled else None,
                 "agreement": 100.0 * self.agree / n, "kl": self.kl / n, "sqnr_db": sqnr_db(self.sig, self.noise),
                 "cosine": cosine(self.dot, self.sig, self.qq)}
 

@@ -134,11 +134,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## Mixed-precision search", "",
                   f"Budget: {srch['budget']['text']} on {srch['images']} search images; choices {srch['choices']}; "
                   f"cost: {srch['cost_model']}. {'Met' if srch['met'] else 'NOT met'}: Δ top-1 "
-                  f"{_f(m.get('delta_top1'), '{:+.2f}')}, agreement {_f(m['agreement'])}%, logit SQNR "
+                  f"{_f(m.get('delta_top1'), '{:+.2f}')}{_discordant(m)}, agreement {_f(m['agreement'])}%, logit SQNR "
                   f"{_f(m['sqnr_db'], '{:.1f}')} dB, cost {srch['cost']:.4g}; "
                   f"{srch['quantizers_above_lowest']} of {len(srch['specs'])} quantizers "
                   f"({100 * srch['fraction_above_lowest']:.1f}%) above {srch['choices'][0]}; "
-                  f"{len(srch['evaluated'])} configurations evaluated in {srch['seconds']:.0f} s.", "",
+                  f"{len(srch['evaluated'])} configurations evaluated in {srch['seconds']:.0f} s.{_bound_text(srch)}", "",
                   "![Pareto](pareto.png)", "", "| group | choice |", "|---|---|"]
         lines += [f"| `{g}` | {c} |" for g, c in srch["config"].items() if c != srch["choices"][0]]
         for key, title in (("check", "Check on the evaluation data"), ("reproduced", "Recipe through the PTQ path")):
@@ -148,6 +148,20 @@ def markdown(result: dict[str, Any]) -> str:
     for extra in result.get("tables") or []:
         lines += [extra, ""]
     return "\n".join(lines)
+
+
+def _discordant(m: dict[str, Any]) -> str:
+    """' (12 gained, 20 lost)': the images behind a top-1 difference (its noise is ~sqrt(sum) images)."""
+    return "" if m.get("gained") is None else f" ({m['gained']} gained, {m['lost']} lost)"
+
+
+def _bound_text(srch: dict[str, Any]) -> str:
+    b = srch["budget"]
+    if b.get("confidence") is None or b.get("bound") is None:
+        return ""
+    unit = " points" if b["metric"] == "delta_top1" else "%"
+    return (f" Checked on the lower {100 * b['confidence']:g}% confidence bound of the search images' "
+            f"figure: {b['bound']:+.3f}{unit}.")
 
 
 def write_outputs(result: dict[str, Any], out: str, recipe_yaml: str | None = None) -> dict[str, str]:

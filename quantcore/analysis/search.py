@@ -13,6 +13,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -127,14 +128,23 @@ def choice_patch(choice: str) -> SpecPatch | None:
 @dataclass(frozen=True)
 class Budget:
     """Accuracy budget measured against FP32 on the search images: ``delta_top1`` (max drop of top-1,
-    points), ``agreement`` (min top-1 agreement with FP32, %) or ``sqnr_db`` (min logit SQNR)."""
+    points), ``agreement`` (min top-1 agreement with FP32, %) or ``sqnr_db`` (min logit SQNR).
+
+    ``confidence`` (e.g. 0.9; ``delta_top1`` and ``agreement`` only): the budget must hold for the
+    one-sided lower confidence bound of the metric, not only for its value on the search images. A
+    top-1 difference measured on N images moves by about sqrt(gained + lost) / N from one sample of
+    images to another (at W4A4 on 5,000 images ~0.2 point: a point estimate that just meets a 0.1
+    budget is a coin toss on other images). Bounds: the paired difference of per-image correctness
+    (values -1/0/+1, normal approximation of its mean: McNemar's setting) for ``delta_top1``; Wilson's
+    score interval for ``agreement``."""
 
     metric: str
     value: float
+    confidence: float | None = None
 
     @classmethod
     def from_options(cls, delta_top1: float | None = None, agreement: float | None = None,
-                     sqnr_db: float | None = None) -> "Budget":
+                     sqnr_db: float | None = None, confidence: float | None = None) -> "Budget":
         given = {k: v for k, v in (("delta_top1", delta_top1), ("agreement", agreement), ("sqnr_db", sqnr_db))
                  if v is not None}
         if len(given) != 1:
@@ -148,20 +158,72 @@ class Budget:
             raise UserError(f"{opt}: the allowed top-1 drop is in points, 0..100; got {v}")
         if k == "agreement" and not 0 < v <= 100:
             raise UserError(f"{opt}: agreement with FP32 is a percentage in (0, 100]; got {v}")
-        return cls(k, float(v))
+        if confidence is not None:
+            if k == "sqnr_db":
+                raise UserError("--budget-confidence: applies to --budget-top1 and --budget-agreement (counts of "
+                                "images), not to --budget-sqnr")
+            if not (math.isfinite(confidence) and 0.5 <= confidence < 1):
+                raise UserError(f"--budget-confidence: a probability in [0.5, 1), e.g. 0.9; got {confidence}")
+        return cls(k, float(v), None if confidence is None else float(confidence))
 
-    def ok(self, m: dict[str, Any]) -> bool:
+    def bound(self, m: dict[str, Any]) -> float | None:
+        """The value the budget is checked on: the metric itself, or its lower confidence bound
+        (points / %; ``None`` = identical logits for ``sqnr_db``). Raises UserError for a top-1
+        budget on unlabelled images."""
         if self.metric == "delta_top1":
             if m.get("delta_top1") is None:
                 raise UserError("--budget-top1 needs labelled data (the search images have no labels)")
-            return m["delta_top1"] >= -self.value - 1e-9
+            if self.confidence is None:
+                return m["delta_top1"]
+            return delta_lower_bound(m["gained"], m["lost"], m["count"], self.confidence)
         if self.metric == "agreement":
-            return m["agreement"] >= self.value - 1e-9
-        return m["sqnr_db"] is None or m["sqnr_db"] >= self.value
+            if self.confidence is None:
+                return m["agreement"]
+            return wilson_lower_bound(m["agreement"], m["count"], self.confidence)
+        return m["sqnr_db"]
+
+    def ok(self, m: dict[str, Any]) -> bool:
+        v = self.bound(m)
+        if self.metric == "delta_top1":
+            return v >= -self.value - 1e-9
+        if self.metric == "agreement":
+            return v >= self.value - 1e-9
+        return v is None or v >= self.value
 
     def describe(self) -> str:
-        return {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
+        text = {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
                 "sqnr_db": f"logit SQNR >= {self.value:g} dB"}[self.metric]
+        if self.confidence is not None:
+            text += f" (lower {100 * self.confidence:g}% confidence bound)"
+        return text
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(confidence)
+
+
+def delta_lower_bound(gained: int, lost: int, count: int, confidence: float) -> float:
+    """One-sided lower confidence bound of the top-1 difference (points) from paired counts: of
+    ``count`` images, ``gained`` became right and ``lost`` became wrong. Per image the difference is
+    +1, -1 or 0; bound = mean - z * s / sqrt(n) with s the sample standard deviation of those values
+    (normal approximation, as McNemar's test). No discordant image: the bound is the mean (0)."""
+    n = max(int(count), 1)
+    mean = (gained - lost) / n
+    if n < 2:
+        return 100.0 * mean
+    var = max((gained + lost) - n * mean * mean, 0.0) / (n - 1)
+    return 100.0 * (mean - _z(confidence) * math.sqrt(var / n))
+
+
+def wilson_lower_bound(agreement_pct: float, count: int, confidence: float) -> float:
+    """Lower end (%) of Wilson's score interval for a proportion ``agreement_pct`` % of ``count``
+    images (one-sided at ``confidence``); stays inside [0, 100] near 100 % where the normal
+    approximation does not."""
+    n = max(int(count), 1)
+    p, z = agreement_pct / 100.0, _z(confidence)
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(max(100.0 * (centre - half) / (1 + z * z / n), 0.0), agreement_pct)  # rounding at 0 %
 
 
 class CostModel:
@@ -267,7 +329,7 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
             if key not in seen:
                 m = res[k]
                 rec = {"label": k, "step": step, "config": dict(c), "cost": costf(specs_of(c)), "metrics": m,
-                       "ok": budget.ok(m), "score": _score(m, score_key)}
+                       "ok": budget.ok(m), "score": _score({score_key: budget.bound(m)}, score_key)}
                 seen[key] = rec
                 evaluated.append(rec)
             out[k] = seen[key]
@@ -305,7 +367,8 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
         cfg, cur = dict(best["config"]), best
     specs = specs_of(cfg)
     n_above = sum(1 for g, members in grp.items() for _ in members if cfg[g] != low)
-    return {"budget": {"metric": budget.metric, "value": budget.value, "text": budget.describe()},
+    return {"budget": {"metric": budget.metric, "value": budget.value, "confidence": budget.confidence,
+                       "text": budget.describe(), "bound": budget.bound(cur["metrics"])},
             "choices": ch, "cost_model": cost, "group_by": groups if isinstance(groups, str) else list(groups),
             "groups": grp, "config": cfg, "specs": {n: None if s is None else s.model_dump() for n, s in specs.items()},
             "metrics": cur["metrics"], "cost": cur["cost"], "met": cur["ok"],
