@@ -236,7 +236,7 @@ def _render_search(res: dict[str, Any]) -> list[str]:
          f"Searched on {runs[0][1]['search_images']} held-out TRAIN images (calibration images excluded); each "
          "chosen recipe was run through prepare + calibrate and evaluated on all 10,000 TEST images. *Budget "
          "checked on*: the held-out Δ itself, or its lower confidence bound (`--budget-confidence`; paired "
-         "per-image differences, normal approximation). Gained / lost: images whose top-1 became right / wrong.",
+         "per-image differences, Agresti-Min adjusted Wald bound). Gained / lost: images whose top-1 became right / wrong.",
          "", "| search | images | top-1 | Δ top-1 | 90 % bound of Δ | gained / lost | agreement | logit SQNR dB "
          "| quantizers above 4 bits | effective bits |", "|---|---|---|---|---|---|---|---|---|---|",
          f"| W4A4 ft1 (start) | test | {b['top1']:.2f} | {b['delta_top1']:+.2f} | "
@@ -268,7 +268,7 @@ def _render_search(res: dict[str, Any]) -> list[str]:
               f"{m['gained'] + m['lost']} images changing correctness, whose 90 % bound is {_bound90(m):+.2f}; the "
               f"test set then gave {t['delta_top1']:+.2f}. A budget met by the point estimate alone is met on other "
               "images about half the time (`tests/test_budget_confidence.py` measures this on real W4A4 "
-              "predictions); the bound costs more bits and keeps the promise."]
+              "predictions); the bound costs more bits and, here, held on the test set."]
     L.append("")
     return L
 

@@ -411,6 +411,13 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
 
     from .analysis.run import check_searchable
 
+    if budget and not search:
+        raise UserError("budget: only the mixed-precision search uses a budget; pass search=True")
+    if budget:
+        unknown = sorted(set(budget) - {"delta_top1", "agreement", "sqnr_db", "confidence"})
+        if unknown:
+            raise UserError(f"budget: unknown key(s) {unknown}; use one of delta_top1, agreement, sqnr_db "
+                            "(+ confidence)")
     opts = AnalyzeOptions(search=search, budget=Budget.from_options(**budget) if budget else None, groups=groups,
                           search_groups=search_groups, choices=choices, cost=cost, workers=workers)
     check_searchable(getattr(unwrap(model), "quantcore_recipe", None), opts)

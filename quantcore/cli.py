@@ -219,7 +219,7 @@ def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cali
             budget_top1: Optional[float] = typer.Option(None, help="Search budget: max top-1 drop vs FP32, points."),
             budget_agreement: Optional[float] = typer.Option(None, help="Search budget: min top-1 agreement with FP32, %."),
             budget_sqnr: Optional[float] = typer.Option(None, help="Search budget: min logit SQNR vs FP32, dB."),
-            budget_confidence: Optional[float] = typer.Option(None, help="Check --budget-top1/--budget-agreement on the lower confidence bound (e.g. 0.9) of the search images' figure, not on the figure itself: a result that just meets the budget on N images is otherwise a coin toss on other images."),
+            budget_confidence: Optional[float] = typer.Option(None, help="With --search and --budget-top1 or --budget-agreement: check the budget on the lower confidence bound of the search images' figure (a probability in [0.5, 1), e.g. 0.9), not on the figure itself; a result that just meets the budget on N images is otherwise a coin toss on other images."),
             groups: str = typer.Option("module", help="Sensitivity groups: quantizer, module, block, or comma-separated globs (blocks.*.mlp.fc2)."),
             search_groups: str = typer.Option("quantizer", help="Search groups (same forms as --groups)."),
             choices: str = typer.Option("4,6,8,float", help="Search precisions, cheapest first: bits, float (no quantizer), fp16/bf16 (a cast; it also acts during calibration, so downstream ranges differ slightly from the search's)."),
@@ -233,7 +233,13 @@ def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cali
     from .analysis.search import Budget, parse_choices
 
     budget = None
-    if search or any(v is not None for v in (budget_top1, budget_agreement, budget_sqnr, budget_confidence)):
+    given = [o for o, v in (("--budget-top1", budget_top1), ("--budget-agreement", budget_agreement),
+                            ("--budget-sqnr", budget_sqnr), ("--budget-confidence", budget_confidence)) if v is not None]
+    if given and not search:
+        from .errors import UserError
+
+        raise UserError(f"{', '.join(given)}: only the mixed-precision search uses a budget; add --search")
+    if search:
         budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr, budget_confidence)
     opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,
                           groups=groups, search_groups=search_groups, choices=parse_choices(choices.split(","), "--choices"),
@@ -247,7 +253,8 @@ def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cali
                   device=device, opts=opts)
     if res.get("search"):
         s = res["search"]
-        typer.echo(f"search: {'met' if s['met'] else 'NOT met'} ({s['budget']['text']}); "
+        typer.echo(f"search: {'met' if s['met'] else 'NOT met'} ({s['budget']['text']}"
+                   + (f"; {s['budget']['bound_text']}" if s["budget"].get("bound_text") else "") + "); "
                    f"{100 * s['fraction_above_lowest']:.1f}% of quantizers above {s['choices'][0]}; "
                    f"metrics {json.dumps(s['metrics'])}")
         if s.get("check"):

@@ -220,3 +220,24 @@ def test_choices_are_ordered_cheapest_first_whatever_the_order_given():
 
     assert parse_choices(["8", "4"]) == ["4", "8"]
     assert parse_choices(["float", "fp16", "8", "fp8_e4m3", "6"]) == ["6", "8", "fp8_e4m3", "fp16", "float"]
+
+
+def test_search_with_confidence_checks_every_candidate_on_the_bound(setup):
+    """--budget-confidence: 'ok' of every evaluated configuration is its bound's verdict, the chosen one
+    meets the budget on the bound, and the report says so."""
+    from quantcore.analysis.report import markdown
+    from quantcore.analysis.search import delta_lower_bound
+
+    fp32, recipe, model, calib, evalb = setup
+    stats = api.calibration_state(model)
+    budget = Budget.from_options(delta_top1=1.0, confidence=0.8)
+    res = search(model, evalb, budget, stats, groups="block", choices=("4", "8", "float"))
+    for e in res["evaluated"]:
+        m = e["metrics"]
+        assert e["ok"] == (delta_lower_bound(m["gained"], m["lost"], m["count"], 0.8) >= -1.0 - 1e-9)
+    point = search(model, evalb, Budget.from_options(delta_top1=1.0), stats, groups="block", choices=("4", "8", "float"))
+    assert res["cost"] >= point["cost"]
+    assert res["met"]  # 4/8/float on 256 images: all-float meets any budget, so some configuration does
+    assert res["budget"]["bound"] >= -1.0
+    assert "bound" in res["budget"]["bound_text"]
+    assert res["budget"]["bound_text"] in markdown({"search": res})

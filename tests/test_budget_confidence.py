@@ -30,8 +30,14 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _ref_delta_bound(d: np.ndarray, conf: float) -> float:
-    """Lower bound from the per-image differences themselves (values -1/0/+1)."""
-    return 100 * (d.mean() - NormalDist().inv_cdf(conf) * d.std(ddof=1) / np.sqrt(d.size))
+    """Agresti-Min bound from the per-image differences themselves (values -1/0/+1): four pseudo-images
+    of weight 0.5 (one per cell of the paired 2x2 table: +1, -1, 0, 0) join them, then the Wald bound
+    of the weighted mean with the weighted (population) variance."""
+    v = np.concatenate([d, [1.0, -1.0, 0.0, 0.0]])
+    w = np.concatenate([np.ones(d.size), np.full(4, 0.5)])
+    mean = np.average(v, weights=w)
+    var = np.average((v - mean) ** 2, weights=w)
+    return 100 * (mean - NormalDist().inv_cdf(conf) * np.sqrt(var / w.sum()))
 
 
 @pytest.mark.parametrize("gained,lost,n", [(12, 30, 5000), (0, 0, 800), (40, 5, 1000), (3, 250, 10000)])
@@ -41,8 +47,15 @@ def test_delta_bound_matches_per_image_reference(gained, lost, n, conf):
     d[:gained] = 1
     d[gained:gained + lost] = -1
     assert delta_lower_bound(gained, lost, n, conf) == pytest.approx(_ref_delta_bound(d, conf), abs=1e-9)
-    if conf > 0.5 and gained + lost:
-        assert delta_lower_bound(gained, lost, n, conf) < 100 * (gained - lost) / n
+    if conf > 0.5:
+        assert delta_lower_bound(gained, lost, n, conf) < 100 * (gained - lost) / n + 1e-12
+
+
+def test_delta_bound_stays_below_zero_when_nothing_changed_on_few_images():
+    """Plain Wald gives exactly 0 for 0 gained / 0 lost: 20 identical images would 'prove' any budget."""
+    assert delta_lower_bound(0, 0, 20, 0.9) < -3
+    assert delta_lower_bound(0, 0, 20, 0.9) > delta_lower_bound(0, 1, 20, 0.9)
+    assert -0.05 < delta_lower_bound(0, 0, 10000, 0.9) < 0
 
 
 @pytest.mark.parametrize("agree,n", [(99.7, 10000), (96.0, 5000), (100.0, 500), (50.0, 20), (0.0, 100)])
@@ -91,6 +104,17 @@ def test_confidence_errors_name_the_option():
 
     assert main(["analyze", "-c", "/nonexistent.qc.pt", "-d", "x", "-o", "y", "--search", "--budget-top1", "0.1",
                  "--budget-confidence", "1.5"]) == 2
+    # a budget without --search would be ignored: refused, naming the options
+    assert main(["analyze", "-c", "/nonexistent.qc.pt", "-d", "x", "-o", "y", "--budget-top1", "0.1",
+                 "--budget-confidence", "0.9"]) == 2
+    with pytest.raises(UserError, match="--budget-confidence"):
+        Budget.from_options(delta_top1=0.1, confidence="0.9")
+    from quantcore import api as qapi
+
+    with pytest.raises(UserError, match="unknown key.*conf"):
+        qapi.analyze(torch.nn.Identity(), [], search=True, budget={"delta_top1": 0.1, "conf": 0.9})
+    with pytest.raises(UserError, match="search=True"):
+        qapi.analyze(torch.nn.Identity(), [], budget={"delta_top1": 0.1})
 
 
 def _fmnist_test() -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,7 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| `{g}` | {c} |" for g, c in srch["config"].items() if c != srch["choices"][0]]
         for key, title in (("check", "Check on the evaluation data"), ("reproduced", "Recipe through the PTQ path")):
             if srch.get(key):
-                lines += ["", f"{title}: " + json.dumps(srch[key])]
+                lines += ["", f"{title}: " + _rounded(srch[key])]
         lines += ["", "Recipe: `search_recipe.yaml`.", ""]
     for extra in result.get("tables") or []:
         lines += [extra, ""]
@@ -157,11 +157,14 @@ def _discordant(m: dict[str, Any]) -> str:
 
 def _bound_text(srch: dict[str, Any]) -> str:
     b = srch["budget"]
-    if b.get("confidence") is None or b.get("bound") is None:
+    if not b.get("bound_text"):
         return ""
-    unit = " points" if b["metric"] == "delta_top1" else "%"
-    return (f" Checked on the lower {100 * b['confidence']:g}% confidence bound of the search images' "
-            f"figure: {b['bound']:+.3f}{unit}.")
+    return (f" Checked on the search images' lower confidence bound (sampling noise of {srch['images']} images; "
+            f"not a shift between the search images and other data): {b['bound_text']}.")
+
+
+def _rounded(m: dict[str, Any]) -> str:
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()})
 
 
 def write_outputs(result: dict[str, Any], out: str, recipe_yaml: str | None = None) -> dict[str, str]:

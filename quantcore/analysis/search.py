@@ -159,6 +159,8 @@ class Budget:
         if k == "agreement" and not 0 < v <= 100:
             raise UserError(f"{opt}: agreement with FP32 is a percentage in (0, 100]; got {v}")
         if confidence is not None:
+            if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+                raise UserError(f"--budget-confidence: a probability in [0.5, 1), e.g. 0.9; got {confidence!r}")
             if k == "sqnr_db":
                 raise UserError("--budget-confidence: applies to --budget-top1 and --budget-agreement (counts of "
                                 "images), not to --budget-sqnr")
@@ -194,8 +196,17 @@ class Budget:
         text = {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
                 "sqnr_db": f"logit SQNR >= {self.value:g} dB"}[self.metric]
         if self.confidence is not None:
-            text += f" (lower {100 * self.confidence:g}% confidence bound)"
+            text += f", on its lower {100 * self.confidence:g}% confidence bound"
         return text
+
+    def bound_text(self, m: dict[str, Any]) -> str:
+        """'Δ top-1 lower 90% bound -0.041 >= -0.1 points' (empty without ``confidence``)."""
+        if self.confidence is None:
+            return ""
+        v, c = self.bound(m), f"{100 * self.confidence:g}%"
+        if self.metric == "delta_top1":
+            return f"Δ top-1 lower {c} bound {v:+.3f} {'>=' if self.ok(m) else '<'} {-self.value:g} points"
+        return f"agreement lower {c} bound {v:.3f}% {'>=' if self.ok(m) else '<'} {self.value:g}%"
 
 
 def _z(confidence: float) -> float:
@@ -204,15 +215,17 @@ def _z(confidence: float) -> float:
 
 def delta_lower_bound(gained: int, lost: int, count: int, confidence: float) -> float:
     """One-sided lower confidence bound of the top-1 difference (points) from paired counts: of
-    ``count`` images, ``gained`` became right and ``lost`` became wrong. Per image the difference is
-    +1, -1 or 0; bound = mean - z * s / sqrt(n) with s the sample standard deviation of those values
-    (normal approximation, as McNemar's test). No discordant image: the bound is the mean (0)."""
-    n = max(int(count), 1)
-    mean = (gained - lost) / n
-    if n < 2:
-        return 100.0 * mean
-    var = max((gained + lost) - n * mean * mean, 0.0) / (n - 1)
-    return 100.0 * (mean - _z(confidence) * math.sqrt(var / n))
+    ``count`` images, ``gained`` became right and ``lost`` became wrong (the discordant cells of the
+    paired 2x2 table of FP32-correct x quantized-correct).
+
+    Agresti & Min (2005, "Simple improved confidence intervals for comparing matched proportions"):
+    add 0.5 to each of the four cells, then the Wald bound ``(b - c)/n - z sqrt((b + c) - (b - c)^2/n)/n``
+    with the adjusted ``b``, ``c``, ``n``. The adjustment keeps the bound below 0 when no image
+    changed on a small sample (plain Wald would give exactly 0), and vanishes on thousands of images."""
+    b, c, n = gained + 0.5, lost + 0.5, max(int(count), 0) + 2.0
+    mean = (b - c) / n
+    var = max((b + c) - (b - c) ** 2 / n, 0.0)
+    return 100.0 * (mean - _z(confidence) * math.sqrt(var) / n)
 
 
 def wilson_lower_bound(agreement_pct: float, count: int, confidence: float) -> float:
@@ -368,7 +381,8 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     specs = specs_of(cfg)
     n_above = sum(1 for g, members in grp.items() for _ in members if cfg[g] != low)
     return {"budget": {"metric": budget.metric, "value": budget.value, "confidence": budget.confidence,
-                       "text": budget.describe(), "bound": budget.bound(cur["metrics"])},
+                       "text": budget.describe(), "bound": budget.bound(cur["metrics"]),
+                       "bound_text": budget.bound_text(cur["metrics"])},
             "choices": ch, "cost_model": cost, "group_by": groups if isinstance(groups, str) else list(groups),
             "groups": grp, "config": cfg, "specs": {n: None if s is None else s.model_dump() for n, s in specs.items()},
             "metrics": cur["metrics"], "cost": cur["cost"], "met": cur["ok"],
