@@ -35,7 +35,7 @@ class Preempted(QuantcoreError):
     exit_code = 143
 
     def __init__(self, step: int, uri: str) -> None:
-        super().__init__(f"preempted (SIGTERM) at step {step}; checkpoint {uri} written, a restart resumes there")
+        super().__init__(f"SIGTERM at step {step}; checkpoint {uri} written, a restart resumes there")
         self.step, self.uri = step, uri
 
 

@@ -371,6 +371,7 @@ class _State:
     epoch: int = 0
     consumed: int = 0  # samples of this epoch's permutation done (all ranks)
     metrics: list[dict] = field(default_factory=list)
+    train_s: float = 0.0  # training time of earlier invocations of this run (resumes add theirs)
 
 
 def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions | None = None) -> dict:
@@ -466,6 +467,38 @@ def _check_same_run(stored_json: str, recipe: Recipe, uri: str) -> None:
                               f"Use another --out, or --no-resume to discard them")
 
 
+def _data_identity(train: Any) -> dict[str, Any]:
+    """What decides the training samples (a cache directory does not)."""
+    return {"uri": str(train.uri), "split": str(train.split), "layout": str(getattr(train, "layout", "auto")),
+            "skip_bad": bool(getattr(train, "skip_bad", False))}
+
+
+def _check_same_data(state: dict[str, Any], data_id: dict[str, Any], world_size: int, uri: str) -> None:
+    """A resume must see the run's own samples and ranks: another split, dataset or rank count would
+    continue the stored data position and RNG streams on other data (mixing both runs silently)."""
+    stored = state.get("data")
+    if stored is not None:
+        diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in data_id.items() if stored.get(k) != v]
+        if diff:
+            raise CheckpointError(f"--out holds training checkpoints of a run on other data ({uri}): "
+                                  f"{'; '.join(diff)}; resuming would mix both. Use the same data, another "
+                                  f"--out, or --no-resume to discard them")
+    ws = int(state.get("world_size", world_size))
+    if ws != world_size:
+        raise CheckpointError(f"training checkpoint {uri} was written by {ws} rank(s), this run has {world_size}: "
+                              f"the global batch, data order and per-rank RNG streams would change mid-run. "
+                              f"Resume with {ws} rank(s), or start over with --no-resume or another --out")
+
+
+def _prune_checkpoints(out: str, step: int, keep: int) -> None:
+    """Keep the checkpoint just written (``step``) and the ``keep - 1`` newest before it. Files with a
+    higher step did not verify when this run started (a valid one would have been resumed): they are
+    left alone and never count against ``keep``, so they cannot push a fresh checkpoint out."""
+    older = [(s, u) for s, u in list_checkpoints(out) if s < step]
+    for _s, old in older[max(keep - 1, 0):]:
+        storage.delete(old)
+
+
 def _check_init(recipe: Recipe, stored: Recipe, uri: str) -> None:
     """``--init``: the checkpoint must be the recipe's model, placement and formats (its calibration is
     used as it is)."""
@@ -553,13 +586,15 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
 
     from .pipeline import _with_checkpoint
 
+    if opts.init and opts.checkpoint:
+        raise UserError(f"--init {opts.init} and --checkpoint {opts.checkpoint}: give one (--init starts from "
+                        "a calibrated checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")
     cfg = _qat_config(recipe, opts)
     recipe = recipe.model_copy(update={"qat": cfg})
     if not opts.init:
         recipe = _with_checkpoint(recipe, opts.checkpoint)
     _check_out(out)
     dev = ctx.device
-    t_start = time.perf_counter()
     if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
         old = list_checkpoints(out)
         if old:
@@ -572,8 +607,10 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if ckpt_uri is not None and found is None:  # other ranks read the one rank 0 chose
         found = (ckpt_uri, decode_train_state(storage.read_bytes(ckpt_uri), ckpt_uri))
     state_in = found[1] if found else None
+    data_id = _data_identity(train)
     if state_in is not None:
         _check_same_run(state_in["recipe"], recipe, ckpt_uri)
+        _check_same_data(state_in, data_id, ctx.world_size, ckpt_uri)
         if ctx.is_main:
             log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
 
@@ -622,30 +659,40 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         if len(rngs) == ctx.world_size:
             _set_rng_state(rngs[ctx.rank], dev)
         st = _State(int(state_in["step"]), int(state_in["epoch"]), int(state_in["consumed"]),
-                    list(state_in["metrics"]))
+                    list(state_in["metrics"]), float(state_in.get("train_s", 0.0)))
+    if cfg.schedule.warmup_steps and cfg.schedule.warmup_steps >= total_steps and ctx.is_main:
+        log.warning("qat.schedule.warmup_steps %d >= the run's %d steps: the learning rate never leaves its "
+                    "warm-up ramp", cfg.schedule.warmup_steps, total_steps)
 
     workers = _workers(opts, recipe)
     progress = _progress(total_steps, st.step, opts.progress and ctx.is_main)
     metrics_uri = storage.join(out, "metrics.jsonl")
 
+    window = {"loss": 0.0, "n": 0.0, "images": 0.0, "t": time.perf_counter()}
+    if state_in is not None and state_in.get("log_window") and len(state_in["log_window"]) == ctx.world_size:
+        # the loss logged next averages the steps since the last log line, those before the restart too
+        window.update(loss=float(state_in["log_window"][ctx.rank][0]), n=float(state_in["log_window"][ctx.rank][1]))
+    t_train = time.perf_counter()
+
     def save_checkpoint() -> str:
         rngs = distributed.all_gather_object(_rng_state(dev))
+        windows = distributed.all_gather_object((window["loss"], window["n"]))
         uri = _ckpt_uri(out, st.step)
         if ctx.is_main:
             state = {"format": "quantcore.train-state/1", "step": st.step, "epoch": st.epoch,
                      "consumed": st.consumed, "world_size": ctx.world_size, "learned": learned,
                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": rngs, "metrics": st.metrics, "recipe": json.dumps(recipe.model_dump(mode="json"))}
+                     "rng": rngs, "metrics": st.metrics, "recipe": json.dumps(recipe.model_dump(mode="json")),
+                     "data": data_id, "log_window": windows,
+                     "train_s": st.train_s + time.perf_counter() - t_train}
             storage.write_bytes(uri, encode_train_state(state))
-            for _s, old in list_checkpoints(out)[cfg.keep_checkpoints:]:
-                storage.delete(old)
+            _prune_checkpoints(out, st.step, cfg.keep_checkpoints)
             _write_metrics(metrics_uri, st.metrics)
         distributed.barrier()
         return uri
 
     eval_ctx = _EvalContext(evald, fp32, opts, workers) if evald is not None else None
-    window = {"loss": 0.0, "n": 0.0, "images": 0.0, "t": time.perf_counter()}
     flag = torch.zeros(1)
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
         while st.step < total_steps:
@@ -692,7 +739,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     api.convert(model)
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(False)
-    train_s = time.perf_counter() - t_start
+    train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 

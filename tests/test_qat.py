@@ -460,3 +460,61 @@ def test_adamw_range_steps_are_relative_to_each_calibrated_scale(name):
     if name == "sgd":  # one group for all ranges at the absolute rate
         lrs = [g["lr"] for g in opt.param_groups]
         assert lrs == [1e-3, 1e-3, 1e-2] or lrs == [1e-3, 1e-2], lrs
+
+
+def test_resume_refuses_other_data_or_rank_count(fmnist, tmp_path):
+    """A resume continues the stored data position and RNG streams: on another split, dataset or rank
+    count it would mix two runs silently, so it is refused naming what changed."""
+    from quantcore.qat import _check_same_data
+
+    data, ckpt = fmnist
+    out = tmp_path / "run"
+    _run(fmnist, out, qat={"epochs": 1}, max_steps=4)
+    r = Recipe.model_validate(_recipe(ckpt, epochs=1))
+    with pytest.raises(UserError, match="other data.*split 'train' -> 'test'"):
+        run_qat(r, DataSpec(data, "test"), None, str(out), QATOptions(progress=False, max_steps=4))
+    state = decode_train_state(Path(list_checkpoints(str(out))[0][1]).read_bytes(), "x")
+    assert state["data"]["split"] == "train" and state["world_size"] == 1
+    with pytest.raises(UserError, match="written by 2 rank.*this run has 1"):
+        _check_same_data({**state, "world_size": 2}, state["data"], 1, "ck")
+    _check_same_data(state, state["data"], 1, "ck")  # the same data and ranks resume
+    # --init and --checkpoint together: one would be ignored
+    with pytest.raises(UserError, match="--init.*--checkpoint.*give one"):
+        run_qat(r, DataSpec(data, "train"), None, str(tmp_path / "i"),
+                QATOptions(progress=False, init=str(out / "ptq" / "model.qc.pt"), checkpoint=ckpt, max_steps=1))
+
+
+def test_corrupt_newer_checkpoints_never_push_out_a_fresh_one(fmnist, tmp_path, caplog):
+    """Files that did not verify (higher steps of a damaged earlier run) stay, are skipped, and do not
+    count against keep_checkpoints: the checkpoint just written survives and the rerun resumes from it."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for s in (120, 131):
+        (out / "checkpoints" / f"step-{s:09d}.pt").write_bytes(b"x" * 100)
+    _run(fmnist, out, qat={"epochs": 1, "keep_checkpoints": 1}, max_steps=8)
+    steps = [s for s, _ in list_checkpoints(str(out))]
+    assert steps == [131, 120, 8]  # 4 pruned (keep 1), 8 kept, the corrupt ones left for the user to see
+    caplog.clear()  # the run itself skipped them at its start too
+    with caplog.at_level(logging.WARNING):
+        uri, state = latest_checkpoint(str(out))
+    assert state["step"] == 8 and uri.endswith("step-000000008.pt")
+    assert sum("skipping training checkpoint" in r.message for r in caplog.records) == 2
+
+
+def test_the_loss_logged_after_a_resume_is_the_uninterrupted_runs(fmnist, tmp_path):
+    """The log window (loss summed since the last log line) travels in the checkpoint."""
+    import shutil
+
+    qat = {"epochs": 1, "checkpoint_every": 2, "log_every": 3, "keep_checkpoints": 5}
+    full = tmp_path / "full"
+    _run(fmnist, full, qat=qat, max_steps=6)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    (part / "checkpoints" / "step-000000006.pt").unlink()  # as if stopped after step 4
+    rep = _run(fmnist, part, qat=qat, max_steps=6)
+    lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    losses = [(m["step"], m["loss"]) for m in lines if "loss" in m]
+    assert losses == [(m["step"], m["loss"]) for m in ref if "loss" in m] and losses[-1][0] == 6
+    st4 = decode_train_state((part / "checkpoints" / "step-000000004.pt").read_bytes(), "x")
+    assert 0 < st4["train_s"] <= rep["qat"]["train_s"]  # training time adds up over invocations
