@@ -614,6 +614,9 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         if ctx.is_main:
             log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
 
+    if evald is not None:  # a missing evaluation split is found now, not after calibrating and training
+        open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
+                     cache_dir=evald.cache_dir)
     fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None)
     ptq_model = copy.deepcopy(model).eval()
     for p in ptq_model.parameters():
@@ -717,7 +720,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                     if opts.on_log is not None:
                         opts.on_log(dict(m))
                 if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last:
-                    _validate(st, eval_ctx, model, cfg, ctx, opts)
+                    _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 flag[0] = float(sigterm.flag)
                 if distributed.all_reduce(flag, "max").item() > 0:
@@ -731,7 +734,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 st.epoch += 1
                 st.consumed = 0
                 if eval_ctx is not None and st.step < total_steps:
-                    _validate(st, eval_ctx, model, cfg, ctx, opts)
+                    _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 if st.step < total_steps:
                     save_checkpoint()
@@ -850,14 +853,15 @@ class _EvalContext:
         return make_loader(self.ds, self.opts.eval_batch_size, self.workers, indices=mine), subset
 
 
-def _validate(st: _State, ev: _EvalContext, model: nn.Module, cfg: QATConfig, ctx, opts: QATOptions) -> None:
+def _validate(st: _State, ev: _EvalContext, model: nn.Module, cfg: QATConfig, ctx, opts: QATOptions,
+              n: int) -> None:
     from .evaluate import evaluate_models
 
     model.eval()
     with torch.random.fork_rng(devices=[]):  # validation must not shift the training RNG streams
         loader, _ = ev.loader(cfg.eval_limit)
         scores = evaluate_models({"qat": model}, loader, ev.ds.num_classes, device=ctx.device)
-    m = {"step": st.step, "epoch": float(st.epoch), "val_top1": scores["qat"].top1, "val_count": scores["qat"].count,
+    m = {"step": st.step, "epoch": st.epoch + st.consumed / max(n, 1), "val_top1": scores["qat"].top1, "val_count": scores["qat"].count,
          "time": time.time()}
     st.metrics.append(m)
     if opts.on_log is not None:

@@ -478,6 +478,11 @@ def test_resume_refuses_other_data_or_rank_count(fmnist, tmp_path):
     with pytest.raises(UserError, match="written by 2 rank.*this run has 1"):
         _check_same_data({**state, "world_size": 2}, state["data"], 1, "ck")
     _check_same_data(state, state["data"], 1, "ck")  # the same data and ranks resume
+    # a missing evaluation split is refused before calibrating
+    with pytest.raises(UserError, match="val"):
+        run_qat(r, DataSpec(data, "train"), DataSpec(data, "val"), str(tmp_path / "v"),
+                QATOptions(progress=False, max_steps=1))
+    assert not (tmp_path / "v" / "ptq").exists()
     # --init and --checkpoint together: one would be ignored
     with pytest.raises(UserError, match="--init.*--checkpoint.*give one"):
         run_qat(r, DataSpec(data, "train"), None, str(tmp_path / "i"),
