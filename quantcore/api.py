@@ -13,6 +13,8 @@ Data-parallel calibration: each worker runs ``collect`` on its shard and returns
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -30,6 +32,8 @@ from .models import create_model
 from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -342,7 +346,40 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
     meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
             "example_input_shape": list(getattr(placement, "example_input_shape", []) or []),
             "versions": library_versions(), "extra": extra or {}}
+    tf = _transform_record(model)
+    if tf is not None:
+        meta["eval_transform"] = tf
     storage.write_bytes(uri, checkpoint_bytes(model, meta))
+
+
+# what decides the pixels a model is calibrated and evaluated on (not the decoder, which is exact)
+_TRANSFORM_KEYS = ("input_size", "resize_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "mode")
+
+
+def _transform_record(model: nn.Module) -> dict[str, Any] | None:
+    from .data import describe_transform
+
+    try:
+        cfg = describe_transform(model)
+    except Exception:  # noqa: BLE001 - a model quantcore has no data config for: nothing to record
+        return None
+    return {k: cfg.get(k) for k in _TRANSFORM_KEYS if k in cfg}
+
+
+def _check_transform(model: nn.Module, meta: dict[str, Any], uri: str) -> None:
+    """The ranges were calibrated on images preprocessed as stored; a model rebuilt from files that now
+    say otherwise (an edited preprocessor_config.json, another timm version's pretrained_cfg) would be
+    evaluated on other pixels without a word."""
+    stored = meta.get("eval_transform")
+    now = _transform_record(model) if stored else None
+    if not stored or now is None:
+        return
+    diff = [f"{k} {stored.get(k)!r} -> {now.get(k)!r}" for k in _TRANSFORM_KEYS
+            if k in stored and json.dumps(stored.get(k)) != json.dumps(now.get(k))]
+    if diff:
+        log.warning("checkpoint %s was calibrated with other preprocessing than its rebuilt model now gives "
+                    "(%s): its ranges assume the stored one; evaluate with the original model files",
+                    uri, "; ".join(diff))
 
 
 def load(uri: str, model: nn.Module | None = None, example_input: Any = None) -> nn.Module:
@@ -367,7 +404,11 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
         if recipe.model is None:
             raise CheckpointError(f"checkpoint {uri}: its recipe has no model: section to rebuild the model "
                                   f"from; pass the module: quantcore.load(uri, model=MyModel())")
-        model = create_model(recipe.model, load_weights=False)
+        try:
+            model = create_model(recipe.model, load_weights=False)
+        except UserError as err:
+            raise CheckpointError(f"checkpoint {uri}: the model is rebuilt from its recipe's model: section "
+                                  f"(weights from the checkpoint), which failed: {err}") from None
     shape = meta.get("example_input_shape") or None
     if example_input is None and shape:  # the probe input of calibration time (same seed, same shape)
         example_input = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -384,6 +425,7 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
         qs[name].set_spec(QuantSpec.model_validate(spec))
     load_state_strict(model, state, uri)
     model.quantcore_meta = meta
+    _check_transform(model, meta, uri)
     return model.eval()
 
 

@@ -185,7 +185,13 @@ def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
 def _calibration_indices(ds, recipe: Recipe) -> list[int]:
     c = recipe.calibration
     if c.images_per_class:
-        return per_class_subset(ds, c.images_per_class, seed=c.seed)
+        from .data import DataError
+
+        try:
+            return per_class_subset(ds, c.images_per_class, seed=c.seed)
+        except DataError as err:  # name the recipe field the user set
+            raise DataError(f"recipe {recipe.name!r} calibration.images_per_class: {err}",
+                            file=getattr(err, "file", None)) from None
     return first_batches(ds, c.num_batches or 1, c.batch_size, seed=c.seed)
 
 
@@ -343,8 +349,21 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
         distributed.teardown(ctx)
 
 
+def check_out(out: str) -> None:
+    """``--out`` must be a directory or an s3:// prefix: refused before any work when it is a file."""
+    if not storage.is_s3(out):
+        import os
+
+        path = out.removeprefix("file://")
+        if os.path.isfile(path):
+            raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
+
+
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,
          fp32: nn.Module | None) -> dict[str, Any]:
+    check_out(out)
+    if evald is not None and evald.limit is not None and int(evald.limit) < 0:
+        raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
     t_cal = time.perf_counter()
@@ -367,7 +386,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
                        data=data_info, calibration=first.calibration if len(variants) == 1 else
                        {"method": ", ".join(sorted({v.calibration['method'] for v in variants})),
                         "images": first.calibration["images"], "uri": calib.uri},
-                       timings=timings, skipped=skipped + eval_skipped, class_names=ds_classes,
+                       timings=timings, skipped=_dedupe(skipped + eval_skipped), class_names=ds_classes,
                        warnings=warnings, extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name],
                                                     "placement": v.model.quantcore_placement.as_dict()}

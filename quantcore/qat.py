@@ -541,15 +541,6 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Modu
     return teacher
 
 
-def _check_out(out: str) -> None:
-    if not storage.is_s3(out):
-        import os
-
-        path = out.removeprefix("file://")
-        if os.path.isfile(path):
-            raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
-
-
 def _workers(opts: QATOptions, recipe: Recipe) -> int:
     if opts.num_workers is not None:
         return opts.num_workers
@@ -584,7 +575,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     from .data.transforms import train_transform
     from .placement import unwrap
 
-    from .pipeline import _with_checkpoint
+    from .pipeline import _with_checkpoint, check_out
 
     if opts.init and opts.checkpoint:
         raise UserError(f"--init {opts.init} and --checkpoint {opts.checkpoint}: give one (--init starts from "
@@ -593,7 +584,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     recipe = recipe.model_copy(update={"qat": cfg})
     if not opts.init:
         recipe = _with_checkpoint(recipe, opts.checkpoint)
-    _check_out(out)
+    check_out(out)
     dev = ctx.device
     if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
         old = list_checkpoints(out)

@@ -823,3 +823,31 @@ def test_cli_exits_2_naming_the_file(tmp_path, capsys):
                "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "deep.npz has 3 encoder blocks" in err and "Traceback" not in err, err
+
+
+def test_a_checkpoint_warns_when_its_model_files_now_preprocess_otherwise(tmp_path, caplog):
+    """model.qc.pt of a HF directory rebuilds the model from that directory: an edited
+    preprocessor_config.json would evaluate the calibrated ranges on other pixels without a word."""
+    import logging
+
+    from quantcore.checkpoint import CheckpointError
+
+    d = tmp_path / "vit"
+    hf_model("vit").save_pretrained(d)
+    hf_processor("vit").save_pretrained(d)
+    rec = {"name": "w8", "model": {"name": str(d)}, "placement": {"family": "vit"}}
+    model = quantcore.prepare(quantcore.build_model(rec), rec)
+    quantcore.calibrate(model, [images(2, 32)])
+    quantcore.save(model, str(tmp_path / "m.qc.pt"))
+    with caplog.at_level(logging.WARNING, logger="quantcore.api"):
+        quantcore.load(str(tmp_path / "m.qc.pt"))
+    assert not [r for r in caplog.records if "preprocessing" in r.getMessage()]  # unchanged: no warning
+    cfg = json.loads((d / "preprocessor_config.json").read_text())
+    (d / "preprocessor_config.json").write_text(json.dumps({**cfg, "image_mean": [0.9, 0.1, 0.9]}))
+    with caplog.at_level(logging.WARNING, logger="quantcore.api"):
+        quantcore.load(str(tmp_path / "m.qc.pt"))
+    msg = [r.getMessage() for r in caplog.records if "preprocessing" in r.getMessage()]
+    assert len(msg) == 1 and "mean" in msg[0] and "0.9" in msg[0]
+    (d / "config.json").unlink()  # the folder is gone: the error says the checkpoint rebuilds from it
+    with pytest.raises(CheckpointError, match=r"m\.qc\.pt: the model is rebuilt from its recipe's model: section"):
+        quantcore.load(str(tmp_path / "m.qc.pt"))

@@ -1,12 +1,16 @@
 """Layout detection and the one entry point :func:`open_dataset`."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Callable
 
 from . import _fs
+from .base import IMG_EXTS
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("folder", "zip", "resisc")
 _ALIASES = {
@@ -73,4 +77,15 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         return ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs)
     if lay == "resisc":
         return ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
-    return FolderDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
+    ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
+    if ds.ignored and ds.root not in _WARNED_IGNORED:  # once per folder and process (it is opened per phase)
+        _WARNED_IGNORED.add(ds.root)
+        exts = sorted({f.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in f.rsplit("/", 1)[-1].lstrip(".")
+                       else "(no extension)" for f in ds.ignored})
+        log.warning("%d file(s) under %s are not used (hidden, or not an image extension %s; found: %s), e.g. %s",
+                    len(ds.ignored), ds.root, "/".join(sorted({e.lstrip(".").lower() for e in IMG_EXTS})),
+                    ", ".join(exts[:8]), ", ".join(ds.ignored[:3]))
+    return ds
+
+
+_WARNED_IGNORED: set[str] = set()

@@ -12,8 +12,8 @@ from .errors import DataError, SkipRecord
 class FolderDataset(ImageDataset):
     """Class-per-folder dataset on a local path, ``file://`` or ``s3://`` prefix.
 
-    Samples are sorted by (class, relative path). Non-image files are ignored but listed in
-    ``ignored``; an image outside any class folder or an empty class folder is a :class:`DataError`
+    Samples are sorted by (class, relative path). Non-image files (by extension) and hidden files or
+    folders are not used but listed in ``ignored`` (:func:`~quantcore.data.open_dataset` warns); an image outside any class folder or an empty class folder is a :class:`DataError`
     (``skip_bad``: the empty class keeps its label index and is recorded in ``skipped``).
     ``classes`` may be given to fix the label order (every listed class must exist, no others may).
     """
@@ -30,10 +30,12 @@ class FolderDataset(ImageDataset):
         for f in _fs.list_files(self.root):
             r = _fs.rel(f, self.root)
             parts = [p for p in r.split("/") if p]
-            if not parts or any(p.startswith(".") for p in parts):
-                continue  # hidden files/dirs (.DS_Store, .ipynb_checkpoints)
             if r.endswith("/"):  # S3 "folder" marker
-                per_class.setdefault(parts[0], [])
+                if parts and not any(p.startswith(".") for p in parts):
+                    per_class.setdefault(parts[0], [])
+                continue
+            if not parts or any(p.startswith(".") for p in parts):
+                self.ignored.append(f)  # hidden files/dirs (.DS_Store, .ipynb_checkpoints): not data, but said
                 continue
             if not is_image_name(r):
                 self.ignored.append(f)

@@ -86,6 +86,14 @@ def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor
     from ..data import eval_transform, limit_subset, make_loader, open_dataset
 
     ds = open_dataset(check.uri, check.split, eval_transform(model))
+    from ..placement import unwrap
+    from .onnx_qdq import _Logits
+
+    with torch.no_grad():  # top-1 on data with other classes than the model's logits would be meaningless
+        n_out = _Logits(unwrap(model)).eval()(example_input(model, 1)).shape[-1]
+    if n_out != ds.num_classes:
+        raise ExportError(f"--check-data {check.uri} (split {check.split!r}) has {ds.num_classes} classes, but the "
+                          f"model gives {n_out} logits: check on the data the model was trained for")
     idx, subset = limit_subset(ds, check.limit)
     xs, ys = [], []
     for x, y, _ in make_loader(ds, check.batch_size, num_workers=0, indices=idx):

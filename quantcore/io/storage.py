@@ -352,8 +352,15 @@ def list_uris(
     root = p.path
     if os.path.isfile(root):
         raise NotADirectoryError(errno.ENOTDIR, "list_uris expects a directory", p.original)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    chains = {root: frozenset([os.path.realpath(root)])}  # real folders on the walk path down to each folder
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # a linked class folder is data too
+        chain, kept = chains.pop(dirpath), []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in chain:  # a link to a folder already on this path would loop forever
+                chains[os.path.join(dirpath, d)] = chain | {real}
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith(".") and name.endswith(_TMP_SUFFIX):
                 continue
