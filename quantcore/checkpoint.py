@@ -47,6 +47,8 @@ def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
 
 def read_checkpoint(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Parse and verify; returns (meta, state_dict). Errors name ``source``."""
+    if not data:
+        raise CheckpointError(f"checkpoint {source} is empty (0 bytes): an interrupted copy?")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:

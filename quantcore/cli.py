@@ -269,11 +269,12 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
                opset: Optional[int] = typer.Option(None, help="ONNX opset 13..21 (default 17; 21 when a 4/16-bit quantizer needs it)."),
                check_data: Optional[str] = typer.Option(None, help="Dataset URI: run its images through onnxruntime and the fake-quant model (agreement, top-1)."),
                check_split: Optional[str] = typer.Option(None, help="Split of --check-data (default val, as evaluate)."),
-               check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images of --check-data (0 or unset: the whole split).")) -> None:
+               check_limit: Optional[int] = typer.Option(None, help="Check on a seeded, class-stratified sample of N images of --check-data (0 or unset: the whole split)."),
+               check_skip_bad: bool = typer.Option(False, "--check-skip-bad", help="Skip undecodable images of --check-data (listed in export_report.json check.skipped) instead of failing.")) -> None:
     """Export a checkpoint for deployment: ONNX QDQ (TensorRT/onnxruntime), AIMET encodings, TensorRT range table."""
     from .export.run import check_data as check_options, export_checkpoint
 
-    check = check_options(check_data, check_split, check_limit)
+    check = check_options(check_data, check_split, check_limit, check_skip_bad)
     rep = export_checkpoint(checkpoint, out, format, opset, check)
     typer.echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
                f"{len(rep['not_trt_native'])} not TensorRT-native")

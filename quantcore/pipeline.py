@@ -34,12 +34,13 @@ from torch import nn
 
 from . import api, distributed
 from .config import Recipe
-from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, open_dataset,
-                   per_class_subset)
+from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, model_label_names,
+                   open_dataset, per_class_subset)
 from .errors import UserError
 from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
                        peak_memory, quant_toggle)
 from .io import StorageError, storage
+from .placement import unwrap
 from .recipe import RecipeError
 from .report import build_report, per_class_plot, ranges_plot, report_markdown
 
@@ -284,7 +285,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     shard of the (limited) evaluation set and every rank gets the merged scores and skipped list."""
     dev = _rank_device(opts.device)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
-                      cache_dir=data.cache_dir)
+                      cache_dir=data.cache_dir, label_names=model_label_names(unwrap(fp32)))
     indices, subset = limit_subset(ds, data.limit)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
@@ -426,7 +427,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
     dev = _rank_device(opts.device)
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
-                      skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
+                      skip_bad=evald.skip_bad, cache_dir=evald.cache_dir, label_names=model_label_names(unwrap(model)))
     indices, subset = limit_subset(ds, evald.limit)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)

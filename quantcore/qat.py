@@ -571,7 +571,7 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
 
 def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
          ctx: distributed.DistContext) -> dict:
-    from .data import open_dataset
+    from .data import model_label_names, open_dataset
     from .data.transforms import train_transform
     from .placement import unwrap
 
@@ -618,7 +618,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         model.set_distilled_training(True)
 
     ds = open_dataset(train.uri, train.split, train_transform(unwrap(model), cfg.augment), layout=train.layout,
-                      skip_bad=train.skip_bad, cache_dir=train.cache_dir)
+                      skip_bad=train.skip_bad, cache_dir=train.cache_dir, label_names=model_label_names(unwrap(fp32)))
     samples = SeededSamples(ds, cfg.seed)
     n = len(ds)
     gb = cfg.batch_size * ctx.world_size
@@ -829,11 +829,13 @@ class _EvalContext:
     """The validation data, opened once (eval transform of the FP32 model)."""
 
     def __init__(self, evald: Any, fp32: nn.Module, opts: QATOptions, workers: int) -> None:
-        from .data import eval_transform, open_dataset
+        from .data import eval_transform, model_label_names, open_dataset
+        from .placement import unwrap
 
         self.spec = evald
         self.ds = open_dataset(evald.uri, evald.split, eval_transform(fp32), layout=evald.layout,
-                               skip_bad=evald.skip_bad, cache_dir=evald.cache_dir)
+                               skip_bad=evald.skip_bad, cache_dir=evald.cache_dir,
+                               label_names=model_label_names(unwrap(fp32)))
         self.opts, self.workers = opts, workers
 
     def loader(self, limit: int | None):

@@ -3,6 +3,7 @@ about), linked class folders are data, a link loop does not hang; export's accur
 whose class count differs from the model's logits."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -63,3 +64,68 @@ def test_ptq_refuses_a_file_as_out_and_a_negative_limit_before_calibrating(tmp_p
     assert main(args + ["-o", str(tmp_path / "o"), "--limit", "-1"]) == 2
     assert "--limit" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_class_folders_named_as_the_models_labels_take_the_models_order(tmp_path, caplog):
+    """HF id2label {0: red, 1: green, 2: blue}: folders red/green/blue sorted would give blue label 0."""
+    from types import SimpleNamespace
+
+    from quantcore.data import model_label_names
+
+    for c in ("red", "green", "blue"):
+        _img(tmp_path / "d" / "val" / c / "x.png")
+    model = SimpleNamespace(config=SimpleNamespace(id2label={0: "red", 1: "green", 2: "blue"}))
+    names = model_label_names(model)
+    assert names == ["red", "green", "blue"]
+    assert model_label_names(SimpleNamespace(config=SimpleNamespace(id2label={0: "LABEL_0", 1: "LABEL_1"}))) is None
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        ds = open_dataset(str(tmp_path / "d"), "val", label_names=names)
+    assert ds.classes == names and [ds.classes[label] for label in ds.labels] == [s.split("/")[0] for s in ds.samples]
+    assert any("model's order" in r.getMessage() for r in caplog.records)
+    assert open_dataset(str(tmp_path / "d"), "val").classes == ["blue", "green", "red"]  # no names: sorted
+    caplog.clear()
+    _img(tmp_path / "d" / "val" / "cyan" / "x.png")  # a partial overlap: warned, not reordered
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        ds = open_dataset(str(tmp_path / "d"), "val", label_names=names)
+    assert ds.classes == ["blue", "cyan", "green", "red"]
+    assert any("not the same set" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_image_reads_the_same_every_time():
+    """The reason is part of the skipped record's identity (calibration + evaluation list it once)."""
+    from quantcore.data.base import decode_image
+    from quantcore.data.errors import DataError
+
+    reasons = []
+    for _ in range(2):
+        with pytest.raises(DataError) as err:
+            decode_image(b"not an image", "d/val/a/x.jpg")
+        reasons.append(str(err.value))
+    assert reasons[0] == reasons[1] and "0x" not in reasons[0] and "d/val/a/x.jpg" in reasons[0]
+
+
+def test_an_empty_checkpoint_says_so():
+    from quantcore.checkpoint import CheckpointError, read_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"m\.qc\.pt is empty \(0 bytes\)"):
+        read_checkpoint(b"", "m.qc.pt")
+
+
+def test_export_check_skips_bad_images_when_asked_and_lists_them(tmp_path):
+    from quantcore.data.errors import DataError
+    from quantcore.export.run import check_data
+
+    torch.manual_seed(0)
+    model = api.prepare(vit_fmnist(), {"name": "w8", "model": {"name": "quantcore/vit_fmnist"},
+                                       "placement": {"family": "vit", "mode": "ft1"}})
+    api.calibrate(model, [torch.randn(4, 1, 28, 28)])
+    for c in range(10):
+        _img(tmp_path / "d" / "val" / f"c{c}" / "x.png", (c * 20, c * 20, c * 20))
+    (tmp_path / "d" / "val" / "c3" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png"):
+        _load_check_images(model, check_data(str(tmp_path / "d"), "val"))
+    xs, ys, _, skipped = _load_check_images(model, check_data(str(tmp_path / "d"), "val", skip_bad=True))
+    assert xs.shape[0] == 10 and sorted(ys.tolist()) == list(range(10))
+    assert len(skipped) == 1 and "broken.png" in json.dumps(skipped)
+    with pytest.raises(ExportError, match="--check-skip-bad needs --check-data"):
+        check_data(None, skip_bad=True)

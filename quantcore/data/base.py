@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from typing import Any, Callable
 
@@ -25,7 +26,9 @@ def decode_image(data: bytes, where: str):
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise DataError(f"cannot decode image {where}: {type(e).__name__}: {e}", file=where) from e
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"): a reason must read the same every run
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise DataError(f"cannot decode image {where}: {type(e).__name__}: {why}", file=where) from e
     return to_8bit(img, where)
 
 

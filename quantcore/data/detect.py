@@ -64,20 +64,38 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
       * ``resisc``: ``<split>_imagepaths.txt`` + ``label_map.json`` + ``images/<class>/``
       * ``folder``: ``<split>/<class>/*.jpg`` (ImageNet style, sorted class names = labels)
     ``cache_dir`` is used for zip shards on remote storage; extra ``kwargs`` go to the dataset class
-    (e.g. ``classes=``, ``num_classes=``, ``block_size=``).
+    (e.g. ``classes=``, ``num_classes=``, ``block_size=``). ``label_names`` (folder layout; see
+    :func:`model_label_names`): class folders named exactly as the model's labels take the model's
+    label order; folders that share only some names are warned about.
     """
     from .folder import FolderDataset
     from .resisc import ImagePathsDataset
     from .zipped import ZipShardDataset
 
+    names = kwargs.pop("label_names", None)
     lay = normalize_layout(layout)
     if lay == "auto":
         lay = detect_layout(uri, split)
-    if lay == "zip":
-        return ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs)
-    if lay == "resisc":
-        return ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
+    if lay in ("zip", "resisc"):
+        ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
+              else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
+        if names and list(ds.classes) != list(names) and set(ds.classes) & set(names):
+            f, i, _, j = _first_mismatch(list(ds.classes), list(names))
+            log.warning("the class names of %s (label order of its index) differ from the model's label order: "
+                        "e.g. %r is label %d there, class %d in the model; repack with the model's order",
+                        uri, f, i, j)
+        return ds
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
+    if names and "classes" not in kwargs and ds.classes != list(names) and set(ds.classes) == set(names):
+        # class folders named exactly as the model's labels: folder "cat" is the model's "cat", whatever
+        # the sorted order says (sorting would score a correct model near 0 %)
+        log.warning("class folders under %s carry the model's label names: labels follow the model's order "
+                    "(id2label), not the sorted folder names", ds.root)
+        ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, classes=list(names), **kwargs)
+    elif names and ds.classes != list(names) and set(ds.classes) & set(names):
+        log.warning("class folders under %s share names with the model's labels but are not the same set: "
+                    "label i is the i-th sorted folder, which may not be the model's class i (e.g. folder %r is "
+                    "label %d, the model's %r is class %d)", ds.root, *_first_mismatch(ds.classes, list(names)))
     if ds.ignored and ds.root not in _WARNED_IGNORED:  # once per folder and process (it is opened per phase)
         _WARNED_IGNORED.add(ds.root)
         exts = sorted({f.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in f.rsplit("/", 1)[-1].lstrip(".")
@@ -89,3 +107,24 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
 
 
 _WARNED_IGNORED: set[str] = set()
+
+
+def _first_mismatch(folders: list[str], names: list[str]) -> tuple[str, int, str, int]:
+    for i, f in enumerate(folders):
+        if f in names and names.index(f) != i:
+            return f, i, f, names.index(f)
+    f = next(f for f in folders if f in names)
+    return f, folders.index(f), f, names.index(f)
+
+
+def model_label_names(model: Any) -> list[str] | None:
+    """The class names a model carries (Hugging Face ``config.id2label``), in class-index order; None
+    when it has none or only the generic ``LABEL_<i>`` ones."""
+    cfg = getattr(model, "config", None)
+    id2label = getattr(cfg, "id2label", None)
+    if not id2label:
+        return None
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+    if any(n is None for n in names) or all(re.fullmatch(r"LABEL_\d+", str(n)) for n in names):
+        return None
+    return [str(n) for n in names]

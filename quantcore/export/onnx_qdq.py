@@ -101,9 +101,10 @@ def quantizer_qdq(name: str, q: TensorQuantizer) -> Optional[QdqSpec]:
     spec = q.spec
     if spec.kind.is_float:
         if spec.format not in _FLOAT_CASTS:
-            raise ExportError(f"quantizer {name}: format {spec.format!r} has no export here (casts: "
+            raise ExportError(f"quantizer {name}: format {spec.format!r} has no export in any --format (onnx, "
+                              f"aimet and trt-table are all built from the ONNX graph, whose casts here are "
                               f"{sorted(_FLOAT_CASTS)}; FP8 needs opset 19 float8 types TensorRT/onnxruntime "
-                              f"do not run as Q/DQ on CPU)")
+                              f"do not run as Q/DQ on CPU); the checkpoint itself keeps the FP8 fake quantization")
         return QdqSpec(name, "cast", q.kind, spec.format, dtype=_FLOAT_CASTS[spec.format], min_opset=MIN_OPSET)
     if spec.format != "int":
         raise ExportError(f"quantizer {name}: format {spec.format!r} is not a uniform affine grid; every export "

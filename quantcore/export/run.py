@@ -64,30 +64,37 @@ class CheckData:
     split: str = "val"
     limit: Optional[int] = None
     batch_size: int = 250
+    skip_bad: bool = False  # undecodable images are listed in the report's check.skipped, not fatal
 
 
-def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[int] = None) -> Optional[CheckData]:
+def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[int] = None,
+               skip_bad: bool = False) -> Optional[CheckData]:
     """The onnxruntime check's images from the CLI/API options: ``None`` without ``uri``. ``split``
     defaults to ``val`` (as ``quantcore evaluate``); ``limit`` ``None`` or ``0`` = the whole split. A
     split or limit without a URI, or a negative limit, raises :class:`ExportError` naming the option
     (it would be ignored)."""
     if not uri:
-        given = [o for o, v in (("--check-split", split), ("--check-limit", limit)) if v is not None]
+        given = [o for o, v in (("--check-split", split), ("--check-limit", limit),
+                                ("--check-skip-bad", True if skip_bad else None)) if v is not None]
         if given:
             raise ExportError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --check-data (the dataset whose images are run "
                               f"through onnxruntime); without it nothing is checked")
         return None
     if limit is not None and int(limit) < 0:
         raise ExportError(f"--check-limit must be >= 0 (0 = the whole split), got {limit}")
-    return CheckData(uri, split or "val", (int(limit) or None) if limit is not None else None)
+    return CheckData(uri, split or "val", (int(limit) or None) if limit is not None else None, skip_bad=skip_bad)
 
 
-def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None,
+                                                                     list[dict]]:
     from ..data import eval_transform, limit_subset, make_loader, open_dataset
 
-    ds = open_dataset(check.uri, check.split, eval_transform(model))
+    from ..data import model_label_names
     from ..placement import unwrap
     from .onnx_qdq import _Logits
+
+    ds = open_dataset(check.uri, check.split, eval_transform(model), skip_bad=check.skip_bad,
+                      label_names=model_label_names(unwrap(model)))
 
     with torch.no_grad():  # top-1 on data with other classes than the model's logits would be meaningless
         n_out = _Logits(unwrap(model)).eval()(example_input(model, 1)).shape[-1]
@@ -96,10 +103,16 @@ def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor
                           f"model gives {n_out} logits: check on the data the model was trained for")
     idx, subset = limit_subset(ds, check.limit)
     xs, ys = [], []
-    for x, y, _ in make_loader(ds, check.batch_size, num_workers=0, indices=idx):
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys), subset
+    loader = make_loader(ds, check.batch_size, num_workers=0, indices=idx)
+    for x, y, _ in loader:
+        if x is not None:
+            xs.append(x)
+            ys.append(y)
+    skipped = [r.as_dict() if hasattr(r, "as_dict") else r for r in loader.skipped.as_list()]
+    if not xs:
+        raise ExportError(f"--check-data {check.uri} (split {check.split!r}): no image could be decoded "
+                          f"({len(skipped)} skipped)")
+    return torch.cat(xs), torch.cat(ys), subset, skipped
 
 
 @torch.no_grad()
@@ -204,8 +217,9 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
             report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
                                    "widened": [r["quantizer"] for r in table["tensors"].values() if not r["exact"]]}
     if check is not None:  # before anything is written: bad check data leaves out as it was
-        xs, ys, subset = _load_check_images(model, check)
+        xs, ys, subset, skipped = _load_check_images(model, check)
         report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),
+                           **({"skipped": skipped} if check.skip_bad else {}),
                            **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
         # onnxruntime's defaults (with the value-changing rewrites), for the record
         report["check_ort_default"] = compare(model, onnx_bytes, xs, ys, check.batch_size, optimization="all")
