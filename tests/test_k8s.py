@@ -612,9 +612,30 @@ def test_template_guards(bins, tmp_path):
     proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml", sets=["sweep.workers.maxReplicas=9"])
     assert proc.returncode != 0
     assert "sweep.workers.maxReplicas (9) differs from sweep.workers.replicas (4)" in proc.stderr
-    f.write_text(yaml.safe_dump({"runs": [{**GOOD_QAT, "gpus": 4, "nprocPerNode": 8}]}))
+    for nproc in (8, 2):  # more ranks than GPUs share one; fewer leave GPUs idle
+        f.write_text(yaml.safe_dump({"runs": [{**GOOD_QAT, "gpus": 4, "nprocPerNode": nproc}]}))
+        proc = helm_template(bins, f)
+        assert proc.returncode != 0 and f"runs[0].nprocPerNode ({nproc}) differs from gpus (4)" in proc.stderr
+    # a limit below the (default) request: the API server would reject the pod
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_RUN, "resources": {"limits": {"cpu": "1"}}}]}))
     proc = helm_template(bins, f)
-    assert proc.returncode != 0 and "runs[0].nprocPerNode (8) exceeds gpus (4)" in proc.stderr
+    assert proc.returncode != 0 and "requests.cpu (4) is above limits.cpu (1)" in proc.stderr
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_RUN, "resources": {"limits": {"cpu": 6}, "requests": {"cpu": 2}}}]}))
+    assert helm_template(bins, f).returncode == 0  # whole-number CPUs are ordinary Kubernetes YAML
+    # Ray clusters that could never place a task
+    proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml", sets=["sweep.workers.replicas=0"])
+    assert proc.returncode != 0 and "/sweep/workers/replicas" in proc.stderr
+    proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", sets=["rayQat.cpusPerWorker=9"])
+    assert proc.returncode != 0 and "rayQat.cpusPerWorker (9)" in proc.stderr
+    # Kubernetes expands $(VAR) in args from the env (the S3 secret): escaped in Jobs, refused in RayJobs
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_RUN, "out": "s3://out/$(AWS_SECRET_ACCESS_KEY)/r1"}]}))
+    proc = helm_template(bins, f)
+    assert proc.returncode == 0, proc.stderr
+    args = [a for d in yaml.safe_load_all(proc.stdout) if d and d.get("kind") == "Job"
+            for a in d["spec"]["template"]["spec"]["containers"][0].get("args", [])]
+    assert "s3://out/$$(AWS_SECRET_ACCESS_KEY)/r1" in args and not any("/$(AWS" in a for a in args)
+    proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", sets=["rayQat.out=s3://bkt/$(HOME)/x"])
+    assert proc.returncode != 0 and "in a RayJob entrypoint argument" in proc.stderr
     f.write_text(yaml.safe_dump({"runs": [GOOD_RUN, {**GOOD_QAT, "name": "r2", "out": GOOD_RUN["out"]}]}))
     proc = helm_template(bins, f)
     assert proc.returncode != 0 and "runs[0] (r1) and runs[1] (r2) both write to out s3://out/r1" in proc.stderr

@@ -310,6 +310,18 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* requests and limits merge per key with defaults.resources: lowering a limit alone keeps the
+       default request above it, which the API server rejects; say so at render time */ -}}
+{{- range $k := list "cpu" "memory" "ephemeral-storage" -}}
+{{- $req := dig "requests" $k "" $res -}}
+{{- $lim := dig "limits" $k "" $res -}}
+{{- if and $req $lim -}}
+{{- $conv := ternary "quantcore.millicpu" "quantcore.bytes" (eq $k "cpu") -}}
+{{- if gt (int64 (include $conv (dict "q" $req "where" (printf "%s.requests.%s" $.where $k)))) (int64 (include $conv (dict "q" $lim "where" (printf "%s.limits.%s" $.where $k)))) -}}
+{{- fail (printf "%s: requests.%s (%v) is above limits.%s (%v); the API server would reject the pod. Requests and limits merge per key with defaults.resources: set the request too" $.where $k $req $k $lim) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A recipe reference as passed to --recipe: inline recipes become their mounted path. ctx: dict root, ref */}}

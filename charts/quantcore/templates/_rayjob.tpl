@@ -121,6 +121,7 @@ metadata:
   labels:
     {{- include "quantcore.labelsFor" (dict "root" $root "component" .component "run" "" "extra" $labels "where" (printf "%s.labels" $key)) | nindent 4 }}
 spec:
+  {{- range .entrypoint }}{{ if contains "$(" (toString .) }}{{ fail (printf "%q: \"$(\" in a RayJob entrypoint argument would be expanded by Kubernetes from the submitter's environment (the S3 secret included) or, in HTTPMode, passed as written; use a path without \"$(\"" (toString .)) }}{{ end }}{{ end }}
   entrypoint: {{ include "quantcore.shellJoin" .entrypoint | quote }}
   submissionMode: {{ $cfg.submissionMode }}
   shutdownAfterJobFinishes: {{ $cfg.shutdownAfterJobFinishes }}

@@ -75,7 +75,7 @@
 {{- /* Which run keys each mode uses. A key a mode ignores is refused rather than dropped. */ -}}
 {{- $qatOnly := list "init" "nnodes" "nprocPerNode" "epochs" "maxSteps" "evalLimit" "maxRestarts" "terminationGracePeriodSeconds" "rdzvPort" -}}
 {{- $loaderModes := list "calibrate" "evaluate" "ptq" "qat" -}}
-{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq" "export") "recipe" (list "calibrate" "ptq" "qat") "format" (list "export") "opset" (list "export") "batchSize" $loaderModes "layout" $loaderModes "workers" $loaderModes "skipBad" $loaderModes -}}
+{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq" "export") "recipe" (list "calibrate" "ptq" "qat") "format" (list "export") "opset" (list "export") "batchSize" (list "evaluate" "ptq" "qat") "layout" $loaderModes "workers" $loaderModes "skipBad" $loaderModes -}}
 {{- range $q := $qatOnly }}{{ $_ := set $modesOf $q (list "qat") }}{{ end -}}
 {{- $hints := dict
     "calibrate" "calibrate evaluates nothing: remove it, or use mode ptq (calibrate, then evaluate, in one Job)"

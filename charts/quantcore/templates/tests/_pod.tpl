@@ -45,7 +45,7 @@ spec:
       {{- with .args }}
       args:
         {{- range . }}
-        - {{ . | quote }}
+        - {{ . | toString | replace "$(" "$$(" | quote }}
         {{- end }}
       {{- end }}
       {{- with .env }}
