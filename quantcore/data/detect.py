@@ -85,13 +85,10 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                         "e.g. %r is label %d there, class %d in the model; repack with the model's order",
                         uri, f, i, j)
         return ds
-    ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, **kwargs)
-    if names and "classes" not in kwargs and ds.classes != list(names) and set(ds.classes) == set(names):
-        # class folders named exactly as the model's labels: folder "cat" is the model's "cat", whatever
-        # the sorted order says (sorting would score a correct model near 0 %)
+    ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
+    if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
         log.warning("class folders under %s carry the model's label names: labels follow the model's order "
                     "(id2label), not the sorted folder names", ds.root)
-        ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, classes=list(names), **kwargs)
     elif names and ds.classes != list(names) and set(ds.classes) & set(names):
         log.warning("class folders under %s share names with the model's labels but are not the same set: "
                     "label i is the i-th sorted folder, which may not be the model's class i (e.g. folder %r is "

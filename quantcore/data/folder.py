@@ -15,13 +15,16 @@ class FolderDataset(ImageDataset):
     Samples are sorted by (class, relative path). Non-image files (by extension) and hidden files or
     folders are not used but listed in ``ignored`` (:func:`~quantcore.data.open_dataset` warns); an image outside any class folder or an empty class folder is a :class:`DataError`
     (``skip_bad``: the empty class keeps its label index and is recorded in ``skipped``).
-    ``classes`` may be given to fix the label order (every listed class must exist, no others may).
+    ``classes`` may be given to fix the label order (every listed class must exist, no others may);
+    ``label_names`` (the model's, :func:`~quantcore.data.model_label_names`) fix it only when the
+    folders carry exactly those names.
     """
 
     layout = "folder"
 
     def __init__(self, uri: str, split: str | None = "train", transform: Callable | None = None,
-                 skip_bad: bool = False, classes: list[str] | None = None) -> None:
+                 skip_bad: bool = False, classes: list[str] | None = None,
+                 label_names: list[str] | None = None) -> None:
         super().__init__(uri, split or "", transform, skip_bad)
         self.root = _fs.join(self.uri, split) if split else self.uri
         per_class: dict[str, list[str]] = {}
@@ -55,6 +58,10 @@ class FolderDataset(ImageDataset):
             for c in missing:
                 per_class[c] = []
             self.classes = list(classes)
+        elif label_names and set(per_class) == set(label_names):
+            # folders named exactly as the model's labels: folder "cat" is the model's "cat", whatever the
+            # sorted order says (sorting would score a correct model near 0 %)
+            self.classes = list(label_names)
         else:
             self.classes = sorted(per_class)
         for label, c in enumerate(self.classes):

@@ -87,9 +87,7 @@ def check_data(uri: Optional[str], split: Optional[str] = None, limit: Optional[
 
 def _load_check_images(model: nn.Module, check: CheckData) -> tuple[torch.Tensor, torch.Tensor, dict | None,
                                                                      list[dict]]:
-    from ..data import eval_transform, limit_subset, make_loader, open_dataset
-
-    from ..data import model_label_names
+    from ..data import eval_transform, limit_subset, make_loader, model_label_names, open_dataset
     from ..placement import unwrap
     from .onnx_qdq import _Logits
 
