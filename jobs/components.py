@@ -304,6 +304,10 @@ class PodOptions:
             raise ComponentError(f"--cache_gb must be >= 1 (/cache holds the model weights), got {opts.cache_gb}")
         parse_pvc_mounts(opts.mounts)
         parse_tolerations(opts.tolerations)
+        for flag, var, given in (("--s3_endpoint", ENDPOINT_ENV, opts.s3_endpoint), ("--s3_secret", SECRET_ENV,
+                                                                                   opts.s3_secret)):
+            if given and var in (opts.env or {}):  # one value only: which would win is not obvious
+                raise ComponentError(f"--env sets {var}, which {flag} sets too; give it once")
         pull_secrets = _as_list(opts.image_pull_secrets, "--image_pull_secrets")
         secrets = [("--image_pull_secrets", n) for n in pull_secrets]
         if opts.s3_secret:

@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from unittest import mock
@@ -841,11 +842,16 @@ def ray_object_store_problems(rayjob: Dict[str, Any]) -> List[str]:
         with mock.patch.object(ray_utils, "get_shared_memory_bytes", return_value=shm), \
                 mock.patch.object(ray_common, "get_system_memory", return_value=memory):
             store = ray_utils.resolve_object_store_memory(memory, None if param is None else int(param))
-            try:
-                plasma_dir, _, _ = services.determine_plasma_store_config(store, "/tmp/ray")
-            except ValueError as err:
-                problems.append(f"{group}: Ray does not start: {err}")
-                continue
+            # Ray checks that its fallback directory (the pod's /tmp/ray) exists on this machine: a
+            # stand-in that does, so the answer does not depend on an earlier Ray run having made it
+            with tempfile.TemporaryDirectory() as fallback:
+                try:
+                    plasma_dir, _, _ = services.determine_plasma_store_config(store, fallback)
+                except ValueError as err:
+                    problems.append(f"{group}: Ray does not start: {str(err).replace(fallback, '/tmp/ray')}")
+                    continue
+                if plasma_dir == fallback:
+                    plasma_dir = "/tmp/ray"
         if plasma_dir != "/dev/shm":
             problems.append(f"{group}: Ray puts its {store}-byte object store into {plasma_dir}, not /dev/shm "
                             f"({shm} bytes)")

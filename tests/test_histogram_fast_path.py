@@ -108,6 +108,45 @@ def test_piece_size_and_histc_path_do_not_change_the_state(seen, monkeypatch):
     _assert_state(st, ref, "histc path")
 
 
+def test_interleaved_counting_is_exact_and_engages_on_zero_heavy_data(seen, monkeypatch):
+    """Peaked tensors are counted in interleaved lanes: the same state as the definition, on every
+    recorded activation (lanes forced on) and on zero-heavy ones (engaged by the counts seen)."""
+    _, _, record, _ = seen
+    used = []
+    orig = hmod._lane_offsets
+    monkeypatch.setattr(hmod, "_lane_offsets", lambda *a: used.append(a) or orig(*a))
+    monkeypatch.setattr(hmod, "_CPU_PIECE", 1 << 12)  # several pieces per call, odd tails
+    monkeypatch.setattr(hmod, "_PEAKED", 0.0)
+    for values in record.values():
+        st = HistogramState()
+        for a in values:
+            st.update(torch.from_numpy(a))
+        _assert_state(st, _reference(values, 2048), "lanes forced")
+    assert used
+    monkeypatch.setattr(hmod, "_PEAKED", 0.1)
+    rng = np.random.default_rng(0)
+    for what, make in (("relu", lambda: np.maximum(rng.standard_normal((4, 64, 28, 28)), 0)),
+                       ("softmax", lambda: _softmax(4 * rng.standard_normal((96, 197))))):
+        values = [make().astype(np.float32) for _ in range(3)]
+        used.clear()
+        st = HistogramState()
+        for a in values:
+            st.update(torch.from_numpy(a))
+        assert st.collision() > 0.1 and used, what  # from the second call on
+        _assert_state(st, _reference(values, 2048), what)
+    gauss = [rng.standard_normal((8, 197, 64)).astype(np.float32) for _ in range(3)]
+    used.clear()
+    st = HistogramState()
+    for a in gauss:
+        st.update(torch.from_numpy(a))
+    assert not used and st.collision() < 0.01  # spread data keeps the plain count
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def test_k_rank_merge_equals_one_process(seen):
     model, batches, _, _ = seen
     one = quantcore.calibration_state(model)

@@ -284,6 +284,16 @@ def test_components_reject_bad_arguments(bad):
         components.calibrate(**kwargs)
 
 
+@pytest.mark.parametrize("flag, var", [("s3_endpoint", "AWS_ENDPOINT_URL"), ("s3_secret", "QUANTCORE_S3_SECRET")])
+def test_env_may_not_set_what_an_option_sets(flag, var):
+    kwargs: Dict[str, Any] = dict(recipe=["r"], data="d", out="o", env={var: "x", "OTHER": "1"})
+    app = components.calibrate(**kwargs)  # without the option, --env is the only source: kept
+    assert app.roles[0].env[var] == "x" and app.roles[0].env["OTHER"] == "1"
+    kwargs[flag] = "http://127.0.0.1:9000" if flag == "s3_endpoint" else "creds"
+    with pytest.raises(ValueError, match=f"--env sets {var}, which --{flag} sets too"):
+        components.calibrate(**kwargs)
+
+
 @pytest.mark.parametrize("bad, message", [(dict(check_limit=50), "--check_limit apply to the images of --check_data"),
                                           (dict(check_split="val"), "--check_split and"),
                                           (dict(opset=-1), "--opset")])

@@ -645,6 +645,21 @@ def test_template_guards(bins, tmp_path):
     proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
                          sets=["rayQat.name=vit-sweep"])
     assert proc.returncode != 0 and "the two RayJobs need different names" in proc.stderr
+    # a variable named twice in a container's env: Kubernetes would keep the last one silently
+    for run, words in (({**GOOD_RUN, "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}]},
+                        "runs[0] (r1).extraEnv: AWS_REGION is set by the chart from the s3.* values"),
+                       ({**GOOD_QAT, "extraEnv": [{"name": "X", "value": "1"}, {"name": "X", "value": "2"}]},
+                        "runs[0] (q1).extraEnv: X appears more than once")):
+        f.write_text(yaml.safe_dump({"runs": [run]}))
+        proc = helm_template(bins, f)
+        assert proc.returncode != 0 and words in proc.stderr, proc.stderr
+    f.write_text(yaml.safe_dump({"runs": [{**GOOD_RUN, "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}]}],
+                                 "s3": {"region": ""}}))
+    proc = helm_template(bins, f)  # the chart does not set it here: extraEnv may
+    assert proc.returncode == 0, proc.stderr
+    env = [e for d in yaml.safe_load_all(proc.stdout) if d and d.get("kind") == "Job"
+           for e in d["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert {"name": "AWS_REGION", "value": "eu-west-1"} in env
 
 
 # --- policy: pod security, resources, GPUs, S3, RBAC --------------------------------------------

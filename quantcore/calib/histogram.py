@@ -37,8 +37,16 @@ def _exp_above(amax: float) -> int:
 #: * otherwise (CUDA, many CPU threads): ``torch.histc`` on the floored values, in chunks of at most
 #:   2**24 elements because it counts in float32; bin counts that are not a power of two use
 #:   ``torch.bincount`` instead (histc's own bin arithmetic is only exact for power-of-two counts).
+#:
+#: Zero-heavy or peaked tensors (post-ReLU, post-softmax of a trained attention) send most elements
+#: to one bin, and bincount's ``count[i] += 1`` then waits on its own previous store for every
+#: element (~2x slower). When the state's counts so far say so (collision probability
+#: ``sum p_i**2 >= _PEAKED``), consecutive elements count into ``_LANES`` interleaved sub-histograms
+#: (the lane offset is folded into the ``+bins`` add), summed afterwards: the same counts.
 BINCOUNT_MAX_THREADS = 6
 _CPU_PIECE = 1 << 19
+_LANES = 4
+_PEAKED = 0.1
 _HISTC_CHUNK = 1 << 24
 _scratch = threading.local()
 
@@ -53,6 +61,18 @@ def _scratch_buffers(numel: int, fdtype: torch.dtype, idtype: torch.dtype) -> tu
         if size <= 4 * _CPU_PIECE:  # an odd huge row is not kept
             _scratch.__dict__[key] = bufs
     return bufs
+
+
+def _lane_offsets(numel: int, lanes: int, bins: int) -> torch.Tensor:
+    """Per-thread int16 ``(i % lanes) * 2 * bins + bins`` for i < numel (CPU, reused)."""
+    key = ("lanes", lanes, bins)
+    pat = _scratch.__dict__.get(key)
+    if pat is None or pat.numel() < numel:
+        size = max(numel, _CPU_PIECE)
+        pat = ((torch.arange(size) % lanes) * (2 * bins) + bins).to(torch.int16)
+        if size <= 4 * _CPU_PIECE:
+            _scratch.__dict__[key] = pat
+    return pat[:numel]
 
 
 def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
@@ -116,13 +136,15 @@ class HistogramState:
         Per piece: min/max (a strided view is first copied to a contiguous scratch buffer, which is
         then scaled in place: reading q/k/v views of a fused qkv tensor twice with strides costs ~4x
         a contiguous read), then ``floor(x * scale)`` into the float scratch, conversion to int16,
-        ``+ bins`` in int16 (half the bytes of a float add), ``torch.bincount``.
+        ``+ bins`` in int16 (half the bytes of a float add; or the lane offsets when the counts so
+        far are peaked, see ``_LANES``), ``torch.bincount``.
         """
         n = self.bins
         exp, lo_all, hi_all, total = self.exp, self.min, self.max, self.total
         local: torch.Tensor | None = None
         local_exp: int | None = None  # None: only zeros so far (bin ``bins`` at every range)
         idtype = torch.int16 if 2 * n <= 32768 else torch.int32
+        lanes = _LANES if _LANES * 2 * n <= 32768 and self.collision() >= _PEAKED else 1
         for piece in _pieces(x):
             k = piece.numel()
             fbuf, ibuf = _scratch_buffers(k, x.dtype, idtype)
@@ -153,8 +175,12 @@ class HistogramState:
                 if n & (n - 1):  # the scale is not a power of two: a rounded product can reach n
                     f.clamp_(max=n - 1)
                 idx = ibuf[:k]
-                idx.copy_(f).add_(n)
-                h = torch.bincount(idx, minlength=2 * n)
+                idx.copy_(f)
+                if lanes > 1:
+                    idx.add_(_lane_offsets(k, lanes, n))
+                    h = torch.bincount(idx, minlength=lanes * 2 * n).view(lanes, 2 * n).sum(0)
+                else:
+                    h = torch.bincount(idx.add_(n), minlength=2 * n)
             if local is None:
                 local = h
             else:
@@ -172,6 +198,13 @@ class HistogramState:
                 local = _coarsened(local, local_exp, exp)
         self.counts += local
         self.min, self.max, self.total = lo_all, hi_all, total
+
+    def collision(self) -> float:
+        """Probability that two values seen so far share a bin (``sum p_i**2``; 0 before any value)."""
+        if not self.total:
+            return 0.0
+        p = self.counts.double() / self.total
+        return float(p.dot(p))
 
     def _observe(self, x: torch.Tensor) -> int:
         """Fold ``x``'s min/max/count into the state, widen the range if needed; returns ``exp``."""

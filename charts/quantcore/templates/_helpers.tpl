@@ -487,3 +487,21 @@ schedulerName: {{ . }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A container's env must name each variable once: Kubernetes keeps the last of duplicates, so an
+extraEnv entry would silently override (or be overridden by) another. .s3env: the chart's S3
+variables (YAML list text), .extra: extraEnv, .where: the values path. */}}
+{{- define "quantcore.checkEnv" -}}
+{{- $own := dict -}}
+{{- if .s3env }}{{ range fromYamlArray .s3env }}{{ $_ := set $own .name true }}{{ end }}{{ end -}}
+{{- $seen := dict -}}
+{{- range $e := default (list) .extra -}}
+{{- if hasKey $own $e.name -}}
+{{- fail (printf "%s: %s is set by the chart from the s3.* values; set it there, not in extraEnv" $.where $e.name) -}}
+{{- end -}}
+{{- if hasKey $seen $e.name -}}
+{{- fail (printf "%s: %s appears more than once (Kubernetes would keep only the last)" $.where $e.name) -}}
+{{- end -}}
+{{- $_ := set $seen $e.name true -}}
+{{- end -}}
+{{- end -}}
