@@ -448,6 +448,13 @@ def test_pack_reports_bad_images(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "index.json")
     ent = pack(root, str(tmp_path / "out"), "train", shard_size=5, skip_bad=True)
     assert ent["count"] == 12 and [s["name"] for s in ent["skipped"]] == [bad]
+    # the packed split carries what was left out into every run that reads it (reports list it)
+    for skip_bad in (False, True):
+        ds = open_dataset(str(tmp_path / "out"), "train", skip_bad=skip_bad)
+        assert len(ds) == 12 and ds.skipped.names == [bad]
+        assert ds.skipped.reason(bad).startswith("left out when packing: ")
+        dl = make_loader(open_dataset(str(tmp_path / "out"), "train", _to_tensor(), skip_bad=skip_bad), 8)
+        assert sum(len(y) for _, y, _ in dl) == 12 and [r["name"] for r in dl.skipped.as_list()] == [bad]
 
 
 # ---------------------------------------------------------------------------------------------- transforms

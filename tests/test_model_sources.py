@@ -584,7 +584,7 @@ def test_hf_centre_crop_starts_where_transformers_starts_it(tmp_path, kind, deco
     img = photo(target + extra, target, seed=extra)  # wider than tall: the horizontal offset decides
     want = AutoImageProcessor.from_pretrained(d)(images=img, return_tensors="pt")["pixel_values"][0]
     t = eval_transform(model, decoder=decoder)
-    assert t.config.get("crop_offset") == "floor"
+    assert t.config.get("crop_offset") == "floor" and t.config["source"] == "hf"  # not "timm": the HF processor
     if decoder == "pil":
         torch.testing.assert_close(t(img), want, rtol=0, atol=1e-4)
     else:  # through the uint8 tensor plan (PNG bytes: lossless, so the pixels are the same)

@@ -223,7 +223,9 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
         dc["std"] = _fit_channels(dc["std"], in_chans, "std")
         kw = {k: dc[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in dc}
         inner = timm.data.create_transform(**kw, is_training=False)
-        cfg = {"source": "timm", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+        # HF models carry their image processor's settings as a timm pretrained_cfg
+        source = "hf" if pcfg.get("hf_preprocessing") else "timm"
+        cfg = {"source": source, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                "resize_size": _find_resize(inner), "mode": _mode_for(in_chans)}
         if pcfg.get("hf_preprocessing") and hasattr(inner, "transforms"):
             # transformers' processors start a centre crop at floor((size - crop) / 2); torchvision's

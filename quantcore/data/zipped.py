@@ -165,6 +165,9 @@ class ZipShardDataset(ImageDataset):
             raise DataError(f"no zip shards for split {split!r} under {self.uri} "
                             f"(expected {split}.zip or {split}-00000.zip with *_map.txt)", file=self.uri)
         ent = (self.index or {}).get("splits", {}).get(split, {})
+        for r in ent.get("skipped") or ():  # left out by `quantcore pack --skip-bad`: reported, not lost
+            if isinstance(r, dict) and "name" in r:
+                self.skipped.add(SkipRecord(str(r["name"]), f"left out when packing: {r.get('reason', '?')}"))
         if classes is None:
             classes = ent.get("classes") or (self.index or {}).get("classes")
         if classes is not None:
