@@ -18,6 +18,14 @@ from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F40
 _MIN_SCALE = 1e-8
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` covers its memory without gaps in some dimension order (contiguous, channels-last,
+    permuted), i.e. whether a copy would only change the layout."""
+    if x.is_contiguous():
+        return True
+    return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d))).is_contiguous()
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes a tensor according to a :class:`QuantSpec`.
 
@@ -175,6 +183,10 @@ class TensorQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
+            if x.device.type == "cpu" and not _dense(x):
+                # A strided view (q/k/v sliced from a fused qkv output): the collector would copy it
+                # to read it fast, and the matmul that follows would copy it again; one copy serves both.
+                x = x.contiguous()
             self.collect(x)
             return x
         if not self.active:
