@@ -455,14 +455,19 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
 
     if budget and not search:
         raise UserError("budget: only the mixed-precision search uses a budget; pass search=True")
+    if search and not budget:
+        raise UserError("search=True needs a budget: budget={'delta_top1': 0.1}, {'agreement': 99.5} or "
+                        "{'sqnr_db': 30} (optionally with 'confidence': 0.9)")
     if budget:
         unknown = sorted(set(budget) - {"delta_top1", "agreement", "sqnr_db", "confidence"})
         if unknown:
             raise UserError(f"budget: unknown key(s) {unknown}; use one of delta_top1, agreement, sqnr_db "
                             "(+ confidence)")
-    opts = AnalyzeOptions(search=search, budget=Budget.from_options(**budget) if budget else None, groups=groups,
+    names = {k: f"budget[{k!r}]" for k in ("delta_top1", "agreement", "sqnr_db", "confidence")}
+    opts = AnalyzeOptions(search=search, budget=Budget.from_options(**budget, names=names) if budget else None,
+                          groups=groups,
                           search_groups=search_groups, choices=choices, cost=cost, workers=workers)
-    check_searchable(getattr(unwrap(model), "quantcore_recipe", None), opts)
+    check_searchable(getattr(unwrap(model), "quantcore_recipe", None), opts, model)
     stats = calibration_state(model) if search and calib_batches is None else None
     res, recipe = analyze_model(model, list(batches), opts, stats=stats, fp32=fp32,
                                 calib_batches=list(calib_batches) if calib_batches is not None else None,

@@ -206,7 +206,7 @@ def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YA
 
 
 @app.command()
-def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), or FP32 weights with --recipe."),
+def analyze(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), or FP32 weights with --recipe (without it: the weights the recipe's model: section names)."),
             data: str = typer.Option(..., "--data", "-d", help="Dataset URI (calibration images and held-out analysis/search images)."),
             out: str = typer.Option(..., "--out", "-o", help="Where to write analysis.json/md, plots, search_recipe.yaml."),
             recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for FP32 weights (default: the checkpoint's own)."),
@@ -214,7 +214,7 @@ def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cali
             eval_split: Optional[str] = typer.Option(None, help="Split for the final check of the model and the search's recipe (e.g. test)."),
             limit: int = typer.Option(1000, min=1, help="Held-out images for error analysis and sensitivity."),
             search_limit: int = typer.Option(5000, min=1, help="Held-out images the search measures its budget on."),
-            eval_limit: Optional[int] = typer.Option(None, min=0, help="Final check on a seeded, class-stratified sample of N images."),
+            eval_limit: Optional[int] = typer.Option(None, min=0, help="Final check on a seeded, class-stratified sample of N images (0 or unset: the whole split)."),
             search: bool = typer.Option(False, "--search", help="Run the mixed-precision search (needs a budget)."),
             budget_top1: Optional[float] = typer.Option(None, help="Search budget: max top-1 drop vs FP32, points."),
             budget_agreement: Optional[float] = typer.Option(None, help="Search budget: min top-1 agreement with FP32, %."),
@@ -259,6 +259,8 @@ def analyze(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cali
                    f"metrics {json.dumps(s['metrics'])}")
         if s.get("check"):
             typer.echo(f"check on {eval_split}: {json.dumps(s['check'])}")
+    if res.get("base_check"):
+        typer.echo(f"check of the model as given on {eval_split}: {json.dumps(res['base_check'])}")
     typer.echo(f"report: {res['artifacts']['md']}")
 
 

@@ -148,7 +148,10 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> None:
     if missing or unexpected:
         raise ModelError(f"model.checkpoint {uri} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+                         f"{'...' if len(unexpected) > 5 else ''}"
+                         + ("; a Hugging Face model saved with save_pretrained loads from its folder instead "
+                            "(model.name: <folder>, pretrained: true), where transformers maps the names it saved"
+                            if hasattr(model, "save_pretrained") and hasattr(model, "config") else ""))
 
 
 def output_logits(out):

@@ -241,3 +241,97 @@ def test_search_with_confidence_checks_every_candidate_on_the_bound(setup):
     assert res["budget"]["bound"] >= -1.0
     assert "bound" in res["budget"]["bound_text"]
     assert res["budget"]["bound_text"] in markdown({"search": res})
+
+
+def _twin_model(setup):
+    fp32, recipe, _, calib, evalb = setup
+    rec = recipe.model_copy(update={"overrides": list(recipe.overrides) + [
+        Override.model_validate({"match": "blocks.*.attn.attn_quantizer",
+                                 "spec": {"format": "twin_int", "calibrator": "mse"}})]})
+    model = api.prepare(copy.deepcopy(fp32), rec)
+    api.calibrate(model, calib)
+    return rec, model
+
+
+def test_search_keeps_registered_integer_kinds_and_costs_every_quantizer(setup, tmp_path):
+    """An integer choice changes the bit width of a twin_int (log2, ...) quantizer, not its kind; the
+    written recipe says only bits for it and reproduces the figure; quantizers outside every search
+    group cost their own bits."""
+    fp32, _, _, calib, evalb = setup
+    rec, model = _twin_model(setup)
+    attn = [n for n in quantizers(model) if n.endswith("attn.attn_quantizer")]
+    assert attn and all(quantizers(model)[n].spec.format == "twin_int" for n in attn)
+    stats = api.calibration_state(model)
+    res = search(model, evalb, Budget.from_options(agreement=100.0), stats, groups="module", choices=("4", "8"))
+    for n in attn:
+        assert res["specs"][n]["format"] == "twin_int", n
+    start = next(e for e in res["evaluated"] if e["step"] == "start")
+    assert start["metrics"] == Engine(model, evalb).evaluate({"m": {}})["m"]  # all-4 is the model as given
+    out = search_recipe(rec, model, res)
+    for o in out.overrides[len(rec.overrides):]:
+        if o.spec is not None and any(n.startswith(o.match) for n in attn):
+            assert o.spec.format is None, o  # bits only: the kind stays the recipe's
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(out))
+    assert verify_recipe(load_recipe(str(path)), fp32, calib, evalb) == res["metrics"]
+    # one group only: the other quantizers keep 4 bits, so all-4 costs 4 effective bits as before
+    one = search(model, evalb, Budget.from_options(agreement=1.0), stats, groups=["blocks.0.mlp.fc1"],
+                 choices=("4", "8"))
+    assert one["evaluated"][0]["cost"] == pytest.approx(start["cost"]) == pytest.approx(4.0)
+
+
+def test_search_refuses_overlapping_groups_and_qat_checkpoints(setup):
+    _, _, model, _, evalb = setup
+    stats = api.calibration_state(model)
+    with pytest.raises(UserError, match=r"search_groups: 'blocks\.0\.mlp\.fc2\..*' is in two groups"):
+        search(model, evalb, Budget.from_options(agreement=99.0), stats, groups=["blocks.*.mlp.fc2", "blocks.0.*"])
+    qat = copy.deepcopy(model)
+    qat.quantcore_meta = {"extra": {"qat": {"steps": 10}}}
+    with pytest.raises(UserError, match="--search: this checkpoint was trained by QAT"):
+        api.analyze(qat, evalb, search=True, budget={"agreement": 99.0}, calib_batches=evalb)
+    api.analyze(qat, evalb[:1], groups=["blocks.0.mlp.fc1"])  # analysis without the search is fine
+
+
+def test_api_budget_errors_name_the_api_keys(setup):
+    _, _, model, _, evalb = setup
+    with pytest.raises(UserError, match=r"budget\['delta_top1'\]: must be a number"):
+        api.analyze(model, evalb, search=True, budget={"delta_top1": "0.1"})
+    with pytest.raises(UserError, match=r"search=True needs a budget: budget=\{"):
+        api.analyze(model, evalb, search=True)
+    with pytest.raises(UserError, match=r"budget\['confidence'\]: applies to"):
+        api.analyze(model, evalb, search=True, budget={"sqnr_db": 20, "confidence": 0.9})
+
+
+def test_engine_reads_hugging_face_model_outputs():
+    """A transformers classifier returns an ImageClassifierOutput: the engine scores its .logits."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = api.prepare(copy.deepcopy(hf), {"quant": {"weights": {"bits": 4}, "activations": {"bits": 4}},
+                                            "calibration": {"method": "max"}}, example_input=x[:1])
+    api.calibrate(model, [x])
+    got = Engine(model, [(x, y)]).evaluate({"m": {}})["m"]
+    st = LogitStats()
+    with torch.no_grad():
+        with api.quantization_disabled(model):
+            ref = model(x).logits
+        st.update(model(x).logits, ref, y)
+    assert got == st.metrics() and got["sqnr_db"] is not None
+    res = api.analyze(model, [(x, y)], groups="module")
+    assert res["errors"] and res["sensitivity"]
+
+
+def test_cli_analyze_argument_errors(setup, tmp_path):
+    from quantcore.cli import main
+
+    _, _, model, _, _ = setup
+    path = tmp_path / "m.qc.pt"
+    api.save(model, str(path))
+    args = ["-d", str(tmp_path / "nodata"), "-o", str(tmp_path / "o")]
+    assert main(["analyze", "-c", str(path), "-r", "fmnist_w8a8_ft2", *args]) == 2  # a recipe it would ignore
+    assert main(["analyze", "-c", str(tmp_path), "-r", "fmnist_w8a8_ft2", *args]) == 2  # a folder
+    assert main(["analyze", *args]) == 2  # neither weights nor recipe

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..formats import QuantSpec
+from ..models import output_logits
 from ..placement import quantizers, unwrap
 from ..quantizer import TensorQuantizer
 
@@ -342,7 +343,7 @@ class Engine:
             else:
                 cfg = config
             with _Applied(self.qs, cfg, self.base_on, self.share_groups), _Cached(self.mods, cached or {}):
-                y = self.model(x)
+                y = output_logits(self.model(x))  # HF ModelOutput, timm distilled tuple -> logits
         finally:
             for h in hooks:
                 h.remove()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from .. import api
+from ..io import storage as _storage
+from ..placement import unwrap
 from ..errors import UserError
 from .engine import Engine
 from .error_analysis import error_analysis
@@ -93,11 +96,20 @@ def _batches(ds, indices: list[int], batch_size: int, workers: int, device: torc
     return [(x, y) for x, y, *_ in _loader(ds, batch_size, workers, indices, device)]
 
 
-def check_searchable(recipe: Any, opts: AnalyzeOptions) -> None:
+def check_searchable(recipe: Any, opts: AnalyzeOptions, model: nn.Module | None = None) -> None:
     """The search reuses one set of calibration statistics for every candidate; calibration-time
     weight changes (LayerNorm reparameterization, reconstruction) would have to be redone per
-    candidate, which it does not do: refuse instead of reporting figures the recipe won't give."""
-    if not opts.search or recipe is None:
+    candidate, which it does not do, and trained weights and ranges (QAT) are not what a recipe run
+    on the FP32 weights gives: refuse instead of reporting figures the recipe won't give."""
+    if not opts.search:
+        return
+    meta = getattr(unwrap(model), "quantcore_meta", None) if model is not None else None
+    if isinstance(meta, dict) and (meta.get("extra") or {}).get("qat"):
+        raise UserError("--search: this checkpoint was trained by QAT (learned weights and ranges); the search "
+                        "re-derives ranges from calibration statistics and writes a PTQ recipe of the FP32 "
+                        "weights, so its figures would not be this model's. Search on the PTQ checkpoint or the "
+                        "FP32 weights (with --recipe), then train the recipe it writes with quantcore qat")
+    if recipe is None:
         return
     if recipe.placement.reparam_layernorm:
         raise UserError(f"--search: recipe {recipe.name!r} sets placement.reparam_layernorm, which the search "
@@ -107,7 +119,7 @@ def check_searchable(recipe: Any, opts: AnalyzeOptions) -> None:
                         "not redo per candidate; search without it, then add it to the found recipe")
 
 
-def run_cli(recipe: str | None, checkpoint: str, data: str, out: str, *, split: str = "train",
+def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, split: str = "train",
             eval_split: str | None = None, limit: int = 1000, search_limit: int = 5000, eval_limit: int | None = None,
             batch_size: int = 256, workers: int = 0, device: str = "auto", opts: AnalyzeOptions) -> dict[str, Any]:
     """The ``quantcore analyze`` job: load or calibrate, analyze, search, check, write the outputs."""
@@ -119,12 +131,27 @@ def run_cli(recipe: str | None, checkpoint: str, data: str, out: str, *, split: 
 
     if limit < 1 or search_limit < 1:
         raise UserError("--limit/--search-limit: must be at least 1 image")
+    if checkpoint is None and recipe is None:
+        raise UserError("give --checkpoint (a calibrated model.qc.pt, or FP32 weights with --recipe) or --recipe "
+                        "(its model: section names the FP32 weights)")
+    if eval_split is not None and eval_split == split:
+        log.warning("--eval-split %s is --split: the final check runs on the split the calibration and "
+                    "analysis/search images come from, so it is not an independent check", split)
+    if checkpoint is not None and not _storage.is_s3(checkpoint) and os.path.isdir(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: a directory; a calibrated checkpoint is a model.qc.pt file, "
+                        "FP32 weights a state_dict file. A Hugging Face model folder goes into the recipe "
+                        "(model.name: <folder>, pretrained: true): give --recipe alone")
     dev = resolve_device(device)
     model = fp32 = None
     fp32_ckpt = None
     try:
+        if checkpoint is None:
+            raise CheckpointError("no checkpoint")
         model = api.load(checkpoint).to(dev)
         r = model.quantcore_recipe
+        if recipe is not None:
+            raise UserError(f"--recipe {recipe}: --checkpoint {checkpoint} is calibrated already, with its own "
+                            f"recipe {r.name!r}; drop --recipe, or give FP32 weights to calibrate with another")
     except CheckpointError as err:
         if recipe is None:
             raise UserError(f"--checkpoint {checkpoint}: not a calibrated checkpoint ({err}); give --recipe to "
@@ -134,7 +161,7 @@ def run_cli(recipe: str | None, checkpoint: str, data: str, out: str, *, split: 
     if fp32 is None and r.model is not None and (r.model.checkpoint or r.model.pretrained):
         fp32 = api.build_model(r).to(dev).eval()
         fp32_ckpt = fp32_ckpt or r.model.checkpoint
-    check_searchable(r, opts)
+    check_searchable(r, opts, model)
     ref = fp32 if fp32 is not None else model
     ds = open_dataset(data, split, eval_transform(ref))
     cidx = _calibration_indices(ds, r)
@@ -149,6 +176,10 @@ def run_cli(recipe: str | None, checkpoint: str, data: str, out: str, *, split: 
         stats = collect_statistics(model, calib) if opts.search else None
     taken = set(cidx)
     rest = [i for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist() if i not in taken]
+    if not rest:
+        raise UserError(f"split {split!r} of {data}: its {len(ds)} images are all calibration images (recipe "
+                        f"{r.name!r}, calibration section); none is left to analyze: use a larger split or "
+                        "fewer calibration images")
     held = rest[:max(limit, search_limit if opts.search else 0)]
     search_set = _batches(ds, sorted(held[:search_limit]), batch_size, workers, dev) if opts.search else None
     analysis_set = _batches(ds, sorted(held[:limit]), batch_size, workers, dev)

@@ -17,6 +17,7 @@ from statistics import NormalDist
 from typing import Any, Iterable, Sequence
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from .. import api
@@ -70,8 +71,9 @@ class RangeBank:
                 q.set_spec(spec)
                 if q.kind == "activation":
                     if name not in self.state:
-                        raise UserError(f"no calibration statistics for {name!r}: collect them first "
-                                        f"(analysis.collect_statistics)")
+                        raise UserError(f"no calibration statistics for {name!r}: pass the calibration images "
+                                        "(quantcore.api.analyze(..., calib_batches=...)) or collect them first "
+                                        "(analysis.collect_statistics)")
                     api.load_calibration_state(self.model, {name: self.state[name]})
                     if not q.finalize():
                         raise UserError(f"calibration statistics of {name!r} are empty")
@@ -117,12 +119,24 @@ def _choice_bits(c: str) -> float:
     return (8.0 if c.startswith("fp8") else 16.0) + 0.5
 
 
-def choice_patch(choice: str) -> SpecPatch | None:
+def choice_patch(choice: str, base: QuantSpec | None = None) -> SpecPatch | None:
+    """The override a choice makes of a quantizer whose spec is ``base``: None for 'float' (no
+    quantizer); for integer bits only the bit width when ``base`` is already an integer grid (a
+    registered kind such as twin_int or log2 keeps its kind), else ``format: int`` too; a float cast
+    sets the format."""
     if choice == FLOAT:
         return None
     if choice.isdigit():
+        if base is not None and not base.is_float:
+            return SpecPatch(bits=int(choice))
         return SpecPatch(format="int", bits=int(choice))
     return SpecPatch(format=choice)
+
+
+def choice_spec(choice: str, base: QuantSpec) -> QuantSpec | None:
+    """``base`` under ``choice`` (None = float); see :func:`choice_patch`."""
+    patch = choice_patch(choice, base)
+    return None if patch is None else patch.apply(base)
 
 
 @dataclass(frozen=True)
@@ -144,14 +158,20 @@ class Budget:
 
     @classmethod
     def from_options(cls, delta_top1: float | None = None, agreement: float | None = None,
-                     sqnr_db: float | None = None, confidence: float | None = None) -> "Budget":
+                     sqnr_db: float | None = None, confidence: float | None = None,
+                     names: dict[str, str] | None = None) -> "Budget":
+        """Checked budget; ``names``: how errors call each option (default: the CLI flags;
+        :func:`quantcore.api.analyze` passes its dict keys). Raises UserError."""
+        names = names or {**BUDGET_METRICS, "confidence": "--budget-confidence"}
         given = {k: v for k, v in (("delta_top1", delta_top1), ("agreement", agreement), ("sqnr_db", sqnr_db))
                  if v is not None}
         if len(given) != 1:
-            raise UserError(f"budget: give exactly one of {', '.join(BUDGET_METRICS.values())} "
-                            f"(got {', '.join(BUDGET_METRICS[k] for k in given) or 'none'})")
+            raise UserError(f"budget: give exactly one of {', '.join(names[k] for k in BUDGET_METRICS)} "
+                            f"(got {', '.join(names[k] for k in given) or 'none'})")
         (k, v), = given.items()
-        opt = BUDGET_METRICS[k]
+        opt, copt = names[k], names["confidence"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{opt}: must be a number, got {v!r}")
         if not math.isfinite(v):
             raise UserError(f"{opt}: must be a finite number, got {v}")
         if k == "delta_top1" and not 0 <= v <= 100:
@@ -160,12 +180,12 @@ class Budget:
             raise UserError(f"{opt}: agreement with FP32 is a percentage in (0, 100]; got {v}")
         if confidence is not None:
             if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
-                raise UserError(f"--budget-confidence: a probability in [0.5, 1), e.g. 0.9; got {confidence!r}")
+                raise UserError(f"{copt}: a probability in [0.5, 1), e.g. 0.9; got {confidence!r}")
             if k == "sqnr_db":
-                raise UserError("--budget-confidence: applies to --budget-top1 and --budget-agreement (counts of "
-                                "images), not to --budget-sqnr")
+                raise UserError(f"{copt}: applies to {names['delta_top1']} and {names['agreement']} (counts of "
+                                f"images), not to {names['sqnr_db']}")
             if not (math.isfinite(confidence) and 0.5 <= confidence < 1):
-                raise UserError(f"--budget-confidence: a probability in [0.5, 1), e.g. 0.9; got {confidence}")
+                raise UserError(f"{copt}: a probability in [0.5, 1), e.g. 0.9; got {confidence}")
         return cls(k, float(v), None if confidence is None else float(confidence))
 
     def bound(self, m: dict[str, Any]) -> float | None:
@@ -307,6 +327,13 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     ch = parse_choices(choices)
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
     grp = make_groups(eng, groups, field="search_groups")
+    where: dict[str, str] = {}
+    for g, members in grp.items():
+        for n in members:
+            if n in where:  # one precision per quantizer: which group's would apply is not defined
+                raise UserError(f"search_groups: {n!r} is in two groups, {where[n]!r} and {g!r}; make the "
+                                "globs disjoint")
+            where[n] = g
     bank = RangeBank(eng.model, stats)
     costf = CostModel(eng, cost)
     higher = True  # every budget metric is better when larger
@@ -315,10 +342,20 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     def specs_of(cfg: dict[str, str]) -> dict[str, QuantSpec | None]:
         out = {}
         for g, members in grp.items():
-            patch = choice_patch(cfg[g])
             for n in members:
-                out[n] = None if patch is None else patch.apply(eng.qs[n].spec)
+                try:
+                    out[n] = choice_spec(cfg[g], eng.qs[n].spec)
+                except ValidationError as err:
+                    msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                    raise UserError(f"choices: {cfg[g]!r} cannot apply to {n} ({eng.qs[n].spec.short()}): "
+                                    f"{msg}") from None
         return out
+
+    # quantizers outside every group keep their own spec, and cost what it costs
+    own = {n: eng.qs[n].spec for n in eng.active}
+
+    def cost_of(cfg: dict[str, str]) -> float:
+        return costf({**own, **specs_of(cfg)})
 
     def engine_config(cfg: dict[str, str]) -> dict:
         out = {}
@@ -341,7 +378,7 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
             key = tuple(sorted(c.items()))
             if key not in seen:
                 m = res[k]
-                rec = {"label": k, "step": step, "config": dict(c), "cost": costf(specs_of(c)), "metrics": m,
+                rec = {"label": k, "step": step, "config": dict(c), "cost": cost_of(c), "metrics": m,
                        "ok": budget.ok(m), "score": _score({score_key: budget.bound(m)}, score_key)}
                 seen[key] = rec
                 evaluated.append(rec)
@@ -410,19 +447,19 @@ def search_recipe(base: Recipe, model: nn.Module, result: dict[str, Any], name: 
     overrides = list(base.overrides)
     for g, members in result["groups"].items():
         choice = result["config"][g]
-        patch = choice_patch(choice)
-        if patch is not None and all(patch.apply(qs[n].spec) == qs[n].spec for n in members):
+        if choice != FLOAT and all(choice_spec(choice, qs[n].spec) == qs[n].spec for n in members):
             continue  # already so in the base recipe
-        for match in group_matches(eng_like, members):
-            if patch is None:
-                # enabled: false, not float: true -- a removed attention quantizer lets its module run
-                # fused SDPA during calibration, and the ulp-level change moves ranges downstream of it
-                overrides.append(Override(match=match, enabled=False))
-            else:
-                fields = {"bits": patch.bits} if patch.format == "int" else {}
-                if patch.format != "int" or any(qs[n].spec.format != "int" for n in members):
-                    fields["format"] = patch.format
-                overrides.append(Override(match=match, spec=SpecPatch(**fields)))
+        if choice == FLOAT:
+            # enabled: false, not float: true -- a removed attention quantizer lets its module run
+            # fused SDPA during calibration, and the ulp-level change moves ranges downstream of it
+            overrides += [Override(match=m, enabled=False) for m in group_matches(eng_like, members)]
+            continue
+        patches = {n: choice_patch(choice, qs[n].spec).model_dump(exclude_unset=True) for n in members}
+        if all(p == patches[members[0]] for p in patches.values()):  # one override for the group
+            overrides += [Override(match=m, spec=SpecPatch(**patches[members[0]]))
+                          for m in group_matches(eng_like, members)]
+        else:  # integer and float-cast members mixed: each keeps its own kind
+            overrides += [Override(match=n, spec=SpecPatch(**patches[n])) for n in members]
     d = base.model_dump(mode="json")
     # exclude_unset keeps each override's meaning (an explicit float: false re-quantizes)
     d["overrides"] = [o.model_dump(mode="json", exclude_unset=True) for o in overrides]
