@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -311,6 +312,8 @@ def _fmt(v, fmt: str) -> str:
 
 
 def _print_results(rep: dict) -> None:
+    if _rank_from_env() > 0:
+        return
     for name, r in rep["results"].items():
         extra = "" if name == rep.get("reference") else (
             f"  Δ {_fmt(r.get('delta_top1'), '{:+.2f}')}  agreement {_fmt(r.get('agreement'), '{:.2f}')}%  "
@@ -338,12 +341,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logger, handler = logging.getLogger("quantcore"), _WarningLine(logging.WARNING)
+    # Under torchrun every rank runs this; rank 0 prints the results and the warnings (the others
+    # would print the same lines again), every rank its errors.
+    quiet = _rank_from_env() > 0
+    logger, handler = logging.getLogger("quantcore"), _WarningLine(logging.ERROR if quiet else logging.WARNING)
     logger.addHandler(handler)
+    saved = sys.stdout
     try:
+        if quiet:
+            sys.stdout = open(os.devnull, "w")
         return _main(argv)
     finally:
+        if quiet:
+            sys.stdout.close()
+            sys.stdout = saved
         logger.removeHandler(handler)
+
+
+def _rank_from_env() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _main(argv: list[str] | None) -> int:

@@ -225,7 +225,15 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
     variants = []
     sharing = WeightSharing(fp32)
     for r in recipes:
-        idx = _my_shard(_calibration_indices(ds, r), len(ds), r.calibration.batch_size)
+        every = _calibration_indices(ds, r)
+        notes = []
+        asked = (r.calibration.num_batches or 1) * r.calibration.batch_size
+        if not r.calibration.images_per_class and len(every) < asked:
+            notes.append(f"recipe {r.name!r}: calibration asks for {asked} images (calibration.num_batches x "
+                         f"batch_size), split {data.split!r} of {data.uri} has {len(ds)}: calibrated on {len(every)}")
+            if distributed.rank() == 0:
+                log.warning(notes[-1])
+        idx = _my_shard(every, len(ds), r.calibration.batch_size)
         loader = _loader(ds, r.calibration.batch_size, opts.num_workers, idx, dev)
         model = api.prepare(copy.deepcopy(fp32), r)
         sharing.share(model)  # before calibrating: the transient copy is freed here
@@ -236,6 +244,8 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
+        if notes:
+            cal["warnings"] = notes
         variants.append(VariantResult(r.name, r, model, cal))
     return fp32, variants, _gather_skipped(_dedupe(skipped))
 
@@ -382,6 +392,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
     warnings = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
+    warnings += [w for v in variants for w in v.calibration.get("warnings", ())]
     rep = build_report(model=_model_name(first.recipe, fp32), recipe=None, scores=scores,
                        reference="fp32" if scores else None,
                        data=data_info, calibration=first.calibration if len(variants) == 1 else

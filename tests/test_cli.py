@@ -206,3 +206,17 @@ def test_help_explains_options(cmd, capsys):
     assert main([cmd, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--" in out and len(out) > 200
+
+
+def test_calibration_on_fewer_images_than_the_recipe_asks_is_said(image_folder, tmp_path, capsys):
+    """18 train images, the recipe asks for 3 x 10: calibrated on 18, and the report and stderr say so."""
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "calibration": {**RECIPE["calibration"], "num_batches": 3,
+                                                               "batch_size": 10}}))
+    out = tmp_path / "run"
+    assert run("calibrate", "-r", path, "-d", image_folder, "--split", "train", "-o", out, "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    (name,) = rep["variants"]
+    assert rep["variants"][name]["calibration"]["images"] == 18
+    assert any("calibration asks for 30 images" in w and "calibrated on 18" in w for w in rep["warnings"])
+    assert "calibration asks for 30 images" in capsys.readouterr().err

@@ -882,3 +882,61 @@ def test_s3_keys_with_spaces_and_percent_round_trip_moto_mock(tmp_path, s3_serve
     pack(root, str(tmp_path / "local-packed"), "val", shard_size=3)
     assert storage.read_bytes(f"s3://{s3_bucket}/odd-packed/val-00001.zip") == \
         (tmp_path / "local-packed" / "val-00001.zip").read_bytes()
+
+
+def test_pack_output_reads_back_whatever_the_class_names(tmp_path):
+    """Class folders starting with '#' or a space, or holding tabs-free odd characters, survive a pack:
+    the map's tab-separated lines are samples, taken as written (a '#' line without a tab is a comment)."""
+    classes = ("#first", " lead", "tail ", "b%20+ü")
+    root = make_folder(tmp_path / "src", classes=classes, n=3)
+    direct = open_dataset(root, "train")
+    pack(root, str(tmp_path / "out"), "train", shard_size=5)
+    ds = open_dataset(str(tmp_path / "out"), "train")
+    assert ds.classes == direct.classes and len(ds) == len(direct) == 12 and not ds.skipped
+    assert sorted(zip(ds.samples, ds.labels)) == sorted(zip(direct.samples, direct.labels))
+    raw = {direct.samples[i]: direct.read_raw(i) for i in range(len(direct))}
+    for i in range(len(ds)):
+        assert ds.read_raw(i) == raw[ds.samples[i]]
+    # a hand-written map keeps its comments and whitespace-separated lines
+    out = tmp_path / "hand"
+    out.mkdir()
+    with zipfile.ZipFile(out / "val.zip", "w") as zf:
+        zf.writestr("a.png", _img_bytes(1, ".png"))
+    (out / "val_map.txt").write_text("# path label\n  a.png   0\n")
+    hand = open_dataset(str(out), "val")
+    assert hand.samples == ["a.png"] and hand.labels == [0]
+
+
+def test_a_pack_that_fails_or_overwrites_another_never_reads_as_a_dataset(tmp_path):
+    """A failed pack leaves its split marked incomplete (refused, not read in part); shards or maps of
+    another pack under an index that recorded other ones are refused by their size / sample count."""
+    root, _ = _corrupt_folder(tmp_path)  # dog_01.jpg cannot be decoded: the pack fails part-way
+    dst = str(tmp_path / "out")
+    with pytest.raises(DataError):
+        pack(root, dst, "train", shard_size=5)
+    assert os.path.exists(os.path.join(dst, "train-00000.zip"))  # a shard was written before the failure
+    with pytest.raises(DataError, match="'train' was not packed completely"):
+        open_dataset(dst, "train")
+    # a good pack first, then a failing one over it: the old entry is not read with the new shards
+    good = make_folder(tmp_path / "good", classes=("x", "y"), n=6)
+    dst2 = str(tmp_path / "out2")
+    pack(good, dst2, "train", shard_size=4)
+    assert len(open_dataset(dst2, "train")) == 12
+    with pytest.raises(DataError):
+        pack(root, dst2, "train", shard_size=4)
+    with pytest.raises(DataError, match="not packed completely"):
+        open_dataset(dst2, "train")
+    # a shard replaced behind a complete index (another pack's file copied in)
+    pack(good, dst2, "train", shard_size=4)
+    other = str(tmp_path / "other")
+    pack(make_folder(tmp_path / "o", classes=("x", "y"), n=6, seed=5), other, "train", shard_size=4)
+    import shutil
+
+    shutil.copy(os.path.join(other, "train-00001.zip"), os.path.join(dst2, "train-00001.zip"))
+    with pytest.raises(DataError, match=r"train-00001\.zip is \d+ bytes, index\.json recorded \d+"):
+        open_dataset(dst2, "train")
+    pack(good, dst2, "train", shard_size=4)
+    with open(os.path.join(dst2, "train-00002_map.txt"), "a") as f:
+        f.write("x/extra.png\t0\n")
+    with pytest.raises(DataError, match=r"lists 5 samples, index\.json recorded 4"):
+        open_dataset(dst2, "train")

@@ -308,20 +308,24 @@ def _recon_rank(rank: int, model: nn.Module, images: torch.Tensor, cfg: Reconstr
     res = reconstruct(m, mine.split(16), cfg)
     if rank == 0:
         torch.save({"state": {k: v for k, v in m.state_dict().items() if k.endswith("weight")},
-                    "images": res.images, "units": [u["name"] for u in res.units]}, out / "rank0.pt")
+                    "images": res.images, "units": [u["name"] for u in res.units],
+                    "unit_images": [u["images"] for u in res.units]}, out / "rank0.pt")
 
 
-def test_two_ranks_round_like_one_process(trained_vit, fmnist, tmp_path):
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_two_ranks_round_like_one_process(trained_vit, fmnist, tmp_path, drop_prob):
+    """Also with QDrop (drop_prob > 0): the masks follow the global batch, not the rank."""
     from test_distributed_ptq import run_ranks
 
     calib = fmnist["calib"][:96]  # 6 batches of 16: 3 per rank
     model = _prepared(trained_vit, _vit_recipe(8), calib)
-    cfg = ReconstructionConfig(mode="block", iterations=60, batch_size=24, num_images=96)
+    cfg = ReconstructionConfig(mode="block", iterations=60, batch_size=24, num_images=96, drop_prob=drop_prob)
     run_ranks(_recon_rank, model, calib, cfg, tmp_path)
     got = torch.load(tmp_path / "rank0.pt")
     one = copy.deepcopy(model)
     res = reconstruct(one, calib.split(16), cfg)
     assert got["images"] == res.images == 96 and got["units"] == [u["name"] for u in res.units]
+    assert got["unit_images"] == [96] * len(res.units)  # what the units saw, not rank 0's share
     ref = {k: v for k, v in one.state_dict().items() if k.endswith("weight")}
     assert set(ref) == set(got["state"])
     qs = quantizers(one)

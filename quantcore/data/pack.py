@@ -59,6 +59,10 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
         raise ValueError(f"split name {split!r} must be a plain file-name fragment")
     st = _fs.storage()
     dst_uri = str(dst_uri)
+    # Until the last shard is written the split is marked incomplete in index.json: a pack that fails
+    # half-way (or is still running) never reads as a dataset, and never mixes with an older pack's
+    # entry for the split (whose shards it may already have overwritten).
+    _write_index_entry(st, dst_uri, split, {"incomplete": True})
     shards, seen, total = [], set(), 0
     for zip_name, start, stop in _shard_names(split, n, shard_size):
         map_lines = []
@@ -101,12 +105,16 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
     if skipped:
         entry["skipped"] = skipped.as_list()
     entry.update(extra or {})
+    _write_index_entry(st, dst_uri, split, entry)
+    return entry
+
+
+def _write_index_entry(st, dst_uri: str, split: str, entry: dict[str, Any]) -> None:
     index = load_index(dst_uri) or {}
     index.setdefault("format", INDEX_FORMAT)
     index["version"] = INDEX_VERSION
     index.setdefault("splits", {})[split] = entry
     st.write_bytes(_fs.join(dst_uri, INDEX_NAME), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-    return entry
 
 
 def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_size: int | None = 10000, *,

@@ -1,8 +1,9 @@
 """Zipped ImageNet layout, single or sharded.
 
 ``<root>/<split>.zip`` + ``<root>/<split>_map.txt``, or shards ``<root>/<split>-00000.zip`` +
-``<root>/<split>-00000_map.txt`` ... . Each map line is ``relative/path<TAB>label`` (whitespace also
-accepted before the label); blank lines and ``#`` comments are ignored. Map paths are zip member names
+``<root>/<split>-00000_map.txt`` ... . Each map line is ``relative/path<TAB>label`` (the path as written,
+so names may start with ``#`` or spaces; whitespace instead of the tab is also accepted, the path then
+stripped); blank lines and ``#`` comment lines without a tab are ignored. Map paths are zip member names
 (a leading ``<split>/`` directory inside the zip is tolerated). An optional ``<root>/index.json`` written
 by :func:`quantcore.data.pack` lists the shards and the class names of every split; without it the
 shards are found by listing and class names default to ``"0".."K-1"``.
@@ -81,6 +82,10 @@ def find_shards(root: str, split: str, index: dict | None = None) -> list[Shard]
     """Shards of ``split`` under ``root``: from ``index.json`` if it lists the split, else by listing."""
     if index is not None and split in index.get("splits", {}):
         ent = index["splits"][split]
+        if not isinstance(ent, dict) or ent.get("incomplete"):
+            uri = _fs.join(root, INDEX_NAME)
+            raise DataError(f"{root}: split {split!r} was not packed completely ({uri} marks it incomplete: "
+                            "a quantcore pack that failed or is still running); run the pack again", file=uri)
         return [Shard(_fs.join(root, s["zip"]), _fs.join(root, s.get("map") or map_name_for(s["zip"])))
                 for s in ent.get("shards", [])]
     pat = re.compile(rf"^{re.escape(split)}(-\d+)?\.zip$")
@@ -120,6 +125,9 @@ def _close_zip(zf: zipfile.ZipFile) -> None:
 
 
 def parse_map_line(line: str) -> tuple[str, int]:
+    """``(path, label)`` of one map line. With a tab, the path is everything before the last tab, as
+    written (names may start with ``#`` or a space: ``quantcore pack`` writes every line so); without
+    one, the last whitespace-separated field is the label and the path is stripped."""
     if "\t" in line:
         path, lab = line.rsplit("\t", 1)
     else:
@@ -127,8 +135,8 @@ def parse_map_line(line: str) -> tuple[str, int]:
         if len(parts) != 2:
             raise ValueError("expected 'relative/path<TAB>label'")
         path, lab = parts
-    path = path.strip()
-    if not path:
+        path = path.strip()
+    if not path.strip():
         raise ValueError("empty path")
     return path, int(lab.strip())
 
@@ -175,6 +183,9 @@ class ZipShardDataset(ImageDataset):
             if num_classes is not None and num_classes != len(self.classes):
                 raise DataError(f"num_classes={num_classes} but {len(self.classes)} class names are known",
                                 file=self.uri)
+        # what the index recorded per shard: a shard or map rewritten since (another pack into the same
+        # folder, a copy cut short) must not be read as this dataset
+        self._recorded = {str(x.get("zip")): x for x in ent.get("shards") or () if isinstance(x, dict)}
         self._shard_of: list[int] = []
         self._member: list[str] = []
         self._handles: dict[int, zipfile.ZipFile] = {}
@@ -215,7 +226,7 @@ class ZipShardDataset(ImageDataset):
         rows, seen, claimed = [], {}, set()
         for lineno, line in enumerate(text.splitlines(), 1):
             s = line.strip()
-            if not s or s.startswith("#"):
+            if not s or (s.startswith("#") and "\t" not in line):  # a tab-separated line is a sample
                 continue
             try:
                 path, label = parse_map_line(line.rstrip("\r\n"))
@@ -230,11 +241,17 @@ class ZipShardDataset(ImageDataset):
                 continue
             seen[path] = lineno
             rows.append((lineno, path, label))
+        rec = self._recorded.get(sh.name)
+        if rec is not None and isinstance(rec.get("count"), int) and rec["count"] != len(rows):
+            raise DataError(f"map file {sh.map_uri} lists {len(rows)} samples, index.json recorded {rec['count']} for "
+                            f"shard {sh.name}: the folder holds files of another pack; pack it again",
+                            file=sh.map_uri, shard=sh.zip_uri)
         try:
             zf = self._open_zip(sh)
             try:
                 members = [n for n in zf.namelist() if not n.endswith("/")]
                 self._remember_layout(k, zf)
+                size = zf.fp.size if hasattr(zf.fp, "size") else zf.fp.seek(0, os.SEEK_END)
             finally:
                 _close_zip(zf)
         except DataError as e:
@@ -243,6 +260,10 @@ class ZipShardDataset(ImageDataset):
             for _lineno, path, _ in rows:
                 self.skipped.add(SkipRecord(f"{sh.zip_uri}:{path}", str(e)))
             return []
+        if rec is not None and isinstance(rec.get("bytes"), int) and rec["bytes"] != size:
+            raise DataError(f"zip shard {sh.zip_uri} is {size} bytes, index.json recorded {rec['bytes']}: the folder "
+                            "holds files of another pack (or a copy cut short); pack it again",
+                            file=sh.zip_uri, shard=sh.zip_uri)
         mset = set(members)
         prefix = self.split + "/"
         used, out = set(), []

@@ -481,7 +481,6 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
             q.quantize = False
     done: list[_Rounding] = []
     gen = torch.Generator().manual_seed(cfg.seed)
-    drop_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + 1 + distributed.rank())
     try:
         for ui, unit in enumerate(order):
             t0 = time.perf_counter()
@@ -493,15 +492,15 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
             rounds = [_Rounding(q, mods[chosen[q]], qs[q].weight_attr, qs[q]) for q in unit.layers]
             n_local = target.shape[0]
             loss_rtn = _mean_error(module, q_in, target, fisher, n_global, cfg.batch_size)
-            _optimize(module, rounds, q_in, fp_in, target, fisher, cfg, offset, n_global, gen, drop_gen, qs,
-                      unit.name)
+            _optimize(module, rounds, q_in, fp_in, target, fisher, cfg, offset, n_global, gen,
+                      (cfg.seed * 7919 + 1) * 1009 + ui, qs, unit.name)
             flipped = [r.write_back() for r in rounds]
             done.extend(rounds)
             loss = _mean_error(module, q_in, target, fisher, n_global, cfg.batch_size)
             n_w = [r.v.numel() for r in rounds]
             res.units.append({"name": unit.name, "layers": list(unit.layers), "loss_rtn": loss_rtn, "loss": loss,
                               "flipped": sum(f * n for f, n in zip(flipped, n_w)) / max(1, sum(n_w)),
-                              "seconds": time.perf_counter() - t0, "images_here": n_local})
+                              "seconds": time.perf_counter() - t0, "images": n_global})
             for r in rounds:  # drop the optimizer state and the float copy's reference
                 r.v = nn.Parameter(torch.empty(0))
             del q_in, fp_in, target, fisher
@@ -519,8 +518,7 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
 
 def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in: _Batched | None,
               target: torch.Tensor, fisher: torch.Tensor | None, cfg: ReconstructionConfig, offset: int, n_global: int,
-              gen: torch.Generator, drop_gen: torch.Generator, qs: dict[str, TensorQuantizer],
-              unit_name: str) -> None:
+              gen: torch.Generator, drop_seed: int, qs: dict[str, TensorQuantizer], unit_name: str) -> None:
     params = [r.v for r in rounds]
     groups: list[dict[str, Any]] = [{"params": list(params), "lr": cfg.lr}]
     learned = []
@@ -538,14 +536,25 @@ def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in:
     bs = min(cfg.batch_size, n_global)
     dev = target.device
     hooks = []
+    # QDrop masks of a step are drawn for the whole global batch from a generator seeded by the step
+    # (every rank draws the same numbers), and each rank keeps its own samples' rows: K ranks drop the
+    # same elements as one process that holds every image.
+    step_masks: dict[str, Any] = {}
+
+    def drop_mask(x: torch.Tensor) -> torch.Tensor:
+        pos, g = step_masks["pos"], step_masks["gen"]
+        per = x.numel() // pos.numel() if pos.numel() and x.numel() % pos.numel() == 0 else 0
+        if not per:  # not batch-major: a mask of its own shape
+            return torch.rand(x.shape, generator=g, device=x.device) < cfg.drop_prob
+        full = torch.rand((bs, per), generator=g, device=x.device)
+        return (full[pos.to(x.device)] < cfg.drop_prob).reshape(x.shape)
+
     if cfg.drop_prob > 0:
-        p = cfg.drop_prob
         prefix = unit_name + "."
 
         def drop(_m, inp, out):  # QDrop: some elements skip the activation quantizer
             x = inp[0]
-            keep = torch.rand(x.shape, generator=drop_gen, device=x.device) < p
-            return torch.where(keep, x, out)
+            return torch.where(drop_mask(x), x, out)
 
         for n, q in qs.items():
             if q.kind == "activation" and (n.startswith(prefix)):
@@ -555,7 +564,11 @@ def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in:
     try:
         for step in range(cfg.iterations):
             idx = torch.randperm(n_global, generator=gen)[:bs]
-            local = idx[(idx >= offset) & (idx < offset + n_local)] - offset
+            mine = (idx >= offset) & (idx < offset + n_local)
+            local = idx[mine] - offset
+            if cfg.drop_prob > 0:
+                step_masks["pos"] = mine.nonzero().flatten()
+                step_masks["gen"] = torch.Generator(device=dev).manual_seed(drop_seed * 1_000_003 + step)
             opt.zero_grad(set_to_none=False)
             for v in params:
                 if v.grad is None:
@@ -566,8 +579,7 @@ def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in:
                 if fp_in is not None:  # QDrop: the unit input mixes the quantized and the FP32 path
                     fa, fk = fp_in.take(local)
                     x = args[0]
-                    keep = torch.rand(x.shape, generator=drop_gen, device=dev) < cfg.drop_prob
-                    args[0] = torch.where(keep, fa[0], x)
+                    args[0] = torch.where(drop_mask(x), fa[0], x)
                 out = _first_tensor(module(*args, **kwargs))
                 w = fisher[local] if fisher is not None else None
                 loss = reconstruction_error(out, target[local], w).sum() / bs
