@@ -743,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
             res["overhead"].append(bench_overhead(m, args, device))
     if "finalize" not in skip:
         res["finalize"] = bench_finalize(args, device)
+    elif results_file.exists():  # keep the last measured figures, saying where they are from
+        prev = json.loads(results_file.read_text())
+        if prev.get("finalize"):
+            res["finalize"] = dict(prev["finalize"])
+            res["finalize"].setdefault("from_run", f"{prev.get('date', '?')} (`{prev.get('command', '?')}`)")
     if "update" not in skip:
         res["update"] = bench_update(args, device)
     return finish(res, t0, render, results_file, write_doc, args.no_write, log,

@@ -551,6 +551,17 @@ def test_s3_pack_and_read_moto_mock(tmp_path, folder, s3_server, s3_bucket):
     pack(f"s3://{s3_bucket}/folder", f"s3://{s3_bucket}/from-s3", "train", shard_size=5)
     assert storage.read_bytes(f"s3://{s3_bucket}/from-s3/train-00001.zip") == \
         storage.read_bytes(storage.join(dst, "train-00001.zip"))
+    # an empty class on S3 is a folder marker key: the same error as an empty local folder
+    storage.get_client().put_object(Bucket=s3_bucket, Key="folder/train/zebra/", Body=b"")
+    os.makedirs(os.path.join(folder, "train", "zebra"))
+    try:
+        for root in (folder, f"s3://{s3_bucket}/folder"):
+            with pytest.raises(DataError, match=r"class folder .*zebra is empty"):
+                open_dataset(root, "train")
+            sk = open_dataset(root, "train", skip_bad=True)
+            assert sk.classes[-1] == "zebra" and [r.rstrip("/").endswith("zebra") for r in sk.skipped.names] == [True]
+    finally:
+        os.rmdir(os.path.join(folder, "train", "zebra"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

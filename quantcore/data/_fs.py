@@ -58,7 +58,7 @@ def list_files(prefix_uri: str, suffix: str | None = None) -> list[str]:
     lp = local_path(pre)
     if lp is not None and not os.path.isdir(lp):
         return []
-    out = storage().list_uris(pre, suffix=suffix)
+    out = storage().list_uris(pre, suffix=suffix, markers=True)
     return [u for u in out if _under(u, pre)]
 
 

@@ -325,6 +325,7 @@ def list_uris(
     suffix: Optional[Union[str, Sequence[str]]] = None,
     *,
     page_size: int = 1000,
+    markers: bool = False,
 ) -> List[str]:
     """Sorted URIs of all objects/files under ``prefix_uri``, recursively.
 
@@ -332,8 +333,9 @@ def list_uris(
     not ``s3://b/data2/...``); ``s3://b`` lists the whole bucket. Results keep the input's
     form (plain paths, ``file://`` URIs or ``s3://`` URIs). ``suffix`` (str or sequence of
     str) filters by name ending. S3 listing is paginated with ``page_size`` keys per request;
-    directory-marker keys ending in ``/`` and our own temp files are skipped. A missing local
-    directory gives ``[]``; a missing bucket raises FileNotFoundError.
+    directory-marker keys ending in ``/`` (an empty S3 "folder"; ``markers=True`` keeps them) and our own
+    temp files are skipped. A missing local directory gives ``[]``; a missing bucket raises
+    FileNotFoundError.
     """
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1 (got {page_size})")
@@ -343,7 +345,7 @@ def list_uris(
     if p.is_s3:
         prefix = p.key if (not p.key or p.key.endswith("/")) else p.key + "/"
         for key in _s3.list_keys(p.bucket, prefix, p.original, page_size=page_size):
-            if key.endswith("/"):
+            if key.endswith("/") and (not markers or key == prefix):
                 continue
             if suffixes is None or key.endswith(suffixes):
                 out.append(s3_uri(p.bucket, key))
