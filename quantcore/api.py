@@ -334,7 +334,8 @@ def encodings(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str
 
 def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
     """Write a calibrated checkpoint atomically to a local path or s3:// URI (the unwrapped model's
-    names under DDP / torch.compile, so it loads into a plain model)."""
+    names under DDP / torch.compile, so it loads into a plain model). A model loaded from a QAT
+    checkpoint keeps its ``extra["qat"]`` record (what it was trained with) unless ``extra`` sets one."""
     from .io import storage
 
     model = unwrap(model)
@@ -343,9 +344,13 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
         raise UserError("save() needs a model prepared with quantcore.prepare (it carries the recipe)")
     specs = {n: q.spec.model_dump() for n, q in quantizers(model).items()}
     placement = getattr(model, "quantcore_placement", None)
+    extra = dict(extra or {})
+    loaded = (getattr(model, "quantcore_meta", None) or {}).get("extra") or {}
+    if loaded.get("qat") and "qat" not in extra:
+        extra["qat"] = loaded["qat"]  # trained weights stay trained through a load + save
     meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
             "example_input_shape": list(getattr(placement, "example_input_shape", []) or []),
-            "versions": library_versions(), "extra": extra or {}}
+            "versions": library_versions(), "extra": extra}
     tf = _transform_record(model)
     if tf is not None:
         meta["eval_transform"] = tf

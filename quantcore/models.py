@@ -149,6 +149,9 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> None:
         raise ModelError(f"model.checkpoint {uri} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}"
+                         + ("; this is a calibrated quantcore checkpoint (model.qc.pt): load it with "
+                            "quantcore.load or pass it as --checkpoint/-c, not as model.checkpoint"
+                            if any(k.endswith((".amax", ".amin")) for k in unexpected) else "")
                          + ("; a Hugging Face model saved with save_pretrained loads from its folder instead "
                             "(model.name: <folder>, pretrained: true), where transformers maps the names it saved"
                             if hasattr(model, "save_pretrained") and hasattr(model, "config") else ""))

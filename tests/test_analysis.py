@@ -335,3 +335,30 @@ def test_cli_analyze_argument_errors(setup, tmp_path):
     assert main(["analyze", "-c", str(path), "-r", "fmnist_w8a8_ft2", *args]) == 2  # a recipe it would ignore
     assert main(["analyze", "-c", str(tmp_path), "-r", "fmnist_w8a8_ft2", *args]) == 2  # a folder
     assert main(["analyze", *args]) == 2  # neither weights nor recipe
+
+
+def test_a_resaved_qat_checkpoint_is_still_refused_by_the_search(setup, tmp_path):
+    _, _, model, _, evalb = setup
+    qat = copy.deepcopy(model)
+    qat.quantcore_meta = {"extra": {"qat": {"steps": 10}}}
+    path = str(tmp_path / "again.qc.pt")
+    api.save(qat, path)  # a plain load-and-save keeps the training record
+    again = api.load(path)
+    assert again.quantcore_meta["extra"]["qat"] == {"steps": 10}
+    with pytest.raises(UserError, match="trained by QAT"):
+        api.analyze(again, evalb, search=True, budget={"agreement": 99.0}, calib_batches=evalb)
+
+
+def test_search_met_is_decided_by_what_the_written_recipe_gives(setup, monkeypatch):
+    """A float-cast choice acts during calibration too: when the recipe run through prepare + calibrate
+    misses the budget the search met on its own figure, the result says not met."""
+    from quantcore.analysis import run as run_mod
+
+    fp32, _, model, calib, evalb = setup
+    worse = lambda *a, **k: {**Engine(model, evalb).evaluate({"m": {}})["m"], "agreement": 1.0}  # noqa: E731
+    monkeypatch.setattr(run_mod, "verify_recipe", worse)
+    opts = run_mod.AnalyzeOptions(errors=False, sensitivity=False, search=True,
+                                  budget=Budget.from_options(agreement=50.0), search_groups="block", choices=("4", "8"))
+    res, _ = run_mod.analyze_model(model, evalb, opts, stats=api.calibration_state(model), fp32=fp32,
+                                   calib_batches=calib)
+    assert res["search"]["reproduced"]["equal"] is False and res["search"]["met"] is False

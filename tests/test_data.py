@@ -445,7 +445,8 @@ def test_pack_reports_bad_images(tmp_path):
     root, bad = _corrupt_folder(tmp_path)
     with pytest.raises(DataError, match="dog_01.jpg"):
         pack(root, str(tmp_path / "out"), "train", shard_size=5)
-    assert not os.path.exists(tmp_path / "out" / "index.json")
+    # the split is marked incomplete until a pack finishes: never read as a dataset
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["splits"]["train"] == {"incomplete": True}
     ent = pack(root, str(tmp_path / "out"), "train", shard_size=5, skip_bad=True)
     assert ent["count"] == 12 and [s["name"] for s in ent["skipped"]] == [bad]
     # the packed split carries what was left out into every run that reads it (reports list it)
@@ -951,3 +952,64 @@ def test_a_pack_that_fails_or_overwrites_another_never_reads_as_a_dataset(tmp_pa
         f.write("x/extra.png\t0\n")
     with pytest.raises(DataError, match=r"lists 5 samples, index\.json recorded 4"):
         open_dataset(dst2, "train")
+
+
+def test_another_packs_maps_or_members_are_refused_even_at_equal_sizes(tmp_path):
+    """Same member names and zip bytes, other labels (a map copied from another pack) or other image
+    content at equal sizes: refused by the digests index.json records, not read with wrong labels."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (8, 28, 28), dtype=np.uint8)
+    y = np.array([0, 1] * 4)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    pack_arrays(x, y, a, "test", ["cat", "dog"], shard_size=4)
+    pack_arrays(x, 1 - y, b, "test", ["dog", "cat"], shard_size=4)
+    assert open_dataset(a, "test").labels == y.tolist()
+    import shutil
+
+    shutil.copy(os.path.join(b, "test-00000_map.txt"), os.path.join(a, "test-00000_map.txt"))
+    with pytest.raises(DataError, match=r"test-00000_map\.txt differs from the one index\.json recorded"):
+        open_dataset(a, "test")
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
+    pack_arrays(x, y, c, "test", ["cat", "dog"], shard_size=4)
+    x2 = rng.integers(0, 255, (8, 28, 28), dtype=np.uint8)  # random pixels: PNGs of the same size
+    pack_arrays(x2, y, d, "test", ["cat", "dog"], shard_size=4)
+    # (noise does not compress: the PNGs, and so the shards, have the same sizes)
+    assert os.path.getsize(os.path.join(c, "test-00001.zip")) == os.path.getsize(os.path.join(d, "test-00001.zip"))
+    shutil.copy(os.path.join(d, "test-00001.zip"), os.path.join(c, "test-00001.zip"))
+    with pytest.raises(DataError, match=r"test-00001\.zip holds other members"):
+        open_dataset(c, "test")
+    # a split named like another split's shard would replace it
+    with pytest.raises(DataError, match=r"split name 'test-00001' ends in -<digits>"):
+        pack_arrays(x[:2], y[:2], c, "test-00001", ["cat", "dog"], shard_size=None)
+    with pytest.raises(DataError, match="whole class indices"):
+        pack_arrays(x[:2], np.array([0.7, 1.7]), str(tmp_path / "e"), "test", ["cat", "dog"])
+
+
+def test_map_lines_end_at_newline_only_and_a_byte_order_mark_is_not_a_path(tmp_path):
+    """Names with other Unicode line breaks (\\u2028, \\x85, \\x1e, \\x0c) read back after a pack; a map
+    written by a Windows editor (BOM, CRLF) reads as well."""
+    classes = ("x\u2028y", "p\x85q", "r\x1es", "b\x0cc")
+    root = make_folder(tmp_path / "src", classes=classes, n=2)
+    pack(root, str(tmp_path / "out"), "train", shard_size=3)
+    ds = open_dataset(str(tmp_path / "out"), "train")
+    assert ds.classes == sorted(classes) and len(ds) == 8 and not ds.skipped
+    out = tmp_path / "hand"
+    out.mkdir()
+    with zipfile.ZipFile(out / "val.zip", "w") as zf:
+        zf.writestr(" lead/a.png", _img_bytes(1, ".png"))
+        zf.writestr("b.png", _img_bytes(2, ".png"))
+    (out / "val_map.txt").write_bytes("\ufeff lead/a.png\t0\r\nb.png\t1\r\n".encode("utf-8"))
+    hand = open_dataset(str(out), "val")
+    assert hand.samples == [" lead/a.png", "b.png"] and hand.labels == [0, 1]
+
+
+def test_pack_skip_bad_skips_a_name_the_map_cannot_hold(tmp_path):
+    root = make_folder(tmp_path / "src", classes=("a", "b"), n=2)
+    bad = os.path.join(root, "train", "a", "t\tab.png")
+    with open(bad, "wb") as f:
+        f.write(_img_bytes(9, ".png"))
+    with pytest.raises(DataError, match="a tab or line break"):
+        pack(root, str(tmp_path / "out"), "train")
+    ent = pack(root, str(tmp_path / "out"), "train", skip_bad=True)
+    assert ent["count"] == 4 and [s["name"] for s in ent["skipped"]] == [bad]
+    assert len(open_dataset(str(tmp_path / "out"), "train")) == 4

@@ -81,6 +81,11 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
             if not res["reproduced"]["equal"]:
                 log.warning("the search recipe run through prepare+calibrate gives %s, the search measured %s",
                             res["reproduced"], res["metrics"])
+                if res["met"] and not opts.budget.ok(res["reproduced"]):
+                    # a float-cast choice also acts during calibration: what the recipe gives decides
+                    res["met"] = False
+                    log.warning("the budget (%s) is met on the search's figure but not by the recipe it writes: "
+                                "reported as not met", opts.budget.describe())
             if eval_batches is not None:
                 res["check"] = verify_recipe(recipe, fp32, calib_batches, eval_batches)
         result["search"] = res

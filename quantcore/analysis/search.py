@@ -261,7 +261,7 @@ def wilson_lower_bound(agreement_pct: float, count: int, confidence: float) -> f
 
 class CostModel:
     """Cost of a configuration. ``bits``: effective bits, the average bits per element over every
-    quantized weight (elements x bits) and activation (elements per image x bits), float = 32;
+    quantized weight (elements x bits) and activation (elements per image x bits);
     ``bops``: sum over Linear/Conv modules of MACs per image (forward hooks) x weight bits x input
     bits, in GBOPs. A float tensor counts ``float_bits`` (16: deployed in FP16).
 

@@ -25,7 +25,7 @@ import numpy as np
 from . import _fs
 from .base import decode_image
 from .errors import DataError, SkipLog, SkipRecord
-from .zipped import INDEX_FORMAT, INDEX_NAME, load_index, map_name_for
+from .zipped import INDEX_FORMAT, INDEX_NAME, load_index, map_name_for, members_sha256
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 INDEX_VERSION = 1
@@ -48,6 +48,16 @@ def _shard_names(split: str, n: int, shard_size: int | None) -> list[tuple[str, 
     return [(f"{split}-{k:05d}.zip", s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
 
 
+def unpackable_name(member: str) -> str | None:
+    """Why ``member`` cannot be a zip member and one map line (None: it can). The map splits lines on
+    ``\n`` only and the path ends at the last tab; a leading/trailing ``/`` is no file name."""
+    if any(c in member for c in "\t\r\n"):
+        return "a tab or line break in the name cannot be written to the map file"
+    if member.startswith("/") or member.endswith("/"):
+        return "not a relative file name"
+    return None
+
+
 def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], dst_uri: str, split: str,
                  classes: Sequence[str], shard_size: int | None = 10000, *, tmp_dir: str | None = None,
                  skipped: SkipLog | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -57,6 +67,9 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
         raise DataError(f"nothing to pack for split {split!r} into {dst_uri}", file=str(dst_uri))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", split):
         raise ValueError(f"split name {split!r} must be a plain file-name fragment")
+    if re.fullmatch(r".+-\d+", split):  # val-00001.zip is shard 1 of split val
+        raise DataError(f"split name {split!r} ends in -<digits>: its files would read as a shard of split "
+                        f"{split.rsplit('-', 1)[0]!r}; choose another name", file=str(dst_uri))
     st = _fs.storage()
     dst_uri = str(dst_uri)
     # Until the last shard is written the split is marked incomplete in index.json: a pack that fails
@@ -75,8 +88,9 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
                     if item is None:
                         continue
                     member, data, label = item
-                    if any(c in member for c in "\t\r\n") or member.startswith("/") or member.endswith("/"):
-                        raise DataError(f"sample name {member!r} cannot be a zip member / map entry", file=member)
+                    why = unpackable_name(member)
+                    if why:
+                        raise DataError(f"sample name {member!r}: {why}", file=member)
                     if member in seen:
                         raise DataError(f"duplicate sample name {member!r} while packing {split!r}", file=member)
                     seen.add(member)
@@ -89,13 +103,17 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
                 for blk in iter(lambda: f.read(1 << 20), b""):
                     h.update(blk)
             nbytes = os.path.getsize(tmp)
+            with zipfile.ZipFile(tmp) as zf:
+                members_digest = members_sha256(zf)
             st.upload_file(tmp, _fs.join(dst_uri, zip_name))
         finally:
             os.unlink(tmp)
         map_name = map_name_for(zip_name)
-        st.write_bytes(_fs.join(dst_uri, map_name), "".join(map_lines).encode("utf-8"))
+        map_bytes = "".join(map_lines).encode("utf-8")
+        st.write_bytes(_fs.join(dst_uri, map_name), map_bytes)
         shards.append({"zip": zip_name, "map": map_name, "count": len(map_lines), "bytes": nbytes,
-                       "sha256": h.hexdigest()})
+                       "sha256": h.hexdigest(), "map_sha256": hashlib.sha256(map_bytes).hexdigest(),
+                       "members_sha256": members_digest})
         total += len(map_lines)
     if total == 0:
         raise DataError(f"every sample of split {split!r} was skipped; nothing packed into {dst_uri}",
@@ -133,6 +151,9 @@ def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_siz
 
     def get(i: int):
         try:
+            bad_name = unpackable_name(ds.samples[i])
+            if bad_name:
+                raise DataError(f"{ds.where(i)}: {bad_name}", file=ds.where(i))
             data = ds.read_raw(i)
             if verify:
                 decode_image(data, ds.where(i))
@@ -170,6 +191,12 @@ def pack_arrays(images: Any, labels: Any, dst_uri: str, split: str, class_names:
         raise ValueError(f"images must be N x H x W or N x H x W x C (C in 1,3,4), got shape {arr.shape}")
     if len(lab) != len(arr):
         raise ValueError(f"{len(arr)} images but {len(lab)} labels")
+    if lab.dtype.kind not in "iu" and not (lab.dtype.kind == "f" and np.all(np.isfinite(lab))
+                                         and np.all(lab == np.round(lab))):
+        raise DataError(f"labels must be whole class indices, got dtype {lab.dtype}"
+                        + (f" (e.g. {lab[np.flatnonzero(lab != np.round(lab))[0]]!r})"
+                           if lab.dtype.kind == "f" and np.any(np.isfinite(lab) & (lab != np.round(lab))) else ""),
+                        file="labels")
     k = len(class_names)
     bad = np.flatnonzero((lab < 0) | (lab >= k))
     if len(bad):

@@ -21,6 +21,7 @@ Every member is then read and checked by :mod:`zipfile` exactly as for a single 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -72,6 +73,15 @@ def load_index(root: str) -> dict | None:
     if not isinstance(idx, dict) or not isinstance(idx.get("splits", {}), dict):
         raise DataError(f"{uri}: expected an object with a 'splits' mapping", file=uri)
     return idx
+
+
+def members_sha256(zf: zipfile.ZipFile) -> str:
+    """Digest of a zip's central directory entries (name, CRC-32, size), in name order: what the
+    shard holds, from the directory a reader fetches anyway (no member read)."""
+    h = hashlib.sha256()
+    for zi in sorted(zf.infolist(), key=lambda z: z.filename):
+        h.update(f"{zi.filename}\0{zi.CRC:08x}\0{zi.file_size}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
 
 
 def map_name_for(zip_name: str) -> str:
@@ -219,12 +229,15 @@ class ZipShardDataset(ImageDataset):
     # ------------------------------------------------------------------------------------ indexing
     def _index_shard(self, k: int, sh: Shard) -> list[tuple]:
         raw = _fs.read_or_data_error(sh.map_uri, "map file")
+        rec = self._recorded.get(sh.name)
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the path
         except UnicodeDecodeError as e:
             raise DataError(f"map file {sh.map_uri} is not UTF-8: {e}", file=sh.map_uri, shard=sh.zip_uri) from e
         rows, seen, claimed = [], {}, set()
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # lines end at \n (\r\n too) only: str.splitlines would also break names at \x0c, \x85, \u2028 ...
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             s = line.strip()
             if not s or (s.startswith("#") and "\t" not in line):  # a tab-separated line is a sample
                 continue
@@ -241,10 +254,14 @@ class ZipShardDataset(ImageDataset):
                 continue
             seen[path] = lineno
             rows.append((lineno, path, label))
-        rec = self._recorded.get(sh.name)
         if rec is not None and isinstance(rec.get("count"), int) and rec["count"] != len(rows):
             raise DataError(f"map file {sh.map_uri} lists {len(rows)} samples, index.json recorded {rec['count']} for "
                             f"shard {sh.name}: the folder holds files of another pack; pack it again",
+                            file=sh.map_uri, shard=sh.zip_uri)
+        if rec is not None and isinstance(rec.get("map_sha256"), str) and \
+                hashlib.sha256(raw).hexdigest() != rec["map_sha256"]:
+            raise DataError(f"map file {sh.map_uri} differs from the one index.json recorded for shard {sh.name} "
+                            "(sha256): the folder holds files of another pack; pack it again",
                             file=sh.map_uri, shard=sh.zip_uri)
         try:
             zf = self._open_zip(sh)
@@ -252,6 +269,7 @@ class ZipShardDataset(ImageDataset):
                 members = [n for n in zf.namelist() if not n.endswith("/")]
                 self._remember_layout(k, zf)
                 size = zf.fp.size if hasattr(zf.fp, "size") else zf.fp.seek(0, os.SEEK_END)
+                digest = members_sha256(zf) if rec is not None and rec.get("members_sha256") else None
             finally:
                 _close_zip(zf)
         except DataError as e:
@@ -263,6 +281,10 @@ class ZipShardDataset(ImageDataset):
         if rec is not None and isinstance(rec.get("bytes"), int) and rec["bytes"] != size:
             raise DataError(f"zip shard {sh.zip_uri} is {size} bytes, index.json recorded {rec['bytes']}: the folder "
                             "holds files of another pack (or a copy cut short); pack it again",
+                            file=sh.zip_uri, shard=sh.zip_uri)
+        if digest is not None and digest != rec["members_sha256"]:
+            raise DataError(f"zip shard {sh.zip_uri} holds other members (names, CRC-32s or sizes) than index.json "
+                            f"recorded for it: the folder holds files of another pack; pack it again",
                             file=sh.zip_uri, shard=sh.zip_uri)
         mset = set(members)
         prefix = self.split + "/"
