@@ -96,6 +96,7 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
                     seen.add(member)
                     zf.writestr(_zipinfo(member), data)
                     map_lines.append(f"{member}\t{int(label)}\n")
+                members_digest = members_sha256(zf)  # the writer's own directory: no re-read
             if not map_lines:
                 continue
             h = hashlib.sha256()
@@ -103,8 +104,6 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
                 for blk in iter(lambda: f.read(1 << 20), b""):
                     h.update(blk)
             nbytes = os.path.getsize(tmp)
-            with zipfile.ZipFile(tmp) as zf:
-                members_digest = members_sha256(zf)
             st.upload_file(tmp, _fs.join(dst_uri, zip_name))
         finally:
             os.unlink(tmp)
@@ -191,12 +190,13 @@ def pack_arrays(images: Any, labels: Any, dst_uri: str, split: str, class_names:
         raise ValueError(f"images must be N x H x W or N x H x W x C (C in 1,3,4), got shape {arr.shape}")
     if len(lab) != len(arr):
         raise ValueError(f"{len(arr)} images but {len(lab)} labels")
-    if lab.dtype.kind not in "iu" and not (lab.dtype.kind == "f" and np.all(np.isfinite(lab))
-                                         and np.all(lab == np.round(lab))):
-        raise DataError(f"labels must be whole class indices, got dtype {lab.dtype}"
-                        + (f" (e.g. {lab[np.flatnonzero(lab != np.round(lab))[0]]!r})"
-                           if lab.dtype.kind == "f" and np.any(np.isfinite(lab) & (lab != np.round(lab))) else ""),
-                        file="labels")
+    if lab.dtype.kind == "f":
+        off = np.flatnonzero(~(np.isfinite(lab) & (lab == np.round(lab))))
+        if len(off):
+            raise DataError(f"labels must be whole class indices: labels[{off[0]}] is {lab[off[0]]!r}",
+                            file=f"labels[{off[0]}]")
+    elif lab.dtype.kind not in "iu":
+        raise DataError(f"labels must be whole class indices, got dtype {lab.dtype}", file="labels")
     k = len(class_names)
     bad = np.flatnonzero((lab < 0) | (lab >= k))
     if len(bad):

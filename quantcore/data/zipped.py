@@ -242,7 +242,7 @@ class ZipShardDataset(ImageDataset):
             if not s or (s.startswith("#") and "\t" not in line):  # a tab-separated line is a sample
                 continue
             try:
-                path, label = parse_map_line(line.rstrip("\r\n"))
+                path, label = parse_map_line(line)
             except ValueError as e:
                 claimed.add(line.split("\t", 1)[0].strip())  # its member is reported here, not again below
                 self._problem(f"{sh.map_uri}:{lineno}: cannot parse map line {line!r} ({e}); shard {sh.name}",
