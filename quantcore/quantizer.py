@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calib.histogram import DEFAULT_BINS, HistogramState
+from .calib.histogram import DEFAULT_BINS, HistogramState, memory_order
 from .calib.maxcal import MaxState
 from .calib.registry import calibrator
 from .formats import QuantSpec
@@ -21,9 +21,7 @@ _MIN_SCALE = 1e-8
 def _dense(x: torch.Tensor) -> bool:
     """Whether ``x`` covers its memory without gaps in some dimension order (contiguous, channels-last,
     permuted), i.e. whether a copy would only change the layout."""
-    if x.is_contiguous():
-        return True
-    return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d))).is_contiguous()
+    return x.is_contiguous() or memory_order(x).is_contiguous()
 
 
 class TensorQuantizer(nn.Module):

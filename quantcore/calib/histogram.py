@@ -75,6 +75,12 @@ def _lane_offsets(numel: int, lanes: int, bins: int) -> torch.Tensor:
     return pat[:numel]
 
 
+def memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` permuted so its dimensions run from the largest stride to the smallest (no copy): it is
+    contiguous exactly when ``x`` covers its memory without gaps (contiguous, channels-last, permuted)."""
+    return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
 def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
     """Views covering every element of ``x`` once, about ``_CPU_PIECE`` elements each (no copy).
 
@@ -83,7 +89,7 @@ def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
     """
     if x.dim() == 0:
         return [x.reshape(1)]
-    y = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # memory order
+    y = memory_order(x)
     if y.is_contiguous():
         return list(y.view(-1).split(_CPU_PIECE))
     row = max(1, y[0].numel()) if y.shape[0] else 1
