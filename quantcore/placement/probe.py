@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -166,6 +167,9 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         trace.call_counts[name] = idx + 1
         stack.append((name, idx))
         trace.calls.append(CallEvent(name, idx, tuple(stack), _tensor_ids((args, kwargs)), seq=trace.next_seq()))
+        if isinstance(mod, _BatchNorm):  # fold matches a BN's input id to a conv output: a freed input's
+            trace.keep.append(args)     # address must not be reused by a later conv's output
+
         return None
 
     def post(mod, args, kwargs, output):
