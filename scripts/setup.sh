@@ -38,7 +38,8 @@ fi
 
 case "${1:-}" in
   demo) shift; exec "$VENV/bin/python" -m jobs.demo "$@" ;;
-  test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # one pytest-xdist worker per core (at most 4), whole files per worker (module fixtures built once)
+  test) shift; exec "$VENV/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadfile "$@" ;;
   "") ;;
   *) echo "usage: scripts/setup.sh [demo|test] [args...]" >&2; exit 2 ;;
 esac

@@ -24,6 +24,16 @@ _S3_ENV_KEYS = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``scripts/setup.sh test`` runs ``-n auto``) the workers share the cores:
+    each gets its share of intra-op threads, so two workers never oversubscribe two cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

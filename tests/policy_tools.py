@@ -40,10 +40,10 @@ def checkov_binary(cache: Path | None = None) -> Path:
     root = (cache or tools_dir()) / f"checkov-{_version()}"
     exe = root / "bin" / "checkov"
     done = root / ".installed"
-    if done.is_file():
+    if done.is_file() and exe.is_file():
         return exe
     with _locked(root.parent / f".checkov-{_version()}.lock"):
-        if done.is_file():
+        if done.is_file() and exe.is_file():
             return exe
         if root.exists():
             shutil.rmtree(root)
@@ -91,7 +91,9 @@ def scan(objects: Sequence[Tuple[str, Dict[str, Any]]], checkov: Path | None = N
             name = f"obj{i:04d}.yaml"
             (Path(tmp) / name).write_text(yaml.safe_dump(obj, sort_keys=False))
             names[name] = f"{source}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        proc = subprocess.run([str(exe), "-d", tmp, "--framework", "kubernetes", "-o", "json", "--quiet",
+        # through the venv's python: the script's #! line holds the path the venv was created at,
+        # which a cache reached through another path (a symlinked .tools) may no longer have
+        proc = subprocess.run([str(exe.parent / "python"), str(exe), "-d", tmp, "--framework", "kubernetes", "-o", "json", "--quiet",
                                "--compact", "--skip-download", "--soft-fail"],
                               capture_output=True, text=True, timeout=900,
                               env=dict(os.environ, LOG_LEVEL="ERROR", BC_SKIP_MAPPING="TRUE"))
