@@ -541,9 +541,20 @@ def float_graph(proto):
     tensor_of: dict[str, str] = {}
     taken: set[str] = set()
     new_nodes = []
+    # a quantizer may read another one's output (a residual add's input quantizer after a GEMM's
+    # output quantizer): follow such chains back to the float tensor both stand for
+    raw = {use["output"]: use["input"] for rec in found.values() for use in rec["uses"]}
+
+    def source(name: str) -> str:
+        seen = set()
+        while name in raw and name not in seen:
+            seen.add(name)
+            name = raw[name]
+        return name
+
     for qname, rec in found.items():
         for use in rec["uses"]:
-            src = use["input"]
+            src = source(use["input"])
             if src in taken:
                 new = f"{qname}.input{'_' + str(len(tensor_of.get(qname, []))) if tensor_of.get(qname) else ''}"
                 new_nodes.append(helper.make_node("Identity", [src], [new], name=f"{new}/Identity"))
@@ -584,7 +595,8 @@ def _topo_sort(g) -> None:
             else:
                 rest.append(n)
         if len(rest) == len(nodes):
-            raise ExportError(f"float graph: {len(rest)} nodes with unresolved inputs (first {rest[0].name})")
+            # our own graph surgery left a dangling name: a bug, not a user mistake (exit 1, traceback)
+            raise RuntimeError(f"float graph: {len(rest)} nodes with unresolved inputs (first {rest[0].name})")
         nodes = rest
     del g.node[:]
     g.node.extend(out)
