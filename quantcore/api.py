@@ -30,6 +30,7 @@ from .encoding_table import encodings_table
 from .errors import CalibrationError, UserError
 from .models import create_model
 from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
+from .quantizer_kinds.affine import MIN_SCALE
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
 
@@ -43,6 +44,8 @@ class CalibrationResult:
     collect_s: float = 0.0
     finalize_s: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)
+    #: quantizers whose range is at their grid's floor (data too small to resolve), one line each
+    warnings: list[str] = field(default_factory=list)
     #: what the recipe's calibration-time transforms did: ``reparam_layernorm``, ``reconstruction``
     transforms: dict[str, Any] = field(default_factory=dict)
 
@@ -166,8 +169,30 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
         if not done and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
     unify_shared_ranges(model)
+    for w in _floored(qs):
+        res.warnings.append(w)
+        log.warning(w)
     res.finalize_s = time.perf_counter() - t0
     return res
+
+
+def _floored(qs: dict[str, Any]) -> list[str]:
+    """One line per quantizer whose range is still at its grid's floor (TensorQuantizer.set_range;
+    a shared group's wider range replaces it): data that small rounds to zero."""
+    out = []
+    for name, q in qs.items():
+        if q.floored_from is None or not q.is_calibrated or q.spec.is_float:
+            continue
+        if not bool(q.spec.kind.grid_range(q.amin, q.amax, q.spec)[2].any()):
+            continue
+        c = q.collector
+        lo, hi = (c.min, c.max) if c is not None and c.total else q.floored_from
+        lo, hi = float(torch.as_tensor(lo).min()), float(torch.as_tensor(hi).max())
+        out.append(f"quantizer {name!r} ({q.spec.bits}-bit {q.spec.format}): data range [{lo:.3g}, {hi:.3g}] "
+                   f"is narrower than the grid's smallest scale ({MIN_SCALE:g}) resolves; quantized on the "
+                   f"grid [{float(q.amin.min()):.3g}, {float(q.amax.max()):.3g}] (values this small round to "
+                   f"zero; encodings.json records that grid)")
+    return out
 
 
 @contextlib.contextmanager
@@ -297,7 +322,9 @@ def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -
 def convert(model: nn.Module) -> nn.Module:
     """After QAT: write every learned scale/zero point back into its quantizer's range
     (:meth:`TensorQuantizer.convert`), so ``encodings``, ``save``/``load`` and export report the
-    trained values. Outputs are unchanged. Returns the model."""
+    trained values. Outputs are unchanged bit for bit for scales QAT learned (it keeps them
+    representable); a scale set by hand to one of the few float32 values no range reproduces moves
+    to the nearest one that does (one ulp). Returns the model."""
     for q in quantizers(model).values():
         q.convert()
     return model

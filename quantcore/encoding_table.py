@@ -1,6 +1,7 @@
 """The ``encodings.json`` table: one row per quantizer, readable by people and other toolchains."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -26,6 +27,9 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
     shared_with = {n: [m for m in g if m != n] for g in share for n in g}
     rows = []
     for name, q in quantizers(model).items():
+        if q.spec.learnable and q.scale is not None:  # QAT in progress: the learned grid, as convert() writes it
+            q = copy.deepcopy(q)
+            q.convert()
         s = q.spec
         row: dict[str, Any] = {
             "name": name, "kind": q.kind, "enabled": s.enabled, "format": s.format,

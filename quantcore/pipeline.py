@@ -244,6 +244,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
+        notes += [f"recipe {r.name!r}: {w}" for w in res.warnings]  # api.finalize logged them
         if notes:
             cal["warnings"] = notes
         variants.append(VariantResult(r.name, r, model, cal))
@@ -375,6 +376,9 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     check_out(out)
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
+    if evald is not None and evald != calib:  # a missing split is found before calibration, not after
+        open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
+                     cache_dir=evald.cache_dir)
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
     t_cal = time.perf_counter()

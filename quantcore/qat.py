@@ -773,14 +773,17 @@ def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched
 
 @torch.no_grad()
 def _clamp_ranges(model: nn.Module) -> None:
-    """Keep learned scales positive and zero points on the grid (torch's learnable ops need it)."""
-    from .quantizer import _MIN_SCALE, TensorQuantizer
+    """Keep learned scales positive and zero points on the grid (torch's learnable ops need it), and
+    each scale one that ``convert`` writes back exactly (:func:`~quantcore.quantizer.representable_scale`:
+    at most one float32 ulp away), so the converted model computes what training last computed."""
+    from .quantizer import _MIN_SCALE, TensorQuantizer, representable_scale
 
     for q in model.modules():
         if isinstance(q, TensorQuantizer) and q.scale is not None:
             q.scale.clamp_(min=_MIN_SCALE)
             lo, hi = q.spec.qrange()
             q.zero_point.clamp_(lo, hi)
+            q.scale.copy_(representable_scale(q.scale.float(), q.zero_point.round(), lo, hi, q.spec.symmetric))
 
 
 def _log_metrics(st: _State, window: dict, opt, ctx, n: int) -> dict:

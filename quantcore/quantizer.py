@@ -13,15 +13,40 @@ from .calib.histogram import DEFAULT_BINS, HistogramState, memory_order
 from .calib.maxcal import MaxState
 from .calib.registry import calibrator
 from .formats import QuantSpec
+from .quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE
 from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F401 - public here since 0.1
-
-_MIN_SCALE = 1e-8
 
 
 def _dense(x: torch.Tensor) -> bool:
     """Whether ``x`` covers its memory without gaps in some dimension order (contiguous, channels-last,
     permuted), i.e. whether a copy would only change the layout."""
     return x.is_contiguous() or memory_order(x).is_contiguous()
+
+
+def _range_of_grid(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(amin, amax)`` (float32, shaped like ``scale``) from which :meth:`TensorQuantizer.scale_zero_point`
+    derives exactly ``scale`` and ``zp`` again: ``scale * qmax`` divided by ``qmax`` can be one ulp
+    off in float32, which would move outputs after ``convert``; ``amax`` is stepped by ulps until the
+    division returns ``scale`` bit for bit (a few steps at most)."""
+    lo = torch.zeros_like(scale) if symmetric else (qmin - zp) * scale
+    hi = scale * qmax if symmetric else (qmax - zp) * scale
+    span = qmax if symmetric else qmax - qmin
+    for _ in range(16):
+        got = hi / span if symmetric else (hi - lo) / span
+        if torch.equal(got, scale):
+            break
+        hi = torch.where(got < scale, torch.nextafter(hi, torch.full_like(hi, float("inf"))),
+                         torch.where(got > scale, torch.nextafter(hi, torch.zeros_like(hi)), hi))
+    return (-hi if symmetric else lo), hi
+
+
+def representable_scale(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:
+    """The scale a range written by ``convert`` gives back: ``scale`` itself for almost every value;
+    for the few float32 scales no range reproduces (about 0.5 % at 8 bits, 7 % at 4 bits), the nearest
+    one that does. QAT keeps its learned scales on this set, so converting never moves an output."""
+    lo, hi = _range_of_grid(scale, zp, qmin, qmax, symmetric)
+    return hi / qmax if symmetric else (hi - lo) / (qmax - qmin)
 
 
 class TensorQuantizer(nn.Module):
@@ -53,6 +78,7 @@ class TensorQuantizer(nn.Module):
         # Learnable (QAT) parameters are created on demand by make_learnable().
         self.scale: nn.Parameter | None = None
         self.zero_point: nn.Parameter | None = None
+        self.floored_from: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_range
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -82,7 +108,12 @@ class TensorQuantizer(nn.Module):
             lo_t, hi_t = -a, a
         else:
             lo_t, hi_t = torch.clamp(lo_t, max=0.0), torch.clamp(hi_t, min=0.0)
-        self.amin, self.amax = lo_t, hi_t
+        g_lo, g_hi, at_floor = self.spec.kind.grid_range(lo_t, hi_t, self.spec)
+        # a range at the grid's floor is reported by calibration (api.finalize names the quantizer);
+        # channels whose range is exactly zero (all-zero data, pruned weights) lose nothing
+        at_floor = at_floor & (torch.maximum(lo_t.abs(), hi_t.abs()) > 0)
+        self.floored_from = (lo_t, hi_t) if bool(at_floor.any()) else None
+        self.amin, self.amax = g_lo, g_hi
 
     # -- calibration ----------------------------------------------------------------------------
     def start_calibration(self) -> None:
@@ -161,7 +192,9 @@ class TensorQuantizer(nn.Module):
     def convert(self) -> None:
         """Write learned scale/zero point back into the range (``amin``/``amax``) and go back to the
         fixed-range ops: encodings, checkpoints and export then see the trained values. The output is
-        unchanged (torch's learnable ops round and clamp the zero point as the fixed ones do).
+        unchanged bit for bit (the range reproduces the scale exactly, :func:`_range_of_grid`; the
+        learnable op rounds and clamps the zero point as the fixed one does) when the scale is
+        representable, as QAT keeps it (:func:`representable_scale`); otherwise the nearest one is used.
         No-op for a quantizer that is not learnable."""
         if not self.spec.learnable or self.scale is None:
             return
@@ -169,12 +202,8 @@ class TensorQuantizer(nn.Module):
         scale = self.scale.detach().abs().clamp_min(_MIN_SCALE).float()
         zp = self.zero_point.detach().round().clamp(qmin, qmax).float()
         shape = self.amax.shape if self.amax.numel() == scale.numel() else scale.shape
-        if self.spec.symmetric:
-            amax = (scale * qmax).reshape(shape)
-            self.amin, self.amax = -amax, amax
-        else:
-            self.amin = ((qmin - zp) * scale).reshape(shape)
-            self.amax = ((qmax - zp) * scale).reshape(shape)
+        amin, amax = _range_of_grid(scale, zp, qmin, qmax, self.spec.symmetric)
+        self.amin, self.amax = amin.reshape(shape), amax.reshape(shape)
         self.scale, self.zero_point = None, None
         self.spec = self.spec.model_copy(update={"learnable": False})
 

@@ -448,6 +448,73 @@ def test_tensor_quantizer_end_to_end(method):
     assert not q.active and torch.equal(q(x), x)
 
 
+def _grid_of_row(row: dict) -> tuple[float, float]:
+    """The range an exporter rebuilds from a row's scale / zero point (ONNX QDQ, AIMET encodings);
+    symmetric rows state +-amax = +-quant_max * scale."""
+    s, z = row["scale"], row["zero_point"]
+    if row["symmetric"]:
+        return -row["quant_max"] * s, row["quant_max"] * s
+    return (row["quant_min"] - z) * s, (row["quant_max"] - z) * s
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ranges_below_the_smallest_scale_are_recorded_as_the_grid_applied(method, symmetric, caplog):
+    """A tensor of magnitude 1e-30 (or 1e-9) cannot get a scale below the grid's floor: min/max in
+    encodings.json must describe the grid actually applied (not the data's or a search's 1e-36
+    range), and calibration must say so, naming the quantizer."""
+    import quantcore
+    from quantcore.api import encodings
+
+    class Net(torch.nn.Module):
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.k, self.fc = k, torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x * self.k)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 8, generator=g)
+    for k, warn in ((1e-30, True), (1e-9, True), (1.0, False)):
+        m = Net(k).eval()
+        quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
+                              "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
+                              "calibration": {"method": method, "num_batches": 1, "batch_size": 64}},
+                          example_input=x)
+        caplog.clear()
+        res = quantcore.calibrate(m, [x])
+        row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+        lo, hi = _grid_of_row(row)
+        assert row["min"] == pytest.approx(lo, rel=1e-5, abs=1e-12) and row["max"] == pytest.approx(hi, rel=1e-5, abs=1e-12) \
+            if warn else row["max"] > 0.5, (k, row)
+        said = [w for w in res.warnings if "'fc.input_quantizer'" in w]
+        assert bool(said) == warn and any("fc.input_quantizer" in r.message for r in caplog.records) == warn, res.warnings
+        if warn:  # data this small is quantized to zero, as the grid says
+            q = dict(m.named_modules())["fc.input_quantizer"]
+            assert torch.count_nonzero(q(x * k)) == 0
+    # per-channel weights: a pruned (all-zero) row is not reported, a 1e-12 row is, and its row agrees
+    m = Net(1.0).eval()
+    with torch.no_grad():
+        m.fc.weight[1] = 0.0
+        m.fc.weight[2] *= 1e-12
+    quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
+                          "quant": {"weights": {"bits": 8, "per_channel": True, "symmetric": symmetric}},
+                          "calibration": {"method": method, "weights_method": method if method in ("max", "mse")
+                                          else "max", "num_batches": 1, "batch_size": 64}}, example_input=x)
+    res = quantcore.calibrate(m, [x])
+    assert [w.split("'")[1] for w in res.warnings] == ["fc.weight_quantizer"], res.warnings
+    row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.weight_quantizer")
+    grid = _grid_of_row({**row, "scale": row["scale"][2], "zero_point": row["zero_point"][2]})
+    assert (row["min"][2], row["max"][2]) == pytest.approx(grid, rel=1e-5)
+    # all-zero data loses nothing on any grid: consistent row, no warning
+    zeros = TensorQuantizer(QuantSpec(calibrator=method, symmetric=symmetric))
+    zeros.start_calibration()
+    zeros(torch.zeros(10, 4))
+    assert zeros.finalize()
+    assert float(zeros.amax) > 0 and float(zeros.amin) <= 0
+
+
 def test_tensor_quantizer_nothing_collected():
     q = TensorQuantizer(QuantSpec(calibrator="mse"))
     q.start_calibration()

@@ -28,12 +28,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..formats import QuantSpec
+from ..quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE  # the quantizer's floor: never a zero scale
 from .histogram import HistogramState
 
 #: AIMET's default weight on clipping noise for the tf_enhanced (SQNR) search.
 TF_ENHANCED_GAMMA = 3.0
-#: Same floor as the quantizer, so searched ranges never produce a zero scale.
-_MIN_SCALE = 1e-8
 #: Above this many grid levels (bits > 10) the in-range error uses the s^2/12 model instead of the
 #: per-cell integral: the step is then about a bin width or less, where the two agree closely.
 _MAX_EXACT_LEVELS = 1024

@@ -12,6 +12,10 @@ import torch
 
 from .base import QuantizerKind, register_quantizer_kind
 
+#: The smallest scale of the uniform grid (torch's fake-quant ops divide by it); a narrower range is
+#: widened to this grid (:meth:`UniformAffine.grid_range`) and reported by calibration.
+MIN_SCALE = 1e-8
+
 
 class LSQFakeQuant(torch.autograd.Function):
     """Fake quantization with a learnable scale and zero point (LSQ, Esser et al. 2020; LSQ+ for the
@@ -115,6 +119,23 @@ class UniformAffine(QuantizerKind):
             return LSQFakeQuant.apply(x, quantizer.scale, quantizer.zero_point, qmin, qmax, g, axis)
         scale, zp = quantizer.scale_zero_point()
         return _fixed_fake_quant(x, scale, zp, qmin, qmax, axis)
+
+    def grid_range(self, lo, hi, spec):
+        """A range narrower than the floor scale allows (``(quant_max - quant_min) * MIN_SCALE``;
+        symmetric: ``quant_max * MIN_SCALE`` each side) is quantized with the floor scale: it is widened
+        to exactly that grid (keeping the zero point the floor scale gives). ``at_floor`` also marks
+        a range already exactly there (a range search returns its grid's end points)."""
+        qmin, qmax = spec.qrange()
+        if spec.symmetric:
+            floor = qmax * MIN_SCALE
+            a = torch.clamp(hi, min=floor)
+            return -a, a, hi <= floor * (1 + 1e-6)
+        floor = (qmax - qmin) * MIN_SCALE
+        at = (hi - lo) <= floor * (1 + 1e-6)
+        if not bool(at.any()):
+            return lo, hi, at
+        zp = torch.clamp(torch.round(qmin - lo / MIN_SCALE), qmin, qmax)
+        return torch.where(at, (qmin - zp) * MIN_SCALE, lo), torch.where(at, (qmax - zp) * MIN_SCALE, hi), at
 
     def encoding(self, quantizer) -> dict:
         scale, zp = quantizer.scale_zero_point()

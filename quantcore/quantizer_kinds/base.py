@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (formats imports this package)
-    import torch
-
     from ..calib.histogram import HistogramState
     from ..formats import QuantSpec
     from ..quantizer import TensorQuantizer
@@ -69,6 +69,13 @@ class QuantizerKind:
         from ..calib import calibrator
 
         return calibrator(spec.calibrator).compute_range(state, spec)
+
+    def grid_range(self, lo: "torch.Tensor", hi: "torch.Tensor", spec: "QuantSpec"):
+        """``(lo, hi, at_floor)``: the range ``(lo, hi)`` (shape ``()`` or ``(C,)``, zero inside) as
+        this kind's grid represents it, and per element whether the grid is at its floor. A kind whose
+        parameters have a floor widens a range below it here, so ``min``/``max`` in ``encodings.json``
+        describe the grid actually applied. Default: unchanged, no floor."""
+        return lo, hi, torch.zeros_like(lo, dtype=torch.bool)
 
     def tensor_range(self, x: "torch.Tensor", spec: "QuantSpec"):
         """One-shot range of a tensor the quantizer sees whole (weights): ``(lo, hi)`` tensors of shape
