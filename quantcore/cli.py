@@ -207,7 +207,8 @@ def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YA
 
 
 @app.command()
-def analyze(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), or FP32 weights with --recipe (without it: the weights the recipe's model: section names)."),
+def analyze(ctx: typer.Context,
+            checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), or FP32 weights with --recipe (without it: the weights the recipe's model: section names)."),
             data: str = typer.Option(..., "--data", "-d", help="Dataset URI (calibration images and held-out analysis/search images)."),
             out: str = typer.Option(..., "--out", "-o", help="Where to write analysis.json/md, plots, search_recipe.yaml."),
             recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for FP32 weights (default: the checkpoint's own)."),
@@ -240,6 +241,19 @@ def analyze(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c",
         from .errors import UserError
 
         raise UserError(f"{', '.join(given)}: only the mixed-precision search uses a budget; add --search")
+    def _given(*names: str) -> list[str]:  # typed on the command line or from the environment
+        return ["--" + n.replace("_", "-") for n in names
+                if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+
+    unused = _given("search_limit", "search_groups", "choices", "cost") if not search else []
+    unused += _given("eval_limit") if eval_split is None else []
+    if unused:
+        from .errors import UserError
+
+        raise UserError(f"{', '.join(unused)}: not used by this run ("
+                        + "; ".join(w for w, on in (("the search options need --search", not search),
+                                                    ("--eval-limit needs --eval-split", eval_split is None)) if on)
+                        + ")")
     if search:
         budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr, budget_confidence)
     opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .formats import CalibMethod, FormatName, QuantSpec
+from .quantizer_kinds import quantizer_kind
 from .recon.config import ReconstructionConfig
 
 RECIPE_VERSION = 1
@@ -31,6 +32,21 @@ class SpecPatch(_Strict):
     calibrator: CalibMethod | None = None
     percentile: float | None = Field(None, gt=0.0, le=100.0)
     enabled: bool | None = None
+
+    @model_validator(mode="after")
+    def _applies(self) -> "SpecPatch":
+        """Fields that cannot act on what the same patch asks for are refused, not dropped."""
+        if self.per_channel is False and self.axis is not None:
+            raise ValueError(f"per_channel: false and axis: {self.axis} contradict each other; give one")
+        if self.calibrator not in (None, "percentile") and self.percentile is not None:
+            raise ValueError(f"percentile applies to calibrator percentile only, not {self.calibrator!r}")
+        if self.format is not None and quantizer_kind(self.format).is_float:
+            grid = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "calibrator", "percentile")
+            bad = [k for k in grid if getattr(self, k) is not None]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: not an option of format {self.format!r} (a float cast has "
+                                 f"no integer grid, range or calibration)")
+        return self
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         upd = self.model_dump(exclude_none=True, exclude={"per_channel"})
@@ -171,6 +187,16 @@ class ScheduleConfig(_Strict):
     min_lr: float = Field(0.0, ge=0, description="end of the cosine/linear decay (absolute)")
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: warm-up fraction")
 
+    @model_validator(mode="after")
+    def _applies(self) -> "ScheduleConfig":
+        # (set to a non-default value: a dumped recipe carries every field)
+        unused = {"onecycle": ("warmup_steps", "warmup_start", "min_lr"), "constant": ("min_lr", "pct_start"),
+                  "cosine": ("pct_start",), "linear": ("pct_start",)}[self.name]
+        bad = sorted(k for k in unused if getattr(self, k) != type(self).model_fields[k].default)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not an option of schedule {self.name!r}")
+        return self
+
 
 class DistillConfig(_Strict):
     """Knowledge distillation from a float teacher (seed 002: KL, T=3; seed 004: DeiT with a CNN)."""
@@ -247,6 +273,19 @@ class QATConfig(_Strict):
             raise ValueError("bn_freeze_step is for bn: freeze only")
         if self.distill.kind == "none" and self.distill.teacher is not None:
             raise ValueError("distill.teacher is set but distill.kind is none")
+        if self.distill.kind == "none" and self.distill.alpha != DistillConfig.model_fields["alpha"].default:
+            raise ValueError("distill.alpha is set but distill.kind is none (the loss is cross-entropy alone)")
+        if self.ranges == "frozen" and self.optimizer.range_lr is not None:
+            raise ValueError("optimizer.range_lr is set but ranges: frozen learns no ranges")
+        if self.augment.kind == "none":
+            bad = sorted(k for k, f in AugmentConfig.model_fields.items()
+                         if k != "kind" and getattr(self.augment, k) != f.default)
+            if bad:
+                raise ValueError(f"augment.{', augment.'.join(bad)}: set but augment.kind is none (the eval "
+                                 f"transform, no augmentation)")
+        if self.schedule.min_lr > self.optimizer.lr:
+            raise ValueError(f"schedule.min_lr {self.schedule.min_lr:g} is above optimizer.lr "
+                             f"{self.optimizer.lr:g}: the decay would raise the learning rate")
         return self
 
 

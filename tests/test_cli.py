@@ -173,6 +173,47 @@ def test_every_kind_of_user_mistake_is_one_line_and_exit_2(image_folder, tmp_pat
     assert not out.exists() or not any(out.rglob("report.json"))
 
 
+def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp_path, capsys):
+    """An option that cannot act is an error naming it, never dropped: spec fields a float cast or
+    another calibrator has no use for, contradictory per-channel settings, an axis the weight does
+    not have, QAT options the chosen loss/schedule/ranges/augmentation do not read, a decay that
+    would raise the learning rate, a layout typo, analyze options without the step that reads them,
+    and an evaluation split that does not exist (found before calibrating, nothing written)."""
+    out = tmp_path / "o"
+
+    def ptq_with(recipe, *more):
+        return ("ptq", "-r", recipe, "--calib-data", image_folder, "--out", out, "--no-progress") + more
+
+    for i, (patch, words) in enumerate([
+            ({"format": "fp16", "bits": 4}, ("bits", "'fp16'")),
+            ({"format": "bf16", "calibrator": "entropy"}, ("calibrator", "'bf16'")),
+            ({"format": "fp8_e4m3", "narrow_range": True}, ("narrow_range",)),
+            ({"format": "fp16", "per_channel": True}, ("per_channel",)),
+            ({"calibrator": "max", "percentile": 99.0}, ("percentile", "'max'")),
+            ({"per_channel": False, "axis": 0}, ("per_channel", "axis"))]):
+        expect_user_error(capsys, ptq_with(_recipe(tmp_path, f"spec{i}", overrides=[{"match": "*", "spec": patch}])),
+                          f"spec{i}.yaml", *words)
+        expect_user_error(capsys, ptq_with(_recipe(tmp_path, f"q{i}", quant={"weights": patch})), "quant.weights", *words)
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "axis", overrides=[{"match": "*weight_quantizer",
+                                                                              "spec": {"axis": 5}}])),
+                      "axis 5", "weight_quantizer", "shape")
+    qat = {"epochs": 1, "optimizer": {"name": "sgd", "lr": 1e-4}}
+    for i, (more, words) in enumerate([
+            ({"schedule": {"name": "cosine", "min_lr": 0.01}}, ("min_lr", "optimizer.lr")),
+            ({"distill": {"kind": "none", "alpha": 0.9}}, ("distill.alpha",)),
+            ({"ranges": "frozen", "optimizer": {"name": "sgd", "lr": 1e-4, "range_lr": 0.5}}, ("range_lr", "frozen")),
+            ({"augment": {"kind": "none", "hflip": 1.0}}, ("augment.hflip",)),
+            ({"schedule": {"name": "cosine", "pct_start": 0.9}}, ("pct_start", "'cosine'")),
+            ({"schedule": {"name": "onecycle", "warmup_steps": 100}}, ("warmup_steps", "'onecycle'"))]):
+        expect_user_error(capsys, ptq_with(_recipe(tmp_path, f"qat{i}", qat={**qat, **more})), f"qat{i}.yaml", *words)
+    good = _recipe(tmp_path, "good")
+    expect_user_error(capsys, ptq_with(good, "--layout", "zipp"), "--layout", "'zipp'")
+    expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--cost", "bops",
+                               "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
+    expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "no_such_split")
+    assert not out.exists() or not any(out.rglob("*.pt"))  # nothing calibrated, nothing written
+
+
 def test_random_fp32_weights_are_warned_about_and_recorded(image_folder, recipe_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0

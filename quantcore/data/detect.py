@@ -25,7 +25,8 @@ def normalize_layout(layout: str) -> str:
     if key == "auto":
         return "auto"
     if key not in _ALIASES:
-        raise ValueError(f"unknown dataset layout {layout!r}; use 'auto' or one of {LAYOUTS}")
+        raise DataError(f"layout (--layout) {layout!r}: unknown dataset layout; use 'auto' or one of "
+                        f"{', '.join(LAYOUTS)} (or an alias: {', '.join(sorted(set(_ALIASES) - set(LAYOUTS)))})")
     return _ALIASES[key]
 
 
