@@ -197,6 +197,18 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
     expect_user_error(capsys, ptq_with(_recipe(tmp_path, "axis", overrides=[{"match": "*weight_quantizer",
                                                                               "spec": {"axis": 5}}])),
                       "axis 5", "weight_quantizer", "shape")
+    # a percentile nothing reads: the quantizer's calibrator (from the recipe) is mse
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "pct", overrides=[{"match": "*input_quantizer",
+                                                                             "spec": {"percentile": 99.9}}])),
+                      "overrides[0]", "percentile", "'mse'")
+    expect_user_error(capsys, ptq_with(_recipe(tmp_path, "pctq", quant={"activations": {"percentile": 99.9}})),
+                      "quant.activations.percentile", "'mse'")
+    # ...but an axis on a quantizer that reads none (a float cast, a disabled one) is no mistake
+    for i, ov in enumerate(({"match": "*weight_quantizer", "spec": {"format": "fp16"}},
+                            {"match": "*weight_quantizer", "enabled": False})):
+        ok = _recipe(tmp_path, f"castaxis{i}", quant={"weights": {"bits": 8, "axis": 3}}, overrides=[ov])
+        assert run(*ptq_with(ok, "--limit", "8")) == 0, capsys.readouterr().err
+    capsys.readouterr()
     qat = {"epochs": 1, "optimizer": {"name": "sgd", "lr": 1e-4}}
     for i, (more, words) in enumerate([
             ({"schedule": {"name": "cosine", "min_lr": 0.01}}, ("min_lr", "optimizer.lr")),
@@ -211,7 +223,7 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--cost", "bops",
                                "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
     expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "no_such_split")
-    assert not out.exists() or not any(out.rglob("*.pt"))  # nothing calibrated, nothing written
+    assert not (out / "good").exists()  # the missing split: nothing calibrated, nothing written
 
 
 def test_random_fp32_weights_are_warned_about_and_recorded(image_folder, recipe_file, tmp_path, capsys):

@@ -515,13 +515,14 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     for s in chosen:  # before any module changes: a per-channel axis the weight does not have
         qname = f"{s.owner + '.' if s.owner else ''}{s.prefix}weight_quantizer"
         spec = final_specs.get(qname)
-        if s.kind != "weighted" or qname in removed or spec is None or spec.axis is None or not s.weight_attr:
+        if (s.kind != "weighted" or qname in removed or spec is None or spec.axis is None or not s.weight_attr
+                or spec.is_float or not spec.enabled):  # a cast or a disabled quantizer reads no axis
             continue
         w = getattr(mods[s.owner] if s.owner else model, s.weight_attr, None)
         if isinstance(w, torch.Tensor) and not -w.dim() <= spec.axis < w.dim():
             raise PlacementError(f"quantizer {qname!r}: axis {spec.axis} is not an axis of "
                                  f"{s.owner or 'the model'}.{s.weight_attr} (shape {tuple(w.shape)}; axes "
-                                 f"0..{w.dim() - 1})")
+                                 f"{-w.dim()}..{w.dim() - 1})")
 
     plans: dict[str, ModulePlan] = {}
     share_groups: list[list[str]] = []

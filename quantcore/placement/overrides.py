@@ -90,6 +90,7 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
     spec_hits: dict[str, list[str]] = {}
     for qname, spec in specs.items():
         floated = False
+        percentile_by = None  # the override that set a percentile: it must end up read
         for r in rules:
             if not matches(r.pattern, qname):
                 continue
@@ -98,6 +99,8 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                 floated = r.float
             if r.changes_spec:
                 if r.patch is not None:
+                    if r.patch.percentile is not None:
+                        percentile_by = r.source
                     try:
                         spec = r.patch.apply(spec)
                     except ValueError as e:
@@ -106,6 +109,9 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
+        if percentile_by and not floated and spec.enabled and not spec.is_float and spec.calibrator != "percentile":
+            raise PlacementError(f"{percentile_by} sets percentile for quantizer {qname!r}, whose calibrator is "
+                                 f"{spec.calibrator!r}: percentile applies to calibrator percentile only")
         if floated:
             remove.append(qname)
         final[qname] = spec
