@@ -36,6 +36,7 @@ from . import api, distributed
 from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, model_label_names,
                    open_dataset, per_class_subset)
+from .data.errors import DataError
 from .errors import UserError
 from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
                        peak_memory, quant_toggle)
@@ -377,8 +378,12 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
     if evald is not None and evald != calib:  # a missing split is found before calibration, not after
-        open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
-                     cache_dir=evald.cache_dir)
+        try:
+            open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
+                         cache_dir=evald.cache_dir)
+        except DataError as e:
+            raise DataError(f"evaluation data (--eval-data/--eval-split {evald.split!r}): {e}", file=e.file,
+                            shard=e.shard, line=e.line) from None
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
     t_cal = time.perf_counter()

@@ -222,7 +222,7 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
     expect_user_error(capsys, ptq_with(good, "--layout", "zipp"), "--layout", "'zipp'")
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--cost", "bops",
                                "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
-    expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "no_such_split")
+    expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "--eval-split", "no_such_split")
     assert not (out / "good").exists()  # the missing split: nothing calibrated, nothing written
 
 
