@@ -322,7 +322,7 @@ def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -
 def convert(model: nn.Module) -> nn.Module:
     """After QAT: write every learned scale/zero point back into its quantizer's range
     (:meth:`TensorQuantizer.convert`), so ``encodings``, ``save``/``load`` and export report the
-    trained values. Outputs are unchanged bit for bit for scales QAT learned (it keeps them
+    trained values. Outputs are unchanged bit for bit for scales QAT learned (it leaves them
     representable); a scale set by hand to one of the few float32 values no range reproduces moves
     to the nearest one that does (one ulp). Returns the model."""
     for q in quantizers(model).values():

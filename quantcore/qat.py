@@ -730,6 +730,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 if st.step < total_steps:
                     save_checkpoint()
     model.eval()
+    _representable_scales(model)
     api.convert(model)
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(False)
@@ -773,16 +774,26 @@ def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched
 
 @torch.no_grad()
 def _clamp_ranges(model: nn.Module) -> None:
-    """Keep learned scales positive and zero points on the grid (torch's learnable ops need it), and
-    each scale one that ``convert`` writes back exactly (:func:`~quantcore.quantizer.representable_scale`:
-    at most one float32 ulp away), so the converted model computes what training last computed."""
-    from .quantizer import _MIN_SCALE, TensorQuantizer, representable_scale
+    """Keep learned scales positive and zero points on the grid (torch's learnable ops need it)."""
+    from .quantizer import _MIN_SCALE, TensorQuantizer
 
     for q in model.modules():
         if isinstance(q, TensorQuantizer) and q.scale is not None:
             q.scale.clamp_(min=_MIN_SCALE)
             lo, hi = q.spec.qrange()
             q.zero_point.clamp_(lo, hi)
+
+
+@torch.no_grad()
+def _representable_scales(model: nn.Module) -> None:
+    """Once, after the last step: each learned scale becomes one that ``convert`` writes back exactly
+    (:func:`~quantcore.quantizer.representable_scale`, at most one float32 ulp away), so the learnable
+    model and the converted one compute the same. Not per step: it would add ~6 % to a QAT step."""
+    from .quantizer import TensorQuantizer, representable_scale
+
+    for q in model.modules():
+        if isinstance(q, TensorQuantizer) and q.scale is not None:
+            lo, hi = q.spec.qrange()
             q.scale.copy_(representable_scale(q.scale.float(), q.zero_point.round(), lo, hi, q.spec.symmetric))
 
 

@@ -44,7 +44,8 @@ def _range_of_grid(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
 def representable_scale(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:
     """The scale a range written by ``convert`` gives back: ``scale`` itself for almost every value;
     for the few float32 scales no range reproduces (about 0.5 % at 8 bits, 7 % at 4 bits), the nearest
-    one that does. QAT keeps its learned scales on this set, so converting never moves an output."""
+    one that does. QAT moves its learned scales onto this set after its last step, so converting
+    never moves an output."""
     lo, hi = _range_of_grid(scale, zp, qmin, qmax, symmetric)
     return hi / qmax if symmetric else (hi - lo) / (qmax - qmin)
 
@@ -194,7 +195,7 @@ class TensorQuantizer(nn.Module):
         fixed-range ops: encodings, checkpoints and export then see the trained values. The output is
         unchanged bit for bit (the range reproduces the scale exactly, :func:`_range_of_grid`; the
         learnable op rounds and clamps the zero point as the fixed one does) when the scale is
-        representable, as QAT keeps it (:func:`representable_scale`); otherwise the nearest one is used.
+        representable, as QAT leaves it (:func:`representable_scale`); otherwise the nearest one is used.
         No-op for a quantizer that is not learnable."""
         if not self.spec.learnable or self.scale is None:
             return

@@ -106,10 +106,10 @@ def test_convert_after_learned_steps_keeps_every_output_bit_for_bit(symmetric, b
     """QAT's learned scales, written back by convert(), must give exactly the grid training used:
     scale * qmax / qmax is one float32 ulp off for ~0.5-7 % of scales, which moved logits by up to
     0.03 on the demo ViT. The range search (_range_of_grid) reproduces each representable scale
-    exactly, and QAT's clamp keeps learned scales representable."""
+    exactly, and QAT ends training with representable scales."""
     from quantcore.encoding_table import quantizer_rows
     from quantcore.formats import QuantSpec
-    from quantcore.qat import _clamp_ranges
+    from quantcore.qat import _clamp_ranges, _representable_scales
     from quantcore.quantizer import TensorQuantizer
 
     g = torch.Generator().manual_seed(bits + (0 if axis is None else 1) + 2 * symmetric)
@@ -124,6 +124,7 @@ def test_convert_after_learned_steps_keeps_every_output_bit_for_bit(symmetric, b
             if not symmetric:  # a symmetric grid's zero point stays 0 (QAT does not train it)
                 q.zero_point.add_(torch.randn(q.zero_point.shape, generator=g))
         _clamp_ranges(holder)
+    _representable_scales(holder)  # what QAT does after its last step
     learned = q.scale.detach().clone()
     with torch.no_grad():
         before = q(w)
