@@ -233,23 +233,19 @@ def analyze(ctx: typer.Context,
     """Find what hurts: per-quantizer SQNR (isolated/cumulative), sensitivity, and a mixed-precision search to a budget."""
     from .analysis.run import AnalyzeOptions, run_cli
     from .analysis.search import Budget, parse_choices
+    from .errors import UserError
 
-    budget = None
-    given = [o for o, v in (("--budget-top1", budget_top1), ("--budget-agreement", budget_agreement),
-                            ("--budget-sqnr", budget_sqnr), ("--budget-confidence", budget_confidence)) if v is not None]
-    if given and not search:
-        from .errors import UserError
-
-        raise UserError(f"{', '.join(given)}: only the mixed-precision search uses a budget; add --search")
     def _given(*names: str) -> list[str]:  # typed on the command line or from the environment
         return ["--" + n.replace("_", "-") for n in names
                 if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
 
+    budget = None
+    given = _given("budget_top1", "budget_agreement", "budget_sqnr", "budget_confidence")
+    if given and not search:
+        raise UserError(f"{', '.join(given)}: only the mixed-precision search uses a budget; add --search")
     unused = _given("search_limit", "search_groups", "choices", "cost") if not search else []
     unused += _given("eval_limit") if eval_split is None else []
     if unused:
-        from .errors import UserError
-
         raise UserError(f"{', '.join(unused)}: not used by this run ("
                         + "; ".join(w for w, on in (("the search options need --search", not search),
                                                     ("--eval-limit needs --eval-split", eval_split is None)) if on)
@@ -260,8 +256,6 @@ def analyze(ctx: typer.Context,
                           groups=groups, search_groups=search_groups, choices=parse_choices(choices.split(","), "--choices"),
                           cost=cost, workers=parallel)
     if cost not in ("bits", "bops"):
-        from .errors import UserError
-
         raise UserError(f"--cost: unknown cost model {cost!r} (bits or bops)")
     res = run_cli(recipe, checkpoint, data, out, split=split, eval_split=eval_split, limit=limit,
                   search_limit=search_limit, eval_limit=eval_limit, batch_size=batch_size, workers=workers,

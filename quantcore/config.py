@@ -316,10 +316,10 @@ class Recipe(_Strict):
             except ValidationError as err:  # the combined spec is wrong: name the section, not QuantSpec
                 msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
                 raise ValueError(f"{section}: {msgs}") from None
-        for section, patch, spec in (("quant.weights", self.quant.weights, self.weight_spec),
-                                     ("quant.activations", self.quant.activations, self.activation_spec)):
-            if patch.percentile is not None and not spec().is_float and spec().calibrator != "percentile":
-                raise ValueError(f"{section}.percentile: its calibrator is {spec().calibrator!r} (calibration."
+        for section, patch, spec in (("quant.weights", self.quant.weights, self.weight_spec()),
+                                     ("quant.activations", self.quant.activations, self.activation_spec())):
+            if patch.percentile is not None and not spec.is_float and spec.calibrator != "percentile":
+                raise ValueError(f"{section}.percentile: its calibrator is {spec.calibrator!r} (calibration."
                                  f"{'weights_method' if section == 'quant.weights' else 'method'}); percentile "
                                  f"applies to calibrator percentile only")
         if self.activation_spec().axis is not None:
