@@ -73,12 +73,11 @@ def tools_dir() -> Path:
 
 def _pip_commands() -> List[List[str]]:
     """Ways to run `pip download`, best first: this interpreter's pip, then a system one, then uv's."""
-    cands: List[List[str]] = []
-    try:
-        import pip  # noqa: F401
-        cands.append([sys.executable, "-m", "pip"])
-    except ImportError:
-        pass
+    # Not probed with `import pip`: under Python < 3.12 any attempt to import pip (found or not)
+    # makes setuptools' distutils shim stand down for the rest of the process, and a later
+    # `import setuptools` (torch.utils.cpp_extension, which ModelOpt imports) then fails its own
+    # assertion. A missing pip just fails this candidate below.
+    cands: List[List[str]] = [[sys.executable, "-m", "pip"]]
     for exe in ("python3", "python"):
         path = shutil.which(exe)
         if path and Path(path).resolve() != Path(sys.executable).resolve():

@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -245,6 +246,18 @@ def secret_value_problems(text: str, where: str) -> List[str]:
 
 def test_pinned_tools_are_the_expected_versions(bins):
     assert kt.tool_versions(bins) == {"helm": kt.HELM_VERSION, "kubectl": kt.KUBECTL_VERSION}
+
+
+def test_finding_pip_leaves_setuptools_importable_in_the_test_process():
+    """The tool download must not try `import pip` in-process: on Python < 3.12 that makes
+    setuptools' distutils shim stand down, and every later `import setuptools` in the same pytest
+    worker (ModelOpt imports it through torch.utils.cpp_extension) fails an assertion."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import k8s_tools; "
+            "assert k8s_tools._pip_commands(); import setuptools; import distutils.core as c; "
+            "print(c.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "tests")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_core_validation_is_strict_and_unknown_kinds_fail():
