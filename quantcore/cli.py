@@ -229,7 +229,8 @@ def analyze(ctx: typer.Context,
             no_errors: bool = typer.Option(False, "--no-errors", help="Skip the per-quantizer error analysis."),
             no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="Skip the sensitivity sweep."),
             parallel: int = typer.Option(1, "--parallel", min=1, help="Processes sharing the sensitivity/search sweeps (ranks under torchrun)."),
-            batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt) -> None:
+            batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
+            progress: bool = ProgressOpt) -> None:
     """Find what hurts: per-quantizer SQNR (isolated/cumulative), sensitivity, and a mixed-precision search to a budget."""
     from .analysis.run import AnalyzeOptions, run_cli
     from .analysis.search import Budget, parse_choices
@@ -254,7 +255,7 @@ def analyze(ctx: typer.Context,
         budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr, budget_confidence)
     opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,
                           groups=groups, search_groups=search_groups, choices=parse_choices(choices.split(","), "--choices"),
-                          cost=cost, workers=parallel)
+                          cost=cost, workers=parallel, progress=progress)
     if cost not in ("bits", "bops"):
         raise UserError(f"--cost: unknown cost model {cost!r} (bits or bops)")
     res = run_cli(recipe, checkpoint, data, out, split=split, eval_split=eval_split, limit=limit,

@@ -362,3 +362,39 @@ def test_search_met_is_decided_by_what_the_written_recipe_gives(setup, monkeypat
     res, _ = run_mod.analyze_model(model, evalb, opts, stats=api.calibration_state(model), fp32=fp32,
                                    calib_batches=calib)
     assert res["search"]["reproduced"]["equal"] is False and res["search"]["met"] is False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_bars_cover_every_phase_and_stay_off_unless_asked(setup, capsys, monkeypatch, workers):
+    """``analyze --progress`` (the CLI default): one bar per phase, each fed up to its total (error
+    analysis: two passes over the images; sensitivity: one; the search: the configurations it
+    evaluated, as its result lists them), also with forked workers; nothing on stderr when off."""
+    import contextlib
+
+    from quantcore.analysis import run as run_mod
+
+    _, _, model, _, evalb = setup
+    images = sum(x.shape[0] for x, _ in evalb)
+    base = dict(budget=Budget.from_options(agreement=50.0), search=True, search_groups="block", choices=("4", "8"),
+                groups="block", workers=workers)
+    quiet, _ = run_mod.analyze_model(model, evalb, run_mod.AnalyzeOptions(**base), stats=api.calibration_state(model))
+    assert capsys.readouterr().err == ""
+    run_mod.analyze_model(model, evalb, run_mod.AnalyzeOptions(**base, progress=True), stats=api.calibration_state(model))
+    err = capsys.readouterr().err
+    assert all(f"{phase}:" in err for phase in ("error analysis", "sensitivity", "search")), err[-2000:]
+
+    seen, real_bar = {}, run_mod._bar
+
+    @contextlib.contextmanager
+    def recording(on, desc, total, unit):
+        with real_bar(False, desc, total, unit):
+            def update(n):
+                seen[desc] = n if unit == "config" else seen.get(desc, 0) + n
+            yield update if on else None
+            assert total is None or seen[desc] == total, (desc, seen[desc], total)
+
+    monkeypatch.setattr(run_mod, "_bar", recording)
+    res, _ = run_mod.analyze_model(model, evalb, run_mod.AnalyzeOptions(**base, progress=True),
+                                   stats=api.calibration_state(model))
+    assert seen == {"error analysis": 2 * images, "sensitivity": images, "search": len(res["search"]["evaluated"])}
+    assert res["search"]["config"] == quiet["search"]["config"]  # the bars change nothing

@@ -367,7 +367,10 @@ class Engine:
                 out.update(p)
             return {n: out[n] for n in names}
         if workers > 1 and len(names) > 1:
-            return self._evaluate_forked(configs, workers)
+            out = self._evaluate_forked(configs, workers)
+            if progress is not None:  # the forked processes cannot report: all at once
+                progress(sum(x.shape[0] for x, _ in self.batches))
+            return out
         return self._evaluate(configs, progress)
 
     def _evaluate_forked(self, configs: dict[str, Config], workers: int) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ class _Stats:
 
 def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any = "quantizer",
                    logits: bool = True, memory_mb: float = 512.0, clip_warn: float = 1e-3,
-                   outlier_warn: float = 20.0, workers: int = 1) -> dict[str, Any]:
+                   outlier_warn: float = 20.0, workers: int = 1,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Error analysis of a calibrated model on ``batches`` (images or ``(images, labels)``).
 
     Returns a JSON-ready dict: ``order`` (active quantizers in execution order), ``quantizers``
@@ -122,7 +123,9 @@ def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any 
 
     ``groups``: ``"quantizer"``, ``"module"``, ``"block"`` or a list of globs (see
     :func:`~.groups.make_groups`), the granularity of the logit cases. SQNR is in dB (``None`` =
-    identical tensors). Raises :class:`~quantcore.errors.UserError` for an unknown glob."""
+    identical tensors). ``progress``: called with each batch's image count, once in the tensor pass
+    and once in the logit pass (``2 * images`` in all). Raises :class:`~quantcore.errors.UserError`
+    for an unknown glob."""
     t0 = time.perf_counter()
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
     qs = {n: eng.qs[n] for n in eng.order}
@@ -162,6 +165,8 @@ def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any 
                 for h in hooks:
                     h.remove()
             del store
+        if progress is not None:
+            progress(x.shape[0])
     t_tensor = time.perf_counter() - t0
 
     # weights: one tensor, counted once above; their cumulative error is their isolated one
@@ -186,7 +191,7 @@ def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any 
             configs[f"iso:{g}"] = {n: None for n in eng.active if n not in mset}
             last = max(pos[m] for m in members)
             configs[f"cum:{g}"] = {n: None for n in eng.active if pos.get(n, math.inf) > last}
-        m = eng.evaluate(configs, workers=workers)
+        m = eng.evaluate(configs, workers=workers, progress=progress)
         out["model"] = m["__base__"]
         out["groups"] = {g: {"quantizers": members, "isolated": m[f"iso:{g}"], "cumulative": m[f"cum:{g}"]}
                          for g, members in grp.items()}

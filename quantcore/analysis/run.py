@@ -7,12 +7,13 @@ chosen recipe at the end, run through the normal PTQ path (prepare + calibrate +
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,28 @@ class AnalyzeOptions:
     workers: int = 1
     memory_mb: float = 512.0
     clip_warn: float = 0.01
+    progress: bool = False  # tqdm bars per phase (rank 0 only under torchrun)
+
+
+@contextlib.contextmanager
+def _bar(on: bool, desc: str, total: int | None, unit: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress callback adding ``n`` per call (``unit="img"``) or setting the count reached
+    (``unit="config"``: the search reports how many configurations it has evaluated); ``None`` off."""
+    from .. import distributed
+
+    if not on or (distributed.active() and distributed.rank() != 0):
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True) as bar:
+        if unit == "config":
+            def update(n: int) -> None:
+                bar.n = n
+                bar.refresh()
+        else:
+            update = bar.update
+        yield update
 
 
 def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stats: dict | None = None,
@@ -60,20 +83,24 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
     eng = Engine(model, batches)
     result: dict[str, Any] = {"name": getattr(getattr(model, "quantcore_recipe", None), "name", type(model).__name__)}
     t0 = time.perf_counter()
+    images = sum(x.shape[0] for x, _ in eng.batches)
     if opts.errors:
-        result["errors"] = error_analysis(model, eng, groups=groups, memory_mb=opts.memory_mb,
-                                          clip_warn=opts.clip_warn, workers=opts.workers)
+        with _bar(opts.progress, "error analysis", 2 * images, "img") as bar:
+            result["errors"] = error_analysis(model, eng, groups=groups, memory_mb=opts.memory_mb,
+                                              clip_warn=opts.clip_warn, workers=opts.workers, progress=bar)
     if opts.sensitivity:
-        result["sensitivity"] = sensitivity(model, eng, groups=groups, workers=opts.workers,
-                                            errors=result.get("errors"))
+        with _bar(opts.progress, "sensitivity", images, "img") as bar:
+            result["sensitivity"] = sensitivity(model, eng, groups=groups, workers=opts.workers,
+                                                errors=result.get("errors"), progress=bar)
     recipe = None
     if opts.search:
         if stats is None:
             if calib_batches is None:
                 raise UserError("the search needs calibration statistics: pass calib_batches (or stats)")
             stats = collect_statistics(model, calib_batches)
-        res = search(model, eng, opts.budget, stats, groups=sgroups, choices=opts.choices, cost=opts.cost,
-                     workers=opts.workers)
+        with _bar(opts.progress, "search", None, "config") as bar:
+            res = search(model, eng, opts.budget, stats, groups=sgroups, choices=opts.choices, cost=opts.cost,
+                         workers=opts.workers, progress=bar)
         recipe = search_recipe(model.quantcore_recipe, model, res, checkpoint=checkpoint)
         if fp32 is not None and calib_batches is not None:
             res["reproduced"] = verify_recipe(recipe, fp32, calib_batches, batches)
@@ -202,7 +229,7 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     if opts.search:
         s_opts = AnalyzeOptions(errors=False, sensitivity=False, search=True, budget=opts.budget,
                                 search_groups=opts.search_groups, choices=opts.choices, cost=opts.cost,
-                                workers=opts.workers)
+                                workers=opts.workers, progress=opts.progress)
         sres, recipe_obj = analyze_model(model, search_set, s_opts, stats=stats, fp32=fp32, calib_batches=calib,
                                          eval_batches=eval_set, checkpoint=fp32_ckpt)
         result["search"] = sres["search"]
