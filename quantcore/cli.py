@@ -290,6 +290,8 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
     rep = export_checkpoint(checkpoint, out, format, opset, check)
     typer.echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
                f"{len(rep['not_trt_native'])} not TensorRT-native")
+    if (rep.get("trt_table") or {}).get("written") is False:
+        typer.echo(f"not written: {rep['trt_table']['why']}")
     if rep.get("check"):
         c = rep["check"]
         typer.echo(f"onnxruntime vs fake quant on {c['images']} images: agreement {c['top1_agreement']:.2f}%, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -398,3 +399,76 @@ def test_progress_bars_cover_every_phase_and_stay_off_unless_asked(setup, capsys
                                    stats=api.calibration_state(model))
     assert seen == {"error analysis": 2 * images, "sensitivity": images, "search": len(res["search"]["evaluated"])}
     assert res["search"]["config"] == quiet["search"]["config"]  # the bars change nothing
+
+
+class _EinsumNet(torch.nn.Module):
+    """Grouped conv, a bmm and an einsum between activations, a Linear: every product kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1, groups=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.dw(self.conv(x)).flatten(2)                      # (B, 8, 784)
+        g = torch.bmm(t, t.transpose(1, 2)) / 784                 # (B, 8, 8)
+        y = torch.einsum("bij,bjk->bik", g, t).mean(-1)           # (B, 8)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("which", ["vit_ft1", "einsum_net"])
+def test_bops_counts_every_product_op_as_torch_flop_counter_does(setup, which):
+    """The MACs the trace attributes add up to torch's own FLOP count / 2 (FlopCounterMode, an
+    independent count at the aten level: fused attention, bmm, einsum, grouped conv included), and
+    under ``cost bops`` every quantizer that is an operand of a product op moves the cost: the
+    attention matmuls' q/k/probabilities/v quantizers too (they were free)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from quantcore.analysis.search import CostModel
+
+    fp32, _, model, calib, evalb = setup
+    if which == "einsum_net":
+        fp32 = _EinsumNet().eval()
+        model = api.prepare(copy.deepcopy(fp32), {"version": 1, "name": "g", "placement": {"family": "generic"},
+                                                  "quant": {"weights": {"bits": 8}, "activations": {"bits": 8}}})
+        api.calibrate(model, [x for x, _ in calib[:1]])
+    x = evalb[0][0][:2]
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fp32(x)
+    eng = Engine(model, [(x, evalb[0][1][:2])])
+    flops_per_image = fc.get_total_flops() / x.shape[0]  # one multiply-accumulate = 2 FLOPs
+    assert 2 * sum(eng.trace.macs.values()) == pytest.approx(flops_per_image, rel=1e-9)
+
+    cost = CostModel(eng, "bops")
+    own = {n: eng.qs[n].spec for n in eng.active}
+    operands = {n for pair in eng.trace.macs for n in pair if n is not None}
+    assert operands, eng.trace.macs
+    if which == "vit_ft1":
+        assert {f"blocks.0.attn.{q}_quantizer" for q in ("q", "k", "attn", "v")} <= operands
+    for n in operands:
+        assert cost({**own, n: None}) > cost(own), n  # float (16 bits) costs more than its int grid
+
+
+def test_a_budget_no_configuration_can_meet_is_refused_and_a_missed_one_is_marked(setup, tmp_path):
+    """An agreement budget on its confidence bound that even identical outputs cannot meet on the
+    search images is refused before the search runs (naming the image count that would do, checked
+    against the bound itself); a budget the search misses writes a recipe that says so."""
+    from quantcore.analysis.search import search, search_recipe, wilson_lower_bound
+
+    _, _, model, _, evalb = setup
+    n = sum(x.shape[0] for x, _ in evalb)  # 256
+    tight = Budget.from_options(agreement=99.5, confidence=0.9)
+    assert wilson_lower_bound(100.0, n, 0.9) < 99.5
+    with pytest.raises(UserError, match=rf"cannot be met on {n} search images.*at least (\d+)") as err:
+        search(model, evalb, tight, api.calibration_state(model), groups="block", choices=("4", "8"))
+    need = int(re.search(r"at least (\d+)", str(err.value)).group(1))
+    assert wilson_lower_bound(100.0, need, 0.9) >= 99.5 > wilson_lower_bound(100.0, need - 1, 0.9)
+
+    res = search(model, evalb, Budget.from_options(sqnr_db=200.0), api.calibration_state(model),
+                 groups="block", choices=("4", "8"))
+    assert res["met"] is False
+    assert search_recipe(model.quantcore_recipe, model, res).description.startswith("BUDGET NOT MET")
+    met = search(model, evalb, Budget.from_options(sqnr_db=1.0), api.calibration_state(model),
+                 groups="block", choices=("4", "8"))
+    assert met["met"] and "NOT MET" not in search_recipe(model.quantcore_recipe, model, met).description

@@ -353,6 +353,29 @@ def test_trt_range_table_and_cache(fmnist):
         else:  # asymmetric: widened to the larger side
             assert not row["exact"] and row["amax"] == pytest.approx(max(-float(q.amin), float(q.amax)), rel=1e-5)
 
+    weights = [n for n, q in qs.items() if q.active and q.kind == "weight"]
+    assert weights and all(table["skipped"][n].startswith("weight:") for n in weights)  # none silently dropped
+    assert set(table["skipped"]) | {r["quantizer"] for r in table["tensors"].values()} == \
+        {n for n, q in qs.items() if q.active}
+
+
+def test_a_trt_table_that_would_hold_nothing_is_refused_or_left_out(fmnist, tmp_path):
+    """W4A4: no quantizer is an INT8 per-tensor activation range, so a TensorRT table would be empty
+    and TensorRT would calibrate everything itself: asked for alone it is refused (ExportError, exit 2
+    from the CLI), naming the format and why; under ``all`` it is left out and the report says so."""
+    from quantcore.errors import UserError
+    from quantcore.export.run import export_model
+
+    model = _tiny_fmnist("fmnist_w4a4_ft1", fmnist[0])
+    with pytest.raises(UserError, match=r"trt-table: none of the \d+ quantizers.*4-bit grid.*--format onnx"):
+        export_model(model, str(tmp_path / "alone"), "trt-table")
+    assert not (tmp_path / "alone").exists() or not any((tmp_path / "alone").iterdir())
+    rep = export_model(model, str(tmp_path / "all"), "all")
+    assert rep["trt_table"]["written"] is False and "none of the" in rep["trt_table"]["why"]
+    names = {p.name for p in (tmp_path / "all").iterdir()}
+    assert "model.onnx" in names and "model.encodings" in names
+    assert not names & {"trt_ranges.json", "trt_ranges.cache"}
+
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
 def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket, capsys):

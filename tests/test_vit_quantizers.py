@@ -370,3 +370,30 @@ def test_reports_name_the_grid_not_int(fmt):
     s = QuantSpec(format=fmt, bits=4, symmetric=False, calibrator="mse" if fmt == "twin_int" else "max").short()
     assert s.startswith(f"{fmt}:4b/") and "int4" not in s
     assert QuantSpec(format="int", bits=4).short().startswith("int4/")
+
+
+@pytest.mark.parametrize("fmt, kind", [("twin_int", "softmax"), ("twin_int", "gelu"), ("log2", "softmax"),
+                                       ("log_sqrt2", "softmax"), ("int", "softmax"), ("int", "gelu")])
+def test_represented_range_is_where_the_grid_clips_and_analysis_uses_it(acts, fmt, kind):
+    """Every kind's ``represented_range`` is the interval its fake quant clips to (checked by
+    brute force: the outputs never leave it, and values beyond it land on its ends), and the error
+    analysis counts as clipped exactly the values the grid moves to an end from outside: on real
+    post-softmax data a twin grid clips nothing (its second region reaches 1), whatever its stored
+    ``amax`` (the first region's top) says."""
+    from quantcore.analysis.error_analysis import _Stats
+
+    x = acts[kind]
+    q = _calibrated(fmt, 4, x)
+    lo, hi = (float(t) for t in q.spec.kind.represented_range(q))
+    y = q(x)
+    assert float(y.min()) >= lo - 1e-7 and float(y.max()) <= hi + 1e-7
+    far = torch.tensor([hi * 4 + 1.0, lo * 4 - 1.0 if lo < 0 else lo])
+    assert torch.allclose(q(far), torch.tensor([hi, lo]), atol=1e-6)
+    st = _Stats()
+    st.add(x, q)
+    res = st.result(q, clip_warn=0.01, outlier_warn=20.0)
+    brute = int(((x > hi) | (x < lo)).sum()) / x.numel()
+    assert res["clip_fraction"] == pytest.approx(brute, abs=1e-9)
+    if fmt == "twin_int" and kind == "softmax":
+        assert float(x.max()) <= 1 and res["clip_fraction"] == 0 and hi == pytest.approx(1.0)
+        assert q.spec.kind.encoding(q)["covers"] == pytest.approx([0.0, 1.0])

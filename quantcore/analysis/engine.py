@@ -135,19 +135,95 @@ def _cache_depth(model: nn.Module) -> int:
 class Trace:
     """Execution order of one forward: ``order`` (quantizer names by first call), ``qpos`` (name ->
     position of its first call among all events), ``ends`` (cacheable module -> position of its end),
-    activation ``numel_per_image`` per quantizer and Linear/Conv ``macs`` per image."""
+    activation ``numel_per_image`` per quantizer, and ``macs``: multiply-accumulates per image of
+    every product op (linear, conv, matmul/bmm/baddbmm, two-operand einsum, fused attention) keyed by
+    the quantizers whose outputs its two operands are (``None``: an operand no quantizer feeds)."""
 
     order: list[str] = field(default_factory=list)
     qpos: dict[str, int] = field(default_factory=dict)
     ends: dict[str, int] = field(default_factory=dict)
     numel_per_image: dict[str, float] = field(default_factory=dict)
-    macs: dict[str, float] = field(default_factory=dict)
+    macs: dict[tuple[str | None, str | None], float] = field(default_factory=dict)
+
+
+def _einsum_macs(eq: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
+    """Output elements x the sizes of the summed-out indices (two operands)."""
+    lhs = eq.replace(" ", "").split("->")[0].split(",")
+    rhs = eq.replace(" ", "").split("->")[1] if "->" in eq else None
+    sizes: dict[str, int] = {}
+    for spec, t in zip(lhs, (a, b)):
+        head, _, tail = spec.partition("...")
+        for i, ch in enumerate(head):
+            sizes[ch] = t.shape[i]
+        for i, ch in enumerate(reversed(tail)):
+            sizes[ch] = t.shape[t.dim() - 1 - i]
+    kept = set(rhs) if rhs is not None else {c for c in sizes if "".join(lhs).count(c) == 1}
+    return float(out.numel()) * math.prod(n for c, n in sizes.items() if c not in kept)
+
+
+#: ops that hand a quantized tensor on in the same representation (the integer GEMM that consumes it
+#: folds a scalar factor into its rescale): ``(q * scale) @ k.transpose(-2, -1)`` is q x k
+_KEEPS_GRID = {"transpose", "permute", "reshape", "view", "contiguous", "repeat_interleave", "expand",
+               "flatten", "unflatten", "unsqueeze", "squeeze", "clone", "t", "mT", "swapaxes", "movedim"}
+_SCALAR_OPS = {"mul", "__mul__", "__rmul__", "div", "__truediv__"}
+
+
+class _MacCounter(torch.overrides.TorchFunctionMode):
+    """Counts the MACs of every product op into ``tr.macs``, attributed to the quantizers that fed
+    its operands (``source``; ``mark`` records a view or scalar multiple of a quantizer's output as
+    that quantizer's). Outermost mode: it sees the ops the placement's own mode emits, with the
+    operands already quantized."""
+
+    def __init__(self, tr: "Trace", batch: int, source: Callable[[Any], str | None],
+                 mark: Callable[[torch.Tensor, str], None]) -> None:
+        super().__init__()
+        self.tr, self.batch, self.source, self.mark = tr, batch, source, mark
+
+    def _follow(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        name = getattr(func, "__name__", "")
+        if name not in _KEEPS_GRID and name not in _SCALAR_OPS:
+            return
+        rest = list(args[1:]) + list(kwargs.values())
+        if name in _SCALAR_OPS and not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rest):
+            return
+        if args and self.source(args[0]) is not None and not any(isinstance(r, torch.Tensor) for r in rest):
+            self.mark(out, self.source(args[0]))
+
+    def _add(self, a: Any, b: Any, macs: float) -> None:
+        key = (self.source(a), self.source(b))
+        self.tr.macs[key] = self.tr.macs.get(key, 0.0) + macs / self.batch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        from ..placement.intercept import (EINSUM_OPS, SDPA_OPS, WEIGHTED_OPS, einsum_operands,
+                                           matmul_operands)
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        self._follow(func, args, kwargs, out)
+        ops = matmul_operands(func, args)
+        if ops is not None:
+            a, b = args[ops[0]], args[ops[1]]
+            self._add(a, b, float(out.numel()) * a.shape[-1])
+        elif func in WEIGHTED_OPS:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            self._add(x, w, float(out.numel()) * w[0].numel())  # in_features, or in/groups x kernel
+        elif func in EINSUM_OPS and einsum_operands(args) is not None:
+            eq, (a, b) = einsum_operands(args)
+            self._add(a, b, _einsum_macs(eq, a, b, out))
+        elif func in SDPA_OPS:  # fused: no quantizer acts there (the placement takes it apart otherwise)
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            self._add(q, k, float(q.numel()) * k.shape[-2])
+            self._add(None, v, float(out.numel()) * k.shape[-2])
+        return out
 
 
 @torch.no_grad()
 def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
     """Run ``x`` once with every quantizer off and record the execution order (forward pre-hooks on
-    the TensorQuantizers, forward hooks on the other modules) and Linear/Conv MACs."""
+    the TensorQuantizers, forward hooks on the other modules) and the MACs of every product op."""
     inner = unwrap(model)
     qs = quantizers(inner)
     depth = _cache_depth(inner)
@@ -171,12 +247,22 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
             counter[0] += 1
             calls[name] = calls.get(name, 0) + 1
             tr.ends[name] = counter[0]
-            if isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
-                tr.macs[name] = tr.macs.get(name, 0.0) + out.numel() / batch * m.in_features
-            elif isinstance(m, nn.modules.conv._ConvNd) and isinstance(out, torch.Tensor):
-                k = m.in_channels // m.groups * math.prod(m.kernel_size)
-                tr.macs[name] = tr.macs.get(name, 0.0) + out.numel() / batch * k
         return f
+
+    # what each quantizer handed on (its input: identity_quantizers), by address and size; the
+    # tensors are kept alive so no later tensor reuses an address while the trace runs
+    fed: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
+
+    def mark(t: torch.Tensor, name: str) -> None:
+        fed[(t.data_ptr(), t.numel())] = (name, t)
+
+    def seen(name, mod, x, y):
+        if isinstance(x, torch.Tensor):
+            mark(x, name)
+
+    def source(t: Any) -> str | None:  # k.transpose(-2, -1) keeps k's address and size
+        hit = fed.get((t.data_ptr(), t.numel())) if isinstance(t, torch.Tensor) else None
+        return hit[0] if hit is not None else None
 
     try:
         for n, m in inner.named_modules():
@@ -184,7 +270,7 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
                 hooks.append(m.register_forward_pre_hook(qpre(n)))
             elif n:
                 hooks.append(m.register_forward_hook(mend(n, m)))
-        with identity_quantizers(qs):  # called (so seen) but float downstream
+        with identity_quantizers(qs, seen), _MacCounter(tr, batch, source, mark):  # quantizers run, float downstream
             inner(x)
     finally:
         for h in hooks:

@@ -71,7 +71,7 @@ class _Stats:
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         if not q.spec.is_float and q.amax.numel():
-            amin, amax = q.amin.float(), q.amax.float()
+            amin, amax = q.spec.kind.represented_range(q)
             if amax.numel() > 1 and axis is not None:
                 shape = [1] * x.dim()
                 shape[axis % x.dim()] = -1
@@ -90,7 +90,7 @@ class _Stats:
         w = out["warnings"]
         if not q.spec.is_float and q.amax.numel():
             out["clip_fraction"] = self.clipped / max(self.numel, 1)
-            amin, amax = q.amin.float().cpu(), q.amax.float().cpu()
+            amin, amax = (t.cpu() for t in q.spec.kind.represented_range(q))
             lo, hi = self.lo.cpu(), self.hi.cpu()
             width = (amax - amin).clamp_min(1e-12)
             used = (torch.minimum(hi, amax) - torch.maximum(lo, amin)).clamp_min(0) / width

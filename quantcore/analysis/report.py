@@ -140,6 +140,9 @@ def markdown(result: dict[str, Any]) -> str:
                   f"({100 * srch['fraction_above_lowest']:.1f}%) above {srch['choices'][0]}; "
                   f"{len(srch['evaluated'])} configurations evaluated in {srch['seconds']:.0f} s.{_bound_text(srch)}", "",
                   "![Pareto](pareto.png)", "", "| group | choice |", "|---|---|"]
+        if srch.get("uncosted"):
+            lines[-5:-5] = [f"Cost {srch['cost_model']} does not price {len(srch['uncosted'])} searched quantizer(s) "
+                            f"(no product op reads them): {', '.join(f'`{n}`' for n in srch['uncosted'])}.", ""]
         lines += [f"| `{g}` | {c} |" for g, c in srch["config"].items() if c != srch["choices"][0]]
         for key, title in (("check", "Check on the evaluation data"), ("reproduced", "Recipe through the PTQ path")):
             if srch.get(key):

@@ -213,6 +213,8 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
                         f"{r.name!r}, calibration section); none is left to analyze: use a larger split or "
                         "fewer calibration images")
     held = rest[:max(limit, search_limit if opts.search else 0)]
+    if opts.search:  # before any analysis runs
+        opts.budget.check_reachable(len(held[:search_limit]))
     search_set = _batches(ds, sorted(held[:search_limit]), batch_size, workers, dev) if opts.search else None
     analysis_set = _batches(ds, sorted(held[:limit]), batch_size, workers, dev)
     eval_set = None

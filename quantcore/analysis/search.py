@@ -10,6 +10,7 @@ gives the same ranges when run through ``quantcore ptq`` on the same calibration
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ..formats import FLOAT_DTYPES, QuantSpec
 from ..placement import quantizers, unwrap
 from .engine import Engine
 from .groups import group_matches, make_groups
+
+log = logging.getLogger(__name__)
 
 FLOAT = "float"  # the quantizers pass their tensor through (override enabled: false)
 _FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8}
@@ -212,6 +215,26 @@ class Budget:
             return v >= self.value - 1e-9
         return v is None or v >= self.value
 
+    def check_reachable(self, count: int, images_option: str = "--search-limit") -> None:
+        """Refuse an agreement budget checked on its confidence bound that no configuration can meet
+        on ``count`` images: even 100 % agreement has a lower bound below it (UserError naming the
+        options and the image count that would do)."""
+        if self.metric != "agreement" or self.confidence is None:
+            return
+        best = wilson_lower_bound(100.0, count, self.confidence)
+        if best >= self.value - 1e-9:
+            return
+        need = max(int(count), 1)
+        while wilson_lower_bound(100.0, need, self.confidence) < self.value - 1e-9 and need < 10**9:
+            need *= 2
+        lo, hi = need // 2, need
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if wilson_lower_bound(100.0, mid, self.confidence) < self.value - 1e-9 else (lo, mid)
+        raise UserError(f"{BUDGET_METRICS['agreement']} {self.value:g} with --budget-confidence {self.confidence:g} "
+                        f"cannot be met on {count} search images: even 100% agreement has a lower bound of "
+                        f"{best:.3f}%; give {images_option} at least {hi}, or a lower confidence or budget")
+
     def describe(self) -> str:
         text = {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
                 "sqnr_db": f"logit SQNR >= {self.value:g} dB"}[self.metric]
@@ -262,8 +285,11 @@ def wilson_lower_bound(agreement_pct: float, count: int, confidence: float) -> f
 class CostModel:
     """Cost of a configuration. ``bits``: effective bits, the average bits per element over every
     quantized weight (elements x bits) and activation (elements per image x bits);
-    ``bops``: sum over Linear/Conv modules of MACs per image (forward hooks) x weight bits x input
-    bits, in GBOPs. A float tensor counts ``float_bits`` (16: deployed in FP16).
+    ``bops``: sum over every product op of one forward (linear, conv, the attention matmuls, einsum:
+    :class:`~.engine.Trace` ``macs``) of MACs per image x the bits of its two operands, in GBOPs
+    (van Baalen et al. 2020). An operand no quantizer feeds, or a float one, counts ``float_bits``
+    (16: deployed in FP16). A quantizer that is no product's operand (a residual add, the softmax
+    input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them.
 
     Choice ``fp16``: a cast acts during calibration too, so through ``quantcore ptq`` the ranges
     downstream of it differ slightly from the statistics the search reuses; ``float`` (no quantizer)
@@ -285,14 +311,20 @@ class CostModel:
             return self.float_bits
         return float(_FLOAT_BITS.get(spec.format, 16)) if spec.is_float else float(spec.bits)
 
+    def uncosted(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose precision does not change this cost model's figure."""
+        if self.kind == "bits":
+            return [n for n in names if not self.numel.get(n)]
+        operands = {n for pair in self.eng.trace.macs for n in pair}
+        return [n for n in names if n not in operands]
+
     def __call__(self, specs: dict[str, QuantSpec | None]) -> float:
         if self.kind == "bits":
             tot = sum(self.numel.values())
             return sum(self.numel[n] * self.bits_of(specs.get(n)) for n in self.numel) / max(tot, 1)
         total = 0.0
-        for mod, macs in self.eng.trace.macs.items():
-            w, a = specs.get(f"{mod}.weight_quantizer"), specs.get(f"{mod}.input_quantizer")
-            total += macs * self.bits_of(w) * self.bits_of(a)
+        for (a, b), macs in self.eng.trace.macs.items():
+            total += macs * self.bits_of(specs.get(a) if a else None) * self.bits_of(specs.get(b) if b else None)
         return total / 1e9
 
 
@@ -326,6 +358,7 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     t0 = time.perf_counter()
     ch = parse_choices(choices)
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
+    budget.check_reachable(sum(x.shape[0] for x, _ in eng.batches))
     grp = make_groups(eng, groups, field="search_groups")
     where: dict[str, str] = {}
     for g, members in grp.items():
@@ -336,6 +369,11 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
             where[n] = g
     bank = RangeBank(eng.model, stats)
     costf = CostModel(eng, cost)
+    uncosted = costf.uncosted(where)
+    if uncosted:
+        log.warning("cost %s: %d searched quantizer(s) change no cost (%s%s); the search may keep them at the "
+                    "most precise choice for free", cost, len(uncosted), ", ".join(uncosted[:4]),
+                    ", ..." if len(uncosted) > 4 else "")
     higher = True  # every budget metric is better when larger
     score_key = budget.metric
 
@@ -424,6 +462,7 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
             "groups": grp, "config": cfg, "specs": {n: None if s is None else s.model_dump() for n, s in specs.items()},
             "metrics": cur["metrics"], "cost": cur["cost"], "met": cur["ok"],
             "fraction_above_lowest": n_above / max(len(specs), 1), "quantizers_above_lowest": n_above,
+            "uncosted": uncosted,
             "order": order, "evaluated": evaluated, "pareto": _pareto(evaluated, score_key, higher),
             "images": sum(x.shape[0] for x, _ in eng.batches), "seconds": time.perf_counter() - t0}
 
@@ -466,6 +505,9 @@ def search_recipe(base: Recipe, model: nn.Module, result: dict[str, Any], name: 
     d["name"] = name or f"{base.name}_mp"
     d["description"] = (f"{base.name} + mixed precision ({result['budget']['text']}, {result['cost_model']} "
                         f"cost {result['cost']:.4g})")
+    if not result["met"]:  # written for review, but never mistaken for a recipe that meets its budget
+        d["description"] = ("BUDGET NOT MET on the search images (this is the last configuration the search "
+                            "tried): " + d["description"])
     if checkpoint and d.get("model") is not None:
         d["model"].update(checkpoint=checkpoint, pretrained=False)
     return Recipe.model_validate(d)

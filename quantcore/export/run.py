@@ -177,6 +177,7 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     from ..io import storage
 
     t0 = time.perf_counter()
+    all_formats = formats.strip() == "all" if isinstance(formats, str) else tuple(formats) == FORMATS
     formats = parse_formats(formats)
     storage.join(out, "export_report.json")  # an empty or malformed --out fails here, before any work
     x = example_input(model) if x is None else x
@@ -210,10 +211,20 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
             pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(ex.plans, tensor_map), indent=1))
         if "trt-table" in formats:
             table = range_table(ex.plans, tensor_map)
-            pending["trt_ranges"] = ("trt_ranges.json", json.dumps(table, indent=1))
-            pending["trt_cache"] = ("trt_ranges.cache", calibration_cache(table))
             report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
                                    "widened": [r["quantizer"] for r in table["tensors"].values() if not r["exact"]]}
+            if table["tensors"]:
+                pending["trt_ranges"] = ("trt_ranges.json", json.dumps(table, indent=1))
+                pending["trt_cache"] = ("trt_ranges.cache", calibration_cache(table))
+            else:  # a table of nothing would build an engine TensorRT calibrates on its own
+                reasons = sorted(set(table["skipped"].values()))
+                why = (f"trt-table: none of the {len(table['skipped'])} quantizers is an INT8 per-tensor activation "
+                       f"range TensorRT's implicit mode can take ({'; '.join(reasons[:3])}"
+                       f"{'; ...' if len(reasons) > 3 else ''}); use the QDQ model.onnx (--format onnx)")
+                if not all_formats:
+                    raise ExportError(why)
+                report["trt_table"]["written"] = False
+                report["trt_table"]["why"] = why
     if check is not None:  # before anything is written: bad check data leaves out as it was
         xs, ys, subset, skipped = _load_check_images(model, check)
         report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),

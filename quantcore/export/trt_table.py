@@ -6,7 +6,8 @@ calibrates weights itself (per-channel max). So the table holds the activation q
 tensor names of the float ONNX model (``model_float.onnx``, which TensorRT's ONNX parser keeps), with
 ``amax``; an asymmetric range is widened to ``max(|min|, |max|)`` and marked ``exact: false``; grids TensorRT's
 implicit INT8 cannot express (not 8-bit, per-channel activations) and casts are listed under ``skipped``
-with the reason. Explicit quantization (the QDQ ``model.onnx``) needs no table.
+with the reason, and so are the weight quantizers (their grids are not carried: TensorRT derives its own).
+Explicit quantization (the QDQ ``model.onnx``) needs no table.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def range_table(plans: dict[str, QdqSpec], tensor_map: dict[str, list[str]]) -> 
     tensors: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name, p in plans.items():
-        if p.kind == "weight":
-            continue  # TensorRT calibrates weights itself in implicit mode
+        if p.kind == "weight":  # TensorRT calibrates weights itself in implicit mode
+            grid = f"{p.format} cast" if p.op == "cast" else f"{p.bits}-bit grid"
+            skipped[name] = (f"weight: TensorRT implicit INT8 sets weight scales itself (per-output-channel max of "
+                             f"the weights); this {grid} is not carried")
+            continue
         if p.op == "cast":
             skipped[name] = f"{p.format} cast (build the engine with FP16 enabled instead)"
             continue

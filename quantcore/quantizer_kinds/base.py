@@ -77,6 +77,12 @@ class QuantizerKind:
         describe the grid actually applied. Default: unchanged, no floor."""
         return lo, hi, torch.zeros_like(lo, dtype=torch.bool)
 
+    def represented_range(self, quantizer: "TensorQuantizer"):
+        """``(lo, hi)`` float32 tensors (shape of the range buffers): the interval the grid covers,
+        outside of which values are clipped (what clipping and grid-use statistics compare against).
+        Default: the stored range."""
+        return quantizer.amin.float(), quantizer.amax.float()
+
     def tensor_range(self, x: "torch.Tensor", spec: "QuantSpec"):
         """One-shot range of a tensor the quantizer sees whole (weights): ``(lo, hi)`` tensors of shape
         ``()`` or ``(C,)``, or ``None`` to use the calibrator's statistics of ``x``. Default: the MSE

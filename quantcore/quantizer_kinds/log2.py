@@ -152,6 +152,8 @@ class LogGrid(QuantizerKind):
         b = quantizer.spec.bits
         base = "2" if self.k == 1 else "sqrt2"
         return {"scale": quantizer.amax.float(), "log_base": base, "codes": 2**b,
+                "zero": f"0 is a value outside the {2**b} codes (inputs below the last code's midpoint, "
+                        f"and x <= 0): {2**b} codes + 0 = {2**b + 1} levels",
                 "formula": f"code = clamp(round(-{self.k}*log2(x/scale)), 0, {2**b - 1}); "
                            f"x_hat = scale * 2**(-code/{self.k}); x_hat = 0 where "
                            f"round(-{self.k}*log2(x/scale)) >= {2**b} or x <= 0",

@@ -147,19 +147,34 @@ class TwinUniform(QuantizerKind):
             return y + (x - x.detach()) * inside
         return y
 
+    def represented_range(self, quantizer):
+        """Both regions: the softmax form's R2 reaches ``(L-1)*delta2`` (1), above the stored
+        ``amax`` (R1's top); the GELU form's stored range is already both regions' span."""
+        signed, d1, d2, _ = twin_params(float(quantizer.amin), float(quantizer.amax), quantizer.spec.bits)
+        lo = quantizer.amin.float()
+        return lo, torch.full_like(lo, (2 ** (quantizer.spec.bits - 1) - 1) * d2)
+
     def encoding(self, quantizer) -> dict:
         bits = quantizer.spec.bits
         n = 2 ** (bits - 1)
         signed, d1, d2, m = twin_params(float(quantizer.amin), float(quantizer.amax), bits)
         if signed:
-            rule = (f"post-GELU: x < 0 -> region 1, x_hat = clamp(round(x/delta1), -{n}, 0)*delta1; "
-                    f"else region 2, x_hat = clamp(round(x/delta2), 0, {n - 1})*delta2")
+            # region 1 holds magnitudes 1..n (n codes, stored as magnitude - 1); a value rounding to 0
+            # is region 2's code 0
+            rule = (f"post-GELU: x < 0 -> x_hat = clamp(round(x/delta1), -{n}, 0)*delta1, and x_hat < 0 is region 1 "
+                    f"with code {n} + (-x_hat/delta1 - 1); else (x_hat = 0 included) region 2, x_hat = "
+                    f"clamp(round(x/delta2), 0, {n - 1})*delta2, code = x_hat/delta2")
+            code = f"{n} region-1 codes for -{n}*delta1..-delta1, {n} region-2 codes for 0..{n - 1}*delta2"
         else:
-            rule = (f"post-softmax: x < {n}*delta1 -> region 1, x_hat = clamp(round(x/delta1), 0, {n - 1})*delta1; "
-                    f"else region 2, x_hat = clamp(round(x/delta2), 0, {n - 1})*delta2")
+            rule = (f"post-softmax: x < {n}*delta1 -> region 1, x_hat = clamp(round(x/delta1), 0, {n - 1})*delta1, "
+                    f"code = x_hat/delta1; else region 2, x_hat = clamp(round(x/delta2), 0, {n - 1})*delta2, "
+                    f"code = {n} + x_hat/delta2")
+            code = f"{n} codes per region; the grid covers [0, {n - 1}*delta2] (max is region 1's top)"
         return {"delta1": d1, "delta2": d2, "exponent_m": m, "region_convention": "gelu" if signed else "softmax",
-                "codes_per_region": n,
-                "formula": f"delta2 = 2**m * delta1; code = region_bit * {n} + magnitude; " + rule,
+                "codes_per_region": n, "covers": [float(self.represented_range(quantizer)[0].min()),
+                                                  float(self.represented_range(quantizer)[1].max())],
+                "codes": code,
+                "formula": f"delta2 = 2**m * delta1; " + rule,
                 "source": "PTQ4ViT twin uniform quantization (Yuan et al. 2022)"}
 
 
