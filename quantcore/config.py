@@ -177,6 +177,8 @@ class OptimizerConfig(_Strict):
         bad = sorted(k for k in only if getattr(self, k) != type(self).model_fields[k].default)
         if bad:
             raise ValueError(f"{', '.join(bad)}: not an option of optimizer {self.name!r}")
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0 (Nesterov momentum without momentum is plain SGD)")
         return self
 
 
@@ -277,6 +279,14 @@ class QATConfig(_Strict):
             raise ValueError("distill.alpha is set but distill.kind is none (the loss is cross-entropy alone)")
         if self.ranges == "frozen" and self.optimizer.range_lr is not None:
             raise ValueError("optimizer.range_lr is set but ranges: frozen learns no ranges")
+        if self.ranges == "frozen" and self.learn_zero_point != type(self).model_fields["learn_zero_point"].default:
+            raise ValueError("learn_zero_point is set but ranges: frozen learns no ranges")
+        if self.distill.kind != "none" and self.distill.alpha == 0:
+            raise ValueError(f"distill.alpha: 0 gives distillation ({self.distill.kind}) no weight: the teacher "
+                             "would run for nothing; use distill.kind: none")
+        if self.distill.kind != "none" and self.distill.alpha == 1 and self.label_smoothing:
+            raise ValueError(f"label_smoothing is set but distill.alpha: 1 leaves no label term in the loss "
+                             f"({self.distill.kind} alone)")
         if self.augment.kind == "none":
             bad = sorted(k for k, f in AugmentConfig.model_fields.items()
                          if k != "kind" and getattr(self.augment, k) != f.default)

@@ -390,7 +390,8 @@ def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOp
 
 
 def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, ctx: distributed.DistContext,
-                 out: str, resuming: bool) -> tuple[nn.Module, nn.Module, dict, nn.Module | None]:
+                 out: str, resuming: bool, eval_classes: int | None = None
+                 ) -> tuple[nn.Module, nn.Module, dict, nn.Module | None]:
     """(FP32 model, calibrated model, calibration info, teacher), on ``ctx.device``. Everything that
     can be refused (distillation, teacher, BatchNorm options) is checked before calibrating."""
     from .data import eval_transform, make_loader, open_dataset
@@ -403,7 +404,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
         fp32 = copy.deepcopy(model)
         api.set_quantization(fp32, False)  # the checkpoint's own float path
         fp32 = fp32.to(ctx.device).eval()
-        teacher = _prechecks(cfg, fp32, ctx.device)
+        teacher = _prechecks(cfg, fp32, ctx.device, eval_classes)
         info = dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}, init=opts.init)
         if ctx.is_main and not resuming:
             api.save(model, ptq_uri, extra={"calibration": info})
@@ -416,7 +417,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     fp32 = api.build_model(recipe).to(ctx.device).eval()
     if getattr(fp32, "quantcore_weights", "") is None and ctx.is_main:
         log.warning(random_weights_warning(recipe))
-    teacher = _prechecks(cfg, fp32, ctx.device)
+    teacher = _prechecks(cfg, fp32, ctx.device, eval_classes)
     if resuming:
         try:
             model = api.load(ptq_uri).to(ctx.device)
@@ -432,7 +433,11 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     model = api.prepare(copy.deepcopy(fp32), recipe)
     loader = make_loader(ds, recipe.calibration.batch_size, _workers(opts, recipe), indices=idx)
     res = api.calibrate(model, loader)  # + the recipe's reparam/reconstruction
+    from .pipeline import _dedupe, _gather_skipped
+
+    cal_skipped = _gather_skipped(_dedupe([_skip_dict(s) for s in loader.skipped.as_list()]))
     info = {"method": recipe.calibration.method, "uri": train.uri, "split": train.split, "images": res.images,
+            "skipped": cal_skipped,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
             "fp32_weights": getattr(fp32, "quantcore_weights", "given"), **res.transforms}
@@ -473,12 +478,47 @@ def _data_identity(train: Any) -> dict[str, Any]:
             "skip_bad": bool(getattr(train, "skip_bad", False))}
 
 
+def _sample_identity(ds: Any) -> dict[str, Any]:
+    """How many samples the training split holds and a SHA-256 of their names and labels: images
+    added, removed or relabelled under the same URI make another run (the epoch's order and the
+    schedule's length depend on them). An image rewritten under its own name is not detected."""
+    h = hashlib.sha256()
+    for name, label in zip(getattr(ds, "samples", []), getattr(ds, "labels", [])):
+        h.update(f"{name}\t{label}\n".encode())
+    return {"samples": len(ds), "index_sha256": h.hexdigest()}
+
+
+def _start_identity(init: str | None, fp32: nn.Module) -> dict[str, Any]:
+    """What the run starts from: the ``--init`` checkpoint (or none) and a digest of the FP32 weights
+    (the teacher and the float reference), so a resume cannot swap either."""
+    from .checkpoint import _digest
+
+    return {"init": init, "fp32_sha256": _digest({}, fp32.state_dict())}
+
+
+def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) -> None:
+    stored = state.get("start")
+    if stored is None:  # written before the start was recorded
+        return
+    if stored.get("init") != start["init"]:
+        raise CheckpointError(f"--out holds training checkpoints of a run started from --init "
+                              f"{stored.get('init')!r} ({uri}); this one gives --init {start['init']!r}: "
+                              f"resuming would train another model. Give the same --init, another --out, "
+                              f"or --no-resume to discard them")
+    if stored.get("fp32_sha256") != start["fp32_sha256"]:
+        raise CheckpointError(f"--out holds training checkpoints of a run from other FP32 weights ({uri}): the "
+                              f"{'--init checkpoint' if start['init'] else 'model weights (recipe model.checkpoint / --checkpoint)'} "
+                              f"changed since; resuming would mix both. Restore them, use another --out, or "
+                              f"--no-resume to discard them")
+
+
 def _check_same_data(state: dict[str, Any], data_id: dict[str, Any], world_size: int, uri: str) -> None:
     """A resume must see the run's own samples and ranks: another split, dataset or rank count would
-    continue the stored data position and RNG streams on other data (mixing both runs silently)."""
+    continue the stored data position and RNG streams on other data (mixing both runs silently).
+    Keys of ``data_id`` the checkpoint does not hold are not compared (older checkpoints)."""
     stored = state.get("data")
     if stored is not None:
-        diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in data_id.items() if stored.get(k) != v]
+        diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in data_id.items() if k in stored and stored.get(k) != v]
         if diff:
             raise CheckpointError(f"--out holds training checkpoints of a run on other data ({uri}): "
                                   f"{'; '.join(diff)}; resuming would mix both. Use the same data, another "
@@ -515,9 +555,38 @@ def _check_init(recipe: Recipe, stored: Recipe, uri: str) -> None:
                         f"pass the recipe it was made with plus your qat: section")
 
 
-def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module | None:
+def _skip_dict(s: Any) -> dict:
+    return s.as_dict() if hasattr(s, "as_dict") else dict(s)
+
+
+def _may_learn(recipe: Recipe) -> bool:
+    """Whether any format the recipe uses (its two specs or an override's) has a learnable range."""
+    from .quantizer_kinds import quantizer_kind
+
+    fmts = {recipe.weight_spec().format, recipe.activation_spec().format}
+    fmts |= {o.spec.format for o in recipe.overrides if o.spec is not None and o.spec.format is not None}
+    return any(quantizer_kind(f).supports_learnable for f in fmts)
+
+
+def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_classes: int | None = None
+               ) -> nn.Module | None:
     """Refuse options that cannot apply to this model, and build the teacher (checking it can take the
-    student's input and gives as many logits) - before any calibration or training."""
+    student's input and gives as many logits) - before any calibration or training. ``eval_classes``:
+    the evaluation data's class count, which the model's logits must match (a model with class names
+    maps the data's folders by name instead: checked when the data is read)."""
+    from .data import model_label_names
+    from .placement import unwrap
+
+    if eval_classes is not None and model_label_names(unwrap(fp32)) is None:
+        from .placement import default_example_input
+
+        with torch.no_grad():
+            got = output_logits(fp32(default_example_input(fp32))).shape[-1]
+        if got != eval_classes:
+            raise UserError(f"model.num_classes: the model gives {got} logits, but the evaluation data "
+                            f"(--eval-data/--eval-split) has {eval_classes} classes; set model.num_classes: "
+                            f"{eval_classes} (and weights trained for them), or evaluate on data of this model's "
+                            f"{got} classes")
     if cfg.distill.kind.startswith("deit") and not hasattr(fp32, "set_distilled_training"):
         raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token (use a "
                         f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
@@ -582,6 +651,10 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         "a calibrated checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")
     cfg = _qat_config(recipe, opts)
     recipe = recipe.model_copy(update={"qat": cfg})
+    if cfg.ranges == "learned" and not _may_learn(recipe):  # before calibrating; checked again on the model
+        raise UserError(f"recipe {recipe.name!r}: qat.ranges: learned (the default), but none of its formats "
+                        "has a learnable range (float casts such as fp16/bf16, log2 or twin grids); set "
+                        "qat.ranges: frozen" + (" and drop optimizer.range_lr" if cfg.optimizer.range_lr else ""))
     if not opts.init:
         recipe = _with_checkpoint(recipe, opts.checkpoint)
     check_out(out)
@@ -605,14 +678,23 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         if ctx.is_main:
             log.warning("resuming from %s (step %d)", ckpt_uri, state_in["step"])
 
-    if evald is not None:  # a missing evaluation split is found now, not after calibrating and training
-        open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
-                     cache_dir=evald.cache_dir)
-    fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None)
+    eval_classes = None
+    if evald is not None:  # a missing evaluation split (or class count) is found now, not after training
+        eval_classes = open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
+                                    cache_dir=evald.cache_dir).num_classes
+    fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None,
+                                                  eval_classes=eval_classes)
+    start_id = _start_identity(opts.init, fp32)
+    if state_in is not None:
+        _check_same_start(state_in, start_id, ckpt_uri)
     ptq_model = copy.deepcopy(model).eval()
     for p in ptq_model.parameters():
         p.requires_grad_(False)
     learned = learnable_quantizers(model, cfg.learn_zero_point) if cfg.ranges == "learned" else []
+    if cfg.ranges == "learned" and not learned:
+        raise UserError(f"recipe {recipe.name!r}: qat.ranges: learned (the default), but no quantizer of this "
+                        "model has a learnable range (float casts such as fp16/bf16, or grids without one); set "
+                        "qat.ranges: frozen" + (" and drop optimizer.range_lr" if cfg.optimizer.range_lr else ""))
     model.to(dev)
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(True)
@@ -621,6 +703,9 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                       skip_bad=train.skip_bad, cache_dir=train.cache_dir, label_names=model_label_names(unwrap(fp32)))
     samples = SeededSamples(ds, cfg.seed)
     n = len(ds)
+    data_id = {**data_id, **_sample_identity(ds)}
+    if state_in is not None:
+        _check_same_data(state_in, data_id, ctx.world_size, ckpt_uri)
     gb = cfg.batch_size * ctx.world_size
     steps_per_epoch = (n + gb - 1) // gb
     total_steps = cfg.epochs * steps_per_epoch
@@ -668,7 +753,17 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         window.update(loss=float(state_in["log_window"][ctx.rank][0]), n=float(state_in["log_window"][ctx.rank][1]))
     t_train = time.perf_counter()
 
+    # training images skipped (--skip-bad), this rank's, plus every rank's up to the resumed checkpoint
+    train_skipped: dict[tuple, dict] = {(r.get("name"), r.get("reason")): r
+                                        for r in (state_in or {}).get("train_skipped", [])}
+
+    def all_train_skipped() -> list[dict]:
+        from .pipeline import _gather_skipped
+
+        return _gather_skipped(list(train_skipped.values()))
+
     def save_checkpoint() -> str:
+        skipped_now = all_train_skipped()
         rngs = distributed.all_gather_object(_rng_state(dev))
         windows = distributed.all_gather_object((window["loss"], window["n"]))
         uri = _ckpt_uri(out, st.step)
@@ -678,7 +773,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rngs, "metrics": st.metrics, "recipe": json.dumps(recipe.model_dump(mode="json")),
-                     "data": data_id, "log_window": windows,
+                     "data": data_id, "start": start_id, "log_window": windows, "train_skipped": skipped_now,
                      "train_s": st.train_s + time.perf_counter() - t_train}
             storage.write_bytes(uri, encode_train_state(state))
             _prune_checkpoints(out, st.step, cfg.keep_checkpoints)
@@ -694,8 +789,15 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                                                 start=st.consumed)
             loader = _train_loader(samples, [b for b, _ in batches], st.epoch, workers)
             _set_train_mode(net, cfg, st.step)
-            for (_idx, global_count), (images, labels, _skipped) in zip(batches, loader):
-                loss_sum = _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched, scaler,
+            for (_idx, global_count), (images, labels, skipped) in zip(batches, loader):
+                norm_count = global_count
+                if train.skip_bad:  # the loss averages the images the step really has, all ranks together
+                    for s in skipped or []:
+                        r = _skip_dict(s)
+                        train_skipped.setdefault((r.get("name"), r.get("reason")), r)
+                    good = torch.tensor([0.0 if images is None else float(images.shape[0])])
+                    norm_count = max(int(distributed.all_reduce(good, "sum").item()), 1)
+                loss_sum = _train_step(net, teacher, images, labels, norm_count, ctx, cfg, opt, sched, scaler,
                                        amp, example_shape, model)
                 st.step += 1
                 st.consumed += global_count
@@ -710,7 +812,9 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                     progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                     if opts.on_log is not None:
                         opts.on_log(dict(m))
-                if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last:
+                # not at an epoch's last step: the epoch end validates (once)
+                if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last \
+                        and st.consumed < n:
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 flag[0] = float(sigterm.flag)
@@ -729,12 +833,15 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                     _set_train_mode(net, cfg, st.step)
                 if st.step < total_steps:
                     save_checkpoint()
+    if st.consumed >= n:  # resumed from the final checkpoint, written before its epoch was counted
+        st.epoch, st.consumed = st.epoch + 1, 0
     model.eval()
     _representable_scales(model)
     api.convert(model)
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(False)
     train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
+    cal_info = {**cal_info, "train_skipped": all_train_skipped()}
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 
@@ -894,6 +1001,12 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
         data_info = {"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                      "eval_subset": subset, "num_classes": ev.ds.num_classes}
     data_info.update({"train_uri": train.uri, "train_split": train.split})
+    from .pipeline import _dedupe
+
+    # calibration, training and evaluation images skipped (--skip-bad), each named once
+    skipped = _dedupe([_skip_dict(r) for r in
+                       list(cal_info.get("skipped") or []) + list(cal_info.pop("train_skipped", None) or [])
+                       + skipped])
     warnings = [random_weights_warning(recipe)] if cal_info.get("fp32_weights", "") is None else []
     qat_info = {"steps": st.step, "epochs_done": st.epoch, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * ctx.world_size, "learned_quantizers": len(learned),

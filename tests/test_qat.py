@@ -325,6 +325,7 @@ def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teac
         "quant": {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}},
         "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
         "qat": {"epochs": 1, "batch_size": 16, "amp": "bf16", "optimizer": {"name": "adamw", "lr": 1e-3},
+                "ranges": "frozen",
                 "distill": {"kind": "deit_hard", "teacher": {"name": "resnet10t", "in_chans": 1, "num_classes": 10,
                                                              "checkpoint": str(t_ckpt)}},
                 "augment": {"kind": "none"}, "log_every": 1, "num_workers": 0}})
@@ -523,3 +524,81 @@ def test_the_loss_logged_after_a_resume_is_the_uninterrupted_runs(fmnist, tmp_pa
     assert losses == [(m["step"], m["loss"]) for m in ref if "loss" in m] and losses[-1][0] == 6
     st4 = decode_train_state((part / "checkpoints" / "step-000000004.pt").read_bytes(), "x")
     assert 0 < st4["train_s"] <= rep["qat"]["train_s"]  # training time adds up over invocations
+
+
+def _folder_split(root: Path, split: str, n: int, start: int, classes: int = 10, truncated: bool = False) -> None:
+    """``n`` Fashion-MNIST images as PNG files in class folders (plus one truncated PNG)."""
+    from PIL import Image
+
+    x, y = load_fashion_mnist()["train"]
+    for i in range(start, start + n):
+        d = root / split / f"c{int(y[i]) % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(d / f"{i:05d}.png")
+    if truncated:
+        good = next((root / split).glob("*/*.png")).read_bytes()
+        (root / split / "c0" / "zz_trunc.png").write_bytes(good[:len(good) // 3])
+
+
+def test_qat_options_that_cannot_act_are_refused(fmnist, tmp_path):
+    """Recipe options the loop would ignore are refused naming the field; ranges: learned on a model
+    whose formats have no learnable range is refused before calibrating; an evaluation split with
+    another class count than the model's logits is refused before calibrating, not after an epoch."""
+    data, ckpt = fmnist
+    for qat, msg in (({"optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True}}, "nesterov"),
+                     ({"ranges": "frozen", "learn_zero_point": False}, "learn_zero_point"),
+                     ({"distill": {"kind": "kd", "alpha": 0.0, "temperature": 5.0}}, "distill.alpha: 0"),
+                     ({"distill": {"kind": "logit_mse", "alpha": 1.0}, "label_smoothing": 0.3}, "label_smoothing")):
+        with pytest.raises(ValueError, match=msg):
+            Recipe.model_validate(_recipe(ckpt, **qat))
+    Recipe.model_validate(_recipe(ckpt, distill={"kind": "logit_mse", "alpha": 0.5}, label_smoothing=0.1))
+    r = _recipe(ckpt)
+    r["quant"] = {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}}
+    r["overrides"] = []
+    with pytest.raises(UserError, match="qat.ranges: learned.*set qat.ranges: frozen"):
+        run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "f"),
+                QATOptions(progress=False, max_steps=1))
+    assert not (tmp_path / "f" / "ptq").exists()
+    two = tmp_path / "two"
+    _folder_split(two, "val", 8, 0, classes=2)
+    with pytest.raises(UserError, match="gives 10 logits.*has 2 classes"):
+        run_qat(Recipe.model_validate(_recipe(ckpt)), DataSpec(data, "train"), DataSpec(str(two), "val"),
+                str(tmp_path / "c"), QATOptions(progress=False, max_steps=1))
+    assert not (tmp_path / "c" / "ptq").exists()
+
+
+def test_resume_refuses_another_start_or_changed_samples_and_reports_skipped_images(fmnist, tmp_path):
+    """A resume must start from the same --init / FP32 weights and the same samples (added images
+    under the same URI change the epoch order and schedule); bad training and calibration images are
+    listed in the report and do not dilute the loss; validation at an epoch end runs once; a rerun of
+    a finished run reports the same epochs."""
+    from quantcore.qat import per_sample_loss  # noqa: F401 - the loss the normaliser divides
+
+    data, ckpt = fmnist
+    folder = tmp_path / "folder"
+    _folder_split(folder, "train", 63, 0, truncated=True)
+    _folder_split(folder, "test", 60, 100)
+    r = Recipe.model_validate(_recipe(ckpt, epochs=2, batch_size=16, eval_every=4, eval_limit=20))
+    out = tmp_path / "run"
+    train = DataSpec(str(folder), "train", skip_bad=True)
+    rep = run_qat(r, train, DataSpec(str(folder), "test"), str(out), QATOptions(progress=False))
+    names = [s["name"] for s in rep["skipped"]]
+    assert any("zz_trunc.png" in n for n in names), rep["skipped"]
+    assert rep["qat"]["epochs_done"] == 2 and rep["qat"]["steps"] == 8  # 63 good of 64 / 16 per step
+    vals = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_top1" in m]
+    assert len(vals) == len(set(vals)), vals  # step 4 ends epoch 1: validated once
+    # a rerun into the finished run's --out resumes from the final checkpoint: same epochs reported
+    again = run_qat(r, train, DataSpec(str(folder), "test"), str(out), QATOptions(progress=False))
+    assert again["qat"]["epochs_done"] == rep["qat"]["epochs_done"]
+    # another --init than the run was started from (here: none) is refused
+    out2 = tmp_path / "init"
+    run_qat(r, train, None, str(out2), QATOptions(progress=False, init=str(out / "ptq" / "model.qc.pt"),
+                                                 max_steps=2))
+    with pytest.raises(UserError, match="started from --init"):
+        run_qat(r, train, None, str(out2), QATOptions(progress=False, max_steps=2))
+    # images added under the same URI: another run
+    out3 = tmp_path / "grow"
+    run_qat(r, train, None, str(out3), QATOptions(progress=False, max_steps=2))
+    _folder_split(folder, "train", 5, 200)
+    with pytest.raises(UserError, match="other data.*samples 64 -> 69"):
+        run_qat(r, train, None, str(out3), QATOptions(progress=False, max_steps=2))
