@@ -493,14 +493,14 @@ def _start_identity(init: str | None, fp32: nn.Module) -> dict[str, Any]:
     (the teacher and the float reference), so a resume cannot swap either."""
     from .checkpoint import _digest
 
-    return {"init": init, "fp32_sha256": _digest({}, fp32.state_dict())}
+    return {"init": None if init is None else str(init), "fp32_sha256": _digest({}, fp32.state_dict())}
 
 
 def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) -> None:
     stored = state.get("start")
     if stored is None:  # written before the start was recorded
         return
-    if stored.get("init") != start["init"]:
+    if (stored.get("init") is None) != (start["init"] is None):  # the same file may be spelled otherwise
         raise CheckpointError(f"--out holds training checkpoints of a run started from --init "
                               f"{stored.get('init')!r} ({uri}); this one gives --init {start['init']!r}: "
                               f"resuming would train another model. Give the same --init, another --out, "

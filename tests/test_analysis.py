@@ -360,9 +360,10 @@ def test_search_met_is_decided_by_what_the_written_recipe_gives(setup, monkeypat
     monkeypatch.setattr(run_mod, "verify_recipe", worse)
     opts = run_mod.AnalyzeOptions(errors=False, sensitivity=False, search=True,
                                   budget=Budget.from_options(agreement=50.0), search_groups="block", choices=("4", "8"))
-    res, _ = run_mod.analyze_model(model, evalb, opts, stats=api.calibration_state(model), fp32=fp32,
-                                   calib_batches=calib)
+    res, written = run_mod.analyze_model(model, evalb, opts, stats=api.calibration_state(model), fp32=fp32,
+                                         calib_batches=calib)
     assert res["search"]["reproduced"]["equal"] is False and res["search"]["met"] is False
+    assert written.description.startswith("BUDGET NOT MET")  # the recipe written says so too
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -472,3 +473,32 @@ def test_a_budget_no_configuration_can_meet_is_refused_and_a_missed_one_is_marke
     met = search(model, evalb, Budget.from_options(sqnr_db=1.0), api.calibration_state(model),
                  groups="block", choices=("4", "8"))
     assert met["met"] and "NOT MET" not in search_recipe(model.quantcore_recipe, model, met).description
+
+
+class _KeywordProducts(torch.nn.Module):
+    """Product ops called with keyword operands, addmm/baddbmm, a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+        self.ct = torch.nn.ConvTranspose2d(2, 3, 3)
+
+    def forward(self, x):
+        y = torch.matmul(x, other=self.w)
+        w3 = self.w[None].expand(y.shape[0], 8, 8)
+        z = torch.bmm(y[:, None], mat2=w3)
+        c = torch.baddbmm(z, batch1=z, batch2=w3)
+        t = self.ct(x.reshape(-1, 2, 2, 2))
+        return c.flatten(1).sum(1, keepdim=True) + t.flatten(1).sum(1, keepdim=True) + torch.addmm(y, y, self.w)
+
+
+def test_the_mac_count_takes_keyword_operands_and_every_product_kind():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from quantcore.analysis.engine import trace_forward
+
+    m, x = _KeywordProducts().eval(), torch.randn(4, 8)
+    tr = trace_forward(m, x)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x)
+    assert 2 * sum(tr.macs.values()) == pytest.approx(fc.get_total_flops() / x.shape[0], rel=1e-9)

@@ -572,8 +572,6 @@ def test_resume_refuses_another_start_or_changed_samples_and_reports_skipped_ima
     under the same URI change the epoch order and schedule); bad training and calibration images are
     listed in the report and do not dilute the loss; validation at an epoch end runs once; a rerun of
     a finished run reports the same epochs."""
-    from quantcore.qat import per_sample_loss  # noqa: F401 - the loss the normaliser divides
-
     data, ckpt = fmnist
     folder = tmp_path / "folder"
     _folder_split(folder, "train", 63, 0, truncated=True)

@@ -161,6 +161,18 @@ def _einsum_macs(eq: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -
     return float(out.numel()) * math.prod(n for c, n in sizes.items() if c not in kept)
 
 
+def _product_ops() -> dict[Callable, tuple[int, int]]:
+    from ..placement.intercept import BADDBMM_OPS, MATMUL_OPS
+
+    ops = {f: (0, 1) for f in MATMUL_OPS}
+    ops.update({f: (1, 2) for f in BADDBMM_OPS})
+    ops.update({f: (1, 2) for f in (torch.addmm, torch.Tensor.addmm, torch.addbmm, torch.Tensor.addbmm)})
+    return ops
+
+
+#: product ops with two activation/weight operands -> their positions (out = ... a @ b)
+_PRODUCT_OPS = _product_ops()
+
 #: ops that hand a quantized tensor on in the same representation (the integer GEMM that consumes it
 #: folds a scalar factor into its rescale): ``(q * scale) @ k.transpose(-2, -1)`` is q x k
 _KEEPS_GRID = {"transpose", "permute", "reshape", "view", "contiguous", "repeat_interleave", "expand",
@@ -194,30 +206,43 @@ class _MacCounter(torch.overrides.TorchFunctionMode):
         self.tr.macs[key] = self.tr.macs.get(key, 0.0) + macs / self.batch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        from ..placement.intercept import (EINSUM_OPS, SDPA_OPS, WEIGHTED_OPS, einsum_operands,
-                                           matmul_operands)
-
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            return out
-        self._follow(func, args, kwargs, out)
-        ops = matmul_operands(func, args)
-        if ops is not None:
-            a, b = args[ops[0]], args[ops[1]]
-            self._add(a, b, float(out.numel()) * a.shape[-1])
-        elif func in WEIGHTED_OPS:
-            x = args[0] if args else kwargs.get("input")
-            w = args[1] if len(args) > 1 else kwargs.get("weight")
-            self._add(x, w, float(out.numel()) * w[0].numel())  # in_features, or in/groups x kernel
+        if isinstance(out, torch.Tensor):
+            self._follow(func, args, kwargs, out)
+            self._count(func, args, kwargs, out)
+        return out
+
+    def _count(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        from ..placement.intercept import (EINSUM_OPS, SDPA_OPS, TRANSPOSED_CONV_OPS, WEIGHTED_OPS,
+                                           einsum_operands)
+
+        def arg(i: int, *names: str) -> Any:  # positional, else by keyword (torch.bmm(a, mat2=b))
+            if i < len(args):
+                return args[i]
+            return next((kwargs[n] for n in names if n in kwargs), None)
+
+        if func in _PRODUCT_OPS:
+            i, j = _PRODUCT_OPS[func]
+            a, b = arg(i, "input", "batch1", "mat1"), arg(j, "other", "mat2", "batch2")
+            if isinstance(a, torch.Tensor) and a.dim() >= 1:
+                self._add(a, b, float(out.numel()) * a.shape[-1])
+        elif func in WEIGHTED_OPS or func in TRANSPOSED_CONV_OPS:
+            x, w = arg(0, "input"), arg(1, "weight")
+            if not isinstance(w, torch.Tensor):
+                return
+            per = w.numel() if w.dim() == 1 else w[0].numel()  # in_features, in/groups x kernel
+            if func in TRANSPOSED_CONV_OPS and isinstance(x, torch.Tensor):
+                self._add(x, w, float(x.numel()) * per)  # each input element meets out/groups x kernel
+            else:
+                self._add(x, w, float(out.numel()) * per)
         elif func in EINSUM_OPS and einsum_operands(args) is not None:
             eq, (a, b) = einsum_operands(args)
             self._add(a, b, _einsum_macs(eq, a, b, out))
         elif func in SDPA_OPS:  # fused: no quantizer acts there (the placement takes it apart otherwise)
-            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            q, k, v = arg(0, "query"), arg(1, "key"), arg(2, "value")
             self._add(q, k, float(q.numel()) * k.shape[-2])
             self._add(None, v, float(out.numel()) * k.shape[-2])
-        return out
 
 
 @torch.no_grad()

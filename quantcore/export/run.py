@@ -177,7 +177,8 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     from ..io import storage
 
     t0 = time.perf_counter()
-    all_formats = formats.strip() == "all" if isinstance(formats, str) else tuple(formats) == FORMATS
+    items = [i.strip() for i in (formats.split(",") if isinstance(formats, str) else formats)]
+    all_formats = items == ["all"] or formats is FORMATS  # "all", or the API's default
     formats = parse_formats(formats)
     storage.join(out, "export_report.json")  # an empty or malformed --out fails here, before any work
     x = example_input(model) if x is None else x
