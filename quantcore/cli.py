@@ -24,6 +24,7 @@ SkipOpt = typer.Option(False, "--skip-bad", help="Skip corrupt/missing samples a
 CacheOpt = typer.Option(None, "--cache-dir", help="Local directory caching remote zip shards.")
 LayoutOpt = typer.Option("auto", help="Dataset layout: auto, folder (ImageNet), zip (zipped/sharded), resisc.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+LimitOpt = typer.Option(None, min=0, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset; 0 or unset: the whole split).")
 
 
 def _opts(batch_size, workers, device, progress, checkpoint=None):
@@ -95,7 +96,7 @@ def evaluate(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cal
              data: str = typer.Option(..., "--data", "-d", help="Evaluation dataset URI."),
              split: str = typer.Option("val", help="Split to evaluate on."),
              out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write report.json/md/png."),
-             limit: Optional[int] = typer.Option(None, min=0, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset)."),
+             limit: Optional[int] = LimitOpt,
              layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
              batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
              progress: bool = ProgressOpt) -> None:
@@ -115,7 +116,7 @@ def ptq(recipe: List[str] = RecipeOpt,
         eval_split: str = typer.Option("val", help="Evaluation split."),
         out: str = typer.Option(..., "--out", "-o", help="Output URI prefix (local or s3://)."),
         checkpoint: Optional[str] = typer.Option(None, help="FP32 weights (local/s3) overriding the recipe's."),
-        limit: Optional[int] = typer.Option(None, min=0, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset)."),
+        limit: Optional[int] = LimitOpt,
         layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
         batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
         progress: bool = ProgressOpt) -> None:
