@@ -431,7 +431,7 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {uri} not found") from None
     meta, state = read_checkpoint(data, uri)
-    recipe = recipe_from_dict(meta["recipe"], f"{uri} (stored recipe)")
+    recipe = recipe_from_dict(meta["recipe"], f"{uri} (stored recipe)", stored=True)
     if model is None:
         if recipe.model is None:
             raise CheckpointError(f"checkpoint {uri}: its recipe has no model: section to rebuild the model "

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from .formats import CalibMethod, FormatName, QuantSpec
 from .quantizer_kinds import quantizer_kind
 from .recon.config import ReconstructionConfig
+
+
+def _stored(info: ValidationInfo | None) -> bool:
+    """Validating a recipe read back from a checkpoint (``context={"stored": True}``): it was accepted
+    when the checkpoint was written, so refusals of options that cannot act (added since) must not
+    make the checkpoint unreadable; they apply to recipes being run."""
+    return bool(info is not None and info.context and info.context.get("stored"))
 
 RECIPE_VERSION = 1
 
@@ -34,8 +41,10 @@ class SpecPatch(_Strict):
     enabled: bool | None = None
 
     @model_validator(mode="after")
-    def _applies(self) -> "SpecPatch":
+    def _applies(self, info: ValidationInfo) -> "SpecPatch":
         """Fields that cannot act on what the same patch asks for are refused, not dropped."""
+        if _stored(info):
+            return self
         if self.per_channel is False and self.axis is not None:
             raise ValueError(f"per_channel: false and axis: {self.axis} contradict each other; give one")
         if self.calibrator not in (None, "percentile") and self.percentile is not None:
@@ -171,7 +180,9 @@ class OptimizerConfig(_Strict):
                                    "range_lr x its calibrated value, a zero point by range_lr x the grid width")
 
     @model_validator(mode="after")
-    def _applies(self) -> "OptimizerConfig":
+    def _applies(self, info: ValidationInfo) -> "OptimizerConfig":
+        if _stored(info):
+            return self
         # (set to a non-default value: a dumped recipe carries every field)
         only = {"sgd": ("betas",), "adamw": ("momentum", "nesterov")}[self.name]
         bad = sorted(k for k in only if getattr(self, k) != type(self).model_fields[k].default)
@@ -190,7 +201,9 @@ class ScheduleConfig(_Strict):
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: warm-up fraction")
 
     @model_validator(mode="after")
-    def _applies(self) -> "ScheduleConfig":
+    def _applies(self, info: ValidationInfo) -> "ScheduleConfig":
+        if _stored(info):
+            return self
         # (set to a non-default value: a dumped recipe carries every field)
         unused = {"onecycle": ("warmup_steps", "warmup_start", "min_lr"), "constant": ("min_lr", "pct_start"),
                   "cosine": ("pct_start",), "linear": ("pct_start",)}[self.name]
@@ -214,7 +227,9 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="loss = (1-alpha) * CE(label) + alpha * distillation")
 
     @model_validator(mode="after")
-    def _temperature_applies(self) -> "DistillConfig":
+    def _temperature_applies(self, info: ValidationInfo) -> "DistillConfig":
+        if _stored(info):
+            return self
         # compared with the default, not model_fields_set: stored recipes are dumped with every field
         if self.temperature != type(self).model_fields["temperature"].default and \
                 self.kind in ("none", "logit_mse", "deit_hard"):
@@ -270,7 +285,9 @@ class QATConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "QATConfig":
+    def _check(self, info: ValidationInfo) -> "QATConfig":
+        if _stored(info):
+            return self
         if self.bn != "freeze" and self.bn_freeze_step:
             raise ValueError("bn_freeze_step is for bn: freeze only")
         if self.distill.kind == "none" and self.distill.teacher is not None:
@@ -315,7 +332,7 @@ class Recipe(_Strict):
         None, description="AdaRound/BRECQ weight rounding learned right after calibration (quantcore.recon)")
 
     @model_validator(mode="after")
-    def _version(self) -> "Recipe":
+    def _version(self, info: ValidationInfo) -> "Recipe":
         if self.version > RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is newer than this quantcore ({RECIPE_VERSION})")
         if self.name == "fp32":
@@ -328,7 +345,8 @@ class Recipe(_Strict):
                 raise ValueError(f"{section}: {msgs}") from None
         for section, patch, spec in (("quant.weights", self.quant.weights, self.weight_spec()),
                                      ("quant.activations", self.quant.activations, self.activation_spec())):
-            if patch.percentile is not None and not spec.is_float and spec.calibrator != "percentile":
+            if patch.percentile is not None and not spec.is_float and spec.calibrator != "percentile" \
+                    and not _stored(info):
                 raise ValueError(f"{section}.percentile: its calibrator is {spec.calibrator!r} (calibration."
                                  f"{'weights_method' if section == 'quant.weights' else 'method'}); percentile "
                                  f"applies to calibrator percentile only")

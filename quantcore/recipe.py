@@ -26,11 +26,13 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return f"invalid recipe {source}: " + "; ".join(parts)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", stored: bool = False) -> Recipe:
+    """Validate ``data``; ``stored``: a recipe read back from a checkpoint (options refused since it
+    was written do not make it unreadable, see :func:`quantcore.config._stored`)."""
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe {source}: expected a mapping at the top level")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"stored": True} if stored else None)
     except ValidationError as err:
         raise RecipeError(_format_errors(source, err)) from None
 

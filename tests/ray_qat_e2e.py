@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -178,6 +179,26 @@ def main() -> int:
 
         # --- the Ray Train job ---------------------------------------------------------------------------
         out = f"s3://{BUCKET}/qat"
+        # Prometheus gauges are scraped while the job runs: Ray drops a worker's metrics some time after
+        # the worker exits, so one scrape after the job (and the reference run) ended races that clean-up.
+        wanted = ("ray_quantcore_qat_loss", "ray_quantcore_qat_images_per_s", "ray_quantcore_qat_step")
+        scraped: Dict[str, str] = {}  # metric name -> its last sample line seen
+        stop_scraping = threading.Event()
+
+        def scrape() -> None:
+            while not stop_scraping.is_set():
+                try:
+                    text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
+                except OSError:
+                    text = ""
+                for line in text.splitlines():
+                    name = line.split("{", 1)[0]
+                    if name in wanted:
+                        scraped[name] = line
+                stop_scraping.wait(1.0)
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
         t_submit = time.monotonic()
         run([ray, "job", "submit", "--address", url, "--submission-id", SUBMISSION_ID, "--no-wait", "--",
              "python", "-m", "jobs.ray_qat", *common, "--out", out, "--num-workers", "2", "--max-failures", "2",
@@ -290,20 +311,14 @@ def main() -> int:
         reported = re.search(r"(\d+) ray\.train reports, the last \{[^}]*'loss': [0-9.]+", logs)
         check(reported is not None and int(reported.group(1)) > 0,
               "driver did not print the last ray.train-reported loss")
-        text, wanted = "", ("ray_quantcore_qat_loss", "ray_quantcore_qat_images_per_s", "ray_quantcore_qat_step")
-        t_deadline = time.monotonic() + 30
-        while time.monotonic() < t_deadline:
-            try:
-                text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
-            except OSError:
-                text = ""
-            if all(w in text for w in wanted):
-                break
-            time.sleep(2)
-        missing = [w for w in wanted if w not in text]
-        check(not missing, f"metrics endpoint lacks {missing}")
-        log("metrics: " + "; ".join(line for line in text.splitlines()
-                                    if line.startswith(("ray_quantcore_qat_loss{", "ray_quantcore_qat_step{")))[:600])
+        t_deadline = time.monotonic() + 30  # the agent exports every few seconds: allow a last scrape
+        while time.monotonic() < t_deadline and not all(w in scraped for w in wanted):
+            time.sleep(1)
+        stop_scraping.set()
+        scraper.join(timeout=30)
+        missing = [w for w in wanted if w not in scraped]
+        check(not missing, f"metrics endpoint never showed {missing} while the job ran")
+        log("metrics: " + "; ".join(scraped[w] for w in wanted)[:600])
         timings["total_s"] = time.monotonic() - t_start
         log("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
             + f"; killed at {killed['at_s']:.0f} s after submit")

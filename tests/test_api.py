@@ -376,3 +376,27 @@ def test_wrapped_models_use_the_unwrapped_names(tmp_path):
     with torch.no_grad():
         assert torch.equal(quantcore.load(str(tmp_path / "w.qc.pt"))(x), model(x))
 
+
+def test_checkpoints_whose_recipe_has_options_refused_since_still_load(calibrated, tmp_path):
+    """Refusals of options that cannot act apply to recipes being run; a checkpoint written when its
+    recipe was accepted stays readable (export, evaluate, --init)."""
+    from pydantic import ValidationError
+
+    from quantcore.checkpoint import checkpoint_bytes, read_checkpoint
+    from quantcore.config import Recipe
+
+    model, _, _ = calibrated
+    path = tmp_path / "model.qc.pt"
+    quantcore.save(model, str(path))
+    meta, _ = read_checkpoint(path.read_bytes(), str(path))
+    meta["recipe"]["qat"] = {"ranges": "frozen", "learn_zero_point": False,
+                             "optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True},
+                             "distill": {"kind": "kd", "alpha": 0.0}}
+    with pytest.raises(ValidationError, match="learn_zero_point|nesterov|alpha"):
+        Recipe.model_validate(meta["recipe"])
+    path.write_bytes(checkpoint_bytes(model, meta))
+    loaded = quantcore.load(str(path))
+    assert loaded.quantcore_recipe.qat.learn_zero_point is False
+    x = batches(1, seed=11)[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
