@@ -600,3 +600,30 @@ def test_resume_refuses_another_start_or_changed_samples_and_reports_skipped_ima
     _folder_split(folder, "train", 5, 200)
     with pytest.raises(UserError, match="other data.*samples 64 -> 69"):
         run_qat(r, train, None, str(out3), QATOptions(progress=False, max_steps=2))
+
+
+def test_a_skipped_training_image_does_not_dilute_the_step(fmnist, tmp_path):
+    """With --skip-bad, a step whose batch lost an image to a decode error averages the loss over the
+    images it really has: one SGD step on 39 good + 1 truncated image moves the weights exactly as one
+    step on the same 39 good images alone (not by 39/40 of it, as dividing by the batch would)."""
+    data, ckpt = fmnist
+    qat = dict(epochs=1, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.0}, schedule={"name": "constant"},
+               augment={"kind": "none"}, ranges="frozen", checkpoint_every=100)
+    deltas = []
+    for name, truncated, batch in (("with_bad", True, 40), ("good_only", False, 39)):
+        folder = tmp_path / name
+        _folder_split(folder, "train", 39, 0, truncated=truncated)
+        r = Recipe.model_validate(_recipe(ckpt, batch_size=batch, **qat))
+        out = tmp_path / f"out_{name}"
+        rep = run_qat(r, DataSpec(str(folder), "train", skip_bad=True), None, str(out), QATOptions(progress=False))
+        assert rep["qat"]["steps"] == 1
+        if truncated:
+            assert any("zz_trunc.png" in s["name"] for s in rep["skipped"]), rep["skipped"]
+        before, after = _state(out / "ptq" / "model.qc.pt"), _state(out / "t_w4" / "model.qc.pt")
+        keys = [k for k in before if k.endswith(".weight") and before[k].is_floating_point()]
+        deltas.append(torch.cat([(after[k] - before[k]).flatten().double() for k in keys]))
+    a, b = deltas
+    assert b.abs().max() > 0, "the step did not move the weights"
+    ratio = float(a.dot(b) / b.dot(b))
+    assert abs(ratio - 1.0) < 1e-3, f"step with a skipped image = {ratio:.4f} x the good-only step (39/40 = 0.975)"
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
