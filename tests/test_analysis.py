@@ -502,3 +502,39 @@ def test_the_mac_count_takes_keyword_operands_and_every_product_kind():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(x)
     assert 2 * sum(tr.macs.values()) == pytest.approx(fc.get_total_flops() / x.shape[0], rel=1e-9)
+
+
+class _TorchMHA(torch.nn.Module):
+    """nn.MultiheadAttention (its projections and attention live inside F.multi_head_attention_forward)."""
+
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.emb = torch.nn.Linear(4, 16)
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        t = self.emb(x)
+        a, _ = self.mha(t, t, t, need_weights=self.need_weights)
+        return self.head(a.mean(1))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_the_mac_count_sees_inside_torch_multihead_attention(need_weights):
+    """F.multi_head_attention_forward is one torch function to a TorchFunctionMode: its in/out
+    projections and both attention products are counted as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from quantcore.analysis.engine import trace_forward
+
+    m, x = _TorchMHA(need_weights).eval(), torch.randn(2, 5, 4)
+    tr = trace_forward(m, x)
+    # eval + no_grad would take torch's fused fast path (one op FlopCounterMode has no formula for);
+    # train mode with dropout 0 computes the same through the counted ops
+    with FlopCounterMode(display=False) as fc:
+        m.train()(x)
+    L, E, H = 5, 16, 2
+    by_hand = L * 4 * E + L * E * 3 * E + 2 * H * L * L * (E // H) + L * E * E + E * 3  # emb, in, qk, av, out, head
+    assert 2 * sum(tr.macs.values()) == pytest.approx(fc.get_total_flops() / x.shape[0], rel=1e-9)
+    assert sum(tr.macs.values()) == pytest.approx(by_hand, rel=1e-9)

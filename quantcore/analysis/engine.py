@@ -206,7 +206,12 @@ class _MacCounter(torch.overrides.TorchFunctionMode):
         self.tr.macs[key] = self.tr.macs.get(key, 0.0) + macs / self.batch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        from ..placement.intercept import SEE_THROUGH, see_through
+
         kwargs = kwargs or {}
+        if func in SEE_THROUGH:  # nn.MultiheadAttention's function: count the products inside it
+            with self:
+                return see_through(func)(*args, **kwargs)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             self._follow(func, args, kwargs, out)
