@@ -35,6 +35,7 @@ from torch import nn
 from . import api, distributed
 from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, model_label_names,
+                   unused_files, unused_files_warning,
                    open_dataset, per_class_subset)
 from .data.errors import DataError
 from .errors import UserError
@@ -225,6 +226,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
     skipped: list[dict] = []
     variants = []
     sharing = WeightSharing(fp32)
+    unused = unused_files_warning(ds)
     for r in recipes:
         every = _calibration_indices(ds, r)
         notes = []
@@ -246,6 +248,9 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
         notes += [f"recipe {r.name!r}: {w}" for w in res.warnings]  # api.finalize logged them
+        if unused:  # open_dataset logged it
+            notes.append(f"calibration data: {unused}")
+            cal["unused_files"] = unused_files(ds)
         if notes:
             cal["warnings"] = notes
         variants.append(VariantResult(r.name, r, model, cal))
@@ -314,6 +319,8 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
             "evaluation_cost": _cost_info(cost, models, dev)}
+    if unused_files(ds):
+        info.update(unused_files=unused_files(ds), warnings=[f"evaluation data: {unused_files_warning(ds)}"])
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
 
 
@@ -401,7 +408,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
     warnings = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
-    warnings += [w for v in variants for w in v.calibration.get("warnings", ())]
+    warnings += [w for v in variants for w in v.calibration.get("warnings", ())] + data_info.pop("warnings", [])
+    warnings = list(dict.fromkeys(warnings))  # the calibration data's note once, not once per variant
     rep = build_report(model=_model_name(first.recipe, fp32), recipe=None, scores=scores,
                        reference="fp32" if scores else None,
                        data=data_info, calibration=first.calibration if len(variants) == 1 else
@@ -465,15 +473,19 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         warnings.append(random_weights_warning(model.quantcore_recipe))
         if distributed.rank() == 0:
             log.warning(warnings[-1])
+    if unused_files(ds):  # open_dataset logged it
+        warnings.append(f"evaluation data: {unused_files_warning(ds)}")
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),
                        scores=scores, reference="fp32",
                        data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                              "eval_subset": subset, "world_size": distributed.world_size(),
-                             "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off"},
+                             "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off",
+                             **({"unused_files": unused_files(ds)} if unused_files(ds) else {})},
                        calibration=calibration, warnings=warnings,
                        timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,
-                       extra={"evaluation_cost": _cost_info(cost, {name: model}, dev)})
+                       extra={"evaluation_cost": _cost_info(cost, {name: model}, dev),
+                              "transform": describe_transform(model), "device": str(dev)})
     if out:
         rep["plots"] = ["per_class.png"]
 

@@ -640,7 +640,7 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
 
 def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
          ctx: distributed.DistContext) -> dict:
-    from .data import model_label_names, open_dataset
+    from .data import model_label_names, open_dataset, unused_files, unused_files_warning
     from .data.transforms import train_transform
     from .placement import unwrap
 
@@ -841,7 +841,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(False)
     train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
-    cal_info = {**cal_info, "train_skipped": all_train_skipped()}
+    cal_info = {**cal_info, "train_skipped": all_train_skipped(),
+                "train_unused": (unused_files_warning(ds), unused_files(ds))}  # popped by _finish
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 
@@ -984,13 +985,13 @@ def _validate(st: _State, ev: _EvalContext, model: nn.Module, cfg: QATConfig, ct
 
 def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
             train_s) -> dict:
-    from .data import describe_transform
+    from .data import describe_transform, unused_files, unused_files_warning
     from .evaluate import evaluate_models
     from .pipeline import _write_json, random_weights_warning
     from .report import build_report, per_class_plot, report_markdown
 
     name = recipe.name
-    scores, data_info, skipped = {}, {}, []
+    scores, data_info, skipped, notes = {}, {}, [], []
     t0 = time.perf_counter()
     if evald is not None:
         ev = _EvalContext(evald, fp32, opts, _workers(opts, recipe))
@@ -1000,7 +1001,14 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
         skipped = [r for part in distributed.all_gather_object(loader.skipped.as_list()) for r in part]
         data_info = {"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                      "eval_subset": subset, "num_classes": ev.ds.num_classes}
+        if unused_files(ev.ds):
+            data_info["unused_files"] = unused_files(ev.ds)
+            notes.append(f"evaluation data: {unused_files_warning(ev.ds)}")
     data_info.update({"train_uri": train.uri, "train_split": train.split})
+    train_note, train_unused = cal_info.pop("train_unused", None) or (None, [])
+    if train_unused:
+        data_info["train_unused_files"] = train_unused
+        notes.insert(0, f"training data: {train_note}")
     from .pipeline import _dedupe
 
     # calibration, training and evaluation images skipped (--skip-bad), each named once
@@ -1008,6 +1016,7 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
                        list(cal_info.get("skipped") or []) + list(cal_info.pop("train_skipped", None) or [])
                        + skipped])
     warnings = [random_weights_warning(recipe)] if cal_info.get("fp32_weights", "") is None else []
+    warnings += notes
     qat_info = {"steps": st.step, "epochs_done": st.epoch, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * ctx.world_size, "learned_quantizers": len(learned),
                 "config": cfg.model_dump(mode="json"), "train_s": train_s, "metrics": "metrics.jsonl"}

@@ -273,3 +273,67 @@ def test_calibration_on_fewer_images_than_the_recipe_asks_is_said(image_folder, 
     assert rep["variants"][name]["calibration"]["images"] == 18
     assert any("calibration asks for 30 images" in w and "calibrated on 18" in w for w in rep["warnings"])
     assert "calibration asks for 30 images" in capsys.readouterr().err
+
+
+def test_files_that_are_not_samples_are_in_every_report_and_the_pack_index(image_folder, recipe_file, tmp_path):
+    """A GIF, a text file and a hidden file among the images are not samples: the ptq, evaluate and
+    pack outputs list them (report.json data.unused_files, a report.md warning, index.json), so a
+    split that shrank is visible in what the run wrote, not only on stderr; evaluate's report also
+    records the transform and decoder it used."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(folder / "val" / "dog" / "anim.gif")
+    (folder / "val" / "cat" / "notes.txt").write_text("n")
+    (folder / "train" / "fox" / ".DS_Store").write_bytes(b"\0")
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", folder, "--out", out, "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert sorted(Path(f).name for f in rep["data"]["unused_files"]) == ["anim.gif", "notes.txt"]
+    assert [Path(f).name for f in rep["variants"]["tiny_w8a8"]["calibration"]["unused_files"]] == [".DS_Store"]
+    warned = [w for w in rep["warnings"] if "not used" in w]
+    assert len(warned) == 2 and any(w.startswith("calibration data:") for w in warned), rep["warnings"]
+    assert "2 file(s)" in (out / "report.md").read_text()
+
+    ev = tmp_path / "ev"
+    ckpt = out / "tiny_w8a8" / "model.qc.pt"
+    assert run("evaluate", "-c", ckpt, "-d", folder, "-o", ev, "--no-progress") == 0
+    rep = json.loads((ev / "report.json").read_text())
+    assert sorted(Path(f).name for f in rep["data"]["unused_files"]) == ["anim.gif", "notes.txt"]
+    assert any("not used" in w for w in rep["warnings"]) and rep["transform"]["decoder"]
+
+    shards = tmp_path / "shards"
+    assert run("pack", folder, shards, "--split", "val") == 0
+    index = json.loads((shards / "index.json").read_text())
+    assert sorted(Path(f).name for f in index["splits"]["val"]["unused_files"]) == ["anim.gif", "notes.txt"]
+    ev2 = tmp_path / "ev2"
+    assert run("evaluate", "-c", ckpt, "-d", shards, "-o", ev2, "--no-progress") == 0
+    rep = json.loads((ev2 / "report.json").read_text())
+    assert len(rep["data"]["unused_files"]) == 2 and any("were not packed" in w for w in rep["warnings"])
+
+
+def test_a_missing_s3_prefix_or_a_shard_given_as_the_dataset_say_so_mock(image_folder, tmp_path, s3_server,
+                                                                          s3_bucket, capsys):
+    """On S3 the folder layout is the fallback of layout detection: a prefix with nothing under it says
+    that nothing is there (and which layouts were looked for), a URI that is one object (a shard) says
+    it is a file; both exit 2 before anything is calibrated."""
+    from tiny_data import TINY_RECIPE
+
+    data = f"s3://{s3_bucket}/nf"
+    assert run("pack", image_folder, data, "--split", "val", "--shard-size", "5") == 0
+    from quantcore.recipe import recipe_from_dict
+
+    model = quantcore.prepare(quantcore.build_model(recipe_from_dict(TINY_RECIPE)), TINY_RECIPE)
+    quantcore.calibrate(model, [torch.rand(2, 3, 32, 32)])
+    ckpt = tmp_path / "m.qc.pt"
+    quantcore.save(model, str(ckpt))
+    capsys.readouterr()
+    assert run("evaluate", "-c", ckpt, "-d", f"s3://{s3_bucket}/does/not/exist", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "nothing found under s3://" in err and "index.json" in err and "val/<class>" in err, err
+    assert run("evaluate", "-c", ckpt, "-d", f"{data}/val-00000.zip", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "val-00000.zip is a file, not a dataset" in err, err

@@ -613,12 +613,16 @@ def test_a_skipped_training_image_does_not_dilute_the_step(fmnist, tmp_path):
     for name, truncated, batch in (("with_bad", True, 40), ("good_only", False, 39)):
         folder = tmp_path / name
         _folder_split(folder, "train", 39, 0, truncated=truncated)
+        (folder / "train" / "c1" / "notes.txt").write_text("not a sample")
         r = Recipe.model_validate(_recipe(ckpt, batch_size=batch, **qat))
         out = tmp_path / f"out_{name}"
         rep = run_qat(r, DataSpec(str(folder), "train", skip_bad=True), None, str(out), QATOptions(progress=False))
         assert rep["qat"]["steps"] == 1
         if truncated:
             assert any("zz_trunc.png" in s["name"] for s in rep["skipped"]), rep["skipped"]
+            # a file that is not a sample is listed in the report, not only logged
+            assert [Path(f).name for f in rep["data"]["train_unused_files"]] == ["notes.txt"]
+            assert any(w.startswith("training data: 1 file(s)") for w in rep["warnings"]), rep["warnings"]
         before, after = _state(out / "ptq" / "model.qc.pt"), _state(out / "t_w4" / "model.qc.pt")
         keys = [k for k in before if k.endswith(".weight") and before[k].is_floating_point()]
         deltas.append(torch.cat([(after[k] - before[k]).flatten().double() for k in keys]))

@@ -277,3 +277,25 @@ def test_forked_child_keeps_the_parent_client_with_new_connections(s3_bucket, s3
     assert data == b"el" and cid == id(_s3.get_client())
     assert st.read_range(uri, 0, 5) == b"hello"  # the parent's connection still works
 
+
+
+def test_a_damaged_cache_block_is_fetched_again_not_read_as_a_bad_shard(shards, tmp_path):
+    """Blocks in --cache-dir carry a CRC-32: a flipped byte in every cached block (disk fault, another
+    tool writing there) is noticed, the blocks are fetched again, and the images are the same; before,
+    only the length was checked and the damage read as a corrupt S3 shard on every run."""
+    cache = tmp_path / "cache"
+    a = open_dataset(shards, "val", _tf, cache_dir=str(cache), block_size=16384)
+    first = [x for b in range(0, N, BATCH) for x in a.__getitems__(list(range(b, min(b + BATCH, N))))]
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        raw = bytearray(p.read_bytes())
+        raw[len(raw) // 3] ^= 0x40
+        p.write_bytes(bytes(raw))
+    b = open_dataset(shards, "val", _tf, cache_dir=str(cache), block_size=16384)
+    second = [x for k in range(0, N, BATCH) for x in b.__getitems__(list(range(k, min(k + BATCH, N))))]
+    assert sum(r.requests for r in _readers(b)) > 0  # fetched again
+    assert all(torch.equal(p[0], q[0]) and p[1] == q[1] for p, q in zip(first, second))
+    c = open_dataset(shards, "val", _tf, cache_dir=str(cache), block_size=16384)  # and cached again, intact
+    third = [x for k in range(0, N, BATCH) for x in c.__getitems__(list(range(k, min(k + BATCH, N))))]
+    assert sum(r.requests for r in _readers(c)) == 0 and len(third) == N

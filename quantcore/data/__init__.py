@@ -8,7 +8,7 @@ data-parallel sharding, and skip-aware loading.
         ...
 """
 from .base import IMG_EXTS, ImageDataset, decode_image, to_8bit
-from .detect import LAYOUTS, detect_layout, model_label_names, open_dataset
+from .detect import LAYOUTS, detect_layout, model_label_names, open_dataset, unused_files, unused_files_warning
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 from .folder import FolderDataset
 from .loader import SkipAwareLoader, collate_skip, make_loader
@@ -25,7 +25,7 @@ Resisc45Dataset = ImagePathsDataset
 __all__ = [
     "DataError", "SkipLog", "SkipRecord", "Skipped",
     "ImageDataset", "FolderDataset", "ZipShardDataset", "ImagePathsDataset", "Resisc45Dataset", "Shard",
-    "open_dataset", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
+    "open_dataset", "unused_files", "unused_files_warning", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
     "load_label_map", "INDEX_NAME",
     "pack", "pack_arrays", "write_shards",
     "per_class_subset", "first_batches", "random_subset", "shard_indices", "stratified_subset", "class_quotas",

@@ -85,6 +85,7 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
             log.warning("the class names of %s (label order of its index) differ from the model's label order: "
                         "e.g. %r is label %d there, class %d in the model; repack with the model's order",
                         uri, f, i, j)
+        _warn_unused(ds)
         return ds
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
@@ -94,14 +95,37 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         log.warning("class folders under %s share names with the model's labels but are not the same set: "
                     "label i is the i-th sorted folder, which may not be the model's class i (e.g. folder %r is "
                     "label %d, the model's %r is class %d)", ds.root, *_first_mismatch(ds.classes, list(names)))
-    if ds.ignored and ds.root not in _WARNED_IGNORED:  # once per folder and process (it is opened per phase)
-        _WARNED_IGNORED.add(ds.root)
-        exts = sorted({f.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in f.rsplit("/", 1)[-1].lstrip(".")
-                       else "(no extension)" for f in ds.ignored})
-        log.warning("%d file(s) under %s are not used (hidden, or not an image extension %s; found: %s), e.g. %s",
-                    len(ds.ignored), ds.root, "/".join(sorted({e.lstrip(".").lower() for e in IMG_EXTS})),
-                    ", ".join(exts[:8]), ", ".join(ds.ignored[:3]))
+    _warn_unused(ds)
     return ds
+
+
+def _warn_unused(ds: Any) -> None:
+    note = unused_files_warning(ds)
+    key = getattr(ds, "root", getattr(ds, "uri", ""))
+    if note and key not in _WARNED_IGNORED:  # once per dataset and process (it is opened per phase)
+        _WARNED_IGNORED.add(key)
+        log.warning("%s", note)
+
+
+def unused_files(ds: Any) -> list[str]:
+    """Files under a folder dataset's split that are not samples: hidden ones and those without an
+    image extension (:data:`~quantcore.data.base.IMG_EXTS`); empty for other layouts."""
+    return list(getattr(ds, "ignored", None) or [])
+
+
+def unused_files_warning(ds: Any) -> str | None:
+    """The report warning for :func:`unused_files` (None when there are none): runs list the files
+    under ``unused_files`` so a dataset that shrank is visible in what they write, not only on stderr."""
+    files = unused_files(ds)
+    if not files:
+        return None
+    exts = sorted({f.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in f.rsplit("/", 1)[-1].lstrip(".")
+                   else "(no extension)" for f in files})
+    where = (f"of the folder packed into {ds.uri} were not packed" if getattr(ds, "layout", "") == "zip"
+             else f"under {getattr(ds, 'root', ds.uri)} are not used")
+    return (f"{len(files)} file(s) {where} (hidden, or not an image extension "
+            f"{'/'.join(sorted({e.lstrip('.').lower() for e in IMG_EXTS}))}; found: {', '.join(exts[:8])}), "
+            f"e.g. {', '.join(files[:3])}")
 
 
 _WARNED_IGNORED: set[str] = set()

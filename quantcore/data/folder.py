@@ -30,7 +30,8 @@ class FolderDataset(ImageDataset):
         per_class: dict[str, list[str]] = {}
         for d in self._local_class_dirs():
             per_class.setdefault(d, [])
-        for f in _fs.list_files(self.root):
+        listed = _fs.list_files(self.root)
+        for f in listed:
             r = _fs.rel(f, self.root)
             parts = [p for p in r.split("/") if p]
             if r.endswith("/"):  # S3 "folder" marker
@@ -47,6 +48,14 @@ class FolderDataset(ImageDataset):
                 raise DataError(f"image {f} is not inside a class folder of {self.root}", file=f)
             per_class.setdefault(parts[0], []).append("/".join(parts))
         if not per_class:
+            sp = split or "<split>"
+            if not listed and _fs.local_path(self.uri) is None and _fs.exists(self.uri):
+                raise DataError(f"{self.uri} is a file, not a dataset: give the folder or S3 prefix that holds "
+                                f"{split or '<split>'}/<class>/ or the zip shards", file=self.uri)
+            if not listed:
+                raise DataError(f"nothing found under {self.root}: no file or object has that prefix (dataset "
+                                f"layouts looked for under {self.uri}: index.json, {sp}.zip / {sp}-NNNNN.zip (+ _map.txt), "
+                                f"{sp}_imagepaths.txt and {sp}/<class>/*.jpg)", file=self.root)
             raise DataError(f"no class folders found under {self.root} (expected <root>/<split>/<class>/*.jpg)",
                             file=self.root)
         if classes is not None:

@@ -163,8 +163,13 @@ def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_siz
             return None
         return ds.samples[i], data, ds.labels[i]
 
+    from .detect import unused_files
+
+    extra: dict[str, Any] = {"source_layout": ds.layout}
+    if unused_files(ds):  # not samples (hidden, no image extension): recorded, as skipped ones are
+        extra["unused_files"] = unused_files(ds)
     return write_shards(len(ds), get, dst_uri, dst_split or split, ds.classes, shard_size, tmp_dir=tmp_dir,
-                        skipped=skipped, extra={"source_layout": ds.layout})
+                        skipped=skipped, extra=extra)
 
 
 def _safe(name: str) -> str:

@@ -186,6 +186,8 @@ class ZipShardDataset(ImageDataset):
         for r in ent.get("skipped") or ():  # left out by `quantcore pack --skip-bad`: reported, not lost
             if isinstance(r, dict) and "name" in r:
                 self.skipped.add(SkipRecord(str(r["name"]), f"left out when packing: {r.get('reason', '?')}"))
+        # files of the packed folder that were not samples (hidden, no image extension): said again here
+        self.ignored = [str(f) for f in ent.get("unused_files") or ()]
         if classes is None:
             classes = ent.get("classes") or (self.index or {}).get("classes")
         if classes is not None:

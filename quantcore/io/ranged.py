@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import threading
+import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -369,7 +370,8 @@ class RangedReader(io.RawIOBase):
     def _disk_path(self, idx: int) -> Optional[str]:
         if self._disk_dir is None:
             return None
-        return os.path.join(self._disk_dir, f"b{self.block_size}_{idx}")
+        # "c": blocks carry a CRC-32 trailer (files of the older, unchecked "b" form are never read)
+        return os.path.join(self._disk_dir, f"c{self.block_size}_{idx}")
 
     def _on_disk(self, idx: int) -> bool:
         path = self._disk_path(idx)
@@ -391,7 +393,12 @@ class RangedReader(io.RawIOBase):
                     blk = f.read()
             except OSError:
                 return None
-            if len(blk) != self._block_len(idx):  # truncated/foreign file: refetch
+            blk, crc = blk[:-4], blk[-4:]
+            if len(blk) != self._block_len(idx) or zlib.crc32(blk).to_bytes(4, "little") != crc:
+                try:  # truncated, damaged or foreign: dropped and fetched again
+                    os.unlink(path)
+                except OSError:
+                    pass
                 return None
             self._remember(idx, blk, persist=False)
             return blk
@@ -412,6 +419,7 @@ class RangedReader(io.RawIOBase):
             try:
                 with open(tmp, "wb") as f:
                     f.write(blk)
+                    f.write(zlib.crc32(blk).to_bytes(4, "little"))
                 os.replace(tmp, path)
             except OSError:  # the disk cache is best effort
                 try:
