@@ -149,7 +149,7 @@ class TensorQuantizer(nn.Module):
 
             lo, hi = find_range(c, self.spec)
         else:
-            lo, hi = c.min, c.max
+            lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec)
         self.set_range(lo, hi)
         return True
 

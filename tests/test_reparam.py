@@ -55,12 +55,14 @@ def _demo_model() -> nn.Module:
     return m.eval()
 
 
-def _hf_vit() -> nn.Module:
+def _hf_vit(kind: str = "vit") -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=96, num_labels=5)
+    cfg_cls, model_cls = {"vit": (transformers.ViTConfig, transformers.ViTForImageClassification),
+                          "deit": (transformers.DeiTConfig, transformers.DeiTForImageClassification)}[kind]
+    cfg = cfg_cls(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=96, num_labels=5)
     torch.manual_seed(0)
-    m = transformers.ViTForImageClassification(cfg).eval()
+    m = model_cls(cfg).eval()
     with torch.no_grad():  # give the LayerNorms uneven per-channel affines, as trained models have
         for mod in m.modules():
             if isinstance(mod, nn.LayerNorm):
@@ -100,8 +102,9 @@ def test_timm_demo_vit_preserves_outputs_and_equalizes_ranges():
     _check_preserved_and_equalized(_demo_model(), x, 8, (1, 1))
 
 
-def test_hf_vit_preserves_outputs_and_equalizes_ranges():
-    m = _hf_vit()
+@pytest.mark.parametrize("kind", ["vit", "deit"])
+def test_hf_vit_preserves_outputs_and_equalizes_ranges(kind):
+    m = _hf_vit(kind)
     _check_preserved_and_equalized(m, _structured(64), 4, (3, 1))  # q/k/v: three consumers
 
 

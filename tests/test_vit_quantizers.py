@@ -262,9 +262,8 @@ def test_twin_gelu_search_is_brute_force_optimum(acts):
 def test_negative_inputs_are_refused_naming_the_format(acts):
     with pytest.raises(ValueError, match=r"format 'log2'.*non-negative"):
         _calibrated("log2", 4, acts["gelu"])
-    q = _calibrated("log_sqrt2", 4, acts["gelu"], calibrator="max")  # max: the range is checked at use
-    with pytest.raises(ValueError, match=r"format 'log_sqrt2'.*non-negative"):
-        q(acts["gelu"])
+    with pytest.raises(ValueError, match=r"format 'log_sqrt2'.*non-negative"):  # max too: at calibration
+        _calibrated("log_sqrt2", 4, acts["gelu"], calibrator="max")
     with pytest.raises(ValueError, match=r"format 'twin_int'.*post-softmax.*reach"):
         _calibrated("twin_int", 4, acts["softmax"] * 3)  # non-negative but beyond [0, 1]
 
@@ -348,13 +347,15 @@ def test_recipe_calibrate_save_load_roundtrip(images, tmp_path):
         assert not torch.equal(m2(x), y)
 
 
-def test_calibration_error_names_the_quantizer():
-    """Negative (post-GELU) data reaching a log2 grid: the error names the quantizer, not only the format."""
+@pytest.mark.parametrize("method", ["mse", "max"])
+def test_calibration_error_names_the_quantizer(method):
+    """Negative (post-GELU) data reaching a log2 grid: calibration (max statistics too, not the first
+    forward after it) refuses it naming the quantizer, not only the format."""
     import quantcore
 
     rec = quantcore.load_recipe({
         "name": "bad_log2", "model": {"name": "quantcore/vit_fmnist", "kwargs": {"depth": 1}},
-        "calibration": {"method": "mse", "num_batches": 1},
+        "calibration": {"method": method, "num_batches": 1},
         "overrides": [{"match": "blocks.*.mlp.fc2.input_quantizer",
                        "spec": {"format": "log2", "symmetric": False}}]})
     torch.manual_seed(0)
@@ -397,3 +398,22 @@ def test_represented_range_is_where_the_grid_clips_and_analysis_uses_it(acts, fm
     if fmt == "twin_int" and kind == "softmax":
         assert float(x.max()) <= 1 and res["clip_fraction"] == 0 and hi == pytest.approx(1.0)
         assert q.spec.kind.encoding(q)["covers"] == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.parametrize("fmt,family", [("log2", "vit"), ("twin_int", "generic")])
+def test_a_per_tensor_only_weight_format_under_ft1_says_what_to_change(fmt, family):
+    """ft1 (the default mode of any model with attention, family generic too) quantizes block Linear
+    weights per channel: a per-tensor-only format is one line naming quant.weights and the way out."""
+    import quantcore
+    from quantcore.models import vit_fmnist
+
+    rec = {"name": "w", "model": {"name": "quantcore/vit_fmnist"}, "placement": {"family": family},
+           "quant": {"weights": {"format": fmt, "bits": 8, "symmetric": False, "per_channel": False}},
+           "calibration": {"weights_method": "mse" if fmt == "twin_int" else "max"}}
+    from quantcore.errors import PlacementError
+
+    with pytest.raises(PlacementError) as err:
+        quantcore.prepare(vit_fmnist(), rec)
+    msg = str(err.value)
+    assert msg.startswith("quant.weights: placement mode ft1") and "placement.mode ft2" in msg
+    assert "\n" not in msg and "pydantic" not in msg, msg

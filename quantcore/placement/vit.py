@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from ..config import PlacementConfig
 from ..errors import PlacementError
 from ..formats import QuantSpec
@@ -51,5 +53,11 @@ def block_weight_spec(weight_spec: QuantSpec, settings: ModeSettings, name: str)
     try:
         return QuantSpec.model_validate({**weight_spec.model_dump(), "axis": settings.weight_axis})
     except ValueError as e:
-        raise PlacementError(f"mode {settings.mode} needs {'per-channel' if settings.weight_axis is not None else 'per-tensor'} "
-                         f"weights for {name!r}, which the weight spec {weight_spec.short()} does not allow: {e}") from e
+        errs = e.errors() if isinstance(e, ValidationError) else []
+        why = "; ".join(str(x.get("msg", "")).removeprefix("Value error, ") for x in errs) or str(e)
+        need = "per channel (axis 0)" if settings.weight_axis is not None else "per tensor"
+        other = "ft2 (per-tensor weights)" if settings.weight_axis is not None else "ft1 (per-channel weights)"
+        raise PlacementError(f"quant.weights: placement mode {settings.mode} (the default of transformer "
+                             f"models) quantizes the weights of transformer-block Linears {need}, e.g. {name!r}, "
+                             f"and the weight spec {weight_spec.short()} cannot: {why}. Use placement.mode "
+                             f"{other}, or another weight format") from None

@@ -70,6 +70,13 @@ class QuantizerKind:
 
         return calibrator(spec.calibrator).compute_range(state, spec)
 
+    def extremes_range(self, lo, hi, spec: "QuantSpec"):
+        """Range from the extremes a ``max`` statistics state saw (floats, or ``(C,)`` tensors per
+        channel). Default: ``(lo, hi)``; a kind whose grid only takes some inputs raises ValueError
+        here, as its :meth:`compute_range` does for a histogram, so calibration refuses what the grid
+        cannot carry instead of the first forward after it."""
+        return lo, hi
+
     def grid_range(self, lo: "torch.Tensor", hi: "torch.Tensor", spec: "QuantSpec"):
         """``(lo, hi, at_floor)``: the range ``(lo, hi)`` (shape ``()`` or ``(C,)``, zero inside) as
         this kind's grid represents it, and per element whether the grid is at its floor. A kind whose

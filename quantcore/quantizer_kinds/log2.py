@@ -111,6 +111,10 @@ class LogGrid(QuantizerKind):
                              f"(post-softmax), but the calibration data reach {lo:.4g}: use format 'int' "
                              f"for this quantizer")
 
+    def extremes_range(self, lo, hi, spec):
+        self._check_non_negative(float(lo), spec)
+        return 0.0, max(float(hi), 0.0)
+
     def compute_range(self, state, spec) -> tuple[float, float]:
         self._check_non_negative(float(state.min), spec)
         smax = float(state.max)

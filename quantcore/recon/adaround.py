@@ -470,6 +470,7 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
         else:
             units.setdefault(u, _Unit(u, [], calls[u][0])).layers.append(qname)
     order = sorted(units.values(), key=lambda u: u.first_call)
+    _check_can_act(order, res.skipped, qs, cfg)
 
     acts = [q for q in qs.values() if q.kind == "activation"]
     act_before = [q.quantize for q in acts]
@@ -514,6 +515,28 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
     res.seconds = time.perf_counter() - t_start
     inner.quantcore_reconstruction = res
     return res
+
+
+def _check_can_act(order: list, skipped: dict[str, str], qs: dict[str, TensorQuantizer],
+                   cfg: ReconstructionConfig) -> None:
+    """A reconstruction section (or option) with nothing to act on is refused, naming the field: a
+    report saying "AdaRound" over round-to-nearest weights would be read as if it ran."""
+    if not order:
+        reasons = sorted({r for r in skipped.values()})
+        raise UserError(f"reconstruction: no weight quantizer can be reconstructed ({len(skipped)} skipped: "
+                        f"{'; '.join(reasons[:4])}); AdaRound learns the rounding of calibrated integer "
+                        f"weights: drop the reconstruction section, or quantize weights to int "
+                        f"(quant.weights / overrides)")
+    inside = [q for n, q in qs.items() if q.kind == "activation" and q.spec.enabled and not q.spec.is_float
+              and any(n.startswith(u.name + ".") for u in order)]
+    if cfg.drop_prob > 0 and not inside:
+        raise UserError(f"reconstruction.drop_prob: {cfg.drop_prob} drops activation quantization inside the "
+                        f"reconstructed units, and none of them quantizes an activation (activations float or "
+                        f"disabled): set drop_prob: 0")
+    if cfg.act_ranges == "learned" and not any(q.spec.format == "int" and q.is_calibrated for q in inside):
+        raise UserError("reconstruction.act_ranges: learned learns the step size of integer activation "
+                        "quantizers inside the reconstructed units, and there are none (activations float, "
+                        "disabled or not on an int grid): set act_ranges: fixed")
 
 
 def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in: _Batched | None,

@@ -97,14 +97,19 @@ def _is_timm_block(m: nn.Module) -> bool:
 
 
 def _is_hf_vit_layer(m: nn.Module) -> bool:
-    hf = sys.modules.get("transformers.models.vit.modeling_vit")
-    return hf is not None and isinstance(m, hf.ViTLayer)
+    """Hugging Face ``ViTLayer`` and ``DeiTLayer`` (the same pre-norm block, the same names)."""
+    for mod, cls in (("transformers.models.vit.modeling_vit", "ViTLayer"),
+                     ("transformers.models.deit.modeling_deit", "DeiTLayer")):
+        hf = sys.modules.get(mod)
+        if hf is not None and isinstance(m, getattr(hf, cls)):
+            return True
+    return False
 
 
 register_layernorm_layout(LayerNormLayout(
     "timm Block", _is_timm_block, (("norm1", (("attn.qkv",),)), ("norm2", (("mlp.fc1",),)))))
 register_layernorm_layout(LayerNormLayout(
-    "transformers ViTLayer", _is_hf_vit_layer,
+    "transformers ViTLayer/DeiTLayer", _is_hf_vit_layer,
     (("layernorm_before", (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
                            ("attention.attention.query", "attention.attention.key", "attention.attention.value"))),
      ("layernorm_after", (("mlp.fc1",), ("intermediate.dense",))))))
