@@ -270,7 +270,7 @@ def per_sample_loss(out: Any, labels: torch.Tensor, teacher_logits: torch.Tensor
         else:
             extra = _kl(dist_out, teacher_logits, d.temperature)
         return (1 - d.alpha) * base + d.alpha * extra
-    logits = out[0] if isinstance(out, (tuple, list)) else out
+    logits = output_logits(out)  # a Hugging Face ModelOutput, a timm distilled tuple, or the tensor
     base = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
     if d.kind == "kd":
         return (1 - d.alpha) * base + d.alpha * _kl(logits, teacher_logits, d.temperature)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .models import output_logits
 
 
 @dataclass
@@ -51,7 +52,7 @@ def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable],
             if cfg.hflip:
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(output_logits(model(x)), y)  # a Hugging Face model returns a ModelOutput
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

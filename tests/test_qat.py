@@ -7,6 +7,7 @@ few seconds (so quantization error and its recovery are real, not noise on rando
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import signal
@@ -631,3 +632,37 @@ def test_a_skipped_training_image_does_not_dilute_the_step(fmnist, tmp_path):
     ratio = float(a.dot(b) / b.dot(b))
     assert abs(ratio - 1.0) < 1e-3, f"step with a skipped image = {ratio:.4f} x the good-only step (39/40 = 0.975)"
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("distill", ["kd", "none"])
+def test_a_hugging_face_model_trains_under_qat(tmp_path, distill):
+    """A Hugging Face classifier returns a ModelOutput, not a tensor: the student's loss takes its
+    logits as the teacher's does (it crashed at step 1, after calibration), for every loss kind."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=10)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(image_mean=[0.5], image_std=[0.5], size={"height": 28, "width": 28}
+                                   ).save_pretrained(tmp_path / "hf")
+    folder = tmp_path / "d"
+    _folder_split(folder, "train", 40, 0)
+    r = Recipe.model_validate({
+        "name": "hf_w8", "model": {"name": str(tmp_path / "hf")}, "placement": {"family": "vit"},
+        "calibration": {"method": "max", "num_batches": 1, "batch_size": 8},
+        "qat": {"epochs": 1, "max_steps": 2, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 1e-4},
+                "distill": {"kind": distill}, "num_workers": 0, "log_every": 1}})
+    rep = run_qat(r, DataSpec(str(folder), "train"), DataSpec(str(folder), "train"), str(tmp_path / "o"),
+                  QATOptions(progress=False))
+    assert rep["qat"]["steps"] == 2 and {"fp32", "hf_w8:ptq", "hf_w8"} <= set(rep["results"])
+    losses = [m["loss"] for m in map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    # FP32 training (quantcore train, the demo's step) takes a Hugging Face model's logits too
+    from quantcore.config import TrainConfig
+    from quantcore.train import train_classifier
+
+    hf = transformers.ViTForImageClassification(cfg)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    res = train_classifier(hf, lambda e: [(x, y)], 1, TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+    assert res.steps == 1 and math.isfinite(res.final_loss)
