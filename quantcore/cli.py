@@ -91,8 +91,17 @@ def calibrate(recipe: List[str] = RecipeOpt,
                    f"{v['calibration']['collect_s'] + v['calibration']['finalize_s']:.1f} s)")
 
 
+def _one(values: List[str], flag: str, why: str) -> str:
+    """The single value of an option typer would otherwise let a repeat overwrite silently."""
+    from .errors import UserError
+
+    if len(values) != 1:
+        raise UserError(f"{flag}: give it once (got {len(values)}: {', '.join(values)}); {why}")
+    return values[0]
+
+
 @app.command()
-def evaluate(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt)."),
+def evaluate(checkpoint: List[str] = typer.Option(..., "--checkpoint", "-c", help="Calibrated checkpoint (model.qc.pt), once."),
              data: str = typer.Option(..., "--data", "-d", help="Evaluation dataset URI."),
              split: str = typer.Option("val", help="Split to evaluate on."),
              out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write report.json/md/png."),
@@ -103,6 +112,8 @@ def evaluate(checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Cal
     """Evaluate a calibrated checkpoint, quantized vs its own float path, in one pass over the data."""
     from .pipeline import DataSpec, evaluate_checkpoint
 
+    checkpoint = _one(checkpoint, "--checkpoint/-c", "evaluate one checkpoint per run (`quantcore ptq -r a -r b` "
+                      "calibrates and evaluates several recipes in one pass)")
     rep = evaluate_checkpoint(checkpoint, DataSpec(data, split, layout, skip_bad, cache_dir, limit), out,
                               _opts(batch_size, workers, device, progress))
     _print_results(rep)
@@ -171,7 +182,7 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
 
 
 @app.command()
-def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YAML path or s3:// URI); its qat: section drives training."),
+def qat(recipe: List[str] = typer.Option(..., "--recipe", "-r", help="Recipe (name, YAML path or s3:// URI), once; its qat: section drives training."),
         data: str = typer.Option(..., "--data", "-d", help="Training dataset URI (calibration images come from it too)."),
         split: str = typer.Option("train", help="Training split."),
         eval_data: Optional[str] = typer.Option(None, help="Validation dataset URI (default: the training one)."),
@@ -195,7 +206,7 @@ def qat(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe (name, YA
     from .qat import QATOptions, run_qat
     from .recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = load_recipe(_one(recipe, "--recipe/-r", "one QAT run trains one recipe"))
     opts = QATOptions(device=device, num_workers=workers, progress=progress, checkpoint=checkpoint, init=init,
                       resume=resume, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_limit=eval_limit)
     rep = run_qat(r, DataSpec(data, split, layout, skip_bad, cache_dir),
@@ -333,6 +344,9 @@ def _print_results(rep: dict) -> None:
         typer.echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{extra}")
     if rep.get("skipped"):
         typer.echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
+    note = (rep.get("data") or {}).get("reference_note")
+    if note:
+        typer.echo(f"({note})")
     for w in rep.get("warnings") or []:  # logged when found, repeated under the results
         typer.echo(f"warning: {w}", err=True)
 

@@ -451,6 +451,14 @@ def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts:
         distributed.teardown(ctx)
 
 
+def _reference_note(model: nn.Module) -> str:
+    note = "fp32 = the checkpoint with quantization off"
+    if (getattr(model, "quantcore_meta", None) or {}).get("extra", {}).get("qat"):
+        note += (": for this QAT checkpoint its trained weights, not the original FP32 model (the QAT run's "
+                 "report compares against that one)")
+    return note
+
+
 def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions) -> dict:
     dev = _rank_device(opts.device)
     model = api.load(checkpoint).to(dev)
@@ -480,7 +488,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                        scores=scores, reference="fp32",
                        data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                              "eval_subset": subset, "world_size": distributed.world_size(),
-                             "checkpoint": checkpoint, "reference_note": "fp32 = the checkpoint with quantization off",
+                             "checkpoint": checkpoint, "reference_note": _reference_note(model),
                              **({"unused_files": unused_files(ds)} if unused_files(ds) else {})},
                        calibration=calibration, warnings=warnings,
                        timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,

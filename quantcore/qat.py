@@ -124,6 +124,17 @@ def _bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _sync_bn_statistics(model: nn.Module, cfg: QATConfig) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (what DDP broadcasts before each forward,
+    and what rank 0 saves). After a training step each rank holds its own update; without this the
+    sharded validation and final evaluation would score each shard with a different model than the
+    checkpoint. No-op for ``bn: fold`` (no BatchNorm left to update) and without a process group."""
+    if cfg.bn == "fold" or not distributed.active():
+        return
+    for m in _bn_modules(model):
+        distributed.broadcast_module(m)
+
+
 def _set_train_mode(model: nn.Module, cfg: QATConfig, step: int) -> None:
     model.train()
     frozen = cfg.bn == "fold" or (cfg.bn == "freeze" and step >= cfg.bn_freeze_step)
@@ -417,7 +428,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     fp32 = api.build_model(recipe).to(ctx.device).eval()
     if getattr(fp32, "quantcore_weights", "") is None and ctx.is_main:
         log.warning(random_weights_warning(recipe))
-    teacher = _prechecks(cfg, fp32, ctx.device, eval_classes)
+    teacher = _prechecks(cfg, fp32, ctx.device, eval_classes, fold_bn=recipe.placement.fold_bn)
     if resuming:
         try:
             model = api.load(ptq_uri).to(ctx.device)
@@ -488,12 +499,16 @@ def _sample_identity(ds: Any) -> dict[str, Any]:
     return {"samples": len(ds), "index_sha256": h.hexdigest()}
 
 
-def _start_identity(init: str | None, fp32: nn.Module) -> dict[str, Any]:
-    """What the run starts from: the ``--init`` checkpoint (or none) and a digest of the FP32 weights
-    (the teacher and the float reference), so a resume cannot swap either."""
+def _start_identity(init: str | None, fp32: nn.Module, teacher: nn.Module | None = None) -> dict[str, Any]:
+    """What the run starts from: the ``--init`` checkpoint (or none), a digest of the FP32 weights
+    (the float reference, and the teacher by default) and of a separate teacher's weights, so a resume
+    cannot swap any of them."""
     from .checkpoint import _digest
 
-    return {"init": None if init is None else str(init), "fp32_sha256": _digest({}, fp32.state_dict())}
+    out = {"init": None if init is None else str(init), "fp32_sha256": _digest({}, fp32.state_dict())}
+    if teacher is not None and teacher is not fp32:
+        out["teacher_sha256"] = _digest({}, teacher.state_dict())
+    return out
 
 
 def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) -> None:
@@ -509,6 +524,11 @@ def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) ->
         raise CheckpointError(f"--out holds training checkpoints of a run from other FP32 weights ({uri}): the "
                               f"{'--init checkpoint' if start['init'] else 'model weights (recipe model.checkpoint / --checkpoint)'} "
                               f"changed since; resuming would mix both. Restore them, use another --out, or "
+                              f"--no-resume to discard them")
+    if "teacher_sha256" in start and stored.get("teacher_sha256", start["teacher_sha256"]) != start["teacher_sha256"]:
+        raise CheckpointError(f"--out holds training checkpoints of a run distilled from other teacher weights "
+                              f"({uri}): the weights of qat.distill.teacher changed since; resuming would train "
+                              f"the rest of the run on another teacher. Restore them, use another --out, or "
                               f"--no-resume to discard them")
 
 
@@ -568,8 +588,8 @@ def _may_learn(recipe: Recipe) -> bool:
     return any(quantizer_kind(f).supports_learnable for f in fmts)
 
 
-def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_classes: int | None = None
-               ) -> nn.Module | None:
+def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_classes: int | None = None,
+               fold_bn: bool = False) -> nn.Module | None:
     """Refuse options that cannot apply to this model, and build the teacher (checking it can take the
     student's input and gives as many logits) - before any calibration or training. ``eval_classes``:
     the evaluation data's class count, which the model's logits must match (a model with class names
@@ -592,6 +612,11 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_class
                         f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
     if cfg.bn != "fold" and not _bn_modules(fp32):
         raise UserError(f"qat.bn: {cfg.bn}: the model has no BatchNorm layer; remove the setting (bn: fold)")
+    if cfg.bn != "fold" and fold_bn:
+        raise UserError(f"qat.bn: {cfg.bn} trains with BatchNorm unfolded, but placement.fold_bn: true (the "
+                        f"default) folds its {len(_bn_modules(fp32))} BatchNorm layer(s) into the convolutions "
+                        f"before calibration, leaving none to {'freeze' if cfg.bn == 'freeze' else 'train'}: "
+                        f"set placement.fold_bn: false, or qat.bn: fold")
     teacher = _teacher(cfg, fp32, device)
     if teacher is not None and teacher is not fp32:
         from .placement import default_example_input
@@ -684,7 +709,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                                     cache_dir=evald.cache_dir).num_classes
     fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None,
                                                   eval_classes=eval_classes)
-    start_id = _start_identity(opts.init, fp32)
+    start_id = _start_identity(opts.init, fp32, teacher)
     if state_in is not None:
         _check_same_start(state_in, start_id, ckpt_uri)
     ptq_model = copy.deepcopy(model).eval()
@@ -739,6 +764,12 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
             _set_rng_state(rngs[ctx.rank], dev)
         st = _State(int(state_in["step"]), int(state_in["epoch"]), int(state_in["consumed"]),
                     list(state_in["metrics"]), float(state_in.get("train_s", 0.0)))
+    if cfg.bn == "freeze" and cfg.bn_freeze_step >= total_steps and ctx.is_main:
+        log.warning("qat.bn_freeze_step %d >= the run's %d steps: the BatchNorm statistics never freeze (bn: "
+                    "freeze acts as bn: train)", cfg.bn_freeze_step, total_steps)
+    if gb > n and ctx.is_main:
+        log.warning("qat.batch_size %d x %d rank(s) = %d is larger than the %d training images: each epoch is "
+                    "one step of %d images", cfg.batch_size, ctx.world_size, gb, n, n)
     if cfg.schedule.warmup_steps and cfg.schedule.warmup_steps >= total_steps and ctx.is_main:
         log.warning("qat.schedule.warmup_steps %d >= the run's %d steps: the learning rate never leaves its "
                     "warm-up ramp", cfg.schedule.warmup_steps, total_steps)
@@ -763,6 +794,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         return _gather_skipped(list(train_skipped.values()))
 
     def save_checkpoint() -> str:
+        _sync_bn_statistics(model, cfg)  # a resumed rank continues from the statistics rank 0 saved
         skipped_now = all_train_skipped()
         rngs = distributed.all_gather_object(_rng_state(dev))
         windows = distributed.all_gather_object((window["loss"], window["n"]))
@@ -815,6 +847,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 # not at an epoch's last step: the epoch end validates (once)
                 if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last \
                         and st.consumed < n:
+                    _sync_bn_statistics(model, cfg)
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 flag[0] = float(sigterm.flag)
@@ -829,6 +862,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 st.epoch += 1
                 st.consumed = 0
                 if eval_ctx is not None and st.step < total_steps:
+                    _sync_bn_statistics(model, cfg)
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 if st.step < total_steps:
@@ -836,6 +870,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if st.consumed >= n:  # resumed from the final checkpoint, written before its epoch was counted
         st.epoch, st.consumed = st.epoch + 1, 0
     model.eval()
+    _sync_bn_statistics(model, cfg)  # every rank evaluates the model rank 0 saves
     _representable_scales(model)
     api.convert(model)
     if cfg.distill.kind.startswith("deit"):
@@ -857,6 +892,8 @@ def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched
     else:
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
     ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    # the zero-weight step's placeholder image must not move BatchNorm running statistics
+    kept = [(b, b.detach().clone()) for m in _bn_modules(model) if m.training for b in m.buffers()] if empty else []
     with ac:
         t_logits = None
         if teacher is not None:
@@ -865,6 +902,9 @@ def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched
                 t_logits = output_logits(t_out).float()  # a Hugging Face teacher returns a ModelOutput
         out = net(images)
         per = per_sample_loss(out, labels, t_logits, cfg)
+    with torch.no_grad():
+        for b, saved in kept:
+            b.copy_(saved)
     # sum / global batch * world: DDP's gradient average then equals the global batch's mean gradient
     weight = 0.0 if empty else float(ctx.world_size) / float(global_count)
     loss = per.sum() * weight

@@ -95,6 +95,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
                      f"{f(r.get('agreement') if name != ref else None)} | "
                      f"{f(r.get('sqnr_db') if name != ref else None, '{:.1f}')} |")
     lines.append("")
+    if rep["data"].get("reference_note"):
+        lines += [f"Reference: {rep['data']['reference_note']}.", ""]
     for vname, v in (rep.get("variants") or {}).items():
         be = ((v.get("calibration") or {}).get("backend") or {}) if isinstance(v, dict) else {}
         if be:  # which toolkit computed the ranges: several variants may compare toolkits in one run

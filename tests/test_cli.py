@@ -304,6 +304,11 @@ def test_files_that_are_not_samples_are_in_every_report_and_the_pack_index(image
     rep = json.loads((ev / "report.json").read_text())
     assert sorted(Path(f).name for f in rep["data"]["unused_files"]) == ["anim.gif", "notes.txt"]
     assert any("not used" in w for w in rep["warnings"]) and rep["transform"]["decoder"]
+    assert "Reference: fp32 = the checkpoint with quantization off" in (ev / "report.md").read_text()
+    # an option given twice is refused, not overwritten by the last one
+    assert run("evaluate", "-c", ckpt, "-c", ckpt, "-d", folder, "--no-progress") == 2
+    assert run("qat", "-r", recipe_file, "-r", recipe_file, "-d", folder, "-o", tmp_path / "q") == 2
+    assert not (tmp_path / "q").exists()
 
     shards = tmp_path / "shards"
     assert run("pack", folder, shards, "--split", "val") == 0

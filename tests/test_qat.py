@@ -338,9 +338,14 @@ def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teac
     model = api.load(str(tmp_path / "o" / "deit_fp16" / "model.qc.pt"))
     assert {q.spec.format for q in api.quantizers(model).values()} == {"fp16"}
     assert not model.distilled_training  # the saved model averages both heads, as DeiT deploys
+    # the teacher's file rewritten with other weights: the finished run's checkpoints are not resumed
+    torch.manual_seed(9)
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=10).state_dict(), t_ckpt)
+    with pytest.raises(UserError, match=r"other teacher weights.*qat\.distill\.teacher"):
+        run_qat(r, DataSpec(data, "train"), None, str(tmp_path / "o"), QATOptions(progress=False, max_steps=5))
 
 
-def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path):
+def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, caplog):
     import timm
 
     data, _ = fmnist
@@ -363,6 +368,20 @@ def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path):
     assert torch.equal(states[3][key], states[6][key]) and torch.equal(states[6][key], states[9][key])  # frozen after
     with pytest.raises(ValueError, match="fold_bn"):
         Recipe.model_validate({**base, "qat": {"bn": "fold"}})
+    # freeze with the BatchNorms folded away (placement.fold_bn: true, the default): nothing to freeze
+    folded = {**base, "placement": {"family": "cnn"}}
+    with pytest.raises(UserError, match=r"qat\.bn: freeze.*placement\.fold_bn: true.*folds its \d+ BatchNorm"):
+        run_qat(Recipe.model_validate(folded), DataSpec(data, "train"), None, str(tmp_path / "f"),
+                QATOptions(progress=False, max_steps=1))
+    assert not (tmp_path / "f" / "ptq").exists()
+    # settings that cannot take effect in this run are said: a freeze step past the end, a batch
+    # larger than the data
+    late = {**base, "qat": {**base["qat"], "bn_freeze_step": 100, "batch_size": 1000}}
+    with caplog.at_level(logging.WARNING, logger="quantcore.qat"):
+        run_qat(Recipe.model_validate(late), DataSpec(data, "train"), None, str(tmp_path / "late"),
+                QATOptions(progress=False, max_steps=1))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "never freeze" in said and f"larger than the {N_TRAIN} training images" in said, said
 
 
 def test_ft2_shared_qkv_range_stays_shared_through_learned_qat(fmnist, tmp_path):
@@ -666,3 +685,46 @@ def test_a_hugging_face_model_trains_under_qat(tmp_path, distill):
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     res = train_classifier(hf, lambda e: [(x, y)], 1, TrainConfig(epochs=1, batch_size=8, lr=1e-3))
     assert res.steps == 1 and math.isfinite(res.final_loss)
+
+
+def _bn_train_rank(rank: int, recipe: dict, data: str, out: str) -> None:
+    run_qat(Recipe.model_validate(recipe), DataSpec(data, "train"), DataSpec(data, "test"), out,
+            QATOptions(progress=False, max_steps=3, eval_batch_size=32))
+
+
+def test_bn_train_on_two_ranks_reports_the_model_it_saves(fmnist, tmp_path):
+    """bn: train under DDP: after the last step each rank holds its own BatchNorm statistics; the
+    sharded final evaluation must score the model rank 0 saves (it scored each shard with another
+    one). Checked by evaluating the saved checkpoint in one process on the same images."""
+    import timm
+
+    from quantcore.data import eval_transform, make_loader, open_dataset
+    from quantcore.evaluate import evaluate_models
+    from test_distributed_ptq import run_ranks
+
+    data, _ = fmnist
+    torch.manual_seed(3)
+    net = timm.create_model("resnet10t", in_chans=1, num_classes=10)
+    ck = tmp_path / "cnn.pt"
+    torch.save(net.state_dict(), ck)
+    small = {"pretrained_cfg_overlay": {"input_size": [1, 28, 28], "crop_pct": 1.0, "mean": [0.286], "std": [0.353]}}
+    recipe = {"name": "cnn_bn", "model": {"name": "resnet10t", "in_chans": 1, "num_classes": 10, "checkpoint": str(ck),
+                                          "kwargs": small},
+              "placement": {"family": "cnn", "fold_bn": False},
+              "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
+              "qat": {"epochs": 1, "batch_size": 16, "bn": "train", "augment": {"kind": "none"}, "num_workers": 0,
+                      "optimizer": {"name": "sgd", "lr": 0.05}}}
+    out = tmp_path / "o"
+    run_ranks(_bn_train_rank, recipe, data, str(out))
+    rep = json.loads((out / "report.json").read_text())
+    model = api.load(str(out / "cnn_bn" / "model.qc.pt")).eval()
+    fp32 = timm.create_model("resnet10t", in_chans=1, num_classes=10, **small)
+    fp32.load_state_dict(torch.load(ck, weights_only=True))
+    fp32.eval()
+    ds = open_dataset(data, "test", eval_transform(fp32))
+    with torch.no_grad():
+        scores = evaluate_models({"fp32": fp32, "cnn_bn": model}, make_loader(ds, 32, 0), ds.num_classes,
+                                 reference="fp32")
+    got, want = rep["results"]["cnn_bn"], scores["cnn_bn"]
+    assert got["count"] == want.count == N_TEST
+    assert got["sqnr_db"] == pytest.approx(want.sqnr_db, rel=1e-9) and got["top1"] == want.top1, (got, want)
