@@ -124,6 +124,20 @@ def _bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _bn_left_after_folding(fp32: nn.Module) -> bool:
+    """Whether placement's BatchNorm folding (on a copy) leaves any BatchNorm in the model: pairs it
+    cannot prove (BN after a concat or an add, BatchNorm1d after a Linear) stay and are trained."""
+    from .fold import fold_batchnorm
+    from .placement import default_example_input
+
+    probe = copy.deepcopy(fp32).eval()
+    try:
+        fold_batchnorm(probe, default_example_input(probe))
+    except UserError:
+        return True  # the fold itself refuses: placement reports that, not this check
+    return bool(_bn_modules(probe))
+
+
 def _sync_bn_statistics(model: nn.Module, cfg: QATConfig) -> None:
     """Give every rank rank 0's BatchNorm running statistics (what DDP broadcasts before each forward,
     and what rank 0 saves). After a training step each rank holds its own update; without this the
@@ -612,11 +626,11 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_class
                         f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
     if cfg.bn != "fold" and not _bn_modules(fp32):
         raise UserError(f"qat.bn: {cfg.bn}: the model has no BatchNorm layer; remove the setting (bn: fold)")
-    if cfg.bn != "fold" and fold_bn:
-        raise UserError(f"qat.bn: {cfg.bn} trains with BatchNorm unfolded, but placement.fold_bn: true (the "
-                        f"default) folds its {len(_bn_modules(fp32))} BatchNorm layer(s) into the convolutions "
-                        f"before calibration, leaving none to {'freeze' if cfg.bn == 'freeze' else 'train'}: "
-                        f"set placement.fold_bn: false, or qat.bn: fold")
+    if cfg.bn != "fold" and fold_bn and not _bn_left_after_folding(fp32):
+        raise UserError(f"qat.bn: {cfg.bn} trains BatchNorm layers, but placement.fold_bn: true (the default) "
+                        f"folds all {len(_bn_modules(fp32))} of this model's into their convolutions before "
+                        f"calibration, leaving none to {'freeze' if cfg.bn == 'freeze' else 'train'}: set "
+                        f"placement.fold_bn: false, or qat.bn: fold")
     teacher = _teacher(cfg, fp32, device)
     if teacher is not None and teacher is not fp32:
         from .placement import default_example_input

@@ -149,7 +149,8 @@ class TensorQuantizer(nn.Module):
 
             lo, hi = find_range(c, self.spec)
         else:
-            lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec)
+            # (a disabled quantizer never applies its grid: nothing to refuse)
+            lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec) if self.spec.enabled else (c.min, c.max)
         self.set_range(lo, hi)
         return True
 

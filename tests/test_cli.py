@@ -339,6 +339,8 @@ def test_a_missing_s3_prefix_or_a_shard_given_as_the_dataset_say_so_mock(image_f
     assert run("evaluate", "-c", ckpt, "-d", f"s3://{s3_bucket}/does/not/exist", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "nothing found under s3://" in err and "index.json" in err and "val/<class>" in err, err
+    assert run("evaluate", "-c", ckpt, "-d", f"s3://{s3_bucket}/does/not/exist/", "--no-progress") == 2
+    assert "nothing found under s3://" in capsys.readouterr().err  # a prefix spelled with its slash too
     assert run("evaluate", "-c", ckpt, "-d", f"{data}/val-00000.zip", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "val-00000.zip is a file, not a dataset" in err, err

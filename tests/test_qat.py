@@ -728,3 +728,26 @@ def test_bn_train_on_two_ranks_reports_the_model_it_saves(fmnist, tmp_path):
     got, want = rep["results"]["cnn_bn"], scores["cnn_bn"]
     assert got["count"] == want.count == N_TEST
     assert got["sqnr_db"] == pytest.approx(want.sqnr_db, rel=1e-9) and got["top1"] == want.top1, (got, want)
+
+
+def test_bn_left_after_folding_is_what_placement_leaves():
+    """qat.bn: train/freeze with fold_bn: true is refused only when folding leaves no BatchNorm: one
+    after a Linear (or a concat) cannot be folded and is still trained."""
+    import timm
+
+    from quantcore.qat import _bn_left_after_folding
+
+    class LinearBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.bn2d = torch.nn.BatchNorm2d(4)
+            self.fc = torch.nn.Linear(4, 8)
+            self.bn1d = torch.nn.BatchNorm1d(8)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.bn1d(self.fc(self.bn2d(self.conv(x)).mean((2, 3)))))
+
+    assert _bn_left_after_folding(LinearBN().eval())
+    assert not _bn_left_after_folding(timm.create_model("resnet10t", in_chans=1, num_classes=10).eval())

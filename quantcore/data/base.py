@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 
-IMG_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+IMG_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # torchvision's
 
 
 def is_image_name(name: str) -> bool:

@@ -49,7 +49,7 @@ class FolderDataset(ImageDataset):
             per_class.setdefault(parts[0], []).append("/".join(parts))
         if not per_class:
             sp = split or "<split>"
-            if not listed and _fs.local_path(self.uri) is None and _fs.exists(self.uri):
+            if not listed and _fs.local_path(self.uri) is None and _names_object(self.uri):
                 raise DataError(f"{self.uri} is a file, not a dataset: give the folder or S3 prefix that holds "
                                 f"{split or '<split>'}/<class>/ or the zip shards", file=self.uri)
             if not listed:
@@ -98,3 +98,10 @@ class FolderDataset(ImageDataset):
 
     def read_raw(self, index: int) -> bytes:
         return _fs.read_or_data_error(self.where(index), "image")
+
+
+def _names_object(uri: str) -> bool:
+    """Whether an S3 URI is one object (``s3://b/x.zip``); a prefix (``s3://b/x/``) or a bare bucket
+    never is."""
+    key = str(uri).split("://", 1)[-1].partition("/")[2]
+    return bool(key) and not key.endswith("/") and _fs.exists(uri)

@@ -421,6 +421,9 @@ class RangedReader(io.RawIOBase):
                     f.write(blk)
                     f.write(zlib.crc32(blk).to_bytes(4, "little"))
                 os.replace(tmp, path)
+                old = os.path.join(os.path.dirname(path), "b" + os.path.basename(path)[1:])
+                if os.path.exists(old):  # the unchecked form of earlier versions: superseded
+                    os.unlink(old)
             except OSError:  # the disk cache is best effort
                 try:
                     os.unlink(tmp)

@@ -57,7 +57,7 @@ def block_weight_spec(weight_spec: QuantSpec, settings: ModeSettings, name: str)
         why = "; ".join(str(x.get("msg", "")).removeprefix("Value error, ") for x in errs) or str(e)
         need = "per channel (axis 0)" if settings.weight_axis is not None else "per tensor"
         other = "ft2 (per-tensor weights)" if settings.weight_axis is not None else "ft1 (per-channel weights)"
-        raise PlacementError(f"quant.weights: placement mode {settings.mode} (the default of transformer "
-                             f"models) quantizes the weights of transformer-block Linears {need}, e.g. {name!r}, "
+        default = " (the default of transformer models)" if settings.mode == "ft1" else ""
+        raise PlacementError(f"quant.weights: placement mode {settings.mode}{default} quantizes the weights of transformer-block Linears {need}, e.g. {name!r}, "
                              f"and the weight spec {weight_spec.short()} cannot: {why}. Use placement.mode "
                              f"{other}, or another weight format") from None

@@ -529,10 +529,6 @@ def _check_can_act(order: list, skipped: dict[str, str], qs: dict[str, TensorQua
                         f"(quant.weights / overrides)")
     inside = [q for n, q in qs.items() if q.kind == "activation" and q.spec.enabled and not q.spec.is_float
               and any(n.startswith(u.name + ".") for u in order)]
-    if cfg.drop_prob > 0 and not inside:
-        raise UserError(f"reconstruction.drop_prob: {cfg.drop_prob} drops activation quantization inside the "
-                        f"reconstructed units, and none of them quantizes an activation (activations float or "
-                        f"disabled): set drop_prob: 0")
     if cfg.act_ranges == "learned" and not any(q.spec.format == "int" and q.is_calibrated for q in inside):
         raise UserError("reconstruction.act_ranges: learned learns the step size of integer activation "
                         "quantizers inside the reconstructed units, and there are none (activations float, "
