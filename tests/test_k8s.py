@@ -381,7 +381,7 @@ def test_job_arguments_follow_the_run_entries(chart_renders):
 
     mode, p = params("vit-site-eval")  # evaluate: model is a calibrated checkpoint (of an earlier release)
     assert mode == "evaluate"
-    assert p["checkpoint"] == "s3://quantcore-runs/2024-05/calib/vit_b16_w8a8_site/model.qc.pt"
+    assert p["checkpoint"] == ["s3://quantcore-runs/2024-05/calib/vit_b16_w8a8_site/model.qc.pt"]  # once
     assert (p["split"], p["limit"], p["out"]) == ("val", 10000, "s3://quantcore-runs/site/eval")
 
     mode, p = params("vit-site-export")  # export: CPU, the checkpoint as argument, data -> --check-data
@@ -1541,7 +1541,7 @@ def test_qat_job_arguments_follow_the_run_entries(chart_renders):
     a, p = parsed("vit-ft2-qat")  # 2 pods x 4 GPUs, one rank per GPU, inline recipe, PTQ start
     assert (a.nnodes, a.nproc_per_node, a.max_restarts, a.shutdown_timeout) == ("2", "4", 3, 285)
     assert a.rdzv_id == "qc-quantcore-vit-ft2-qat" and "read_timeout=300" in a.rdzv_conf
-    assert p["recipe"] == "/etc/quantcore/recipes/vit_b16_ft2_qat_site.yaml" and p["checkpoint"] is None
+    assert p["recipe"] == ["/etc/quantcore/recipes/vit_b16_ft2_qat_site.yaml"] and p["checkpoint"] is None
     assert p["init"] == "s3://quantcore-runs/2024-05/ptq/vit_b16_ft2_qat_site/model.qc.pt"
     assert (p["data"], p["eval_data"], p["split"], p["eval_split"]) == (
         "s3://datasets/imagenet-zip", "s3://datasets/imagenet-val-zip", "train", "val")
@@ -1615,7 +1615,7 @@ def test_qat_pods_reach_gpus_and_the_base_configuration(kustomize_render, kustom
     recipe = recipe[recipe.index("--recipe") + 1]
     assert Path(recipe).name in base_cms["quantcore-recipes"]["data"]
     p = _cli_parse(qat_torchrun_args(job).training_script_args).params
-    assert p["device"] == "cuda" and p["recipe"] == recipe
+    assert p["device"] == "cuda" and p["recipe"] == [recipe]
     from quantcore.recipe import recipe_from_dict
 
     assert recipe_from_dict(yaml.safe_load(base_cms["quantcore-recipes"]["data"][Path(recipe).name])).qat is not None
