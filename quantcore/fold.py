@@ -120,6 +120,11 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
         for t in set(op.inputs):
             readers.setdefault(t, []).append(("op", op))
     conv_of_output: dict[int, tuple[str, int]] = {}  # output id -> (conv name, seq of its conv op)
+    owners: dict[int, int] = {}  # parameter id -> modules holding it (tied weights)
+    for _, m in model.named_modules(remove_duplicate=False):
+        for prm in m.parameters(recurse=False):
+            owners[id(prm)] = owners.get(id(prm), 0) + 1
+    shared: dict[int, str] = {}  # output id -> conv whose weight another module holds too
     for name, mod in mods.items():
         if not _is_conv(mod):
             continue
@@ -127,6 +132,11 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
         if len(calls) != 1 or counts.get(id(mod), 0) != 1:
             continue
         call = calls[0]
+        if any(owners.get(id(prm), 0) > 1 for prm in mod.parameters(recurse=False)):
+            # folding rescales the weight: a tied copy elsewhere would change with it
+            if len(call.outputs) == 1:
+                shared[call.outputs[0]] = name
+            continue
         frame = (call.name, call.index)
         convs = [op for op in trace.ops if op.kind == "weighted" and op.stack and op.stack[-1] == frame]
         if len(convs) != 1 or len(call.outputs) != 1 or convs[0].outputs != call.outputs:
@@ -144,6 +154,10 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
             continue
         why = _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res)
         if why:
+            calls = trace.calls_of(bn_name)
+            src = calls[0].inputs[0] if len(calls) == 1 and calls[0].inputs else None
+            if src in shared:
+                why = f"its conv {shared[src]!r} shares its weight with another module (folding would change both)"
             res.unfolded[bn_name] = why
     return res
 
