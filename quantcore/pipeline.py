@@ -319,8 +319,9 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
             "evaluation_cost": _cost_info(cost, models, dev)}
-    if unused_files(ds):
-        info.update(unused_files=unused_files(ds), warnings=[f"evaluation data: {unused_files_warning(ds)}"])
+    unused = unused_files(ds)
+    if unused:
+        info.update(unused_files=unused, warnings=[f"evaluation data: {unused_files_warning(ds)}"])
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
 
 
@@ -481,7 +482,8 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         warnings.append(random_weights_warning(model.quantcore_recipe))
         if distributed.rank() == 0:
             log.warning(warnings[-1])
-    if unused_files(ds):  # open_dataset logged it
+    unused = unused_files(ds)
+    if unused:  # open_dataset logged it
         warnings.append(f"evaluation data: {unused_files_warning(ds)}")
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),
@@ -489,7 +491,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                        data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                              "eval_subset": subset, "world_size": distributed.world_size(),
                              "checkpoint": checkpoint, "reference_note": _reference_note(model),
-                             **({"unused_files": unused_files(ds)} if unused_files(ds) else {})},
+                             **({"unused_files": unused} if unused else {})},
                        calibration=calibration, warnings=warnings,
                        timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,
                        extra={"evaluation_cost": _cost_info(cost, {name: model}, dev),

@@ -861,7 +861,6 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 # not at an epoch's last step: the epoch end validates (once)
                 if eval_ctx is not None and cfg.eval_every and st.step % cfg.eval_every == 0 and not last \
                         and st.consumed < n:
-                    _sync_bn_statistics(model, cfg)
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 flag[0] = float(sigterm.flag)
@@ -876,7 +875,6 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 st.epoch += 1
                 st.consumed = 0
                 if eval_ctx is not None and st.step < total_steps:
-                    _sync_bn_statistics(model, cfg)
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 if st.step < total_steps:
@@ -1026,6 +1024,7 @@ def _validate(st: _State, ev: _EvalContext, model: nn.Module, cfg: QATConfig, ct
               n: int) -> None:
     from .evaluate import evaluate_models
 
+    _sync_bn_statistics(model, cfg)  # every rank's shard is scored with the model rank 0 saves
     model.eval()
     with torch.random.fork_rng(devices=[]):  # validation must not shift the training RNG streams
         loader, _ = ev.loader(cfg.eval_limit)
@@ -1055,8 +1054,9 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
         skipped = [r for part in distributed.all_gather_object(loader.skipped.as_list()) for r in part]
         data_info = {"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
                      "eval_subset": subset, "num_classes": ev.ds.num_classes}
-        if unused_files(ev.ds):
-            data_info["unused_files"] = unused_files(ev.ds)
+        unused = unused_files(ev.ds)
+        if unused:
+            data_info["unused_files"] = unused
             notes.append(f"evaluation data: {unused_files_warning(ev.ds)}")
     data_info.update({"train_uri": train.uri, "train_split": train.split})
     train_note, train_unused = cal_info.pop("train_unused", None) or (None, [])

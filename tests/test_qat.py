@@ -7,8 +7,8 @@ few seconds (so quantization error and its recovery are real, not noise on rando
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -345,21 +345,25 @@ def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teac
         run_qat(r, DataSpec(data, "train"), None, str(tmp_path / "o"), QATOptions(progress=False, max_steps=5))
 
 
-def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, caplog):
+def _cnn_recipe(tmp_path: Path, seed: int, name: str, **qat) -> dict:
+    """A QAT recipe for a random-init timm resnet10t on 28x28 Fashion-MNIST with BatchNorm kept
+    unfolded (its weights written to ``tmp_path/cnn.pt``); ``qat`` adds to its qat: section."""
     import timm
 
-    data, _ = fmnist
-    torch.manual_seed(2)
-    net = timm.create_model("resnet10t", in_chans=1, num_classes=10)
+    torch.manual_seed(seed)
     ck = tmp_path / "cnn.pt"
-    torch.save(net.state_dict(), ck)
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=10).state_dict(), ck)
     small = {"pretrained_cfg_overlay": {"input_size": [1, 28, 28], "crop_pct": 1.0, "mean": [0.286], "std": [0.353]}}
-    base = {"name": "cnn", "model": {"name": "resnet10t", "in_chans": 1, "num_classes": 10, "checkpoint": str(ck),
-                                     "kwargs": small},
+    return {"name": name, "model": {"name": "resnet10t", "in_chans": 1, "num_classes": 10, "checkpoint": str(ck),
+                                    "kwargs": small},
             "placement": {"family": "cnn", "fold_bn": False},
             "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
-            "qat": {"epochs": 1, "batch_size": 16, "bn": "freeze", "bn_freeze_step": 3, "checkpoint_every": 3,
-                    "augment": {"kind": "none"}, "num_workers": 0, "keep_checkpoints": 5}}
+            "qat": {"epochs": 1, "batch_size": 16, "augment": {"kind": "none"}, "num_workers": 0, **qat}}
+
+
+def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, caplog):
+    data, _ = fmnist
+    base = _cnn_recipe(tmp_path, 2, "cnn", bn="freeze", bn_freeze_step=3, checkpoint_every=3, keep_checkpoints=5)
     run_qat(Recipe.model_validate(base), DataSpec(data, "train"), None, str(tmp_path / "o"),
             QATOptions(progress=False, max_steps=9))
     states = {s: decode_train_state(Path(u).read_bytes(), u)["model"] for s, u in list_checkpoints(str(tmp_path / "o"))}
@@ -703,17 +707,8 @@ def test_bn_train_on_two_ranks_reports_the_model_it_saves(fmnist, tmp_path):
     from test_distributed_ptq import run_ranks
 
     data, _ = fmnist
-    torch.manual_seed(3)
-    net = timm.create_model("resnet10t", in_chans=1, num_classes=10)
-    ck = tmp_path / "cnn.pt"
-    torch.save(net.state_dict(), ck)
-    small = {"pretrained_cfg_overlay": {"input_size": [1, 28, 28], "crop_pct": 1.0, "mean": [0.286], "std": [0.353]}}
-    recipe = {"name": "cnn_bn", "model": {"name": "resnet10t", "in_chans": 1, "num_classes": 10, "checkpoint": str(ck),
-                                          "kwargs": small},
-              "placement": {"family": "cnn", "fold_bn": False},
-              "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
-              "qat": {"epochs": 1, "batch_size": 16, "bn": "train", "augment": {"kind": "none"}, "num_workers": 0,
-                      "optimizer": {"name": "sgd", "lr": 0.05}}}
+    recipe = _cnn_recipe(tmp_path, 3, "cnn_bn", bn="train", optimizer={"name": "sgd", "lr": 0.05})
+    ck, small = recipe["model"]["checkpoint"], recipe["model"]["kwargs"]
     out = tmp_path / "o"
     run_ranks(_bn_train_rank, recipe, data, str(out))
     rep = json.loads((out / "report.json").read_text())

@@ -517,6 +517,14 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
     return res
 
 
+def _step_sizes_to_learn(qs: dict[str, TensorQuantizer], unit_name: str) -> list[TensorQuantizer]:
+    """The calibrated integer activation quantizers inside unit ``unit_name`` whose step size
+    ``act_ranges: learned`` learns (not already learnable)."""
+    return [q for n, q in qs.items() if n.startswith(unit_name + ".") and q.kind == "activation"
+            and q.spec.enabled and not q.spec.is_float and q.spec.format == "int" and q.is_calibrated
+            and q.scale is None]
+
+
 def _check_can_act(order: list, skipped: dict[str, str], qs: dict[str, TensorQuantizer],
                    cfg: ReconstructionConfig) -> None:
     """A reconstruction section (or option) with nothing to act on is refused, naming the field: a
@@ -527,9 +535,7 @@ def _check_can_act(order: list, skipped: dict[str, str], qs: dict[str, TensorQua
                         f"{'; '.join(reasons[:4])}); AdaRound learns the rounding of calibrated integer "
                         f"weights: drop the reconstruction section, or quantize weights to int "
                         f"(quant.weights / overrides)")
-    inside = [q for n, q in qs.items() if q.kind == "activation" and q.spec.enabled and not q.spec.is_float
-              and any(n.startswith(u.name + ".") for u in order)]
-    if cfg.act_ranges == "learned" and not any(q.spec.format == "int" and q.is_calibrated for q in inside):
+    if cfg.act_ranges == "learned" and not any(_step_sizes_to_learn(qs, u.name) for u in order):
         raise UserError("reconstruction.act_ranges: learned learns the step size of integer activation "
                         "quantizers inside the reconstructed units, and there are none (activations float, "
                         "disabled or not on an int grid): set act_ranges: fixed")
@@ -542,9 +548,7 @@ def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in:
     groups: list[dict[str, Any]] = [{"params": list(params), "lr": cfg.lr}]
     learned = []
     if cfg.act_ranges == "learned":
-        learned = [q for n, q in qs.items() if n.startswith(unit_name + ".") and q.kind == "activation"
-                   and q.spec.enabled and not q.spec.is_float and q.spec.format == "int" and q.is_calibrated
-                   and q.scale is None]
+        learned = _step_sizes_to_learn(qs, unit_name)
         for q in learned:
             q.make_learnable()
             q.zero_point.requires_grad_(False)  # the step size only (BRECQ/QDrop)
