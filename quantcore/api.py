@@ -169,7 +169,7 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
         if not done and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
     unify_shared_ranges(model)
-    for w in _floored(qs):
+    for w in _floored(qs) + _degenerate(qs):
         res.warnings.append(w)
         log.warning(w)
     res.finalize_s = time.perf_counter() - t0
@@ -192,6 +192,47 @@ def _floored(qs: dict[str, Any]) -> list[str]:
                    f"is narrower than the grid's smallest scale ({MIN_SCALE:g}) resolves; quantized on the "
                    f"grid [{float(q.amin.min()):.3g}, {float(q.amax.max()):.3g}] (values this small round to "
                    f"zero; encodings.json records that grid)")
+    return out
+
+
+#: a calibrated range is reported as degenerate when it clips at least this share of the calibration
+#: values and its expected squared error is at least DEGENERATE_ERROR times that of the plain min/max
+DEGENERATE_CLIP = 0.1
+DEGENERATE_ERROR = 4.0
+
+
+def _degenerate(qs: dict[str, Any]) -> list[str]:
+    """One line per per-tensor integer activation quantizer whose histogram range search returned a
+    range that cuts off much of the data (e.g. the entropy/KL search of TensorRT and ModelOpt on data far
+    from zero: every threshold below the data folds all mass into one bin, KL 0, and the search keeps
+    such a threshold). The range is kept (it is what the calibrator computes) and named, with the
+    figures, so it is never silently used."""
+    from .calib.search import bin_width, mse_objective, occupied_bins
+
+    out = []
+    for name, q in qs.items():
+        c = q.collector
+        if (q.kind != "activation" or not isinstance(c, HistogramState) or not c.total or q.spec.is_float
+                or not q.spec.enabled or q.spec.kind.name != "int" or q.amax.numel() != 1):
+            continue
+        lo, hi = float(q.amin), float(q.amax)
+        counts, e0 = occupied_bins(c)
+        w = bin_width(c)
+        centers = e0 + (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * w
+        clipped = float(counts[(centers < lo) | (centers > hi)].sum()) / max(float(counts.sum()), 1.0)
+        if clipped < DEGENERATE_CLIP:
+            continue
+        err = float(mse_objective(c, q.spec, lo, hi)[0])
+        ref = float(mse_objective(c, q.spec, min(c.min, 0.0), max(c.max, 0.0))[0])  # grids hold zero
+        if err < DEGENERATE_ERROR * max(ref, 1e-30):
+            continue
+        out.append(f"quantizer {name!r} ({q.spec.bits}-bit, calibrator {q.spec.calibrator!r}): range "
+                   f"[{lo:.4g}, {hi:.4g}] clips {100 * clipped:.1f}% of the calibration values (data "
+                   f"[{c.min:.4g}, {c.max:.4g}]); expected squared error {err / max(ref, 1e-30):.3g}x that of "
+                   f"the min/max range. The {q.spec.calibrator} search assumes most values lie near zero"
+                   + (" (KL search: every threshold below the data folds it into one bin)"
+                      if q.spec.calibrator == "entropy" else "")
+                   + "; use calibrator 'mse' or 'percentile' for it (an override)")
     return out
 
 

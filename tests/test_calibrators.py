@@ -543,3 +543,47 @@ def test_bincount_and_histc_paths_agree_with_numpy(monkeypatch, bins):
     idx = np.floor(x.numpy() * np.float32(bins / r)).astype(np.int64) + bins
     ref = np.bincount(np.minimum(idx, 2 * bins - 1), minlength=2 * bins)
     assert np.array_equal(fast.counts.numpy(), ref)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_range_that_cuts_off_most_of_the_data_is_named(symmetric, caplog):
+    """The KL (entropy) search of TensorRT/ModelOpt assumes mass near zero: on data far from zero every
+    threshold below the data folds all of it into one bin (KL 0) and the search keeps one, clipping
+    ~all values. Calibration must name such a quantizer with its figures (checked here by brute force
+    on the data itself); the ranges of the other calibrators, and of entropy on data near zero, are not
+    reported."""
+    import quantcore
+    from quantcore.api import encodings
+
+    class Net(torch.nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift, self.fc = shift, torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x + self.shift)
+
+    g = torch.Generator().manual_seed(5)
+    x = 0.3 * torch.randn(512, 8, generator=g)
+    for shift in (4.0, 0.0):
+        for method in METHODS:
+            m = Net(shift).eval()
+            quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
+                                  "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
+                                  "calibration": {"method": method, "num_batches": 1, "batch_size": 512}},
+                              example_input=x)
+            caplog.clear()
+            res = quantcore.calibrate(m, [x])
+            row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+            data = x + shift
+            lo, hi = _grid_of_row(row)
+            clipped = float(((data < lo) | (data > hi)).float().mean())
+            spec = QuantSpec(bits=8, symmetric=symmetric)
+            ratio = _fq_mse(data.flatten(), lo, hi, spec) / _fq_mse(data.flatten(), float(data.min()), float(data.max()), spec)
+            said = [w for w in res.warnings if "'fc.input_quantizer'" in w]
+            bad = clipped >= 0.1 and ratio >= 4
+            assert bool(said) == bad, (shift, method, clipped, ratio, res.warnings)
+            if method == "entropy" and shift:
+                assert bad and clipped > 0.5, (clipped, ratio)  # the degenerate case does occur
+            if bad:
+                assert method in said[0] and "%" in said[0] and any("fc.input_quantizer" in r.message for r in caplog.records)
