@@ -113,6 +113,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [f"Placement of `{vname}`: family {pl.get('family')}, {pl.get('quantizers')} quantizers, "
                   f"{len(pl.get('attention') or [])} attentions quantized, {len(pl.get('folded_bn') or [])} "
                   f"BatchNorms folded, {len(pl.get('unfolded_bn') or {})} kept.", ""]
+        lines += [f"- {n}" for n in pl.get("notes") or ()] + ([""] if pl.get("notes") else [])
         floats = pl.get("float") or {}
         if floats:
             lines += [f"Left float in `{vname}`:"] + [f"- `{k}`: {r}" for k, r in list(floats.items())[:40]]

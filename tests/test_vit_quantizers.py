@@ -400,20 +400,54 @@ def test_represented_range_is_where_the_grid_clips_and_analysis_uses_it(acts, fm
         assert q.spec.kind.encoding(q)["covers"] == pytest.approx([0.0, 1.0])
 
 
-@pytest.mark.parametrize("fmt,family", [("log2", "vit"), ("twin_int", "generic")])
-def test_a_per_tensor_only_weight_format_under_ft1_says_what_to_change(fmt, family):
+@pytest.mark.parametrize("fmt,family", [("int", "vit"), ("log2", "vit"), ("twin_int", "generic")])
+def test_a_per_tensor_weight_request_under_ft1_is_kept(fmt, family):
     """ft1 (the default mode of any model with attention, family generic too) quantizes block Linear
-    weights per channel: a per-tensor-only format is one line naming quant.weights and the way out."""
+    weights per channel only because that is quant.weights' default: a recipe's per_channel: false (a
+    per-tensor-only format needs it) gives per-tensor weights on every Linear, inside blocks too, with
+    no note; the weights are then quantized with one scale per tensor."""
     import quantcore
     from quantcore.models import vit_fmnist
 
     rec = {"name": "w", "model": {"name": "quantcore/vit_fmnist"}, "placement": {"family": family},
            "quant": {"weights": {"format": fmt, "bits": 8, "symmetric": False, "per_channel": False}},
            "calibration": {"weights_method": "mse" if fmt == "twin_int" else "max"}}
-    from quantcore.errors import PlacementError
+    m = quantcore.prepare(vit_fmnist(), rec)
+    ws = {n: q for n, q in m.named_modules() if n.endswith("weight_quantizer")}
+    assert len(ws) >= 16 and all(q.spec.axis is None for q in ws.values()), {n: q.spec.axis for n, q in ws.items()}
+    assert any(".attn.qkv." in n for n in ws) and m.quantcore_placement.notes == []
+    if fmt == "int":
+        quantcore.calibrate(m, [torch.randn(8, 1, 28, 28)])
+        q = ws["blocks.0.attn.qkv.weight_quantizer"]
+        assert q.amax.numel() == 1 and q.amin.numel() == 1
+        w = m.blocks[0].attn.qkv.weight.detach()
+        lo, hi = float(w.min()), float(w.max())  # max calibrator: one asymmetric range over the whole tensor
+        assert float(q.amin) == pytest.approx(min(lo, 0.0), rel=1e-5) and float(q.amax) == pytest.approx(max(hi, 0.0), rel=1e-5)
 
-    with pytest.raises(PlacementError) as err:
-        quantcore.prepare(vit_fmnist(), rec)
-    msg = str(err.value)
-    assert msg.startswith("quant.weights: placement mode ft1") and "placement.mode ft2" in msg
-    assert "\n" not in msg and "pydantic" not in msg, msg
+
+def test_ft2_per_tensor_block_weights_are_said_and_an_override_sets_them(tmp_path):
+    """ft2 quantizes block Linear weights per tensor whatever quant.weights' granularity is (the mode's
+    definition): the placement says so (notes, report), and an override on weight quantizer names
+    keeps chosen ones per channel."""
+    import quantcore
+    from quantcore.models import vit_fmnist
+    from quantcore.report import report_markdown
+
+    rec = {"name": "w", "placement": {"family": "vit", "mode": "ft2"}, "quant": {"weights": {"bits": 8}}}
+    m = quantcore.prepare(vit_fmnist(), rec)
+    axes = {n: q.spec.axis for n, q in m.named_modules() if n.endswith("weight_quantizer")}
+    assert set(axes.values()) == {None}
+    (note,) = m.quantcore_placement.notes
+    assert "ft2" in note and f"{len(axes)} transformer-block" in note and "per tensor" in note
+    md = report_markdown({"model": "m", "created": "now", "data": {}, "results": {}, "versions": {},
+                          "variants": {"w": {"placement": m.quantcore_placement.as_dict()}}})
+    assert f"- {note}" in md.splitlines()
+    rec["overrides"] = [{"match": "blocks.0.*.weight_quantizer", "spec": {"per_channel": True}}]
+    m = quantcore.prepare(vit_fmnist(), rec)
+    axes = {n: q.spec.axis for n, q in m.named_modules() if n.endswith("weight_quantizer")}
+    assert {n for n, a in axes.items() if a == 0} == {n for n in axes if n.startswith("blocks.0.")} != set()
+    (note,) = m.quantcore_placement.notes
+    assert f"{len(axes) - 4} transformer-block" in note
+    rec["quant"]["weights"]["per_channel"] = False
+    rec.pop("overrides")
+    assert quantcore.prepare(vit_fmnist(), rec).quantcore_placement.notes == []  # asked for: nothing to say

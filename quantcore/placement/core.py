@@ -42,7 +42,8 @@ class PlacementResult:
     quantizers that must end with one common range (the union of their calibrated ranges).
     ``folded_bn``: ``(conv, bn)`` pairs folded; ``unfolded_bn``: BatchNorm name -> why it stayed.
     ``float_reasons``: every Linear/Conv/attention/op left float -> why (``float_modules`` lists the
-    names). ``attention``: modules whose ``softmax(q k^T) v`` is quantized.
+    names). ``attention``: modules whose ``softmax(q k^T) v`` is quantized. ``notes``: where the
+    placement quantizes differently from what ``quant:`` says (e.g. ft2's per-tensor block weights).
     """
 
     family: str
@@ -54,6 +55,7 @@ class PlacementResult:
     float_reasons: dict[str, str] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
     example_input_shape: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def float_modules(self) -> list[str]:
@@ -63,7 +65,7 @@ class PlacementResult:
         return {"family": self.family, "mode": self.mode, "quantizers": len(self.quantizers),
                 "attention": list(self.attention), "folded_bn": [list(p) for p in self.folded_bn],
                 "unfolded_bn": dict(self.unfolded_bn), "float": dict(self.float_reasons),
-                "example_input_shape": list(self.example_input_shape)}
+                "example_input_shape": list(self.example_input_shape), "notes": list(self.notes)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -442,6 +444,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     # -- plan ------------------------------------------------------------------------------------------
     planned: dict[str, QuantSpec] = {}
     chosen: list[_Site] = []
+    moded: list[str] = []  # weight quantizers given the mode's granularity instead of quant.weights'
     for s in sites:
         default_reason = plan.default_float_reason(s, placement.keep_float is not None)
         if decide_float(s.name, rules, default_reason is not None):
@@ -453,6 +456,8 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         if s.kind == "weighted":
             scoped = settings is not None and s.op == "linear" and any(_within(s.owner, b) for b in blocks)
             wspec = block_weight_spec(weight_spec, settings, s.name) if scoped else weight_spec
+            if wspec is not weight_spec:
+                moded.append(f"{base}{s.prefix}weight_quantizer")
             planned[f"{base}{s.prefix}input_quantizer"] = act_spec
             planned[f"{base}{s.prefix}weight_quantizer"] = wspec
             if scoped and settings.gemm_output:
@@ -580,5 +585,12 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         attention=[s.owner for s in chosen if s.kind == "attention"],
         example_input_shape=shape,
     )
+    kept = [q for q in moded if q in present and final_specs[q].axis != weight_spec.axis]
+    if kept:
+        result.notes.append(
+            f"placement mode {settings.mode}: the weights of {len(kept)} transformer-block Linear(s) (e.g. "
+            f"{kept[0]!r}) are quantized {'per tensor' if settings.weight_axis is None else 'per channel'}, "
+            f"as the mode defines, not as quant.weights ({weight_spec.short()}); an override on "
+            f"'*.weight_quantizer' names (spec: {{per_channel: ...}}) sets them")
     model.quantcore_placement = result
     return result

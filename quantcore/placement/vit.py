@@ -1,6 +1,7 @@
 """Transformer placement as in NVIDIA FasterTransformer's ViT INT8 modes.
 
-* ``ft1``: per-channel weights (axis 0); quantizers on GEMM inputs (qkv/proj/fc1/fc2 inputs and
+* ``ft1``: per-channel weights (axis 0, the default of ``quant.weights``; a recipe's per-tensor
+  request is kept); quantizers on GEMM inputs (qkv/proj/fc1/fc2 inputs and
   weights, q/k for ``Q@K^T``, softmax output and v for ``attn@V``); no softmax-input, residual or
   GEMM-output quantizers.
 * ``ft2``: per-tensor weights; additionally the softmax input and the output of every block Linear
@@ -47,17 +48,19 @@ def mode_settings(placement: PlacementConfig) -> ModeSettings:
 
 
 def block_weight_spec(weight_spec: QuantSpec, settings: ModeSettings, name: str) -> QuantSpec:
-    """The mode's weight granularity for a Linear inside a transformer block."""
-    if weight_spec.is_float or weight_spec.axis == settings.weight_axis:
+    """The mode's weight granularity for a Linear inside a transformer block.
+
+    ft2 quantizes these weights per tensor (its definition). ft1's per-channel granularity (axis 0) is
+    the default of ``quant.weights``, so any other granularity there (``per_channel: false``, another
+    axis) was asked for by the recipe and is kept, never silently replaced. Raises PlacementError when
+    the weight format cannot be quantized per tensor under ft2."""
+    if weight_spec.is_float or weight_spec.axis is None or settings.weight_axis is not None:
         return weight_spec
     try:
-        return QuantSpec.model_validate({**weight_spec.model_dump(), "axis": settings.weight_axis})
+        return QuantSpec.model_validate({**weight_spec.model_dump(), "axis": None})
     except ValueError as e:
         errs = e.errors() if isinstance(e, ValidationError) else []
         why = "; ".join(str(x.get("msg", "")).removeprefix("Value error, ") for x in errs) or str(e)
-        need = "per channel (axis 0)" if settings.weight_axis is not None else "per tensor"
-        other = "ft2 (per-tensor weights)" if settings.weight_axis is not None else "ft1 (per-channel weights)"
-        default = " (the default of transformer models)" if settings.mode == "ft1" else ""
-        raise PlacementError(f"quant.weights: placement mode {settings.mode}{default} quantizes the weights of transformer-block Linears {need}, e.g. {name!r}, "
-                             f"and the weight spec {weight_spec.short()} cannot: {why}. Use placement.mode "
-                             f"{other}, or another weight format") from None
+        raise PlacementError(f"quant.weights: placement mode {settings.mode} quantizes the weights of transformer-block "
+                             f"Linears per tensor, e.g. {name!r}, and the weight spec {weight_spec.short()} cannot: "
+                             f"{why}. Use placement.mode ft1, or another weight format") from None
