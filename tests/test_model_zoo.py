@@ -22,6 +22,7 @@ def test_zoo_model(entry):
     assert not row["unlisted"], f"Linear/Conv neither quantized nor listed float: {row['unlisted'][:8]}"
     assert not row["unlisted_attention"], f"attention neither quantized nor listed: {row['unlisted_attention'][:8]}"
     assert row["quantizers"] > 0
+    assert not row["float_attention_operands"], f"attention GEMM operands left float: {row['float_attention_operands'][:6]}"
     for cal, db in row["sqnr"].items():
         floor = zoo.ENTROPY_FLOOR_DB if cal == "entropy" else zoo.SQNR_FLOOR_DB
         assert db > floor or math.isinf(db), f"{cal}: SQNR {db:.1f} dB"

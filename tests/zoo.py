@@ -365,6 +365,51 @@ def _reference_entropy_sqnr(model: nn.Module, data: dict[str, list[torch.Tensor]
     return sqnr_db(ref, logits(clone(x_eval)).float())
 
 
+def _float_attention_operands(model: nn.Module, attention: list[str], x: torch.Tensor) -> list[str]:
+    """Independent of the placement's own records: run the calibrated model and spy on every
+    activation x activation matmul (matmul/bmm/baddbmm/einsum) inside the modules the placement says
+    it quantized as attention; an operand with more distinct values than an 8-bit per-tensor grid
+    holds reached the GEMM float. Returns ``"module: op operand i (N values)"`` for each."""
+    mods = dict(model.named_modules())
+    owners = {id(mods[n]): n for n in attention if n in mods}
+    stack: list[str] = []
+    found: list[str] = []
+
+    def pre(mod, args):
+        stack.append(owners[id(mod)])
+
+    def post(mod, args, out):
+        stack.pop()
+
+    hooks = [mods[n].register_forward_pre_hook(pre) for n in owners.values()]
+    hooks += [mods[n].register_forward_hook(post) for n in owners.values()]
+    names = {"matmul", "__matmul__", "bmm", "baddbmm", "einsum"}
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fname = getattr(func, "__name__", "")
+            if stack and fname in names:
+                ops = [a for a in (args[1] if fname == "einsum" and len(args) > 1 and isinstance(args[1], (list, tuple))
+                                   else args[1:] if fname == "einsum" else args)
+                       if isinstance(a, torch.Tensor)]
+                ops = ops[-2:] if fname == "baddbmm" else ops[:2]
+                if len(ops) == 2 and not any(isinstance(o, nn.Parameter) for o in ops):
+                    for i, o in enumerate(ops):
+                        n = int(o.detach().unique().numel())
+                        if n > 256 and o.numel() > 256:
+                            found.append(f"{stack[-1]}: {fname} operand {i} ({n} values)")
+            return out
+
+    try:
+        with Spy():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 @torch.no_grad()
 def run_entry(entry: ZooModel, calibrators=CALIBRATORS, dead_check: bool = True) -> dict:
     """Prepare ``entry`` once (W8A8), calibrate it with every calibrator and measure what the zoo
@@ -405,6 +450,8 @@ def run_entry(entry: ZooModel, calibrators=CALIBRATORS, dead_check: bool = True)
         if raw is not None and row["sqnr"][cal] < SQNR_FLOOR_DB:
             # Below the general floor: it must be the algorithm's clipping, not ours.
             row["sqnr_entropy_reference"] = _reference_entropy_sqnr(model, raw[0], x_eval, ref)
+        if i == 0:
+            row["float_attention_operands"] = _float_attention_operands(model, list(pl.attention), x_eval[:2])
         if i == 0 and dead_check:  # on two images: half the cost, the same verdicts
             x2 = x_eval[:2]
             out2 = logits(model(x2)).float()

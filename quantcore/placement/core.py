@@ -171,6 +171,7 @@ class _Site:
     callers: dict[str, Optional[str]] = field(default_factory=dict)  # caller -> param path rel. caller
     order: int = 0
     reads_model_input: bool = False
+    probs_at_matmul: bool = False  # attention: the probabilities change after softmax (talking heads)
 
 
 def _rel(path: str, base: str) -> str:
@@ -210,6 +211,30 @@ def _has_attention(seq: list[tuple[str, str]]) -> bool:
             if len({o for _, o in seq[i:i + 3] if o}) <= 1:
                 return True
     return False
+
+
+#: ops a tensor passes through unchanged in value at inference (dropout is the identity in eval;
+#: a cast keeps what a quantizer grid sees): softmax output -> these -> attn@v is "the probabilities"
+_PASS_THROUGH = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+                 "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach"}
+
+
+def _probs_reach_matmul(trace: Trace, frame: tuple[str, int]) -> bool:
+    """Whether, in this call of an explicit attention module, attn@v's first operand is the softmax
+    output itself (through :data:`_PASS_THROUGH` ops only). Talking-heads attention (CaiT's
+    ``proj_w``, EfficientFormerV2's ``talking_head2``) mixes the probabilities across heads in between:
+    then the operand the GEMM receives is what must be quantized."""
+    ops = [op for op in trace.ops if frame in op.stack]
+    soft = next((i for i, op in enumerate(ops) if op.kind == "softmax"), None)
+    if soft is None:
+        return True
+    same = set(ops[soft].outputs)
+    for op in ops[soft + 1:]:
+        if op.kind == "matmul_act":
+            return bool(op.operands) and op.operands[0] in same
+        if op.func in _PASS_THROUGH and op.inputs and op.inputs[0] in same:
+            same.update(op.outputs)
+    return True
 
 
 def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str]]:
@@ -285,8 +310,10 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
                                     "softmax(QK^T)V, fused or as matmul-softmax-matmul, per module call)")
             continue
         first = min(op.seq for op in trace.ops if any(f[0] == m for f in op.stack))
-        sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if calls[0] == ["sdpa"] else "matmul",
-                                    callers={m: None}, order=first)
+        fused = calls[0] == ["sdpa"]
+        sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
+                                    order=first, probs_at_matmul=not fused and not all(
+                                        _probs_reach_matmul(trace, f) for f in seqs if f[0] == m))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -531,6 +558,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     plans: dict[str, ModulePlan] = {}
     share_groups: list[list[str]] = []
+    moved: list[str] = []  # attn_quantizers on attn@v's operand instead of the softmax output
     for s in chosen:
         base = f"{s.owner}." if s.owner else ""
         if s.kind == "weighted":
@@ -546,6 +574,9 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                 if f"{base}{a}" in planned:
                     make(f"{base}{a}", "activation")
             plans.setdefault(s.owner, ModulePlan()).attention = True
+            plans[s.owner].probs_at_matmul = s.probs_at_matmul
+            if s.probs_at_matmul and f"{base}attn_quantizer" in planned and f"{base}attn_quantizer" not in removed:
+                moved.append(f"{base}attn_quantizer")
             if settings.share_qkv:
                 share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")])
     # Every module whose forward runs a weighted op gets a context, even with nothing to quantize
@@ -585,6 +616,11 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         attention=[s.owner for s in chosen if s.kind == "attention"],
         example_input_shape=shape,
     )
+    if moved:
+        result.notes.append(
+            f"{len(moved)} attention(s) (e.g. {moved[0].rpartition('.')[0]!r}) change the probabilities after "
+            f"softmax before attn@v (talking heads): their attn_quantizer quantizes the operand attn@v "
+            f"receives, not the softmax output")
     kept = [q for q in moded if q in present and final_specs[q].axis != weight_spec.axis]
     if kept:
         result.notes.append(

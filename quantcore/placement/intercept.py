@@ -140,6 +140,7 @@ class ModulePlan:
 
     weighted: list[WeightedSite] = field(default_factory=list)
     attention: bool = False  # quantizers on the module itself (ATTENTION_QUANTIZERS)
+    probs_at_matmul: bool = False  # attn_quantizer on attn@v's operand (the probabilities change after softmax)
 
     def quantizer_refs(self) -> list[tuple[str, str]]:
         refs = [(s.owner, f"{s.prefix}{k}") for s in self.weighted
@@ -237,6 +238,8 @@ class QuantOpMode(TorchFunctionMode):
                     return self._matmul(ctx, lambda x, y: torch.einsum(eq, x, y), (a, b), {}, (0, 1))
             if func in SOFTMAX_OPS and ctx.phase == 1:
                 ctx.phase = 2
+                if ctx.plan.probs_at_matmul:  # quantized where attn@v receives them (talking heads)
+                    return func(*args, **kwargs)
                 # The probabilities are quantized where softmax makes them: before dropout's 1/(1-p)
                 # rescale in training, which an eval-calibrated range would clip.
                 return _apply(self._attn_q(ctx, "attn_quantizer"), func(*args, **kwargs))
@@ -276,7 +279,9 @@ class QuantOpMode(TorchFunctionMode):
             args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b)
             ctx.phase = 1
             return _apply(self._attn_q(ctx, "softmax_input_quantizer"), func(*args, **kwargs))
-        if ctx.phase == 2:  # probabilities already quantized at the softmax
+        if ctx.phase == 2:  # probabilities already quantized at the softmax, unless they changed since
+            if ctx.plan.probs_at_matmul:
+                args[ops[0]] = _apply(self._attn_q(ctx, "attn_quantizer"), a)
             args[ops[1]] = _apply(self._attn_q(ctx, "v_quantizer"), b)
             ctx.phase = 0
             ctx.cycles += 1

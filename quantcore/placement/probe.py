@@ -42,6 +42,7 @@ class OpEvent:
     bias: Optional[str] = None
     weight_param_like: bool = False  # weight is a parameter view (weight.T), not the parameter
     seq: int = 0  # position in the trace (calls and ops share one counter)
+    operands: tuple[int, ...] = ()  # matmul_act: ids of its two activation operands, in order
 
 
 @dataclass
@@ -128,14 +129,17 @@ class _Recorder(TorchFunctionMode):
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
             else:
                 ev.kind = "matmul_act"
+                ev.operands = (id(a), id(b))
         elif func in SOFTMAX_OPS:
             ev.kind = "softmax"
+            self.trace.keep.append(out)  # followed to the matmul that consumes it: its id stays unique
         elif func in SDPA_OPS:
             ev.kind = "sdpa"
         elif func in EINSUM_OPS:
             ein = einsum_operands(args)
             if ein is not None and not any(is_param_like(o) for o in ein[1]):
                 ev.kind = "matmul_act"  # a two-operand einsum of activations is a batched matmul
+                ev.operands = tuple(id(o) for o in ein[1])
             elif ein is not None:
                 ev.kind = "matmul_param"
                 p = next(o for o in ein[1] if is_param_like(o))
