@@ -268,12 +268,13 @@ class SeededSamples(torch.utils.data.Dataset):
 def _train_loader(samples: SeededSamples, batches: list[list[int]], epoch: int, workers: int):
     from torch.utils.data import DataLoader
 
-    from .data.loader import collate_skip
+    from .data.loader import collate_skip, leave_signal_group
 
     keyed = [[(epoch, i) for i in b] for b in batches]
     # own generator: creating the iterator must not draw from the global RNG (resumes are bit-identical)
     return DataLoader(samples, batch_sampler=keyed, num_workers=workers, collate_fn=collate_skip,
-                      generator=torch.Generator().manual_seed(epoch))
+                      generator=torch.Generator().manual_seed(epoch),
+                      worker_init_fn=leave_signal_group if workers > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------- losses

@@ -243,6 +243,44 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(
     assert a == b
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(fmnist, tmp_path):
+    """``kill -TERM -<pgid>`` (torchrun forwarding to a rank's group, a shell's job control) also
+    reaches DataLoader worker processes: they must not die under the training loop (which then
+    raised "DataLoader worker exited unexpectedly" and wrote no checkpoint). The run checkpoints the
+    step it reached and exits 143, and no worker outlives it."""
+    data, ckpt = fmnist
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(ckpt, checkpoint_every=3, epochs=3, num_workers=2)))
+    cmd = [sys.executable, "-m", "quantcore.cli", "qat", "-r", str(recipe), "-d", data, "--eval-split", "test",
+           "-o", str(tmp_path / "B"), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: the signal reaches only what this test started
+    workers: list[int] = []
+    try:
+        _wait_for_checkpoint(proc, tmp_path / "B" / "checkpoints")
+        workers = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "preempted" in err and "step-" in err, err[-3000:]  # the SIGTERM checkpoint was written
+    assert "exited unexpectedly" not in err and "Traceback" not in err, err[-3000:]
+    assert workers, "the run had no DataLoader workers"
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in _proc_state(w) for w in workers):
+        assert time.time() < deadline, f"DataLoader workers outlived the run: {workers}"
+        time.sleep(0.2)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
 def _wait_for_checkpoint(proc: subprocess.Popen, ck_dir: Path, timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     while not (ck_dir.is_dir() and any(ck_dir.glob("step-*.pt"))):

@@ -14,6 +14,8 @@ with ``__getitems__`` (zip shards on S3) can fetch it while this one decodes.
 """
 from __future__ import annotations
 
+import os
+
 from collections import deque
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -154,6 +156,21 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, indices: Se
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
     sampler = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
     batches = LookaheadBatchSampler(BatchSampler(sampler, batch_size, drop_last), num_workers)
+    if num_workers > 0:
+        kw["worker_init_fn"] = leave_signal_group
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_skip,
                     pin_memory=pin_memory, generator=gen, **kw)
     return SkipAwareLoader(dl)
+
+
+def leave_signal_group(_worker_id: int) -> None:
+    """Run in each DataLoader worker: its own process group, so a SIGTERM (or SIGINT) sent to the
+    job's group (torchrun forwarding to a rank, ``kill -TERM -PGID``, Ctrl-C) reaches only the main
+    process, which checkpoints (QAT) or stops the loader; a worker killed under the loop made it raise
+    "DataLoader worker exited unexpectedly" instead. Workers still end with their parent (the loader
+    shuts them down; an orphan notices its parent is gone)."""
+    if hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # not permitted here (e.g. a session leader): keep the default
+            pass
