@@ -45,6 +45,17 @@ def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _load_failure(data: bytes, err: Exception) -> str:
+    """One line on why ``torch.load`` refused ``data`` (torch's own text spans many lines and advises
+    ``weights_only=False``, which a file that fails here must never be loaded with)."""
+    if data[:4] != b"PK\x03\x04":  # torch.save's zip archive
+        return f"not a PyTorch archive: it starts with {data[:12]!r}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    told = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    cause = (told or lines or [""])[0].split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {cause[:200]}"
+
+
 def read_checkpoint(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Parse and verify; returns (meta, state_dict). Errors name ``source``."""
     if not data:
@@ -53,7 +64,8 @@ def read_checkpoint(data: bytes, source: str) -> tuple[dict[str, Any], dict[str,
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"checkpoint {source} is corrupted or not a quantcore checkpoint "
-                              f"(torch.load with weights_only=True failed: {err})") from None
+                              f"({_load_failure(data, err)}); quantcore checkpoints are the model.qc.pt "
+                              "files that calibrate, ptq and qat write") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {source} is not a quantcore checkpoint")
     if payload.get("format_version", 0) > CHECKPOINT_VERSION:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -231,11 +232,6 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         every = _calibration_indices(ds, r)
         notes = []
         asked = (r.calibration.num_batches or 1) * r.calibration.batch_size
-        if not r.calibration.images_per_class and len(every) < asked:
-            notes.append(f"recipe {r.name!r}: calibration asks for {asked} images (calibration.num_batches x "
-                         f"batch_size), split {data.split!r} of {data.uri} has {len(ds)}: calibrated on {len(every)}")
-            if distributed.rank() == 0:
-                log.warning(notes[-1])
         idx = _my_shard(every, len(ds), r.calibration.batch_size)
         loader = _loader(ds, r.calibration.batch_size, opts.num_workers, idx, dev)
         model = api.prepare(copy.deepcopy(fp32), r)
@@ -243,6 +239,13 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
         skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
+        if not r.calibration.images_per_class and len(every) < asked:  # counted after the pass: skips are known
+            lost = len(every) - res.images
+            notes.append(f"recipe {r.name!r}: calibration asks for {asked} images (calibration.num_batches x "
+                         f"batch_size), split {data.split!r} of {data.uri} has {len(ds)}: calibrated on {res.images}"
+                         + (f" ({lost} unreadable, skipped)" if lost > 0 else ""))
+            if distributed.rank() == 0:
+                log.warning(notes[-1])
         cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
@@ -371,13 +374,21 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
 
 
 def check_out(out: str) -> None:
-    """``--out`` must be a directory or an s3:// prefix: refused before any work when it is a file."""
+    """``--out`` must be a writable directory or s3:// prefix: refused before any work (a file, a
+    missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
     if not storage.is_s3(out):
-        import os
-
         path = out.removeprefix("file://")
         if os.path.isfile(path):
             raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
+    if distributed.rank() != 0:
+        return
+    probe = storage.join(out, f".quantcore-write-check-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except (OSError, ValueError) as e:  # StorageError is an OSError
+        raise UserError(f"--out {out}: cannot write there ({type(e).__name__}: {e}); give a writable directory "
+                        "or s3:// prefix") from None
 
 
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,
@@ -461,6 +472,8 @@ def _reference_note(model: nn.Module) -> str:
 
 
 def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions) -> dict:
+    if out is not None:
+        check_out(out)
     dev = _rank_device(opts.device)
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,

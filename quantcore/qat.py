@@ -341,14 +341,16 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(out: str) -> tuple[str, dict[str, Any]] | None:
+def latest_checkpoint(out: str, unverified: set[str] | None = None) -> tuple[str, dict[str, Any]] | None:
     """The newest checkpoint under ``OUT/checkpoints`` that verifies; corrupt ones are skipped with a
-    warning (never loaded)."""
+    warning (never loaded) and added to ``unverified``."""
     for _step, uri in list_checkpoints(out):
         try:
             return uri, decode_train_state(storage.read_bytes(uri), uri)
         except (CheckpointError, FileNotFoundError) as err:
             log.warning("skipping training checkpoint %s: %s", uri, err)
+            if unverified is not None:
+                unverified.add(uri)
     return None
 
 
@@ -565,11 +567,12 @@ def _check_same_data(state: dict[str, Any], data_id: dict[str, Any], world_size:
                               f"Resume with {ws} rank(s), or start over with --no-resume or another --out")
 
 
-def _prune_checkpoints(out: str, step: int, keep: int) -> None:
-    """Keep the checkpoint just written (``step``) and the ``keep - 1`` newest before it. Files with a
-    higher step did not verify when this run started (a valid one would have been resumed): they are
-    left alone and never count against ``keep``, so they cannot push a fresh checkpoint out."""
-    older = [(s, u) for s, u in list_checkpoints(out) if s < step]
+def _prune_checkpoints(out: str, step: int, keep: int, unverified: set[str] = frozenset()) -> None:
+    """Keep the checkpoint just written (``step``) and the ``keep - 1`` newest before it. Files that
+    did not verify when this run started (``unverified``; every file with a higher step is one, or it
+    would have been resumed) are left in place for inspection and never count against ``keep``, so they
+    cannot push a valid checkpoint out."""
+    older = [(s, u) for s, u in list_checkpoints(out) if s < step and u not in unverified]
     for _s, old in older[max(keep - 1, 0):]:
         storage.delete(old)
 
@@ -706,7 +709,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         len(old), out, _CKPT_DIR)
         for _s, uri in old:
             storage.delete(uri)
-    found = latest_checkpoint(out) if (opts.resume and ctx.is_main) else None
+    unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
+    found = latest_checkpoint(out, unverified) if (opts.resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
     if ckpt_uri is not None and found is None:  # other ranks read the one rank 0 chose
         found = (ckpt_uri, decode_train_state(storage.read_bytes(ckpt_uri), ckpt_uri))
@@ -823,7 +827,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                      "data": data_id, "start": start_id, "log_window": windows, "train_skipped": skipped_now,
                      "train_s": st.train_s + time.perf_counter() - t_train}
             storage.write_bytes(uri, encode_train_state(state))
-            _prune_checkpoints(out, st.step, cfg.keep_checkpoints)
+            unverified.discard(uri)  # a corrupt file of the same step was just replaced
+            _prune_checkpoints(out, st.step, cfg.keep_checkpoints, unverified)
             _write_metrics(metrics_uri, st.metrics)
         distributed.barrier()
         return uri

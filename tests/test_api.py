@@ -161,6 +161,18 @@ def test_corrupted_and_tampered_checkpoints_are_refused(calibrated, tmp_path):
         quantcore.load(str(tampered))
     with pytest.raises(CheckpointError, match="not found"):
         quantcore.load(str(tmp_path / "nope.pt"))
+    # what is not a checkpoint (encodings.json, a pickle with code in it) is one line naming the file,
+    # never torch's advice to retry with weights_only=False
+    import os
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"f": os.system}, evil)
+    (tmp_path / "encodings.json").write_text('{"quantizers": []}')
+    for bad, why in (("encodings.json", "not a PyTorch archive"), ("evil.pt", "posix.system"), ("trunc.pt", "zip archive")):
+        with pytest.raises(CheckpointError) as err:
+            quantcore.load(str(tmp_path / bad))
+        msg = str(err.value)
+        assert bad in msg and why in msg and "\n" not in msg and "weights_only" not in msg, msg
 
 
 def test_checkpoint_mismatching_model_is_refused(calibrated, tmp_path):

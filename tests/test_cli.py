@@ -273,6 +273,18 @@ def test_calibration_on_fewer_images_than_the_recipe_asks_is_said(image_folder, 
     assert rep["variants"][name]["calibration"]["images"] == 18
     assert any("calibration asks for 30 images" in w and "calibrated on 18" in w for w in rep["warnings"])
     assert "calibration asks for 30 images" in capsys.readouterr().err
+    # an unreadable image skipped with --skip-bad is not counted as calibrated on
+    import shutil
+
+    data = tmp_path / "with_bad"
+    shutil.copytree(image_folder, data)
+    cls = sorted(p for p in (data / "train").iterdir() if p.is_dir())[0]
+    (cls / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "run_bad"
+    assert run("calibrate", "-r", path, "-d", data, "--split", "train", "-o", out, "--no-progress", "--skip-bad") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["variants"][name]["calibration"]["images"] == 18 and len(rep["skipped"]) == 1
+    assert any("has 19: calibrated on 18 (1 unreadable, skipped)" in w for w in rep["warnings"]), rep["warnings"]
 
 
 def test_files_that_are_not_samples_are_in_every_report_and_the_pack_index(image_folder, recipe_file, tmp_path):
@@ -344,3 +356,9 @@ def test_a_missing_s3_prefix_or_a_shard_given_as_the_dataset_say_so_mock(image_f
     assert run("evaluate", "-c", ckpt, "-d", f"{data}/val-00000.zip", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "val-00000.zip is a file, not a dataset" in err, err
+    # an --out that cannot be written (no such bucket; a path under a file) is refused before any work
+    (tmp_path / "afile").write_text("x")
+    for out in ("s3://no-such-bucket-qc/out", str(tmp_path / "afile" / "out")):
+        assert run("evaluate", "-c", ckpt, "-d", data, "-o", out, "--no-progress") == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: cannot write there" in err and "Traceback" not in err, err

@@ -553,15 +553,17 @@ def test_resume_refuses_other_data_or_rank_count(fmnist, tmp_path):
 
 
 def test_corrupt_newer_checkpoints_never_push_out_a_fresh_one(fmnist, tmp_path, caplog):
-    """Files that did not verify (higher steps of a damaged earlier run) stay, are skipped, and do not
-    count against keep_checkpoints: the checkpoint just written survives and the rerun resumes from it."""
+    """Files that did not verify (higher steps of a damaged earlier run, and a damaged lower one) stay,
+    are skipped, and do not count against keep_checkpoints: the checkpoint just written survives and
+    the rerun resumes from it; a corrupt file at a step the run writes again is replaced."""
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    for s in (120, 131):
+    for s in (1, 4, 120, 131):
         (out / "checkpoints" / f"step-{s:09d}.pt").write_bytes(b"x" * 100)
     _run(fmnist, out, qat={"epochs": 1, "keep_checkpoints": 1}, max_steps=8)
     steps = [s for s, _ in list_checkpoints(str(out))]
-    assert steps == [131, 120, 8]  # 4 pruned (keep 1), 8 kept, the corrupt ones left for the user to see
+    # 4 rewritten then pruned (keep 1), 8 kept, the corrupt ones (1: lower, never rewritten) left to see
+    assert steps == [131, 120, 8, 1]
     caplog.clear()  # the run itself skipped them at its start too
     with caplog.at_level(logging.WARNING):
         uri, state = latest_checkpoint(str(out))
