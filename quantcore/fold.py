@@ -217,8 +217,8 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
     beta = bn.bias.to(torch.float64) if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
     s = gamma / torch.sqrt(var + float(bn.eps))
     b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(mean)
-    # Per-channel factors in float64; one rounding per weight element.
-    w.mul_(s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+    # Per-channel factors in float64; one rounding per weight element (fp16/bf16 weights too).
+    w.copy_((w.to(torch.float64) * s.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
     new_b = ((b - mean) * s + beta).to(w.dtype)
     if conv.bias is not None:
         conv.bias.copy_(new_b)
@@ -236,8 +236,10 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
     in place (see the module docstring). Returns the folded pairs and why each other BatchNorm stayed.
 
     The model must be in eval mode. The outputs before and after are always compared on
-    ``example_input`` (``rtol``, and ``atol`` times the output's abs-max); on a mismatch the model is
-    restored and :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is raised.
+    ``example_input`` (``rtol``, and ``atol`` times the output's abs-max; both at least 8 machine
+    epsilons of the output dtype, for fp16/bf16 models); on a mismatch the model is restored and
+    :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is raised, as when the model's
+    own output is not finite (nothing to check against).
     """
     from .placement.probe import model_outputs, run_probe
 
@@ -256,6 +258,10 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
     res = _pairs_from_trace(model, trace)
     if not res.pairs:
         return res
+    if any(r.is_floating_point() and not bool(torch.isfinite(r).all()) for r in reference):
+        raise FoldError("the model's own output on the example input holds NaN or inf before any folding, so "
+                        "BatchNorm folding cannot be checked; look at the model's weights (e.g. their "
+                        "initialization), or leave BatchNorm unfolded with placement.fold_bn: false")
 
     backup = []
     for conv_name, bn_name in res.pairs:
@@ -274,7 +280,10 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
             bad = True
             break
         scale = float(r.abs().max()) if r.numel() else 1.0
-        if not torch.allclose(a, r, rtol=rtol, atol=atol * max(scale, 1e-12)):
+        # a half-precision model rounds the folded weights and every activation to its own precision
+        eps = 8 * torch.finfo(r.dtype).eps if r.is_floating_point() else 0.0
+        rt, at = max(rtol, eps), max(atol, eps)
+        if not torch.allclose(a, r, rtol=rt, atol=at * max(scale, 1e-12)):
             bad = True
             worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
     res._backup, res._model = backup, model

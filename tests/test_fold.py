@@ -244,3 +244,35 @@ def test_a_conv_with_a_tied_weight_is_left_unfolded_with_the_reason():
     assert all("shares its weight" in res.unfolded[n] for n in ("bn_a", "bn_b")), res.unfolded
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_folds_within_its_own_precision(dtype):
+    """fp16/bf16 CNNs fold: the check allows the dtype's rounding (8 epsilons) and no more; the folded
+    weights are rounded once from float64. Independent check: the folded half model against the
+    unfolded one in float64 is as close as the unfolded half model itself is."""
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    exact = outputs(copy.deepcopy(model).double(), x.double())
+    half = copy.deepcopy(model).to(dtype)
+    own = (outputs(half, x.to(dtype)).double() - exact).abs().max()
+    res = fold_batchnorm(half, example_input=x.to(dtype))
+    assert len(res.pairs) == 20 and not bn_names(half)
+    folded = (outputs(half, x.to(dtype)).double() - exact).abs().max()
+    assert folded <= 3 * own, (float(folded), float(own))
+
+
+def test_a_model_whose_output_is_not_finite_is_refused_with_the_reason():
+    class LogNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.log(self.bn(self.conv(x)).mean((2, 3)))  # log of negatives: NaN
+
+    model = randomize_bn(LogNet()).eval()
+    with pytest.raises(FoldError, match="NaN or inf before any folding.*fold_bn: false"):
+        fold_batchnorm(model, example_input=torch.randn(2, 3, 8, 8))
+    assert isinstance(model.bn, nn.BatchNorm2d)  # nothing changed
