@@ -457,6 +457,20 @@ def _grid_of_row(row: dict) -> tuple[float, float]:
     return (row["quant_min"] - z) * s, (row["quant_max"] - z) * s
 
 
+def _calibrate_fc_input(m: torch.nn.Module, x: torch.Tensor, method: str, symmetric: bool):
+    """Prepare ``m`` (8-bit activations, generic placement), calibrate it on ``x`` in one batch;
+    returns the CalibrationResult and the encodings row of ``fc.input_quantizer``."""
+    import quantcore
+    from quantcore.api import encodings
+
+    quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
+                          "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
+                          "calibration": {"method": method, "num_batches": 1, "batch_size": len(x)}},
+                      example_input=x)
+    res = quantcore.calibrate(m, [x])
+    return res, next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ranges_below_the_smallest_scale_are_recorded_as_the_grid_applied(method, symmetric, caplog):
@@ -478,13 +492,8 @@ def test_ranges_below_the_smallest_scale_are_recorded_as_the_grid_applied(method
     x = torch.randn(64, 8, generator=g)
     for k, warn in ((1e-30, True), (1e-9, True), (1.0, False)):
         m = Net(k).eval()
-        quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
-                              "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
-                              "calibration": {"method": method, "num_batches": 1, "batch_size": 64}},
-                          example_input=x)
         caplog.clear()
-        res = quantcore.calibrate(m, [x])
-        row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+        res, row = _calibrate_fc_input(m, x, method, symmetric)
         lo, hi = _grid_of_row(row)
         assert row["min"] == pytest.approx(lo, rel=1e-5, abs=1e-12) and row["max"] == pytest.approx(hi, rel=1e-5, abs=1e-12) \
             if warn else row["max"] > 0.5, (k, row)
@@ -568,13 +577,8 @@ def test_a_range_that_cuts_off_most_of_the_data_is_named(symmetric, caplog):
     for shift in (4.0, 0.0):
         for method in METHODS:
             m = Net(shift).eval()
-            quantcore.prepare(m, {"version": 1, "name": "tiny", "placement": {"family": "generic"},
-                                  "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
-                                  "calibration": {"method": method, "num_batches": 1, "batch_size": 512}},
-                              example_input=x)
             caplog.clear()
-            res = quantcore.calibrate(m, [x])
-            row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+            res, row = _calibrate_fc_input(m, x, method, symmetric)
             data = x + shift
             lo, hi = _grid_of_row(row)
             clipped = float(((data < lo) | (data > hi)).float().mean())
