@@ -214,8 +214,8 @@ def test_mode_flags_override_defaults():
     model, _ = get_model("vit")
     res = place_quantizers(model, PlacementConfig(mode="ft1", quantize_softmax_input=True), QuantSpec(calibrator="max"), A)
     assert "blocks.3.attn.softmax_input_quantizer" in res.quantizers
-    # ft1 makes block weights per-channel even when the given weight spec is per-tensor
-    assert quantizers(model)["blocks.3.mlp.fc1.weight_quantizer"].spec.axis == 0
+    # ft1's per-channel weights are quant.weights' default: a per-tensor weight spec given is kept
+    assert quantizers(model)["blocks.3.mlp.fc1.weight_quantizer"].spec.axis is None and res.notes == []
 
 
 @pytest.mark.parametrize("mode", ["ft1", "ft2"])
