@@ -156,7 +156,22 @@ def plan_export(model: nn.Module, opset: Optional[int] = None) -> tuple[dict[str
         first = next(p for p in plans.values() if p.min_opset > opset)
         raise ExportError(f"--opset {opset}: quantizer {first.name} is {first.dtype} ({first.bits}-bit), "
                           f"which QuantizeLinear supports from opset {first.min_opset}")
+    if opset >= 21:
+        for p in plans.values():
+            if p.op == "qdq" and p.kind == "activation" and p.dtype == "INT8":
+                _as_uint8(p)
     return plans, opset
+
+
+def _as_uint8(p: QdqSpec) -> None:
+    """Write a signed 8-bit activation grid as UINT8 with the zero point moved up by 128: the same
+    values (q - zp is unchanged). At opset 21 onnxruntime's default optimizations rewrite INT8
+    activation Q/DQ to UINT8 themselves and fail on it ("output_dtype INT8 does not match y_zero_point
+    type UINT8", onnxruntime 1.2x); a graph already in UINT8 is left alone and loads at every level."""
+    p.dtype, p.qmin, p.qmax = "UINT8", p.qmin + 128, p.qmax + 128
+    p.zero_point = np.asarray(p.zero_point + 128, dtype=np.int64)
+    p.notes.append("int8 grid written as uint8, zero point + 128 (same values; opset 21: onnxruntime's "
+                   "default int8 -> uint8 rewrite fails on int8 activations there)")
 
 
 # -- tracing ------------------------------------------------------------------------------------------

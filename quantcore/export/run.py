@@ -231,8 +231,14 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
         report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),
                            **({"skipped": skipped} if check.skip_bad else {}),
                            **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
-        # onnxruntime's defaults (with the value-changing rewrites), for the record
-        report["check_ort_default"] = compare(model, onnx_bytes, xs, ys, check.batch_size, optimization="all")
+        # onnxruntime's defaults (with the value-changing rewrites), for the record; a graph its default
+        # optimizations cannot load is an error naming that, not a traceback
+        try:
+            report["check_ort_default"] = compare(model, onnx_bytes, xs, ys, check.batch_size, optimization="all")
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+            raise ExportError(f"onnxruntime with its default graph optimizations cannot run the exported graph "
+                              f"(opset {report.get('opset')}): {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
+                              f"nothing was written") from None
     _refuse_stale(out, {name for name, _ in pending.values()})
     for key, (name, data) in pending.items():
         report["files"][key] = _write(out, name, data)
