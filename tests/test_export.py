@@ -247,6 +247,23 @@ def test_qat_learnable_ranges_are_converted_on_a_copy(fmnist):
 
 # -- AIMET encodings ---------------------------------------------------------------------------------------------
 @needs_fmnist
+def test_a_narrow_range_grid_is_not_written_as_an_aimet_encoding(fmnist, tmp_path):
+    """AIMET 2.0.0 encodings hold a type, scale and zero point: a narrow grid ([-127, 127]) would be
+    read as the full int8 range. --format aimet refuses it naming the quantizer; `all` leaves the AIMET
+    files out with that reason and still writes the ONNX model (whose Clip keeps the grid)."""
+    from quantcore.export.run import export_model
+
+    model = _tiny_fmnist("fmnist_w8a8_ft1", fmnist[0])
+    q = quantizers(model)["blocks.0.attn.q_quantizer"]
+    q.set_spec(q.spec.model_copy(update={"narrow_range": True}))
+    with pytest.raises(ExportError, match=r"blocks\.0\.attn\.q_quantizer: narrow range \[-127, 127\].*AIMET"):
+        export_model(model, str(tmp_path / "a"), formats=["aimet"])
+    rep = export_model(model, str(tmp_path / "b"))
+    assert rep["aimet"]["written"] is False and "narrow range" in rep["aimet"]["why"]
+    assert (tmp_path / "b" / "model.onnx").is_file() and not (tmp_path / "b" / "model.encodings").exists()
+
+
+@needs_fmnist
 def test_aimet_encodings_round_trip(fmnist):
     a = _tiny_fmnist("fmnist_w8a8_ft1", fmnist[0])  # per-channel weights, asymmetric fc2 input / softmax output
     ex = export_onnx(a, fmnist[1][0][:1])

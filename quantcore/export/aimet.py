@@ -41,7 +41,8 @@ def _scalar_or_list(a: np.ndarray, cast):
 def encodings_v2(plans: dict[str, QdqSpec], tensor_map: dict[str, list[str]]) -> dict[str, Any]:
     """The 2.0.0 document for quantizers ``plans`` (from the ONNX export) keyed by ``tensor_map``
     (quantizer -> the tensors it quantizes, from :func:`~quantcore.export.onnx_qdq.float_graph`).
-    Raises :class:`ExportError` for a quantizer without a tensor name."""
+    Raises :class:`ExportError` for a quantizer without a tensor name, or with a narrow-range grid
+    (the format cannot say so)."""
     encs = []
     for name, p in plans.items():
         if not tensor_map.get(name):
@@ -50,6 +51,11 @@ def encodings_v2(plans: dict[str, QdqSpec], tensor_map: dict[str, list[str]]) ->
         if p.op == "cast":
             row["output_dtype"] = _FLOAT_DTYPES[p.dtype]
         else:
+            if p.clip:
+                raise ExportError(f"quantizer {name}: narrow range [{p.qmin}, {p.qmax}] has no AIMET encoding (the "
+                                  f"2.0.0 format holds a type, scale and zero point only: a QNN runtime would use the "
+                                  f"full {p.dtype.lower()} range); use narrow_range: false, or --format onnx (a Clip "
+                                  f"before QuantizeLinear keeps it)")
             row["output_dtype"] = _INT_DTYPES[p.dtype]
             row["y_scale"] = _scalar_or_list(p.scale, float)
             if p.zero_point.any():  # optional when zero, as in onnx::QuantizeLinear

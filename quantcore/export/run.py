@@ -209,7 +209,12 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
         pending["float_onnx"] = ("model_float.onnx", fproto.SerializeToString())
         pending["tensor_map"] = ("tensor_map.json", json.dumps(tensor_map, indent=1))
         if "aimet" in formats:
-            pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(ex.plans, tensor_map), indent=1))
+            try:
+                pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(ex.plans, tensor_map), indent=1))
+            except ExportError as e:  # a grid the format cannot hold: an error, or left out of `all` with why
+                if not all_formats:
+                    raise
+                report["aimet"] = {"written": False, "why": str(e)}
         if "trt-table" in formats:
             table = range_table(ex.plans, tensor_map)
             report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
