@@ -362,3 +362,30 @@ def test_a_missing_s3_prefix_or_a_shard_given_as_the_dataset_say_so_mock(image_f
         assert run("evaluate", "-c", ckpt, "-d", data, "-o", out, "--no-progress") == 2
         err = capsys.readouterr().err
         assert f"--out {out}: cannot write there" in err and "Traceback" not in err, err
+
+
+def test_analyze_refuses_a_missing_eval_split_or_unwritable_out_before_any_work(image_folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    """analyze with FP32 weights calibrates first: a final-check split that does not exist, or an --out
+    it cannot write, is found before that (calibrate is never called)."""
+    from tiny_data import TINY_RECIPE
+
+    import quantcore.api
+
+    model = quantcore.build_model(TINY_RECIPE, load_weights=False)
+    fp32 = tmp_path / "fp32.pt"
+    torch.save(model.state_dict(), fp32)
+    rec = tmp_path / "tiny.yaml"
+    rec.write_text(yaml.safe_dump(TINY_RECIPE))
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before the arguments were checked")
+
+    monkeypatch.setattr(quantcore.api, "calibrate", no_calibration)
+    (tmp_path / "afile").write_text("x")
+    for more, words in ((["--eval-split", "nosuch", "-o", tmp_path / "o"], ("nosuch",)),
+                        (["-o", tmp_path / "afile" / "o"], ("--out", "cannot write"))):
+        capsys.readouterr()
+        assert run("analyze", "-c", fp32, "-r", rec, "-d", image_folder, "--split", "train", *more) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and "Traceback" not in err and "calibrated before" not in err, err

@@ -158,7 +158,7 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     """The ``quantcore analyze`` job: load or calibrate, analyze, search, check, write the outputs."""
     from ..checkpoint import CheckpointError
     from ..data import eval_transform, limit_subset, open_dataset
-    from ..pipeline import _calibration_indices, _with_checkpoint, resolve_device
+    from ..pipeline import _calibration_indices, _with_checkpoint, check_out, resolve_device
     from ..recipe import dump_recipe, load_recipe
     from .report import write_outputs
 
@@ -167,6 +167,7 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     if checkpoint is None and recipe is None:
         raise UserError("give --checkpoint (a calibrated model.qc.pt, or FP32 weights with --recipe) or --recipe "
                         "(its model: section names the FP32 weights)")
+    check_out(out)
     if eval_split is not None and eval_split == split:
         log.warning("--eval-split %s is --split: the final check runs on the split the calibration and "
                     "analysis/search images come from, so it is not an independent check", split)
@@ -197,6 +198,8 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     check_searchable(r, opts, model)
     ref = fp32 if fp32 is not None else model
     ds = open_dataset(data, split, eval_transform(ref))
+    # the final check's split is opened before any calibration or analysis: a missing one fails first
+    eds = open_dataset(data, eval_split, eval_transform(ref)) if eval_split else None
     cidx = _calibration_indices(ds, r)
     calib = _batches(ds, cidx, r.calibration.batch_size, workers, dev)
     if model is None:
@@ -219,8 +222,7 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     search_set = _batches(ds, sorted(held[:search_limit]), batch_size, workers, dev) if opts.search else None
     analysis_set = _batches(ds, sorted(held[:limit]), batch_size, workers, dev)
     eval_set = None
-    if eval_split:
-        eds = open_dataset(data, eval_split, eval_transform(ref))
+    if eds is not None:
         eidx, _ = limit_subset(eds, eval_limit)
         eval_set = _batches(eds, eidx if eidx is not None else list(range(len(eds))), batch_size, workers, dev)
     info = {"checkpoint": checkpoint, "data": data, "split": split, "calibration_images": len(cidx),
