@@ -851,3 +851,79 @@ def test_a_checkpoint_warns_when_its_model_files_now_preprocess_otherwise(tmp_pa
     (d / "config.json").unlink()  # the folder is gone: the error says the checkpoint rebuilds from it
     with pytest.raises(CheckpointError, match=r"m\.qc\.pt: the model is rebuilt from its recipe's model: section"):
         quantcore.load(str(tmp_path / "m.qc.pt"))
+
+
+def test_a_timm_pretrained_file_loads_exactly_or_is_refused(tmp_path):
+    """model.pretrained_file goes through timm's loader, which is lenient (drops a classifier of
+    another class count, resamples position embeddings, adapts input channels, skips missing keys
+    after an adaptation). The FP32 model must be the file's weights: a fine-tuned file loads with its
+    own head (logits equal to the model it was saved from); anything timm would adapt or leave random
+    is a ModelError naming the file."""
+    import timm
+    from safetensors.torch import save_file
+
+    import quantcore
+    from quantcore.models import ModelError
+
+    kw = dict(depth=1, embed_dim=32, num_heads=2, patch_size=8)
+
+    def saved(path, in_chans=3, drop=None):
+        torch.manual_seed(0)
+        m = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=5, in_chans=in_chans, **kw).eval()
+        save_file({k: v for k, v in m.state_dict().items() if not (drop and drop in k)}, str(path))
+        return m
+
+    def build(path, **more):
+        return quantcore.build_model({"name": "x", "model": {"name": "deit_tiny_patch16_224", "pretrained_file": str(path),
+                                                             "img_size": 32, "num_classes": 5, "kwargs": kw, **more}})
+
+    ref = saved(tmp_path / "full.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    got = build(tmp_path / "full.safetensors")
+    assert torch.equal(got(x), ref(x)) and got.quantcore_weights.startswith("model.pretrained_file")
+    ref1 = saved(tmp_path / "gray.safetensors", in_chans=1)
+    assert torch.equal(build(tmp_path / "gray.safetensors", in_chans=1)(x[:, :1]), ref1(x[:, :1]))
+    saved(tmp_path / "gray_no_mlp.safetensors", in_chans=1, drop=".mlp.")
+    saved(tmp_path / "no_mlp.safetensors", drop=".mlp.")
+    for path, more, words in ((tmp_path / "no_mlp.safetensors", {}, "blocks.0.mlp.fc1"),
+                              (tmp_path / "full.safetensors", {"in_chans": 1}, "patch_embed.proj.weight"),
+                              (tmp_path / "full.safetensors", {"img_size": 48}, "pos_embed"),
+                              (tmp_path / "full.safetensors", {"num_classes": 7}, "head"),
+                              (tmp_path / "gray_no_mlp.safetensors", {"in_chans": 1}, "mlp")):
+        with pytest.raises(ModelError) as err:
+            build(path, **more)
+        msg = str(err.value)
+        assert f"model.pretrained_file {path}" in msg and words in msg, (more, msg)
+
+
+def test_a_pretrained_file_that_leaves_tensors_random_is_refused(tmp_path, monkeypatch):
+    """The backstop behind timm's loader: whatever path timm takes (here every load made non-strict, as
+    timm does after adapting input channels), tensors the file did not provide stay at their random
+    initialization, differ between two builds under different seeds, and are named."""
+    import timm
+    from safetensors.torch import save_file
+
+    import quantcore
+    from quantcore.models import ModelError
+
+    kw = dict(depth=1, embed_dim=32, num_heads=2, patch_size=8)
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=5, **kw)
+    save_file({k: v for k, v in m.state_dict().items() if ".mlp." not in k}, str(tmp_path / "no_mlp.safetensors"))
+    real = torch.nn.Module.load_state_dict
+
+    def lenient(self, state_dict, strict=True, assign=False):
+        return real(self, state_dict, strict=False, assign=assign)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lenient)
+    spec = {"name": "x", "model": {"name": "deit_tiny_patch16_224", "img_size": 32, "num_classes": 5,
+                                   "pretrained_file": str(tmp_path / "no_mlp.safetensors"), "kwargs": kw}}
+    # the file uses the model's names: every absent one is named (zero-initialized biases too)
+    with pytest.raises(ModelError, match=r"does not provide 4 tensor\(s\).*blocks\.0\.mlp\.fc1\.weight"):
+        quantcore.build_model(spec)
+    # a file under other names (timm's filter converts them): random tensors are still found by two builds
+    import quantcore.models as qm
+
+    monkeypatch.setattr(qm, "read_state_dict", lambda uri: {})
+    with pytest.raises(ModelError, match=r"does not provide 2 tensor\(s\).*random initialization"):
+        quantcore.build_model(spec)

@@ -20,8 +20,44 @@ class TimmSource(ModelSource):
         use_file = bool(cfg.pretrained_file) and load_weights and cfg.checkpoint is None
         model = create_timm(name, cfg, pretrained, use_file)
         if use_file:
+            _check_file_loaded(model, name, cfg)
             return model, f"model.pretrained_file {cfg.pretrained_file}"
         return model, (f"timm pretrained {name}" if pretrained else None)
+
+
+def _check_file_loaded(model: nn.Module, name: str, cfg) -> None:
+    """timm loads a ``pretrained_file`` leniently: it resamples position embeddings, sums input-conv
+    channels, and drops or skips what does not fit. The FP32 model must be the file's weights, so:
+    every tensor the file names must have the model's shape (nothing adapted), and no tensor may be
+    left at its random initialization (a second build under another seed must give the same state).
+    Raises ModelError naming the file and the first tensors."""
+    import torch
+
+    from ..models import ModelError, read_state_dict
+
+    uri = cfg.pretrained_file
+    state = model.state_dict()
+    raw = read_state_dict(uri)
+    reshaped = [f"{k} {tuple(raw[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in state.items()
+                if k in raw and tuple(raw[k].shape) != tuple(v.shape)]
+    if reshaped:
+        raise ModelError(f"model.pretrained_file {uri} does not fit the model (timm would adapt it): "
+                         f"{'; '.join(reshaped[:3])}{' ...' if len(reshaped) > 3 else ''}; set the model's "
+                         f"in_chans/img_size/num_classes/kwargs to the file's")
+    shared = [k for k in state if k in raw]
+    if len(shared) * 2 >= len(state):  # the file uses the model's names (timm's own format): all must be there
+        absent = [k for k in state if k not in raw]
+        if absent:
+            raise ModelError(f"model.pretrained_file {uri} does not provide {len(absent)} tensor(s) of the model "
+                             f"(e.g. {absent[:4]}): give the file the model was saved to")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        again = create_timm(name, cfg, False, True).state_dict()
+    random = [k for k, v in state.items() if v.is_floating_point() and not torch.equal(v, again[k])]
+    if random:
+        raise ModelError(f"model.pretrained_file {uri} does not provide {len(random)} tensor(s) of the model, which "
+                         f"stayed at their random initialization (e.g. {random[:4]}); a classifier of another class "
+                         f"count, or missing keys: give the file the model was saved to, or set model.num_classes")
 
 
 def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False) -> nn.Module:
@@ -43,12 +79,18 @@ def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False
                          f"({', '.join(sorted(BUILDERS))})")
     kw = _kwargs(cfg)
     if use_file:
-        # timm's own overlay mechanism: weights from a local file, preprocessing from the timm config.
-        kw["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file.removeprefix("file://")}
+        # timm's own overlay mechanism: weights from a local file, preprocessing from the timm config;
+        # the model's class count as the file's, so timm keeps the file's classifier instead of dropping it
+        kw["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file.removeprefix("file://"),
+                                        **({"num_classes": kw["num_classes"]} if kw.get("num_classes") else {})}
         pretrained = True
     try:
         return timm.create_model(name, pretrained=pretrained, **kw)
     except Exception as err:  # hub downloads fail offline: say what to do instead
+        if use_file:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            raise ModelError(f"model.pretrained_file {cfg.pretrained_file} does not load into timm model {name!r}: "
+                             f"{type(err).__name__}: {'; '.join(lines[:3])[:400]}") from None
         raise ModelError(f"could not build timm model {name!r} (pretrained={pretrained}): {err}. "
                          "Offline? Point model.checkpoint or model.pretrained_file at a local/s3 file.") from err
 
