@@ -739,6 +739,9 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         raise UserError(f"recipe {recipe.name!r}: qat.ranges: learned (the default), but no quantizer of this "
                         "model has a learnable range (float casts such as fp16/bf16, or grids without one); set "
                         "qat.ranges: frozen" + (" and drop optimizer.range_lr" if cfg.optimizer.range_lr else ""))
+    if learned and not cfg.learn_zero_point and all(api.quantizers(model)[n].spec.symmetric for n in learned):
+        raise UserError(f"recipe {recipe.name!r}: qat.learn_zero_point: false, but every quantizer with a learned "
+                        "range is symmetric (zero point 0, never learned); drop learn_zero_point")
     model.to(dev)
     if cfg.distill.kind.startswith("deit"):
         model.set_distilled_training(True)

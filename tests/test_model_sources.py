@@ -927,3 +927,27 @@ def test_a_pretrained_file_that_leaves_tensors_random_is_refused(tmp_path, monke
     monkeypatch.setattr(qm, "read_state_dict", lambda uri: {})
     with pytest.raises(ModelError, match=r"does not provide 2 tensor\(s\).*random initialization"):
         quantcore.build_model(spec)
+
+
+def test_a_hugging_face_weights_mismatch_blames_the_layer_count_only_when_it_is_one(tmp_path):
+    """config.json with fewer layers than the weights: the error says so; a config whose q/k/v bias
+    setting differs in every layer is refused without that hint."""
+    import json
+    import shutil
+
+    import transformers as T
+
+    import quantcore
+    from quantcore.models import ModelError
+
+    src = tmp_path / "vit"
+    T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=32,
+                                            num_attention_heads=2, intermediate_size=64, num_labels=5)).save_pretrained(src)
+    for edit, layered in (({"num_hidden_layers": 1}, True), ({"qkv_bias": False}, False)):
+        d = tmp_path / f"edited_{layered}"
+        shutil.copytree(src, d)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(ModelError) as err:
+            quantcore.build_model({"name": "x", "model": {"name": str(d), "pretrained": True}})
+        assert ("another layer count" in str(err.value)) == layered, str(err.value)

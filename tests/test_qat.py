@@ -208,6 +208,12 @@ def test_bad_qat_options_are_user_errors_naming_the_field(fmnist, tmp_path):
         Recipe.model_validate(_recipe("x", bn="fold", bn_freeze_step=3))
     with pytest.raises(ValueError, match="distill.teacher"):
         Recipe.model_validate(_recipe("x", distill={"kind": "none", "teacher": {"name": "resnet18"}}))
+    # learn_zero_point: false where every learned range is symmetric (no zero point to learn) cannot apply
+    data, ckpt = fmnist
+    sym = {**_recipe(ckpt, learn_zero_point=False), "overrides": []}
+    with pytest.raises(UserError, match="learn_zero_point: false.*symmetric"):
+        run_qat(Recipe.model_validate(sym), DataSpec(data, "train"), None, str(tmp_path / "z"),
+                QATOptions(progress=False, max_steps=1))
 
 
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(fmnist, tmp_path):

@@ -384,7 +384,11 @@ def _from_pretrained(cls, local: str, name: str, config, overrides: dict | None 
     bad = {k: sorted(str(x) for x in (info.get(k) or [])) for k in ("missing_keys", "unexpected_keys")}
     if any(bad.values()):
         parts = [f"{k.split('_')[0]} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in bad.items() if v]
-        layered = any(re.search(r"\.\d+\.", k) for v in bad.values() for k in v)
+        # another layer count: whole layers extra or missing at the end, on one side only (never layer 0;
+        # a bias or a block that differs in every layer is another mismatch)
+        sides = [v for v in bad.values() if v]
+        idx = [re.search(r"\.(\d+)\.", k) for v in sides for k in v]
+        layered = len(sides) == 1 and all(idx) and min(int(m.group(1)) for m in idx) > 0
         hint = f" - {CONFIG} has another layer count (num_hidden_layers / depths) than the weights" if layered else ""
         raise ModelError(f"{where} does not match {cls.__name__} of {CONFIG}: {'; '.join(parts)}{hint}")
     return model
