@@ -66,10 +66,29 @@ def log(msg: str) -> None:
     print(f"[ray_e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_GIVEN: set = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999): a port the kernel handed out (bind to 0) can be handed out again to one of the many
+    Ray processes that bind port 0 before the component it was picked for binds it (seen: the
+    dashboard's port taken, "address already in use"). Never the same port twice per process."""
+    import random
+
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32768)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 def http_get(url: str, timeout: float = 10) -> bytes:
