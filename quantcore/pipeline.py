@@ -385,10 +385,14 @@ def check_out(out: str) -> None:
     probe = storage.join(out, f".quantcore-write-check-{os.getpid()}")
     try:
         storage.write_bytes(probe, b"")
-        storage.delete(probe)
     except (OSError, ValueError) as e:  # StorageError is an OSError
         raise UserError(f"--out {out}: cannot write there ({type(e).__name__}: {e}); give a writable directory "
                         "or s3:// prefix") from None
+    try:
+        storage.delete(probe)
+    except (OSError, ValueError) as e:  # writing is what the run needs; a role without delete rights may
+        log.warning("--out %s: could not delete the write probe %s (%s); it is empty and can be removed", out,
+                    probe, e)
 
 
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,
