@@ -389,3 +389,21 @@ def test_analyze_refuses_a_missing_eval_split_or_unwritable_out_before_any_work(
         assert run("analyze", "-c", fp32, "-r", rec, "-d", image_folder, "--split", "train", *more) == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words) and "Traceback" not in err and "calibrated before" not in err, err
+
+
+def test_an_out_that_takes_writes_but_not_deletes_is_accepted_with_a_warning(tmp_path, monkeypatch, caplog):
+    """--out's write probe: writing is what a run needs; a role without delete rights leaves the empty
+    probe behind with a warning instead of refusing the run."""
+    import logging
+
+    from quantcore import pipeline
+
+    def no_delete(uri, *a, **k):
+        raise PermissionError(13, "AccessDenied", uri)
+
+    monkeypatch.setattr(pipeline.storage, "delete", no_delete)
+    with caplog.at_level(logging.WARNING, logger="quantcore"):
+        pipeline.check_out(str(tmp_path / "o"))
+    left = list((tmp_path / "o").glob(".quantcore-write-check-*"))
+    assert len(left) == 1 and left[0].stat().st_size == 0
+    assert any("could not delete the write probe" in r.getMessage() for r in caplog.records)
