@@ -471,7 +471,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     # -- plan ------------------------------------------------------------------------------------------
     planned: dict[str, QuantSpec] = {}
     chosen: list[_Site] = []
-    moded: list[str] = []  # weight quantizers given the mode's granularity instead of quant.weights'
+    moded: list[str] = []  # weight quantizers made per tensor by ft2 instead of quant.weights' granularity
     for s in sites:
         default_reason = plan.default_float_reason(s, placement.keep_float is not None)
         if decide_float(s.name, rules, default_reason is not None):
@@ -625,7 +625,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     if kept:
         result.notes.append(
             f"placement mode {settings.mode}: the weights of {len(kept)} transformer-block Linear(s) (e.g. "
-            f"{kept[0]!r}) are quantized {'per tensor' if settings.weight_axis is None else 'per channel'}, "
+            f"{kept[0]!r}) are quantized per tensor, "
             f"as the mode defines, not as quant.weights ({weight_spec.short()}); an override on "
             f"'*.weight_quantizer' names (spec: {{per_channel: ...}}) sets them")
     model.quantcore_placement = result
