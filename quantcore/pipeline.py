@@ -373,6 +373,16 @@ def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out:
         distributed.teardown(ctx)
 
 
+def check_cache_dir(*specs: "DataSpec | None") -> None:
+    """``--cache-dir`` caches zip shards read from object storage: refused when every dataset it was
+    given for is local, where it could not apply (a remote folder layout is warned about on opening)."""
+    given = [s for s in specs if s is not None and s.cache_dir]
+    if given and not any(storage.is_s3(s.uri) for s in given):
+        uris = ", ".join(dict.fromkeys(s.uri for s in given))
+        raise UserError(f"--cache-dir {given[0].cache_dir}: caches zip shards read from s3://, but the data "
+                        f"({uris}) is local and is read in place; drop --cache-dir")
+
+
 def check_out(out: str) -> None:
     """``--out`` must be a writable directory or s3:// prefix: refused before any work (a file, a
     missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
@@ -397,6 +407,7 @@ def check_out(out: str) -> None:
 
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,
          fp32: nn.Module | None) -> dict[str, Any]:
+    check_cache_dir(calib, evald)
     check_out(out)
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
@@ -476,6 +487,7 @@ def _reference_note(model: nn.Module) -> str:
 
 
 def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions) -> dict:
+    check_cache_dir(evald)
     if out is not None:
         check_out(out)
     dev = _rank_device(opts.device)

@@ -687,7 +687,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     from .data.transforms import train_transform
     from .placement import unwrap
 
-    from .pipeline import _with_checkpoint, check_out
+    from .pipeline import _with_checkpoint, check_cache_dir, check_out
 
     if opts.init and opts.checkpoint:
         raise UserError(f"--init {opts.init} and --checkpoint {opts.checkpoint}: give one (--init starts from "
@@ -700,6 +700,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         "qat.ranges: frozen" + (" and drop optimizer.range_lr" if cfg.optimizer.range_lr else ""))
     if not opts.init:
         recipe = _with_checkpoint(recipe, opts.checkpoint)
+    check_cache_dir(train, evald)
     check_out(out)
     dev = ctx.device
     if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours

@@ -223,7 +223,14 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--cost", "bops",
                                "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
     expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "--eval-split", "no_such_split")
-    assert not (out / "good").exists()  # the missing split: nothing calibrated, nothing written
+    # a shard cache for data read in place: ptq, evaluate and qat all refuse it
+    expect_user_error(capsys, ptq_with(good, "--cache-dir", tmp_path / "cache"), "--cache-dir", str(image_folder))
+    expect_user_error(capsys, ("evaluate", "-c", tmp_path / "x.pt", "-d", image_folder, "--cache-dir",
+                               tmp_path / "cache"), "--cache-dir", "local")
+    expect_user_error(capsys, ("qat", "-r", _recipe(tmp_path, "goodqat", qat=qat), "-d", image_folder, "-o", out,
+                               "--cache-dir", tmp_path / "cache"),
+                      "--cache-dir", "local")
+    assert not (out / "good").exists() and not (tmp_path / "cache").exists()  # nothing calibrated or written
 
 
 def test_random_fp32_weights_are_warned_about_and_recorded(image_folder, recipe_file, tmp_path, capsys):

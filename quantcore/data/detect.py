@@ -78,6 +78,9 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     if lay == "auto":
         lay = detect_layout(uri, split)
     if lay in ("zip", "resisc"):
+        if cache_dir and lay == "resisc":
+            _warn_once(("cache", uri), f"--cache-dir {cache_dir}: only zip shards are cached; {uri} ({lay} layout) "
+                       "is read without it (`quantcore pack` makes shards)")
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
         if names and list(ds.classes) != list(names) and set(ds.classes) & set(names):
@@ -87,6 +90,9 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                         uri, f, i, j)
         _warn_unused(ds)
         return ds
+    if cache_dir:
+        _warn_once(("cache", uri), f"--cache-dir {cache_dir}: only zip shards are cached; {uri} ({lay} layout) is "
+                   "read without it (`quantcore pack` makes shards)")
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
         log.warning("class folders under %s carry the model's label names: labels follow the model's order "
@@ -99,12 +105,16 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     return ds
 
 
+def _warn_once(key: Any, msg: str) -> None:
+    if key not in _WARNED_IGNORED:  # once per dataset and process (it is opened per phase)
+        _WARNED_IGNORED.add(key)
+        log.warning("%s", msg)
+
+
 def _warn_unused(ds: Any) -> None:
     note = unused_files_warning(ds)
-    key = getattr(ds, "root", getattr(ds, "uri", ""))
-    if note and key not in _WARNED_IGNORED:  # once per dataset and process (it is opened per phase)
-        _WARNED_IGNORED.add(key)
-        log.warning("%s", note)
+    if note:
+        _warn_once(getattr(ds, "root", getattr(ds, "uri", "")), note)
 
 
 def unused_files(ds: Any) -> list[str]:
