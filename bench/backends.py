@@ -75,8 +75,9 @@ def _recipe(name: str, model: dict, backend: str, method: str, bits: int, mode: 
     return recipe_from_dict({
         "name": name, "model": model, "placement": placement,
         "quant": {"weights": {"bits": bits, "per_channel": mode != "ft2"}, "activations": {"bits": bits}},
-        "calibration": {"method": method, "weights_method": "max", "bins": bins, "batch_size": batch_size,
-                        "num_batches": num_batches, "backend": backend}})
+        "calibration": {"method": method, "weights_method": "max", "batch_size": batch_size,
+                        "num_batches": num_batches, "backend": backend,
+                        **({"bins": bins} if method != "max" else {})}})  # max reads no histogram
 
 
 def in_child(fn):

@@ -862,6 +862,10 @@ def ddp(
         raise ComponentError(f"--nnodes must be >= 1, got {nnodes}")
     if not 0 <= min_nnodes <= nnodes:
         raise ComponentError(f"--min_nnodes must be between 0 and --nnodes ({nnodes}), got {min_nnodes}")
+    _check_rdzv(rdzv_backend, rdzv_port, elastic=0 < min_nnodes < nnodes)
+    if not script and not (m or "").strip():
+        raise ComponentError("--m is empty and no --script is given: name the module each rank runs "
+                             "(default quantcore.cli) or a script")
     nproc = ranks_per_node(nproc_per_node, pod.gpus)
     name = check_job_name(name, "ddp", nnodes)
     j = f"{min_nnodes}:{nnodes}x{nproc}" if 0 < min_nnodes < nnodes else f"{nnodes}x{nproc}"
@@ -881,6 +885,21 @@ def ddp(
         rdzv_backend=rdzv_backend,
     )
     return _torchrun_app(app, "ddp", pod, [])
+
+
+RDZV_BACKENDS = ("c10d", "static")  # etcd/etcd-v2 need an etcd server the components do not deploy
+
+
+def _check_rdzv(backend: str, port: int, elastic: bool = False) -> None:
+    """Rendezvous settings torchrun would only reject inside the pods (then retried max_retries times)."""
+    if backend not in RDZV_BACKENDS:
+        raise ComponentError(f"--rdzv_backend {backend!r}: use one of {', '.join(RDZV_BACKENDS)} (c10d: rank 0's "
+                             "host serves the rendezvous; etcd needs a server these components do not deploy)")
+    if not 1 <= int(port) <= 65535:
+        raise ComponentError(f"--rdzv_port {port}: not a TCP port (1..65535)")
+    if elastic and backend == "static":
+        raise ComponentError("--rdzv_backend static with --min_nnodes < --nnodes: a static rendezvous waits for "
+                             "all --nnodes nodes, so the job is not elastic; use c10d, or drop --min_nnodes")
 
 
 @component
@@ -1003,6 +1022,7 @@ def qat(
     args += ["--device", "cuda" if pod.gpus > 0 else "cpu", "--no-progress"]
     if skip_bad:
         args.append("--skip-bad")
+    _check_rdzv("c10d", rdzv_port)
     app = dist.ddp(
         *args,
         m="quantcore.cli",

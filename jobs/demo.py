@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs._args import parse_once
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain", action="store_true",
                    help="use a model trained here (trained now, or cached in the store by an earlier run) "
                         "instead of the one shipped with quantcore")
-    args = p.parse_args(argv)
+    args = parse_once(p, argv)
 
     from quantcore.demo import DemoError, prepare_demo, summary_lines
     from quantcore.io import storage

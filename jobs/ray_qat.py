@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
+from jobs._args import parse_once
 from quantcore.errors import UserError
 
 USER_ERROR = 2
@@ -446,7 +447,7 @@ def user_error_in(err: BaseException) -> Optional[BaseException]:
 def main(argv: Optional[List[str]] = None) -> int:
     from quantcore.io import StorageError
 
-    args = _parser().parse_args(argv)  # exits 2 on usage errors
+    args = parse_once(_parser(), argv)  # exits 2 on usage errors
     try:
         cfg = build_config(args)
     except (UserError, StorageError, FileNotFoundError, PermissionError) as err:

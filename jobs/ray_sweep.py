@@ -62,6 +62,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs._args import parse_once
 from quantcore.errors import UserError
 
 # /2: summaries are written while the sweep runs (`state`, status `pending`, `runs_pending`)
@@ -601,6 +602,19 @@ def _check_devices(sweep: Sweep, gpus_per_task: float, source: str) -> None:
                              f"--gpus-per-task is 0 (CPU tasks)")
 
 
+def _check_recipes(sweep: Sweep, source: str) -> None:
+    """Every run's recipes load and describe one model, checked by the driver before Ray starts: a
+    typo'd recipe must not wait for a GPU task to find out (then fail as a run, exit 1)."""
+    from quantcore.pipeline import _check_recipes as check_run
+    from quantcore.recipe import RecipeError, load_recipe
+
+    for i, run in enumerate(sweep.runs):
+        try:
+            check_run([load_recipe(r) for r in run.recipes or []])
+        except RecipeError as err:
+            raise SweepError(f"{source}: runs[{i}]({run.name}).recipes: {err}") from None
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -631,6 +645,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
 
     options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in sweep.runs}
     _check_devices(sweep, gpus_per_task, sweep_file)
+    _check_recipes(sweep, sweep_file)
     started_at, t0 = _now(), time.perf_counter()
     sweep_name = out.rstrip("/").rsplit("/", 1)[-1] or "sweep"
     default_device = "cuda" if gpus_per_task > 0 else "cpu"
@@ -711,7 +726,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
 def main(argv: Optional[List[str]] = None) -> int:
     from quantcore.io import StorageError
 
-    args = _parser().parse_args(argv)
+    args = parse_once(_parser(), argv)
     try:
         sweep = load_sweep(args.sweep)
         if args.only:

@@ -106,10 +106,30 @@ def start_calibration(model: nn.Module) -> None:
         q.start_calibration()
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside, each module's own ``training`` flag restored after: calibration
+    describes the model at inference (BatchNorm running statistics, no dropout), and a pass in train
+    mode would update the FP32 model's BatchNorm statistics."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None,
             progress: Any = None) -> CalibrationResult:
-    """Run forward passes in collection mode (statistics only, outputs are FP32)."""
+    """Run forward passes in collection mode (statistics only, outputs are FP32), in eval mode
+    (:func:`eval_mode`: the model's train/eval state is restored afterwards)."""
+    with eval_mode(model):
+        return _collect(model, batches, max_batches, progress)
+
+
+def _collect(model: nn.Module, batches: Iterable, max_batches: int | None, progress: Any) -> CalibrationResult:
     res = CalibrationResult()
     dev = _device(model)
     t0 = time.perf_counter()
@@ -174,6 +194,26 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
         log.warning(w)
     res.finalize_s = time.perf_counter() - t0
     return res
+
+
+def calibrators_used(model: nn.Module) -> dict[str, dict[str, int]]:
+    """How many enabled integer-grid quantizers of each kind (``activation``/``weight``) use each
+    calibrator, e.g. ``{"activation": {"mse": 40, "max": 8}, "weight": {"max": 48}}``: what ran, after
+    the recipe's sections and overrides (float casts have no calibrator and are left out)."""
+    out: dict[str, dict[str, int]] = {}
+    for q in quantizers(model).values():
+        if q.spec.enabled and not q.spec.is_float:
+            per = out.setdefault(q.kind, {})
+            per[q.spec.calibrator] = per.get(q.spec.calibrator, 0) + 1
+    return out
+
+
+def method_summary(used: dict[str, dict[str, int]], kind: str = "activation") -> str:
+    """``"mse"``, or ``"mse (40), max (8)"`` when several calibrators ran; ``"none"`` without any."""
+    per = used.get(kind, {})
+    if len(per) == 1:
+        return next(iter(per))
+    return ", ".join(f"{m} ({n})" for m, n in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
 def _floored(qs: dict[str, Any]) -> list[str]:
@@ -262,7 +302,14 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
     with ``placement.reparam_layernorm`` the LayerNorms are first reparameterized (RepQ-ViT) from one
     extra FP32 pass over ``batches`` (:func:`quantcore.transforms.reparam_layernorm`); with a
     ``reconstruction`` section the weights' rounding is then learned (AdaRound/BRECQ,
-    :func:`quantcore.recon.reconstruct`) on the same batches. ``result.transforms`` reports both."""
+    :func:`quantcore.recon.reconstruct`) on the same batches. ``result.transforms`` reports both.
+
+    Every pass runs in eval mode (:func:`eval_mode`); the model's train/eval state is restored after."""
+    with eval_mode(model):
+        return _calibrate(model, batches, max_batches, progress)
+
+
+def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, progress: Any) -> CalibrationResult:
     inner = unwrap(model)
     recipe = getattr(inner, "quantcore_recipe", None)
     reparam = recipe is not None and recipe.placement.reparam_layernorm and \

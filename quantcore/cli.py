@@ -391,10 +391,39 @@ def _rank_from_env() -> int:
         return 0
 
 
+def _repeated_options(argv: list[str]) -> None:
+    """A single-valued option given twice (``--device cuda ... --device cpu``, a launcher's flag plus
+    the same flag in extra arguments) is refused: click keeps the last one silently."""
+    from .errors import UserError
+
+    group = typer.main.get_command(app)
+    cmd = getattr(group, "commands", {}).get(argv[0]) if argv else None
+    if cmd is None:
+        return
+    args = argv[1:]
+    if "--" in args:
+        args = args[:args.index("--")]
+    for p in cmd.params:
+        names = [o for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())) if o.startswith("-")]
+        if not names or getattr(p, "multiple", False) or p.param_type_name != "option":
+            continue
+        seen: list[str] = []
+        for i, a in enumerate(args):
+            for o in names:
+                if a == o or (o.startswith("--") and a.startswith(o + "=")):
+                    flag = getattr(p, "is_flag", False)
+                    seen.append(a if flag else a.partition("=")[2] if "=" in a else
+                                (args[i + 1] if i + 1 < len(args) else ""))
+        if len(seen) > 1:
+            raise UserError(f"{'/'.join(names)} given {len(seen)} times ({', '.join(seen)}): give it once (the "
+                            f"last one would win silently)")
+
+
 def _main(argv: list[str] | None) -> int:
     from .errors import Preempted
 
     try:
+        _repeated_options(list(sys.argv[1:] if argv is None else argv))
         app(args=argv, standalone_mode=False)
     except _user_errors() as err:
         typer.echo(f"error: {err}", err=True)

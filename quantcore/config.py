@@ -27,6 +27,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: the fields only an integer (or other range-based) grid reads; a float cast reads none of them
+GRID_FIELDS = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "calibrator", "percentile")
+
+
 class SpecPatch(_Strict):
     """Partial :class:`QuantSpec`: only the fields given are changed."""
 
@@ -50,12 +54,15 @@ class SpecPatch(_Strict):
         if self.calibrator not in (None, "percentile") and self.percentile is not None:
             raise ValueError(f"percentile applies to calibrator percentile only, not {self.calibrator!r}")
         if self.format is not None and quantizer_kind(self.format).is_float:
-            grid = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "calibrator", "percentile")
-            bad = [k for k in grid if getattr(self, k) is not None]
+            bad = self.grid_fields()
             if bad:
                 raise ValueError(f"{', '.join(bad)}: not an option of format {self.format!r} (a float cast has "
                                  f"no integer grid, range or calibration)")
         return self
+
+    def grid_fields(self) -> list[str]:
+        """The grid fields this patch sets (a float cast reads none of them)."""
+        return [k for k in GRID_FIELDS if getattr(self, k) is not None]
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         upd = self.model_dump(exclude_none=True, exclude={"per_channel"})
@@ -72,6 +79,14 @@ class Override(_Strict):
     float: bool = Field(False, description="leave matching modules in float (no quantizers at all)")
     spec: SpecPatch | None = Field(None, description="change bits/format/symmetry/calibrator/enabled")
     enabled: bool | None = Field(None, description="shortcut for spec.enabled")
+
+    @model_validator(mode="after")
+    def _one_enabled(self) -> "Override":
+        if self.enabled is not None and self.spec is not None and self.spec.enabled is not None \
+                and self.enabled != self.spec.enabled:
+            raise ValueError(f"override {self.match!r}: enabled: {self.enabled} and spec.enabled: {self.spec.enabled} "
+                             "contradict each other; give one")
+        return self
 
 
 def _known_source(name: str) -> str:
@@ -355,6 +370,37 @@ class Recipe(_Strict):
                              "is the batch); remove it")
         if self.qat is not None and self.qat.bn == "fold" and not self.placement.fold_bn:
             raise ValueError("qat.bn: fold needs placement.fold_bn: true (or set qat.bn: freeze/train)")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_applies(self, info: ValidationInfo) -> "Recipe":
+        """``calibration`` fields that no quantizer of the recipe can read are refused, not dropped.
+        Compared with the defaults (a stored or ``show-recipe`` dump spells every field out); the
+        overrides' calibrators count as readers, so the check never refuses a field some quantizer uses."""
+        if _stored(info):
+            return self
+        c, defaults = self.calibration, CalibrationConfig()
+        qa, qw = self.quant.activations, self.quant.weights
+        over = [o.spec.calibrator for o in self.overrides if o.spec is not None and o.spec.calibrator]
+        for field, patch, section, default in (("method", qa, "quant.activations", defaults.method),
+                                               ("weights_method", qw, "quant.weights", defaults.weights_method)):
+            if getattr(c, field) != default and patch.calibrator and patch.calibrator != getattr(c, field):
+                raise ValueError(f"calibration.{field}: {getattr(c, field)!r} and {section}.calibrator: "
+                                 f"{patch.calibrator!r} contradict each other ({section}.calibrator wins, so "
+                                 f"calibration.{field} would act on nothing); give one")
+        readers = {qa.calibrator or c.method, qw.calibrator or c.weights_method, *over}
+        if c.percentile != defaults.percentile and (qa.percentile is not None or "percentile" not in readers):
+            why = ("quant.activations.percentile replaces it" if qa.percentile is not None
+                   else f"no quantizer uses calibrator percentile (calibrators: {', '.join(sorted(readers))})")
+            raise ValueError(f"calibration.percentile: {c.percentile} cannot act: {why}; remove it")
+        from .calib.registry import calibrator
+
+        if c.bins != defaults.bins and not any(calibrator(r).statistics == "histogram" for r in readers):
+            raise ValueError(f"calibration.bins: {c.bins} cannot act: no quantizer uses a histogram calibrator "
+                             f"(calibrators: {', '.join(sorted(readers))}); remove it")
+        if c.images_per_class and c.num_batches not in (None, defaults.num_batches):
+            raise ValueError(f"calibration.images_per_class: {c.images_per_class} and num_batches: {c.num_batches} "
+                             "both choose the calibration images (images_per_class wins); give one")
         return self
 
     def weight_spec(self) -> QuantSpec:

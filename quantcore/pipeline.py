@@ -200,7 +200,8 @@ def _calibration_indices(ds, recipe: Recipe) -> list[int]:
 
 
 def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptions,
-                       fp32: nn.Module | None = None) -> tuple[nn.Module, list[VariantResult], list[dict]]:
+                       fp32: nn.Module | None = None, eval_classes: tuple[DataSpec, list[str]] | None = None
+                       ) -> tuple[nn.Module, list[VariantResult], list[dict]]:
     """Build the FP32 model once, then prepare + calibrate one variant per recipe.
 
     Each variant is prepared on a ``copy.deepcopy`` of the FP32 model, then shares every tensor it
@@ -224,6 +225,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         distributed.broadcast_module(fp32)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
+    class_note = _check_classes(data, list(ds.classes), *eval_classes) if eval_classes else None
     skipped: list[dict] = []
     variants = []
     sharing = WeightSharing(fp32)
@@ -246,11 +248,15 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                          + (f" ({lost} unreadable, skipped)" if lost > 0 else ""))
             if distributed.rank() == 0:
                 log.warning(notes[-1])
-        cal = {"method": r.calibration.method, "uri": data.uri, "split": data.split, "images": res.images,
+        used = api.calibrators_used(model)  # what ran, after quant sections and overrides
+        cal = {"method": api.method_summary(used), "weights_method": api.method_summary(used, "weight"),
+               "calibrators": used, "uri": data.uri, "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
         notes += [f"recipe {r.name!r}: {w}" for w in res.warnings]  # api.finalize logged them
+        if class_note:
+            notes.append(class_note)
         if unused:  # open_dataset logged it
             notes.append(f"calibration data: {unused}")
             cal["unused_files"] = unused_files(ds)
@@ -258,6 +264,26 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
             cal["warnings"] = notes
         variants.append(VariantResult(r.name, r, model, cal))
     return fp32, variants, _gather_skipped(_dedupe(skipped))
+
+
+def _check_classes(calib: DataSpec, calib_classes: list[str], evald: DataSpec, eval_classes: list[str]) -> str | None:
+    """Calibration reads no labels, but two splits of one dataset whose class lists differ mean the
+    evaluation labels are shifted (a renamed folder, NFD vs NFC names): refused then. Two different
+    datasets may legitimately differ: a warning (returned for the report, logged on rank 0)."""
+    from .data import class_mismatch
+
+    diff = class_mismatch(calib_classes, eval_classes)
+    if diff is None:
+        return None
+    msg = (f"the calibration data ({calib.uri} split {calib.split!r}) and the evaluation data ({evald.uri} split "
+           f"{evald.split!r}) list different classes: {diff}")
+    if calib.uri.rstrip("/") == evald.uri.rstrip("/"):
+        raise DataError(msg + "; the evaluation labels would be shifted against the model's classes. Give both "
+                        "splits the same class folders", file=evald.uri)
+    if distributed.rank() == 0:
+        log.warning("%s; if the model's classes are the calibration data's, its top-1 is scored against other "
+                    "labels", msg)
+    return msg
 
 
 def _check_recipes(recipes: Sequence[Recipe]) -> None:
@@ -411,15 +437,17 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     check_out(out)
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
+    eval_classes = None
     if evald is not None and evald != calib:  # a missing split is found before calibration, not after
         try:
-            open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
-                         cache_dir=evald.cache_dir)
+            eval_classes = list(open_dataset(evald.uri, evald.split, None, layout=evald.layout,
+                                             skip_bad=evald.skip_bad, cache_dir=evald.cache_dir).classes)
         except DataError as e:
             raise DataError(f"evaluation data (--eval-data/--eval-split {evald.split!r}): {e}", file=e.file,
                             shard=e.shard, line=e.line) from None
     t0 = time.perf_counter()
-    fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32)
+    fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32,
+                                                 eval_classes=(evald, eval_classes) if eval_classes else None)
     t_cal = time.perf_counter()
     artifacts = {v.name: variant_artifact_uris(v.name, out) for v in variants}
     # checkpoints are written before evaluation starts (they survive a failing evaluation)

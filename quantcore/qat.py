@@ -464,7 +464,9 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     from .pipeline import _dedupe, _gather_skipped
 
     cal_skipped = _gather_skipped(_dedupe([_skip_dict(s) for s in loader.skipped.as_list()]))
-    info = {"method": recipe.calibration.method, "uri": train.uri, "split": train.split, "images": res.images,
+    used = api.calibrators_used(model)  # what ran, after quant sections and overrides
+    info = {"method": api.method_summary(used), "weights_method": api.method_summary(used, "weight"),
+            "calibrators": used, "uri": train.uri, "split": train.split, "images": res.images,
             "skipped": cal_skipped,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
@@ -683,7 +685,7 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
 
 def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
          ctx: distributed.DistContext) -> dict:
-    from .data import model_label_names, open_dataset, unused_files, unused_files_warning
+    from .data import DataError, class_mismatch, model_label_names, open_dataset, unused_files, unused_files_warning
     from .data.transforms import train_transform
     from .placement import unwrap
 
@@ -838,6 +840,12 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         return uri
 
     eval_ctx = _EvalContext(evald, fp32, opts, workers) if evald is not None else None
+    diff = class_mismatch(ds.classes, eval_ctx.ds.classes) if eval_ctx is not None else None
+    if diff:  # training labels and evaluation labels must be the same classes: label i is class i in both
+        raise DataError(f"the training data ({train.uri} split {train.split!r}) and the evaluation data ({evald.uri} "
+                        f"split {evald.split!r}) label their classes differently: {diff}; every top-1 would be "
+                        "scored against shifted labels. Give both splits the same class folders (or pack them "
+                        "with one class list)", file=evald.uri)
     flag = torch.zeros(1)
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
         while st.step < total_steps:

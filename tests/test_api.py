@@ -76,6 +76,63 @@ def test_recipe_errors_name_the_field(tmp_path):
         quantcore.load_recipe(str(tmp_path / "missing.yaml"))
 
 
+def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_path):
+    """A calibration field no quantizer can read, two fields that set the same thing differently, or
+    grid fields an override gives only float casts: refused naming them (before, the last one or the
+    more specific one won silently and report.json named the other)."""
+    bad = tmp_path / "bad.yaml"
+    for section, words in [
+            ({"calibration": {"method": "max", "percentile": 50.0}}, ("calibration.percentile", "max")),
+            ({"calibration": {"percentile": 99.9}, "quant": {"activations": {"percentile": 99.0}}},
+             ("calibration.percentile", "quant.activations.percentile")),
+            ({"calibration": {"method": "max", "bins": 64}}, ("calibration.bins", "histogram")),
+            ({"calibration": {"method": "mse"}, "quant": {"activations": {"calibrator": "max"}}},
+             ("calibration.method", "quant.activations.calibrator")),
+            ({"calibration": {"weights_method": "mse"}, "quant": {"weights": {"calibrator": "max"}}},
+             ("calibration.weights_method", "quant.weights.calibrator")),
+            ({"calibration": {"num_batches": 1, "images_per_class": 2}}, ("images_per_class", "num_batches")),
+            ({"overrides": [{"match": "*fc2.input_quantizer", "enabled": True, "spec": {"enabled": False}}]},
+             ("enabled", "spec.enabled"))]:
+        bad.write_text(yaml.safe_dump({"model": TINY, **section}))
+        with pytest.raises(RecipeError) as err:
+            quantcore.load_recipe(str(bad))
+        assert all(w in str(err.value) for w in words), (section, str(err.value))
+    # ...while a field some quantizer does read stays accepted, and show-recipe's dump loads back
+    ok = {"model": TINY, "calibration": {"method": "max", "bins": 64, "percentile": 99.0},
+          "overrides": [{"match": "*fc2.input_quantizer", "spec": {"calibrator": "percentile"}}]}
+    bad.write_text(yaml.safe_dump(ok))
+    r = quantcore.load_recipe(str(bad))
+    bad.write_text(quantcore.recipe.dump_recipe(r))
+    assert quantcore.load_recipe(str(bad)) == r
+    # an override's bits on quantizers that are all float casts
+    casts = tiny_recipe(quant={"activations": {"format": "fp16"}},
+                        overrides=[{"match": "blocks.0.mlp.fc2.input_quantizer", "spec": {"bits": 4}}])
+    with pytest.raises(quantcore.errors.PlacementError, match=r"overrides\[0\][\s\S]*bits[\s\S]*float cast"):
+        quantcore.prepare(quantcore.build_model(casts), casts)
+    # ...but a glob that also reaches integer quantizers acts on those
+    some = tiny_recipe(quant={"activations": {"format": "fp16"}}, overrides=[{"match": "blocks.0.mlp.fc2.*",
+                                                                             "spec": {"bits": 4}}])
+    m = quantcore.prepare(quantcore.build_model(some), some)
+    assert quantcore.quantizers(m)["blocks.0.mlp.fc2.weight_quantizer"].spec.bits == 4
+
+
+def test_report_names_the_calibrators_that_ran_and_quantizers_left_float(tmp_path):
+    """quant.activations.calibrator and overrides decide what runs: the calibration record counts
+    them (not calibration.method's default); a quantizer an override leaves float is listed float."""
+    r = tiny_recipe(quant={"activations": {"calibrator": "max"}},
+                    overrides=[{"match": "blocks.0.mlp.fc2.input_quantizer", "spec": {"calibrator": "mse"}},
+                               {"match": "blocks.1.mlp.fc2.input_quantizer", "float": True}])
+    m = quantcore.prepare(quantcore.build_model(r), r)
+    used = quantcore.api.calibrators_used(m)
+    n_act = sum(q.kind == "activation" for q in quantcore.quantizers(m).values())
+    assert used["activation"] == {"max": n_act - 1, "mse": 1} and list(used["weight"]) == ["max"]
+    assert quantcore.api.method_summary(used) == f"max ({n_act - 1}), mse (1)"
+    pl = m.quantcore_placement
+    assert "blocks.1.mlp.fc2.input_quantizer" not in pl.quantizers
+    assert "overrides[1]" in pl.float_reasons["blocks.1.mlp.fc2.input_quantizer"]
+    assert "blocks.1.mlp.fc2.input_quantizer" in pl.as_dict()["float"]
+
+
 # -- API --------------------------------------------------------------------------------------------
 def test_calibrate_sets_every_range_and_quantization_changes_outputs(calibrated):
     model, fp32, res = calibrated

@@ -36,8 +36,8 @@ def recipe(backend: str = "native", method: str = "max", mode: str = "ft2", bins
     return {"name": f"{backend}_{method}", "model": {"name": "quantcore/vit_fmnist"},
             "placement": {"family": "vit", "mode": mode},
             "quant": {"weights": {"bits": 8, "per_channel": mode == "ft1"}, "activations": {"bits": 8}},
-            "calibration": {"method": method, "weights_method": "max", "bins": bins, "batch_size": 64,
-                            "num_batches": 4, "backend": backend}, **extra}
+            "calibration": {"method": method, "weights_method": "max", "batch_size": 64, "num_batches": 4,
+                            "backend": backend, **({"bins": bins} if method != "max" else {})}, **extra}
 
 
 @pytest.fixture(scope="module")

@@ -1284,3 +1284,24 @@ def test_settings_that_would_be_ignored_are_refused(bins, tmp_path):
     objs = render(bins, values_file(tmp_path, {"serviceAccount": {"create": True, "name": "", "annotations": irsa}}))
     (sa,) = of_kind(objs, "ServiceAccount")
     assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "x"}
+
+
+def test_extra_args_may_not_repeat_a_flag_the_chart_sets(bins, tmp_path):
+    """extraArgs after the chart's own flags: a repeat would leave one silently unused (--device cpu
+    on a GPU pod, --epochs 9 beside the run's epochs: 2), so rendering refuses it, in every workload."""
+    ptq = {**GOOD_RUN, "mode": "ptq", "gpus": 1, "extraArgs": ["--device", "cpu"]}
+    assert "runs[0].extraArgs: --device is set by the chart" in refused(bins, tmp_path, {"runs": [ptq]})
+    qat = {**GOOD_QAT, "epochs": 2, "extraArgs": ["--epochs=9"]}
+    assert "runs[0].extraArgs: --epochs=9 is set by the chart" in refused(bins, tmp_path, {"runs": [qat]})
+    quiet = {**GOOD_RUN, "extraArgs": ["--progress"]}  # the chart's --no-progress
+    assert "--progress is set by the chart" in refused(bins, tmp_path, {"runs": [quiet]})
+    twice = {**GOOD_RUN, "extraArgs": ["--skip-bad", "--skip-bad"]}
+    assert "--skip-bad appears more than once" in refused(bins, tmp_path, {"runs": [twice]})
+    ray_qat = {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x", "out": "s3://out/rq",
+               "epochs": 2, "extraArgs": ["--num-workers", "1"]}
+    assert "rayQat.extraArgs: --num-workers" in refused(bins, tmp_path, {"rayQat": ray_qat})
+    sweep = {**CPU_SWEEP, "extraArgs": ["--out", "s3://out/other"]}
+    assert "sweep.extraArgs: --out" in refused(bins, tmp_path, {"sweep": sweep})
+    # a flag the chart does not set passes through
+    ok = render(bins, values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad"]}]}))
+    assert any("--skip-bad" in quantcore_argv(j) for j in of_kind(ok, "Job"))

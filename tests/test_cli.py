@@ -414,3 +414,62 @@ def test_an_out_that_takes_writes_but_not_deletes_is_accepted_with_a_warning(tmp
     left = list((tmp_path / "o").glob(".quantcore-write-check-*"))
     assert len(left) == 1 and left[0].stat().st_size == 0
     assert any("could not delete the write probe" in r.getMessage() for r in caplog.records)
+
+
+def test_a_single_valued_option_given_twice_is_refused(image_folder, tmp_path, capsys):
+    """click and argparse keep the last of a repeated option silently (a launcher's --device cuda,
+    then --device cpu in extra arguments): every entrypoint refuses the repeat instead."""
+    out = tmp_path / "o"
+    expect_user_error(capsys, ("calibrate", "-r", "fmnist_w8a8_ft1", "-d", image_folder, "-o", out,
+                               "--device", "cuda", "--device=cpu"), "--device", "2 times", "cuda, cpu")
+    expect_user_error(capsys, ("calibrate", "-r", "fmnist_w8a8_ft1", "-d", image_folder, "-o", out,
+                               "--no-progress", "--progress"), "--progress/--no-progress", "2 times")
+    assert not out.exists()
+    import argparse
+
+    from jobs._args import parse_once
+    from jobs.ray_qat import _parser as ray_qat_parser
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--tag", action="append")
+    assert parse_once(p, ["--epochs", "2", "--tag", "a", "--tag", "b"]).tag == ["a", "b"]  # append may repeat
+    for parser, argv in ((p, ["--epochs", "2", "--epochs=9"]),
+                         (ray_qat_parser(), ["--recipe", "r", "--data", "d", "--out", "o", "--epochs", "2",
+                                             "--num-workers", "3", "--num-workers", "1"])):
+        with pytest.raises(SystemExit) as e:
+            parse_once(parser, argv)
+        assert e.value.code == 2
+    assert "given 2 times" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rename", [("cat", "Cat"), ("cat", "cafe\u0301")])
+def test_evaluation_split_with_other_class_names_than_the_calibration_split_is_refused(tmp_path, capsys, rename):
+    """A val class folder renamed ('Cat' sorts first) or written on macOS (NFD 'café' beside Linux's
+    NFC one): each label index moved and top-1 was scored against shifted labels without a word.
+    Two splits of one dataset must list the same classes (ptq and qat); a different dataset warns."""
+    import shutil
+
+    old, new = rename
+    root = make_images(tmp_path / "d")
+    if "\u0301" in new:  # both splits carry 'café', the train split in NFC
+        for split, name in (("train", "caf\u00e9"), ("val", new)):
+            (root / split / old).rename(root / split / name)
+    else:
+        (root / "val" / old).rename(root / "val" / new)
+    r = _recipe(tmp_path, "cls")
+    err = expect_user_error(capsys, ("ptq", "-r", r, "--calib-data", root, "--out", tmp_path / "o", "--no-progress"),
+                            "list different classes", "evaluation labels would be shifted")
+    if "\u0301" in new:
+        assert "Unicode normalizations" in err
+    assert not (tmp_path / "o" / "cls").exists()  # refused before calibrating
+    qat = _recipe(tmp_path, "clsqat", qat={"epochs": 1, "max_steps": 1, "batch_size": 4})
+    expect_user_error(capsys, ("qat", "-r", qat, "-d", root, "-o", tmp_path / "q", "--no-progress"),
+                      "label their classes differently")
+    # another dataset (a different URI) as the evaluation data: a warning in the report, not a refusal
+    other = tmp_path / "other"
+    shutil.copytree(root / "val", other / "val")
+    assert run("ptq", "-r", r, "--calib-data", root, "--eval-data", other, "--out", tmp_path / "o2", "--limit",
+               "3", "--no-progress") == 0
+    rep = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert any("list different classes" in w for w in rep["warnings"]), rep["warnings"]

@@ -136,6 +136,15 @@ def test_ddp_component_wraps_torchrun_in_the_launcher():
     assert elastic.roles[0].min_replicas == 2 and elastic.roles[0].num_replicas == 4
     with pytest.raises(ValueError, match="nproc_per_node"):
         components.ddp(nproc_per_node=8, gpus=4)
+    # rendezvous settings torchrun would refuse only inside the pods (each retry failing again)
+    for kw, words in (({"rdzv_backend": "etcdd"}, "--rdzv_backend 'etcdd'"), ({"rdzv_port": 0}, "--rdzv_port 0"),
+                      ({"rdzv_backend": "static", "nnodes": 3, "min_nnodes": 2}, "not elastic"),
+                      ({"m": ""}, "--m is empty")):
+        with pytest.raises(components.ComponentError, match=words):
+            components.ddp("evaluate", **kw)
+    with pytest.raises(components.ComponentError, match="--rdzv_port 70000"):
+        components.qat("r", "s3://b/d", "s3://b/o", rdzv_port=70000)
+    assert "--rdzv_backend static" in components.ddp("evaluate", rdzv_backend="static", nnodes=2).roles[0].args[1]
 
 
 def _torchrun_words(app) -> Tuple[List[str], Any]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import quantcore
 from quantcore.config import Override, PlacementConfig, SpecPatch
@@ -141,6 +142,56 @@ def test_multihead_attention_projections_and_matmuls_are_quantized_and_act():
     enc = quantcore.encodings(model)
     assert {r["name"] for r in enc["quantizers"]} == set(qs)
     assert enc["placement"]["attention"] == [mha]
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention with query != key: torch slices the packed in_proj_weight into rows
+    (q rows, then k/v rows, or all three when key != value) and runs one F.linear per slice."""
+
+    def __init__(self, kv_same: bool):
+        super().__init__()
+        self.kv_same = kv_same
+        self.mem = nn.Linear(16, 16)
+        self.val = None if kv_same else nn.Linear(16, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        k = self.mem(x)
+        v = k if self.kv_same else self.val(x)
+        return self.fc(self.mha(x, k, v, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("kv_same", [True, False])
+def test_multihead_cross_attention_quantizes_the_rows_of_its_packed_projection(kv_same):
+    """Before: the sliced in_proj_weight stayed float and 'mha' was listed float and as quantized
+    attention at once. Now each F.linear receives the rows of the quantized parameter."""
+    torch.manual_seed(0)
+    model, x = CrossAttention(kv_same).eval(), torch.randn(2, 6, 16)
+    res = quantcore.prepare(model, {"model": {"name": "x"}}, example_input=x).quantcore_placement
+    assert res.float_reasons == {} and res.attention == ["mha"]
+    assert {"mha.in_proj_input_quantizer", "mha.in_proj_weight_quantizer"} <= set(res.quantizers)
+    _calibrate(model, x)
+    wq = quantizers(model)["mha.in_proj_weight_quantizer"]
+    w = model.mha.in_proj_weight
+    with torch.no_grad():  # independent: per-row symmetric int8 of the whole parameter, by hand
+        scale = w.abs().amax(1, keepdim=True) / 127
+        expect = torch.clamp(torch.round(w / scale), -128, 127) * scale
+    seen = []
+
+    class Spy(TorchFunctionMode):  # entered first: below quantcore's mode, it sees what the op receives
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                seen.append(args[1].detach().clone())
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        model(x)
+    cuts = [(0, 16), (16, 48)] if kv_same else [(0, 16), (16, 32), (32, 48)]
+    for a, b in cuts:  # each slice arrives as the rows of the quantized parameter, never the float rows
+        assert any(t.shape == (b - a, 16) and torch.allclose(t, expect[a:b], atol=1e-6) for t in seen), (a, b)
+        assert not any(t.shape == (b - a, 16) and torch.equal(t, w.detach()[a:b]) for t in seen), (a, b)
+    assert wq.is_calibrated and torch.allclose(wq.amax, w.detach().abs().amax(1))
 
 
 def test_every_layer_is_quantized_or_listed_with_a_reason():
@@ -395,6 +446,122 @@ def test_einsum_attention_is_quantized():
             qs[name].quantize = True
         with quantcore.quantization_disabled(model):
             assert torch.equal(model(x), ref(x))
+
+
+class TransposedAttention(nn.Module):
+    """timm LeViT's conv mode: channels-first tokens, ``v @ attn.transpose(-2, -1)``: the
+    probabilities are attn@v's second operand, moved by a transpose on the way."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = nn.Conv1d(d, 3 * d, 1)
+
+    def forward(self, x):  # x: (B, d, N)
+        q, k, v = self.qkv(x).chunk(3, dim=1)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)  # (B, N, N)
+        return v @ attn.transpose(-2, -1)  # (B, d, N)
+
+
+def test_probabilities_as_the_second_operand_of_attn_v_are_quantized_as_probabilities():
+    """Before: called talking heads, attn_quantizer put on v and v_quantizer on the probabilities (a
+    log2 or unsigned softmax override then hit v's negative values)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(TransposedAttention()).eval(), torch.randn(2, 8, 6)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert res.attention == ["0"] and res.notes == [] and "0" not in res.float_reasons
+    quantcore.calibrate(model, [x])
+    qs, seen = quantizers(model), {}
+    for n in ("attn_quantizer", "v_quantizer"):
+        qs[f"0.{n}"].register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, i[0].detach()))
+    with torch.no_grad():
+        model(x)
+        q, k, v = model[0].qkv(x).chunk(3, dim=1)
+    assert seen["attn_quantizer"].shape == (2, 6, 6) and float(seen["attn_quantizer"].min()) >= 0
+    assert torch.allclose(seen["attn_quantizer"].sum(-1), torch.ones(2, 6), atol=1e-5)  # rows of probabilities
+    assert seen["v_quantizer"].shape == v.shape and float(seen["v_quantizer"].min()) < 0
+    assert float(qs["0.attn_quantizer"].amax) <= 1.0 + 1e-6  # the probabilities range, not v's
+
+
+class Gram(nn.Module):
+    """Second-order pooling: a channel Gram matrix (an activation x activation matmul, no softmax)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        f = x.flatten(2)
+        return x * torch.sigmoid(self.fc((f @ f.transpose(1, 2)).mean(-1) / f.shape[-1]))[..., None, None]
+
+
+class GlobalContext(nn.Module):
+    """GCNet's context block: softmax over positions, then one matmul (no q k^T before it)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.attn = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        a = self.attn(x).reshape(b, 1, h * w).softmax(-1).unsqueeze(-1)
+        return x + (x.reshape(b, 1, c, h * w) @ a).reshape(b, c, 1, 1)
+
+
+@pytest.mark.parametrize("blocks", [(Gram, GlobalContext), (GlobalContext, GlobalContext)])
+def test_attention_is_not_stitched_from_sibling_blocks_under_one_container(blocks):
+    """Before: a matmul in one block and softmax+matmul in its sibling made their container an
+    'attention' (q/k/attn/v quantizers on a Sequential), or listed the container float while the
+    modules whose math stayed float went unnamed. Each block's own float math is named now."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Sequential(*(b() for b in blocks))),
+                        nn.Flatten(), nn.Linear(8 * 64, 5)).eval()
+    res = place_quantizers(net, PlacementConfig(), W, A, example_input=torch.randn(2, 3, 8, 8))
+    assert res.attention == [] and not any(q.startswith("1.") and q.count(".") == 1 for q in res.quantizers)
+    assert set(res.float_reasons) == {"1.0.0", "1.0.1"}, res.float_reasons
+    assert all("outside a softmax(QK^T)V pattern" in r for r in res.float_reasons.values())
+
+
+class Recurrent(nn.Module):
+    """Weights multiplied outside F.linear/conv: an LSTM, a GRU, and HF's Conv1D (torch.addmm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.fc = nn.LSTM(8, 8, batch_first=True), nn.GRU(8, 8), nn.Linear(8, 3)
+        self.conv1d_weight, self.conv1d_bias = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        y = self.gru(self.lstm(x)[0])[0]
+        y = torch.addmm(self.conv1d_bias, y.reshape(-1, 8), self.conv1d_weight).reshape(y.shape)
+        return self.fc(y)
+
+
+def test_weights_multiplied_by_ops_quantcore_does_not_intercept_are_listed_float():
+    """Before: LSTM/GRU layers and HF Conv1D projections (35 % of sequencer2d_s's weights) had no
+    quantizer and no word in the report."""
+    res = place_quantizers(Recurrent().eval(), PlacementConfig(), W, A, example_input=torch.randn(2, 5, 8))
+    assert "fc.weight_quantizer" in res.quantizers
+    assert "lstm" in res.float_reasons["lstm"] and "weight_ih_l0" in res.float_reasons["lstm"]
+    assert "gru" in res.float_reasons["gru"]
+    assert "addmm" in res.float_reasons["<model>"] and "conv1d_weight" in res.float_reasons["<model>"]
+
+
+def test_calibrating_a_model_left_in_train_mode_does_not_change_it():
+    """calibrate() runs in eval mode and restores the mode: before, a model in train mode had its
+    BatchNorm running statistics updated by the calibration data (the FP32 path then differed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 36, 3))
+    x = torch.randn(2, 3, 8, 8)
+    recipe = {"model": {"name": "x"}, "placement": {"fold_bn": False}}
+    quantcore.prepare(model.eval(), recipe, example_input=x)
+    ref = copy.deepcopy(model)
+    model.train()
+    quantcore.calibrate(model, [(x * 3 + 1, None)])
+    assert model.training and model[1].training  # the caller's mode, restored
+    assert torch.equal(model[1].running_mean, ref[1].running_mean)
+    assert torch.equal(model[1].running_var, ref[1].running_var) and int(model[1].num_batches_tracked) == 0
+    model.eval()
+    with torch.no_grad(), quantcore.quantization_disabled(model), quantcore.quantization_disabled(ref):
+        assert torch.equal(model(x), ref(x))
 
 
 @pytest.mark.parametrize("fused", [True, False])

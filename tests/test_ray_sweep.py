@@ -274,6 +274,21 @@ def test_a_cuda_run_on_cpu_tasks_exits_2_before_ray_starts(tiny, tmp_path, capsy
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
+def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsys):
+    """Before, the driver started Ray and scheduled the task, which failed as a run (exit 1)."""
+    import ray
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name": "quantcore/vit_fmnist"}, "calibration": {"method": "medain"}}))
+    for recipe, words in (("fmnist_w8a8_ftl", "'fmnist_w8a8_ftl' not found"), (str(bad), "calibration.method")):
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="typo", recipe=recipe)]}))
+        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "runs[1](typo).recipes:" in err and words in err, err
+        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------ Ray end to end
 
 

@@ -8,7 +8,8 @@ data-parallel sharding, and skip-aware loading.
         ...
 """
 from .base import IMG_EXTS, ImageDataset, decode_image, to_8bit
-from .detect import LAYOUTS, detect_layout, model_label_names, open_dataset, unused_files, unused_files_warning
+from .detect import (LAYOUTS, class_mismatch, detect_layout, model_label_names, open_dataset, unused_files,
+                     unused_files_warning)
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 from .folder import FolderDataset
 from .loader import SkipAwareLoader, collate_skip, make_loader
@@ -23,6 +24,7 @@ from .zipped import INDEX_NAME, Shard, ZipShardDataset, find_shards, load_index
 Resisc45Dataset = ImagePathsDataset
 
 __all__ = [
+    "class_mismatch",
     "DataError", "SkipLog", "SkipRecord", "Skipped",
     "ImageDataset", "FolderDataset", "ZipShardDataset", "ImagePathsDataset", "Resisc45Dataset", "Shard",
     "open_dataset", "unused_files", "unused_files_warning", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",

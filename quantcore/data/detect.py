@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from typing import Any, Callable
 
 from . import _fs
@@ -103,6 +104,29 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                     "label %d, the model's %r is class %d)", ds.root, *_first_mismatch(ds.classes, list(names)))
     _warn_unused(ds)
     return ds
+
+
+def class_mismatch(a: list[str], b: list[str]) -> str | None:
+    """None when two datasets' label orders agree (``a``/``b``: their ``classes``, label i = item i),
+    else the first difference in words: a class only one of them has (said when the two names are
+    the same text in another Unicode normalization, e.g. macOS's NFD folder names beside Linux's NFC),
+    or the same classes in another order."""
+    a, b = list(a), list(b)
+    if a == b:
+        return None
+    sb, sa = set(b), set(a)
+    only_a, only_b = [c for c in a if c not in sb], [c for c in b if c not in sa]
+    if only_a or only_b:
+        x, y = (only_a or [None])[0], (only_b or [None])[0]
+        what = ", ".join(f"{c!r} (label {lst.index(c)}) only in the {side}" for c, lst, side in
+                         ((x, a, "first"), (y, b, "second")) if c is not None)
+        if x is not None and y is not None and unicodedata.normalize("NFC", x) == unicodedata.normalize("NFC", y):
+            what += " - the same name in two Unicode normalizations (NFD, as macOS writes it, and NFC)"
+        elif x is not None and y is not None and x.casefold() == y.casefold():
+            what += " - the same name in another letter case"
+        return f"{len(a)} vs {len(b)} classes, {what}"
+    i = next(i for i, (p, q) in enumerate(zip(a, b)) if p != q)
+    return f"the same {len(a)} classes in another order: label {i} is {a[i]!r} in the first, {b[i]!r} in the second"
 
 
 def _warn_once(key: Any, msg: str) -> None:

@@ -172,6 +172,7 @@ class _Site:
     order: int = 0
     reads_model_input: bool = False
     probs_at_matmul: bool = False  # attention: the probabilities change after softmax (talking heads)
+    probs_operand: int = 0  # attention: attn@v's operand holding the probabilities (1: v @ attn^T)
 
 
 def _rel(path: str, base: str) -> str:
@@ -189,13 +190,14 @@ _ATTN_KINDS = ("matmul_act", "softmax", "sdpa", "einsum")
 
 def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]:
     """Per module call: the attention-relevant ops run inside it, as ``(kind, origin)`` where origin is
-    the child of that module the op ran in ("" = the module's own forward)."""
+    the innermost module below it the op ran in ("" = the module's own forward). The innermost one,
+    not the child: two sibling blocks under one container are two origins, not one."""
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for op in trace.ops:
         if op.kind not in _ATTN_KINDS:
             continue
         for depth, frame in enumerate(op.stack):
-            origin = op.stack[depth + 1][0] if depth + 1 < len(op.stack) else ""
+            origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
             seqs.setdefault(frame, []).append((op.kind, origin))
     return seqs
 
@@ -213,28 +215,38 @@ def _has_attention(seq: list[tuple[str, str]]) -> bool:
     return False
 
 
-#: ops a tensor passes through unchanged in value at inference (dropout is the identity in eval;
-#: a cast keeps what a quantizer grid sees): softmax output -> these -> attn@v is "the probabilities"
+#: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
+#: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
+#: grid commutes with moving): softmax output -> these -> attn@v's operand is "the probabilities"
 _PASS_THROUGH = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
-                 "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach"}
+                 "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach",
+                 "transpose", "transpose_", "permute", "t", "swapaxes", "swapdims", "movedim", "view", "reshape",
+                 "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "__get__"}
 
 
-def _probs_reach_matmul(trace: Trace, frame: tuple[str, int]) -> bool:
-    """Whether, in this call of an explicit attention module, attn@v's first operand is the softmax
-    output itself (through :data:`_PASS_THROUGH` ops only). Talking-heads attention (CaiT's
-    ``proj_w``, EfficientFormerV2's ``talking_head2``) mixes the probabilities across heads in between:
-    then the operand the GEMM receives is what must be quantized."""
+def _probs_operand(trace: Trace, frame: tuple[str, int]) -> int | None:
+    """Which operand of attn@v (0 or 1) is the softmax output itself, through :data:`_PASS_THROUGH`
+    ops only, in this call of an explicit attention module: 0 for ``attn @ v``, 1 for
+    ``v @ attn.transpose(-2, -1)`` (timm LeViT's conv mode). None when neither is (talking-heads
+    attention, CaiT's ``proj_w`` or EfficientFormerV2's ``talking_head2``, mixes the probabilities
+    across heads in between): then the operand the GEMM receives is what must be quantized."""
     ops = [op for op in trace.ops if frame in op.stack]
     soft = next((i for i, op in enumerate(ops) if op.kind == "softmax"), None)
     if soft is None:
-        return True
+        return 0
     same = set(ops[soft].outputs)
     for op in ops[soft + 1:]:
         if op.kind == "matmul_act":
-            return bool(op.operands) and op.operands[0] in same
+            return next((k for k, o in enumerate(op.operands or ()) if o in same), None)
         if op.func in _PASS_THROUGH and op.inputs and op.inputs[0] in same:
             same.update(op.outputs)
-    return True
+    return 0
+
+
+#: ops that multiply by a weight parameter but are not F.linear/conv: their weights stay float, said so
+_UNQUANTIZED_GEMMS = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+                      "rnn_relu_cell", "addmm", "addmm_", "addmv", "mv", "bilinear", "addbmm", "tensordot",
+                      "chain_matmul", "multi_dot", "inner", "conv_tbc", "embedding_bag"}
 
 
 def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str]]:
@@ -248,7 +260,18 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
     for op in trace.ops:
         if op.kind == "weighted" and op.weight is None and op.stack:
             derived_per_call[op.stack[-1]] = derived_per_call.get(op.stack[-1], 0) + 1
+    params = dict(model.named_parameters(remove_duplicate=False))
     for op in trace.ops:
+        if op.kind == "other" and op.func in _UNQUANTIZED_GEMMS:  # recurrent layers, HF Conv1D's addmm ...
+            names = sorted({n for i in op.inputs for n in trace.param_names.get(i, ()) if n in params
+                            and params[n].dim() >= 2})
+            for owner in dict.fromkeys(n.rpartition(".")[0] for n in names):
+                ws = [n.rpartition(".")[2] for n in names if n.rpartition(".")[0] == owner]
+                float_reasons.setdefault(owner or "<model>", f"its weight(s) {', '.join(ws)} are used by {op.func}, "
+                                         "which quantcore does not intercept (only F.linear/conv and attention "
+                                         "matmuls are quantized)")
+            used_weights.update(names)
+            continue
         if op.kind == "transposed_conv":
             owner = (op.weight or "").rpartition(".")[0]
             float_reasons[owner or op.stack[-1][0]] = "transposed convolution (not quantized)"
@@ -311,9 +334,14 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
             continue
         first = min(op.seq for op in trace.ops if any(f[0] == m for f in op.stack))
         fused = calls[0] == ["sdpa"]
+        where = set() if fused else {_probs_operand(trace, f) for f in seqs if f[0] == m}
+        if len(where - {None}) > 1:
+            float_reasons[label] = ("its calls take the probabilities as different operands of attn@v (first in "
+                                    "one call, second in another)")
+            continue
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
-                                    order=first, probs_at_matmul=not fused and not all(
-                                        _probs_reach_matmul(trace, f) for f in seqs if f[0] == m))
+                                    order=first, probs_at_matmul=None in where,
+                                    probs_operand=next(iter(where - {None}), 0))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -523,6 +551,8 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     except ValueError as e:
         raise PlacementError(str(e)) from None
     removed = set(remove)
+    for qname, source in remove.items():  # a quantizer (not its module) left float: said like a module
+        float_reasons[qname] = f"quantizer left float by {source}"
     for qname, spec in final_specs.items():
         if qname not in removed and planned[qname] is act_spec:
             _act_check(qname, spec)
@@ -575,6 +605,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                     make(f"{base}{a}", "activation")
             plans.setdefault(s.owner, ModulePlan()).attention = True
             plans[s.owner].probs_at_matmul = s.probs_at_matmul
+            plans[s.owner].probs_operand = s.probs_operand
             if s.probs_at_matmul and f"{base}attn_quantizer" in planned and f"{base}attn_quantizer" not in removed:
                 moved.append(f"{base}attn_quantizer")
             if settings.share_qkv:

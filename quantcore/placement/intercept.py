@@ -89,6 +89,26 @@ def is_param_like(t: Any) -> bool:
     return isinstance(base, nn.Parameter)
 
 
+def row_slice_base(t: Any) -> Optional[nn.Parameter]:
+    """The parameter ``t`` is a slice of along its first axis (``w.split``/``chunk``/``w[a:b]`` of a
+    contiguous parameter: ``nn.MultiheadAttention``'s packed in-projection when query is not key),
+    else None. Such a slice's rows are the parameter's rows, so quantizing the parameter (per tensor,
+    or per channel on axis 0) and slicing the result is the slice quantized with the parameter's grid.
+    A transposed or otherwise strided view is not one."""
+    base = getattr(t, "_base", None)
+    if not isinstance(base, nn.Parameter) or not base.is_contiguous() or not t.is_contiguous():
+        return None
+    if t.dim() != base.dim() or tuple(t.shape[1:]) != tuple(base.shape[1:]):
+        return None
+    return base
+
+
+def take_rows(quantized: torch.Tensor, view: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The rows of ``quantized`` (the quantized ``base``) that ``view`` holds (see :func:`row_slice_base`)."""
+    start = (view.storage_offset() - base.storage_offset()) // max(1, base.stride(0))
+    return quantized.contiguous().narrow(0, start, view.shape[0])
+
+
 def weighted_args(args: tuple, kwargs: dict) -> tuple[Any, Any, tuple, dict]:
     """``(input, weight, other positional args, other kwargs)`` of a linear/conv call, whether the
     input and weight were passed by position or by keyword (``F.linear(x, weight=w)``)."""
@@ -141,6 +161,7 @@ class ModulePlan:
     weighted: list[WeightedSite] = field(default_factory=list)
     attention: bool = False  # quantizers on the module itself (ATTENTION_QUANTIZERS)
     probs_at_matmul: bool = False  # attn_quantizer on attn@v's operand (the probabilities change after softmax)
+    probs_operand: int = 0  # which operand of attn@v holds the probabilities (1: v @ attn^T, LeViT conv mode)
 
     def quantizer_refs(self) -> list[tuple[str, str]]:
         refs = [(s.owner, f"{s.prefix}{k}") for s in self.weighted
@@ -249,6 +270,15 @@ class QuantOpMode(TorchFunctionMode):
     def _weighted(self, ctx: _Ctx, func, args, kwargs):
         x, w, rest, kw = weighted_args(args, kwargs)
         site = ctx.by_param.get(id(w))
+        base = row_slice_base(w) if site is None else None
+        if base is not None:  # rows of a planned parameter: quantize the parameter, take the rows
+            site = ctx.by_param.get(id(base))
+            if site is not None:
+                iq = ctx.q(site.owner, site.prefix + "input_quantizer")
+                wq = ctx.q(site.owner, site.prefix + "weight_quantizer")
+                oq = ctx.q(site.owner, site.prefix + "output_quantizer")
+                wv = take_rows(wq(base), w, base) if wq is not None else w
+                return _apply(oq, func(_apply(iq, x), wv, *rest, **kw))
         if site is None:
             if is_param_like(w):  # another module's (float) weight: never a computed-weight site
                 return func(*args, **kwargs)
@@ -280,9 +310,10 @@ class QuantOpMode(TorchFunctionMode):
             ctx.phase = 1
             return _apply(self._attn_q(ctx, "softmax_input_quantizer"), func(*args, **kwargs))
         if ctx.phase == 2:  # probabilities already quantized at the softmax, unless they changed since
+            p, v = (ops[1], ops[0]) if ctx.plan.probs_operand == 1 else ops
             if ctx.plan.probs_at_matmul:
-                args[ops[0]] = _apply(self._attn_q(ctx, "attn_quantizer"), a)
-            args[ops[1]] = _apply(self._attn_q(ctx, "v_quantizer"), b)
+                args[p] = _apply(self._attn_q(ctx, "attn_quantizer"), args[p])
+            args[v] = _apply(self._attn_q(ctx, "v_quantizer"), args[v])
             ctx.phase = 0
             ctx.cycles += 1
             return func(*args, **kwargs)

@@ -80,23 +80,25 @@ def mark_module_hits(module_names: Iterable[str], rules: list[Rule]) -> None:
 
 
 def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
-                          ) -> tuple[dict[str, QuantSpec], list[str], dict[str, list[str]]]:
+                          ) -> tuple[dict[str, QuantSpec], dict[str, str], dict[str, list[str]]]:
     """Apply the rules to planned quantizers (name -> spec), in order.
 
-    Returns the final spec of every quantizer, the quantizers a float rule removes (the last matching
-    float decision wins) and, per rule source, the quantizers whose spec it patched."""
+    Returns the final spec of every quantizer, the quantizers a float rule removes (name -> that rule;
+    the last matching float decision wins) and, per rule source, the quantizers whose spec it patched."""
     final: dict[str, QuantSpec] = {}
-    remove: list[str] = []
+    remove: dict[str, str] = {}  # quantizer -> the rule whose float decision removes it
     spec_hits: dict[str, list[str]] = {}
+    grid_read: dict[str, bool] = {}  # rule source -> a quantizer it patched reads its grid fields
+    grid_rules: dict[str, tuple[list[str], list[str]]] = {}  # source -> (grid fields, float-cast quantizers)
     for qname, spec in specs.items():
-        floated = False
+        floated, floated_by = False, ""
         percentile_by = None  # the override that set a percentile: it must end up read
         for r in rules:
             if not matches(r.pattern, qname):
                 continue
             r.hits.add(qname)
             if r.float is not None:
-                floated = r.float
+                floated, floated_by = r.float, r.source
             if r.changes_spec:
                 if r.patch is not None:
                     if r.patch.percentile is not None:
@@ -106,6 +108,11 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                     except ValueError as e:
                         raise PlacementError(f"{r.source} gives an invalid spec for quantizer {qname!r} (before the "
                                              f"override: {spec.short()}): {one_line(e)}") from None
+                    if r.patch.grid_fields():
+                        grid_read[r.source] = grid_read.get(r.source, False) or not spec.is_float
+                        grid_rules.setdefault(r.source, (r.patch.grid_fields(), []))
+                        if spec.is_float:
+                            grid_rules[r.source][1].append(f"{qname} ({spec.format})")
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
@@ -113,8 +120,15 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
             raise PlacementError(f"{percentile_by} sets percentile for quantizer {qname!r}, whose calibrator is "
                                  f"{spec.calibrator!r}: percentile applies to calibrator percentile only")
         if floated:
-            remove.append(qname)
+            remove[qname] = floated_by
         final[qname] = spec
+    for source, read in grid_read.items():
+        if not read:  # every quantizer it patched is a float cast: its grid fields would be dropped
+            fields, casts = grid_rules[source]
+            raise PlacementError(f"{source} sets {', '.join(fields)}, but every quantizer it matches is a float "
+                                 f"cast, which has no integer grid, range or calibration: {', '.join(casts[:4])}"
+                                 f"{' ...' if len(casts) > 4 else ''}; set format: int there too, or drop "
+                                 f"{', '.join(fields)}")
     return final, remove, spec_hits
 
 

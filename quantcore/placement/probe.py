@@ -19,8 +19,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
-                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, see_through, weighted_args,
-                        weighted_bias)
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, row_slice_base, see_through,
+                        weighted_args, weighted_bias)
 
 # Ops that read tensor metadata only: never a data-flow use.
 _METADATA = {"__get__", "size", "dim", "stride", "numel", "is_contiguous", "__len__", "is_floating_point",
@@ -114,6 +114,8 @@ class _Recorder(TorchFunctionMode):
             ev.kind, ev.op = "weighted", WEIGHTED_OPS[func]
             ev.inputs = _tensor_ids((x, w, args[2:], kwargs))  # the data input first
             ev.weight = pname(w)
+            if ev.weight is None and row_slice_base(w) is not None:  # rows of a parameter: its site
+                ev.weight = pname(row_slice_base(w))
             ev.weight_param_like = ev.weight is None and is_param_like(w)
             b = weighted_bias(args, kwargs)
             ev.bias = pname(b) if b is not None else None

@@ -505,3 +505,23 @@ variables (YAML list text), .extra: extraEnv, .where: the values path. */}}
 {{- $_ := set $seen $e.name true -}}
 {{- end -}}
 {{- end -}}
+
+{{/* extraArgs must not repeat a flag the chart sets from the run's values (or one another): the
+command's parser would keep one of them silently (e.g. --device cpu after the chart's --device cuda
+runs a GPU pod on the CPU). --no-X and --X count as one flag. .args: the chart's arguments, .extra:
+extraArgs, .where: the values path. */}}
+{{- define "quantcore.checkExtraArgs" -}}
+{{- $own := dict -}}
+{{- range .args }}{{ $f := toString . }}{{ if hasPrefix "-" $f }}{{ $_ := set $own (replace "--no-" "--" (first (splitList "=" $f))) true }}{{ end }}{{ end -}}
+{{- $seen := dict -}}
+{{- range $a := default (list) .extra -}}
+{{- $f := replace "--no-" "--" (first (splitList "=" (toString $a))) -}}
+{{- if and (hasPrefix "-" $f) (hasKey $own $f) -}}
+{{- fail (printf "%s: %s is set by the chart from this run's values; set that value instead (a repeated flag would leave one of them silently unused)" $.where (toString $a)) -}}
+{{- end -}}
+{{- if and (hasPrefix "-" $f) (hasKey $seen $f) -}}
+{{- fail (printf "%s: %s appears more than once; give it once" $.where $f) -}}
+{{- end -}}
+{{- if hasPrefix "-" $f }}{{ $_ := set $seen $f true }}{{ end -}}
+{{- end -}}
+{{- end -}}
