@@ -40,7 +40,7 @@ def recipes() -> None:
     from .recipe import builtin_recipes, load_recipe
 
     for name in sorted(builtin_recipes()):
-        typer.echo(f"{name:<22} {load_recipe(name).description}")
+        _echo(f"{name:<22} {load_recipe(name).description}")
 
 
 @app.command("show-recipe")
@@ -48,7 +48,7 @@ def show_recipe(recipe: str = typer.Argument(..., help="Recipe name, path or URI
     """Print a recipe with every default filled in (validates it)."""
     from .recipe import dump_recipe, load_recipe
 
-    typer.echo(dump_recipe(load_recipe(recipe)))
+    _echo(dump_recipe(load_recipe(recipe)))
 
 
 @app.command()
@@ -63,7 +63,7 @@ def pack(src: str = typer.Argument(..., help="Source dataset URI (ImageNet folde
 
     for s in split:
         info = pack_fn(src, dst, s, layout=layout, shard_size=shard_size, skip_bad=skip_bad)
-        typer.echo(f"{s}: {json.dumps(_short(info))}")
+        _echo(f"{s}: {json.dumps(_short(info))}")
 
 
 def _short(info):
@@ -87,7 +87,7 @@ def calibrate(recipe: List[str] = RecipeOpt,
     rep = ptq([load_recipe(r) for r in recipe], DataSpec(data, split, layout, skip_bad, cache_dir), None, out,
               _opts(64, workers, device, progress, checkpoint))
     for name, v in rep["variants"].items():
-        typer.echo(f"{name}: {v['artifacts']['checkpoint']} ({v['calibration']['images']} images, "
+        _echo(f"{name}: {v['artifacts']['checkpoint']} ({v['calibration']['images']} images, "
                    f"{v['calibration']['collect_s'] + v['calibration']['finalize_s']:.1f} s)")
 
 
@@ -139,7 +139,7 @@ def ptq(recipe: List[str] = RecipeOpt,
                  DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit), out,
                  _opts(batch_size, workers, device, progress, checkpoint))
     _print_results(rep)
-    typer.echo(f"report: {out}/report.md")
+    _echo(f"report: {out}/report.md")
 
 
 @app.command()
@@ -174,11 +174,11 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
     loader = make_loader(ds, cfg.batch_size, cfg.num_workers if workers is None else workers, shuffle=True,
                          seed=cfg.seed, drop_last=False)
     res = train_classifier(model, lambda e: loader, len(loader), cfg, device=resolve_device(device),
-                           on_epoch=lambda e, loss: typer.echo(f"epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"))
+                           on_epoch=lambda e, loss: _echo(f"epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"))
     buf = io.BytesIO()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
     storage.write_bytes(out, buf.getvalue())
-    typer.echo(f"trained {res.steps} steps in {res.seconds:.0f} s -> {out}")
+    _echo(f"trained {res.steps} steps in {res.seconds:.0f} s -> {out}")
 
 
 @app.command()
@@ -215,7 +215,7 @@ def qat(recipe: List[str] = typer.Option(..., "--recipe", "-r", help="Recipe (na
 
     if os.environ.get("RANK", "0") == "0" and rep.get("results"):  # one rank prints (the group is gone by now)
         _print_results(rep)
-        typer.echo(f"report: {out}/report.md")
+        _echo(f"report: {out}/report.md")
 
 
 @app.command()
@@ -275,15 +275,15 @@ def analyze(ctx: typer.Context,
                   device=device, opts=opts)
     if res.get("search"):
         s = res["search"]
-        typer.echo(f"search: {'met' if s['met'] else 'NOT met'} ({s['budget']['text']}"
+        _echo(f"search: {'met' if s['met'] else 'NOT met'} ({s['budget']['text']}"
                    + (f"; {s['budget']['bound_text']}" if s["budget"].get("bound_text") else "") + "); "
                    f"{100 * s['fraction_above_lowest']:.1f}% of quantizers above {s['choices'][0]}; "
                    f"metrics {json.dumps(s['metrics'])}")
         if s.get("check"):
-            typer.echo(f"check on {eval_split}: {json.dumps(s['check'])}")
+            _echo(f"check on {eval_split}: {json.dumps(s['check'])}")
     if res.get("base_check"):
-        typer.echo(f"check of the model as given on {eval_split}: {json.dumps(res['base_check'])}")
-    typer.echo(f"report: {res['artifacts']['md']}")
+        _echo(f"check of the model as given on {eval_split}: {json.dumps(res['base_check'])}")
+    _echo(f"report: {res['artifacts']['md']}")
 
 
 @app.command("export")
@@ -300,15 +300,15 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
 
     check = check_options(check_data, check_split, check_limit, check_skip_bad)
     rep = export_checkpoint(checkpoint, out, format, opset, check)
-    typer.echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
+    _echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
                f"{len(rep['not_trt_native'])} not TensorRT-native")
     if (rep.get("trt_table") or {}).get("written") is False:
-        typer.echo(f"not written: {rep['trt_table']['why']}")
+        _echo(f"not written: {rep['trt_table']['why']}")
     if rep.get("check"):
         c = rep["check"]
-        typer.echo(f"onnxruntime vs fake quant on {c['images']} images: agreement {c['top1_agreement']:.2f}%, "
+        _echo(f"onnxruntime vs fake quant on {c['images']} images: agreement {c['top1_agreement']:.2f}%, "
                    f"top-1 {c['top1_onnx']:.2f}% vs {c['top1_fake_quant']:.2f}%")
-    typer.echo(f"report: {rep['files']['report']}")
+    _echo(f"report: {rep['files']['report']}")
 
 
 @app.command()
@@ -324,10 +324,10 @@ def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// pr
 
     res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=progress,
                    num_workers=workers, log=typer.echo, seed=seed, retrain=retrain)
-    typer.echo("")
+    _echo("")
     for line in summary_lines(res.report, res.qat_reports):
-        typer.echo(line)
-    typer.echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
+        _echo(line)
+    _echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
 
 
 def _fmt(v, fmt: str) -> str:
@@ -341,21 +341,31 @@ def _print_results(rep: dict) -> None:
         extra = "" if name == rep.get("reference") else (
             f"  Δ {_fmt(r.get('delta_top1'), '{:+.2f}')}  agreement {_fmt(r.get('agreement'), '{:.2f}')}%  "
             f"SQNR {_fmt(r.get('sqnr_db'), '{:.1f}')} dB")
-        typer.echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{extra}")
+        _echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{extra}")
     if rep.get("skipped"):
-        typer.echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
+        _echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
     note = (rep.get("data") or {}).get("reference_note")
     if note:
-        typer.echo(f"({note})")
+        _echo(f"({note})")
     for w in rep.get("warnings") or []:  # logged when found, repeated under the results
-        typer.echo(f"warning: {w}", err=True)
+        _echo(f"warning: {w}", err=True)
 
 
 class _WarningLine(logging.Handler):
     """quantcore's logged warnings as one ``warning: ...`` line each on (the current) stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        _echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _echo(message: object = "", err: bool = False) -> None:
+    typer.echo(_printable(str(message)), err=err)
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (os.fsdecode's surrogates, e.g. a Latin-1 name)
+    spelled ``\\udce9``: a strict UTF-8 stream would raise on them."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -426,13 +436,13 @@ def _main(argv: list[str] | None) -> int:
         _repeated_options(list(sys.argv[1:] if argv is None else argv))
         app(args=argv, standalone_mode=False)
     except _user_errors() as err:
-        typer.echo(f"error: {err}", err=True)
+        _echo(f"error: {err}", err=True)
         return 2
     except Preempted as err:  # a checkpoint was written: the launcher's retry resumes from it
-        typer.echo(f"preempted: {err}", err=True)
+        _echo(f"preempted: {err}", err=True)
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
+        _echo("aborted", err=True)
         return 130
     except Exception as err:
         # Usage errors (typer vendors click, so match by behaviour, not class) carry their own exit code.

@@ -484,7 +484,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         if scores:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
         _write_json(storage.join(out, "report.json"), rep)
-        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+        storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode("utf-8", "backslashreplace"))
         for v in variants:  # each checkpoint gets the report of its own variant next to it
             sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
                        variants={v.name: rep["variants"][v.name]}, plots=[])
@@ -560,7 +560,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         if out:
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
             _write_json(storage.join(out, "report.json"), rep)
-            storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode())
+            storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode("utf-8", "backslashreplace"))
 
     return _on_main(rep, write)
 

@@ -514,7 +514,7 @@ def _sample_identity(ds: Any) -> dict[str, Any]:
     schedule's length depend on them). An image rewritten under its own name is not detected."""
     h = hashlib.sha256()
     for name, label in zip(getattr(ds, "samples", []), getattr(ds, "labels", [])):
-        h.update(f"{name}\t{label}\n".encode())
+        h.update(f"{name}\t{label}\n".encode("utf-8", "surrogateescape"))  # undecodable names: their bytes
     return {"samples": len(ds), "index_sha256": h.hexdigest()}
 
 
@@ -1114,7 +1114,7 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
         _write_json(storage.join(out, "report.json"), rep)
         md = report_markdown(rep) + _training_markdown(qat_info, st.metrics)
-        storage.write_bytes(storage.join(out, "report.md"), md.encode())
+        storage.write_bytes(storage.join(out, "report.md"), md.encode("utf-8", "backslashreplace"))
         _write_metrics(storage.join(out, "metrics.jsonl"), st.metrics)
     distributed.barrier()
     return rep

@@ -1,6 +1,7 @@
 """Load and validate recipes (YAML) with errors that name the file and the field."""
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,35 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {src} is not valid YAML: {err}") from None
+    if src not in shipped:
+        _relative_to_recipe(data, src)
     return recipe_from_dict(data, src)
+
+
+#: recipe fields holding a weights file: a relative path there is relative to the recipe file
+_FILE_FIELDS = ("checkpoint", "pretrained_file")
+
+
+def _relative_to_recipe(data: Any, src: str) -> None:
+    """Resolve relative ``model.checkpoint``/``model.pretrained_file`` paths against the recipe's own
+    folder (or S3 prefix), as Helm values or compose files do: resolved against the working
+    directory, the same recipe loaded other weights depending on where it was run from."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        return
+    for key in _FILE_FIELDS:
+        val = model.get(key)
+        if not isinstance(val, str) or not val or "://" in val or os.path.isabs(os.path.expanduser(val)):
+            continue
+        if src.startswith("s3://"):
+            model[key] = src.rsplit("/", 1)[0] + "/" + val.removeprefix("./")
+        else:
+            model[key] = str((Path(src.removeprefix("file://")).resolve().parent / val).resolve())
 
 
 def _decode(raw: bytes, src: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no content
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe {src} is not a UTF-8 text (YAML) file: {err}") from None
 

@@ -246,7 +246,9 @@ def main() -> int:
             "runs": [
                 {"name": "vit-a", "recipe": f"s3://{BUCKET}/recipes/a.yaml"},
                 {"name": "vit-b", "recipes": [f"s3://{BUCKET}/recipes/b.yaml"], "limit": 12},
-                {"name": "broken", "recipe": f"s3://{BUCKET}/recipes/missing.yaml"},
+                # fails inside its task (a recipe that does not load is refused before Ray starts)
+                {"name": "broken", "recipe": f"s3://{BUCKET}/recipes/a.yaml",
+                 "calib_data": f"s3://{BUCKET}/missing-data"},
             ],
         }
         sweep_uri = f"s3://{BUCKET}/sweeps/e2e.yaml"
@@ -381,7 +383,7 @@ def main() -> int:
             enc = json.loads(s3_get(f"runs/e2e/{run_name}/{variant}/encodings.json"))
             check(enc["quantizers"], f"{run_name}: empty encodings")
         broken = by_name["broken"]
-        check(broken["status"] == "failed" and "missing.yaml" in (broken["error"] or ""),
+        check(broken["status"] == "failed" and "missing-data" in (broken["error"] or ""),
               f"broken run: {broken['status']} {broken['error']}")
         md = s3_get("runs/e2e/summary.md").decode()
         check("| vit-a | succeeded | tiny_a_w8a8 |" in md and "**broken**" in md, "summary.md content:\n" + md)

@@ -133,6 +133,25 @@ def test_report_names_the_calibrators_that_ran_and_quantizers_left_float(tmp_pat
     assert "blocks.1.mlp.fc2.input_quantizer" in pl.as_dict()["float"]
 
 
+def test_a_relative_checkpoint_in_a_recipe_file_is_relative_to_that_file(tmp_path, monkeypatch):
+    """Before: resolved against the working directory, so the same recipe loaded other weights
+    depending on where it ran (a w.pt there won silently)."""
+    torch.manual_seed(0)
+    ref = quantcore.build_model(tiny_recipe())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "cwd").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "sub" / "w.pt")
+    torch.save(quantcore.build_model(tiny_recipe()).state_dict(), tmp_path / "cwd" / "w.pt")  # other weights
+    (tmp_path / "sub" / "r.yaml").write_text(yaml.safe_dump({"model": {**TINY, "checkpoint": "w.pt"}}))
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = quantcore.load_recipe(str(tmp_path / "sub" / "r.yaml"))
+    assert r.model.checkpoint == str((tmp_path / "sub" / "w.pt").resolve())
+    got = quantcore.build_model(r)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
+    # absolute paths, URIs and dict recipes are left as they are
+    assert quantcore.load_recipe({"model": {**TINY, "checkpoint": "w.pt"}}).model.checkpoint == "w.pt"
+
+
 # -- API --------------------------------------------------------------------------------------------
 def test_calibrate_sets_every_range_and_quantization_changes_outputs(calibrated):
     model, fp32, res = calibrated

@@ -473,3 +473,25 @@ def test_evaluation_split_with_other_class_names_than_the_calibration_split_is_r
                "3", "--no-progress") == 0
     rep = json.loads((tmp_path / "o2" / "report.json").read_text())
     assert any("list different classes" in w for w in rep["warnings"]), rep["warnings"]
+
+
+def test_file_names_that_are_not_utf8_are_reported_not_a_crash_after_the_run(tmp_path, capsys):
+    """Latin-1 names from old archives: the run used to finish, then die writing report.md
+    (UnicodeEncodeError, exit 1, the work lost); pack died with a traceback in zipfile."""
+    import os
+
+    root = make_images(tmp_path / "d")
+    val = os.fsencode(root / "val")
+    open(os.path.join(val, b"cat", b"notes\xe9.txt"), "wb").write(b"x")  # an unused file
+    r = _recipe(tmp_path, "u8")
+    assert run("ptq", "-r", r, "--calib-data", root, "--out", tmp_path / "o", "--limit", "3", "--no-progress") == 0
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "notes\\udce9.txt" in md  # named, with the undecodable byte spelled out
+    os.remove(os.path.join(val, b"cat", b"notes\xe9.txt"))
+    good = os.path.join(val, b"cat", os.listdir(os.path.join(val, b"cat"))[0])
+    with open(good, "rb") as f, open(os.path.join(val, b"cat", b"caf\xe9.jpg"), "wb") as g:
+        g.write(f.read())
+    expect_user_error(capsys, ("pack", root, tmp_path / "p", "--split", "val"), "not valid UTF-8", "caf")
+    assert run("pack", root, tmp_path / "p2", "--split", "val", "--skip-bad") == 0  # skipped and listed
+    index = json.loads((tmp_path / "p2" / "index.json").read_text())
+    assert "not valid UTF-8" in json.dumps(index)

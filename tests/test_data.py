@@ -154,6 +154,13 @@ def test_resisc_layout(tmp_path):
     assert va.samples == ["forest/forest_003.jpg", "airplane/airplane_003.jpg", "beach/beach_003.jpg"]
     assert va.labels == [0, 1, 2]
     assert va[1][1] == 1 and va[1][0].size == (32, 32)
+    # written by a Windows editor: a byte-order mark starts each file (the first image was lost)
+    for name in ("val_imagepaths.txt", "label_map.json"):
+        f = os.path.join(root, name)
+        raw = open(f, "rb").read()
+        open(f, "wb").write(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
+    bom = open_dataset(root, "val")
+    assert bom.samples == va.samples and bom.labels == va.labels and bom.classes == va.classes
 
 
 def test_pack_folder_roundtrip_and_determinism(tmp_path, folder, packed):
@@ -1013,3 +1020,56 @@ def test_pack_skip_bad_skips_a_name_the_map_cannot_hold(tmp_path):
     ent = pack(root, str(tmp_path / "out"), "train", skip_bad=True)
     assert ent["count"] == 4 and [s["name"] for s in ent["skipped"]] == [bad]
     assert len(open_dataset(str(tmp_path / "out"), "train")) == 4
+
+
+def test_a_hand_made_zip_with_two_members_of_one_name_is_refused(tmp_path):
+    """zipfile reads the last of same-named members (zip -u, 'a' mode re-adding an image): the first
+    copy was never read nor listed. The shard is refused, naming the member."""
+    import warnings
+    import zipfile
+
+    def png(v):
+        b = io.BytesIO()
+        Image.fromarray(np.full((8, 8), v, np.uint8)).save(b, "PNG")
+        return b.getvalue()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        with zipfile.ZipFile(tmp_path / "val.zip", "w") as z:
+            z.writestr("c0/a.png", png(10))
+            z.writestr("c0/a.png", png(200))
+            z.writestr("c1/b.png", png(50))
+    (tmp_path / "val_map.txt").write_text("c0/a.png\t0\nc1/b.png\t1\n")
+    for skip_bad in (False, True):
+        with pytest.raises(DataError, match=r"val\.zip holds 1 member\(s\) under a name[\s\S]*'c0/a.png'"):
+            open_dataset(str(tmp_path), "val", skip_bad=skip_bad)
+
+
+def test_shards_packed_into_their_own_source_folder_are_an_ambiguous_layout(folder):
+    """`pack SRC SRC`: auto-detection took the shards and hid the folder (images added later were
+    silently not read) and refused the unpacked splits ('no zip shards for split train')."""
+    make_folder(folder, "val", n=2, seed=1)
+    pack(folder, folder, "val")
+    with pytest.raises(DataError, match=r"both zip files for split 'val' and a val/ folder[\s\S]*--layout"):
+        open_dataset(folder, "val")
+    assert len(open_dataset(folder, "val", layout="folder")) == len(open_dataset(folder, "val", layout="zip"))
+    assert detect_layout(folder, "train") == "folder"  # index.json does not list train: its folder is read
+    assert len(open_dataset(folder, "train")) == 12
+
+
+def test_an_s3_key_with_an_empty_path_segment_is_named_not_read_as_another_mock(s3_client, s3_bucket):
+    """'val/dog//x.png' was read as 'val/dog/x.png' (another object, read twice) or as a missing file."""
+    def png(v):
+        b = io.BytesIO()
+        Image.fromarray(np.full((8, 8), v, np.uint8)).save(b, "PNG")
+        return b.getvalue()
+
+    for key, v in (("d/val/dog/x.png", 10), ("d/val/dog//x.png", 200), ("d/val/cat/y.png", 50)):
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=png(v))
+    uri = f"s3://{s3_bucket}/d"
+    with pytest.raises(DataError, match=r"dog//x\.png' has an empty path segment"):
+        open_dataset(uri, "val", layout="folder")
+    ds = open_dataset(uri, "val", layout="folder", skip_bad=True)
+    assert ds.samples == ["cat/y.png", "dog/x.png"]
+    assert [int(np.asarray(ds.load_image(i))[0, 0]) for i in range(len(ds))] == [50, 10]
+    assert [r["name"] for r in ds.skipped.as_list()] == [f"{uri}/val/dog//x.png"]

@@ -182,7 +182,7 @@ def write_outputs(result: dict[str, Any], out: str, recipe_yaml: str | None = No
     if recipe_yaml is not None:
         uris["recipe"] = storage.join(out, "search_recipe.yaml")
         storage.write_bytes(uris["recipe"], recipe_yaml.encode())
-    storage.write_bytes(uris["md"], markdown(result).encode())
+    storage.write_bytes(uris["md"], markdown(result).encode("utf-8", "backslashreplace"))
     storage.write_bytes(uris["json"], (json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n").encode())
     return uris
 

@@ -34,9 +34,24 @@ def normalize_layout(layout: str) -> str:
 def detect_layout(uri: str, split: str) -> str:
     """``'zip'``, ``'resisc'`` or ``'folder'`` for ``split`` under ``uri`` (see :func:`open_dataset`)."""
     uri = str(uri)
+    lay = _detect_layout(uri, split)
+    lp = _fs.local_path(uri)
+    if lay != "folder" and lp is not None and os.path.isdir(os.path.join(lp, split)) and \
+            any(True for _ in os.scandir(os.path.join(lp, split))):
+        # shards packed into the folder dataset's own root: either could be meant, and they may differ
+        raise DataError(f"{uri} holds both {lay} files for split {split!r} and a {split}/ folder: which one to read "
+                        f"is ambiguous (shards packed into their source folder go stale when images are added); "
+                        f"pass --layout {lay} or --layout folder, or pack into another folder", file=uri)
+    return lay
+
+
+def _detect_layout(uri: str, split: str) -> str:
     j = lambda *p: _fs.join(uri, *p)  # noqa: E731
     if _fs.exists(j("index.json")):
-        return "zip"
+        from .zipped import load_index
+
+        if split in (load_index(uri) or {}).get("splits", {}):
+            return "zip"
     for name in (f"{split}.zip", f"{split}-00000.zip", f"{split}_map.txt", f"{split}-00000_map.txt"):
         if _fs.exists(j(name)):
             return "zip"

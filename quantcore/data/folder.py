@@ -34,6 +34,13 @@ class FolderDataset(ImageDataset):
         for f in listed:
             r = _fs.rel(f, self.root)
             parts = [p for p in r.split("/") if p]
+            if "" in r.rstrip("/").split("/"):  # an S3 key with '//': read under its collapsed name, it is
+                msg = (f"object key {f!r} has an empty path segment ('//'): it would be read as another key; "
+                       "rename it")  # another object, or none
+                if not self.skip_bad:
+                    raise DataError(msg, file=f)
+                self.skipped.add(SkipRecord(f, msg))
+                continue
             if r.endswith("/"):  # S3 "folder" marker
                 if parts and not any(p.startswith(".") for p in parts):
                     per_class.setdefault(parts[0], [])

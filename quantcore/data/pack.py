@@ -55,6 +55,11 @@ def unpackable_name(member: str) -> str | None:
         return "a tab or line break in the name cannot be written to the map file"
     if member.startswith("/") or member.endswith("/"):
         return "not a relative file name"
+    try:
+        member.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode's surrogates: the file system name is not UTF-8
+        raw = member.encode("utf-8", "surrogateescape")
+        return f"the file name is not valid UTF-8 ({raw!r}); a zip member name must be: rename the file"
     return None
 
 

@@ -20,7 +20,7 @@ def load_label_map(root: str) -> list[str]:
     uri = _fs.join(root, "label_map.json")
     raw = _fs.read_or_data_error(uri, "label map")
     try:
-        m = json.loads(raw.decode("utf-8"))
+        m = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark (Windows editors) is no content
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{uri}: not valid JSON: {e}", file=uri) from e
     if not isinstance(m, dict) or not m:
@@ -51,11 +51,12 @@ class ImagePathsDataset(ImageDataset):
         self.list_uri = _fs.join(self.uri, f"{split}_imagepaths.txt")
         raw = _fs.read_or_data_error(self.list_uri, "image list")
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first path
         except UnicodeDecodeError as e:
             raise DataError(f"{self.list_uri} is not UTF-8: {e}", file=self.list_uri) from e
         seen: dict[str, int] = {}
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # lines end at \n (\r\n too) only, as in the zip maps: str.splitlines also breaks at \x0c, \x85 ...
+        for lineno, line in enumerate(text.split("\n"), 1):
             p = line.strip().replace("\\", "/")
             if not p or p.startswith("#"):
                 continue

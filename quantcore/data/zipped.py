@@ -67,7 +67,7 @@ def load_index(root: str) -> dict | None:
         return None
     raw = _fs.read_or_data_error(uri, "index")
     try:
-        idx = json.loads(raw.decode("utf-8"))
+        idx = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{uri}: not valid JSON: {e}", file=uri) from e
     if not isinstance(idx, dict) or not isinstance(idx.get("splits", {}), dict):
@@ -289,6 +289,11 @@ class ZipShardDataset(ImageDataset):
                             f"recorded for it: the folder holds files of another pack; pack it again",
                             file=sh.zip_uri, shard=sh.zip_uri)
         mset = set(members)
+        if len(mset) < len(members):  # zipfile reads the last of same-named members: the others are unreachable
+            dupes = sorted({m for m in members if members.count(m) > 1})
+            raise DataError(f"zip shard {sh.zip_uri} holds {len(members) - len(mset)} member(s) under a name another "
+                            f"member has (e.g. {dupes[0]!r}): only the last of each could be read; pack it again "
+                            "(quantcore pack writes each name once)", file=sh.zip_uri, shard=sh.zip_uri)
         prefix = self.split + "/"
         used, out = set(), []
         for lineno, path, label in rows:
