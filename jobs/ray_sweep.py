@@ -605,6 +605,7 @@ def _check_devices(sweep: Sweep, gpus_per_task: float, source: str) -> None:
 def _check_recipes(sweep: Sweep, source: str) -> None:
     """Every run's recipes load and describe one model, checked by the driver before Ray starts: a
     typo'd recipe must not wait for a GPU task to find out (then fail as a run, exit 1)."""
+    from quantcore.pipeline import DataSpec, check_cache_dir
     from quantcore.pipeline import _check_recipes as check_run
     from quantcore.recipe import RecipeError, load_recipe
 
@@ -613,6 +614,11 @@ def _check_recipes(sweep: Sweep, source: str) -> None:
             check_run([load_recipe(r) for r in run.recipes or []])
         except RecipeError as err:
             raise SweepError(f"{source}: runs[{i}]({run.name}).recipes: {err}") from None
+        try:
+            check_cache_dir(DataSpec(run.calib_data or "", run.calib_split, cache_dir=run.cache_dir),
+                            DataSpec(run.eval_data or run.calib_data or "", run.eval_split, cache_dir=run.cache_dir))
+        except UserError as err:
+            raise SweepError(f"{source}: runs[{i}]({run.name}).cache_dir: {err}") from None
 
 
 def _now() -> str:

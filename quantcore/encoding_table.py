@@ -33,8 +33,10 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
         s = q.spec
         row: dict[str, Any] = {
             "name": name, "kind": q.kind, "enabled": s.enabled, "format": s.format,
-            "bits": None if s.is_float else s.bits, "symmetric": s.symmetric, "axis": s.axis,
-            "narrow_range": s.narrow_range, "calibrator": None if s.is_float else s.calibrator,
+            # a float cast has no grid: its spec's grid fields (defaults, or a quant: section's) do not act
+            "bits": None if s.is_float else s.bits, "symmetric": None if s.is_float else s.symmetric,
+            "axis": None if s.is_float else s.axis, "narrow_range": None if s.is_float else s.narrow_range,
+            "calibrator": None if s.is_float else s.calibrator,
         }
         if s.calibrator == "percentile" and not s.is_float:
             row["percentile"] = s.percentile

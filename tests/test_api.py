@@ -488,3 +488,17 @@ def test_checkpoints_whose_recipe_has_options_refused_since_still_load(calibrate
     x = batches(1, seed=11)[0][0]
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_encodings_of_a_float_cast_state_no_grid():
+    """A float cast has no integer grid: its row said axis 0, symmetric, narrow_range from the spec's
+    defaults, as if a per-channel grid acted."""
+    r = tiny_recipe(quant={"weights": {"format": "fp16"}, "activations": {"bits": 8}})
+    m = quantcore.prepare(quantcore.build_model(r), r)
+    quantcore.calibrate(m, batches(1))
+    rows = {row["name"]: row for row in quantcore.encodings(m)["quantizers"]}
+    w = rows["blocks.0.mlp.fc1.weight_quantizer"]
+    assert w["format"] == "fp16" and all(w[k] is None for k in ("bits", "axis", "symmetric", "narrow_range",
+                                                                 "calibrator"))
+    a = rows["blocks.0.mlp.fc1.input_quantizer"]
+    assert a["bits"] == 8 and a["symmetric"] is True and a["axis"] is None

@@ -1060,7 +1060,7 @@ def test_volumes_reach_every_pod_that_needs_them(bins, tmp_path):
                  {**GOOD_QAT, "data": "file:///mnt/datasets/imagenet", "out": "s3://out/q1"}],
         "sweep": {"enabled": True, "out": "/mnt/sweeps/x",
                   "volumes": [{"name": "sweeps", "claimName": "sweeps", "mountPath": "/mnt/sweeps", "readOnly": False}],
-                  "config": {"defaults": {"cache_dir": "/cache/shards"}, "runs": [
+                  "config": {"runs": [
                       {"name": "a", "recipe": "vit_b16_int8", "calib_data": "/mnt/datasets/imagenet"}]}},
         "rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "/mnt/datasets/imagenet",
                    "out": "s3://out/rq", "storagePath": "/mnt/sweeps/ray-qat",
@@ -1305,3 +1305,18 @@ def test_extra_args_may_not_repeat_a_flag_the_chart_sets(bins, tmp_path):
     # a flag the chart does not set passes through
     ok = render(bins, values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad"]}]}))
     assert any("--skip-bad" in quantcore_argv(j) for j in of_kind(ok, "Job"))
+
+
+def test_the_shard_cache_is_passed_only_for_data_read_from_s3(bins, tmp_path):
+    """quantcore refuses --cache-dir when every dataset is local: the chart passed it to every run,
+    so a run on a mounted volume failed in its pod."""
+    values = {"volumes": [{"name": "datasets", "claimName": "imagenet", "mountPath": "/mnt/datasets"}],
+              "runs": [{**GOOD_RUN, "name": "local", "data": "/mnt/datasets/imagenet", "out": "s3://out/l"},
+                       {**GOOD_RUN, "name": "remote", "out": "s3://out/r"},
+                       {**GOOD_QAT, "name": "qlocal", "data": "/mnt/datasets/imagenet", "out": "s3://out/q"}]}
+    objs = render(bins, values_file(tmp_path, values))
+    argv = {j["metadata"]["name"]: " ".join(j["spec"]["template"]["spec"]["containers"][0]["args"])
+            for j in of_kind(objs, "Job")}
+    assert len(argv) == 3
+    for name, args in argv.items():
+        assert ("--cache-dir /cache/shards" in args) == name.endswith("remote"), (name, args)

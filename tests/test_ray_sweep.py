@@ -287,6 +287,10 @@ def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsy
         err = capsys.readouterr().err
         assert "runs[1](typo).recipes:" in err and words in err, err
         assert not ray.is_initialized() and not (tmp_path / "o").exists()
+    sweep_file.write_text(yaml.safe_dump({"runs": [dict(tiny["run"], cache_dir=str(tmp_path / "c"))]}))
+    assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
+    assert "runs[0](tiny).cache_dir: --cache-dir" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------ Ray end to end
