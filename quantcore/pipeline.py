@@ -511,6 +511,9 @@ def _reference_note(model: nn.Module) -> str:
     if (getattr(model, "quantcore_meta", None) or {}).get("extra", {}).get("qat"):
         note += (": for this QAT checkpoint its trained weights, not the original FP32 model (the QAT run's "
                  "report compares against that one)")
+    elif getattr(getattr(model, "quantcore_recipe", None), "reconstruction", None) is not None:
+        note += (": for this checkpoint its weights as reconstruction (AdaRound/BRECQ) rounded them onto their "
+                 "grid, not the original FP32 model (the ptq run's report compares against that one)")
     return note
 
 

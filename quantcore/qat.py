@@ -215,7 +215,8 @@ def _optimizer(groups: list[dict], cfg: QATConfig) -> torch.optim.Optimizer:
 def _scheduler(opt: torch.optim.Optimizer, cfg: QATConfig, total_steps: int):
     s = cfg.schedule
     if s.name == "onecycle":
-        return one_cycle(opt, [g["lr"] for g in opt.param_groups], total_steps, s.pct_start)
+        # the recipe's optimizer.momentum / betas act: torch would cycle them over 0.85-0.95
+        return one_cycle(opt, [g["lr"] for g in opt.param_groups], total_steps, s.pct_start, cycle_momentum=False)
     floor = s.min_lr / cfg.optimizer.lr
     warm = s.warmup_steps
 
@@ -429,6 +430,11 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     if opts.init:
         model = api.load(opts.init)
         _check_init(recipe, model.quantcore_recipe, opts.init)
+        if getattr(model.quantcore_recipe, "reconstruction", None) is not None:
+            raise UserError(f"--init {opts.init}: its weights were rewritten by reconstruction (AdaRound/BRECQ) onto "
+                            "their grid, so its float path is not the FP32 model the teacher and the report need; "
+                            "start from the FP32 weights instead (--checkpoint, or the recipe's model.checkpoint): "
+                            "the recipe's reconstruction runs again when QAT calibrates")
         fp32 = copy.deepcopy(model)
         api.set_quantization(fp32, False)  # the checkpoint's own float path
         fp32 = fp32.to(ctx.device).eval()

@@ -22,14 +22,16 @@ class TrainResult:
 
 
 def one_cycle(opt: torch.optim.Optimizer, max_lr: float | list[float], total_steps: int,
-              pct_start: float) -> torch.optim.lr_scheduler.OneCycleLR:
+              pct_start: float, cycle_momentum: bool = True) -> torch.optim.lr_scheduler.OneCycleLR:
     """torch's OneCycleLR, with the warm-up fraction nudged so both phases last at least part of a
     step: ``pct_start * total_steps`` at or below 1 makes OneCycleLR divide by zero on its first
     ``step()`` (a short run: 1,000 images in batches of 256 for one epoch is 4 steps). At least 2
-    steps are scheduled."""
+    steps are scheduled. ``cycle_momentum=False`` leaves the optimizer's momentum/betas as they are
+    (torch's default writes 0.85-0.95 over them)."""
     total = max(int(total_steps), 2)
     pct = min(max(pct_start, 1.5 / total), 1.0 - 0.5 / total)
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct,
+                                               cycle_momentum=cycle_momentum)
 
 
 def train_classifier(model: nn.Module, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int,

@@ -500,3 +500,20 @@ def test_file_names_that_are_not_utf8_are_reported_not_a_crash_after_the_run(tmp
     assert run("pack", root, tmp_path / "p2", "--split", "val", "--skip-bad") == 0  # skipped and listed
     index = json.loads((tmp_path / "p2" / "index.json").read_text())
     assert "not valid UTF-8" in json.dumps(index)
+
+
+def test_qat_init_from_a_reconstructed_checkpoint_is_refused_and_evaluate_says_what_fp32_is(image_folder, tmp_path,
+                                                                                               capsys):
+    """AdaRound/BRECQ rewrite the weights onto their grid: such a checkpoint's float path is not the
+    FP32 model. QAT --init took it as the teacher and the report's FP32 (SQNR 9.7 -> 30.1 dB)."""
+    r = _recipe(tmp_path, "rec", quant={"weights": {"bits": 4}},
+                reconstruction={"mode": "layer", "iterations": 4, "batch_size": 4})
+    assert run("calibrate", "-r", r, "-d", image_folder, "-o", tmp_path / "p", "--no-progress") == 0
+    ckpt = tmp_path / "p" / RECIPE["name"] / "model.qc.pt"
+    qat = _recipe(tmp_path, "rec2", quant={"weights": {"bits": 4}},
+                  reconstruction={"mode": "layer", "iterations": 4, "batch_size": 4},
+                  qat={"epochs": 1, "max_steps": 1, "batch_size": 4})
+    expect_user_error(capsys, ("qat", "-r", qat, "-d", image_folder, "-o", tmp_path / "q", "--init", ckpt,
+                               "--no-progress"), "--init", "reconstruction", "FP32")
+    assert run("evaluate", "-c", ckpt, "-d", image_folder, "--limit", "3", "--no-progress") == 0
+    assert "rounded them onto their grid" in capsys.readouterr().out

@@ -792,3 +792,28 @@ def test_bn_left_after_folding_is_what_placement_leaves():
 
     assert _bn_left_after_folding(LinearBN().eval())
     assert not _bn_left_after_folding(timm.create_model("resnet10t", in_chans=1, num_classes=10).eval())
+
+
+@pytest.mark.parametrize("optimizer, key, want", [({"name": "sgd", "lr": 1e-3, "momentum": 0.0}, "momentum", 0.0),
+                                                  ({"name": "sgd", "lr": 1e-3, "momentum": 0.5}, "momentum", 0.5),
+                                                  ({"name": "adamw", "lr": 1e-3, "betas": [0.5, 0.99]}, "betas",
+                                                   (0.5, 0.99))])
+def test_onecycle_schedules_the_learning_rate_and_keeps_the_recipes_momentum(optimizer, key, want):
+    """torch's OneCycleLR cycles momentum/beta1 over 0.85-0.95 by default: momentum: 0 ran SGD at 0.95."""
+    from tiny_data import TINY_RECIPE
+
+    from quantcore.qat import _optimizer, _param_groups, _scheduler
+
+    recipe = Recipe.model_validate({**TINY_RECIPE, "qat": {"optimizer": optimizer, "schedule": {"name": "onecycle"}}})
+    model = api.prepare(api.build_model(recipe, load_weights=False), recipe)
+    api.calibrate(model, [(torch.randn(4, 3, 32, 32), None)])
+    opt = _optimizer(_param_groups(model, recipe.qat), recipe.qat)
+    sched = _scheduler(opt, recipe.qat, 10)
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        got = opt.param_groups[0][key]
+        assert (tuple(got) if key == "betas" else got) == pytest.approx(want)
+    assert max(lrs) > 10 * min(lrs)  # the learning rate does follow the cycle
