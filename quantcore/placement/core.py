@@ -27,7 +27,7 @@ from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
-from .probe import Trace, run_probe
+from .probe import PASS_THROUGH, Trace, run_probe
 from .vit import block_weight_spec, mode_settings
 
 ROOT_INPUT_QUANTIZER = "input_quantizer"
@@ -215,17 +215,8 @@ def _has_attention(seq: list[tuple[str, str]]) -> bool:
     return False
 
 
-#: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
-#: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
-#: grid commutes with moving): softmax output -> these -> attn@v's operand is "the probabilities"
-_PASS_THROUGH = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
-                 "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach",
-                 "transpose", "transpose_", "permute", "t", "swapaxes", "swapdims", "movedim", "view", "reshape",
-                 "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "__get__"}
-
-
 def _probs_operand(trace: Trace, frame: tuple[str, int]) -> int | None:
-    """Which operand of attn@v (0 or 1) is the softmax output itself, through :data:`_PASS_THROUGH`
+    """Which operand of attn@v (0 or 1) is the softmax output itself, through :data:`~.probe.PASS_THROUGH`
     ops only, in this call of an explicit attention module: 0 for ``attn @ v``, 1 for
     ``v @ attn.transpose(-2, -1)`` (timm LeViT's conv mode). None when neither is (talking-heads
     attention, CaiT's ``proj_w`` or EfficientFormerV2's ``talking_head2``, mixes the probabilities
@@ -238,7 +229,7 @@ def _probs_operand(trace: Trace, frame: tuple[str, int]) -> int | None:
     for op in ops[soft + 1:]:
         if op.kind == "matmul_act":
             return next((k for k, o in enumerate(op.operands or ()) if o in same), None)
-        if op.func in _PASS_THROUGH and op.inputs and op.inputs[0] in same:
+        if op.func in PASS_THROUGH and op.inputs and op.inputs[0] in same:
             same.update(op.outputs)
     return 0
 

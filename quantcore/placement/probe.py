@@ -22,6 +22,14 @@ from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROU
                         TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, row_slice_base, see_through,
                         weighted_args, weighted_bias)
 
+#: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
+#: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
+#: grid commutes with moving): softmax output -> these -> attn@v's operand is "the probabilities"
+PASS_THROUGH = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+                "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach",
+                "transpose", "transpose_", "permute", "t", "swapaxes", "swapdims", "movedim", "view", "reshape",
+                "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "__get__"}
+
 # Ops that read tensor metadata only: never a data-flow use.
 _METADATA = {"__get__", "size", "dim", "stride", "numel", "is_contiguous", "__len__", "is_floating_point",
              "element_size", "data_ptr", "storage_offset", "is_complex", "get_device", "__format__",
@@ -63,6 +71,7 @@ class Trace:
     param_names: dict[int, list[str]] = field(default_factory=dict)  # a tied parameter has several
     model_inputs: tuple[int, ...] = ()
     keep: list[Any] = field(default_factory=list)  # conv outputs kept alive: their ids stay unique
+    probs: set[int] = field(default_factory=set)  # softmax outputs and what PASS_THROUGH ops make of them
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -135,6 +144,10 @@ class _Recorder(TorchFunctionMode):
         elif func in SOFTMAX_OPS:
             ev.kind = "softmax"
             self.trace.keep.append(out)  # followed to the matmul that consumes it: its id stays unique
+            self.trace.probs.update(ev.outputs)
+        elif ev.func in PASS_THROUGH and ev.inputs and ev.inputs[0] in self.trace.probs:
+            self.trace.keep.append(out)  # the probabilities moved or cast: followed too, so kept alive (a
+            self.trace.probs.update(ev.outputs)  # freed view's id is reused by a later, unrelated tensor)
         elif func in SDPA_OPS:
             ev.kind = "sdpa"
         elif func in EINSUM_OPS:
