@@ -643,7 +643,7 @@ def evaluate(
         data: evaluation dataset URI (s3://bucket/prefix or a path inside the container)
         out: output URI prefix for the report (s3://bucket/prefix)
         split: dataset split to evaluate on
-        limit: evaluate on the first N images only; 0 evaluates the whole split
+        limit: evaluate on a seeded, class-stratified sample of N images; 0 evaluates the whole split
         batch_size: evaluation batch size
         workers: DataLoader worker processes decoding images (quantcore --workers)
         cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
@@ -764,7 +764,7 @@ def ptq(
         eval_data: evaluation dataset URI; unset: the calibration dataset
         eval_split: dataset split to evaluate on
         checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
-        limit: evaluate on the first N images only; 0 evaluates the whole split
+        limit: evaluate on a seeded, class-stratified sample of N images; 0 evaluates the whole split
         batch_size: evaluation batch size (calibration uses the recipe's)
         workers: DataLoader worker processes decoding images (quantcore --workers)
         cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.

@@ -104,7 +104,7 @@ class _RunFields(BaseModel):
     calib_split: str = "train"
     eval_data: Optional[str] = Field(None, description="Evaluation dataset URI (default: calib_data).")
     eval_split: str = "val"
-    limit: Optional[int] = Field(None, gt=0, description="Evaluate on the first N images only.")
+    limit: Optional[int] = Field(None, gt=0, description="Evaluate on a seeded, class-stratified sample of N images (as --limit).")
     batch_size: int = Field(64, gt=0, description="Evaluation batch size.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes per task.")
     layout: Literal["auto", "folder", "zip", "resisc"] = "auto"

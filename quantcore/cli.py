@@ -82,13 +82,27 @@ def calibrate(recipe: List[str] = RecipeOpt,
               workers: int = WorkersOpt, device: str = DeviceOpt, progress: bool = ProgressOpt) -> None:
     """Calibrate: writes <out>/<recipe>/model.qc.pt, encodings.json and a report (no evaluation)."""
     from .pipeline import DataSpec, ptq
-    from .recipe import load_recipe
 
-    rep = ptq([load_recipe(r) for r in recipe], DataSpec(data, split, layout, skip_bad, cache_dir), None, out,
+    rep = ptq(_load_recipes(recipe), DataSpec(data, split, layout, skip_bad, cache_dir), None, out,
               _opts(64, workers, device, progress, checkpoint))
     for name, v in rep["variants"].items():
         _echo(f"{name}: {v['artifacts']['checkpoint']} ({v['calibration']['images']} images, "
                    f"{v['calibration']['collect_s'] + v['calibration']['finalize_s']:.1f} s)")
+
+
+def _load_recipes(values: List[str]) -> list:
+    """``-r a -r b`` or ``-r a,b`` (as the TorchX components take them); a value that names a recipe
+    as a whole (a path with a comma in it) is not split."""
+    from .recipe import load_recipe
+
+    out = []
+    for v in values:
+        parts = [p.strip() for p in v.split(",")]
+        if len(parts) > 1 and all(parts) and not os.path.exists(v.removeprefix("file://")):
+            out += [load_recipe(p) for p in parts]
+        else:
+            out.append(load_recipe(v))
+    return out
 
 
 def _one(values: List[str], flag: str, why: str) -> str:
@@ -133,9 +147,8 @@ def ptq(recipe: List[str] = RecipeOpt,
         progress: bool = ProgressOpt) -> None:
     """Calibrate every recipe, evaluate FP32 and all variants in one pass, write checkpoints and reports."""
     from .pipeline import DataSpec, ptq as ptq_fn
-    from .recipe import load_recipe
 
-    rep = ptq_fn([load_recipe(r) for r in recipe], DataSpec(calib_data, calib_split, layout, skip_bad, cache_dir),
+    rep = ptq_fn(_load_recipes(recipe), DataSpec(calib_data, calib_split, layout, skip_bad, cache_dir),
                  DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit), out,
                  _opts(batch_size, workers, device, progress, checkpoint))
     _print_results(rep)

@@ -352,6 +352,10 @@ class Recipe(_Strict):
             raise ValueError(f"recipe version {self.version} is newer than this quantcore ({RECIPE_VERSION})")
         if self.name == "fp32":
             raise ValueError("name: 'fp32' is reserved for the FP32 reference in reports; choose another name")
+        qa = self.quant.activations
+        if qa.per_channel or qa.axis is not None:  # first: the calibrator's own per-channel rule would mislead
+            raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "
+                             "is the batch); remove it")
         for section, spec in (("quant.weights", self.weight_spec), ("quant.activations", self.activation_spec)):
             try:
                 spec()

@@ -452,6 +452,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     artifacts = {v.name: variant_artifact_uris(v.name, out) for v in variants}
     # checkpoints are written before evaluation starts (they survive a failing evaluation)
     _on_main(artifacts, lambda: [write_variant_artifacts(v, out) for v in variants])
+    t_write = time.perf_counter()
     scores, data_info, eval_skipped = ({}, {}, [])
     if evald is not None:
         scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
@@ -459,7 +460,9 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     ds_classes = data_info.pop("class_names", None) or None
     eval_cost = data_info.pop("evaluation_cost", None)
     data_info.update({"calib_uri": calib.uri, "calib_split": calib.split, "world_size": distributed.world_size()})
-    timings = {"calibrate": t_cal - t0, "evaluate": t_eval - t_cal}
+    timings = {"calibrate": t_cal - t0, "write_artifacts": t_write - t_cal}
+    if evald is not None:  # checkpoints and plots are written first: their time is not the evaluation's
+        timings["evaluate"] = t_eval - t_write
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
     warnings = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []

@@ -64,9 +64,11 @@ def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str,
 
 def report_markdown(rep: dict[str, Any]) -> str:
     ref = rep.get("reference")
+    evaluated = bool(rep.get("results"))
     lines = [f"# quantcore report: {rep['model']}", "",
-             f"Created {rep['created']}. Evaluation data: `{rep['data'].get('eval_uri', '?')}` "
-             f"({rep['data'].get('eval_count', '?')} images).", ""]
+             f"Created {rep['created']}. " + (f"Evaluation data: `{rep['data'].get('eval_uri', '?')}` "
+                                              f"({rep['data'].get('eval_count', '?')} images)." if evaluated else
+                                              "Calibration only: nothing was evaluated."), ""]
     for w in rep.get("warnings") or []:
         lines += [f"> **WARNING**: {w}", ""]
     sub = rep["data"].get("eval_subset")
@@ -85,8 +87,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
                 brief = ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float, str)))[:300]
                 lines += [f"{what}: {brief}.", ""]
                 lines += [l for w in info.get("warnings") or [] for l in (f"> **WARNING**: {w}", "")]
-    lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
-              "|---|---|---|---|---|---|"]
+    if evaluated:
+        lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
+                  "|---|---|---|---|---|---|"]
     for name, r in rep["results"].items():
         def f(v, fmt="{:.2f}"):
             return "–" if v is None else (fmt.format(v) if isinstance(v, (int, float)) else str(v))

@@ -517,3 +517,19 @@ def test_qat_init_from_a_reconstructed_checkpoint_is_refused_and_evaluate_says_w
                                "--no-progress"), "--init", "reconstruction", "FP32")
     assert run("evaluate", "-c", ckpt, "-d", image_folder, "--limit", "3", "--no-progress") == 0
     assert "rounded them onto their grid" in capsys.readouterr().out
+
+
+def test_comma_separated_recipes_and_a_calibration_only_report(image_folder, tmp_path, capsys):
+    """README: `ptq --recipe a,b,c` (it was 'recipe a,b,c not found'); calibrate's report.md said
+    'Evaluation data: ? (? images)' under an empty results table, and timed artifact writing as
+    evaluation. A per-channel activation request names that mistake, not the calibrator's rule."""
+    a = _recipe(tmp_path, "ca", name="ca")
+    b = _recipe(tmp_path, "cb", name="cb", quant={"activations": {"bits": 6}})
+    assert run("calibrate", "-r", f"{a},{b}", "-d", image_folder, "-o", tmp_path / "c", "--no-progress") == 0
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert set(rep["variants"]) == {"ca", "cb"} and "evaluate" not in rep["timings_s"]
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "Calibration only: nothing was evaluated" in md and "(? images)" not in md and "| model |" not in md
+    pc = _recipe(tmp_path, "pc", quant={"activations": {"per_channel": True}})
+    expect_user_error(capsys, ("calibrate", "-r", pc, "-d", image_folder, "-o", tmp_path / "d"),
+                      "quant.activations", "weights only")
