@@ -384,7 +384,7 @@ def test_model_mistakes_name_the_recipe_field(tmp_path):
     torch.save(quantcore.build_model({"model": {**TINY, "kwargs": {"depth": 2, "embed_dim": 32}}}).state_dict(), other)
     with pytest.raises(UserError, match=r"model\.checkpoint .*other\.pt.*size mismatch"):
         quantcore.build_model(tiny_recipe(model={**TINY, "checkpoint": str(other)}))
-    with pytest.raises(RecipeError, match=r"quant\.activations: per-channel"):
+    with pytest.raises(RecipeError, match=r"quant\.activations: per_channel/axis is for weights only"):
         tiny_recipe(quant={"activations": {"per_channel": True}})
     with pytest.raises(RecipeError, match=r"name: 'fp32' is reserved"):
         tiny_recipe(name="fp32")
