@@ -36,8 +36,8 @@ def detect_layout(uri: str, split: str) -> str:
     uri = str(uri)
     lay = _detect_layout(uri, split)
     lp = _fs.local_path(uri)
-    if lay != "folder" and lp is not None and os.path.isdir(os.path.join(lp, split)) and \
-            any(True for _ in os.scandir(os.path.join(lp, split))):
+    folder = os.path.join(lp, split) if lp is not None else None
+    if lay != "folder" and folder is not None and os.path.isdir(folder) and any(True for _ in os.scandir(folder)):
         # shards packed into the folder dataset's own root: either could be meant, and they may differ
         raise DataError(f"{uri} holds both {lay} files for split {split!r} and a {split}/ folder: which one to read "
                         f"is ambiguous (shards packed into their source folder go stale when images are added); "
@@ -93,10 +93,10 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     lay = normalize_layout(layout)
     if lay == "auto":
         lay = detect_layout(uri, split)
+    if cache_dir and lay != "zip":
+        _warn_once(("cache", uri), f"--cache-dir {cache_dir}: only zip shards are cached; {uri} ({lay} layout) is "
+                   "read without it (`quantcore pack` makes shards)")
     if lay in ("zip", "resisc"):
-        if cache_dir and lay == "resisc":
-            _warn_once(("cache", uri), f"--cache-dir {cache_dir}: only zip shards are cached; {uri} ({lay} layout) "
-                       "is read without it (`quantcore pack` makes shards)")
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
         if names and list(ds.classes) != list(names) and set(ds.classes) & set(names):
@@ -106,9 +106,6 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                         uri, f, i, j)
         _warn_unused(ds)
         return ds
-    if cache_dir:
-        _warn_once(("cache", uri), f"--cache-dir {cache_dir}: only zip shards are cached; {uri} ({lay} layout) is "
-                   "read without it (`quantcore pack` makes shards)")
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
         log.warning("class folders under %s carry the model's label names: labels follow the model's order "

@@ -88,8 +88,8 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
     final: dict[str, QuantSpec] = {}
     remove: dict[str, str] = {}  # quantizer -> the rule whose float decision removes it
     spec_hits: dict[str, list[str]] = {}
-    grid_read: dict[str, bool] = {}  # rule source -> a quantizer it patched reads its grid fields
-    grid_rules: dict[str, tuple[list[str], list[str]]] = {}  # source -> (grid fields, float-cast quantizers)
+    # rule setting grid fields -> what each quantizer it patched became: None for a grid, or the float cast
+    grid_hits: dict[str, tuple[Rule, list[str | None]]] = {}
     for qname, spec in specs.items():
         floated, floated_by = False, ""
         percentile_by = None  # the override that set a percentile: it must end up read
@@ -109,10 +109,8 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                         raise PlacementError(f"{r.source} gives an invalid spec for quantizer {qname!r} (before the "
                                              f"override: {spec.short()}): {one_line(e)}") from None
                     if r.patch.grid_fields():
-                        grid_read[r.source] = grid_read.get(r.source, False) or not spec.is_float
-                        grid_rules.setdefault(r.source, (r.patch.grid_fields(), []))
-                        if spec.is_float:
-                            grid_rules[r.source][1].append(f"{qname} ({spec.format})")
+                        grid_hits.setdefault(r.source, (r, []))[1].append(f"{qname} ({spec.format})" if spec.is_float
+                                                                          else None)
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
@@ -122,10 +120,10 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
         if floated:
             remove[qname] = floated_by
         final[qname] = spec
-    for source, read in grid_read.items():
-        if not read:  # every quantizer it patched is a float cast: its grid fields would be dropped
-            fields, casts = grid_rules[source]
-            raise PlacementError(f"{source} sets {', '.join(fields)}, but every quantizer it matches is a float "
+    for r, casts in grid_hits.values():
+        if None not in casts:  # every quantizer it patched is a float cast: its grid fields would be dropped
+            fields = r.patch.grid_fields()
+            raise PlacementError(f"{r.source} sets {', '.join(fields)}, but every quantizer it matches is a float "
                                  f"cast, which has no integer grid, range or calibration: {', '.join(casts[:4])}"
                                  f"{' ...' if len(casts) > 4 else ''}; set format: int there too, or drop "
                                  f"{', '.join(fields)}")
