@@ -102,7 +102,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def start_calibration(model: nn.Module) -> None:
     """Put every activation quantizer in collection mode with fresh statistics."""
-    for q in quantizers(model).values():
+    for name, q in quantizers(model).items():
+        q.qname = name
         q.start_calibration()
 
 
@@ -180,6 +181,7 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
             with _naming(name, wq):
                 wq.calibrate_tensor(src)
         elif wq.spec.enabled and not wq.spec.is_float:
+            wq.reset_range()  # not reached by this calibration: passes through, as an activation's
             res.uncalibrated.append(name)
     for name, q in qs.items():
         if q.kind != "activation":

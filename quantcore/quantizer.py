@@ -12,6 +12,7 @@ from torch import nn
 from .calib.histogram import DEFAULT_BINS, HistogramState, memory_order
 from .calib.maxcal import MaxState
 from .calib.registry import calibrator
+from .errors import CalibrationError
 from .formats import QuantSpec
 from .quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE
 from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F401 - public here since 0.1
@@ -80,6 +81,9 @@ class TensorQuantizer(nn.Module):
         self.scale: nn.Parameter | None = None
         self.zero_point: nn.Parameter | None = None
         self.floored_from: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_range
+        # the model's name for this quantizer (api.start_calibration sets it): errors raised while it
+        # collects inside a forward pass name it
+        self.qname: str | None = None
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -104,6 +108,13 @@ class TensorQuantizer(nn.Module):
         dev = self.amax.device
         lo_t = torch.as_tensor(lo, dtype=torch.float32).detach().clone().to(dev)
         hi_t = torch.as_tensor(hi, dtype=torch.float32).detach().clone().to(dev)
+        # the grids work in float32: a range (or its width, asymmetric) beyond float32's would give an
+        # infinite scale and NaN outputs
+        width = (hi_t.double() - lo_t.double()).abs().max() if lo_t.numel() else 0.0
+        if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()) or width > torch.finfo(torch.float32).max:
+            raise ValueError(f"range [{float(torch.as_tensor(lo).min()):.4g}, {float(torch.as_tensor(hi).max()):.4g}] "
+                             f"does not fit the float32 grid (|values| and the range's width must stay below "
+                             f"{torch.finfo(torch.float32).max:.3g})")
         if self.spec.symmetric:
             a = torch.maximum(lo_t.abs(), hi_t.abs())
             lo_t, hi_t = -a, a
@@ -142,7 +153,13 @@ class TensorQuantizer(nn.Module):
         if self.spec.is_float:
             return True
         c = self.collector
-        if c is None or c.total == 0:
+        if c is None:
+            return False
+        if c.total == 0:
+            # a collection ran and never reached this quantizer: it passes data through (a range
+            # from an earlier calibration would describe other data and still act)
+            self.reset_range()
+            self.floored_from = None
             return False
         if isinstance(c, HistogramState):
             from .calib.search import find_range  # local: search depends on formats only
@@ -158,6 +175,8 @@ class TensorQuantizer(nn.Module):
         """One-shot calibration from a tensor (weights): max, or MSE searched on the tensor itself."""
         if self.spec.is_float:
             return
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("non-finite values (inf/nan) in the weight")
         rng = self.spec.kind.tensor_range(x.detach(), self.spec)
         if rng is not None:
             self.set_range(*rng)
@@ -216,7 +235,13 @@ class TensorQuantizer(nn.Module):
                 # A strided view (q/k/v sliced from a fused qkv output): the collector would copy it
                 # to read it fast, and the matmul that follows would copy it again; one copy serves both.
                 x = x.contiguous()
-            self.collect(x)
+            try:
+                self.collect(x)
+            except ValueError as e:
+                if self.qname is None or isinstance(e, CalibrationError):
+                    raise
+                raise CalibrationError(f"quantizer {self.qname!r} (format {self.spec.format!r}, calibrator "
+                                       f"{self.spec.calibrator!r}): {e}") from None
             return x
         if not self.active:
             return x
@@ -225,7 +250,14 @@ class TensorQuantizer(nn.Module):
             return kind.fake_quant(self, x)
         orig = x.dtype
         y = kind.fake_quant(self, x.float() if orig != torch.float32 else x)  # grids work in float32
-        return y.to(orig) if orig != torch.float32 else y
+        if orig == torch.float32:
+            return y
+        if orig.is_floating_point and torch.finfo(orig).max < torch.finfo(torch.float32).max:
+            # an asymmetric grid's end can lie just past the dtype's largest value (fp16: 65504):
+            # the nearest value the dtype holds, not inf
+            fi = torch.finfo(orig)
+            y = y.clamp(fi.min, fi.max)
+        return y.to(orig)
 
     # -- persistence -------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -591,3 +591,151 @@ def test_a_range_that_cuts_off_most_of_the_data_is_named(symmetric, caplog):
                 assert bad and clipped > 0.5, (clipped, ratio)  # the degenerate case does occur
             if bad:
                 assert method in said[0] and "%" in said[0] and any("fc.input_quantizer" in r.message for r in caplog.records)
+
+
+# -- awkward data: what a range cannot come from is refused by name, never a silent range ------------
+
+def _two_branch_model():
+    from torch import nn
+
+    import quantcore
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.both = nn.Linear(8, 8), nn.Linear(8, 8), True
+
+        def forward(self, x):
+            return self.a(x) + self.b(x * 100) if self.both else self.a(x)
+
+    torch.manual_seed(0)
+    recipe = quantcore.load_recipe({"name": "t", "placement": {"family": "generic"},
+                                    "calibration": {"method": "max"}})
+    return quantcore.prepare(Net(), recipe, example_input=torch.randn(2, 8))
+
+
+def test_recalibration_that_never_reaches_a_quantizer_leaves_it_pass_through():
+    """A second calibration whose data never reaches ``b`` must not keep ``b``'s range from the first
+    (other data): listed uncalibrated, inactive, and its encodings row says so."""
+    import quantcore
+    from quantcore.encoding_table import quantizer_rows
+
+    model = _two_branch_model()
+    quantcore.calibrate(model, [torch.randn(4, 8)])
+    qb = quantcore.quantizers(model)["b.input_quantizer"]
+    assert qb.active
+    model.both = False
+    res = quantcore.calibrate(model, [torch.randn(4, 8)])
+    assert "b.input_quantizer" in res.uncalibrated
+    assert not qb.active and not qb.is_calibrated
+    x = torch.randn(4, 8) * 100
+    assert torch.equal(qb(x), x)
+    row = next(r for r in quantizer_rows(model) if r["name"] == "b.input_quantizer")
+    assert row["calibrated"] is False and row.get("max") is None and row.get("scale") is None
+    assert quantcore.quantizers(model)["a.input_quantizer"].active
+
+
+@pytest.mark.parametrize("weights_method", ["max", "mse"])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_weights_are_refused_naming_the_quantizer(weights_method, per_channel, bad):
+    from torch import nn
+
+    import quantcore
+    from quantcore.errors import CalibrationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight[1, 3] = bad
+    recipe = quantcore.load_recipe({"name": "t", "placement": {"family": "generic"},
+                                    "quant": {"weights": {"per_channel": per_channel}},
+                                    "calibration": {"method": "max", "weights_method": weights_method}})
+    model = quantcore.prepare(model, recipe, example_input=torch.randn(2, 8))
+    with pytest.raises(CalibrationError, match=r"'2\.weight_quantizer'.*non-finite"):
+        quantcore.calibrate(model, [torch.randn(4, 8)])
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy", "tf_enhanced"])
+def test_non_finite_activations_are_refused_naming_the_quantizer(method):
+    """The error is raised inside the forward pass, where the quantizer does not know its name: the
+    calibration tells it first, so the user learns which tensor carried the NaN."""
+    from torch import nn
+
+    import quantcore
+    from quantcore.errors import CalibrationError
+
+    torch.manual_seed(0)
+    model = quantcore.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                              quantcore.load_recipe({"name": "t", "placement": {"family": "generic"},
+                                                     "calibration": {"method": method}}),
+                              example_input=torch.randn(2, 8))
+    x = torch.randn(4, 8)
+    x[2, 5] = math.nan
+    with pytest.raises(CalibrationError, match=r"'0\.input_quantizer'.*non-finite"):
+        quantcore.calibrate(model, [x])
+    assert not any(q.calibrating for q in quantcore.quantizers(model).values())
+
+
+def test_histogram_range_growing_past_int64_shifts_merges_exactly():
+    """Values ~1e-19 then ~1: the range doubles ~63 times at once. The state must equal the one built
+    in the other order (no re-binning) and the exact merge of the two halves, whatever the order."""
+    g = torch.Generator().manual_seed(0)
+    tiny = torch.randn(1000, generator=g) * 1e-19
+    big = torch.randn(1000, generator=g)
+    grow, direct = HistogramState(), HistogramState()
+    grow.update(tiny)
+    grow.update(big)
+    direct.update(big)
+    direct.update(tiny)
+    assert grow.exp == direct.exp and torch.equal(grow.counts, direct.counts)
+    for first, second in ((tiny, big), (big, tiny)):
+        a, b = HistogramState(), HistogramState()
+        a.update(first)
+        b.update(second)
+        merged = a.merge(b)
+        assert merged.exp == direct.exp and torch.equal(merged.counts, direct.counts)
+    # every tiny value sits in one of the two bins around zero
+    n = direct.bins
+    assert int(direct.counts[n - 1] + direct.counts[n]) >= int((tiny < 0).sum() + (tiny >= 0).sum())
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_max_calibrator_skips_an_empty_batch(axis):
+    s = MaxState(axis)
+    s.update(torch.empty(0, 4))
+    s.update(torch.tensor([[1.0, -2.0, 3.0, 0.5]]))
+    s.update(torch.empty(0, 4))
+    assert s.total == 4
+    if axis is None:
+        assert (float(s.min), float(s.max)) == (-2.0, 3.0)
+    else:
+        assert s.max.tolist() == [1.0, -2.0, 3.0, 0.5]
+
+
+def test_fp16_asymmetric_grid_top_past_the_dtype_is_its_largest_value_not_inf():
+    """An asymmetric grid's top ((qmax - zp) * scale) can lie past fp16's 65504; the quantized model
+    then returned inf. Expected: the nearest value fp16 holds."""
+    x = torch.tensor([-1100.0, 0.0, 30000.0, 65504.0], dtype=torch.float16)
+    q = TensorQuantizer(QuantSpec(bits=8, symmetric=False, calibrator="max"))
+    q.start_calibration()
+    q(x)
+    q.finalize()
+    scale, zp = q.scale_zero_point()
+    assert float((255 - zp) * scale) > 65504  # the case this test is about
+    y = q(x)
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+    assert float(y[-1]) == 65504.0
+
+
+@pytest.mark.parametrize("data,dtype,method", [((-3e38, 0.0, 3e38), torch.float32, "max"),
+                                               ((-1e300, 0.5, 1e300), torch.float64, "percentile"),
+                                               ((-1e300, 0.5, 1e300), torch.float64, "max")])
+def test_a_range_beyond_float32_is_refused_not_turned_into_nan(data, dtype, method):
+    """The grids work in float32: a width of 6e38 gave an infinite scale (every output NaN), float64
+    data of 1e300 an infinite range, silently."""
+    q = TensorQuantizer(QuantSpec(bits=8, symmetric=dtype == torch.float64, calibrator=method))
+    q.start_calibration()
+    with pytest.raises(ValueError, match="float32"):
+        q(torch.tensor(data, dtype=dtype))
+        q.finalize()

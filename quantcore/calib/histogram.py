@@ -101,7 +101,10 @@ def _coarsened(counts: torch.Tensor, exp: int, new_exp: int) -> torch.Tensor:
     ``[-2**new_exp, 2**new_exp)``: bin ``i`` (signed) goes to ``floor(i / 2**(new_exp - exp))``."""
     n = counts.numel() // 2
     signed = torch.arange(-n, n, dtype=torch.int64)
-    target = torch.div(signed, 2 ** (new_exp - exp), rounding_mode="floor") + n
+    # once 2**shift >= n every bin maps to -1 or 0, so a larger shift (the range grew by more than
+    # int64 can hold, e.g. 1e-19 then 1.0) gives the same target: capped, exactly
+    shift = min(new_exp - exp, max(1, n.bit_length()))
+    target = torch.div(signed, 2 ** shift, rounding_mode="floor") + n
     return torch.zeros_like(counts).index_add_(0, target, counts)
 
 

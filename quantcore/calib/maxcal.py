@@ -16,22 +16,28 @@ class MaxState:
         self.total = 0
 
     def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return  # an empty batch adds nothing (as in HistogramState)
         x = x.detach()
         if self.axis is None:
             if not x.is_contiguous() and x.device.type == "cpu":
                 x = x.contiguous()  # a strided view (q/k/v of a fused qkv): copy + read < strided read
             lo, hi = torch.aminmax(x)
-            lo_f, hi_f = torch.stack((lo, hi)).float().tolist()  # one device sync
+            lo_f, hi_f = torch.stack((lo, hi)).double().tolist()  # one device sync
             if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
                 raise ValueError("non-finite values (inf/nan) reached a calibrator")
             lo, hi = torch.tensor(lo_f, dtype=torch.float32), torch.tensor(hi_f, dtype=torch.float32)
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                raise ValueError(f"values up to {max(abs(lo_f), abs(hi_f)):.4g} do not fit the float32 grid")
         else:
             ax = self.axis % x.dim()
             flat = x.transpose(0, ax).reshape(x.shape[ax], -1)
             lo, hi = torch.aminmax(flat, dim=1)
-            lo, hi = lo.float().cpu(), hi.float().cpu()
             if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
                 raise ValueError("non-finite values (inf/nan) reached a calibrator")
+            lo, hi = lo.float().cpu(), hi.float().cpu()
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise ValueError("values beyond float32's range do not fit the float32 grid")
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         self.total += x.numel()
