@@ -93,3 +93,17 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
         raise CheckpointError(f"checkpoint {source} does not match the model built from its recipe: "
                               f"missing keys [{few(list(missing))}], unexpected keys [{few(list(unexpected))}]")
+    refresh_eval_caches(model)
+
+
+def refresh_eval_caches(model: nn.Module) -> None:
+    """Drop what modules cached from their old weights, keeping every module's train/eval flag.
+
+    Some modules cache tensors derived from parameters in eval mode and drop them when put in train
+    mode (HF ``LevitAttention``'s relative-position biases): placement's probe forward fills that
+    cache from the weights the model was built with, so weights loaded afterwards were not used.
+    ``train()`` is the modules' own way to invalidate; the flags are then restored as they were."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(True)
+    for m, t in modes:
+        m.training = t

@@ -41,6 +41,11 @@ try:
 except ImportError:  # pragma: no cover
     BatchNormAct2d = None  # type: ignore[assignment]
 
+try:  # what timm.layers.freeze_batch_norm_2d makes of a BatchNormAct2d (frozen backbones)
+    from timm.layers.norm_act import FrozenBatchNormAct2d
+except ImportError:  # pragma: no cover
+    FrozenBatchNormAct2d = None  # type: ignore[assignment]
+
 __all__ = ["fold_batchnorm", "find_conv_bn_pairs", "FoldError", "FoldResult", "is_batchnorm"]
 
 
@@ -78,14 +83,17 @@ def _is_conv(mod: nn.Module) -> bool:
 
 
 def is_batchnorm(mod: nn.Module) -> bool:
-    return isinstance(mod, _BatchNorm) or _has_base(mod, FrozenBatchNorm2d) or _has_base(mod, BatchNormAct2d)
+    return (isinstance(mod, _BatchNorm) or _has_base(mod, FrozenBatchNorm2d) or _has_base(mod, BatchNormAct2d)
+            or _has_base(mod, FrozenBatchNormAct2d))
 
 
 def _is_bn(mod: nn.Module) -> bool:
-    """A BatchNorm whose forward we know: plain ``_BatchNorm`` subclasses, timm BatchNormAct2d,
-    torchvision FrozenBatchNorm2d."""
+    """A BatchNorm whose forward we know: plain ``_BatchNorm`` subclasses, timm BatchNormAct2d and
+    FrozenBatchNormAct2d, torchvision FrozenBatchNorm2d."""
     if _has_base(mod, BatchNormAct2d):
         return type(mod).forward is BatchNormAct2d.forward
+    if _has_base(mod, FrozenBatchNormAct2d):
+        return type(mod).forward is FrozenBatchNormAct2d.forward
     if _has_base(mod, FrozenBatchNorm2d):
         return type(mod).forward is FrozenBatchNorm2d.forward
     if isinstance(mod, _BatchNorm):
@@ -198,7 +206,7 @@ def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) ->
 
 # -- folding -----------------------------------------------------------------------------------
 def _bn_replacement(bn: nn.Module) -> nn.Module:
-    if _has_base(bn, BatchNormAct2d):
+    if _has_base(bn, BatchNormAct2d) or _has_base(bn, FrozenBatchNormAct2d):  # both: act(drop(bn(x)))
         parts = OrderedDict()
         for key in ("drop", "act"):
             sub = getattr(bn, key, None)
@@ -237,9 +245,11 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
 
     The model must be in eval mode. The outputs before and after are always compared on
     ``example_input`` (``rtol``, and ``atol`` times the output's abs-max; both at least 8 machine
-    epsilons of the output dtype, for fp16/bf16 models); on a mismatch the model is restored and
-    :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is raised, as when the model's
-    own output is not finite (nothing to check against).
+    epsilons of the output dtype, for fp16/bf16 models). On a mismatch (or a model that fails once
+    folded) each pair is tried alone: the ones that change the outputs stay unfolded, listed in
+    ``unfolded`` with the reason, and the rest are folded and checked together; if that still fails
+    the model is restored and :class:`FoldError` (a :class:`~quantcore.errors.PlacementError`) is
+    raised, as when the model's own output is not finite (nothing to check against).
     """
     from .placement.probe import model_outputs, run_probe
 
@@ -263,34 +273,61 @@ def fold_batchnorm(model: nn.Module, example_input: Any, rtol: float = 1e-4, ato
                         "BatchNorm folding cannot be checked; look at the model's weights (e.g. their "
                         "initialization), or leave BatchNorm unfolded with placement.fold_bn: false")
 
-    backup = []
-    for conv_name, bn_name in res.pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        backup.append((conv, conv.weight.detach().clone(),
-                       None if conv.bias is None else conv.bias.detach().clone(), bn_name, bn))
-        _fold_into(conv, bn)
-        _set(model, bn_name, _bn_replacement(bn))
+    def fold(pairs: list[tuple[str, str]]) -> list:
+        backup = []
+        for conv_name, bn_name in pairs:
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            backup.append((conv, conv.weight.detach().clone(),
+                           None if conv.bias is None else conv.bias.detach().clone(), bn_name, bn))
+            _fold_into(conv, bn)
+            _set(model, bn_name, _bn_replacement(bn))
+        return backup
 
-    with torch.no_grad():
-        after = model_outputs(model(*inputs))
-    bad = len(after) != len(reference)
-    worst = 0.0
-    for a, r in zip(after, reference):
-        if a.shape != r.shape:
-            bad = True
-            break
-        scale = float(r.abs().max()) if r.numel() else 1.0
-        # a half-precision model rounds the folded weights and every activation to its own precision
-        eps = 8 * torch.finfo(r.dtype).eps if r.is_floating_point() else 0.0
-        rt, at = max(rtol, eps), max(atol, eps)
-        if not torch.allclose(a, r, rtol=rt, atol=at * max(scale, 1e-12)):
-            bad = True
-            worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
-    res._backup, res._model = backup, model
-    if bad:
+    def check() -> str:
+        """'' when the outputs still match the reference, else what went wrong."""
+        try:
+            with torch.no_grad():
+                after = model_outputs(model(*inputs))
+        except Exception as err:  # noqa: BLE001 - e.g. the model reads a folded BatchNorm's parameters
+            return f"the model fails once it is folded ({type(err).__name__}: {str(err).strip()[:160]})"
+        if len(after) != len(reference):
+            return "folding changed the model's outputs (their number)"
+        worst = 0.0
+        for a, r in zip(after, reference):
+            if a.shape != r.shape:
+                return "folding changed the model's outputs (their shapes)"
+            scale = float(r.abs().max()) if r.numel() else 1.0
+            # a half-precision model rounds the folded weights and every activation to its own precision
+            eps = 8 * torch.finfo(r.dtype).eps if r.is_floating_point() else 0.0
+            rt, at = max(rtol, eps), max(atol, eps)
+            if not torch.allclose(a, r, rtol=rt, atol=at * max(scale, 1e-12)):
+                worst = max(worst, float((a - r).abs().max()) / max(scale, 1e-12))
+        return f"folding changed the model's outputs by {worst:.3g} of the output scale" if worst else ""
+
+    res._model = model
+    res._backup = fold(res.pairs)
+    problem = check()
+    if not problem:
+        return res
+    res.undo()
+    # Some pair is read where the data flow did not show it (its conv's weight used by another op, its
+    # output read through a tensor property, the BatchNorm's parameters read outside its forward):
+    # each pair alone tells which, and the others are still folded.
+    good: list[tuple[str, str]] = []
+    for pair in res.pairs:
+        res._backup = fold([pair])
+        why = check()
         res.undo()
-        raise FoldError(f"BatchNorm folding changed the model's outputs (max error {worst:.3g} of the "
-                        f"output scale; rtol={rtol}, atol={atol}); the model was restored. Pairs tried: "
-                        f"{res.pairs[:8]}{' ...' if len(res.pairs) > 8 else ''}; leave them unfolded with "
+        if why:
+            res.unfolded[pair[1]] = f"{why} when folded into {pair[0]!r} (something reads it outside the data flow)"
+        else:
+            good.append(pair)
+    res.pairs = good
+    res._backup = fold(good)
+    again = check()
+    if again:
+        res.undo()
+        raise FoldError(f"BatchNorm folding: {again} (rtol={rtol}, atol={atol}); the model was restored. Pairs "
+                        f"tried: {good[:8]}{' ...' if len(good) > 8 else ''}; leave them unfolded with "
                         "placement.fold_bn: false")
     return res

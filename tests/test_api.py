@@ -502,3 +502,44 @@ def test_encodings_of_a_float_cast_state_no_grid():
                                                                  "calibrator"))
     a = rows["blocks.0.mlp.fc1.input_quantizer"]
     assert a["bits"] == 8 and a["symmetric"] is True and a["axis"] is None
+
+
+class _EvalCachedBias(torch.nn.Module):
+    """Caches a tensor derived from a parameter in eval mode and drops it in train mode, as HF
+    ``LevitAttention`` does with its relative-position biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.bias_table = torch.nn.Parameter(torch.randn(4))
+        self.cache: dict = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            b = self.bias_table * 2
+        else:
+            b = self.cache.setdefault("b", self.bias_table * 2)
+        return self.fc(x) + b
+
+
+def test_load_does_not_keep_what_modules_cached_from_the_weights_they_were_built_with(tmp_path):
+    """load() prepares a freshly built model (its probe forward fills eval-mode caches from those
+    weights) and only then loads the checkpoint's weights: the cache must not outlive them."""
+    recipe = quantcore.load_recipe({"name": "own", "placement": {"family": "generic"}})
+    torch.manual_seed(0)
+    model = quantcore.prepare(_EvalCachedBias().eval(), recipe, example_input=torch.randn(2, 8))
+    quantcore.calibrate(model, [torch.randn(4, 8)])
+    path = str(tmp_path / "cached.qc.pt")
+    quantcore.save(model, path)
+    torch.manual_seed(1)  # other initial weights
+    loaded = quantcore.load(path, model=_EvalCachedBias().eval())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert not loaded.training and not loaded.fc.training

@@ -276,3 +276,64 @@ def test_a_model_whose_output_is_not_finite_is_refused_with_the_reason():
     with pytest.raises(FoldError, match="NaN or inf before any folding.*fold_bn: false"):
         fold_batchnorm(model, example_input=torch.randn(2, 3, 8, 8))
     assert isinstance(model.bn, nn.BatchNorm2d)  # nothing changed
+
+
+class _ReadsOutsideTheDataFlow(nn.Module):
+    """Three conv+BN pairs: ``a`` is plain; ``b``'s BatchNorm parameters are read outside its forward
+    (NAM-style channel attention); ``c``'s conv weight is reused by another op (TridentNet-style
+    dilated branch). The probe cannot see the last two reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.ca, self.ba = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.cb, self.bb = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.cc, self.bc = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.ba(self.ca(x)))
+        z = self.bb(self.cb(y))
+        w = self.bb.weight.abs() / self.bb.weight.abs().sum()
+        z = torch.sigmoid(z * w.view(1, -1, 1, 1)) * z
+        t = self.bc(self.cc(z)) + nn.functional.conv2d(z, self.cc.weight, padding=2, dilation=2)
+        return t.mean((2, 3))
+
+
+def test_pairs_read_outside_the_data_flow_stay_unfolded_with_the_reason_and_the_rest_fold():
+    """Before: the check forward failed (a BatchNorm read after it became Identity) and the model was
+    left half-folded with advice about the example input, or one reused conv weight refused folding
+    for the whole model. Now each pair is tried alone: the others fold, these two are listed."""
+    torch.manual_seed(0)
+    model = randomize_bn(_ReadsOutsideTheDataFlow()).eval()
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12)
+    res = fold_batchnorm(model, x)
+    assert res.pairs == [("ca", "ba")]
+    assert "fails once it is folded" in res.unfolded["bb"], res.unfolded
+    assert "changed the model's outputs" in res.unfolded["bc"], res.unfolded
+    assert isinstance(model.bb, nn.BatchNorm2d) and isinstance(model.bc, nn.BatchNorm2d)
+    assert torch.equal(model.cb.weight, ref_model.cb.weight) and torch.equal(model.cc.weight, ref_model.cc.weight)
+    with torch.no_grad():
+        assert_close(model(x), ref_model(x))
+    res.undo()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref_model(x))
+
+
+def test_timm_frozen_batchnorm_act_is_folded():
+    """timm.layers.freeze_batch_norm_2d turns BatchNormAct2d into FrozenBatchNormAct2d (frozen
+    backbones): those were neither folded nor listed, and the model's family fell to 'generic'."""
+    from timm.layers import freeze_batch_norm_2d
+    from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 4, 1), BatchNormAct2d(4, apply_act=False))
+    randomize_bn(model)
+    model = freeze_batch_norm_2d(model).eval()
+    assert isinstance(model[1], FrozenBatchNormAct2d)
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 10, 10)
+    res = fold_batchnorm(model, x)
+    assert res.pairs == [("0", "1"), ("2", "3")] and not res.unfolded
+    assert not any(isinstance(m, FrozenBatchNormAct2d) for m in model.modules())
+    with torch.no_grad():
+        assert_close(model(x), ref_model(x))

@@ -585,3 +585,122 @@ def test_attention_dropout_in_training_keeps_its_expectation(fused):
         mean = torch.stack([attn(h) for _ in range(400)]).mean(0)
     ratio = float(mean.norm() / ev.norm())
     assert 0.9 < ratio < 1.1, ratio
+
+
+class RoutedConv(nn.Module):
+    """CondConv-style: each image's kernel is a mixture of experts chosen from that image (timm
+    CondConv2d computes it the same way and runs one grouped conv over the batch)."""
+
+    def __init__(self, cin=3, cout=8, experts=4):
+        super().__init__()
+        self.route = nn.Linear(cin, experts)
+        self.experts = nn.Parameter(torch.randn(experts, cout * cin * 9) * 0.2)
+        self.cin, self.cout = cin, cout
+
+    def forward(self, x):
+        b = x.shape[0]
+        r = torch.sigmoid(self.route(x.mean((2, 3))))
+        w = (r @ self.experts).view(b * self.cout, self.cin, 3, 3)  # (batch x out) kernels
+        y = F.conv2d(x.reshape(1, b * self.cin, *x.shape[2:]), w, padding=1, groups=b)
+        return y.view(b, self.cout, *x.shape[2:]).mean((2, 3))
+
+
+def test_a_weight_computed_from_the_input_stays_float_and_says_so():
+    """A routed kernel's range would be one per position of the calibration batch, sized by it and
+    taken from its last batch: a batch of another size crashed and an image's output depended on its
+    position in the batch. Kept float with the reason; a weight computed from parameters only
+    (weight standardization) is still quantized."""
+    torch.manual_seed(0)
+    model = nn.Sequential(RoutedConv(), nn.Unflatten(1, (8, 1, 1)), StdConv(8, 4, 1)).eval()
+    ref = copy.deepcopy(model)
+    q = quantcore.prepare(model, R, example_input=torch.randn(2, 3, 8, 8))
+    reasons = q.quantcore_placement.float_reasons
+    assert "computed from the input" in reasons.get("0", ""), reasons
+    assert "2.weight_quantizer" in quantizers(q) and "2" not in reasons
+    assert "0.weight_quantizer" not in quantizers(q) and "0.input_quantizer" not in quantizers(q)
+    g = torch.Generator().manual_seed(1)
+    quantcore.calibrate(q, [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)])
+    x = torch.randn(3, 3, 8, 8, generator=g)  # another batch size than calibration's
+    with torch.no_grad():
+        out = q(x)
+        perm = torch.tensor([2, 0, 1])
+        assert torch.equal(q(x[perm]), out[perm])  # an image's output does not depend on its position
+        with quantcore.quantization_disabled(q):
+            assert torch.allclose(q(x), ref(x), atol=1e-6)
+    assert quantizers(q)["2.weight_quantizer"].active
+
+
+class _PaddedMHA(nn.Module):
+    def __init__(self, need_weights):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        t = self.embed(x)
+        pad = torch.zeros(t.shape[:2], dtype=torch.bool)
+        pad[:, -3:] = True  # the last 3 tokens are padding
+        y, _ = self.attn(t, t, t, key_padding_mask=pad, need_weights=self.need_weights)
+        return self.head(y.mean(1))
+
+
+def test_attention_mask_added_inside_baddbmm_is_not_quantized_with_the_logits():
+    """nn.MultiheadAttention with need_weights=True (its default) and a mask computes
+    baddbmm(mask, q, k^T): the -inf of masked keys sat inside the GEMM output the softmax-input
+    quantizer calibrates on (a crash). The logits are quantized and the mask added after, as on the
+    fused path (need_weights=False): both calibrate the same range."""
+    recipe = {**R, "placement": {"family": "vit", "mode": "ft2"}}
+    torch.manual_seed(0)
+    base = _PaddedMHA(True).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 10, 12, generator=g) for _ in range(2)]
+    amax = {}
+    for need in (True, False):
+        m = copy.deepcopy(base)
+        m.need_weights = need
+        q = quantcore.prepare(m, recipe, example_input=data[0])
+        quantcore.calibrate(q, data)
+        sq = quantizers(q)["attn.softmax_input_quantizer"]
+        assert sq.active and bool(torch.isfinite(sq.amax).all())
+        amax[need] = sq.amax
+        x = torch.randn(3, 10, 12, generator=g)
+        with torch.no_grad():
+            ref, out = base(x), q(x)
+            with quantcore.quantization_disabled(q):
+                assert torch.allclose(q(x), ref, atol=1e-6)
+            assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert torch.equal(amax[True], amax[False])
+
+
+class _FlexAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return self.proj(flex_attention(q, k, v).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_attention_computed_by_flex_attention_is_listed_float_not_skipped_silently():
+    """flex_attention (HF attn_implementation='flex_attention') runs q@k^T and attn@v inside a kernel
+    quantcore does not intercept: they stay float, and the report says so; a ViT placement names it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_FlexAttention(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention outside torch.compile warns it is slow
+        q = quantcore.prepare(copy.deepcopy(model), R, example_input=x)
+        assert "flex_attention" in q.quantcore_placement.float_reasons.get("0", ""), \
+            q.quantcore_placement.float_reasons
+        assert "0.qkv.input_quantizer" in quantizers(q)  # its projections are still quantized
+        with pytest.raises(PlacementError, match="flex_attention"):
+            quantcore.prepare(copy.deepcopy(model), {**R, "placement": {"family": "vit", "mode": "ft2"}},
+                              example_input=x)

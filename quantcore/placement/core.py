@@ -27,7 +27,7 @@ from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
-from .probe import PASS_THROUGH, Trace, run_probe
+from .probe import PASS_THROUGH, Trace, input_dependent_weights, run_probe
 from .vit import block_weight_spec, mode_settings
 
 ROOT_INPUT_QUANTIZER = "input_quantizer"
@@ -240,7 +240,16 @@ _UNQUANTIZED_GEMMS = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_c
                       "chain_matmul", "multi_dot", "inner", "conv_tbc", "embedding_bag"}
 
 
-def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str]]:
+#: attention kernels quantcore does not intercept: their q@k^T and attn@v run float, said so
+_UNQUANTIZED_ATTENTION = {"flex_attention"}
+_FLEX_HINT = ("flex_attention, a compiled kernel quantcore does not intercept: its q@k^T and "
+              "attn@v run float (build the model with attn_implementation 'sdpa' or 'eager' to quantize them)")
+
+
+def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | set[str] = frozenset()
+             ) -> tuple[list[_Site], dict[str, str]]:
+    """Quantization sites and float reasons from a probe's trace. ``input_dependent``: modules whose
+    computed weight depends on the model input (:func:`~.probe.input_dependent_weights`)."""
     mods = dict(model.named_modules())
     sites: dict[tuple[str, str], _Site] = {}
     float_reasons: dict[str, str] = {}
@@ -253,6 +262,9 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
             derived_per_call[op.stack[-1]] = derived_per_call.get(op.stack[-1], 0) + 1
     params = dict(model.named_parameters(remove_duplicate=False))
     for op in trace.ops:
+        if op.kind == "other" and op.func in _UNQUANTIZED_ATTENTION:
+            float_reasons.setdefault((op.stack[-1][0] if op.stack else "") or "<model>", f"attention computed by {_FLEX_HINT}")
+            continue
         if op.kind == "other" and op.func in _UNQUANTIZED_GEMMS:  # recurrent layers, HF Conv1D's addmm ...
             names = sorted({n for i in op.inputs for n in trace.param_names.get(i, ()) if n in params
                             and params[n].dim() >= 2})
@@ -299,6 +311,12 @@ def _analyze(model: nn.Module, trace: Trace) -> tuple[list[_Site], dict[str, str
                 continue
             if not caller:
                 float_reasons["<model>"] = "the model's own forward computes a weight (wrap the model)"
+                continue
+            if caller in input_dependent:
+                # one range per position in the calibration batch, sized by it, from its last batch only
+                float_reasons[caller] = (f"its {op.op} weight is computed from the input (routed/dynamic "
+                                         "kernels such as CondConv): a calibrated range would depend on the "
+                                         "calibration batch, so the op stays float")
                 continue
             owner, prefix, name, param, attr = caller, "", caller, None, None
         key = (owner, prefix)
@@ -467,20 +485,28 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         trace, _ = run_probe(model, example_input)
     except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
         raise _probe_failed(shape, "its ops were traced", err) from None
-    sites, float_reasons = _analyze(model, trace)
+    try:
+        dynamic = input_dependent_weights(model, example_input, trace)
+    except Exception as err:  # noqa: BLE001 - the user's model failed on a second input of that shape
+        raise _probe_failed(shape, "its computed weights were compared on a second input", err) from None
+    sites, float_reasons = _analyze(model, trace, dynamic)
     mods = dict(model.named_modules())
     family = detect_family(model, _sites=sites, _had_bn=has_bn) if placement.family == "auto" else placement.family
     attn_sites = [s for s in sites if s.kind == "attention"]
     plan = family_plan(family)
     if plan.requires_attention and not attn_sites:
+        flex = any(op.func in _UNQUANTIZED_ATTENTION for op in trace.ops)
         raise PlacementError(f"placement.family: {family!r} needs attention (softmax(QK^T)V), and this model "
-                             "computes none (use family 'generic' or 'auto')")
+                             + (f"computes its attention with {_FLEX_HINT}" if flex else
+                                "computes none (use family 'generic' or 'auto')"))
     if not attn_sites:
         bad = [k for k in _ATTN_OPTIONS if k in explicit]
         if bad:
+            flex = any(op.func in _UNQUANTIZED_ATTENTION for op in trace.ops)
             raise PlacementError(f"placement.{bad[0]}: {getattr(placement, bad[0])!r} applies to attention "
-                                 "(transformer) models, and this model computes no softmax(QK^T)V attention; "
-                                 "remove it")
+                                 "(transformer) models, and this model "
+                                 + (f"computes its attention with {_FLEX_HINT}" if flex else
+                                    "computes no softmax(QK^T)V attention; remove it"))
     settings = mode_settings(placement) if attn_sites else None
     blocks = sorted({_block_of(s.owner, mods) for s in attn_sites})
 

@@ -308,7 +308,16 @@ class QuantOpMode(TorchFunctionMode):
             args[ops[0]] = _apply(self._attn_q(ctx, "q_quantizer"), a)
             args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b)
             ctx.phase = 1
-            return _apply(self._attn_q(ctx, "softmax_input_quantizer"), func(*args, **kwargs))
+            sq = self._attn_q(ctx, "softmax_input_quantizer")
+            if func in BADDBMM_OPS and _busy(sq):
+                # baddbmm(mask, q, k^T) adds an attention mask (-inf where masked) inside the GEMM
+                # (nn.MultiheadAttention with need_weights): the logits are quantized, as with SDPA,
+                # and the mask added after, so masked keys stay masked
+                alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+                logits = torch.bmm(args[1], args[2])
+                logits = sq(logits if alpha == 1 else logits * alpha)
+                return logits if beta == 0 else logits + (args[0] if beta == 1 else beta * args[0])
+            return _apply(sq, func(*args, **kwargs))
         if ctx.phase == 2:  # probabilities already quantized at the softmax, unless they changed since
             p, v = (ops[1], ops[0]) if ctx.plan.probs_operand == 1 else ops
             if ctx.plan.probs_at_matmul:

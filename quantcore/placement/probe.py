@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
                         TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, row_slice_base, see_through,
@@ -72,6 +72,10 @@ class Trace:
     model_inputs: tuple[int, ...] = ()
     keep: list[Any] = field(default_factory=list)  # conv outputs kept alive: their ids stay unique
     probs: set[int] = field(default_factory=set)  # softmax outputs and what PASS_THROUGH ops make of them
+    # weights computed in forward (no parameter), in call order: (caller, shape, sum, sum of squares);
+    # compared across two inputs to tell a weight computed from the input (CondConv) from one
+    # computed from parameters only (weight standardization)
+    derived: list[tuple[str, tuple[int, ...], float, float]] = field(default_factory=list)
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -126,6 +130,9 @@ class _Recorder(TorchFunctionMode):
             if ev.weight is None and row_slice_base(w) is not None:  # rows of a parameter: its site
                 ev.weight = pname(row_slice_base(w))
             ev.weight_param_like = ev.weight is None and is_param_like(w)
+            if ev.weight is None and not ev.weight_param_like and isinstance(w, torch.Tensor):
+                w64 = w.detach().double()
+                self.trace.derived.append((caller, tuple(w.shape), float(w64.sum()), float((w64 * w64).sum())))
             b = weighted_bias(args, kwargs)
             ev.bias = pname(b) if b is not None else None
         elif func in TRANSPOSED_CONV_OPS:
@@ -216,6 +223,34 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         for h in handles:
             h.remove()
     return trace, out
+
+
+def input_dependent_weights(model: nn.Module, example_input: Any, trace: Trace) -> set[str]:
+    """The modules whose forward computes a weight from the model's input (CondConv's routed kernels,
+    dynamic convolution): the weights ``trace`` recorded, compared with those of a second run on
+    another input of the same shape (a weight computed from parameters only, as weight
+    standardization, is the same on both). Empty, at no cost, when no weight is computed."""
+    if not trace.derived:
+        return set()
+    g = torch.Generator().manual_seed(1234)
+
+    def other(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return torch.randn(t.shape, generator=g, dtype=torch.float32).to(t) * 1.5 + 0.25
+        return t
+
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    leaves, spec = tree_flatten(inputs)
+    second, _ = run_probe(model, tuple(tree_unflatten([other(t) for t in leaves], spec)))
+
+    def per_caller(tr: Trace) -> dict[str, list[tuple]]:
+        out: dict[str, list[tuple]] = {}
+        for caller, *fp in tr.derived:
+            out.setdefault(caller, []).append(tuple(fp))
+        return out
+
+    a, b = per_caller(trace), per_caller(second)
+    return {c for c in a if a[c] != b.get(c)}
 
 
 def model_outputs(out: Any) -> list[torch.Tensor]:
