@@ -162,6 +162,33 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def ordered_mean_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks annotations: none here
+    """DDP communication hook: the gradient mean with every element summed in rank order.
+
+    DDP lays gradients out in buckets by the order they became ready in the first step of each
+    process and re-lays them after it; a ring all-reduce adds each element in an order set by its
+    position in the bucket. A run resumed from a checkpoint therefore reduced some steps in another
+    order than the uninterrupted run, so with 3 or more ranks their weights differed in the last bits
+    (2 ranks: a + b either way). Gathering every rank's bucket and adding in rank order makes the mean
+    independent of the layout: a resumed CPU run ends bit-identical. Costs world-size times the
+    traffic of a ring all-reduce: used with gloo (CPU), where bit-identical resume is the promise
+    (GPU reductions are not bit-reproducible anyway) and models are small. Same value convention as
+    DDP's default hook (each rank's gradient divided by the world size, then summed)."""
+    buf = bucket.buffer()
+    world = dist.get_world_size()
+    buf.div_(world)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    fut = dist.all_gather(parts, buf, async_op=True).get_future()
+
+    def total(_):  # noqa: ANN001, ANN202
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    return fut.then(total)
+
+
 def shard(indices: Sequence[int] | int, rank_: int | None = None, world: int | None = None) -> list[int]:
     """This rank's contiguous, balanced slice of ``indices`` (disjoint, covering, sizes differ by <= 1)."""
     from .data.subsets import shard_indices

@@ -42,14 +42,38 @@ class ModelScore:
         return dict(self.__dict__)
 
 
+#: every float64 is an integer multiple of 2**-1074 (the smallest subnormal): sums kept as such
+#: integers are exact, so they do not depend on the order of the additions
+_EXACT_SHIFT = 1074
+
+
+def _exact_sum(values: torch.Tensor) -> int:
+    """The exact sum of float64 ``values`` (finite) as an integer multiple of ``2**-1074``."""
+    total = 0
+    for v in values.tolist():
+        num, den = v.as_integer_ratio()  # den is a power of two
+        total += num << (_EXACT_SHIFT + 1 - den.bit_length())
+    return total
+
+
+def _from_exact(total: int) -> float:
+    """The float64 nearest to ``total * 2**-1074`` (correctly rounded; inf beyond float64's range)."""
+    try:
+        return total / (1 << _EXACT_SHIFT)
+    except OverflowError:
+        return math.inf
+
+
 class EvalAccumulator:
     """Mergeable statistics of one evaluation pass of several models (named ``names``).
 
     Integer counts (CPU int64): ``total`` images, ``class_count[c]``, and per model (rows in
     ``names`` order) ``correct1``, ``correct5``, ``agree`` (top-1 equal to the reference's) and
-    ``class_correct[m, c]``. Float64 sums per model: ``sig`` (reference logit energy) and ``noise``
-    (energy of the difference to the reference). All are sums over samples, so accumulators of
-    disjoint shards merge by addition: counts exactly, energies up to float64 summation order.
+    ``class_correct[m, c]``. Energies per model: ``sig`` (reference logit energy) and ``noise``
+    (energy of the difference to the reference), float64 views of exact sums (each image's energy is
+    added as an exact multiple of 2**-1074). All are sums over samples, so accumulators of disjoint
+    shards merge by addition, exactly: K ranks, any batch size or shard split report bit for bit what
+    one process reports (each image's own energy being the same float64).
     """
 
     def __init__(self, names: Sequence[str], num_classes: int, reference: str | None = None) -> None:
@@ -66,6 +90,13 @@ class EvalAccumulator:
         self.class_correct = torch.zeros(m, c, dtype=torch.int64)
         self.sig = torch.zeros(m, dtype=torch.float64)
         self.noise = torch.zeros(m, dtype=torch.float64)
+        self.sig_exact = [0] * m
+        self.noise_exact = [0] * m
+
+    def _sync_floats(self) -> None:
+        for i in range(len(self.names)):
+            self.sig[i] = _from_exact(self.sig_exact[i])
+            self.noise[i] = _from_exact(self.noise_exact[i])
 
     def _ints(self) -> list[torch.Tensor]:
         return [self.total, self.class_count, self.correct1, self.correct5, self.agree, self.class_correct]
@@ -90,6 +121,7 @@ class EvalAccumulator:
         logits = {n: output_logits(v) for n, v in logits.items()}
         ref = logits[self.reference].double() if self.reference is not None else None
         ref_top1 = ref.argmax(1) if ref is not None else None
+        ref_energy = _exact_sum((ref ** 2).sum(1).cpu()) if ref is not None else 0
         k = min(5, c)
         labels_cpu = labels.cpu()
         self.class_count += torch.bincount(labels_cpu, minlength=c)
@@ -108,8 +140,9 @@ class EvalAccumulator:
             self.class_correct[i] += torch.bincount(labels_cpu[hit1.cpu()], minlength=c)
             if ref is not None:
                 self.agree[i] += int((topk[:, 0] == ref_top1).sum())
-                self.sig[i] += float((ref ** 2).sum())
-                self.noise[i] += float(((out.double() - ref) ** 2).sum())
+                self.sig_exact[i] += ref_energy
+                self.noise_exact[i] += _exact_sum(((out.double() - ref) ** 2).sum(1).cpu())
+        self._sync_floats()
 
     def _check_compatible(self, other: "EvalAccumulator") -> None:
         if (other.names, other.num_classes, other.reference) != (self.names, self.num_classes, self.reference):
@@ -120,8 +153,11 @@ class EvalAccumulator:
     def merge(self, other: "EvalAccumulator") -> "EvalAccumulator":
         """Add ``other`` (a disjoint shard of the same evaluation) into this accumulator; returns self."""
         self._check_compatible(other)
-        for a, b in zip(self._ints() + self._floats(), other._ints() + other._floats()):
+        for a, b in zip(self._ints(), other._ints()):
             a += b
+        self.sig_exact = [a + b for a, b in zip(self.sig_exact, other.sig_exact)]
+        self.noise_exact = [a + b for a, b in zip(self.noise_exact, other.noise_exact)]
+        self._sync_floats()
         return self
 
     def all_reduce(self) -> "EvalAccumulator":
@@ -132,25 +168,37 @@ class EvalAccumulator:
 
         if not distributed.active():
             return self
-        for parts, dtype in ((self._ints(), torch.int64), (self._floats(), torch.float64)):
-            flat = torch.cat([p.reshape(-1) for p in parts]).to(dtype)
-            distributed.all_reduce(flat, "sum")
-            offset = 0
-            for p in parts:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        parts = self._ints()
+        flat = torch.cat([p.reshape(-1) for p in parts]).to(torch.int64)
+        distributed.all_reduce(flat, "sum")
+        offset = 0
+        for p in parts:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        # the exact energies are integers beyond int64: gathered as Python ints (a few per model)
+        every = distributed.all_gather_object((self.sig_exact, self.noise_exact))
+        self.sig_exact = [sum(e[0][i] for e in every) for i in range(len(self.names))]
+        self.noise_exact = [sum(e[1][i] for e in every) for i in range(len(self.names))]
+        self._sync_floats()
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-tensor state (e.g. to send with ``all_gather_object`` or store in a checkpoint)."""
         return {"names": list(self.names), "num_classes": self.num_classes, "reference": self.reference,
-                "ints": [t.clone() for t in self._ints()], "floats": [t.clone() for t in self._floats()]}
+                "ints": [t.clone() for t in self._ints()], "floats": [t.clone() for t in self._floats()],
+                "exact": [[str(v) for v in self.sig_exact], [str(v) for v in self.noise_exact]]}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> "EvalAccumulator":
         acc = cls(d["names"], d["num_classes"], d["reference"])
         for a, b in zip(acc._ints() + acc._floats(), list(d["ints"]) + list(d["floats"])):
             a.copy_(b)
+        if "exact" in d:  # (decimal strings: integers beyond int64)
+            acc.sig_exact, acc.noise_exact = ([int(v) for v in vals] for vals in d["exact"])
+        else:  # a state from before the exact sums: its float64 sums, exactly
+            acc.sig_exact = [_exact_sum(acc.sig[i:i + 1]) for i in range(len(acc.names))]
+            acc.noise_exact = [_exact_sum(acc.noise[i:i + 1]) for i in range(len(acc.names))]
+        acc._sync_floats()
         return acc
 
     def scores(self) -> dict[str, ModelScore]:

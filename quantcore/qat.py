@@ -773,6 +773,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if ctx.is_distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                   static_graph=True)
+        if torch.distributed.get_backend() == "gloo" and ctx.world_size > 2:  # (2 ranks: a + b either way)
+            net.register_comm_hook(None, distributed.ordered_mean_hook)
     opt = _optimizer(_param_groups(model, cfg), cfg)
     sched = _scheduler(opt, cfg, total_steps)
     amp = _amp_dtype(cfg, dev)
