@@ -704,3 +704,69 @@ def test_attention_computed_by_flex_attention_is_listed_float_not_skipped_silent
         with pytest.raises(PlacementError, match="flex_attention"):
             quantcore.prepare(copy.deepcopy(model), {**R, "placement": {"family": "vit", "mode": "ft2"}},
                               example_input=x)
+
+
+def test_keeping_a_folded_batchnorm_float_is_refused_not_ignored():
+    """``float: true`` on a BatchNorm that folding merged into its conv matched the Identity left in
+    its place and did nothing; the conv stayed quantized. A rule matching conv and BN both is fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(PlacementError, match=r"overrides\[0\] '1'.*folded into the conv '0'"):
+        quantcore.prepare(copy.deepcopy(model), {**R, "placement": {"family": "cnn"},
+                                                 "overrides": [{"match": "1", "float": True}]}, example_input=x)
+    q = quantcore.prepare(copy.deepcopy(model), {**R, "placement": {"family": "cnn"},
+                                                 "overrides": [{"match": "[01]", "float": True}]}, example_input=x)
+    assert "0.weight_quantizer" not in quantizers(q) and "3.weight_quantizer" in quantizers(q)
+
+
+class _KernelBy(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.kernel = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.b = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        if self.how == "convolution":
+            y = torch.convolution(x, self.kernel, self.b, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+        elif self.how == "conv2d":
+            y = torch.ops.aten.conv2d(x, self.kernel, self.b)
+        else:  # a transposed view of the parameter: x @ W^T + b
+            return torch.addmm(self.b, x.mean((2, 3)).repeat(1, 9), self.kernel.flatten(1).t())
+        return y.mean((2, 3))
+
+
+@pytest.mark.parametrize("how", ["convolution", "conv2d", "addmm"])
+def test_a_weight_run_by_a_lower_level_op_or_through_a_view_is_listed_float(how):
+    """torch.convolution / torch.ops.aten.conv2d (below F.conv2d) and addmm with ``weight.t()`` ran a
+    parameter quantcore does not quantize without a word: no quantizer, no float reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_KernelBy(how), nn.Linear(8, 4)).eval()
+    q = quantcore.prepare(model, R, example_input=torch.randn(2, 3, 8, 8))
+    reason = q.quantcore_placement.float_reasons.get("0", "")
+    assert f"used by {how}" in reason and "kernel" in reason, q.quantcore_placement.float_reasons
+    assert "1.weight_quantizer" in quantizers(q)
+
+
+class _DilatedBranch(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.__dict__["conv"] = conv  # shares the kernel, does not own it (TridentNet)
+
+    def forward(self, x):
+        return F.conv2d(x, self.conv.weight, self.conv.bias, 1, 2, 2)
+
+
+def test_a_weight_reused_by_a_sibling_names_the_float_op_not_the_quantized_owner():
+    """The report said the owner 'c' was float while its own conv was quantized, and said nothing
+    about the branch that really ran float."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.c = nn.Conv2d(3, 8, 3, padding=1)
+    model.b2 = _DilatedBranch(model.c)
+    model.forward = lambda x: (model.c(x) + model.b2(x)).mean((2, 3))
+    q = quantcore.prepare(model.eval(), R, example_input=torch.randn(2, 3, 8, 8))
+    reasons = q.quantcore_placement.float_reasons
+    assert "c" not in reasons and "'c.weight'" in reasons.get("b2", ""), reasons
+    assert quantizers(q)["c.weight_quantizer"] is not None

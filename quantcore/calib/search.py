@@ -577,13 +577,19 @@ def _best_per_channel(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return lo.gather(0, k)[0], hi.gather(0, k)[0]
 
 
+#: the smallest fraction of a channel's max the weight MSE search tries (as the activation search's 1/64)
+_W_LOW = 1 / 64
+
+
 def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE-optimal range of a tensor (weights) under ``spec``'s integer grid.
 
     Per channel along ``spec.axis`` (shape (C,)) or per tensor (shape ()). The range is searched as
-    a fraction of the channel's own extremes within [0.2, 1.0] using the real fake-quant error on
-    the tensor: 21 coarse ratios (step 0.04), then per channel 17 ratios within one coarse step of
-    the best (step 0.005). Asymmetric specs search the two ends by coordinate descent from the
+    a fraction of the channel's own extremes within [1/64, 1.0] using the real fake-quant error on
+    the tensor: 21 coarse ratios in [0.2, 1] (step 0.04) and 8 geometric ones in [1/64, 0.15] (a far
+    outlier: at 4 bits the best ratio of a 16k-wide channel with one 100x outlier is ~0.03), then per
+    channel 17 ratios within one coarse step of the best (step 0.005, proportionally smaller below
+    0.2). Asymmetric specs search the two ends by coordinate descent from the
     best shared ratio (each end: 21 coarse ratios, then 17 fine ones). Every pass keeps the current
     choice among its candidates and ratio 1.0 starts it, so the error never exceeds the max
     range's.
@@ -605,21 +611,26 @@ def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     def ratio(v: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         return torch.where(end != 0, v / torch.where(end != 0, end, 1.0), 1.0)
 
-    coarse = torch.linspace(0.2, 1.0, 21, device=dev)[:, None]  # (K, 1) ratios, step 0.04
-    fine = torch.linspace(-0.04, 0.04, 17, device=dev)[:, None]  # step 0.005
+    # (K, 1) ratios: 0.2..1.0 in steps of 0.04, then 1/64..0.15 geometrically for a channel whose max
+    # is a far outlier (listed last: on a tie the ratios >= 0.2 keep their choice)
+    coarse = torch.cat([torch.linspace(0.2, 1.0, 21, device=dev),
+                        torch.logspace(math.log10(_W_LOW), math.log10(0.15), 8, device=dev)])[:, None]
+    fine = torch.linspace(-0.04, 0.04, 17, device=dev)[:, None]  # step 0.005 (relative below 0.2)
+
+    def around(base: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return (base + offsets * (base / 0.2).clamp(max=1.0)).clamp(_W_LOW, 1.0)
+
     lo, hi = _best_per_channel(flat, coarse * lo_obs, coarse * hi_obs, spec)
     if spec.symmetric:
-        r = (ratio(hi, hi_obs) + fine).clamp(0.2, 1.0)
+        r = around(ratio(hi, hi_obs), fine)
         lo, hi = _best_per_channel(flat, r * lo_obs, r * hi_obs, spec)
     else:
         # Coordinate descent from the shared ratio: the two ends' optima can differ a lot (an
         # outlier on one side only), so each end first gets a full coarse pass, then a fine one.
         for offsets, relative in ((coarse, False), (fine, True)):
-            base = ratio(hi, hi_obs) if relative else torch.zeros_like(hi)
-            r_hi = (base + offsets).clamp(0.2, 1.0)  # (K, C)
+            r_hi = around(ratio(hi, hi_obs), offsets) if relative else offsets.expand(-1, hi.numel()).clone()
             lo, hi = _best_per_channel(flat, lo.expand_as(r_hi), r_hi * hi_obs, spec)
-            base = ratio(lo, lo_obs) if relative else torch.zeros_like(lo)
-            r_lo = (base + offsets).clamp(0.2, 1.0)
+            r_lo = around(ratio(lo, lo_obs), offsets) if relative else offsets.expand(-1, lo.numel()).clone()
             lo, hi = _best_per_channel(flat, r_lo * lo_obs, hi.expand_as(r_lo), spec)
     if spec.axis is None:
         return lo.reshape(()), hi.reshape(())

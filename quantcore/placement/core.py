@@ -26,7 +26,8 @@ from ..quantizer import TensorQuantizer
 from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
-from .overrides import apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits
+from .overrides import (apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits,
+                        matches)
 from .probe import PASS_THROUGH, Trace, input_dependent_weights, run_probe
 from .vit import block_weight_spec, mode_settings
 
@@ -237,7 +238,9 @@ def _probs_operand(trace: Trace, frame: tuple[str, int]) -> int | None:
 #: ops that multiply by a weight parameter but are not F.linear/conv: their weights stay float, said so
 _UNQUANTIZED_GEMMS = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
                       "rnn_relu_cell", "addmm", "addmm_", "addmv", "mv", "bilinear", "addbmm", "tensordot",
-                      "chain_matmul", "multi_dot", "inner", "conv_tbc", "embedding_bag"}
+                      "chain_matmul", "multi_dot", "inner", "conv_tbc", "embedding_bag",
+                      # the convolution/linear ops below F.conv*/F.linear (torch.convolution, torch.ops.aten.*)
+                      "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "linear"}
 
 
 #: attention kernels quantcore does not intercept: their q@k^T and attn@v run float, said so
@@ -266,8 +269,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
             float_reasons.setdefault((op.stack[-1][0] if op.stack else "") or "<model>", f"attention computed by {_FLEX_HINT}")
             continue
         if op.kind == "other" and op.func in _UNQUANTIZED_GEMMS:  # recurrent layers, HF Conv1D's addmm ...
-            names = sorted({n for i in op.inputs for n in trace.param_names.get(i, ()) if n in params
-                            and params[n].dim() >= 2})
+            names = sorted({n for n in op.params if n in params and params[n].dim() >= 2})
             for owner in dict.fromkeys(n.rpartition(".")[0] for n in names):
                 ws = [n.rpartition(".")[2] for n in names if n.rpartition(".")[0] == owner]
                 float_reasons.setdefault(owner or "<model>", f"its weight(s) {', '.join(ws)} are used by {op.func}, "
@@ -294,7 +296,9 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
             owner, _, attr = op.weight.rpartition(".")
             used_weights.add(op.weight)
             if not _within(owner, caller):
-                float_reasons.setdefault(owner, f"its weight is used by {caller!r}, which does not contain it")
+                # the op that stays float is the caller's; the owner's own use is still quantized
+                float_reasons.setdefault(caller or "<model>", f"its {op.op} uses {op.weight!r}, a weight of a module "
+                                         "it does not contain: that op stays float")
                 continue
             base = attr[: -len("_weight")] if attr.endswith("_weight") else attr
             prefix = "" if attr == "weight" else base + "_"
@@ -512,6 +516,13 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     rules = build_rules(placement.keep_float, list(plan.default_keep_float), overrides)
     mark_module_hits([n for n in mods if n], rules)
+    for conv, bn in folded:  # a folded BatchNorm is now part of its conv: keeping "it" float would do nothing
+        r = next((r for r in rules if r.user and r.float and matches(r.pattern, bn) and not matches(r.pattern, conv)),
+                 None)
+        if r is not None:
+            raise PlacementError(f"{r.source} keeps the BatchNorm {bn!r} float, but it is folded into the conv "
+                                 f"{conv!r} (its scale and shift are that conv's weights now); keep the conv float "
+                                 f"(match: {conv!r}) or leave BatchNorm unfolded (placement.fold_bn: false)")
 
     # -- plan ------------------------------------------------------------------------------------------
     planned: dict[str, QuantSpec] = {}

@@ -51,6 +51,7 @@ class OpEvent:
     weight_param_like: bool = False  # weight is a parameter view (weight.T), not the parameter
     seq: int = 0  # position in the trace (calls and ops share one counter)
     operands: tuple[int, ...] = ()  # matmul_act: ids of its two activation operands, in order
+    params: tuple[str, ...] = ()  # other ops: the parameters among the inputs, also as views (weight.t())
 
 
 @dataclass
@@ -168,6 +169,14 @@ class _Recorder(TorchFunctionMode):
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
             else:
                 ev.kind = "einsum"
+        if ev.kind == "other":
+            found = []
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor):
+                    n = pname(t) or (pname(t._base) if t._base is not None else None)
+                    if n is not None:
+                        found.append(n)
+            ev.params = tuple(dict.fromkeys(found))
         self.trace.ops.append(ev)
         return out
 
