@@ -317,6 +317,8 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
                f"{len(rep['not_trt_native'])} not TensorRT-native")
     if (rep.get("trt_table") or {}).get("written") is False:
         _echo(f"not written: {rep['trt_table']['why']}")
+    for w in rep.get("warnings", []):
+        _echo(f"warning: {w}", err=True)
     if rep.get("check"):
         c = rep["check"]
         _echo(f"onnxruntime vs fake quant on {c['images']} images: agreement {c['top1_agreement']:.2f}%, "

@@ -1073,3 +1073,34 @@ def test_an_s3_key_with_an_empty_path_segment_is_named_not_read_as_another_mock(
     assert ds.samples == ["cat/y.png", "dog/x.png"]
     assert [int(np.asarray(ds.load_image(i))[0, 0]) for i in range(len(ds))] == [50, 10]
     assert [r["name"] for r in ds.skipped.as_list()] == [f"{uri}/val/dog//x.png"]
+
+
+def test_s3_class_folder_holding_no_images_is_named_not_dropped_moto_mock(tmp_path, s3_server, s3_bucket):
+    """On S3 a folder exists only through its keys. A class folder holding only files that are not
+    images (a HEIC, a README) vanished there, and every later class's label moved down by one; a
+    local folder names it as empty. Both now say the same."""
+    root = make_folder(tmp_path / "src", classes=("ant", "bee", "cat"), n=2)
+    for f in os.listdir(os.path.join(root, "train", "bee")):
+        os.remove(os.path.join(root, "train", "bee", f))
+    with open(os.path.join(root, "train", "bee", "IMG_0001.HEIC"), "wb") as f:
+        f.write(b"not decodable here")
+    uri = f"s3://{s3_bucket}/heic-ds"
+    _upload_tree(root, uri)  # no folder markers, as `aws s3 sync` uploads
+    for src in (root, uri):
+        with pytest.raises(DataError, match=r"class folder .*bee is empty"):
+            open_dataset(src, "train")
+        ds = open_dataset(src, "train", skip_bad=True)
+        assert ds.classes == ["ant", "bee", "cat"] and ds.labels == [0, 0, 2, 2], (src, ds.classes)
+
+
+def test_folders_named_by_duplicated_model_labels_are_refused():
+    """An HF id2label naming one label twice (ImageNet-1k's 'crane' is 134 and 517): every image of the
+    folder 'crane' was read twice, once under each label, silently."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_folder(tmp, classes=("cock", "crane", "goose"), n=2)
+        with pytest.raises(DataError, match=r"'crane': \[1, 3\]"):
+            open_dataset(root, "train", label_names=["cock", "crane", "goose", "crane"])
+        ds = open_dataset(root, "train", label_names=["goose", "cock", "crane"])  # unique: the model's order
+        assert ds.classes == ["goose", "cock", "crane"] and len(ds) == 6

@@ -467,3 +467,46 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.qc.pt"), "--out", str(tmp_path / "o"), "--check-data",
                  str(tmp_path), "--check-limit", "-1"]) == 2
     assert "--check-limit must be >= 0" in capsys.readouterr().err
+
+
+def _tiny_cnn(act_bits: int, weight_bits: int = 8):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                            torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+         "quant": {"activations": {"bits": act_bits, "symmetric": True}, "weights": {"bits": weight_bits}}}
+    q = api.prepare(m, r, example_input=torch.randn(2, 3, 16, 16))
+    api.calibrate(q, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
+    return q
+
+
+def test_an_export_onnxruntime_computes_wrongly_is_refused_not_written(tmp_path):
+    """4-bit symmetric activations into convolutions: onnxruntime's fused QLinearConv computes another
+    result (the unoptimized graph agrees to 1e-8), and the export used to write it and exit 0."""
+    from quantcore.export.run import export_model
+
+    with pytest.raises(ExportError, match=r"optimizations \(all-exact\) disagrees.*nothing was written"):
+        export_model(_tiny_cnn(4), str(tmp_path / "a4"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
+    assert not (tmp_path / "a4" / "model.onnx").exists()
+    rep = export_model(_tiny_cnn(8), str(tmp_path / "a8"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
+    assert rep["smoke"]["top1_agreement"] == 100.0 and (tmp_path / "a8" / "model.onnx").exists()
+
+
+def test_trt_table_and_aimet_describe_the_quantizers_grid_at_opset_21(tmp_path):
+    """A 4-bit weight forces opset 21, where model.onnx writes int8 activations as uint8 (+128) for
+    onnxruntime; the range table and AIMET encodings read that rewritten grid: every symmetric int8
+    activation came out 'widened', amax +0.8 %, and AIMET uint8 (loading back as asymmetric)."""
+    from quantcore.export.run import export_model
+
+    q = _tiny_cnn(8, weight_bits=4)
+    rep = export_model(q, str(tmp_path / "o"), formats=["aimet", "trt-table"], x=torch.randn(1, 3, 16, 16))
+    assert rep["opset"] == 21
+    assert rep["trt_table"]["widened"] == [], rep["trt_table"]
+    enc = json.loads((tmp_path / "o" / "model.encodings").read_text())
+    acts = [e for e in enc["encodings"] if e["output_dtype"] in ("int8", "uint8")]  # (weights: int4)
+    assert acts and all(e["output_dtype"] == "int8" and not e.get("y_zero_point") for e in acts), acts[:2]
+    q_in = quantizers(q)["2.input_quantizer"]
+    table = json.loads((tmp_path / "o" / "trt_ranges.json").read_text())
+    row = next(v for v in table["tensors"].values() if v["quantizer"] == "2.input_quantizer")
+    assert row["exact"] and abs(row["amax"] - float(q_in.amax)) <= 1e-6 * float(q_in.amax)

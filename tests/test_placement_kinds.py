@@ -770,3 +770,22 @@ def test_a_weight_reused_by_a_sibling_names_the_float_op_not_the_quantized_owner
     reasons = q.quantcore_placement.float_reasons
     assert "c" not in reasons and "'c.weight'" in reasons.get("b2", ""), reasons
     assert quantizers(q)["c.weight_quantizer"] is not None
+
+
+def test_functional_call_with_swapped_parameters_quantizes_the_tensors_it_is_given():
+    """torch.func.functional_call (ensembles, meta-learning) swaps parameters for plain tensors: the
+    placement hook crashed ('weight is not an nn.Parameter'). The swapped weights are quantized as the
+    module's own would be."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    q = quantcore.prepare(model, R, example_input=torch.randn(2, 6))
+    x = torch.randn(4, 6)
+    quantcore.calibrate(q, [x])
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(functional_call(q, params, (x,)), q(x))
+        params["2.weight"] = params["2.weight"] * 0.5
+        halved = functional_call(q, params, (x,))
+        assert not torch.equal(halved, q(x))  # the swapped tensor is the one used

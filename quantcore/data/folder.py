@@ -50,6 +50,8 @@ class FolderDataset(ImageDataset):
                 continue
             if not is_image_name(r):
                 self.ignored.append(f)
+                if len(parts) > 1:  # a class folder exists whatever it holds (as a local directory does):
+                    per_class.setdefault(parts[0], [])  # one holding no images is then named, not dropped
                 continue
             if len(parts) == 1:
                 raise DataError(f"image {f} is not inside a class folder of {self.root}", file=f)
@@ -77,6 +79,14 @@ class FolderDataset(ImageDataset):
         elif label_names and set(per_class) == set(label_names):
             # folders named exactly as the model's labels: folder "cat" is the model's "cat", whatever the
             # sorted order says (sorting would score a correct model near 0 %)
+            twice = sorted({n for n in label_names if label_names.count(n) > 1})
+            if twice:
+                where = {n: [i for i, m in enumerate(label_names) if m == n] for n in twice[:3]}
+                raise DataError(f"the class folders under {self.root} are named by the model's labels, and the "
+                                f"model names {len(twice)} label(s) more than once ({where}; ImageNet-1k has two "
+                                "'crane' and two 'maillot'): a folder of such a name cannot say which class its "
+                                "images are. Name the folders uniquely (e.g. by WordNet id, sorted as the "
+                                "model's classes)", file=self.root)
             self.classes = list(label_names)
         else:
             self.classes = sorted(per_class)

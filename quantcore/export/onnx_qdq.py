@@ -137,15 +137,23 @@ def quantizer_qdq(name: str, q: TensorQuantizer) -> Optional[QdqSpec]:
     return out
 
 
-def plan_export(model: nn.Module, opset: Optional[int] = None) -> tuple[dict[str, QdqSpec], int]:
-    """``({quantizer name: QdqSpec} for every active quantizer, opset)``; ``opset`` None picks
-    :data:`DEFAULT_OPSET`, or 21 when a 4/16-bit grid needs it. Raises :class:`ExportError` naming
-    the option (``--opset``) or quantizer."""
+def grid_plans(model: nn.Module) -> dict[str, QdqSpec]:
+    """``{quantizer name: QdqSpec}`` of every active quantizer, each grid as the quantizer defines it
+    (no ONNX-only rewrite such as :func:`_as_uint8`): what the TensorRT range table and AIMET
+    encodings describe."""
     plans = {}
     for name, q in quantizers(unwrap(model)).items():
         p = quantizer_qdq(name, q)
         if p is not None:
             plans[name] = p
+    return plans
+
+
+def plan_export(model: nn.Module, opset: Optional[int] = None) -> tuple[dict[str, QdqSpec], int]:
+    """``({quantizer name: QdqSpec} for every active quantizer, opset)``; ``opset`` None picks
+    :data:`DEFAULT_OPSET`, or 21 when a 4/16-bit grid needs it. Raises :class:`ExportError` naming
+    the option (``--opset``) or quantizer."""
+    plans = grid_plans(model)
     need = max([p.min_opset for p in plans.values()], default=MIN_OPSET)
     if opset is None:
         opset = max(DEFAULT_OPSET, need)
@@ -624,5 +632,5 @@ def save_model(proto, path: str) -> None:
     storage.write_bytes(path, proto.SerializeToString())
 
 
-__all__ = ["DEFAULT_OPSET", "VALUE_CHANGING_REWRITES", "ExportError", "OnnxExport", "QdqSpec", "check_model", "export_onnx", "float_graph",
+__all__ = ["DEFAULT_OPSET", "VALUE_CHANGING_REWRITES", "ExportError", "OnnxExport", "QdqSpec", "check_model", "export_onnx", "float_graph", "grid_plans",
            "graph_quantizers", "ort_session", "plan_export", "qdq_export", "quantizer_qdq", "save_model"]

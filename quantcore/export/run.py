@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .aimet import encodings_v2
-from .onnx_qdq import (ExportError, OnnxExport, check_model, export_onnx, float_graph, ort_session)
+from .onnx_qdq import (ExportError, OnnxExport, check_model, export_onnx, float_graph, grid_plans, ort_session)
 from .trt_table import calibration_cache, range_table
 
 FORMATS = ("onnx", "aimet", "trt-table")
@@ -124,17 +124,19 @@ def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[to
 
     sess = ort_session(onnx_bytes, threads=threads, optimization=optimization)
     ref_model = _Logits(unwrap(model)).eval()
-    p_ort, p_ref, maxdiff = [], [], 0.0
+    p_ort, p_ref, maxdiff, scale = [], [], 0.0, 0.0
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].float()
         a = sess.run(["logits"], {"input": xb.numpy()})[0]
         b = ref_model(xb).float().numpy()
         maxdiff = max(maxdiff, float(np.abs(a - b).max()))
+        scale = max(scale, float(np.abs(b).max()))
         p_ort.append(a.argmax(1))
         p_ref.append(b.argmax(1))
     po, pr = np.concatenate(p_ort), np.concatenate(p_ref)
     res: dict[str, Any] = {"images": int(len(x)), "optimization": optimization,
-                           "top1_agreement": float(100.0 * (po == pr).mean()), "max_abs_logit_diff": maxdiff}
+                           "top1_agreement": float(100.0 * (po == pr).mean()), "max_abs_logit_diff": maxdiff,
+                           "max_abs_logit": scale}
     if y is not None:
         yy = y.numpy()
         res["top1_onnx"] = float(100.0 * (po == yy).mean())
@@ -189,8 +191,26 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     if recipe is not None:
         report["recipe"] = recipe.name
     onnx_bytes = ex.to_bytes()
-    report["smoke"] = compare(model, onnx_bytes, torch.cat([x, example_input(model, 3)[1:]]),
-                              optimization=CHECK_OPTIMIZATION)
+    smoke_x = torch.cat([x, example_input(model, 3)[1:]])
+    report["smoke"] = compare(model, onnx_bytes, smoke_x, optimization=CHECK_OPTIMIZATION)
+    plain = compare(model, onnx_bytes, smoke_x, optimization="disable")
+    report["smoke"]["max_abs_logit_diff_unoptimized"] = plain["max_abs_logit_diff"]
+    got = report["smoke"]
+    # the graph is right when unoptimized onnxruntime agrees; its fused kernels may still compute it
+    # otherwise: a few rounding steps (QLinearSoftmax on a symmetric int8 softmax output rounds ~4 % of
+    # the probability codes differently) are reported, a wrong result is refused
+    rel = got["max_abs_logit_diff"] / max(got["max_abs_logit"], 1e-12)
+    if got["max_abs_logit_diff"] > 4 * plain["max_abs_logit_diff"] + 1e-6:
+        report.setdefault("warnings", []).append(
+            f"onnxruntime's optimized kernels ({CHECK_OPTIMIZATION}) differ from the quantized model by up to "
+            f"{got['max_abs_logit_diff']:.3g} (unoptimized: {plain['max_abs_logit_diff']:.3g}) on the check inputs")
+    if got["max_abs_logit_diff"] > 4 * plain["max_abs_logit_diff"] + 1e-6 and (got["top1_agreement"] < 100.0 or rel > 0.02):
+        raise ExportError(f"onnxruntime with its graph optimizations ({CHECK_OPTIMIZATION}) disagrees with the "
+                          f"quantized model on the check inputs (top-1 agreement {got['top1_agreement']:.0f} %, max "
+                          f"|logit difference| {got['max_abs_logit_diff']:.3g} of logits up to {got['max_abs_logit']:.3g}; unoptimized "
+                          f"{plain['max_abs_logit_diff']:.3g}): its fused integer kernels do not compute this "
+                          "graph's grids (seen: 4-bit symmetric activations into QLinearConv). Use other "
+                          "activation bits or an asymmetric grid there (nothing was written)")
     report["quantizers"] = {name: {"op": p.op, "type": p.dtype, "axis": p.axis, "kind": p.kind,
                                    "nodes": ex.graph[name]["nodes"], "trt_native": p.trt_native(),
                                    **({"notes": p.notes} if p.notes else {})}
@@ -206,17 +226,20 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     if "aimet" in formats or "trt-table" in formats:
         fproto, tensor_map = float_graph(ex.model)
         check_model(fproto)
+        # the quantizers' own grids: model.onnx may write int8 activations as uint8 (opset 21), the
+        # range table and AIMET encodings describe what the model computes
+        source = grid_plans(model)
         pending["float_onnx"] = ("model_float.onnx", fproto.SerializeToString())
         pending["tensor_map"] = ("tensor_map.json", json.dumps(tensor_map, indent=1))
         if "aimet" in formats:
             try:
-                pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(ex.plans, tensor_map), indent=1))
+                pending["aimet"] = ("model.encodings", json.dumps(encodings_v2(source, tensor_map), indent=1))
             except ExportError as e:  # a grid the format cannot hold: an error, or left out of `all` with why
                 if not all_formats:
                     raise
                 report["aimet"] = {"written": False, "why": str(e)}
         if "trt-table" in formats:
-            table = range_table(ex.plans, tensor_map)
+            table = range_table(source, tensor_map)
             report["trt_table"] = {"tensors": len(table["tensors"]), "skipped": table["skipped"],
                                    "widened": [r["quantizer"] for r in table["tensors"].values() if not r["exact"]]}
             if table["tensors"]:

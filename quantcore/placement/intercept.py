@@ -204,7 +204,10 @@ class _Ctx:
                 if s.param is None:
                     self.derived.append(s)
                 else:
-                    self.by_param[id(module.get_parameter(s.param))] = s
+                    # the tensor the forward will read (torch.func.functional_call swaps parameters
+                    # for plain tensors, which get_parameter refuses)
+                    owner, _, attr = s.param.rpartition(".")
+                    self.by_param[id(getattr(module.get_submodule(owner) if owner else module, attr))] = s
 
     def q(self, owner: str, attr: str) -> Optional[TensorQuantizer]:
         key = owner + "|" + attr
