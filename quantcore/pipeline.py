@@ -23,6 +23,7 @@ models hold in memory.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -238,6 +239,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         loader = _loader(ds, r.calibration.batch_size, opts.num_workers, idx, dev)
         model = api.prepare(copy.deepcopy(fp32), r)
         sharing.share(model)  # before calibrating: the transient copy is freed here
+        gc.collect()  # ... also what reference cycles of the copy hold (freed by the cyclic collector only)
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
         skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
