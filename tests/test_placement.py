@@ -195,7 +195,8 @@ def test_vit_names_modes_and_share_groups(key, mode):
     if mode == "ft2":
         assert len(res.share_groups) == len(model.blocks)
         for i, g in enumerate(res.share_groups):
-            assert g == [f"blocks.{i}.attn.{q}" for q in ("q_quantizer", "k_quantizer", "v_quantizer")]
+            assert g == [f"blocks.{i}.attn.{q}" for q in ("q_quantizer", "k_quantizer", "v_quantizer",
+                                                          "qkv.output_quantizer")]
     else:
         assert res.share_groups == []
     # parameters keep their names and values

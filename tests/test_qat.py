@@ -444,7 +444,8 @@ def test_ft2_shared_qkv_range_stays_shared_through_learned_qat(fmnist, tmp_path)
     ptq = {q["name"]: q for q in api.encodings(api.load(str(tmp_path / "o" / "ptq" / "model.qc.pt")))["quantizers"]}
     for b in range(4):
         qkv = [rows[f"blocks.{b}.attn.{x}_quantizer"]["amax"] for x in "qkv"]
-        assert qkv[0] == qkv[1] == qkv[2]  # one range, as ft2 deploys it
+        qkv.append(rows[f"blocks.{b}.attn.qkv.output_quantizer"]["amax"])  # the GEMM writing q/k/v
+        assert qkv[0] == qkv[1] == qkv[2] == qkv[3]  # one range, as ft2 deploys it
         assert qkv[0] != ptq[f"blocks.{b}.attn.q_quantizer"]["amax"]  # and it was learned
 
 

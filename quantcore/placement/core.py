@@ -28,7 +28,7 @@ from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import (apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits,
                         matches)
-from .probe import PASS_THROUGH, Trace, input_dependent_weights, run_probe
+from .probe import PASS_THROUGH, OpEvent, Trace, input_dependent_weights, run_probe
 from .vit import block_weight_spec, mode_settings
 
 ROOT_INPUT_QUANTIZER = "input_quantizer"
@@ -104,6 +104,18 @@ def unify_shared_ranges(model: nn.Module) -> list[list[str]]:
     return done
 
 
+def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
+    """Groups that have a member in common become one (a GEMM output feeding two attentions)."""
+    merged: list[list[str]] = []
+    for g in groups:
+        g = list(dict.fromkeys(g))
+        for m in [m for m in merged if set(m) & set(g)]:
+            merged.remove(m)
+            g = m + [q for q in g if q not in m]
+        merged.append(g)
+    return merged
+
+
 def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: fake-quantize the model's image input with ``module.input_quantizer``: the
     first positional tensor, else the first floating-point tensor keyword (``pixel_values=``)."""
@@ -174,6 +186,9 @@ class _Site:
     reads_model_input: bool = False
     probs_at_matmul: bool = False  # attention: the probabilities change after softmax (talking heads)
     probs_operand: int = 0  # attention: attn@v's operand holding the probabilities (1: v @ attn^T)
+    # attention: the weighted sites (owner, prefix) whose GEMM outputs are q/k/v as they are (moved or
+    # split only): an output quantizer there and the q/k/v quantizers quantize the same values
+    qkv_from: tuple[tuple[str, str], ...] = ()
 
 
 def _rel(path: str, base: str) -> str:
@@ -233,6 +248,61 @@ def _probs_operand(trace: Trace, frame: tuple[str, int]) -> int | None:
         if op.func in PASS_THROUGH and op.inputs and op.inputs[0] in same:
             same.update(op.outputs)
     return 0
+
+
+#: ops that take a part of a tensor as it is: a per-tensor grid on the whole is the grid of each part
+_SLICES = {"unbind", "__getitem__", "chunk", "split", "split_with_sizes", "tensor_split", "select", "narrow",
+           "unsafe_split", "unsafe_chunk"}
+
+
+def _weighted_key(op: OpEvent) -> tuple[str, str]:
+    """The site key ``(owner, prefix)`` of a weighted op (as :func:`_analyze` names its site)."""
+    if op.weight is None:
+        return op.stack[-1][0] if op.stack else "", ""
+    owner, _, attr = op.weight.rpartition(".")
+    base = attr[: -len("_weight")] if attr.endswith("_weight") else attr
+    return owner, "" if attr == "weight" else base + "_"
+
+
+def _qkv_producers(trace: Trace, module: str) -> tuple[tuple[str, str], ...]:
+    """The weighted ops whose outputs reach q, k or v of attention ``module`` through moves, casts and
+    slices only (timm's fused ``qkv`` -> reshape/permute/unbind; HF's query/key/value -> view/transpose;
+    ``nn.MultiheadAttention``'s in-projection), as site keys; a q scaled or normalized on the way
+    (``q * scale``, ``q_norm``) has none. Walking back from each operand, the latest op before the
+    consumer that returned that tensor id is its producer (an id is reused only after its tensor died)."""
+    idx = {id(op): i for i, op in enumerate(trace.ops)}
+    producers: dict[int, list[int]] = {}
+    for i, op in enumerate(trace.ops):
+        for o in op.outputs:
+            producers.setdefault(o, []).append(i)
+
+    def producer(tid: int, before: int) -> Optional[OpEvent]:
+        cands = [i for i in producers.get(tid, ()) if i < before]
+        return trace.ops[cands[-1]] if cands else None
+
+    found: dict[tuple[str, str], None] = {}
+    for op in trace.ops:
+        if not any(f[0] == module for f in op.stack):
+            continue
+        if op.kind == "sdpa":
+            ids = op.inputs[:3]
+        elif op.kind == "matmul_act":  # q@k^T, and attn@v's operand that is not the probabilities
+            ids = tuple(o for o in op.operands if o not in trace.probs)
+        else:
+            continue
+        for tid in ids:
+            at = idx[id(op)]
+            for _ in range(64):  # a bounded walk: the chains seen are a handful of ops long
+                p = producer(tid, at)
+                if p is None:
+                    break
+                if p.kind == "weighted":
+                    found[_weighted_key(p)] = None
+                    break
+                if (p.func not in PASS_THROUGH and p.func not in _SLICES) or not p.inputs:
+                    break
+                tid, at = p.inputs[0], idx[id(p)]
+    return tuple(found)
 
 
 #: ops that multiply by a weight parameter but are not F.linear/conv: their weights stay float, said so
@@ -354,7 +424,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
             continue
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
                                     order=first, probs_at_matmul=None in where,
-                                    probs_operand=next(iter(where - {None}), 0))
+                                    probs_operand=next(iter(where - {None}), 0),
+                                    qkv_from=tuple(k for k in _qkv_producers(trace, m) if k in sites))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -637,7 +708,10 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             if s.probs_at_matmul and f"{base}attn_quantizer" in planned and f"{base}attn_quantizer" not in removed:
                 moved.append(f"{base}attn_quantizer")
             if settings.share_qkv:
-                share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")])
+                # the GEMM output quantizer(s) that produce q/k/v join the group: one int8 tensor with one
+                # scale, as FasterTransformer's fused QKV GEMM writes it (two ranges would round twice)
+                share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")]
+                                    + [f"{o + '.' if o else ''}{p}output_quantizer" for o, p in s.qkv_from])
     # Every module whose forward runs a weighted op gets a context, even with nothing to quantize
     # (kept float): its ops must not be taken for its parent's computed-weight op.
     for op in trace.ops:
@@ -663,7 +737,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     names = list(quantizers(model))
     present = set(names)
-    groups = [[q for q in g if q in present] for g in share_groups]
+    groups = _merge_groups([[q for q in g if q in present] for g in share_groups])
     result = PlacementResult(
         family=family,
         mode=settings.mode if settings is not None else None,

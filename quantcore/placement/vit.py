@@ -6,7 +6,9 @@
   GEMM-output quantizers.
 * ``ft2``: per-tensor weights; additionally the softmax input and the output of every block Linear
   (qkv, proj, fc1, fc2) are quantized, and q/k/v of each attention share one range (a share group
-  whose union range the calibration finalize sets).
+  whose union range the calibration finalize sets) with the output quantizer(s) of the GEMM(s) that
+  produce them, when q/k/v reach the attention only moved or split: FasterTransformer's fused QKV
+  GEMM writes one int8 tensor with one scale, so the values are rounded once, not twice.
 
 ``PlacementConfig.quantize_softmax_input`` / ``quantize_gemm_output`` / ``share_qkv_range`` override the
 mode defaults when not None; ``quantize_residual`` adds quantizers on both inputs of both residual adds

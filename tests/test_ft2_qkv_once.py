@@ -1,0 +1,114 @@
+"""ft2: the GEMM that produces q/k/v writes one int8 tensor with one scale (FasterTransformer's fused
+QKV GEMM feeds it straight to the attention kernel). Its output quantizer and the q/k/v quantizers
+quantize the same values, so they are one share group: with two ranges the values were rounded twice
+(0.5 dB of logit SQNR on the demo ViT), which no deployed ft2 kernel does."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from quantcore import api
+from quantcore.placement import quantizers
+from quantcore.recipe import load_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _recipe():
+    d = load_recipe("fmnist_w8a8_ft2").model_dump(mode="json")
+    d["model"] = {"name": "test/model"}
+    d["overrides"] = []
+    d["calibration"].update(num_batches=2, batch_size=4)
+    return load_recipe(d)
+
+
+def _hf(impl):
+    from transformers import ViTConfig, ViTForImageClassification
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=5, attn_implementation=impl)
+    return ViTForImageClassification(cfg)
+
+
+def _timm():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+
+
+def _tv():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=5)
+
+
+BUILD = {"timm": _timm, "hf-eager": lambda: _hf("eager"), "hf-sdpa": lambda: _hf("sdpa"), "torchvision": _tv}
+# each model's GEMM output quantizer(s) that produce q/k/v, in the first block
+PRODUCERS = {"timm": ["blocks.0.attn.qkv.output_quantizer"],
+             "hf-eager": [f"vit.layers.0.attention.{p}_proj.output_quantizer" for p in "qkv"],
+             "hf-sdpa": [f"vit.layers.0.attention.{p}_proj.output_quantizer" for p in "qkv"],
+             "torchvision": ["encoder.layers.encoder_layer_0.self_attention.in_proj_output_quantizer"]}
+
+
+def _calibrated(model):
+    torch.manual_seed(0)
+    model = api.prepare(model.eval(), _recipe(), example_input=torch.randn(1, 3, 32, 32))
+    api.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    return model
+
+
+@pytest.mark.parametrize("key", list(BUILD))
+def test_qkv_gemm_output_is_quantized_once(key):
+    torch.manual_seed(0)
+    model = _calibrated(BUILD[key]())
+    groups = model.quantcore_placement.share_groups
+    first = next(g for g in groups if any(n.endswith("q_quantizer") for n in g[:1]))
+    assert [n for n in first if "output_quantizer" in n] == PRODUCERS[key]
+    qs = quantizers(model)
+    for g in groups:  # one range per group
+        assert all(torch.equal(qs[n].amax, qs[g[0]].amax) and torch.equal(qs[n].amin, qs[g[0]].amin) for n in g)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        out = getattr(out, "logits", out)
+        for n, q in qs.items():  # the q/k/v quantizers see values already on their grid: they change nothing
+            if n.rpartition(".")[2] in ("q_quantizer", "k_quantizer", "v_quantizer"):
+                q.quantize = False
+        once = model(x)
+        once = getattr(once, "logits", once)
+    assert torch.equal(out, once)
+
+
+def test_timm_explicit_attention_shares_what_reaches_k_and_v():
+    """timm's non-fused path scales q before q@k^T: k and v still come from the qkv GEMM as they are,
+    so its output quantizer joins the group (one range, one rounding for k and v)."""
+    torch.manual_seed(0)
+    m = _timm()
+    for b in m.blocks:
+        b.attn.fused_attn = False
+    model = _calibrated(m)
+    g = model.quantcore_placement.share_groups[0]
+    assert g[-1] == "blocks.0.attn.qkv.output_quantizer"
+
+
+class _Transformed(nn.Module):
+    """q/k/v computed from Linear outputs by a nonlinearity: not the GEMM's values, so not shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, 8)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        q, k, v = (torch.tanh(f(t)) for f in (self.q, self.k, self.v))
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+def test_transformed_qkv_keeps_its_own_gemm_output_ranges():
+    torch.manual_seed(0)
+    d = _recipe().model_dump(mode="json")
+    d["placement"]["family"] = "generic"
+    model = api.prepare(_Transformed().eval(), load_recipe(d), example_input=torch.randn(1, 3, 32, 32))
+    groups = model.quantcore_placement.share_groups
+    assert groups and all(not any("output_quantizer" in n for n in g) for g in groups)
