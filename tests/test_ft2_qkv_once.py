@@ -112,3 +112,32 @@ def test_transformed_qkv_keeps_its_own_gemm_output_ranges():
     model = api.prepare(_Transformed().eval(), load_recipe(d), example_input=torch.randn(1, 3, 32, 32))
     groups = model.quantcore_placement.share_groups
     assert groups and all(not any("output_quantizer" in n for n in g) for g in groups)
+
+
+@pytest.mark.parametrize("layer_scale", [None, 1e-5])
+def test_residual_branch_reads_the_gemm_output_rounded_once(layer_scale):
+    """ft2 + quantize_residual: the residual add's branch input is the proj/fc2 GEMM output as it is
+    (no LayerScale): one range with that GEMM's output quantizer. With LayerScale the values differ
+    (scaled), so each keeps its own range."""
+    torch.manual_seed(0)
+    d = _recipe().model_dump(mode="json")
+    d["placement"]["quantize_residual"] = True
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5,
+                          init_values=layer_scale).eval()
+    model = api.prepare(m, load_recipe(d), example_input=torch.randn(1, 3, 32, 32))
+    api.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    groups = [sorted(g) for g in model.quantcore_placement.share_groups]
+    pairs = [sorted([f"blocks.{b}.{o}.output_quantizer", f"blocks.{b}.branch{i}_quantizer"])
+             for b in range(2) for i, o in ((1, "attn.proj"), (2, "mlp.fc2"))]
+    qs = quantizers(model)
+    if layer_scale is not None:
+        assert not any(p in groups for p in pairs)
+        return
+    assert all(p in groups for p in pairs)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        for b in range(2):
+            for i in (1, 2):
+                qs[f"blocks.{b}.branch{i}_quantizer"].quantize = False
+        assert torch.equal(out, model(x))

@@ -264,22 +264,41 @@ def _weighted_key(op: OpEvent) -> tuple[str, str]:
     return owner, "" if attr == "weight" else base + "_"
 
 
-def _qkv_producers(trace: Trace, module: str) -> tuple[tuple[str, str], ...]:
-    """The weighted ops whose outputs reach q, k or v of attention ``module`` through moves, casts and
-    slices only (timm's fused ``qkv`` -> reshape/permute/unbind; HF's query/key/value -> view/transpose;
+class _Sources:
+    """Walks back from a tensor to the weighted op that computed it, through moves, casts and slices
+    only (:data:`~.probe.PASS_THROUGH`, :data:`_SLICES`): the GEMM whose output quantizer sees the
+    same values as a later quantizer. The latest op before the consumer that returned that tensor id
+    is its producer (an id is reused only after its tensor died)."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.ops = trace.ops
+        self.at: dict[int, int] = {}  # seq -> index in ops
+        self.producers: dict[int, list[int]] = {}
+        for i, op in enumerate(trace.ops):
+            self.at[op.seq] = i
+            for o in op.outputs:
+                self.producers.setdefault(o, []).append(i)
+
+    def gemm(self, tid: int, before_seq: int) -> Optional[tuple[str, str]]:
+        """The site key of the weighted op whose output ``tid`` (read at ``before_seq``) is, or None."""
+        for _ in range(64):  # a bounded walk: the chains seen are a handful of ops long
+            cands = [i for i in self.producers.get(tid, ()) if self.ops[i].seq < before_seq]
+            if not cands:
+                return None
+            p = self.ops[cands[-1]]
+            if p.kind == "weighted":
+                return _weighted_key(p)
+            if (p.func not in PASS_THROUGH and p.func not in _SLICES) or not p.inputs:
+                return None
+            tid, before_seq = p.inputs[0], p.seq
+        return None
+
+
+def _qkv_producers(trace: Trace, module: str, src: _Sources) -> tuple[tuple[str, str], ...]:
+    """The weighted ops whose outputs reach q, k or v of attention ``module`` as they are (timm's fused
+    ``qkv`` -> reshape/permute/unbind; HF's query/key/value -> view/transpose;
     ``nn.MultiheadAttention``'s in-projection), as site keys; a q scaled or normalized on the way
-    (``q * scale``, ``q_norm``) has none. Walking back from each operand, the latest op before the
-    consumer that returned that tensor id is its producer (an id is reused only after its tensor died)."""
-    idx = {id(op): i for i, op in enumerate(trace.ops)}
-    producers: dict[int, list[int]] = {}
-    for i, op in enumerate(trace.ops):
-        for o in op.outputs:
-            producers.setdefault(o, []).append(i)
-
-    def producer(tid: int, before: int) -> Optional[OpEvent]:
-        cands = [i for i in producers.get(tid, ()) if i < before]
-        return trace.ops[cands[-1]] if cands else None
-
+    (``q * scale``, ``q_norm``) has none."""
     found: dict[tuple[str, str], None] = {}
     for op in trace.ops:
         if not any(f[0] == module for f in op.stack):
@@ -291,18 +310,25 @@ def _qkv_producers(trace: Trace, module: str) -> tuple[tuple[str, str], ...]:
         else:
             continue
         for tid in ids:
-            at = idx[id(op)]
-            for _ in range(64):  # a bounded walk: the chains seen are a handful of ops long
-                p = producer(tid, at)
-                if p is None:
-                    break
-                if p.kind == "weighted":
-                    found[_weighted_key(p)] = None
-                    break
-                if (p.func not in PASS_THROUGH and p.func not in _SLICES) or not p.inputs:
-                    break
-                tid, at = p.inputs[0], idx[id(p)]
+            key = src.gemm(tid, op.seq)
+            if key is not None:
+                found[key] = None
     return tuple(found)
+
+
+def _branch_producers(trace: Trace, block: str, src: _Sources) -> dict[str, tuple[str, str]]:
+    """timm ``Block`` ``block``: for each residual branch (``branch1_quantizer``/``branch2_quantizer``),
+    the weighted op whose output reaches the add as it is (no LayerScale, DropPath the identity):
+    ft2's proj/fc2 output quantizers see those values."""
+    out: dict[str, tuple[str, str]] = {}
+    for i, attr in ((1, "branch1_quantizer"), (2, "branch2_quantizer")):
+        calls = trace.calls_of(f"{block}.drop_path{i}")
+        if not calls or any(not c.inputs or c.outputs[:1] != c.inputs[:1] for c in calls):
+            continue  # not called, or not the identity: the branch's values are not the GEMM's
+        keys = {src.gemm(c.inputs[0], c.seq) for c in calls}
+        if len(keys) == 1 and None not in keys:
+            out[attr] = keys.pop()
+    return out
 
 
 #: ops that multiply by a weight parameter but are not F.linear/conv: their weights stay float, said so
@@ -406,6 +432,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
     minimal = [m for m in qualifying if not any(o != m and _within(o, m) for o in qualifying)]
     one = (["sdpa"], ["matmul_act", "softmax", "matmul_act"])
     attn_frames: set[str] = set()
+    src = _Sources(trace)
     for m in minimal:
         calls = [[k for k, _ in seq] for (name, _), seq in seqs.items() if name == m]
         attn_frames.add(m)
@@ -425,7 +452,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
                                     order=first, probs_at_matmul=None in where,
                                     probs_operand=next(iter(where - {None}), 0),
-                                    qkv_from=tuple(k for k in _qkv_producers(trace, m) if k in sites))
+                                    qkv_from=tuple(k for k in _qkv_producers(trace, m, src) if k in sites))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -712,6 +739,12 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                 # scale, as FasterTransformer's fused QKV GEMM writes it (two ranges would round twice)
                 share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")]
                                     + [f"{o + '.' if o else ''}{p}output_quantizer" for o, p in s.qkv_from])
+    if res_blocks:  # a branch add reading a GEMM's quantized output as it is: one range, one rounding
+        src, keys = _Sources(trace), {(c.owner, c.prefix) for c in chosen if c.kind == "weighted"}
+        for n in res_blocks:
+            for attr, (o, p) in _branch_producers(trace, n, src).items():
+                if (o, p) in keys:
+                    share_groups.append([f"{o + '.' if o else ''}{p}output_quantizer", f"{n}.{attr}"])
     # Every module whose forward runs a weighted op gets a context, even with nothing to quantize
     # (kept float): its ops must not be taken for its parent's computed-weight op.
     for op in trace.ops:
