@@ -141,3 +141,44 @@ def test_residual_branch_reads_the_gemm_output_rounded_once(layer_scale):
             for i in (1, 2):
                 qs[f"blocks.{b}.branch{i}_quantizer"].quantize = False
         assert torch.equal(out, model(x))
+
+
+class _Mutated(nn.Module):
+    """q's GEMM output written in place through an alias after a view was taken (the view reaching
+    sdpa sees the new values), k through a lossy cast: neither GEMM output quantizer is q's/k's."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, 8)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        q = self.q(t)
+        qh = q.view(q.shape[0], q.shape[1], 2, 8).transpose(1, 2)
+        q.view(-1).mul_(0.5)  # another alias of the same storage
+        k = self.k(t).half().float().view(q.shape[0], q.shape[1], 2, 8).transpose(1, 2)
+        v = self.v(t).view(q.shape[0], q.shape[1], 2, 8).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(qh, k, v)
+        return self.head(o.mean((1, 2)).repeat(1, 2))
+
+
+def test_values_changed_in_place_or_by_a_lossy_cast_are_not_the_gemm_output():
+    d = _recipe().model_dump(mode="json")
+    d["placement"]["family"] = "vit"
+    torch.manual_seed(0)
+    model = api.prepare(_Mutated().eval(), load_recipe(d), example_input=torch.randn(1, 3, 32, 32))
+    (g,) = model.quantcore_placement.share_groups
+    assert [n for n in g if "output_quantizer" in n] == ["v.output_quantizer"]
+
+
+def test_talking_heads_probabilities_are_not_v():
+    """CaiT mixes the probabilities across heads with a Linear (proj_w) before attn@v: that Linear's
+    output is attn@v's other operand, not v."""
+    torch.manual_seed(0)
+    m = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=1, depth_token_only=1,
+                          num_classes=5)
+    model = api.prepare(m.eval(), _recipe(), example_input=torch.randn(1, 3, 32, 32))
+    g = model.quantcore_placement.share_groups[0]
+    assert g == [f"blocks.0.attn.{q}" for q in ("q_quantizer", "k_quantizer", "v_quantizer", "qkv.output_quantizer")]

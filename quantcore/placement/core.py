@@ -265,54 +265,64 @@ def _weighted_key(op: OpEvent) -> tuple[str, str]:
 
 
 class _Sources:
-    """Walks back from a tensor to the weighted op that computed it, through moves, casts and slices
-    only (:data:`~.probe.PASS_THROUGH`, :data:`_SLICES`): the GEMM whose output quantizer sees the
-    same values as a later quantizer. The latest op before the consumer that returned that tensor id
-    is its producer (an id is reused only after its tensor died)."""
+    """Walks back from a tensor to the weighted op that computed it, through moves, lossless casts and
+    slices only (:data:`~.probe.PASS_THROUGH`, :data:`_SLICES`): the GEMM whose output quantizer sees
+    the same values as a later quantizer. The latest op before the consumer that returned that tensor
+    id is its producer (an id is reused only after its tensor died). A value written in place on the
+    way (``q.mul_(s)`` through any alias of the chain's storage) breaks the chain."""
 
     def __init__(self, trace: Trace) -> None:
         self.ops = trace.ops
-        self.at: dict[int, int] = {}  # seq -> index in ops
         self.producers: dict[int, list[int]] = {}
         for i, op in enumerate(trace.ops):
-            self.at[op.seq] = i
             for o in op.outputs:
                 self.producers.setdefault(o, []).append(i)
 
     def gemm(self, tid: int, before_seq: int) -> Optional[tuple[str, str]]:
         """The site key of the weighted op whose output ``tid`` (read at ``before_seq``) is, or None."""
+        consumer, storages = before_seq, set()
         for _ in range(64):  # a bounded walk: the chains seen are a handful of ops long
             cands = [i for i in self.producers.get(tid, ()) if self.ops[i].seq < before_seq]
             if not cands:
                 return None
             p = self.ops[cands[-1]]
+            storages.update(st for o, st in zip(p.outputs, p.storages) if o == tid and st is not None)
             if p.kind == "weighted":
-                return _weighted_key(p)
-            if (p.func not in PASS_THROUGH and p.func not in _SLICES) or not p.inputs:
+                written = any(op.mutates in storages for op in self.ops
+                              if p.seq < op.seq < consumer and op.mutates is not None)
+                return None if written else _weighted_key(p)
+            if (p.func not in PASS_THROUGH and p.func not in _SLICES) or not p.inputs or not p.lossless:
                 return None
             tid, before_seq = p.inputs[0], p.seq
         return None
 
 
-def _qkv_producers(trace: Trace, module: str, src: _Sources) -> tuple[tuple[str, str], ...]:
+def _qkv_producers(trace: Trace, module: str, src: _Sources, probs_operand: int = 0
+                   ) -> tuple[tuple[str, str], ...]:
     """The weighted ops whose outputs reach q, k or v of attention ``module`` as they are (timm's fused
     ``qkv`` -> reshape/permute/unbind; HF's query/key/value -> view/transpose;
     ``nn.MultiheadAttention``'s in-projection), as site keys; a q scaled or normalized on the way
-    (``q * scale``, ``q_norm``) has none."""
+    (``q * scale``, ``q_norm``) has none. In each call, q and k are the operands of the first matmul,
+    v the operand of the second that is not the probabilities (``probs_operand``: talking-heads
+    attention mixes them with a Linear first, CaiT's ``proj_w``, which is not v)."""
     found: dict[tuple[str, str], None] = {}
+    calls: dict[tuple[str, int], list[OpEvent]] = {}
     for op in trace.ops:
-        if not any(f[0] == module for f in op.stack):
-            continue
-        if op.kind == "sdpa":
-            ids = op.inputs[:3]
-        elif op.kind == "matmul_act":  # q@k^T, and attn@v's operand that is not the probabilities
-            ids = tuple(o for o in op.operands if o not in trace.probs)
+        frame = next((f for f in op.stack if f[0] == module), None)
+        if frame is not None and op.kind in ("sdpa", "matmul_act"):
+            calls.setdefault(frame, []).append(op)
+    for ops in calls.values():
+        if ops[0].kind == "sdpa":
+            reads = [(ops[0], ops[0].inputs[:3])]
+        elif len(ops) == 2:
+            reads = [(ops[0], ops[0].operands), (ops[1], ops[1].operands[1 - probs_operand:][:1])]
         else:
             continue
-        for tid in ids:
-            key = src.gemm(tid, op.seq)
-            if key is not None:
-                found[key] = None
+        for op, ids in reads:
+            for tid in ids:
+                key = src.gemm(tid, op.seq)
+                if key is not None:
+                    found[key] = None
     return tuple(found)
 
 
@@ -452,7 +462,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
                                     order=first, probs_at_matmul=None in where,
                                     probs_operand=next(iter(where - {None}), 0),
-                                    qkv_from=tuple(k for k in _qkv_producers(trace, m, src) if k in sites))
+                                    qkv_from=tuple(k for k in _qkv_producers(
+                                        trace, m, src, next(iter(where - {None}), 0)) if k in sites))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -770,7 +781,9 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     names = list(quantizers(model))
     present = set(names)
-    groups = _merge_groups([[q for q in g if q in present] for g in share_groups])
+    order = {n: i for i, n in enumerate(names)}
+    groups = [sorted(g, key=lambda q: (q.rpartition(".")[2] not in ATTENTION_QUANTIZERS, order[q]))
+              for g in _merge_groups([[q for q in g if q in present] for g in share_groups])]
     result = PlacementResult(
         family=family,
         mode=settings.mode if settings is not None else None,

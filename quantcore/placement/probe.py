@@ -52,6 +52,9 @@ class OpEvent:
     seq: int = 0  # position in the trace (calls and ops share one counter)
     operands: tuple[int, ...] = ()  # matmul_act: ids of its two activation operands, in order
     params: tuple[str, ...] = ()  # other ops: the parameters among the inputs, also as views (weight.t())
+    storages: tuple[Optional[int], ...] = ()  # storage address of each output (aliases share one)
+    mutates: Optional[int] = None  # in-place ops (mul_, copy_, x[i] = ..., out=): the storage they write
+    lossless: bool = True  # casts: the output dtype represents every input value (float16 -> float32)
 
 
 @dataclass
@@ -96,6 +99,29 @@ def _func_name(func: Any) -> str:
     return getattr(func, "__name__", None) or str(func)
 
 
+def _storage(t: Any) -> Optional[int]:
+    if torch.compiler.is_compiling():  # traced by dynamo (flex_attention's kernel): no real storage
+        return None
+    try:
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+    except (RuntimeError, NotImplementedError, TypeError):  # no storage (meta, sparse, wrapper tensors)
+        return None
+
+
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                    "__imatmul__"}
+_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double"}
+
+
+def _mutated(name: str, args: tuple, kwargs: dict) -> Optional[int]:
+    """The storage an in-place op writes (None for other ops); moves in place (``transpose_``) write no value."""
+    if "out" in kwargs and isinstance(kwargs["out"], torch.Tensor):
+        return _storage(kwargs["out"])
+    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    return _storage(args[0]) if inplace and name not in PASS_THROUGH and args else None
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, trace: Trace, stack: list[Frame]) -> None:
         super().__init__()
@@ -123,6 +149,11 @@ class _Recorder(TorchFunctionMode):
 
         ev = OpEvent("other", name, tuple(self.stack), _tensor_ids((args, kwargs)), _tensor_ids(out),
                      seq=self.trace.next_seq())
+        ev.storages = tuple(_storage(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        ev.mutates = _mutated(name, args, kwargs)
+        if name in _CASTS and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            a, b = args[0].dtype, out.dtype
+            ev.lossless = a == b or (a.is_floating_point == b.is_floating_point and torch.promote_types(a, b) == b)
         if func in WEIGHTED_OPS:
             x, w, _, _ = weighted_args(args, kwargs)
             ev.kind, ev.op = "weighted", WEIGHTED_OPS[func]
