@@ -27,7 +27,7 @@ from .calib.maxcal import MaxState
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
-from .errors import CalibrationError, UserError
+from .errors import CalibrationError, UserError, one_line
 from .models import create_model
 from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
 from .quantizer_kinds.affine import MIN_SCALE
@@ -281,9 +281,11 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def _naming(name: str, q: Any) -> Iterator[None]:
     """Range searches raise plain ValueErrors (they do not know the quantizer's name): name it."""
+    from .plugins import PluginError
+
     try:
         yield
-    except CalibrationError:
+    except (CalibrationError, PluginError):  # already name the quantizer
         raise
     except ValueError as e:
         raise CalibrationError(f"quantizer {name!r} (format {q.spec.format!r}, calibrator "
@@ -467,6 +469,7 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
         extra["qat"] = loaded["qat"]  # trained weights stay trained through a load + save
     meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
             "example_input_shape": list(getattr(placement, "example_input_shape", []) or []),
+            "family": getattr(placement, "family", None),  # what family: auto chose (a plug-in's, maybe)
             "versions": library_versions(), "extra": extra}
     tf = _transform_record(model)
     if tf is not None:
@@ -534,6 +537,14 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     shape = meta.get("example_input_shape") or None
     if example_input is None and shape:  # the probe input of calibration time (same seed, same shape)
         example_input = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    family = meta.get("family")
+    if family is not None:
+        from .placement.families import family_names
+
+        if family not in family_names():  # family: auto would silently detect another one
+            raise CheckpointError(f"checkpoint {uri}: it was placed by model family {family!r}, which is not "
+                                  f"registered here (registered: {family_names()}); import the plug-in that "
+                                  f"registers it first (the CLI: QUANTCORE_PLUGINS=module)")
     prepare(model, recipe, example_input=example_input)
     qs = quantizers(model)
     specs = meta.get("quantizer_specs", {})
@@ -544,7 +555,12 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     from .formats import QuantSpec
 
     for name, spec in specs.items():
-        qs[name].set_spec(QuantSpec.model_validate(spec))
+        try:
+            qs[name].set_spec(QuantSpec.model_validate(spec))
+        except ValueError as err:  # pydantic's ValidationError too: a format/calibrator not registered here
+            raise CheckpointError(f"checkpoint {uri}: quantizer {name!r}: {one_line(err)} (a plug-in's kind or "
+                                  f"calibrator: import the module that registers it first; the CLI: "
+                                  f"QUANTCORE_PLUGINS=module)") from None
     load_state_strict(model, state, uri)
     model.quantcore_meta = meta
     _check_transform(model, meta, uri)

@@ -448,6 +448,9 @@ def _main(argv: list[str] | None) -> int:
     from .errors import Preempted
 
     try:
+        from .plugins import load_plugins
+
+        load_plugins()  # $QUANTCORE_PLUGINS and installed entry points: their kinds/calibrators/families
         _repeated_options(list(sys.argv[1:] if argv is None else argv))
         app(args=argv, standalone_mode=False)
     except _user_errors() as err:

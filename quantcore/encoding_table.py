@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
@@ -18,6 +19,32 @@ def _float(v: float) -> float | None:
 def _num(t) -> float | None | list[float | None]:
     t = t.detach().cpu()
     return _float(float(t)) if t.numel() == 1 else [_float(float(v)) for v in t.reshape(-1)]
+
+
+#: row keys quantcore writes itself: a kind's encoding() may not replace them
+_OWN_KEYS = {"name", "kind", "enabled", "format", "bits", "symmetric", "axis", "narrow_range", "calibrator",
+             "percentile", "quant_min", "quant_max", "min", "max", "amax", "calibrated", "shared_with"}
+
+
+def _kind_fields(name: str, q, row: dict[str, Any]) -> dict[str, Any]:
+    """The kind's own encoding fields (uniform int: scale, zero_point), checked: they may not replace
+    the recorded format/range, and must be JSON values (tensors become numbers)."""
+    from .plugins import PluginError
+
+    kind = q.spec.kind
+    who = f"quantizer {name!r} (format {q.spec.format!r} = {type(kind).__module__}.{type(kind).__qualname__})"
+    try:
+        fields = {k: _num(v) if hasattr(v, "detach") else v for k, v in kind.encoding(q).items()}
+    except Exception as e:  # noqa: BLE001 - a kind's failure, named (built-in kinds do not raise here)
+        raise PluginError(f"{who}: encoding() raised {type(e).__name__}: {e}") from e
+    clash = sorted(set(fields) & (_OWN_KEYS | set(row)))
+    if clash:
+        raise PluginError(f"{who}: encoding() returns {clash}, which quantcore records itself; use other names")
+    try:
+        json.dumps(fields, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise PluginError(f"{who}: encoding() returns a value that is not JSON: {e}") from None
+    return fields
 
 
 def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -46,7 +73,7 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
             if q.is_calibrated:
                 row.update(min=_num(q.amin), max=_num(q.amax))
                 # the kind's own parameters (uniform int: scale, zero_point; other grids: theirs)
-                row.update({k: _num(v) if hasattr(v, "detach") else v for k, v in s.kind.encoding(q).items()})
+                row.update(_kind_fields(name, q, row))
                 if s.symmetric:
                     row["amax"] = _num(q.amax)
             else:

@@ -110,6 +110,7 @@ def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> lis
             continue
         q.make_learnable()
         q.zero_point.requires_grad_(bool(learn_zero_point and not q.spec.symmetric))
+        _check_learns(name, q)
         names.append(name)
     # Quantizers that share one range (ft2's q/k/v) share one learned scale/zero point: the trained
     # model keeps the deployed constraint (same Parameter objects, so one optimizer entry each).
@@ -118,6 +119,30 @@ def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> lis
         for m in members[1:]:
             m.scale, m.zero_point = members[0].scale, members[0].zero_point
     return names
+
+
+def _check_learns(name: str, q) -> None:
+    """A plug-in kind that declares ``supports_learnable`` must read ``quantizer.scale`` in fake_quant
+    when the spec is learnable: otherwise QAT trains nothing for it and says nothing. Probed once on a
+    ramp over the calibrated range (built-in kinds are tested)."""
+    from .plugins import PluginError, is_plugin
+
+    if not is_plugin(q.spec.kind):
+        return
+    c, axis = q.scale.numel(), q.spec.axis
+    shape = [c] if axis is None or c == 1 else ([1] * axis + [c] if axis >= 0 else [c] + [1] * (-axis - 1))
+    lo, hi = float(q.amin.min()), float(q.amax.max())
+    x = torch.linspace(lo, hi, 64 * max(1, c)).reshape(64, *shape) if c > 1 else torch.linspace(lo, hi, 64)
+    x = x.to(q.scale.device)
+    with torch.enable_grad():
+        y = q(x)
+        grad = torch.autograd.grad(y.sum(), [q.scale], allow_unused=True)[0] if y.requires_grad else None
+    if grad is None:
+        k = type(q.spec.kind)
+        raise PluginError(f"quantizer {name!r} (format {q.spec.format!r} = {k.__module__}.{k.__qualname__}) declares "
+                          "supports_learnable, but its fake_quant does not use quantizer.scale when the spec is "
+                          "learnable: QAT would learn nothing for it (read quantizer.scale/zero_point, or set "
+                          "supports_learnable = False)")
 
 
 def _bn_modules(model: nn.Module) -> list[nn.Module]:

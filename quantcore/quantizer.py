@@ -12,8 +12,9 @@ from torch import nn
 from .calib.histogram import DEFAULT_BINS, HistogramState, memory_order
 from .calib.maxcal import MaxState
 from .calib.registry import calibrator
-from .errors import CalibrationError
+from .errors import CalibrationError, UserError
 from .formats import QuantSpec
+from .plugins import PluginError, is_plugin
 from .quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE
 from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F401 - public here since 0.1
 
@@ -115,6 +116,9 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"range [{float(torch.as_tensor(lo).min()):.4g}, {float(torch.as_tensor(hi).max()):.4g}] "
                              f"does not fit the float32 grid (|values| and the range's width must stay below "
                              f"{torch.finfo(torch.float32).max:.3g})")
+        if self.spec.axis is None and (lo_t.numel() != 1 or hi_t.numel() != 1):
+            raise ValueError(f"range of {lo_t.numel()} / {hi_t.numel()} values for a per-tensor quantizer "
+                             "(it takes one lo and one hi)")
         if self.spec.symmetric:
             a = torch.maximum(lo_t.abs(), hi_t.abs())
             lo_t, hi_t = -a, a
@@ -164,7 +168,7 @@ class TensorQuantizer(nn.Module):
         if isinstance(c, HistogramState):
             from .calib.search import find_range  # local: search depends on formats only
 
-            lo, hi = find_range(c, self.spec)
+            lo, hi = self._plugin_range(lambda: find_range(c, self.spec))
         else:
             # (a disabled quantizer never applies its grid: nothing to refuse)
             lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec) if self.spec.enabled else (c.min, c.max)
@@ -177,7 +181,7 @@ class TensorQuantizer(nn.Module):
             return
         if not bool(torch.isfinite(x).all()):
             raise ValueError("non-finite values (inf/nan) in the weight")
-        rng = self.spec.kind.tensor_range(x.detach(), self.spec)
+        rng = self._plugin_range(lambda: self.spec.kind.tensor_range(x.detach(), self.spec), may_be_none=True)
         if rng is not None:
             self.set_range(*rng)
             return
@@ -228,6 +232,49 @@ class TensorQuantizer(nn.Module):
         self.scale, self.zero_point = None, None
         self.spec = self.spec.model_copy(update={"learnable": False})
 
+    # -- plug-in code: failures and wrong results named by quantizer ---------------------------------
+    def _who(self) -> str:
+        s = self.spec
+        k = type(s.kind)
+        cal = "" if s.is_float else f", calibrator {s.calibrator!r}"
+        return f"quantizer {self.qname or '(unnamed)'!r} (format {s.format!r} = {k.__module__}.{k.__qualname__}{cal})"
+
+    def _plugin_code(self) -> bool:
+        if is_plugin(self.spec.kind):
+            return True
+        return not self.spec.is_float and is_plugin(calibrator(self.spec.calibrator))
+
+    def _plugin_fake_quant(self, _q: "TensorQuantizer", x: torch.Tensor) -> torch.Tensor:
+        try:
+            y = self.spec.kind.fake_quant(self, x)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
+            raise PluginError(f"{self._who()}: fake_quant raised {type(e).__name__}: {e}") from e
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+            got = (f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor)
+                   else type(y).__name__)
+            raise PluginError(f"{self._who()}: fake_quant returned {got} for a {x.dtype} input of shape "
+                              f"{tuple(x.shape)}; it must return the input's shape and dtype")
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()) and bool(torch.isfinite(x).all()):
+            raise PluginError(f"{self._who()}: fake_quant returned inf/NaN for finite input")
+        return y
+
+    def _plugin_range(self, compute, may_be_none: bool = False) -> tuple:
+        """``compute()`` (a range search) with a plug-in's failures and malformed results named."""
+        if not self._plugin_code():
+            return compute()
+        try:
+            rng = compute()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise PluginError(f"{self._who()}: its range computation raised {type(e).__name__}: {e}") from e
+        if (rng is not None or not may_be_none) and (not isinstance(rng, (tuple, list)) or len(rng) != 2):
+            raise PluginError(f"{self._who()}: its range computation returned {type(rng).__name__} {rng!r:.80}; "
+                              "it must return (lo, hi)")
+        return rng
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
@@ -246,10 +293,11 @@ class TensorQuantizer(nn.Module):
         if not self.active:
             return x
         kind = self.spec.kind
+        fq = kind.fake_quant if not is_plugin(kind) else self._plugin_fake_quant
         if kind.is_float:
-            return kind.fake_quant(self, x)
+            return fq(self, x)
         orig = x.dtype
-        y = kind.fake_quant(self, x.float() if orig != torch.float32 else x)  # grids work in float32
+        y = fq(self, x.float() if orig != torch.float32 else x)  # grids work in float32
         if orig == torch.float32:
             return y
         if orig.is_floating_point and torch.finfo(orig).max < torch.finfo(torch.float32).max:

@@ -198,13 +198,13 @@ def test_ray_train_qat_two_workers_moto_s3_resumes_after_worker_kill():
     only reaches this cluster; the killed worker is ours): 2 Ray Train workers, checkpoints in moto S3,
     SIGKILL to rank 1 after the first checkpoint, Ray restarts the group, the loop resumes, and the
     final weights equal an uninterrupted torchrun run's bit for bit."""
-    cmd = in_netns([sys.executable, REPO / "tests" / "ray_qat_e2e.py", "--timeout", "420"])
+    cmd = in_netns([sys.executable, REPO / "tests" / "ray_qat_e2e.py", "--timeout", "600"])
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS"):
         env.pop(k, None)  # the script sets up its own
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=840,
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1020,
                           stdin=subprocess.DEVNULL)
     out = proc.stdout + proc.stderr
     steps = "\n".join(line for line in out.splitlines() if line.startswith("[ray_qat_e2e "))

@@ -79,7 +79,7 @@ class Backend:
         raise NotImplementedError
 
 
-_BACKENDS: Registry[Backend] = Registry("calibration backend")
+_BACKENDS: Registry[Backend] = Registry("calibration backend", base=Backend)
 
 
 def register_backend(b: Backend) -> Backend:

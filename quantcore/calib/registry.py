@@ -39,7 +39,7 @@ class Calibrator:
         raise NotImplementedError
 
 
-_CALIBRATORS: Registry[Calibrator] = Registry("calibrator")
+_CALIBRATORS: Registry[Calibrator] = Registry("calibrator", base=Calibrator)
 
 
 def register_calibrator(cal: Calibrator) -> Calibrator:

@@ -51,7 +51,7 @@ class ModelSource:
         raise NotImplementedError
 
 
-SOURCES: Registry[ModelSource] = Registry("model source", reserved=("auto",))
+SOURCES: Registry[ModelSource] = Registry("model source", reserved=("auto",), base=ModelSource)
 
 
 def register_source(source: ModelSource) -> ModelSource:

@@ -82,7 +82,7 @@ class GenericPlan(FamilyPlan):
         return True
 
 
-_FAMILIES: Registry[FamilyPlan] = Registry("family", reserved=("auto",))
+_FAMILIES: Registry[FamilyPlan] = Registry("family", reserved=("auto",), base=FamilyPlan)
 
 
 def register_family(plan: FamilyPlan) -> FamilyPlan:
@@ -112,7 +112,8 @@ for _p in (ViTPlan, CNNPlan, GenericPlan):
     register_family(_p())
 
 
-#: The built-in family names (family_names() also lists ones registered later).
+#: The built-in family names, fixed at import (:func:`family_names` also lists plug-in families).
 FAMILIES = tuple(family_names())
-#: Default keep-float globs per family, as plain lists.
+#: Default keep-float globs of the built-in families, as plain lists (a plug-in family's are its
+#: plan's ``default_keep_float``: ``family_plan(name).default_keep_float``).
 DEFAULT_KEEP_FLOAT: dict[str, list[str]] = {n: list(family_plan(n).default_keep_float) for n in family_names()}

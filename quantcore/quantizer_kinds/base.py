@@ -110,7 +110,7 @@ class QuantizerKind:
         return {}
 
 
-_KINDS: Registry[QuantizerKind] = Registry("quantizer format")
+_KINDS: Registry[QuantizerKind] = Registry("quantizer format", base=QuantizerKind)
 
 
 def register_quantizer_kind(kind: QuantizerKind, *names: str) -> QuantizerKind:
