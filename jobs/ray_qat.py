@@ -211,6 +211,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     from quantcore.pipeline import DataSpec
     from quantcore.qat import QATOptions, run_qat
 
+    from quantcore.plugins import load_plugins
+
+    load_plugins()  # this worker's process: the plug-ins the recipe's kinds/calibrators/family need
     c = LoopConfig(**config)
     _configure_logging()
     ctx = ray.train.get_context()
@@ -396,7 +399,9 @@ def run(cfg: LoopConfig, args: argparse.Namespace) -> Dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=True)
+        from quantcore.plugins import runtime_env
+
+        ray.init(address=args.address, log_to_driver=True, runtime_env=runtime_env() or None)
     path, fs = storage_location(args.storage_path, cfg.out)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -449,6 +454,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parse_once(_parser(), argv)  # exits 2 on usage errors
     try:
+        from quantcore.plugins import load_plugins
+
+        load_plugins()  # before the recipe is read: $QUANTCORE_PLUGINS, quantcore.plugins entry points
         cfg = build_config(args)
     except (UserError, StorageError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -462,6 +462,9 @@ def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
 
 def _ptq_task(run: Dict[str, Any], out: str, sweep_name: str, default_device: str,
               show_progress: bool) -> Dict[str, Any]:
+    from quantcore.plugins import load_plugins
+
+    load_plugins()  # this task's process: the plug-ins its recipes need
     return execute_run(run, out, sweep_name, default_device, show_progress)
 
 
@@ -693,7 +696,9 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
     checkpoint_summary()
     if todo:
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=True)
+            from quantcore.plugins import runtime_env
+
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env() or None)
         if gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
             print(f"warning: tasks ask {gpus_per_task:g} GPU each but no node of the Ray cluster has a GPU now; "
                   f"they wait for GPU nodes. For a CPU sweep pass --gpus-per-task 0.", flush=True)
@@ -734,6 +739,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parse_once(_parser(), argv)
     try:
+        from quantcore.plugins import load_plugins
+
+        load_plugins()  # before the sweep's recipes are read
         sweep = load_sweep(args.sweep)
         if args.only:
             unknown = sorted(set(args.only) - {r.name for r in sweep.runs})

@@ -53,3 +53,10 @@ def load_plugins(env: str | None = None) -> list[str]:
                               f"{type(e).__name__}: {e}") from e
         done.append(name)
     return done
+
+
+def runtime_env() -> dict:
+    """A Ray ``runtime_env`` that passes ``$QUANTCORE_PLUGINS`` on to the cluster's workers (they run
+    in processes the cluster started, not under this driver's environment); ``{}`` when unset."""
+    value = os.environ.get(ENV, "")
+    return {"env_vars": {ENV: value}} if value else {}

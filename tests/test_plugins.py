@@ -230,3 +230,21 @@ def test_load_plugins_reads_entry_points(monkeypatch, tmp_path):
     ep = metadata.EntryPoint(name="mine", value="t_ep_plug", group="quantcore.plugins")
     monkeypatch.setattr(metadata, "entry_points", lambda group=None: [ep] if group == "quantcore.plugins" else [])
     assert load_plugins("") == ["t_ep_plug"] and sys.modules["t_ep_plug"].LOADED
+
+
+def test_ray_entrypoints_load_plugins_before_reading_recipes(monkeypatch, tmp_path, capsys):
+    """Ray jobs do not go through the CLI: the driver and each worker/task import the plug-ins, and
+    the driver passes $QUANTCORE_PLUGINS to the cluster's processes."""
+    from jobs import ray_qat, ray_sweep
+    from quantcore.plugins import runtime_env
+
+    monkeypatch.setenv("QUANTCORE_PLUGINS", "t_no_such_mod")
+    assert runtime_env() == {"env_vars": {"QUANTCORE_PLUGINS": "t_no_such_mod"}}
+    assert ray_qat.main(["-r", "fmnist_w8a8_ft2", "-d", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "t_no_such_mod" in capsys.readouterr().err
+    assert ray_sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "t_no_such_mod" in capsys.readouterr().err
+    with pytest.raises(PluginError, match="t_no_such_mod"):
+        ray_qat.train_loop_per_worker({})
+    monkeypatch.delenv("QUANTCORE_PLUGINS")
+    assert runtime_env() == {}
