@@ -143,15 +143,9 @@ def test_residual_branch_reads_the_gemm_output_rounded_once(layer_scale):
         assert torch.equal(out, model(x))
 
 
-class _Mutated(nn.Module):
+class _Mutated(_Transformed):
     """q's GEMM output written in place through an alias after a view was taken (the view reaching
     sdpa sees the new values), k through a lossy cast: neither GEMM output quantizer is q's/k's."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch = nn.Conv2d(3, 16, 8, 8)
-        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
-        self.head = nn.Linear(16, 5)
 
     def forward(self, x):
         t = self.patch(x).flatten(2).transpose(1, 2)
