@@ -51,9 +51,13 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
     from .placement import quantizers
 
     share = getattr(getattr(model, "quantcore_placement", None), "share_groups", []) or []
-    shared_with = {n: [m for m in g if m != n] for g in share for n in g}
+    qs = quantizers(model)
+    # only members that quantize share a grid (placement.unify_shared_ranges)
+    acting = {n for n, q in qs.items() if q.spec.enabled and not q.spec.is_float}
+    shared_with = {n: [m for m in g if m != n and m in acting] for g in share for n in g if n in acting}
+    shared_with = {n: v for n, v in shared_with.items() if v}
     rows = []
-    for name, q in quantizers(model).items():
+    for name, q in qs.items():
         if q.spec.learnable and q.scale is not None:  # QAT in progress: the learned grid, as convert() writes it
             q = copy.deepcopy(q)
             q.convert()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quantcore import api
-from quantcore.analysis import Budget, Engine, LogitStats, error_analysis, make_groups, parse_choices, search
+from quantcore.analysis import Budget, Engine, LogitStats, RangeBank, error_analysis, make_groups, parse_choices, search
 from quantcore.analysis import search_recipe, sensitivity, verify_recipe
 from quantcore.config import Override
 from quantcore.demo import FMNIST_DIR, load_fashion_mnist
@@ -363,7 +363,9 @@ def test_search_met_is_decided_by_what_the_written_recipe_gives(setup, monkeypat
     res, written = run_mod.analyze_model(model, evalb, opts, stats=api.calibration_state(model), fp32=fp32,
                                          calib_batches=calib)
     assert res["search"]["reproduced"]["equal"] is False and res["search"]["met"] is False
-    assert written.description.startswith("BUDGET NOT MET")  # the recipe written says so too
+    # the recipe written says so too, and why: not "the last configuration tried" (it is the chosen one)
+    assert written.description.startswith("BUDGET NOT MET (the search's figure met it, this recipe run "
+                                          "through prepare + calibrate does not (agreement 1 vs ")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -468,8 +470,9 @@ def test_a_budget_no_configuration_can_meet_is_refused_and_a_missed_one_is_marke
 
     res = search(model, evalb, Budget.from_options(sqnr_db=200.0), api.calibration_state(model),
                  groups="block", choices=("4", "8"))
-    assert res["met"] is False
-    assert search_recipe(model.quantcore_recipe, model, res).description.startswith("BUDGET NOT MET")
+    assert res["met"] is False and set(res["config"].values()) == {"8"}  # the most precise it could do
+    desc = search_recipe(model.quantcore_recipe, model, res).description
+    assert desc.startswith("BUDGET NOT MET (no configuration tried met it") and "most precise" in desc
     met = search(model, evalb, Budget.from_options(sqnr_db=1.0), api.calibration_state(model),
                  groups="block", choices=("4", "8"))
     assert met["met"] and "NOT MET" not in search_recipe(model.quantcore_recipe, model, met).description
@@ -538,3 +541,40 @@ def test_the_mac_count_sees_inside_torch_multihead_attention(need_weights):
     by_hand = L * 4 * E + L * E * 3 * E + 2 * H * L * L * (E // H) + L * E * E + E * 3  # emb, in, qk, av, out, head
     assert 2 * sum(tr.macs.values()) == pytest.approx(fc.get_total_flops() / x.shape[0], rel=1e-9)
     assert sum(tr.macs.values()) == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_share_group_member_left_float_measures_what_its_recipe_gives(setup):
+    """ft2: a configuration with a q/k/v member float (and the others on the same or another grid) is
+    measured by the search as the recipe it writes (``enabled: false`` on that member) gives it through
+    prepare + calibrate: the others on the union of *their own* ranges. (The recipe widened their grid
+    with the float member's range; the search unified only changed members.)"""
+    from quantcore.analysis.search import choice_spec, config_ranges
+
+    fp32, recipe, _, calib, evalb = setup
+    d = recipe.model_dump(mode="json")
+    d["placement"]["mode"] = "ft2"
+    ft2 = load_recipe(d)
+    model = api.prepare(copy.deepcopy(fp32), ft2)
+    api.calibrate(model, calib)
+    groups = model.quantcore_placement.share_groups
+    assert groups
+    qs = quantizers(model)
+    alone = copy.deepcopy(model)
+    alone.quantcore_placement.share_groups = []
+    api.finalize(alone)  # each member's own range
+    own = {n: float(q.amax.max()) for n, q in quantizers(alone).items()}
+    eng = Engine(model, evalb)
+    bank = RangeBank(model, api.calibration_state(model))
+    for group in groups[:2]:
+        # the member with the widest own range: leaving it float changes the others' grid the most
+        member = max(group, key=own.get)
+        assert own[member] > max(own[n] for n in group if n != member)
+        for other in ("4", "8"):  # the others as they are (4-bit) and raised to 8 bits
+            config = {n: "float" if n == member else other for n in group}
+            res = {"groups": {n: [n] for n in group}, "config": config, "met": True, "cost": 0.0,
+                   "cost_model": "bits", "budget": {"text": "test", "metric": "agreement"}}
+            rec = search_recipe(ft2, model, res)
+            assert any(o.match == member and o.enabled is False for o in rec.overrides)
+            specs = {n: choice_spec(c, qs[n].spec) for n, c in config.items()}
+            measured = eng.evaluate({"c": config_ranges(eng, bank, specs)})["c"]
+            assert verify_recipe(rec, fp32, calib, evalb) == measured, (member, other)

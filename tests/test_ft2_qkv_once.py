@@ -176,3 +176,36 @@ def test_talking_heads_probabilities_are_not_v():
     model = api.prepare(m.eval(), _recipe(), example_input=torch.randn(1, 3, 32, 32))
     g = model.quantcore_placement.share_groups[0]
     assert g == [f"blocks.0.attn.{q}" for q in ("q_quantizer", "k_quantizer", "v_quantizer", "qkv.output_quantizer")]
+
+
+@pytest.mark.parametrize("off", [{"enabled": False}, {"spec": {"format": "fp16"}}])
+def test_member_left_float_does_not_widen_the_shared_grid(off):
+    """A share-group member the recipe leaves float (``enabled: false`` or a float cast: what the
+    mixed-precision search writes) passes float values: the other members' common range is the union of
+    *their* ranges only (the search measured it so, and the deployed kernel reads no int8 k). Reference:
+    each member's own range from the same statistics, with the share groups removed."""
+    import copy
+
+    d = _recipe().model_dump(mode="json")
+    torch.manual_seed(1)
+    fp32 = _timm().eval()
+    own = _calibrated(copy.deepcopy(fp32))
+    own.quantcore_placement.share_groups = []
+    api.finalize(own)
+    pre = "blocks.0.attn."
+    names = [pre + "qkv.output_quantizer", pre + "q_quantizer", pre + "k_quantizer", pre + "v_quantizer"]
+    rng = {n: float(quantizers(own)[n].amax.max()) for n in names}
+    widest = max(names, key=rng.get)  # leaving the widest member float must narrow the others' grid
+    rest = [n for n in names if n != widest]
+    assert rng[widest] > max(rng[n] for n in rest)
+    d["overrides"] = [{"match": widest, **off}]
+    torch.manual_seed(0)  # as _calibrated: the same calibration images
+    m = api.prepare(fp32, load_recipe(d), example_input=torch.randn(1, 3, 32, 32))
+    api.calibrate(m, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    qs = quantizers(m)
+    for n in rest:
+        assert float(qs[n].amax.max()) == pytest.approx(max(rng[k] for k in rest), rel=1e-6), n
+    from quantcore.encoding_table import quantizer_rows
+
+    rows = {r["name"]: r for r in quantizer_rows(m)}
+    assert sorted(rows[rest[0]]["shared_with"]) == sorted(rest[1:]) and "shared_with" not in rows[widest]

@@ -110,7 +110,7 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
                             res["reproduced"], res["metrics"])
                 if res["met"] and not opts.budget.ok(res["reproduced"]):
                     # a float-cast choice also acts during calibration: what the recipe gives decides
-                    res["met"] = False
+                    res["met"], res["reproduced_met"] = False, False
                     recipe = search_recipe(model.quantcore_recipe, model, res, checkpoint=checkpoint)
                     log.warning("the budget (%s) is met on the search's figure but not by the recipe it writes: "
                                 "reported as not met", opts.budget.describe())

@@ -340,6 +340,29 @@ def _pareto(points: list[dict[str, Any]], key: str, higher: bool) -> list[dict[s
     return front
 
 
+def config_ranges(eng: Engine, bank: RangeBank, specs: dict[str, QuantSpec | None]) -> dict:
+    """The engine configuration that acts as a recipe giving ``specs`` (quantizer -> spec, None = float)
+    would after prepare + calibrate: each changed quantizer's range from ``bank`` for its new spec, and
+    every member of a share group with a changed member on the union of the members' *own* ranges (as
+    api.finalize unifies them, leaving out float members); the model's members hold the old union, which
+    a member now float or on another grid took part in. Unchanged quantizers are left out, so the engine
+    reuses the forward up to the first change."""
+    out = {}
+    for n, s in specs.items():
+        st = None if s is None else bank.get(n, s)
+        q = eng.qs[n]
+        if st is not None and st[0] == q.spec and torch.equal(st[1], q.amin) and torch.equal(st[2], q.amax):
+            continue
+        out[n] = st
+    for group in eng.share_groups:
+        if any(n in out for n in group):
+            for n in group:
+                if n not in out and n in eng.qs and eng.base_on[n]:
+                    s = specs.get(n, eng.qs[n].spec)
+                    out[n] = None if s is None else bank.get(n, s)
+    return out
+
+
 def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: dict[str, dict[str, Any]], *,
            groups: Any = "quantizer", choices: Sequence[str | int] = ("4", "6", "8", "float"), cost: str = "bits",
            workers: int = 1, progress=None) -> dict[str, Any]:
@@ -396,14 +419,7 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
         return costf({**own, **specs_of(cfg)})
 
     def engine_config(cfg: dict[str, str]) -> dict:
-        out = {}
-        for n, s in specs_of(cfg).items():
-            st = None if s is None else bank.get(n, s)
-            q = eng.qs[n]
-            if st is not None and st[0] == q.spec and torch.equal(st[1], q.amin) and torch.equal(st[2], q.amax):
-                continue  # the model's own state: lets the engine reuse the forward up to the first change
-            out[n] = st
-        return out
+        return config_ranges(eng, bank, specs_of(cfg))
 
     evaluated: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}
@@ -506,11 +522,21 @@ def search_recipe(base: Recipe, model: nn.Module, result: dict[str, Any], name: 
     d["description"] = (f"{base.name} + mixed precision ({result['budget']['text']}, {result['cost_model']} "
                         f"cost {result['cost']:.4g})")
     if not result["met"]:  # written for review, but never mistaken for a recipe that meets its budget
-        d["description"] = ("BUDGET NOT MET on the search images (this is the last configuration the search "
-                            "tried): " + d["description"])
+        if result.get("reproduced") and result.get("reproduced_met") is False:
+            why = ("the search's figure met it, this recipe run through prepare + calibrate does not "
+                   f"({result['budget']['metric']} {_fmt(result['reproduced'].get(result['budget']['metric']))} "
+                   f"vs {_fmt(result['metrics'].get(result['budget']['metric']))} measured by the search)")
+        else:
+            why = ("no configuration tried met it on the search images; this is the most precise one the "
+                   "choices allow")
+        d["description"] = f"BUDGET NOT MET ({why}): " + d["description"]
     if checkpoint and d.get("model") is not None:
         d["model"].update(checkpoint=checkpoint, pretrained=False)
     return Recipe.model_validate(d)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
 
 
 def verify_recipe(recipe: Recipe, fp32: nn.Module, calib_batches: Iterable, eval_batches: Iterable,

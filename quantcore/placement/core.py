@@ -90,11 +90,15 @@ def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
 def unify_shared_ranges(model: nn.Module) -> list[list[str]]:
     """Give each shared group of the placement (``PlacementResult.share_groups``: e.g. one range for
     q/k/v, which one fused kernel reads) the union of its calibrated members' ranges, in place.
-    Members without a range yet are left alone. Returns the groups unified (quantizer names)."""
+    Members without a range yet are left alone, and so are members that do not quantize (``enabled:
+    false`` or a float cast, by recipe): their values stay float, so their range must not widen the
+    grid of the others (and they keep their own range for analysis). Returns the groups unified
+    (quantizer names)."""
     qs = quantizers(model)
     done = []
     for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
-        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()]
+        members = [qs[n] for n in group if n in qs and qs[n].amax.numel()
+                   and qs[n].spec.enabled and not qs[n].spec.is_float]
         if members:
             lo = torch.stack([m.amin.min() for m in members]).min()
             hi = torch.stack([m.amax.max() for m in members]).max()
