@@ -56,6 +56,11 @@ class _Stats:
     lo: torch.Tensor | None = None  # per channel for per-channel quantizers, else scalar
     hi: torch.Tensor | None = None
     top: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    # |x| values kept: the p99.99 of N values is the (N * 1e-4 + 1)-th largest, and N is known only at
+    # the end, so each call keeps as many as the expected total needs (``expected``: the trace's values
+    # per image x images); the statistic is exact while no call dropped a value it would have needed
+    expected: float = 0.0
+    kept_min: float = math.inf  # fewest values kept by a truncation that dropped some
 
     def add(self, x: torch.Tensor, q) -> None:
         x = x.detach().float()
@@ -77,13 +82,21 @@ class _Stats:
                 shape[axis % x.dim()] = -1
                 amin, amax = amin.reshape(shape), amax.reshape(shape)
             self.clipped += int(((x < amin) | (x > amax)).sum())
-        k = int(self.numel * P9999) + 1  # the k-th largest |x| so far is the p99.99 of |x|
-        cand = torch.cat([self.top, x.abs().flatten().topk(min(k, x.numel())).values.cpu()])
-        self.top = cand.topk(min(k, cand.numel())).values
+        k = max(int(self.numel * P9999), int(self.expected * P9999)) + 1
+        vals = x.abs().flatten()
+        if vals.numel() > k:
+            self.kept_min = min(self.kept_min, k)
+            vals = vals.topk(k).values
+        cand = torch.cat([self.top, vals.cpu()])
+        if cand.numel() > k:
+            self.kept_min = min(self.kept_min, k)
+            cand = cand.topk(k).values
+        self.top = cand.sort(descending=True).values
 
     def result(self, q, clip_warn: float, outlier_warn: float) -> dict[str, Any]:
         absmax = float(torch.maximum(self.lo.abs().max(), self.hi.abs().max()))
-        p = float(self.top[-1]) if self.top.numel() else 0.0
+        k = int(self.numel * P9999) + 1  # the k-th largest |x| is the p99.99 of |x|
+        p = float(self.top[min(k, self.top.numel()) - 1]) if self.top.numel() else 0.0
         out = {"min": float(self.lo.min()), "max": float(self.hi.max()), "absmax": absmax, "p99_99": p,
                "outlier_ratio": absmax / p if p > 0 else None, "zero_fraction": self.zeros / max(self.numel, 1),
                "clip_fraction": None, "grid_use": None, "warnings": []}
@@ -103,6 +116,9 @@ class _Stats:
                     q.spec.symmetric and float(lo.min()) >= 0) else ""
                 w.append(f"data spans only {100 * out['grid_use']:.0f}% of the grid: more than half of it is "
                          f"wasted{side}")
+        if k > self.kept_min:  # more values than the trace expected (shapes changed between batches)
+            w.append(f"p99.99 is a lower bound (outlier ratio an upper bound): {self.numel} values seen, "
+                     f"{self.expected:.0f} expected")
         if out["outlier_ratio"] is not None and out["outlier_ratio"] > outlier_warn:
             w.append(f"outliers: max |x| is {out['outlier_ratio']:.1f}x its p99.99")
         return out
@@ -131,7 +147,9 @@ def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any 
     qs = {n: eng.qs[n] for n in eng.order}
     iso = {n: _Pair() for n in qs}
     cum = {n: _Pair() for n in qs}
-    stats = {n: _Stats() for n in qs}
+    images = sum(x.shape[0] for x, _ in eng.batches)
+    stats = {n: _Stats(expected=eng.trace.numel_per_image.get(n, 0.0) * images if q.kind == "activation" else 0.0)
+             for n, q in qs.items()}
     per_image = sum(4 * eng.trace.numel_per_image.get(n, 0) for n, q in qs.items() if q.kind == "activation")
     chunk = max(1, int(memory_mb * 2**20 // max(per_image, 1)))
     weights_done: set[str] = set()
