@@ -602,6 +602,7 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
             raise UserError(f"budget: unknown key(s) {unknown}; use one of delta_top1, agreement, sqnr_db "
                             "(+ confidence)")
     names = {k: f"budget[{k!r}]" for k in ("delta_top1", "agreement", "sqnr_db", "confidence")}
+    names["images"] = "in the batches given"
     opts = AnalyzeOptions(search=search, budget=Budget.from_options(**budget, names=names) if budget else None,
                           groups=groups,
                           search_groups=search_groups, choices=choices, cost=cost, workers=workers)

@@ -457,7 +457,7 @@ def test_a_budget_no_configuration_can_meet_is_refused_and_a_missed_one_is_marke
     """An agreement budget on its confidence bound that even identical outputs cannot meet on the
     search images is refused before the search runs (naming the image count that would do, checked
     against the bound itself); a budget the search misses writes a recipe that says so."""
-    from quantcore.analysis.search import search, search_recipe, wilson_lower_bound
+    from quantcore.analysis.search import delta_lower_bound, search, search_recipe, wilson_lower_bound
 
     _, _, model, _, evalb = setup
     n = sum(x.shape[0] for x, _ in evalb)  # 256
@@ -467,6 +467,16 @@ def test_a_budget_no_configuration_can_meet_is_refused_and_a_missed_one_is_marke
         search(model, evalb, tight, api.calibration_state(model), groups="block", choices=("4", "8"))
     need = int(re.search(r"at least (\d+)", str(err.value)).group(1))
     assert wilson_lower_bound(100.0, need, 0.9) >= 99.5 > wilson_lower_bound(100.0, need - 1, 0.9)
+    # the same for a top-1 budget: no image gained or lost is the best a search can plan on
+    top1 = Budget.from_options(delta_top1=0.4, confidence=0.9)
+    assert delta_lower_bound(0, 0, n, 0.9) < -0.4
+    with pytest.raises(UserError, match=rf"--budget-top1 0.4 .*cannot be met on {n} search images.*identical"
+                                        r".*at least (\d+)") as err:
+        search(model, evalb, top1, api.calibration_state(model), groups="block", choices=("4", "8"))
+    need = int(re.search(r"at least (\d+)", str(err.value)).group(1))
+    assert delta_lower_bound(0, 0, need, 0.9) >= -0.4 > delta_lower_bound(0, 0, need - 1, 0.9)
+    with pytest.raises(UserError, match="stays below 0: give a positive --budget-top1"):
+        Budget.from_options(delta_top1=0.0, confidence=0.9).check_reachable(10**6)
 
     res = search(model, evalb, Budget.from_options(sqnr_db=200.0), api.calibration_state(model),
                  groups="block", choices=("4", "8"))
@@ -627,3 +637,69 @@ def test_tensor_statistics_equal_brute_force_over_all_batches(setup, batch):
         assert not any("lower bound" in w for w in st["warnings"]), n
         checked += 1
     assert checked >= 20
+
+
+def test_search_can_put_a_float_cast_quantizer_on_an_integer_grid(setup):
+    """A quantizer the recipe casts to fp16 collects no calibration statistics; the search may choose an
+    integer grid for it, so they are collected for it (while it keeps casting, as in calibration): its
+    statistics describe every value it received (checked against a capture), the search runs, and
+    without calibration images the error names the quantizer and why (it was 'statistics of ... are
+    empty')."""
+    from quantcore.analysis.search import cast_specs, collect_statistics
+
+    fp32, recipe, _, calib, evalb = setup
+    name = "blocks.1.attn.proj.input_quantizer"
+    d = recipe.model_dump(mode="json")
+    d["overrides"] = d["overrides"] + [{"match": name, "spec": {"format": "fp16"}}]
+    model = api.prepare(copy.deepcopy(fp32), load_recipe(d))
+    api.calibrate(model, calib)
+    qs = quantizers(model)
+    assert qs[name].spec.is_float and not api.calibration_state(model)[name]["total"]
+    eng = Engine(model, evalb)
+    casts = cast_specs(eng, "quantizer", ("4", "8", "float"), api.calibration_state(model))
+    assert list(casts) == [name] and not casts[name].is_float and casts[name].bits == 4
+    seen = []
+    h = qs[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().flatten()))
+    try:
+        st = collect_statistics(model, calib, casts)[name]
+    finally:
+        h.remove()
+    v = torch.cat(seen)
+    assert st["total"] == v.numel() and st["min"] == float(v.min()) and st["max"] == float(v.max())
+    assert qs[name].spec.is_float and qs[name].amax.numel() == 0  # the model is left as it was
+
+    with pytest.raises(UserError, match=rf"float-cast quantizer.*{re.escape(name)}.*calib_batches"):
+        api.analyze(model, evalb, search=True, budget={"agreement": 90.0}, search_groups="quantizer",
+                    choices=("4", "8", "float"))
+    res = api.analyze(model, evalb, search=True, budget={"agreement": 90.0}, search_groups="quantizer",
+                      choices=("4", "8", "float"), calib_batches=calib, fp32=fp32)
+    assert res["search"]["config"][name] in ("4", "8", "float") and "reproduced" in res["search"]
+
+
+def test_labels_outside_the_models_classes_are_refused(setup, tmp_path, capsys):
+    """Images of classes the model has no logit for are never right: every top-1 figure would be
+    silently off. The API names the label, the CLI the class counts (as ``quantcore ptq`` does), before
+    any calibration or analysis runs."""
+    from PIL import Image
+
+    from quantcore.cli import main
+
+    _, _, model, calib, evalb = setup
+    x, y = evalb[0]
+    for bad in (y + 10, torch.full_like(y, -1)):
+        with pytest.raises(UserError, match=r"analysis data: label -?\d+ is outside the model's 10 classes"):
+            api.analyze(model, [(x[:8], bad[:8])])
+    path = tmp_path / "m.qc.pt"
+    api.save(model, str(path))
+    raw = load_fashion_mnist()["test"][0]
+    for classes, rc in ((12, 2), (10, 0)):
+        root = tmp_path / f"folder{classes}"
+        for c in range(classes):
+            (root / "train" / f"c{c:02d}").mkdir(parents=True)
+            for i in range(52):  # the recipe calibrates on 512 images; a few are left to analyze
+                Image.fromarray(raw[52 * c + i]).save(root / "train" / f"c{c:02d}" / f"{i}.png")
+        args = ["analyze", "-c", str(path), "-d", str(root), "--split", "train", "-o", str(tmp_path / f"o{classes}"),
+                "--limit", "4", "--no-errors", "--no-progress"]
+        assert main(args) == rc, classes
+        if rc:
+            assert "the model gives 10 logits, but" in capsys.readouterr().err and not (tmp_path / "o12" / "analysis.json").exists()

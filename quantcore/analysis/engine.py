@@ -77,6 +77,11 @@ class LogitStats:
         self.agree += int((top == rtop).sum())
         if labels is not None:
             lab = labels.to(out.device)
+            c = out.shape[1]
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= c):
+                bad = int(lab[(lab < 0) | (lab >= c)][0])
+                raise UserError(f"analysis data: label {bad} is outside the model's {c} classes [0, {c}) (data "
+                                "for another label set, or model.num_classes too small)")
             self.labelled += lab.numel()
             self.correct += int((top == lab).sum())
             self.fp32_correct += int((rtop == lab).sum())

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .engine import Engine
 from .error_analysis import error_analysis
 from .groups import as_grouping
-from .search import Budget, collect_statistics, search, search_recipe, verify_recipe
+from .search import Budget, cast_specs, collect_statistics, search, search_recipe, verify_recipe
 from .sensitivity import sensitivity
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,17 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
                                                 errors=result.get("errors"), progress=bar)
     recipe = None
     if opts.search:
-        if stats is None:
+        casts = cast_specs(eng, sgroups, opts.choices, stats)
+        if stats is None or casts:
             if calib_batches is None:
-                raise UserError("the search needs calibration statistics: pass calib_batches (or stats)")
-            stats = collect_statistics(model, calib_batches)
+                raise UserError("the search needs calibration statistics: pass calib_batches (or stats)"
+                                if stats is None else
+                                f"the search needs calibration statistics of {len(casts)} float-cast quantizer(s) "
+                                f"it may put on an integer grid ({', '.join(list(casts)[:3])}"
+                                f"{', ...' if len(casts) > 3 else ''}): pass calib_batches, or keep them out "
+                                "of search_groups")
+            new = collect_statistics(model, calib_batches, casts)
+            stats = new if stats is None else {**stats, **{n: new[n] for n in casts}}
         with _bar(opts.progress, "search", None, "config") as bar:
             res = search(model, eng, opts.budget, stats, groups=sgroups, choices=opts.choices, cost=opts.cost,
                          workers=opts.workers, progress=bar)
@@ -127,6 +134,20 @@ def _batches(ds, indices: list[int], batch_size: int, workers: int, device: torc
     from ..pipeline import _loader
 
     return [(x, y) for x, y, *_ in _loader(ds, batch_size, workers, indices, device)]
+
+
+def _check_classes(model: nn.Module, batches: list, datasets: dict[str, Any]) -> None:
+    """The model's logits must be the datasets' classes (as ``quantcore ptq``'s evaluation checks):
+    with fewer logits, images of the extra classes are never right and every figure is silently off."""
+    from ..models import output_logits
+
+    with torch.no_grad(), api.quantization_disabled(model):
+        n_out = output_logits(model(batches[0][0][:1])).shape[-1]
+    for what, ds in datasets.items():
+        if ds is not None and len(ds.classes) != n_out:
+            raise UserError(f"model.num_classes: the model gives {n_out} logits, but {what} has {len(ds.classes)} "
+                            f"classes; analyze on data of the model's classes (or set model.num_classes: "
+                            f"{len(ds.classes)}, with weights trained for them)")
 
 
 def check_searchable(recipe: Any, opts: AnalyzeOptions, model: nn.Module | None = None) -> None:
@@ -202,6 +223,7 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     eds = open_dataset(data, eval_split, eval_transform(ref)) if eval_split else None
     cidx = _calibration_indices(ds, r)
     calib = _batches(ds, cidx, r.calibration.batch_size, workers, dev)
+    _check_classes(ref, calib, {f"{data} (split {split!r})": ds, f"{data} (split {eval_split!r})": eds})
     if model is None:
         if fp32 is None:
             raise UserError(f"recipe {r.name!r}: no FP32 weights to calibrate (model.checkpoint)")

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from .. import api
+from ..calib.histogram import HistogramState
+from ..calib.registry import calibrator
 from ..config import Override, Recipe, SpecPatch
 from ..errors import UserError
 from ..formats import FLOAT_DTYPES, QuantSpec
@@ -37,17 +39,50 @@ BUDGET_METRICS = {"delta_top1": "--budget-top1", "agreement": "--budget-agreemen
 
 
 # -- statistics and ranges ----------------------------------------------------------------------------
-def collect_statistics(model: nn.Module, batches: Iterable) -> dict[str, dict[str, Any]]:
+def collect_statistics(model: nn.Module, batches: Iterable,
+                       casts: dict[str, QuantSpec] | None = None) -> dict[str, dict[str, Any]]:
     """Collect calibration statistics of a calibrated (e.g. loaded) model without changing its ranges;
-    returns :func:`quantcore.api.calibration_state`. Use the images the recipe calibrates on."""
+    returns :func:`quantcore.api.calibration_state`. Use the images the recipe calibrates on.
+
+    ``casts``: float-cast activation quantizers (fp16, ...: they collect nothing) -> the integer spec
+    whose statistics to collect for them as well, so a search can put them on an integer grid; they
+    keep casting during the pass, as in the recipe's calibration."""
     qs = quantizers(model)
     saved = {n: (q.amin, q.amax) for n, q in qs.items()}
-    api.collect(model, batches)
+    extra, hooks = {}, []
+    for n, spec in (casts or {}).items():
+        q = qs[n]
+        extra[n] = calibrator(spec.calibrator).new_state(spec, q.bins)
+        hooks.append(q.register_forward_pre_hook(lambda mod, args, st=extra[n]: st.update(args[0].detach())))
+    try:
+        api.collect(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
     state = api.calibration_state(model)
+    for n, st in extra.items():
+        state[n] = {"type": "hist" if isinstance(st, HistogramState) else "max", **st.to_dict()}
     for n, q in qs.items():
         q.calibrating, q.observe = False, False
         q.amin, q.amax = saved[n]
     return state
+
+
+def cast_specs(eng: Engine, groups: Any, choices: Sequence[str | int],
+               stats: dict[str, dict[str, Any]] | None) -> dict[str, QuantSpec]:
+    """Searched activation quantizers that are float casts without statistics in ``stats`` -> the
+    integer spec an integer choice gives them (its statistics do not depend on the bit width): what
+    :func:`collect_statistics` must collect before the search can try them on an integer grid."""
+    ints = [c for c in parse_choices(choices) if c.isdigit()]
+    if not ints:
+        return {}
+    out = {}
+    for members in make_groups(eng, groups, field="search_groups").values():
+        for n in members:
+            q = eng.qs[n]
+            if q.kind == "activation" and q.spec.is_float and not (stats or {}).get(n, {}).get("total"):
+                out[n] = choice_spec(ints[0], q.spec)
+    return out
 
 
 class RangeBank:
@@ -73,6 +108,11 @@ class RangeBank:
             try:
                 q.set_spec(spec)
                 if q.kind == "activation":
+                    if not self.state.get(name, {}).get("total") and saved[0].is_float:
+                        raise UserError(f"no calibration statistics for {name!r} (a {saved[0].format} cast in "
+                                        "the recipe: casts collect none): collect them with "
+                                        "analysis.collect_statistics(..., casts=search.cast_specs(...)), or pass "
+                                        "the calibration images (quantcore.api.analyze(..., calib_batches=...))")
                     if name not in self.state:
                         raise UserError(f"no calibration statistics for {name!r}: pass the calibration images "
                                         "(quantcore.api.analyze(..., calib_batches=...)) or collect them first "
@@ -158,6 +198,8 @@ class Budget:
     metric: str
     value: float
     confidence: float | None = None
+    # how errors name the options (CLI flags, or the API's keys): not part of the budget's value
+    names: tuple[tuple[str, str], ...] = field(default=(), compare=False, hash=False, repr=False)
 
     @classmethod
     def from_options(cls, delta_top1: float | None = None, agreement: float | None = None,
@@ -189,7 +231,7 @@ class Budget:
                                 f"images), not to {names['sqnr_db']}")
             if not (math.isfinite(confidence) and 0.5 <= confidence < 1):
                 raise UserError(f"{copt}: a probability in [0.5, 1), e.g. 0.9; got {confidence}")
-        return cls(k, float(v), None if confidence is None else float(confidence))
+        return cls(k, float(v), None if confidence is None else float(confidence), tuple(names.items()))
 
     def bound(self, m: dict[str, Any]) -> float | None:
         """The value the budget is checked on: the metric itself, or its lower confidence bound
@@ -215,25 +257,44 @@ class Budget:
             return v >= self.value - 1e-9
         return v is None or v >= self.value
 
-    def check_reachable(self, count: int, images_option: str = "--search-limit") -> None:
-        """Refuse an agreement budget checked on its confidence bound that no configuration can meet
-        on ``count`` images: even 100 % agreement has a lower bound below it (UserError naming the
-        options and the image count that would do)."""
-        if self.metric != "agreement" or self.confidence is None:
+    def check_reachable(self, count: int, images_option: str | None = None) -> None:
+        """Refuse a budget checked on its confidence bound that no configuration can meet on ``count``
+        images: even outputs identical to FP32 (100 % agreement; no image gained or lost for top-1)
+        have a lower bound below it (UserError naming the options and the image count that would do).
+        (A top-1 budget could in principle be met by a configuration that gains more images than it
+        loses against FP32: a search cannot plan on that.)"""
+        if self.confidence is None or self.metric not in ("agreement", "delta_top1"):
             return
-        best = wilson_lower_bound(100.0, count, self.confidence)
-        if best >= self.value - 1e-9:
+        if self.metric == "agreement":
+            def best(n: int) -> float:
+                return wilson_lower_bound(100.0, n, self.confidence)
+            need_ok = lambda v: v >= self.value - 1e-9  # noqa: E731
+            what = f"even 100% agreement has a lower bound of {best(count):.3f}%"
+        else:
+            def best(n: int) -> float:
+                return delta_lower_bound(0, 0, n, self.confidence)
+            need_ok = lambda v: v >= -self.value - 1e-9  # noqa: E731
+            what = f"even outputs identical to FP32 have a Δ top-1 lower bound of {best(count):+.3f} points"
+        if need_ok(best(count)):
             return
+        names = {**BUDGET_METRICS, "confidence": "--budget-confidence", "images": "--search-limit",
+                 **dict(self.names)}
+        opt, copt = names[self.metric], names["confidence"]
+        images_option = images_option or names["images"]
+        head = (f"{opt} {self.value:g} with {copt} {self.confidence:g} cannot be met on {count} "
+                f"search images: {what}")
+        if self.metric == "delta_top1" and self.value <= 0:
+            raise UserError(f"{head}; on any number of images the bound of no change stays below 0: give a "
+                            f"positive {opt}, or no {copt}")
         need = max(int(count), 1)
-        while wilson_lower_bound(100.0, need, self.confidence) < self.value - 1e-9 and need < 10**9:
+        while not need_ok(best(need)) and need < 10**9:
             need *= 2
         lo, hi = need // 2, need
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if wilson_lower_bound(100.0, mid, self.confidence) < self.value - 1e-9 else (lo, mid)
-        raise UserError(f"{BUDGET_METRICS['agreement']} {self.value:g} with --budget-confidence {self.confidence:g} "
-                        f"cannot be met on {count} search images: even 100% agreement has a lower bound of "
-                        f"{best:.3f}%; give {images_option} at least {hi}, or a lower confidence or budget")
+            lo, hi = (mid, hi) if not need_ok(best(mid)) else (lo, mid)
+        raise UserError(f"{head}; it needs at least {hi} search images ({images_option}), or a lower confidence or "
+                        "a looser budget")
 
     def describe(self) -> str:
         text = {"delta_top1": f"top-1 drop <= {self.value:g} points", "agreement": f"agreement >= {self.value:g}%",
