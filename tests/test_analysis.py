@@ -703,3 +703,49 @@ def test_labels_outside_the_models_classes_are_refused(setup, tmp_path, capsys):
         assert main(args) == rc, classes
         if rc:
             assert "the model gives 10 logits, but" in capsys.readouterr().err and not (tmp_path / "o12" / "analysis.json").exists()
+
+
+class _Tied(torch.nn.Module):
+    """One Linear applied twice (weight tying / a recurrent block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, stride=4)
+        self.block = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x).mean((2, 3))
+        h = torch.nn.functional.gelu(self.block(h))
+        return self.fc(torch.nn.functional.gelu(self.block(h)))
+
+
+def test_effective_bits_count_a_tied_weight_once(setup):
+    """``cost bits`` weighs each quantized tensor by its elements: a weight is one stored tensor however
+    often its module is called (it was counted per call), each activation call is its own values.
+    Reference: the hand count from the parameters and the captured activations."""
+    from quantcore.analysis.search import CostModel, choice_spec
+
+    _, _, _, calib, _ = setup
+    torch.manual_seed(0)
+    fp32 = _Tied().eval()
+    model = api.prepare(copy.deepcopy(fp32), {"version": 1, "name": "tied", "placement": {"family": "generic"},
+                                              "quant": {"weights": {"bits": 4}, "activations": {"bits": 4}}})
+    x, y = calib[0]
+    api.calibrate(model, [x])
+    qs = quantizers(model)
+    calls = {n: 0 for n in qs}
+    hooks = [q.register_forward_hook((lambda n: lambda m, a, o: calls.__setitem__(n, calls[n] + a[0].numel()))(n))
+             for n, q in qs.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    eng = Engine(model, [(x, y)])
+    elems = {n: (float(model.get_submodule(n.rpartition(".")[0]).weight.numel()) if q.kind == "weight"
+                 else calls[n] / x.shape[0]) for n, q in qs.items() if n in eng.active}
+    assert elems["block.input_quantizer"] == 2 * 8  # called twice per image
+    specs = {n: eng.qs[n].spec for n in eng.active}
+    specs["block.weight_quantizer"] = choice_spec("8", specs["block.weight_quantizer"])
+    hand = sum(e * (8 if n == "block.weight_quantizer" else 4) for n, e in elems.items()) / sum(elems.values())
+    assert CostModel(eng, "bits")(specs) == pytest.approx(hand, rel=1e-12)

@@ -273,8 +273,10 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
             counter[0] += 1
             t = args[0] if args else None
             if isinstance(t, torch.Tensor):
-                per = t.numel() / batch if mod.kind == "activation" else t.numel()
-                tr.numel_per_image[name] = tr.numel_per_image.get(name, 0.0) + per
+                if mod.kind == "activation":  # every call's values
+                    tr.numel_per_image[name] = tr.numel_per_image.get(name, 0.0) + t.numel() / batch
+                else:  # one stored tensor, however often a tied/shared module uses it
+                    tr.numel_per_image[name] = float(t.numel())
         return f
 
     def mend(name, mod):

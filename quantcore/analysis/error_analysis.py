@@ -7,7 +7,11 @@ each quantizer fake-quantizes its float input on the side and returns the input 
 cumulative: the forward of the model as given, whose quantizer ``k`` sees exactly what quantizers
 ``< k`` made of the data, compared with the stored FP32 input of the same quantizer). The FP32
 inputs of one chunk of images are stored between the two forwards; chunks are sized to
-``memory_mb``. Logit effects cost one (prefix-reused, see :mod:`.engine`) forward per group and case.
+``memory_mb``. A quantizer called more than once per forward (a tied or reused module): its isolated
+tensor error is its grid on the FP32 values of every call (its earlier calls' rounding does not reach
+its later calls' inputs, as it would with only it acting: the tensor metric is its grid's error on
+float data; the logit cases below do have its calls compound). Weights count once. Logit effects
+cost one (prefix-reused, see :mod:`.engine`) forward per group and case.
 Everything is accumulated as sums (float64), never as stored tensors.
 """
 from __future__ import annotations
