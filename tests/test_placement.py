@@ -513,3 +513,26 @@ def test_place_twice_raises():
     place_quantizers(model, PlacementConfig(), W, A)
     with pytest.raises(ValueError, match="already"):
         place_quantizers(model, PlacementConfig(), W, A)
+
+
+def test_a_module_run_twice_is_named_in_the_notes():
+    """One conv applied at two scales (a reused / recurrent module) has one input quantizer for both
+    calls: one range over both value scales. The placement says so, naming the module and its calls;
+    a model whose quantized modules each run once has no such note."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(self.conv(self.conv(x) * 50).mean((2, 3)))
+
+    res = place_quantizers(Twice().eval(), PlacementConfig(family="generic"), W, A,
+                           example_input=torch.randn(1, 3, 8, 8))
+    note = [n for n in res.notes if "more than once" in n]
+    assert len(note) == 1 and "'conv': 2 calls" in note[0] and "head" not in note[0]
+    model, _ = get_model("generic")
+    res = place_quantizers(model, PlacementConfig(family="generic"), W, A)
+    assert not any("more than once" in n for n in res.notes)

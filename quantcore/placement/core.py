@@ -811,5 +811,19 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             f"{kept[0]!r}) are quantized per tensor, "
             f"as the mode defines, not as quant.weights ({weight_spec.short()}); an override on "
             f"'*.weight_quantizer' names (spec: {{per_channel: ...}}) sets them")
+    # a module run more than once per forward (a reused conv, a recurrent or tied block) has one
+    # quantizer per input/weight for all its calls: one range over values that may differ in scale
+    reused = {}
+    for q in names:
+        owner = q.rpartition(".")[0]
+        n = trace.call_counts.get(owner, 0) if owner else 0
+        if n > 1:
+            reused[owner] = n
+    if reused:
+        first = next(iter(reused))
+        result.notes.append(
+            f"{len(reused)} quantized module(s) run more than once per forward (e.g. {first!r}: {reused[first]} "
+            f"calls): each of their quantizers has one range for all calls (calibration sees every call); "
+            f"give each call its own module for ranges of its own")
     model.quantcore_placement = result
     return result
