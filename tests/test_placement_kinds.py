@@ -789,3 +789,54 @@ def test_functional_call_with_swapped_parameters_quantizes_the_tensors_it_is_giv
         params["2.weight"] = params["2.weight"] * 0.5
         halved = functional_call(q, params, (x,))
         assert not torch.equal(halved, q(x))  # the swapped tensor is the one used
+
+
+class _LoRAMerged(nn.Linear):
+    """LoRA merged on the fly: F.linear(x, W + B @ A)."""
+
+    def __init__(self, i, o, r=4):
+        super().__init__(i, o)
+        self.A = nn.Parameter(torch.randn(r, i) * 0.3)
+        self.B = nn.Parameter(torch.randn(o, r) * 0.3)
+
+    def forward(self, x):
+        return F.linear(x, self.weight + self.B @ self.A, self.bias)
+
+
+class _ParamMatmul(nn.Module):
+    """x @ W: a parameter used by a matmul on data (not quantized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(16, 16) * 0.3)
+
+    def forward(self, x):
+        return x @ self.proj
+
+
+def test_a_weight_merged_from_parameters_is_quantized_as_one_and_not_listed_float():
+    """B @ A merged into the weight F.linear receives is a weight computation: the linear's weight
+    quantizer quantizes the merged weight (checked against fake-quantizing W + B A by hand), so B is
+    not listed float "used by a matmul" (it was); a parameter multiplied with data still is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), _LoRAMerged(48, 16), _ParamMatmul(), nn.Linear(16, 10)).eval()
+    x = torch.randn(4, 3, 4, 4)
+    m = quantcore.prepare(copy.deepcopy(net), {"version": 1, "name": "t", "placement": {"family": "generic"},
+                                               "quant": {"weights": {"bits": 4, "per_channel": True},
+                                                         "activations": {"bits": 8}}},
+                          example_input=x[:1])
+    reasons = m.quantcore_placement.float_reasons
+    assert not any(k.startswith("1.") or k == "1" for k in reasons), reasons
+    assert "2.proj" in reasons and "matmul" in reasons["2.proj"]
+    quantcore.calibrate(m, [x])
+    wq = quantizers(m)["1.weight_quantizer"]
+    merged = (net[1].weight + net[1].B @ net[1].A).detach()
+    amax = merged.abs().amax(1, keepdim=True)
+    scale = amax / 7
+    ref = (merged / scale).round().clamp(-8, 7) * scale
+    got = []
+    h = wq.register_forward_hook(lambda mod, a, o: got.append(o.detach()))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    assert len(got) == 1 and torch.allclose(got[0], ref, atol=1e-6)

@@ -359,6 +359,23 @@ _FLEX_HINT = ("flex_attention, a compiled kernel quantcore does not intercept: i
               "attn@v run float (build the model with attn_implementation 'sdpa' or 'eager' to quantize them)")
 
 
+def _feeds_weight(trace: Trace, prod) -> bool:
+    """Whether the output of ``prod`` (a product of parameters) reaches, through elementwise ops in
+    the same call, the weight argument of a weighted op (``F.linear(x, W + B @ A)``): that op's
+    weight quantizer then quantizes the merged weight, this product included."""
+    ids, frame = set(prod.outputs), prod.stack[-1] if prod.stack else None
+    for op in trace.ops:
+        if op.seq <= prod.seq or (op.stack[-1] if op.stack else None) != frame:
+            continue
+        if op.kind == "weighted":
+            if len(op.inputs) > 1 and op.inputs[1] in ids:
+                return op.weight is None
+            continue
+        if op.kind == "other" and any(i in ids for i in op.inputs):
+            ids.update(op.outputs)
+    return False
+
+
 def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | set[str] = frozenset()
              ) -> tuple[list[_Site], dict[str, str]]:
     """Quantization sites and float reasons from a probe's trace. ``input_dependent``: modules whose
@@ -396,6 +413,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         if op.kind == "matmul_param":
             if op.weight:
                 used_weights.add(op.weight)
+                if op.op == "params" and _feeds_weight(trace, op):
+                    continue  # merged into a weight that F.linear/conv receives: quantized there, as a whole
                 float_reasons.setdefault(op.weight, f"parameter {op.weight!r} is used by a matmul, not by "
                                          "F.linear/conv (only those ops are quantized)")
             continue

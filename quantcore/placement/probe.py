@@ -177,6 +177,8 @@ class _Recorder(TorchFunctionMode):
                 ev.kind = "matmul_param"
                 p = a if is_param_like(a) else b
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
+                if is_param_like(a) and is_param_like(b):
+                    ev.op = "params"  # a product of parameters alone (LoRA's B @ A): a weight computation
             else:
                 ev.kind = "matmul_act"
                 ev.operands = (id(a), id(b))
