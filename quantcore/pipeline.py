@@ -242,7 +242,20 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         gc.collect()  # ... also what reference cycles of the copy hold (freed by the cyclic collector only)
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
-        skipped.extend(s.as_dict() if hasattr(s, "as_dict") else s for s in loader.skipped.as_list())
+        # gathered per recipe: the list is in recipe order (then image order), whatever the rank count
+        # (the dataset's log holds every recipe's skips, once per name: this recipe's are those of its
+        # images, and those skipped while the dataset was listed)
+        mine_here = set(idx)
+        pos = {i: k for k, i in enumerate(every)}
+        mine = _gather_skipped(_dedupe([s for s in loader.skipped.as_list()
+                                        if s.get("index") in mine_here or s.get("index") is None]))
+        mine.sort(key=lambda s: pos.get(s.get("index"), -1))  # image order, whatever the rank count
+        skipped.extend(mine)
+        if res.images == 0 and every:
+            raise DataError(f"recipe {r.name!r}: none of the {len(every)} calibration images of split "
+                            f"{data.split!r} of {data.uri} could be read ({len(mine)} skipped as unreadable, e.g. "
+                            f"{mine[0]['name'] if mine else '?'}): its activation quantizers would stay "
+                            "uncalibrated (pass-through) under a W/A name; fix the images or calibrate on others")
         if not r.calibration.images_per_class and len(every) < asked:  # counted after the pass: skips are known
             lost = len(every) - res.images
             notes.append(f"recipe {r.name!r}: calibration asks for {asked} images (calibration.num_batches x "
@@ -264,8 +277,10 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
             cal["unused_files"] = unused_files(ds)
         if notes:
             cal["warnings"] = notes
+        if mine:
+            cal["skipped"] = mine  # this recipe's own (its per-variant report lists these)
         variants.append(VariantResult(r.name, r, model, cal))
-    return fp32, variants, _gather_skipped(_dedupe(skipped))
+    return fp32, variants, _dedupe(skipped)
 
 
 def _check_classes(calib: DataSpec, calib_classes: list[str], evald: DataSpec, eval_classes: list[str]) -> str | None:
@@ -492,7 +507,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode("utf-8", "backslashreplace"))
         for v in variants:  # each checkpoint gets the report of its own variant next to it
             sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
-                       variants={v.name: rep["variants"][v.name]}, plots=[])
+                       variants={v.name: rep["variants"][v.name]}, plots=[],
+                       skipped=_dedupe(list(v.calibration.get("skipped", [])) + list(eval_skipped)))
             _write_json(storage.join(out, v.name, "report.json"), sub)
 
     return _on_main(rep, write)

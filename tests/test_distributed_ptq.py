@@ -401,3 +401,69 @@ def test_logit_energies_sum_exactly_whatever_the_batches_shards_and_order():
         assert torch.equal(v.noise, one.noise) and torch.equal(v.sig, one.sig)
     exact = sum(Fraction(float(e)) for e in ((q.double() - ref.double()) ** 2).sum(1))
     assert float(one.noise[1]) == float(exact)  # correctly rounded
+
+
+# -- skipped images with several recipes, and a calibration nothing could be read for -----------------
+def _bad_train(root: Path) -> tuple[Path, list, list]:
+    """Corrupt train images that only recipe A (seed 0) or only recipe B (seed 1) calibrates on."""
+    from quantcore import pipeline
+    from quantcore.data import open_dataset
+
+    ds = open_dataset(str(root), "train", None)
+    rec = [quantcore.load_recipe({**TINY_RECIPE, "name": f"r{s}", "calibration": {
+        **TINY_RECIPE["calibration"], "method": "max", "seed": s}}) for s in (0, 1)]
+    a, b = (pipeline._calibration_indices(ds, r) for r in rec)
+    only_a, only_b = [i for i in a if i not in b][:3], [i for i in b if i not in a][:3]
+    assert only_a and only_b
+    for i in only_a + only_b:
+        Path(ds.where(i)).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root, rec, [ds.where(i) for i in only_a], [ds.where(i) for i in only_b]
+
+
+def _skips_rank(rank: int, root: Path, rec: list, out: Path) -> None:
+    from quantcore import pipeline
+
+    opts = pipeline.RunOptions(batch_size=4, device="cpu", progress=False)
+    torch.manual_seed(0)
+    _, variants, skipped = pipeline.calibrate_variants(rec, pipeline.DataSpec(str(root), "train", skip_bad=True),
+                                                        opts)
+    torch.save({"all": skipped, **{v.name: v.calibration.get("skipped") for v in variants}},
+               out / f"skips-rank{rank}.pt")
+
+
+def test_skipped_images_are_listed_per_recipe_in_image_order_whatever_the_rank_count(tmp_path):
+    """Two recipes calibrate on different images, some unreadable: the run's list is recipe by recipe,
+    each in image order, on 1 or K ranks alike (K ranks listed rank by rank), and each variant's own
+    list has only its images (it had the whole run's)."""
+    from quantcore import pipeline
+
+    root, rec, only_a, only_b = _bad_train(make_images(tmp_path / "imgs", splits=(("train", 6),)))
+    run_ranks(_skips_rank, root, rec, tmp_path)
+    ranked = [torch.load(tmp_path / f"skips-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    torch.manual_seed(0)
+    _, variants, skipped = pipeline.calibrate_variants(
+        rec, pipeline.DataSpec(str(root), "train", skip_bad=True),
+        pipeline.RunOptions(batch_size=4, device="cpu", progress=False))
+    one = {"all": skipped, **{v.name: v.calibration.get("skipped") for v in variants}}
+    assert ranked[0] == ranked[1] == one
+    assert [s["name"] for s in one["r0"]] == only_a and [s["name"] for s in one["r1"]] == only_b
+    assert [s["name"] for s in one["all"]] == only_a + only_b
+
+
+def test_a_calibration_with_no_readable_image_is_an_error_not_a_weights_only_result(tmp_path):
+    """--skip-bad over calibration images none of which can be read: the variant's activations would
+    stay pass-through under a W8A8 name (exit 0, 'agreement 100 %'); it is a data error naming the
+    recipe and an image, and nothing is written."""
+    from quantcore import pipeline
+    from quantcore.data.errors import DataError
+
+    root = make_images(tmp_path / "imgs", splits=(("train", 2), ("val", 2)))
+    for f in (root / "train").rglob("*.jpg"):
+        f.write_bytes(b"not an image")
+    r = quantcore.load_recipe(TINY_RECIPE)
+    with pytest.raises(DataError, match=r"recipe 'tiny_w8a8': none of the 6 calibration images .* could be read "
+                                        r"\(6 skipped.*e\.g\. .*\.jpg\)"):
+        pipeline.ptq([r], pipeline.DataSpec(str(root), "train", skip_bad=True),
+                     pipeline.DataSpec(str(root), "val"), str(tmp_path / "out"),
+                     pipeline.RunOptions(batch_size=4, device="cpu", progress=False))
+    assert not any((tmp_path / "out").rglob("*"))  # no checkpoint, no report
