@@ -64,6 +64,13 @@ def _from_exact(total: int) -> float:
         return math.inf
 
 
+def label_outside(labels: torch.Tensor, num_classes: int) -> int | None:
+    """The first label outside ``[0, num_classes)``, or None when all are inside."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        return int(labels[(labels < 0) | (labels >= num_classes)][0])
+    return None
+
+
 class EvalAccumulator:
     """Mergeable statistics of one evaluation pass of several models (named ``names``).
 
@@ -106,8 +113,8 @@ class EvalAccumulator:
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         c = self.num_classes
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-            bad = int(labels[(labels < 0) | (labels >= c)][0])
+        bad = label_outside(labels, c)
+        if bad is not None:
             raise UserError(f"evaluation data: label {bad} is outside [0, {c}) (the dataset's classes)")
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..evaluate import label_outside
 from ..formats import QuantSpec
 from ..models import output_logits
 from ..placement import quantizers, unwrap
@@ -78,8 +79,8 @@ class LogitStats:
         if labels is not None:
             lab = labels.to(out.device)
             c = out.shape[1]
-            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= c):
-                bad = int(lab[(lab < 0) | (lab >= c)][0])
+            bad = label_outside(lab, c)
+            if bad is not None:
                 raise UserError(f"analysis data: label {bad} is outside the model's {c} classes [0, {c}) (data "
                                 "for another label set, or model.num_classes too small)")
             self.labelled += lab.numel()
