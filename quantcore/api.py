@@ -180,7 +180,7 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
         if isinstance(src, torch.Tensor):
             with _naming(name, wq):
                 wq.calibrate_tensor(src)
-        elif wq.spec.enabled and not wq.spec.is_float:
+        elif wq.spec.on_grid:
             wq.reset_range()  # not reached by this calibration: passes through, as an activation's
             res.uncalibrated.append(name)
     for name, q in qs.items():
@@ -204,7 +204,7 @@ def calibrators_used(model: nn.Module) -> dict[str, dict[str, int]]:
     the recipe's sections and overrides (float casts have no calibrator and are left out)."""
     out: dict[str, dict[str, int]] = {}
     for q in quantizers(model).values():
-        if q.spec.enabled and not q.spec.is_float:
+        if q.spec.on_grid:
             per = out.setdefault(q.kind, {})
             per[q.spec.calibrator] = per.get(q.spec.calibrator, 0) + 1
     return out

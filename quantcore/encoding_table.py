@@ -53,7 +53,7 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
     share = getattr(getattr(model, "quantcore_placement", None), "share_groups", []) or []
     qs = quantizers(model)
     # only members that quantize share a grid (placement.unify_shared_ranges)
-    acting = {n for n, q in qs.items() if q.spec.enabled and not q.spec.is_float}
+    acting = {n for n, q in qs.items() if q.spec.on_grid}
     shared_with = {n: [m for m in g if m != n and m in acting] for g in share for n in g if n in acting}
     shared_with = {n: v for n, v in shared_with.items() if v}
     rows = []

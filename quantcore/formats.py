@@ -67,6 +67,11 @@ class QuantSpec(BaseModel):
         """A cast round-trip (no range, no calibration)."""
         return quantizer_kind(self.format).is_float
 
+    @property
+    def on_grid(self) -> bool:
+        """Enabled and not a float cast: it rounds to a grid whose range calibration sets."""
+        return self.enabled and not self.is_float
+
     def qrange(self) -> tuple[int, int]:
         """Integer code range (quant_min, quant_max) of the kind's grid."""
         return quantizer_kind(self.format).qrange(self)

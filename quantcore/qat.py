@@ -105,7 +105,7 @@ def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> lis
     qs = quantizers(model)
     names = []
     for name, q in qs.items():
-        if (not q.spec.enabled or q.spec.is_float or q.amax.numel() == 0 or q.spec.learnable
+        if (not q.spec.on_grid or q.amax.numel() == 0 or q.spec.learnable
                 or not q.spec.kind.supports_learnable):
             continue
         q.make_learnable()

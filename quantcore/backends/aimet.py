@@ -76,7 +76,7 @@ class AimetBackend(Backend):
         recipe = inner.quantcore_recipe
         qs = quantizers(model)
         for name, q in qs.items():
-            if q.spec.enabled and not q.spec.is_float:
+            if q.spec.on_grid:
                 check_quantizer(name, q, self.name, ACT_METHODS, WEIGHT_METHODS, asymmetric=True)
         batches = list(batches)[:max_batches] if max_batches is not None else list(batches)
         # quantcore's engine first, on the same batches: the ranges of quantizers AIMET has no
@@ -172,7 +172,7 @@ class AimetBackend(Backend):
             for attr, slot in _SLOTS.items():
                 qname = f"{mname}.{attr}" if mname else attr
                 q = qs.get(qname)
-                if q is None or not q.spec.enabled or q.spec.is_float:
+                if q is None or not q.spec.on_grid:
                     continue
                 if slot == "weight":
                     w = getattr(m, "weight", None)

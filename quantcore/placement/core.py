@@ -98,7 +98,7 @@ def unify_shared_ranges(model: nn.Module) -> list[list[str]]:
     done = []
     for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
         members = [qs[n] for n in group if n in qs and qs[n].amax.numel()
-                   and qs[n].spec.enabled and not qs[n].spec.is_float]
+                   and qs[n].spec.on_grid]
         if members:
             lo = torch.stack([m.amin.min() for m in members]).min()
             hi = torch.stack([m.amax.max() for m in members]).max()

@@ -114,7 +114,7 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
                 if r.enabled is not None:
                     spec = QuantSpec.model_validate({**spec.model_dump(), "enabled": r.enabled})
                 spec_hits.setdefault(r.source, []).append(qname)
-        if percentile_by and not floated and spec.enabled and not spec.is_float and spec.calibrator != "percentile":
+        if percentile_by and not floated and spec.on_grid and spec.calibrator != "percentile":
             raise PlacementError(f"{percentile_by} sets percentile for quantizer {qname!r}, whose calibrator is "
                                  f"{spec.calibrator!r}: percentile applies to calibrator percentile only")
         if floated:

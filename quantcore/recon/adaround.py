@@ -521,7 +521,7 @@ def _step_sizes_to_learn(qs: dict[str, TensorQuantizer], unit_name: str) -> list
     """The calibrated integer activation quantizers inside unit ``unit_name`` whose step size
     ``act_ranges: learned`` learns (not already learnable)."""
     return [q for n, q in qs.items() if n.startswith(unit_name + ".") and q.kind == "activation"
-            and q.spec.enabled and not q.spec.is_float and q.spec.format == "int" and q.is_calibrated
+            and q.spec.on_grid and q.spec.format == "int" and q.is_calibrated
             and q.scale is None]
 
 
