@@ -65,6 +65,12 @@ LOG_GB = 1  # container logs, counted against the pod's ephemeral-storage too
 # Writable paths of the pod (the root filesystem is read-only): HOME and the caches of the image.
 SCRATCH = {"tmp": "/tmp", "cache": "/cache"}
 RESERVED_PATHS = ("/", "/tmp", "/cache", "/dev/shm")
+# The image's own files (images/Dockerfile: /opt/venv, /opt/python, /opt/quantcore on PYTHONPATH) and
+# the system directories: a volume mounted at or under one hides what every pod runs ("No module
+# named jobs", "quantcore: not found"). Data and run volumes go elsewhere (/mnt, /data, ...). The
+# Helm chart refuses the same list (charts/quantcore/templates/_helpers.tpl, quantcore.checkVolumes).
+SYSTEM_PATHS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/opt", "/proc", "/root", "/run",
+                "/sbin", "/sys", "/usr", "/var")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # TorchX 0.7 requests memMB - 1024 MB (its node reservation; never below 0) under a limit of memMB:
@@ -225,6 +231,11 @@ def parse_pvc_mounts(mounts: Optional[List[str]]) -> List[specs.VolumeMount]:
         if not dst.startswith("/") or dst in RESERVED_PATHS:
             raise ComponentError(f"--mounts dst={m.dst_path!r}: needs an absolute path other than "
                                  f"{', '.join(RESERVED_PATHS)} (the pod's own volumes)")
+        system = next((p for p in SYSTEM_PATHS if dst == p or dst.startswith(p + "/")), None)
+        if system is not None:
+            raise ComponentError(f"--mounts dst={m.dst_path!r}: inside {system}, the image's own files and system "
+                                 f"directories ({', '.join(SYSTEM_PATHS)}) would be hidden; mount it elsewhere, "
+                                 f"e.g. under /mnt or /data")
         if len(m.src) > 253 or not _DNS_SUBDOMAIN.match(m.src):
             raise ComponentError(f"--mounts src={m.src!r}: not a PersistentVolumeClaim name")
         if dst in (o.dst_path for o in out):
@@ -473,6 +484,12 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
                                     "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                                     "privileged": False, "capabilities": {"drop": ["ALL"]},
                                     "seccompProfile": {"type": "RuntimeDefault"}}
+            # The kubelet expands $(VAR) in command and args ($$ is its escape for $); TorchX has already
+            # applied its own macros, so what is left is meant literally, as on the local scheduler: a
+            # data or out URI with "$(" must not become another value (or another user's Secret).
+            for key in ("command", "args"):
+                if c.get(key):
+                    c[key] = [a.replace("$", "$$") for a in c[key]]
             # a tag may move (the node must not run a stale copy); a digest is immutable
             c["imagePullPolicy"] = "IfNotPresent" if "@sha256:" in c.get("image", "") else "Always"
             c["volumeMounts"] = c.get("volumeMounts", []) + [

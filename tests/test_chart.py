@@ -82,6 +82,19 @@ def all_rayjobs(chart_renders, kustomize_render, kustomize_qat_render):
     return of_kind(objs, "RayJob")
 
 
+def test_ray_clusters_go_soon_after_their_job(chart_renders, kustomize_render, kustomize_qat_render):
+    """A finished RayJob's cluster holds its GPUs idle until KubeRay deletes it: it must be deleted
+    (shutdownAfterJobFinishes) within minutes; the defaults keep it one minute."""
+    rayjobs = all_rayjobs(chart_renders, kustomize_render, kustomize_qat_render)
+    assert len(rayjobs) >= 3
+    for rj in rayjobs:
+        spec = rj["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True, rj["metadata"]["name"]
+        assert 0 <= spec["ttlSecondsAfterFinished"] <= 600, (rj["metadata"]["name"], spec["ttlSecondsAfterFinished"])
+    defaults = of_kind(chart_renders["defaults"], "RayJob") + of_kind(kustomize_render + kustomize_qat_render, "RayJob")
+    assert defaults and all(rj["spec"]["ttlSecondsAfterFinished"] <= 60 for rj in defaults)
+
+
 # --- 1. RBAC never binds the namespace's default ServiceAccount ----------------------------------
 
 def test_rbac_refuses_to_bind_the_default_service_account(bins, tmp_path):
@@ -510,6 +523,30 @@ def test_sweep_tasks_fit_the_workers(bins, tmp_path, chart_renders, kustomize_re
     assert "sweep.cpusPerTask (16) exceeds" in refused(bins, tmp_path, {}, sweep, sets=["sweep.cpusPerTask=16"])
 
 
+def test_sweep_file_keys_are_checked_when_rendering(bins, tmp_path):
+    """The chart's schema for sweep.config names exactly the keys jobs.ray_sweep takes (its pydantic
+    models, `recipe` being the alias of `recipes`), so a misspelt key fails `helm template` instead
+    of the RayJob after KubeRay brought its GPU cluster up."""
+    import json
+
+    ray_sweep = _jobs_module("jobs.ray_sweep")
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["sweep"]["properties"]["config"]
+    props = schema["properties"]
+    assert set(props) == set(ray_sweep.Sweep.model_fields)
+    assert set(props["runs"]["items"]["properties"]) == set(ray_sweep.RunSpec.model_fields) | {"recipe"}
+    assert set(props["defaults"]["properties"]) == set(ray_sweep.RunDefaults.model_fields) | {"recipe"}
+    sweep = CHART / "ci" / "sweep-values.yaml"
+    base = yaml.safe_load(sweep.read_text())["sweep"]["config"]
+    run = {**base["runs"][0], "bogus": 1}
+    for cfg, where in (({**base, "runs": [run]}, "/sweep/config/runs/0"),
+                       ({**base, "defaults": {**(base.get("defaults") or {}), "bogus": 1}}, "/sweep/config/defaults"),
+                       ({**base, "run": base["runs"]}, "/sweep/config")):
+        err = refused(bins, tmp_path, {"sweep": {"config": cfg}}, sweep)
+        assert where in err and ("'bogus'" in err or "'run'" in err), err
+        with pytest.raises(ray_sweep.SweepError):  # what the RayJob would have said, too late
+            ray_sweep.parse_sweep(cfg)
+
+
 # --- 6. labels, annotations, priority classes, deadlines, Kueue, Volcano ------------------------
 
 def test_every_pod_gets_labels_annotations_and_a_priority_class(chart_renders):
@@ -604,6 +641,27 @@ def test_gpu_pods_need_no_node_label_unless_configured(bins, tmp_path):
     jobs = by_run(objs)
     assert jobs["r1"]["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert "nodeSelector" not in jobs["cpu"]["spec"]["template"]["spec"]
+
+
+def test_gpu_pods_keep_the_gpu_taint_toleration_when_tolerations_are_added(bins, tmp_path):
+    """gpu.tolerations adds to the GPU resource's own taint toleration (a replaced list used to drop
+    it: GPU pods Pending on tainted GPU nodes); the toleration follows gpu.resourceName."""
+    cpu_run = {**GOOD_RUN, "name": "cpu", "gpus": 0, "out": "s3://out/cpu"}
+    spot = {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    for gpu, want_key in (({"tolerations": [spot]}, "nvidia.com/gpu"),
+                          ({"resourceName": "amd.com/gpu", "tolerations": [spot]}, "amd.com/gpu"),
+                          ({}, "nvidia.com/gpu")):
+        jobs = by_run(render(bins, values_file(tmp_path, {"gpu": gpu, "runs": [GOOD_RUN, cpu_run]})))
+        tol = jobs["r1"]["spec"]["template"]["spec"]["tolerations"]
+        assert {"key": want_key, "operator": "Exists", "effect": "NoSchedule"} in tol, (gpu, tol)
+        assert [t["key"] for t in tol].count(want_key) == 1 and ("nvidia.com/gpu" in [t["key"] for t in tol]) == (
+            want_key == "nvidia.com/gpu"), tol
+        assert (spot in tol) == bool(gpu.get("tolerations")), tol
+        assert "tolerations" not in jobs["cpu"]["spec"]["template"]["spec"]
+    # an explicit toleration of the GPU taint (e.g. NoExecute too) is kept as given, not doubled
+    own = {"key": "nvidia.com/gpu", "operator": "Exists"}
+    jobs = by_run(render(bins, values_file(tmp_path, {"gpu": {"tolerations": [own]}, "runs": [GOOD_RUN]})))
+    assert jobs["r1"]["spec"]["template"]["spec"]["tolerations"] == [own]
 
 
 # --- 8. helm test ----------------------------------------------------------------------------------
@@ -1085,6 +1143,10 @@ LOCAL_PATH_REFUSALS = {
                        "runs[0] (r1).data: /mnt/datasets/imagenet-tiny is a local path, but no volume is mounted "
                        "above it (mounted: none). Add the PersistentVolumeClaim that holds it under volumes (every "
                        "pod) or runs[0].volumes"),
+    "dot-dot-out-of-the-volume": (
+        {"volumes": [{"name": "d", "claimName": "c", "mountPath": "/mnt/d"}],
+         "runs": [{**GOOD_RUN, "data": "/mnt/d/../../etc/x"}]},
+        "runs[0] (r1).data: /mnt/d/../../etc/x is a local path, but no volume is mounted above it (mounted: /mnt/d)"),
     "volume-of-another-run": (
         {"runs": [{**GOOD_RUN, "volumes": [{"name": "d", "claimName": "c", "mountPath": "/mnt/d"}]},
                   {**GOOD_RUN, "name": "r2", "out": "s3://out/r2", "data": "file:///mnt/d/x"}]},
@@ -1103,6 +1165,13 @@ LOCAL_PATH_REFUSALS = {
                              "rayQat.storagePath: /shared/ray is a local path"),
     "volume-over-tmp": ({"volumes": [{"name": "d", "claimName": "c", "mountPath": "/tmp/data"}]},
                         "volumes: volume d's mountPath /tmp/data collides with the chart's /tmp"),
+    "volume-over-the-image's-code": ({"volumes": [{"name": "d", "claimName": "c", "mountPath": "/opt/quantcore"}]},
+                                     "volumes: volume d's mountPath /opt/quantcore is inside /opt"),
+    "volume-over-the-venv's-parent": ({"runs": [{**GOOD_RUN, "volumes": [{"name": "d", "claimName": "c",
+                                                                          "mountPath": "/opt"}]}]},
+                                      "volume d's mountPath /opt is inside /opt"),
+    "volume-over-usr": ({"volumes": [{"name": "d", "claimName": "c", "mountPath": "/usr/local"}]},
+                        "volume d's mountPath /usr/local is inside /usr"),
     "volume-named-like-the-chart's": ({"volumes": [{"name": "cache", "claimName": "c", "mountPath": "/mnt/c"}]},
                                       'volume name "cache" is the chart\'s own'),
     "two-volumes-one-path": (

@@ -662,8 +662,14 @@ def test_template_guards(bins, tmp_path):
     for run, words in (({**GOOD_RUN, "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}]},
                         "runs[0] (r1).extraEnv: AWS_REGION is set by the chart from the s3.* values"),
                        ({**GOOD_QAT, "extraEnv": [{"name": "X", "value": "1"}, {"name": "X", "value": "2"}]},
-                        "runs[0] (q1).extraEnv: X appears more than once")):
-        f.write_text(yaml.safe_dump({"runs": [run]}))
+                        "runs[0] (q1).extraEnv: X appears more than once"),
+                       # variables that win over the chart's own (boto3's per-service endpoint, quantcore's
+                       # attempt count): the Jobs and the helm test pod would use different settings
+                       ({**GOOD_RUN, "extraEnv": [{"name": "AWS_ENDPOINT_URL_S3", "value": "http://other:9000"}]},
+                        "AWS_ENDPOINT_URL_S3 would take precedence over AWS_ENDPOINT_URL"),
+                       ({**GOOD_RUN, "extraEnv": [{"name": "QUANTCORE_S3_MAX_ATTEMPTS", "value": "2"}]},
+                        "QUANTCORE_S3_MAX_ATTEMPTS would take precedence over AWS_MAX_ATTEMPTS")):
+        f.write_text(yaml.safe_dump({"runs": [run], "s3": {"endpoint": "http://minio.minio:9000"}}))
         proc = helm_template(bins, f)
         assert proc.returncode != 0 and words in proc.stderr, proc.stderr
     f.write_text(yaml.safe_dump({"runs": [{**GOOD_RUN, "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}]}],
@@ -914,8 +920,11 @@ def reference_problems(objs: Sequence[Dict[str, Any]]) -> List[str]:
     Job's rendezvous endpoint (after the kubelet's $(VAR) expansion) and RoleBinding subjects and
     roles. Secrets are created out of band and not checked."""
     names: Dict[str, set] = {}
+    sa_namespaces: Dict[str, set] = {}
     for o in objs:
         names.setdefault(o["kind"], set()).add(o["metadata"]["name"])
+        if o["kind"] == "ServiceAccount":
+            sa_namespaces.setdefault(o["metadata"]["name"], set()).add(o["metadata"].get("namespace"))
     problems = []
 
     def need(kind: str, name: str, where: str) -> None:
@@ -940,9 +949,15 @@ def reference_problems(objs: Sequence[Dict[str, Any]]) -> List[str]:
             if host != want:
                 problems.append(f"Job/{o['metadata']['name']}: rendezvous host {host}, not pod 0 ({want})")
         if o["kind"] == "RoleBinding":
-            need("Role", o["roleRef"]["name"], f"RoleBinding/{o['metadata']['name']}")
+            where = f"RoleBinding/{o['metadata']['name']}"
+            need("Role", o["roleRef"]["name"], where)
             for s in o.get("subjects") or []:
-                need(s["kind"], s["name"], f"RoleBinding/{o['metadata']['name']}")
+                need(s["kind"], s["name"], where)
+                # A ServiceAccount subject without a namespace is the binding's own (RBAC authorizer).
+                ns = s.get("namespace") or o["metadata"].get("namespace")
+                if s["kind"] == "ServiceAccount" and ns not in sa_namespaces.get(s["name"], {ns}):
+                    problems.append(f"{where}: subject ServiceAccount {s['name']!r} in namespace {ns!r}, "
+                                    f"rendered in {sorted(sa_namespaces[s['name']])}")
     return problems
 
 
@@ -970,7 +985,9 @@ def kustomize_overlay(bins, root: Path, base: Path, fields: Dict[str, Any]) -> L
     return kt.load_docs(proc.stdout)
 
 
-@pytest.mark.parametrize("rename", [{"namePrefix": "team-a-"}, {"nameSuffix": "-b"}], ids=["prefix", "suffix"])
+@pytest.mark.parametrize("rename", [{"namePrefix": "team-a-"}, {"nameSuffix": "-b"},
+                                    {"namePrefix": "team-a-", "namespace": "ml-team"}],
+                         ids=["prefix", "suffix", "prefix+namespace"])
 def test_kustomize_overlay_renames_references_too(bins, tmp_path, rename):
     objs = kustomize_overlay(bins, tmp_path / "overlay", K8S, rename)
     assert kt.validate_all(objs) == [] and reference_problems(objs) == []

@@ -332,7 +332,18 @@ def test_settings_validation_and_env(monkeypatch):
     st.configure(retry_mode="adaptive")
     assert st.get_client().meta.config.retries == {"mode": "adaptive", "total_max_attempts": 2}
     with pytest.raises(ValueError, match="retry_mode"):
-        st.configure(retry_mode="legacy")
+        st.configure(retry_mode="fast")
+    st.configure(retry_mode=None)
+    # AWS_RETRY_MODE reaches the client for each of botocore's modes (the chart offers all three);
+    # a value botocore does not know is an error naming the variable, not silently "standard"
+    for mode in ("legacy", "standard", "adaptive"):
+        monkeypatch.setenv("AWS_RETRY_MODE", mode)
+        st.reset_client()
+        assert st.get_client().meta.config.retries["mode"] == mode
+    monkeypatch.setenv("AWS_RETRY_MODE", "fast")
+    with pytest.raises(ValueError, match="AWS_RETRY_MODE='fast'"):
+        st.get_settings()
+    monkeypatch.delenv("AWS_RETRY_MODE")
     monkeypatch.setenv("QUANTCORE_S3_MAX_ATTEMPTS", "lots")
     st.reset_config()
     with pytest.raises(ValueError, match="QUANTCORE_S3_MAX_ATTEMPTS"):

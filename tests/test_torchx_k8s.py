@@ -119,6 +119,36 @@ def jobs(dryruns) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def kubelet_expand(arg: str, env: Dict[str, str]) -> str:
+    """What the container receives for a command/args entry: the kubelet's expansion
+    (k8s.io/kubernetes third_party/forked/golang/expansion): ``$$`` is one ``$``, ``$(VAR)`` the
+    value of a variable of the container's env (left as written when it has none), any other
+    ``$`` stays."""
+    out, i = [], 0
+    while i < len(arg):
+        if arg[i] == "$" and i + 1 < len(arg):
+            if arg[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            if arg[i + 1] == "(":
+                end = arg.find(")", i + 2)
+                if end != -1:
+                    name = arg[i + 2:end]
+                    out.append(env.get(name, arg[i:end + 1]))
+                    i = end + 1
+                    continue
+        out.append(arg[i])
+        i += 1
+    return "".join(out)
+
+
+def container_command(c: Dict[str, Any]) -> List[str]:
+    """A container's command + args as its process gets them (kubelet expansion applied)."""
+    env = {e["name"]: e.get("value", "") for e in c.get("env") or []}
+    return [kubelet_expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
+
+
 def _pods(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [t["template"]["spec"] for t in job["spec"]["tasks"]]
 
@@ -271,7 +301,7 @@ def test_dryrun_commands(name, jobs):
     hosts = []
     for t in spec["tasks"]:
         (c,) = t["template"]["spec"]["containers"]
-        cmd = c["command"]
+        cmd = container_command(c)
         if name == "ptq":  # --gpus 2: one data-parallel rank per GPU, as the Helm chart's Jobs
             assert cmd[:6] == ["python", "-m", "jobs.launch", "python", "-m", "jobs.torchrun"], cmd
             a = get_args_parser().parse_args(cmd[6:])
@@ -307,7 +337,8 @@ def test_dryrun_commands(name, jobs):
         (c,) = spec["tasks"][0]["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["AWS_ENDPOINT_URL"] == "http://minio.minio:9000" and env["OMP_NUM_THREADS"] == "4"
-        assert c["command"][c["command"].index("--cache-dir") + 1] == "/cache/shards"
+        cmd = container_command(c)
+        assert cmd[cmd.index("--cache-dir") + 1] == "/cache/shards"
 
 
 # ------------------------------------------------------------------------------ plain TorchX 0.7: the defects
@@ -496,6 +527,9 @@ def test_mounts_are_pvcs_only():
            (["type=device", "src=/dev/fuse"], "--mounts: type=device"),
            (["type=volume", "src=pvc", "dst=/tmp"], "--mounts dst='/tmp'"),
            (["type=volume", "src=pvc", "dst=/cache/"], "--mounts dst='/cache/'"),
+           (["type=volume", "src=pvc", "dst=/opt/quantcore"], "--mounts dst='/opt/quantcore': inside /opt"),
+           (["type=volume", "src=pvc", "dst=/opt"], "--mounts dst='/opt': inside /opt"),
+           (["type=volume", "src=pvc", "dst=/usr/lib/x"], "inside /usr"),
            (["type=volume", "src=Bad_Name", "dst=/data"], "not a PersistentVolumeClaim name"),
            (["src=pvc", "dst=/data"], "--mounts src=pvc,dst=/data: type must be specified first"),
            (["type=volume", "src=a", "dst=/d", "type=volume", "src=b", "dst=/d"], "two volumes mounted at /d")]
@@ -730,3 +764,38 @@ def test_torchx_run_submits_the_completed_job_to_an_api_stand_in_mock(tmp_path):
     for task in job["spec"]["tasks"]:
         assert components.GPU_TOLERATION in task["template"]["spec"]["tolerations"]
         assert volcano_action(job, task["name"], "PodFailed", 2) == "TerminateJob"
+
+
+def test_system_paths_cover_the_image_and_match_the_chart():
+    """The directories a volume may not cover hold everything the image runs (its final stage's COPY
+    targets and the PATH/PYTHONPATH/VIRTUAL_ENV entries under /), and the chart refuses the same list."""
+    root = Path(__file__).resolve().parent.parent
+    dockerfile = (root / "images" / "Dockerfile").read_text()
+    final = dockerfile[dockerfile.rindex("\nFROM "):]
+    targets = re.findall(r"^COPY\s.*\s(/\S+?)/?$", final, flags=re.M)
+    targets += [p for v in re.findall(r"\b(?:PATH|PYTHONPATH|VIRTUAL_ENV)=(\S+)", final)
+                for p in v.split(":") if p.startswith("/")]
+    assert "/opt/quantcore/jobs" in targets and "/opt/venv/bin" in targets, targets
+    for t in targets:
+        assert any(t == p or t.startswith(p + "/") for p in components.SYSTEM_PATHS), t
+    helpers = (root / "charts" / "quantcore" / "templates" / "_helpers.tpl").read_text()
+    (chart_list,) = re.findall(r'range list ((?:"/[a-z0-9]+" ?)+) -}}\n\{\{- if or \(eq \$v.mountPath \.\) '
+                               r'\(hasPrefix \(printf "%s/" \.\) \$v.mountPath\) -}}', helpers)
+    assert tuple(re.findall(r'"([^"]+)"', chart_list)) == components.SYSTEM_PATHS
+
+
+def test_dollar_signs_reach_the_container_as_torchx_passes_them():
+    """`$(VAR)` in a URI would be expanded by the kubelet (another value, or the Secret's name);
+    any `$` left after TorchX's own macros reaches the quantcore CLI as written, as it does on the
+    local scheduler."""
+    weird = {"data": "s3://data-b/img$(TORCHX_JOB_ID)", "out": "s3://out-b/a$(QUANTCORE_S3_SECRET)/$HOME/x$$y"}
+    for fn, kw in ((components.calibrate, {"recipe": "r"}), (components.qat, {"recipe": "r", "nnodes": 2})):
+        app = fn(**kw, **weird, s3_secret="quantcore-s3-credentials")
+        (pod,) = _pods(_ours(app))[:1]
+        (c,) = pod["containers"]
+        cmd = container_command(c)
+        words = shlex.split(cmd[2]) if cmd[:2] == ["bash", "-c"] else cmd
+        # TorchX's macros turn $$ into $ on every scheduler; the rest is literal
+        assert weird["data"] in words and "s3://out-b/a$(QUANTCORE_S3_SECRET)/$HOME/x$y" in words, words
+        if fn is components.qat:  # the shell's own variables still reach bash
+            assert "${TORCHX_RANK0_HOST:=localhost}" in cmd[2] or "_0_HOSTS:=localhost}" in cmd[2], cmd[2]

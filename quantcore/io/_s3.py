@@ -78,7 +78,7 @@ class S3Settings:
     standard ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``) > these defaults."""
 
     max_attempts: int = 5
-    retry_mode: str = "standard"  # "standard" or "adaptive" (botocore retry modes)
+    retry_mode: str = "standard"  # one of RETRY_MODES (botocore's retry modes)
     base_delay: float = 0.2  # seconds, our body-layer backoff base
     max_delay: float = 20.0  # seconds, backoff cap
     multipart_threshold: int = 64 * MiB
@@ -103,11 +103,14 @@ def _env_number(name: str, cast: Callable[[str], Any]) -> Any:
         raise ValueError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
 
 
+RETRY_MODES = ("legacy", "standard", "adaptive")  # botocore's (Config(retries={"mode": ...}))
+
+
 def _validate(s: S3Settings) -> S3Settings:
     if s.max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1 (got {s.max_attempts})")
-    if s.retry_mode not in ("standard", "adaptive"):
-        raise ValueError(f"retry_mode must be 'standard' or 'adaptive' (got {s.retry_mode!r})")
+    if s.retry_mode not in RETRY_MODES:
+        raise ValueError(f"retry_mode must be one of {', '.join(RETRY_MODES)} (got {s.retry_mode!r})")
     if s.base_delay < 0 or s.max_delay < 0:
         raise ValueError("base_delay and max_delay must be >= 0")
     if s.part_size < MIN_PART_SIZE:
@@ -131,7 +134,11 @@ def get_settings() -> S3Settings:
     if base is not None:
         vals["base_delay"] = base
     mode = os.environ.get("AWS_RETRY_MODE", "").strip().lower()
-    if mode in ("standard", "adaptive"):
+    if mode:
+        # botocore refuses an unknown mode too; our explicit Config would otherwise hide the variable
+        if mode not in RETRY_MODES:
+            raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r} is not a botocore retry mode "
+                             f"({', '.join(RETRY_MODES)})")
         vals["retry_mode"] = mode
     with _settings_lock:
         vals.update(_overrides)

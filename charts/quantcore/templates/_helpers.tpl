@@ -357,7 +357,14 @@ seccompProfile:
 {{- $tol := list -}}
 {{- if gt (int .gpus) 0 -}}
 {{- $sel = merge $sel (deepCopy (default (dict) $gpu.nodeSelector)) -}}
-{{- $tol = concat $tol $gpu.tolerations -}}
+{{- /* The GPU resource's own taint (the device plugins' convention: key = resource name) is always
+       tolerated; gpu.tolerations add to it (replacing that list must not leave GPU pods Pending). */ -}}
+{{- $keys := list -}}
+{{- range default (list) $gpu.tolerations }}{{ $keys = append $keys (toString .key) }}{{ end -}}
+{{- if not (has $gpu.resourceName $keys) -}}
+{{- $tol = append $tol (dict "key" $gpu.resourceName "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- $tol = concat $tol (default (list) $gpu.tolerations) -}}
 {{- end -}}
 {{- $sel = mergeOverwrite $sel (deepCopy (default (dict) .nodeSelector)) -}}
 {{- range $k, $v := $sel }}{{ if kindIs "invalid" $v }}{{ $_ := unset $sel $k }}{{ end }}{{ end -}}
@@ -453,6 +460,13 @@ schedulerName: {{ . }}
 {{- fail (printf "%s: volume %s's mountPath %s collides with the chart's %s (scratch space, shared memory, recipes): mount it elsewhere, e.g. under /mnt" $.where $v.name $v.mountPath .) -}}
 {{- end -}}
 {{- end -}}
+{{- /* The image's own files (/opt/venv, /opt/python, /opt/quantcore) and the system directories: a
+       volume there hides what every pod runs. The same list as jobs/components.py SYSTEM_PATHS. */ -}}
+{{- range list "/bin" "/boot" "/dev" "/etc" "/lib" "/lib32" "/lib64" "/opt" "/proc" "/root" "/run" "/sbin" "/sys" "/usr" "/var" -}}
+{{- if or (eq $v.mountPath .) (hasPrefix (printf "%s/" .) $v.mountPath) -}}
+{{- fail (printf "%s: volume %s's mountPath %s is inside %s, where the image's own files or system directories would be hidden (/opt holds the Python environment and quantcore's code): mount it elsewhere, e.g. under /mnt" $.where $v.name $v.mountPath .) -}}
+{{- end -}}
+{{- end -}}
 {{- if hasKey $paths $v.mountPath -}}
 {{- fail (printf "%s: volumes %s and %s are both mounted at %s" $.where (get $paths $v.mountPath) $v.name $v.mountPath) -}}
 {{- end -}}
@@ -471,6 +485,8 @@ schedulerName: {{ . }}
 {{- $path := "" -}}
 {{- if hasPrefix "file://" $uri }}{{ $path = trimPrefix "file://" $uri }}{{ else if hasPrefix "/" $uri }}{{ $path = $uri }}{{ end -}}
 {{- if $path -}}
+{{- /* as the pod's filesystem resolves it: /mnt/d/../../etc/x is not on the volume at /mnt/d */ -}}
+{{- $path = clean $path -}}
 {{- $on := dict -}}
 {{- range .vols -}}
 {{- if and (or (eq $path .mountPath) (hasPrefix (printf "%s/" .mountPath) $path)) (gt (len .mountPath) (len (default "" $on.mountPath))) }}{{ $on = . }}{{ end -}}
@@ -494,10 +510,17 @@ variables (YAML list text), .extra: extraEnv, .where: the values path. */}}
 {{- define "quantcore.checkEnv" -}}
 {{- $own := dict -}}
 {{- if .s3env }}{{ range fromYamlArray .s3env }}{{ $_ := set $own .name true }}{{ end }}{{ end -}}
+{{- /* variables that take precedence over one the chart sets: boto3's service-specific endpoint and
+       quantcore's own attempt count (quantcore/io/_s3.py) */ -}}
+{{- $overrides := dict "AWS_ENDPOINT_URL_S3" "AWS_ENDPOINT_URL" "QUANTCORE_S3_MAX_ATTEMPTS" "AWS_MAX_ATTEMPTS" -}}
 {{- $seen := dict -}}
 {{- range $e := default (list) .extra -}}
 {{- if hasKey $own $e.name -}}
 {{- fail (printf "%s: %s is set by the chart from the s3.* values; set it there, not in extraEnv" $.where $e.name) -}}
+{{- end -}}
+{{- $over := get $overrides $e.name -}}
+{{- if and $over (hasKey $own $over) -}}
+{{- fail (printf "%s: %s would take precedence over %s, which the chart sets from the s3.* values (the helm test pod and the Jobs would use different settings); set it there, not in extraEnv" $.where $e.name $over) -}}
 {{- end -}}
 {{- if hasKey $seen $e.name -}}
 {{- fail (printf "%s: %s appears more than once (Kubernetes would keep only the last)" $.where $e.name) -}}
