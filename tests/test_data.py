@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from quantcore.data import (
     DataError,
@@ -526,6 +526,44 @@ def test_eval_transform_torchvision():
     assert d["source"] == "torchvision-weights" and d["input_size"] == [3, 224, 224] and d["resize_size"] == [256]
     assert eval_transform(m, weights=w.transforms())(Image.new("L", (300, 260))).shape == (3, 224, 224)
     json.dumps(d)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "swin_t", "efficientnet_b0", "inception_v3", "mobilenet_v3_small"])
+def test_torchvision_models_get_their_weights_preprocessing(name, tmp_path):
+    """`torchvision:<name>` (built without weights here: nothing downloads) is preprocessed as its
+    DEFAULT weights' own transforms do (ResNet-50 V2: resize 232; Swin-T: bicubic; Inception-v3:
+    342 -> 299), not by a generic 256/224 preset: pixel-exact on the PIL path, within the decoder's
+    tolerance on the JPEG path, and recorded in the description."""
+    import io
+
+    import numpy as np
+    import torchvision
+
+    import quantcore
+
+    model = quantcore.build_model({"model": {"name": f"torchvision:{name}", "pretrained": False}})
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    ref_tf = weights.transforms()
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (301, 457, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    ref = ref_tf(img)
+    ours = eval_transform(model)
+    assert torch.equal(ours(img), ref)
+    d = describe_transform(model)
+    assert d["source"] == "torchvision-weights" and d["weights"] == f"{type(weights).__name__}.{weights.name}"
+    assert d["input_size"][1:] == [ref_tf.crop_size[0]] * 2 and d["resize_size"] == list(ref_tf.resize_size)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    jpeg_ref = ref_tf(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    std = torch.tensor(ref_tf.std).view(3, 1, 1)
+    assert ((ours.from_bytes(buf.getvalue(), "x.jpg") - jpeg_ref) * std * 255).abs().max() <= 2.01
+    # a model built with another image_size keeps the weights' mean/std/interpolation at its own size
+    if name == "resnet50":
+        vit = quantcore.build_model({"model": {"name": "torchvision:vit_b_16", "pretrained": False,
+                                               "kwargs": {"image_size": 384}}})
+        d = describe_transform(vit)
+        assert d["input_size"] == [3, 384, 384] and d["resize_size"] == [438] and "scaled" in d["source"]
+        assert eval_transform(vit)(img).shape == (3, 384, 384)
 
 
 # ---------------------------------------------------------------------------------------------- S3

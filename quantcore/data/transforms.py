@@ -5,9 +5,11 @@
   config, then the channel count and fixed image size are checked against the *built* model (a ViT
   created with ``in_chans=1, img_size=28`` keeps the 3x224 ``pretrained_cfg`` of its architecture, but
   must be fed 1x28x28). Grayscale models get PIL images converted to ``'L'``, all others to ``'RGB'``.
-* torchvision models: pass ``weights=`` (a ``WeightsEnum`` member or its ``.transforms()``) to use the
-  weights' own preset; otherwise the torchvision standard (resize 256, center crop 224, bilinear,
-  ImageNet mean/std).
+* torchvision models: the transforms of the weights the model source records on the model
+  (:data:`TORCHVISION_WEIGHTS_ATTR`, ``torchvision:<name>``: its DEFAULT weights, e.g. ResNet-50's
+  V2 resize 232, Inception-v3's 342 -> 299), or ``weights=`` (a ``WeightsEnum`` member or its
+  ``.transforms()``); for a torchvision model built elsewhere, the torchvision standard (resize 256,
+  center crop 224, bilinear, ImageNet mean/std).
 
 :func:`describe_transform` returns the same resolution as a JSON-able dict for reports.
 
@@ -103,6 +105,21 @@ class EvalTransform:
 
 
 # ---------------------------------------------------------------------------------------- model probes
+# Set by the torchvision model source: the ``WeightsEnum`` member (``"ResNet50_Weights.IMAGENET1K_V2"``)
+# whose transforms are the model's preprocessing, also when it was built without those weights (a
+# fine-tune in ``model.checkpoint``, or random init): they are the architecture's.
+TORCHVISION_WEIGHTS_ATTR = "torchvision_weights"
+
+
+def _recorded_weights(model: nn.Module | None) -> Any:
+    name = getattr(model, TORCHVISION_WEIGHTS_ATTR, None) if model is not None else None
+    if not isinstance(name, str):
+        return None
+    import torchvision
+
+    return torchvision.models.get_weight(name)
+
+
 def _pretrained_cfg(model: nn.Module | None) -> dict | None:
     if model is None:
         return None
@@ -189,13 +206,25 @@ def _hw(img) -> tuple[int, int]:
 def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_size: bool = False):
     overrides = dict(overrides or {})
     in_chans = int(overrides.pop("in_chans", model_in_chans(model)))
+    recorded = weights is None and not overrides and _recorded_weights(model)
+    if recorded:
+        weights = recorded
     if weights is not None:
         tv = weights.transforms() if hasattr(weights, "transforms") else weights
         crop = getattr(tv, "crop_size", None)
         resize = getattr(tv, "resize_size", None)
         crop = list(crop) if crop is not None else None
+        size = getattr(model, "image_size", None)  # torchvision ViT: built for one input size only
+        if recorded and isinstance(size, int) and crop and resize and size != crop[0]:
+            # built with another image_size than the weights': their preset scaled to it (timm's rule)
+            inner, cfg = _resolve(model, None, {
+                "in_chans": in_chans, "crop_size": size, "resize_size": int(size * resize[0] / crop[0]),
+                "mean": list(tv.mean), "std": list(tv.std), "interpolation": _interp_name(tv.interpolation)})
+            return inner, {**cfg, "source": "torchvision-weights (scaled to the model's image_size)",
+                           "weights": f"{type(weights).__name__}.{weights.name}"}
         cfg = {
             "source": "torchvision-weights",
+            "weights": f"{type(weights).__name__}.{weights.name}" if hasattr(weights, "transforms") else None,
             "input_size": [in_chans, crop[0], crop[-1]] if crop else None,
             "resize_size": list(resize) if resize is not None else None,
             "mean": list(getattr(tv, "mean", [])) or None,

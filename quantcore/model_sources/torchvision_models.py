@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..data.transforms import TORCHVISION_WEIGHTS_ATTR
 from . import ModelSource, register_source
 
 
@@ -26,6 +27,14 @@ class TorchvisionSource(ModelSource):
         except Exception as err:
             raise ModelError(f"could not build torchvision model {name!r} (pretrained={pretrained}): {err}. "
                              "Offline? Point model.checkpoint at a local/s3 state_dict.") from err
+        try:
+            default = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, AttributeError, KeyError):  # a builder without weights: the standard preset
+            default = None
+        if default is not None:
+            # its preprocessing (resize, crop, interpolation, mean/std) is the DEFAULT weights' transforms,
+            # also for random init or a fine-tune loaded from model.checkpoint
+            setattr(model, TORCHVISION_WEIGHTS_ATTR, f"{type(default).__name__}.{default.name}")
         return model, (f"torchvision:{name} weights DEFAULT" if pretrained else None)
 
 
