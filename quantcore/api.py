@@ -478,7 +478,8 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
 
 
 # what decides the pixels a model is calibrated and evaluated on (not the decoder, which is exact)
-_TRANSFORM_KEYS = ("input_size", "resize_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "mode")
+_TRANSFORM_KEYS = ("input_size", "resize_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "mode",
+                   "alpha")
 
 
 def _transform_record(model: nn.Module) -> dict[str, Any] | None:

@@ -557,6 +557,58 @@ def test_hf_preprocessing_reproduces_each_processor_class(tmp_path, kind):
             assert _shift_tolerant_error(got, want) < 0.05, _shift_tolerant_error(got, want)
 
 
+def test_transparent_images_follow_the_processors_do_convert_rgb(tmp_path):
+    """transformers' convert_to_rgb (do_convert_rgb: CLIP, Bit/DINOv2, SigLIP) composites transparent
+    pixels onto white; a processor without it (ViT) and timm/torchvision keep their stored colour. Through
+    open_dataset on RGBA, LA, palette-with-transparency PNGs and RGBA WebP, the tensors equal the
+    processor's own (its PIL backend) for both kinds; before, the hidden colour reached CLIP-like models
+    (up to 255 levels on the transparent half)."""
+    import transformers as T
+    from PIL import Image
+
+    from quantcore.data import eval_transform, open_dataset
+    from quantcore.model_sources.hf import hf_data_config
+
+    root = tmp_path / "data" / "val" / "c"
+    root.mkdir(parents=True)
+    base = photo(64, 64, seed=3)
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :30] = 0
+    alpha[40:, :] = 128  # half-transparent rows too
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(root / "rgba.png")
+    rgba.save(root / "rgba.webp", lossless=True)
+    la = base.convert("LA")
+    la.putalpha(Image.fromarray(alpha))
+    la.save(root / "la.png")
+    base.quantize(16).save(root / "p.png", transparency=0)
+    size = {"height": 64, "width": 64}
+    for name, config, proc, white in (
+            ("bit", T.BitConfig(num_labels=3), T.BitImageProcessorPil(size=size, do_center_crop=False), True),
+            ("vit", T.ViTConfig(image_size=64, num_labels=3), T.ViTImageProcessorPil(size=size), False)):
+        d = tmp_path / name
+        d.mkdir()
+        proc.save_pretrained(d)
+        assert bool(getattr(proc, "do_convert_rgb", False)) is white
+        model = nn.Identity()
+        model.pretrained_cfg = hf_data_config(str(d), str(d), config, None)
+        assert model.pretrained_cfg["hf_preprocessing"]["alpha"] == ("white" if white else "drop")
+        tf = eval_transform(model)
+        assert (tf.config.get("alpha", "drop") == "white") is white
+        ds = open_dataset(str(tmp_path / "data"), "val", tf)
+        for i in range(len(ds)):
+            x, _ = ds[i]
+            img = Image.open(ds.where(i))
+            # the reference: the processor on the file (ViT's own path has no convert: RGB as timm gives it)
+            want = proc(images=img if white else img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+            torch.testing.assert_close(x, want, rtol=0, atol=1e-4, msg=f"{name} {ds.where(i)}")
+            if white and img.mode != "P":  # the transparent columns are white, not the stored colour
+                std = torch.tensor(proc.image_std).view(3, 1, 1)
+                mean = torch.tensor(proc.image_mean).view(3, 1, 1)
+                assert ((x * std + mean)[:, :40, :30] * 255).round().min() == 255, ds.where(i)
+
+
 # shortest-edge resize + centre crop: an image with the target as its shorter side is not resized, so
 # only the crop decides the pixels (crop sizes: levit 64, convnext 56, poolformer 56, bit 56, mobilenet 56)
 ODD_CROP_KINDS = {"levit": 64, "convnext": 56, "poolformer": 56, "bit": 56, "mobilenet_v2": 56}

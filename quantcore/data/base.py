@@ -17,9 +17,10 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTS)
 
 
-def decode_image(data: bytes, where: str):
+def decode_image(data: bytes, where: str, alpha: str = "drop"):
     """Fully decode ``data`` with PIL (so truncation is caught here, not in the transform) and bring it
-    to 8 bits per channel with :func:`to_8bit`: the result is always mode ``'L'`` or ``'RGB'``."""
+    to 8 bits per channel with :func:`to_8bit` (``alpha``: its policy): the result is always mode
+    ``'L'`` or ``'RGB'``."""
     from PIL import Image
 
     try:
@@ -29,7 +30,7 @@ def decode_image(data: bytes, where: str):
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"): a reason must read the same every run
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         raise DataError(f"cannot decode image {where}: {type(e).__name__}: {why}", file=where) from e
-    return to_8bit(img, where)
+    return to_8bit(img, where, alpha)
 
 
 # Formats whose 32-bit ``'I'`` images hold at most 16-bit samples (old Pillow's 16-bit PNGs; Netpbm
@@ -38,7 +39,18 @@ _I_IS_16BIT = ("PNG", "PPM")
 _TO_RGB = ("RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 
-def to_8bit(img, where: str):
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+# What becomes of transparent pixels: "drop" keeps their stored colour (``Image.convert('RGB')``, as
+# torchvision's and timm's loaders); "white" composites the image onto white, as transformers'
+# ``convert_to_rgb`` does for image processors with ``do_convert_rgb`` (CLIP, DINOv2/Bit, SigLIP).
+ALPHA_POLICIES = ("drop", "white")
+
+
+def has_alpha(img) -> bool:
+    return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+
+
+def to_8bit(img, where: str, alpha: str = "drop"):
     """``img`` as an 8-bit ``'L'`` (one channel) or ``'RGB'`` image; never clips silently.
 
     Rules, by PIL mode:
@@ -47,9 +59,10 @@ def to_8bit(img, where: str):
       * ``I`` (32-bit int): from PNG/Netpbm (at most 16-bit samples) scaled like 16-bit; from any other
         format (32-bit TIFF ...) refused, and ``F`` (float) refused: neither has a defined white level,
         so any scaling would be a guess. The :class:`DataError` names the file and the mode.
-      * Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, ``P`` with transparency) is dropped: the
-        (un-premultiplied) colour is kept, exactly what ``Image.convert('RGB')`` in torchvision's and
-        timm's loaders gives, so accuracies stay comparable with theirs.
+      * Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, ``P`` with transparency), ``alpha="drop"``
+        (default): dropped, the (un-premultiplied) colour is kept, exactly what ``Image.convert('RGB')``
+        in torchvision's and timm's loaders gives, so accuracies stay comparable with theirs.
+        ``alpha="white"``: composited onto opaque white (``RGB``), as transformers' ``convert_to_rgb``.
       * ``P``: its palette colours (``RGB``). ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's
         conversion to ``RGB``. Any other mode is refused naming the file.
     16-bit RGB(A) PNG/TIFF/PPM files are already reduced to 8 bits by PIL's decoder. EXIF orientation
@@ -58,6 +71,13 @@ def to_8bit(img, where: str):
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
+    if alpha not in ALPHA_POLICIES:
+        raise ValueError(f"alpha must be one of {ALPHA_POLICIES} (got {alpha!r})")
+    if alpha == "white" and has_alpha(img):
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if mode == "1":
         return img.convert("L")
     if mode in ("LA", "La"):

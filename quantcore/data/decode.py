@@ -103,22 +103,25 @@ def try_torchvision(data: Any, device: Any = "cpu") -> torch.Tensor | None:
         return None
 
 
-def decode_to_tensor(data: Any, where: str, mode: str | None = None, device: Any = "cpu") -> tuple[torch.Tensor, str]:
-    """Decode one image to a ``uint8`` ``C x H x W`` tensor on ``device`` in ``mode`` (``'L'``/``'RGB'``/None).
+def decode_to_tensor(data: Any, where: str, mode: str | None = None, device: Any = "cpu",
+                     alpha: str = "drop") -> tuple[torch.Tensor, str]:
+    """Decode one image to a ``uint8`` ``C x H x W`` tensor on ``device`` in ``mode`` (``'L'``/``'RGB'``/None);
+    ``alpha``: the transparency policy of :func:`quantcore.data.base.to_8bit` (JPEGs have none).
 
     Returns ``(tensor, decoder)`` with ``decoder`` ``'torchvision'`` or ``'pil'`` (see the module doc for the
     rule). Raises :class:`DataError` naming ``where`` exactly when the PIL path would."""
     x = try_torchvision(data, device)
     if x is not None:
         return to_mode(x, mode), "torchvision"
-    return pil_to_tensor(data, where, mode).to(device), "pil"
+    return pil_to_tensor(data, where, mode, alpha).to(device), "pil"
 
 
-def pil_to_tensor(data: Any, where: str, mode: str | None) -> torch.Tensor:
-    """PIL decode (:func:`decode_image`, its rules and errors) -> ``uint8`` ``C x H x W`` CPU tensor in ``mode``."""
+def pil_to_tensor(data: Any, where: str, mode: str | None, alpha: str = "drop") -> torch.Tensor:
+    """PIL decode (:func:`decode_image`, its rules and errors, ``alpha`` its transparency policy) ->
+    ``uint8`` ``C x H x W`` CPU tensor in ``mode``."""
     from .base import decode_image
 
-    img = decode_image(_as_bytes(data), where)
+    img = decode_image(_as_bytes(data), where, alpha)
     if mode and img.mode != mode:
         img = img.convert(mode)
     return F.pil_to_tensor(img)
@@ -303,6 +306,7 @@ class BatchDecoder:
                              f"({getattr(transform, 'config', {}).get('decoder')}): use the per-sample loader")
         self.plan: TensorPlan = plan
         self.mode = getattr(transform, "config", {}).get("mode")
+        self.alpha = getattr(transform, "config", {}).get("alpha", "drop")
         self.device = torch.device(device)
         self.skip_bad = skip_bad
         self.counts: Counter = Counter()
@@ -330,7 +334,7 @@ class BatchDecoder:
             if out[i] is not None:
                 continue
             try:
-                out[i] = pil_to_tensor(it.data, it.where, self.mode).to(self.device)
+                out[i] = pil_to_tensor(it.data, it.where, self.mode, self.alpha).to(self.device)
                 self.counts["pil"] += 1
             except DataError as e:
                 if not self.skip_bad:

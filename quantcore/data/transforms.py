@@ -36,20 +36,21 @@ class ConvertMode:
     Images not yet in 8-bit ``L``/``RGB`` (e.g. handed over by a foreign dataset) first go through
     :func:`quantcore.data.base.to_8bit`, so 16-bit images are scaled, never clipped."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, alpha: str = "drop") -> None:
         self.mode = mode
+        self.alpha = alpha  # quantcore.data.base.ALPHA_POLICIES
 
     def __call__(self, img):
         if hasattr(img, "convert") and getattr(img, "mode", None) != self.mode:
             if img.mode not in ("L", "RGB"):
                 from .base import to_8bit
 
-                img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>")
+                img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>", self.alpha)
             return img if img.mode == self.mode else img.convert(self.mode)
         return img
 
     def __repr__(self) -> str:
-        return f"ConvertMode({self.mode!r})"
+        return f"ConvertMode({self.mode!r}" + (f", alpha={self.alpha!r})" if self.alpha != "drop" else ")")
 
 
 class EvalTransform:
@@ -67,7 +68,8 @@ class EvalTransform:
         self.inner = inner
         self.config = dict(config)
         mode = config.get("mode")
-        self.convert = ConvertMode(mode) if mode else None
+        self.alpha = config.get("alpha", "drop")
+        self.convert = ConvertMode(mode, self.alpha) if mode else None
         name = resolve_decoder(decoder)
         self.plan, reason = tensor_plan(inner) if name != "pil" else (None, "")
         if self.plan is None and name != "pil":
@@ -95,7 +97,7 @@ class EvalTransform:
         if x is not None:
             self.counts["torchvision"] += 1
             return self.plan(to_mode(x, self.config.get("mode")))
-        img = decode_image(data, where)
+        img = decode_image(data, where, self.alpha)
         self.counts["pil"] += 1
         return self(img)
 
@@ -256,6 +258,8 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
         source = "hf" if pcfg.get("hf_preprocessing") else "timm"
         cfg = {"source": source, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                "resize_size": _find_resize(inner), "mode": _mode_for(in_chans)}
+        if (pcfg.get("hf_preprocessing") or {}).get("alpha", "drop") != "drop":
+            cfg["alpha"] = pcfg["hf_preprocessing"]["alpha"]  # the processor's do_convert_rgb
         if pcfg.get("hf_preprocessing") and hasattr(inner, "transforms"):
             # transformers' processors start a centre crop at floor((size - crop) / 2); torchvision's
             # CenterCrop rounds, one pixel off for half the odd margins
@@ -334,7 +338,7 @@ class TrainTransform:
         self.inner = inner
         self.config = dict(config)
         mode = config.get("mode")
-        self.convert = ConvertMode(mode) if mode else None
+        self.convert = ConvertMode(mode, config.get("alpha", "drop")) if mode else None
         self.numpy_rng = numpy_rng
 
     def __call__(self, img):
@@ -423,7 +427,7 @@ def train_transform(model: nn.Module | None, augment: Any = None, *, weights: An
         raise
     config = {
         "source": cfg.get("source"), "input_size": list(input_size), "mean": list(mean), "std": list(std),
-        "interpolation": interpolation, "mode": cfg.get("mode"),
+        "interpolation": interpolation, "mode": cfg.get("mode"), **({"alpha": cfg["alpha"]} if "alpha" in cfg else {}),
         "augment": {"kind": "model", "pipeline": "timm create_transform(is_training=True)",
                     "crop": "RandomResizedCrop", "scale": list(scale), "ratio": list(ratio),
                     "hflip": float(augment.hflip), "color_jitter": cj_effective, "auto_augment": aa,

@@ -411,12 +411,12 @@ PROCESSORS = {
 # processor fields read below (beyond these, a class's own: crop_pct, rescale_offset, include_top,
 # do_flip_channel_order); default_to_square is already folded into ``size`` by transformers
 _READ = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-         "do_normalize", "image_mean", "image_std", "default_to_square"}
+         "do_normalize", "image_mean", "image_std", "default_to_square", "do_convert_rgb"}
 _CLASS_READ = {"convnext": {"crop_pct"}, "poolformer": {"crop_pct"}, "efficientnet": {"rescale_offset", "include_top"},
                "mobilevit": {"do_flip_channel_order"}}
-# fields that do not change the pixels of one RGB image: call plumbing, segmentation maps, RGB conversion
-# (quantcore converts every image to RGB / L itself), padding size without padding
-_INERT = {"do_convert_rgb", "input_data_format", "device", "return_tensors", "disable_grouping", "image_seq_length",
+# fields that do not change the pixels of one RGB image: call plumbing, segmentation maps, padding size
+# without padding (do_convert_rgb is read: it composites transparent images onto white)
+_INERT = {"input_data_format", "device", "return_tensors", "disable_grouping", "image_seq_length",
           "do_reduce_labels", "pad_size", "data_format"}
 # resample values quantcore reproduces (timm resizes with PIL; transformers' torchvision backend with the
 # same filters; box / hamming / lanczos differ between transformers' backends and versions)
@@ -648,6 +648,8 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
                          f"there); quantcore reproduces {', '.join(_INTERP_OK)} (PIL codes 0, 2, 3)")
     mean, std = _statistics(kind, g, chans, where_cls)
     flip = bool(g("do_flip_channel_order", False)) and kind in ("mobilevit", None)
+    # transformers' convert_to_rgb puts transparent pixels on white; without it RGBA arrays keep their colour
+    alpha = "white" if g("do_convert_rgb", False) else "drop"
     if flip:  # HF flips before normalizing; our flip runs after, so the statistics swap places
         mean[:3], std[:3] = mean[:3][::-1], std[:3][::-1]
     return {
@@ -655,7 +657,7 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
         "interpolation": interp, "crop_pct": float(pct), "crop_mode": mode,
         "num_classes": int(config.num_labels), "architecture": arch or config.model_type,
         "hf_preprocessing": {"file": file, "processor": cls if proc is not None else None,
-                             "flip_channel_order": flip, "notes": notes},
+                             "flip_channel_order": flip, "alpha": alpha, "notes": notes},
     }
 
 
