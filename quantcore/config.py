@@ -225,6 +225,8 @@ class ScheduleConfig(_Strict):
         bad = sorted(k for k in unused if getattr(self, k) != type(self).model_fields[k].default)
         if bad:
             raise ValueError(f"{', '.join(bad)}: not an option of schedule {self.name!r}")
+        if self.warmup_steps == 0 and self.warmup_start != type(self).model_fields["warmup_start"].default:
+            raise ValueError(f"warmup_start: {self.warmup_start} is set but warmup_steps is 0 (no warm-up to start)")
         return self
 
 
@@ -234,8 +236,8 @@ class DistillConfig(_Strict):
     kind: Literal["none", "kd", "logit_mse", "deit_hard", "deit_soft"] = Field(
         "none", description="kd: KL(student/T || teacher/T) * T^2 on the logits; logit_mse: mean squared "
         "error of the logits (KD's T->inf limit, Kim et al. 2021; matches the teacher's decisions best, "
-        "temperature unused); deit_*: DeiT distillation token (timm *_distilled_* models) trained on "
-        "the teacher's hard label or its soft KL")
+        "temperature unused); deit_*: DeiT distillation token (timm *_distilled_* models, transformers "
+        "DeiTForImageClassificationWithTeacher) trained on the teacher's hard label or its soft KL")
     teacher: ModelConfig | None = Field(None, description="the teacher model; None = the FP32 model being "
                                         "quantized (self-distillation)")
     temperature: float = Field(3.0, gt=0)

@@ -157,6 +157,26 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> None:
                             if hasattr(model, "save_pretrained") and hasattr(model, "config") else ""))
 
 
+def has_distillation_head(model) -> bool:
+    """Whether ``model`` has a DeiT distillation token with its own head: timm's ``*_distilled_*``
+    models (``set_distilled_training``) or transformers' ``DeiTForImageClassificationWithTeacher``
+    (``cls_classifier`` + ``distillation_classifier``)."""
+    return hasattr(model, "set_distilled_training") or (
+        hasattr(model, "cls_classifier") and hasattr(model, "distillation_classifier"))
+
+
+def distilled_outputs(out) -> tuple:
+    """``(class-token logits, distillation-token logits)`` of a model with a distillation head, in
+    training: timm's tuple (``set_distilled_training(True)``) or a transformers output's
+    ``cls_logits``/``distillation_logits`` (always there). Raises ValueError for anything else."""
+    cls, dist = getattr(out, "cls_logits", None), getattr(out, "distillation_logits", None)
+    if isinstance(cls, torch.Tensor) and isinstance(dist, torch.Tensor):
+        return cls, dist
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
+        return out[0], out[1]
+    raise ValueError(f"expected the class and distillation heads' logits, got {type(out).__name__}")
+
+
 def output_logits(out):
     """The logits tensor of a classifier's output: a tensor as is, a Hugging Face ``ModelOutput``'s
     ``.logits``, or the first item of a tuple/list (timm distilled heads in training mode)."""

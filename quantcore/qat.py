@@ -55,7 +55,7 @@ from .checkpoint import CheckpointError
 from .config import QATConfig, Recipe
 from .errors import Preempted, UserError
 from .io import storage
-from .models import output_logits
+from .models import distilled_outputs, has_distillation_head, output_logits
 from .train import one_cycle
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def per_sample_loss(out: Any, labels: torch.Tensor, teacher_logits: torch.Tensor
     """The training loss of each sample (shape ``(N,)``), as ``qat.distill`` says."""
     d = cfg.distill
     if d.kind in ("deit_hard", "deit_soft"):
-        cls, dist_out = out
+        cls, dist_out = distilled_outputs(out)
         base = F.cross_entropy(cls.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
         if d.kind == "deit_hard":
             extra = F.cross_entropy(dist_out.float(), teacher_logits.argmax(-1), reduction="none")
@@ -658,9 +658,10 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_class
                             f"(--eval-data/--eval-split) has {eval_classes} classes; set model.num_classes: "
                             f"{eval_classes} (and weights trained for them), or evaluate on data of this model's "
                             f"{got} classes")
-    if cfg.distill.kind.startswith("deit") and not hasattr(fp32, "set_distilled_training"):
-        raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token (use a "
-                        f"timm *_distilled_* model such as deit_tiny_distilled_patch16_224)")
+    if cfg.distill.kind.startswith("deit") and not has_distillation_head(fp32):
+        raise UserError(f"qat.distill.kind {cfg.distill.kind}: the model has no distillation token with its own "
+                        f"head (use a timm *_distilled_* model such as deit_tiny_distilled_patch16_224, or a "
+                        f"transformers DeiTForImageClassificationWithTeacher)")
     if cfg.bn != "fold" and not _bn_modules(fp32):
         raise UserError(f"qat.bn: {cfg.bn}: the model has no BatchNorm layer; remove the setting (bn: fold)")
     if cfg.bn != "fold" and fold_bn and not _bn_left_after_folding(fp32):
@@ -777,8 +778,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         raise UserError(f"recipe {recipe.name!r}: qat.learn_zero_point: false, but every quantizer with a learned "
                         "range is symmetric (zero point 0, never learned); drop learn_zero_point")
     model.to(dev)
-    if cfg.distill.kind.startswith("deit"):
-        model.set_distilled_training(True)
+    if cfg.distill.kind.startswith("deit") and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)  # timm; transformers' DeiT always returns both heads
 
     ds = open_dataset(train.uri, train.split, train_transform(unwrap(model), cfg.augment), layout=train.layout,
                       skip_bad=train.skip_bad, cache_dir=train.cache_dir, label_names=model_label_names(unwrap(fp32)))
@@ -831,6 +832,17 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if cfg.schedule.warmup_steps and cfg.schedule.warmup_steps >= total_steps and ctx.is_main:
         log.warning("qat.schedule.warmup_steps %d >= the run's %d steps: the learning rate never leaves its "
                     "warm-up ramp", cfg.schedule.warmup_steps, total_steps)
+    # validation runs at eval_every steps and at epoch ends, never at the last step (the final evaluation)
+    validates = evald is not None and ((cfg.eval_every is not None and cfg.eval_every < total_steps)
+                                       or steps_per_epoch < total_steps)
+    asked = [f"{k} {getattr(cfg, k)}" for k in ("eval_every", "eval_limit") if getattr(cfg, k) is not None]
+    if asked and not validates and ctx.is_main:
+        why = ("no evaluation data" if evald is None else
+               f"eval_every >= the run's {total_steps} steps and one epoch" if cfg.eval_every is not None else
+               f"no eval_every and the run's {total_steps} steps are one epoch")
+        log.warning("qat.%s: no validation runs during training (%s); only the final evaluation, on %s",
+                    " and qat.".join(asked), why, "all images" if opts.eval_limit is None else
+                    f"{opts.eval_limit} images (--eval-limit)")
 
     workers = _workers(opts, recipe)
     progress = _progress(total_steps, st.step, opts.progress and ctx.is_main)
@@ -936,7 +948,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     _sync_bn_statistics(model, cfg)  # every rank evaluates the model rank 0 saves
     _representable_scales(model)
     api.convert(model)
-    if cfg.distill.kind.startswith("deit"):
+    if cfg.distill.kind.startswith("deit") and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(False)
     train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
     cal_info = {**cal_info, "train_skipped": all_train_skipped(),

@@ -389,6 +389,45 @@ def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teac
         run_qat(r, DataSpec(data, "train"), None, str(tmp_path / "o"), QATOptions(progress=False, max_steps=5))
 
 
+def test_hugging_face_deit_with_teacher_trains_its_distillation_head(fmnist, tmp_path):
+    """transformers' DeiTForImageClassificationWithTeacher has the distillation token and head (it
+    always returns cls_logits and distillation_logits): deit_hard/deit_soft train on them, with the
+    loss of the independent formula, instead of refusing the model as having no token."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+
+    from quantcore.models import distilled_outputs, has_distillation_head
+
+    data, _ = fmnist
+    torch.manual_seed(0)
+    cfg = DeiTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, num_labels=10,
+                     architectures=["DeiTForImageClassificationWithTeacher"])
+    hf = DeiTForImageClassificationWithTeacher(cfg).eval()
+    hf.save_pretrained(tmp_path / "deit")
+    DeiTImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286],
+                       image_std=[0.353]).save_pretrained(tmp_path / "deit")
+    assert has_distillation_head(hf) and not has_distillation_head(torch.nn.Linear(2, 2))
+    x, y, t = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.randn(4, 10)
+    out = hf(x)
+    cls, dist = distilled_outputs(out)
+    hard = QATConfig(distill={"kind": "deit_hard", "alpha": 0.3})
+    ref = 0.7 * torch.nn.functional.cross_entropy(out.cls_logits, y, reduction="none") + \
+        0.3 * torch.nn.functional.cross_entropy(out.distillation_logits, t.argmax(-1), reduction="none")
+    torch.testing.assert_close(per_sample_loss(out, y, t, hard), ref)
+    r = Recipe.model_validate({
+        "name": "hfdeit", "model": {"name": str(tmp_path / "deit")},
+        "placement": {"family": "vit", "mode": "ft1"}, "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
+        "qat": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 1e-3},
+                "distill": {"kind": "deit_soft", "alpha": 0.5}, "augment": {"kind": "none"}, "num_workers": 0}})
+    before = {k: v.clone() for k, v in hf.state_dict().items() if k.startswith("distillation_classifier")}
+    rep = run_qat(r, DataSpec(data, "train"), DataSpec(data, "test"), str(tmp_path / "o"),
+                  QATOptions(progress=False, max_steps=3))
+    assert rep["qat"]["steps"] == 3
+    model = api.load(str(tmp_path / "o" / "hfdeit" / "model.qc.pt"))
+    moved = [k for k, v in before.items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved, "the distillation head did not train"
+
+
 def _cnn_recipe(tmp_path: Path, seed: int, name: str, **qat) -> dict:
     """A QAT recipe for a random-init timm resnet10t on 28x28 Fashion-MNIST with BatchNorm kept
     unfolded (its weights written to ``tmp_path/cnn.pt``); ``qat`` adds to its qat: section."""
@@ -430,6 +469,21 @@ def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, capl
                 QATOptions(progress=False, max_steps=1))
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "never freeze" in said and f"larger than the {N_TRAIN} training images" in said, said
+    # validation settings with no validation in the run (one epoch, eval_every past its end) are said
+    # too; with evaluation data and eval_every inside the run they are not
+    for qat, data_eval, warned in (({"eval_every": 1000, "eval_limit": 5}, True, True),
+                                   ({"eval_limit": 5}, True, True), ({"eval_every": 2}, False, True),
+                                   ({"eval_every": 2, "eval_limit": 5}, True, False)):
+        caplog.clear()
+        r = {**base, "qat": {**base["qat"], "bn": "train", "bn_freeze_step": 0, **qat}}
+        with caplog.at_level(logging.WARNING, logger="quantcore.qat"):
+            run_qat(Recipe.model_validate(r), DataSpec(data, "train"), DataSpec(data, "test") if data_eval else None,
+                    str(tmp_path / f"ev{len(caplog.records)}{sorted(qat)}{data_eval}"),
+                    QATOptions(progress=False, max_steps=3))
+        said = " ".join(m.getMessage() for m in caplog.records)
+        assert ("no validation runs during training" in said) is warned, (qat, data_eval, said)
+    with pytest.raises(ValueError, match="warmup_start: 0.5 is set but warmup_steps is 0"):
+        QATConfig(schedule={"warmup_start": 0.5})
 
 
 def test_ft2_shared_qkv_range_stays_shared_through_learned_qat(fmnist, tmp_path):
