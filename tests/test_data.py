@@ -566,6 +566,31 @@ def test_torchvision_models_get_their_weights_preprocessing(name, tmp_path):
         assert eval_transform(vit)(img).shape == (3, 384, 384)
 
 
+def test_a_model_of_neither_1_nor_3_channels_is_refused_on_every_decode_path():
+    """Image files decode to grayscale or RGB: a 4-channel model has no conversion. A grayscale JPEG
+    used to be broadcast to all 4 channels on the torchvision path (a silently wrong input) while PIL
+    raised a raw RuntimeError; both now refuse, naming the channel count. The description still works."""
+    import timm
+
+    from quantcore.errors import UserError
+
+    m = timm.create_model("test_resnet", pretrained=False, in_chans=4, pretrained_cfg_overlay=dict(
+        input_size=(4, 32, 32), mean=(0.1, 0.2, 0.3, 0.4), std=(0.5, 0.5, 0.5, 0.5)))
+    assert describe_transform(m)["input_size"] == [4, 32, 32]
+    files = {}
+    for name, mode, fmt in (("g.jpg", "L", "JPEG"), ("c.jpg", "RGB", "JPEG"), ("a.png", "RGBA", "PNG")):
+        buf = io.BytesIO()
+        Image.new(mode, (40, 30), 128 if mode == "L" else (10, 20, 30, 40)[:len(mode)]).save(buf, fmt)
+        files[name] = buf.getvalue()
+    for decoder in ("torchvision", "pil"):
+        t = eval_transform(m, decoder=decoder)
+        for name, data in files.items():
+            with pytest.raises(UserError, match="takes 4-channel input"):
+                t.from_bytes(data, name)
+        with pytest.raises(UserError, match="takes 4-channel input"):
+            t(Image.open(io.BytesIO(files["c.jpg"])))
+
+
 # ---------------------------------------------------------------------------------------------- S3
 def _upload_tree(local_root, uri):
     from quantcore.io import storage

@@ -91,6 +91,37 @@ def test_class_folders_named_as_the_models_labels_take_the_models_order(tmp_path
     assert any("not the same set" in r.getMessage() for r in caplog.records)
 
 
+def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_models_order(tmp_path, caplog):
+    """Folders Tench/Goldfish/Cock (or NFD-written names) for id2label tench/goldfish/cock are the model's
+    classes: sorted order would make Cock label 0 (the model's tench) and relabel every image silently.
+    Zip shards packed from such folders keep the sorted order of their index and are warned about."""
+    import unicodedata
+
+    from quantcore.data import pack
+
+    names = ["tench", "goldfish", "café", "cock"]
+    folders = ["Tench", "GOLDFISH", unicodedata.normalize("NFD", "Café"), "cock"]
+    for c in folders:
+        _img(tmp_path / "d" / "val" / c / "x.png")
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        ds = open_dataset(str(tmp_path / "d"), "val", label_names=names)
+    assert ds.classes == folders  # the folders, in the model's label order
+    assert {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)} == {f: i for i, f in enumerate(folders)}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "up to letter case or Unicode form" in said and "'Tench' is the model's 'tench', class 0" in said
+    # two folders that differ only in case cannot be matched one to one: sorted order, as before
+    _img(tmp_path / "e" / "val" / "Tench" / "x.png")
+    _img(tmp_path / "e" / "val" / "tench" / "x.png")
+    assert open_dataset(str(tmp_path / "e"), "val", label_names=["tench", "cock"]).classes == ["Tench", "tench"]
+    # zip shards (sorted index order): the differing order is said, compared up to case and form
+    pack(str(tmp_path / "d"), str(tmp_path / "z"), "val")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        z = open_dataset(str(tmp_path / "z"), "val", label_names=names)
+    assert z.classes == sorted(folders)
+    assert any("differ from the model's label order" in r.getMessage() for r in caplog.records), caplog.records
+
+
 def test_a_bad_image_reads_the_same_every_time():
     """The reason is part of the skipped record's identity (calibration + evaluation list it once)."""
     from quantcore.data.base import decode_image

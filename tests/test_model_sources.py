@@ -320,7 +320,9 @@ def hf_processor(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit", "mobilevit", "swin"])
-def test_hf_directory_loads_with_the_original_logits_and_preprocessing(tmp_path, kind):
+def test_hf_directory_loads_with_the_original_logits_and_preprocessing(tmp_path, kind, caplog):
+    import logging
+
     from quantcore.data.transforms import eval_transform
 
     ref = hf_model(kind)
@@ -329,7 +331,10 @@ def test_hf_directory_loads_with_the_original_logits_and_preprocessing(tmp_path,
     proc = hf_processor(kind)
     if proc is not None:
         proc.save_pretrained(d)
-    model = quantcore.build_model({"model": {"name": str(d)}})  # source auto -> hf
+    with caplog.at_level(logging.WARNING, logger="quantcore.model_sources.hf"):
+        model = quantcore.build_model({"model": {"name": str(d)}})  # source auto -> hf
+    # a directory without preprocessor_config.json is said to be squashed, not only recorded
+    assert any("no preprocessor_config.json" in r.getMessage() for r in caplog.records) is (proc is None)
     assert type(model) is type(ref) and model.quantcore_weights == f"hf directory {d} (model.safetensors)"
     size = ref.config.image_size
     x = images(2, size)

@@ -27,10 +27,12 @@ JPEGs, ``tests/test_decode.py`` and ``bench/decode.py``):
     Pillow's: on 75 M resized values (generated photos and Fashion-MNIST JPEGs, 6 output sizes) 99.7% are
     identical, 0.2-0.3% differ by 1 level of 255, 2e-6 by 2, none by more (:data:`MAX_LEVEL_DIFF`); so the
     normalized tensors differ by at most ``2/(255*std)`` per value, by < 2e-4 in mean (:data:`MEAN_ABS_TOL`;
-    measured 3-6e-5), in under 1% of values (:data:`FRAC_DIFFER_TOL`) - on landscape and square images; a
-    portrait image downscaled ~2x or more (e.g. 60x200 to 32 px, any channel count) has up to ~22% of values
-    1 level apart (measured 2026-12-02: the vertical pass rounds differently; transposing around the resize
-    matches those but breaks landscape ones, so it is not done); top-1 of a trained Fashion-MNIST CNN
+    measured 3-6e-5), in under 1% of values (:data:`FRAC_DIFFER_TOL`) - on photo-sized images downscaled to
+    the model's size; the share grows with the scale factor (measured 2026-12-03: 64x64 upscaled to 224 or
+    50x40 downscaled to 32: 4-8% of values 1-2 levels apart; 50x40 or 300x40 to 224: 1.1-1.5%) and for
+    portraits downscaled ~2x or more (60x200 to 32: up to ~22%, 40x300 to 32 bicubic: 28%, 1 level: the
+    vertical pass rounds differently; transposing around the resize matches those but breaks landscape
+    ones, so it is not done); top-1 of a trained Fashion-MNIST CNN
     agrees on >= 99% of images (measured: ``docs/benchmarks.md``, image decoding);
   * nvJPEG (``device='cuda'``): a different IDCT/upsampling, so decoded pixels may differ by a few levels;
     not measured on this project's CI machines (no GPU): ``python -m bench.decode --device cuda`` measures it.

@@ -99,17 +99,26 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     if lay in ("zip", "resisc"):
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
-        if names and list(ds.classes) != list(names) and set(ds.classes) & set(names):
-            f, i, _, j = _first_mismatch(list(ds.classes), list(names))
+        # compared up to letter case and Unicode form: "Tench" packed beside a model's "tench" is the same class
+        key = (lambda n: unicodedata.normalize("NFC", n).casefold())
+        keyed = [key(n) for n in names or []]
+        off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
+        if names and off is not None and {key(c) for c in ds.classes} & set(keyed):
+            i, c = off
+            where = f"class {keyed.index(key(c))} in the model" if key(c) in keyed else "not a label of the model"
             log.warning("the class names of %s (label order of its index) differ from the model's label order: "
-                        "e.g. %r is label %d there, class %d in the model; repack with the model's order",
-                        uri, f, i, j)
+                        "e.g. %r is label %d there, %s; repack with the model's order", uri, c, i, where)
         _warn_unused(ds)
         return ds
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
         log.warning("class folders under %s carry the model's label names: labels follow the model's order "
                     "(id2label), not the sorted folder names", ds.root)
+    elif names and getattr(ds, "label_match", None):
+        i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
+        log.warning("class folders under %s carry the model's label names up to letter case or Unicode form "
+                    "(e.g. folder %r is the model's %r, class %d): labels follow the model's order (id2label), "
+                    "not the sorted folder names", ds.root, ds.classes[i], names[i], i)
     elif names and ds.classes != list(names) and set(ds.classes) & set(names):
         log.warning("class folders under %s share names with the model's labels but are not the same set: "
                     "label i is the i-th sorted folder, which may not be the model's class i (e.g. folder %r is "

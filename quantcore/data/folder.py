@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Callable
 
 from . import _fs
@@ -88,6 +89,11 @@ class FolderDataset(ImageDataset):
                                 "images are. Name the folders uniquely (e.g. by WordNet id, sorted as the "
                                 "model's classes)", file=self.root)
             self.classes = list(label_names)
+        elif label_names and (matched := _match_ignoring_case_and_form(list(per_class), list(label_names))):
+            # the same names up to letter case or Unicode form (macOS NFD): the model's order too - sorted
+            # order would relabel every class without a word ("Tench" sorts after "Cock", "tench" is class 0)
+            self.classes = matched
+            self.label_match = "case/Unicode-insensitive"
         else:
             self.classes = sorted(per_class)
         for label, c in enumerate(self.classes):
@@ -122,3 +128,17 @@ def _names_object(uri: str) -> bool:
     never is."""
     key = str(uri).split("://", 1)[-1].partition("/")[2]
     return bool(key) and not key.endswith("/") and _fs.exists(uri)
+
+
+def _name_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> list[str] | None:
+    """The folders in the labels' order when each folder is one label's name up to letter case and
+    Unicode normalization (one to one), else None."""
+    by_key = {_name_key(f): f for f in folders}
+    keys = [_name_key(n) for n in labels]
+    if len(by_key) != len(folders) or len(set(keys)) != len(keys) or set(by_key) != set(keys):
+        return None
+    return [by_key[k] for k in keys]

@@ -85,6 +85,8 @@ class EvalTransform:
     def __call__(self, img):
         if self.convert is not None:
             img = self.convert(img)
+        elif hasattr(img, "convert"):
+            _refuse_channels(self.config)
         return self.inner(img)
 
     def from_bytes(self, data: bytes, where: str) -> torch.Tensor:
@@ -92,6 +94,9 @@ class EvalTransform:
         ``where`` for a file the PIL path cannot decode either (same message)."""
         from .base import decode_image
         from .decode import to_mode, try_torchvision
+
+        if self.convert is None:
+            _refuse_channels(self.config)
 
         x = try_torchvision(data) if self.plan is not None else None
         if x is not None:
@@ -176,6 +181,18 @@ def _fit_channels(vals, in_chans: int, what: str) -> tuple[float, ...]:
 
 def _mode_for(in_chans: int) -> str | None:
     return {1: "L", 3: "RGB"}.get(in_chans)
+
+
+def _refuse_channels(config: dict[str, Any]) -> None:
+    """An image for a model that takes neither 1 nor 3 channels: image files decode to grayscale or RGB
+    (alpha is not a fourth input channel here), so no conversion gives such a model its input; without
+    this, a grayscale JPEG was broadcast to every channel on one decode path and refused on the other."""
+    from ..errors import UserError
+
+    chans = (config.get("input_size") or [None])[0]
+    raise UserError(f"the model takes {chans}-channel input, but quantcore's image pipeline makes 1-channel "
+                    f"(grayscale) or 3-channel (RGB) images; feed such a model tensors of your own "
+                    f"(quantcore.calibrate/evaluate take any iterable of batches)")
 
 
 def _interp_name(x) -> str:
@@ -344,6 +361,8 @@ class TrainTransform:
     def __call__(self, img):
         if self.convert is not None:
             img = self.convert(img)
+        elif hasattr(img, "convert"):
+            _refuse_channels(self.config)
         if not self.numpy_rng:
             return self.inner(img)
         import random

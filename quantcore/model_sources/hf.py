@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -51,6 +52,8 @@ import torch
 from torch import nn
 
 from . import ModelSource, register_source
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
@@ -628,6 +631,10 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
         file = None
         notes.append(f"no {PREPROCESSOR}: {type(proc).__name__ if proc else 'no processor'} defaults for "
                      f"model_type {config.model_type!r}, image squashed to {CONFIG} image_size {list(img_hw)}")
+        # said, not only recorded: processors that resize the short side and crop (DINOv2, CLIP, MobileViT)
+        # would have been fed other pixels; the directory's own file is the reference
+        log.warning("%s: %s; add the model's %s (its processor's save_pretrained) for its own resize and crop",
+                    name, notes[-1], PREPROCESSOR)
 
     cls, kind = _processor_kind(proc) if proc is not None else ("no processor", None)
     where_cls = f"{where} ({cls})"
