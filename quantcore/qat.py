@@ -778,8 +778,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         raise UserError(f"recipe {recipe.name!r}: qat.learn_zero_point: false, but every quantizer with a learned "
                         "range is symmetric (zero point 0, never learned); drop learn_zero_point")
     model.to(dev)
-    if cfg.distill.kind.startswith("deit") and hasattr(model, "set_distilled_training"):
-        model.set_distilled_training(True)  # timm; transformers' DeiT always returns both heads
+    if cfg.distill.kind.startswith("deit") and hasattr(unwrap(model), "set_distilled_training"):
+        unwrap(model).set_distilled_training(True)  # timm; transformers' DeiT always returns both heads
 
     ds = open_dataset(train.uri, train.split, train_transform(unwrap(model), cfg.augment), layout=train.layout,
                       skip_bad=train.skip_bad, cache_dir=train.cache_dir, label_names=model_label_names(unwrap(fp32)))
@@ -948,8 +948,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     _sync_bn_statistics(model, cfg)  # every rank evaluates the model rank 0 saves
     _representable_scales(model)
     api.convert(model)
-    if cfg.distill.kind.startswith("deit") and hasattr(model, "set_distilled_training"):
-        model.set_distilled_training(False)
+    if cfg.distill.kind.startswith("deit") and hasattr(unwrap(model), "set_distilled_training"):
+        unwrap(model).set_distilled_training(False)
     train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
     cal_info = {**cal_info, "train_skipped": all_train_skipped(),
                 "train_unused": (unused_files_warning(ds), unused_files(ds))}  # popped by _finish
