@@ -571,10 +571,11 @@ def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) ->
                               f"resuming would train another model. Give the same --init, another --out, "
                               f"or --no-resume to discard them")
     if stored.get("fp32_sha256") != start["fp32_sha256"]:
-        raise CheckpointError(f"--out holds training checkpoints of a run from other FP32 weights ({uri}): the "
-                              f"{'--init checkpoint' if start['init'] else 'model weights (recipe model.checkpoint / --checkpoint)'} "
-                              f"changed since; resuming would mix both. Restore them, use another --out, or "
-                              f"--no-resume to discard them")
+        what = ("from another --init checkpoint (its weights or calibrated ranges differ" if start["init"] else
+                "from other FP32 weights (recipe model.checkpoint / --checkpoint")
+        raise CheckpointError(f"--out holds training checkpoints of a run {what}; {uri}): the "
+                              f"{'--init checkpoint' if start['init'] else 'model weights'} changed since; resuming "
+                              f"would mix both. Restore them, use another --out, or --no-resume to discard them")
     if "teacher_sha256" in start and stored.get("teacher_sha256", start["teacher_sha256"]) != start["teacher_sha256"]:
         raise CheckpointError(f"--out holds training checkpoints of a run distilled from other teacher weights "
                               f"({uri}): the weights of qat.distill.teacher changed since; resuming would train "

@@ -138,6 +138,21 @@ def test_kd_and_deit_losses_match_an_independent_formula():
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+def test_a_changed_start_is_refused_naming_what_changed():
+    """A resume whose --init checkpoint (weights or calibrated ranges) or FP32 weights changed is refused;
+    the message names the one that changed (an --init with new ranges is not "other FP32 weights")."""
+    from quantcore.checkpoint import CheckpointError
+    from quantcore.qat import _check_same_start
+
+    stored = {"start": {"init": "i.qc.pt", "fp32_sha256": "a"}}
+    with pytest.raises(CheckpointError, match=r"from another --init checkpoint \(its weights or calibrated ranges"):
+        _check_same_start(stored, {"init": "i.qc.pt", "fp32_sha256": "b"}, "o/ckpt")
+    stored = {"start": {"init": None, "fp32_sha256": "a"}}
+    with pytest.raises(CheckpointError, match=r"from other FP32 weights \(recipe model.checkpoint"):
+        _check_same_start(stored, {"init": None, "fp32_sha256": "b"}, "o/ckpt")
+    _check_same_start(stored, {"init": None, "fp32_sha256": "a"}, "o/ckpt")  # the same start resumes
+
+
 def test_corrupt_or_partial_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     from quantcore.io import storage
 
