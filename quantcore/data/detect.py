@@ -100,7 +100,8 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
         # compared up to letter case and Unicode form: "Tench" packed beside a model's "tench" is the same class
-        key = (lambda n: unicodedata.normalize("NFC", n).casefold())
+        from .folder import class_name_key as key
+
         keyed = [key(n) for n in names or []]
         off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
         if names and off is not None and {key(c) for c in ds.classes} & set(keyed):

@@ -130,15 +130,16 @@ def _names_object(uri: str) -> bool:
     return bool(key) and not key.endswith("/") and _fs.exists(uri)
 
 
-def _name_key(name: str) -> str:
+def class_name_key(name: str) -> str:
+    """A class name compared up to letter case and Unicode normalization (macOS writes NFD)."""
     return unicodedata.normalize("NFC", name).casefold()
 
 
 def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> list[str] | None:
     """The folders in the labels' order when each folder is one label's name up to letter case and
     Unicode normalization (one to one), else None."""
-    by_key = {_name_key(f): f for f in folders}
-    keys = [_name_key(n) for n in labels]
+    by_key = {class_name_key(f): f for f in folders}
+    keys = [class_name_key(n) for n in labels]
     if len(by_key) != len(folders) or len(set(keys)) != len(keys) or set(by_key) != set(keys):
         return None
     return [by_key[k] for k in keys]

@@ -118,6 +118,12 @@ class EvalTransform:
 TORCHVISION_WEIGHTS_ATTR = "torchvision_weights"
 
 
+def weights_name(weights: Any) -> str:
+    """``"ResNet50_Weights.IMAGENET1K_V2"`` for a torchvision ``WeightsEnum`` member
+    (``torchvision.models.get_weight`` takes it back)."""
+    return f"{type(weights).__name__}.{weights.name}"
+
+
 def _recorded_weights(model: nn.Module | None) -> Any:
     name = getattr(model, TORCHVISION_WEIGHTS_ATTR, None) if model is not None else None
     if not isinstance(name, str):
@@ -240,10 +246,10 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
                 "in_chans": in_chans, "crop_size": size, "resize_size": int(size * resize[0] / crop[0]),
                 "mean": list(tv.mean), "std": list(tv.std), "interpolation": _interp_name(tv.interpolation)})
             return inner, {**cfg, "source": "torchvision-weights (scaled to the model's image_size)",
-                           "weights": f"{type(weights).__name__}.{weights.name}"}
+                           "weights": weights_name(weights)}
         cfg = {
             "source": "torchvision-weights",
-            "weights": f"{type(weights).__name__}.{weights.name}" if hasattr(weights, "transforms") else None,
+            "weights": weights_name(weights) if hasattr(weights, "transforms") else None,
             "input_size": [in_chans, crop[0], crop[-1]] if crop else None,
             "resize_size": list(resize) if resize is not None else None,
             "mean": list(getattr(tv, "mean", [])) or None,

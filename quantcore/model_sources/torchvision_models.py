@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data.transforms import TORCHVISION_WEIGHTS_ATTR
+from ..data.transforms import TORCHVISION_WEIGHTS_ATTR, weights_name
 from . import ModelSource, register_source
 
 
@@ -34,7 +34,7 @@ class TorchvisionSource(ModelSource):
         if default is not None:
             # its preprocessing (resize, crop, interpolation, mean/std) is the DEFAULT weights' transforms,
             # also for random init or a fine-tune loaded from model.checkpoint
-            setattr(model, TORCHVISION_WEIGHTS_ATTR, f"{type(default).__name__}.{default.name}")
+            setattr(model, TORCHVISION_WEIGHTS_ATTR, weights_name(default))
         return model, (f"torchvision:{name} weights DEFAULT" if pretrained else None)
 
 
