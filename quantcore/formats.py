@@ -37,7 +37,7 @@ class QuantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: FormatName = "int"
-    bits: int = Field(8, ge=2, le=16, description="integer bits (ignored for float formats)")
+    bits: int = Field(8, ge=2, le=16, description="integer bits (integer formats only: given with a float format it is refused)")
     symmetric: bool = True
     axis: int | None = Field(None, description="channel axis for per-channel ranges; None = per-tensor")
     narrow_range: bool = Field(False, description="symmetric grid without the most negative code")

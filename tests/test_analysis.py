@@ -12,6 +12,7 @@ import torch
 from quantcore import api
 from quantcore.analysis import Budget, Engine, LogitStats, RangeBank, error_analysis, make_groups, parse_choices, search
 from quantcore.analysis import search_recipe, sensitivity, verify_recipe
+from quantcore.analysis.groups import as_grouping
 from quantcore.config import Override
 from quantcore.demo import FMNIST_DIR, load_fashion_mnist
 from quantcore.errors import UserError
@@ -185,6 +186,9 @@ def test_user_errors_name_the_field(setup):
         make_groups(eng, ["blocks.9.mlp"])
     with pytest.raises(UserError, match="groups: unknown grouping"):
         make_groups(eng, "layer")
+    for empty in (",", " , ", []):  # globs that all strip away: never "no groups at all", silently
+        with pytest.raises(UserError, match="groups: no group given"):
+            make_groups(eng, as_grouping(empty))
     with pytest.raises(UserError, match="--budget-top1"):
         Budget.from_options(delta_top1=-0.5)
     with pytest.raises(UserError, match="--budget-agreement"):
@@ -749,3 +753,104 @@ def test_effective_bits_count_a_tied_weight_once(setup):
     specs["block.weight_quantizer"] = choice_spec("8", specs["block.weight_quantizer"])
     hand = sum(e * (8 if n == "block.weight_quantizer" else 4) for n, e in elems.items()) / sum(elems.values())
     assert CostModel(eng, "bits")(specs) == pytest.approx(hand, rel=1e-12)
+
+
+@pytest.mark.parametrize("act", [torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.SiLU])
+def test_replayed_prefix_is_not_changed_by_an_in_place_activation(act):
+    # torchvision's mobilenet_v3 classifier: Linear -> Hardswish(inplace=True) -> ... -> Linear. The
+    # engine replays the FP32/base outputs of the modules before a configuration's first change; an
+    # in-place activation after such a module must not have rewritten the stored output.
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+            self.fc1, self.act, self.fc2 = torch.nn.Linear(16, 32), act(inplace=True), torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(self.body(x.flatten(1)))))
+
+    recipe = {"name": "t", "placement": {"family": "auto"},
+              "quant": {"weights": {"bits": 8, "per_channel": True}, "activations": {"bits": 8}},
+              "calibration": {"method": "max", "num_batches": 1, "batch_size": 8}}
+    model = api.prepare(Net().eval(), recipe, example_input=torch.randn(2, 1, 4, 4))
+    xs = [torch.randn(16, 1, 4, 4)]
+    api.calibrate(model, xs)
+    eng = Engine(model, [(x, None) for x in xs])
+    configs = {"fc2 float": {n: None for n in eng.active if n.startswith("fc2.")},
+               "fc2 weight only": {n: None for n in eng.active if n != "fc2.weight_quantizer"}}
+    got = eng.evaluate(configs)
+    with torch.no_grad():  # independent: the whole forward, quantizers switched by hand
+        ref = model(xs[0])
+        with api.quantization_disabled(model):
+            fp = model(xs[0])
+        qs = quantizers(model)
+        for name, cfg in configs.items():
+            saved = {n: qs[n].quantize for n in cfg}
+            for n in cfg:
+                qs[n].quantize = False
+            out = model(xs[0])
+            for n, on in saved.items():
+                qs[n].quantize = on
+            sqnr = 10 * math.log10(fp.pow(2).sum() / (fp - out).pow(2).sum())
+            assert got[name]["sqnr_db"] == pytest.approx(sqnr, abs=0.01), name
+    assert not torch.equal(ref, fp)
+
+
+def test_limits_beyond_the_split_are_said(setup, tmp_path, caplog):
+    """--limit/--search-limit/--eval-limit larger than what the split holds: the run uses what there
+    is and says so (warning naming the option and the count), as analysis.json records."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    from quantcore.cli import main
+
+    _, _, model, _, _ = setup
+    path = tmp_path / "m.qc.pt"
+    api.save(model, str(path))
+    raw = load_fashion_mnist()["test"][0]
+    root = tmp_path / "folder"
+    for c in range(10):
+        for split, n in (("train", 52), ("val", 3)):  # the recipe calibrates on 512: 8 left to analyze
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(raw[60 * c + i]).save(root / split / f"c{c}" / f"{i}.png")
+    out = tmp_path / "o"
+    with caplog.at_level(logging.WARNING):
+        assert main(["analyze", "-c", str(path), "-d", str(root), "--split", "train", "--eval-split", "val",
+                     "--eval-limit", "500", "-o", str(out), "--limit", "100", "--no-errors", "--no-progress"]) == 0
+    said = caplog.text
+    assert "--limit 100" in said and "using those 8" in said, said
+    assert "--eval-limit 500" in said and "has 30 images" in said, said
+    assert json.loads((out / "analysis.json").read_text())["info"]["analysis_images"] == 8
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def test_block_groups_are_blocks_on_torchvision_cnns(arch):
+    """--groups block: the item of a Sequential/ModuleList holding more than one quantized module.
+    torchvision's Conv2dNormActivation is itself a Sequential; its items are single layers."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+    recipe = {"name": "t", "placement": {"family": "auto"}, "quant": {"weights": {"bits": 8}, "activations": {"bits": 8}},
+              "calibration": {"method": "max", "num_batches": 1, "batch_size": 2}}
+    x = torch.randn(2, 3, 64, 64)
+    model = api.prepare(net, recipe, example_input=x)
+    api.calibrate(model, [x])
+    eng = Engine(model, [(x, None)])
+    groups = make_groups(eng, "block")
+    mods = dict(model.named_modules())
+    top = "features" if arch.startswith("mobilenet") else "layer"
+    # independent: the blocks are features.N / layerK.N (InvertedResidual, BasicBlock) by construction
+    for key, members in groups.items():
+        if key.startswith(top):
+            assert key.count(".") == 1, (key, members)
+            assert type(mods[key]).__name__ in ("InvertedResidual", "BasicBlock", "Conv2dNormActivation"), key
+    blocks = [k for k in groups if k.startswith(top)]
+    want = {".".join(n.split(".")[:2]) for n in eng.order if n.startswith(top)}
+    assert set(blocks) == want
+    assert sum(len(v) for v in groups.values()) == len(eng.order)

@@ -460,7 +460,9 @@ class Engine:
         outs, hooks = {}, []
         for n in capture:
             hooks.append(self.mods[n].register_forward_hook(
-                (lambda name: lambda m, a, o: outs.__setitem__(name, o))(n)))
+                # a copy now: an in-place op after the module (Hardswish(inplace=True)) would
+                # otherwise change the stored output, and a replay would apply it twice
+                (lambda name: lambda m, a, o: outs.__setitem__(name, _clone(o)))(n)))
         try:
             if config is None:  # FP32
                 cfg = {n: None for n in self.qs}

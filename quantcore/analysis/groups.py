@@ -11,14 +11,25 @@ from ..placement.overrides import matches
 GROUPINGS = ("quantizer", "module", "block")
 
 
-def _block_of(name: str, mods: dict[str, nn.Module]) -> str | None:
-    """The item of a ModuleList/Sequential that contains ``name`` (timm ``blocks.3``), or None."""
+def _block_of(name: str, mods: dict[str, nn.Module], owners: set[str]) -> str | None:
+    """The repeated block that contains ``name``: the innermost item of a ModuleList/Sequential that
+    holds more than one quantized module and has a sibling of its own class (timm ``blocks.3``,
+    torchvision ``layer1.0``/``features.4``, HF ``encoder.layer.3``). A one-layer wrapper
+    (torchvision's ``Conv2dNormActivation`` is a Sequential) or a one-off part of a block (the
+    squeeze-excitation inside ``features.4.block``) is not a block: the walk goes on outwards. The
+    outermost item when none qualifies; None outside every ModuleList/Sequential."""
     parts = name.split(".")
+    found = None
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[: i - 1])
-        if isinstance(mods.get(parent), (nn.ModuleList, nn.Sequential)):
-            return ".".join(parts[:i])
-    return None
+        container = mods.get(parent)
+        if isinstance(container, (nn.ModuleList, nn.Sequential)):
+            found = ".".join(parts[:i])
+            item = mods.get(found)
+            repeated = any(type(m) is type(item) for m in container if m is not item)
+            if repeated and sum(1 for o in owners if o == found or o.startswith(found + ".")) > 1:
+                return found
+    return found
 
 
 def make_groups(engine, by: str | Sequence[str] = "quantizer", field: str = "groups") -> dict[str, list[str]]:
@@ -26,17 +37,18 @@ def make_groups(engine, by: str | Sequence[str] = "quantizer", field: str = "gro
 
     ``by``: ``"quantizer"`` (one group each), ``"module"`` (the module holding them: a Linear's
     input/weight/output quantizers, an attention's q/k/softmax/v quantizers, a block's residual-add
-    quantizers), ``"block"`` (the enclosing item of the model's ModuleList/Sequential, e.g.
-    ``blocks.3``; quantizers outside any block by module), or a list of globs (``blocks.*.mlp.fc2``:
+    quantizers), ``"block"`` (the repeated block that holds them, e.g. ``blocks.3``, ``layer1.0``: see
+    :func:`_block_of`; quantizers outside any block by module), or a list of globs (``blocks.*.mlp.fc2``:
     each glob is one group of the quantizers it matches as a recipe override would, across blocks).
     Raises :class:`~quantcore.errors.UserError` naming ``field`` for an unknown grouping or a glob
-    that matches no active quantizer."""
+    that matches no active quantizer, or an empty list of globs."""
     order = list(engine.order)
     if isinstance(by, str):
         if by not in GROUPINGS:
             raise UserError(f"{field}: unknown grouping {by!r} (expected one of {list(GROUPINGS)} or a list of "
                             "globs such as 'blocks.*.mlp.fc2')")
         out: dict[str, list[str]] = {}
+        owners = {n.rpartition(".")[0] for n in order}
         for n in order:
             owner = n.rpartition(".")[0]
             if by == "quantizer":
@@ -44,9 +56,12 @@ def make_groups(engine, by: str | Sequence[str] = "quantizer", field: str = "gro
             elif by == "module":
                 key = owner or "<model>"
             else:
-                key = _block_of(n, engine.mods) or owner or "<model>"
+                key = _block_of(n, engine.mods, owners) or owner or "<model>"
             out.setdefault(key, []).append(n)
         return out
+    if not by:
+        raise UserError(f"{field}: no group given (a grouping {list(GROUPINGS)} or comma-separated globs such as "
+                        "'blocks.*.mlp.fc2')")
     out = {}
     for pat in by:
         if not isinstance(pat, str) or not pat:

@@ -239,6 +239,10 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
                         f"{r.name!r}, calibration section); none is left to analyze: use a larger split or "
                         "fewer calibration images")
     held = rest[:max(limit, search_limit if opts.search else 0)]
+    for opt, asked in (("--limit", limit), ("--search-limit", search_limit if opts.search else 0)):
+        if asked > len(rest):  # said, not silently clamped
+            log.warning("%s %d: split %r of %s has %d images besides the %d calibration images; using those %d",
+                        opt, asked, split, data, len(rest), len(cidx), len(rest))
     if opts.search:  # before any analysis runs
         opts.budget.check_reachable(len(held[:search_limit]))
     search_set = _batches(ds, sorted(held[:search_limit]), batch_size, workers, dev) if opts.search else None
@@ -246,6 +250,9 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     eval_set = None
     if eds is not None:
         eidx, _ = limit_subset(eds, eval_limit)
+        if eval_limit and eval_limit > len(eds):
+            log.warning("--eval-limit %d: split %r of %s has %d images; the final check uses all of them",
+                        eval_limit, eval_split, data, len(eds))
         eval_set = _batches(eds, eidx if eidx is not None else list(range(len(eds))), batch_size, workers, dev)
     info = {"checkpoint": checkpoint, "data": data, "split": split, "calibration_images": len(cidx),
             "analysis_images": len(sorted(held[:limit])), "eval_split": eval_split}
