@@ -315,8 +315,9 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="Calibrated checkpoint
     rep = export_checkpoint(checkpoint, out, format, opset, check)
     _echo(f"opset {rep['opset']}, {len(rep['quantizers'])} quantizers in the graph, onnx.checker ok; "
                f"{len(rep['not_trt_native'])} not TensorRT-native")
-    if (rep.get("trt_table") or {}).get("written") is False:
-        _echo(f"not written: {rep['trt_table']['why']}")
+    for key in ("trt_table", "aimet"):  # left out of `all`, with the reason
+        if (rep.get(key) or {}).get("written") is False:
+            _echo(f"not written: {rep[key]['why']}")
     for w in rep.get("warnings", []):
         _echo(f"warning: {w}", err=True)
     if rep.get("check"):

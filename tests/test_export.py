@@ -208,6 +208,58 @@ def test_fp16_quantizers_are_cast_pairs():
     assert zoo.sqnr_db(fq, torch.from_numpy(out)) > 60
 
 
+def _nested_cnn():
+    """Sequentials inside Sequentials inside a named child (torchvision RegNet's ``f.a.0``,
+    mobilenet's ``features.3.block.1.0``)."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Module()
+            self.f.a = seq(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+            self.f.b = seq(seq(torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU()), seq(torch.nn.Conv2d(8, 8, 1)))
+
+        def forward(self, x):
+            return x + self.f.b(self.f.a(x))
+
+    return seq(torch.nn.Conv2d(3, 8, 3, padding=1), seq(Block(), Block()), torch.nn.AdaptiveAvgPool2d(1),
+               torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+
+
+@pytest.mark.parametrize("fp16", ["all", "one nested"])
+def test_fp16_quantizers_inside_nested_sequentials_are_cast_pairs(fp16):
+    """The exporter scopes a Sequential's item as the container's component extended (``/f/a/a.0/``):
+    the casts of quantizers there were not found by name and the whole export was refused."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    recipe = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+              "quant": {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}} if fp16 == "all" else {},
+              "overrides": [] if fp16 == "all" else [{"match": "1.1.f.b.0.0.input_quantizer", "spec": {"format": "fp16"}}]}
+    model = api.prepare(_nested_cnn(), recipe, example_input=x)
+    api.calibrate(model, [x])
+    ex = export_onnx(model, x[:1])
+    check_model(ex.model)
+    rows = [r for r in api.encodings(model)["quantizers"] if r.get("enabled", True)]
+    assert "1.1.f.b.0.0.input_quantizer" in {r["name"] for r in rows}
+    assert set(graph_quantizers(ex.model)) == {r["name"] for r in rows}
+    with torch.no_grad():
+        fq = model(x)
+    out = ort_session(ex.to_bytes()).run(None, {"input": x[:1].numpy()})[0]
+    assert zoo.sqnr_db(fq[:1], torch.from_numpy(out)) > 60
+
+
+def test_scope_names_of_nested_containers():
+    from quantcore.export.onnx_qdq import _scope_name
+
+    assert _scope_name("/blocks/blocks.0/attn/q_quantizer/Cast", "") == "blocks.0.attn.q_quantizer"
+    assert _scope_name("/model/t/block1/block1-0/f/a/a.0/input_quantizer/Cast_1", "model.") == \
+        "t.block1.block1-0.f.a.0.input_quantizer"
+    assert _scope_name("/features/features.3/block/block.1/block.1.0/input_quantizer/Cast", "") == \
+        "features.3.block.1.0.input_quantizer"
+    assert _scope_name("/model.1/model.1.0/a/a.0/input_quantizer/Cast", "") == "1.0.a.0.input_quantizer"
+
+
 # -- what cannot be exported ------------------------------------------------------------------------------------
 @needs_fmnist
 def test_refusals_name_the_quantizer_or_option(fmnist):
@@ -267,7 +319,7 @@ def test_a_narrow_range_grid_is_not_written_as_an_aimet_encoding(fmnist, tmp_pat
 def test_aimet_encodings_round_trip(fmnist):
     a = _tiny_fmnist("fmnist_w8a8_ft1", fmnist[0])  # per-channel weights, asymmetric fc2 input / softmax output
     ex = export_onnx(a, fmnist[1][0][:1])
-    fproto, tensor_map = float_graph(ex.model)
+    fproto, tensor_map = float_graph(ex.model, ex.float_weights)
     check_model(fproto)
     doc = json.loads(json.dumps(encodings_v2(ex.plans, tensor_map)))
     assert doc["version"] == "2.0.0" and len(doc["encodings"]) == len(ex.plans)
@@ -313,7 +365,7 @@ def test_float_graph_of_chained_quantizers_maps_every_quantizer(fmnist, mode):
     api.calibrate(model, [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)])
     assert any("residual" in n for n in quantizers(model))
     ex = export_onnx(model, fmnist[1][0][:1])
-    fproto, tensor_map = float_graph(ex.model)
+    fproto, tensor_map = float_graph(ex.model, ex.float_weights)
     check_model(fproto)
     assert set(tensor_map) == set(graph_quantizers(ex.model))
     names = [t for ts in tensor_map.values() for t in ts]
@@ -363,7 +415,7 @@ def test_aimet_entries_match_torch_fake_quant_kernels():
 def test_trt_range_table_and_cache(fmnist):
     model = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0])
     ex = export_onnx(model, fmnist[1][0][:1])
-    _, tensor_map = float_graph(ex.model)
+    _, tensor_map = float_graph(ex.model, ex.float_weights)
     table = range_table(ex.plans, tensor_map)
     qs = quantizers(model)
     acts = [n for n, q in qs.items() if q.active and q.kind == "activation"]
@@ -510,3 +562,118 @@ def test_trt_table_and_aimet_describe_the_quantizers_grid_at_opset_21(tmp_path):
     table = json.loads((tmp_path / "o" / "trt_ranges.json").read_text())
     row = next(v for v in table["tensors"].values() if v["quantizer"] == "2.input_quantizer")
     assert row["exact"] and abs(row["amax"] - float(q_in.amax)) <= 1e-6 * float(q_in.amax)
+
+
+def _weight_on_a_tie(q) -> tuple[int, int, float]:
+    """(channel, k, value): a float32 value k.5 * s_c where ONNX's x / s and torch's x * (1 / s) round
+    to different integers (half to even on the exact tie vs. just past it)."""
+    scale, _ = q.scale_zero_point()
+    for c, s in enumerate(scale.reshape(-1).tolist()):
+        s = np.float32(s)
+        for k in range(1, 100):
+            w = np.float32((k + 0.5) * s)
+            if np.rint(w / s) != np.rint(w * (np.float32(1) / s)):
+                return c, k, float(w)
+    raise AssertionError("no tie found")
+
+
+def test_constant_weights_get_quantcores_integer_codes_in_onnx():
+    """A weight on a rounding tie got another code in ONNX (QuantizeLinear divides, torch multiplies by
+    the reciprocal): model.onnx writes weights on their grid, so every code is quantcore's; the float
+    graph (AIMET, range table) keeps the FP32 weights."""
+    model = _tiny_cnn(8)
+    q = quantizers(model)["7.weight_quantizer"]
+    c, k, w = _weight_on_a_tie(q)
+    with torch.no_grad():
+        model[7].weight[c, 0] = w
+        model[7].weight[c, 1] = -w
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ex = export_onnx(model, x[:1])
+    out = ort_session(ex.to_bytes(), optimization="disable").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=0, atol=1e-5)
+    fproto, _ = float_graph(ex.model, ex.float_weights)
+    fw = {i.name: i for i in fproto.graph.initializer}["7.weight"]
+    from onnx import numpy_helper
+
+    assert np.array_equal(numpy_helper.to_array(fw), model[7].weight.detach().numpy())  # FP32, not on the grid
+
+
+def test_narrow_range_per_channel_weights_export(tmp_path):
+    """[-127, 127] per-channel weights (TensorRT's own convention) could not be exported in any format;
+    written on their grid they need no Clip. AIMET 2.0.0 still cannot say 'narrow': left out of `all`."""
+    from quantcore.export.run import export_model
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 64, 10)).eval()
+    r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+         "quant": {"activations": {"bits": 8}, "weights": {"bits": 8, "per_channel": True, "narrow_range": True}}}
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = api.prepare(m, r, example_input=x)
+    api.calibrate(model, [x])
+    rep = export_model(model, str(tmp_path / "o"), x=x[:1])
+    assert (tmp_path / "o" / "model.onnx").is_file() and rep["aimet"]["written"] is False
+    assert "narrow range" in rep["aimet"]["why"] and rep["smoke"]["max_abs_logit_diff_unoptimized"] < 1e-5
+
+
+def test_encoded_tensors_are_read_only_by_their_quantized_consumers():
+    """Encodings and range tables apply to every reader of a tensor: a block input that feeds a
+    quantized conv and a float residual add must give the conv's quantizer a tensor of its own, or
+    QNN/TensorRT would quantize the add's input too."""
+
+    class Res(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1), \
+                torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = h + self.conv(h)
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+         "quant": {"activations": {"bits": 8}, "weights": {"bits": 8}}}
+    model = api.prepare(Res().eval(), r, example_input=x)
+    api.calibrate(model, [x])
+    ex = export_onnx(model, x[:1])
+    fproto, tensor_map = float_graph(ex.model, ex.float_weights)
+    check_model(fproto)
+    readers = {}
+    for n in fproto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    for qname, tensors in tensor_map.items():
+        for t in tensors:
+            assert "Add" not in readers.get(t, []), (qname, t, readers.get(t))
+    out = ort_session(fproto.SerializeToString(), optimization="disable").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad(), api.quantization_disabled(model):
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_format_of_a_model_in_qat_uses_the_learned_scales(tmp_path):
+    from quantcore.export.run import export_model
+
+    model = _tiny_cnn(8)
+    for q in quantizers(model).values():
+        if q.active:
+            q.make_learnable()
+    with torch.no_grad():
+        for q in quantizers(model).values():
+            if q.scale is not None:
+                q.scale.mul_(1.05)
+    rep = export_model(model, str(tmp_path / "o"), formats=["trt-table", "aimet"], x=torch.randn(1, 3, 16, 16))
+    assert "aimet" not in rep or rep["aimet"].get("written") is not False
+    doc = json.loads((tmp_path / "o" / "model.encodings").read_text())
+    learned = {n: float(q.scale.reshape(-1)[0]) for n, q in quantizers(model).items() if q.scale is not None}
+    fproto_map = json.loads((tmp_path / "o" / "tensor_map.json").read_text())
+    by_tensor = {e["name"]: e for e in doc["encodings"]}
+    name = "2.input_quantizer"
+    entry = by_tensor[fproto_map[name][0]]
+    got = entry["y_scale"] if not isinstance(entry["y_scale"], list) else entry["y_scale"][0]
+    assert got == pytest.approx(learned[name], rel=1e-6)
+    assert all(q.spec.learnable for q in quantizers(model).values() if q.scale is not None)  # caller's model as it was

@@ -27,7 +27,7 @@ import io
 import re
 import types
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -280,6 +280,9 @@ class OnnxExport:
     opset: int
     plans: dict[str, QdqSpec]
     graph: dict[str, dict[str, Any]]
+    # the FP32 values of the weights model.onnx writes on their grid (initializer name -> array):
+    # float_graph puts them back
+    float_weights: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return self.model.SerializeToString()
@@ -313,7 +316,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, opset: Optional[i
                           do_constant_folding=not any(p.op == "cast" and p.kind == "weight" for p in plans.values()))
     proto = onnx.load_from_string(buf.getvalue())
     _strip_wrapper_prefix(proto)
-    graph = _rename_and_retype(proto, plans, prefix="")
+    qs = quantizers(model)
+
+    def weight_fq(name: str, arr: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return qs[name](torch.from_numpy(arr.copy())).numpy()
+
+    float_weights: dict[str, np.ndarray] = {}
+    graph = _rename_and_retype(proto, plans, prefix="", weight_fq=weight_fq, originals=float_weights)
     if opset > _TS_MAX_OPSET:
         for imp in proto.opset_import:
             if imp.domain in ("", "ai.onnx"):
@@ -323,10 +333,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, opset: Optional[i
     if missing:
         raise ExportError(f"ONNX export lost {len(missing)} quantizer(s) (e.g. {missing[:3]}): their ops were not "
                           f"traced (data-dependent control flow?)")
-    return OnnxExport(proto, opset, plans, graph)
+    return OnnxExport(proto, opset, plans, graph, float_weights)
 
 
-def _strip_wrapper_prefix(proto, attr: str = "model") -> None:
+_WRAPPER = "model"  # the attribute :class:`_Logits` holds the user's model under
+
+
+def _strip_wrapper_prefix(proto, attr: str = _WRAPPER) -> None:
     """Names as if the user's model had been exported itself: ``model.blocks.0.attn.qkv.weight`` ->
     ``blocks.0.attn.qkv.weight``, ``/model/blocks/...`` -> ``/blocks/...`` (:class:`_Logits` adds them)."""
     g = proto.graph
@@ -350,16 +363,42 @@ def _strip_wrapper_prefix(proto, attr: str = "model") -> None:
 
 def _scope_name(node_name: str, prefix: str) -> str:
     """``/model/blocks/blocks.0/attn/q_quantizer/Cast`` -> ``blocks.0.attn.q_quantizer`` (the TorchScript
-    exporter names nodes by module scope; a component is either relative to its parent or the parent's
-    qualified name extended)."""
+    exporter names nodes by module scope; a component is either a child's name or, for a
+    ModuleList/Sequential item, the container's own component extended: ``.../f/a/a.0/...`` is
+    ``f.a.0``, ``.../block/block.0/block.0.1/...`` is ``block.0.1``; a top-level Sequential's items
+    keep the wrapper's name after :func:`_strip_wrapper_prefix`: ``/model.1/model.1.0/...`` is ``1.0``)."""
     parts = [p for p in node_name.strip("/").split("/")[:-1] if p]
-    full = ""
-    for p in parts:
-        full = p if (not full or p.startswith(full + ".")) else f"{full}.{p}"
+    full, prev = "", None
+    for i, p in enumerate(parts):
+        if i == 0 and p.startswith(_WRAPPER + "."):  # the user's model is itself a Sequential: item N
+            full, prev = p[len(_WRAPPER) + 1:], p  # of the wrapper's ``model`` attribute
+        elif prev is not None and p.startswith(prev + "."):
+            full += p[len(prev):]
+        else:
+            full = f"{full}.{p}" if full else p
+        prev = p
     return full[len(prefix):] if prefix and full.startswith(prefix) else full
 
 
-def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str) -> dict[str, dict[str, Any]]:
+def _resolve_scope(scoped: str, names: dict[str, Any]) -> str:
+    """The quantizer ``scoped`` names: itself, or the one name that holds its components in order.
+    A scope leaves out modules whose forward never ran (a plain ``nn.Module`` used only as a
+    namespace, ``self.f.a(x)``); several candidates stay unresolved (``scoped`` is returned)."""
+    if scoped in names:
+        return scoped
+    want = scoped.split(".")
+
+    def holds(name: str) -> bool:
+        it = iter(name.split("."))
+        return name.split(".")[-1] == want[-1] and all(c in it for c in want)
+
+    found = [n for n in names if holds(n)]
+    return found[0] if len(found) == 1 else scoped
+
+
+def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str,
+                       weight_fq: Optional[Callable[[str, np.ndarray], np.ndarray]] = None,
+                       originals: Optional[dict[str, np.ndarray]] = None) -> dict[str, dict[str, Any]]:
     """Give each quantizer's nodes and initializers its name, write scale/zero point as typed named
     initializers (int4/uint4/int16/uint16 included), and drop what the exporter's deduplication left."""
     import onnx
@@ -379,6 +418,8 @@ def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str) -> dict[st
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+    originals = {} if originals is None else originals
     out: dict[str, dict[str, Any]] = {}
     new_inits = []
     for n in list(g.node):
@@ -397,11 +438,26 @@ def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str) -> dict[st
         dq = dqs[0]
         use = {"nodes": [], "input": n.input[0], "output": dq.output[0]}
         src = producers.get(n.input[0])
-        if src is not None and src.op_type == "Clip" and p.clip:
-            src.name = f"{qname}/Clip{sfx}"
-            src.input[1], src.input[2] = f"{qname}.clip_min", f"{qname}.clip_max"
-            use["nodes"].append(src.name)
-            use["input"] = src.input[0]
+        clip = src if src is not None and src.op_type == "Clip" and p.clip else None
+        raw_in = clip.input[0] if clip is not None else n.input[0]
+        if weight_fq is not None and p.kind == "weight" and raw_in in inits and len(consumers.get(raw_in, [])) == 1:
+            # A constant weight read by this quantizer alone is written on its grid, with the values
+            # quantcore's fake quantization gives it: QuantizeLinear then recovers exactly its integer
+            # codes (it divides by the scale where torch multiplies by 1/scale: a weight on a rounding
+            # tie would otherwise get the other code), and a narrow grid needs no Clip.
+            if raw_in not in originals:
+                arr = numpy_helper.to_array(inits[raw_in])
+                originals[raw_in] = arr
+                inits[raw_in].CopyFrom(numpy_helper.from_array(weight_fq(qname, arr).astype(arr.dtype), raw_in))
+            n.input[0], clip = raw_in, None  # an unread Clip is dropped with the dead nodes
+            use["prerounded"] = True
+        if clip is not None:
+            clip.name = f"{qname}/Clip{sfx}"
+            clip.input[1], clip.input[2] = f"{qname}.clip_min", f"{qname}.clip_max"
+            use["nodes"].append(clip.name)
+            use["input"] = clip.input[0]
+        else:
+            use["input"] = n.input[0]
         for node, role in ((n, "QuantizeLinear"), (dq, "DequantizeLinear")):
             node.name = f"{qname}/{role}{sfx}"
             node.input[1], node.input[2] = f"{qname}.scale", f"{qname}.zero_point"
@@ -413,12 +469,12 @@ def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str) -> dict[st
         dims = list(p.scale.shape)
         new_inits.append(numpy_helper.from_array(p.scale.astype(np.float32), f"{qname}.scale"))
         new_inits.append(helper.make_tensor(f"{qname}.zero_point", dtype, dims, p.zero_point.reshape(-1).tolist()))
-        if p.clip:
+        if p.clip and not all(u.get("prerounded") for u in out[qname]["uses"]):
             lo = ((p.qmin - p.zero_point) * p.scale.astype(np.float64)).astype(np.float32)
             hi = ((p.qmax - p.zero_point) * p.scale.astype(np.float64)).astype(np.float32)
             if lo.size > 1:
-                raise ExportError(f"quantizer {qname}: a narrow-range per-channel grid needs a per-channel Clip, "
-                                  f"which ONNX Clip does not take; use narrow_range: false")
+                raise ExportError(f"quantizer {qname}: a narrow-range per-channel grid on a computed tensor needs a "
+                                  f"per-channel Clip, which ONNX Clip does not take; use narrow_range: false")
             new_inits.append(numpy_helper.from_array(lo.reshape(()), f"{qname}.clip_min"))
             new_inits.append(numpy_helper.from_array(hi.reshape(()), f"{qname}.clip_max"))
     # Casts: found by the quantizer's module scope (a Cast to the format's type followed by one back).
@@ -426,7 +482,7 @@ def _rename_and_retype(proto, plans: dict[str, QdqSpec], prefix: str) -> dict[st
     for n in list(g.node) if cast_plans else []:
         if n.op_type != "Cast":
             continue
-        qname = _scope_name(n.name, prefix)
+        qname = _resolve_scope(_scope_name(n.name, prefix), cast_plans)
         p = cast_plans.get(qname)
         to = next((a.i for a in n.attribute if a.name == "to"), None)
         if p is None or to != getattr(onnx.TensorProto, p.dtype):
@@ -548,18 +604,26 @@ def ort_session(model_bytes: bytes, threads: int = 1, optimization: str = "all",
     return ort.InferenceSession(model_bytes, so, providers=providers, disabled_optimizers=disabled)
 
 
-def float_graph(proto):
+def float_graph(proto, float_weights: Optional[dict[str, np.ndarray]] = None):
     """A copy of a QDQ model with every quantizer's nodes removed (consumers read the quantizer's input
     again): the float model whose tensor names AIMET/QNN encodings and TensorRT range tables refer to.
-    Where two quantizers read one tensor (a block input feeding a conv and its shortcut conv), the
-    second keeps an ``Identity`` whose output is named ``<quantizer>.input``, so each has its own tensor.
-    Returns ``(model, {quantizer: [tensor name per use]})``."""
-    from onnx import helper
+    Encodings and range tables are keyed by tensor and apply to every reader of it, so a quantizer
+    gets a tensor of its own, an ``Identity`` output named ``<quantizer>.input``, where its tensor is
+    also read by another quantizer (a block input feeding a conv and its shortcut conv: the second
+    one) or by a float op (the residual add beside the block's first conv). ``float_weights``
+    (:attr:`OnnxExport.float_weights`) puts back the FP32 values of weights model.onnx writes on their
+    grid. Returns ``(model, {quantizer: [tensor name per use]})``."""
+    from onnx import helper, numpy_helper
 
     proto = copy.deepcopy(proto)
     g = proto.graph
+    for init in g.initializer:
+        if float_weights and init.name in float_weights:
+            init.CopyFrom(numpy_helper.from_array(float_weights[init.name], init.name))
     found = graph_quantizers(proto)
     drop_nodes = {n for rec in found.values() for n in rec["nodes"]}
+    # tensors a float op reads directly (not through a quantizer), or that the graph outputs
+    read_float = {i for n in g.node if n.name not in drop_nodes for i in n.input} | {o.name for o in g.output}
     rename: dict[str, str] = {}
     tensor_of: dict[str, str] = {}
     taken: set[str] = set()
@@ -578,7 +642,7 @@ def float_graph(proto):
     for qname, rec in found.items():
         for use in rec["uses"]:
             src = source(use["input"])
-            if src in taken:
+            if src in taken or src in read_float:
                 new = f"{qname}.input{'_' + str(len(tensor_of.get(qname, []))) if tensor_of.get(qname) else ''}"
                 new_nodes.append(helper.make_node("Identity", [src], [new], name=f"{new}/Identity"))
                 src = new
