@@ -3,7 +3,7 @@
 
     python -m jobs.ray_qat --recipe R --data D --out OUT [--split train] [--eval-data D2]
         [--eval-split val] [--checkpoint W] [--init C] [--num-workers N] [--use-gpu]
-        [--storage-path s3://...] [--max-failures N] [--epochs N] [--max-steps N] [--batch-size N]
+        [--storage-path s3://...] [--max-failures N] [--no-resume] [--epochs N] [--max-steps N] [--batch-size N]
         [--eval-limit N] [--workers N]
 
 Usually the ``entrypoint`` of a KubeRay ``RayJob`` (or ``ray job submit -- python -m jobs.ray_qat ...``).
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 from jobs._args import parse_once
+from jobs._tags import ascii_tag
 from quantcore.errors import UserError
 
 USER_ERROR = 2
@@ -281,6 +283,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--storage-path", default=None,
       help="Ray Train's run storage (s3://bucket/prefix or a shared path). Default: OUT/ray when OUT is on "
            "S3, else Ray's default (~/ray_results).")
+    a("--no-resume", action="store_true",
+      help="Start over: delete OUT/checkpoints/ of an earlier run before the workers start (a worker group "
+           "Ray restarts still resumes from this run's own checkpoints).")
     a("--name", default=None, help="Ray Train run name (default: qat-<recipe name>-<last part of OUT>).")
     a("--max-failures", type=int, default=3,
       help="Worker-group failures Ray recovers from (each restart resumes from the newest checkpoint); "
@@ -310,8 +315,12 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
                          ("--max-failures", args.max_failures, -1)):
         if v is not None and v < low:
             raise RayQATError(f"{flag} must be >= {low}, got {v}")
-    if args.cpus_per_worker <= 0:
-        raise RayQATError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker:g}")
+    cpw = args.cpus_per_worker
+    if not math.isfinite(cpw) or cpw <= 0 or (cpw > 1 and not cpw.is_integer()):
+        # Ray takes a fraction below 1 or a whole number; NaN got through "<= 0" and aborted the raylet
+        raise RayQATError(f"--cpus-per-worker must be a fraction in (0, 1] or a whole number, got {cpw:g}")
+    if args.name is not None and ascii_tag(args.name, "") != args.name:
+        raise RayQATError(f"--name {args.name!r}: use printable ASCII (Ray's metric tags carry the run name)")
     if args.storage_path is not None and "://" in args.storage_path \
             and not args.storage_path.startswith(("s3://", "gs://", "file://")):
         raise RayQATError(f"--storage-path {args.storage_path}: use s3://bucket/prefix, gs://... or a shared path")
@@ -326,7 +335,7 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
     _check_exists("--init", args.init)
     _check_data("--data", args.data, args.split, args.layout)
     _check_data("--eval-data", args.eval_data or args.data, args.eval_split, args.layout)
-    name = args.name or f"qat-{recipe.name}-{args.out.rstrip('/').rsplit('/', 1)[-1] or 'run'}"
+    name = args.name or ascii_tag(f"qat-{recipe.name}-{args.out.rstrip('/').rsplit('/', 1)[-1] or 'run'}", "qat")
     return LoopConfig(recipe=recipe.model_dump(mode="json"), data=args.data, split=args.split,
                       eval_data=args.eval_data or args.data, eval_split=args.eval_split, out=args.out,
                       run_name=name, checkpoint=args.checkpoint, init=args.init, use_gpu=args.use_gpu,
@@ -458,6 +467,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         load_plugins()  # before the recipe is read: $QUANTCORE_PLUGINS, quantcore.plugins entry points
         cfg = build_config(args)
+        if args.no_resume:
+            from quantcore.qat import discard_checkpoints
+
+            discard_checkpoints(cfg.out)
     except (UserError, StorageError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return USER_ERROR

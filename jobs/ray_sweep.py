@@ -63,6 +63,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs._args import parse_once
+from jobs._tags import ascii_tag
 from quantcore.errors import UserError
 
 # /2: summaries are written while the sweep runs (`state`, status `pending`, `runs_pending`)
@@ -267,9 +268,14 @@ class _RayBar:
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        self.metrics["images"].inc(n, tags=self.tags)
-        if self.total:
-            self.metrics["progress"].set(min(self.done / self.total, 1.0), tags=self.tags)
+        try:  # metrics must never fail a run
+            self.metrics["images"].inc(n, tags=self.tags)
+            if self.total:
+                self.metrics["progress"].set(min(self.done / self.total, 1.0), tags=self.tags)
+        except Exception as err:  # noqa: BLE001
+            if not getattr(self, "_metrics_failed", False):
+                print(f"[{self.run}] metrics not recorded ({type(err).__name__}: {err})", flush=True)
+            self._metrics_failed = True
         if self.bar is not None:
             self.bar.update(n)
 
@@ -573,7 +579,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray retries of a run whose worker died (node lost, OOM kill); run errors are not "
                         "retried. Default 1.")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="Run only the named run(s) of the sweep file (repeatable).")
+                   help="Run only the named run(s) of the sweep file (repeatable); the summary still lists "
+                        "every run, the others as their manifests or the previous summary say.")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="Recompute every run, even those whose completion manifest (<OUT>/<name>/_SUCCESS.json) "
                         "says they are complete.")
@@ -645,18 +652,35 @@ def _completed(sweep: Sweep, out: str) -> Dict[str, Tuple[Optional[Dict[str, Any
         return {name: f.result() for name, f in futures.items()}
 
 
+def _previous_runs(out: str) -> Dict[str, Dict[str, Any]]:
+    """Finished run records (succeeded or failed) of ``OUT/summary.json``, by run name; {} when there
+    is none or it cannot be read."""
+    from quantcore.io import storage
+
+    try:
+        doc = json.loads(storage.read_bytes(storage.join(out, "summary.json")))
+        return {r["name"]: r for r in doc.get("runs", []) if r.get("status") in ("succeeded", "failed")}
+    except Exception:  # noqa: BLE001 - no summary yet, or one from another version: nothing to keep
+        return {}
+
+
 def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str] = None,
               gpus_per_task: float = 1.0, cpus_per_task: float = 1.0, max_retries: int = 1,
-              progress: bool = True, resume: bool = True) -> Dict[str, Any]:
+              progress: bool = True, resume: bool = True, only: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run ``sweep`` (every run, or the runs named in ``only``) on Ray; returns the summary, also
+    written to ``OUT/summary.json``/``.md``. The summary always lists every run of the sweep file: with
+    ``only``, the others keep what their manifests (complete runs) or the previous summary (failed
+    ones) say, or stay ``pending``."""
     import ray
 
     from quantcore.io import StorageError, storage
 
-    options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in sweep.runs}
-    _check_devices(sweep, gpus_per_task, sweep_file)
-    _check_recipes(sweep, sweep_file)
+    selected = sweep.model_copy(update={"runs": [r for r in sweep.runs if r.name in only]}) if only else sweep
+    options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in selected.runs}
+    _check_devices(selected, gpus_per_task, sweep_file)
+    _check_recipes(selected, sweep_file)
     started_at, t0 = _now(), time.perf_counter()
-    sweep_name = out.rstrip("/").rsplit("/", 1)[-1] or "sweep"
+    sweep_name = ascii_tag(out.rstrip("/").rsplit("/", 1)[-1], "sweep")  # a metric tag: ASCII
     default_device = "cuda" if gpus_per_task > 0 else "cpu"
     versions: Dict[str, Any] = {"ray": ray.__version__}
     try:
@@ -682,17 +706,24 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             print(f"summary not updated ({type(err).__name__}: {err}); the next update retries", flush=True)
 
     records: Dict[str, Dict[str, Any]] = {}
-    total = len(sweep.runs)
-    if resume:
+    if only:  # the runs left out keep their record in the summary
         done = _completed(sweep, out)
+        earlier = _previous_runs(out)
         for spec in sweep.runs:
+            if spec.name not in only and (done[spec.name][0] or earlier.get(spec.name)):
+                records[spec.name] = done[spec.name][0] or earlier[spec.name]
+    total, finished = len(selected.runs), 0
+    if resume:
+        done = _completed(selected, out)
+        for spec in selected.runs:
             rec, why = done[spec.name]
             if rec is not None:
                 records[spec.name] = rec
-                print(f"[{len(records)}/{total}] {spec.name}: reused, {why}: {rec['manifest']}", flush=True)
+                finished += 1
+                print(f"[{finished}/{total}] {spec.name}: reused, {why}: {rec['manifest']}", flush=True)
             elif not why.startswith("not run yet"):
                 print(f"{spec.name}: recomputing: {why}", flush=True)
-    todo = [s for s in sweep.runs if s.name not in records]
+    todo = [s for s in selected.runs if s.name not in records]
     checkpoint_summary()
     if todo:
         if not ray.is_initialized():
@@ -721,9 +752,10 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
                 except Exception as err:  # worker died, task cancelled ...: recorded like a failed run
                     rec = _failure(spec, storage.join(out, spec.name), err)
                 records[spec.name] = rec
+                finished += 1
                 status = rec["status"] if rec["status"] != "succeeded" else "ok"
                 detail = _one_line(rec) if rec["status"] == "succeeded" else rec["error"]
-                print(f"[{len(records)}/{total}] {spec.name}: {status} "
+                print(f"[{finished}/{total}] {spec.name}: {status} "
                       f"({_fmt(rec.get('duration_s'), '{:.1f}')} s) {detail}", flush=True)
             if waiting:
                 checkpoint_summary()
@@ -747,10 +779,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             unknown = sorted(set(args.only) - {r.name for r in sweep.runs})
             if unknown:
                 raise SweepError(f"--only: no run named {', '.join(unknown)} in {args.sweep}")
-            sweep = sweep.model_copy(update={"runs": [r for r in sweep.runs if r.name in args.only]})
         summary = run_sweep(sweep, args.out, sweep_file=args.sweep, address=args.address,
                             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                            max_retries=args.max_retries, progress=args.progress, resume=args.resume)
+                            max_retries=args.max_retries, progress=args.progress, resume=args.resume,
+                            only=args.only or None)
     except UserError as err:  # SweepError, a bad URI ...: one line, exit 2 (retrying cannot help)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -759,10 +791,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     print("\n" + summary_markdown(summary), flush=True)
     print(f"summary: {summary['summary_json']}", flush=True)
-    if summary["runs_failed"]:
-        failed = [r["name"] for r in summary["runs"] if r["status"] != "succeeded"]
-        print(f"error: {summary['runs_failed']} of {summary['runs_total']} runs failed: {', '.join(failed)}",
-              file=sys.stderr, flush=True)
+    ran = [r for r in summary["runs"] if not args.only or r["name"] in args.only]  # this invocation's runs
+    failed = [r["name"] for r in ran if r["status"] != "succeeded"]
+    if failed:
+        print(f"error: {len(failed)} of {len(ran)} runs failed: {', '.join(failed)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -357,6 +357,18 @@ def decode_train_state(data: bytes, uri: str) -> dict[str, Any]:
         raise CheckpointError(f"training checkpoint {uri} cannot be read: {err}") from None
 
 
+def discard_checkpoints(out: str) -> int:
+    """Delete the training checkpoints under ``OUT/checkpoints`` (``--no-resume``: start over), with a
+    warning saying how many; returns that number."""
+    old = list_checkpoints(out)
+    if old:
+        log.warning("--no-resume: removing %d training checkpoint(s) of the previous run under %s/%s",
+                    len(old), out, _CKPT_DIR)
+    for _s, uri in old:
+        storage.delete(uri)
+    return len(old)
+
+
 def list_checkpoints(out: str) -> list[tuple[int, str]]:
     """``[(step, uri), ...]`` newest first."""
     found = []
@@ -739,12 +751,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     check_out(out)
     dev = ctx.device
     if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
-        old = list_checkpoints(out)
-        if old:
-            log.warning("--no-resume: removing %d training checkpoint(s) of the previous run under %s/%s",
-                        len(old), out, _CKPT_DIR)
-        for _s, uri in old:
-            storage.delete(uri)
+        discard_checkpoints(out)
     unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
     found = latest_checkpoint(out, unverified) if (opts.resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)

@@ -441,6 +441,20 @@ def test_a_single_valued_option_given_twice_is_refused(image_folder, tmp_path, c
             parse_once(parser, argv)
         assert e.value.code == 2
     assert "given 2 times" in capsys.readouterr().err
+    # argparse's prefix matching and an attached short value hid the repeat: "--batch 4 --batch-size 8"
+    # ran with 8
+    from jobs.ray_sweep import _parser as ray_sweep_parser
+
+    base = ["--recipe", "r", "--data", "d", "--out", "o"]
+    for parser, argv, needle in ((ray_qat_parser(), base + ["--batch", "4", "--batch-size", "8"], "--batch"),
+                                 (ray_qat_parser(), base + ["-b4", "--batch-size", "8"], "given 2 times"),
+                                 (ray_qat_parser(), base + ["--max-f", "1", "--max-failures", "3"], "--max-f"),
+                                 (ray_sweep_parser(), ["--sweep", "s", "--out", "o", "--gpus", "0"], "--gpus")):
+        with pytest.raises(SystemExit) as e:
+            parse_once(parser, argv)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
+    assert parse_once(ray_qat_parser(), base + ["-b4"]).batch_size == 4  # once, attached: fine
 
 
 @pytest.mark.parametrize("rename", [("cat", "Cat"), ("cat", "cafe\u0301")])

@@ -61,7 +61,11 @@ def test_missing_required_arguments_exit_2(no_ray, capsys):
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--max-failures", "-2"], "--max-failures must be >= -1"),
-    (["--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker must be a fraction in (0, 1] or a whole number"),
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker must be"),  # NaN aborted the raylet
+    (["--cpus-per-worker", "inf"], "--cpus-per-worker must be"),
+    (["--cpus-per-worker", "1.5"], "--cpus-per-worker must be"),
+    (["--name", "qat-\u00fc"], "--name 'qat-\u00fc': use printable ASCII"),
     (["--storage-path", "hdfs://nn/x"], "--storage-path hdfs://nn/x"),
 ])
 def test_bad_numbers_and_storage_path_exit_2(no_ray, capsys, tmp_path, extra, needle):
@@ -107,6 +111,35 @@ def test_loop_config_carries_the_validated_recipe_and_defaults(tmp_path, data_di
     assert (cfg.eval_data, cfg.eval_split, cfg.split) == (data_dir, "val", "train")
     assert (cfg.max_steps, cfg.workers, cfg.run_name) == (7, 0, "qat-t_qat-q1")
     assert args.num_workers == 2 and not args.use_gpu
+
+
+def test_a_run_name_from_a_non_ascii_out_is_ascii(tmp_path, data_dir):
+    """The run name becomes a tag of Ray's metrics, which encode tags as ASCII: a derived name with
+    'ü' crashed the Train controller (exit 1, retried for ever)."""
+    args = ray_qat._parser().parse_args(["--recipe", _recipe(tmp_path, QAT_RECIPE), "--data", data_dir,
+                                         "--out", "s3://b/out/ray 1+\u00fc/"])
+    name = ray_qat.build_config(args).run_name
+    assert name == "qat-t_qat-ray 1+_" and name.isascii()
+
+
+def test_no_resume_discards_the_earlier_runs_checkpoints_before_ray(monkeypatch, capsys, tmp_path, data_dir):
+    """The refusal of another run's checkpoints says "--no-resume to discard them": jobs.ray_qat has
+    it, and deletes them in the driver (a worker group Ray restarts must still resume its own)."""
+    out = tmp_path / "o"
+    (out / "checkpoints").mkdir(parents=True)
+    for step in (4, 8):
+        (out / "checkpoints" / f"step-{step:09d}.pt").write_bytes(b"x")
+    (out / "ptq").mkdir()
+    seen = {}
+
+    def fake_run(cfg, args):
+        seen["left"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+        return {"results": {}, "steps": 1, "world_size": 2, "report": "r"}
+
+    monkeypatch.setattr(ray_qat, "run", fake_run)
+    argv = ["--recipe", _recipe(tmp_path, QAT_RECIPE), "--data", data_dir, "--out", str(out)]
+    assert ray_qat.main(argv) == 0 and seen["left"] == ["step-000000004.pt", "step-000000008.pt"]
+    assert ray_qat.main(argv + ["--no-resume"]) == 0 and seen["left"] == []
 
 
 def test_worker_failures_map_to_exit_codes(monkeypatch, capsys, tmp_path, data_dir):

@@ -186,6 +186,30 @@ def test_a_sweep_of_complete_runs_reuses_them_without_starting_ray(tiny, tmp_pat
     assert "[1/1] tiny: reused, complete since" in capsys.readouterr().out
 
 
+def test_only_keeps_every_other_run_in_the_summary(tiny, tmp_path, capsys):
+    """--only NAME rewrote summary.json with NAME alone: the other runs' results and a failure record
+    were gone from it. They stay: complete runs from their manifests, a failed one from the previous
+    summary, the rest pending; the exit status is that of the runs this invocation ran."""
+    import ray
+
+    out = tmp_path / "o"
+    _copy(tiny, out)
+    runs = [tiny["run"], dict(tiny["run"], name="broken"), dict(tiny["run"], name="later")]
+    sweep = parse_sweep({"runs": runs})
+    meta = {"sweep_file": "s.yaml", "out": str(out), "started": "t0", "finished": "t1", "duration_s": 1.0,
+            "summary_json": str(out / "summary.json"), "summary_md": str(out / "summary.md")}
+    failed = ray_sweep._failure(sweep.runs[1], str(out / "broken"), RuntimeError("node lost"))
+    ray_sweep.write_summary(ray_sweep.build_summary(sweep, {"tiny": tiny["record"], "broken": failed}, meta, "finished"))
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"runs": runs}))
+    assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(out), "--gpus-per-task", "0", "--only", "tiny"]) == 0
+    assert not ray.is_initialized()  # tiny is complete: nothing to run
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["name"], r["status"]) for r in summary["runs"]] == \
+        [("tiny", "succeeded"), ("broken", "failed"), ("later", "pending")]
+    assert "node lost" in summary["runs"][1]["error"] and summary["runs_total"] == 3
+
+
 def test_summary_while_running_lists_pending_runs(tiny, tmp_path):
     sweep = parse_sweep({"runs": [tiny["run"], dict(tiny["run"], name="later")]})
     meta = {"sweep_file": "s.yaml", "out": str(tmp_path), "started": "t0", "finished": None, "duration_s": 1.0,
