@@ -355,8 +355,8 @@ def _check_exists(flag: str, uri: Optional[str]) -> None:
 
 def _check_data(flag: str, uri: str, split: str, layout: str) -> None:
     """The dataset split can be found (a few existence checks, no listing): a missing one is
-    reported here, not after Ray restarted the workers ``--max-failures`` times on it. (An S3
-    folder-layout split is only checked by the workers.)"""
+    reported here, not after Ray restarted the workers ``--max-failures`` times on it (an S3
+    folder-layout split: one LIST of its prefix)."""
     if layout != "auto":
         return
     from quantcore.data import detect_layout

@@ -113,6 +113,20 @@ class _RunFields(BaseModel):
     cache_dir: Optional[str] = None
     device: Optional[str] = Field(None, description="torch device; default cuda with GPUs per task, else cpu.")
 
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: Optional[str]) -> Optional[str]:
+        # a typo ('tpu', 'gpu') would only fail inside the task, after Ray started: exit 1, not 2
+        if v is None or v == "auto":
+            return v
+        import torch
+
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{v!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _recipe_alias(cls, data: Any) -> Any:

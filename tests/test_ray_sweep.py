@@ -298,6 +298,18 @@ def test_a_cuda_run_on_cpu_tasks_exits_2_before_ray_starts(tiny, tmp_path, capsy
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x"])
+def test_a_device_that_is_not_a_torch_device_exits_2_before_ray_starts(tiny, tmp_path, capsys, device):
+    import ray
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"runs": [dict(tiny["run"], device=device)]}))
+    assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "device" in err and f"{device!r} is not a torch device" in err
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
 def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsys):
     """Before, the driver started Ray and scheduled the task, which failed as a run (exit 1)."""
     import ray

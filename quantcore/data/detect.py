@@ -65,11 +65,27 @@ def _detect_layout(uri: str, split: str) -> str:
             pat = re.compile(rf"^{re.escape(split)}-\d+\.zip$")
             if any(pat.match(n) for n in os.listdir(lp)):
                 return "zip"
-        raise DataError(
-            f"cannot detect a dataset layout for split {split!r} under {uri}: looked for index.json, "
-            f"{split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and a "
-            f"{split}/<class>/ folder", file=uri)
-    return "folder"  # S3: a folder prefix is the remaining possibility; FolderDataset reports if empty
+    elif _has_objects(j(split)):  # S3: a folder prefix is the remaining possibility (one LIST of 1 key)
+        return "folder"
+    raise DataError(
+        f"cannot detect a dataset layout for split {split!r} under {uri}: looked for index.json, "
+        f"{split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and a "
+        f"{split}/<class>/ folder", file=uri)
+
+
+def _has_objects(prefix_uri: str) -> bool:
+    """Whether any object lies under the S3 "folder" ``prefix_uri`` (a missing bucket raises the
+    storage layer's FileNotFoundError, naming it)."""
+    from ..io import _s3
+    from ..io.uri import parse_uri
+
+    p = parse_uri(prefix_uri)
+    prefix = p.key if p.key.endswith("/") else p.key + "/"
+    # page of 2: an empty folder's own marker key ("train/") is not an object of the split
+    for key in _s3.list_keys(p.bucket, prefix, p.original, page_size=2):
+        if key != prefix:
+            return True
+    return False
 
 
 def open_dataset(uri: str, split: str = "val", transform: Callable | None = None, layout: str = "auto",
