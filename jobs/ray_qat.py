@@ -360,11 +360,27 @@ def _check_data(flag: str, uri: str, split: str, layout: str) -> None:
     if layout != "auto":
         return
     from quantcore.data import detect_layout
+    from quantcore.data.detect import s3_prefix_has_objects
+    from quantcore.io import storage
 
     try:
-        detect_layout(uri, split)
+        layout = detect_layout(uri, split)
     except UserError as err:
         raise RayQATError(f"{flag} {uri} (split {split!r}): {err}") from None
+    if layout == "folder" and storage.is_s3(uri) and not s3_prefix_has_objects(storage.join(uri, split)):
+        raise RayQATError(f"{flag} {uri} (split {split!r}): nothing found under {storage.join(uri, split)}/ (looked "
+                          f"for index.json, {split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt "
+                          f"and {split}/<class>/ images)")
+
+
+def gpu_warning(use_gpu: bool, workers: int, resources: Dict[str, float]) -> Optional[str]:
+    """What to say when ``--use-gpu`` workers ask for GPUs the Ray cluster has none of now (the run then
+    waits for GPU nodes, which only an autoscaler brings); None otherwise."""
+    if use_gpu and not resources.get("GPU"):
+        return (f"--use-gpu: the {workers} workers ask one GPU each, but no node of the Ray cluster has a GPU "
+                f"now; they wait for GPU nodes (an autoscaling cluster adds them). Without --use-gpu they train "
+                f"on CPUs")
+    return None
 
 
 def resolved_storage_path(storage_path: Optional[str], out: str) -> Optional[str]:
@@ -411,6 +427,9 @@ def run(cfg: LoopConfig, args: argparse.Namespace) -> Dict[str, Any]:
         from quantcore.plugins import runtime_env
 
         ray.init(address=args.address, log_to_driver=True, runtime_env=runtime_env() or None)
+    warning = gpu_warning(args.use_gpu, args.num_workers, ray.cluster_resources())
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     path, fs = storage_location(args.storage_path, cfg.out)
     trainer = TorchTrainer(
         train_loop_per_worker,

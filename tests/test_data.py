@@ -119,23 +119,6 @@ def packed(tmp_path, folder):
 
 
 # ---------------------------------------------------------------------------------------------- layouts
-def test_s3_split_that_is_not_there_is_named_before_any_run(s3_client, s3_bucket):
-    """On S3 a folder split was assumed whenever nothing else matched, so a missing split or bucket
-    surfaced only when the workers (Ray retried them --max-failures times) listed it."""
-    root = f"s3://{s3_bucket}/ds"
-    with pytest.raises(DataError, match=r"cannot detect a dataset layout for split 'train' under s3://"):
-        detect_layout(root, "train")
-    s3_client.put_object(Bucket=s3_bucket, Key="ds/train/", Body=b"")  # an empty folder's marker
-    with pytest.raises(DataError, match="cannot detect"):
-        detect_layout(root, "train")
-    s3_client.put_object(Bucket=s3_bucket, Key="ds/train/cat/0.png", Body=b"x")
-    assert detect_layout(root, "train") == "folder"
-    with pytest.raises(DataError, match="split 'val'"):
-        detect_layout(root, "val")
-    with pytest.raises(FileNotFoundError, match="no-such-bucket-qc"):
-        detect_layout("s3://no-such-bucket-qc/ds", "train")
-
-
 def test_folder_layout(folder, tmp_path):
     with open(os.path.join(folder, "train", "cat", "notes.txt"), "w") as f:
         f.write("not an image")

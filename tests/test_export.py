@@ -281,16 +281,22 @@ def test_refusals_name_the_quantizer_or_option(fmnist):
         export_onnx(w4, fmnist[1][0][:1], opset=25)
 
 
-@needs_fmnist
-def test_qat_learnable_ranges_are_converted_on_a_copy(fmnist):
-    model = _tiny_fmnist("fmnist_w8a8_ft2", fmnist[0])
+def _as_in_qat(model, factor: float):
+    """Every active quantizer learnable, its scale moved by ``factor``: "trained", the ranges no longer
+    match amin/amax."""
     for q in quantizers(model).values():
         if q.active:
             q.make_learnable()
     with torch.no_grad():
         for q in quantizers(model).values():
             if q.scale is not None:
-                q.scale.mul_(1.03)  # "trained": the ranges no longer match amin/amax
+                q.scale.mul_(factor)
+    return model
+
+
+@needs_fmnist
+def test_qat_learnable_ranges_are_converted_on_a_copy(fmnist):
+    model = _as_in_qat(_tiny_fmnist("fmnist_w8a8_ft2", fmnist[0]), 1.03)
     ex = export_onnx(model, fmnist[1][0][:1])
     assert all(q.scale is not None for q in quantizers(model).values() if q.spec.learnable)  # caller's model untouched
     res = compare(model, ex.to_bytes(), fmnist[1][0][:128], optimization="disable")
@@ -658,14 +664,7 @@ def test_encoded_tensors_are_read_only_by_their_quantized_consumers():
 def test_every_format_of_a_model_in_qat_uses_the_learned_scales(tmp_path):
     from quantcore.export.run import export_model
 
-    model = _tiny_cnn(8)
-    for q in quantizers(model).values():
-        if q.active:
-            q.make_learnable()
-    with torch.no_grad():
-        for q in quantizers(model).values():
-            if q.scale is not None:
-                q.scale.mul_(1.05)
+    model = _as_in_qat(_tiny_cnn(8), 1.05)
     rep = export_model(model, str(tmp_path / "o"), formats=["trt-table", "aimet"], x=torch.randn(1, 3, 16, 16))
     assert "aimet" not in rep or rep["aimet"].get("written") is not False
     doc = json.loads((tmp_path / "o" / "model.encodings").read_text())

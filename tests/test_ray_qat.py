@@ -103,6 +103,24 @@ def test_missing_dataset_split_exit_2(no_ray, capsys, tmp_path, data_dir):
     assert rc == 2 and f"--eval-data {data_dir} (split 'test')" in err
 
 
+def test_a_missing_s3_split_or_bucket_exits_2_before_ray_starts_mock(no_ray, capsys, tmp_path, s3_client, s3_bucket):
+    """On S3 a folder split is what layout detection falls back to: a missing split or bucket reached
+    the workers, which Ray retried --max-failures times (about 2 minutes) before exit 2."""
+    s3_client.put_object(Bucket=s3_bucket, Key="ds/train/cat/0.png", Body=b"x")
+    s3_client.put_object(Bucket=s3_bucket, Key="ds/val/", Body=b"")  # an empty folder's marker only
+    rec = _recipe(tmp_path, QAT_RECIPE)
+    ds = f"s3://{s3_bucket}/ds"
+    for data, extra, needle in ((ds, [], f"--eval-data {ds} (split 'val'): nothing found under"),
+                                (ds, ["--eval-data", f"s3://{s3_bucket}/other"], "--eval-data s3://"),
+                                ("s3://no-such-bucket-qc/ds", [], "no-such-bucket-qc")):
+        argv = ["--recipe", rec, "--data", data, "--out", str(tmp_path / "o"), *extra]
+        rc, err = _main(capsys, *argv)
+        assert rc == 2 and needle in err and "Traceback" not in err, (extra, err)
+    s3_client.put_object(Bucket=s3_bucket, Key="ds/val/cat/0.png", Body=b"x")
+    args = ray_qat._parser().parse_args(["--recipe", rec, "--data", f"s3://{s3_bucket}/ds", "--out", str(tmp_path / "o")])
+    assert ray_qat.build_config(args).eval_split == "val"
+
+
 def test_loop_config_carries_the_validated_recipe_and_defaults(tmp_path, data_dir):
     args = ray_qat._parser().parse_args(["--recipe", _recipe(tmp_path, QAT_RECIPE), "--data", data_dir,
                                          "--out", "s3://b/runs/q1/", "--max-steps", "7", "--workers", "0"])
@@ -140,6 +158,14 @@ def test_no_resume_discards_the_earlier_runs_checkpoints_before_ray(monkeypatch,
     argv = ["--recipe", _recipe(tmp_path, QAT_RECIPE), "--data", data_dir, "--out", str(out)]
     assert ray_qat.main(argv) == 0 and seen["left"] == ["step-000000004.pt", "step-000000008.pt"]
     assert ray_qat.main(argv + ["--no-resume"]) == 0 and seen["left"] == []
+
+
+def test_gpu_workers_on_a_cluster_without_gpus_are_warned_about():
+    """--use-gpu on a CPU-only cluster waited silently (Ray's autoscaler lines only)."""
+    said = ray_qat.gpu_warning(True, 2, {"CPU": 16.0})
+    assert said is not None and "no node of the Ray cluster has a GPU" in said and "2 workers" in said
+    assert ray_qat.gpu_warning(True, 2, {"CPU": 16.0, "GPU": 8.0}) is None
+    assert ray_qat.gpu_warning(False, 2, {"CPU": 16.0}) is None
 
 
 def test_worker_failures_map_to_exit_codes(monkeypatch, capsys, tmp_path, data_dir):

@@ -65,17 +65,17 @@ def _detect_layout(uri: str, split: str) -> str:
             pat = re.compile(rf"^{re.escape(split)}-\d+\.zip$")
             if any(pat.match(n) for n in os.listdir(lp)):
                 return "zip"
-    elif _has_objects(j(split)):  # S3: a folder prefix is the remaining possibility (one LIST of 1 key)
-        return "folder"
-    raise DataError(
-        f"cannot detect a dataset layout for split {split!r} under {uri}: looked for index.json, "
-        f"{split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and a "
-        f"{split}/<class>/ folder", file=uri)
+        raise DataError(
+            f"cannot detect a dataset layout for split {split!r} under {uri}: looked for index.json, "
+            f"{split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and a "
+            f"{split}/<class>/ folder", file=uri)
+    return "folder"  # S3: a folder prefix is the remaining possibility; FolderDataset reports if empty
 
 
-def _has_objects(prefix_uri: str) -> bool:
-    """Whether any object lies under the S3 "folder" ``prefix_uri`` (a missing bucket raises the
-    storage layer's FileNotFoundError, naming it)."""
+def s3_prefix_has_objects(prefix_uri: str) -> bool:
+    """Whether any object lies under the S3 "folder" ``prefix_uri``: one LIST request, where listing
+    a folder split (what :class:`FolderDataset` does) takes one per 1,000 images. A missing bucket
+    raises the storage layer's FileNotFoundError, naming it."""
     from ..io import _s3
     from ..io.uri import parse_uri
 
