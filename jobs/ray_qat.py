@@ -360,7 +360,7 @@ def _check_data(flag: str, uri: str, split: str, layout: str) -> None:
     if layout != "auto":
         return
     from quantcore.data import detect_layout
-    from quantcore.data.detect import s3_prefix_has_objects
+    from quantcore.data.detect import layouts_looked_for, s3_prefix_has_objects
     from quantcore.io import storage
 
     try:
@@ -369,8 +369,7 @@ def _check_data(flag: str, uri: str, split: str, layout: str) -> None:
         raise RayQATError(f"{flag} {uri} (split {split!r}): {err}") from None
     if layout == "folder" and storage.is_s3(uri) and not s3_prefix_has_objects(storage.join(uri, split)):
         raise RayQATError(f"{flag} {uri} (split {split!r}): nothing found under {storage.join(uri, split)}/ (looked "
-                          f"for index.json, {split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt "
-                          f"and {split}/<class>/ images)")
+                          f"for {layouts_looked_for(split)})")
 
 
 def gpu_warning(use_gpu: bool, workers: int, resources: Dict[str, float]) -> Optional[str]:

@@ -273,6 +273,7 @@ class _RayBar:
         self.tags = {"sweep": sweep, "run": run, "stage": desc.split(" ")[0]}
         self.total, self.done, self.desc, self.run = total, 0, desc, run
         self.metrics = _metrics()
+        self.metrics_failed = False
         self.bar = None
         if show:
             from ray.experimental import tqdm_ray
@@ -287,9 +288,9 @@ class _RayBar:
             if self.total:
                 self.metrics["progress"].set(min(self.done / self.total, 1.0), tags=self.tags)
         except Exception as err:  # noqa: BLE001
-            if not getattr(self, "_metrics_failed", False):
+            if not self.metrics_failed:
                 print(f"[{self.run}] metrics not recorded ({type(err).__name__}: {err})", flush=True)
-            self._metrics_failed = True
+            self.metrics_failed = True
         if self.bar is not None:
             self.bar.update(n)
 
@@ -720,15 +721,14 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             print(f"summary not updated ({type(err).__name__}: {err}); the next update retries", flush=True)
 
     records: Dict[str, Dict[str, Any]] = {}
+    done = _completed(sweep if only else selected, out) if (only or resume) else {}
     if only:  # the runs left out keep their record in the summary
-        done = _completed(sweep, out)
         earlier = _previous_runs(out)
         for spec in sweep.runs:
             if spec.name not in only and (done[spec.name][0] or earlier.get(spec.name)):
                 records[spec.name] = done[spec.name][0] or earlier[spec.name]
     total, finished = len(selected.runs), 0
     if resume:
-        done = _completed(selected, out)
         for spec in selected.runs:
             rec, why = done[spec.name]
             if rec is not None:

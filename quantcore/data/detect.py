@@ -65,11 +65,15 @@ def _detect_layout(uri: str, split: str) -> str:
             pat = re.compile(rf"^{re.escape(split)}-\d+\.zip$")
             if any(pat.match(n) for n in os.listdir(lp)):
                 return "zip"
-        raise DataError(
-            f"cannot detect a dataset layout for split {split!r} under {uri}: looked for index.json, "
-            f"{split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and a "
-            f"{split}/<class>/ folder", file=uri)
+        raise DataError(f"cannot detect a dataset layout for split {split!r} under {uri}: looked for "
+                        f"{layouts_looked_for(split)}", file=uri)
     return "folder"  # S3: a folder prefix is the remaining possibility; FolderDataset reports if empty
+
+
+def layouts_looked_for(split: str) -> str:
+    """What layout detection looks for, in the words every "nothing there" message uses."""
+    return (f"index.json, {split}.zip / {split}-NNNNN.zip (+ _map.txt), {split}_imagepaths.txt (resisc45) and "
+            f"{split}/<class>/ images")
 
 
 def s3_prefix_has_objects(prefix_uri: str) -> bool:

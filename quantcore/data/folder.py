@@ -63,9 +63,10 @@ class FolderDataset(ImageDataset):
                 raise DataError(f"{self.uri} is a file, not a dataset: give the folder or S3 prefix that holds "
                                 f"{split or '<split>'}/<class>/ or the zip shards", file=self.uri)
             if not listed:
+                from .detect import layouts_looked_for
+
                 raise DataError(f"nothing found under {self.root}: no file or object has that prefix (dataset "
-                                f"layouts looked for under {self.uri}: index.json, {sp}.zip / {sp}-NNNNN.zip (+ _map.txt), "
-                                f"{sp}_imagepaths.txt and {sp}/<class>/*.jpg)", file=self.root)
+                                f"layouts looked for under {self.uri}: {layouts_looked_for(sp)})", file=self.root)
             raise DataError(f"no class folders found under {self.root} (expected <root>/<split>/<class>/*.jpg)",
                             file=self.root)
         if classes is not None:
