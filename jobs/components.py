@@ -71,6 +71,10 @@ RESERVED_PATHS = ("/", "/tmp", "/cache", "/dev/shm")
 # Helm chart refuses the same list (charts/quantcore/templates/_helpers.tpl, quantcore.checkVolumes).
 SYSTEM_PATHS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/opt", "/proc", "/root", "/run",
                 "/sbin", "/sys", "/usr", "/var")
+# `quantcore export`'s formats and opsets (quantcore.export.run.FORMATS, onnx_qdq.MIN_OPSET..21), here
+# without importing torch; tests/test_jobs.py checks they agree
+EXPORT_FORMATS = ("onnx", "aimet", "trt-table")
+EXPORT_OPSETS = (13, 21)
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # TorchX 0.7 requests memMB - 1024 MB (its node reservation; never below 0) under a limit of memMB:
@@ -719,8 +723,15 @@ def export(
         check_limit: check on a seeded, class-stratified sample of N images of check_data; 0 = the whole split
     """
     pod = PodOptions.of({**locals(), "gpus": 0})  # OPTIONS_NOT_TAKEN: no GPU
-    if opset < 0 or check_limit < 0:
-        raise ComponentError(f"--opset and --check_limit must be >= 0, got {opset} and {check_limit}")
+    if check_limit < 0:
+        raise ComponentError(f"--check_limit must be >= 0, got {check_limit}")
+    lo, hi = EXPORT_OPSETS
+    if opset and not lo <= opset <= hi:
+        raise ComponentError(f"--opset {opset}: give {lo}..{hi}, or 0 for quantcore's default")
+    items = [i.strip() for i in format.split(",") if i.strip()]  # as quantcore.export.run.parse_formats
+    if items != ["all"] and (not items or any(i not in EXPORT_FORMATS for i in items)):
+        raise ComponentError(f"--format {format!r}: give one of {list(EXPORT_FORMATS)}, a comma-separated list of "
+                             f"them, or all")
     if not check_data and (check_split or check_limit):
         raise ComponentError("--check_split and --check_limit apply to the images of --check_data: set "
                              "--check_data, or remove them")

@@ -101,7 +101,18 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def start_calibration(model: nn.Module) -> None:
-    """Put every activation quantizer in collection mode with fresh statistics."""
+    """Put every activation quantizer in collection mode with fresh statistics.
+
+    Raises CalibrationError when a quantizer has a learned (QAT) range: its forward uses the learned
+    scale, so new statistics would set a range nothing reads, and :func:`convert` would then write
+    the learned one back over it."""
+    learned = [n for n, q in quantizers(model).items() if q.spec.learnable and q.scale is not None]
+    if learned:
+        who = f"quantizer {learned[0]!r} has" if len(learned) == 1 else \
+            f"{len(learned)} quantizers (e.g. {learned[0]!r}) have"
+        raise CalibrationError(f"{who} a learned (QAT) range, which the forward uses: calibrating would not change "
+                               f"it. Call quantcore.convert(model) first to calibrate anew (the learned ranges are "
+                               f"replaced), or keep the learned ranges")
     for name, q in quantizers(model).items():
         q.qname = name
         q.start_calibration()

@@ -98,11 +98,47 @@ def _load_recipes(values: List[str]) -> list:
     out = []
     for v in values:
         parts = [p.strip() for p in v.split(",")]
-        if len(parts) > 1 and all(parts) and not os.path.exists(v.removeprefix("file://")):
+        if len(parts) > 1 and all(parts) and not _names_a_file(v):
             out += [load_recipe(p) for p in parts]
         else:
             out.append(load_recipe(v))
     return out
+
+
+def _check_train_classes(model, ds, data: str, split: str) -> None:
+    """The model's logits must match the training data's classes (a label beyond them would fail in the
+    loss; fewer classes would train a head of the wrong size without a word)."""
+    import torch
+
+    from .data import model_label_names
+    from .errors import UserError
+    from .models import output_logits
+    from .placement import default_example_input, unwrap
+
+    if model_label_names(unwrap(model)) is not None:
+        return  # the data's folders are mapped by the model's class names when read
+    with torch.no_grad():
+        got = output_logits(model(default_example_input(model))).shape[-1]
+    if got != ds.num_classes:
+        raise UserError(f"model.num_classes: the model gives {got} logits, but the training data ({data} split "
+                        f"{split!r}) has {ds.num_classes} classes; set model.num_classes: {ds.num_classes}")
+
+
+def _join(out: str, name: str) -> str:
+    """``out``/``name`` as the storage layer writes it (``s3://b/run/`` + ``report.md``: one slash)."""
+    from .io import storage
+
+    return storage.join(out, name)
+
+
+def _names_a_file(v: str) -> bool:
+    """Whether ``v`` as a whole is an existing recipe file (local, file:// or s3://)."""
+    from .io import storage
+
+    try:
+        return storage.exists(v)
+    except (OSError, ValueError):
+        return False
 
 
 def _one(values: List[str], flag: str, why: str) -> str:
@@ -152,7 +188,7 @@ def ptq(recipe: List[str] = RecipeOpt,
                  DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit), out,
                  _opts(batch_size, workers, device, progress, checkpoint))
     _print_results(rep)
-    _echo(f"report: {out}/report.md")
+    _echo(f"report: {_join(out, 'report.md')}")
 
 
 @app.command()
@@ -182,8 +218,10 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe whose m
     cfg = r.train or TrainConfig()
     if epochs is not None:
         cfg = cfg.model_copy(update={"epochs": epochs})
+    torch.manual_seed(cfg.seed)  # train.seed seeds the model's initialization too (as the demo's training)
     model = build_model(r)
     ds = open_dataset(data, split, eval_transform(model), layout=layout)
+    _check_train_classes(model, ds, data, split)
     loader = make_loader(ds, cfg.batch_size, cfg.num_workers if workers is None else workers, shuffle=True,
                          seed=cfg.seed, drop_last=False)
     res = train_classifier(model, lambda e: loader, len(loader), cfg, device=resolve_device(device),
@@ -228,7 +266,7 @@ def qat(recipe: List[str] = typer.Option(..., "--recipe", "-r", help="Recipe (na
 
     if os.environ.get("RANK", "0") == "0" and rep.get("results"):  # one rank prints (the group is gone by now)
         _print_results(rep)
-        _echo(f"report: {out}/report.md")
+        _echo(f"report: {_join(out, 'report.md')}")
 
 
 @app.command()
@@ -343,7 +381,7 @@ def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// pr
     _echo("")
     for line in summary_lines(res.report, res.qat_reports):
         _echo(line)
-    _echo(f"\nreport: {res.out}/report.md   ({res.report['timings_s']['total']:.0f} s in all)")
+    _echo(f"\nreport: {_join(res.out, 'report.md')}   ({res.report['timings_s']['total']:.0f} s in all)")
 
 
 def _fmt(v, fmt: str) -> str:
@@ -434,12 +472,14 @@ def _repeated_options(argv: list[str]) -> None:
         if not names or getattr(p, "multiple", False) or p.param_type_name != "option":
             continue
         seen: list[str] = []
+        flag = getattr(p, "is_flag", False)
         for i, a in enumerate(args):
             for o in names:
                 if a == o or (o.startswith("--") and a.startswith(o + "=")):
-                    flag = getattr(p, "is_flag", False)
                     seen.append(a if flag else a.partition("=")[2] if "=" in a else
                                 (args[i + 1] if i + 1 < len(args) else ""))
+                elif not flag and not o.startswith("--") and a.startswith(o) and not a.startswith("--"):
+                    seen.append(a[len(o):])  # a short option's value attached: -b8
         if len(seen) > 1:
             raise UserError(f"{'/'.join(names)} given {len(seen)} times ({', '.join(seen)}): give it once (the "
                             f"last one would win silently)")

@@ -294,7 +294,7 @@ def _check_classes(calib: DataSpec, calib_classes: list[str], evald: DataSpec, e
         return None
     msg = (f"the calibration data ({calib.uri} split {calib.split!r}) and the evaluation data ({evald.uri} split "
            f"{evald.split!r}) list different classes: {diff}")
-    if calib.uri.rstrip("/") == evald.uri.rstrip("/"):
+    if _same_location(calib.uri, evald.uri):
         raise DataError(msg + "; the evaluation labels would be shifted against the model's classes. Give both "
                         "splits the same class folders", file=evald.uri)
     if distributed.rank() == 0:
@@ -426,11 +426,19 @@ def check_cache_dir(*specs: "DataSpec | None") -> None:
                         f"({uris}) is local and is read in place; drop --cache-dir")
 
 
+def _same_location(a: str, b: str) -> bool:
+    """Whether two data URIs name one location however spelled (``./d``, ``d/``, ``file:///abs/d``)."""
+    try:
+        return storage.location(a) == storage.location(b)
+    except ValueError:
+        return a.rstrip("/") == b.rstrip("/")
+
+
 def check_out(out: str) -> None:
     """``--out`` must be a writable directory or s3:// prefix: refused before any work (a file, a
     missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
     if not storage.is_s3(out):
-        path = out.removeprefix("file://")
+        path = storage.local_path(out)
         if os.path.isfile(path):
             raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
     if distributed.rank() != 0:

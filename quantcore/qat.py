@@ -430,6 +430,22 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self.prev)
 
 
+class _SigtermOutsideSteps(_Sigterm):
+    """Outside the training steps (start-up, calibration, the final evaluation) a SIGTERM still ends
+    the process as the signal does (exit 143, so a launcher retries), but says so first: nothing is
+    checkpointed at that point, a restart resumes from the latest checkpoint under --out, if any."""
+
+    def _handle(self, signum, frame) -> None:
+        import os
+        import sys
+
+        print("preempted: SIGTERM outside the training steps (start-up, calibration or final evaluation): "
+              "no checkpoint written now; a restart resumes from the latest checkpoint under --out, or starts "
+              "over when there is none", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 # ----------------------------------------------------------------------------------------- the loop
 @dataclass
 class _State:
@@ -450,7 +466,8 @@ def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOp
     opts = opts or QATOptions()
     ctx = distributed.setup(opts.device)
     try:
-        return _run(recipe, train, evald, out, opts, ctx)
+        with _SigtermOutsideSteps(opts.handle_sigterm):
+            return _run(recipe, train, evald, out, opts, ctx)
     finally:
         distributed.teardown(ctx)
 
@@ -547,8 +564,16 @@ def _check_same_run(stored_json: str, recipe: Recipe, uri: str) -> None:
 
 def _data_identity(train: Any) -> dict[str, Any]:
     """What decides the training samples (a cache directory does not)."""
-    return {"uri": str(train.uri), "split": str(train.split), "layout": str(getattr(train, "layout", "auto")),
-            "skip_bad": bool(getattr(train, "skip_bad", False))}
+    return {"uri": _location(str(train.uri)), "split": str(train.split),
+            "layout": str(getattr(train, "layout", "auto")), "skip_bad": bool(getattr(train, "skip_bad", False))}
+
+
+def _location(uri: str) -> str:
+    """The data's location however it is spelled (``d``, ``./d/``, ``file:///abs/d``: one folder)."""
+    try:
+        return storage.location(uri)
+    except ValueError:
+        return uri
 
 
 def _sample_identity(ds: Any) -> dict[str, Any]:
@@ -601,7 +626,9 @@ def _check_same_data(state: dict[str, Any], data_id: dict[str, Any], world_size:
     Keys of ``data_id`` the checkpoint does not hold are not compared (older checkpoints)."""
     stored = state.get("data")
     if stored is not None:
-        diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in data_id.items() if k in stored and stored.get(k) != v]
+        # a stored URI is compared as a location: checkpoints before 2026-12-03 hold it as spelled
+        diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in data_id.items() if k in stored and
+                (_location(str(stored[k])) if k == "uri" else stored.get(k)) != v]
         if diff:
             raise CheckpointError(f"--out holds training checkpoints of a run on other data ({uri}): "
                                   f"{'; '.join(diff)}; resuming would mix both. Use the same data, another "

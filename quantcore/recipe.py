@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     shipped = builtin_recipes()
     if src in shipped:
         text = shipped[src].read_text()
-    elif src.startswith("s3://"):
+    elif _is_s3(src):
         from .io import storage
 
         try:
@@ -61,7 +62,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
             raise RecipeError(f"recipe {src} not found") from None
         text = _decode(raw, src)
     else:
-        path = Path(src.removeprefix("file://"))
+        path = Path(_local(src))
         if not path.is_file():
             raise RecipeError(f"recipe {src!r} not found (not a file, and not one of the built-in "
                               f"recipes: {', '.join(sorted(shipped))})")
@@ -90,10 +91,35 @@ def _relative_to_recipe(data: Any, src: str) -> None:
         val = model.get(key)
         if not isinstance(val, str) or not val or "://" in val or os.path.isabs(os.path.expanduser(val)):
             continue
-        if src.startswith("s3://"):
-            model[key] = src.rsplit("/", 1)[0] + "/" + val.removeprefix("./")
+        if _is_s3(src):
+            from .io.uri import parse_uri, s3_uri
+
+            # S3 keys are not paths, but a recipe's ``../w/fp32.pt`` means the same as on a disk: the
+            # segments are resolved (``.`` and ``..``), never sent as a literal key
+            p = parse_uri(src)
+            key_path = posixpath.normpath(posixpath.join(posixpath.dirname(p.key), val))
+            if key_path.startswith("../") or key_path == "..":
+                raise RecipeError(f"recipe {src}: model.{key} {val!r} leads above the bucket's root")
+            model[key] = s3_uri(p.bucket, key_path)
         else:
-            model[key] = str((Path(src.removeprefix("file://")).resolve().parent / val).resolve())
+            model[key] = str((Path(_local(src)).resolve().parent / val).resolve())
+
+
+def _is_s3(src: str) -> bool:
+    from .io.uri import is_s3
+
+    return is_s3(src)
+
+
+def _local(src: str) -> str:
+    """A local path or ``file://`` URI as a path, by the storage layer's rules (``%20`` decoded,
+    ``file://localhost/``); malformed URIs are named."""
+    from .io.uri import local_path
+
+    try:
+        return local_path(src)
+    except ValueError as e:
+        raise RecipeError(f"recipe {src!r}: {e}") from None
 
 
 def _decode(raw: bytes, src: str) -> str:

@@ -38,6 +38,14 @@ def load_label_map(root: str) -> list[str]:
     return [by_id[i] for i in range(len(by_id))]
 
 
+def _names_class(p: str, ids: dict[str, int]) -> bool:
+    """Whether list line ``p`` names a file in a class folder of the label map, as the parser reads it."""
+    parts = [x for x in p.split("/") if x not in ("", ".")]
+    if parts and parts[0] == "images":
+        parts = parts[1:]
+    return len(parts) >= 2 and parts[-2] in ids
+
+
 class ImagePathsDataset(ImageDataset):
     """RESISC45 layout (see module doc). ``samples`` are paths relative to ``<root>/images``."""
 
@@ -58,8 +66,8 @@ class ImagePathsDataset(ImageDataset):
         # lines end at \n (\r\n too) only, as in the zip maps: str.splitlines also breaks at \x0c, \x85 ...
         for lineno, line in enumerate(text.split("\n"), 1):
             p = line.strip().replace("\\", "/")
-            if not p or p.startswith("#"):
-                continue
+            if not p or (p.startswith("#") and not _names_class(p, ids)):
+                continue  # a comment; a class folder may itself start with '#' ('#1 priority/0.png')
             parts = [x for x in p.split("/") if x not in ("", ".")]
             if parts and parts[0] == "images":
                 parts = parts[1:]

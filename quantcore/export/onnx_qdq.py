@@ -310,10 +310,16 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, opset: Optional[i
 
     with qdq_export(model, plans), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from the models' shape asserts; deprecation notices
-        torch.onnx.export(wrapper, (example_input,), buf, dynamo=False, opset_version=min(opset, _TS_MAX_OPSET),
-                          input_names=["input"], output_names=["logits"], dynamic_axes=dyn,
-                          # the exporter would fold a weight's Cast pair into its initializer (nodes gone)
-                          do_constant_folding=not any(p.op == "cast" and p.kind == "weight" for p in plans.values()))
+        try:
+            torch.onnx.export(wrapper, (example_input,), buf, dynamo=False, opset_version=min(opset, _TS_MAX_OPSET),
+                              input_names=["input"], output_names=["logits"], dynamic_axes=dyn,
+                              # the exporter would fold a weight's Cast pair into its initializer (nodes gone)
+                              do_constant_folding=not any(p.op == "cast" and p.kind == "weight"
+                                                          for p in plans.values()))
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - torch's exporter: an op of the model it cannot write
+            raise ExportError(_exporter_failure(e, opset)) from e
     proto = onnx.load_from_string(buf.getvalue())
     _strip_wrapper_prefix(proto)
     qs = quantizers(model)
@@ -334,6 +340,18 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, opset: Optional[i
         raise ExportError(f"ONNX export lost {len(missing)} quantizer(s) (e.g. {missing[:3]}): their ops were not "
                           f"traced (data-dependent control flow?)")
     return OnnxExport(proto, opset, plans, graph, float_weights)
+
+
+def _exporter_failure(e: BaseException, opset: int) -> str:
+    """One message for a failure inside ``torch.onnx.export``: the operator when torch names it, and
+    what may help (a later opset; a configuration of the model without the operator)."""
+    text = " ".join(str(e).split())
+    op = re.search(r"operator '?([\w:.]+)'?", text) or re.search(r"when translating (\w+)", text)
+    what = f"operator {op.group(1)}" if op else "an operator it cannot translate"
+    higher = f"; a later --opset ({opset + 1}..21) may have it" if op and opset < 21 else ""
+    return (f"the ONNX exporter (torch.onnx, opset {opset}) cannot write this model: {what}{higher}. The "
+            f"operator is in the model's own forward (F.fold, antialiased resampling of a dynamic image size, "
+            f"...): export a configuration of the model without it (torch: {type(e).__name__}: {text[:200]})")
 
 
 _WRAPPER = "model"  # the attribute :class:`_Logits` holds the user's model under

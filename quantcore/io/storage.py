@@ -33,7 +33,7 @@ from typing import BinaryIO, Iterator, List, Optional, Sequence, Union
 from . import _s3
 from ._s3 import MiB, S3Settings, StorageError, configure, get_client, get_settings, reset_client, reset_config
 from .ranged import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BLOCKS, RangedReader
-from .uri import URI, file_uri, is_s3, join, local_path, parse_uri, s3_uri
+from .uri import URI, file_uri, is_s3, join, local_path, location, parse_uri, s3_uri
 from .uri import local_path as _to_local_path
 
 logger = logging.getLogger("quantcore.io")
@@ -43,7 +43,7 @@ __all__ = [
     "read_bytes", "read_range", "size", "exists", "write_bytes", "upload_file",
     "download_file", "list_uris", "join", "is_s3", "open_read", "delete",
     "cleanup_incomplete_writes", "configure", "reset_config", "get_settings", "get_client",
-    "reset_client", "parse_uri", "local_path",
+    "reset_client", "parse_uri", "local_path", "location",
 ]
 
 _TMP_SUFFIX = ".qctmp"
@@ -69,6 +69,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _tmp_name(base: str) -> str:
+    """``.<base>.<12 hex>.qctmp``, with ``base`` shortened so the name stays within NAME_MAX (255 bytes
+    on common file systems): a target whose own name is legal must be writable."""
+    tail = f".{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
+    raw = os.fsencode(base)
+    room = 255 - 1 - len(tail)
+    if len(raw) > room:
+        base = os.fsdecode(raw[:room]).encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+        while len(os.fsencode(base)) > room:  # a split multi-byte character
+            base = base[:-1]
+    return f".{base}{tail}"
+
+
 @contextlib.contextmanager
 def _atomic_local_writer(path: str) -> Iterator[BinaryIO]:
     """Yield a binary file; on clean exit its content atomically replaces ``path``.
@@ -89,7 +102,7 @@ def _atomic_local_writer(path: str) -> Iterator[BinaryIO]:
                                      f"(the output location must be a directory or a new path)", up)
         up = os.path.dirname(up)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    tmp = os.path.join(parent, _tmp_name(os.path.basename(path)))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -164,6 +164,18 @@ def local_path(uri: URI) -> str:
     return p.path
 
 
+def location(uri: URI) -> str:
+    """One spelling per storage location, for comparing two URIs: a local path or ``file://`` URI
+    becomes its absolute real path (``./d``, ``d/``, ``/x//d``, ``file:///x/d`` and a symlink to it
+    are one folder); an S3 URI becomes ``s3://bucket/key`` with the scheme in lower case and trailing
+    slashes dropped (the key is otherwise verbatim: ``a//b`` and ``a/b`` are different S3 keys).
+    Raises UriError for a malformed URI."""
+    p = parse_uri(uri)
+    if p.is_s3:
+        return s3_uri(p.bucket, p.key.rstrip("/"))
+    return os.path.realpath(p.path)
+
+
 def s3_uri(bucket: str, key: str) -> str:
     """Format ``s3://bucket/key``."""
     return f"s3://{bucket}/{key}"

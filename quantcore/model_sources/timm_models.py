@@ -81,7 +81,7 @@ def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False
     if use_file:
         # timm's own overlay mechanism: weights from a local file, preprocessing from the timm config;
         # the model's class count as the file's, so timm keeps the file's classifier instead of dropping it
-        kw["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file.removeprefix("file://"),
+        kw["pretrained_cfg_overlay"] = {"file": _local_file(cfg.pretrained_file),
                                         **({"num_classes": kw["num_classes"]} if kw.get("num_classes") else {})}
         pretrained = True
     try:
@@ -91,8 +91,25 @@ def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             raise ModelError(f"model.pretrained_file {cfg.pretrained_file} does not load into timm model {name!r}: "
                              f"{type(err).__name__}: {'; '.join(lines[:3])[:400]}") from None
-        raise ModelError(f"could not build timm model {name!r} (pretrained={pretrained}): {err}. "
+        msg = str(err)
+        took = [k for k in kw if k != "pretrained_cfg_overlay" and f"'{k}'" in msg]
+        if isinstance(err, TypeError) and took:
+            field = {"img_size": "model.img_size", "in_chans": "model.in_chans",
+                     "num_classes": "model.num_classes"}.get(took[0], f"model.kwargs.{took[0]}")
+            raise ModelError(f"{field}: timm model {name!r} does not take {took[0]!r} ({err}); remove it from the "
+                             f"recipe's model section") from None
+        if not pretrained:
+            raise ModelError(f"could not build timm model {name!r} with {sorted(kw) or 'no arguments'} from the "
+                             f"recipe's model section: {type(err).__name__}: {err}") from err
+        raise ModelError(f"could not build timm model {name!r} (pretrained=True): {err}. "
                          "Offline? Point model.checkpoint or model.pretrained_file at a local/s3 file.") from err
+
+
+def _local_file(uri: str) -> str:
+    """What timm's overlay opens: a local path (``file://`` decoded by the storage layer's rules)."""
+    from ..io.uri import is_s3, local_path
+
+    return uri if is_s3(uri) else local_path(uri)
 
 
 register_source(TimmSource())

@@ -27,7 +27,7 @@ from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
 from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
 from .overrides import (apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits,
-                        matches)
+                        matches, module_aliases)
 from .probe import PASS_THROUGH, OpEvent, Trace, input_dependent_weights, run_probe
 from .vit import block_weight_spec, mode_settings
 
@@ -190,9 +190,9 @@ class _Site:
     reads_model_input: bool = False
     probs_at_matmul: bool = False  # attention: the probabilities change after softmax (talking heads)
     probs_operand: int = 0  # attention: attn@v's operand holding the probabilities (1: v @ attn^T)
-    # attention: the weighted sites (owner, prefix) whose GEMM outputs are q/k/v as they are (moved or
-    # split only): an output quantizer there and the q/k/v quantizers quantize the same values
-    qkv_from: tuple[tuple[str, str], ...] = ()
+    # attention: (role, weighted site (owner, prefix)) for each of q/k/v that is that GEMM's output as it
+    # is (moved or split only): an output quantizer there and the role's quantizer see the same values
+    qkv_from: tuple[tuple[str, tuple[str, str]], ...] = ()
 
 
 def _rel(path: str, base: str) -> str:
@@ -302,32 +302,33 @@ class _Sources:
 
 
 def _qkv_producers(trace: Trace, module: str, src: _Sources, probs_operand: int = 0
-                   ) -> tuple[tuple[str, str], ...]:
-    """The weighted ops whose outputs reach q, k or v of attention ``module`` as they are (timm's fused
+                   ) -> tuple[tuple[str, tuple[str, str]], ...]:
+    """Which of q, k, v reach attention ``module`` as a weighted op's output as it is (timm's fused
     ``qkv`` -> reshape/permute/unbind; HF's query/key/value -> view/transpose;
-    ``nn.MultiheadAttention``'s in-projection), as site keys; a q scaled or normalized on the way
-    (``q * scale``, ``q_norm``) has none. In each call, q and k are the operands of the first matmul,
-    v the operand of the second that is not the probabilities (``probs_operand``: talking-heads
-    attention mixes them with a Linear first, CaiT's ``proj_w``, which is not v)."""
-    found: dict[tuple[str, str], None] = {}
+    ``nn.MultiheadAttention``'s in-projection): ``(role, site key)`` pairs, role ``"q"``/``"k"``/``"v"``,
+    for the roles that do so in every call. A q scaled or normalized on the way (timm's explicit path
+    ``q * scale``, ``nn.MultiheadAttention``'s math path, ``q_norm``) is not listed: its values are not
+    the GEMM's. In each call, q and k are the operands of the first matmul, v the operand of the
+    second that is not the probabilities (``probs_operand``: talking-heads attention mixes them with a
+    Linear first, CaiT's ``proj_w``, which is not v)."""
     calls: dict[tuple[str, int], list[OpEvent]] = {}
     for op in trace.ops:
         frame = next((f for f in op.stack if f[0] == module), None)
         if frame is not None and op.kind in ("sdpa", "matmul_act"):
             calls.setdefault(frame, []).append(op)
+    seen: dict[str, set] = {"q": set(), "k": set(), "v": set()}
     for ops in calls.values():
         if ops[0].kind == "sdpa":
-            reads = [(ops[0], ops[0].inputs[:3])]
+            reads = [(ops[0], ("q", "k", "v"), ops[0].inputs[:3])]
         elif len(ops) == 2:
-            reads = [(ops[0], ops[0].operands), (ops[1], ops[1].operands[1 - probs_operand:][:1])]
+            reads = [(ops[0], ("q", "k"), ops[0].operands), (ops[1], ("v",), ops[1].operands[1 - probs_operand:][:1])]
         else:
             continue
-        for op, ids in reads:
-            for tid in ids:
-                key = src.gemm(tid, op.seq)
-                if key is not None:
-                    found[key] = None
-    return tuple(found)
+        for op, roles, ids in reads:
+            for role, tid in zip(roles, ids):
+                seen[role].add(src.gemm(tid, op.seq))
+    return tuple((role, next(iter(keys))) for role, keys in seen.items()
+                 if len(keys) == 1 and None not in keys)
 
 
 def _branch_producers(trace: Trace, block: str, src: _Sources) -> dict[str, tuple[str, str]]:
@@ -485,8 +486,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
                                     order=first, probs_at_matmul=None in where,
                                     probs_operand=next(iter(where - {None}), 0),
-                                    qkv_from=tuple(k for k in _qkv_producers(
-                                        trace, m, src, next(iter(where - {None}), 0)) if k in sites))
+                                    qkv_from=_qkv_producers(trace, m, src, next(iter(where - {None}), 0)))
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -705,7 +705,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     try:
         final_specs, remove, spec_hits = apply_quantizer_rules(planned, rules)
-        check_all_matched(rules, spec_hits)
+        check_all_matched(rules, spec_hits, module_aliases(model))
     except PlacementError:
         raise
     except ValueError as e:
@@ -748,6 +748,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
 
     plans: dict[str, ModulePlan] = {}
     share_groups: list[list[str]] = []
+    unshared: list[list[str]] = []  # share_qkv: q/k/v quantizers whose inputs are not a GEMM's output as is
     moved: list[str] = []  # attn_quantizers on attn@v's operand instead of the softmax output
     for s in chosen:
         base = f"{s.owner}." if s.owner else ""
@@ -769,10 +770,20 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             if s.probs_at_matmul and f"{base}attn_quantizer" in planned and f"{base}attn_quantizer" not in removed:
                 moved.append(f"{base}attn_quantizer")
             if settings.share_qkv:
-                # the GEMM output quantizer(s) that produce q/k/v join the group: one int8 tensor with one
-                # scale, as FasterTransformer's fused QKV GEMM writes it (two ranges would round twice)
-                share_groups.append([f"{base}{a}" for a in ("q_quantizer", "k_quantizer", "v_quantizer")]
-                                    + [f"{o + '.' if o else ''}{p}output_quantizer" for o, p in s.qkv_from])
+                # q/k/v as the GEMM(s) wrote them share one range with the GEMM output quantizer(s): one
+                # int8 tensor with one scale, as FasterTransformer's fused QKV GEMM writes it (two ranges
+                # would round twice). A q scaled or normalized on the way holds other values (timm's
+                # explicit path: q * head_dim**-0.5): on the union range it would use ~1/8 of the codes.
+                # (none of them a GEMM's output as is - each transformed on the way - : one range for
+                # the three, as share_qkv_range says)
+                as_is = dict(s.qkv_from)
+                share_groups.append([f"{base}{r}_quantizer" for r in (as_is or ("q", "k", "v"))]
+                                    + [f"{o + '.' if o else ''}{p}output_quantizer"
+                                       for o, p in dict.fromkeys(as_is.values())])
+                own = [f"{base}{r}_quantizer" for r in ("q", "k", "v")
+                       if as_is and r not in as_is and f"{base}{r}_quantizer" in planned]
+                if own:
+                    unshared.append(own)
     if res_blocks:  # a branch add reading a GEMM's quantized output as it is: one range, one rounding
         src, keys = _Sources(trace), {(c.owner, c.prefix) for c in chosen if c.kind == "weighted"}
         for n in res_blocks:
@@ -823,6 +834,14 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             f"{len(moved)} attention(s) (e.g. {moved[0].rpartition('.')[0]!r}) change the probabilities after "
             f"softmax before attn@v (talking heads): their attn_quantizer quantizes the operand attn@v "
             f"receives, not the softmax output")
+    unshared = [[q for q in g if q in present] for g in unshared]
+    unshared = [g for g in unshared if g]
+    if unshared:
+        result.notes.append(
+            f"share_qkv_range: in {len(unshared)} attention(s) (e.g. {', '.join(map(repr, unshared[0]))}) q, k or v "
+            f"is scaled or normalized between its GEMM and the attention matmul (timm's explicit path, "
+            f"nn.MultiheadAttention's math path, q/k norm): such a quantizer keeps a range of its own; the "
+            f"ones that read the GEMM output as it is share its range")
     kept = [q for q in moded if q in present and final_specs[q].axis != weight_spec.axis]
     if kept:
         result.notes.append(

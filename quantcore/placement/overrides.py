@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..config import Override, SpecPatch
 from ..errors import PlacementError, one_line
@@ -130,11 +130,40 @@ def apply_quantizer_rules(specs: dict[str, QuantSpec], rules: list[Rule]
     return final, remove, spec_hits
 
 
-def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]]) -> None:
-    """Raise ValueError for a user rule that matched nothing (silent no-ops hide typos)."""
+def module_aliases(model: Any) -> dict[str, str]:
+    """Other names of modules registered more than once (``self.b = self.a``): alias -> the name
+    ``named_modules`` gives it (the first), by which placement names its quantizers."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in first:
+            if name != first[id(m)]:
+                out[name] = first[id(m)]
+        else:
+            first[id(m)] = name
+    return out
+
+
+def _alias_hint(pattern: str, aliases: dict[str, str]) -> str:
+    hit = next(((a, n) for a, n in aliases.items() if fnmatchcase(a, pattern) or
+                any(fnmatchcase(f"{a}.{rest}", pattern) for rest in ("input_quantizer", "weight_quantizer",
+                                                                      "output_quantizer"))), None)
+    if hit is None:
+        return ""
+    return (f": {hit[0]!r} is another name of module {hit[1]!r} (one module registered twice); rules and "
+            f"quantizers use its first name, {hit[1]!r}")
+
+
+def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]],
+                      aliases: dict[str, str] | None = None) -> None:
+    """Raise ValueError for a user rule that matched nothing (silent no-ops hide typos); a rule naming
+    a module by a second name (``aliases``, :func:`module_aliases`) is told the name to use."""
     for r in rules:
         if not r.user:
             continue
+        hint = _alias_hint(r.pattern, aliases or {}) if not r.hits or not spec_hits.get(r.source) else ""
+        if hint and not r.hits:
+            raise PlacementError(f"{r.source} matches no module and no quantizer of this model{hint}")
         if r.float is not None and not r.hits:
             raise PlacementError(f"{r.source} matches no module and no quantizer of this model "
                              "(check the name; module names look like 'blocks.4.mlp.fc2')")
