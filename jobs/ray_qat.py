@@ -322,7 +322,7 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
     if args.name is not None and ascii_tag(args.name, "") != args.name:
         raise RayQATError(f"--name {args.name!r}: use printable ASCII (Ray's metric tags carry the run name)")
     if args.storage_path is not None and "://" in args.storage_path \
-            and not args.storage_path.startswith(("s3://", "gs://", "file://")):
+            and not args.storage_path.lower().startswith(("s3://", "gs://", "file://")):
         raise RayQATError(f"--storage-path {args.storage_path}: use s3://bucket/prefix, gs://... or a shared path")
     recipe = load_recipe(args.recipe)
     if recipe.qat is None:
@@ -384,9 +384,18 @@ def gpu_warning(use_gpu: bool, workers: int, resources: Dict[str, float]) -> Opt
 
 def resolved_storage_path(storage_path: Optional[str], out: str) -> Optional[str]:
     """``--storage-path``, else ``OUT/ray`` when OUT is on S3, else None (Ray's default)."""
-    if storage_path is None and out.startswith("s3://"):
-        return out.rstrip("/") + "/ray"
+    if storage_path is None and _s3(out):
+        return "s3://" + out[len("s3://"):].rstrip("/") + "/ray"  # the scheme as Ray and pyarrow spell it
+    if storage_path is not None and _s3(storage_path):
+        return "s3://" + storage_path[len("s3://"):]
     return storage_path
+
+
+def _s3(uri: str) -> bool:
+    """An s3:// URI, the scheme in any case (as quantcore's storage reads ``S3://``)."""
+    from quantcore.io.uri import is_s3
+
+    return is_s3(uri)
 
 
 def storage_location(storage_path: Optional[str], out: str) -> tuple:
@@ -394,7 +403,7 @@ def storage_location(storage_path: Optional[str], out: str) -> tuple:
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) gets an explicit pyarrow ``S3FileSystem`` (the
     path then loses its ``s3://``), so Ray writes where quantcore's own S3 client does."""
     storage_path = resolved_storage_path(storage_path, out)
-    if storage_path is None or not storage_path.startswith("s3://"):
+    if storage_path is None or not _s3(storage_path):
         return storage_path, None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:

@@ -121,6 +121,7 @@ def through_rank_shim(args: Sequence[str]) -> List[str]:
     from torch.distributed.run import get_args_parser
 
     ns = get_args_parser().parse_args(list(args))
+    _refuse_repeats(args, len(args) - len(ns.training_script_args))
     if ns.no_python or ns.run_path:
         return list(args)
     tail = list(ns.training_script_args)
@@ -130,6 +131,19 @@ def through_rank_shim(args: Sequence[str]) -> List[str]:
     target = ["-m", ns.training_script] if ns.module else [ns.training_script]
     opts = list(args[:k]) + ([] if ns.module else ["-m"])
     return opts + ["jobs.torchrun", RUN_RANK] + target + tail
+
+
+def _refuse_repeats(args: Sequence[str], end: int) -> None:
+    """torchrun's own options (``args[:end]``: up to the training script) given twice exit 2, as every
+    quantcore entrypoint does (argparse keeps the last ``--nproc_per_node``, unseen). The target's
+    arguments are not looked at: ``-r`` is quantcore's recipe there, torchrun's ``--redirects`` here."""
+    from torch.distributed.run import get_args_parser
+
+    from jobs._args import parse_once
+
+    parser = get_args_parser()
+    parser.prog = "python -m jobs.torchrun"
+    parse_once(parser, list(args[:end]))
 
 
 def bind_rank_gpu(environ: Mapping[str, str]) -> Optional[object]:

@@ -100,12 +100,10 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def start_calibration(model: nn.Module) -> None:
-    """Put every activation quantizer in collection mode with fresh statistics.
-
-    Raises CalibrationError when a quantizer has a learned (QAT) range: its forward uses the learned
-    scale, so new statistics would set a range nothing reads, and :func:`convert` would then write
-    the learned one back over it."""
+def _refuse_learned(model: nn.Module) -> None:
+    """CalibrationError when a quantizer has a learned (QAT) range: its forward uses the learned scale, so
+    new statistics would set a range nothing reads, and :func:`convert` would then write the learned
+    one back over it (calibration, loading merged statistics and finalizing them all refuse)."""
     learned = [n for n, q in quantizers(model).items() if q.spec.learnable and q.scale is not None]
     if learned:
         who = f"quantizer {learned[0]!r} has" if len(learned) == 1 else \
@@ -113,6 +111,12 @@ def start_calibration(model: nn.Module) -> None:
         raise CalibrationError(f"{who} a learned (QAT) range, which the forward uses: calibrating would not change "
                                f"it. Call quantcore.convert(model) first to calibrate anew (the learned ranges are "
                                f"replaced), or keep the learned ranges")
+
+
+def start_calibration(model: nn.Module) -> None:
+    """Put every activation quantizer in collection mode with fresh statistics; CalibrationError for a
+    model with learned (QAT) ranges (:func:`_refuse_learned`)."""
+    _refuse_learned(model)
     for name, q in quantizers(model).items():
         q.qname = name
         q.start_calibration()
@@ -177,7 +181,9 @@ def _collect(model: nn.Module, batches: Iterable, max_batches: int | None, progr
 
 @torch.no_grad()
 def finalize(model: nn.Module, result: CalibrationResult | None = None) -> CalibrationResult:
-    """Weights from their parameters, activations from collected statistics, shared groups unified."""
+    """Weights from their parameters, activations from collected statistics, shared groups unified.
+    Raises CalibrationError for a model with learned (QAT) ranges (:func:`convert` it first)."""
+    _refuse_learned(model)
     res = result or CalibrationResult()
     t0 = time.perf_counter()
     qs = quantizers(model)
@@ -409,6 +415,7 @@ def merge_calibration_states(states: list[dict[str, dict[str, Any]]]) -> dict[st
 
 
 def load_calibration_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
+    _refuse_learned(model)
     qs = quantizers(model)
     unknown = sorted(set(state) - set(qs))
     if unknown:

@@ -349,7 +349,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     dev = _rank_device(opts.device)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir, label_names=model_label_names(unwrap(fp32)))
-    indices, subset = limit_subset(ds, data.limit)
+    indices, subset = _limited(ds, data)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
     models: dict[str, Any] = {"fp32": fp32.to(dev)}
@@ -424,6 +424,15 @@ def check_cache_dir(*specs: "DataSpec | None") -> None:
         uris = ", ".join(dict.fromkeys(s.uri for s in given))
         raise UserError(f"--cache-dir {given[0].cache_dir}: caches zip shards read from s3://, but the data "
                         f"({uris}) is local and is read in place; drop --cache-dir")
+
+
+def _limited(ds: Any, data: "DataSpec") -> tuple:
+    """:func:`limit_subset` of ``--limit``, saying (rank 0) when the split holds fewer images than asked:
+    all of them are used, which a report reader could otherwise take for the asked number."""
+    if data.limit and int(data.limit) > len(ds) and distributed.rank() == 0:
+        log.warning("--limit %d: split %r of %s has %d images; all of them are evaluated", int(data.limit),
+                    data.split, data.uri, len(ds))
+    return limit_subset(ds, data.limit)
 
 
 def _same_location(a: str, b: str) -> bool:
@@ -554,7 +563,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
                       skip_bad=evald.skip_bad, cache_dir=evald.cache_dir, label_names=model_label_names(unwrap(model)))
-    indices, subset = limit_subset(ds, evald.limit)
+    indices, subset = _limited(ds, evald)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
     name = model.quantcore_recipe.name

@@ -239,6 +239,9 @@ def test_storage_location_custom_s3_endpoint(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert ray_qat.storage_location(None, "/shared/out") == (None, None)
     assert ray_qat.storage_location(None, "s3://b/out/") == ("s3://b/out/ray", None)  # AWS: Ray resolves s3://
+    # quantcore reads 'S3://' as S3: Ray's state must go there too, not to a local default
+    assert ray_qat.storage_location(None, "S3://b/out") == ("s3://b/out/ray", None)
+    assert ray_qat.storage_location("S3://b/ray", "/x") == ("s3://b/ray", None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")

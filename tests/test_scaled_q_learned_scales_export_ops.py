@@ -180,3 +180,80 @@ def test_an_override_naming_a_second_name_of_a_module_says_which_name_to_use():
     m = quantcore.prepare(Tied().eval(), {"version": 1, "name": "t", "overrides": [{"match": "a", "float": True}]},
                           example_input=torch.randn(2, 8))
     assert "a.input_quantizer" not in quantcore.quantizers(m)
+
+
+class _InPlaceAttention(nn.Module):
+    """timm's attention with q scaled in place on its view of the fused qkv output."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, t):
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        q.mul_(16 ** -0.5)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _InPlaceScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 8, 8)
+        self.attn = _InPlaceAttention()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(t).mean(1))
+
+
+def test_an_in_place_scaled_q_does_not_join_the_gemm_range():
+    """q.mul_(scale) on a view of the fused qkv output: the shared storage changed, so none of q/k/v is
+    provably the GEMM output; the old fallback shared all three on one range (q on 15 % of its grid)."""
+    torch.manual_seed(0)
+    m = _InPlaceScaled().eval()
+    x = torch.randn(8, 3, 32, 32)
+    quantcore.prepare(m, FT2, example_input=x)
+    use, groups = _q_codes(m, x, "attn")
+    assert not any("attn.q_quantizer" in g for g in groups), groups
+    assert use > 0.9
+
+
+def test_a_zero_learned_scale_in_a_half_precision_model_is_finite():
+    """MIN_SCALE = 1e-8 is 0 in float16: the floor must be applied in float32."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 8)
+    quantcore.prepare(m, {"version": 1, "name": "t", "calibration": {"method": "max"}}, example_input=x)
+    quantcore.calibrate(m, [x])
+    from quantcore.qat import learnable_quantizers
+
+    learnable_quantizers(m)
+    m.half()
+    with torch.no_grad():
+        for q in quantcore.quantizers(m).values():
+            q.scale.zero_()
+    y = m(x.half().requires_grad_())
+    assert torch.isfinite(y).all()
+    y.float().sum().backward()
+    q = quantcore.quantizers(m)["2.input_quantizer"]
+    assert q.scale.grad is not None and q.scale.grad.dtype == torch.float16
+
+
+def test_loading_or_finalizing_statistics_on_learned_ranges_is_refused():
+    """The data-parallel calibration path (load merged statistics, finalize) was accepted on a QAT model:
+    the new range was set, ignored by the forward, and overwritten by convert."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 8)
+    quantcore.prepare(m, {"version": 1, "name": "t", "calibration": {"method": "max"}}, example_input=x)
+    quantcore.calibrate(m, [x])
+    state = quantcore.api.calibration_state(m)
+    from quantcore.qat import learnable_quantizers
+
+    learnable_quantizers(m)
+    with pytest.raises(CalibrationError, match="learned"):
+        quantcore.api.load_calibration_state(m, state)
+    with pytest.raises(CalibrationError, match="learned"):
+        quantcore.api.finalize(m)

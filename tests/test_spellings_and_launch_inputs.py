@@ -204,3 +204,44 @@ def test_a_resisc_class_folder_starting_with_hash_is_not_a_comment(tmp_path):
                                              "normal/0.png\nnormal/1.png\n")
     ds = ImagePathsDataset(str(root), "val")
     assert ds.labels == [0, 0, 1, 1] and not ds.skipped
+
+
+def test_a_limit_beyond_the_split_is_said(images, tmp_path, caplog):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(RECIPE))
+    with caplog.at_level("WARNING"):
+        assert run("ptq", "-r", r, "--calib-data", images, "--limit", "1000", "-o", tmp_path / "o",
+                   "--no-progress") == 0
+    assert any("--limit 1000" in m and "has 12 images" in m for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("dst_form", ["plain", "trailing-slash", "file-uri"])
+def test_repacking_with_fewer_shards_leaves_one_dataset(images, tmp_path, caplog, dst_form):
+    from quantcore.data import open_dataset
+    from quantcore.data.pack import pack
+
+    dst = tmp_path / "packed"
+    uri = {"plain": str(dst), "trailing-slash": str(dst) + "/", "file-uri": "file://" + str(dst)}[dst_form]
+    pack(str(images), uri, "val", shard_size=4)
+    assert sorted(p.name for p in dst.glob("val-*.zip")) == ["val-00000.zip", "val-00001.zip", "val-00002.zip"]
+    (dst / "notes.txt").write_text("mine")
+    with caplog.at_level("WARNING"):
+        pack(str(images), uri, "val", shard_size=100)
+    assert sorted(p.name for p in dst.iterdir()) == ["index.json", "notes.txt", "val-00000.zip",
+                                                      "val-00000_map.txt"]
+    assert any("removed 4 file(s)" in m for m in caplog.messages), caplog.messages
+    assert len(open_dataset(uri, "val", None)) == 12
+
+
+@pytest.mark.parametrize("argv", [["--nproc_per_node", "1", "--nproc_per_node", "2"],
+                                  ["--nproc_per_node=2", "--nproc-per-node=1"],
+                                  ["--max_restarts", "0", "--max-restarts=3"]])
+def test_jobs_torchrun_refuses_its_own_options_twice(argv, capsys):
+    from jobs.torchrun import through_rank_shim
+
+    with pytest.raises(SystemExit) as e:
+        through_rank_shim(argv + ["-m", "quantcore.cli", "ptq", "-r", "a", "-r", "b"])
+    assert e.value.code == 2 and "given 2 times" in capsys.readouterr().err
+    # the target's own options are the target's: quantcore's -r twice (two recipes) is not torchrun's -r
+    out = through_rank_shim(["--nproc_per_node", "1", "-m", "quantcore.cli", "ptq", "-r", "a", "-r", "b"])
+    assert out[-4:] == ["-r", "a", "-r", "b"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -26,6 +27,8 @@ from . import _fs
 from .base import decode_image
 from .errors import DataError, SkipLog, SkipRecord
 from .zipped import INDEX_FORMAT, INDEX_NAME, load_index, map_name_for, members_sha256
+
+log = logging.getLogger(__name__)
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 INDEX_VERSION = 1
@@ -128,7 +131,25 @@ def write_shards(n: int, get: Callable[[int], tuple[str, bytes, int] | None], ds
         entry["skipped"] = skipped.as_list()
     entry.update(extra or {})
     _write_index_entry(st, dst_uri, split, entry)
+    _remove_stale_shards(st, dst_uri, split, {n for sh in shards for n in (sh["zip"], sh["map"])})
     return entry
+
+
+def _remove_stale_shards(st, dst_uri: str, split: str, keep: set[str]) -> None:
+    """An earlier pack of ``split`` into the same place with more shards left ``split-0000N.zip`` files
+    the new ``index.json`` no longer lists: pack's own superseded output, removed (and said) so the
+    folder holds one dataset."""
+    pattern = re.compile(rf"{re.escape(split)}(-\d{{5}})?(\.zip|_map\.txt)")
+    stale = []
+    for uri in st.list_uris(dst_uri):
+        rel = uri[len(dst_uri.rstrip("/")) + 1:] if uri.startswith(dst_uri.rstrip("/") + "/") else None
+        if rel and "/" not in rel and pattern.fullmatch(rel) and rel not in keep:
+            stale.append(uri)
+    for uri in stale:
+        st.delete(uri)
+    if stale:
+        log.warning("pack %s: removed %d file(s) of an earlier pack of split %r that the new index.json does not "
+                    "list (e.g. %s)", dst_uri, len(stale), split, stale[0])
 
 
 def _write_index_entry(st, dst_uri: str, split: str, entry: dict[str, Any]) -> None:

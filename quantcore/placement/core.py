@@ -774,14 +774,14 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                 # int8 tensor with one scale, as FasterTransformer's fused QKV GEMM writes it (two ranges
                 # would round twice). A q scaled or normalized on the way holds other values (timm's
                 # explicit path: q * head_dim**-0.5): on the union range it would use ~1/8 of the codes.
-                # (none of them a GEMM's output as is - each transformed on the way - : one range for
-                # the three, as share_qkv_range says)
+                # Transformed on the way (tanh, a norm, a scale; an in-place write to the fused output,
+                # which may reach any of them): each keeps its own range.
                 as_is = dict(s.qkv_from)
-                share_groups.append([f"{base}{r}_quantizer" for r in (as_is or ("q", "k", "v"))]
+                share_groups.append([f"{base}{r}_quantizer" for r in as_is]
                                     + [f"{o + '.' if o else ''}{p}output_quantizer"
                                        for o, p in dict.fromkeys(as_is.values())])
                 own = [f"{base}{r}_quantizer" for r in ("q", "k", "v")
-                       if as_is and r not in as_is and f"{base}{r}_quantizer" in planned]
+                       if r not in as_is and f"{base}{r}_quantizer" in planned]
                 if own:
                     unshared.append(own)
     if res_blocks:  # a branch add reading a GEMM's quantized output as it is: one range, one rounding
@@ -839,9 +839,9 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     if unshared:
         result.notes.append(
             f"share_qkv_range: in {len(unshared)} attention(s) (e.g. {', '.join(map(repr, unshared[0]))}) q, k or v "
-            f"is scaled or normalized between its GEMM and the attention matmul (timm's explicit path, "
-            f"nn.MultiheadAttention's math path, q/k norm): such a quantizer keeps a range of its own; the "
-            f"ones that read the GEMM output as it is share its range")
+            f"is not its GEMM's output as it is (scaled, normalized or otherwise transformed on the way: timm's "
+            f"explicit path, nn.MultiheadAttention's math path, q/k norm, an in-place write): such a quantizer "
+            f"keeps a range of its own; the ones that read the GEMM output as it is share its range")
     kept = [q for q in moded if q in present and final_specs[q].axis != weight_spec.axis]
     if kept:
         result.notes.append(

@@ -36,22 +36,23 @@ class LSQFakeQuant(torch.autograd.Function):
             shape[axis] = -1
         # |scale| on the grid's floor, as convert() writes it back: a step that took a scale to or below
         # zero (a user's own optimizer; quantcore's loop clamps after each step) keeps a positive grid
-        # (no mirrored grid, no NaN at 0) and convert() keeps the output
+        # (no mirrored grid, no NaN at 0) and convert() keeps the output. In float32 whatever the
+        # parameters' dtype (model.half(): the floor 1e-8 is 0 in float16, 1/s inf, 0 * inf NaN)
         sign = torch.where(scale.detach() < 0, -1.0, 1.0)
-        s = scale.detach().abs().clamp_min(MIN_SCALE).reshape(shape)
-        z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape)
+        s = scale.detach().float().abs().clamp_min(MIN_SCALE).reshape(shape)
+        z = zero_point.detach().float().round().clamp(qmin, qmax).reshape(shape)
         q = (x * s.reciprocal()).round_().add_(z)  # round(x * (1/s)) + z, as torch's kernels compute it
         qc = q.clamp(qmin, qmax)
         mask = qc == q  # on the grid: the straight-through estimator passes the gradient
         y = qc.sub_(z).mul_(s)
         ctx.save_for_backward(x, y, s, mask, sign)
-        ctx.meta = (grad_factor, axis, zero_point.requires_grad)
+        ctx.meta = (grad_factor, axis, zero_point.requires_grad, scale.dtype, zero_point.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
         x, y, s, mask, sign = ctx.saved_tensors
-        g, axis, learn_zp = ctx.meta
+        g, axis, learn_zp, s_dtype, z_dtype = ctx.meta
         gx = torch.where(mask, gy, 0.0)
         # d y / d s = (y - x) / s on the grid and y / s off it, so
         # sum(gy * dy/ds) = (sum(gy * y) - sum(gx * x)) / s ; d y / d z = -s off the grid, 0 on it.
@@ -69,9 +70,9 @@ class LSQFakeQuant(torch.autograd.Function):
             gs = ((gy * y).sum(dims) - (gx * x).sum(dims)).reshape(-1)
             gz = (gx.sum(dims) - gy.sum(dims)).reshape(-1) if learn_zp else None
         s1 = s.reshape(-1)
-        gs = gs / s1 * g * sign.reshape(-1)  # d|scale|/d scale
+        gs = (gs / s1 * g * sign.reshape(-1)).to(s_dtype)  # d|scale|/d scale, in the parameter's dtype
         if gz is not None:
-            gz = gz * s1 * g
+            gz = (gz * s1 * g).to(z_dtype)
         return gx, gs, gz, None, None, None, None
 
 
