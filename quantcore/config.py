@@ -127,7 +127,9 @@ class PlacementConfig(_Strict):
     mode: Literal["ft1", "ft2"] = Field("ft1", description="ViT mode as in FasterTransformer")
     quantize_softmax_input: bool | None = Field(None, description="default: ft2 only")
     quantize_gemm_output: bool | None = Field(None, description="default: ft2 only")
-    share_qkv_range: bool | None = Field(None, description="one range for q/k/v; default: ft2 only")
+    share_qkv_range: bool | None = Field(
+        None, description="one range for the q/k/v that are their GEMM's output as it is, shared with that "
+                          "GEMM's output quantizer; default: ft2 only")
     quantize_residual: bool = Field(False, description="quantize both inputs of residual adds")
     quantize_model_input: bool = Field(False, description="quantize the image fed to the model")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding conv before calibration")

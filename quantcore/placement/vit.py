@@ -5,10 +5,11 @@
   weights, q/k for ``Q@K^T``, softmax output and v for ``attn@V``); no softmax-input, residual or
   GEMM-output quantizers.
 * ``ft2``: per-tensor weights; additionally the softmax input and the output of every block Linear
-  (qkv, proj, fc1, fc2) are quantized, and q/k/v of each attention share one range (a share group
-  whose union range the calibration finalize sets) with the output quantizer(s) of the GEMM(s) that
-  produce them, when q/k/v reach the attention only moved or split: FasterTransformer's fused QKV
-  GEMM writes one int8 tensor with one scale, so the values are rounded once, not twice.
+  (qkv, proj, fc1, fc2) are quantized, and those of q/k/v that reach the attention only moved or
+  split share one range (a share group whose union range the calibration finalize sets) with the
+  output quantizer(s) of the GEMM(s) that produce them: FasterTransformer's fused QKV GEMM writes one
+  int8 tensor with one scale, so the values are rounded once, not twice. A q/k/v scaled, normalized
+  or otherwise transformed on the way keeps a range of its own (a placement note names it).
 
 ``PlacementConfig.quantize_softmax_input`` / ``quantize_gemm_output`` / ``share_qkv_range`` override the
 mode defaults when not None; ``quantize_residual`` adds quantizers on both inputs of both residual adds
