@@ -128,6 +128,15 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _check_float_values(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str) -> None:
+    """A float tensor of the model must come from a float tensor of the file: load_state_dict would cast
+    int8/int64 values (a quantized or index tensor under a weight's name) into it without a word."""
+    bad = [k for k, v in state.items() if k in sd and v.is_floating_point() and not sd[k].is_floating_point()]
+    if bad:
+        raise ModelError(f"{what}: {len(bad)} tensor(s) of the model are {sd[bad[0]].dtype} in the file (e.g. "
+                         f"{bad[:3]}), not floating point: give the FP32 (or FP16/BF16) weights")
+
+
 def _load_reason(err: Exception) -> str:
     """The useful part of a torch.load failure (its weights_only text is a page of advice)."""
     text = str(err)
@@ -139,6 +148,7 @@ def _load_reason(err: Exception) -> str:
 
 def load_state_dict_uri(model: nn.Module, uri: str) -> None:
     sd = read_state_dict(uri)
+    _check_float_values(model.state_dict(), sd, f"model.checkpoint {uri}")
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False

@@ -20,6 +20,9 @@ class BuilderSource(ModelSource):
 
         if name not in BUILDERS:
             raise ModelError(f"model.name {name!r} is not a registered builder ({', '.join(sorted(BUILDERS))})")
+        if cfg.pretrained_file:
+            raise ModelError(f"model.pretrained_file: not used by builder {name!r} (timm models only); load a "
+                             f"state_dict with model.checkpoint")
         pretrained = cfg.pretrained and load_weights and cfg.checkpoint is None
         if pretrained and name not in PRETRAINED_BUILDERS:
             raise ModelError(f"model.pretrained: builder {name!r} has no pretrained weights; set model.checkpoint")

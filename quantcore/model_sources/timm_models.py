@@ -33,11 +33,12 @@ def _check_file_loaded(model: nn.Module, name: str, cfg) -> None:
     Raises ModelError naming the file and the first tensors."""
     import torch
 
-    from ..models import ModelError, read_state_dict
+    from ..models import ModelError, _check_float_values, read_state_dict
 
     uri = cfg.pretrained_file
     state = model.state_dict()
     raw = read_state_dict(uri)
+    _check_float_values(state, raw, f"model.pretrained_file {uri}")
     reshaped = [f"{k} {tuple(raw[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in state.items()
                 if k in raw and tuple(raw[k].shape) != tuple(v.shape)]
     if reshaped:
@@ -50,6 +51,14 @@ def _check_file_loaded(model: nn.Module, name: str, cfg) -> None:
         if absent:
             raise ModelError(f"model.pretrained_file {uri} does not provide {len(absent)} tensor(s) of the model "
                              f"(e.g. {absent[:4]}): give the file the model was saved to")
+    # timm's loader prefers a file's EMA weights ('state_dict_ema', 'model_ema'): the model must hold
+    # the values model.checkpoint would load from the same file, or say why not
+    other = [k for k, v in state.items() if k in raw and v.is_floating_point()
+             and not torch.equal(v, raw[k].to(v.dtype))]
+    if other:
+        raise ModelError(f"model.pretrained_file {uri}: timm loaded other values than the file's weights (e.g. "
+                         f"{other[:3]}): the file also holds EMA weights ('state_dict_ema'/'model_ema'), which "
+                         f"timm prefers. Give model.checkpoint (the main weights), or a file with one set")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 1)
         again = create_timm(name, cfg, False, True).state_dict()
@@ -108,8 +117,15 @@ def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False
 def _local_file(uri: str) -> str:
     """What timm's overlay opens: a local path (``file://`` decoded by the storage layer's rules)."""
     from ..io.uri import is_s3, local_path
+    from ..models import ModelError
 
-    return uri if is_s3(uri) else local_path(uri)
+    if is_s3(uri):
+        raise ModelError(f"model.pretrained_file {uri}: timm reads local files only; give model.checkpoint "
+                         f"for weights on S3")
+    path = local_path(uri)
+    if not os.path.isfile(path):
+        raise ModelError(f"model.pretrained_file {uri}: {'a directory' if os.path.isdir(path) else 'not found'}")
+    return path
 
 
 register_source(TimmSource())

@@ -16,6 +16,13 @@ class TorchvisionSource(ModelSource):
 
         from ..models import ModelError
 
+        # fields this source has no use for are refused, not ignored (a random model, a 224-px transform)
+        for field, value in (("pretrained_file", cfg.pretrained_file), ("img_size", cfg.img_size),
+                             ("in_chans", cfg.in_chans)):
+            if value is not None and value != "":
+                hint = ("load a state_dict with model.checkpoint" if field == "pretrained_file" else
+                        "torchvision builds its models at their own input size and channels")
+                raise ModelError(f"model.{field}: not used by torchvision models (torchvision:{name}); {hint}")
         pretrained = cfg.pretrained and load_weights and cfg.checkpoint is None
         kw = dict(cfg.kwargs)
         if cfg.num_classes is not None:
