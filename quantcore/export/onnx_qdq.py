@@ -596,10 +596,12 @@ def check_model(proto) -> dict[str, Any]:
 VALUE_CHANGING_REWRITES = ("QDQS8ToU8Transformer", "WeightBiasQuantization")
 
 
-def ort_session(model_bytes: bytes, threads: int = 1, optimization: str = "all", provider: str = "cpu"):
+def ort_session(model_bytes: bytes, threads: int = 1, optimization: str = "all", provider: str = "cpu",
+                save_optimized: Optional[str] = None):
     """An onnxruntime session on ``model_bytes``. ``optimization``: disable / basic / extended / all
     (``all`` fuses QDQ pairs into integer kernels: QLinearConv, QLinearMatMul, MatMulInteger...).
-    ``provider``: cpu, cuda or tensorrt (the provider must be installed)."""
+    ``provider``: cpu, cuda or tensorrt (the provider must be installed). ``save_optimized``: a path
+    the optimized graph is written to (what the optimizer fused)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -616,6 +618,9 @@ def ort_session(model_bytes: bytes, threads: int = 1, optimization: str = "all",
     so.graph_optimization_level = levels[optimization]
     if optimization == "no-qdq-fusion":  # every other fusion, but Q/DQ stay float ops (no integer kernels)
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if save_optimized:
+        so.optimized_model_filepath = save_optimized
+        so.log_severity_level = 3  # the hardware-specific-serialization notice
     disabled = list(VALUE_CHANGING_REWRITES) if optimization == "all-exact" else None
     providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]

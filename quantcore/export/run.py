@@ -123,18 +123,11 @@ def fused_integer_ops(onnx_bytes: bytes) -> dict[str, int]:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
-
-    from .onnx_qdq import VALUE_CHANGING_REWRITES
 
     with tempfile.TemporaryDirectory() as td:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = os.path.join(td, "optimized.onnx")
-        so.log_severity_level = 3  # the hardware-specific-serialization notice
-        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(VALUE_CHANGING_REWRITES))
-        g = onnx.load(so.optimized_model_filepath)
+        path = os.path.join(td, "optimized.onnx")
+        ort_session(onnx_bytes, optimization=CHECK_OPTIMIZATION, save_optimized=path)
+        g = onnx.load(path)
     ops = collections.Counter(n.op_type for n in g.graph.node
                               if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer"))
     return dict(sorted(ops.items()))

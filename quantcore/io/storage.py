@@ -75,10 +75,8 @@ def _tmp_name(base: str) -> str:
     tail = f".{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
     raw = os.fsencode(base)
     room = 255 - 1 - len(tail)
-    if len(raw) > room:
-        base = os.fsdecode(raw[:room]).encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
-        while len(os.fsencode(base)) > room:  # a split multi-byte character
-            base = base[:-1]
+    if len(raw) > room:  # a character split by the cut (or a non-UTF-8 byte) is dropped: fewer bytes still
+        base = raw[:room].decode("utf-8", "ignore")
     return f".{base}{tail}"
 
 

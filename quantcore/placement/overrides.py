@@ -161,8 +161,8 @@ def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]],
     for r in rules:
         if not r.user:
             continue
-        hint = _alias_hint(r.pattern, aliases or {}) if not r.hits or not spec_hits.get(r.source) else ""
-        if hint and not r.hits:
+        hint = "" if r.hits else _alias_hint(r.pattern, aliases or {})
+        if hint:
             raise PlacementError(f"{r.source} matches no module and no quantizer of this model{hint}")
         if r.float is not None and not r.hits:
             raise PlacementError(f"{r.source} matches no module and no quantizer of this model "
