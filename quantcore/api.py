@@ -540,8 +540,11 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
 
     try:
         data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {uri} not found") from None
+    except (FileNotFoundError, IsADirectoryError) as err:
+        inner = storage.join(uri, "model.qc.pt")
+        hint = f"; the calibrated checkpoint in it is {inner}" if storage.exists(inner) else ""
+        what = "a directory, not a checkpoint file" if isinstance(err, IsADirectoryError) or hint else "not found"
+        raise CheckpointError(f"checkpoint {uri}: {what}{hint}") from None
     meta, state = read_checkpoint(data, uri)
     recipe = recipe_from_dict(meta["recipe"], f"{uri} (stored recipe)", stored=True)
     if model is None:

@@ -112,6 +112,14 @@ class ModelConfig(_Strict):
     img_size: int | None = Field(None, ge=1)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder arguments")
 
+    @model_validator(mode="after")
+    def _one_weights_file(self) -> "ModelConfig":
+        # both name the FP32 weights; create_model would load model.checkpoint and never open the other
+        if self.checkpoint and self.pretrained_file:
+            raise ValueError(f"model.checkpoint ({self.checkpoint}) and model.pretrained_file "
+                             f"({self.pretrained_file}) both give the weights: keep one")
+        return self
+
 
 def _known_family(name: str) -> str:
     if name != "auto":

@@ -10,7 +10,7 @@ Weights come from (in order): ``checkpoint`` (local path / file:// / s3:// state
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -95,16 +95,17 @@ def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Modul
     source, name = resolve_source(cfg)
     model, weights = source.build(cfg, name, load_weights)
     if load_weights and cfg.checkpoint and not source.consumes_checkpoint:
-        load_state_dict_uri(model, cfg.checkpoint)
-        weights = f"model.checkpoint {cfg.checkpoint}"
+        weights = f"model.checkpoint {cfg.checkpoint}{load_state_dict_uri(model, cfg.checkpoint)}"
     if load_weights:
         model.quantcore_weights = weights
     return model.eval()
 
 
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+def read_state_dict(uri: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """A plain state_dict from a local/s3 file: safetensors (by suffix or header), or torch.save'd
-    (``{'state_dict': ...}`` / ``{'model': ...}`` unwrapped)."""
+    (``{'state_dict': ...}`` / ``{'model': ...}`` unwrapped). Wrapper prefixes (DDP ``module.``,
+    torch.compile ``_orig_mod.``) are removed when every name carries them, unless the file's names are
+    already ``names`` (the model's own: a model may have a submodule called ``module``)."""
     from .io import storage
 
     try:
@@ -114,18 +115,38 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     from .model_sources.weights import is_safetensors, read_safetensors
 
     if is_safetensors(data, uri):
-        return {k.removeprefix("module."): v for k, v in read_safetensors(data, uri).items()}
+        return _unwrapped_names(read_safetensors(data, uri), names)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ModelError(f"model.checkpoint {uri}: not a readable torch state_dict ({_load_reason(err)}); "
                          "expected a torch.save'd state_dict (pickled modules are refused)") from None
-    for key in ("state_dict", "model", "model_state"):
+    for key in _STATE_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"model.checkpoint {uri}: expected a mapping of tensor names to tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        held = sorted(str(k) for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
+        raise ModelError(f"model.checkpoint {uri}: expected a mapping of tensor names to tensors"
+                         + (f"; the file holds {held[:6]} but none of {list(_STATE_KEYS)}: save the weights you "
+                            f"want on their own (e.g. torch.save(ckpt[{held[0]!r}], 'weights.pt'))" if held else ""))
+    return _unwrapped_names(obj, names)
+
+
+_STATE_KEYS = ("state_dict", "model", "model_state")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def _unwrapped_names(sd: dict, names: Iterable[str] | None) -> dict:
+    """The names of the module a wrapper (DDP, torch.compile, or both) held: a prefix is removed only when
+    every name carries it and the names are not the model's own already."""
+    if names is not None and set(sd) <= set(names):
+        return sd
+    for _ in range(4):
+        prefix = next((p for p in _WRAPPER_PREFIXES if sd and all(str(k).startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
 
 
 def _check_float_values(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str) -> None:
@@ -146,9 +167,20 @@ def _load_reason(err: Exception) -> str:
     return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def load_state_dict_uri(model: nn.Module, uri: str) -> None:
-    sd = read_state_dict(uri)
+def cast_note(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str:
+    """What loading ``sd`` into a model with ``state`` casts, for the weights' provenance: FP16/BF16 files
+    lose nothing going to FP32, but the quantized model's FP32 reference is then the rounded weights."""
+    casts = sorted({f"{sd[k].dtype} values, cast to {v.dtype}".replace("torch.", "") for k, v in state.items()
+                    if k in sd and v.is_floating_point() and sd[k].dtype != v.dtype})
+    return f" ({'; '.join(casts)})" if casts else ""
+
+
+def load_state_dict_uri(model: nn.Module, uri: str) -> str:
+    """Load a state_dict file (:func:`read_state_dict`) into ``model``, strictly; returns the cast note
+    (:func:`cast_note`, '' when nothing was cast). ModelError naming the file on any mismatch."""
+    sd = read_state_dict(uri, model.state_dict().keys())
     _check_float_values(model.state_dict(), sd, f"model.checkpoint {uri}")
+    note = cast_note(model.state_dict(), sd)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False
@@ -165,6 +197,7 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> None:
                          + ("; a Hugging Face model saved with save_pretrained loads from its folder instead "
                             "(model.name: <folder>, pretrained: true), where transformers maps the names it saved"
                             if hasattr(model, "save_pretrained") and hasattr(model, "config") else ""))
+    return note
 
 
 def has_distillation_head(model) -> bool:

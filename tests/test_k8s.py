@@ -416,11 +416,40 @@ def test_rayjob_entrypoint_and_mounts(chart_renders, bins):
     sweep_vol = next(v for v in head["volumes"] if v["name"] == mounts["/etc/quantcore/sweep.yaml"]["name"])
     sweep_cm = cms[sweep_vol["configMap"]["name"]]
     assert yaml.safe_load(sweep_cm["data"]["sweep.yaml"]) == ci_values("sweep-values.yaml")["sweep"]["config"]
-    # arguments with shell metacharacters reach jobs.ray_sweep as one word each
+    # arguments with blanks reach jobs.ray_sweep as one word each; shell metacharacters are refused, since
+    # the entrypoint passes two shells (KubeRay's bash, Ray's job supervisor) and one quoting cannot serve both
     objs = render(bins, CHART / "ci" / "sweep-values.yaml",
-                  sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=it's a test; rm -rf /"])
+                  sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=a test with 2 GPUs"])
     (rj,) = of_kind(objs, "RayJob")
-    assert shlex.split(rj["spec"]["entrypoint"])[-2:] == ["--note", "it's a test; rm -rf /"]
+    assert shlex.split(rj["spec"]["entrypoint"])[-2:] == ["--note", "a test with 2 GPUs"]
+    proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml",
+                         sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=it's a test; rm -rf /"])
+    assert proc.returncode != 0 and "has characters a shell interprets" in proc.stderr
+
+
+def test_sweep_runs_naming_an_inline_recipe_get_its_mounted_file(bins, tmp_path):
+    """A sweep run's recipe that is a key of `recipes` is that inline recipe (as for runs[] and rayQat): the
+    sweep file had kept the bare name, so a built-in of the same name was quantized instead, or the run
+    failed once the Ray cluster was up."""
+    site = {"version": 1, "name": "vit_b16_int8", "model": {"name": "vit_base_patch16_224"},
+            "quant": {"weights": {"bits": 4}}}
+    values = ci_values("sweep-values.yaml")
+    values["recipes"] = {"vit_b16_int8": site, "site_w4": {**site, "name": "site_w4"}}
+    values["sweep"]["config"] = {"defaults": {"recipe": "site_w4"},
+                                 "runs": [{"name": "a", "recipe": "vit_b16_int8", "calib_data": "s3://d/x"},
+                                          {"name": "b", "recipes": ["site_w4", "vit_b16_int8_mixed"],
+                                           "calib_data": "s3://d/x"},
+                                          {"name": "c", "calib_data": "s3://d/x"}]}
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    objs = render(bins, f)
+    sweep = next(yaml.safe_load(c["data"]["sweep.yaml"]) for c in of_kind(objs, "ConfigMap")
+                 if "sweep.yaml" in c.get("data", {}))
+    assert sweep["defaults"] == {"recipe": "/etc/quantcore/recipes/site_w4.yaml"}
+    assert [r.get("recipe") or r.get("recipes") for r in sweep["runs"]] == [
+        "/etc/quantcore/recipes/vit_b16_int8.yaml", ["/etc/quantcore/recipes/site_w4.yaml", "vit_b16_int8_mixed"],
+        None]
+    assert "recipes" not in sweep["runs"][0] and "recipe" not in sweep["runs"][1]
 
 
 def test_inline_recipes_are_valid_quantcore_recipes(chart_renders, kustomize_render):
@@ -476,6 +505,21 @@ BAD_VALUES = {
     "gpu-in-resources": ({"runs": [{**GOOD_RUN, "resources": {"limits": {"nvidia.com/gpu": 1}}}]}, "nvidia.com/gpu"),
     "bad-toleration-effect": ({"runs": [{**GOOD_RUN, "tolerations": [{"key": "k", "effect": "Sometimes"}]}]},
                               "/runs/0/tolerations/0/effect"),
+    # the API server's toleration and env rules, which kubernetes-validate does not check
+    "toleration-exists-with-value": ({"gpu": {"tolerations": [{"key": "k", "operator": "Exists", "value": "ml"}]}},
+                                     "/gpu/tolerations/0/value"),
+    "toleration-no-key-equal": ({"defaults": {"tolerations": [{"operator": "Equal", "value": "x"}]}},
+                                "/defaults/tolerations/0/operator"),
+    "toleration-no-key-no-operator": ({"runs": [{**GOOD_RUN, "tolerations": [{"effect": "NoSchedule"}]}]},
+                                      "/runs/0/tolerations/0"),
+    "toleration-seconds-without-noexecute": (
+        {"defaults": {"tolerations": [{"operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 600}]}},
+        "/defaults/tolerations/0/effect"),
+    "env-value-and-value-from": ({"defaults": {"extraEnv": [{"name": "FOO", "value": "bar", "valueFrom": {
+        "configMapKeyRef": {"name": "c", "key": "k"}}}]}}, "/defaults/extraEnv/0/value"),
+    "env-value-from-two-sources": ({"defaults": {"extraEnv": [{"name": "FOO", "valueFrom": {
+        "configMapKeyRef": {"name": "c", "key": "k"}, "secretKeyRef": {"name": "s", "key": "k"}}}]}},
+        "/defaults/extraEnv/0/valueFrom"),
     "root-user": ({"podSecurity": {"runAsUser": 0}}, "/podSecurity/runAsUser"),
     "bad-s3-endpoint": ({"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
     "sweep-without-out": ({"sweep": {"enabled": True, "config": {"recipes": ["vit_b16_int8"]}}}, "/sweep/out"),
@@ -647,8 +691,15 @@ def test_template_guards(bins, tmp_path):
     args = [a for d in yaml.safe_load_all(proc.stdout) if d and d.get("kind") == "Job"
             for a in d["spec"]["template"]["spec"]["containers"][0].get("args", [])]
     assert "s3://out/$$(AWS_SECRET_ACCESS_KEY)/r1" in args and not any("/$(AWS" in a for a in args)
-    proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", sets=["rayQat.out=s3://bkt/$(HOME)/x"])
-    assert proc.returncode != 0 and "in a RayJob entrypoint argument" in proc.stderr
+    # a RayJob's entrypoint passes KubeRay's bash and Ray's job-supervisor shell: no quoting survives both
+    for out in ("s3://bkt/$(HOME)/x", "s3://bkt/$USER-nightly", "s3://bkt/a;b", "s3://bkt/a&b", "s3://bkt/`id`",
+                "s3://bkt/it's"):
+        proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", sets=[f"rayQat.out={out}"])
+        assert proc.returncode != 0 and f'rayQat: "{out}" in a RayJob entrypoint argument' in proc.stderr, out
+    proc = helm_template(bins, CHART / "ci" / "qat-values.yaml", sets=["rayQat.out=s3://bkt/run 1/x"])
+    assert proc.returncode == 0, proc.stderr
+    entry = next(d for d in yaml.safe_load_all(proc.stdout) if d and d.get("kind") == "RayJob")["spec"]["entrypoint"]
+    assert "'s3://bkt/run 1/x'" in entry
     f.write_text(yaml.safe_dump({"runs": [GOOD_RUN, {**GOOD_QAT, "name": "r2", "out": GOOD_RUN["out"]}]}))
     proc = helm_template(bins, f)
     assert proc.returncode != 0 and "runs[0] (r1) and runs[1] (r2) both write to out s3://out/r1" in proc.stderr
@@ -1673,13 +1724,13 @@ def test_rayjob_qat_entrypoint_and_workers(chart_renders, kustomize_qat_render):
 def test_rayjob_qat_on_cpu_workers_and_with_a_sweep(bins):
     objs = render(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
                   sets=["rayQat.workers.gpus=0", "rayQat.workers.replicas=3", "rayQat.model=s3://models/fp32.pt",
-                        "rayQat.extraArgs[0]=--note", "rayQat.extraArgs[1]=it's QAT"])
+                        "rayQat.extraArgs[0]=--note", "rayQat.extraArgs[1]=a QAT run"])
     rayjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in of_kind(objs, "RayJob")}
     assert set(rayjobs) == {"ray-qat", "sweep"}
     argv = shlex.split(rayjobs["ray-qat"]["spec"]["entrypoint"])
     args, extra = _ray_qat_parser().parse_known_args(argv[3:])
     assert args.num_workers == 3 and not args.use_gpu and args.checkpoint == "s3://models/fp32.pt"
-    assert extra == ["--note", "it's QAT"]
+    assert extra == ["--note", "a QAT run"]
     worker = rayjobs["ray-qat"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert _gpu_limit(worker["containers"][0]) is None and "tolerations" not in worker
     assert kt.validate_all(objs) == []

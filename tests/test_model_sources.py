@@ -981,7 +981,7 @@ def test_a_pretrained_file_that_leaves_tensors_random_is_refused(tmp_path, monke
     # a file under other names (timm's filter converts them): random tensors are still found by two builds
     import quantcore.models as qm
 
-    monkeypatch.setattr(qm, "read_state_dict", lambda uri: {})
+    monkeypatch.setattr(qm, "read_state_dict", lambda uri, names=None: {})
     with pytest.raises(ModelError, match=r"does not provide 2 tensor\(s\).*random initialization"):
         quantcore.build_model(spec)
 

@@ -58,3 +58,77 @@ def test_fields_a_source_does_not_use_are_refused_not_ignored(tmp_path, s3_serve
     for model, needle in cases:
         with pytest.raises(ModelError, match=needle):
             quantcore.build_model({"version": 1, "name": "t", "model": model})
+
+
+def test_checkpoint_and_pretrained_file_together_are_refused(tmp_path):
+    """Both name the FP32 weights; model.checkpoint was loaded and pretrained_file never opened."""
+    from quantcore.errors import UserError
+
+    with pytest.raises(UserError, match="model.checkpoint .* and model.pretrained_file .* both give the weights"):
+        quantcore.build_model({"version": 1, "name": "b", "model": _timm_vit(checkpoint=str(tmp_path / "a.pt"),
+                                                                             pretrained_file=str(tmp_path / "b.pt"))})
+
+
+class _Holder(torch.nn.Module):
+    """A model whose every parameter sits under a submodule called ``module``, like a DDP wrapper's."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(3, 2)
+
+
+def test_wrapper_prefixes_are_removed_and_a_submodule_called_module_is_not(tmp_path):
+    """torch.compile saves '_orig_mod.<name>', DDP over compile 'module._orig_mod.<name>': both were refused
+    as missing every tensor. A model's own 'module.' names must load as they are."""
+    from quantcore.models import load_state_dict_uri
+
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for prefix in ("_orig_mod.", "module._orig_mod.", "module."):
+        torch.save({prefix + k: v for k, v in src.state_dict().items()}, tmp_path / "w.pt")
+        dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        load_state_dict_uri(dst, str(tmp_path / "w.pt"))
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items()), prefix
+    holder = _Holder()
+    torch.save(holder.state_dict(), tmp_path / "h.pt")
+    again = _Holder()
+    load_state_dict_uri(again, str(tmp_path / "h.pt"))
+    assert torch.equal(again.module.weight, holder.module.weight)
+
+
+def test_a_training_checkpoint_without_a_known_key_names_what_it_holds(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    torch.save({"state_dict_ema": lin.state_dict(), "epoch": 4}, tmp_path / "ema.pt")
+    from quantcore.models import load_state_dict_uri
+
+    with pytest.raises(ModelError, match=r"holds \['state_dict_ema'\].*torch.save\(ckpt\['state_dict_ema'\]"):
+        load_state_dict_uri(torch.nn.Linear(3, 2), str(tmp_path / "ema.pt"))
+
+
+def test_half_precision_weights_say_they_were_cast(tmp_path):
+    """A float16 file loads into the FP32 model; the weights' provenance (in every report) now says so."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    sd = quantcore.build_model({"version": 1, "name": "a", "model": _timm_vit()}).state_dict()
+    torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "h.pt")
+    torch.save(sd, tmp_path / "f.pt")
+    for field in ("checkpoint", "pretrained_file"):
+        m = quantcore.build_model({"version": 1, "name": "h", "model": _timm_vit(**{field: str(tmp_path / "h.pt")})})
+        assert m.quantcore_weights.endswith("(float16 values, cast to float32)"), m.quantcore_weights
+        m = quantcore.build_model({"version": 1, "name": "f", "model": _timm_vit(**{field: str(tmp_path / "f.pt")})})
+        assert m.quantcore_weights == f"model.{field} {tmp_path / 'f.pt'}"
+
+
+def test_a_run_directory_given_as_checkpoint_names_its_model_qc_pt(tmp_path):
+    from quantcore.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    recipe = {"version": 1, "name": "d", "model": {"name": "quantcore/vit_fmnist"}}
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    quantcore.calibrate(model, [torch.randn(4, 1, 28, 28)])
+    quantcore.save(model, str(tmp_path / "run" / "model.qc.pt"))
+    with pytest.raises(CheckpointError, match=r"a directory, not a checkpoint file; the calibrated checkpoint in it "
+                                              r"is .*run/model.qc.pt"):
+        quantcore.load(str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*nothere: not found$"):
+        quantcore.load(str(tmp_path / "nothere"))

@@ -20,24 +20,24 @@ class TimmSource(ModelSource):
         use_file = bool(cfg.pretrained_file) and load_weights and cfg.checkpoint is None
         model = create_timm(name, cfg, pretrained, use_file)
         if use_file:
-            _check_file_loaded(model, name, cfg)
-            return model, f"model.pretrained_file {cfg.pretrained_file}"
+            return model, f"model.pretrained_file {cfg.pretrained_file}{_check_file_loaded(model, name, cfg)}"
         return model, (f"timm pretrained {name}" if pretrained else None)
 
 
-def _check_file_loaded(model: nn.Module, name: str, cfg) -> None:
+def _check_file_loaded(model: nn.Module, name: str, cfg) -> str:
     """timm loads a ``pretrained_file`` leniently: it resamples position embeddings, sums input-conv
     channels, and drops or skips what does not fit. The FP32 model must be the file's weights, so:
     every tensor the file names must have the model's shape (nothing adapted), and no tensor may be
     left at its random initialization (a second build under another seed must give the same state).
-    Raises ModelError naming the file and the first tensors."""
+    Raises ModelError naming the file and the first tensors; returns the cast note
+    (:func:`quantcore.models.cast_note`)."""
     import torch
 
-    from ..models import ModelError, _check_float_values, read_state_dict
+    from ..models import ModelError, _check_float_values, cast_note, read_state_dict
 
     uri = cfg.pretrained_file
     state = model.state_dict()
-    raw = read_state_dict(uri)
+    raw = read_state_dict(uri, state.keys())
     _check_float_values(state, raw, f"model.pretrained_file {uri}")
     reshaped = [f"{k} {tuple(raw[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in state.items()
                 if k in raw and tuple(raw[k].shape) != tuple(v.shape)]
@@ -67,6 +67,7 @@ def _check_file_loaded(model: nn.Module, name: str, cfg) -> None:
         raise ModelError(f"model.pretrained_file {uri} does not provide {len(random)} tensor(s) of the model, which "
                          f"stayed at their random initialization (e.g. {random[:4]}); a classifier of another class "
                          f"count, or missing keys: give the file the model was saved to, or set model.num_classes")
+    return cast_note(state, raw)
 
 
 def create_timm(name: str, cfg, pretrained: bool = False, use_file: bool = False) -> nn.Module:

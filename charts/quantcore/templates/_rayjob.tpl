@@ -121,7 +121,11 @@ metadata:
   labels:
     {{- include "quantcore.labelsFor" (dict "root" $root "component" .component "run" "" "extra" $labels "where" (printf "%s.labels" $key)) | nindent 4 }}
 spec:
-  {{- range .entrypoint }}{{ if contains "$(" (toString .) }}{{ fail (printf "%q: \"$(\" in a RayJob entrypoint argument would be expanded by Kubernetes from the submitter's environment (the S3 secret included) or, in HTTPMode, passed as written; use a path without \"$(\"" (toString .)) }}{{ end }}{{ end }}
+  {{- /* The entrypoint passes two shells in K8sJobMode: KubeRay's submitter (bash -c, which takes the
+         quoting off) and Ray's job supervisor (shell=True, after `ray job submit` re-quoted only words with
+         blanks); $(VAR) is expanded by Kubernetes too. No quoting survives all three, so only characters
+         none of them interprets are let through. */}}
+  {{- range .entrypoint }}{{ $a := toString . }}{{ if not (regexMatch "^[A-Za-z0-9_./:=@%+, -]*$" $a) }}{{ fail (printf "%s: %q in a RayJob entrypoint argument has characters a shell interprets: KubeRay's submitter runs the entrypoint through bash and Ray's job supervisor through a second shell, so $VAR, $(VAR), backquotes, quotes, ;, &, |, <, >, *, ? and the like would be expanded or split (a run writing under another prefix), and Kubernetes expands $(VAR) from the submitter's environment, the S3 secret included. Use a URI/value of letters, digits, blanks and _ . / : = @ %% + , -" $key $a) }}{{ end }}{{ end }}
   entrypoint: {{ include "quantcore.shellJoin" .entrypoint | quote }}
   submissionMode: {{ $cfg.submissionMode }}
   shutdownAfterJobFinishes: {{ $cfg.shutdownAfterJobFinishes }}
