@@ -72,6 +72,7 @@ SUMMARY_SCHEMA = "quantcore.sweep-summary/2"
 MANIFEST_SCHEMA = "quantcore.sweep-run/1"
 MANIFEST_NAME = "_SUCCESS.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_RESERVED = {"summary.json", "summary.md"}  # the driver's files next to the run folders
 
 
 class SweepError(UserError):
@@ -155,6 +156,9 @@ class RunSpec(_RunFields):
         if not _NAME.match(v):
             raise ValueError("must be 1-100 characters of letters, digits, '.', '_' or '-', starting "
                              "with a letter or digit")
+        if v.lower() in _RESERVED:
+            raise ValueError(f"{v!r} is the sweep's own file in <OUT>/ ({', '.join(sorted(_RESERVED))}): "
+                             "name the run otherwise")
         return v
 
     @model_validator(mode="after")
@@ -238,7 +242,31 @@ def load_sweep(uri: str) -> Sweep:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SweepError(f"{uri} is not valid YAML: {err}") from None
-    return parse_sweep(data, uri)
+    return _relative_to_sweep(parse_sweep(data, uri), uri)
+
+
+def _relative_to_sweep(sweep: Sweep, uri: str) -> Sweep:
+    """Relative paths in a sweep file (recipe files, checkpoint, calib_data, eval_data) are relative to the
+    file's folder or S3 prefix, as model.checkpoint in a recipe: the tasks run on other machines and in
+    other working directories than the driver. Built-in recipe names stay names."""
+    from quantcore.recipe import builtin_recipes, relative_to_file
+
+    shipped = builtin_recipes()
+
+    def resolve(run: RunSpec, field: str, val: str) -> str:
+        try:
+            return relative_to_file(val, uri)
+        except ValueError as err:
+            raise SweepError(f"{uri}: run {run.name}: {field} {val!r} {err}") from None
+
+    runs = []
+    for run in sweep.runs:
+        upd: Dict[str, Any] = {f: resolve(run, f, getattr(run, f)) for f in ("checkpoint", "calib_data", "eval_data")
+                               if getattr(run, f)}
+        upd["recipes"] = [resolve(run, "recipes", r) if isinstance(r, str) and r not in shipped
+                          and ("/" in r or r.endswith((".yaml", ".yml"))) else r for r in run.recipes or []]
+        runs.append(run.model_copy(update=upd))
+    return sweep.model_copy(update={"runs": runs})
 
 
 # ------------------------------------------------------------------------------ inside a task

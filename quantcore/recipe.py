@@ -89,20 +89,30 @@ def _relative_to_recipe(data: Any, src: str) -> None:
         return
     for key in _FILE_FIELDS:
         val = model.get(key)
-        if not isinstance(val, str) or not val or "://" in val or os.path.isabs(os.path.expanduser(val)):
-            continue
-        if _is_s3(src):
-            from .io.uri import parse_uri, s3_uri
+        if isinstance(val, str) and val:
+            try:
+                model[key] = relative_to_file(val, src)
+            except ValueError as err:
+                raise RecipeError(f"recipe {src}: model.{key} {val!r} {err}") from None
 
-            # S3 keys are not paths, but a recipe's ``../w/fp32.pt`` means the same as on a disk: the
-            # segments are resolved (``.`` and ``..``), never sent as a literal key
-            p = parse_uri(src)
-            key_path = posixpath.normpath(posixpath.join(posixpath.dirname(p.key), val))
-            if key_path.startswith("../") or key_path == "..":
-                raise RecipeError(f"recipe {src}: model.{key} {val!r} leads above the bucket's root")
-            model[key] = s3_uri(p.bucket, key_path)
-        else:
-            model[key] = str((Path(_local(src)).resolve().parent / val).resolve())
+
+def relative_to_file(val: str, src: str) -> str:
+    """``val`` as written in the file ``src`` (local path, ``file://`` or ``s3://``): a relative path is
+    resolved against ``src``'s folder or S3 prefix; URIs and absolute paths are returned as they are.
+    ValueError when a relative S3 path leads above the bucket's root."""
+    if "://" in val or os.path.isabs(os.path.expanduser(val)):
+        return val
+    if _is_s3(src):
+        from .io.uri import parse_uri, s3_uri
+
+        # S3 keys are not paths, but ``../w/fp32.pt`` means the same as on a disk: the segments are
+        # resolved (``.`` and ``..``), never sent as a literal key
+        p = parse_uri(src)
+        key_path = posixpath.normpath(posixpath.join(posixpath.dirname(p.key), val))
+        if key_path.startswith("../") or key_path == "..":
+            raise ValueError("leads above the bucket's root")
+        return s3_uri(p.bucket, key_path)
+    return str((Path(_local(src)).resolve().parent / val).resolve())
 
 
 def _is_s3(src: str) -> bool:

@@ -788,6 +788,7 @@ def test_example_sweep_file_is_valid():
     ({"runs": [{"name": "a", "recipe": "x", "calib_data": "d", "limit": 0}]}, "runs[0](a).limit: Input should be greater"),
     ({"runs": [{"name": "a", "recipe": "x", "recipes": ["y"], "calib_data": "d"}]}, "either `recipe` or `recipes`"),
     ({"runs": []}, "runs: List should have at least 1 item"),
+    ({"runs": [{"name": "Summary.json", "recipe": "x", "calib_data": "d"}]}, "the sweep's own file in <OUT>/"),
     ([1], "expected a mapping"),
 ])
 def test_sweep_errors_name_the_field(data, message):
@@ -802,6 +803,32 @@ def test_sweep_defaults_merge_and_recipe_alias():
     one, two = sweep.runs
     assert one.recipes == ["base"] and one.limit == 5 and one.eval_data is None and one.calib_split == "train"
     assert two.recipe_labels() == ["x", "inline"] and two.limit == 7 and two.calib_data == "s3://b/d"
+
+
+def test_relative_paths_in_a_sweep_file_are_relative_to_the_file(tmp_path, monkeypatch, s3_server, s3_bucket):
+    """The tasks run in other working directories (and machines) than the driver: `recipe: r/w4.yaml`,
+    `checkpoint: ../w.pt` and `calib_data: data` are the files beside the sweep file, on disk and on S3."""
+    from quantcore.io import storage
+
+    sub = tmp_path / "sweeps"
+    sub.mkdir()
+    doc = {"defaults": {"calib_data": "data", "checkpoint": "../w.pt"},
+           "runs": [{"name": "a", "recipes": ["r/w4.yaml", "vit_b16_int8", "plain.yml", {"name": "inline"}],
+                     "eval_data": "s3://b/val"},
+                    {"name": "b", "recipe": str(tmp_path / "abs.yaml"), "calib_data": "file:///x/y"}]}
+    (sub / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(REPO)
+    a, b = load_sweep(str(sub / "sweep.yaml")).runs
+    assert a.recipes == [str(sub / "r" / "w4.yaml"), "vit_b16_int8", str(sub / "plain.yml"), {"name": "inline"}]
+    assert (a.calib_data, a.checkpoint, a.eval_data) == (str(sub / "data"), str(tmp_path / "w.pt"), "s3://b/val")
+    assert (b.recipes, b.calib_data) == ([str(tmp_path / "abs.yaml")], "file:///x/y")
+    storage.write_bytes(f"s3://{s3_bucket}/team/sweeps/s.yaml", yaml.safe_dump(doc).encode())
+    a, _ = load_sweep(f"s3://{s3_bucket}/team/sweeps/s.yaml").runs
+    assert a.recipes[0] == f"s3://{s3_bucket}/team/sweeps/r/w4.yaml"
+    assert (a.calib_data, a.checkpoint) == (f"s3://{s3_bucket}/team/sweeps/data", f"s3://{s3_bucket}/team/w.pt")
+    storage.write_bytes(f"s3://{s3_bucket}/s.yaml", yaml.safe_dump(doc).encode())
+    with pytest.raises(SweepError, match=r"run a: checkpoint '../w.pt' leads above the bucket's root"):
+        load_sweep(f"s3://{s3_bucket}/s.yaml")
 
 
 def test_ray_sweep_cli_exits_2_on_a_bad_sweep_file(tmp_path):
