@@ -27,7 +27,7 @@ from .calib.maxcal import MaxState
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
-from .errors import CalibrationError, UserError, one_line
+from .errors import CalibrationError, PlacementError, UserError, one_line
 from .models import create_model
 from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
 from .quantizer_kinds.affine import MIN_SCALE
@@ -79,8 +79,13 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = 
         mc = recipe.model
         example_input = default_example_input(model, img_size=getattr(mc, "img_size", None),
                                               in_chans=getattr(mc, "in_chans", None))
-    place_quantizers(model, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
-                     recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
+    try:
+        place_quantizers(model, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
+                         recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
+    except PlacementError as err:  # several recipes run at once: say whose field it is
+        if f"recipe {recipe.name!r}" in str(err):
+            raise
+        raise type(err)(f"recipe {recipe.name!r}: {err}") from None
     model.quantcore_recipe = recipe
     return model
 

@@ -37,6 +37,8 @@ class ModelScore:
     per_class: list[float] = field(default_factory=list)
     agreement: float | None = None  # top-1 agreement with the reference, %
     sqnr_db: float | None = None  # logit SQNR against the reference, dB
+    top5_k: int = 5  # the k of "top-5": the class count when there are fewer than 5 classes
+    nonfinite: int = 0  # images whose logits hold inf/NaN (scored wrong and disagreeing)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -64,6 +66,14 @@ def _from_exact(total: int) -> float:
         return math.inf
 
 
+def _stable_rank(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's position of its label's logit in a stable descending sort of the row: the logits above
+    it, plus the equal ones at a lower class index (``argmax``'s tie rule). Shape (N,), int64."""
+    v = out.gather(1, labels[:, None].long())
+    lower = torch.arange(out.shape[1], device=out.device)[None, :] < labels[:, None]
+    return (out > v).sum(1) + ((out == v) & lower).sum(1)
+
+
 def label_outside(labels: torch.Tensor, num_classes: int) -> int | None:
     """The first label outside ``[0, num_classes)``, or None when all are inside."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -75,8 +85,12 @@ class EvalAccumulator:
     """Mergeable statistics of one evaluation pass of several models (named ``names``).
 
     Integer counts (CPU int64): ``total`` images, ``class_count[c]``, and per model (rows in
-    ``names`` order) ``correct1``, ``correct5``, ``agree`` (top-1 equal to the reference's) and
-    ``class_correct[m, c]``. Energies per model: ``sig`` (reference logit energy) and ``noise``
+    ``names`` order) ``correct1``, ``correct5``, ``agree`` (top-1 equal to the reference's),
+    ``class_correct[m, c]`` and ``nonfinite`` (images with an inf/NaN logit: never correct, never in
+    agreement, and the model's SQNR is -inf). Ranks are those of a stable descending sort: among tied
+    logits the lower class index comes first (``argmax``'s rule), so top-1, top-5 and agreement agree
+    with each other and do not depend on the device's ``topk`` order.
+    Energies per model: ``sig`` (reference logit energy) and ``noise``
     (energy of the difference to the reference), float64 views of exact sums (each image's energy is
     added as an exact multiple of 2**-1074). All are sums over samples, so accumulators of disjoint
     shards merge by addition, exactly: K ranks, any batch size or shard split report bit for bit what
@@ -95,6 +109,7 @@ class EvalAccumulator:
         self.correct5 = torch.zeros(m, dtype=torch.int64)
         self.agree = torch.zeros(m, dtype=torch.int64)
         self.class_correct = torch.zeros(m, c, dtype=torch.int64)
+        self.nonfinite = torch.zeros(m, dtype=torch.int64)
         self.sig = torch.zeros(m, dtype=torch.float64)
         self.noise = torch.zeros(m, dtype=torch.float64)
         self.sig_exact = [0] * m
@@ -106,7 +121,8 @@ class EvalAccumulator:
             self.noise[i] = _from_exact(self.noise_exact[i])
 
     def _ints(self) -> list[torch.Tensor]:
-        return [self.total, self.class_count, self.correct1, self.correct5, self.agree, self.class_correct]
+        return [self.total, self.class_count, self.correct1, self.correct5, self.agree, self.class_correct,
+                self.nonfinite]
 
     def _floats(self) -> list[torch.Tensor]:
         return [self.sig, self.noise]
@@ -126,29 +142,34 @@ class EvalAccumulator:
         self._check_labels(labels)
         # a model's raw output: Hugging Face classifiers return a ModelOutput, distilled heads a tuple
         logits = {n: output_logits(v) for n, v in logits.items()}
+        for n, out in logits.items():
+            if out.shape[-1] != c:
+                raise UserError(f"model.num_classes: model {n!r} gives {out.shape[-1]} logits, but the evaluation "
+                                f"data has {c} classes (class folders/names in this split); if the split lacks "
+                                f"some of the model's classes, evaluate it with the class list the model was "
+                                f"trained on, else set model.num_classes: {c} (and weights trained for them)")
         ref = logits[self.reference].double() if self.reference is not None else None
+        ref_ok = torch.isfinite(ref).all(1) if ref is not None else None
         ref_top1 = ref.argmax(1) if ref is not None else None
-        ref_energy = _exact_sum((ref ** 2).sum(1).cpu()) if ref is not None else 0
+        ref_energy = _exact_sum(torch.where(ref_ok, (ref ** 2).sum(1), 0.0).cpu()) if ref is not None else 0
         k = min(5, c)
         labels_cpu = labels.cpu()
         self.class_count += torch.bincount(labels_cpu, minlength=c)
         self.total += labels.numel()
         for i, n in enumerate(self.names):
-            out = logits[n]
-            if out.shape[-1] != c:
-                raise UserError(f"model.num_classes: model {n!r} gives {out.shape[-1]} logits, but the evaluation "
-                                f"data has {c} classes; set model.num_classes: {c} (and "
-                                f"weights trained for them)")
-            out = out.float()
-            topk = out.topk(k, dim=1).indices
-            hit1 = topk[:, 0] == labels
+            out = logits[n].float()
+            ok = torch.isfinite(out).all(1)
+            rank = _stable_rank(out, labels.to(out.device))
+            hit1 = (rank == 0) & ok
             self.correct1[i] += int(hit1.sum())
-            self.correct5[i] += int((topk == labels[:, None]).any(1).sum())
+            self.correct5[i] += int(((rank < k) & ok).sum())
             self.class_correct[i] += torch.bincount(labels_cpu[hit1.cpu()], minlength=c)
+            self.nonfinite[i] += int((~ok).sum())
             if ref is not None:
-                self.agree[i] += int((topk[:, 0] == ref_top1).sum())
+                both = ok & ref_ok
+                self.agree[i] += int(((out.argmax(1) == ref_top1) & both).sum())
                 self.sig_exact[i] += ref_energy
-                self.noise_exact[i] += _exact_sum(((out.double() - ref) ** 2).sum(1).cpu())
+                self.noise_exact[i] += _exact_sum(torch.where(both, ((out.double() - ref) ** 2).sum(1), 0.0).cpu())
         self._sync_floats()
 
     def _check_compatible(self, other: "EvalAccumulator") -> None:
@@ -198,7 +219,10 @@ class EvalAccumulator:
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> "EvalAccumulator":
         acc = cls(d["names"], d["num_classes"], d["reference"])
-        for a, b in zip(acc._ints() + acc._floats(), list(d["ints"]) + list(d["floats"])):
+        ints = list(d["ints"])
+        if len(ints) == len(acc._ints()) - 1:  # a state from before the non-finite counts
+            ints.append(torch.zeros_like(acc.nonfinite))
+        for a, b in zip(acc._ints() + acc._floats(), ints + list(d["floats"])):
             a.copy_(b)
         if "exact" in d:  # (decimal strings: integers beyond int64)
             acc.sig_exact, acc.noise_exact = ([int(v) for v in vals] for vals in d["exact"])
@@ -215,13 +239,16 @@ class EvalAccumulator:
         out = {}
         for i, n in enumerate(self.names):
             s = ModelScore(n, total, 100.0 * int(self.correct1[i]) / max(total, 1),
-                           100.0 * int(self.correct5[i]) / max(total, 1))
+                           100.0 * int(self.correct5[i]) / max(total, 1), top5_k=min(5, self.num_classes),
+                           nonfinite=int(self.nonfinite[i]))
             s.per_class = [100.0 * float(c) / float(t) if t else float("nan")
                            for c, t in zip(self.class_correct[i].tolist(), counts)]
             if self.reference is not None:
                 sig, noise = float(self.sig[i]), float(self.noise[i])
                 s.agreement = 100.0 * int(self.agree[i]) / max(total, 1)
                 s.sqnr_db = math.inf if noise == 0 else 10.0 * math.log10(sig / noise) if sig else -math.inf
+                if s.nonfinite and n != self.reference:
+                    s.sqnr_db = -math.inf  # an inf/NaN logit is an unbounded error
             out[n] = s
         return out
 

@@ -268,7 +268,8 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "calibrators": used, "uri": data.uri, "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
-               "uncalibrated": res.uncalibrated, "fp32_weights": weights, **res.transforms}
+               "uncalibrated": res.uncalibrated, "fp32_weights": weights, "classes": list(ds.classes),
+               **res.transforms}
         notes += [f"recipe {r.name!r}: {w}" for w in res.warnings]  # api.finalize logged them
         if class_note:
             notes.append(class_note)
@@ -590,7 +591,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                              "eval_subset": subset, "world_size": distributed.world_size(),
                              "checkpoint": checkpoint, "reference_note": _reference_note(model),
                              **({"unused_files": unused} if unused else {})},
-                       calibration=calibration, warnings=warnings,
+                       calibration=calibration, warnings=warnings, class_names=list(ds.classes),
                        timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,
                        extra={"evaluation_cost": _cost_info(cost, {name: model}, dev),
                               "transform": describe_transform(model), "device": str(dev)})

@@ -530,7 +530,8 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
             "skipped": cal_skipped,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
-            "fp32_weights": getattr(fp32, "quantcore_weights", "given"), **res.transforms}
+            "fp32_weights": getattr(fp32, "quantcore_weights", "given"), "classes": list(ds.classes),
+            **res.transforms}
     if ctx.is_main:
         api.save(model, ptq_uri, extra={"calibration": info})
     distributed.barrier()

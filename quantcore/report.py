@@ -36,6 +36,10 @@ def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str,
     """The report dict. ``warnings``: things the reader must know before trusting the numbers (e.g. an
     FP32 model with random weights); shown at the top of report.md."""
     results = {n: s.as_dict() for n, s in scores.items()}
+    warnings = list(warnings or []) + [
+        f"{n}: inf/NaN logits on {s.nonfinite} of {s.count} images (e.g. float16 overflow), scored as wrong and, "
+        f"against the reference, as disagreeing" + (" with logit SQNR -inf" if n != reference else "")
+        for n, s in scores.items() if s.nonfinite]
     if reference is not None:
         ref = scores[reference]
         for n, s in scores.items():
@@ -88,7 +92,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
                 lines += [f"{what}: {brief}.", ""]
                 lines += [l for w in info.get("warnings") or [] for l in (f"> **WARNING**: {w}", "")]
     if evaluated:
-        lines += ["| model | top-1 % | top-5 % | Δ top-1 | agreement % | logit SQNR dB |",
+        k = min([r.get("top5_k", 5) for r in rep["results"].values()] or [5])
+        lines += [f"| model | top-1 % | top-{k} % | Δ top-1 | agreement % | logit SQNR dB |",
                   "|---|---|---|---|---|---|"]
     for name, r in rep["results"].items():
         def f(v, fmt="{:.2f}"):

@@ -134,6 +134,7 @@ class ImageDataset(Dataset):
         self.labels: list[int] = []
         self.skipped = SkipLog()
         self.ignored: list[str] = []  # non-image files seen and ignored (folder layout)
+        self.absent_classes: list[str] = []  # the model's classes this split has no folder for (folder layout)
 
     # -------------------------------------------------------------------------------- to implement
     def read_raw(self, index: int) -> bytes:

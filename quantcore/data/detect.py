@@ -135,6 +135,10 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
         log.warning("class folders under %s carry the model's label names: labels follow the model's order "
                     "(id2label), not the sorted folder names", ds.root)
+    elif names and ds.absent_classes:
+        log.warning("split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
+                    "model's label indices, and the absent ones are scored with no images", ds.root,
+                    len(ds.absent_classes), len(names), ds.absent_classes[0])
     elif names and getattr(ds, "label_match", None):
         i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
         log.warning("class folders under %s carry the model's label names up to letter case or Unicode form "
@@ -216,12 +220,15 @@ def _first_mismatch(folders: list[str], names: list[str]) -> tuple[str, int, str
 
 
 def model_label_names(model: Any) -> list[str] | None:
-    """The class names a model carries (Hugging Face ``config.id2label``), in class-index order; None
-    when it has none or only the generic ``LABEL_<i>`` ones."""
+    """The class names a model carries, in class-index order: Hugging Face ``config.id2label``, else
+    those of the data a loaded quantcore checkpoint was calibrated on (its calibration record's
+    ``classes``); None when it has none or only the generic ``LABEL_<i>`` ones."""
     cfg = getattr(model, "config", None)
     id2label = getattr(cfg, "id2label", None)
     if not id2label:
-        return None
+        cal = ((getattr(model, "quantcore_meta", None) or {}).get("extra") or {}).get("calibration") or {}
+        classes = cal.get("classes")
+        return [str(c) for c in classes] if isinstance(classes, list) and classes else None
     names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
     if any(n is None for n in names) or all(re.fullmatch(r"LABEL_\d+", str(n)) for n in names):
         return None

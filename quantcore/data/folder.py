@@ -90,6 +90,11 @@ class FolderDataset(ImageDataset):
                                 "images are. Name the folders uniquely (e.g. by WordNet id, sorted as the "
                                 "model's classes)", file=self.root)
             self.classes = list(label_names)
+        elif label_names and set(per_class) < set(label_names) and len(set(label_names)) == len(label_names):
+            # a split lacking some of the model's classes (a small val split, a subset): the folders present
+            # keep the model's indices; sorted, every label after the first gap would shift by one
+            self.classes = list(label_names)
+            self.absent_classes = [c for c in label_names if c not in per_class]
         elif label_names and (matched := _match_ignoring_case_and_form(list(per_class), list(label_names))):
             # the same names up to letter case or Unicode form (macOS NFD): the model's order too - sorted
             # order would relabel every class without a word ("Tench" sorts after "Cock", "tench" is class 0)
@@ -97,9 +102,10 @@ class FolderDataset(ImageDataset):
             self.label_match = "case/Unicode-insensitive"
         else:
             self.classes = sorted(per_class)
+        absent = set(self.absent_classes)
         for label, c in enumerate(self.classes):
-            files = sorted(per_class[c])
-            if not files:
+            files = sorted(per_class.get(c, []))
+            if not files and c not in absent:
                 where = _fs.join(self.root, c)
                 msg = f"class folder {where} is empty (no files with extensions {', '.join(IMG_EXTS)})"
                 if not self.skip_bad:

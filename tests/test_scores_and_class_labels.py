@@ -1,0 +1,139 @@
+"""Evaluation figures mean what they say (2026-12-03 break pass; each test failed on the code before
+its fix): tied logits, inf/NaN logits, a checkpoint evaluated on data whose class folders sort
+otherwise or lack a class, and a bad override among several recipes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import quantcore
+from quantcore.evaluate import EvalAccumulator
+from quantcore.report import build_report, report_markdown
+
+
+def _brute(logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """Correct top-1, correct top-k and agreement by a stable descending sort per image (among equal
+    logits the lower class index first: argmax's rule)."""
+    c1 = ck = agree = 0
+    for row, label, rrow in zip(logits.tolist(), labels.tolist(), ref.tolist()):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        rorder = sorted(range(len(rrow)), key=lambda j: (-rrow[j], j))
+        c1 += order[0] == label
+        ck += label in order[:k]
+        agree += order[0] == rorder[0]
+    return c1, ck, agree
+
+
+def test_tied_logits_are_ranked_one_way_for_top1_top5_and_agreement():
+    """topk's order among ties (CPU: arbitrary) set top-1 while argmax set the reference's: identical
+    all-zero logits gave 0 % agreement of a model with itself."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (64,))
+    zeros = torch.zeros(64, 10)
+    acc = EvalAccumulator(["fp32", "q"], 10, "fp32")
+    acc.update({"fp32": zeros, "q": zeros.clone()}, labels)
+    s = acc.scores()
+    assert s["fp32"].agreement == 100.0 and s["q"].agreement == 100.0 and s["q"].sqnr_db == math.inf
+    assert s["q"].top1 == pytest.approx(100.0 * float((labels == 0).float().mean()))
+    assert s["q"].top5 == pytest.approx(100.0 * float((labels < 5).float().mean()))
+    # many partial ties (logits on a coarse grid), against the brute-force stable sort
+    ref = torch.randint(0, 4, (200, 10)).float()
+    q = torch.where(torch.rand(200, 10) < 0.3, torch.randint(0, 4, (200, 10)).float(), ref)
+    labels = torch.randint(0, 10, (200,))
+    acc = EvalAccumulator(["fp32", "q"], 10, "fp32")
+    acc.update({"fp32": ref, "q": q}, labels)
+    for i, out in enumerate((ref, q)):
+        assert (int(acc.correct1[i]), int(acc.correct5[i]), int(acc.agree[i])) == _brute(out, labels, ref, 5)
+
+
+def test_inf_and_nan_logits_are_scored_wrong_and_reported_not_a_crash():
+    """A float16 variant overflowing to inf/NaN crashed the whole evaluation (float.as_integer_ratio)."""
+    torch.manual_seed(0)
+    ref = torch.randn(32, 10)
+    labels = ref.argmax(1)
+    q = ref.clone()
+    q[3] = float("nan")
+    q[7, 2] = float("inf")
+    acc = EvalAccumulator(["fp32", "fp16"], 10, "fp32")
+    half = 16
+    acc.update({"fp32": ref[:half], "fp16": q[:half]}, labels[:half])
+    other = EvalAccumulator(["fp32", "fp16"], 10, "fp32")
+    other.update({"fp32": ref[half:], "fp16": q[half:]}, labels[half:])
+    acc.merge(EvalAccumulator.from_state_dict(other.state_dict()))
+    s = acc.scores()
+    assert s["fp16"].nonfinite == 2 and s["fp32"].nonfinite == 0
+    assert s["fp16"].top1 == pytest.approx(100.0 * 30 / 32) and s["fp16"].agreement == pytest.approx(100.0 * 30 / 32)
+    assert s["fp16"].sqnr_db == -math.inf and s["fp32"].top1 == 100.0
+    rep = build_report(model="m", recipe=None, scores=s, reference="fp32", data={"eval_uri": "d", "eval_count": 32})
+    assert any("fp16: inf/NaN logits on 2 of 32 images" in w for w in rep["warnings"])
+    assert "inf/NaN logits on 2 of 32 images" in report_markdown(rep)
+    # a reference with a NaN row: that image agrees with nothing and adds no energy
+    acc = EvalAccumulator(["fp32", "q"], 10, "fp32")
+    bad_ref = ref.clone()
+    bad_ref[0] = float("nan")
+    acc.update({"fp32": bad_ref, "q": ref + 0.01}, labels)
+    s = acc.scores()
+    assert s["q"].agreement == pytest.approx(100.0 * 31 / 32) and math.isfinite(s["q"].sqnr_db)
+
+
+def test_fewer_than_five_classes_say_top_k():
+    acc = EvalAccumulator(["fp32", "q"], 3, "fp32")
+    acc.update({"fp32": torch.randn(6, 3), "q": torch.randn(6, 3)}, torch.tensor([0, 1, 2, 0, 1, 2]))
+    s = acc.scores()
+    assert s["q"].top5_k == 3 and s["q"].top5 == 100.0
+    rep = build_report(model="m", recipe=None, scores=s, reference="fp32", data={"eval_uri": "d", "eval_count": 6})
+    assert "| model | top-1 % | top-3 % |" in report_markdown(rep)
+
+
+def _folder(root, split, classes, per_class=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for c in classes:
+        d = root / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            px = (torch.rand(28, 28, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px, mode="L").save(d / f"{i}.png")
+
+
+def test_a_checkpoint_keeps_its_class_names_and_maps_evaluation_folders_by_them(tmp_path):
+    """evaluate had no class names for a checkpoint: a split without one class folder was refused with
+    advice to change model.num_classes, and folders sorted otherwise than the calibration data's
+    labels were scored against shifted labels without a word."""
+    from quantcore.data import model_label_names, open_dataset
+    from quantcore.pipeline import DataSpec, RunOptions, evaluate_checkpoint, ptq
+
+    torch.manual_seed(0)
+    _folder(tmp_path / "d", "train", ["alpha", "mid", "zeta"])
+    _folder(tmp_path / "d", "val", ["mid", "zeta"], seed=1)  # no "alpha" images in this split
+    recipe = quantcore.load_recipe({"version": 1, "name": "t3", "model": {"name": "quantcore/vit_fmnist",
+                                                                           "num_classes": 3},
+                                    "calibration": {"num_batches": 1, "batch_size": 4}})
+    out = str(tmp_path / "run")
+    ptq([recipe], DataSpec(str(tmp_path / "d"), "train"), None, out, RunOptions(batch_size=4, progress=False))
+    ckpt = f"{out}/t3/model.qc.pt"
+    model = quantcore.load(ckpt)
+    assert model_label_names(model) == ["alpha", "mid", "zeta"]
+    ds = open_dataset(str(tmp_path / "d"), "val", None, label_names=model_label_names(model))
+    assert ds.classes == ["alpha", "mid", "zeta"] and ds.absent_classes == ["alpha"]
+    assert sorted(set(ds.labels)) == [1, 2] and ds.labels == sorted(ds.labels)
+    rep = evaluate_checkpoint(ckpt, DataSpec(str(tmp_path / "d"), "val"), str(tmp_path / "ev"),
+                              RunOptions(batch_size=4, progress=False))
+    assert rep["data"]["eval_count"] == 6 and rep["class_names"] == ["alpha", "mid", "zeta"]
+    assert rep["results"]["fp32"]["per_class"][0] is None  # no images of "alpha": not a score of 0
+    # the same names in another sorted order than the model's labels: mapped by name
+    model.quantcore_meta["extra"]["calibration"]["classes"] = ["zeta", "alpha", "mid"]
+    ds = open_dataset(str(tmp_path / "d"), "train", None, label_names=model_label_names(model))
+    assert ds.classes == ["zeta", "alpha", "mid"]
+    assert [ds.labels[i] for i, s in enumerate(ds.samples) if s.startswith("zeta/")] == [0, 0, 0]
+
+
+def test_a_bad_override_among_several_recipes_names_its_recipe():
+    from quantcore.errors import PlacementError
+
+    bad = {"version": 1, "name": "three_bad", "model": {"name": "quantcore/vit_fmnist"},
+           "overrides": [{"match": "nothing.matches.this", "float": True}]}
+    with pytest.raises(PlacementError, match=r"^recipe 'three_bad': overrides\[0\] 'nothing.matches.this' matches no"):
+        quantcore.prepare(quantcore.build_model(bad), bad)
