@@ -132,3 +132,37 @@ def test_a_run_directory_given_as_checkpoint_names_its_model_qc_pt(tmp_path):
         quantcore.load(str(tmp_path / "run"))
     with pytest.raises(CheckpointError, match=r"checkpoint .*nothere: not found$"):
         quantcore.load(str(tmp_path / "nothere"))
+
+
+@pytest.mark.parametrize("kind,field,value,needle", [
+    ("vit", "image_std", None, r"image_std is null while the processor normalizes"),
+    ("vit", "image_mean", None, r"image_mean is null while the processor normalizes"),
+    ("vit", "image_mean", "0.5", r"image_mean '0.5' is not a number or a flat list"),
+    ("vit", "image_mean", [[0.5], [0.5], [0.5]], r"image_mean .*0.5\], \[0.5.* is not a number or a flat list"),
+    ("vit", "rescale_factor", None, r"rescale_factor None is not a number"),
+    ("vit", "resample", None, r"resample None is not a PIL resampling code"),
+    ("vit", "size", {"height": "a", "width": 32}, r"size .* is not a positive integer or a mapping"),
+    ("convnext", "crop_pct", 0, r"crop_pct 0 must be positive"),
+])
+def test_malformed_image_processor_fields_are_named_not_replaced_or_a_traceback(tmp_path, kind, field, value,
+                                                                                 needle):
+    """A null image_std became 0.5 (the processor itself refuses it); other malformed fields crashed with
+    TypeError/ValueError/ZeroDivisionError tracebacks. (2026-12-03 break pass)"""
+    import json
+
+    import transformers as T
+
+    from quantcore.model_sources.hf import hf_data_config
+
+    if kind == "vit":
+        config, proc = T.ViTConfig(image_size=32, num_labels=3), T.ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        config, proc = T.ConvNextConfig(image_size=56, num_labels=3), T.ConvNextImageProcessor(
+            size={"shortest_edge": 56}, crop_pct=0.875)
+    proc.save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    doc = json.loads(path.read_text())
+    doc[field] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=needle):
+        hf_data_config(str(tmp_path), str(tmp_path), config, None)

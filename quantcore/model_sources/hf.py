@@ -447,19 +447,46 @@ def _default_processor(model_type: str):
     return cls() if cls is not None else None
 
 
-def _size(val) -> dict[str, int]:
+def _size(val, field: str = "size", where: str = "") -> dict[str, int]:
     if val is None:
         return {}
-    if isinstance(val, int):
+    if isinstance(val, int) and not isinstance(val, bool):
         return {"height": val, "width": val}
-    return {k: int(v) for k, v in dict(val).items() if v is not None}
+    try:
+        items = dict(val).items()  # a dict, or transformers' SizeDict
+    except (TypeError, ValueError):
+        items = None
+    if items is None or not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+                                for _, v in items):
+        from ..models import ModelError
+
+        raise ModelError(f"{where}: {field} {val!r} is not a positive integer or a mapping of positive integers "
+                         "({height, width} or {shortest_edge})")
+    return {k: int(v) for k, v in items if v is not None}
 
 
-def _interp(resample) -> str:
+def _interp(resample, where: str = "") -> str:
     val = getattr(resample, "value", resample)
     if isinstance(val, str):
         return {"nearest-exact": "nearest"}.get(val.lower(), val.lower())
+    if not isinstance(val, int) or isinstance(val, bool):
+        from ..models import ModelError
+
+        raise ModelError(f"{where}: resample {val!r} is not a PIL resampling code (0 nearest, 2 bilinear, 3 bicubic) "
+                         "or a name")
     return _RESAMPLE.get(int(val), f"PIL code {val}")
+
+
+def _floats(val, field: str, where: str, one: bool = False) -> list[float]:
+    """A processor field that holds a number, or (``one`` False) a flat list of numbers; ModelError naming the
+    field otherwise (a string, a nested list, null)."""
+    from ..models import ModelError
+
+    seq = [val] if one or isinstance(val, (int, float)) else val
+    if isinstance(seq, (list, tuple)) and seq and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in seq):
+        return [float(v) for v in seq]
+    raise ModelError(f"{where}: {field} {val!r} is not {'a number' if one else 'a number or a flat list of numbers'}")
 
 
 def _crop_pct(pairs: list[tuple[int, int]]) -> float | None:
@@ -478,7 +505,7 @@ def _geometry(kind: str, g, where: str) -> tuple[tuple[int, int], float, str]:
     and centre crop do; ModelError naming ``where`` and the field for what timm's transform cannot do."""
     from ..models import ModelError
 
-    size, crop = _size(g("size")), _size(g("crop_size"))
+    size, crop = _size(g("size"), "size", where), _size(g("crop_size"), "crop_size", where)
     if not g("do_resize", True):
         raise ModelError(f"{where}: do_resize is false - the processor feeds each image at its own size, which "
                          "quantcore cannot reproduce with fixed-size batches; set do_resize: true with size")
@@ -497,12 +524,16 @@ def _geometry(kind: str, g, where: str) -> tuple[tuple[int, int], float, str]:
             raise ModelError(f"{where}: ConvNeXt's processor needs size {{shortest_edge}} and crop_pct "
                              f"(got size {size}, crop_pct {pct})")
         s = size["shortest_edge"]
+        if _floats(pct, "crop_pct", where, one=True)[0] <= 0:
+            raise ModelError(f"{where}: crop_pct {pct} must be positive")
         if s < 384:  # its rule: below 384, shorter side to int(s / crop_pct) then crop s x s; else warp to s x s
             resize, implied = ("short", int(s / float(pct))), (s, s)
         else:
             resize = ("squash", s, s)
     elif kind == "poolformer" and g("crop_pct") is not None:
-        pct = float(g("crop_pct"))
+        pct = _floats(g("crop_pct"), "crop_pct", where, one=True)[0]
+        if pct <= 0:
+            raise ModelError(f"{where}: crop_pct {pct} must be positive")
         if "shortest_edge" in size:
             resize = ("short", int(size["shortest_edge"] / pct))
         elif size["height"] == size["width"]:  # a square size keeps the aspect ratio in PoolFormer's resize
@@ -553,24 +584,26 @@ def _statistics(kind: str | None, g, chans: int, where: str) -> tuple[list[float
     (255 r) and std = s * s2 / (255 r)."""
     from ..models import ModelError
 
-    def per_channel(field: str, default: float) -> list[float]:
+    def per_channel(field: str) -> list[float]:
         val = g(field)
-        if val is None:
-            vals = [default]
-        else:
-            vals = [float(val)] if isinstance(val, (int, float)) else [float(v) for v in val]
+        if val is None:  # the processor itself refuses to normalize without them
+            raise ModelError(f"{where}: {field} is null while the processor normalizes (do_normalize); give "
+                             f"the model's mean/std, or set do_normalize: false")
+        vals = _floats(val, field, where)
         if len(vals) not in (1, chans):
             raise ModelError(f"{where}: {field} has {len(vals)} values, the model has {chans} input channels "
                              f"({CONFIG} num_channels)")
         return vals * chans if len(vals) == 1 else vals
 
-    r = float(g("rescale_factor", 1 / 255)) if g("do_rescale", True) else 1.0
+    r = _floats(g("rescale_factor", 1 / 255), "rescale_factor", where, one=True)[0] if g("do_rescale", True) else 1.0
+    if r <= 0:
+        raise ModelError(f"{where}: rescale_factor {r} must be positive")
     offset = -1.0 if kind == "efficientnet" and g("do_rescale", True) and g("rescale_offset", False) else 0.0
     # MobileViT's processor has no normalize step whatever do_normalize says; None counts as off elsewhere
     normalize = bool(g("do_normalize", False)) and kind != "mobilevit"
-    m = per_channel("image_mean", 0.5) if normalize else [0.0] * chans
-    s = per_channel("image_std", 0.5) if normalize else [1.0] * chans
-    s2 = per_channel("image_std", 0.5) if kind == "efficientnet" and g("include_top", False) else [1.0] * chans
+    m = per_channel("image_mean") if normalize else [0.0] * chans
+    s = per_channel("image_std") if normalize else [1.0] * chans
+    s2 = per_channel("image_std") if kind == "efficientnet" and g("include_top", False) else [1.0] * chans
     if any(v == 0 for v in s + s2):
         raise ModelError(f"{where}: image_std has a zero")
     k = 255.0 * r
@@ -623,7 +656,7 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
                 json.load(f)
             proc = AutoImageProcessor.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            msg = " ".join(str(err).split())[:200]
+            msg = " ".join(str(err).split())[:600]
             raise ModelError(f"{where}: not a readable image processor config ({msg})") from None
         file = where
     else:
@@ -649,7 +682,7 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
         hw, pct, mode = _geometry(kind, g, where_cls)
     else:
         hw, pct, mode = img_hw, 1.0, "squash"
-    interp = _interp(g("resample", 2))
+    interp = _interp(g("resample", 2), where_cls)
     if interp not in _INTERP_OK and file is not None:
         raise ModelError(f"{where_cls}: resample {interp} is not reproduced (transformers' backends differ "
                          f"there); quantcore reproduces {', '.join(_INTERP_OK)} (PIL codes 0, 2, 3)")

@@ -62,7 +62,10 @@ class ViTPlan(FamilyPlan):
 
     def default_float_reason(self, site: Any, keep_float_given: bool) -> str | None:
         if not keep_float_given and site.op.startswith("conv"):
-            return "vit family default: convolutions (patch embedding) stay float"
+            # auto picks this plan for at most one convolution; a forced `family: vit` on a hybrid floats them all
+            return ("vit family default: every convolution stays float (a plain ViT's one is its patch embedding; "
+                    "a hybrid with convolutions in its body, such as MobileViT or PVT, quantizes them under "
+                    "placement.family: auto)")
         return None
 
 
