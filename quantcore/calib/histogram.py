@@ -7,6 +7,12 @@ and ``floor(floor(y) / 2) == floor(y / 2)``, so doubling ``R`` maps bin ``i`` to
 exactly. Hence the final histogram depends only on the multiset of values seen, not on batch order or
 on how the batches were split between workers: merging K workers' states gives bit-for-bit the state
 of one worker that saw everything. Memory is fixed (``2 * bins`` int64 counts) whatever the data size.
+
+The one exception is float32 underflow: a negative value so small that ``x * bins / R`` underflows to
+-0.0 (below about ``R * 2**-160`` at 2048 bins: subnormal-level data, where real activations hold exact
+zeros) lands in the bin just above zero when it is binned under a wide span, but just below zero when it
+was binned under a narrow one and coarsened. Counts can then differ by such values between one bin and
+its neighbour at zero; ranges are unaffected.
 """
 from __future__ import annotations
 
