@@ -263,8 +263,9 @@ def _relative_to_sweep(sweep: Sweep, uri: str) -> Sweep:
     for run in sweep.runs:
         upd: Dict[str, Any] = {f: resolve(run, f, getattr(run, f)) for f in ("checkpoint", "calib_data", "eval_data")
                                if getattr(run, f)}
+        # a recipe string that is not a built-in name and looks like a file name (a '/' or a suffix) is one
         upd["recipes"] = [resolve(run, "recipes", r) if isinstance(r, str) and r not in shipped
-                          and ("/" in r or r.endswith((".yaml", ".yml"))) else r for r in run.recipes or []]
+                          and ("/" in r or "." in r) else r for r in run.recipes or []]
         runs.append(run.model_copy(update=upd))
     return sweep.model_copy(update={"runs": runs})
 
@@ -429,8 +430,21 @@ def completed_record(spec: RunSpec, out: str) -> Tuple[Optional[Dict[str, Any]],
             return None, f"artifact {art} is missing"
         if size != a.get("size"):
             return None, f"artifact {art} has {size} bytes, the manifest says {a.get('size')}"
-    rec = dict(manifest["record"], reused=True)
+    # the record's URIs are where the run was written; OUT may have been copied or moved since
+    rec = dict(_rebased(manifest["record"], str(manifest["record"].get("out") or out), out), reused=True)
     return rec, f"complete since {manifest.get('finished_at')} ({len(manifest['artifacts'])} artifacts)"
+
+
+def _rebased(obj: Any, old: str, new: str) -> Any:
+    """``obj`` (JSON) with every string that is ``old`` or under it moved to ``new``."""
+    old, new = old.rstrip("/"), new.rstrip("/")
+    if isinstance(obj, dict):
+        return {k: _rebased(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebased(v, old, new) for v in obj]
+    if isinstance(obj, str) and old != new and (obj == old or obj.startswith(old + "/")):
+        return new + obj[len(old):]
+    return obj
 
 
 def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: str,
@@ -722,6 +736,10 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
     options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in selected.runs}
     _check_devices(selected, gpus_per_task, sweep_file)
     _check_recipes(selected, sweep_file)
+    if not storage.is_s3(out):  # (an unreachable bucket is a storage failure, exit 1, found below)
+        from quantcore.pipeline import check_out
+
+        check_out(out)  # before Ray runs anything: the summary and every run's files go there
     started_at, t0 = _now(), time.perf_counter()
     sweep_name = ascii_tag(out.rstrip("/").rsplit("/", 1)[-1], "sweep")  # a metric tag: ASCII
     default_device = "cuda" if gpus_per_task > 0 else "cpu"
@@ -753,8 +771,12 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
     if only:  # the runs left out keep their record in the summary
         earlier = _previous_runs(out)
         for spec in sweep.runs:
-            if spec.name not in only and (done[spec.name][0] or earlier.get(spec.name)):
-                records[spec.name] = done[spec.name][0] or earlier[spec.name]
+            # a complete run keeps its manifest's record; the previous summary only says which runs
+            # failed: a "succeeded" there whose manifest no longer completes it (spec changed, artifact
+            # gone) is pending, not a success with stale numbers
+            prev = earlier.get(spec.name) if (earlier.get(spec.name) or {}).get("status") == "failed" else None
+            if spec.name not in only and (done[spec.name][0] or prev):
+                records[spec.name] = done[spec.name][0] or prev
     total, finished = len(selected.runs), 0
     if resume:
         for spec in selected.runs:

@@ -5,6 +5,7 @@ field (see :func:`quantcore.recipe.load_recipe`). ``version`` lets old saved rec
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -21,6 +22,7 @@ def _stored(info: ValidationInfo | None) -> bool:
     return bool(info is not None and info.context and info.context.get("stored"))
 
 RECIPE_VERSION = 1
+_RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class _Strict(BaseModel):
@@ -364,6 +366,10 @@ class Recipe(_Strict):
             raise ValueError(f"recipe version {self.version} is newer than this quantcore ({RECIPE_VERSION})")
         if self.name == "fp32":
             raise ValueError("name: 'fp32' is reserved for the FP32 reference in reports; choose another name")
+        if not _stored(info) and not _RECIPE_NAME.match(self.name):
+            # it becomes the folder <out>/<name>/: '../x' or '.' would write into another run's folder
+            raise ValueError(f"name {self.name!r}: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                             "or digit (it names the output folder <out>/<name>/)")
         qa = self.quant.activations
         if qa.per_channel or qa.axis is not None:  # first: the calibrator's own per-channel rule would mislead
             raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "

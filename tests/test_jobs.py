@@ -813,13 +813,13 @@ def test_relative_paths_in_a_sweep_file_are_relative_to_the_file(tmp_path, monke
     sub = tmp_path / "sweeps"
     sub.mkdir()
     doc = {"defaults": {"calib_data": "data", "checkpoint": "../w.pt"},
-           "runs": [{"name": "a", "recipes": ["r/w4.yaml", "vit_b16_int8", "plain.yml", {"name": "inline"}],
+           "runs": [{"name": "a", "recipes": ["r/w4.yaml", "vit_b16_int8", "plain.YAML", {"name": "inline"}],
                      "eval_data": "s3://b/val"},
                     {"name": "b", "recipe": str(tmp_path / "abs.yaml"), "calib_data": "file:///x/y"}]}
     (sub / "sweep.yaml").write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(REPO)
     a, b = load_sweep(str(sub / "sweep.yaml")).runs
-    assert a.recipes == [str(sub / "r" / "w4.yaml"), "vit_b16_int8", str(sub / "plain.yml"), {"name": "inline"}]
+    assert a.recipes == [str(sub / "r" / "w4.yaml"), "vit_b16_int8", str(sub / "plain.YAML"), {"name": "inline"}]
     assert (a.calib_data, a.checkpoint, a.eval_data) == (str(sub / "data"), str(tmp_path / "w.pt"), "s3://b/val")
     assert (b.recipes, b.calib_data) == ([str(tmp_path / "abs.yaml")], "file:///x/y")
     storage.write_bytes(f"s3://{s3_bucket}/team/sweeps/s.yaml", yaml.safe_dump(doc).encode())

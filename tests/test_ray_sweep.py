@@ -210,6 +210,51 @@ def test_only_keeps_every_other_run_in_the_summary(tiny, tmp_path, capsys):
     assert "node lost" in summary["runs"][1]["error"] and summary["runs_total"] == 3
 
 
+def test_only_does_not_keep_a_success_its_manifest_no_longer_completes(tiny, tmp_path):
+    """--only X listed another run as succeeded (reused) with the previous summary's numbers after its
+    fields had changed or an artifact was deleted; it is pending until it is computed again."""
+    import ray
+
+    out = tmp_path / "o"
+    _copy(tiny, out)
+    shutil.copytree(out / "tiny", out / "other")
+    runs = [tiny["run"], dict(tiny["run"], name="other", limit=5)]  # "other" changed since its manifest
+    sweep = parse_sweep({"runs": runs})
+    meta = {"sweep_file": "s.yaml", "out": str(out), "started": "t0", "finished": "t1", "duration_s": 1.0,
+            "summary_json": str(out / "summary.json"), "summary_md": str(out / "summary.md")}
+    stale = dict(tiny["record"], name="other", out=str(out / "other"))
+    ray_sweep.write_summary(ray_sweep.build_summary(sweep, {"tiny": tiny["record"], "other": stale}, meta, "finished"))
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"runs": runs}))
+    assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(out), "--gpus-per-task", "0", "--only", "tiny"]) == 0
+    assert not ray.is_initialized()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["name"], r["status"]) for r in summary["runs"]] == [("tiny", "succeeded"), ("other", "pending")]
+    assert summary["runs_reused"] == 1
+
+
+def test_a_reused_run_of_a_copied_out_points_at_the_copy(tiny, tmp_path):
+    """The summary's URIs of a reused run were those of the folder the run was first written to."""
+    out = _copy(tiny, tmp_path / "copy")
+    rec, why = ray_sweep.completed_record(tiny["spec"], str(out))
+    assert rec is not None, why
+    uris = [rec["out"], rec["report"], rec["report_md"], rec["manifest"]] + [
+        u for v in rec["variants"].values() for u in (v.get("artifacts") or {}).values()]
+    assert rec["out"] == str(out) and all(u.startswith(str(out) + "/") for u in uris[1:]), uris
+    assert not any(str(tiny["done"]) in u for u in uris)
+
+
+def test_an_unwritable_out_is_refused_before_ray_starts(tiny, tmp_path, capsys):
+    import ray
+
+    (tmp_path / "afile").write_text("x")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"]]}))
+    assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "afile" / "o"),
+                           "--gpus-per-task", "0"]) == 2
+    assert not ray.is_initialized() and "cannot write there" in capsys.readouterr().err
+
+
 def test_summary_while_running_lists_pending_runs(tiny, tmp_path):
     sweep = parse_sweep({"runs": [tiny["run"], dict(tiny["run"], name="later")]})
     meta = {"sweep_file": "s.yaml", "out": str(tmp_path), "started": "t0", "finished": None, "duration_s": 1.0,

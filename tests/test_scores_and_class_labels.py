@@ -137,3 +137,13 @@ def test_a_bad_override_among_several_recipes_names_its_recipe():
            "overrides": [{"match": "nothing.matches.this", "float": True}]}
     with pytest.raises(PlacementError, match=r"^recipe 'three_bad': overrides\[0\] 'nothing.matches.this' matches no"):
         quantcore.prepare(quantcore.build_model(bad), bad)
+
+
+@pytest.mark.parametrize("name", ["../a8", ".", "..", "a/b", "x y", ""])
+def test_a_recipe_name_that_is_not_one_folder_name_is_refused(name):
+    """The name is the output folder <out>/<name>/: '../a8' wrote a run's files into another run's folder
+    and '.' over the run's own report (seen through a Ray sweep's inline recipes)."""
+    from quantcore.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="it names the output folder"):
+        quantcore.load_recipe({"version": 1, "name": name, "model": {"name": "quantcore/vit_fmnist"}})
