@@ -145,9 +145,11 @@ class EvalAccumulator:
         for n, out in logits.items():
             if out.shape[-1] != c:
                 raise UserError(f"model.num_classes: model {n!r} gives {out.shape[-1]} logits, but the evaluation "
-                                f"data has {c} classes (class folders/names in this split); if the split lacks "
-                                f"some of the model's classes, evaluate it with the class list the model was "
-                                f"trained on, else set model.num_classes: {c} (and weights trained for them)")
+                                f"data has {c} classes (class folders/names in this split). A split that lacks some "
+                                f"of the model's classes can only be scored when the model knows its class names "
+                                f"(a Hugging Face id2label, or a quantcore checkpoint, which keeps the names of "
+                                f"its calibration data) and the folders carry them; else set model.num_classes: "
+                                f"{c} (and weights trained for them)")
         ref = logits[self.reference].double() if self.reference is not None else None
         ref_ok = torch.isfinite(ref).all(1) if ref is not None else None
         ref_top1 = ref.argmax(1) if ref is not None else None

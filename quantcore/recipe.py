@@ -70,7 +70,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {src} is not valid YAML: {err}") from None
+        raise RecipeError(f"recipe {src} is not valid YAML: {' '.join(str(err).replace('<unicode string>', src).split())}") from None
     if src not in shipped:
         _relative_to_recipe(data, src)
     return recipe_from_dict(data, src)

@@ -103,6 +103,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
                      f"{f(r.get('agreement') if name != ref else None)} | "
                      f"{f(r.get('sqnr_db') if name != ref else None, '{:.1f}')} |")
     lines.append("")
+    tf = rep.get("transform")
+    if isinstance(tf, dict) and tf.get("input_size"):  # what decides the pixels, beside the figures it explains
+        lines += [f"Preprocessing ({tf.get('source', '?')}): input {'x'.join(str(v) for v in tf['input_size'])}, "
+                  f"resize {tf.get('resize_size')} {tf.get('interpolation')}, crop {tf.get('crop_mode')} "
+                  f"(crop_pct {tf.get('crop_pct')}), mean {tf.get('mean')}, std {tf.get('std')}"
+                  + (f", mode {tf['mode']}" if tf.get("mode") else "") + ".", ""]
     if rep["data"].get("reference_note"):
         lines += [f"Reference: {rep['data']['reference_note']}.", ""]
     for vname, v in (rep.get("variants") or {}).items():

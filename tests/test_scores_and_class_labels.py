@@ -147,3 +147,48 @@ def test_a_recipe_name_that_is_not_one_folder_name_is_refused(name):
 
     with pytest.raises(RecipeError, match="it names the output folder"):
         quantcore.load_recipe({"version": 1, "name": name, "model": {"name": "quantcore/vit_fmnist"}})
+
+
+def test_a_relative_checkpoint_option_is_recorded_as_the_file_it_loaded(tmp_path, monkeypatch):
+    """--checkpoint vit.pt was stored as typed; the stored recipe reads a relative path against the recipe's
+    folder, so it named another file than the one loaded."""
+    from quantcore.pipeline import _with_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    r = _with_checkpoint(quantcore.load_recipe({"version": 1, "name": "c", "model": {"name": "quantcore/vit_fmnist"}}),
+                         "sub/w.pt")
+    assert r.model.checkpoint == str(tmp_path / "sub" / "w.pt")
+    r = _with_checkpoint(r, "s3://b/w.pt")
+    assert r.model.checkpoint == "s3://b/w.pt"
+
+
+def test_dataset_path_mistakes_are_named(tmp_path):
+    from quantcore.data import DataError, open_dataset
+
+    _folder(tmp_path / "fm", "val", ["a", "b"], per_class=1)
+    with pytest.raises(DataError, match=r"dataset .*fmx: no such directory"):
+        open_dataset(str(tmp_path / "fmx"), "val", None)
+    with pytest.raises(DataError, match=r"holds class folders itself: give the dataset root that holds val/ "
+                                        r"\(e.g. .*/fm\)"):
+        open_dataset(str(tmp_path / "fm" / "val"), "val", None)
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
+    from quantcore.recipe import RecipeError
+
+    (tmp_path / "bad.yaml").write_text("name: x\nmodel: {name: a\n")
+    with pytest.raises(RecipeError) as info:
+        quantcore.load_recipe(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(info.value) and "<unicode string>" not in str(info.value)
+    assert str(info.value).count(str(tmp_path / "bad.yaml")) >= 2  # the recipe, and the position in it
+
+
+def test_report_md_says_which_preprocessing_made_the_figures():
+    acc = EvalAccumulator(["fp32", "q"], 10, "fp32")
+    acc.update({"fp32": torch.randn(4, 10), "q": torch.randn(4, 10)}, torch.tensor([0, 1, 2, 3]))
+    tf = {"source": "timm", "input_size": [1, 28, 28], "interpolation": "bilinear", "mean": [0.286], "std": [0.353],
+          "crop_pct": 1.0, "crop_mode": "center", "resize_size": [28], "mode": "L"}
+    rep = build_report(model="m", recipe=None, scores=acc.scores(), reference="fp32",
+                       data={"eval_uri": "d", "eval_count": 4}, extra={"transform": tf})
+    assert ("Preprocessing (timm): input 1x28x28, resize [28] bilinear, crop center (crop_pct 1.0), mean [0.286], "
+            "std [0.353], mode L.") in report_markdown(rep)
