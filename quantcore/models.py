@@ -178,9 +178,10 @@ def cast_note(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> st
 def load_state_dict_uri(model: nn.Module, uri: str) -> str:
     """Load a state_dict file (:func:`read_state_dict`) into ``model``, strictly; returns the cast note
     (:func:`cast_note`, '' when nothing was cast). ModelError naming the file on any mismatch."""
-    sd = read_state_dict(uri, model.state_dict().keys())
-    _check_float_values(model.state_dict(), sd, f"model.checkpoint {uri}")
-    note = cast_note(model.state_dict(), sd)
+    state = model.state_dict()
+    sd = read_state_dict(uri, state.keys())
+    _check_float_values(state, sd, f"model.checkpoint {uri}")
+    note = cast_note(state, sd)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False

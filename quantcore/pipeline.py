@@ -183,9 +183,7 @@ def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
     if recipe.model is None:
         raise RecipeError(f"recipe {recipe.name!r}: model.name is missing (no model: section), so there is no "
                           f"model to load the checkpoint {checkpoint} into")
-    from .io.uri import is_s3
-
-    if "://" not in checkpoint and not is_s3(checkpoint):
+    if "://" not in checkpoint:
         # recorded in the reports and the stored recipe, where a relative path would be read against the
         # recipe's folder, not the working directory it was given in
         checkpoint = os.path.abspath(os.path.expanduser(checkpoint))

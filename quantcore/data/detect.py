@@ -8,7 +8,7 @@ import unicodedata
 from typing import Any, Callable
 
 from . import _fs
-from .base import IMG_EXTS
+from .base import IMG_EXTS, is_image_name
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,13 @@ def _detect_layout(uri: str, split: str) -> str:
             raise DataError(f"dataset {uri}: no such directory ({os.path.abspath(lp)})", file=uri)
         hint = ""
         if os.path.basename(os.path.normpath(lp)) == split or any(
-                os.path.isdir(os.path.join(lp, e)) and any(_looks_like_image(f) for f in os.listdir(os.path.join(lp, e))[:20])
+                os.path.isdir(os.path.join(lp, e)) and any(is_image_name(f) for f in os.listdir(os.path.join(lp, e))[:20])
                 for e in os.listdir(lp)[:50]):
             hint = (f"; {uri} holds class folders itself: give the dataset root that holds {split}/ "
                     f"(e.g. {os.path.dirname(os.path.normpath(uri)) or '.'}), or --split for its name")
         raise DataError(f"cannot detect a dataset layout for split {split!r} under {uri}: looked for "
                         f"{layouts_looked_for(split)}{hint}", file=uri)
     return "folder"  # S3: a folder prefix is the remaining possibility; FolderDataset reports if empty
-
-
-def _looks_like_image(name: str) -> bool:
-    from .base import is_image_name
-
-    return is_image_name(name)
 
 
 def layouts_looked_for(split: str) -> str:

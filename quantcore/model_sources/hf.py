@@ -477,6 +477,16 @@ def _interp(resample, where: str = "") -> str:
     return _RESAMPLE.get(int(val), f"PIL code {val}")
 
 
+def _positive(val, field: str, where: str) -> float:
+    """A processor field that must hold one positive number (rescale_factor, crop_pct)."""
+    from ..models import ModelError
+
+    num = _floats(val, field, where, one=True)[0]
+    if num <= 0:
+        raise ModelError(f"{where}: {field} {val} must be positive")
+    return num
+
+
 def _floats(val, field: str, where: str, one: bool = False) -> list[float]:
     """A processor field that holds a number, or (``one`` False) a flat list of numbers; ModelError naming the
     field otherwise (a string, a nested list, null)."""
@@ -524,16 +534,13 @@ def _geometry(kind: str, g, where: str) -> tuple[tuple[int, int], float, str]:
             raise ModelError(f"{where}: ConvNeXt's processor needs size {{shortest_edge}} and crop_pct "
                              f"(got size {size}, crop_pct {pct})")
         s = size["shortest_edge"]
-        if _floats(pct, "crop_pct", where, one=True)[0] <= 0:
-            raise ModelError(f"{where}: crop_pct {pct} must be positive")
+        pct = _positive(pct, "crop_pct", where)
         if s < 384:  # its rule: below 384, shorter side to int(s / crop_pct) then crop s x s; else warp to s x s
-            resize, implied = ("short", int(s / float(pct))), (s, s)
+            resize, implied = ("short", int(s / pct)), (s, s)
         else:
             resize = ("squash", s, s)
     elif kind == "poolformer" and g("crop_pct") is not None:
-        pct = _floats(g("crop_pct"), "crop_pct", where, one=True)[0]
-        if pct <= 0:
-            raise ModelError(f"{where}: crop_pct {pct} must be positive")
+        pct = _positive(g("crop_pct"), "crop_pct", where)
         if "shortest_edge" in size:
             resize = ("short", int(size["shortest_edge"] / pct))
         elif size["height"] == size["width"]:  # a square size keeps the aspect ratio in PoolFormer's resize
@@ -595,9 +602,7 @@ def _statistics(kind: str | None, g, chans: int, where: str) -> tuple[list[float
                              f"({CONFIG} num_channels)")
         return vals * chans if len(vals) == 1 else vals
 
-    r = _floats(g("rescale_factor", 1 / 255), "rescale_factor", where, one=True)[0] if g("do_rescale", True) else 1.0
-    if r <= 0:
-        raise ModelError(f"{where}: rescale_factor {r} must be positive")
+    r = _positive(g("rescale_factor", 1 / 255), "rescale_factor", where) if g("do_rescale", True) else 1.0
     offset = -1.0 if kind == "efficientnet" and g("do_rescale", True) and g("rescale_offset", False) else 0.0
     # MobileViT's processor has no normalize step whatever do_normalize says; None counts as off elsewhere
     normalize = bool(g("do_normalize", False)) and kind != "mobilevit"
