@@ -678,14 +678,46 @@ def _check_recipes(sweep: Sweep, source: str) -> None:
 
     for i, run in enumerate(sweep.runs):
         try:
-            check_run([load_recipe(r) for r in run.recipes or []])
+            recipes = [load_recipe(r) for r in run.recipes or []]
+            check_run(recipes)
         except RecipeError as err:
             raise SweepError(f"{source}: runs[{i}]({run.name}).recipes: {err}") from None
+        _check_model(recipes[0], run.checkpoint, f"{source}: runs[{i}]({run.name})")
         try:
             check_cache_dir(DataSpec(run.calib_data or "", run.calib_split, cache_dir=run.cache_dir),
                             DataSpec(run.eval_data or run.calib_data or "", run.eval_split, cache_dir=run.cache_dir))
         except UserError as err:
             raise SweepError(f"{source}: runs[{i}]({run.name}).cache_dir: {err}") from None
+
+
+def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
+    """The run's FP32 model can be built and its weight files exist, checked by the driver: a model name
+    its source does not know, an unreadable Hugging Face config or a missing weights file would
+    otherwise fail every task of the run after Ray starts (exit 1). The architecture is built on the
+    meta device (no memory, no weights read). Raises :class:`SweepError` naming the run and field."""
+    import torch
+
+    from quantcore.io import storage
+    from quantcore.models import create_model
+
+    cfg = recipe.model
+    if cfg is None:
+        return  # the pipeline names this one (a recipe without model:)
+    files = {"checkpoint": checkpoint} if checkpoint else {
+        f"recipes: recipe {recipe.name!r}: model.checkpoint": cfg.checkpoint,
+        f"recipes: recipe {recipe.name!r}: model.pretrained_file": cfg.pretrained_file}
+    for field, uri in files.items():
+        try:
+            found = not uri or storage.exists(uri)
+        except (OSError, ValueError):  # no rights to look, or not an object URI: the task will say
+            continue
+        if not found:
+            raise SweepError(f"{where}.{field}: {uri}: no such file")
+    try:
+        with torch.device("meta"):
+            create_model(cfg, load_weights=False)
+    except UserError as err:
+        raise SweepError(f"{where}.recipes: recipe {recipe.name!r}: {err}") from None
 
 
 def _now() -> str:

@@ -482,8 +482,10 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
             eval_classes = list(open_dataset(evald.uri, evald.split, None, layout=evald.layout,
                                              skip_bad=evald.skip_bad, cache_dir=evald.cache_dir).classes)
         except DataError as e:
-            raise DataError(f"evaluation data (--eval-data/--eval-split {evald.split!r}): {e}", file=e.file,
-                            shard=e.shard, line=e.line) from None
+            # without --eval-data the evaluation split is read from the calibration data: say so
+            what = ("evaluation data (--eval-data/--eval-split " if not _same_location(evald.uri, calib.uri) else
+                    f"the calibration data, read for evaluation too (--calib-data, --eval-split ")
+            raise DataError(f"{what}{evald.split!r}): {e}", file=e.file, shard=e.shard, line=e.line) from None
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32,
                                                  eval_classes=(evald, eval_classes) if eval_classes else None)

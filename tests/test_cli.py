@@ -489,6 +489,24 @@ def test_evaluation_split_with_other_class_names_than_the_calibration_split_is_r
     assert any("list different classes" in w for w in rep["warnings"]), rep["warnings"]
 
 
+def test_a_missing_evaluation_split_names_which_data_it_was_read_from(image_folder, tmp_path, capsys):
+    """Without --eval-data the evaluation split is read from the calibration data; the error used to call
+    that data 'the evaluation data (--eval-data ...)', an option the user never gave."""
+    import shutil
+
+    r = _recipe(tmp_path, "evsplit")
+    train_only = tmp_path / "train_only"
+    shutil.copytree(image_folder / "train", train_only / "train")
+    err = expect_user_error(capsys, ("ptq", "-r", r, "--calib-data", train_only, "--out", tmp_path / "o",
+                                     "--no-progress"), "the calibration data, read for evaluation too",
+                            "--eval-split 'val'", str(train_only))
+    assert "--eval-data" not in err
+    err = expect_user_error(capsys, ("ptq", "-r", r, "--calib-data", image_folder, "--eval-data", train_only,
+                                     "--out", tmp_path / "o", "--no-progress"),
+                            "evaluation data (--eval-data/--eval-split 'val')", str(train_only))
+    assert "calibration data" not in err
+
+
 def test_file_names_that_are_not_utf8_are_reported_not_a_crash_after_the_run(tmp_path, capsys, monkeypatch):
     """Latin-1 names from old archives: the run used to finish, then die writing report.md
     (UnicodeEncodeError, exit 1, the work lost); pack died with a traceback in zipfile."""

@@ -374,6 +374,30 @@ def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsy
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
+def test_an_unknown_model_or_missing_weights_file_exits_2_before_ray_starts(tiny, tmp_path, capsys):
+    """A model name its source does not know, or a weights file that is not there, was found by the task
+    after Ray had started (the run failed, exit 1); the driver now builds the architecture on the meta
+    device and looks for the files."""
+    import ray
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(dict(TINY_RECIPE, name="typo", model={"name": "vit_tiny_patch16_2244"})))
+    nofile = tmp_path / "nofile.yaml"
+    nofile.write_text(yaml.safe_dump(dict(TINY_RECIPE, name="nofile",
+                                          model=dict(TINY_RECIPE["model"], checkpoint="gone.pt"))))
+    cases = ((dict(recipe=str(typo)), "runs[1](bad).recipes: recipe 'typo': model.name 'vit_tiny_patch16_2244'"),
+             (dict(recipe=str(nofile)), f"runs[1](bad).recipes: recipe 'nofile': model.checkpoint: "
+                                        f"{tmp_path / 'gone.pt'}: no such file"),
+             (dict(checkpoint="missing.pt"), f"runs[1](bad).checkpoint: {tmp_path / 'missing.pt'}: no such file"))
+    for change, words in cases:
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
+        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------ Ray end to end
 
 
