@@ -183,10 +183,9 @@ def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
     if recipe.model is None:
         raise RecipeError(f"recipe {recipe.name!r}: model.name is missing (no model: section), so there is no "
                           f"model to load the checkpoint {checkpoint} into")
-    if "://" not in checkpoint:
-        # recorded in the reports and the stored recipe, where a relative path would be read against the
-        # recipe's folder, not the working directory it was given in
-        checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+    # recorded in the reports and the stored recipe, where a relative path would be read against the
+    # recipe's folder, not the working directory it was given in
+    checkpoint = storage.absolute(checkpoint)
     model = recipe.model.model_copy(update={"checkpoint": checkpoint, "pretrained": False})
     return recipe.model_copy(update={"model": model})
 
@@ -269,7 +268,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                 log.warning(notes[-1])
         used = api.calibrators_used(model)  # what ran, after quant sections and overrides
         cal = {"method": api.method_summary(used), "weights_method": api.method_summary(used, "weight"),
-               "calibrators": used, "uri": data.uri, "split": data.split, "images": res.images,
+               "calibrators": used, "uri": storage.absolute(data.uri), "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
                "uncalibrated": res.uncalibrated, "fp32_weights": weights, "classes": list(ds.classes),
@@ -367,7 +366,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     with _bar(n, "evaluate", opts) as bar:
         scores = evaluate_models(models, loader, ds.num_classes, reference="fp32", device=dev, progress=bar.update,
                                  cost=cost)
-    info = {"eval_uri": data.uri, "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
+    info = {"eval_uri": storage.absolute(data.uri), "eval_split": data.split, "eval_count": scores["fp32"].count, "eval_subset": subset,
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
             "evaluation_cost": _cost_info(cost, models, dev)}
     unused = unused_files(ds)
@@ -500,7 +499,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     t_eval = time.perf_counter()
     ds_classes = data_info.pop("class_names", None) or None
     eval_cost = data_info.pop("evaluation_cost", None)
-    data_info.update({"calib_uri": calib.uri, "calib_split": calib.split, "world_size": distributed.world_size()})
+    data_info.update({"calib_uri": storage.absolute(calib.uri), "calib_split": calib.split, "world_size": distributed.world_size()})
     timings = {"calibrate": t_cal - t0, "write_artifacts": t_write - t_cal}
     if evald is not None:  # checkpoints and plots are written first: their time is not the evaluation's
         timings["evaluate"] = t_eval - t_write
@@ -513,7 +512,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
                        reference="fp32" if scores else None,
                        data=data_info, calibration=first.calibration if len(variants) == 1 else
                        {"method": ", ".join(sorted({v.calibration['method'] for v in variants})),
-                        "images": first.calibration["images"], "uri": calib.uri},
+                        "images": first.calibration["images"], "uri": storage.absolute(calib.uri)},
                        timings=timings, skipped=_dedupe(skipped + eval_skipped), class_names=ds_classes,
                        warnings=warnings, extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name],
@@ -593,7 +592,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),
                        scores=scores, reference="fp32",
-                       data={"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
+                       data={"eval_uri": storage.absolute(evald.uri), "eval_split": evald.split, "eval_count": scores["fp32"].count,
                              "eval_subset": subset, "world_size": distributed.world_size(),
                              "checkpoint": checkpoint, "reference_note": _reference_note(model),
                              **({"unused_files": unused} if unused else {})},

@@ -526,7 +526,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     cal_skipped = _gather_skipped(_dedupe([_skip_dict(s) for s in loader.skipped.as_list()]))
     used = api.calibrators_used(model)  # what ran, after quant sections and overrides
     info = {"method": api.method_summary(used), "weights_method": api.method_summary(used, "weight"),
-            "calibrators": used, "uri": train.uri, "split": train.split, "images": res.images,
+            "calibrators": used, "uri": storage.absolute(train.uri), "split": train.split, "images": res.images,
             "skipped": cal_skipped,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
@@ -1151,7 +1151,7 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
         models = {"fp32": fp32, f"{name}:ptq": ptq_model, name: model}
         scores = evaluate_models(models, loader, ev.ds.num_classes, reference="fp32", device=ctx.device)
         skipped = [r for part in distributed.all_gather_object(loader.skipped.as_list()) for r in part]
-        data_info = {"eval_uri": evald.uri, "eval_split": evald.split, "eval_count": scores["fp32"].count,
+        data_info = {"eval_uri": storage.absolute(evald.uri), "eval_split": evald.split, "eval_count": scores["fp32"].count,
                      "eval_subset": subset, "num_classes": ev.ds.num_classes}
         unused = unused_files(ev.ds)
         if unused:

@@ -507,6 +507,23 @@ def test_a_missing_evaluation_split_names_which_data_it_was_read_from(image_fold
     assert "calibration data" not in err
 
 
+def test_relative_data_paths_are_recorded_as_the_folders_that_were_read(image_folder, tmp_path, monkeypatch):
+    """report.json kept the data paths as typed ('imgs'), which name nothing once the report is read from
+    another folder (or the run's OUT is copied), while the checkpoint path was already made absolute."""
+    import shutil
+
+    shutil.copytree(image_folder, tmp_path / "imgs")
+    r = _recipe(tmp_path, "relpaths")
+    monkeypatch.chdir(tmp_path)
+    assert run("ptq", "-r", r, "--calib-data", "imgs", "--eval-data", "./imgs/", "--out", "o", "--limit", "3",
+               "--no-progress") == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["data"]["eval_uri"] == str(tmp_path / "imgs"), rep["data"]
+    assert rep["data"]["calib_uri"] == str(tmp_path / "imgs"), rep["data"]
+    calib = json.loads((tmp_path / "o" / RECIPE["name"] / "report.json").read_text())["calibration"]
+    assert calib["uri"] == str(tmp_path / "imgs"), calib
+
+
 def test_file_names_that_are_not_utf8_are_reported_not_a_crash_after_the_run(tmp_path, capsys, monkeypatch):
     """Latin-1 names from old archives: the run used to finish, then die writing report.md
     (UnicodeEncodeError, exit 1, the work lost); pack died with a traceback in zipfile."""

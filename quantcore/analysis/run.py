@@ -254,7 +254,8 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
             log.warning("--eval-limit %d: split %r of %s has %d images; the final check uses all of them",
                         eval_limit, eval_split, data, len(eds))
         eval_set = _batches(eds, eidx if eidx is not None else list(range(len(eds))), batch_size, workers, dev)
-    info = {"checkpoint": checkpoint, "data": data, "split": split, "calibration_images": len(cidx),
+    info = {"checkpoint": _storage.absolute(checkpoint) if checkpoint else checkpoint, "data": _storage.absolute(data),
+            "split": split, "calibration_images": len(cidx),
             "analysis_images": len(sorted(held[:limit])), "eval_split": eval_split}
     a_opts = copy.copy(opts)
     a_opts.search = False

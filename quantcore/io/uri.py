@@ -176,6 +176,16 @@ def location(uri: URI) -> str:
     return os.path.realpath(p.path)
 
 
+def absolute(uri: URI) -> str:
+    """``uri`` as it reads from any working directory, for records (reports, stored recipes): a relative
+    local path (``~`` expanded) becomes absolute; S3 and ``file://`` URIs and absolute paths are returned
+    as given (no symlink resolution, unlike :func:`location`)."""
+    s = os.fspath(uri)
+    if "://" in s or not s:
+        return s
+    return os.path.abspath(os.path.expanduser(s))
+
+
 def s3_uri(bucket: str, key: str) -> str:
     """Format ``s3://bucket/key``."""
     return f"s3://{bucket}/{key}"
