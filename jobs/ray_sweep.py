@@ -96,7 +96,7 @@ def _recipe_alias(data: Any) -> Any:
 class _RunFields(BaseModel):
     """Fields a run may set; ``defaults:`` may set the same ones (except ``name``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     recipes: Optional[List[RecipeRef]] = Field(
         None, description="Recipes of the run (one model): built-in names, YAML paths, s3:// URIs or "
@@ -173,7 +173,7 @@ class RunSpec(_RunFields):
 
 
 class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: Literal[1] = 1
     description: Optional[str] = None

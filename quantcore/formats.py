@@ -34,7 +34,7 @@ __all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "calibrator
 class QuantSpec(BaseModel):
     """Descriptor of one quantizer (what, not how)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     format: FormatName = "int"
     bits: int = Field(8, ge=2, le=16, description="integer bits (integer formats only: given with a float format it is refused)")

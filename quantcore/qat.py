@@ -927,7 +927,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         f"split {evald.split!r}) label their classes differently: {diff}; every top-1 would be "
                         "scored against shifted labels. Give both splits the same class folders (or pack them "
                         "with one class list)", file=evald.uri)
-    flag = torch.zeros(1)
+    flag = torch.zeros(2)  # [SIGTERM seen, training diverged], max over ranks
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
         while st.step < total_steps:
             batches = distributed.epoch_batches(n, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed, st.epoch,
@@ -946,8 +946,15 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                                        amp, example_shape, model)
                 st.step += 1
                 st.consumed += global_count
-                window["loss"] += loss_sum
-                window["n"] += 0 if images is None else images.shape[0]
+                # with FP16's grad scaler a non-finite step is skipped (weights untouched); otherwise the
+                # weights are NaN from here on: stop, on every rank, before anything is saved or logged
+                bad = not math.isfinite(loss_sum)
+                flag[1] = float(bad and (not scaler.is_enabled() or not _finite_parameters(model)))
+                if bad:
+                    window["skipped"] = window.get("skipped", 0) + 1
+                else:
+                    window["loss"] += loss_sum
+                    window["n"] += 0 if images is None else images.shape[0]
                 if cfg.bn == "freeze" and st.step == cfg.bn_freeze_step:
                     _set_train_mode(net, cfg, st.step)
                 progress.update(1)
@@ -963,7 +970,11 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                     _validate(st, eval_ctx, model, cfg, ctx, opts, n)
                     _set_train_mode(net, cfg, st.step)
                 flag[0] = float(sigterm.flag)
-                if distributed.all_reduce(flag, "max").item() > 0:
+                flags = distributed.all_reduce(flag, "max")
+                if flags[1] > 0:
+                    raise Diverged(st.step, float(opt.param_groups[0]["lr"]), recipe.name,
+                                   _latest_saved(out, st.step))
+                if flags[0] > 0:
                     uri = save_checkpoint()
                     raise Preempted(st.step, uri)
                 if st.step % cfg.checkpoint_every == 0 or last:  # last: a restart during the final
@@ -1094,7 +1105,38 @@ class _progress:
 
 
 def _write_metrics(uri: str, metrics: list[dict]) -> None:
-    storage.write_bytes(uri, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    """JSON lines, strict JSON: a non-finite number (a window of skipped FP16 steps) is written as null."""
+    def strict(m: dict) -> dict:
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+
+    storage.write_bytes(uri, "".join(json.dumps(strict(m), allow_nan=False) + "\n" for m in metrics).encode())
+
+
+def _finite_parameters(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _latest_saved(out: str, step: int) -> str | None:
+    """The newest training checkpoint before ``step`` (for the divergence message), None if none."""
+    try:
+        found = [(s, uri) for s, uri in list_checkpoints(out) if s < step]
+    except Exception:  # noqa: BLE001 - only a hint in an error message
+        return None
+    return max(found)[1] if found else None
+
+
+class Diverged(UserError):
+    """The QAT loss became inf/NaN and the weights with it: the recipe's step sizes, not a transient
+    fault (a restart would diverge again from the last checkpoint), hence a user error (exit 2)."""
+
+    def __init__(self, step: int, lr: float, recipe: str, last: str | None) -> None:
+        self.step = step
+        super().__init__(
+            f"recipe {recipe!r}: the QAT loss became inf/NaN at step {step} (lr {lr:.3g}) and the weights with it: "
+            "training diverged. Lower qat.optimizer.lr or qat.optimizer.range_lr, set qat.clip_grad_norm, or "
+            "check the data; nothing of this step was saved"
+            + (f" (the last checkpoint, {last}, is from before it; start over with --no-resume after "
+               "changing the recipe)" if last else ""))
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -231,6 +231,38 @@ def test_bad_qat_options_are_user_errors_naming_the_field(fmnist, tmp_path):
                 QATOptions(progress=False, max_steps=1))
 
 
+@pytest.mark.parametrize("field,qat", [("qat.distill.temperature", {"distill": {"kind": "kd", "temperature": math.inf}}),
+                                       ("qat.optimizer.lr", {"optimizer": {"name": "adamw", "lr": math.inf}}),
+                                       ("qat.optimizer.range_lr", {"optimizer": {"name": "adamw", "range_lr": math.nan}}),
+                                       ("qat.clip_grad_norm", {"clip_grad_norm": math.inf})])
+def test_an_infinite_or_nan_number_in_a_recipe_is_refused_naming_the_field(field, qat):
+    """gt=0 let .inf through: training ran on NaN, saved an all-NaN model, then died writing encodings.json
+    (exit 1, retried by every launcher, failing the same way)."""
+    from quantcore.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=f"{field.replace('.', '[.]')}: Input should be a finite number"):
+        load_recipe(_recipe("x.pt", **qat))
+
+
+def test_a_diverging_run_stops_at_the_first_nan_step_before_saving_it(fmnist, tmp_path):
+    """A finite but far too large lr trained every remaining step on NaN weights, saved them as the QAT
+    model, exited 0, and wrote bare NaN tokens into metrics.jsonl."""
+    from quantcore.qat import Diverged
+
+    out = tmp_path / "div"
+    with pytest.raises(Diverged, match=r"recipe 't_w4': the QAT loss became inf/NaN at step (\d+)") as exc:
+        _run(fmnist, out, qat={"optimizer": {"name": "sgd", "lr": 1e30}, "checkpoint_every": 1})
+    step = exc.value.step
+    saved = [s for s, _ in list_checkpoints(str(out))]
+    assert saved and max(saved) < step, (saved, step)  # nothing of the NaN step on storage
+    for _, uri in list_checkpoints(str(out)):
+        state = decode_train_state(Path(uri).read_bytes(), uri)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (out / "t_w4").exists()  # no QAT model
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c} in metrics"))
+
+
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(fmnist, tmp_path):
     data, ckpt = fmnist
     recipe = tmp_path / "r.yaml"

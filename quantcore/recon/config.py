@@ -23,7 +23,7 @@ class ReconstructionConfig(BaseModel):
     grid points are written into the weight parameters; ranges are not changed.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["adaround"] = "adaround"
     mode: Literal["layer", "block"] = Field(
