@@ -465,6 +465,27 @@ def test_pack_reports_bad_images(tmp_path):
         assert sum(len(y) for _, y, _ in dl) == 12 and [r["name"] for r in dl.skipped.as_list()] == [bad]
 
 
+def test_repacking_a_packed_split_keeps_it_and_refuses_to_pack_over_its_source(tmp_path):
+    """Repacking in place with a smaller --shard-size overwrote the shards it was still reading (the split
+    lost, index marked incomplete); each repack also prefixed "left out when packing: " once more."""
+    root, bad = _corrupt_folder(tmp_path)
+    first = str(tmp_path / "p1")
+    pack(root, first, "train", shard_size=7, skip_bad=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "p1").iterdir()}
+    for spelled in (first, first + "/", str(tmp_path / "." / "p1")):
+        with pytest.raises(DataError, match="the destination is the source"):
+            pack(spelled, first, "train", shard_size=5)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "p1").iterdir()} == before  # nothing touched
+    again = pack(first, str(tmp_path / "p2"), "train", shard_size=5)
+    again = pack(str(tmp_path / "p2"), str(tmp_path / "p3"), "train", shard_size=4)
+    assert again["count"] == 12 and [s["name"] for s in again["skipped"]] == [bad]
+    reason = open_dataset(str(tmp_path / "p3"), "train").skipped.reason(bad)
+    assert reason.startswith("left out when packing: ") and reason.count("left out when packing") == 1, reason
+    # another split name into the same place reads one split and writes another: allowed
+    pack(first, first, "train", shard_size=5, dst_split="train5")
+    assert len(open_dataset(first, "train5")) == len(open_dataset(first, "train")) == 12
+
+
 # ---------------------------------------------------------------------------------------------- transforms
 def _gray_png_folder(root, value=200, size=40):
     for c in ("a", "b"):

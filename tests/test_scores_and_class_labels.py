@@ -130,6 +130,36 @@ def test_a_checkpoint_keeps_its_class_names_and_maps_evaluation_folders_by_them(
     assert [ds.labels[i] for i, s in enumerate(ds.samples) if s.startswith("zeta/")] == [0, 0, 0]
 
 
+@pytest.mark.parametrize("layout", ["zip", "resisc"])
+def test_packed_splits_take_the_model_labels_as_class_folders_do(tmp_path, layout):
+    """A split lacking some classes evaluated as folders but was refused once packed ("repack with the
+    model's order", which pack cannot do); classes packed in another order were scored shifted."""
+    import json
+
+    from quantcore.data import open_dataset, pack
+
+    names = ["alpha", "mid", "zeta", "omega"]
+    _folder(tmp_path / "f", "val", ["zeta", "mid"], seed=2)  # two of the model's four classes
+    if layout == "zip":
+        pack(str(tmp_path / "f"), str(tmp_path / "p"), "val", shard_size=2)
+    else:  # resisc45 layout: <split>_imagepaths.txt + label_map.json, labels in the map's order
+        root = tmp_path / "p"
+        (root / "images").mkdir(parents=True)
+        import shutil
+
+        shutil.copytree(tmp_path / "f" / "val", root / "images", dirs_exist_ok=True)
+        paths = sorted(str(p.relative_to(root)) for p in (root / "images").rglob("*.png"))
+        (root / "val_imagepaths.txt").write_text("\n".join(paths) + "\n")
+        (root / "label_map.json").write_text(json.dumps({"zeta": 0, "mid": 1}))
+    ds = open_dataset(str(tmp_path / "p"), "val", None, label_names=names)
+    assert ds.classes == names and ds.absent_classes == ["alpha", "omega"]
+    by_class = {s.split("/")[-2]: y for s, y in zip(ds.samples, ds.labels)}
+    assert by_class == {"mid": 1, "zeta": 2}, by_class
+    # a class the model does not know: left as packed (and warned about), not guessed
+    plain = open_dataset(str(tmp_path / "p"), "val", None, label_names=["alpha", "mid", "other"])
+    assert plain.classes != ["alpha", "mid", "other"] and plain.absent_classes == []
+
+
 def test_a_bad_override_among_several_recipes_names_its_recipe():
     from quantcore.errors import PlacementError
 

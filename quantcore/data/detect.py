@@ -132,11 +132,20 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
 
         keyed = [key(n) for n in names or []]
         off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
-        if names and off is not None and {key(c) for c in ds.classes} & set(keyed):
+        if names and off is not None and _take_model_labels(ds, list(names), keyed):
+            if ds.absent_classes:
+                log.warning("split %r of %s has no images of %d of the model's %d classes (e.g. %r): the others "
+                            "keep the model's label indices, and the absent ones are scored with no images", split,
+                            uri, len(ds.absent_classes), len(names), ds.absent_classes[0])
+            else:
+                log.warning("the classes of %s are the model's in another order: labels follow the model's order "
+                            "(id2label), not the order packed in its index", uri)
+        elif names and off is not None and {key(c) for c in ds.classes} & set(keyed):
             i, c = off
             where = f"class {keyed.index(key(c))} in the model" if key(c) in keyed else "not a label of the model"
             log.warning("the class names of %s (label order of its index) differ from the model's label order: "
-                        "e.g. %r is label %d there, %s; repack with the model's order", uri, c, i, where)
+                        "e.g. %r is label %d there, %s; only a split whose classes are all the model's "
+                        "labels is mapped by name, so its labels are used as packed", uri, c, i, where)
         _warn_unused(ds)
         return ds
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
@@ -225,6 +234,22 @@ def _first_mismatch(folders: list[str], names: list[str]) -> tuple[str, int, str
             return f, i, f, names.index(f)
     f = next(f for f in folders if f in names)
     return f, folders.index(f), f, names.index(f)
+
+
+def _take_model_labels(ds: Any, names: list[str], keyed: list[str]) -> bool:
+    """Relabel a zip/resisc split whose class names are all the model's (up to case/Unicode form; every
+    name once on both sides) to the model's label indices, as class folders are: another order, or only
+    some of the classes (a small validation split, a subset). False, unchanged, otherwise."""
+    from .folder import class_name_key as key
+
+    own = [key(c) for c in ds.classes]
+    if not own or len(set(keyed)) != len(keyed) or len(set(own)) != len(own) or not set(own) <= set(keyed):
+        return False
+    to_model = [keyed.index(k) for k in own]
+    ds.labels = [to_model[y] for y in ds.labels]
+    ds.absent_classes = [n for n, k in zip(names, keyed) if k not in set(own)]
+    ds.classes = list(names)
+    return True
 
 
 def model_label_names(model: Any) -> list[str] | None:

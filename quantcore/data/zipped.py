@@ -151,6 +151,9 @@ def parse_map_line(line: str) -> tuple[str, int]:
     return path, int(lab.strip())
 
 
+_LEFT_OUT = "left out when packing: "
+
+
 class ZipShardDataset(ImageDataset):
     """All shards of one split of a zipped dataset (see module doc).
 
@@ -185,7 +188,8 @@ class ZipShardDataset(ImageDataset):
         ent = (self.index or {}).get("splits", {}).get(split, {})
         for r in ent.get("skipped") or ():  # left out by `quantcore pack --skip-bad`: reported, not lost
             if isinstance(r, dict) and "name" in r:
-                self.skipped.add(SkipRecord(str(r["name"]), f"left out when packing: {r.get('reason', '?')}"))
+                why = str(r.get("reason", "?"))  # a repacked pack's reasons carry the prefix already
+                self.skipped.add(SkipRecord(str(r["name"]), why if why.startswith(_LEFT_OUT) else _LEFT_OUT + why))
         # files of the packed folder that were not samples (hidden, no image extension): said again here
         self.ignored = [str(f) for f in ent.get("unused_files") or ()]
         if classes is None:
