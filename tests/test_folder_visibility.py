@@ -94,7 +94,7 @@ def test_class_folders_named_as_the_models_labels_take_the_models_order(tmp_path
 def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_models_order(tmp_path, caplog):
     """Folders Tench/Goldfish/Cock (or NFD-written names) for id2label tench/goldfish/cock are the model's
     classes: sorted order would make Cock label 0 (the model's tench) and relabel every image silently.
-    Zip shards packed from such folders keep the sorted order of their index and are warned about."""
+    Zip shards packed from such folders (sorted in their index) take the model's order too, and say so."""
     import unicodedata
 
     from quantcore.data import pack
@@ -113,13 +113,14 @@ def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_m
     _img(tmp_path / "e" / "val" / "Tench" / "x.png")
     _img(tmp_path / "e" / "val" / "tench" / "x.png")
     assert open_dataset(str(tmp_path / "e"), "val", label_names=["tench", "cock"]).classes == ["Tench", "tench"]
-    # zip shards (sorted index order): the differing order is said, compared up to case and form
+    # zip shards (sorted index order): mapped by name up to case and form, and said
     pack(str(tmp_path / "d"), str(tmp_path / "z"), "val")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
         z = open_dataset(str(tmp_path / "z"), "val", label_names=names)
-    assert z.classes == sorted(folders)
-    assert any("differ from the model's label order" in r.getMessage() for r in caplog.records), caplog.records
+    assert z.classes == folders
+    assert {s.split("/")[0]: label for s, label in zip(z.samples, z.labels)} == {f: i for i, f in enumerate(folders)}
+    assert any("the model's in another order" in r.getMessage() for r in caplog.records), caplog.records
 
 
 def test_a_bad_image_reads_the_same_every_time():

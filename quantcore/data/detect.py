@@ -247,8 +247,9 @@ def _take_model_labels(ds: Any, names: list[str], keyed: list[str]) -> bool:
         return False
     to_model = [keyed.index(k) for k in own]
     ds.labels = [to_model[y] for y in ds.labels]
-    ds.absent_classes = [n for n, k in zip(names, keyed) if k not in set(own)]
-    ds.classes = list(names)
+    spelled = dict(zip(own, ds.classes))  # a packed class keeps its own spelling ("Tench" for "tench")
+    ds.absent_classes = [n for n, k in zip(names, keyed) if k not in spelled]
+    ds.classes = [spelled.get(k, n) for n, k in zip(names, keyed)]
     return True
 
 
