@@ -162,7 +162,7 @@ def test_alone_float_equals_override(setup):
     assert sens["model"] == _direct_stats(model, evalb)
 
 
-def test_search_recipe_reproduces_its_figure(setup, tmp_path):
+def test_search_recipe_reproduces_its_figure(setup, tmp_path, monkeypatch):
     fp32, recipe, model, calib, evalb = setup
     stats = api.calibration_state(model)
     budget = Budget.from_options(agreement=99.0)
@@ -177,6 +177,11 @@ def test_search_recipe_reproduces_its_figure(setup, tmp_path):
     # the cost of every evaluated configuration is ordered as the bits say
     lo = next(e for e in res["evaluated"] if e["step"] == "start")
     assert all(e["cost"] >= lo["cost"] for e in res["evaluated"])
+    # written into OUT, a relative weights path would be read against OUT (recipe files resolve model
+    # files against their own folder): the recipe names the file that was searched, absolute
+    monkeypatch.chdir(tmp_path)
+    rel = search_recipe(recipe, model, res, checkpoint="w.pt")
+    assert rel.model.checkpoint == str(tmp_path / "w.pt")
 
 
 def test_user_errors_name_the_field(setup):

@@ -27,6 +27,7 @@ from ..calib.registry import calibrator
 from ..config import Override, Recipe, SpecPatch
 from ..errors import UserError
 from ..formats import FLOAT_DTYPES, QuantSpec
+from ..io import storage
 from ..placement import quantizers, unwrap
 from .engine import Engine
 from .groups import group_matches, make_groups
@@ -593,6 +594,11 @@ def search_recipe(base: Recipe, model: nn.Module, result: dict[str, Any], name: 
         d["description"] = f"BUDGET NOT MET ({why}): " + d["description"]
     if checkpoint and d.get("model") is not None:
         d["model"].update(checkpoint=checkpoint, pretrained=False)
+    for key in ("checkpoint", "pretrained_file"):
+        # the recipe is written into OUT, where a relative path would be read against OUT (recipe files
+        # resolve model files against their own folder): the weights it was searched with, absolute
+        if (d.get("model") or {}).get(key):
+            d["model"][key] = storage.absolute(d["model"][key])
     return Recipe.model_validate(d)
 
 
