@@ -51,6 +51,9 @@ def test_fields_a_source_does_not_use_are_refused_not_ignored(tmp_path, s3_serve
     cases = [({"name": "torchvision:resnet18", "pretrained_file": str(tmp_path / "w.pt")}, "model.pretrained_file"),
              ({"name": "torchvision:resnet18", "img_size": 64}, "model.img_size"),
              ({"name": "torchvision:resnet18", "in_chans": 1}, "model.in_chans"),
+             # an argument the builder does not take: named, not "Offline?" (nothing was downloaded)
+             ({"name": "torchvision:resnet18", "kwargs": {"image_size": 64}},
+              r"^model.kwargs.image_size: torchvision model 'resnet18' does not take 'image_size'"),
              ({"name": "quantcore/vit_fmnist", "pretrained_file": str(tmp_path / "w.pt")}, "model.pretrained_file"),
              (_timm_vit(pretrained_file=f"s3://{s3_bucket}/w.pt"), "timm reads local files only"),
              (_timm_vit(pretrained_file=str(tmp_path / "missing.pt")), "not found"),

@@ -32,7 +32,15 @@ class TorchvisionSource(ModelSource):
         except ValueError as err:
             raise ModelError(f"model.name torchvision:{name}: {err}") from None
         except Exception as err:
-            raise ModelError(f"could not build torchvision model {name!r} (pretrained={pretrained}): {err}. "
+            took = [k for k in kw if f"'{k}'" in str(err)]
+            if isinstance(err, TypeError) and took:  # an argument the builder does not take: not a download
+                field = "model.num_classes" if took[0] == "num_classes" else f"model.kwargs.{took[0]}"
+                raise ModelError(f"{field}: torchvision model {name!r} does not take {took[0]!r} ({err}); remove "
+                                 "it from the recipe's model section") from None
+            if not pretrained:
+                raise ModelError(f"could not build torchvision model {name!r} with {sorted(kw) or 'no arguments'} "
+                                 f"from the recipe's model section: {type(err).__name__}: {err}") from err
+            raise ModelError(f"could not build torchvision model {name!r} (pretrained=True): {err}. "
                              "Offline? Point model.checkpoint at a local/s3 state_dict.") from err
         try:
             default = torchvision.models.get_model_weights(name).DEFAULT
