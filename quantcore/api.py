@@ -75,18 +75,19 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = 
 
     recipe = _recipe(recipe)
     model.eval()
+    inner = unwrap(model)  # placement, names and the recipe belong to the model inside any wrapper
     if example_input is None:
         mc = recipe.model
-        example_input = default_example_input(model, img_size=getattr(mc, "img_size", None),
+        example_input = default_example_input(inner, img_size=getattr(mc, "img_size", None),
                                               in_chans=getattr(mc, "in_chans", None))
     try:
-        place_quantizers(model, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
+        place_quantizers(inner, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
                          recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
     except PlacementError as err:  # several recipes run at once: say whose field it is
         if f"recipe {recipe.name!r}" in str(err):
             raise
         raise type(err)(f"recipe {recipe.name!r}: {err}") from None
-    model.quantcore_recipe = recipe
+    inner.quantcore_recipe = recipe
     return model
 
 
@@ -98,6 +99,35 @@ def _images(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict) and "image" in batch:
         return batch["image"]
     raise UserError(f"calibration batch must be a tensor, (images, ...) or {{'image': ...}}, got {type(batch).__name__}")
+
+
+def input_count(model: nn.Module) -> int:
+    """Positional inputs the model was prepared with (``example_input``'s tuple length; 1 for images)."""
+    return int(getattr(getattr(unwrap(model), "quantcore_placement", None), "example_inputs", 1) or 1)
+
+
+def _model_inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of one calibration batch: ``(images,)`` for an image model (a batch is a
+    tensor, ``(images, labels, ...)`` or ``{'image': ...}``); for a model prepared with a k-tuple
+    ``example_input``, the batch's first k tensors (``(input_1, ..., input_k[, labels ...])``)."""
+    k = input_count(model)
+    if k == 1:
+        return (_images(batch),)
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= k
+            and all(isinstance(t, torch.Tensor) for t in batch[:k])):
+        got = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise UserError(f"calibration batch: the model was prepared with {k} positional inputs (example_input), so "
+                        f"each batch must be a tuple (input_1, ..., input_{k}[, labels ...]) of tensors; got {got}")
+    return tuple(batch[:k])
+
+
+def refuse_multi_input(model: nn.Module, what: str) -> None:
+    """UserError for a step that feeds the model images alone (reparameterization, reconstruction,
+    peer backends) when the model takes several inputs: it would drop all but the first."""
+    k = input_count(model)
+    if k > 1:
+        raise UserError(f"{what}: feeds the model one image tensor, but it was prepared with {k} positional inputs "
+                        f"(example_input); calibrate it with the native backend and without it")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -165,12 +195,12 @@ def _collect(model: nn.Module, batches: Iterable, max_batches: int | None, progr
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = _images(batch).to(dev, non_blocking=True)
-            model(x)
+            xs = tuple(t.to(dev, non_blocking=True) for t in _model_inputs(model, batch))
+            model(*xs)
             res.batches += 1
-            res.images += x.shape[0]
+            res.images += xs[0].shape[0]
             if progress is not None:
-                progress(x.shape[0])
+                progress(xs[0].shape[0])
     except BaseException:
         # A failed pass must not leave quantizers collecting (they would pass activations through
         # and keep adding later data to the statistics).
@@ -212,6 +242,11 @@ def finalize(model: nn.Module, result: CalibrationResult | None = None) -> Calib
             done = q.finalize()
         if not done and q.spec.enabled:
             res.uncalibrated.append(name)  # never reached by the data: stays pass-through, reported
+    if res.uncalibrated:  # a quantizer in the tables that does not act must be said, not only recorded
+        w = (f"{len(res.uncalibrated)} quantizer(s) saw no calibration data and pass values through unquantized "
+             f"(e.g. {res.uncalibrated[0]!r}): a branch or input the calibration batches did not reach")
+        res.warnings.append(w)
+        log.warning(w)
     unify_shared_ranges(model)
     for w in _floored(qs) + _degenerate(qs):
         res.warnings.append(w)
@@ -344,7 +379,10 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
         getattr(inner, "quantcore_reconstruction", None) is None
     if (reparam or recon) and iter(batches) is batches:  # a one-shot iterator: every pass reads the same batches
         batches = list(batches)
+    if recon:
+        refuse_multi_input(model, "reconstruction")
     if reparam:
+        refuse_multi_input(model, "placement.reparam_layernorm")
         from .transforms import reparam_layernorm
 
         reparam_layernorm(model, batches, max_batches)

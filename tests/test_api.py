@@ -543,3 +543,102 @@ def test_load_does_not_keep_what_modules_cached_from_the_weights_they_were_built
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert not loaded.training and not loaded.fc.training
+
+
+# -- models built and wrapped unusually (helper-90) -----------------------------------------------------------
+def test_a_feature_map_returned_inside_a_dataclass_keeps_its_batchnorm_unfolded():
+    """tree_flatten does not see into a dataclass: the conv output the model returns was folded into the
+    BatchNorm (the returned features changed by up to 3.8) and the check on every output compared nothing."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        pre_bn: torch.Tensor
+
+    class Holder:  # a plain object holding the features, not a dataclass
+        def __init__(self, t):
+            self.features = t
+
+    class Net(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.wrap = wrap
+            self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.2, 3)
+
+        def forward(self, x):
+            f = self.conv(x)
+            return self.wrap(self.fc(self.bn(f).relu().mean((2, 3))), f)
+
+    x = torch.randn(4, 3, 16, 16)
+    for wrap in (Out, lambda logits, f: (logits, Holder(f))):
+        torch.manual_seed(0)
+        m = Net(wrap).eval()
+        quantcore.prepare(m, {"name": "t", "placement": {"family": "generic"}}, example_input=x[:2])
+        assert m.quantcore_placement.folded_bn == [], m.quantcore_placement.folded_bn
+        assert "also returned by the model" in m.quantcore_placement.unfolded_bn["bn"]
+
+
+def test_a_model_with_two_inputs_calibrates_both_and_says_what_it_cannot_feed():
+    """prepare took example_input=(img, meta); calibrate fed model(images) only: a TypeError traceback, or
+    (meta optional) the meta branch left uncalibrated without a word."""
+    from quantcore.errors import UserError
+
+    class TwoIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img, self.meta, self.fc = torch.nn.Linear(8, 4), torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, img, meta=None):
+            h = self.img(img)
+            return self.fc(h if meta is None else h + self.meta(meta))
+
+    torch.manual_seed(0)
+    m = TwoIn().eval()
+    quantcore.prepare(m, {"name": "t2", "placement": {"family": "generic"}},
+                      example_input=(torch.randn(2, 8), torch.randn(2, 3)))
+    data = [(torch.randn(16, 8), torch.randn(16, 3) * 5, torch.zeros(16, dtype=torch.long))]  # inputs, labels
+    res = quantcore.calibrate(m, data)
+    assert res.uncalibrated == [] and res.images == 16
+    assert float(m.meta.input_quantizer.amax) == pytest.approx(float(data[0][1].abs().max()), rel=1e-3)
+    with pytest.raises(UserError, match="prepared with 2 positional inputs"):
+        quantcore.calibrate(m, [torch.randn(4, 8)])
+
+
+def test_a_quantizer_the_calibration_never_reaches_is_a_warning():
+    class Branchy(torch.nn.Module):  # a data-dependent branch: the probe saw 'big', calibration reaches 'small'
+        def __init__(self):
+            super().__init__()
+            self.big, self.small = torch.nn.Linear(8, 2), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.big(x) if float(x.mean()) > 10 else self.small(x)
+
+    m = Branchy().eval()
+    quantcore.prepare(m, {"name": "b", "placement": {"family": "generic"}}, example_input=torch.full((2, 8), 20.0))
+    res = quantcore.calibrate(m, [torch.randn(4, 8)])
+    assert res.uncalibrated == ["big.input_quantizer"]
+    assert any("saw no calibration data" in w and "big.input_quantizer" in w for w in res.warnings), res.warnings
+
+
+def test_prepare_on_a_wrapped_model_places_on_the_model_inside():
+    """prepare(DataParallel(model)) placed with 'module.'-prefixed names: ft2's shared q/k/v range was not
+    applied, encodings lost their placement and save() said the model was not prepared."""
+    from quantcore.models import vit_fmnist
+
+    x = torch.randn(8, 1, 28, 28)
+    ranges = []
+    for wrap in (lambda m: m, torch.nn.DataParallel):
+        torch.manual_seed(0)
+        m = wrap(vit_fmnist())
+        quantcore.prepare(m, "fmnist_w8a8_ft2")
+        quantcore.calibrate(m, [x])
+        inner = quantcore.placement.unwrap(m)
+        assert inner.quantcore_placement.share_groups and inner.quantcore_recipe.name == "fmnist_w8a8_ft2"
+        qkv = [float(inner.blocks[0].attn.get_submodule(f"{n}_quantizer").amax) for n in "qkv"]
+        assert len(set(qkv)) == 1, qkv  # one shared range
+        ranges.append(qkv)
+        assert quantcore.encodings(m)["placement"]["attention"]
+    assert ranges[0] == ranges[1]

@@ -106,6 +106,9 @@ def calibrate(model: "nn.Module", batches: Iterable, max_batches: int | None = N
     name = getattr(recipe.calibration, "backend", "native") if recipe is not None else "native"
     b = backend(name)
     if name != "native":
+        from ..api import refuse_multi_input
+
+        refuse_multi_input(model, f"calibration.backend {name}")
         b.require()
         b.check(recipe)
     return b.calibrate(model, batches, max_batches, progress)

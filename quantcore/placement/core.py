@@ -57,6 +57,8 @@ class PlacementResult:
     attention: list[str] = field(default_factory=list)
     example_input_shape: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: positional inputs of the example input (a multi-input model: calibration batches give as many)
+    example_inputs: int = 1
 
     @property
     def float_modules(self) -> list[str]:
@@ -582,6 +584,7 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
     attention, a fold that changes the outputs...). On any error the model is left as it was (a fold
     is undone).
     """
+    model = unwrap(model)  # a DataParallel/torch.compile wrapper: its names would miss every shared group
     _check_fresh(model)
     overrides = list(overrides)
     if placement.family != "auto" and placement.family not in family_names():
@@ -828,6 +831,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         float_reasons=float_reasons,
         attention=[s.owner for s in chosen if s.kind == "attention"],
         example_input_shape=shape,
+        example_inputs=len(example_input) if isinstance(example_input, tuple) else 1,
     )
     if moved:
         result.notes.append(

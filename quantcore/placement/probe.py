@@ -8,6 +8,8 @@ model's Python looks like (shape-dependent branches included; ``torch.fx`` is no
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -90,9 +92,47 @@ class Trace:
         return [c for c in self.calls if c.name == name]
 
 
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``obj``: pytree containers (tuple, list, dict, namedtuple, registered types)
+    and, beyond what pytree sees, dataclasses, mappings and plain objects' attributes, so a model that
+    returns ``@dataclass Out(logits, features)`` has its features seen (a fold must not change them)."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(o: Any, depth: int) -> None:
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+            return
+        if depth > 8 or id(o) in seen or isinstance(o, (str, bytes, int, float, bool, type(None), nn.Module)):
+            return
+        seen.add(id(o))
+        leaves, _ = tree_flatten(o)
+        if len(leaves) != 1 or leaves[0] is not o:  # a container pytree knows
+            for leaf in leaves:
+                walk(leaf, depth + 1)
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            for f in dataclasses.fields(o):
+                walk(getattr(o, f.name, None), depth + 1)
+        elif isinstance(o, Mapping):
+            for v in o.values():
+                walk(v, depth + 1)
+        elif hasattr(o, "__dict__") and not callable(o):
+            for v in vars(o).values():
+                walk(v, depth + 1)
+
+    walk(obj, 0)
+    return found
+
+
 def _tensor_ids(obj: Any) -> tuple[int, ...]:
+    """Tensors of a torch op's arguments/result (pytree containers: what ops take and give)."""
     leaves, _ = tree_flatten(obj)
     return tuple(id(t) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _deep_ids(obj: Any) -> tuple[int, ...]:
+    """Tensors of a module call's arguments/output, dataclasses and plain objects included."""
+    return tuple(id(t) for t in tensor_leaves(obj))
 
 
 def _func_name(func: Any) -> str:
@@ -234,7 +274,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         idx = trace.call_counts.get(name, 0)
         trace.call_counts[name] = idx + 1
         stack.append((name, idx))
-        trace.calls.append(CallEvent(name, idx, tuple(stack), _tensor_ids((args, kwargs)), seq=trace.next_seq()))
+        trace.calls.append(CallEvent(name, idx, tuple(stack), _deep_ids((args, kwargs)), seq=trace.next_seq()))
         if isinstance(mod, _BatchNorm):  # fold matches a BN's input id to a conv output: a freed input's
             trace.keep.append(args)     # address must not be reused by a later conv's output
 
@@ -247,7 +287,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         frame = stack.pop()
         for c in reversed(trace.calls):
             if (c.name, c.index) == frame:
-                c.outputs = _tensor_ids(output)
+                c.outputs = _deep_ids(output)
                 break
         if isinstance(mod, _ConvNd):  # fold asks who reads a conv's output: its id must stay unique
             trace.keep.append(output)
@@ -257,7 +297,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    trace.model_inputs = _tensor_ids(inputs)
+    trace.model_inputs = _deep_ids(inputs)
     try:
         with _Recorder(trace, stack):
             out = model(*inputs)
@@ -300,5 +340,4 @@ def model_outputs(out: Any) -> list[torch.Tensor]:
     a fold must keep features and auxiliary outputs too, not only the logits."""
     if isinstance(out, dict):  # HF ModelOutput is an OrderedDict
         out = list(out.values())
-    leaves, _ = tree_flatten(out)
-    return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t.detach() for t in tensor_leaves(out) if t.is_floating_point()]
