@@ -22,6 +22,11 @@ def _stored(info: ValidationInfo | None) -> bool:
     return bool(info is not None and info.context and info.context.get("stored"))
 
 RECIPE_VERSION = 1
+#: what ptq/calibrate/evaluate/qat/analyze/export write at the top of a run's output folder, beside each
+#: recipe's <out>/<name>/ folder: no recipe may be named like one of them
+RUN_FILES = frozenset({"report.json", "report.md", "per_class.png", "training.png", "metrics.jsonl", "checkpoints",
+                       "ptq", "analysis.json", "analysis.md", "sqnr.png", "pareto.png", "search_recipe.yaml",
+                       "export_report.json", "summary.json", "summary.md"})
 _RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -370,6 +375,10 @@ class Recipe(_Strict):
             # it becomes the folder <out>/<name>/: '../x' or '.' would write into another run's folder
             raise ValueError(f"name {self.name!r}: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
                              "or digit (it names the output folder <out>/<name>/)")
+        if not _stored(info) and self.name.lower() in RUN_FILES:
+            # <out>/<name>/ would take the place of a file the run writes beside it, after all the work
+            raise ValueError(f"name {self.name!r}: a run writes <out>/{self.name} itself (its reports, plots, "
+                             "checkpoints); choose another name")
         qa = self.quant.activations
         if qa.per_channel or qa.axis is not None:  # first: the calibrator's own per-channel rule would mislead
             raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "

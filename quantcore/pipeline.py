@@ -505,14 +505,15 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         timings["evaluate"] = t_eval - t_write
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
-    warnings = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
-    warnings += [w for v in variants for w in v.calibration.get("warnings", ())] + data_info.pop("warnings", [])
-    warnings = list(dict.fromkeys(warnings))  # the calibration data's note once, not once per variant
+    general = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
+    general += data_info.pop("warnings", [])
+    own = {v.name: list(v.calibration.get("warnings", ())) for v in variants}
+    # the calibration data's note once, not once per variant
+    warnings = list(dict.fromkeys(general[:1] + [w for v in variants for w in own[v.name]] + general[1:]))
     rep = build_report(model=_model_name(first.recipe, fp32), recipe=None, scores=scores,
                        reference="fp32" if scores else None,
                        data=data_info, calibration=first.calibration if len(variants) == 1 else
-                       {"method": ", ".join(sorted({v.calibration['method'] for v in variants})),
-                        "images": first.calibration["images"], "uri": storage.absolute(calib.uri)},
+                       _calibration_summary(variants, calib),
                        timings=timings, skipped=_dedupe(skipped + eval_skipped), class_names=ds_classes,
                        warnings=warnings, extra={"variants": {v.name: {"recipe": v.recipe.model_dump(mode="json"),
                                                     "calibration": cal[v.name], "artifacts": artifacts[v.name],
@@ -528,13 +529,28 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
             storage.write_bytes(storage.join(out, "per_class.png"), per_class_plot(rep))
         _write_json(storage.join(out, "report.json"), rep)
         storage.write_bytes(storage.join(out, "report.md"), report_markdown(rep).encode("utf-8", "backslashreplace"))
-        for v in variants:  # each checkpoint gets the report of its own variant next to it
+        for v in variants:  # each checkpoint gets the report of its own variant next to it, and nothing else
             sub = dict(rep, results={k: r for k, r in rep["results"].items() if k in ("fp32", v.name)},
-                       variants={v.name: rep["variants"][v.name]}, plots=[],
+                       variants={v.name: rep["variants"][v.name]}, plots=[], calibration=cal[v.name],
+                       warnings=list(dict.fromkeys(general[:1] + own[v.name] + general[1:])),
                        skipped=_dedupe(list(v.calibration.get("skipped", [])) + list(eval_skipped)))
+            sub.pop("evaluation_cost", None)  # the run's one pass over every variant: in the run's report
             _write_json(storage.join(out, v.name, "report.json"), sub)
 
     return _on_main(rep, write)
+
+
+def _calibration_summary(variants: Sequence[VariantResult], calib: DataSpec) -> dict[str, Any]:
+    """The run report's calibration line for several variants: one method / image count when all share
+    it, else each variant's (``per_variant``); each variant's full record is under ``variants``."""
+    methods = {v.name: v.calibration["method"] for v in variants}
+    images = {v.name: v.calibration["images"] for v in variants}
+    out: dict[str, Any] = {"method": ", ".join(sorted(set(methods.values()))), "uri": storage.absolute(calib.uri)}
+    if len(set(images.values())) == 1:
+        out["images"] = next(iter(images.values()))
+    else:
+        out["per_variant"] = {n: {"method": methods[n], "images": images[n]} for n in images}
+    return out
 
 
 def evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts: RunOptions | None = None) -> dict:

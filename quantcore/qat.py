@@ -1276,7 +1276,7 @@ def training_plot(metrics: list[dict], title: str) -> bytes:
         ax2 = ax.twinx()
         ax2.plot(*zip(*vals), "o-", color="C1", label="validation top-1")
         ax2.set_ylabel("top-1 %")
-    ax.set_title(f"QAT: {title}")
+    ax.set_title(f"QAT: {title}", parse_math=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import re
 import math
 import os
 from typing import Any
@@ -66,11 +67,20 @@ def build_report(*, model: str, recipe: dict[str, Any] | None, scores: dict[str,
     return _clean(rep)
 
 
+def code(text: Any) -> str:
+    """``text`` as one Markdown code span whatever it holds (a file name with a backtick closed the span
+    early): fenced by one backtick more than its longest run, padded when it starts or ends with one."""
+    t = " ".join(str(text).splitlines())
+    run = max((len(m) for m in re.findall(r"`+", t)), default=0)
+    pad = " " if t.startswith("`") or t.endswith("`") else ""
+    return f"{'`' * (run + 1)}{pad}{t}{pad}{'`' * (run + 1)}"
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     ref = rep.get("reference")
     evaluated = bool(rep.get("results"))
     lines = [f"# quantcore report: {rep['model']}", "",
-             f"Created {rep['created']}. " + (f"Evaluation data: `{rep['data'].get('eval_uri', '?')}` "
+             f"Created {rep['created']}. " + (f"Evaluation data: {code(rep['data'].get('eval_uri', '?'))} "
                                               f"({rep['data'].get('eval_count', '?')} images)." if evaluated else
                                               "Calibration only: nothing was evaluated."), ""]
     for w in rep.get("warnings") or []:
@@ -81,9 +91,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
                   f"({sub['classes_represented']} of {sub['num_classes']} classes), {sub['method']} "
                   f"(seed {sub['seed']}). Accuracies are estimates on this sample, not the full split.", ""]
     cal = rep.get("calibration") or {}
-    if cal:
+    if cal and cal.get("per_variant"):
+        each = ", ".join(f"{code(n)} {c.get('method', '?')} on {c.get('images', '?')}" for n, c in cal["per_variant"].items())
+        lines += [f"Calibration images from {code(cal.get('uri', '?'))}: {each}.", ""]
+    elif cal:
         lines += [f"Calibration: {cal.get('method', '?')} on {cal.get('images', '?')} images "
-                  f"from `{cal.get('uri', '?')}`.", ""]
+                  f"from {code(cal.get('uri', '?'))}.", ""]
         for key, what in (("reparam_layernorm", "LayerNorm reparameterization (RepQ-ViT)"),
                           ("reconstruction", "Reconstruction (AdaRound/BRECQ)")):
             if cal.get(key):
@@ -130,7 +143,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [f"- {n}" for n in pl.get("notes") or ()] + ([""] if pl.get("notes") else [])
         floats = pl.get("float") or {}
         if floats:
-            lines += [f"Left float in `{vname}`:"] + [f"- `{k}`: {r}" for k, r in list(floats.items())[:40]]
+            lines += [f"Left float in `{vname}`:"] + [f"- {code(k)}: {r}" for k, r in list(floats.items())[:40]]
             if len(floats) > 40:
                 lines.append(f"- … {len(floats) - 40} more in report.json")
             lines.append("")
@@ -138,7 +151,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += ["Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in rep["timings_s"].items()), ""]
     skipped = rep.get("skipped") or []
     lines += [f"Skipped samples: {len(skipped)}" + (":" if skipped else ".")]
-    lines += [f"- `{s['name']}`: {s['reason']}" for s in skipped[:50]]
+    lines += [f"- {code(s['name'])}: {s['reason']}" for s in skipped[:50]]
     if len(skipped) > 50:
         lines.append(f"- … {len(skipped) - 50} more in report.json")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
@@ -169,11 +182,14 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     for i, n in enumerate(names):
         vals = [v if v is not None else 0 for v in results[n]["per_class"]]
         ax.bar(np.arange(ncls) + i * width, vals, width, label=n)
-    ax.set_xticks(np.arange(ncls) + 0.4 - width / 2, labels, rotation=45, ha="right", fontsize=8)
+    # class names are the data's folder names: '$' must print as itself, not start matplotlib's math mode
+    ax.set_xticks(np.arange(ncls) + 0.4 - width / 2, labels, rotation=45, ha="right", fontsize=8, parse_math=False)
     ax.set_ylabel("top-1 %")
     ax.set_ylim(max(0, min(min(v or 0 for v in r["per_class"]) for r in results.values()) - 5), 100)
-    ax.set_title(f"Per-class accuracy: {rep['model']}")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
+    ax.set_title(f"Per-class accuracy: {rep['model']}", parse_math=False)
+    legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
+    for t in legend.get_texts():
+        t.set_parse_math(False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -193,10 +209,10 @@ def ranges_plot(encodings: dict[str, Any], title: str = "Activation ranges") -> 
     fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(rows) + 1)))
     for i, r in enumerate(rows):
         ax.plot([r["min"], r["max"]], [i, i], lw=3)
-    ax.set_yticks(range(len(rows)), [r["name"].replace("_quantizer", "") for r in rows], fontsize=6)
+    ax.set_yticks(range(len(rows)), [r["name"].replace("_quantizer", "") for r in rows], fontsize=6, parse_math=False)
     ax.invert_yaxis()
     ax.set_xlabel("calibrated range")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

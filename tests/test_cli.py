@@ -507,7 +507,7 @@ def test_a_missing_evaluation_split_names_which_data_it_was_read_from(image_fold
     assert "calibration data" not in err
 
 
-def test_relative_data_paths_are_recorded_as_the_folders_that_were_read(image_folder, tmp_path, monkeypatch):
+def test_relative_data_paths_are_recorded_as_the_folders_that_were_read(image_folder, tmp_path, monkeypatch, capsys):
     """report.json kept the data paths as typed ('imgs'), which name nothing once the report is read from
     another folder (or the run's OUT is copied), while the checkpoint path was already made absolute."""
     import shutil
@@ -517,6 +517,8 @@ def test_relative_data_paths_are_recorded_as_the_folders_that_were_read(image_fo
     monkeypatch.chdir(tmp_path)
     assert run("ptq", "-r", r, "--calib-data", "imgs", "--eval-data", "./imgs/", "--out", "o", "--limit", "3",
                "--no-progress") == 0
+    printed = capsys.readouterr().out  # a 3-class model: top-3, and the --limit sample said on the console too
+    assert "top-3 " in printed and "top-5" not in printed and "(subset: 3 of 12 images" in printed, printed
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["data"]["eval_uri"] == str(tmp_path / "imgs"), rep["data"]
     assert rep["data"]["calib_uri"] == str(tmp_path / "imgs"), rep["data"]

@@ -179,6 +179,63 @@ def test_a_recipe_name_that_is_not_one_folder_name_is_refused(name):
         quantcore.load_recipe({"version": 1, "name": name, "model": {"name": "quantcore/vit_fmnist"}})
 
 
+@pytest.mark.parametrize("name", ["report.json", "report.md", "per_class.png", "Report.JSON", "ptq", "checkpoints",
+                                  "metrics.jsonl", "training.png"])
+def test_a_recipe_named_like_a_file_the_run_writes_is_refused(name):
+    """<out>/report.json/ (the variant's folder) took the place of the run's report: the whole run was
+    calibrated and evaluated, then failed writing its report (exit 2, results lost)."""
+    from quantcore.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"a run writes <out>/.* itself"):
+        quantcore.load_recipe({"version": 1, "name": name, "model": {"name": "quantcore/vit_fmnist"}})
+
+
+def test_each_variant_report_describes_its_own_calibration_and_warnings(tmp_path):
+    """With several recipes, the run's report said the first variant's image count for all, and each
+    variant's own report.json carried that summary, the other variants' warnings and their costs."""
+    import json
+
+    from quantcore.pipeline import DataSpec, RunOptions, ptq
+    from quantcore.report import report_markdown
+
+    _folder(tmp_path / "d", "train", ["a", "b"], per_class=6)
+    _folder(tmp_path / "d", "val", ["a", "b"], per_class=2, seed=3)
+
+    def recipe(name, batches, method):
+        return quantcore.load_recipe({"version": 1, "name": name, "model": {"name": "quantcore/vit_fmnist",
+                                                                              "num_classes": 2},
+                                      "calibration": {"method": method, "num_batches": batches, "batch_size": 4}})
+
+    out = tmp_path / "run"
+    rep = ptq([recipe("one", 1, "max"), recipe("many", 5, "percentile")], DataSpec(str(tmp_path / "d"), "train"),
+              DataSpec(str(tmp_path / "d"), "val"), str(out), RunOptions(batch_size=4, progress=False))
+    per = rep["calibration"]["per_variant"]
+    assert per["one"]["images"] == 4 and per["many"]["images"] == 12, per  # 5 batches asked, 12 images there
+    assert "`one` max" in report_markdown(rep) and "`many` percentile" in report_markdown(rep)
+    asked = [w for w in rep["warnings"] if "calibration asks for" in w]
+    assert asked and all("'many'" in w for w in asked)
+    for name, images in (("one", 4), ("many", 12)):
+        sub = json.loads((out / name / "report.json").read_text())
+        assert sub["calibration"]["images"] == images and sub["calibration"] == rep["variants"][name]["calibration"]
+        assert list(sub["results"]) == ["fp32", name] and "evaluation_cost" not in sub
+        assert all(w in rep["warnings"] for w in sub["warnings"])
+        assert bool([w for w in sub["warnings"] if "calibration asks for" in w]) == (name == "many"), sub["warnings"]
+
+
+def test_class_names_with_dollar_signs_and_backticks_are_printed_as_written():
+    """matplotlib read '$\\x$' in a class folder name as math: a traceback after the checkpoints were
+    written, no report; a backtick in a skipped file's name broke its Markdown code span."""
+    from quantcore.report import build_report, code, per_class_plot
+
+    acc = EvalAccumulator(["fp32", "q"], 3, "fp32")
+    logits = torch.eye(3)[[0, 1, 2, 2]] * 5
+    acc.update({"fp32": logits, "q": logits + 0.1}, torch.tensor([0, 1, 2, 1]))
+    rep = build_report(model="m$x$", recipe=None, scores=acc.scores(), reference="fp32", data={},
+                       class_names=["8_Bag $\\x$", "US$ 5 and $ 10", "`tick`"])
+    assert per_class_plot(rep)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert code("zz_bad|pipe`x.png") == "``zz_bad|pipe`x.png``" and code("`a`") == "`` `a` ``"
+
+
 def test_a_relative_checkpoint_option_is_recorded_as_the_file_it_loaded(tmp_path, monkeypatch):
     """--checkpoint vit.pt was stored as typed; the stored recipe reads a relative path against the recipe's
     folder, so it named another file than the one loaded."""

@@ -44,7 +44,7 @@ def sqnr_plot(err: dict[str, Any]) -> bytes:
     ax.set_ylabel("tensor SQNR vs float twin (dB)")
     step = max(1, len(names) // 40)
     ax.set_xticks(list(xs)[::step])
-    ax.set_xticklabels([n.replace("_quantizer", "") for n in names][::step], rotation=90, fontsize=6)
+    ax.set_xticklabels([n.replace("_quantizer", "") for n in names][::step], rotation=90, fontsize=6, parse_math=False)
     ax.legend(fontsize=8)
     return _png(fig)
 
