@@ -1008,3 +1008,62 @@ def test_a_hugging_face_weights_mismatch_blames_the_layer_count_only_when_it_is_
         with pytest.raises(ModelError) as err:
             quantcore.build_model({"name": "x", "model": {"name": str(d), "pretrained": True}})
         assert ("another layer count" in str(err.value)) == layered, str(err.value)
+
+
+def test_hugging_face_and_plain_models_built_outside_quantcore_get_their_own_preprocessing(tmp_path, caplog):
+    """A model from the user's own from_pretrained/from_config has no pretrained_cfg: eval_transform used
+    resize 256 / crop 224 with ImageNet statistics (a ViT processor's mean/std 0.5 ignored, a 384-px
+    ConvNeXt fed 224 px) without a word. Now the processor of the directory it came from (or its type's
+    defaults) decides, as for a model built through a recipe; a model with no config at all is warned about."""
+    import logging
+
+    import transformers as T
+    from PIL import Image
+
+    from quantcore.data import describe_transform, eval_transform
+
+    m = hf_model("vit")  # from_config: the model type's processor defaults at config.image_size
+    d = describe_transform(m)
+    assert d["source"] == "hf" and d["input_size"] == [3, 32, 32] and d["mean"] == [0.5, 0.5, 0.5]
+    proc = T.ViTImageProcessor(size={"height": 40, "width": 40}, image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.4, 0.3])
+    cfg = T.ViTConfig(**{**SMALL, "image_size": 40})
+    T.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    proc.save_pretrained(tmp_path / "vit")
+    loaded = T.ViTForImageClassification.from_pretrained(str(tmp_path / "vit"))
+    img = Image.fromarray((torch.rand(50, 70, 3) * 255).to(torch.uint8).numpy())
+    ours = eval_transform(loaded, decoder="pil")(img)
+    ref = torch.as_tensor(proc(img, return_tensors="pt")["pixel_values"][0])
+    assert ours.shape == ref.shape == (3, 40, 40)
+    assert float((ours - ref).abs().max()) <= 2 / 255 / 0.3 + 1e-5  # within 2 levels of 255 at the smallest std
+    import torchvision
+
+    plain = torchvision.models.resnet18(weights=None)
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.transforms"):
+        assert describe_transform(plain)["source"] == "torchvision-default"
+        describe_transform(plain)
+    said = [r.getMessage() for r in caplog.records if "carries no preprocessing config" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("ResNet carries no preprocessing config"), said
+
+
+def test_a_colour_keyed_png_is_transparent_for_convert_rgb_processors():
+    """A tRNS key in an L or RGB PNG is transparency to transformers' convert_to_rgb (composited onto
+    white); quantcore counted only alpha bands and palettes, so such logos kept their black key colour."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    from quantcore.data.base import to_8bit
+
+    for mode, key in (("L", 0), ("RGB", (0, 0, 0))):
+        a = np.zeros((8, 8, 3), np.uint8)
+        a[2:6, 2:6] = (200, 30, 90)
+        img = Image.fromarray(a).convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=key)
+        png = Image.open(io.BytesIO(buf.getvalue()))
+        assert png.info.get("transparency") is not None
+        white = np.asarray(to_8bit(png, "x.png", alpha="white"))
+        assert np.array_equal(white, convert_to_rgb(png, return_numpy=True)) and white[0, 0].tolist() == [255] * 3
+        assert np.asarray(to_8bit(png, "x.png")).reshape(8, 8, -1)[0, 0].max() == 0  # drop: the stored colour

@@ -47,7 +47,9 @@ ALPHA_POLICIES = ("drop", "white")
 
 
 def has_alpha(img) -> bool:
-    return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+    """Whether ``img`` has transparency, as transformers' ``convert_to_rgb`` decides it: an alpha band, or
+    a tRNS key (``info["transparency"]``) in any mode (palette, and ``L``/``RGB`` colour-keyed PNGs)."""
+    return img.mode in ALPHA_MODES or img.info.get("transparency") is not None
 
 
 def to_8bit(img, where: str, alpha: str = "drop"):
@@ -62,22 +64,23 @@ def to_8bit(img, where: str, alpha: str = "drop"):
       * Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, ``P`` with transparency), ``alpha="drop"``
         (default): dropped, the (un-premultiplied) colour is kept, exactly what ``Image.convert('RGB')``
         in torchvision's and timm's loaders gives, so accuracies stay comparable with theirs.
-        ``alpha="white"``: composited onto opaque white (``RGB``), as transformers' ``convert_to_rgb``.
+        ``alpha="white"``: composited onto opaque white (``RGB``), as transformers' ``convert_to_rgb``;
+        there a tRNS colour key of an ``L``/``RGB`` PNG counts as transparency too, as it does for it.
       * ``P``: its palette colours (``RGB``). ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's
         conversion to ``RGB``. Any other mode is refused naming the file.
     16-bit RGB(A) PNG/TIFF/PPM files are already reduced to 8 bits by PIL's decoder. EXIF orientation
     and ICC profiles are not applied (as in torchvision/timm), so pixels are the stored ones.
     """
     mode = img.mode
-    if mode in ("L", "RGB"):
-        return img
     if alpha not in ALPHA_POLICIES:
         raise ValueError(f"alpha must be one of {ALPHA_POLICIES} (got {alpha!r})")
-    if alpha == "white" and has_alpha(img):
+    if alpha == "white" and mode in ("1", "L", "P", "RGB", "LA", "La", "PA", "RGBA", "RGBa") and has_alpha(img):
         from PIL import Image
 
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode in ("L", "RGB"):
+        return img
     if mode == "1":
         return img.convert("L")
     if mode in ("LA", "La"):

@@ -25,7 +25,8 @@ JPEGs, ``tests/test_decode.py`` and ``bench/decode.py``):
     ``'L'`` from an RGB JPEG uses PIL's own integer luma formula, so it is bit-identical too;
   * transform: torch's antialiased bilinear/bicubic resize on ``uint8`` rounds a few values differently from
     Pillow's: on 75 M resized values (generated photos and Fashion-MNIST JPEGs, 6 output sizes) 99.7% are
-    identical, 0.2-0.3% differ by 1 level of 255, 2e-6 by 2, none by more (:data:`MAX_LEVEL_DIFF`); so the
+    identical, 0.2-0.3% differ by 1 level of 255, 2e-6 by 2, none by more (:data:`MAX_LEVEL_DIFF`; one
+    extreme squash, a 20x900 strip to 384x384 bicubic, reaches 3 levels on 3 values); so the
     normalized tensors differ by at most ``2/(255*std)`` per value, by < 2e-4 in mean (:data:`MEAN_ABS_TOL`;
     measured 3-6e-5), in under 1% of values (:data:`FRAC_DIFFER_TOL`) - on photo-sized images downscaled to
     the model's size; the share grows with the scale factor (measured 2026-12-03: 64x64 upscaled to 224 or

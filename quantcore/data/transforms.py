@@ -19,12 +19,17 @@ colour jitter or auto-augment, random erasing) as the recipe's ``qat.augment`` a
 """
 from __future__ import annotations
 
+import logging
+import os
+import weakref
 from collections import Counter
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torchvision import transforms as _T
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,7 +145,34 @@ def _pretrained_cfg(model: nn.Module | None) -> dict | None:
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and cfg:
             return cfg
-    return None
+    return _hf_model_cfg(model)
+
+
+_HF_CFGS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_WARNED_DEFAULT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _hf_model_cfg(model: nn.Module) -> dict | None:
+    """A Hugging Face model built outside quantcore (``from_pretrained``/``from_config`` in the user's
+    code) carries no pretrained_cfg: its image processor's settings, from the ``preprocessor_config.json``
+    of the directory it was loaded from (``config._name_or_path``), else its model type's processor
+    defaults at ``config.image_size`` (warned), as quantcore's own Hugging Face source does. None for
+    any other model."""
+    if not type(model).__module__.startswith("transformers.") or getattr(model, "config", None) is None:
+        return None
+    if model in _HF_CFGS:
+        return _HF_CFGS[model]
+    from ..model_sources.hf import hf_data_config
+
+    config = model.config
+    local = str(getattr(config, "_name_or_path", "") or "")
+    pcfg = hf_data_config(local if os.path.isdir(local) else "", local or type(model).__name__, config, None)
+    if pcfg["hf_preprocessing"]["flip_channel_order"]:
+        log.warning("%s: its image processor feeds BGR (do_flip_channel_order), which a model built outside "
+                    "quantcore does not do by itself; build it with quantcore (model.name: <its directory>) to "
+                    "get the flip, or flip the channels in your own model", local or type(model).__name__)
+    _HF_CFGS[model] = pcfg
+    return pcfg
 
 
 def model_in_chans(model: nn.Module | None, default: int = 3) -> int:
@@ -292,6 +324,14 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
 
     # torchvision standard preset
     from torchvision import transforms as T
+
+    if model is not None and model not in _WARNED_DEFAULT:
+        _WARNED_DEFAULT.add(model)  # once per model: every dataset opened for it asks again
+        log.warning("%s carries no preprocessing config (timm pretrained_cfg, torchvision weights, Hugging Face "
+                    "processor): using torchvision's standard preset (resize 256, crop 224, bilinear, ImageNet "
+                    "mean/std), which may not be how its weights were trained; build it through a recipe "
+                    "(model.name: torchvision:<name>, a timm name or a Hugging Face directory) or pass "
+                    "weights=/overrides= to eval_transform", type(model).__name__)
 
     resize = int(overrides.pop("resize_size", 256))
     crop = int(overrides.pop("crop_size", 224))

@@ -650,10 +650,10 @@ def hf_data_config(local: str, name: str, config, arch: str | None) -> dict[str,
         img_hw = (int(image_size[0]), int(image_size[-1]))
     else:
         img_hw = (int(image_size), int(image_size)) if image_size else (224, 224)
-    path = os.path.join(local, PREPROCESSOR)
+    path = os.path.join(local, PREPROCESSOR) if local else None  # None: no directory to read it from
     where = _join(name, PREPROCESSOR)
     notes: list[str] = []
-    if os.path.isfile(path):
+    if path is not None and os.path.isfile(path):
         from transformers import AutoImageProcessor
 
         try:
