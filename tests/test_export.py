@@ -461,21 +461,27 @@ def test_a_trt_table_that_would_hold_nothing_is_refused_or_left_out(fmnist, tmp_
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
-def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket, capsys):
-    from quantcore.cli import main
-    from quantcore.io import storage
+def _tiny_checkpoint(tmp_path) -> tuple[Path, str]:
+    """(image folder, calibrated checkpoint) of the tiny recipe, random weights."""
+    from quantcore.data import eval_transform, make_loader, open_dataset
     from tiny_data import TINY_RECIPE, make_images
 
     root = make_images(tmp_path / "imgs")
     torch.manual_seed(0)
     model = api.build_model(TINY_RECIPE, load_weights=False)
     api.prepare(model, TINY_RECIPE)
-    from quantcore.data import eval_transform, make_loader, open_dataset
-
     ds = open_dataset(str(root), "train", eval_transform(model))
     api.calibrate(model, [(x, y) for x, y, _ in make_loader(ds, 6)])
     ck = str(tmp_path / "model.qc.pt")
     api.save(model, ck)
+    return root, ck
+
+
+def test_cli_export_with_check_data_and_s3(tmp_path, s3_bucket, capsys):
+    from quantcore.cli import main
+    from quantcore.io import storage
+
+    root, ck = _tiny_checkpoint(tmp_path)
     out = str(tmp_path / "export")
     assert main(["export", ck, "--out", out, "--check-data", str(root), "--check-split", "val"]) == 0
     rep = json.loads(Path(out, "export_report.json").read_text())
@@ -516,18 +522,8 @@ def test_a_check_on_real_images_that_disagrees_is_a_warning(tmp_path, monkeypatc
     warning line or a warnings entry: only the 3-input smoke test could warn."""
     from quantcore.cli import main
     from quantcore.export import run as export_run
-    from tiny_data import TINY_RECIPE, make_images
 
-    root = make_images(tmp_path / "imgs")
-    torch.manual_seed(0)
-    model = api.build_model(TINY_RECIPE, load_weights=False)
-    api.prepare(model, TINY_RECIPE)
-    from quantcore.data import eval_transform, make_loader, open_dataset
-
-    ds = open_dataset(str(root), "train", eval_transform(model))
-    api.calibrate(model, [(x, y) for x, y, _ in make_loader(ds, 6)])
-    ck = str(tmp_path / "model.qc.pt")
-    api.save(model, ck)
+    root, ck = _tiny_checkpoint(tmp_path)
     real = export_run.compare
 
     def worse(m, onnx_bytes, x, y=None, *a, **k):  # onnxruntime flipping 4 of the 12 check images
