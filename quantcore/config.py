@@ -405,34 +405,45 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _calibration_applies(self, info: ValidationInfo) -> "Recipe":
-        """``calibration`` fields that no quantizer of the recipe can read are refused, not dropped.
-        Compared with the defaults (a stored or ``show-recipe`` dump spells every field out); the
-        overrides' calibrators count as readers, so the check never refuses a field some quantizer uses."""
+        """``calibration`` fields written in the recipe that no quantizer can read are refused, not
+        dropped, whatever their value (``method: percentile`` beside ``quant.activations.calibrator: max``
+        too, though percentile is the default). :func:`~quantcore.recipe.dump_recipe` leaves such fields
+        out, so a dump (``show-recipe``, ``search_recipe.yaml``) loads again."""
         if _stored(info):
             return self
-        c, defaults = self.calibration, CalibrationConfig()
+        given = self.calibration.model_fields_set
+        for field, why in self.inert_calibration_fields().items():
+            if field in given:
+                raise ValueError(why)
+        return self
+
+    def inert_calibration_fields(self) -> dict[str, str]:
+        """``calibration`` fields that act on nothing in this recipe -> why (the overrides' calibrators
+        count as readers, so a field some quantizer uses is never listed)."""
+        c = self.calibration
         qa, qw = self.quant.activations, self.quant.weights
         over = [o.spec.calibrator for o in self.overrides if o.spec is not None and o.spec.calibrator]
-        for field, patch, section, default in (("method", qa, "quant.activations", defaults.method),
-                                               ("weights_method", qw, "quant.weights", defaults.weights_method)):
-            if getattr(c, field) != default and patch.calibrator and patch.calibrator != getattr(c, field):
-                raise ValueError(f"calibration.{field}: {getattr(c, field)!r} and {section}.calibrator: "
-                                 f"{patch.calibrator!r} contradict each other ({section}.calibrator wins, so "
-                                 f"calibration.{field} would act on nothing); give one")
+        out: dict[str, str] = {}
+        for field, patch, section in (("method", qa, "quant.activations"), ("weights_method", qw, "quant.weights")):
+            if patch.calibrator and patch.calibrator != getattr(c, field):
+                out[field] = (f"calibration.{field}: {getattr(c, field)!r} and {section}.calibrator: "
+                              f"{patch.calibrator!r} contradict each other ({section}.calibrator wins, so "
+                              f"calibration.{field} would act on nothing); give one")
         readers = {qa.calibrator or c.method, qw.calibrator or c.weights_method, *over}
-        if c.percentile != defaults.percentile and (qa.percentile is not None or "percentile" not in readers):
+        if qa.percentile is not None or "percentile" not in readers:
             why = ("quant.activations.percentile replaces it" if qa.percentile is not None
                    else f"no quantizer uses calibrator percentile (calibrators: {', '.join(sorted(readers))})")
-            raise ValueError(f"calibration.percentile: {c.percentile} cannot act: {why}; remove it")
+            out["percentile"] = f"calibration.percentile: {c.percentile} cannot act: {why}; remove it"
         from .calib.registry import calibrator
 
-        if c.bins != defaults.bins and not any(calibrator(r).statistics == "histogram" for r in readers):
-            raise ValueError(f"calibration.bins: {c.bins} cannot act: no quantizer uses a histogram calibrator "
-                             f"(calibrators: {', '.join(sorted(readers))}); remove it")
-        if c.images_per_class and c.num_batches not in (None, defaults.num_batches):
-            raise ValueError(f"calibration.images_per_class: {c.images_per_class} and num_batches: {c.num_batches} "
-                             "both choose the calibration images (images_per_class wins); give one")
-        return self
+        if not any(calibrator(r).statistics == "histogram" for r in readers):
+            out["bins"] = (f"calibration.bins: {c.bins} cannot act: no quantizer uses a histogram calibrator "
+                           f"(calibrators: {', '.join(sorted(readers))}); remove it")
+        if c.images_per_class and c.num_batches is not None:  # num_batches: null says "not this way"
+            out["num_batches"] = (f"calibration.images_per_class: {c.images_per_class} and num_batches: "
+                                  f"{c.num_batches} both choose the calibration images (images_per_class wins); "
+                                  "give one")
+        return out
 
     def weight_spec(self) -> QuantSpec:
         base = QuantSpec(calibrator=self.calibration.weights_method, axis=0)

@@ -140,4 +140,9 @@ def _decode(raw: bytes, src: str) -> str:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+    """The recipe as YAML with every field spelled out, except ``calibration`` fields that act on nothing
+    here (:meth:`Recipe.inert_calibration_fields`): written, they would be refused when the dump is loaded."""
+    d = recipe.model_dump(mode="json", exclude_defaults=False)
+    for field in recipe.inert_calibration_fields():
+        d.get("calibration", {}).pop(field, None)
+    return yaml.safe_dump(d, sort_keys=False)

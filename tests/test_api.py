@@ -91,6 +91,13 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
             ({"calibration": {"weights_method": "mse"}, "quant": {"weights": {"calibrator": "max"}}},
              ("calibration.weights_method", "quant.weights.calibrator")),
             ({"calibration": {"num_batches": 1, "images_per_class": 2}}, ("images_per_class", "num_batches")),
+            # written with their default values: still written, still contradicting (they were accepted)
+            ({"calibration": {"method": "percentile"}, "quant": {"activations": {"calibrator": "max"}}},
+             ("calibration.method: 'percentile'", "quant.activations.calibrator: 'max'")),
+            ({"calibration": {"percentile": 99.99}, "quant": {"activations": {"calibrator": "max"}}},
+             ("calibration.percentile", "calibrators: max")),
+            ({"calibration": {"bins": 2048, "method": "max"}}, ("calibration.bins", "histogram")),
+            ({"calibration": {"num_batches": 8, "images_per_class": 2}}, ("images_per_class", "num_batches")),
             ({"overrides": [{"match": "*fc2.input_quantizer", "enabled": True, "spec": {"enabled": False}}]},
              ("enabled", "spec.enabled"))]:
         bad.write_text(yaml.safe_dump({"model": TINY, **section}))
@@ -104,6 +111,12 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
     r = quantcore.load_recipe(str(bad))
     bad.write_text(quantcore.recipe.dump_recipe(r))
     assert quantcore.load_recipe(str(bad)) == r
+    # a dump leaves out what would act on nothing (it spells every other default), so it loads back
+    for section in ({"quant": {"activations": {"calibrator": "max"}, "weights": {"calibrator": "max"}}},
+                    {"calibration": {"images_per_class": 2}}):
+        r = quantcore.load_recipe({"model": TINY, **section})
+        bad.write_text(quantcore.recipe.dump_recipe(r))
+        assert quantcore.load_recipe(str(bad)) == r
     # an override's bits on quantizers that are all float casts
     casts = tiny_recipe(quant={"activations": {"format": "fp16"}},
                         overrides=[{"match": "blocks.0.mlp.fc2.input_quantizer", "spec": {"bits": 4}}])

@@ -296,11 +296,13 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(
     assert a == b
 
 
-def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(fmnist, tmp_path):
+@pytest.mark.parametrize("to", ["group", "every process"])
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(fmnist, tmp_path, to):
     """``kill -TERM -<pgid>`` (torchrun forwarding to a rank's group, a shell's job control) also
     reaches DataLoader worker processes: they must not die under the training loop (which then
     raised "DataLoader worker exited unexpectedly" and wrote no checkpoint). The run checkpoints the
-    step it reached and exits 143, and no worker outlives it."""
+    step it reached and exits 143, and no worker outlives it. "every process": a SIGTERM to each
+    process by PID (systemd's control-group stop, Slurm's scancel), which no process group avoids."""
     data, ckpt = fmnist
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(ckpt, checkpoint_every=3, epochs=3, num_workers=2)))
@@ -312,7 +314,11 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
     try:
         _wait_for_checkpoint(proc, tmp_path / "B" / "checkpoints")
         workers = _children(proc.pid)
-        os.killpg(proc.pid, signal.SIGTERM)
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            for pid in workers + [proc.pid]:  # the workers first: they see it before the rank stops them
+                os.kill(pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

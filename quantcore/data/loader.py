@@ -15,6 +15,7 @@ with ``__getitems__`` (zip shards on S3) can fetch it while this one decodes.
 from __future__ import annotations
 
 import os
+import signal
 
 from collections import deque
 from typing import Any, Iterable, Iterator, Sequence
@@ -167,10 +168,14 @@ def leave_signal_group(_worker_id: int) -> None:
     """Run in each DataLoader worker: its own process group, so a SIGTERM (or SIGINT) sent to the
     job's group (torchrun forwarding to a rank, ``kill -TERM -PGID``, Ctrl-C) reaches only the main
     process, which checkpoints (QAT) or stops the loader; a worker killed under the loop made it raise
-    "DataLoader worker exited unexpectedly" instead. Workers still end with their parent (the loader
-    shuts them down; an orphan notices its parent is gone)."""
+    "DataLoader worker exited unexpectedly" instead; a SIGTERM sent to the worker itself is ignored for
+    the same reason. Workers still end with their parent (the loader shuts them down; an orphan notices
+    its parent is gone)."""
     if hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
         except OSError:  # not permitted here (e.g. a session leader): keep the default
             pass
+    # a SIGTERM sent to every process by PID (systemd's control-group stop, Slurm's scancel) reaches the
+    # worker anyway: it is the main process's to act on, and the loader ends the worker after it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
