@@ -828,6 +828,10 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     steps_per_epoch = (n + gb - 1) // gb
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
+        if cfg.max_steps > total_steps and ctx.is_main and state_in is None:  # said once, not per resume
+            log.warning("qat.max_steps %d: the run has %d steps (%d epochs x %d steps of %d images over %d "
+                        "rank(s)), so the cap is never reached; it trains %d", cfg.max_steps, total_steps,
+                        cfg.epochs, steps_per_epoch, gb, ctx.world_size, total_steps)
         total_steps = min(total_steps, cfg.max_steps)
     example_shape = list(getattr(unwrap(model).quantcore_placement, "example_input_shape", []) or [])
 

@@ -263,6 +263,15 @@ def test_a_diverging_run_stops_at_the_first_nan_step_before_saving_it(fmnist, tm
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c} in metrics"))
 
 
+def test_a_max_steps_cap_the_run_never_reaches_is_said(fmnist, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="quantcore.qat"):
+        rep = _run(fmnist, tmp_path / "cap", qat={"epochs": 1, "batch_size": 240, "checkpoint_every": 10},
+                   max_steps=5, eval_limit=20)
+    assert rep["qat"]["steps"] == 2
+    said = [r.getMessage() for r in caplog.records if "qat.max_steps 5" in r.getMessage()]
+    assert said and "the run has 2 steps" in said[0] and "never reached" in said[0], said
+
+
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(fmnist, tmp_path):
     data, ckpt = fmnist
     recipe = tmp_path / "r.yaml"
