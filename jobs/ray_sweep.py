@@ -714,7 +714,10 @@ def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
         if not found:
             raise SweepError(f"{where}.{field}: {uri}: no such file")
     try:
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                create_model(cfg, load_weights=False)
+        except UserError:  # a builder that reads its own tensors (torchvision RegNet) cannot build on meta
             create_model(cfg, load_weights=False)
     except UserError as err:
         raise SweepError(f"{where}.recipes: recipe {recipe.name!r}: {err}") from None

@@ -406,12 +406,19 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _calibration_applies(self, info: ValidationInfo) -> "Recipe":
         """``calibration`` fields written in the recipe that no quantizer can read are refused, not
-        dropped, whatever their value (``method: percentile`` beside ``quant.activations.calibrator: max``
-        too, though percentile is the default). :func:`~quantcore.recipe.dump_recipe` leaves such fields
-        out, so a dump (``show-recipe``, ``search_recipe.yaml``) loads again."""
+        dropped: in a recipe file whatever their value (``method: percentile`` beside
+        ``quant.activations.calibrator: max`` too, though percentile is the default), in any other dict
+        when they differ from the default (``Recipe.model_validate(r.model_dump())`` round-trips).
+        :func:`~quantcore.recipe.dump_recipe` leaves such fields out, so a dump (``show-recipe``,
+        ``search_recipe.yaml``) loads again as a file."""
         if _stored(info):
             return self
-        given = self.calibration.model_fields_set
+        c, defaults = self.calibration, CalibrationConfig()
+        # a recipe file: every field written counts, whatever its value; any other dict (a model_dump
+        # handed between processes spells out every default) is compared with the defaults
+        written = bool(info is not None and info.context and info.context.get("written"))
+        given = c.model_fields_set if written else {f for f in type(c).model_fields
+                                                    if getattr(c, f) != getattr(defaults, f)}
         for field, why in self.inert_calibration_fields().items():
             if field in given:
                 raise ValueError(why)

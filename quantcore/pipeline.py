@@ -610,7 +610,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
                        scores=scores, reference="fp32",
                        data={"eval_uri": storage.absolute(evald.uri), "eval_split": evald.split, "eval_count": scores["fp32"].count,
                              "eval_subset": subset, "world_size": distributed.world_size(),
-                             "checkpoint": checkpoint, "reference_note": _reference_note(model),
+                             "checkpoint": storage.absolute(checkpoint), "reference_note": _reference_note(model),
                              **({"unused_files": unused} if unused else {})},
                        calibration=calibration, warnings=warnings, class_names=list(ds.classes),
                        timings={"evaluate": time.perf_counter() - t0}, skipped=skipped,

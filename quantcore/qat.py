@@ -954,9 +954,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 # weights are NaN from here on: stop, on every rank, before anything is saved or logged
                 bad = not math.isfinite(loss_sum)
                 flag[1] = float(bad and (not scaler.is_enabled() or not _finite_parameters(model)))
-                if bad:
-                    window["skipped"] = window.get("skipped", 0) + 1
-                else:
+                if not bad:  # a step the grad scaler skipped has no loss to average
                     window["loss"] += loss_sum
                     window["n"] += 0 if images is None else images.shape[0]
                 if cfg.bn == "freeze" and st.step == cfg.bn_freeze_step:
@@ -1075,7 +1073,9 @@ def _log_metrics(st: _State, window: dict, opt, ctx, n: int) -> dict:
     t = torch.tensor([window["loss"], window["n"]], dtype=torch.float64)
     distributed.all_reduce(t)
     dt = max(time.perf_counter() - window["t"], 1e-9)
-    m = {"step": st.step, "epoch": st.epoch + st.consumed / max(n, 1), "loss": float(t[0] / max(t[1], 1)),
+    # a window of FP16 steps the grad scaler all skipped has no loss: NaN here, null in metrics.jsonl
+    m = {"step": st.step, "epoch": st.epoch + st.consumed / max(n, 1),
+         "loss": float(t[0] / t[1]) if t[1] > 0 else math.nan,
          "lr": float(opt.param_groups[0]["lr"]), "images_per_s": float(t[1]) / dt, "time": time.time()}
     st.metrics.append(m)
     window.update(loss=0.0, n=0.0, t=time.perf_counter())

@@ -28,13 +28,16 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return f"invalid recipe {source}: " + "; ".join(parts)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", stored: bool = False) -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", stored: bool = False,
+                     written: bool = False) -> Recipe:
     """Validate ``data``; ``stored``: a recipe read back from a checkpoint (options refused since it
-    was written do not make it unreadable, see :func:`quantcore.config._stored`)."""
+    was written do not make it unreadable, see :func:`quantcore.config._stored`); ``written``: read from
+    a recipe file, where every field present was written by someone (see ``Recipe._calibration_applies``)."""
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe {source}: expected a mapping at the top level")
     try:
-        return Recipe.model_validate(data, context={"stored": True} if stored else None)
+        context = {"stored": True} if stored else ({"written": True} if written else None)
+        return Recipe.model_validate(data, context=context)
     except ValidationError as err:
         raise RecipeError(_format_errors(source, err)) from None
 
@@ -73,7 +76,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         raise RecipeError(f"recipe {src} is not valid YAML: {' '.join(str(err).replace('<unicode string>', src).split())}") from None
     if src not in shipped:
         _relative_to_recipe(data, src)
-    return recipe_from_dict(data, src)
+    return recipe_from_dict(data, src, written=True)
 
 
 #: recipe fields holding a weights file: a relative path there is relative to the recipe file

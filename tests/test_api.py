@@ -43,6 +43,10 @@ def test_builtin_recipes_validate(name):
     r = quantcore.load_recipe(name)
     assert r.name == name
     assert r.weight_spec().bits in (4, 8) or r.weight_spec().is_float
+    # handed between processes as a full dump (Ray Train workers, analyze's search recipe, the demo's
+    # torchrun ranks): every default spelled out, and it must validate again
+    assert quantcore.Recipe.model_validate(r.model_dump(mode="json")) == r
+    assert quantcore.load_recipe(yaml.safe_load(quantcore.recipe.dump_recipe(r))) == r
 
 
 def test_seed_recipes_match_their_seeds():
@@ -618,6 +622,11 @@ def test_a_model_with_two_inputs_calibrates_both_and_says_what_it_cannot_feed():
     assert float(m.meta.input_quantizer.amax) == pytest.approx(float(data[0][1].abs().max()), rel=1e-3)
     with pytest.raises(UserError, match="prepared with 2 positional inputs"):
         quantcore.calibrate(m, [torch.randn(4, 8)])
+    # a flag after the image input is not an input calibration batches must give
+    flagged = TwoIn().eval()
+    quantcore.prepare(flagged, {"name": "t1", "placement": {"family": "generic"}},
+                      example_input=(torch.randn(2, 8), None))
+    assert quantcore.calibrate(flagged, [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]).images == 4
 
 
 def test_a_quantizer_the_calibration_never_reaches_is_a_warning():

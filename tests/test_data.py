@@ -465,14 +465,15 @@ def test_pack_reports_bad_images(tmp_path):
         assert sum(len(y) for _, y, _ in dl) == 12 and [r["name"] for r in dl.skipped.as_list()] == [bad]
 
 
-def test_repacking_a_packed_split_keeps_it_and_refuses_to_pack_over_its_source(tmp_path):
+def test_repacking_a_packed_split_keeps_it_and_refuses_to_pack_over_its_source(tmp_path, monkeypatch):
     """Repacking in place with a smaller --shard-size overwrote the shards it was still reading (the split
     lost, index marked incomplete); each repack also prefixed "left out when packing: " once more."""
     root, bad = _corrupt_folder(tmp_path)
     first = str(tmp_path / "p1")
     pack(root, first, "train", shard_size=7, skip_bad=True)
     before = {p.name: p.read_bytes() for p in (tmp_path / "p1").iterdir()}
-    for spelled in (first, first + "/", str(tmp_path / "." / "p1")):
+    monkeypatch.chdir(tmp_path)
+    for spelled in (first, first + "/", "p1", "./p1/", f"{tmp_path}/./p1", f"file://{first}"):
         with pytest.raises(DataError, match="the destination is the source"):
             pack(spelled, first, "train", shard_size=5)
     assert {p.name: p.read_bytes() for p in (tmp_path / "p1").iterdir()} == before  # nothing touched

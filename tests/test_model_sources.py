@@ -1043,6 +1043,10 @@ def test_hugging_face_and_plain_models_built_outside_quantcore_get_their_own_pre
         describe_transform(plain)
     said = [r.getMessage() for r in caplog.records if "carries no preprocessing config" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("ResNet carries no preprocessing config"), said
+    caplog.clear()  # preprocessing given by the caller: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.transforms"):
+        d = describe_transform(torchvision.models.resnet18(weights=None), overrides={"resize_size": 36, "crop_size": 32})
+    assert d["input_size"] == [3, 32, 32] and not caplog.records
 
 
 def test_a_colour_keyed_png_is_transparent_for_convert_rgb_processors():
@@ -1067,3 +1071,8 @@ def test_a_colour_keyed_png_is_transparent_for_convert_rgb_processors():
         white = np.asarray(to_8bit(png, "x.png", alpha="white"))
         assert np.array_equal(white, convert_to_rgb(png, return_numpy=True)) and white[0, 0].tolist() == [255] * 3
         assert np.asarray(to_8bit(png, "x.png")).reshape(8, 8, -1)[0, 0].max() == 0  # drop: the stored colour
+        # the same through an eval transform's first step, for a PIL image from the user's own dataset
+        from quantcore.data.transforms import ConvertMode
+
+        assert np.asarray(ConvertMode("RGB", alpha="white")(png))[0, 0].tolist() == [255] * 3
+        assert np.asarray(ConvertMode("RGB")(png))[0, 0].tolist() == [0] * 3

@@ -342,6 +342,29 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
         time.sleep(0.2)
 
 
+def test_a_loader_worker_outlives_a_sigterm_by_its_grace_period_then_ends(monkeypatch):
+    """Ignoring SIGTERM outright kept a stuck worker alive after the loader's own terminate(); it now
+    ends WORKER_SIGTERM_GRACE_S after the first SIGTERM (long enough for its rank to checkpoint)."""
+    import multiprocessing as mp
+
+    from quantcore.data import loader
+
+    monkeypatch.setattr(loader, "WORKER_SIGTERM_GRACE_S", 1)
+
+    def worker() -> None:
+        loader.leave_signal_group(0)
+        time.sleep(30)  # a worker stuck in a read
+
+    p = mp.get_context("fork").Process(target=worker)
+    p.start()
+    time.sleep(0.5)
+    os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert p.is_alive()  # not at once: the rank is still checkpointing
+    p.join(10)
+    assert not p.is_alive() and p.exitcode == -signal.SIGALRM
+
+
 def _proc_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()

@@ -18,6 +18,8 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
+import quantcore
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # jobs/ is shipped as source, not installed
     sys.path.insert(0, str(REPO))
@@ -389,6 +391,9 @@ def test_an_unknown_model_or_missing_weights_file_exits_2_before_ray_starts(tiny
              (dict(recipe=str(nofile)), f"runs[1](bad).recipes: recipe 'nofile': model.checkpoint: "
                                         f"{tmp_path / 'gone.pt'}: no such file"),
              (dict(checkpoint="missing.pt"), f"runs[1](bad).checkpoint: {tmp_path / 'missing.pt'}: no such file"))
+    # a builder that reads its own tensors cannot build on the meta device: checked on the CPU instead
+    ray_sweep._check_model(quantcore.load_recipe({"version": 1, "name": "rg", "model": {
+        "name": "torchvision:regnet_x_400mf"}}), None, "sweep.yaml: runs[0](rg)")
     for change, words in cases:
         sweep_file = tmp_path / "sweep.yaml"
         sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))

@@ -155,6 +155,11 @@ def test_packed_splits_take_the_model_labels_as_class_folders_do(tmp_path, layou
     assert ds.classes == names and ds.absent_classes == ["alpha", "omega"]
     by_class = {s.split("/")[-2]: y for s, y in zip(ds.samples, ds.labels)}
     assert by_class == {"mid": 1, "zeta": 2}, by_class
+    # the model's first classes only: no position differs, the split is still short of classes
+    _folder(tmp_path / "g", "val", ["alpha", "mid"], seed=4)
+    pack(str(tmp_path / "g"), str(tmp_path / "q"), "val")
+    first = open_dataset(str(tmp_path / "q"), "val", None, label_names=names)
+    assert first.classes == names and first.absent_classes == ["zeta", "omega"]
     # a class the model does not know: left as packed (and warned about), not guessed
     plain = open_dataset(str(tmp_path / "p"), "val", None, label_names=["alpha", "mid", "other"])
     assert plain.classes != ["alpha", "mid", "other"] and plain.absent_classes == []

@@ -132,7 +132,9 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
 
         keyed = [key(n) for n in names or []]
         off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
-        if names and off is not None and _take_model_labels(ds, list(names), keyed):
+        # also a split holding the model's first classes only (off is None: no position differs)
+        moved = off is not None or len(ds.classes) != len(keyed)
+        if names and moved and _take_model_labels(ds, list(names), keyed):
             if ds.absent_classes:
                 log.warning("split %r of %s has no images of %d of the model's %d classes (e.g. %r): the others "
                             "keep the model's label indices, and the absent ones are scored with no images", split,

@@ -168,14 +168,26 @@ def leave_signal_group(_worker_id: int) -> None:
     """Run in each DataLoader worker: its own process group, so a SIGTERM (or SIGINT) sent to the
     job's group (torchrun forwarding to a rank, ``kill -TERM -PGID``, Ctrl-C) reaches only the main
     process, which checkpoints (QAT) or stops the loader; a worker killed under the loop made it raise
-    "DataLoader worker exited unexpectedly" instead; a SIGTERM sent to the worker itself is ignored for
-    the same reason. Workers still end with their parent (the loader shuts them down; an orphan notices
-    its parent is gone)."""
+    "DataLoader worker exited unexpectedly" instead; a SIGTERM sent to the worker itself ends it only
+    :data:`WORKER_SIGTERM_GRACE_S` later, for the same reason. Workers still end with their parent (the
+    loader shuts them down; an orphan notices its parent is gone)."""
     if hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
         except OSError:  # not permitted here (e.g. a session leader): keep the default
             pass
     # a SIGTERM sent to every process by PID (systemd's control-group stop, Slurm's scancel) reaches the
-    # worker anyway: it is the main process's to act on, and the loader ends the worker after it
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # worker anyway: it is the main process's to act on (QAT checkpoints the step it is in), so the worker
+    # outlives it by WORKER_SIGTERM_GRACE_S, then ends (SIGALRM's default action); the loader's own
+    # terminate() of a stuck worker is a SIGTERM too and ends it the same way
+    signal.signal(signal.SIGTERM, _end_later)
+
+
+#: seconds a DataLoader worker lives on after a SIGTERM (:func:`leave_signal_group`)
+WORKER_SIGTERM_GRACE_S = 30
+
+
+def _end_later(_signum: int, _frame: Any) -> None:
+    if signal.getitimer(signal.ITIMER_REAL)[0] == 0:  # the first SIGTERM starts the clock, later ones do not
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a handler inherited from the parent must not catch it
+        signal.alarm(WORKER_SIGTERM_GRACE_S)

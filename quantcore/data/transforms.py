@@ -46,8 +46,11 @@ class ConvertMode:
         self.alpha = alpha  # quantcore.data.base.ALPHA_POLICIES
 
     def __call__(self, img):
-        if hasattr(img, "convert") and getattr(img, "mode", None) != self.mode:
-            if img.mode not in ("L", "RGB"):
+        if not hasattr(img, "convert"):
+            return img
+        keyed = self.alpha == "white" and getattr(img, "info", {}).get("transparency") is not None
+        if getattr(img, "mode", None) != self.mode or keyed:  # an L/RGB PNG's tRNS key is transparency too
+            if img.mode not in ("L", "RGB") or keyed:
                 from .base import to_8bit
 
                 img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>", self.alpha)
@@ -325,7 +328,7 @@ def _resolve(model: nn.Module | None, weights, overrides: dict | None, use_test_
     # torchvision standard preset
     from torchvision import transforms as T
 
-    if model is not None and model not in _WARNED_DEFAULT:
+    if model is not None and not overrides and model not in _WARNED_DEFAULT:
         _WARNED_DEFAULT.add(model)  # once per model: every dataset opened for it asks again
         log.warning("%s carries no preprocessing config (timm pretrained_cfg, torchvision weights, Hugging Face "
                     "processor): using torchvision's standard preset (resize 256, crop 224, bilinear, ImageNet "

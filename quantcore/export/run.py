@@ -312,7 +312,7 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
                 report["trt_table"]["why"] = why
     if check is not None:  # before anything is written: bad check data leaves out as it was
         xs, ys, subset, skipped = _load_check_images(model, check)
-        report["check"] = {"data": check.uri, "split": check.split, **({"subset": subset} if subset else {}),
+        report["check"] = {"data": storage.absolute(check.uri), "split": check.split, **({"subset": subset} if subset else {}),
                            **({"skipped": skipped} if check.skip_bad else {}),
                            **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
         c = report["check"]

@@ -71,6 +71,19 @@ class PlacementResult:
                 "example_input_shape": list(self.example_input_shape), "notes": list(self.notes)}
 
 
+def _leading_tensors(example_input: Any) -> int:
+    """How many positional inputs a calibration batch must give: the example input's leading tensors
+    (``(x, True)`` is one image input and a flag the model's default keeps)."""
+    if not isinstance(example_input, tuple):
+        return 1
+    n = 0
+    for t in example_input:
+        if not isinstance(t, torch.Tensor):
+            break
+        n += 1
+    return max(n, 1)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers:
     quantizer names, placement, save and load are those of the unwrapped model."""
@@ -831,7 +844,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         float_reasons=float_reasons,
         attention=[s.owner for s in chosen if s.kind == "attention"],
         example_input_shape=shape,
-        example_inputs=len(example_input) if isinstance(example_input, tuple) else 1,
+        example_inputs=_leading_tensors(example_input),
     )
     if moved:
         result.notes.append(
