@@ -298,7 +298,7 @@ def _check_classes(calib: DataSpec, calib_classes: list[str], evald: DataSpec, e
         return None
     msg = (f"the calibration data ({calib.uri} split {calib.split!r}) and the evaluation data ({evald.uri} split "
            f"{evald.split!r}) list different classes: {diff}")
-    if _same_location(calib.uri, evald.uri):
+    if storage.same_location(calib.uri, evald.uri):
         raise DataError(msg + "; the evaluation labels would be shifted against the model's classes. Give both "
                         "splits the same class folders", file=evald.uri)
     if distributed.rank() == 0:
@@ -439,14 +439,6 @@ def _limited(ds: Any, data: "DataSpec") -> tuple:
     return limit_subset(ds, data.limit)
 
 
-def _same_location(a: str, b: str) -> bool:
-    """Whether two data URIs name one location however spelled (``./d``, ``d/``, ``file:///abs/d``)."""
-    try:
-        return storage.location(a) == storage.location(b)
-    except ValueError:
-        return a.rstrip("/") == b.rstrip("/")
-
-
 def check_out(out: str) -> None:
     """``--out`` must be a writable directory or s3:// prefix: refused before any work (a file, a
     missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
@@ -482,7 +474,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
                                              skip_bad=evald.skip_bad, cache_dir=evald.cache_dir).classes)
         except DataError as e:
             # without --eval-data the evaluation split is read from the calibration data: say so
-            what = ("evaluation data (--eval-data/--eval-split " if not _same_location(evald.uri, calib.uri) else
+            what = ("evaluation data (--eval-data/--eval-split " if not storage.same_location(evald.uri, calib.uri) else
                     f"the calibration data, read for evaluation too (--calib-data, --eval-split ")
             raise DataError(f"{what}{evald.split!r}): {e}", file=e.file, shard=e.shard, line=e.line) from None
     t0 = time.perf_counter()

@@ -172,7 +172,7 @@ def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_siz
     from .detect import open_dataset
 
     ds = open_dataset(src_uri, split, transform=None, layout=layout, skip_bad=skip_bad, **open_kwargs)
-    if ds.layout == "zip" and (dst_split or split) == split and _same_place(src_uri, dst_uri):
+    if ds.layout == "zip" and (dst_split or split) == split and _fs.storage().same_location(src_uri, dst_uri):
         # the new shards would overwrite the ones still being read (a smaller --shard-size loses the split)
         raise DataError(f"pack {src_uri} -> {dst_uri}: the destination is the source; repacking split {split!r} in "
                         "place would overwrite the shards it reads. Write to another folder or prefix, then replace "
@@ -201,14 +201,6 @@ def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_siz
         extra["unused_files"] = unused_files(ds)
     return write_shards(len(ds), get, dst_uri, dst_split or split, ds.classes, shard_size, tmp_dir=tmp_dir,
                         skipped=skipped, extra=extra)
-
-
-def _same_place(a: str, b: str) -> bool:
-    st = _fs.storage()
-    try:
-        return st.location(a) == st.location(b)
-    except ValueError:
-        return a.rstrip("/") == b.rstrip("/")
 
 
 def _safe(name: str) -> str:

@@ -33,7 +33,7 @@ from typing import BinaryIO, Iterator, List, Optional, Sequence, Union
 from . import _s3
 from ._s3 import MiB, S3Settings, StorageError, configure, get_client, get_settings, reset_client, reset_config
 from .ranged import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BLOCKS, RangedReader
-from .uri import URI, absolute, file_uri, is_s3, join, local_path, location, parse_uri, s3_uri
+from .uri import URI, absolute, file_uri, is_s3, join, local_path, location, parse_uri, s3_uri, same_location
 from .uri import local_path as _to_local_path
 
 logger = logging.getLogger("quantcore.io")
@@ -43,7 +43,7 @@ __all__ = [
     "read_bytes", "read_range", "size", "exists", "write_bytes", "upload_file",
     "download_file", "list_uris", "join", "is_s3", "open_read", "delete",
     "cleanup_incomplete_writes", "configure", "reset_config", "get_settings", "get_client",
-    "reset_client", "parse_uri", "local_path", "location", "absolute",
+    "reset_client", "parse_uri", "local_path", "location", "absolute", "same_location",
 ]
 
 _TMP_SUFFIX = ".qctmp"

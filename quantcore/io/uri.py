@@ -176,6 +176,15 @@ def location(uri: URI) -> str:
     return os.path.realpath(p.path)
 
 
+def same_location(a: URI, b: URI) -> bool:
+    """Whether two URIs name one location however spelled (``./d``, ``d/``, ``file:///abs/d``, a symlink;
+    :func:`location`); URIs it cannot parse are compared as written, trailing slashes aside."""
+    try:
+        return location(a) == location(b)
+    except ValueError:
+        return os.fspath(a).rstrip("/") == os.fspath(b).rstrip("/")
+
+
 def absolute(uri: URI) -> str:
     """``uri`` as it reads from any working directory, for records (reports, stored recipes): a relative
     local path (``~`` expanded) becomes absolute; S3 and ``file://`` URIs and absolute paths are returned
