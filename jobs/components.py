@@ -76,6 +76,21 @@ SYSTEM_PATHS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/o
 EXPORT_FORMATS = ("onnx", "aimet", "trt-table")
 EXPORT_OPSETS = (13, 21)
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# Dataset layouts of `quantcore --layout` (quantcore.data.detect: "auto", LAYOUTS and their aliases),
+# here without importing torch; tests/test_jobs.py checks they agree
+LAYOUTS = ("auto", "folder", "imagefolder", "imagenet", "imagenet-folder", "zip", "zipped", "shards", "zip-shards",
+           "imagenet-zip", "resisc", "resisc45", "imagepaths")
+# The S3 endpoint, as the Helm chart's schema (values.schema.json, s3.endpoint) takes it
+S3_ENDPOINT = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
+# Environment variable names the chart takes too (extraEnv); other names cannot be referenced
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Label prefixes TorchX and Volcano set and select on: a user label there would re-label the job's pods
+RESERVED_LABEL_PREFIXES = ("torchx.pytorch.org/", "app.kubernetes.io/", "volcano.sh/")
+# /dev/shm (DataLoader workers' tensors) is memory of the container: bounded, as the chart's shmSize
+SHM_MAX_MB = 8192
+# Ports an unprivileged rank can serve the c10d rendezvous on (the pods drop every capability)
+RDZV_PORTS = (1024, 65535)
+RDZV_PORT = 29500  # the multi-node rendezvous port when none is given (one node uses a free local port)
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # TorchX 0.7 requests memMB - 1024 MB (its node reservation; never below 0) under a limit of memMB:
 # from 2048 on, the request is at least 1 GiB, about what Python with torch needs before any model.
@@ -319,6 +334,18 @@ class PodOptions:
             raise ComponentError(f"--cache_gb must be >= 1 (/cache holds the model weights), got {opts.cache_gb}")
         parse_pvc_mounts(opts.mounts)
         parse_tolerations(opts.tolerations)
+        if opts.s3_endpoint is not None and not S3_ENDPOINT.match(str(opts.s3_endpoint)):
+            raise ComponentError(f"--s3_endpoint {opts.s3_endpoint!r}: not an endpoint URL (http(s)://host[:port][/path], "
+                                 f"as the Helm chart's s3.endpoint)")
+        bad_env = [k for k in (opts.env or {}) if not ENV_NAME.match(str(k))]
+        if bad_env:
+            raise ComponentError(f"--env: {bad_env[0]!r} is not an environment variable name (letters, digits and '_', "
+                                 f"not starting with a digit)")
+        reserved = [k for k in (opts.labels or {}) if str(k).strip().startswith(RESERVED_LABEL_PREFIXES)]
+        if reserved:
+            raise ComponentError(f"--labels: {reserved[0]!r} is set by TorchX or Volcano (prefixes "
+                                 f"{', '.join(RESERVED_LABEL_PREFIXES)}), which select the job's pods by it; choose "
+                                 f"another key")
         for flag, var, given in (("--s3_endpoint", ENDPOINT_ENV, opts.s3_endpoint), ("--s3_secret", SECRET_ENV,
                                                                                    opts.s3_secret)):
             if given and var in (opts.env or {}):  # one value only: which would win is not obvious
@@ -387,19 +414,93 @@ class QuantcoreRole(specs.Role):
     pod: PodOptions = dataclasses.field(default_factory=PodOptions)
     cache_dir: Optional[str] = None  # quantcore --cache-dir: must be on a writable volume of the pod
     grace_s: int = 0  # the pods' terminationGracePeriodSeconds; 0: Kubernetes' default (30 s)
+    # (option, URI, written): the data, checkpoint and out URIs; on Kubernetes a local path must lie
+    # on a mounted PersistentVolumeClaim (a writable one for out), as the Helm chart checks
+    paths: Tuple[Tuple[str, Optional[str], bool], ...] = ()
 
     def pre_proc(self, scheduler: str, dryrun_info: specs.AppDryRunInfo) -> specs.AppDryRunInfo:
         if scheduler == "kubernetes":
             complete_volcano_job(dryrun_info.request.resource, self)
+        elif scheduler in NOT_APPLIED:
+            check_options_apply(self.pod, scheduler)
         return dryrun_info
 
 
+#: The shared options a local scheduler does not apply, by the scheduler's backend name (TorchX's
+#: local_cwd, backend "local", runs processes from the working directory; local_docker, backend
+#: "docker", runs the image with its CPU, memory, mounts and retries).
+NOT_APPLIED: Dict[str, Tuple[str, ...]] = {
+    "local": ("image", "cpu", "memMB", "cache_gb", "mounts", "image_pull_secrets", "tolerations",
+              "node_selector", "labels", "annotations", "deadline_s", "max_retries"),
+    "docker": ("cache_gb", "image_pull_secrets", "tolerations", "node_selector", "labels", "annotations",
+               "deadline_s"),
+}
+_SCHEDULER_NAMES = {"local": "local_cwd", "docker": "local_docker"}
+
+
+def check_options_apply(pod: PodOptions, scheduler: str) -> None:
+    """Refuse shared options given with another value than their default that ``scheduler`` does not
+    apply (a deadline, a mount, a node selector silently ignored would look like it worked)."""
+    default = PodOptions()
+    given = [name for name in NOT_APPLIED[scheduler]
+             if (getattr(pod, name) or None) != (getattr(default, name) or None)]
+    if given:
+        name = _SCHEDULER_NAMES.get(scheduler, scheduler)
+        raise ComponentError(f"{', '.join('--' + g for g in given)}: {'does' if len(given) == 1 else 'do'} not apply on "
+                             f"-s {name} (Kubernetes pod settings); remove {'it' if len(given) == 1 else 'them'} "
+                             f"for this scheduler, or run with -s kubernetes")
+
+
+def _local_path(uri: str) -> Optional[str]:
+    """The path of an absolute local URI (``/p``, ``file:///p``), None otherwise (as the chart)."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return uri if uri.startswith("/") else None
+
+
+def check_pod_paths(paths: Tuple[Tuple[str, Optional[str], bool], ...], mounts: List[specs.VolumeMount]) -> None:
+    """Each local path of ``paths`` must lie on a mounted PersistentVolumeClaim, and one written to on
+    a writable one: the pod's root filesystem is read-only and its emptyDirs start empty and vanish
+    with it (the Helm chart's quantcore.checkLocalPath)."""
+    for flag, uri, write in paths:
+        if not uri:
+            continue  # an option not given
+        path = _local_path(uri)
+        if path is None:
+            continue
+        path = posixpath.normpath(path)
+        on = [m for m in mounts if path == m.dst_path or path.startswith(m.dst_path.rstrip("/") + "/")]
+        if not on:
+            mounted = ", ".join(m.dst_path for m in mounts) or "none"
+            raise ComponentError(f"{flag} {uri!r}: a local path, but no PersistentVolumeClaim is mounted above it "
+                                 f"(mounted: {mounted}); add --mounts type=volume,src=PVC,dst=/mnt/... holding it, or "
+                                 f"use an s3:// URI")
+        vol = max(on, key=lambda m: len(m.dst_path))
+        if write and vol.read_only:
+            raise ComponentError(f"{flag} {uri!r}: written to the PersistentVolumeClaim {vol.src}, which --mounts "
+                                 f"mounts readonly at {vol.dst_path}; drop readonly from that mount")
+
+
+def _uris(**given: Optional[str]) -> None:
+    """Refuse an empty or blank URI (``--data ''``): quantcore would read or write the working directory."""
+    for name, value in given.items():
+        if value is not None and not str(value).strip():
+            raise ComponentError(f"--{name}: empty URI; give an s3:// URI or a path")
+
+
+def _check_layout(layout: str) -> str:
+    key = str(layout).lower().replace("_", "-")
+    if key not in LAYOUTS:
+        raise ComponentError(f"--layout {layout!r}: give one of {', '.join(LAYOUTS)}")
+    return key
+
+
 def _role(role: specs.Role, pod: PodOptions, cache_dir: Optional[str] = None, grace_s: int = 0,
-          **changes: Any) -> QuantcoreRole:
+          paths: Tuple[Tuple[str, Optional[str], bool], ...] = (), **changes: Any) -> QuantcoreRole:
     """``role`` as a :class:`QuantcoreRole` (a new object), with ``changes`` applied."""
     fields = {f.name: getattr(role, f.name) for f in dataclasses.fields(specs.Role)}
     fields.update(changes)
-    return QuantcoreRole(**fields, pod=pod, cache_dir=cache_dir, grace_s=grace_s)
+    return QuantcoreRole(**fields, pod=pod, cache_dir=cache_dir, grace_s=grace_s, paths=paths)
 
 
 def _writable(path: str, mounts: List[specs.VolumeMount]) -> bool:
@@ -445,6 +546,7 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
         raise ComponentError(f"--cache_dir {role.cache_dir}: not on a writable volume of the pod (its root "
                              f"filesystem is read-only): use a path under /cache (sized by --cache_gb) or "
                              f"under a writable --mounts PersistentVolumeClaim")
+    check_pod_paths(role.paths, pod.volume_mounts())
     _add_metadata(job.setdefault("metadata", {}), pod)
     spec = job["spec"]
     gb = f"{pod.cache_gb + TMP_GB + LOG_GB}Gi"
@@ -464,6 +566,9 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
                                  "seccompProfile": {"type": "RuntimeDefault"}}
         ps["automountServiceAccountToken"] = bool(pod.s3_secret)  # jobs.launch reads the Secret via the API
         ps["enableServiceLinks"] = False
+        for v in ps.get("volumes", []):  # TorchX's /dev/shm: unbounded memory of the container
+            if v.get("name") == "dshm" and v.get("emptyDir", {}).get("medium") == "Memory":
+                v["emptyDir"]["sizeLimit"] = f"{min(SHM_MAX_MB, pod.memMB // 2)}Mi"
         ps["volumes"] = ps.get("volumes", []) + [
             {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GB}Gi"}},
             {"name": "cache", "emptyDir": {"sizeLimit": f"{pod.cache_gb}Gi"}}]
@@ -494,6 +599,9 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
             for key in ("command", "args"):
                 if c.get(key):
                     c[key] = [a.replace("$", "$$") for a in c[key]]
+            for e in c.get("env") or []:  # the kubelet expands $(VAR) in env values too: --env is literal
+                if e.get("name") in (pod.env or {}) and isinstance(e.get("value"), str):
+                    e["value"] = e["value"].replace("$", "$$")
             # a tag may move (the node must not run a stale copy); a digest is immutable
             c["imagePullPolicy"] = "IfNotPresent" if "@sha256:" in c.get("image", "") else "Always"
             c["volumeMounts"] = c.get("volumeMounts", []) + [
@@ -505,8 +613,10 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
 
 # ------------------------------------------------------------------------------ components
 
-def _common_flags(workers: int, gpus: int, cache_dir: Optional[str], skip_bad: bool) -> List[str]:
+def _common_flags(workers: int, gpus: int, cache_dir: Optional[str], skip_bad: bool, layout: str) -> List[str]:
     flags = ["--workers", str(workers), "--device", "cuda" if gpus > 0 else "cpu", "--no-progress"]
+    if _check_layout(layout) != "auto":
+        flags += ["--layout", layout]
     if cache_dir:
         flags += ["--cache-dir", cache_dir]
     if skip_bad:
@@ -519,7 +629,8 @@ def _check_workers(workers: int) -> None:
         raise ComponentError(f"--workers must be >= 0, got {workers}")
 
 
-def _app(command: str, cli_args: List[str], pod: PodOptions, cache_dir: Optional[str]) -> specs.AppDef:
+def _app(command: str, cli_args: List[str], pod: PodOptions, cache_dir: Optional[str],
+         paths: Tuple[Tuple[str, Optional[str], bool], ...] = ()) -> specs.AppDef:
     """One container: ``python -m jobs.launch quantcore COMMAND ARGS``; with ``gpus`` > 1 one rank per
     GPU, as the Helm chart's Jobs: ``... jobs.launch python -m jobs.torchrun --standalone
     --nproc_per_node GPUS --max_restarts 0 -m quantcore.cli COMMAND ARGS`` (calibrate, evaluate and
@@ -542,12 +653,14 @@ def _app(command: str, cli_args: List[str], pod: PodOptions, cache_dir: Optional
         mounts=pod.volume_mounts(),
         pod=pod,
         cache_dir=cache_dir,
+        paths=paths,
     )
     return specs.AppDef(name=f"quantcore-{command}", roles=[role])
 
 
 def _torchrun_app(app: specs.AppDef, name: str, pod: PodOptions, torchrun_opts: List[str],
-                  cache_dir: Optional[str] = None, grace_s: int = 0) -> specs.AppDef:
+                  cache_dir: Optional[str] = None, grace_s: int = 0,
+                  paths: Tuple[Tuple[str, Optional[str], bool], ...] = ()) -> specs.AppDef:
     """torchx.components.dist.ddp's app with its ``torchrun`` replaced by ``jobs.launch`` +
     ``jobs.torchrun`` (``torchrun_opts`` put first) and our PVC mounts."""
     (role,) = app.roles
@@ -559,8 +672,8 @@ def _torchrun_app(app: specs.AppDef, name: str, pod: PodOptions, torchrun_opts: 
     # status, not restarting after it, and running each rank through its per-rank shim.
     launch = " ".join(shlex.quote(a) for a in LAUNCHER + TORCHRUN + torchrun_opts)
     cmd = f"exec {launch} {torchrun_cmd[len('torchrun '):]}"
-    new = _role(role, pod, cache_dir, grace_s, name=name, args=["-c", cmd], retry_policy=specs.RetryPolicy.APPLICATION,
-                mounts=pod.volume_mounts())
+    new = _role(role, pod, cache_dir, grace_s, paths, name=name, args=["-c", cmd],
+                retry_policy=specs.RetryPolicy.APPLICATION, mounts=pod.volume_mounts())
     return specs.AppDef(name=app.name, roles=[new], metadata=dict(app.metadata))
 
 
@@ -571,6 +684,7 @@ def calibrate(
     out: str,
     split: str = "train",
     checkpoint: Optional[str] = None,
+    layout: str = "auto",
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
@@ -605,6 +719,8 @@ def calibrate(
         out: output URI prefix for checkpoints, encodings and reports (s3://bucket/prefix)
         split: dataset split to draw the calibration images from
         checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
+        layout: dataset layout (quantcore --layout): auto, folder (ImageNet class folders), zip (zip
+            shards), resisc; auto detects it
         workers: DataLoader worker processes decoding images (quantcore --workers)
         cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
             /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
@@ -612,6 +728,7 @@ def calibrate(
     """
     pod = PodOptions.of(locals())
     _check_workers(workers)
+    _uris(data=data, out=out, checkpoint=checkpoint)
     recipes = _as_list(recipe, "--recipe")
     if not recipes:
         raise ComponentError("--recipe: at least one recipe is needed")
@@ -621,8 +738,9 @@ def calibrate(
     args += ["--data", data, "--split", split, "--out", out]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
-    return _app("calibrate", args, pod, cache_dir)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad, layout)
+    return _app("calibrate", args, pod, cache_dir,
+                (("--data", data, False), ("--checkpoint", checkpoint, False), ("--out", out, True)))
 
 
 @component
@@ -633,6 +751,7 @@ def evaluate(
     split: str = "val",
     limit: int = 0,
     batch_size: int = 64,
+    layout: str = "auto",
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
@@ -666,6 +785,8 @@ def evaluate(
         split: dataset split to evaluate on
         limit: evaluate on a seeded, class-stratified sample of N images; 0 evaluates the whole split
         batch_size: evaluation batch size
+        layout: dataset layout (quantcore --layout): auto, folder (ImageNet class folders), zip (zip
+            shards), resisc; auto detects it
         workers: DataLoader worker processes decoding images (quantcore --workers)
         cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
             /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
@@ -673,14 +794,16 @@ def evaluate(
     """
     pod = PodOptions.of(locals())
     _check_workers(workers)
+    _uris(checkpoint=checkpoint, data=data, out=out)
     if limit < 0 or batch_size < 1:
         raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
     args = ["--checkpoint", checkpoint, "--data", data, "--split", split, "--out", out,
             "--batch-size", str(batch_size)]
     if limit:
         args += ["--limit", str(limit)]
-    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
-    return _app("evaluate", args, pod, cache_dir)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad, layout)
+    return _app("evaluate", args, pod, cache_dir,
+                (("--checkpoint", checkpoint, False), ("--data", data, False), ("--out", out, True)))
 
 
 @component
@@ -692,6 +815,7 @@ def export(
     check_data: Optional[str] = None,
     check_split: Optional[str] = None,
     check_limit: int = 0,
+    check_skip_bad: bool = False,
     image: str = OPTS.image,
     cpu: int = OPTS.cpu,
     memMB: int = OPTS.memMB,
@@ -721,6 +845,7 @@ def export(
         check_data: dataset URI whose images run through onnxruntime and the fake-quant model
         check_split: split of check_data (default val, as evaluate)
         check_limit: check on a seeded, class-stratified sample of N images of check_data; 0 = the whole split
+        check_skip_bad: skip undecodable images of check_data and list them in the export report
     """
     pod = PodOptions.of({**locals(), "gpus": 0})  # OPTIONS_NOT_TAKEN: no GPU
     if check_limit < 0:
@@ -732,9 +857,10 @@ def export(
     if items != ["all"] and (not items or any(i not in EXPORT_FORMATS for i in items)):
         raise ComponentError(f"--format {format!r}: give one of {list(EXPORT_FORMATS)}, a comma-separated list of "
                              f"them, or all")
-    if not check_data and (check_split or check_limit):
-        raise ComponentError("--check_split and --check_limit apply to the images of --check_data: set "
-                             "--check_data, or remove them")
+    _uris(checkpoint=checkpoint, out=out, check_data=check_data)
+    if not check_data and (check_split or check_limit or check_skip_bad):
+        raise ComponentError("--check_split, --check_limit and --check_skip_bad apply to the images of --check_data: "
+                             "set --check_data, or remove them")
     args = [checkpoint, "--out", out, "--format", format]
     if opset:
         args += ["--opset", str(opset)]
@@ -742,7 +868,10 @@ def export(
         args += ["--check-data", check_data, "--check-split", check_split or "val"]
         if check_limit:
             args += ["--check-limit", str(check_limit)]
-    return _app("export", args, pod, None)
+        if check_skip_bad:
+            args.append("--check-skip-bad")
+    return _app("export", args, pod, None, (("--checkpoint", checkpoint, False), ("--out", out, True),
+                                             ("--check_data", check_data, False)))
 
 
 @component
@@ -756,6 +885,7 @@ def ptq(
     checkpoint: Optional[str] = None,
     limit: int = 0,
     batch_size: int = 64,
+    layout: str = "auto",
     workers: int = 4,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
@@ -794,6 +924,8 @@ def ptq(
         checkpoint: FP32 weights URI (s3:// or path) overriding the recipe's model weights
         limit: evaluate on a seeded, class-stratified sample of N images; 0 evaluates the whole split
         batch_size: evaluation batch size (calibration uses the recipe's)
+        layout: dataset layout (quantcore --layout): auto, folder (ImageNet class folders), zip (zip
+            shards), resisc; auto detects it (of both datasets)
         workers: DataLoader worker processes decoding images (quantcore --workers)
         cache_dir: local directory caching remote zip shards (quantcore --cache-dir), e.g.
             /cache/shards (on Kubernetes: under /cache, see cache_gb, or on a writable mount); unset: no cache
@@ -801,6 +933,7 @@ def ptq(
     """
     pod = PodOptions.of(locals())
     _check_workers(workers)
+    _uris(calib_data=calib_data, out=out, eval_data=eval_data, checkpoint=checkpoint)
     if limit < 0 or batch_size < 1:
         raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
     recipes = _as_list(recipe, "--recipe")
@@ -816,8 +949,10 @@ def ptq(
         args += ["--checkpoint", checkpoint]
     if limit:
         args += ["--limit", str(limit)]
-    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad)
-    return _app("ptq", args, pod, cache_dir)
+    args += _common_flags(workers, pod.gpus, cache_dir, skip_bad, layout)
+    return _app("ptq", args, pod, cache_dir,
+                (("--calib_data", calib_data, False), ("--eval_data", eval_data or calib_data, False),
+                 ("--checkpoint", checkpoint, False), ("--out", out, True)))
 
 
 @component
@@ -830,7 +965,7 @@ def ddp(
     nproc_per_node: int = 0,
     name: str = "quantcore-ddp",
     rdzv_backend: str = "c10d",
-    rdzv_port: int = 29500,
+    rdzv_port: int = RDZV_PORT,
     image: str = OPTS.image,
     gpus: int = OPTS.gpus,
     cpu: int = OPTS.cpu,
@@ -890,7 +1025,9 @@ def ddp(
         raise ComponentError(f"--nnodes must be >= 1, got {nnodes}")
     if not 0 <= min_nnodes <= nnodes:
         raise ComponentError(f"--min_nnodes must be between 0 and --nnodes ({nnodes}), got {min_nnodes}")
-    _check_rdzv(rdzv_backend, rdzv_port, elastic=0 < min_nnodes < nnodes)
+    _check_rdzv(rdzv_backend, rdzv_port, nnodes, elastic=0 < min_nnodes < nnodes)
+    if script and m != "quantcore.cli":
+        raise ComponentError(f"--m {m!r} and --script {script!r}: each rank runs one of them; give only one")
     if not script and not (m or "").strip():
         raise ComponentError("--m is empty and no --script is given: name the module each rank runs "
                              "(default quantcore.cli) or a script")
@@ -918,13 +1055,19 @@ def ddp(
 RDZV_BACKENDS = ("c10d", "static")  # etcd/etcd-v2 need an etcd server the components do not deploy
 
 
-def _check_rdzv(backend: str, port: int, elastic: bool = False) -> None:
-    """Rendezvous settings torchrun would only reject inside the pods (then retried max_retries times)."""
+def _check_rdzv(backend: str, port: int, nnodes: int, elastic: bool = False) -> None:
+    """Rendezvous settings torchrun would only reject inside the pods (then retried max_retries times),
+    and a port that cannot apply (one node rendezvouses on a free local port)."""
     if backend not in RDZV_BACKENDS:
         raise ComponentError(f"--rdzv_backend {backend!r}: use one of {', '.join(RDZV_BACKENDS)} (c10d: rank 0's "
                              "host serves the rendezvous; etcd needs a server these components do not deploy)")
-    if not 1 <= int(port) <= 65535:
-        raise ComponentError(f"--rdzv_port {port}: not a TCP port (1..65535)")
+    lo, hi = RDZV_PORTS
+    if not lo <= int(port) <= hi:
+        raise ComponentError(f"--rdzv_port {port}: use {lo}..{hi} (the ranks run without privileges, which a port "
+                             f"below {lo} needs; the Helm chart's rdzvPort takes the same)")
+    if nnodes == 1 and int(port) != RDZV_PORT:
+        raise ComponentError(f"--rdzv_port {port} with --nnodes 1: a single node rendezvouses on a free local port, "
+                             f"the port applies to multi-node jobs only; remove it")
     if elastic and backend == "static":
         raise ComponentError("--rdzv_backend static with --min_nnodes < --nnodes: a static rendezvous waits for "
                              "all --nnodes nodes, so the job is not elastic; use c10d, or drop --min_nnodes")
@@ -944,15 +1087,17 @@ def qat(
     max_steps: int = 0,
     batch_size: int = 0,
     eval_limit: int = 0,
+    layout: str = "auto",
     workers: int = -1,
     cache_dir: Optional[str] = None,
     skip_bad: bool = False,
+    resume: bool = True,
     nnodes: int = 1,
     nproc_per_node: int = 0,
     max_restarts: int = 3,
     grace_s: int = 180,
     name: str = "quantcore-qat",
-    rdzv_port: int = 29500,
+    rdzv_port: int = RDZV_PORT,
     image: str = OPTS.image,
     gpus: int = OPTS.gpus,
     cpu: int = OPTS.cpu,
@@ -1003,11 +1148,16 @@ def qat(
         batch_size: batch size per rank (the global batch is batch_size x nnodes x nproc_per_node);
             0: the recipe's qat.batch_size
         eval_limit: final evaluation on a seeded, class-stratified sample of N images; 0: all
+        layout: dataset layout (quantcore --layout): auto, folder (ImageNet class folders), zip (zip
+            shards), resisc; auto detects it (of both datasets)
         workers: DataLoader worker processes per rank; -1: the recipe's qat.num_workers
         cache_dir: directory caching remote zip shards between epochs (quantcore --cache-dir), e.g.
             /cache/shards with a cache_gb that holds the dataset, or a path on a writable mounted
             PersistentVolumeClaim (see mounts) to keep it across pods; unset: no cache
         skip_bad: skip corrupt or missing images and list them in the report instead of failing
+        resume: False: start over (quantcore --no-resume), deleting the checkpoints under
+            <out>/checkpoints at the first start; torchrun's in-place restarts still resume from the
+            run's own. Needs max_retries 0: a Volcano retry would start over again (or use a new out)
         nnodes: number of nodes (containers, scheduled together as one gang)
         nproc_per_node: ranks per node; 0: one per GPU (gpus), or 1 when gpus is 0. With gpus > 0
             it must equal gpus (each rank uses its own GPU, cuda:LOCAL_RANK)
@@ -1038,6 +1188,10 @@ def qat(
     recipe_ref = str(recipe).strip()
     if not recipe_ref:
         raise ComponentError("--recipe: a recipe is needed")
+    if "," in recipe_ref:
+        raise ComponentError(f"--recipe {recipe_ref!r}: qat trains one recipe (a comma separates recipes in the "
+                             f"calibrate and ptq components); submit one qat job per recipe")
+    _uris(data=data, out=out, eval_data=eval_data, checkpoint=checkpoint, init=init)
     args = ["qat", "--recipe", recipe_ref, "--data", data, "--split", split, "--out", out,
             "--eval-data", eval_data or data, "--eval-split", eval_split]
     for flag, value in (("--checkpoint", checkpoint), ("--init", init), ("--cache-dir", cache_dir)):
@@ -1047,10 +1201,18 @@ def qat(
                                 ("--eval-limit", eval_limit, 0), ("--workers", workers, -1)):
         if number != unset:
             args += [flag, str(number)]
+    if _check_layout(layout) != "auto":
+        args += ["--layout", layout]
     args += ["--device", "cuda" if pod.gpus > 0 else "cpu", "--no-progress"]
     if skip_bad:
         args.append("--skip-bad")
-    _check_rdzv("c10d", rdzv_port)
+    if not resume:
+        if pod.max_retries:
+            raise ComponentError(f"--resume False with --max_retries {pod.max_retries}: every retry of the job would "
+                                 f"delete the checkpoints it wrote and start over; set --max_retries 0, or keep "
+                                 f"resuming and give a new --out")
+        args.append("--no-resume")
+    _check_rdzv("c10d", rdzv_port, nnodes)
     app = dist.ddp(
         *args,
         m="quantcore.cli",
@@ -1070,4 +1232,6 @@ def qat(
     # the pod's grace period (as the Helm chart's qat Jobs).
     opts = ["--max_restarts", str(max_restarts), "--rdzv_conf", "read_timeout=300",
             "--shutdown_timeout", str(grace_s - 15)]
-    return _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s)
+    return _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s,
+                         (("--data", data, False), ("--eval_data", eval_data or data, False),
+                          ("--checkpoint", checkpoint, False), ("--init", init, False), ("--out", out, True)))

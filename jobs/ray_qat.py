@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from jobs._args import parse_once
 from jobs._tags import ascii_tag
@@ -277,7 +277,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--checkpoint", default=None, help="FP32 weights (local/s3) overriding the recipe's.")
     a("--init", default=None, help="Start from this PTQ checkpoint (model.qc.pt) instead of calibrating.")
     a("--num-workers", type=int, default=2, help="Ray Train workers = data-parallel ranks. Default 2.")
-    a("--use-gpu", action="store_true", help="One GPU per worker, NCCL (default: CPU, gloo).")
+    a("--use-gpu", action="store_true", help="One GPU per worker, NCCL (default: CPU, gloo). Refused when the "
+                                             "Ray cluster has fewer GPUs than workers 2 minutes after start.")
+    a("--wait-for-gpus", action="store_true", help="With --use-gpu: wait for GPU nodes an autoscaler adds instead "
+                                                   "of refusing a cluster with too few GPUs.")
     a("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves (also its torch threads). "
                                                           "Default 1.")
     a("--storage-path", default=None,
@@ -306,7 +309,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> LoopConfig:
-    """Check the arguments and the recipe (no Ray needed); raises :class:`UserError`."""
+    """Check the arguments and the recipe (no Ray needed, no writes: :func:`check_locations` probes the
+    outputs); raises :class:`UserError`."""
     from quantcore.recipe import load_recipe
 
     for flag, v, low in (("--num-workers", args.num_workers, 1), ("--epochs", args.epochs, 1),
@@ -321,9 +325,12 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
         raise RayQATError(f"--cpus-per-worker must be a fraction in (0, 1] or a whole number, got {cpw:g}")
     if args.name is not None and ascii_tag(args.name, "") != args.name:
         raise RayQATError(f"--name {args.name!r}: use printable ASCII (Ray's metric tags carry the run name)")
-    if args.storage_path is not None and "://" in args.storage_path \
-            and not args.storage_path.lower().startswith(("s3://", "gs://", "file://")):
-        raise RayQATError(f"--storage-path {args.storage_path}: use s3://bucket/prefix, gs://... or a shared path")
+    if args.wait_for_gpus and not args.use_gpu:
+        raise RayQATError("--wait-for-gpus applies to --use-gpu workers only: add --use-gpu, or remove it")
+    _check_storage_path(args.storage_path)
+    from quantcore.qat import check_start
+
+    check_start(args.init, args.checkpoint)
     recipe = load_recipe(args.recipe)
     if recipe.qat is None:
         raise RayQATError(f"recipe {args.recipe}: no qat: section (epochs, batch_size, optimizer ...): there is "
@@ -342,6 +349,33 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
                       epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       eval_limit=args.eval_limit, workers=args.workers, layout=args.layout,
                       skip_bad=args.skip_bad, cache_dir=args.cache_dir)
+
+
+def _check_storage_path(path: Optional[str]) -> None:
+    """``--storage-path`` as Ray Train (pyarrow) takes it: s3://BUCKET/..., gs://..., file:// or an absolute
+    path every node shares; an S3 one must be writable (one probe object, as --out). Checked here, not
+    after Ray started its controller (a typo would fail with exit 1, which launchers retry)."""
+    if path is None:
+        return
+    low = path.lower()
+    if "://" in path and not low.startswith(("s3://", "gs://", "file://")):
+        raise RayQATError(f"--storage-path {path}: use s3://bucket/prefix, gs://... or a shared path")
+    if "://" not in path and not path.startswith("/"):
+        raise RayQATError(f"--storage-path {path}: a relative path; give an absolute path every node shares, or "
+                          f"s3://bucket/prefix")
+    if low.startswith(("s3://", "gs://")) and not path.split("://", 1)[1].split("/", 1)[0]:
+        raise RayQATError(f"--storage-path {path}: no bucket; give s3://bucket/prefix")
+
+
+def check_locations(out: str, storage_path: Optional[str]) -> None:
+    """``--out`` and an S3 ``--storage-path`` are writable (one probe object each, quantcore's
+    ``check_out``): a missing bucket or no permission is said before Ray Train starts its controller,
+    not as a worker or controller traceback with exit 1 (which launchers retry)."""
+    from quantcore.pipeline import check_out
+
+    check_out(out)
+    if storage_path is not None and _s3(storage_path):
+        check_out(storage_path, flag="--storage-path")
 
 
 def _check_exists(flag: str, uri: Optional[str]) -> None:
@@ -372,13 +406,32 @@ def _check_data(flag: str, uri: str, split: str, layout: str) -> None:
                           f"for {layouts_looked_for(split)})")
 
 
-def gpu_warning(use_gpu: bool, workers: int, resources: Dict[str, float]) -> Optional[str]:
-    """What to say when ``--use-gpu`` workers ask for GPUs the Ray cluster has none of now (the run then
-    waits for GPU nodes, which only an autoscaler brings); None otherwise."""
-    if use_gpu and not resources.get("GPU"):
-        return (f"--use-gpu: the {workers} workers ask one GPU each, but no node of the Ray cluster has a GPU "
-                f"now; they wait for GPU nodes (an autoscaling cluster adds them). Without --use-gpu they train "
-                f"on CPUs")
+#: how long a --use-gpu run waits for the Ray cluster's GPUs to register (KubeRay's worker pods may join
+#: shortly after the head) before it is refused
+GPU_WAIT_S = 120.0
+
+
+def check_gpus(use_gpu: bool, workers: int, resources: Callable[[], Dict[str, float]], wait_for_gpus: bool,
+               wait_s: float = GPU_WAIT_S, sleep: Callable[[float], None] = time.sleep) -> Optional[str]:
+    """``--use-gpu`` workers need ``workers`` GPUs in the Ray cluster (``resources()``, e.g.
+    ``ray.cluster_resources``). Fewer after ``wait_s`` seconds: :class:`RayQATError` (a cluster without an
+    autoscaler never gets them, and the run would wait until its deadline), or with ``wait_for_gpus`` (an
+    autoscaling cluster adds GPU nodes) a warning, returned; None when the GPUs are there."""
+    if not use_gpu:
+        return None
+    waited = 0.0
+    while resources().get("GPU", 0.0) < workers:
+        have = resources().get("GPU", 0.0)
+        said = (f"--use-gpu: the {workers} workers ask one GPU each, but the Ray cluster has "
+                f"{'no' if not have else f'{have:g}'} GPU{'' if have == 1 else 's'}")
+        if wait_for_gpus:
+            return f"{said} now; they wait for GPU nodes (--wait-for-gpus: an autoscaler adds them)"
+        if waited >= wait_s:
+            raise RayQATError(f"{said} ({wait_s:.0f} s after start): without an autoscaler they would wait until the "
+                              f"job's deadline. Use --num-workers <= the GPUs, drop --use-gpu to train on CPUs, or pass "
+                              f"--wait-for-gpus when an autoscaler adds GPU nodes")
+        sleep(5.0)
+        waited += 5.0
     return None
 
 
@@ -427,6 +480,7 @@ def run(cfg: LoopConfig, args: argparse.Namespace) -> Dict[str, Any]:
     """Start (or join) Ray and run the trainer; returns rank 0's summary. Raises Ray Train's
     ``TrainingFailedError`` when the workers failed more than ``--max-failures`` times."""
     os.environ.setdefault(STATE_TRACKING_ENV, "1")  # read by TorchTrainer in this driver: the dashboard's Train page
+    check_locations(cfg.out, args.storage_path)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -435,7 +489,7 @@ def run(cfg: LoopConfig, args: argparse.Namespace) -> Dict[str, Any]:
         from quantcore.plugins import runtime_env
 
         ray.init(address=args.address, log_to_driver=True, runtime_env=runtime_env() or None)
-    warning = gpu_warning(args.use_gpu, args.num_workers, ray.cluster_resources())
+    warning = check_gpus(args.use_gpu, args.num_workers, ray.cluster_resources, args.wait_for_gpus)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     path, fs = storage_location(args.storage_path, cfg.out)

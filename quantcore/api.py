@@ -29,7 +29,8 @@ from .config import Recipe
 from .encoding_table import encodings_table
 from .errors import CalibrationError, PlacementError, UserError, one_line
 from .models import create_model
-from .placement import place_quantizers, quantizers, unify_shared_ranges, unwrap
+from .placement import (place_quantizers, quantizers, unequal_shared_ranges, unify_shared_ranges,
+                        unwrap)
 from .quantizer_kinds.affine import MIN_SCALE
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
@@ -629,6 +630,11 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     load_state_strict(model, state, uri)
     model.quantcore_meta = meta
     _check_transform(model, meta, uri)
+    for group in unequal_shared_ranges(model):
+        log.warning("checkpoint %s: quantizers %s share one range in this quantcore's placement (one kernel reads "
+                    "them), but were calibrated with different ranges (by an older quantcore): they keep their own "
+                    "ranges here and encodings.json does not report them as shared; re-calibrate (quantcore ptq), "
+                    "or quantcore.unify_shared_ranges(model) gives them the union", uri, ", ".join(group))
     return model.eval()
 
 

@@ -166,6 +166,12 @@ def _known_backend(name: str) -> str:
     return name
 
 
+#: the calibration fields every quantcore dump has spelled out (dump_recipe writes all fields); a
+#: recipe file naming them all is read as a dump (Recipe._calibration_applies)
+_DUMPED_CALIBRATION = frozenset({"method", "percentile", "weights_method", "num_batches", "batch_size",
+                                 "images_per_class", "bins", "seed"})
+
+
 class CalibrationConfig(_Strict):
     method: CalibMethod = "percentile"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
@@ -408,7 +414,9 @@ class Recipe(_Strict):
         """``calibration`` fields written in the recipe that no quantizer can read are refused, not
         dropped: in a recipe file whatever their value (``method: percentile`` beside
         ``quant.activations.calibrator: max`` too, though percentile is the default), in any other dict
-        when they differ from the default (``Recipe.model_validate(r.model_dump())`` round-trips).
+        when they differ from the default (``Recipe.model_validate(r.model_dump())`` round-trips). A
+        recipe file whose ``calibration`` spells out every field is a dump (older quantcore versions
+        wrote the inert defaults too) and is read as a dict.
         :func:`~quantcore.recipe.dump_recipe` leaves such fields out, so a dump (``show-recipe``,
         ``search_recipe.yaml``) loads again as a file."""
         if _stored(info):
@@ -417,6 +425,10 @@ class Recipe(_Strict):
         # a recipe file: every field written counts, whatever its value; any other dict (a model_dump
         # handed between processes spells out every default) is compared with the defaults
         written = bool(info is not None and info.context and info.context.get("written"))
+        if written and _DUMPED_CALIBRATION <= c.model_fields_set:
+            # every field spelled out: a dump (show-recipe, search_recipe.yaml) of an older quantcore,
+            # which wrote the inert defaults too; its values are compared with the defaults, as a dict's
+            written = False
         given = c.model_fields_set if written else {f for f in type(c).model_fields
                                                     if getattr(c, f) != getattr(defaults, f)}
         for field, why in self.inert_calibration_fields().items():

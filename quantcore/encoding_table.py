@@ -48,7 +48,7 @@ def _kind_fields(name: str, q, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
-    from .placement import quantizers
+    from .placement import quantizers, unequal_shared_ranges
 
     share = getattr(getattr(model, "quantcore_placement", None), "share_groups", []) or []
     qs = quantizers(model)
@@ -56,6 +56,10 @@ def quantizer_rows(model: nn.Module) -> list[dict[str, Any]]:
     acting = {n for n, q in qs.items() if q.spec.on_grid}
     shared_with = {n: [m for m in g if m != n and m in acting] for g in share for n in g if n in acting}
     shared_with = {n: v for n, v in shared_with.items() if v}
+    # a checkpoint calibrated before its members were shared keeps their own ranges: not one grid
+    for group in unequal_shared_ranges(model):
+        for n in group:
+            shared_with.pop(n, None)
     rows = []
     for name, q in qs.items():
         if q.spec.learnable and q.scale is not None:  # QAT in progress: the learned grid, as convert() writes it

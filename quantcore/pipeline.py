@@ -439,25 +439,25 @@ def _limited(ds: Any, data: "DataSpec") -> tuple:
     return limit_subset(ds, data.limit)
 
 
-def check_out(out: str) -> None:
-    """``--out`` must be a writable directory or s3:// prefix: refused before any work (a file, a
-    missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
+def check_out(out: str, flag: str = "--out") -> None:
+    """``out`` (the option ``flag``) must be a writable directory or s3:// prefix: refused before any work
+    (a file, a missing bucket, no permission), by writing and deleting one empty probe object there (rank 0)."""
     if not storage.is_s3(out):
         path = storage.local_path(out)
         if os.path.isfile(path):
-            raise UserError(f"--out {out}: is a file; give a directory (local or s3:// prefix)")
+            raise UserError(f"{flag} {out}: is a file; give a directory (local or s3:// prefix)")
     if distributed.rank() != 0:
         return
     probe = storage.join(out, f".quantcore-write-check-{os.getpid()}")
     try:
         storage.write_bytes(probe, b"")
     except (OSError, ValueError) as e:  # StorageError is an OSError
-        raise UserError(f"--out {out}: cannot write there ({type(e).__name__}: {e}); give a writable directory "
+        raise UserError(f"{flag} {out}: cannot write there ({type(e).__name__}: {e}); give a writable directory "
                         "or s3:// prefix") from None
     try:
         storage.delete(probe)
     except (OSError, ValueError) as e:  # writing is what the run needs; a role without delete rights may
-        log.warning("--out %s: could not delete the write probe %s (%s); it is empty and can be removed", out,
+        log.warning("%s %s: could not delete the write probe %s (%s); it is empty and can be removed", flag, out,
                     probe, e)
 
 

@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -180,6 +181,27 @@ def _set_train_mode(model: nn.Module, cfg: QATConfig, step: int) -> None:
     if frozen:
         for m in _bn_modules(model):
             m.eval()
+
+
+def _group_layout(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
+    """The parameter names of each optimizer group, in order: recorded in a training checkpoint so a
+    resume under other groups (another optimizer recipe, another quantcore) is refused rather than
+    handing one tensor's momentum to another."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]
+
+
+def _grouping_changed(saved: dict, opt: torch.optim.Optimizer) -> bool:
+    """For checkpoints without a group layout: True when a saved optimizer state shape differs from
+    its parameter's (same group sizes, other members)."""
+    state = saved.get("state", {})
+    ids = [i for g in saved.get("param_groups", []) for i in g.get("params", [])]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in zip(ids, params):
+        for v in state.get(i, {}).values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                return True
+    return False
 
 
 def _param_groups(model: nn.Module, cfg: QATConfig) -> list[dict]:
@@ -357,6 +379,23 @@ def decode_train_state(data: bytes, uri: str) -> dict[str, Any]:
         raise CheckpointError(f"training checkpoint {uri} cannot be read: {err}") from None
 
 
+def check_start(init: str | None, checkpoint: str | None) -> None:
+    """What a run starts from: ``--init`` (a calibrated checkpoint) or ``--checkpoint`` (FP32 weights), not
+    both. Raises :class:`UserError`."""
+    if init and checkpoint:
+        raise UserError(f"--init {init} and --checkpoint {checkpoint}: give one (--init starts from a calibrated "
+                        "checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")
+
+
+def _torchrun_restart() -> int:
+    """How many times torchrun has restarted this run's ranks in place (``TORCHELASTIC_RESTART_COUNT``;
+    0 outside torchrun): a restart is the same run, so ``--no-resume`` must not discard its checkpoints."""
+    try:
+        return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), 0)
+    except ValueError:
+        return 0
+
+
 def discard_checkpoints(out: str) -> int:
     """Delete the training checkpoints under ``OUT/checkpoints`` (``--no-resume``: start over), with a
     warning saying how many; returns that number."""
@@ -436,7 +475,6 @@ class _SigtermOutsideSteps(_Sigterm):
     checkpointed at that point, a restart resumes from the latest checkpoint under --out, if any."""
 
     def _handle(self, signum, frame) -> None:
-        import os
         import sys
 
         print("preempted: SIGTERM outside the training steps (start-up, calibration or final evaluation): "
@@ -494,6 +532,15 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
         fp32 = fp32.to(ctx.device).eval()
         teacher = _prechecks(cfg, fp32, ctx.device, eval_classes)
         info = dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}, init=opts.init)
+        from .placement import unequal_shared_ranges, unify_shared_ranges
+
+        unequal = unequal_shared_ranges(model)
+        if unequal:  # the trained model must keep the deployed constraint: one range per group
+            unify_shared_ranges(model)
+            info["start_warnings"] = [
+                f"--init {opts.init}: quantizers {', '.join(g)} were calibrated with different ranges (by an older "
+                f"quantcore) but share one range here: QAT starts them from the union of their ranges, and the PTQ "
+                f"figures are those of the unified model" for g in unequal]
         if ctx.is_main and not resuming:
             api.save(model, ptq_uri, extra={"calibration": info})
         distributed.barrier()
@@ -764,9 +811,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
 
     from .pipeline import _with_checkpoint, check_cache_dir, check_out
 
-    if opts.init and opts.checkpoint:
-        raise UserError(f"--init {opts.init} and --checkpoint {opts.checkpoint}: give one (--init starts from "
-                        "a calibrated checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")
+    check_start(opts.init, opts.checkpoint)
     cfg = _qat_config(recipe, opts)
     recipe = recipe.model_copy(update={"qat": cfg})
     if cfg.ranges == "learned" and not _may_learn(recipe):  # before calibrating; checked again on the model
@@ -778,10 +823,14 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     check_cache_dir(train, evald)
     check_out(out)
     dev = ctx.device
-    if not opts.resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
+    resume = opts.resume or _torchrun_restart() > 0
+    if not resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
         discard_checkpoints(out)
+    elif not opts.resume:
+        log.info("--no-resume: restart %d of this run by torchrun, which resumes from the run's own checkpoints "
+                 "(the earlier ones were discarded at its first start)", _torchrun_restart())
     unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
-    found = latest_checkpoint(out, unverified) if (opts.resume and ctx.is_main) else None
+    found = latest_checkpoint(out, unverified) if (resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
     if ckpt_uri is not None and found is None:  # other ranks read the one rank 0 chose
         found = (ckpt_uri, decode_train_state(storage.read_bytes(ckpt_uri), ckpt_uri))
@@ -827,11 +876,22 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     gb = cfg.batch_size * ctx.world_size
     steps_per_epoch = (n + gb - 1) // gb
     total_steps = cfg.epochs * steps_per_epoch
+    # settings that do not act as written: logged (once, not per resume) and kept for the report
+    setup_warnings: list[str] = []
+
+    def setup_warning(msg: str) -> None:
+        setup_warnings.append(msg)
+        if ctx.is_main and state_in is None:
+            log.warning("%s", msg)
+
+    for msg in cal_info.pop("start_warnings", []):
+        setup_warning(msg)
+
     if cfg.max_steps is not None:
-        if cfg.max_steps > total_steps and ctx.is_main and state_in is None:  # said once, not per resume
-            log.warning("qat.max_steps %d: the run has %d steps (%d epochs x %d steps of %d images over %d "
-                        "rank(s)), so the cap is never reached; it trains %d", cfg.max_steps, total_steps,
-                        cfg.epochs, steps_per_epoch, gb, ctx.world_size, total_steps)
+        if cfg.max_steps > total_steps:
+            setup_warning(f"qat.max_steps {cfg.max_steps}: the run has {total_steps} steps ({cfg.epochs} epochs x "
+                          f"{steps_per_epoch} steps of {min(gb, n)} images over {ctx.world_size} rank(s)), so the cap "
+                          f"is never reached; it trains {total_steps}")
         total_steps = min(total_steps, cfg.max_steps)
     example_shape = list(getattr(unwrap(model).quantcore_placement, "example_input_shape", []) or [])
 
@@ -855,34 +915,47 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         from .checkpoint import load_state_strict
 
         load_state_strict(model, state_in["model"], ckpt_uri)
-        opt.load_state_dict(state_in["optimizer"])
-        sched.load_state_dict(state_in["scheduler"])
-        scaler.load_state_dict(state_in["scaler"])
+        groups = _group_layout(model, opt)
+        older = ("it was written by an older quantcore (its optimizer parameter groups differ from this version's); "
+                 "finish it with that version, or start a new --out or pass --no-resume")
+        if "param_groups" in state_in and state_in["param_groups"] != groups:
+            raise CheckpointError(f"training checkpoint {ckpt_uri}: the optimizer's parameter groups differ from "
+                                  f"this run's (recipe qat.optimizer or the quantizers changed?); start a new --out "
+                                  f"or pass --no-resume")
+        if "param_groups" not in state_in and _grouping_changed(state_in["optimizer"], opt):
+            # same group count and sizes, other members: loading would give momentum to the wrong tensors
+            raise CheckpointError(f"training checkpoint {ckpt_uri} cannot be resumed: {older}")
+        try:
+            opt.load_state_dict(state_in["optimizer"])
+            sched.load_state_dict(state_in["scheduler"])
+            scaler.load_state_dict(state_in["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"training checkpoint {ckpt_uri} cannot be resumed: {older} ({err})") from None
         rngs = state_in["rng"]
         if len(rngs) == ctx.world_size:
             _set_rng_state(rngs[ctx.rank], dev)
         st = _State(int(state_in["step"]), int(state_in["epoch"]), int(state_in["consumed"]),
                     list(state_in["metrics"]), float(state_in.get("train_s", 0.0)))
-    if cfg.bn == "freeze" and cfg.bn_freeze_step >= total_steps and ctx.is_main:
-        log.warning("qat.bn_freeze_step %d >= the run's %d steps: the BatchNorm statistics never freeze (bn: "
-                    "freeze acts as bn: train)", cfg.bn_freeze_step, total_steps)
-    if gb > n and ctx.is_main:
-        log.warning("qat.batch_size %d x %d rank(s) = %d is larger than the %d training images: each epoch is "
-                    "one step of %d images", cfg.batch_size, ctx.world_size, gb, n, n)
-    if cfg.schedule.warmup_steps and cfg.schedule.warmup_steps >= total_steps and ctx.is_main:
-        log.warning("qat.schedule.warmup_steps %d >= the run's %d steps: the learning rate never leaves its "
-                    "warm-up ramp", cfg.schedule.warmup_steps, total_steps)
+    if cfg.bn == "freeze" and cfg.bn_freeze_step >= total_steps:
+        setup_warning(f"qat.bn_freeze_step {cfg.bn_freeze_step} >= the run's {total_steps} steps: the BatchNorm "
+                      f"statistics never freeze (bn: freeze acts as bn: train)")
+    if gb > n:
+        setup_warning(f"qat.batch_size {cfg.batch_size} x {ctx.world_size} rank(s) = {gb} is larger than the {n} "
+                      f"training images: each epoch is one step of {n} images (the global batch)")
+    if cfg.schedule.warmup_steps and cfg.schedule.warmup_steps >= total_steps:
+        setup_warning(f"qat.schedule.warmup_steps {cfg.schedule.warmup_steps} >= the run's {total_steps} steps: the "
+                      f"learning rate never leaves its warm-up ramp")
     # validation runs at eval_every steps and at epoch ends, never at the last step (the final evaluation)
     validates = evald is not None and ((cfg.eval_every is not None and cfg.eval_every < total_steps)
                                        or steps_per_epoch < total_steps)
     asked = [f"{k} {getattr(cfg, k)}" for k in ("eval_every", "eval_limit") if getattr(cfg, k) is not None]
-    if asked and not validates and ctx.is_main:
+    if asked and not validates:
         why = ("no evaluation data" if evald is None else
                f"eval_every >= the run's {total_steps} steps and one epoch" if cfg.eval_every is not None else
                f"no eval_every and the run's {total_steps} steps are one epoch")
-        log.warning("qat.%s: no validation runs during training (%s); only the final evaluation, on %s",
-                    " and qat.".join(asked), why, "all images" if opts.eval_limit is None else
-                    f"{opts.eval_limit} images (--eval-limit)")
+        setup_warning(f"qat.{' and qat.'.join(asked)}: no validation runs during training ({why}); only the final "
+                      f"evaluation, on " + ("all images" if opts.eval_limit is None else
+                                             f"{opts.eval_limit} images (--eval-limit)"))
 
     workers = _workers(opts, recipe)
     progress = _progress(total_steps, st.step, opts.progress and ctx.is_main)
@@ -912,6 +985,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         if ctx.is_main:
             state = {"format": "quantcore.train-state/1", "step": st.step, "epoch": st.epoch,
                      "consumed": st.consumed, "world_size": ctx.world_size, "learned": learned,
+                     "param_groups": _group_layout(model, opt),
                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rngs, "metrics": st.metrics, "recipe": json.dumps(recipe.model_dump(mode="json")),
@@ -1002,6 +1076,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     train_s = st.train_s + time.perf_counter() - t_train  # every invocation's training, not start-up
     cal_info = {**cal_info, "train_skipped": all_train_skipped(),
                 "train_unused": (unused_files_warning(ds), unused_files(ds))}  # popped by _finish
+    cal_info["setup_warnings"] = setup_warnings  # popped by _finish into the report's warnings
+    cal_info["train_images"] = n  # popped by _finish: the global batch actually used
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 
@@ -1214,10 +1290,14 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
     skipped = _dedupe([_skip_dict(r) for r in
                        list(cal_info.get("skipped") or []) + list(cal_info.pop("train_skipped", None) or [])
                        + skipped])
+    setup_warnings = cal_info.pop("setup_warnings", [])
     warnings = [random_weights_warning(recipe)] if cal_info.get("fp32_weights", "") is None else []
-    warnings += notes
+    warnings += setup_warnings + notes
+    n_train = cal_info.pop("train_images", None)
+    gb = cfg.batch_size * ctx.world_size
     qat_info = {"steps": st.step, "epochs_done": st.epoch, "world_size": ctx.world_size,
-                "global_batch": cfg.batch_size * ctx.world_size, "learned_quantizers": len(learned),
+                # images per step: the configured batch x ranks, or all training images when they are fewer
+                "global_batch": min(gb, n_train) if n_train else gb, "learned_quantizers": len(learned),
                 "config": cfg.model_dump(mode="json"), "train_s": train_s, "metrics": "metrics.jsonl"}
     art = {}
     rep = build_report(model=recipe.model.name if recipe.model else type(model).__name__,

@@ -255,6 +255,10 @@ def _crd_semantic_errors(obj: Dict[str, Any], where: str) -> List[str]:
     """Rules JSON schema cannot express (mirrors the operators' own validation)."""
     errors = []
     if obj.get("kind") == "RayJob":
+        spec = obj.get("spec") or {}
+        if not spec.get("shutdownAfterJobFinishes", False) and (spec.get("ttlSecondsAfterFinished") or 0) > 0:
+            errors.append(f"{where}: a RayJob with shutdownAfterJobFinishes false cannot have ttlSecondsAfterFinished "
+                          f"(KubeRay's ValidateRayJobSpec)")
         for i, g in enumerate(((obj.get("spec") or {}).get("rayClusterSpec") or {}).get("workerGroupSpecs") or []):
             lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
             n = g.get("replicas", lo)

@@ -121,6 +121,17 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
         r = quantcore.load_recipe({"model": TINY, **section})
         bad.write_text(quantcore.recipe.dump_recipe(r))
         assert quantcore.load_recipe(str(bad)) == r
+    # an older quantcore's dump spelled out every calibration default, inert ones too: it loads (read as
+    # a dump, compared with the defaults), while an inert value that is not the default stays refused
+    r = quantcore.load_recipe({"model": TINY, "quant": {"activations": {"calibrator": "max"}}})
+    old = r.model_dump(mode="json")
+    assert old["calibration"]["percentile"] == 99.99 and old["calibration"]["method"] == "percentile"
+    bad.write_text(yaml.safe_dump(old))
+    assert quantcore.load_recipe(str(bad)) == r
+    old["calibration"]["percentile"] = 99.9
+    bad.write_text(yaml.safe_dump(old))
+    with pytest.raises(RecipeError, match="calibration.percentile: 99.9 cannot act"):
+        quantcore.load_recipe(str(bad))
     # an override's bits on quantizers that are all float casts
     casts = tiny_recipe(quant={"activations": {"format": "fp16"}},
                         overrides=[{"match": "blocks.0.mlp.fc2.input_quantizer", "spec": {"bits": 4}}])

@@ -1389,3 +1389,58 @@ def test_the_shard_cache_is_passed_only_for_data_read_from_s3(bins, tmp_path):
     assert len(argv) == 3
     for name, args in argv.items():
         assert ("--cache-dir /cache/shards" in args) == name.endswith("remote"), (name, args)
+
+
+# ------------------------------------------------------------------------------ restarts, exports, monitoring
+
+def _rayqat_entry(objs) -> List[str]:
+    (rj,) = [o for o in objs if o.get("kind") == "RayJob" and "jobs.ray_qat" in o["spec"]["entrypoint"]]
+    return rj["spec"]["entrypoint"].split()
+
+
+def test_no_resume_is_refused_where_every_retry_would_discard_the_runs_checkpoints(bins, tmp_path):
+    """--no-resume in a qat run's extraArgs made every pod the Job starts (replacements after an
+    eviction included) delete the checkpoints the run had written: it could never resume."""
+    qat = dict(GOOD_QAT, extraArgs=["--no-resume"])
+    assert "--no-resume would delete the run's checkpoints in every pod" in refused(bins, tmp_path, {"runs": [qat]})
+    ray_qat = {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x", "out": "s3://out/rq",
+               "extraArgs": ["--no-resume"]}
+    msg = refused(bins, tmp_path, {"rayQat": dict(ray_qat, backoffLimit=2)})
+    assert "--no-resume with rayQat.backoffLimit 2" in msg
+    # a RayJob that is not retried: the driver discards once, Ray Train's restarts resume
+    assert "--no-resume" in _rayqat_entry(render(bins, values_file(tmp_path, {"rayQat": ray_qat})))
+
+
+def test_ray_qat_workers_cache_remote_shards_as_the_qat_job(bins, tmp_path):
+    """The RayJob's workers got a 64Gi /cache that jobs.ray_qat never used (no --cache-dir)."""
+    ray_qat = {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x", "out": "s3://out/rq"}
+    argv = _rayqat_entry(render(bins, values_file(tmp_path, {"rayQat": ray_qat})))
+    assert argv[argv.index("--cache-dir") + 1] == "/cache/shards"
+    local = dict(ray_qat, data="/mnt/d/x", volumes=[{"name": "d", "claimName": "data", "mountPath": "/mnt/d"}])
+    assert "--cache-dir" not in _rayqat_entry(render(bins, values_file(tmp_path, {"rayQat": local})))
+
+
+def test_export_skip_bad_reaches_the_onnxruntime_check(bins, tmp_path):
+    """skipBad on an export run with data was refused with a wrong reason (export decodes those images)."""
+    from test_k8s import GOOD_EXPORT
+
+    run = dict(GOOD_EXPORT, data="s3://datasets/imagenet-zip", skipBad=True)
+    (job,) = [o for o in render(bins, values_file(tmp_path, {"runs": [run]})) if o.get("kind") == "Job"]
+    assert "--check-skip-bad" in " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    msg = refused(bins, tmp_path, {"runs": [dict(GOOD_EXPORT, skipBad=True)]})
+    assert "runs[0] (x1).skipBad: export checks the ONNX graph on the images of `data`" in msg
+
+
+def test_podmonitor_timeout_and_rayjob_ttl_follow_their_operators(bins, tmp_path):
+    sweep = CHART / "ci" / "sweep-values.yaml"
+    msg = refused(bins, tmp_path, {"monitoring": {"podMonitor": {"enabled": True, "interval": "5s",
+                                                                 "scrapeTimeout": "10s"}}}, sweep)
+    assert "monitoring.podMonitor.scrapeTimeout (10s) exceeds monitoring.podMonitor.interval (5s)" in msg
+    render(bins, sweep, values_file(tmp_path, {"monitoring": {"podMonitor": {"enabled": True, "interval": "1m",
+                                                                             "scrapeTimeout": "30s"}}}))
+    objs = render(bins, sweep, values_file(tmp_path, {"sweep": {"shutdownAfterJobFinishes": False}}))
+    (rj,) = [o for o in objs if o.get("kind") == "RayJob"]
+    assert rj["spec"]["shutdownAfterJobFinishes"] is False and rj["spec"]["ttlSecondsAfterFinished"] == 0
+    assert kt.validate_all(objs) == []
+    rj["spec"]["ttlSecondsAfterFinished"] = 60  # what KubeRay refuses, and so does the project's validator
+    assert any("cannot have ttlSecondsAfterFinished" in e for e in kt.validate_object(rj))

@@ -303,8 +303,8 @@ def test_env_may_not_set_what_an_option_sets(flag, var):
         components.calibrate(**kwargs)
 
 
-@pytest.mark.parametrize("bad, message", [(dict(check_limit=50), "--check_limit apply to the images of --check_data"),
-                                          (dict(check_split="val"), "--check_split and"),
+@pytest.mark.parametrize("bad, message", [(dict(check_limit=50), "--check_limit and --check_skip_bad apply to the images of --check_data"),
+                                          (dict(check_split="val"), "--check_split, --check_limit and"),
                                           (dict(opset=-1), "--opset")])
 def test_export_component_refuses_options_that_would_be_dropped(bad, message):
     with pytest.raises(ValueError, match=message):

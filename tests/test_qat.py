@@ -270,6 +270,18 @@ def test_a_max_steps_cap_the_run_never_reaches_is_said(fmnist, tmp_path, caplog)
     assert rep["qat"]["steps"] == 2
     said = [r.getMessage() for r in caplog.records if "qat.max_steps 5" in r.getMessage()]
     assert said and "the run has 2 steps" in said[0] and "never reached" in said[0], said
+    assert said[0] in rep["warnings"]  # in the report too, not only in one rank's log
+
+
+def test_a_batch_larger_than_the_data_is_reported_with_the_batch_used(fmnist, tmp_path):
+    """A global batch above the training images was said in rank 0's log only, and the report gave the
+    configured batch as the global batch although each step used all the training images."""
+    rep = _run(fmnist, tmp_path / "big", qat={"epochs": 1, "batch_size": 4 * N_TRAIN, "checkpoint_every": 10},
+               eval_limit=20)
+    assert rep["qat"]["steps"] == 1 and rep["qat"]["global_batch"] == N_TRAIN
+    said = [w for w in rep["warnings"] if f"qat.batch_size {4 * N_TRAIN} x 1 rank(s)" in w]
+    assert said and f"each epoch is one step of {N_TRAIN} images" in said[0], rep["warnings"]
+    assert said[0] in (tmp_path / "big" / "report.md").read_text()
 
 
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_rerun_ends_bit_identical(fmnist, tmp_path):
@@ -588,6 +600,42 @@ def test_ft2_shared_qkv_range_stays_shared_through_learned_qat(fmnist, tmp_path)
         assert qkv[0] != ptq[f"blocks.{b}.attn.q_quantizer"]["amax"]  # and it was learned
 
 
+def test_a_checkpoint_calibrated_before_its_ranges_were_shared_is_not_reported_shared(fmnist, tmp_path, caplog):
+    """An older quantcore calibrated ft2's q/k/v (and the GEMM writing them) apart: loading such a
+    checkpoint keeps its ranges and warns naming the quantizers, encodings.json does not claim
+    shared_with for them, and QAT from it (--init) starts the group from the union of the ranges, said
+    in the report."""
+    data, ckpt = fmnist
+    r = _recipe(ckpt, epochs=1, ranges="frozen")
+    r["placement"] = {"family": "vit", "mode": "ft2"}
+    r["quant"] = {"weights": {"bits": 8, "per_channel": False}, "activations": {"bits": 8}}
+    run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "o"),
+            QATOptions(progress=False, max_steps=1))
+    model = api.load(str(tmp_path / "o" / "ptq" / "model.qc.pt"))
+    qs = api.quantizers(model)
+    out_q = qs["blocks.0.attn.qkv.output_quantizer"]
+    lo, hi = out_q.amin.clone(), out_q.amax.clone()
+    out_q.set_range(lo * 0.5, hi * 0.5)  # its own, narrower range, as an old calibration gave it
+    api.save(model, str(tmp_path / "old.qc.pt"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        old = api.load(str(tmp_path / "old.qc.pt"))
+    said = [x.message for x in caplog.records if "calibrated with different ranges" in x.message]
+    assert len(said) == 1 and "blocks.0.attn.qkv.output_quantizer" in said[0], said
+    assert torch.equal(api.quantizers(old)["blocks.0.attn.qkv.output_quantizer"].amax, hi * 0.5)  # kept
+    rows = {q["name"]: q for q in api.encodings(old)["quantizers"]}
+    assert "shared_with" not in rows["blocks.0.attn.q_quantizer"]
+    assert "shared_with" not in rows["blocks.0.attn.qkv.output_quantizer"]
+    assert "blocks.1.attn.k_quantizer" in rows["blocks.1.attn.q_quantizer"]["shared_with"]
+    rep = run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "q"),
+                  QATOptions(progress=False, init=str(tmp_path / "old.qc.pt"), max_steps=1))
+    assert any("blocks.0.attn.qkv.output_quantizer" in w and "union" in w for w in rep["warnings"]), rep["warnings"]
+    enc = {q["name"]: q for q in json.loads((tmp_path / "q" / "t_w4" / "encodings.json").read_text())["quantizers"]}
+    qkv = [enc[f"blocks.0.attn.{x}_quantizer"]["amax"] for x in ("q", "k", "v", "qkv.output")]
+    assert qkv[0] == qkv[1] == qkv[2] == qkv[3] == pytest.approx(float(hi.max()))
+    assert "blocks.0.attn.qkv.output_quantizer" in enc["blocks.0.attn.q_quantizer"]["shared_with"]
+
+
 def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist, tmp_path):
     import timm
 
@@ -624,6 +672,24 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
         r["quant"]["weights"]["bits"] = 8
         run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "i"),
                 QATOptions(progress=False, init=str(out / "ptq" / "model.qc.pt"), max_steps=1))
+
+
+def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmnist, tmp_path, monkeypatch):
+    """torchrun restarts the ranks with the same arguments: --no-resume discarded the checkpoints the run
+    itself had written and trained from step 0 again at every restart."""
+    out = tmp_path / "run"
+    qat = {"epochs": 1, "checkpoint_every": 2}
+    _run(fmnist, out, qat=qat, max_steps=4, resume=False)
+    before = list_checkpoints(str(out))
+    assert [s for s, _ in before] and before[0][0] == 4
+    written = {uri: os.stat(uri).st_mtime_ns for _, uri in before}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    rep = _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
+    assert rep["qat"]["steps"] == 4 and list_checkpoints(str(out)) == before  # resumed at step 4, nothing redone
+    assert {uri: os.stat(uri).st_mtime_ns for _, uri in before} == written  # not deleted and written again
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start of a new run: starts over
+    _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
@@ -734,6 +800,50 @@ def test_the_loss_logged_after_a_resume_is_the_uninterrupted_runs(fmnist, tmp_pa
     assert losses == [(m["step"], m["loss"]) for m in ref if "loss" in m] and losses[-1][0] == 6
     st4 = decode_train_state((part / "checkpoints" / "step-000000004.pt").read_bytes(), "x")
     assert 0 < st4["train_s"] <= rep["qat"]["train_s"]  # training time adds up over invocations
+
+
+def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(fmnist, tmp_path):
+    """A checkpoint whose optimizer groups are not this run's (an older quantcore grouped the ranges
+    otherwise) is refused naming the file, whether the group count, the members or the recorded layout
+    differs; a checkpoint from before the layout was recorded still resumes when its groups fit."""
+    import shutil
+
+    qat = {"epochs": 1, "checkpoint_every": 2, "keep_checkpoints": 5}
+    full = tmp_path / "full"
+    _run(fmnist, full, qat=qat, max_steps=6)
+    ck4 = "step-000000004.pt"
+    good = decode_train_state((full / "checkpoints" / ck4).read_bytes(), "x")
+    assert len(good["param_groups"]) == len(good["optimizer"]["param_groups"]) >= 3
+
+    def resume_with(state: dict, name: str):
+        part = tmp_path / name
+        shutil.copytree(full, part)
+        (part / "checkpoints" / "step-000000006.pt").unlink()
+        (part / "checkpoints" / ck4).write_bytes(encode_train_state(state))
+        return part, lambda: _run(fmnist, part, qat=qat, max_steps=6)
+
+    def old(state: dict) -> dict:  # as written before the layout was recorded
+        return {k: v for k, v in state.items() if k != "param_groups"}
+
+    layout = [list(g) for g in good["param_groups"]]
+    layout[0], layout[1] = layout[1], layout[0]
+    _, go = resume_with({**good, "param_groups": layout}, "layout")
+    with pytest.raises(UserError, match=f"{ck4}.*parameter groups differ"):
+        go()
+    opt = good["optimizer"]
+    merged = {**opt, "param_groups": [{**opt["param_groups"][0],
+                                       "params": [i for g in opt["param_groups"] for i in g["params"]]}]}
+    _, go = resume_with({**old(good), "optimizer": merged}, "merged")
+    with pytest.raises(UserError, match=f"{ck4}.*older quantcore.*--no-resume"):
+        go()
+    groups = [dict(g, params=list(g["params"])) for g in opt["param_groups"]]
+    groups[0]["params"][0], groups[1]["params"][0] = groups[1]["params"][0], groups[0]["params"][0]
+    _, go = resume_with({**old(good), "optimizer": {**opt, "param_groups": groups}}, "moved")
+    with pytest.raises(UserError, match=f"{ck4}.*older quantcore"):
+        go()
+    part, go = resume_with(old(good), "fits")
+    go()
+    _assert_same_weights(_state(full / "t_w4" / "model.qc.pt"), _state(part / "t_w4" / "model.qc.pt"))
 
 
 def _folder_split(root: Path, split: str, n: int, start: int, classes: int = 10, truncated: bool = False) -> None:

@@ -160,12 +160,55 @@ def test_no_resume_discards_the_earlier_runs_checkpoints_before_ray(monkeypatch,
     assert ray_qat.main(argv + ["--no-resume"]) == 0 and seen["left"] == []
 
 
-def test_gpu_workers_on_a_cluster_without_gpus_are_warned_about():
-    """--use-gpu on a CPU-only cluster waited silently (Ray's autoscaler lines only)."""
-    said = ray_qat.gpu_warning(True, 2, {"CPU": 16.0})
-    assert said is not None and "no node of the Ray cluster has a GPU" in said and "2 workers" in said
-    assert ray_qat.gpu_warning(True, 2, {"CPU": 16.0, "GPU": 8.0}) is None
-    assert ray_qat.gpu_warning(False, 2, {"CPU": 16.0}) is None
+def test_gpu_workers_on_a_cluster_without_enough_gpus_are_refused_after_a_wait():
+    """--use-gpu on a CPU-only cluster waited until the job's deadline (a warning only): without an
+    autoscaler the GPUs never come. Refused after GPU_WAIT_S; --wait-for-gpus keeps waiting, warned."""
+    slept = []
+    with pytest.raises(UserError, match=r"--use-gpu: the 2 workers ask one GPU each, but the Ray cluster has no GPUs"):
+        ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0}, False, wait_s=20, sleep=slept.append)
+    assert sum(slept) == 20
+    with pytest.raises(UserError, match="has 1 GPU "):
+        ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0, "GPU": 1.0}, False, wait_s=0, sleep=slept.append)
+    said = ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0}, True, sleep=slept.append)
+    assert said is not None and "--wait-for-gpus" in said
+    joins = iter([{}, {}, {"GPU": 8.0}, {"GPU": 8.0}])  # the GPU nodes register while it waits
+    assert ray_qat.check_gpus(True, 2, lambda: next(joins), False, wait_s=60, sleep=lambda s: None) is None
+    assert ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0, "GPU": 8.0}, False) is None
+    assert ray_qat.check_gpus(False, 2, lambda: {"CPU": 16.0}, False) is None
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--storage-path", "relative/dir"], "--storage-path relative/dir: a relative path"),
+    (["--storage-path", "s3://"], "--storage-path s3://: no bucket"),
+    (["--wait-for-gpus"], "--wait-for-gpus applies to --use-gpu workers only"),
+    (["--init", "{ckpt}", "--checkpoint", "{ckpt}"], "give one (--init starts from a calibrated checkpoint"),
+])
+def test_argument_conflicts_and_storage_paths_exit_2_before_ray(no_ray, capsys, tmp_path, data_dir, extra, needle):
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"x")
+    extra = [a.replace("{ckpt}", str(ckpt)) for a in extra]
+    rc, err = _main(capsys, "--recipe", _recipe(tmp_path, QAT_RECIPE), "--data", data_dir, "--out",
+                    str(tmp_path / "o"), *extra)
+    assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_missing_storage_and_out_buckets_are_said_before_ray_starts_moto_mock(monkeypatch, capsys, tmp_path, data_dir,
+                                                                              s3_bucket):
+    """A missing --storage-path bucket failed inside Ray Train's controller: exit 1 and a traceback."""
+    import ray
+
+    def no_init(*a, **k):
+        raise AssertionError("Ray was started although the storage cannot be written")
+
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    r = _recipe(tmp_path, QAT_RECIPE)
+    rc, err = _main(capsys, "--recipe", r, "--data", data_dir, "--out", str(tmp_path / "o"), "--storage-path",
+                    "s3://no-such-bucket-qc/x")
+    assert rc == 2 and "--storage-path s3://no-such-bucket-qc/x: cannot write there" in err
+    rc, err = _main(capsys, "--recipe", r, "--data", data_dir, "--out", "s3://no-such-bucket-qc/run")
+    assert rc == 2 and "--out s3://no-such-bucket-qc/run: cannot write there" in err
+    ray_qat.check_locations(f"s3://{s3_bucket}/run", f"s3://{s3_bucket}/ray")  # both writable: no error
 
 
 def test_worker_failures_map_to_exit_codes(monkeypatch, capsys, tmp_path, data_dir):

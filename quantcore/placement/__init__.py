@@ -5,7 +5,7 @@ Entry points: :func:`place_quantizers` (in place; returns a :class:`PlacementRes
 and :func:`default_example_input`. How ops are found and quantized: :mod:`.probe`, :mod:`.intercept`.
 """
 from .core import (ROOT_INPUT_QUANTIZER, PlacementResult, default_example_input, detect_family,
-                   place_quantizers, quantizers, unify_shared_ranges, unwrap)
+                   place_quantizers, quantizers, unequal_shared_ranges, unify_shared_ranges, unwrap)
 from .families import DEFAULT_KEEP_FLOAT, FAMILIES
 from .intercept import ATTENTION_QUANTIZERS
 from .vit import ModeSettings, mode_settings
@@ -22,6 +22,7 @@ __all__ = [
     "mode_settings",
     "place_quantizers",
     "quantizers",
+    "unequal_shared_ranges",
     "unify_shared_ranges",
     "unwrap",
 ]

@@ -123,6 +123,20 @@ def unify_shared_ranges(model: nn.Module) -> list[list[str]]:
     return done
 
 
+def unequal_shared_ranges(model: nn.Module) -> list[list[str]]:
+    """The shared groups (see :func:`unify_shared_ranges`) whose calibrated, quantizing members hold
+    different ranges: a checkpoint calibrated before the placement shared them (an older quantcore
+    kept q/k/v apart in ft2). Returns their member names; empty when every group holds one range."""
+    qs = quantizers(model)
+    bad = []
+    for group in getattr(getattr(unwrap(model), "quantcore_placement", None), "share_groups", []) or []:
+        members = [n for n in group if n in qs and qs[n].amax.numel() and qs[n].spec.on_grid]
+        ranges = {(float(qs[n].amin.min()), float(qs[n].amax.max())) for n in members}
+        if len(ranges) > 1:
+            bad.append(members)
+    return bad
+
+
 def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
     """Groups that have a member in common become one (a GEMM output feeding two attentions)."""
     merged: list[list[str]] = []

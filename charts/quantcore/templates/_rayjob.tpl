@@ -129,7 +129,8 @@ spec:
   entrypoint: {{ include "quantcore.shellJoin" .entrypoint | quote }}
   submissionMode: {{ $cfg.submissionMode }}
   shutdownAfterJobFinishes: {{ $cfg.shutdownAfterJobFinishes }}
-  ttlSecondsAfterFinished: {{ int $cfg.ttlSecondsAfterFinished }}
+  {{- /* KubeRay refuses a TTL on a RayJob whose cluster is kept (shutdownAfterJobFinishes false) */}}
+  ttlSecondsAfterFinished: {{ ternary (int $cfg.ttlSecondsAfterFinished) 0 (eq (toString $cfg.shutdownAfterJobFinishes) "true") }}
   activeDeadlineSeconds: {{ int $cfg.activeDeadlineSeconds }}
   backoffLimit: {{ int $cfg.backoffLimit }}
   {{- if $cfg.queueName }}

@@ -75,7 +75,7 @@
 {{- /* Which run keys each mode uses. A key a mode ignores is refused rather than dropped. */ -}}
 {{- $qatOnly := list "init" "nnodes" "nprocPerNode" "epochs" "maxSteps" "evalLimit" "maxRestarts" "terminationGracePeriodSeconds" "rdzvPort" -}}
 {{- $loaderModes := list "calibrate" "evaluate" "ptq" "qat" -}}
-{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq" "export") "recipe" (list "calibrate" "ptq" "qat") "format" (list "export") "opset" (list "export") "batchSize" (list "evaluate" "ptq" "qat") "layout" $loaderModes "workers" $loaderModes "skipBad" $loaderModes -}}
+{{- $modesOf := dict "evalData" (list "ptq" "qat") "evalSplit" (list "ptq" "qat") "limit" (list "evaluate" "ptq" "export") "recipe" (list "calibrate" "ptq" "qat") "format" (list "export") "opset" (list "export") "batchSize" (list "evaluate" "ptq" "qat") "layout" $loaderModes "workers" $loaderModes "skipBad" (append $loaderModes "export") -}}
 {{- range $q := $qatOnly }}{{ $_ := set $modesOf $q (list "qat") }}{{ end -}}
 {{- $hints := dict
     "calibrate" "calibrate evaluates nothing: remove it, or use mode ptq (calibrate, then evaluate, in one Job)"
@@ -104,8 +104,10 @@
 {{- fail (printf "%s.model: mode %s needs the URI of a calibrated checkpoint (…/model.qc.pt, written by calibrate, ptq or qat), not `recipe`" $who $run.mode) -}}
 {{- end -}}
 {{- if eq $run.mode "export" -}}
-{{- if and (not $run.data) (or (hasKey $run "limit") (hasKey $run "split")) -}}
-{{- fail (printf "%s.%s: export checks the ONNX graph on the images of `data` (--check-data); without data there is nothing to limit or split: set data, or remove %s" $who (ternary "limit" "split" (hasKey $run "limit")) (ternary "limit" "split" (hasKey $run "limit"))) -}}
+{{- range $key := list "limit" "split" "skipBad" -}}
+{{- if and (not $run.data) (hasKey $run $key) -}}
+{{- fail (printf "%s.%s: export checks the ONNX graph on the images of `data` (--check-data); without data there are no images to limit, split or skip: set data, or remove %s" $who $key $key) -}}
+{{- end -}}
 {{- end -}}
 {{- if gt (int (default 0 $run.gpus)) 0 -}}
 {{- fail (printf "%s.gpus: export runs on CPU (ONNX export and the onnxruntime check; TensorRT engines are built on the deployment target): set gpus: 0 or remove it" $who) -}}
