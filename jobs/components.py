@@ -77,17 +77,22 @@ EXPORT_FORMATS = ("onnx", "aimet", "trt-table")
 EXPORT_OPSETS = (13, 21)
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # Dataset layouts of `quantcore --layout` (quantcore.data.detect: "auto", LAYOUTS and their aliases),
-# here without importing torch; tests/test_jobs.py checks they agree
+# here without importing torch; tests/test_component_inputs.py checks they agree
 LAYOUTS = ("auto", "folder", "imagefolder", "imagenet", "imagenet-folder", "zip", "zipped", "shards", "zip-shards",
            "imagenet-zip", "resisc", "resisc45", "imagepaths")
-# The S3 endpoint, as the Helm chart's schema (values.schema.json, s3.endpoint) takes it
-S3_ENDPOINT = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
-# Environment variable names the chart takes too (extraEnv); other names cannot be referenced
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Label prefixes TorchX and Volcano set and select on: a user label there would re-label the job's pods
-RESERVED_LABEL_PREFIXES = ("torchx.pytorch.org/", "app.kubernetes.io/", "volcano.sh/")
-# /dev/shm (DataLoader workers' tensors) is memory of the container: bounded, as the chart's shmSize
-SHM_MAX_MB = 8192
+# The S3 endpoint, as the Helm chart's schema (values.schema.json, s3.endpoint) takes it (the scheme in
+# any case, as boto3 does); also for an endpoint given by --env
+S3_ENDPOINT = re.compile(r"^(?i:https?)://[^\s/]+(/[^\s]*)?$")
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Environment variable names Kubernetes takes (a C identifier, or with '.' and '-' too)
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# Labels TorchX (kubernetes_scheduler.LABEL_*: all of torchx.pytorch.org/ and three app.kubernetes.io/
+# keys) and Volcano (batch/v1alpha1 pod labels) set on the job's pods and select them by: a user label
+# with one of these keys would re-label them. tests/test_component_inputs.py checks TorchX's list.
+RESERVED_LABEL_PREFIXES = ("torchx.pytorch.org/",)
+RESERVED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by", "app.kubernetes.io/instance",
+                   "volcano.sh/job-name", "volcano.sh/job-namespace", "volcano.sh/queue-name", "volcano.sh/task-spec",
+                   "volcano.sh/task-index", "volcano.sh/job-version", "volcano.sh/job-retry-count")
 # Ports an unprivileged rank can serve the c10d rendezvous on (the pods drop every capability)
 RDZV_PORTS = (1024, 65535)
 RDZV_PORT = 29500  # the multi-node rendezvous port when none is given (one node uses a free local port)
@@ -339,13 +344,17 @@ class PodOptions:
                                  f"as the Helm chart's s3.endpoint)")
         bad_env = [k for k in (opts.env or {}) if not ENV_NAME.match(str(k))]
         if bad_env:
-            raise ComponentError(f"--env: {bad_env[0]!r} is not an environment variable name (letters, digits and '_', "
-                                 f"not starting with a digit)")
-        reserved = [k for k in (opts.labels or {}) if str(k).strip().startswith(RESERVED_LABEL_PREFIXES)]
+            raise ComponentError(f"--env: {bad_env[0]!r} is not an environment variable name (letters, digits, '_', "
+                                 f"'.' and '-', not starting with a digit)")
+        for var in ENDPOINT_ENVS:
+            val = (opts.env or {}).get(var)
+            if val is not None and not S3_ENDPOINT.match(str(val)):
+                raise ComponentError(f"--env {var}={val!r}: not an endpoint URL (http(s)://host[:port][/path])")
+        reserved = [k for k in (opts.labels or {})
+                    if str(k).strip().startswith(RESERVED_LABEL_PREFIXES) or str(k).strip() in RESERVED_LABELS]
         if reserved:
-            raise ComponentError(f"--labels: {reserved[0]!r} is set by TorchX or Volcano (prefixes "
-                                 f"{', '.join(RESERVED_LABEL_PREFIXES)}), which select the job's pods by it; choose "
-                                 f"another key")
+            raise ComponentError(f"--labels: {reserved[0]!r} is set by TorchX or Volcano, which select the job's pods "
+                                 f"by it; choose another key")
         for flag, var, given in (("--s3_endpoint", ENDPOINT_ENV, opts.s3_endpoint), ("--s3_secret", SECRET_ENV,
                                                                                    opts.s3_secret)):
             if given and var in (opts.env or {}):  # one value only: which would win is not obvious
@@ -417,8 +426,15 @@ class QuantcoreRole(specs.Role):
     # (option, URI, written): the data, checkpoint and out URIs; on Kubernetes a local path must lie
     # on a mounted PersistentVolumeClaim (a writable one for out), as the Helm chart checks
     paths: Tuple[Tuple[str, Optional[str], bool], ...] = ()
+    # quantcore --no-resume: each retry of the job (Volcano, docker) would delete the checkpoints the
+    # run wrote; local_cwd does not retry
+    starts_over: bool = False
 
     def pre_proc(self, scheduler: str, dryrun_info: specs.AppDryRunInfo) -> specs.AppDryRunInfo:
+        if self.starts_over and self.max_retries and scheduler != "local":
+            raise ComponentError(f"--resume False with --max_retries {self.max_retries} on -s {scheduler}: every "
+                                 f"retry of the job would delete the checkpoints it wrote and start over; set "
+                                 f"--max_retries 0, or keep resuming and give a new --out")
         if scheduler == "kubernetes":
             complete_volcano_job(dryrun_info.request.resource, self)
         elif scheduler in NOT_APPLIED:
@@ -443,7 +459,8 @@ def check_options_apply(pod: PodOptions, scheduler: str) -> None:
     apply (a deadline, a mount, a node selector silently ignored would look like it worked)."""
     default = PodOptions()
     given = [name for name in NOT_APPLIED[scheduler]
-             if (getattr(pod, name) or None) != (getattr(default, name) or None)]
+             if (getattr(pod, name) or None) != (getattr(default, name) or None)
+             and not (name == "max_retries" and pod.max_retries == 0)]  # no retries is what local_cwd does
     if given:
         name = _SCHEDULER_NAMES.get(scheduler, scheduler)
         raise ComponentError(f"{', '.join('--' + g for g in given)}: {'does' if len(given) == 1 else 'do'} not apply on "
@@ -451,11 +468,23 @@ def check_options_apply(pod: PodOptions, scheduler: str) -> None:
                              f"for this scheduler, or run with -s kubernetes")
 
 
-def _local_path(uri: str) -> Optional[str]:
-    """The path of an absolute local URI (``/p``, ``file:///p``), None otherwise (as the chart)."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return uri if uri.startswith("/") else None
+def _local_path(flag: str, uri: str) -> Optional[str]:
+    """The path a pod's quantcore reads for a local path or ``file:`` URI (every spelling
+    :mod:`quantcore.io.uri` takes), None for S3. A relative path or another scheme is refused: in the
+    pod it would name the image's read-only working directory (or nothing at all)."""
+    from quantcore.io.uri import UriError, local_path, scheme_of
+
+    try:
+        if scheme_of(uri) == "s3":
+            return None
+        path = local_path(uri)
+    except UriError as err:
+        raise ComponentError(f"{flag}: {err}") from None
+    if not posixpath.isabs(path):
+        raise ComponentError(f"{flag} {uri!r}: a relative path; in the pod it names the image's read-only working "
+                             f"directory, which holds no data or runs: give an absolute path on a --mounts "
+                             f"PersistentVolumeClaim, or an s3:// URI")
+    return path
 
 
 def check_pod_paths(paths: Tuple[Tuple[str, Optional[str], bool], ...], mounts: List[specs.VolumeMount]) -> None:
@@ -465,7 +494,7 @@ def check_pod_paths(paths: Tuple[Tuple[str, Optional[str], bool], ...], mounts: 
     for flag, uri, write in paths:
         if not uri:
             continue  # an option not given
-        path = _local_path(uri)
+        path = _local_path(flag, uri)
         if path is None:
             continue
         path = posixpath.normpath(path)
@@ -568,7 +597,7 @@ def complete_volcano_job(job: Dict[str, Any], role: QuantcoreRole) -> None:
         ps["enableServiceLinks"] = False
         for v in ps.get("volumes", []):  # TorchX's /dev/shm: unbounded memory of the container
             if v.get("name") == "dshm" and v.get("emptyDir", {}).get("medium") == "Memory":
-                v["emptyDir"]["sizeLimit"] = f"{min(SHM_MAX_MB, pod.memMB // 2)}Mi"
+                v["emptyDir"]["sizeLimit"] = f"{pod.memMB // 2}Mi"  # half the container's memory
         ps["volumes"] = ps.get("volumes", []) + [
             {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GB}Gi"}},
             {"name": "cache", "emptyDir": {"sizeLimit": f"{pod.cache_gb}Gi"}}]
@@ -1192,6 +1221,9 @@ def qat(
         raise ComponentError(f"--recipe {recipe_ref!r}: qat trains one recipe (a comma separates recipes in the "
                              f"calibrate and ptq components); submit one qat job per recipe")
     _uris(data=data, out=out, eval_data=eval_data, checkpoint=checkpoint, init=init)
+    if init and checkpoint:  # as quantcore.qat.check_start, at submission rather than in the pod
+        raise ComponentError(f"--init {init} and --checkpoint {checkpoint}: give one (--init starts from a "
+                             f"calibrated checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")
     args = ["qat", "--recipe", recipe_ref, "--data", data, "--split", split, "--out", out,
             "--eval-data", eval_data or data, "--eval-split", eval_split]
     for flag, value in (("--checkpoint", checkpoint), ("--init", init), ("--cache-dir", cache_dir)):
@@ -1206,11 +1238,7 @@ def qat(
     args += ["--device", "cuda" if pod.gpus > 0 else "cpu", "--no-progress"]
     if skip_bad:
         args.append("--skip-bad")
-    if not resume:
-        if pod.max_retries:
-            raise ComponentError(f"--resume False with --max_retries {pod.max_retries}: every retry of the job would "
-                                 f"delete the checkpoints it wrote and start over; set --max_retries 0, or keep "
-                                 f"resuming and give a new --out")
+    if not resume:  # refused with job retries by QuantcoreRole.pre_proc (not on local_cwd, which never retries)
         args.append("--no-resume")
     _check_rdzv("c10d", rdzv_port, nnodes)
     app = dist.ddp(
@@ -1232,6 +1260,8 @@ def qat(
     # the pod's grace period (as the Helm chart's qat Jobs).
     opts = ["--max_restarts", str(max_restarts), "--rdzv_conf", "read_timeout=300",
             "--shutdown_timeout", str(grace_s - 15)]
-    return _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s,
-                         (("--data", data, False), ("--eval_data", eval_data or data, False),
-                          ("--checkpoint", checkpoint, False), ("--init", init, False), ("--out", out, True)))
+    qat_app = _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s,
+                            (("--data", data, False), ("--eval_data", eval_data or data, False),
+                             ("--checkpoint", checkpoint, False), ("--init", init, False), ("--out", out, True)))
+    qat_app.roles[0].starts_over = not resume
+    return qat_app

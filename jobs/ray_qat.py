@@ -420,8 +420,7 @@ def check_gpus(use_gpu: bool, workers: int, resources: Callable[[], Dict[str, fl
     if not use_gpu:
         return None
     waited = 0.0
-    while resources().get("GPU", 0.0) < workers:
-        have = resources().get("GPU", 0.0)
+    while (have := resources().get("GPU", 0.0)) < workers:
         said = (f"--use-gpu: the {workers} workers ask one GPU each, but the Ray cluster has "
                 f"{'no' if not have else f'{have:g}'} GPU{'' if have == 1 else 's'}")
         if wait_for_gpus:

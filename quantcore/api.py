@@ -634,7 +634,7 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
         log.warning("checkpoint %s: quantizers %s share one range in this quantcore's placement (one kernel reads "
                     "them), but were calibrated with different ranges (by an older quantcore): they keep their own "
                     "ranges here and encodings.json does not report them as shared; re-calibrate (quantcore ptq), "
-                    "or quantcore.unify_shared_ranges(model) gives them the union", uri, ", ".join(group))
+                    "or quantcore.placement.unify_shared_ranges(model) gives them the union", uri, ", ".join(group))
     return model.eval()
 
 

@@ -166,10 +166,19 @@ def _known_backend(name: str) -> str:
     return name
 
 
-#: the calibration fields every quantcore dump has spelled out (dump_recipe writes all fields); a
-#: recipe file naming them all is read as a dump (Recipe._calibration_applies)
-_DUMPED_CALIBRATION = frozenset({"method", "percentile", "weights_method", "num_batches", "batch_size",
-                                 "images_per_class", "bins", "seed"})
+#: fields every quantcore dump has spelled out since the first version (dump_recipe writes all
+#: fields), by section: a recipe file naming them all is read as a dump (Recipe._calibration_applies)
+_DUMPED = {"": frozenset({"version", "name", "description", "placement", "quant", "calibration", "overrides"}),
+           "placement": frozenset({"family", "mode", "quantize_softmax_input", "quantize_gemm_output",
+                                   "share_qkv_range", "quantize_residual", "quantize_model_input", "fold_bn"}),
+           "calibration": frozenset({"method", "percentile", "weights_method", "num_batches", "batch_size",
+                                     "images_per_class", "bins", "seed"})}
+
+
+def _looks_dumped(recipe: Any) -> bool:
+    """True when ``recipe`` (read from a file) spells out every field a quantcore dump always wrote."""
+    return all(fields <= (getattr(recipe, section) if section else recipe).model_fields_set
+               for section, fields in _DUMPED.items())
 
 
 class CalibrationConfig(_Strict):
@@ -425,7 +434,7 @@ class Recipe(_Strict):
         # a recipe file: every field written counts, whatever its value; any other dict (a model_dump
         # handed between processes spells out every default) is compared with the defaults
         written = bool(info is not None and info.context and info.context.get("written"))
-        if written and _DUMPED_CALIBRATION <= c.model_fields_set:
+        if written and _looks_dumped(self):
             # every field spelled out: a dump (show-recipe, search_recipe.yaml) of an older quantcore,
             # which wrote the inert defaults too; its values are compared with the defaults, as a dict's
             written = False

@@ -396,6 +396,26 @@ def _torchrun_restart() -> int:
         return 0
 
 
+_DISCARD_MARK = "no-resume-run"
+
+
+def _discarded_by_this_run(out: str) -> bool:
+    """True when ``OUT/checkpoints/no-resume-run`` names this torchrun run (``TORCHELASTIC_RUN_ID``):
+    its first start discarded the previous run's checkpoints, so what is there now is its own."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    try:
+        return bool(run_id) and storage.read_bytes(storage.join(out, _CKPT_DIR, _DISCARD_MARK)).decode() == run_id
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+
+
+def _mark_discarded(out: str) -> None:
+    """Record, after discarding, which torchrun run did (nothing outside torchrun: no restarts)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id:
+        storage.write_bytes(storage.join(out, _CKPT_DIR, _DISCARD_MARK), run_id.encode())
+
+
 def discard_checkpoints(out: str) -> int:
     """Delete the training checkpoints under ``OUT/checkpoints`` (``--no-resume``: start over), with a
     warning saying how many; returns that number."""
@@ -532,6 +552,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
         fp32 = fp32.to(ctx.device).eval()
         teacher = _prechecks(cfg, fp32, ctx.device, eval_classes)
         info = dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}, init=opts.init)
+        info.pop("start_warnings", None)  # a QAT run's own, never the start's
         from .placement import unequal_shared_ranges, unify_shared_ranges
 
         unequal = unequal_shared_ranges(model)
@@ -541,8 +562,8 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
                 f"--init {opts.init}: quantizers {', '.join(g)} were calibrated with different ranges (by an older "
                 f"quantcore) but share one range here: QAT starts them from the union of their ranges, and the PTQ "
                 f"figures are those of the unified model" for g in unequal]
-        if ctx.is_main and not resuming:
-            api.save(model, ptq_uri, extra={"calibration": info})
+        if ctx.is_main and not resuming:  # the warnings are this run's, not the checkpoint's
+            api.save(model, ptq_uri, extra={"calibration": {k: v for k, v in info.items() if k != "start_warnings"}})
         distributed.barrier()
         return fp32, model.to(ctx.device), info, teacher
     if recipe.model is None:
@@ -823,9 +844,12 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     check_cache_dir(train, evald)
     check_out(out)
     dev = ctx.device
-    resume = opts.resume or _torchrun_restart() > 0
+    # --no-resume under a torchrun restart resumes only once this run's first start has discarded the
+    # old checkpoints (its marker): a rank that died before that would otherwise resume the old run
+    resume = opts.resume or (_torchrun_restart() > 0 and _discarded_by_this_run(out))
     if not resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
         discard_checkpoints(out)
+        _mark_discarded(out)
     elif not opts.resume:
         log.info("--no-resume: restart %d of this run by torchrun, which resumes from the run's own checkpoints "
                  "(the earlier ones were discarded at its first start)", _torchrun_restart())

@@ -1444,3 +1444,41 @@ def test_podmonitor_timeout_and_rayjob_ttl_follow_their_operators(bins, tmp_path
     assert kt.validate_all(objs) == []
     rj["spec"]["ttlSecondsAfterFinished"] = 60  # what KubeRay refuses, and so does the project's validator
     assert any("cannot have ttlSecondsAfterFinished" in e for e in kt.validate_object(rj))
+    msg = refused(bins, tmp_path, {"sweep": {"shutdownAfterJobFinishes": False, "ttlSecondsAfterFinished": 3600}},
+                  sweep)
+    assert "sweep.ttlSecondsAfterFinished 3600 with sweep.shutdownAfterJobFinishes false" in msg
+
+
+def test_local_paths_in_every_spelling_quantcore_reads_and_relative_paths(bins, tmp_path):
+    """file:/p, FILE:///p and file://localhost/p were not seen as local paths (a read-only volume took
+    an out), relative paths passed (in the pod they name the image's read-only working directory), and
+    init beside a model checkpoint rendered a RayJob that quantcore refuses in its pod."""
+    ro = [{"name": "datasets", "claimName": "imagenet", "mountPath": "/mnt/datasets", "readOnly": True}]
+
+    def sweep_with(**entry) -> dict:  # the sweep config is free-form: the schema's URI patterns do not reach it
+        run = {**CPU_SWEEP["config"]["runs"][0], **entry}
+        return {"volumes": ro, "sweep": {**CPU_SWEEP, "config": {**CPU_SWEEP["config"], "runs": [run]}}}
+
+    for uri in ("file:/mnt/datasets/c", "FILE:///mnt/datasets/c", "file://localhost/mnt/datasets/c"):
+        msg = refused(bins, tmp_path, sweep_with(cache_dir=uri))
+        assert f"{uri} is written to volume datasets (claim imagenet), which is mounted read-only" in msg, msg
+        msg = refused(bins, tmp_path, sweep_with(calib_data=uri.replace("datasets", "other")))
+        assert "is a local path, but no volume is mounted above it" in msg, msg
+    for data in ("imagenet", "./datasets/imagenet"):
+        msg = refused(bins, tmp_path, sweep_with(calib_data=data))
+        assert f"config.runs[0].calib_data: {data} is a relative path" in msg, msg
+    assert "unsupported URI scheme" in refused(bins, tmp_path, sweep_with(calib_data="gs://b/d"))
+    render(bins, values_file(tmp_path, sweep_with(calib_data="file://localhost/mnt/datasets/i")))
+    # the runs' URIs are held to s3://, file:///, /... by the schema already
+    assert "does not match pattern" in refused(bins, tmp_path, {"runs": [{**GOOD_RUN, "data": "imagenet"}]})
+    ray_qat = {"enabled": True, "recipe": "vit_b16_int8_qat", "data": "s3://datasets/x", "out": "s3://out/rq",
+               "init": "s3://out/ptq/model.qc.pt", "model": "s3://models/fp32.pt"}
+    assert "rayQat: init s3://out/ptq/model.qc.pt and model s3://models/fp32.pt: give one" in refused(
+        bins, tmp_path, {"rayQat": ray_qat})
+    assert "runs[0]: init s3://out/ptq/model.qc.pt and model s3://models/fp32.pt: give one" in refused(
+        bins, tmp_path, {"runs": [{**GOOD_QAT, "init": "s3://out/ptq/model.qc.pt", "model": "s3://models/fp32.pt"}]})
+    # a shard cache the user set in extraArgs (the only way before the chart set one) is kept, not refused
+    mine = {k: v for k, v in ray_qat.items() if k != "model"}
+    argv = _rayqat_entry(render(bins, values_file(tmp_path, {"rayQat": dict(mine, extraArgs=["--cache-dir",
+                                                                                             "/cache/mine"])})))
+    assert argv.count("--cache-dir") == 1 and argv[argv.index("--cache-dir") + 1] == "/cache/mine"

@@ -39,14 +39,26 @@ def test_s3_endpoint_env_names_and_reserved_labels_are_checked_as_the_chart_does
     for bad in ("not a url", "minio:9000", "ftp://x"):
         with pytest.raises(ValueError, match=re.escape(f"--s3_endpoint {bad!r}")):
             components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", s3_endpoint=bad)
-    components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", s3_endpoint="http://minio.ml:9000")
-    for name in ("1BAD", "A-B", "A B"):
+    for good in ("http://minio.ml:9000", "HTTPS://s3.example.com/prefix"):
+        components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", s3_endpoint=good)
+    for var in components.ENDPOINT_ENVS:  # the same endpoint given through --env
+        with pytest.raises(ValueError, match=re.escape(f"--env {var}='minio:9000': not an endpoint URL")):
+            components.qat(**BASE, env={var: "minio:9000"})
+    for name in ("1BAD", "A B", "A=B"):
         with pytest.raises(ValueError, match=re.escape(f"--env: {name!r} is not an environment variable name")):
             components.qat(**BASE, env={name: "1"})
+    components.qat(**BASE, env={"FOO.BAR": "1", "foo-bar": "2"})  # names Kubernetes takes
+    from torchx.schedulers import kubernetes_scheduler as k
+
+    torchx_labels = [getattr(k, n) for n in dir(k) if n.startswith("LABEL_") and n != "LABEL_INSTANCE_TYPE"]
+    assert torchx_labels and all(lab.startswith(components.RESERVED_LABEL_PREFIXES) or lab in components.RESERVED_LABELS
+                                 for lab in torchx_labels)
     for key in ("torchx.pytorch.org/role-name", "app.kubernetes.io/instance", "volcano.sh/job-name"):
         with pytest.raises(ValueError, match=re.escape(f"--labels: {key!r} is set by TorchX or Volcano")):
             components.qat(**BASE, labels={key: "x"})
-    components.qat(**BASE, labels={"team": "vision"})
+    # keys nobody selects on, Volcano's own user labels among them
+    components.qat(**BASE, labels={"team": "vision", "app.kubernetes.io/part-of": "quantcore",
+                                   "volcano.sh/preemptable": "true"})
 
 
 @pytest.mark.parametrize("make, flag", [
@@ -77,6 +89,18 @@ def test_local_paths_on_kubernetes_must_lie_on_a_mounted_claim():
          "--data '/data/../etc/x': a local path"),
         (lambda: components.export(checkpoint="s3://b/c", out="/results/x", check_data="/mnt/v"),
          "--out '/results/x'"),
+        # every file: spelling quantcore reads is a local path too
+        (lambda: components.calibrate(recipe=["r"], data="s3://b/d", out="file:/data/out", mounts=ro),
+         "--out 'file:/data/out': written to the PersistentVolumeClaim imagenet"),
+        (lambda: components.calibrate(recipe=["r"], data="s3://b/d", out="FILE:///data/out", mounts=ro),
+         "--out 'FILE:///data/out': written to the PersistentVolumeClaim imagenet"),
+        # relative paths name the image's read-only working directory
+        (lambda: components.calibrate(recipe=["r"], data="data/imagenet", out="s3://b/o", mounts=ro),
+         "--data 'data/imagenet': a relative path"),
+        (lambda: components.calibrate(recipe=["r"], data="s3://b/d", out="./out", mounts=rw),
+         "--out './out': a relative path"),
+        (lambda: components.calibrate(recipe=["r"], data="gs://b/d", out="s3://b/o"),
+         "--data: unsupported URI scheme 'gs://'"),
     ]
     for make, message in cases:
         app = make()
@@ -86,6 +110,7 @@ def test_local_paths_on_kubernetes_must_lie_on_a_mounted_claim():
     _ours(components.ptq(recipe=["r"], calib_data="/data/imagenet", out="/results/run1", mounts=ro + rw))
     _ours(components.qat(recipe="r", data="/data/x", out="file:///results/q", init="/results/p/model.qc.pt",
                          mounts=ro + rw))
+    _ours(components.calibrate(recipe=["r"], data="file://localhost/data/x", out="S3://b/o", mounts=ro))
 
 
 def test_qat_trains_one_recipe_and_says_so_at_submission():
@@ -139,14 +164,20 @@ def test_layouts_agree_with_quantcore():
 
 
 def test_resume_false_starts_over_only_without_job_retries():
-    with pytest.raises(ValueError, match="--resume False with --max_retries 2"):
-        components.qat(**BASE, resume=False)
+    app = components.qat(**BASE, resume=False)
+    with pytest.raises(ValueError, match="--resume False with --max_retries 2 on -s kubernetes"):
+        _ours(app)
+    _local(app)  # local_cwd never retries: its default max_retries does not act
     app = components.qat(**BASE, resume=False, max_retries=0)
     assert "--no-resume" in _cli(app)
+    _ours(app)
+    _local(app)  # max_retries 0 is what local_cwd does: not refused as a pod-only option
     assert "--no-resume" not in _cli(components.qat(**BASE))
+    with pytest.raises(ValueError, match="--init s3://b/p.qc.pt and --checkpoint s3://b/w.pt: give one"):
+        components.qat(**BASE, init="s3://b/p.qc.pt", checkpoint="s3://b/w.pt")
 
 
-def test_env_values_are_literal_and_shm_is_bounded_on_kubernetes():
+def test_env_values_are_literal_and_shm_is_half_the_memory_on_kubernetes():
     c = _container(_ours(components.qat(**BASE, env={"B": "$(A)", "C": "x"}, memMB=4096)))
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["B"] == "$$(A)" and env["C"] == "x"
@@ -154,7 +185,7 @@ def test_env_values_are_literal_and_shm_is_bounded_on_kubernetes():
     (task,) = job["spec"]["tasks"]
     (shm,) = [v for v in task["template"]["spec"]["volumes"] if v["name"] == "dshm"]
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2048Mi"}
-    job = _ours(components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o"))
+    job = _ours(components.qat(**BASE, gpus=8, memMB=512 * 1024))  # eight ranks' DataLoader workers
     (task,) = job["spec"]["tasks"]
     (shm,) = [v for v in task["template"]["spec"]["volumes"] if v["name"] == "dshm"]
-    assert shm["emptyDir"]["sizeLimit"] == f"{components.SHM_MAX_MB}Mi"
+    assert shm["emptyDir"]["sizeLimit"] == f"{256 * 1024}Mi"

@@ -1723,7 +1723,7 @@ def test_rayjob_qat_entrypoint_and_workers(chart_renders, kustomize_qat_render):
 
 def test_rayjob_qat_on_cpu_workers_and_with_a_sweep(bins):
     objs = render(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
-                  sets=["rayQat.workers.gpus=0", "rayQat.workers.replicas=3", "rayQat.model=s3://models/fp32.pt",
+                  sets=["rayQat.workers.gpus=0", "rayQat.workers.replicas=3", "rayQat.model=s3://models/fp32.pt", "rayQat.init=",
                         "rayQat.extraArgs[0]=--note", "rayQat.extraArgs[1]=a QAT run"])
     rayjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in of_kind(objs, "RayJob")}
     assert set(rayjobs) == {"ray-qat", "sweep"}

@@ -634,6 +634,10 @@ def test_a_checkpoint_calibrated_before_its_ranges_were_shared_is_not_reported_s
     qkv = [enc[f"blocks.0.attn.{x}_quantizer"]["amax"] for x in ("q", "k", "v", "qkv.output")]
     assert qkv[0] == qkv[1] == qkv[2] == qkv[3] == pytest.approx(float(hi.max()))
     assert "blocks.0.attn.qkv.output_quantizer" in enc["blocks.0.attn.q_quantizer"]["shared_with"]
+    # its ptq/ start is unified: QAT from that one has nothing to say about the ranges
+    rep = run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "q2"),
+                  QATOptions(progress=False, init=str(tmp_path / "q" / "ptq" / "model.qc.pt"), max_steps=1))
+    assert not any("union" in w for w in rep["warnings"]), rep["warnings"]
 
 
 def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist, tmp_path):
@@ -679,6 +683,7 @@ def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmn
     itself had written and trained from step 0 again at every restart."""
     out = tmp_path / "run"
     qat = {"epochs": 1, "checkpoint_every": 2}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
     _run(fmnist, out, qat=qat, max_steps=4, resume=False)
     before = list_checkpoints(str(out))
     assert [s for s, _ in before] and before[0][0] == 4
@@ -687,6 +692,10 @@ def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmn
     rep = _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
     assert rep["qat"]["steps"] == 4 and list_checkpoints(str(out)) == before  # resumed at step 4, nothing redone
     assert {uri: os.stat(uri).st_mtime_ns for _, uri in before} == written  # not deleted and written again
+    # a restart of another run whose first start died before it discarded: these are not its checkpoints
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")
+    _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start of a new run: starts over
     _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)
     assert [s for s, _ in list_checkpoints(str(out))] == [2]

@@ -171,7 +171,7 @@ def test_gpu_workers_on_a_cluster_without_enough_gpus_are_refused_after_a_wait()
         ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0, "GPU": 1.0}, False, wait_s=0, sleep=slept.append)
     said = ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0}, True, sleep=slept.append)
     assert said is not None and "--wait-for-gpus" in said
-    joins = iter([{}, {}, {"GPU": 8.0}, {"GPU": 8.0}])  # the GPU nodes register while it waits
+    joins = iter([{}, {"GPU": 1.0}, {"GPU": 8.0}])  # the GPU nodes register while it waits
     assert ray_qat.check_gpus(True, 2, lambda: next(joins), False, wait_s=60, sleep=lambda s: None) is None
     assert ray_qat.check_gpus(True, 2, lambda: {"CPU": 16.0, "GPU": 8.0}, False) is None
     assert ray_qat.check_gpus(False, 2, lambda: {"CPU": 16.0}, False) is None

@@ -482,8 +482,18 @@ schedulerName: {{ . }}
      (where volumes can be added) */}}
 {{- define "quantcore.checkLocalPath" -}}
 {{- $uri := toString .uri -}}
+{{- $low := lower $uri -}}
 {{- $path := "" -}}
-{{- if hasPrefix "file://" $uri }}{{ $path = trimPrefix "file://" $uri }}{{ else if hasPrefix "/" $uri }}{{ $path = $uri }}{{ end -}}
+{{- /* every local spelling quantcore reads (quantcore/io/uri.py): /p, file:///p, file://localhost/p, file:/p */ -}}
+{{- if hasPrefix "s3://" $low -}}
+{{- else if hasPrefix "file://localhost/" $low }}{{ $path = substr 16 -1 $uri }}
+{{- else if hasPrefix "file://" $low }}{{ $path = substr 7 -1 $uri }}
+{{- else if hasPrefix "file:/" $low }}{{ $path = substr 5 -1 $uri }}
+{{- else if hasPrefix "/" $uri }}{{ $path = $uri }}
+{{- else if contains "://" $uri }}{{ fail (printf "%s: %s: unsupported URI scheme (quantcore reads local paths, file:// and s3:// URIs)" .field $uri) }}
+{{- else if and $uri (not .named) }}{{ fail (printf "%s: %s is a relative path; in the pod it would resolve into a read-only folder (the image's working directory, or the chart's config for a sweep file), which holds no data or runs: give an absolute path on a volume under %s, or an s3:// URI" .field $uri .hint) }}
+{{- end -}}
+{{- if and $path (not (hasPrefix "/" $path)) }}{{ fail (printf "%s: %s: a file URI names an absolute path on this machine (file:///p)" .field $uri) }}{{ end -}}
 {{- if $path -}}
 {{- /* as the pod's filesystem resolves it: /mnt/d/../../etc/x is not on the volume at /mnt/d */ -}}
 {{- $path = clean $path -}}

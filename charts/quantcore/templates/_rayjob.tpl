@@ -129,7 +129,9 @@ spec:
   entrypoint: {{ include "quantcore.shellJoin" .entrypoint | quote }}
   submissionMode: {{ $cfg.submissionMode }}
   shutdownAfterJobFinishes: {{ $cfg.shutdownAfterJobFinishes }}
-  {{- /* KubeRay refuses a TTL on a RayJob whose cluster is kept (shutdownAfterJobFinishes false) */}}
+  {{- /* KubeRay refuses a TTL on a RayJob whose cluster is kept (shutdownAfterJobFinishes false): the
+         default (60) becomes 0 there, another value is an error */}}
+  {{- if and (ne (toString $cfg.shutdownAfterJobFinishes) "true") (not (has (int $cfg.ttlSecondsAfterFinished) (list 0 60))) }}{{ fail (printf "%s.ttlSecondsAfterFinished %d with %s.shutdownAfterJobFinishes false: the cluster is kept, so there is nothing to delete after a TTL (KubeRay refuses one); remove it, or set shutdownAfterJobFinishes: true" $key (int $cfg.ttlSecondsAfterFinished) $key) }}{{ end }}
   ttlSecondsAfterFinished: {{ ternary (int $cfg.ttlSecondsAfterFinished) 0 (eq (toString $cfg.shutdownAfterJobFinishes) "true") }}
   activeDeadlineSeconds: {{ int $cfg.activeDeadlineSeconds }}
   backoffLimit: {{ int $cfg.backoffLimit }}

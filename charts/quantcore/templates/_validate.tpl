@@ -198,7 +198,9 @@
 {{- end -}}
 {{- range $p := $w.paths -}}
 {{- $roots := ternary (concat $recipeFiles (list "/cache" "/tmp")) $recipeFiles (hasSuffix "cache_dir" $p.field) -}}
-{{- include "quantcore.checkLocalPath" (dict "uri" $p.uri "field" (printf "%s.%s" $w.who $p.field) "write" (default false $p.write) "vols" $w.vols "roots" $roots "hint" $w.hint) -}}
+{{- /* recipes are built-in names or the chart's recipe files too; model may be "recipe" */ -}}
+{{- $named := or (hasSuffix "recipe" $p.field) (hasSuffix "recipes" $p.field) (and (hasSuffix "model" $p.field) (eq (toString $p.uri) "recipe")) -}}
+{{- include "quantcore.checkLocalPath" (dict "uri" $p.uri "field" (printf "%s.%s" $w.who $p.field) "write" (default false $p.write) "vols" $w.vols "roots" $roots "hint" $w.hint "named" $named) -}}
 {{- end -}}
 {{- end -}}
 
