@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs._args import parse_once
 from jobs._tags import ascii_tag
 from quantcore.errors import UserError
+from quantcore.yaml_input import DuplicateKeyError, load_yaml
 
 # /2: summaries are written while the sweep runs (`state`, status `pending`, `runs_pending`)
 # and say which runs were reused from an earlier attempt (`reused`, `runs_reused`).
@@ -106,7 +107,8 @@ class _RunFields(BaseModel):
     calib_split: str = "train"
     eval_data: Optional[str] = Field(None, description="Evaluation dataset URI (default: calib_data).")
     eval_split: str = "val"
-    limit: Optional[int] = Field(None, gt=0, description="Evaluate on a seeded, class-stratified sample of N images (as --limit).")
+    limit: Optional[int] = Field(None, ge=0, description="Evaluate on a seeded, class-stratified sample of N images "
+                                                          "(as --limit: 0 or unset, the whole split).")
     batch_size: int = Field(64, gt=0, description="Evaluation batch size.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes per task.")
     layout: Literal["auto", "folder", "zip", "resisc"] = "auto"
@@ -239,7 +241,9 @@ def load_sweep(uri: str) -> Sweep:
     except FileNotFoundError:
         raise SweepError(f"sweep file {uri} not found") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, uri)
+    except DuplicateKeyError as err:
+        raise SweepError(str(err)) from None
     except yaml.YAMLError as err:
         raise SweepError(f"{uri} is not valid YAML: {err}") from None
     return _relative_to_sweep(parse_sweep(data, uri), uri)
@@ -468,7 +472,7 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
         recipes = [load_recipe(r) for r in spec.recipes or []]
         calib = pipeline.DataSpec(spec.calib_data or "", spec.calib_split, spec.layout, spec.skip_bad, spec.cache_dir)
         evald = pipeline.DataSpec(spec.eval_data or spec.calib_data or "", spec.eval_split, spec.layout,
-                                  spec.skip_bad, spec.cache_dir, spec.limit)
+                                  spec.skip_bad, spec.cache_dir, spec.limit, given=spec.eval_data is not None)
         opts = pipeline.RunOptions(
             batch_size=spec.batch_size, num_workers=spec.workers, device=device, progress=False,
             checkpoint=spec.checkpoint,
@@ -478,8 +482,9 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
         rec.update(status="succeeded", duration_s=round(time.perf_counter() - t0, 3), finished_at=_now())
         write_manifest(spec, out, rep, rec)
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
-        rec.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-6000:],
-                   duration_s=round(time.perf_counter() - t0, 3), finished_at=_now())
+        rec.update(status="failed", error=f"{type(err).__name__}: {_as_fields(err)}",
+                   traceback=traceback.format_exc()[-6000:], duration_s=round(time.perf_counter() - t0, 3),
+                   finished_at=_now())
         print(f"[{spec.name}] FAILED: {rec['error']}", flush=True)
     try:
         m = _metrics()
@@ -493,6 +498,23 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
     if rec["status"] == "succeeded":
         print(f"[{spec.name}] done in {rec['duration_s']:.1f} s: " + _one_line(rec), flush=True)
     return rec
+
+
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def _as_fields(err: BaseException) -> str:
+    """The message of ``err`` with quantcore's CLI flags named as the sweep file's fields (``--calib-data``
+    -> ``calib_data``): quantcore's user errors name the flag a CLI user set, the sweep's user set the field.
+    Flags without a run field (``--out``) and other errors (bugs: kept verbatim) are left as they are."""
+    if not isinstance(err, UserError):
+        return str(err)
+
+    def field(m: "re.Match[str]") -> str:
+        name = m.group(1).replace("-", "_")
+        return name if name in _RunFields.model_fields else m.group(0)
+
+    return _FLAG.sub(field, str(err))
 
 
 def _results(rep: Dict[str, Any]) -> Dict[str, Any]:
@@ -521,6 +543,14 @@ def _one_line(rec: Dict[str, Any]) -> str:
 
 def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def _duration(seconds: Any) -> str:
+    """A run's duration_s for people: "–" when none was measured (a task that died: :func:`_failure`), and
+    a run that failed within its first milliseconds "<0.1", not "0.0", which reads as a measured zero."""
+    if isinstance(seconds, (int, float)) and 0 <= seconds < 0.05:
+        return "<0.1"
+    return _fmt(seconds, "{:.1f}")
 
 
 def _ptq_task(run: Dict[str, Any], out: str, sweep_name: str, default_device: str,
@@ -560,7 +590,7 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
              "SQNR dB | duration s | artifacts |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
-        dur = _fmt(r.get("duration_s"), "{:.1f}")
+        dur = _duration(r.get("duration_s"))
         if not r["variants"]:
             lines.append(f"| {r['name']} | {r['status']} | – | – | – | – | – | – | {dur} | – |")
         for name, v in r["variants"].items():
@@ -687,7 +717,27 @@ def _check_recipes(sweep: Sweep, source: str) -> None:
             check_cache_dir(DataSpec(run.calib_data or "", run.calib_split, cache_dir=run.cache_dir),
                             DataSpec(run.eval_data or run.calib_data or "", run.eval_split, cache_dir=run.cache_dir))
         except UserError as err:
-            raise SweepError(f"{source}: runs[{i}]({run.name}).cache_dir: {err}") from None
+            raise SweepError(f"{source}: runs[{i}]({run.name}).cache_dir: {_as_fields(err)}") from None
+
+
+def _check_data(sweep: Sweep, source: str) -> None:
+    """Every run's local ``calib_data`` / ``eval_data`` exists, checked by the driver before Ray starts (a
+    typo'd path must not fail as a run inside its task, exit 1). S3 data is left to the task: the driver
+    only HEADs single files (checkpoints), and a dataset there is a prefix, known only by listing it."""
+    from quantcore.io import storage
+
+    for i, run in enumerate(sweep.runs):
+        for field in ("calib_data", "eval_data"):
+            uri = getattr(run, field)
+            if not uri or storage.is_s3(uri):
+                continue
+            try:
+                path = storage.local_path(uri)
+            except ValueError as err:
+                raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: {err}") from None
+            if not os.path.exists(path):
+                raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: dataset {uri}: no such directory "
+                                 f"({os.path.abspath(path)})")
 
 
 def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
@@ -720,7 +770,7 @@ def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
         except UserError:  # a builder that reads its own tensors (torchvision RegNet) cannot build on meta
             create_model(cfg, load_weights=False)
     except UserError as err:
-        raise SweepError(f"{where}.recipes: recipe {recipe.name!r}: {err}") from None
+        raise SweepError(f"{where}.recipes: recipe {recipe.name!r}: {_as_fields(err)}") from None
 
 
 def _now() -> str:
@@ -771,6 +821,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
     options = {s.name: task_options(s.name, gpus_per_task, cpus_per_task, max_retries) for s in selected.runs}
     _check_devices(selected, gpus_per_task, sweep_file)
     _check_recipes(selected, sweep_file)
+    _check_data(selected, sweep_file)
     if not storage.is_s3(out):  # (an unreachable bucket is a storage failure, exit 1, found below)
         from quantcore.pipeline import check_out
 
@@ -855,7 +906,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
                 status = rec["status"] if rec["status"] != "succeeded" else "ok"
                 detail = _one_line(rec) if rec["status"] == "succeeded" else rec["error"]
                 print(f"[{finished}/{total}] {spec.name}: {status} "
-                      f"({_fmt(rec.get('duration_s'), '{:.1f}')} s) {detail}", flush=True)
+                      f"({_duration(rec.get('duration_s'))} s) {detail}", flush=True)
             if waiting:
                 checkpoint_summary()
     else:

@@ -24,10 +24,12 @@ from torch import nn
 
 from .calib.histogram import HistogramState
 from .calib.maxcal import MaxState
+from .calib.registry import calibrator
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
 from .errors import CalibrationError, PlacementError, UserError, one_line
+from .fold import FoldError
 from .models import create_model
 from .placement import (place_quantizers, quantizers, unequal_shared_ranges, unify_shared_ranges,
                         unwrap)
@@ -72,6 +74,12 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = 
     the model's input (``model.img_size``/``in_chans`` of the recipe win). Raises
     :class:`~quantcore.errors.PlacementError` naming the field/module/quantizer on a mistake.
     """
+    return _prepare(model, recipe, example_input)
+
+
+def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = None,
+             fold_pairs: list | None = None) -> nn.Module:
+    """:func:`prepare`; ``fold_pairs``: the BatchNorm folds a checkpoint records (:func:`load`)."""
     from .placement import default_example_input
 
     recipe = _recipe(recipe)
@@ -83,7 +91,8 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = 
                                               in_chans=getattr(mc, "in_chans", None))
     try:
         place_quantizers(inner, recipe.placement, recipe.weight_spec(), recipe.activation_spec(),
-                         recipe.overrides, bins=recipe.calibration.bins, example_input=example_input)
+                         recipe.overrides, bins=recipe.calibration.bins, example_input=example_input,
+                         fold_pairs=fold_pairs)
     except PlacementError as err:  # several recipes run at once: say whose field it is
         if f"recipe {recipe.name!r}" in str(err):
             raise
@@ -532,7 +541,9 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
     meta = {"recipe": recipe.model_dump(mode="json"), "quantizer_specs": specs,
             "example_input_shape": list(getattr(placement, "example_input_shape", []) or []),
             "family": getattr(placement, "family", None),  # what family: auto chose (a plug-in's, maybe)
-            "versions": library_versions(), "extra": extra}
+            # the folds decided on the real weights: load() builds on placeholders, which must not decide
+            "folded_bn": [list(p) for p in getattr(placement, "folded_bn", [])],
+            "versions": library_versions(), "plugins": _plugin_classes(model), "extra": extra}
     tf = _transform_record(model)
     if tf is not None:
         meta["eval_transform"] = tf
@@ -568,6 +579,32 @@ def _check_transform(model: nn.Module, meta: dict[str, Any], uri: str) -> None:
         log.warning("checkpoint %s was calibrated with other preprocessing than its rebuilt model now gives "
                     "(%s): its ranges assume the stored one; evaluate with the original model files",
                     uri, "; ".join(diff))
+
+
+def _plugin_classes(model: nn.Module) -> dict[str, str]:
+    """``{"format 'int_pow2'": "module.Class", ...}``: the plug-in classes (defined outside quantcore)
+    behind the kinds, calibrators and family the prepared ``model`` uses, recorded in a checkpoint so a
+    load under another class of the same name says so."""
+    from .placement.families import family_plan
+    from .plugins import is_plugin
+
+    def qual(obj: Any) -> str:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    out: dict[str, str] = {}
+    for q in quantizers(model).values():
+        if is_plugin(q.spec.kind):
+            out[f"format {q.spec.format!r}"] = qual(q.spec.kind)
+        if not q.spec.is_float and is_plugin(cal := calibrator(q.spec.calibrator)):
+            out[f"calibrator {q.spec.calibrator!r}"] = qual(cal)
+    family = getattr(getattr(unwrap(model), "quantcore_placement", None), "family", None)
+    try:
+        plan = family_plan(family) if family else None
+    except ValueError:
+        plan = None
+    if plan is not None and is_plugin(plan):
+        out[f"family {family!r}"] = qual(plan)
+    return dict(sorted(out.items()))
 
 
 def load(uri: str, model: nn.Module | None = None, example_input: Any = None) -> nn.Module:
@@ -611,7 +648,12 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
             raise CheckpointError(f"checkpoint {uri}: it was placed by model family {family!r}, which is not "
                                   f"registered here (registered: {family_names()}); import the plug-in that "
                                   f"registers it first (the CLI: QUANTCORE_PLUGINS=module)")
-    prepare(model, recipe, example_input=example_input)
+    folds = meta.get("folded_bn")  # absent in checkpoints written before it was recorded
+    try:
+        _prepare(model, recipe, example_input=example_input,
+                 fold_pairs=[tuple(p) for p in folds] if folds is not None else None)
+    except FoldError as err:
+        raise CheckpointError(f"checkpoint {uri}: {err}") from None
     qs = quantizers(model)
     specs = meta.get("quantizer_specs", {})
     if set(specs) != set(qs):
@@ -630,6 +672,11 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     load_state_strict(model, state, uri)
     model.quantcore_meta = meta
     _check_transform(model, meta, uri)
+    for what, cls in (meta.get("plugins") or {}).items():
+        now = _plugin_classes(model).get(what)
+        if now != cls:  # a registered name is the contract of the recipe, its class that of the numbers
+            log.warning("checkpoint %s: %s was implemented by %s when it was written, here by %s: its outputs "
+                        "may differ from the run that wrote it", uri, what, cls, now or "quantcore's built-in")
     for group in unequal_shared_ranges(model):
         log.warning("checkpoint %s: quantizers %s share one range in this quantcore's placement (one kernel reads "
                     "them), but were calibrated with different ranges (by an older quantcore): they keep their own "

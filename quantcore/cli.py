@@ -185,7 +185,8 @@ def ptq(recipe: List[str] = RecipeOpt,
     from .pipeline import DataSpec, ptq as ptq_fn
 
     rep = ptq_fn(_load_recipes(recipe), DataSpec(calib_data, calib_split, layout, skip_bad, cache_dir),
-                 DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit), out,
+                 DataSpec(eval_data or calib_data, eval_split, layout, skip_bad, cache_dir, limit,
+                          given=eval_data is not None), out,
                  _opts(batch_size, workers, device, progress, checkpoint))
     _print_results(rep)
     _echo(f"report: {_join(out, 'report.md')}")

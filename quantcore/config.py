@@ -71,11 +71,13 @@ class SpecPatch(_Strict):
         """The grid fields this patch sets (a float cast reads none of them)."""
         return [k for k in GRID_FIELDS if getattr(self, k) is not None]
 
-    def apply(self, spec: QuantSpec) -> QuantSpec:
+    def apply(self, spec: QuantSpec | dict[str, Any]) -> QuantSpec:
+        """``spec`` (a QuantSpec, or its fields: validated once, with this patch) with this patch's fields."""
         upd = self.model_dump(exclude_none=True, exclude={"per_channel"})
         if self.per_channel is not None and "axis" not in upd:
             upd["axis"] = 0 if self.per_channel else None
-        return QuantSpec.model_validate({**spec.model_dump(), **upd})
+        base = spec.model_dump() if isinstance(spec, QuantSpec) else spec
+        return QuantSpec.model_validate({**base, **upd})
 
 
 class Override(_Strict):
@@ -184,7 +186,7 @@ def _looks_dumped(recipe: Any) -> bool:
 class CalibrationConfig(_Strict):
     method: CalibMethod = "percentile"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
-    weights_method: Literal["max", "mse"] = "max"
+    weights_method: CalibMethod = "max"
     num_batches: int | None = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     images_per_class: int | None = Field(None, ge=1, description="calibration subset, e.g. 2 per class")
@@ -403,6 +405,8 @@ class Recipe(_Strict):
                 spec()
             except ValidationError as err:  # the combined spec is wrong: name the section, not QuantSpec
                 msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                if section == "quant.weights" and not self.quant.weights.calibrator:
+                    section += f" with calibration.weights_method {self.calibration.weights_method!r}"
                 raise ValueError(f"{section}: {msgs}") from None
         for section, patch, spec in (("quant.weights", self.quant.weights, self.weight_spec()),
                                      ("quant.activations", self.quant.activations, self.activation_spec())):
@@ -474,7 +478,9 @@ class Recipe(_Strict):
         return out
 
     def weight_spec(self) -> QuantSpec:
-        base = QuantSpec(calibrator=self.calibration.weights_method, axis=0)
+        # validated with the patch only: per_channel: false makes a per-tensor calibrator valid
+        base = {**QuantSpec(axis=0).model_dump(), "calibrator": self.calibration.weights_method,
+                "percentile": self.calibration.percentile}
         return self.quant.weights.apply(base)
 
     def activation_spec(self) -> QuantSpec:

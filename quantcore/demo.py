@@ -249,7 +249,7 @@ def run_demo(store: str = "demo-store", epochs: int | None = None, train_limit: 
     plan = prepare_demo(store, epochs, train_limit, log, seed=seed, retrain=retrain, eval_limit=eval_limit)
     log("PTQ: " + ", ".join(plan.recipes) + f" -> {plan.out}")
     rep = ptq([load_recipe(n) for n in plan.recipes], DataSpec(plan.data_uri, "train"),
-              DataSpec(plan.data_uri, "test", limit=eval_limit), plan.out,
+              DataSpec(plan.data_uri, "test", limit=eval_limit, given=False), plan.out,  # one store for both
               RunOptions(batch_size=500, num_workers=num_workers, device="cpu", progress=progress,
                          checkpoint=plan.model_uri))
     qat_reports = {}

@@ -34,16 +34,19 @@ def _kind_fields(name: str, q, row: dict[str, Any]) -> dict[str, Any]:
     kind = q.spec.kind
     who = f"quantizer {name!r} (format {q.spec.format!r} = {type(kind).__module__}.{type(kind).__qualname__})"
     try:
-        fields = {k: _num(v) if hasattr(v, "detach") else v for k, v in kind.encoding(q).items()}
+        # tensors and plain floats as the range values are: a non-finite number becomes null
+        fields = {k: _num(v) if hasattr(v, "detach") else _float(v) if isinstance(v, float) else v
+                  for k, v in kind.encoding(q).items()}
     except Exception as e:  # noqa: BLE001 - a kind's failure, named (built-in kinds do not raise here)
         raise PluginError(f"{who}: encoding() raised {type(e).__name__}: {e}") from e
     clash = sorted(set(fields) & (_OWN_KEYS | set(row)))
     if clash:
         raise PluginError(f"{who}: encoding() returns {clash}, which quantcore records itself; use other names")
     try:
-        json.dumps(fields, allow_nan=True)
+        json.dumps(fields, allow_nan=False)  # as encodings.json is written
     except (TypeError, ValueError) as e:
-        raise PluginError(f"{who}: encoding() returns a value that is not JSON: {e}") from None
+        raise PluginError(f"{who}: encoding() returns a value that is not JSON (nested NaN/inf included): "
+                          f"{e}") from None
     return fields
 
 

@@ -61,6 +61,8 @@ class DataSpec:
     skip_bad: bool = False
     cache_dir: str | None = None
     limit: int | None = None  # evaluate on a class-stratified seeded sample of N images (data.limit_subset)
+    # False: the evaluation data was not given and ``uri`` is the calibration data's (errors then say so)
+    given: bool = field(default=True, compare=False)
 
 
 @dataclass
@@ -473,9 +475,10 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
             eval_classes = list(open_dataset(evald.uri, evald.split, None, layout=evald.layout,
                                              skip_bad=evald.skip_bad, cache_dir=evald.cache_dir).classes)
         except DataError as e:
-            # without --eval-data the evaluation split is read from the calibration data: say so
-            what = ("evaluation data (--eval-data/--eval-split " if not storage.same_location(evald.uri, calib.uri) else
-                    f"the calibration data, read for evaluation too (--calib-data, --eval-split ")
+            # without --eval-data the evaluation split is read from the calibration data: say so (only then:
+            # an --eval-data naming the calibration folder was given, nothing fell back)
+            what = ("evaluation data (--eval-data/--eval-split " if evald.given else
+                    "the calibration data, read for evaluation too (--calib-data, --eval-split ")
             raise DataError(f"{what}{evald.split!r}): {e}", file=e.file, shard=e.shard, line=e.line) from None
     t0 = time.perf_counter()
     fp32, variants, skipped = calibrate_variants(recipes, calib, opts, fp32,

@@ -169,6 +169,10 @@ class TensorQuantizer(nn.Module):
             from .calib.search import find_range  # local: search depends on formats only
 
             lo, hi = self._plugin_range(lambda: find_range(c, self.spec))
+        elif self.spec.enabled and is_plugin(cal := calibrator(self.spec.calibrator)):
+            # a plug-in calibrator computes its own range from the min/max statistics too (per channel:
+            # tensors), as it does from a histogram; built-in ones take the observed extremes
+            lo, hi = self._plugin_range(lambda: cal.compute_range(c, self.spec))
         else:
             # (a disabled quantizer never applies its grid: nothing to refuse)
             lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec) if self.spec.enabled else (c.min, c.max)
@@ -273,6 +277,16 @@ class TensorQuantizer(nn.Module):
         if (rng is not None or not may_be_none) and (not isinstance(rng, (tuple, list)) or len(rng) != 2):
             raise PluginError(f"{self._who()}: its range computation returned {type(rng).__name__} {rng!r:.80}; "
                               "it must return (lo, hi)")
+        if rng is not None:
+            try:
+                lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in rng)
+                inverted = bool((lo > hi).any())
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise PluginError(f"{self._who()}: its range computation returned {rng!r:.80}, not numbers or "
+                                  f"tensors of numbers ({e})") from None
+            if inverted:  # a grid from it would be empty or flipped, and reported as calibrated
+                raise PluginError(f"{self._who()}: its range computation returned lo > hi ({rng!r:.80}); it "
+                                  f"must return (lo, hi) with lo <= hi")
         return rng
 
     # -- forward ----------------------------------------------------------------------------------

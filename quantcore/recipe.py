@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from .config import Recipe
 from .errors import UserError
+from .yaml_input import DuplicateKeyError, load_yaml
 
 
 class RecipeError(UserError):
@@ -71,7 +72,9 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
                               f"recipes: {', '.join(sorted(shipped))})")
         text = _decode(path.read_bytes(), src)
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, f"recipe {src}")
+    except DuplicateKeyError as err:
+        raise RecipeError(str(err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {src} is not valid YAML: {' '.join(str(err).replace('<unicode string>', src).split())}") from None
     if src not in shipped:

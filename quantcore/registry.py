@@ -61,7 +61,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             extra = "".join(f" or {r!r}" for r in self.reserved)
-            raise ValueError(f"unknown {self.what} {name!r} (registered: {self.names()}{extra})") from None
+            raise ValueError(f"unknown {self.what} {name!r} (registered: {self.names()}{extra}; a plug-in's: import "
+                             f"the module that registers it first, the CLI: QUANTCORE_PLUGINS=module)") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -75,6 +76,11 @@ def test_recipe_errors_name_the_field(tmp_path):
         quantcore.load_recipe(str(bad))
     bad.write_text("model: [unclosed")
     with pytest.raises(RecipeError, match="not valid YAML"):
+        quantcore.load_recipe(str(bad))
+    # a repeated key: yaml.safe_load kept the last one silently
+    bad.write_text(yaml.safe_dump({"model": TINY, "quant": {"weights": {"bits": 8}}}) + "quant: {}\n")
+    with pytest.raises(RecipeError, match=rf"^recipe {re.escape(str(bad))} line \d+: key 'quant' appears twice in one "
+                                          r"mapping \(first on line \d+\)$"):
         quantcore.load_recipe(str(bad))
     with pytest.raises(RecipeError, match="not found"):
         quantcore.load_recipe(str(tmp_path / "missing.yaml"))

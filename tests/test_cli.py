@@ -505,6 +505,11 @@ def test_a_missing_evaluation_split_names_which_data_it_was_read_from(image_fold
                                      "--out", tmp_path / "o", "--no-progress"),
                             "evaluation data (--eval-data/--eval-split 'val')", str(train_only))
     assert "calibration data" not in err
+    # --eval-data given, naming the calibration folder itself: nothing fell back, the message must not say so
+    err = expect_user_error(capsys, ("ptq", "-r", r, "--calib-data", train_only, "--eval-data", f"{train_only}/",
+                                     "--out", tmp_path / "o", "--no-progress"),
+                            "evaluation data (--eval-data/--eval-split 'val')", str(train_only))
+    assert "read for evaluation too" not in err
 
 
 def test_relative_data_paths_are_recorded_as_the_folders_that_were_read(image_folder, tmp_path, monkeypatch, capsys):

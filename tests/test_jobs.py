@@ -295,9 +295,10 @@ def test_components_reject_bad_arguments(bad):
 
 @pytest.mark.parametrize("flag, var", [("s3_endpoint", "AWS_ENDPOINT_URL"), ("s3_secret", "QUANTCORE_S3_SECRET")])
 def test_env_may_not_set_what_an_option_sets(flag, var):
-    kwargs: Dict[str, Any] = dict(recipe=["r"], data="d", out="o", env={var: "x", "OTHER": "1"})
+    value = "http://minio.ml:9000" if var == "AWS_ENDPOINT_URL" else "x"  # an endpoint is checked as one
+    kwargs: Dict[str, Any] = dict(recipe=["r"], data="d", out="o", env={var: value, "OTHER": "1"})
     app = components.calibrate(**kwargs)  # without the option, --env is the only source: kept
-    assert app.roles[0].env[var] == "x" and app.roles[0].env["OTHER"] == "1"
+    assert app.roles[0].env[var] == value and app.roles[0].env["OTHER"] == "1"
     kwargs[flag] = "http://127.0.0.1:9000" if flag == "s3_endpoint" else "creds"
     with pytest.raises(ValueError, match=f"--env sets {var}, which --{flag} sets too"):
         components.calibrate(**kwargs)
@@ -785,7 +786,8 @@ def test_example_sweep_file_is_valid():
     ({"runs": [{"name": "a/b", "recipe": "x", "calib_data": "d"}]}, "runs[0](a/b).name: must be"),
     ({"runs": [{"name": "a", "recipe": "x", "calib_data": "d"}, {"name": "a", "recipe": "y", "calib_data": "d"}]},
      "runs[1].name: duplicate run name 'a'"),
-    ({"runs": [{"name": "a", "recipe": "x", "calib_data": "d", "limit": 0}]}, "runs[0](a).limit: Input should be greater"),
+    ({"runs": [{"name": "a", "recipe": "x", "calib_data": "d", "limit": -1}]},
+     "runs[0](a).limit: Input should be greater than or equal to 0"),
     ({"runs": [{"name": "a", "recipe": "x", "recipes": ["y"], "calib_data": "d"}]}, "either `recipe` or `recipes`"),
     ({"runs": []}, "runs: List should have at least 1 item"),
     ({"runs": [{"name": "Summary.json", "recipe": "x", "calib_data": "d"}]}, "the sweep's own file in <OUT>/"),
@@ -795,6 +797,31 @@ def test_sweep_errors_name_the_field(data, message):
     with pytest.raises(SweepError) as info:
         parse_sweep(data, "sweep.yaml")
     assert message in str(info.value) and str(info.value).startswith("sweep.yaml")
+
+
+def test_sweep_limit_0_is_the_whole_split_as_the_clis_limit_0():
+    """`limit: 0` was refused ("greater than 0") although the field is "as --limit", where 0 is the whole split."""
+    from jobs.ray_sweep import RunSpec
+
+    assert parse_sweep({"runs": [{"name": "a", "recipe": "x", "calib_data": "d", "limit": 0}]}).runs[0].limit == 0
+    assert "0 or unset, the whole split" in RunSpec.model_fields["limit"].description
+
+
+@pytest.mark.parametrize("text,line,key", [
+    ("runs:\n- name: a\n  recipe: x\n  calib_data: d\n  limit: -1\n  limit: 37\n", 6, "limit"),
+    ("defaults: {limit: 5}\nruns: [{name: a, recipe: x, calib_data: d}]\ndefaults: {}\n", 3, "defaults"),
+    ("runs:\n- {name: a, recipe: x, calib_data: d, name: b}\n", 2, "name"),
+])
+def test_a_key_repeated_in_a_sweep_file_is_refused_naming_file_key_and_line(tmp_path, text, line, key):
+    """yaml.safe_load kept the last of two equal keys: `limit: -1` then `limit: 37` ran with 37, silently."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError, match=rf"^{re.escape(str(path))} line {line}: key '{key}' appears twice in one "
+                                         rf"mapping \(first on line \d+\)$"):
+        load_sweep(str(path))
+    # a key beside a `<<:` merge overrides the merged one (YAML's meaning): no repetition
+    path.write_text("defaults: &d {calib_data: d, limit: 5}\nruns:\n- <<: *d\n  name: a\n  recipe: x\n  limit: 6\n")
+    assert load_sweep(str(path)).runs[0].limit == 6
 
 
 def test_sweep_defaults_merge_and_recipe_alias():

@@ -99,6 +99,8 @@ BROKEN_CALS = {
     "scalar": (lambda s, p: 3.0, "must return (lo, hi)"),
     "none": (lambda s, p: None, "must return (lo, hi)"),
     "vector": (lambda s, p: (-torch.ones(7), torch.ones(7)), "per-tensor quantizer"),
+    "inverted": (lambda s, p: (1.0, -1.0), "lo > hi"),
+    "text": (lambda s, p: ("-1", "1"), "not numbers"),
 }
 
 
@@ -118,6 +120,7 @@ def test_a_broken_plugin_calibrator_is_named_by_quantizer(case, registry_guard):
     (lambda q: {"format": "other", "max": 1.0}, "which quantcore records itself"),
     (lambda q: (_ for _ in ()).throw(KeyError("enc boom")), r"encoding\(\) raised KeyError"),
     (lambda q: {"handle": object()}, "not JSON"),
+    (lambda q: {"shifts": [1.0, float("nan")]}, "not JSON"),  # as encodings.json is written (no NaN)
 ])
 def test_a_plugin_encoding_may_not_rewrite_the_row_and_must_be_json(enc, said, registry_guard):
     register_quantizer_kind(_Kind("t_enc", enc=enc))
@@ -248,3 +251,126 @@ def test_ray_entrypoints_load_plugins_before_reading_recipes(monkeypatch, tmp_pa
         ray_qat.train_loop_per_worker({})
     monkeypatch.delenv("QUANTCORE_PLUGINS")
     assert runtime_env() == {}
+
+
+def test_a_plugin_calibrator_reading_max_statistics_computes_the_range(registry_guard):
+    """A calibrator with statistics "max" (and a per-channel one on per-channel weights) got the observed
+    extremes instead of its own range, silently."""
+
+    class HalfMax(Calibrator):
+        name, statistics, per_channel = "t_halfmax", "max", True
+
+        def compute_range(self, state, spec):
+            return state.min * 0.5, state.max * 0.5
+
+    register_calibrator(HalfMax())
+    registry_guard.append((cal_registry._CALIBRATORS, "t_halfmax"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    ref = _model({"calibrator": "max"})
+    api.calibrate(ref, [x])
+    m = _model({"calibrator": "t_halfmax"})
+    api.calibrate(m, [x])
+    q, q0 = quantizers(m)[TARGET], quantizers(ref)[TARGET]
+    assert torch.allclose(q.amax, 0.5 * q0.amax) and float(q0.amax) > 0
+    w = "blocks.0.mlp.fc2.weight_quantizer"
+    r = quantcore.load_recipe({"name": "t", "model": TINY, "calibration": {"method": "max", "num_batches": 1},
+                               "overrides": [{"match": w, "spec": {"calibrator": "t_halfmax"}}]})
+    torch.manual_seed(0)
+    pm = api.prepare(quantcore.build_model(r), r)
+    api.calibrate(pm, [x])
+    wq = quantizers(pm)[w]
+    weight = dict(pm.named_parameters())["blocks.0.mlp.fc2.weight"].detach()
+    assert wq.amax.numel() == weight.shape[0]
+    assert torch.allclose(wq.amax, 0.5 * weight.abs().amax(1))  # per channel, half of each row's max
+
+
+def _family(name, **methods):
+    return type("Fam_" + name, (families.FamilyPlan,), {"name": name, "priority": 1, **methods})()
+
+
+def test_a_broken_plugin_family_is_named(registry_guard):
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    r = quantcore.load_recipe({"name": "mlp", "calibration": {"method": "max", "num_batches": 1}})
+    families.register_family(_family("t_fam_raise", matches=lambda self, f: 1 / 0))
+    registry_guard.append((families._FAMILIES, "t_fam_raise"))
+    with pytest.raises(PluginError, match=r"model family 't_fam_raise'.*matches\(\) raised ZeroDivisionError"):
+        api.prepare(net, r, example_input=torch.randn(1, 8))
+    families._FAMILIES.unregister("t_fam_raise")
+    registry_guard.clear()
+    families.register_family(_family("t_fam_reason", matches=lambda self, f: True,
+                                     default_float_reason=lambda self, site, given: 42))
+    registry_guard.append((families._FAMILIES, "t_fam_reason"))
+    with pytest.raises(PluginError, match=r"t_fam_reason.*default_float_reason\(\) returned int 42"):
+        api.prepare(net, r, example_input=torch.randn(1, 8))
+
+
+def test_a_plugin_backend_is_named_checked_and_recorded(registry_guard):
+    from quantcore import backends
+    from quantcore.api import CalibrationResult
+
+    class Halving(backends.Backend):
+        name = "t_halving"
+
+        def __init__(self, mode="ok"):
+            self.mode = mode
+
+        def calibrate(self, model, batches, max_batches=None, progress=None):
+            if self.mode == "raise":
+                raise RuntimeError("engine down")
+            if self.mode == "none":
+                return None
+            n = 0
+            for b in batches:
+                n += b.shape[0]
+            if self.mode == "uncounted":
+                return CalibrationResult()
+            for q in quantizers(model).values():
+                if not q.spec.is_float:
+                    q.set_range(-1.0, 1.0)
+            return CalibrationResult(batches=1, images=n)
+
+    backends._BACKENDS.register(Halving())
+    r = quantcore.load_recipe({"name": "t", "model": TINY,
+                               "calibration": {"method": "max", "num_batches": 1, "backend": "t_halving"}})
+    backends._BACKENDS.unregister("t_halving")
+    for mode, said in (("raise", r"calibration.backend 't_halving' \(.*Halving\): calibrate\(\) raised RuntimeError"),
+                       ("none", r"calibrate\(\) returned NoneType"),
+                       ("uncounted", r"read 1 batch\(es\) but its result counts no images")):
+        backends._BACKENDS.register(Halving(mode))
+        torch.manual_seed(0)
+        m = api.prepare(quantcore.build_model(r), r)
+        with pytest.raises(PluginError, match=said):
+            api.calibrate(m, [torch.randn(2, 1, 28, 28)])
+        backends._BACKENDS.unregister("t_halving")
+    backends._BACKENDS.register(Halving())
+    registry_guard.append((backends._BACKENDS, "t_halving"))
+    torch.manual_seed(0)
+    m = api.prepare(quantcore.build_model(r), r)
+    res = api.calibrate(m, [torch.randn(2, 1, 28, 28)])
+    rec = res.transforms["backend"]
+    assert rec["name"] == "t_halving" and rec["implementation"].endswith("Halving")
+    assert set(rec["ranges"]) == {n for n, q in quantizers(m).items() if not q.spec.is_float}
+
+
+def test_a_checkpoint_loaded_under_another_class_of_the_same_name_says_so(tmp_path, registry_guard, caplog):
+    import logging
+
+    register_quantizer_kind(_Kind("t_impl"))
+    registry_guard.append((kind_base._KINDS, "t_impl"))
+    m = _calibrated({"format": "t_impl"})
+    api.save(m, str(tmp_path / "m.qc.pt"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        api.load(str(tmp_path / "m.qc.pt"))
+    assert not [x for x in caplog.records if "was implemented by" in x.message]
+
+    class Floor(_Kind):  # another implementation registered under the same name
+        pass
+
+    kind_base._KINDS.unregister("t_impl")
+    register_quantizer_kind(Floor("t_impl"))
+    with caplog.at_level(logging.WARNING):
+        api.load(str(tmp_path / "m.qc.pt"))
+    said = [x.message for x in caplog.records if "was implemented by" in x.message]
+    assert len(said) == 1 and "format 't_impl'" in said[0] and "_Kind" in said[0] and "Floor" in said[0], said

@@ -372,7 +372,9 @@ def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsy
         assert not ray.is_initialized() and not (tmp_path / "o").exists()
     sweep_file.write_text(yaml.safe_dump({"runs": [dict(tiny["run"], cache_dir=str(tmp_path / "c"))]}))
     assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
-    assert "runs[0](tiny).cache_dir: --cache-dir" in capsys.readouterr().err
+    # quantcore's message names the sweep's field, not the CLI flag the sweep's user never typed
+    err = capsys.readouterr().err
+    assert "runs[0](tiny).cache_dir: cache_dir " in err and "--cache-dir" not in err, err
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
@@ -401,6 +403,69 @@ def test_an_unknown_model_or_missing_weights_file_exits_2_before_ray_starts(tiny
         err = capsys.readouterr().err
         assert words in err, err
         assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_data_path_exits_2_before_ray_starts(tiny, tmp_path, capsys):
+    """A local calib_data / eval_data that does not exist was found by the run's task after Ray started
+    (exit 1, "retryable"); the driver checks local data as it checks recipes and weights. S3 data is the
+    task's to find (tests/ray_e2e.py's broken run)."""
+    import ray
+
+    gone = tmp_path / "no-such-data"
+    cases = ((dict(calib_data=str(gone)), f"runs[1](bad).calib_data: dataset {gone}: no such directory"),
+             (dict(calib_data=f"file://{gone}"), f"runs[1](bad).calib_data: dataset file://{gone}: no such directory"),
+             (dict(eval_data="gone-val"), f"runs[1](bad).eval_data: dataset {tmp_path / 'gone-val'}: no such "
+                                          f"directory"))  # relative: to the sweep file's folder
+    for change, words in cases:
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
+        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
+def test_a_run_error_names_the_sweep_fields_and_says_where_evaluation_data_came_from(tiny, tmp_path):
+    """quantcore's errors name CLI flags (--eval-split); a sweep's user set fields (eval_split). And "read for
+    evaluation too" is said only when eval_data was not given, not when it names the calibration folder."""
+    fell_back = dict(tiny["run"], eval_split="nope")
+    rec = ray_sweep.execute_run(parse_sweep({"runs": [fell_back]}).runs[0].model_dump(mode="json", exclude_none=True),
+                                str(tmp_path / "a"), "t", "cpu", show_progress=False)
+    assert rec["status"] == "failed" and "the calibration data, read for evaluation too (calib_data, eval_split " \
+        "'nope')" in rec["error"] and "--" not in rec["error"], rec["error"]
+    given = dict(fell_back, eval_data=tiny["run"]["calib_data"])
+    rec = ray_sweep.execute_run(parse_sweep({"runs": [given]}).runs[0].model_dump(mode="json", exclude_none=True),
+                                str(tmp_path / "b"), "t", "cpu", show_progress=False)
+    assert rec["status"] == "failed" and "evaluation data (eval_data/eval_split 'nope')" in rec["error"], rec["error"]
+    assert "read for evaluation too" not in rec["error"]
+    # a flag that is no field of a run, and errors that are not user errors, stay as they are
+    assert ray_sweep._as_fields(quantcore.errors.UserError("--out x, --limit 3")) == "--out x, limit 3"
+    assert ray_sweep._as_fields(RuntimeError("--limit 3")) == "--limit 3"
+
+
+def test_limit_0_evaluates_the_whole_split_as_the_clis_limit_0(tiny, tmp_path):
+    whole = dict(tiny["run"], name="whole", limit=0)
+    rec = ray_sweep.execute_run(parse_sweep({"runs": [whole]}).runs[0].model_dump(mode="json", exclude_none=True),
+                                str(tmp_path / "whole"), "t", "cpu", show_progress=False)
+    assert rec["status"] == "succeeded", rec["traceback"]
+    assert rec["limit"] == 0 and rec["eval_count"] > tiny["record"]["eval_count"] == tiny["run"]["limit"]
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["data"]["eval_subset"] is None, report["data"]
+
+
+def test_summary_duration_is_a_dash_when_none_was_measured(tiny, tmp_path):
+    """A failed run showed 0.0 s, which reads as a measured zero: a task that died has no duration ("–"),
+    a run that failed at once "<0.1", one that ran a while before failing keeps its measured time."""
+    sweep = parse_sweep({"runs": [dict(tiny["run"], name=n) for n in ("died", "at-once", "later")]})
+    died, at_once, later = (ray_sweep._failure(s, str(tmp_path / s.name), RuntimeError("x")) for s in sweep.runs)
+    at_once["duration_s"], later["duration_s"] = 0.004, 12.345
+    meta = {"sweep_file": "s.yaml", "out": str(tmp_path), "started": "t0", "finished": "t1", "duration_s": 13.0,
+            "summary_json": str(tmp_path / "summary.json"), "summary_md": str(tmp_path / "summary.md")}
+    md = ray_sweep.summary_markdown(ray_sweep.build_summary(
+        sweep, {"died": died, "at-once": at_once, "later": later}, meta, "finished"))
+    assert died["duration_s"] is None and "| died | failed | – | – | – | – | – | – | – | – |" in md, md
+    assert "| at-once | failed | – | – | – | – | – | – | <0.1 | – |" in md
+    assert "| later | failed | – | – | – | – | – | – | 12.3 | – |" in md and "0.0" not in md
 
 
 # ------------------------------------------------------------------------------ Ray end to end

@@ -180,3 +180,24 @@ def test_duplicate_registration_is_refused():
         register_quantizer_kind(Other())
     with pytest.raises(ValueError, match="already registered"):
         register_calibrator(type("OtherMax", (Calibrator,), {"name": "max"})())
+
+
+def test_weights_method_takes_registered_calibrators(registered):
+    """calibration.weights_method was max/mse only (a registered calibrator was refused there, while
+    quant.weights.calibrator took it); a per-tensor weight grid takes any, and a per-channel one names
+    the field when its calibrator cannot give per-channel ranges."""
+    for name in ("percentile", "test_p999"):
+        r = quantcore.load_recipe({"model": TINY, "calibration": {"weights_method": name},
+                                   "quant": {"weights": {"per_channel": False}}})
+        assert r.weight_spec().calibrator == name and r.weight_spec().axis is None
+    with pytest.raises(RecipeError, match="quant.weights with calibration.weights_method 'test_p999': per-channel"):
+        quantcore.load_recipe({"model": TINY, "calibration": {"weights_method": "test_p999"}})
+    torch.manual_seed(0)
+    r = quantcore.load_recipe({"model": TINY, "calibration": {"weights_method": "percentile", "percentile": 99.0},
+                               "quant": {"weights": {"per_channel": False}}})
+    m = quantcore.prepare(quantcore.build_model(r), r)
+    quantcore.calibrate(m, [torch.randn(2, 1, 28, 28)])
+    q = quantizers(m)["blocks.0.mlp.fc1.weight_quantizer"]
+    w = dict(m.named_parameters())["blocks.0.mlp.fc1.weight"].detach().abs().flatten()
+    assert float(q.amax) < float(w.max())  # a percentile of |w|, not its max
+    assert float(q.amax) == pytest.approx(float(torch.quantile(w, 0.99)), rel=0.05)

@@ -111,7 +111,46 @@ def calibrate(model: "nn.Module", batches: Iterable, max_batches: int | None = N
         refuse_multi_input(model, f"calibration.backend {name}")
         b.require()
         b.check(recipe)
-    return b.calibrate(model, batches, max_batches, progress)
+    from ..plugins import is_plugin
+
+    if not is_plugin(b):
+        return b.calibrate(model, batches, max_batches, progress)
+    return _plugin_calibrate(b, model, batches, max_batches, progress)
+
+
+def _plugin_calibrate(b: Backend, model: "nn.Module", batches: Iterable, max_batches: int | None,
+                      progress: Any) -> "CalibrationResult":
+    """A plug-in backend's ``calibrate``, its failures and malformed results named, and its run recorded
+    (``backend`` in the calibration record) when it did not record one itself."""
+    from ..api import CalibrationResult
+    from ..placement import quantizers
+    from ..plugins import PluginError
+    from ._common import record
+
+    who = f"calibration.backend {b.name!r} ({type(b).__module__}.{type(b).__qualname__})"
+    fed = [0]  # batches the loader handed out: 0 images counted after some were fed is the backend's fault
+
+    def counted():
+        for batch in batches:
+            fed[0] += 1
+            yield batch
+
+    try:
+        res = b.calibrate(model, counted(), max_batches, progress)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
+        raise PluginError(f"{who}: calibrate() raised {type(e).__name__}: {e}") from e
+    if not isinstance(res, CalibrationResult):
+        raise PluginError(f"{who}: calibrate() returned {type(res).__name__}; it must return a "
+                          f"quantcore.api.CalibrationResult (batches, images, ...)")
+    if fed[0] and not res.images:
+        raise PluginError(f"{who}: calibrate() read {fed[0]} batch(es) but its result counts no images "
+                          f"(CalibrationResult.images); it must count the images it calibrated on")
+    if "backend" not in res.transforms:  # what ran is recorded whatever the plug-in wrote
+        ranged = {n: b.name for n, q in quantizers(model).items() if q.is_calibrated}
+        record(res, b, ranged, implementation=f"{type(b).__module__}.{type(b).__qualname__}")
+    return res
 
 
 from . import aimet, modelopt, native  # noqa: E402 - register the built-ins (light: no peer imports)

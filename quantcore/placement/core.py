@@ -137,6 +137,24 @@ def unequal_shared_ranges(model: nn.Module) -> list[list[str]]:
     return bad
 
 
+def _default_float_reason(plan: Any, site: Any, keep_float_given: bool) -> str | None:
+    """``plan.default_float_reason`` (None: quantize the site), a plug-in's failure or non-text result
+    named: a reason is recorded in the placement and reported, and any value but None keeps it float."""
+    from ..plugins import PluginError, is_plugin
+
+    if not is_plugin(plan):
+        return plan.default_float_reason(site, keep_float_given)
+    who = f"model family {plan.name!r} ({type(plan).__module__}.{type(plan).__qualname__})"
+    try:
+        reason = plan.default_float_reason(site, keep_float_given)
+    except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
+        raise PluginError(f"{who}: default_float_reason() raised {type(e).__name__} on {site.name!r}: {e}") from e
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+        raise PluginError(f"{who}: default_float_reason() returned {type(reason).__name__} {reason!r:.60} for "
+                          f"{site.name!r}; it must return None (quantize) or a non-empty reason text (keep float)")
+    return reason
+
+
 def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
     """Groups that have a member in common become one (a GEMM output feeding two attentions)."""
     merged: list[list[str]] = []
@@ -597,14 +615,15 @@ def _probe_failed(shape: list[int], during: str, err: Exception) -> PlacementErr
 
 def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: QuantSpec,
                      act_spec: QuantSpec, overrides: Iterable[Override] = (), bins: int = 2048,
-                     example_input: Any = None) -> PlacementResult:
+                     example_input: Any = None, fold_pairs: list | None = None) -> PlacementResult:
     """Fold BatchNorm, then insert quantizers into ``model`` in place; return what was done.
 
     ``example_input`` (a tensor or tuple of positional inputs; default: :func:`default_example_input`)
     is run through the model to find every op to quantize and to prove and verify BatchNorm folds.
     ``weight_spec`` is used for every weight quantizer (in transformer blocks the ft1/ft2 mode sets
     the axis); ``act_spec`` for every activation quantizer. ``overrides`` (recipe order, later wins)
-    can leave modules float or patch quantizer specs.
+    can leave modules float or patch quantizer specs. ``fold_pairs``: fold exactly these ``(conv, bn)``
+    pairs (a checkpoint's record, see :func:`~quantcore.fold.fold_batchnorm`).
 
     Raises :class:`~quantcore.errors.PlacementError` naming the recipe field, module or quantizer for
     anything that cannot be done as asked (an override matching nothing, ``mode`` on a model without
@@ -630,7 +649,7 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
     folded, unfolded, fold_res = [], {}, None
     if placement.fold_bn and has_bn:
         try:
-            res = fold_batchnorm(model, example_input)
+            res = fold_batchnorm(model, example_input, pairs=fold_pairs)
         except FoldError:
             raise
         except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
@@ -691,7 +710,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     chosen: list[_Site] = []
     moded: list[str] = []  # weight quantizers made per tensor by ft2 instead of quant.weights' granularity
     for s in sites:
-        default_reason = plan.default_float_reason(s, placement.keep_float is not None)
+        default_reason = _default_float_reason(plan, s, placement.keep_float is not None)
         if decide_float(s.name, rules, default_reason is not None):
             src = next((r.source for r in reversed(rules) if r.float and r.hits and s.name in r.hits), None)
             float_reasons[s.name] = f"kept float by {src}" if src else default_reason

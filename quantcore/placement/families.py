@@ -105,8 +105,24 @@ def family_names() -> list[str]:
 
 def detect(facts: FamilyFacts) -> str:
     """The first registered family (by priority) whose plan matches ``facts``."""
+    from ..plugins import PluginError, is_plugin
+
     for name in family_names():
-        if _FAMILIES.get(name).matches(facts):
+        plan = _FAMILIES.get(name)
+        if not is_plugin(plan):
+            if plan.matches(facts):
+                return name
+            continue
+        try:  # one faulty plug-in family would break every family: auto run, whatever the model
+            hit = plan.matches(facts)
+        except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
+            raise PluginError(f"model family {name!r} ({type(plan).__module__}.{type(plan).__qualname__}): "
+                              f"matches() raised {type(e).__name__}: {e} (placement.family: auto tries every "
+                              f"registered family)") from e
+        if not isinstance(hit, bool):
+            raise PluginError(f"model family {name!r} ({type(plan).__module__}.{type(plan).__qualname__}): "
+                              f"matches() returned {type(hit).__name__} {hit!r:.60}; it must return True or False")
+        if hit:
             return name
     return "generic"
 
