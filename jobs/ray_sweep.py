@@ -500,7 +500,8 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
     return rec
 
 
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# a flag as messages write it: at the start, or after a blank, quote, bracket or comma (not inside a path)
+_FLAG = re.compile(r"(?:^|(?<=[\s'\"(\[,]))--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
 
 def _as_fields(err: BaseException) -> str:
@@ -736,7 +737,7 @@ def _check_data(sweep: Sweep, source: str) -> None:
             except ValueError as err:
                 raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: {err}") from None
             if not os.path.exists(path):
-                raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: dataset {uri}: no such directory "
+                raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: dataset {uri}: no such file or directory "
                                  f"({os.path.abspath(path)})")
 
 

@@ -648,10 +648,18 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
             raise CheckpointError(f"checkpoint {uri}: it was placed by model family {family!r}, which is not "
                                   f"registered here (registered: {family_names()}); import the plug-in that "
                                   f"registers it first (the CLI: QUANTCORE_PLUGINS=module)")
-    folds = meta.get("folded_bn")  # absent in checkpoints written before it was recorded
+    folds = meta.get("folded_bn")
+    if folds is not None:
+        fold_pairs: list | None = [tuple(p) for p in folds]
+    elif recipe.placement.fold_bn:  # written before the record: the BatchNorms its state lacks were folded
+        from .fold import is_batchnorm
+
+        fold_pairs = [n for n, m in unwrap(model).named_modules()
+                      if is_batchnorm(m) and not any(k.startswith(f"{n}.") for k in state)]
+    else:
+        fold_pairs = None
     try:
-        _prepare(model, recipe, example_input=example_input,
-                 fold_pairs=[tuple(p) for p in folds] if folds is not None else None)
+        _prepare(model, recipe, example_input=example_input, fold_pairs=fold_pairs)
     except FoldError as err:
         raise CheckpointError(f"checkpoint {uri}: {err}") from None
     qs = quantizers(model)
@@ -666,14 +674,13 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
         try:
             qs[name].set_spec(QuantSpec.model_validate(spec))
         except ValueError as err:  # pydantic's ValidationError too: a format/calibrator not registered here
-            raise CheckpointError(f"checkpoint {uri}: quantizer {name!r}: {one_line(err)} (a plug-in's kind or "
-                                  f"calibrator: import the module that registers it first; the CLI: "
-                                  f"QUANTCORE_PLUGINS=module)") from None
+            raise CheckpointError(f"checkpoint {uri}: quantizer {name!r}: {one_line(err)}") from None  # (hint: registry)
     load_state_strict(model, state, uri)
     model.quantcore_meta = meta
     _check_transform(model, meta, uri)
+    classes = _plugin_classes(model) if meta.get("plugins") else {}
     for what, cls in (meta.get("plugins") or {}).items():
-        now = _plugin_classes(model).get(what)
+        now = classes.get(what)
         if now != cls:  # a registered name is the contract of the recipe, its class that of the numbers
             log.warning("checkpoint %s: %s was implemented by %s when it was written, here by %s: its outputs "
                         "may differ from the run that wrote it", uri, what, cls, now or "quantcore's built-in")

@@ -462,8 +462,14 @@ class Recipe(_Strict):
                               f"{patch.calibrator!r} contradict each other ({section}.calibrator wins, so "
                               f"calibration.{field} would act on nothing); give one")
         readers = {qa.calibrator or c.method, qw.calibrator or c.weights_method, *over}
-        if qa.percentile is not None or "percentile" not in readers:
-            why = ("quant.activations.percentile replaces it" if qa.percentile is not None
+        # calibration.percentile is read by a section whose calibrator is percentile and which sets no
+        # percentile of its own (weights too: Recipe.weight_spec), and by overrides to percentile
+        own = {"quant.activations": (qa.calibrator or c.method, qa.percentile),
+               "quant.weights": (qw.calibrator or c.weights_method, qw.percentile)}
+        replaced = [f"{k}.percentile" for k, (cal, pct) in own.items() if cal == "percentile" and pct is not None]
+        read = any(cal == "percentile" and pct is None for cal, pct in own.values()) or "percentile" in over
+        if not read:
+            why = (f"{' and '.join(replaced)} {'replaces' if len(replaced) == 1 else 'replace'} it" if replaced
                    else f"no quantizer uses calibrator percentile (calibrators: {', '.join(sorted(readers))})")
             out["percentile"] = f"calibration.percentile: {c.percentile} cannot act: {why}; remove it"
         from .calib.registry import calibrator

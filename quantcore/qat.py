@@ -399,10 +399,17 @@ def _torchrun_restart() -> int:
 _DISCARD_MARK = "no-resume-run"
 
 
+def _run_id() -> str:
+    """torchrun's ``TORCHELASTIC_RUN_ID``; "" when there is none that names a run ("none": torchrun
+    without --rdzv-id or --standalone)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if run_id.lower() == "none" else run_id
+
+
 def _discarded_by_this_run(out: str) -> bool:
     """True when ``OUT/checkpoints/no-resume-run`` names this torchrun run (``TORCHELASTIC_RUN_ID``):
     its first start discarded the previous run's checkpoints, so what is there now is its own."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    run_id = _run_id()
     try:
         return bool(run_id) and storage.read_bytes(storage.join(out, _CKPT_DIR, _DISCARD_MARK)).decode() == run_id
     except (FileNotFoundError, UnicodeDecodeError):
@@ -411,9 +418,14 @@ def _discarded_by_this_run(out: str) -> bool:
 
 def _mark_discarded(out: str) -> None:
     """Record, after discarding, which torchrun run did (nothing outside torchrun: no restarts)."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    run_id = _run_id()
     if run_id:
         storage.write_bytes(storage.join(out, _CKPT_DIR, _DISCARD_MARK), run_id.encode())
+
+
+def _unmark_discarded(out: str) -> None:
+    """Drop an earlier run's marker before discarding (a run reusing its id must not find it)."""
+    storage.delete(storage.join(out, _CKPT_DIR, _DISCARD_MARK), missing_ok=True)
 
 
 def discard_checkpoints(out: str) -> int:
@@ -848,6 +860,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     # old checkpoints (its marker): a rank that died before that would otherwise resume the old run
     resume = opts.resume or (_torchrun_restart() > 0 and _discarded_by_this_run(out))
     if not resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
+        _unmark_discarded(out)
         discard_checkpoints(out)
         _mark_discarded(out)
     elif not opts.resume:

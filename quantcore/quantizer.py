@@ -173,6 +173,7 @@ class TensorQuantizer(nn.Module):
             # a plug-in calibrator computes its own range from the min/max statistics too (per channel:
             # tensors), as it does from a histogram; built-in ones take the observed extremes
             lo, hi = self._plugin_range(lambda: cal.compute_range(c, self.spec))
+            lo, hi = self.spec.kind.extremes_range(lo, hi, self.spec)  # what the grid can carry, as for max
         else:
             # (a disabled quantizer never applies its grid: nothing to refuse)
             lo, hi = self.spec.kind.extremes_range(c.min, c.max, self.spec) if self.spec.enabled else (c.min, c.max)
@@ -281,9 +282,12 @@ class TensorQuantizer(nn.Module):
             try:
                 lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in rng)
                 inverted = bool((lo > hi).any())
+                finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
             except (TypeError, ValueError, RuntimeError) as e:
                 raise PluginError(f"{self._who()}: its range computation returned {rng!r:.80}, not numbers or "
                                   f"tensors of numbers ({e})") from None
+            if not finite:
+                raise PluginError(f"{self._who()}: its range computation returned inf/NaN ({rng!r:.80})")
             if inverted:  # a grid from it would be empty or flipped, and reported as calibrated
                 raise PluginError(f"{self._who()}: its range computation returned lo > hi ({rng!r:.80}); it "
                                   f"must return (lo, hi) with lo <= hi")

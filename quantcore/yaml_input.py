@@ -22,8 +22,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             first: Dict[Any, int] = {}
             # the node's own keys only: a key given beside a `<<:` merge overrides the merged one, as YAML means
+            merges = 0
             for key_node, _ in node.value:
-                if key_node.tag == _MERGE:
+                if key_node.tag == _MERGE:  # one merge key per mapping: `<<: [*a, *b]` merges several
+                    merges += 1
+                    if merges > 1:
+                        raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: merge key '<<' appears "
+                                                f"twice in one mapping; merge several with <<: [*a, *b]")
                     continue
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1

@@ -107,6 +107,10 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
             ({"calibration": {"percentile": 99.99}, "quant": {"activations": {"calibrator": "max"}}},
              ("calibration.percentile", "calibrators: max")),
             ({"calibration": {"bins": 2048, "method": "max"}}, ("calibration.bins", "histogram")),
+            # weights read calibration.percentile too, unless their own section sets one
+            ({"calibration": {"method": "max", "weights_method": "percentile", "percentile": 99.0},
+              "quant": {"weights": {"per_channel": False, "percentile": 99.5}}},
+             ("calibration.percentile: 99.0 cannot act", "quant.weights.percentile replaces it")),
             ({"calibration": {"num_batches": 8, "images_per_class": 2}}, ("images_per_class", "num_batches")),
             ({"overrides": [{"match": "*fc2.input_quantizer", "enabled": True, "spec": {"enabled": False}}]},
              ("enabled", "spec.enabled"))]:
@@ -115,6 +119,10 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
             quantcore.load_recipe(str(bad))
         assert all(w in str(err.value) for w in words), (section, str(err.value))
     # ...while a field some quantizer does read stays accepted, and show-recipe's dump loads back
+    weights_read = {"model": TINY, "calibration": {"weights_method": "percentile", "percentile": 99.0},
+                    "quant": {"activations": {"percentile": 99.9}, "weights": {"per_channel": False}}}
+    bad.write_text(yaml.safe_dump(weights_read))
+    assert quantcore.load_recipe(str(bad)).weight_spec().percentile == 99.0
     ok = {"model": TINY, "calibration": {"method": "max", "bins": 64, "percentile": 99.0},
           "overrides": [{"match": "*fc2.input_quantizer", "spec": {"calibrator": "percentile"}}]}
     bad.write_text(yaml.safe_dump(ok))

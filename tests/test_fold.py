@@ -389,3 +389,15 @@ def test_load_folds_what_the_checkpoint_recorded_whatever_the_placeholder_weight
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
+    # a checkpoint written before the folds were recorded: the BatchNorms its state lacks were folded
+    from quantcore.checkpoint import checkpoint_bytes, read_checkpoint
+
+    meta, _ = read_checkpoint((tmp_path / "m.qc.pt").read_bytes(), "m")
+    del meta["folded_bn"]
+    (tmp_path / "old.qc.pt").write_bytes(checkpoint_bytes(m, meta))
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "allclose", lambda *a, **k: False)
+        old = quantcore.load(str(tmp_path / "old.qc.pt"))
+    assert [tuple(p) for p in old.quantcore_placement.folded_bn] == [tuple(p) for p in folded]
+    with torch.no_grad():
+        assert torch.equal(old(x), m(x))

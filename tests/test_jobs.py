@@ -822,6 +822,10 @@ def test_a_key_repeated_in_a_sweep_file_is_refused_naming_file_key_and_line(tmp_
     # a key beside a `<<:` merge overrides the merged one (YAML's meaning): no repetition
     path.write_text("defaults: &d {calib_data: d, limit: 5}\nruns:\n- <<: *d\n  name: a\n  recipe: x\n  limit: 6\n")
     assert load_sweep(str(path)).runs[0].limit == 6
+    # two merge keys: one would win silently; several merge as a list
+    path.write_text("a: &a {limit: 1}\nb: &b {limit: 2}\nruns:\n- {<<: *a, <<: *b, name: r, recipe: x, calib_data: d}\n")
+    with pytest.raises(SweepError, match="merge key '<<' appears twice"):
+        load_sweep(str(path))
 
 
 def test_sweep_defaults_merge_and_recipe_alias():

@@ -679,6 +679,8 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
 
 
 def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmnist, tmp_path, monkeypatch):
+    from quantcore.qat import _discarded_by_this_run
+
     """torchrun restarts the ranks with the same arguments: --no-resume discarded the checkpoints the run
     itself had written and trained from step 0 again at every restart."""
     out = tmp_path / "run"
@@ -692,6 +694,9 @@ def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmn
     rep = _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
     assert rep["qat"]["steps"] == 4 and list_checkpoints(str(out)) == before  # resumed at step 4, nothing redone
     assert {uri: os.stat(uri).st_mtime_ns for _, uri in before} == written  # not deleted and written again
+    # torchrun without --rdzv-id names every run "none": that names no run
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert not _discarded_by_this_run(str(out))
     # a restart of another run whose first start died before it discarded: these are not its checkpoints
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")
     _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)

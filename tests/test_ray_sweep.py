@@ -494,3 +494,12 @@ def test_ray_sweep_killed_and_resubmitted_skips_finished_runs_local_cluster_moto
     assert "resume: finished runs not recomputed" in out
     assert "dashboard lists job quantcore-sweep-e2e" in out and "'ptq:broken'" in out
     assert "[3/3]" in out and "1 of 3 runs failed: broken" in out
+
+
+def test_flags_are_named_as_fields_but_paths_stay_as_written():
+    from quantcore.errors import UserError
+
+    from jobs.ray_sweep import _as_fields
+
+    msg = _as_fields(UserError("the data (--calib-data, --eval-split 'val'): /data/--limit/x missing"))
+    assert msg == "the data (calib_data, eval_split 'val'): /data/--limit/x missing"

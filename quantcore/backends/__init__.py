@@ -118,6 +118,21 @@ def calibrate(model: "nn.Module", batches: Iterable, max_batches: int | None = N
     return _plugin_calibrate(b, model, batches, max_batches, progress)
 
 
+class _Counted:
+    """``batches`` as given (iterable again, ``len`` when it has one), counting the batches handed out."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches, self.fed = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.fed += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]  # TypeError as the object itself gives
+
+
 def _plugin_calibrate(b: Backend, model: "nn.Module", batches: Iterable, max_batches: int | None,
                       progress: Any) -> "CalibrationResult":
     """A plug-in backend's ``calibrate``, its failures and malformed results named, and its run recorded
@@ -128,15 +143,9 @@ def _plugin_calibrate(b: Backend, model: "nn.Module", batches: Iterable, max_bat
     from ._common import record
 
     who = f"calibration.backend {b.name!r} ({type(b).__module__}.{type(b).__qualname__})"
-    fed = [0]  # batches the loader handed out: 0 images counted after some were fed is the backend's fault
-
-    def counted():
-        for batch in batches:
-            fed[0] += 1
-            yield batch
-
+    counted = _Counted(batches)  # 0 images counted after some batches were fed is the backend's fault
     try:
-        res = b.calibrate(model, counted(), max_batches, progress)
+        res = b.calibrate(model, counted, max_batches, progress)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
@@ -144,8 +153,8 @@ def _plugin_calibrate(b: Backend, model: "nn.Module", batches: Iterable, max_bat
     if not isinstance(res, CalibrationResult):
         raise PluginError(f"{who}: calibrate() returned {type(res).__name__}; it must return a "
                           f"quantcore.api.CalibrationResult (batches, images, ...)")
-    if fed[0] and not res.images:
-        raise PluginError(f"{who}: calibrate() read {fed[0]} batch(es) but its result counts no images "
+    if counted.fed and not res.images:
+        raise PluginError(f"{who}: calibrate() read {counted.fed} batch(es) but its result counts no images "
                           f"(CalibrationResult.images); it must count the images it calibrated on")
     if "backend" not in res.transforms:  # what ran is recorded whatever the plug-in wrote
         ranged = {n: b.name for n, q in quantizers(model).items() if q.is_calibrated}
