@@ -348,7 +348,7 @@ def test_plain_torchx_pods_fail_the_checks_that_ours_pass():
     volumes, no ephemeral-storage request, a bind mount as hostPath. The checks above catch each."""
     from torchx import specs
 
-    app = components.calibrate(recipe=["r"], data="d", out="o", cache_dir="/cache/shards")
+    app = components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", cache_dir="/cache/shards")
     old = _plain_torchx_job(app)
     problems = "\n".join(security_problems(old))
     for expected in ("runAsNonRoot is not true", "readOnlyRootFilesystem is not true",
@@ -362,7 +362,7 @@ def test_plain_torchx_pods_fail_the_checks_that_ours_pass():
     app.roles[0].mounts = [specs.BindMount(src_path="/mnt/imagenet", dst_path="/data")]
     assert "hostPath volume mount-0" in "\n".join(security_problems(_plain_torchx_job(app)))
     # ours, from the same component
-    new = _ours(components.calibrate(recipe=["r"], data="d", out="o", cache_dir="/cache/shards"))
+    new = _ours(components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", cache_dir="/cache/shards"))
     assert security_problems(new) == [] and kt.validate_object(new) == []
 
 
@@ -399,7 +399,7 @@ def test_user_errors_end_the_job_and_infrastructure_failures_restart_it(name, jo
 
 def test_plain_torchx_retries_a_user_error():
     """TorchX 0.7 maps max_retries to RestartJob on any PodFailed: an exit-2 user error restarts."""
-    app = components.ptq(recipe=["r"], calib_data="d", out="o", max_retries=2)
+    app = components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", max_retries=2)
     old = _plain_torchx_job(app)
     assert volcano_action(old, "ptq-0", "PodFailed", 2) == "RestartJob"
     new = _ours(app)
@@ -408,7 +408,7 @@ def test_plain_torchx_retries_a_user_error():
 
 
 def test_volcano_schema_refuses_a_policy_with_both_event_and_exit_code():
-    new = _ours(components.ptq(recipe=["r"], calib_data="d", out="o"))
+    new = _ours(components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o"))
     new["spec"]["tasks"][0]["policies"][0]["event"] = "PodFailed"
     assert any("policies" in e for e in kt.validate_object(new))
 
@@ -432,7 +432,7 @@ def test_job_names_stay_within_the_dns_limits(fn, nnodes, monkeypatch):
 
     def make(name):
         if fn == "qat":
-            return components.qat(recipe="r", data="d", out="o", nnodes=nnodes, name=name)
+            return components.qat(recipe="r", data="s3://b/d", out="s3://b/o", nnodes=nnodes, name=name)
         return components.ddp("evaluate", nnodes=nnodes, name=name)
 
     limit = 63 - len(f"-{'x' * components.TORCHX_ID_MAX}-{fn}-{nnodes - 1}-0")
@@ -454,10 +454,10 @@ def test_the_reviewers_long_qat_name_is_refused(monkeypatch):
     _longest_id(monkeypatch)
     long = "vit-b16-384-ft2-w8a8-qat-imagenet-full-5-epochs-kd"
     with pytest.raises(ValueError, match=re.escape(f"--name '{long}': 50 characters, at most 40 with --nnodes 2")):
-        components.qat(recipe="r", data="d", out="o", nnodes=2, name=long)
+        components.qat(recipe="r", data="s3://b/d", out="s3://b/o", nnodes=2, name=long)
     import dataclasses
 
-    app = components.qat(recipe="r", data="d", out="o", nnodes=2)
+    app = components.qat(recipe="r", data="s3://b/d", out="s3://b/o", nnodes=2)
     problems = name_problems(_ours(dataclasses.replace(app, name=long)))
     assert "Volcano Job 'vit-b16-384-ft2-w8a8-qat-imagenet-full-5-epochs-kd-" in problems[0]
     assert "65 characters" in problems[0]
@@ -467,7 +467,7 @@ def test_the_reviewers_long_qat_name_is_refused(monkeypatch):
 def test_names_that_torchx_would_rewrite_or_kubernetes_refuse_are_refused(bad):
     """TorchX lower-cases a name and drops what is not [a-z0-9-] (Vit_B16_QAT: job vitb16qat-<id>),
     dist.ddp takes `a/b` as experiment a, run b; a Service name needs a letter first."""
-    for make in (lambda: components.qat(recipe="r", data="d", out="o", name=bad),
+    for make in (lambda: components.qat(recipe="r", data="s3://b/d", out="s3://b/o", name=bad),
                  lambda: components.ddp("evaluate", name=bad)):
         with pytest.raises(ValueError, match=re.escape(f"--name {bad!r}: use lower-case letters, digits and '-'")):
             make()
@@ -475,14 +475,14 @@ def test_names_that_torchx_would_rewrite_or_kubernetes_refuse_are_refused(bad):
 
     from torchx.components import dist
 
-    app = components.qat(recipe="r", data="d", out="o")
+    app = components.qat(recipe="r", data="s3://b/d", out="s3://b/o")
     old = _ours(dataclasses.replace(app, name=bad))
     job_name = old["metadata"]["name"]
     # without the check: the job is not called what the user asked for, or its Service is invalid
     assert not job_name.startswith(bad + "-") or name_problems(old), job_name
     assert dist.ddp(m="x", name="team/run").name == "run"  # TorchX's own reading of a `/`
     with pytest.raises(ValueError, match="--name 'run-': use"):  # a DNS label ends with a letter or digit
-        components.qat(recipe="r", data="d", out="o", name="run-")
+        components.qat(recipe="r", data="s3://b/d", out="s3://b/o", name="run-")
 
 
 # ------------------------------------------------------------------------------ resources
@@ -499,16 +499,16 @@ def test_resource_floors_match_the_help_and_the_requests():
     floors = {k: int(re.search(r"at least (\d+)", helps[k]).group(1)) for k in ("cpu", "memMB")}
     assert floors == {"cpu": 1, "memMB": components.MIN_MEM_MB}
     for key, low in floors.items():
-        for make in (lambda **kw: components.ptq(recipe=["r"], calib_data="d", out="o", **kw),
+        for make in (lambda **kw: components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", **kw),
                      lambda **kw: components.ddp("evaluate", **kw)):
             with pytest.raises(ValueError, match=re.escape(f"--{key} must be >= {low}")):
                 make(**{key: low - 1})
-    (pod,) = _pods(_ours(components.ptq(recipe=["r"], calib_data="d", out="o", cpu=1, memMB=2048)))
+    (pod,) = _pods(_ours(components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", cpu=1, memMB=2048)))
     res = pod["containers"][0]["resources"]
     assert (res["requests"]["cpu"], res["limits"]["cpu"]) == ("900m", "1000m")
     assert (res["requests"]["memory"], res["limits"]["memory"]) == ("1024M", "2048M")
     # before: what TorchX makes of the values the components now refuse
-    app = components.ptq(recipe=["r"], calib_data="d", out="o")
+    app = components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o")
     app.roles[0].resource = specs.Resource(cpu=0, gpu=0, memMB=100)
     (old,) = _pods(_plain_torchx_job(app))
     assert old["containers"][0]["resources"]["requests"] == {"memory": "0M"}  # no CPU, no memory request
@@ -518,7 +518,7 @@ def test_resource_floors_match_the_help_and_the_requests():
 # ------------------------------------------------------------------------------ mounts
 
 def test_mounts_are_pvcs_only():
-    app = components.ptq(recipe=["r"], calib_data="d", out="o",
+    app = components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o",
                          mounts=["type=volume", "src=imagenet-pvc", "dst=/data", "readonly"])
     job = _ours(app)
     (pod,) = _pods(job)
@@ -536,18 +536,18 @@ def test_mounts_are_pvcs_only():
     for mounts, message in bad:
         for fn in (components.calibrate, components.qat):
             with pytest.raises(ValueError) as info:
-                fn(recipe="r", data="d", out="o", mounts=mounts)
+                fn(recipe="r", data="s3://b/d", out="s3://b/o", mounts=mounts)
             assert message in str(info.value), str(info.value)
     with pytest.raises(ValueError, match="--mounts: type=bind"):
         components.ddp(mounts=["type=bind", "src=/x", "dst=/y"])
 
 
 @pytest.mark.parametrize("args,message", [
-    (["ptq", "--recipe", "r", "--calib_data", "d", "--out", "o", "--mounts", "type=bind,src=/mnt/imagenet,dst=/data"],
+    (["ptq", "--recipe", "r", "--calib_data", "s3://b/d", "--out", "s3://b/o", "--mounts", "type=bind,src=/mnt/imagenet,dst=/data"],
      "--mounts: type=bind (a host path) is not allowed"),
     (["ddp", "--nnodes", "2", "--gpus", "4", "--nproc_per_node", "1", "--", "evaluate"],
      "--nproc_per_node 1 with --gpus 4: each node runs one rank per GPU"),
-    (["qat", "--recipe", "r", "--data", "d", "--out", "o", "--cache_dir", "/var/cache/qc"],  # from the pre_proc
+    (["qat", "--recipe", "r", "--data", "s3://b/d", "--out", "s3://b/o", "--cache_dir", "/var/cache/qc"],  # from the pre_proc
      "--cache_dir /var/cache/qc: not on a writable volume"),
 ])
 def test_torchx_cli_reports_a_component_error_as_one_line(args, message):
@@ -578,14 +578,14 @@ def test_cache_dir_must_be_on_a_writable_volume():
     at submission, not in the pod."""
     ro = ["type=volume", "src=imagenet-pvc", "dst=/data", "readonly"]
     for cache_dir, mounts in (("/data/cache", ro), ("/var/cache/qc", None), ("/cachefoo", None)):
-        app = components.qat(recipe="r", data="d", out="o", cache_dir=cache_dir, mounts=mounts)
+        app = components.qat(recipe="r", data="s3://b/d", out="s3://b/o", cache_dir=cache_dir, mounts=mounts)
         with pytest.raises(ValueError, match=f"--cache_dir {cache_dir}: not on a writable volume"):
             _ours(app)
     for cache_dir, mounts in (("/cache/shards", None), ("/tmp/c", None), ("/shards/x", ["type=volume", "src=c",
                                                                                        "dst=/shards"])):
-        _ours(components.qat(recipe="r", data="d", out="o", cache_dir=cache_dir, mounts=mounts))
+        _ours(components.qat(recipe="r", data="s3://b/d", out="s3://b/o", cache_dir=cache_dir, mounts=mounts))
     with pytest.raises(ValueError, match="--cache_gb must be >= 1"):
-        components.ptq(recipe=["r"], calib_data="d", out="o", cache_gb=0)
+        components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", cache_gb=0)
 
 
 # ------------------------------------------------------------------------------ image
@@ -625,7 +625,7 @@ def test_image_digest_passes_through_and_pull_secrets(jobs):
     assert pod["containers"][0]["imagePullPolicy"] == "Always"  # a tag may move
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     for ref in (f"registry.example.com:5000/ml/quantcore:1.2.3@{DIGEST}", "quantcore:0.1.0", f"qc@{DIGEST}"):
-        assert components.calibrate(recipe=["r"], data="d", out="o", image=ref).roles[0].image == ref
+        assert components.calibrate(recipe=["r"], data="s3://b/d", out="s3://b/o", image=ref).roles[0].image == ref
 
 
 @pytest.mark.parametrize("image,message", [
@@ -637,7 +637,7 @@ def test_image_digest_passes_through_and_pull_secrets(jobs):
 ])
 def test_unpinned_or_malformed_images_are_refused(image, message):
     with pytest.raises(ValueError, match=re.escape(f"--image {image!r}: {message}")):
-        components.qat(recipe="r", data="d", out="o", image=image)
+        components.qat(recipe="r", data="s3://b/d", out="s3://b/o", image=image)
 
 
 # ------------------------------------------------------------------------------ queueing, priority, deadline
@@ -656,7 +656,7 @@ def test_labels_annotations_deadline_and_priority(jobs):
         for pod in _pods(jobs[name]):
             assert "activeDeadlineSeconds" not in pod  # deadline_s 0: none
     # without -cfg priority_class no priority anywhere
-    plain = _ours(components.ptq(recipe=["r"], calib_data="d", out="o"))
+    plain = _ours(components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o"))
     assert "priorityClassName" not in plain["spec"] and "priorityClassName" not in _pods(plain)[0]
 
 
@@ -672,7 +672,7 @@ def test_labels_annotations_deadline_and_priority(jobs):
     (dict(max_retries=-1), "--max_retries must be >= 0"),
 ])
 def test_bad_cluster_options_name_the_option(kwargs, message):
-    for fn in (lambda **kw: components.ptq(recipe=["r"], calib_data="d", out="o", **kw), components.ddp):
+    for fn in (lambda **kw: components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", **kw), components.ddp):
         with pytest.raises(ValueError) as info:
             fn(**kwargs)
         assert message in str(info.value)
