@@ -501,7 +501,8 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
 
 
 # a flag as messages write it: at the start, or after a blank, quote, bracket or comma (not inside a path)
-_FLAG = re.compile(r"(?:^|(?<=[\s'\"(\[,]))--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# (several joined by '/': "--eval-data/--eval-split")
+_FLAG = re.compile(r"(?:^|(?<=[\s'\"(\[,]))--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?:/--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)*")
 
 
 def _as_fields(err: BaseException) -> str:
@@ -511,9 +512,12 @@ def _as_fields(err: BaseException) -> str:
     if not isinstance(err, UserError):
         return str(err)
 
+    def one(flag: str) -> str:
+        name = flag[2:].replace("-", "_")
+        return name if name in _RunFields.model_fields else flag
+
     def field(m: "re.Match[str]") -> str:
-        name = m.group(1).replace("-", "_")
-        return name if name in _RunFields.model_fields else m.group(0)
+        return "/".join(one(f) for f in m.group(0).split("/"))
 
     return _FLAG.sub(field, str(err))
 

@@ -412,10 +412,10 @@ def test_a_missing_local_data_path_exits_2_before_ray_starts(tiny, tmp_path, cap
     import ray
 
     gone = tmp_path / "no-such-data"
-    cases = ((dict(calib_data=str(gone)), f"runs[1](bad).calib_data: dataset {gone}: no such directory"),
-             (dict(calib_data=f"file://{gone}"), f"runs[1](bad).calib_data: dataset file://{gone}: no such directory"),
+    cases = ((dict(calib_data=str(gone)), f"runs[1](bad).calib_data: dataset {gone}: no such file or directory"),
+             (dict(calib_data=f"file://{gone}"), f"runs[1](bad).calib_data: dataset file://{gone}: no such file or directory"),
              (dict(eval_data="gone-val"), f"runs[1](bad).eval_data: dataset {tmp_path / 'gone-val'}: no such "
-                                          f"directory"))  # relative: to the sweep file's folder
+                                          f"file or directory"))  # relative: to the sweep file's folder
     for change, words in cases:
         sweep_file = tmp_path / "sweep.yaml"
         sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
@@ -501,5 +501,5 @@ def test_flags_are_named_as_fields_but_paths_stay_as_written():
 
     from jobs.ray_sweep import _as_fields
 
-    msg = _as_fields(UserError("the data (--calib-data, --eval-split 'val'): /data/--limit/x missing"))
-    assert msg == "the data (calib_data, eval_split 'val'): /data/--limit/x missing"
+    msg = _as_fields(UserError("the data (--calib-data, --eval-data/--eval-split 'val', --out x): /data/--limit/x"))
+    assert msg == "the data (calib_data, eval_data/eval_split 'val', --out x): /data/--limit/x"
