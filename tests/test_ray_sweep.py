@@ -378,12 +378,24 @@ def test_a_missing_or_bad_recipe_exits_2_before_ray_starts(tiny, tmp_path, capsy
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
+def _refused_before_ray(tiny, tmp_path, capsys, cases) -> None:
+    """Each ``(change, words)``: a sweep of a good run plus a run "bad" with ``change`` exits 2 saying
+    ``words``, before Ray starts and before anything is written."""
+    import ray
+
+    for change, words in cases:
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
+        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
 def test_an_unknown_model_or_missing_weights_file_exits_2_before_ray_starts(tiny, tmp_path, capsys):
     """A model name its source does not know, or a weights file that is not there, was found by the task
     after Ray had started (the run failed, exit 1); the driver now builds the architecture on the meta
     device and looks for the files."""
-    import ray
-
     typo = tmp_path / "typo.yaml"
     typo.write_text(yaml.safe_dump(dict(TINY_RECIPE, name="typo", model={"name": "vit_tiny_patch16_2244"})))
     nofile = tmp_path / "nofile.yaml"
@@ -396,33 +408,19 @@ def test_an_unknown_model_or_missing_weights_file_exits_2_before_ray_starts(tiny
     # a builder that reads its own tensors cannot build on the meta device: checked on the CPU instead
     ray_sweep._check_model(quantcore.load_recipe({"version": 1, "name": "rg", "model": {
         "name": "torchvision:regnet_x_400mf"}}), None, "sweep.yaml: runs[0](rg)")
-    for change, words in cases:
-        sweep_file = tmp_path / "sweep.yaml"
-        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
-        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
-        err = capsys.readouterr().err
-        assert words in err, err
-        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+    _refused_before_ray(tiny, tmp_path, capsys, cases)
 
 
 def test_a_missing_local_data_path_exits_2_before_ray_starts(tiny, tmp_path, capsys):
     """A local calib_data / eval_data that does not exist was found by the run's task after Ray started
     (exit 1, "retryable"); the driver checks local data as it checks recipes and weights. S3 data is the
     task's to find (tests/ray_e2e.py's broken run)."""
-    import ray
-
     gone = tmp_path / "no-such-data"
     cases = ((dict(calib_data=str(gone)), f"runs[1](bad).calib_data: dataset {gone}: no such file or directory"),
              (dict(calib_data=f"file://{gone}"), f"runs[1](bad).calib_data: dataset file://{gone}: no such file or directory"),
              (dict(eval_data="gone-val"), f"runs[1](bad).eval_data: dataset {tmp_path / 'gone-val'}: no such "
                                           f"file or directory"))  # relative: to the sweep file's folder
-    for change, words in cases:
-        sweep_file = tmp_path / "sweep.yaml"
-        sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], dict(tiny["run"], name="bad", **change)]}))
-        assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(tmp_path / "o"), "--gpus-per-task", "0"]) == 2
-        err = capsys.readouterr().err
-        assert words in err, err
-        assert not ray.is_initialized() and not (tmp_path / "o").exists()
+    _refused_before_ray(tiny, tmp_path, capsys, cases)
 
 
 def test_a_run_error_names_the_sweep_fields_and_says_where_evaluation_data_came_from(tiny, tmp_path):
