@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .calib.histogram import DEFAULT_BINS, HistogramState, memory_order
-from .calib.maxcal import MaxState
+from .calib.maxcal import MaxState, all_finite
 from .calib.registry import calibrator
 from .errors import CalibrationError, UserError
 from .formats import QuantSpec
@@ -184,7 +184,7 @@ class TensorQuantizer(nn.Module):
         """One-shot calibration from a tensor (weights): max, or MSE searched on the tensor itself."""
         if self.spec.is_float:
             return
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError("non-finite values (inf/nan) in the weight")
         rng = self._plugin_range(lambda: self.spec.kind.tensor_range(x.detach(), self.spec), may_be_none=True)
         if rng is not None:

@@ -637,7 +637,7 @@ def test_recalibration_that_never_reaches_a_quantizer_leaves_it_pass_through():
 
 @pytest.mark.parametrize("weights_method", ["max", "mse"])
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_weights_are_refused_naming_the_quantizer(weights_method, per_channel, bad):
     from torch import nn
 
@@ -654,6 +654,29 @@ def test_non_finite_weights_are_refused_naming_the_quantizer(weights_method, per
     model = quantcore.prepare(model, recipe, example_input=torch.randn(2, 8))
     with pytest.raises(CalibrationError, match=r"'2\.weight_quantizer'.*non-finite"):
         quantcore.calibrate(model, [torch.randn(4, 8)])
+
+
+def test_fast_extremes_and_finiteness_match_the_fused_reference_ops():
+    """``channel_extremes``/``all_finite`` (amin + amax, the fast CPU reductions) against
+    ``torch.aminmax(dim=1)``/``isfinite(x).all()`` on weight-shaped tensors with a NaN, +inf or -inf
+    in one row, in float32, float16 and bfloat16."""
+    from quantcore.calib.maxcal import all_finite, channel_extremes
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((1536, 384), (7, 1), (1, 9)):
+            w = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+            for bad in (None, math.nan, math.inf, -math.inf):
+                x = w.clone()
+                if bad is not None:
+                    x[shape[0] // 2, shape[1] - 1] = bad
+                lo, hi = channel_extremes(x)
+                ref_lo, ref_hi = torch.aminmax(x, dim=1)
+                assert torch.equal(lo, ref_lo) or (lo.isnan() == ref_lo.isnan()).all() and \
+                    torch.equal(lo.nan_to_num(0), ref_lo.nan_to_num(0))
+                assert (hi.isnan() == ref_hi.isnan()).all() and torch.equal(hi.nan_to_num(0), ref_hi.nan_to_num(0))
+                assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
 
 
 @pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy", "tf_enhanced"])

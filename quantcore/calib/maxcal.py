@@ -6,6 +6,25 @@ import math
 import torch
 
 
+def channel_extremes(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(min, max)`` of a 2-D tensor ``(C, N)``: two shapes ``(C,)``; NaN propagates.
+
+    ``amin`` + ``amax`` rather than ``torch.aminmax(dim=1)``: on CPU the fused op reduces a row
+    about 20x slower than the two separate ones (1.26 vs 0.07 ms for a 1536x384 weight, one thread,
+    torch 2.15), which made the weights' per-channel ranges most of a calibration's finalize.
+    """
+    return flat.amin(dim=1), flat.amax(dim=1)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, read as the finiteness of its min and max (NaN and
+    inf propagate to them): one fast reduction pass instead of ``isfinite(x).all()``, which on CPU
+    costs about 15x more (an elementwise tensor, then its reduction)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(torch.stack((x.amin(), x.amax()))).all())
+
+
 class MaxState:
     """Running min and max; ``axis`` keeps one pair per channel along that dimension."""
 
@@ -32,7 +51,7 @@ class MaxState:
         else:
             ax = self.axis % x.dim()
             flat = x.transpose(0, ax).reshape(x.shape[ax], -1)
-            lo, hi = torch.aminmax(flat, dim=1)
+            lo, hi = channel_extremes(flat)
             if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
                 raise ValueError("non-finite values (inf/nan) reached a calibrator")
             lo, hi = lo.float().cpu(), hi.float().cpu()

@@ -34,6 +34,7 @@ import torch
 from ..formats import QuantSpec
 from ..quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE  # the quantizer's floor: never a zero scale
 from .histogram import HistogramState
+from .maxcal import channel_extremes
 
 #: AIMET's default weight on clipping noise for the tf_enhanced (SQNR) search.
 TF_ENHANCED_GAMMA = 3.0
@@ -605,7 +606,7 @@ def tensor_mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
         ax = spec.axis % xf.dim()
         flat = xf.movedim(ax, 0).reshape(xf.shape[ax], -1)
     dev = flat.device
-    lo_obs, hi_obs = torch.aminmax(flat, dim=1)
+    lo_obs, hi_obs = channel_extremes(flat)
     if spec.symmetric:
         hi_obs = torch.maximum(lo_obs.abs(), hi_obs.abs())
         lo_obs = -hi_obs
