@@ -240,6 +240,8 @@ class _Site:
     # attention: (role, weighted site (owner, prefix)) for each of q/k/v that is that GEMM's output as it
     # is (moved or split only): an output quantizer there and the role's quantizer see the same values
     qkv_from: tuple[tuple[str, tuple[str, str]], ...] = ()
+    # weighted "matmul" (data @ parameter): the parameter's axis holding the output channels, or None
+    weight_axis: Optional[int] = None
 
 
 def _rel(path: str, base: str) -> str:
@@ -261,7 +263,9 @@ def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]
     not the child: two sibling blocks under one container are two origins, not one."""
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for op in trace.ops:
-        if op.kind not in _ATTN_KINDS:
+        if op.kind not in _ATTN_KINDS or op.from_input is False:
+            # computed from parameters and buffers alone (timm RelPosBiasTf's einsum lookups of its bias
+            # table, run in the attention's forward): a constant, not part of softmax(QK^T)V
             continue
         for depth, frame in enumerate(op.stack):
             origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
@@ -432,6 +436,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
     sites: dict[tuple[str, str], _Site] = {}
     float_reasons: dict[str, str] = {}
     used_weights: set[str] = set()
+    param_matmuls: list[OpEvent] = []
 
     # Weighted ops. Derived weights are counted per call of their caller.
     derived_per_call: dict[tuple[str, int], int] = {}
@@ -463,6 +468,15 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
                 used_weights.add(op.weight)
                 if op.op == "params" and _feeds_weight(trace, op):
                     continue  # merged into a weight that F.linear/conv receives: quantized there, as a whole
+                if op.param_operand == 1 and op.from_input and op.func != "baddbmm" and op.stack:
+                    param_matmuls.append(op)  # data @ parameter: quantized if inside a quantized attention
+                    continue
+                if op.from_input is False and op.op != "params":
+                    # timm RelPosBiasTf's one-hot einsum lookup of its bias table: no GEMM on data
+                    float_reasons.setdefault(op.weight, f"parameter {op.weight!r} enters a matmul with parameters "
+                                             "and buffers only (a constant of the model, such as a position-bias "
+                                             "lookup), not a GEMM on data: it stays float")
+                    continue
                 float_reasons.setdefault(op.weight, f"parameter {op.weight!r} is used by a matmul, not by "
                                          "F.linear/conv (only those ops are quantized)")
             continue
@@ -534,6 +548,29 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
                                     order=first, probs_at_matmul=None in where,
                                     probs_operand=next(iter(where - {None}), 0),
                                     qkv_from=_qkv_producers(trace, m, src, next(iter(where - {None}), 0)))
+    # data @ parameter inside a quantized attention (relative-position logits q @ rel_k^T, BoTNet and
+    # HaloNet): a GEMM the deployment runs in int8 next to q @ k^T, so quantized as a linear's input and
+    # weight; elsewhere it stays float, said so.
+    quantized_attn = {s.owner for s in sites.values() if s.kind == "attention"}
+    for op in param_matmuls:
+        caller = op.stack[-1][0]
+        owner, _, attr = op.weight.rpartition(".")
+        inside = next((f[0] for f in op.stack if f[0] in quantized_attn), None)
+        if inside is None or not _within(owner, caller):
+            float_reasons.setdefault(op.weight, f"parameter {op.weight!r} is used by a matmul, not by "
+                                     "F.linear/conv (only those ops are quantized)"
+                                     + ("" if inside is None else "; it belongs to a module the calling "
+                                        "attention module does not contain"))
+            continue
+        key = (owner, attr + "_")
+        s = sites.get(key)
+        if s is None:
+            s = sites[key] = _Site(op.weight, "weighted", owner, attr + "_", "matmul", attr, order=op.seq,
+                                   weight_axis=op.weight_axis)
+        elif s.weight_axis != op.weight_axis:
+            s.weight_axis = None
+        s.callers.setdefault(caller, _rel(op.weight, caller))
+
     # Activation matmuls / einsums / softmaxes outside any quantized attention.
     for op in trace.ops:
         if op.kind in ("matmul_act", "einsum", "softmax", "sdpa") and op.stack:
@@ -709,6 +746,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     planned: dict[str, QuantSpec] = {}
     chosen: list[_Site] = []
     moded: list[str] = []  # weight quantizers made per tensor by ft2 instead of quant.weights' granularity
+    per_tensor_mm: list[str] = []  # data @ parameter whose output channels are no single parameter axis
     for s in sites:
         default_reason = _default_float_reason(plan, s, placement.keep_float is not None)
         if decide_float(s.name, rules, default_reason is not None):
@@ -720,6 +758,11 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
         if s.kind == "weighted":
             scoped = settings is not None and s.op == "linear" and any(_within(s.owner, b) for b in blocks)
             wspec = block_weight_spec(weight_spec, settings, s.name) if scoped else weight_spec
+            if s.op == "matmul" and wspec.axis is not None and wspec.axis != s.weight_axis:
+                # per channel on the parameter's output-channel axis; per tensor where no single axis is
+                wspec = wspec.model_copy(update={"axis": s.weight_axis})
+                if s.weight_axis is None:
+                    per_tensor_mm.append(f"{base}{s.prefix}weight_quantizer")
             if wspec is not weight_spec:
                 moded.append(f"{base}{s.prefix}weight_quantizer")
             planned[f"{base}{s.prefix}input_quantizer"] = act_spec
@@ -892,6 +935,11 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             f"is not its GEMM's output as it is (scaled, normalized or otherwise transformed on the way: timm's "
             f"explicit path, nn.MultiheadAttention's math path, q/k norm, an in-place write): such a quantizer "
             f"keeps a range of its own; the ones that read the GEMM output as it is share its range")
+    kept = [q for q in per_tensor_mm if q in present and final_specs[q].axis is None]
+    if kept:
+        result.notes.append(
+            f"{len(kept)} parameter(s) multiplied with data inside an attention (e.g. {kept[0]!r}) are quantized "
+            f"per tensor, not per channel: no single axis of the parameter holds the matmul's output channels")
     kept = [q for q in moded if q in present and final_specs[q].axis != weight_spec.axis]
     if kept:
         result.notes.append(

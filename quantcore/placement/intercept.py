@@ -89,6 +89,35 @@ def is_param_like(t: Any) -> bool:
     return isinstance(base, nn.Parameter)
 
 
+def param_of(t: Any) -> Optional[nn.Parameter]:
+    """The parameter ``t`` is or views (``p.transpose(-1, -2)``), else None."""
+    if isinstance(t, nn.Parameter):
+        return t
+    base = getattr(t, "_base", None)
+    return base if isinstance(base, nn.Parameter) else None
+
+
+def output_axis(view: torch.Tensor) -> Optional[int]:
+    """The axis of the parameter that ``view`` (the second operand of ``x @ view``) puts last, i.e. the
+    matmul's output channels (0 for ``x @ p.T``, as ``F.linear``; -1 for ``x @ p``), or None when no
+    single axis of a contiguous parameter does. A per-channel weight range must be on that axis: an
+    integer GEMM can rescale output channels, not the reduction axis."""
+    p = param_of(view)
+    if p is None or not p.is_contiguous() or view.dim() == 0:
+        return None
+    if view is p:
+        return p.dim() - 1
+    axes = [d for d in range(p.dim()) if p.stride(d) == view.stride(-1) and p.size(d) == view.size(-1)]
+    return axes[0] if len(axes) == 1 else None
+
+
+def quantized_view(quantized: torch.Tensor, view: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``view`` (a view of the contiguous parameter ``base``) taken of ``quantized``, the quantized base."""
+    if view is base:
+        return quantized
+    return quantized.contiguous().as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
+
+
 def row_slice_base(t: Any) -> Optional[nn.Parameter]:
     """The parameter ``t`` is a slice of along its first axis (``w.split``/``chunk``/``w[a:b]`` of a
     contiguous parameter: ``nn.MultiheadAttention``'s packed in-projection when query is not key),
@@ -249,6 +278,11 @@ class QuantOpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in WEIGHTED_OPS:
             return self._weighted(ctx, func, args, kwargs)
+        if ctx.by_param and func in MATMUL_OPS and len(args) >= 2:
+            p = param_of(args[1])
+            site = ctx.by_param.get(id(p)) if p is not None else None
+            if site is not None and site.op == "matmul" and not is_param_like(args[0]):
+                return self._param_matmul(ctx, site, func, args, kwargs, p)
         if ctx.plan.attention:
             if func in SDPA_OPS:
                 return self._sdpa(ctx, args, kwargs)
@@ -297,6 +331,14 @@ class QuantOpMode(TorchFunctionMode):
             wq.observed = w.detach()  # a derived weight is calibrated from what the op receives
         out = func(_apply(iq, x), _apply(wq, w), *rest, **kw)
         return _apply(oq, out)
+
+    def _param_matmul(self, ctx: _Ctx, site: WeightedSite, func, args, kwargs, p: torch.Tensor):
+        """``x @ view(p)`` inside an attention (BoTNet/HaloNet relative-position logits ``q @ rel_k^T``):
+        x and p quantized as a linear's input and weight (the view is taken of the quantized p)."""
+        iq = ctx.q(site.owner, site.prefix + "input_quantizer")
+        wq = ctx.q(site.owner, site.prefix + "weight_quantizer")
+        b = quantized_view(wq(p), args[1], p) if wq is not None else args[1]
+        return func(_apply(iq, args[0]), b, *args[2:], **kwargs)
 
     # attention -----------------------------------------------------------------------------------
     def _attn_q(self, ctx: _Ctx, name: str) -> Optional[TensorQuantizer]:

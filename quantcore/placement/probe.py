@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
-                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, row_slice_base, see_through,
-                        weighted_args, weighted_bias)
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, output_axis, row_slice_base,
+                        see_through, weighted_args, weighted_bias)
 
 #: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
 #: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
@@ -57,6 +57,13 @@ class OpEvent:
     storages: tuple[Optional[int], ...] = ()  # storage address of each output (aliases share one)
     mutates: Optional[int] = None  # in-place ops (mul_, copy_, x[i] = ..., out=): the storage they write
     lossless: bool = True  # casts: the output dtype represents every input value (float16 -> float32)
+    # an input depends on the model input (not parameters/buffers/constants only); None: not known (an op
+    # dynamo traced while compiling, whose tensor ids are fake)
+    from_input: Optional[bool] = None
+    # matmul_param ``x @ view(p)`` (data first, one parameter second): p's axis that becomes the output's
+    # last axis (its output channel), None when no single axis does
+    weight_axis: Optional[int] = None
+    param_operand: Optional[int] = None  # matmul_param: which operand (0/1) is the parameter
 
 
 @dataclass
@@ -82,6 +89,8 @@ class Trace:
     # compared across two inputs to tell a weight computed from the input (CondConv) from one
     # computed from parameters only (weight standardization)
     derived: list[tuple[str, tuple[int, ...], float, float]] = field(default_factory=list)
+    # ids of tensors computed from the model input (a freed id a later op reuses is set again by it)
+    tainted: set[int] = field(default_factory=set)
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -176,6 +185,9 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = _func_name(func)
         if name in _METADATA:
+            if name == "__get__" and isinstance(out, torch.Tensor) and not torch.compiler.is_compiling() and \
+                    any(i in self.trace.tainted for i in _tensor_ids(args)):
+                self.trace.tainted.add(id(out))  # x.T / x.mT of data is data
             return out
         caller = self.stack[-1][0] if self.stack else ""
 
@@ -191,6 +203,9 @@ class _Recorder(TorchFunctionMode):
                      seq=self.trace.next_seq())
         ev.storages = tuple(_storage(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
         ev.mutates = _mutated(name, args, kwargs)
+        if not torch.compiler.is_compiling():  # traced by dynamo (flex_attention's kernel): ids are fake
+            ev.from_input = any(i in self.trace.tainted for i in ev.inputs)
+            (self.trace.tainted.update if ev.from_input else self.trace.tainted.difference_update)(ev.outputs)
         if name in _CASTS and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             a, b = args[0].dtype, out.dtype
             ev.lossless = a == b or (a.is_floating_point == b.is_floating_point and torch.promote_types(a, b) == b)
@@ -219,6 +234,13 @@ class _Recorder(TorchFunctionMode):
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
                 if is_param_like(a) and is_param_like(b):
                     ev.op = "params"  # a product of parameters alone (LoRA's B @ A): a weight computation
+                else:
+                    ev.param_operand = 0 if is_param_like(a) else 1
+                    ev.operands = (id(a), id(b))
+                    ev.from_input = (None if torch.compiler.is_compiling()
+                                     else id(b if ev.param_operand == 0 else a) in self.trace.tainted)
+                    if ev.param_operand == 1 and func not in BADDBMM_OPS:
+                        ev.weight_axis = output_axis(b)
             else:
                 ev.kind = "matmul_act"
                 ev.operands = (id(a), id(b))
@@ -298,6 +320,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
         handles.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     trace.model_inputs = _deep_ids(inputs)
+    trace.tainted.update(trace.model_inputs)
     try:
         with _Recorder(trace, stack):
             out = model(*inputs)
