@@ -708,3 +708,39 @@ def test_every_format_of_a_model_in_qat_uses_the_learned_scales(tmp_path):
     got = entry["y_scale"] if not isinstance(entry["y_scale"], list) else entry["y_scale"][0]
     assert got == pytest.approx(learned[name], rel=1e-6)
     assert all(q.spec.learnable for q in quantizers(model).values() if q.scale is not None)  # caller's model as it was
+
+
+@pytest.mark.parametrize("clamp", ["relu6", "hardtanh", "normalize"])
+def test_the_models_own_clip_nodes_are_not_taken_for_quantizers(tmp_path, clamp):
+    """ReLU6 (MobileNetV2), hardtanh and F.normalize export as ONNX ``Clip`` nodes that torch names
+    ``/<scope>/Clip``: every format that reads the quantizers back from the graph (AIMET encodings, the
+    TensorRT range table) took them for quantizers and failed ("float graph: N nodes with unresolved
+    inputs"). They are the model's own ops: kept in the float graph, no quantizer by their name."""
+    import torch.nn.functional as F
+
+    from quantcore.export.run import export_model
+
+    class Normalize(torch.nn.Module):
+        def forward(self, x):
+            return F.normalize(x, dim=1)
+
+    act = {"relu6": torch.nn.ReLU6(), "hardtanh": torch.nn.Hardtanh(-0.5, 0.5), "normalize": Normalize()}[clamp]
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), act, torch.nn.Conv2d(16, 16, 3, padding=1),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"}}
+    q = api.prepare(m, r, example_input=torch.randn(2, 3, 16, 16))
+    api.calibrate(q, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
+    rep = export_model(q, str(tmp_path / "o"), formats="all", x=torch.randn(1, 3, 16, 16))
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    clips = [n.name for n in proto.graph.node if n.op_type == "Clip"]
+    assert clips, "the model's clamp is a Clip node in the graph"
+    found = graph_quantizers(proto)
+    assert set(found) == set(quantizers(q)), sorted(found)
+    enc = json.loads((tmp_path / "o" / "model.encodings").read_text())
+    assert {e["name"] for e in enc["encodings"]}
+    table = json.loads((tmp_path / "o" / "trt_ranges.json").read_text())
+    assert {v["quantizer"] for v in table["tensors"].values()} <= set(quantizers(q))
+    assert rep["smoke"]["top1_agreement"] == 100.0

@@ -553,6 +553,7 @@ def graph_quantizers(proto) -> dict[str, dict[str, Any]]:
     ``{name: {"op": "qdq"|"cast", "uses": [{"nodes", "input", "output"}, ...], "nodes": [...], "input",
     "output"}}`` (one use per call of the quantizer; ``input``/``output`` those of the first)."""
     out: dict[str, dict[str, Any]] = {}
+    names = {n.name for n in proto.graph.node}
     for n in proto.graph.node:
         if "/" not in n.name:
             continue
@@ -561,6 +562,8 @@ def graph_quantizers(proto) -> dict[str, dict[str, Any]]:
         if m is None:
             continue
         kind, k = m.group(1), int(m.group(2) or 0)
+        if kind == "Clip" and f"{qname}/QuantizeLinear{'_' + m.group(2) if m.group(2) else ''}" not in names:
+            continue  # the model's own clamp (ReLU6, hardtanh, F.normalize): torch names it "/<scope>/Clip"
         rec = out.setdefault(qname, {"op": "cast" if kind.startswith("Cast") else "qdq", "uses": []})
         while len(rec["uses"]) <= k:
             rec["uses"].append({"nodes": [], "input": None, "output": None})
