@@ -225,7 +225,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         fp32 = api.build_model(recipes[0])
     weights = getattr(fp32, "quantcore_weights", "given by the caller")
     if weights is None and distributed.rank() == 0:
-        log.warning(random_weights_warning(recipes[0]))
+        log.warning(random_weights_warning(recipes[0], [r.name for r in recipes[1:]]))
     fp32 = fp32.to(dev).eval()
     if weights is None:  # random initialization differs from rank to rank: all take rank 0's
         distributed.broadcast_module(fp32)
@@ -331,9 +331,12 @@ def _check_recipes(recipes: Sequence[Recipe]) -> None:
                               f"differ); one run calibrates one FP32 model: run them separately")
 
 
-def random_weights_warning(recipe: Recipe) -> str:
+def random_weights_warning(recipe: Recipe, others: Sequence[str] = ()) -> str:
+    """The warning for an FP32 model with random weights; ``others``: further recipes of the run (they
+    quantize the same model)."""
     name = recipe.model.name if recipe.model is not None else "?"
-    return (f"the FP32 model {name} (recipe {recipe.name!r}) has RANDOM WEIGHTS: the recipe sets none of "
+    names = ", ".join(repr(n) for n in [recipe.name, *others])
+    return (f"the FP32 model {name} (recipe{'s' if others else ''} {names}) has RANDOM WEIGHTS: the recipe sets none of "
             f"model.checkpoint, model.pretrained, model.pretrained_file, and no --checkpoint was given. Its "
             f"accuracy, and every quantized variant's, will be at chance level.")
 
@@ -500,7 +503,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
         timings["evaluate"] = t_eval - t_write
     cal = {v.name: v.calibration for v in variants}
     first = variants[0]
-    general = [random_weights_warning(first.recipe)] if first.calibration.get("fp32_weights", "") is None else []
+    general = ([random_weights_warning(first.recipe, [v.recipe.name for v in variants[1:]])]
+               if first.calibration.get("fp32_weights", "") is None else [])
     general += data_info.pop("warnings", [])
     own = {v.name: list(v.calibration.get("warnings", ())) for v in variants}
     # the calibration data's note once, not once per variant

@@ -589,3 +589,13 @@ def test_comma_separated_recipes_and_a_calibration_only_report(image_folder, tmp
     pc = _recipe(tmp_path, "pc", quant={"activations": {"per_channel": True}})
     expect_user_error(capsys, ("calibrate", "-r", pc, "-d", image_folder, "-o", tmp_path / "d"),
                       "quant.activations", "weights only")
+
+
+def test_random_weights_warning_names_every_recipe_of_the_run():
+    """`ptq --recipe a,b` quantizes one FP32 model: the warning named only the first recipe."""
+    import quantcore
+    from quantcore.pipeline import random_weights_warning
+
+    r = quantcore.load_recipe({"name": "a", "model": {"name": "quantcore/vit_fmnist"}})
+    assert "(recipes 'a', 'b') has RANDOM WEIGHTS" in random_weights_warning(r, ["b"])
+    assert "(recipe 'a') has RANDOM WEIGHTS" in random_weights_warning(r)

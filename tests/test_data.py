@@ -174,6 +174,9 @@ def test_pack_folder_roundtrip_and_determinism(tmp_path, folder, packed):
 
     src = open_dataset(folder, "train")
     assert detect_layout(packed, "train") == "zip"
+    with pytest.raises(DataError, match=r"split 'val' under .*: looked for .*; its index.json lists the split\(s\) "
+                                        r"'train' \(--split\)"):
+        open_dataset(packed, "val")
     z = open_dataset(packed, "train")
     assert isinstance(z, ZipShardDataset) and len(z.shards) == 3
     assert z.classes == src.classes and z.labels == src.labels and z.samples == src.samples
@@ -634,6 +637,8 @@ def test_s3_pack_and_read_moto_mock(tmp_path, folder, s3_server, s3_bucket):
     assert detect_layout(dst, "train") == "zip"
     z = open_dataset(dst, "train", cache_dir=str(tmp_path / "cache"))
     assert z.labels == src.labels and z.samples == src.samples and len(z.shards) == 3
+    with pytest.raises(DataError, match=r"has no split 'val'; its index.json lists the split\(s\) 'train' \(--split\)"):
+        detect_layout(dst, "val")  # packed shards of another split only
     assert all(np.array_equal(pixels(z, i), pixels(src, i)) for i in range(len(src)))
 
     # folder layout directly on S3, and packing S3 -> S3

@@ -47,11 +47,15 @@ def detect_layout(uri: str, split: str) -> str:
 
 def _detect_layout(uri: str, split: str) -> str:
     j = lambda *p: _fs.join(uri, *p)  # noqa: E731
+    listed: list[str] = []  # the splits an index.json lists (named when the asked one is nowhere)
     if _fs.exists(j("index.json")):
         from .zipped import load_index
 
-        if split in (load_index(uri) or {}).get("splits", {}):
+        splits = (load_index(uri) or {}).get("splits", {})
+        if split in splits:
             return "zip"
+        listed = sorted(map(str, splits))
+    named = (f"; its index.json lists the split(s) {', '.join(map(repr, listed))} (--split)" if listed else "")
     for name in (f"{split}.zip", f"{split}-00000.zip", f"{split}_map.txt", f"{split}-00000_map.txt"):
         if _fs.exists(j(name)):
             return "zip"
@@ -74,7 +78,9 @@ def _detect_layout(uri: str, split: str) -> str:
             hint = (f"; {uri} holds class folders itself: give the dataset root that holds {split}/ "
                     f"(e.g. {os.path.dirname(os.path.normpath(uri)) or '.'}), or --split for its name")
         raise DataError(f"cannot detect a dataset layout for split {split!r} under {uri}: looked for "
-                        f"{layouts_looked_for(split)}{hint}", file=uri)
+                        f"{layouts_looked_for(split)}{named}{hint}", file=uri)
+    if listed and not s3_prefix_has_objects(j(split)):  # packed shards of other splits only
+        raise DataError(f"dataset {uri} has no split {split!r}{named}", file=uri)
     return "folder"  # S3: a folder prefix is the remaining possibility; FolderDataset reports if empty
 
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .aimet import encodings_v2
-from .onnx_qdq import (ExportError, OnnxExport, check_model, export_onnx, float_graph, grid_plans, ort_session)
+from .onnx_qdq import (VALUE_CHANGING_REWRITES, ExportError, OnnxExport, check_model, export_onnx, float_graph, grid_plans,
+                       ort_session)
 from .trt_table import calibration_cache, range_table
 
 FORMATS = ("onnx", "aimet", "trt-table")
@@ -151,10 +152,14 @@ def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[to
     sess = ort_session(onnx_bytes, threads=threads, optimization=optimization)
     ref_model = _Logits(unwrap(model)).eval()
     p_ort, p_ref, maxdiff, scale = [], [], 0.0, 0.0
+    first: Optional[np.ndarray] = None
+    constant = True  # the quantized model gives every input the same logits
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].float()
         a = sess.run(["logits"], {"input": xb.numpy()})[0]
         b = ref_model(xb).float().numpy()
+        first = b[0] if first is None else first
+        constant = constant and bool((b == first).all())
         maxdiff = max(maxdiff, float(np.abs(a - b).max()))
         scale = max(scale, float(np.abs(b).max()))
         p_ort.append(a.argmax(1))
@@ -162,13 +167,21 @@ def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[to
     po, pr = np.concatenate(p_ort), np.concatenate(p_ref)
     res: dict[str, Any] = {"images": int(len(x)), "optimization": optimization,
                            "top1_agreement": float(100.0 * (po == pr).mean()), "max_abs_logit_diff": maxdiff,
-                           "max_abs_logit": scale}
+                           "max_abs_logit": scale, "constant_output": constant and len(x) > 1}
     if y is not None:
         yy = y.numpy()
         res["top1_onnx"] = float(100.0 * (po == yy).mean())
         res["top1_fake_quant"] = float(100.0 * (pr == yy).mean())
         res["top1_delta"] = res["top1_onnx"] - res["top1_fake_quant"]
     return res
+
+
+def _constant_warning(res: dict[str, Any], where: str) -> str:
+    """The comparison of a model whose logits do not depend on the input proves nothing: say so."""
+    what = "all 0" if res["max_abs_logit"] == 0 else "the same for every input"
+    return (f"the quantized model's logits are {what} on {where}, so agreeing with onnxruntime there says "
+            f"nothing about the export: activations below their grid's smallest step (see the calibration's "
+            f"floored-quantizer warnings) or a model that ignores its input")
 
 
 def _write(out: str, name: str, data: bytes | str) -> str:
@@ -230,6 +243,8 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
     plain = compare(model, onnx_bytes, smoke_x, optimization="disable")
     report["smoke"]["max_abs_logit_diff_unoptimized"] = plain["max_abs_logit_diff"]
     got = report["smoke"]
+    if got["constant_output"]:
+        report.setdefault("warnings", []).append(_constant_warning(got, "the check inputs"))
     # the graph is right when unoptimized onnxruntime agrees; its fused kernels may still compute it
     # otherwise: a few rounding steps (QLinearSoftmax on a symmetric int8 softmax output rounds ~4 % of
     # the probability codes differently) are reported, a wrong result is refused
@@ -316,6 +331,8 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
                            **({"skipped": skipped} if check.skip_bad else {}),
                            **compare(model, onnx_bytes, xs, ys, check.batch_size, optimization=CHECK_OPTIMIZATION)}
         c = report["check"]
+        if c["constant_output"]:
+            report.setdefault("warnings", []).append(_constant_warning(c, f"the {c['images']} check images"))
         if c["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(c.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN:
             # rounding ties flip a handful of images on a trained model; more means the deployed model
             # will not score what the quantized model's report says
@@ -333,6 +350,17 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
             raise ExportError(f"onnxruntime with its default graph optimizations cannot run the exported graph "
                               f"(opset {report.get('opset')}): {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
                               f"nothing was written") from None
+        d = report["check_ort_default"]
+        if d["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(d.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN:
+            # the session a deployment gets without options: its u8 rewrite and int32 bias change values
+            report.setdefault("warnings", []).append(
+                f"with onnxruntime's default session options (graph optimizations including "
+                f"{' and '.join(VALUE_CHANGING_REWRITES)}) the exported model agrees with the quantized model on "
+                f"{d['top1_agreement']:.2f} % of the check images' top-1 predictions"
+                + (f", top-1 {d['top1_onnx']:.2f} % vs {d['top1_fake_quant']:.2f} %" if "top1_onnx" in d else "")
+                + f" ({CHECK_OPTIMIZATION}, those two disabled: {c['top1_agreement']:.2f} %): deploy on onnxruntime "
+                f"with them disabled (SessionOptions + disabled_optimizers, as quantcore.export.ort_session("
+                f"optimization='{CHECK_OPTIMIZATION}') does)")
     _refuse_stale(out, {name for name, _ in pending.values()})
     for key, (name, data) in pending.items():
         report["files"][key] = _write(out, name, data)
