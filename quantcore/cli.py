@@ -5,6 +5,7 @@ stack trace. Anything else is a bug and keeps its traceback (exit 1).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -27,10 +28,22 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress
 LimitOpt = typer.Option(None, min=0, help="Evaluate a seeded, class-stratified sample of N images (marked as a subset; 0 or unset: the whole split).")
 
 
+def _progress(progress: bool) -> bool:
+    """``--no-progress`` also for the libraries this process drives (transformers' "Loading weights" bar,
+    Hugging Face Hub downloads): the CLI owns the process, so their process-wide switches are its to set."""
+    if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    return progress
+
+
 def _opts(batch_size, workers, device, progress, checkpoint=None):
     from .pipeline import RunOptions
 
-    return RunOptions(batch_size=batch_size, num_workers=workers, device=device, progress=progress,
+    return RunOptions(batch_size=batch_size, num_workers=workers, device=device, progress=_progress(progress),
                       checkpoint=checkpoint)
 
 
@@ -259,7 +272,7 @@ def qat(recipe: List[str] = typer.Option(..., "--recipe", "-r", help="Recipe (na
     from .recipe import load_recipe
 
     r = load_recipe(_one(recipe, "--recipe/-r", "one QAT run trains one recipe"))
-    opts = QATOptions(device=device, num_workers=workers, progress=progress, checkpoint=checkpoint, init=init,
+    opts = QATOptions(device=device, num_workers=workers, progress=_progress(progress), checkpoint=checkpoint, init=init,
                       resume=resume, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_limit=eval_limit)
     rep = run_qat(r, DataSpec(data, split, layout, skip_bad, cache_dir),
                   DataSpec(eval_data or data, eval_split, layout, skip_bad, cache_dir), out, opts)
@@ -319,7 +332,7 @@ def analyze(ctx: typer.Context,
         budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr, budget_confidence)
     opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,
                           groups=groups, search_groups=search_groups, choices=parse_choices(choices.split(","), "--choices"),
-                          cost=cost, workers=parallel, progress=progress)
+                          cost=cost, workers=parallel, progress=_progress(progress))
     if cost not in ("bits", "bops"):
         raise UserError(f"--cost: unknown cost model {cost!r} (bits or bops)")
     res = run_cli(recipe, checkpoint, data, out, split=split, eval_split=eval_split, limit=limit,
@@ -377,7 +390,7 @@ def demo(store: str = typer.Option("demo-store", help="Local folder (or s3:// pr
     """Run the main job in this process: pack Fashion-MNIST, install the shipped small ViT (or train one), PTQ (ft1/ft2 W8A8, ft1 W4A4), QAT (W4A4 ft1, W8A8 ft2), report."""
     from .demo import run_demo, summary_lines
 
-    res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=progress,
+    res = run_demo(store, epochs=epochs, train_limit=train_limit, eval_limit=eval_limit, progress=_progress(progress),
                    num_workers=workers, log=typer.echo, seed=seed, retrain=retrain)
     _echo("")
     for line in summary_lines(res.report, res.qat_reports):

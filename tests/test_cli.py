@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -599,3 +600,19 @@ def test_random_weights_warning_names_every_recipe_of_the_run():
     r = quantcore.load_recipe({"name": "a", "model": {"name": "quantcore/vit_fmnist"}})
     assert "(recipes 'a', 'b') has RANDOM WEIGHTS" in random_weights_warning(r, ["b"])
     assert "(recipe 'a') has RANDOM WEIGHTS" in random_weights_warning(r)
+
+
+def test_no_progress_also_silences_the_libraries_bars(monkeypatch):
+    """--no-progress left transformers' "Loading weights" bar on (an HF model directory loads with it)."""
+    transformers_logging = pytest.importorskip("transformers.utils.logging")
+    from quantcore.cli import _progress
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    transformers_logging.enable_progress_bar()
+    try:
+        assert _progress(True) is True and transformers_logging.is_progress_bar_enabled()
+        assert _progress(False) is False
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    finally:
+        transformers_logging.enable_progress_bar()
