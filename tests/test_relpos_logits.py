@@ -157,3 +157,133 @@ def test_attention_with_a_bias_table_lookup_is_still_quantized(fused):
         return float((a - ref).pow(2).sum())
 
     assert err(out) < err(ref_no_bias) / 20  # the bias is applied on the quantized path
+
+
+# -- review of the change (helper audit): the same kind with other layouts ---------------------------------
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()))
+
+
+def _prepared(net: nn.Module, x: torch.Tensor):
+    m = quantcore.prepare(copy.deepcopy(net), RECIPE, example_input=x[:2])
+    quantcore.calibrate(m, [x])
+    with torch.no_grad():
+        ref, out = net(x), m(x)
+        with quantcore.quantization_disabled(m):
+            assert torch.equal(m(x), ref)
+    return m, _sqnr(ref, out)
+
+
+def test_a_non_contiguous_position_parameter_gets_the_same_quantized_values():
+    """rel_k stored transposed (a checkpoint loaded with assign=True): the quantized view took the view's
+    strides on a contiguous copy and multiplied scrambled values (logit SQNR 46 -> 23 dB)."""
+    net = _net("botnet")
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    strided = copy.deepcopy(net)
+    pe = strided[1].pos_embed
+    pe.height_rel = nn.Parameter(pe.height_rel.detach().t().contiguous().t())
+    pe.width_rel = nn.Parameter(pe.width_rel.detach().t().contiguous().t())
+    assert not pe.height_rel.is_contiguous()
+    _, contiguous_db = _prepared(net, x)
+    _, strided_db = _prepared(strided, x)
+    assert strided_db > contiguous_db - 3, (strided_db, contiguous_db)
+
+
+class _Attn(nn.Module):
+    """Explicit attention on 16 channels; ``mode`` picks how position logits or the data come in."""
+
+    def __init__(self, mode: str, d: int = 16, n: int = 10):
+        super().__init__()
+        self.mode, self.qkv, self.proj = mode, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.rel = nn.Parameter(torch.randn(*{"xp": (d, 8), "vec": (d,), "shared": (n, d)}.get(mode, (1,))) * 0.5)
+        self.register_buffer("perm", torch.eye(n).flip(0).contiguous())
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.mode == "setitem":  # data written into a preallocated tensor
+            buf = torch.zeros(3, B, N + 2, C)
+            buf[:, :, :N] = self.qkv(x).reshape(B, N, 3, C).permute(2, 0, 1, 3)
+            q, k, v = buf[0], buf[1], buf[2]
+        else:
+            q, k, v = self.qkv(x).chunk(3, -1)
+        logits = q @ k.transpose(-1, -2) / 4
+        if self.mode == "xp":  # x @ p: p's last axis holds the output channels
+            logits = logits + (q @ self.rel).mean(-1, keepdim=True)
+        elif self.mode == "vec":  # x @ u: a vector, no output channel of its own
+            logits = logits + (q @ self.rel).unsqueeze(-1)
+        elif self.mode == "shared":  # one parameter to F.linear and to a matmul
+            logits = logits + torch.nn.functional.linear(q, self.rel)[..., :N] + \
+                (k @ self.rel.transpose(-1, -2))[..., :N].transpose(-1, -2)
+        elif self.mode == "buffer_bias":  # a bias from buffers alone, read through .mT
+            for _ in range(3):
+                del_me = (q * 1.0).mT  # short-lived data temporaries whose ids get reused
+                del del_me
+            logits = logits + (self.perm @ self.perm.mT)[:N, :N]
+        out = logits.softmax(-1) @ v
+        return self.proj(out[:, :N])
+
+
+def _attn_net(mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), _Attn(mode), nn.Linear(16, 4)).eval()
+
+
+_X = torch.randn(4, 10, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_data_written_into_a_buffer_is_still_data():
+    """buf[:, :, :N] = qkv(x): __setitem__ returns nothing, so the buffer was never marked as holding data
+    and q @ k^T looked like a constant: the attention went float."""
+    m, db = _prepared(_attn_net("setitem"), _X)
+    assert m.quantcore_placement.attention == ["1"] and db > 30
+
+
+def test_attention_detection_does_not_depend_on_reused_tensor_ids():
+    """A buffer read through .mT could inherit a freed data tensor's id and its 'data' flag: identical
+    prepares found the attention 9 times in 12."""
+    net = _attn_net("buffer_bias")
+    found = {tuple(quantcore.prepare(copy.deepcopy(net), RECIPE, example_input=_X).quantcore_placement.attention)
+             for _ in range(12)}
+    assert found == {("1",)}
+
+
+def test_position_parameter_axes_and_notes():
+    """x @ p: per channel on p's last axis and no ft-mode note; x @ u with a vector: per tensor, said."""
+    m, _ = _prepared(_attn_net("xp"), _X)
+    assert quantizers(m)["1.rel_weight_quantizer"].spec.axis == 1
+    assert not m.quantcore_placement.notes, m.quantcore_placement.notes
+    m, _ = _prepared(_attn_net("vec"), _X)
+    w = quantizers(m)["1.rel_weight_quantizer"]
+    assert w.spec.axis is None and w.amax.numel() == 1
+    assert any("per tensor, not per channel" in n for n in m.quantcore_placement.notes)
+    with torch.no_grad():
+        assert not torch.equal(w(m[1].rel), m[1].rel)  # it acts
+
+
+def test_a_parameter_to_linear_and_to_a_matmul_is_listed_for_the_matmul():
+    """The matmul use merged into F.linear's site: neither quantized nor listed float."""
+    m, _ = _prepared(_attn_net("shared"), _X)
+    reasons = m.quantcore_placement.float_reasons
+    assert "1.rel (x @ rel)" in reasons and "also multiplied with data" in reasons["1.rel (x @ rel)"]
+    assert "1.rel_weight_quantizer" in quantizers(m)
+
+
+def test_an_attention_over_constants_alone_is_still_quantized():
+    """DETR's first decoder self-attention runs on learned queries only: no op in it depends on the input,
+    which is no reason to leave it float (it was quantized before input tracking)."""
+
+    class Dec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.queries = nn.Linear(8, 16), nn.Parameter(torch.randn(6, 16))
+            self.self_attn, self.cross_attn, self.head = _Attn("plain"), _Attn("plain"), nn.Linear(16, 4)
+
+        def forward(self, x):
+            tgt = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1) + 0
+            tgt = tgt + self.self_attn(tgt)
+            mem = self.embed(x)
+            return self.head(tgt + self.cross_attn(torch.cat([tgt, mem], 1))[:, :6]).mean(1)
+
+    torch.manual_seed(0)
+    m, _ = _prepared(Dec().eval(), _X)
+    assert m.quantcore_placement.attention == ["self_attn", "cross_attn"]

@@ -159,10 +159,14 @@ ZOO: list[ZooModel] = [
     ZooModel("timm:rexnet_100", _timm("rexnet_100"), 64),
     ZooModel("timm:fastvit_t8", _timm("fastvit_t8"), 64),
     ZooModel("timm:efficientvit_b0", _timm("efficientvit_b0"), 64),
+    # relative-position logits q @ rel_k^T (quantized as a GEMM); MaxViT's TF bias-table einsums (constants)
+    ZooModel("timm:botnet26t_256", _timm("botnet26t_256", img_size=64), 64),
+    ZooModel("timm:maxvit_tiny_tf_224", _timm("maxvit_tiny_tf_224", img_size=64, depths=(1, 1, 1, 1)), 64),
     # torchvision
     ZooModel("torchvision:resnet18", _tv("resnet18"), 64),
     ZooModel("torchvision:resnext50_32x4d", _tv("resnext50_32x4d"), 64),
     ZooModel("torchvision:mobilenet_v3_small", _tv("mobilenet_v3_small"), 64),
+    ZooModel("torchvision:mobilenet_v2", _tv("mobilenet_v2"), 64),  # ReLU6: Clip nodes in the export
     ZooModel("torchvision:efficientnet_b0", _tv("efficientnet_b0"), 64),
     ZooModel("torchvision:regnet_y_400mf", _tv("regnet_y_400mf"), 64),
     ZooModel("torchvision:densenet121", _tv("densenet121"), 64),
@@ -365,6 +369,15 @@ def _reference_entropy_sqnr(model: nn.Module, data: dict[str, list[torch.Tensor]
     return sqnr_db(ref, logits(clone(x_eval)).float())
 
 
+def _grid_values(o: torch.Tensor) -> int:
+    """Distinct values of ``o``, or of its most varied channel along the last two axes, whichever is
+    fewer: a per-channel quantized weight (BoTNet's rel_k, per position) holds at most 256 per channel."""
+    n = int(o.unique().numel())
+    if n <= 256 or o.dim() < 2:
+        return n
+    return min(n, *(max(int(c.unique().numel()) for c in o.movedim(ax, 0)) for ax in (-1, -2)))
+
+
 def _float_attention_operands(model: nn.Module, attention: list[str], x: torch.Tensor) -> list[str]:
     """Independent of the placement's own records: run the calibrated model and spy on every
     activation x activation matmul (matmul/bmm/baddbmm/einsum) inside the modules the placement says
@@ -396,7 +409,7 @@ def _float_attention_operands(model: nn.Module, attention: list[str], x: torch.T
                 ops = ops[-2:] if fname == "baddbmm" else ops[:2]
                 if len(ops) == 2 and not any(isinstance(o, nn.Parameter) for o in ops):
                     for i, o in enumerate(ops):
-                        n = int(o.detach().unique().numel())
+                        n = _grid_values(o.detach())
                         if n > 256 and o.numel() > 256:
                             found.append(f"{stack[-1]}: {fname} operand {i} ({n} values)")
             return out

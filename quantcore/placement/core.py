@@ -262,15 +262,20 @@ def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]
     the innermost module below it the op ran in ("" = the module's own forward). The innermost one,
     not the child: two sibling blocks under one container are two origins, not one."""
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    data: dict[tuple[str, int], list[tuple[str, str]]] = {}  # the same without input-independent ops
     for op in trace.ops:
-        if op.kind not in _ATTN_KINDS or op.from_input is False:
-            # computed from parameters and buffers alone (timm RelPosBiasTf's einsum lookups of its bias
-            # table, run in the attention's forward): a constant, not part of softmax(QK^T)V
+        if op.kind not in _ATTN_KINDS:
             continue
         for depth, frame in enumerate(op.stack):
             origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
             seqs.setdefault(frame, []).append((op.kind, origin))
-    return seqs
+            if op.from_input is not False:
+                data.setdefault(frame, []).append((op.kind, origin))
+    # Ops computed from parameters and buffers alone inside an attention's forward (timm RelPosBiasTf's
+    # einsum lookups of its bias table, ConViT's positional softmax) are constants, not part of
+    # softmax(QK^T)V: a call is read without them when it still holds an attention then; an attention
+    # over constants alone (DETR's first decoder self-attention on learned queries) is kept as it is.
+    return {f: (data[f] if f in data and _has_attention(data[f]) else seq) for f, seq in seqs.items()}
 
 
 def _has_attention(seq: list[tuple[str, str]]) -> bool:
@@ -564,6 +569,12 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
             continue
         key = (owner, attr + "_")
         s = sites.get(key)
+        if s is not None and s.op != "matmul":  # the same parameter also goes to F.linear/conv: one site each
+            # would need two quantizers of one parameter; that use is quantized, this one said float
+            float_reasons.setdefault(f"{op.weight} (x @ {attr})", f"parameter {op.weight!r} is also multiplied with "
+                                     "data by a matmul, besides the F.linear/conv that quantizes it: that matmul "
+                                     "stays float")
+            continue
         if s is None:
             s = sites[key] = _Site(op.weight, "weighted", owner, attr + "_", "matmul", attr, order=op.seq,
                                    weight_axis=op.weight_axis)
@@ -763,7 +774,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                 wspec = wspec.model_copy(update={"axis": s.weight_axis})
                 if s.weight_axis is None:
                     per_tensor_mm.append(f"{base}{s.prefix}weight_quantizer")
-            if wspec is not weight_spec:
+            if scoped and wspec is not weight_spec:  # (a matmul's axis above is its own, not a mode's)
                 moded.append(f"{base}{s.prefix}weight_quantizer")
             planned[f"{base}{s.prefix}input_quantizer"] = act_spec
             planned[f"{base}{s.prefix}weight_quantizer"] = wspec

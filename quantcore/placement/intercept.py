@@ -103,8 +103,8 @@ def output_axis(view: torch.Tensor) -> Optional[int]:
     single axis of a contiguous parameter does. A per-channel weight range must be on that axis: an
     integer GEMM can rescale output channels, not the reduction axis."""
     p = param_of(view)
-    if p is None or not p.is_contiguous() or view.dim() == 0:
-        return None
+    if p is None or not p.is_contiguous() or view.dim() < 2:
+        return None  # x @ u with a vector u reduces over u's only axis: no output channel is u's
     if view is p:
         return p.dim() - 1
     axes = [d for d in range(p.dim()) if p.stride(d) == view.stride(-1) and p.size(d) == view.size(-1)]
@@ -112,10 +112,14 @@ def output_axis(view: torch.Tensor) -> Optional[int]:
 
 
 def quantized_view(quantized: torch.Tensor, view: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``view`` (a view of the contiguous parameter ``base``) taken of ``quantized``, the quantized base."""
+    """``view`` (a view of the parameter ``base``, laid out in memory any way) taken of ``quantized``, the
+    quantized ``base``: the same strides and offset, read from a copy laid out as ``base`` is."""
     if view is base:
         return quantized
-    return quantized.contiguous().as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
+    if quantized.stride() != base.stride() or quantized.storage_offset() != 0:
+        quantized = torch.empty_strided(base.size(), base.stride(), dtype=quantized.dtype,
+                                        device=quantized.device).copy_(quantized)
+    return quantized.as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
 
 
 def row_slice_base(t: Any) -> Optional[nn.Parameter]:

@@ -185,9 +185,10 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = _func_name(func)
         if name in _METADATA:
-            if name == "__get__" and isinstance(out, torch.Tensor) and not torch.compiler.is_compiling() and \
-                    any(i in self.trace.tainted for i in _tensor_ids(args)):
-                self.trace.tainted.add(id(out))  # x.T / x.mT of data is data
+            if name == "__get__" and isinstance(out, torch.Tensor) and not torch.compiler.is_compiling():
+                # x.T / x.mT / x.data of data is data, of a buffer is not (its id may be a freed tensor's)
+                tainted = any(i in self.trace.tainted for i in _tensor_ids(args))
+                (self.trace.tainted.add if tainted else self.trace.tainted.discard)(id(out))
             return out
         caller = self.stack[-1][0] if self.stack else ""
 
@@ -206,6 +207,11 @@ class _Recorder(TorchFunctionMode):
         if not torch.compiler.is_compiling():  # traced by dynamo (flex_attention's kernel): ids are fake
             ev.from_input = any(i in self.trace.tainted for i in ev.inputs)
             (self.trace.tainted.update if ev.from_input else self.trace.tainted.difference_update)(ev.outputs)
+            if ev.from_input and ev.mutates is not None:
+                # data written into a tensor (buf[:, :n] = x, out=, add_): the tensor holds data from now on
+                written = kwargs.get("out") if isinstance(kwargs.get("out"), torch.Tensor) else (args[0] if args else None)
+                if isinstance(written, torch.Tensor):
+                    self.trace.tainted.add(id(written))
         if name in _CASTS and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             a, b = args[0].dtype, out.dtype
             ev.lossless = a == b or (a.is_floating_point == b.is_floating_point and torch.promote_types(a, b) == b)
