@@ -348,7 +348,16 @@ def _run_record(spec: RunSpec, out: str, status: str = "failed") -> Dict[str, An
         "fp32_top1": None, "eval_count": None, "variants": {}, "duration_s": None, "finished_at": None,
         "reused": False, "error": None, "traceback": None,
         "node": os.uname().nodename if status != "pending" else None, "device": None, "warnings": [],
+        "fingerprint": run_fingerprint(spec),
     }
+
+
+def _legacy_fingerprint(prev: Dict[str, Any], spec: RunSpec, out: str) -> str:
+    """For a failed run's record from a summary written before records carried the fingerprint: the
+    current spec's fingerprint when the fields the record shows still match, else a marker that never does."""
+    keys = ("recipes", "checkpoint", "calib_data", "calib_split", "eval_data", "eval_split", "limit")
+    now = _run_record(spec, out)
+    return now["fingerprint"] if all(prev.get(k) == now[k] for k in keys) else "changed"
 
 
 def run_fingerprint(spec: RunSpec) -> str:
@@ -734,6 +743,11 @@ def _check_data(sweep: Sweep, source: str) -> None:
     for i, run in enumerate(sweep.runs):
         for field in ("calib_data", "eval_data"):
             uri = getattr(run, field)
+            if field == "eval_data" and not uri and run.calib_data and run.eval_split != run.calib_split:
+                uri, field = run.calib_data, "calib_data"  # evaluation reads the calibration data's eval_split
+                split_key = "eval_split"
+            else:
+                split_key = "calib_split" if field == "calib_data" else "eval_split"
             if not uri or storage.is_s3(uri):
                 continue
             try:
@@ -743,6 +757,16 @@ def _check_data(sweep: Sweep, source: str) -> None:
             if not os.path.exists(path):
                 raise SweepError(f"{source}: runs[{i}]({run.name}).{field}: dataset {uri}: no such file or directory "
                                  f"({os.path.abspath(path)})")
+            split = getattr(run, split_key)
+            if run.layout == "auto" and os.path.isdir(path):
+                # the split is found where the task will look (a typo'd eval_split failed inside the task)
+                from quantcore.data.detect import detect_layout
+                from quantcore.errors import UserError
+
+                try:
+                    detect_layout(uri, split)
+                except UserError as err:
+                    raise SweepError(f"{source}: runs[{i}]({run.name}).{split_key} {split!r}: {err}") from None
 
 
 def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
@@ -866,6 +890,9 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             # failed: a "succeeded" there whose manifest no longer completes it (spec changed, artifact
             # gone) is pending, not a success with stale numbers
             prev = earlier.get(spec.name) if (earlier.get(spec.name) or {}).get("status") == "failed" else None
+            if prev is not None and prev.get("fingerprint", _legacy_fingerprint(prev, spec, out)) != run_fingerprint(spec):
+                prev = None  # its fields changed since it failed: pending, not the old failure
+
             if spec.name not in only and (done[spec.name][0] or prev):
                 records[spec.name] = done[spec.name][0] or prev
     total, finished = len(selected.runs), 0
@@ -879,7 +906,6 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             elif not why.startswith("not run yet"):
                 print(f"{spec.name}: recomputing: {why}", flush=True)
     todo = [s for s in selected.runs if s.name not in records]
-    checkpoint_summary()
     if todo:
         if not ray.is_initialized():
             from quantcore.plugins import runtime_env
@@ -888,6 +914,9 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
         if gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
             print(f"warning: tasks ask {gpus_per_task:g} GPU each but no node of the Ray cluster has a GPU now; "
                   f"they wait for GPU nodes. For a CPU sweep pass --gpus-per-task 0.", flush=True)
+        # written once the cluster is reached: a driver that cannot reach it leaves the previous summary
+        # (a finished sweep's, under --no-resume) as it was
+        checkpoint_summary()
         task = ray.remote(_ptq_task)
         pending: Dict[Any, RunSpec] = {}
         for spec in todo:

@@ -982,7 +982,7 @@ def test_podmonitor_scrapes_every_ray_pod(chart_renders, bins):
     (pm,) = of_kind(objs, "PodMonitor")
     assert kt.validate_object(pm) == []
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert pm["spec"]["podMetricsEndpoints"][0]["interval"] == "30s"
+    assert pm["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
     assert podmonitor_problems(pm, objs) == []
     for name, docs in chart_renders.items():  # off by default
         assert not of_kind(docs, "PodMonitor") or name == "kueue-values.yaml", name

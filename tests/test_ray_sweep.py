@@ -235,6 +235,58 @@ def test_only_does_not_keep_a_success_its_manifest_no_longer_completes(tiny, tmp
     assert summary["runs_reused"] == 1
 
 
+def test_only_does_not_keep_a_failure_whose_fields_changed(tiny, tmp_path):
+    """--only X kept another run's failure (its old calib_data and error) after that run's fields were
+    fixed in the sweep file: it is pending, as a changed success is. A failure recorded before records
+    carried their fingerprint is kept while the fields it shows still match."""
+    out = tmp_path / "o"
+    _copy(tiny, out)
+    broken = dict(tiny["run"], name="broken", calib_data=str(tmp_path / "missing"))
+    meta = {"sweep_file": "s.yaml", "out": str(out), "started": "t0", "finished": "t1", "duration_s": 1.0,
+            "summary_json": str(out / "summary.json"), "summary_md": str(out / "summary.md")}
+    old = parse_sweep({"runs": [tiny["run"], broken]})
+    sweep_file = tmp_path / "sweep.yaml"
+    for legacy in (False, True):
+        failed = ray_sweep._failure(old.runs[1], str(out / "broken"), RuntimeError("no such data"))
+        if legacy:
+            failed.pop("fingerprint")
+        ray_sweep.write_summary(ray_sweep.build_summary(old, {"tiny": tiny["record"], "broken": failed}, meta,
+                                                        "finished"))
+        for fixed, status in ((dict(broken, calib_data=tiny["run"]["calib_data"]), "pending"), (broken, "failed")):
+            sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"], fixed]}))
+            assert ray_sweep.main(["--sweep", str(sweep_file), "--out", str(out), "--gpus-per-task", "0",
+                                   "--only", "tiny"]) == 0
+            summary = json.loads((out / "summary.json").read_text())
+            assert [(r["name"], r["status"]) for r in summary["runs"]] == [("tiny", "succeeded"), ("broken", status)], \
+                (legacy, fixed)
+            ray_sweep.write_summary(ray_sweep.build_summary(old, {"tiny": tiny["record"], "broken": failed}, meta,
+                                                            "finished"))
+
+
+def test_a_driver_that_cannot_reach_ray_leaves_the_previous_summary(tiny, tmp_path, monkeypatch):
+    """The running summary was written before connecting: under --no-resume a finished sweep's summary
+    became all-pending while the driver hung on an unreachable cluster."""
+    import ray
+
+    out = _copy(tiny, tmp_path / "o")
+    meta = {"sweep_file": "s.yaml", "out": str(out), "started": "t0", "finished": "t1", "duration_s": 1.0,
+            "summary_json": str(out / "summary.json"), "summary_md": str(out / "summary.md")}
+    sweep = parse_sweep({"runs": [tiny["run"]]})
+    ray_sweep.write_summary(ray_sweep.build_summary(sweep, {"tiny": tiny["record"]}, meta, "finished"))
+    before = (out / "summary.json").read_bytes()
+
+    def unreachable(*a, **k):
+        raise ConnectionError("could not reach the Ray cluster at 127.0.0.1:1")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"runs": [tiny["run"]]}))
+    with pytest.raises(ConnectionError):
+        ray_sweep.main(["--sweep", str(sweep_file), "--out", str(out), "--gpus-per-task", "0", "--no-resume",
+                        "--address", "127.0.0.1:1"])
+    assert (out / "summary.json").read_bytes() == before
+
+
 def test_a_reused_run_of_a_copied_out_points_at_the_copy(tiny, tmp_path):
     """The summary's URIs of a reused run were those of the folder the run was first written to."""
     out = _copy(tiny, tmp_path / "copy")
@@ -420,6 +472,14 @@ def test_a_missing_local_data_path_exits_2_before_ray_starts(tiny, tmp_path, cap
              (dict(calib_data=f"file://{gone}"), f"runs[1](bad).calib_data: dataset file://{gone}: no such file or directory"),
              (dict(eval_data="gone-val"), f"runs[1](bad).eval_data: dataset {tmp_path / 'gone-val'}: no such "
                                           f"file or directory"))  # relative: to the sweep file's folder
+    _refused_before_ray(tiny, tmp_path, capsys, cases)
+
+
+def test_a_split_the_local_data_does_not_hold_exits_2_before_ray_starts(tiny, tmp_path, capsys):
+    """eval_split: vall (a typo) on local data passed the driver's checks and failed in the task."""
+    cases = ((dict(eval_split="vall"), "runs[1](bad).eval_split 'vall': cannot detect a dataset layout for split "
+                                       "'vall'"),
+             (dict(calib_split="tran"), "runs[1](bad).calib_split 'tran': cannot detect a dataset layout"))
     _refused_before_ray(tiny, tmp_path, capsys, cases)
 
 
