@@ -32,11 +32,15 @@ def _progress(progress: bool) -> bool:
     """``--no-progress`` also for the libraries this process drives (transformers' "Loading weights" bar,
     Hugging Face Hub downloads): the CLI owns the process, so their process-wide switches are its to set."""
     if not progress:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by the Hub when it is imported later
+        for mod, fn in (("huggingface_hub.utils", "disable_progress_bars"), ("transformers.utils.logging",
+                                                                            "disable_progress_bar")):
+            if importlib.util.find_spec(mod.split(".")[0]) is None:
+                continue
+            try:  # (already imported: the variable above came too late for it)
+                getattr(importlib.import_module(mod), fn)()
+            except (ImportError, AttributeError):  # a broken or other install: its bars stay
+                pass
     return progress
 
 

@@ -614,5 +614,12 @@ def test_no_progress_also_silences_the_libraries_bars(monkeypatch):
         assert _progress(False) is False
         assert not transformers_logging.is_progress_bar_enabled()
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        hub = pytest.importorskip("huggingface_hub.utils")
+        hub.enable_progress_bars()  # the Hub read the variable at import: its own switch is what counts
+        _progress(False)
+        assert hub.are_progress_bars_disabled()
     finally:
         transformers_logging.enable_progress_bar()
+        import huggingface_hub.utils as hub_utils
+
+        hub_utils.enable_progress_bars()

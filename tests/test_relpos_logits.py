@@ -103,12 +103,12 @@ def test_parameter_matmul_outside_attention_still_listed_float():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_attention_with_a_bias_table_lookup_is_still_quantized(fused):
-    """timm MaxViT's TF-ported weights (``RelPosBiasTf``) compute their position bias with einsum
-    lookups of a parameter table in a buffer, inside the attention's forward: those products of
-    parameters and buffers are constants, not part of softmax(QK^T)V, so the attention is quantized
-    (before: every such attention stayed float, "attention ops ['matmul_act', 'sdpa'] in one
-    forward"); the table is listed float as a constant; the bias still reaches the logits."""
+def test_attention_with_a_bias_table_lookup_stays_float_with_its_reason(fused):
+    """timm MaxViT's TF-ported weights (``RelPosBiasTf``) compute their position bias with einsum lookups
+    of a parameter table in buffers, inside the attention's own forward (a method, not a module): the
+    run-time interception, which finds q @ k^T by the order of a call's matmuls, would quantize the bias
+    lookup as q and k (a review found q's range 16x too wide). The attention stays float, named with
+    the ops that keep it so; the table is listed as a constant; quantization off is the float model."""
     from functools import partial
 
     maxxvit = pytest.importorskip("timm.models.maxxvit")
@@ -127,36 +127,18 @@ def test_attention_with_a_bias_table_lookup_is_still_quantized(fused):
 
     torch.manual_seed(0)
     net = Net().eval()
-    with torch.no_grad():
-        net.attn.rel_pos.relative_position_bias_table.normal_()  # trained-looking, not ~0
     x = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(x)
-        no_bias = copy.deepcopy(net)
-        no_bias.attn.rel_pos.relative_position_bias_table.zero_()
-        ref_no_bias = no_bias(x)
     m = quantcore.prepare(copy.deepcopy(net), RECIPE, example_input=x[:2])
     pl = m.quantcore_placement
-    assert pl.attention == ["attn"], pl.float_reasons
+    assert pl.attention == [] and "attention ops" in pl.float_reasons["attn"], pl.float_reasons
     assert "constant" in pl.float_reasons["attn.rel_pos.relative_position_bias_table"]
     qs = quantizers(m)
-    for role in ("q", "k", "v", "attn"):
-        assert f"attn.{role}_quantizer" in qs, sorted(qs)
+    assert not [n for n in qs if n.split(".")[-1] in ("q_quantizer", "k_quantizer", "v_quantizer", "attn_quantizer")]
     quantcore.calibrate(m, [x])
-    with torch.no_grad():
-        out = m(x)
-        for role in ("q", "k", "v", "attn"):
-            q = qs[f"attn.{role}_quantizer"]
-            q.quantize = False
-            assert not torch.equal(m(x), out), role  # each attention quantizer acts
-            q.quantize = True
-        with quantcore.quantization_disabled(m):
-            assert torch.equal(m(x), ref)
-
-    def err(a: torch.Tensor) -> float:
-        return float((a - ref).pow(2).sum())
-
-    assert err(out) < err(ref_no_bias) / 20  # the bias is applied on the quantized path
+    with torch.no_grad(), quantcore.quantization_disabled(m):
+        assert torch.equal(m(x), ref)
 
 
 # -- review of the change (helper audit): the same kind with other layouts ---------------------------------
@@ -238,13 +220,15 @@ def test_data_written_into_a_buffer_is_still_data():
     assert m.quantcore_placement.attention == ["1"] and db > 30
 
 
-def test_attention_detection_does_not_depend_on_reused_tensor_ids():
+def test_placement_does_not_depend_on_reused_tensor_ids():
     """A buffer read through .mT could inherit a freed data tensor's id and its 'data' flag: identical
-    prepares found the attention 9 times in 12."""
+    prepares placed differently (the attention found 9 times in 12)."""
     net = _attn_net("buffer_bias")
-    found = {tuple(quantcore.prepare(copy.deepcopy(net), RECIPE, example_input=_X).quantcore_placement.attention)
-             for _ in range(12)}
-    assert found == {("1",)}
+    found = set()
+    for _ in range(12):
+        m = quantcore.prepare(copy.deepcopy(net), RECIPE, example_input=_X)
+        found.add((tuple(m.quantcore_placement.attention), tuple(sorted(quantizers(m)))))
+    assert len(found) == 1, found
 
 
 def test_position_parameter_axes_and_notes():

@@ -261,21 +261,17 @@ def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]
     """Per module call: the attention-relevant ops run inside it, as ``(kind, origin)`` where origin is
     the innermost module below it the op ran in ("" = the module's own forward). The innermost one,
     not the child: two sibling blocks under one container are two origins, not one."""
+    # Ops on parameters and buffers alone (timm RelPosBiasTf's einsum lookups of its bias table, run in
+    # MaxViT *_tf attention's own forward) count too: the run-time interception finds q @ k^T by the order
+    # of the matmuls in a call, so an attention with such ops in its frame stays float, said so.
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
-    data: dict[tuple[str, int], list[tuple[str, str]]] = {}  # the same without input-independent ops
     for op in trace.ops:
         if op.kind not in _ATTN_KINDS:
             continue
         for depth, frame in enumerate(op.stack):
             origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
             seqs.setdefault(frame, []).append((op.kind, origin))
-            if op.from_input is not False:
-                data.setdefault(frame, []).append((op.kind, origin))
-    # Ops computed from parameters and buffers alone inside an attention's forward (timm RelPosBiasTf's
-    # einsum lookups of its bias table, ConViT's positional softmax) are constants, not part of
-    # softmax(QK^T)V: a call is read without them when it still holds an attention then; an attention
-    # over constants alone (DETR's first decoder self-attention on learned queries) is kept as it is.
-    return {f: (data[f] if f in data and _has_attention(data[f]) else seq) for f, seq in seqs.items()}
+    return seqs
 
 
 def _has_attention(seq: list[tuple[str, str]]) -> bool:
