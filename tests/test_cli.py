@@ -616,6 +616,8 @@ def test_no_progress_also_silences_the_libraries_bars(monkeypatch):
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
         hub = pytest.importorskip("huggingface_hub.utils")
         hub.enable_progress_bars()  # the Hub read the variable at import: its own switch is what counts
+        # transformers' switch happens to call the Hub's; without it the Hub's own switch must be called
+        monkeypatch.setattr(transformers_logging, "disable_progress_bar", lambda: None)
         _progress(False)
         assert hub.are_progress_bars_disabled()
     finally:
