@@ -890,7 +890,7 @@ def run_sweep(sweep: Sweep, out: str, *, sweep_file: str, address: Optional[str]
             # failed: a "succeeded" there whose manifest no longer completes it (spec changed, artifact
             # gone) is pending, not a success with stale numbers
             prev = earlier.get(spec.name) if (earlier.get(spec.name) or {}).get("status") == "failed" else None
-            if prev is not None and prev.get("fingerprint", _legacy_fingerprint(prev, spec, out)) != run_fingerprint(spec):
+            if prev is not None and (prev.get("fingerprint") or _legacy_fingerprint(prev, spec, out)) != run_fingerprint(spec):
                 prev = None  # its fields changed since it failed: pending, not the old failure
 
             if spec.name not in only and (done[spec.name][0] or prev):

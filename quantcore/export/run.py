@@ -176,6 +176,11 @@ def compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, y: Optional[to
     return res
 
 
+def _off(res: dict[str, Any]) -> bool:
+    """Whether a check comparison (``compare`` with labels) disagrees enough to warn about."""
+    return res["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(res.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN
+
+
 def _constant_warning(res: dict[str, Any], where: str) -> str:
     """The comparison of a model whose logits do not depend on the input proves nothing: say so."""
     what = "all 0" if res["max_abs_logit"] == 0 else "the same for every input"
@@ -333,7 +338,7 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
         c = report["check"]
         if c["constant_output"]:
             report.setdefault("warnings", []).append(_constant_warning(c, f"the {c['images']} check images"))
-        if c["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(c.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN:
+        if _off(c):
             # rounding ties flip a handful of images on a trained model; more means the deployed model
             # will not score what the quantized model's report says
             report.setdefault("warnings", []).append(
@@ -353,7 +358,7 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
         d = report["check_ort_default"]
         worse = d["top1_agreement"] < c["top1_agreement"] or \
             abs(d.get("top1_delta", 0.0)) > abs(c.get("top1_delta", 0.0))
-        if worse and (d["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(d.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN):
+        if worse and _off(d):
             # (when all-exact is as far off, its own warning above says so: disabling the rewrites would not help)
             # the session a deployment gets without options: its u8 rewrite and int32 bias change values
             report.setdefault("warnings", []).append(
