@@ -475,6 +475,7 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
     rec["device"] = device
     print(f"[{spec.name}] start: recipes {', '.join(rec['recipes'])} -> {out} (device {device})", flush=True)
     t0 = time.perf_counter()
+    rep = None
     try:
         # from here until the new manifest exists the run is incomplete, whatever an older one said
         storage.delete(storage.join(out, MANIFEST_NAME))
@@ -494,6 +495,7 @@ def execute_run(run: Dict[str, Any], out: str, sweep_name: str, default_device: 
         rec.update(status="failed", error=f"{type(err).__name__}: {_as_fields(err)}",
                    traceback=traceback.format_exc()[-6000:], duration_s=round(time.perf_counter() - t0, 3),
                    finished_at=_now())
+        _drop_unwritten(rec, wrote_reports=rep is not None)
         print(f"[{spec.name}] FAILED: {rec['error']}", flush=True)
     try:
         m = _metrics()
@@ -767,6 +769,17 @@ def _check_data(sweep: Sweep, source: str) -> None:
                     detect_layout(uri, split)
                 except UserError as err:
                     raise SweepError(f"{source}: runs[{i}]({run.name}).{split_key} {split!r}: {err}") from None
+            elif run.layout != "auto":
+                # an explicit layout the local data does not have failed inside the task (exit 1): open it
+                # as the task will (a local index or folder listing, no image read)
+                from quantcore.data.detect import open_dataset
+                from quantcore.errors import UserError
+
+                try:
+                    open_dataset(uri, split, None, layout=run.layout, skip_bad=run.skip_bad)
+                except UserError as err:
+                    raise SweepError(f"{source}: runs[{i}]({run.name}).layout {run.layout!r} ({split_key} "
+                                     f"{split!r}): {err}") from None
 
 
 def _check_model(recipe: Any, checkpoint: Optional[str], where: str) -> None:
@@ -811,7 +824,17 @@ def _failure(spec: RunSpec, out: str, err: BaseException) -> Dict[str, Any]:
     rec = _run_record(spec, out)
     rec["error"] = f"{type(err).__name__}: {err}"[:4000]
     rec["finished_at"] = _now()
+    _drop_unwritten(rec)
     return rec
+
+
+def _drop_unwritten(rec: Dict[str, Any], wrote_reports: bool = False) -> None:
+    """A failed run's record names only files this attempt wrote: the reports are written last, so a
+    run that failed before them has none (a report.json left by an earlier attempt is stale, and a
+    reader following a never-written URI got "no such key"); the manifest never exists after a failure."""
+    rec["manifest"] = None
+    if not wrote_reports:
+        rec["report"] = rec["report_md"] = None
 
 
 def _completed(sweep: Sweep, out: str) -> Dict[str, Tuple[Optional[Dict[str, Any]], str]]:

@@ -161,6 +161,9 @@ def test_a_failing_recompute_leaves_no_manifest_behind(tiny, tmp_path):
                                 str(out), "t", "cpu", show_progress=False)
     assert rec["status"] == "failed" and "missing.yaml" in rec["error"]
     assert not (out / MANIFEST_NAME).exists()
+    # the record names no file this attempt did not write: the report.json there is the old run's
+    assert (out / "report.json").exists()
+    assert (rec["report"], rec["report_md"], rec["manifest"]) == (None, None, None), rec
     assert ray_sweep.completed_record(tiny["spec"], str(out)) == (None, "not run yet (no completion manifest)")
 
 
@@ -201,6 +204,7 @@ def test_only_keeps_every_other_run_in_the_summary(tiny, tmp_path, capsys):
     meta = {"sweep_file": "s.yaml", "out": str(out), "started": "t0", "finished": "t1", "duration_s": 1.0,
             "summary_json": str(out / "summary.json"), "summary_md": str(out / "summary.md")}
     failed = ray_sweep._failure(sweep.runs[1], str(out / "broken"), RuntimeError("node lost"))
+    assert (failed["report"], failed["report_md"], failed["manifest"]) == (None, None, None), failed
     ray_sweep.write_summary(ray_sweep.build_summary(sweep, {"tiny": tiny["record"], "broken": failed}, meta, "finished"))
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({"runs": runs}))
@@ -479,8 +483,13 @@ def test_a_split_the_local_data_does_not_hold_exits_2_before_ray_starts(tiny, tm
     """eval_split: vall (a typo) on local data passed the driver's checks and failed in the task."""
     cases = ((dict(eval_split="vall"), "runs[1](bad).eval_split 'vall': cannot detect a dataset layout for split "
                                        "'vall'"),
-             (dict(calib_split="tran"), "runs[1](bad).calib_split 'tran': cannot detect a dataset layout"))
+             (dict(calib_split="tran"), "runs[1](bad).calib_split 'tran': cannot detect a dataset layout"),
+             # an explicit layout the data does not have was found by the task (exit 1)
+             (dict(layout="zip"), "runs[1](bad).layout 'zip' (calib_split 'train'): "),
+             (dict(layout="resisc"), "runs[1](bad).layout 'resisc' (calib_split 'train'): "))
     _refused_before_ray(tiny, tmp_path, capsys, cases)
+    # the right explicit layout passes the check
+    ray_sweep._check_data(parse_sweep({"runs": [dict(tiny["run"], layout="folder")]}), "s.yaml")
 
 
 def test_a_run_error_names_the_sweep_fields_and_says_where_evaluation_data_came_from(tiny, tmp_path):
