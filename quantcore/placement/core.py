@@ -242,6 +242,7 @@ class _Site:
     qkv_from: tuple[tuple[str, tuple[str, str]], ...] = ()
     # weighted "matmul" (data @ parameter): the parameter's axis holding the output channels, or None
     weight_axis: Optional[int] = None
+    skip_constant: bool = False  # attention: its calls also multiply constants (ModulePlan.skip_constant)
 
 
 def _rel(path: str, base: str) -> str:
@@ -257,21 +258,36 @@ def _within(name: str, base: str) -> bool:
 _ATTN_KINDS = ("matmul_act", "softmax", "sdpa", "einsum")
 
 
-def _attention_seq(trace: Trace) -> dict[tuple[str, int], list[tuple[str, str]]]:
+def _attention_seq(trace: Trace) -> tuple[dict[tuple[str, int], list[tuple[str, str]]], set[tuple[str, int]]]:
     """Per module call: the attention-relevant ops run inside it, as ``(kind, origin)`` where origin is
     the innermost module below it the op ran in ("" = the module's own forward). The innermost one,
-    not the child: two sibling blocks under one container are two origins, not one."""
-    # Ops on parameters and buffers alone (timm RelPosBiasTf's einsum lookups of its bias table, run in
-    # MaxViT *_tf attention's own forward) count too: the run-time interception finds q @ k^T by the order
-    # of the matmuls in a call, so an attention with such ops in its frame stays float, said so.
+    not the child: two sibling blocks under one container are two origins, not one.
+
+    Matmuls/einsums of constants are left out, and the calls where one was are returned too: timm
+    RelPosBiasTf's einsum lookups of its bias table, run in MaxViT *_tf attention's own forward, are not
+    part of softmax(QK^T)V. "Constant" is what the run-time interception can tell (which finds q @ k^T
+    by the order of a call's matmuls and must skip the same ops, :attr:`ModulePlan.skip_constant`): each
+    operand a parameter, a buffer, or such a product made earlier in the same call, by an op no
+    module with a plan of its own runs (a hooked child's ops are not the call's at run time)."""
+    hooked = {op.stack[-1][0] for op in trace.ops if op.kind == "weighted" and op.stack}
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    const: dict[tuple[str, int], set[int]] = {}  # per call: ids of its constant products so far
+    skipped: set[tuple[str, int]] = set()
     for op in trace.ops:
-        if op.kind not in _ATTN_KINDS:
+        if not op.operand_src and op.kind not in _ATTN_KINDS:
             continue
         for depth, frame in enumerate(op.stack):
-            origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
-            seqs.setdefault(frame, []).append((op.kind, origin))
-    return seqs
+            if op.operand_src and not any(f[0] in hooked for f in op.stack[depth + 1:]):
+                known = const.setdefault(frame, set())
+                if all(src in ("p", "b") or src in known for src in op.operand_src):
+                    known.update(op.outputs)
+                    if op.kind in _ATTN_KINDS:
+                        skipped.add(frame)
+                    continue
+            if op.kind in _ATTN_KINDS:
+                origin = op.stack[-1][0] if depth + 1 < len(op.stack) else ""
+                seqs.setdefault(frame, []).append((op.kind, origin))
+    return seqs, skipped
 
 
 def _has_attention(seq: list[tuple[str, str]]) -> bool:
@@ -523,7 +539,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         s.callers.setdefault(caller, param)
 
     # Attention: the innermost modules whose calls compute softmax(q k^T) v.
-    seqs = _attention_seq(trace)
+    seqs, skips_constants = _attention_seq(trace)
     qualifying = {name for (name, _), seq in seqs.items() if _has_attention(seq)}
     minimal = [m for m in qualifying if not any(o != m and _within(o, m) for o in qualifying)]
     one = (["sdpa"], ["matmul_act", "softmax", "matmul_act"])
@@ -548,7 +564,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         sites[(m, "@attn")] = _Site(m, "attention", m, op="sdpa" if fused else "matmul", callers={m: None},
                                     order=first, probs_at_matmul=None in where,
                                     probs_operand=next(iter(where - {None}), 0),
-                                    qkv_from=_qkv_producers(trace, m, src, next(iter(where - {None}), 0)))
+                                    qkv_from=_qkv_producers(trace, m, src, next(iter(where - {None}), 0)),
+                                    skip_constant=any(f[0] == m for f in skips_constants))
     # data @ parameter inside a quantized attention (relative-position logits q @ rel_k^T, BoTNet and
     # HaloNet): a GEMM the deployment runs in int8 next to q @ k^T, so quantized as a linear's input and
     # weight; elsewhere it stays float, said so.
@@ -865,6 +882,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                     make(f"{base}{a}", "activation")
             plans.setdefault(s.owner, ModulePlan()).attention = True
             plans[s.owner].probs_at_matmul = s.probs_at_matmul
+            plans[s.owner].skip_constant = s.skip_constant
             plans[s.owner].probs_operand = s.probs_operand
             if s.probs_at_matmul and f"{base}attn_quantizer" in planned and f"{base}attn_quantizer" not in removed:
                 moved.append(f"{base}attn_quantizer")

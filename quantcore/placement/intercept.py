@@ -89,6 +89,17 @@ def is_param_like(t: Any) -> bool:
     return isinstance(base, nn.Parameter)
 
 
+def constant_operand(t: Any, buffer_ids: set[int] | frozenset[int]) -> Optional[str]:
+    """``"p"`` for a parameter or a view of one, ``"b"`` for a buffer (ids in ``buffer_ids``) or a view of
+    one, else None: what an attention's run-time interception can tell of a matmul operand, and what
+    the probe records of it, so that both call the same ops constant (:class:`ModulePlan`.skip_constant)."""
+    if is_param_like(t):
+        return "p"
+    if id(t) in buffer_ids or id(getattr(t, "_base", None)) in buffer_ids:
+        return "b"
+    return None
+
+
 def param_of(t: Any) -> Optional[nn.Parameter]:
     """The parameter ``t`` is or views (``p.transpose(-1, -2)``), else None."""
     if isinstance(t, nn.Parameter):
@@ -173,6 +184,17 @@ def einsum_operands(args: tuple) -> tuple[str, list] | None:
     return args[0], ops
 
 
+def two_operands(func: Callable, args: tuple) -> tuple:
+    """The two operands of a matmul/bmm/baddbmm or two-operand einsum call, else ``()``."""
+    ops = matmul_operands(func, args)
+    if ops is not None:
+        return (args[ops[0]], args[ops[1]]) if len(args) > ops[1] else ()
+    if func in EINSUM_OPS:
+        ein = einsum_operands(args)
+        return tuple(ein[1]) if ein is not None else ()
+    return ()
+
+
 # -- plans ----------------------------------------------------------------------------------------
 @dataclass
 class WeightedSite:
@@ -195,6 +217,10 @@ class ModulePlan:
     attention: bool = False  # quantizers on the module itself (ATTENTION_QUANTIZERS)
     probs_at_matmul: bool = False  # attn_quantizer on attn@v's operand (the probabilities change after softmax)
     probs_operand: int = 0  # which operand of attn@v holds the probabilities (1: v @ attn^T, LeViT conv mode)
+    # the forward also multiplies constants (timm RelPosBiasTf's einsum lookups of its bias table, MaxViT
+    # *_tf): a matmul/einsum whose operands are parameters, the module's buffers or such products is run
+    # as it is and not counted, so q @ k^T is still the first matmul on data
+    skip_constant: bool = False
 
     def quantizer_refs(self) -> list[tuple[str, str]]:
         refs = [(s.owner, f"{s.prefix}{k}") for s in self.weighted
@@ -221,7 +247,8 @@ def _busy(q: Optional[TensorQuantizer]) -> bool:
 class _Ctx:
     """One running call of a hooked module."""
 
-    __slots__ = ("module", "plan", "by_param", "derived", "n_derived", "phase", "cycles", "quant")
+    __slots__ = ("module", "plan", "by_param", "derived", "n_derived", "phase", "cycles", "quant", "buffer_ids",
+                 "const")
 
     def __init__(self, module: nn.Module, plan: Optional[ModulePlan]) -> None:
         self.module = module
@@ -232,6 +259,10 @@ class _Ctx:
         self.phase = 0  # explicit attention: 0 expect q@k, 1 expect softmax, 2 expect attn@v
         self.cycles = 0
         self.quant: dict[str, Optional[TensorQuantizer]] = {}
+        self.buffer_ids: frozenset[int] = frozenset()
+        self.const: dict[int, torch.Tensor] = {}  # products of constants in this call (kept alive: ids unique)
+        if plan is not None and plan.skip_constant:
+            self.buffer_ids = frozenset(id(b) for b in module.buffers())
         if plan is not None:
             for s in plan.weighted:
                 if s.param is None:
@@ -282,6 +313,12 @@ class QuantOpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in WEIGHTED_OPS:
             return self._weighted(ctx, func, args, kwargs)
+        if ctx.plan.skip_constant:
+            pair = two_operands(func, args)
+            if pair and all(constant_operand(t, ctx.buffer_ids) or id(t) in ctx.const for t in pair):
+                out = func(*args, **kwargs)
+                ctx.const[id(out)] = out
+                return out
         if ctx.by_param and func in MATMUL_OPS and len(args) >= 2:
             p = param_of(args[1])
             site = ctx.by_param.get(id(p)) if p is not None else None

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
-                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, einsum_operands, is_param_like, output_axis, row_slice_base,
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, constant_operand, einsum_operands, is_param_like, output_axis, row_slice_base,
                         see_through, weighted_args, weighted_bias)
 
 #: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
@@ -64,6 +64,9 @@ class OpEvent:
     # last axis (its output channel), None when no single axis does
     weight_axis: Optional[int] = None
     param_operand: Optional[int] = None  # matmul_param: which operand (0/1) is the parameter
+    # two-operand matmul/einsum: each operand as the run-time interception can tell it, "p" (a parameter or
+    # a view of one), "b" (a buffer or a view of one) or the tensor's id (see intercept.constant_operand)
+    operand_src: tuple = ()
 
 
 @dataclass
@@ -91,6 +94,8 @@ class Trace:
     derived: list[tuple[str, tuple[int, ...], float, float]] = field(default_factory=list)
     # ids of tensors computed from the model input (a freed id a later op reuses is set again by it)
     tainted: set[int] = field(default_factory=set)
+    buffer_ids: set[int] = field(default_factory=set)
+    constant_products: set[int] = field(default_factory=set)  # ids of matmul/einsum products of constants
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -177,6 +182,19 @@ class _Recorder(TorchFunctionMode):
         self.trace = trace
         self.stack = stack
 
+    def _src(self, t: Any) -> Any:
+        """An operand as the run-time interception tells it (:func:`~.intercept.constant_operand`)."""
+        kind = constant_operand(t, self.trace.buffer_ids)
+        return kind if kind is not None else id(t)
+
+    def _keep_constant_product(self, ev: OpEvent, out: Any) -> None:
+        """A product of parameters, buffers and such products is kept alive: placement follows it by id
+        (:func:`~.core._attention_seq`), and a freed id reused by a data tensor would make that one a constant."""
+        products = self.trace.constant_products
+        if ev.operand_src and all(s in ("p", "b") or s in products for s in ev.operand_src):
+            self.trace.keep.append(out)
+            products.update(ev.outputs)
+
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
         if func in SEE_THROUGH:
@@ -234,6 +252,7 @@ class _Recorder(TorchFunctionMode):
         elif func in MATMUL_OPS or func in BADDBMM_OPS:
             i, j = (1, 2) if func in BADDBMM_OPS else (0, 1)
             a, b = args[i], args[j]
+            ev.operand_src = tuple(self._src(t) for t in (a, b))
             if is_param_like(a) or is_param_like(b):
                 ev.kind = "matmul_param"
                 p = a if is_param_like(a) else b
@@ -261,6 +280,8 @@ class _Recorder(TorchFunctionMode):
             ev.kind = "sdpa"
         elif func in EINSUM_OPS:
             ein = einsum_operands(args)
+            if ein is not None:
+                ev.operand_src = tuple(self._src(t) for t in ein[1])
             if ein is not None and not any(is_param_like(o) for o in ein[1]):
                 ev.kind = "matmul_act"  # a two-operand einsum of activations is a batched matmul
                 ev.operands = tuple(id(o) for o in ein[1])
@@ -270,6 +291,7 @@ class _Recorder(TorchFunctionMode):
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
             else:
                 ev.kind = "einsum"
+        self._keep_constant_product(ev, out)
         if ev.kind == "other":
             found = []
             for t in tree_flatten((args, kwargs))[0]:
@@ -289,6 +311,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
     trace = Trace()
     for name, p in model.named_parameters(remove_duplicate=False):
         trace.param_names.setdefault(id(p), []).append(name)
+    trace.buffer_ids = {id(b) for b in model.buffers()}
     stack: list[Frame] = []
     handles = []
     names = {}
