@@ -159,8 +159,8 @@ ZOO: list[ZooModel] = [
     ZooModel("timm:rexnet_100", _timm("rexnet_100"), 64),
     ZooModel("timm:fastvit_t8", _timm("fastvit_t8"), 64),
     ZooModel("timm:efficientvit_b0", _timm("efficientvit_b0"), 64),
-    # relative-position logits q @ rel_k^T (quantized as a GEMM); MaxViT's TF attention (bias-table einsums in
-    # its own forward: listed float with the reason)
+    # relative-position logits q @ rel_k^T (quantized as a GEMM); MaxViT TF attention (bias-table einsums in
+    # its own forward: skipped as constants, the attention quantized)
     ZooModel("timm:botnet26t_256", _timm("botnet26t_256", img_size=64), 64),
     ZooModel("timm:maxvit_tiny_tf_224", _timm("maxvit_tiny_tf_224", img_size=64, depths=(1, 1, 1, 1)), 64),
     # torchvision
