@@ -71,7 +71,9 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = 
 
     ``example_input`` (a ``(N, C, H, W)`` tensor or a tuple of positional inputs) is run once to find
     the ops to quantize and to prove BatchNorm folds; by default a seeded random tensor shaped like
-    the model's input (``model.img_size``/``in_chans`` of the recipe win). Raises
+    the model's input (``model.img_size``/``in_chans`` of the recipe win). The model is left in eval
+    mode, whatever mode it came in (BatchNorm is folded with its running statistics, and calibration
+    runs in eval mode): call ``model.train()`` before training it (QAT). Raises
     :class:`~quantcore.errors.PlacementError` naming the field/module/quantizer on a mistake.
     """
     return _prepare(model, recipe, example_input)
@@ -292,12 +294,27 @@ def _floored(qs: dict[str, Any]) -> list[str]:
     for name, q in qs.items():
         if q.floored_from is None or not q.is_calibrated or q.spec.is_float:
             continue
-        if not bool(q.spec.kind.grid_range(q.amin, q.amax, q.spec)[2].any()):
+        at = q.spec.kind.grid_range(q.amin, q.amax, q.spec)[2]
+        if not bool(at.any()):
+            continue
+        what = f"quantizer {name!r} ({q.spec.bits}-bit {q.spec.format})"
+        if at.dim() and at.numel() > 1:  # per channel: the floored channels, not the whole tensor's range
+            lo_c, hi_c = (torch.as_tensor(t).expand(at.shape) for t in q.floored_from)
+            idx = torch.nonzero(at & ((lo_c != 0) | (hi_c != 0))).flatten().tolist()  # all-zero rows lose nothing
+            if not idx:
+                continue
+            first = idx[0]
+            out.append(f"{what}: {len(idx)} of {at.numel()} channels (axis {q.spec.axis}; e.g. channel {first}: "
+                       f"calibrated range [{float(lo_c[first]):.3g}, {float(hi_c[first]):.3g}]) are narrower than the grid's "
+                       f"smallest scale ({MIN_SCALE:g}) resolves; quantized on the grid "
+                       f"[{float(q.amin.flatten()[first] if q.amin.numel() > 1 else q.amin):.3g}, "
+                       f"{float(q.amax.flatten()[first]):.3g}] there (values this small round to zero; "
+                       f"encodings.json records that grid)")
             continue
         c = q.collector
         lo, hi = (c.min, c.max) if c is not None and c.total else q.floored_from
         lo, hi = float(torch.as_tensor(lo).min()), float(torch.as_tensor(hi).max())
-        out.append(f"quantizer {name!r} ({q.spec.bits}-bit {q.spec.format}): data range [{lo:.3g}, {hi:.3g}] "
+        out.append(f"{what}: data range [{lo:.3g}, {hi:.3g}] "
                    f"is narrower than the grid's smallest scale ({MIN_SCALE:g}) resolves; quantized on the "
                    f"grid [{float(q.amin.min()):.3g}, {float(q.amax.max()):.3g}] (values this small round to "
                    f"zero; encodings.json records that grid)")

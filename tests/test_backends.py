@@ -202,15 +202,18 @@ def test_modelopt_percentile_ranges_equal_native_within_one_bin(fp32, images, mo
 def test_modelopt_entropy_ranges_close_to_native(fp32, images):
     """TensorRT's KL search, run by ModelOpt on its histogram and by quantcore on its own re-binned
     one. The KL curve is flat near its minimum on these activations, so two slightly different
-    histograms move the argmin by a few bins: measured median 0.5 %, largest 7.5 % (quantcore's KL at
-    ModelOpt's thresholds is within 1e-4 of the curve's span of its minimum in most cases). A
-    broken mapping (another quantizer's data, the wrong statistic) is off by far more."""
+    histograms move the argmin by a few bins: measured median 0.3 %, largest 15 %. ModelOpt's bin width
+    is set by the first batch's max (the histogram grows by whole bins after it), so its grid depends on
+    the batch order; quantcore's is the reference's grid over the whole data's [0, amax]: on the three
+    quantizers 11-15 % apart, quantcore's threshold is the one the reference algorithm picks on the raw
+    values (KL 1.000x its minimum) and ModelOpt's has 1.014-1.135x (hand-run, 2026-12-04). A broken
+    mapping (another quantizer's data, the wrong statistic) is off by far more."""
     native, _ = calibrated(fp32, images, recipe("native", "entropy"))  # 512 bins (ModelOpt's loops: O(bins^2))
     mo, res = calibrated(fp32, images, recipe("modelopt", "entropy"))
     qn, qm = api.quantizers(native), api.quantizers(mo)
     rel = torch.tensor([abs(float(q.amax) / float(qn[n].amax) - 1) for n, q in qm.items() if q.kind == "activation"])
     assert len(rel) >= 40
-    assert float(rel.median()) < 0.01 and float(rel.max()) < 0.10, rel
+    assert float(rel.median()) < 0.01 and float(rel.max()) < 0.20, rel
     assert all("compute_amax('entropy')" in v for n, v in res.transforms["backend"]["ranges"].items()
                if qm[n].kind == "activation")
 

@@ -513,6 +513,10 @@ def test_ranges_below_the_smallest_scale_are_recorded_as_the_grid_applied(method
                                           else "max", "num_batches": 1, "batch_size": 64}}, example_input=x)
     res = quantcore.calibrate(m, [x])
     assert [w.split("'")[1] for w in res.warnings] == ["fc.weight_quantizer"], res.warnings
+    # the warning names the floored channel and its own range, not the whole tensor's (0.35 here)
+    assert "1 of 4 channels (axis 0; e.g. channel 2: calibrated range [" in res.warnings[0], res.warnings
+    shown = res.warnings[0].split("calibrated range [")[1].split("]")[0]
+    assert max(abs(float(v)) for v in shown.split(",")) <= float(m.fc.weight[2].abs().max()) * 1.01, res.warnings
     row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.weight_quantizer")
     grid = _grid_of_row({**row, "scale": row["scale"][2], "zero_point": row["zero_point"][2]})
     assert (row["min"][2], row["max"][2]) == pytest.approx(grid, rel=1e-5)
@@ -532,8 +536,9 @@ def test_tensor_quantizer_nothing_collected():
 
 @pytest.mark.parametrize("bins", [2048, 20000])
 def test_bincount_and_histc_paths_agree_with_numpy(monkeypatch, bins):
-    """Both CPU binning paths give the exact floor(x * bins / R) counts, also for bin counts that are
-    not powers of two (where float32 bin positions would mis-bin)."""
+    """Both CPU binning paths give the exact counts of bins floor(y) (y >= 0) and -floor(-y) - 1 (y < 0),
+    y = x * bins / R, also for bin counts that are not powers of two (where float32 bin positions would
+    mis-bin)."""
     import numpy as np
 
     from quantcore.calib import histogram as hmod
@@ -549,8 +554,9 @@ def test_bincount_and_histc_paths_agree_with_numpy(monkeypatch, bins):
     r = 2.0 ** fast.exp
     # The bin index is floor of the float32 product (exact when bins is a power of two; for other
     # bin counts still identical on every path and worker, which is what merging needs).
-    idx = np.floor(x.numpy() * np.float32(bins / r)).astype(np.int64) + bins
-    ref = np.bincount(np.minimum(idx, 2 * bins - 1), minlength=2 * bins)
+    y = x.numpy() * np.float32(bins / r)
+    idx = np.where(y < 0, -np.floor(-y) - 1, np.floor(y)).astype(np.int64) + bins
+    ref = np.bincount(np.clip(idx, 0, 2 * bins - 1), minlength=2 * bins)
     assert np.array_equal(fast.counts.numpy(), ref)
 
 

@@ -4,7 +4,8 @@ tensors, q/k/v strided views of the fused qkv output, softmax probabilities, GEL
 
 Reference, written from the definition in ``quantcore.calib.histogram`` (numpy, float64): over all the
 values a quantizer saw, ``R = 2**e`` with ``e`` the smallest integer such that ``max|x| < 2**e``, and
-the count of bin ``floor(x * bins / R) + bins``. Exact equality is required: the binning is exact, so
+the count of bin ``b(x * bins / R) + bins`` with ``b(y) = floor(y)`` for ``y >= 0`` and ``-floor(-y) - 1``
+below zero (bins by magnitude, mirrored). Exact equality is required: the binning is exact, so
 the state must not depend on batch split, piece size or rank count.
 """
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _reference(values: list[np.ndarray], bins: int) -> dict:
     amax = float(np.abs(v).max())
     exp = math.frexp(amax)[1] if amax > 0 else None
     scale = bins / 2.0 ** (exp if exp is not None else 0)
-    counts = np.bincount((np.floor(v * scale) + bins).astype(np.int64), minlength=2 * bins)
+    y = v * scale
+    idx = np.where(y < 0, -np.floor(-y) - 1, np.floor(y))
+    counts = np.bincount((idx + bins).astype(np.int64), minlength=2 * bins)
     return {"exp": exp, "counts": counts, "min": float(v.min()), "max": float(v.max()), "total": v.size}
 
 
@@ -120,11 +123,12 @@ def test_interleaved_counting_is_exact_and_engages_on_zero_heavy_data(seen, monk
     monkeypatch.setattr(hmod, "_CPU_PIECE", 1 << 12)  # several pieces per call, odd tails
     monkeypatch.setattr(hmod, "_PEAKED", 0.0)
     for values in record.values():
-        st = HistogramState()
-        for a in values:
-            st.update(torch.from_numpy(a))
-        _assert_state(st, _reference(values, 2048), "lanes forced")
-    assert used
+        for bins in (2048, 16384):  # 16384: the entropy calibrator's finer state (int32 lane indices)
+            st = HistogramState(bins)
+            for a in values:
+                st.update(torch.from_numpy(a))
+            _assert_state(st, _reference(values, bins), f"lanes forced, {bins} bins")
+    assert used and {a[2] for a in used} == {2048, 16384}
     monkeypatch.setattr(hmod, "_PEAKED", 0.1)
     rng = np.random.default_rng(0)
     for what, make in (("relu", lambda: np.maximum(rng.standard_normal((4, 64, 28, 28)), 0)),

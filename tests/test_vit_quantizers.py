@@ -268,6 +268,21 @@ def test_negative_inputs_are_refused_naming_the_format(acts):
         _calibrated("twin_int", 4, acts["softmax"] * 3)  # non-negative but beyond [0, 1]
 
 
+def test_constant_data_follow_the_kinds_own_rules():
+    """One distinct value skipped the kind's own range search: twin_int accepted a constant 3.0 (which
+    its post-softmax form cannot carry: q(3.0) gave 2.99 while its encoding said it covers [0, 1]) and
+    stored 0.3 as amax for a constant 0.3, not its grid's top 2**-m."""
+    with pytest.raises(ValueError, match=r"format 'twin_int'.*post-softmax.*reach"):
+        _calibrated("twin_int", 8, torch.full((500,), 3.0))
+    q = _calibrated("twin_int", 8, torch.full((500,), 0.3))
+    m = q.spec.kind.encoding(q)["exponent_m"]
+    assert float(q.amax) == 2.0 ** -m and float(q.amax) >= 0.3
+    assert abs(float(q(torch.tensor([0.3]))) - 0.3) <= 0.5 / 127  # within half a step of its region
+    for fmt in ("log2", "log_sqrt2"):  # a constant is still refused below zero, kept above
+        with pytest.raises(ValueError, match=rf"format '{fmt}'.*non-negative"):
+            _calibrated(fmt, 4, torch.full((500,), -0.5))
+
+
 @pytest.mark.parametrize("patch,msg", [
     ({"format": "log2"}, r"'log2'.*symmetric: false"),
     ({"format": "log2", "symmetric": False, "per_channel": True}, r"'log2'.*per-tensor"),

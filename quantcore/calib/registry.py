@@ -108,10 +108,27 @@ class TFEnhancedCalibrator(MSECalibrator):
         return TF_ENHANCED_GAMMA
 
 
+#: The entropy calibrator collects its histogram this many times finer than the reference grid it
+#: searches (``calibration.bins``, ModelOpt's ``num_bins``), within ``_MAX_COLLECT_BINS``: re-binned
+#: onto that grid, each of our bins then lands whole in one reference bin, as the value it counts did
+#: in the reference's own histogram. At the same resolution, a point mass (integer or grid-valued data:
+#: image pixels, an upstream quantizer's output) was spread over two reference bins, which made the
+#: full range look lossy: ranges were cut to a third (``randint(-3, 4)``: 1.0 for 3.0).
+ENTROPY_OVERSAMPLE = 8
+_MAX_COLLECT_BINS = 65536
+
+
 class EntropyCalibrator(Calibrator):
     """TensorRT's / ModelOpt's KL-divergence threshold search."""
 
     name = "entropy"
+
+    def new_state(self, spec: "QuantSpec", bins: int = DEFAULT_BINS) -> HistogramState | MaxState:
+        state = super().new_state(spec, bins)
+        fine = max(1, min(ENTROPY_OVERSAMPLE, _MAX_COLLECT_BINS // bins))
+        if isinstance(state, HistogramState) and fine > 1:
+            return HistogramState(bins * fine, reference_bins=bins)
+        return state
 
     def compute_range(self, state, spec):
         from .search import _entropy_range
