@@ -192,6 +192,8 @@ def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) ->
     root = next((c for c in trace.calls if c.name == "" and c.index == 0), None)
     if root is not None and src in root.outputs:
         return f"the output of {conv_name!r} is also returned by the model"
+    if src in trace.stashed:  # read after the forward, where the output check does not look
+        return f"the output of {conv_name!r} is kept as the attribute {trace.stashed[src]!r}"
     for kind, r in readers.get(src, []):
         if (kind == "call" and r is call) or r.seq < born:
             continue  # the BatchNorm itself, or an older tensor that had the same id

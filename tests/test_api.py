@@ -623,6 +623,42 @@ def test_a_feature_map_returned_inside_a_dataclass_keeps_its_batchnorm_unfolded(
         assert "also returned by the model" in m.quantcore_placement.unfolded_bn["bn"]
 
 
+def test_a_conv_output_kept_as_an_attribute_is_not_folded():
+    """``self.feat = self.conv(x)`` (features saved for a caller, a hook, a loss): the fold rescales that
+    tensor and only the model's outputs were checked, so ``m.feat`` changed (by up to 1.8 in a break
+    pass). Kept as an attribute, also inside a list, the conv output keeps its BatchNorm unfolded."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, as_list: bool):
+            super().__init__()
+            self.as_list = as_list
+            self.conv, self.bn, self.head = torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.Conv2d(6, 2, 1)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.2, 3), self.bn.weight.uniform_(0.5, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.as_list:
+                self.feats = [y.flatten(1)]
+            else:
+                self.feat = y
+            return self.head(self.bn(y))
+
+    x = torch.randn(2, 4, 8, 8)
+    for as_list in (False, True):
+        torch.manual_seed(0)
+        m = Net(as_list).eval()
+        with torch.no_grad():
+            m(x)
+            ref = (m.feats[0] if as_list else m.feat).clone()
+        quantcore.prepare(m, {"name": "t", "placement": {"family": "generic"}}, example_input=x)
+        pl = m.quantcore_placement
+        assert pl.folded_bn == [] and "kept as the attribute" in pl.unfolded_bn["bn"], pl.unfolded_bn
+        with torch.no_grad(), quantcore.quantization_disabled(m):
+            m(x)
+            assert torch.equal(m.feats[0] if as_list else m.feat, ref)
+
+
 def test_a_model_with_two_inputs_calibrates_both_and_says_what_it_cannot_feed():
     """prepare took example_input=(img, meta); calibrate fed model(images) only: a TypeError traceback, or
     (meta optional) the meta branch left uncalibrated without a word."""

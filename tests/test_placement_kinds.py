@@ -840,3 +840,76 @@ def test_a_weight_merged_from_parameters_is_quantized_as_one_and_not_listed_floa
         m(x)
     h.remove()
     assert len(got) == 1 and torch.allclose(got[0], ref, atol=1e-6)
+
+
+# -- a module running its own weight and a computed one (helper break pass) ---------------------------
+class LoRALinear(nn.Linear):
+    """LoRA written as a second F.linear on the merged low-rank delta, after the layer's own."""
+
+    def __init__(self, i, o, r=4):
+        super().__init__(i, o)
+        self.A = nn.Parameter(torch.randn(r, i) * 0.1)
+        self.B = nn.Parameter(torch.randn(o, r) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + 2.0 * F.linear(x, self.B @ self.A)
+
+
+class DeltaFirstConv(nn.Conv2d):
+    """The computed-weight conv first, then the module's own."""
+
+    def __init__(self):
+        super().__init__(3, 4, 3, padding=1)
+        self.delta = nn.Parameter(torch.randn_like(self.weight))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight + self.delta, None, 1, 1) + super().forward(x)
+
+
+def _fq(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    s = amax / 127
+    return torch.clamp(torch.round(x / s), -128, 127) * s
+
+
+@pytest.mark.parametrize("which", ["param_first", "computed_first"])
+def test_a_second_weighted_op_on_another_weight_is_listed_float_and_runs_float(which):
+    """One module, two F.linear/conv ops: one on its parameter, one on a computed weight. They shared one
+    site: the second op silently ran float (no quantizer, nothing listed), or the computed weight took
+    the quantizer the parameter was listed under. The second op is now listed float with the reason, and
+    the output is the hand-made one with exactly that op float."""
+    torch.manual_seed(0)
+    if which == "param_first":
+        m, x = nn.Sequential(LoRALinear(32, 16)).eval(), torch.randn(8, 32)
+    else:
+        m, x = nn.Sequential(DeltaFirstConv()).eval(), torch.randn(2, 3, 8, 8)
+    layer = copy.deepcopy(m[0])
+    quantcore.prepare(m, {"name": "t", "placement": {"family": "generic"},
+                          "quant": {"weights": {"calibrator": "max", "per_channel": True},
+                                    "activations": {"calibrator": "max"}}}, example_input=x)
+    quantcore.calibrate(m, [x])
+    reasons = m.quantcore_placement.float_reasons
+    listed = [k for k in reasons if k.startswith("0 (")]
+    assert len(listed) == 1 and "stays float" in reasons[listed[0]], reasons
+    assert ("computed weight" in listed[0]) == (which == "param_first")
+    with torch.no_grad():
+        xq = _fq(x, x.abs().max())
+        if which == "param_first":
+            w = layer.weight
+            want = F.linear(xq, _fq(w, w.abs().amax(1, keepdim=True)), layer.bias) + 2.0 * F.linear(x, layer.B @ layer.A)
+        else:
+            w = layer.weight + layer.delta
+            want = (F.conv2d(xq, _fq(w, w.abs().amax((1, 2, 3), keepdim=True)), None, 1, 1)
+                    + F.conv2d(x, layer.weight, layer.bias, 1, 1))
+        assert torch.allclose(m(x), want, atol=1e-5)
+
+
+def test_torchscript_is_refused_naming_the_module():
+    """A torch.jit.trace'd model was "prepared" with no quantizer and no float reason (its ops run in a
+    TorchScript graph), and calibrated: the "quantized" model was the FP32 one."""
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    recipe = {"name": "t", "placement": {"family": "generic"}}
+    with pytest.raises(PlacementError, match=r"the model is TorchScript"):
+        quantcore.prepare(torch.jit.trace(copy.deepcopy(base), x), recipe, example_input=x)
+    with pytest.raises(PlacementError, match=r"module '0' is TorchScript"):
+        quantcore.prepare(nn.Sequential(torch.jit.script(copy.deepcopy(base)), nn.Flatten()), recipe, example_input=x)

@@ -189,6 +189,13 @@ def _add_root_input_quantizer(model: nn.Module, act_spec: QuantSpec, bins: int) 
 
 
 def _check_fresh(model: nn.Module) -> None:
+    scripted = [n or "<root>" for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        # its ops run inside a TorchScript graph: no op interception, no hooks, no BatchNorm folding, so a
+        # traced model was "prepared" with no quantizer at all
+        raise PlacementError(f"{'the model' if scripted[0] == '<root>' else f'module {scripted[0]!r}'} is TorchScript "
+                             "(torch.jit.trace / torch.jit.script): quantcore quantizes the ops of eager "
+                             "modules; prepare the nn.Module you traced or scripted, then export")
     if getattr(model, "quantcore_placement", None) is not None:
         raise PlacementError("place_quantizers was already applied to this model")
     found = [n or "<root>" for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, QuantResidualBlock))]
@@ -533,6 +540,17 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
             owner, prefix, name, param, attr = caller, "", caller, None, None
         key = (owner, prefix)
         s = sites.get(key)
+        if s is not None and s.kind == "weighted" and (s.weight_attr is None) != (attr is None):
+            # one module running its own weight and a computed one (a LoRA-style second F.linear/conv on
+            # B @ A): one site's quantizers cannot serve both, and the run-time matching gives this op none
+            which = "a computed weight" if attr is None else f"its parameter {op.weight!r}"
+            other = f"its parameter {owner + '.' + s.weight_attr if owner else s.weight_attr!r}" \
+                if s.weight_attr is not None else "a computed weight"
+            float_reasons.setdefault(f"{caller or '<model>'} ({op.op} on {'computed weight' if attr is None else attr})",
+                                     f"its forward runs a {op.op} on {which} besides the one on {other}, which "
+                                     "is quantized (quantcore quantizes one weight per module): this op stays "
+                                     "float")
+            continue
         if s is None:
             s = sites[key] = _Site(name, "weighted", owner, prefix, op.op, attr, order=op.seq)
             s.reads_model_input = bool(op.inputs) and op.inputs[0] in trace.model_inputs

@@ -96,6 +96,9 @@ class Trace:
     tainted: set[int] = field(default_factory=set)
     buffer_ids: set[int] = field(default_factory=set)
     constant_products: set[int] = field(default_factory=set)  # ids of matmul/einsum products of constants
+    # tensors the forward left on a module as a plain attribute (``self.feat = y``, also in a list/dict
+    # there), by id and by the id of the tensor they view: read after the forward, by a caller
+    stashed: dict[int, str] = field(default_factory=dict)
     counter: int = 0
 
     def next_seq(self) -> int:
@@ -304,6 +307,22 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _record_stashed(model: nn.Module, trace: Trace) -> None:
+    """:attr:`Trace.stashed`: plain tensor attributes of the modules after the forward (one level into
+    lists, tuples and dicts), a hook's or a forward's saved features."""
+    for name, mod in model.named_modules():
+        for attr, v in vars(mod).items():
+            if attr.startswith("_"):
+                continue  # _parameters, _buffers, _modules and the module's own bookkeeping
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            for t in items:
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                    where = f"{name}.{attr}" if name else attr
+                    trace.stashed.setdefault(id(t), where)
+                    if t._base is not None:
+                        trace.stashed.setdefault(id(t._base), where)
+
+
 @torch.no_grad()
 def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
     """Run ``model`` once on ``example_input`` (a tensor, or a tuple of positional inputs) and record
@@ -356,6 +375,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
     finally:
         for h in handles:
             h.remove()
+    _record_stashed(model, trace)
     return trace, out
 
 
