@@ -1135,16 +1135,22 @@ def test_a_hand_made_zip_with_two_members_of_one_name_is_refused(tmp_path):
             open_dataset(str(tmp_path), "val", skip_bad=skip_bad)
 
 
-def test_shards_packed_into_their_own_source_folder_are_an_ambiguous_layout(folder):
+@pytest.mark.parametrize("where", ["local", "s3_moto_mock"])
+def test_shards_packed_into_their_own_source_folder_are_an_ambiguous_layout(folder, where, request):
     """`pack SRC SRC`: auto-detection took the shards and hid the folder (images added later were
-    silently not read) and refused the unpacked splits ('no zip shards for split train')."""
+    silently not read) and refused the unpacked splits ('no zip shards for split train'). On S3 the
+    ambiguity was not checked at all: the shards were read silently."""
     make_folder(folder, "val", n=2, seed=1)
-    pack(folder, folder, "val")
+    root = folder
+    if where != "local":
+        root = f"s3://{request.getfixturevalue('s3_bucket')}/ds"
+        _upload_tree(folder, root)
+    pack(root, root, "val")
     with pytest.raises(DataError, match=r"both zip files for split 'val' and a val/ folder[\s\S]*--layout"):
-        open_dataset(folder, "val")
-    assert len(open_dataset(folder, "val", layout="folder")) == len(open_dataset(folder, "val", layout="zip"))
-    assert detect_layout(folder, "train") == "folder"  # index.json does not list train: its folder is read
-    assert len(open_dataset(folder, "train")) == 12
+        open_dataset(root, "val")
+    assert len(open_dataset(root, "val", layout="folder")) == len(open_dataset(root, "val", layout="zip"))
+    assert detect_layout(root, "train") == "folder"  # index.json does not list train: its folder is read
+    assert len(open_dataset(root, "train")) == 12
 
 
 def test_an_s3_key_with_an_empty_path_segment_is_named_not_read_as_another_mock(s3_client, s3_bucket):

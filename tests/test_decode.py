@@ -306,6 +306,23 @@ def test_device_loader_on_cpu_matches_and_skips_the_same(models, folder, workers
         list(device_loader(ds_strict, 3, device="cpu"))
 
 
+def test_a_model_of_neither_1_nor_3_channels_is_refused_on_the_batched_path_too(folder):
+    """The per-sample path refuses a 4-channel model (UserError naming the channel count); the batched
+    path (BatchDecoder / device_loader) ran on and failed in Normalize with a raw RuntimeError."""
+    from quantcore.errors import UserError
+
+    t = eval_transform(None, overrides={"resize_size": 40, "crop_size": 32, "in_chans": 4, "mean": [0.5] * 4,
+                                        "std": [0.5] * 4})
+    assert t.plan is not None  # the batched path applies
+    ds = FolderDataset(str(folder), "val", t, skip_bad=True)
+    with pytest.raises(UserError, match="takes 4-channel input"):
+        ds[0]
+    with pytest.raises(UserError, match="takes 4-channel input"):
+        BatchDecoder(t)
+    with pytest.raises(UserError, match="takes 4-channel input"):
+        list(device_loader(ds, 3, device="cpu"))
+
+
 def test_batched_cpu_decode_equals_per_sample_path(models, photos, variants):
     t = eval_transform(models["bicubic"])
     blobs = photos[:6] + [variants["gray"], variants["progressive"]]

@@ -215,20 +215,42 @@ def test_a_limit_beyond_the_split_is_said(images, tmp_path, caplog):
     assert any("--limit 1000" in m and "has 12 images" in m for m in caplog.messages), caplog.messages
 
 
-@pytest.mark.parametrize("dst_form", ["plain", "trailing-slash", "file-uri"])
-def test_repacking_with_fewer_shards_leaves_one_dataset(images, tmp_path, caplog, dst_form):
+_DST_FORMS = {  # spellings of <tmp_path>/packed out ("d" below), and of an S3 prefix, as a user may type them
+    "plain": lambda d: str(d), "trailing-slash": lambda d: str(d) + "/",
+    "trailing-double-slash": lambda d: str(d) + "//",
+    "inner-double-slash": lambda d: f"{d.parent}//{d.name}", "relative": lambda d: f"./{d.name}/",
+    "symlink": lambda d: str(d.parent / "link"), "file-uri-raw": lambda d: "file://" + str(d),
+    "file-uri-encoded": lambda d: d.as_uri(),
+    "s3": lambda b: f"s3://{b}/packed out", "s3-trailing-slashes": lambda b: f"s3://{b}/packed out//",
+    "s3-upper-case-scheme": lambda b: f"S3://{b}/packed out"}
+
+
+@pytest.mark.parametrize("dst_form", list(_DST_FORMS))
+def test_repacking_with_fewer_shards_leaves_one_dataset(images, tmp_path, caplog, monkeypatch, request, dst_form):
+    """The earlier pack's superseded shards were found by matching listed names against the destination
+    as typed: a raw-space file:// URI (listings are percent-encoded), 'd//' or 'S3://' kept them all."""
     from quantcore.data import open_dataset
     from quantcore.data.pack import pack
 
-    dst = tmp_path / "packed"
-    uri = {"plain": str(dst), "trailing-slash": str(dst) + "/", "file-uri": "file://" + str(dst)}[dst_form]
+    if dst_form.startswith("s3"):
+        bucket = request.getfixturevalue("s3_bucket")
+        uri, where = _DST_FORMS[dst_form](bucket), f"s3://{bucket}/packed out"
+    else:
+        dst = tmp_path / "packed out"
+        dst.mkdir()
+        (tmp_path / "link").symlink_to(dst)
+        monkeypatch.chdir(tmp_path)
+        uri, where = _DST_FORMS[dst_form](dst), str(dst)
+
+    def names() -> list[str]:
+        return sorted(u.rsplit("/", 1)[1] for u in storage.list_uris(where))
+
     pack(str(images), uri, "val", shard_size=4)
-    assert sorted(p.name for p in dst.glob("val-*.zip")) == ["val-00000.zip", "val-00001.zip", "val-00002.zip"]
-    (dst / "notes.txt").write_text("mine")
+    assert [n for n in names() if n.endswith(".zip")] == ["val-00000.zip", "val-00001.zip", "val-00002.zip"]
+    storage.write_bytes(storage.join(where, "notes.txt"), b"mine")
     with caplog.at_level("WARNING"):
         pack(str(images), uri, "val", shard_size=100)
-    assert sorted(p.name for p in dst.iterdir()) == ["index.json", "notes.txt", "val-00000.zip",
-                                                      "val-00000_map.txt"]
+    assert names() == ["index.json", "notes.txt", "val-00000.zip", "val-00000_map.txt"]
     assert any("removed 4 file(s)" in m for m in caplog.messages), caplog.messages
     assert len(open_dataset(uri, "val", None)) == 12
 

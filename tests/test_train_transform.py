@@ -178,3 +178,33 @@ def test_picklable(vit_s, fmnist_vit):
         t2 = pickle.loads(pickle.dumps(t))
         assert t2.config == t.config
         assert torch.equal(_seeded(t, img, 7), _seeded(t2, img, 7))
+
+
+def test_training_reads_transparent_images_with_the_models_alpha_policy(tmp_path):
+    """A model whose processor composites transparency onto white (transformers' do_convert_rgb: alpha='white')
+    got that in evaluation only: the dataset decoded training images with the default policy ("drop"), so
+    the train transform saw a fully transparent red pixel as red and a transparent palette entry as black."""
+    timm = pytest.importorskip("timm")
+    from torchvision import transforms as T
+
+    from quantcore.data import open_dataset
+
+    (tmp_path / "val" / "c").mkdir(parents=True)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200  # red, alpha 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "val" / "c" / "rgba.png")
+    Image.new("P", (16, 16), 0).save(tmp_path / "val" / "c" / "p_trns.png", transparency=0)  # black, keyed
+    m = timm.create_model("test_vit", pretrained=False, num_classes=2)
+    m.pretrained_cfg = {**m.pretrained_cfg, "hf_preprocessing": {"alpha": "white", "flip_channel_order": False}}
+    flat = AugmentConfig(hflip=0.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], re_prob=0.0)
+    train = train_transform(m, flat)
+    assert isinstance(train, TrainTransform) and train.config["alpha"] == "white"
+    mean, std = (torch.tensor(train.config[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    for t in (train, T.Compose([train]), eval_transform(m, decoder="pil")):  # the eval path: the reference
+        ds = open_dataset(str(tmp_path), "val", t)
+        for i in range(len(ds)):
+            x = ds[i][0] * std + mean
+            assert torch.allclose(x, torch.ones_like(x), atol=1e-5), (t, ds.samples[i], x[:, 0, 0])
+    # a transform without a policy keeps the default: the stored colour of a transparent pixel
+    ds = open_dataset(str(tmp_path), "val", T.ToTensor())
+    assert torch.allclose(ds[ds.samples.index("c/rgba.png")][0][:, 0, 0], torch.tensor([200 / 255, 0.0, 0.0]))

@@ -46,6 +46,21 @@ ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 ALPHA_POLICIES = ("drop", "white")
 
 
+def alpha_policy(transform: Any) -> str:
+    """The transparency policy (:data:`ALPHA_POLICIES`) ``transform`` decodes its images with: its ``alpha``
+    (:class:`~quantcore.data.transforms.EvalTransform`, ``TrainTransform``, ``ConvertMode``), else that of
+    the first step that has one (a ``Compose`` wrapping them), else ``"drop"``. A dataset must decode with
+    it: an image already flattened by ``"drop"`` has lost the transparency ``"white"`` composites."""
+    return _declared_alpha(transform) or "drop"
+
+
+def _declared_alpha(transform: Any) -> str | None:
+    alpha = getattr(transform, "alpha", None)  # torchvision's ElasticTransform/MixUp have a numeric alpha
+    if isinstance(alpha, str) and alpha in ALPHA_POLICIES:
+        return alpha
+    return next(filter(None, map(_declared_alpha, getattr(transform, "transforms", None) or [])), None)
+
+
 def has_alpha(img) -> bool:
     """Whether ``img`` has transparency, as transformers' ``convert_to_rgb`` decides it: an alpha band, or
     a tRNS key (``info["transparency"]``) in any mode (palette, and ``L``/``RGB`` colour-keyed PNGs)."""
@@ -180,9 +195,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_image(self, index: int):
-        """Decoded PIL image of sample ``index`` (no transform); raises :class:`DataError`."""
-        return decode_image(self.read_raw(index), self.where(index))
+    def load_image(self, index: int, alpha: str | None = None):
+        """Decoded PIL image of sample ``index`` (no transform); raises :class:`DataError`. ``alpha``: the
+        transparency policy (:data:`ALPHA_POLICIES`); None: the dataset transform's (:func:`alpha_policy`),
+        so a model whose preprocessing composites onto white gets that in training as in evaluation."""
+        return decode_image(self.read_raw(index), self.where(index), alpha or alpha_policy(self.transform))
 
     def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
         index = int(index)

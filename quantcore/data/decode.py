@@ -300,6 +300,7 @@ class BatchDecoder:
     libjpeg-turbo. If the batched call fails (it returns nothing then), each JPEG is retried alone and
     the ones still refused go to PIL on the CPU, which decodes them or raises the PIL path's
     :class:`DataError`. ``counts`` tallies the decoder that produced each image (``torchvision``, ``pil``).
+    A transform for a model that takes neither 1 nor 3 channels is refused (``UserError``), as per sample.
     """
 
     def __init__(self, transform: Any, device: Any = "cpu", skip_bad: bool = False) -> None:
@@ -307,9 +308,14 @@ class BatchDecoder:
         if plan is None:
             raise ValueError(f"transform {transform!r} has no tensor plan "
                              f"({getattr(transform, 'config', {}).get('decoder')}): use the per-sample loader")
+        config = getattr(transform, "config", {})
+        self.mode = config.get("mode")
+        if self.mode is None:  # neither 1 nor 3 channels: refused here as on the per-sample path (from_bytes)
+            from .transforms import _refuse_channels
+
+            _refuse_channels(config)
         self.plan: TensorPlan = plan
-        self.mode = getattr(transform, "config", {}).get("mode")
-        self.alpha = getattr(transform, "config", {}).get("alpha", "drop")
+        self.alpha = config.get("alpha", "drop")
         self.device = torch.device(device)
         self.skip_bad = skip_bad
         self.counts: Counter = Counter()

@@ -35,14 +35,22 @@ def detect_layout(uri: str, split: str) -> str:
     """``'zip'``, ``'resisc'`` or ``'folder'`` for ``split`` under ``uri`` (see :func:`open_dataset`)."""
     uri = str(uri)
     lay = _detect_layout(uri, split)
-    lp = _fs.local_path(uri)
-    folder = os.path.join(lp, split) if lp is not None else None
-    if lay != "folder" and folder is not None and os.path.isdir(folder) and any(True for _ in os.scandir(folder)):
+    if lay != "folder" and _has_split_folder(uri, split):
         # shards packed into the folder dataset's own root: either could be meant, and they may differ
         raise DataError(f"{uri} holds both {lay} files for split {split!r} and a {split}/ folder: which one to read "
                         f"is ambiguous (shards packed into their source folder go stale when images are added); "
                         f"pass --layout {lay} or --layout folder, or pack into another folder", file=uri)
     return lay
+
+
+def _has_split_folder(uri: str, split: str) -> bool:
+    """Whether ``<uri>/<split>/`` holds anything: a non-empty directory, or on S3 any object under that
+    prefix (one LIST request, :func:`s3_prefix_has_objects`), so S3 is as ambiguous as a local root."""
+    lp = _fs.local_path(uri)
+    if lp is None:
+        return s3_prefix_has_objects(_fs.join(uri, split))
+    folder = os.path.join(lp, split)
+    return os.path.isdir(folder) and any(True for _ in os.scandir(folder))
 
 
 def _detect_layout(uri: str, split: str) -> str:

@@ -140,10 +140,13 @@ def _remove_stale_shards(st, dst_uri: str, split: str, keep: set[str]) -> None:
     the new ``index.json`` no longer lists: pack's own superseded output, removed (and said) so the
     folder holds one dataset."""
     pattern = re.compile(rf"{re.escape(split)}(-\d{{5}})?(\.zip|_map\.txt)")
+    # listed and compared as the one spelling of the place the shards were written to (storage.location):
+    # the destination as typed ('file:///a b', 'd//', 'S3://...') is not how a listing spells its files
+    root = st.location(dst_uri)
     stale = []
-    for uri in st.list_uris(dst_uri):
-        rel = uri[len(dst_uri.rstrip("/")) + 1:] if uri.startswith(dst_uri.rstrip("/") + "/") else None
-        if rel and "/" not in rel and pattern.fullmatch(rel) and rel not in keep:
+    for uri in st.list_uris(root):
+        rel = _fs.rel(uri, root)
+        if "/" not in rel and pattern.fullmatch(rel) and rel not in keep:
             stale.append(uri)
     for uri in stale:
         st.delete(uri)

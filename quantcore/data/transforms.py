@@ -404,7 +404,8 @@ class TrainTransform:
         self.inner = inner
         self.config = dict(config)
         mode = config.get("mode")
-        self.convert = ConvertMode(mode, config.get("alpha", "drop")) if mode else None
+        self.alpha = config.get("alpha", "drop")  # datasets decode with it (base.alpha_policy), as for eval
+        self.convert = ConvertMode(mode, self.alpha) if mode else None
         self.numpy_rng = numpy_rng
 
     def __call__(self, img):
