@@ -13,6 +13,7 @@ Data-parallel calibration: each worker runs ``collect`` on its shard and returns
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -181,6 +182,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in modes:
             m.training = t
+
+
+_NONE = object()  # "no first batch" (a batch may be any object, None included)
 
 
 @torch.no_grad()
@@ -398,6 +402,22 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
 
 
 def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, progress: Any) -> CalibrationResult:
+    from . import distributed
+
+    if not distributed.active():  # under torchrun a rank's shard may be empty; the ranks' total counts
+        # refused before any quantizer starts collecting: an empty pass would drop the ranges it has
+        # and leave every activation quantizer passing values through, with a warning only
+        try:
+            empty = len(batches) == 0  # type: ignore[arg-type]
+        except TypeError:  # no length: a one-shot iterator (a generator) is peeked, its batch handed back
+            empty = False
+            if iter(batches) is batches:
+                first = next(batches, _NONE)
+                empty = first is _NONE
+                batches = itertools.chain([first], batches)
+        if empty:
+            raise CalibrationError("calibration data: no batches (an empty calibration set): calibrate on at "
+                                   "least one batch of images")
     inner = unwrap(model)
     recipe = getattr(inner, "quantcore_recipe", None)
     reparam = recipe is not None and recipe.placement.reparam_layernorm and \
@@ -731,8 +751,10 @@ def analyze(model: nn.Module, batches: Iterable, *, search: bool = False, budget
     from .analysis.search import Budget
     from .recipe import dump_recipe
 
+    from .analysis.engine import check_workers
     from .analysis.run import check_searchable
 
+    check_workers(workers)
     if budget and not search:
         raise UserError("budget: only the mixed-precision search uses a budget; pass search=True")
     if search and not budget:

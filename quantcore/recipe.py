@@ -66,8 +66,16 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
             raise RecipeError(f"recipe {src} not found") from None
         text = _decode(raw, src)
     else:
+        what = "a recipe is a dict, a built-in name, a YAML file's path or a storage URI (s3://...)"
+        if "\n" in src:  # YAML text, not a name: its own text as a file name fails with OSError
+            raise RecipeError(f"{what}, not YAML text (got {src[:40]!r}...): pass yaml.safe_load(text) as a dict, "
+                              "or the path of the file")
         path = Path(_local(src))
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as err:  # a name too long for the file system, ...
+            raise RecipeError(f"recipe {src[:80]!r}: not a file ({err.strerror}); {what}") from None
+        if not found:
             raise RecipeError(f"recipe {src!r} not found (not a file, and not one of the built-in "
                               f"recipes: {', '.join(sorted(shipped))})")
         text = _decode(path.read_bytes(), src)

@@ -859,3 +859,130 @@ def test_block_groups_are_blocks_on_torchvision_cnns(arch):
     want = {".".join(n.split(".")[:2]) for n in eng.order if n.startswith(top)}
     assert set(blocks) == want
     assert sum(len(v) for v in groups.values()) == len(eng.order)
+
+
+class _SmallNet(torch.nn.Module):
+    """Two convs and a head: quick to calibrate and search on random images."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.r1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()
+        self.c2, self.r2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2), torch.nn.ReLU()
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.r2(self.c2(self.r1(self.c1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _small_batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def _small(recipe=None, calibrate=True):
+    torch.manual_seed(0)
+    fp32 = _SmallNet().eval()
+    rec = load_recipe(recipe or {"name": "s", "placement": {"family": "generic"},
+                                 "quant": {"weights": {"bits": 4}, "activations": {"bits": 4}}})
+    model = api.prepare(copy.deepcopy(fp32), rec, example_input=torch.randn(1, 3, 16, 16))
+    if calibrate:
+        api.calibrate(model, _small_batches(2, 2))
+    return fp32, model
+
+
+def test_a_model_with_nothing_quantized_is_refused_not_reported_as_meeting_its_budget():
+    """An uncalibrated model (no quantizer has a range: none acts), one whose activation quantizers all
+    lack a range, and one prepare placed no quantizer in: the search reported 'met' with an empty
+    configuration and analysis covered nothing (or the weights only), without a word."""
+    data = _small_batches(1, 3)
+    _, raw = _small(calibrate=False)
+    with pytest.raises(UserError, match=r"6 quantizer\(s\) have no range \('c1.input_quantizer', .*not calibrated"):
+        api.analyze(raw, data, search=True, budget={"sqnr_db": 40}, calib_batches=_small_batches(1, 2))
+    with pytest.raises(UserError, match="not calibrated"):
+        error_analysis(raw, data)
+    _, weights_only = _small()
+    for q in quantizers(weights_only).values():
+        if q.kind == "activation":
+            q.reset_range()
+    with pytest.raises(UserError, match=r"3 quantizer\(s\) have no range \('c1.input_quantizer', 'c2.input"):
+        api.analyze(weights_only, data)
+
+    class NoLayer(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
+    bare = api.prepare(NoLayer(), {"name": "n", "placement": {"family": "generic"}},
+                       example_input=torch.randn(1, 3, 16, 16))
+    assert quantizers(bare) == {}  # prepare accepts it (an all-float recipe gives such models too)
+    with pytest.raises(UserError, match="no quantizers.*no quantizable layer"):
+        api.analyze(bare, data, search=True, budget={"sqnr_db": 40}, calib_batches=data)
+    with pytest.raises(UserError, match="no quantizable layer"):
+        search(bare, data, Budget.from_options(sqnr_db=40), {})
+
+
+def test_non_finite_or_empty_analysis_batches_are_refused_naming_the_batch():
+    """One NaN pixel gave SQNR -inf and nan statistics without a warning, and a search 'met' its
+    budget with kl nan; an empty batch crashed with ZeroDivisionError. Calibration refuses such data,
+    analysis now too, naming the batch; so are NaN logits of the FP32 model or of a configuration."""
+    fp32, model = _small()
+    good = _small_batches(2, 3)
+    bad = good[1][0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"batch 1 holds 1 NaN/inf value"):
+        api.analyze(model, [good[0], (bad, good[1][1])], search=True, budget={"agreement": 50},
+                    calib_batches=_small_batches(2, 2), fp32=fp32)
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"batch 0 holds 1 NaN/inf"):
+        Engine(model, [bad])
+    with pytest.raises(UserError, match=r"batch 0 is empty \(shape \(0, 3, 16, 16\)\)"):
+        error_analysis(model, [(torch.empty(0, 3, 16, 16), torch.empty(0, dtype=torch.long))])
+    eng = Engine(model, good)
+    c1 = quantizers(model)["c1.input_quantizer"]
+    huge = (c1.spec, c1.amin, torch.full_like(c1.amax, float("nan")))
+    with pytest.raises(UserError, match=r"configuration 'x' gives NaN/inf logits on analysis batch 0"):
+        eng.evaluate({"x": {"c1.input_quantizer": huge}})
+    with torch.no_grad():
+        model.fc.bias[0] = float("inf")
+    try:
+        with pytest.raises(UserError, match=r"batch 0: the FP32 model gives NaN/inf logits"):
+            Engine(model, good).evaluate({"m": {}})
+    finally:
+        with torch.no_grad():
+            model.fc.bias[0] = 0.0
+
+
+@pytest.mark.parametrize("case", ["cast_to_int", "int_to_cast"])
+def test_search_figure_is_what_its_recipe_gives_when_a_float_cast_moves(case):
+    """A float cast acts during calibration, so the quantizers downstream of it collect other statistics
+    when the search moves it (fp16 in the recipe -> an integer grid, or an integer grid -> fp16): the
+    search reused the model's and reported 30.28405 dB where its recipe gives 30.29276. Statistics are
+    now collected per set of acting casts: the figures are equal."""
+    over = [{"match": "c2.input_quantizer", "spec": {"format": "fp16"}}] if case == "cast_to_int" else []
+    fp32, model = _small({"name": "c", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+                          "quant": {"weights": {"bits": 8}, "activations": {"bits": 8}}, "overrides": over})
+    calib, evalb = _small_batches(2, 2), _small_batches(3, 3)
+    if case == "cast_to_int":
+        kw = {"budget": {"sqnr_db": 30.0}, "choices": ("4", "fp16", "8")}
+    else:  # c1's input cast to fp16: c2's and fc's inputs (int8, unsearched) see fp16 values in calibration
+        kw = {"budget": {"sqnr_db": 10.0}, "choices": ("fp16",), "search_groups": ["c1.input_quantizer"]}
+    res = api.analyze(model, evalb, search=True, calib_batches=calib, fp32=fp32, **kw)["search"]
+    moved = res["config"]["c2.input_quantizer" if case == "cast_to_int" else "c1.input_quantizer"]
+    assert moved == ("4" if case == "cast_to_int" else "fp16"), res["config"]
+    assert res["reproduced"]["equal"] is True, (res["metrics"], res["reproduced"])
+
+
+def test_analysis_input_checks_name_the_option():
+    """A duplicate choice ('4' and '04'), a plain string split into characters, workers=-3 (the CLI's
+    --parallel 0 is refused already) were accepted."""
+    with pytest.raises(UserError, match=r"choices: choice '4' is given twice \('4' and '04'\)"):
+        parse_choices(["4", "04"])
+    assert parse_choices("8, 4,float") == ["4", "8", "float"]
+    with pytest.raises(UserError, match="--choices: choice 'float' is given twice"):
+        parse_choices("float,4,float", "--choices")
+    _, model = _small()
+    for bad in (-3, 0, 1.5, True):
+        with pytest.raises(UserError, match=rf"workers: a number of processes, at least 1; got {bad!r}"):
+            api.analyze(model, _small_batches(1, 3), workers=bad)
+    with pytest.raises(UserError, match="workers: .* got -1"):
+        Engine(model, _small_batches(1, 3)).evaluate({"a": {}, "b": {}}, workers=-1)

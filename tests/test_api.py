@@ -84,6 +84,12 @@ def test_recipe_errors_name_the_field(tmp_path):
         quantcore.load_recipe(str(bad))
     with pytest.raises(RecipeError, match="not found"):
         quantcore.load_recipe(str(tmp_path / "missing.yaml"))
+    # YAML text, or a name the file system cannot hold, was a raw OSError "File name too long"
+    with pytest.raises(RecipeError, match=r"a recipe is a dict, a built-in name, a YAML file's path or a storage "
+                                          r"URI .*not YAML text"):
+        quantcore.load_recipe("name: x\nquant: {}\n" * 30)
+    with pytest.raises(RecipeError, match=r"not a file \(File name too long\); a recipe is a dict"):
+        quantcore.load_recipe("x" * 400)
 
 
 def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_path):
@@ -704,6 +710,21 @@ def test_a_quantizer_the_calibration_never_reaches_is_a_warning():
     res = quantcore.calibrate(m, [torch.randn(4, 8)])
     assert res.uncalibrated == ["big.input_quantizer"]
     assert any("saw no calibration data" in w and "big.input_quantizer" in w for w in res.warnings), res.warnings
+
+
+def test_calibrating_on_no_batches_is_refused_and_keeps_the_ranges():
+    """calibrate(model, []) warned that every activation quantizer saw no data, dropped their ranges and
+    reported 0 batches; analysis then silently covered the weights alone."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    quantcore.prepare(m, {"name": "e", "placement": {"family": "generic"}}, example_input=torch.randn(2, 8))
+    quantcore.calibrate(m, [torch.randn(4, 8)])
+    before = {n: q.amax.clone() for n, q in quantcore.quantizers(m).items()}
+    for empty in ([], iter([]), (b for b in [])):
+        with pytest.raises(quantcore.CalibrationError, match="no batches \\(an empty calibration set\\)"):
+            quantcore.calibrate(m, empty)
+    assert all(torch.equal(q.amax, before[n]) for n, q in quantcore.quantizers(m).items())
+    # a generator's first batch, taken to see it is not empty, is still calibrated on
+    assert quantcore.calibrate(m, (torch.randn(4, 8) for _ in range(3))).batches == 3
 
 
 def test_prepare_on_a_wrapped_model_places_on_the_model_inside():

@@ -18,6 +18,7 @@ Data parallel: :meth:`Engine.evaluate` splits the configurations over the ranks 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ QState = tuple[QuantSpec, torch.Tensor, torch.Tensor] | None
 Config = dict[str, Any]  # name -> QState, or name -> "on" (the model's own state)
 ON = "on"
 
+log = logging.getLogger(__name__)
+
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(images, labels or None)`` from a tensor, an ``(images, labels, ...)`` tuple or a dict."""
@@ -50,6 +53,26 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, dict) and "image" in batch:
         return batch["image"], batch.get("label")
     raise UserError(f"analysis batch must be a tensor, (images, labels) or {{'image': ...}}, got {type(batch).__name__}")
+
+
+def check_workers(workers: Any, name: str = "workers") -> int:
+    """``workers`` as a process count of at least 1 (UserError naming ``name`` otherwise; the CLI's
+    ``--parallel`` has the same rule)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"{name}: a number of processes, at least 1; got {workers!r}")
+    return workers
+
+
+def check_images(x: torch.Tensor, what: str) -> None:
+    """Refuse an empty or non-finite batch (UserError naming ``what``): an empty one has no figure to
+    give, and one NaN/inf value turns every SQNR, KL and range statistic into -inf/nan that no budget
+    check rejects (calibration refuses such data too)."""
+    if x.dim() == 0 or x.shape[0] == 0 or x.numel() == 0:
+        raise UserError(f"{what} is empty (shape {tuple(x.shape)}): every batch needs at least one image")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise UserError(f"{what} holds {bad} NaN/inf value(s) of {x.numel()} (shape {tuple(x.shape)}): "
+                        "analysis needs finite images; check the data and its preprocessing")
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -424,6 +447,8 @@ class Engine:
         self.batches = [tuple(t.to(self.device) if t is not None else None for t in split_batch(b)) for b in batches]
         if not self.batches:
             raise UserError("analysis data: no batches (check --data/--split/--limit)")
+        for i, (x, _) in enumerate(self.batches):
+            check_images(x, f"analysis data: batch {i}")
         self.qs = quantizers(self.model)
         self.base_on = {n: q.quantize for n, q in self.qs.items()}
         self.base_active = {n: q.active for n, q in self.qs.items()}  # changes its tensor as given
@@ -434,6 +459,34 @@ class Engine:
         placement = getattr(self.model, "quantcore_placement", None)
         self.share_groups = list(getattr(placement, "share_groups", []) or [])
         self._fp32_logits: list[torch.Tensor] | None = None
+        self._quantized_checked = False
+
+    def require_quantized(self) -> None:
+        """Refuse a model in which no quantizer acts, or whose activation quantizers all lack a range
+        (never calibrated, or calibrated on no data): every figure would be FP32's or the weights' alone,
+        and a search on it reports its budget met with nothing searched. UserError naming the first
+        quantizers; a few unreached ones (a branch the calibration did not take) are a warning, once."""
+        if self._quantized_checked:
+            return
+        if not self.qs:
+            raise UserError("analysis: the model has no quantizers (prepare placed none: no quantizable layer "
+                            "such as Linear, Conv or matmul, or the recipe keeps every one float); nothing to "
+                            "analyze or search")
+        uncal = [n for n, q in self.qs.items() if q.spec.enabled and q.quantize and not q.is_calibrated]
+        names = f"{', '.join(repr(n) for n in uncal[:3])}{', ...' if len(uncal) > 3 else ''}"
+        acts = [n for n, q in self.qs.items() if q.kind == "activation" and q.spec.enabled and not q.spec.is_float]
+        if uncal and (not self.active or set(acts) <= set(uncal)):
+            raise UserError(f"analysis: {len(uncal)} quantizer(s) have no range ({names}): the model is not "
+                            "calibrated, or its calibration saw no data; run quantcore.calibrate on calibration "
+                            "images first")
+        if not self.active:
+            raise UserError("analysis: no quantizer of the model acts (quantization switched off, e.g. "
+                            "set_quantization(model, False)); nothing to analyze or search")
+        if uncal:
+            log.warning(
+                "analysis: %d quantizer(s) have no range and pass values through (%s): the calibration did "
+                "not reach them; the figures leave them out", len(uncal), names)
+        self._quantized_checked = True
 
     # which quantizers a configuration changes, against the FP32 and the base run
     def _first_change(self, config: Config, reference: str) -> float:
@@ -484,6 +537,7 @@ class Engine:
         with ``torch.get_num_threads() // workers`` threads). Results do not depend on the split."""
         from .. import distributed
 
+        check_workers(workers)
         names = list(configs)
         if distributed.active() and distributed.world_size() > 1:
             mine = names[distributed.rank()::distributed.world_size()]
@@ -528,9 +582,12 @@ class Engine:
             plan[n] = (ref, pos, self._cacheable_before(pos) if pos != math.inf else None)
         need = {r: sorted({m for ref, _, mods in plan.values() if ref == r and mods for m in mods})
                 for r in ("fp32", "base")}
-        for x, y in self.batches:
+        for i, (x, y) in enumerate(self.batches):
             ref_logits, ref_out = {}, {}
             ref_logits["fp32"], ref_out["fp32"] = self._forward(x, None, need["fp32"])
+            if not bool(torch.isfinite(ref_logits["fp32"]).all()):
+                raise UserError(f"analysis data: batch {i}: the FP32 model gives NaN/inf logits (finite "
+                                "images): no figure can be measured against it; check the model's weights")
             if need["base"] or any(ref == "base" and pos == math.inf for ref, pos, _ in plan.values()):
                 ref_logits["base"], ref_out["base"] = self._forward(x, {}, need["base"])
             for n, c in configs.items():
@@ -539,6 +596,11 @@ class Engine:
                     out = ref_logits[ref]
                 else:
                     out, _ = self._forward(x, c, cached={m: ref_out[ref][m] for m in mods})
+                if not bool(torch.isfinite(out).all()):
+                    # NaN logits give nan KL and an arbitrary argmax that a budget check would pass
+                    raise UserError(f"configuration {n!r} gives NaN/inf logits on analysis batch {i} (the "
+                                    "FP32 model's are finite): a float cast overflowing (fp16 above 65504), or "
+                                    "a quantizer range that does not fit its values")
                 stats[n].update(out, ref_logits["fp32"], y)
             if progress is not None:
                 progress(x.shape[0])

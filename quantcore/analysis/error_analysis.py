@@ -148,6 +148,7 @@ def error_analysis(model: nn.Module, batches: Iterable | Engine, *, groups: Any 
     for an unknown glob."""
     t0 = time.perf_counter()
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
+    eng.require_quantized()
     qs = {n: eng.qs[n] for n in eng.order}
     iso = {n: _Pair() for n in qs}
     cum = {n: _Pair() for n in qs}

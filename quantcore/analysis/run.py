@@ -81,6 +81,7 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
         raise UserError("--search needs a budget: --budget-top1, --budget-agreement or --budget-sqnr")
     groups, sgroups = as_grouping(opts.groups), as_grouping(opts.search_groups)
     eng = Engine(model, batches)
+    eng.require_quantized()
     result: dict[str, Any] = {"name": getattr(getattr(model, "quantcore_recipe", None), "name", type(model).__name__)}
     t0 = time.perf_counter()
     images = sum(x.shape[0] for x, _ in eng.batches)
@@ -107,7 +108,7 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
             stats = new if stats is None else {**stats, **{n: new[n] for n in casts}}
         with _bar(opts.progress, "search", None, "config") as bar:
             res = search(model, eng, opts.budget, stats, groups=sgroups, choices=opts.choices, cost=opts.cost,
-                         workers=opts.workers, progress=bar)
+                         workers=opts.workers, progress=bar, calib_batches=calib_batches)
         recipe = search_recipe(model.quantcore_recipe, model, res, checkpoint=checkpoint)
         if fp32 is not None and calib_batches is not None:
             res["reproduced"] = verify_recipe(recipe, fp32, calib_batches, batches)
@@ -116,7 +117,7 @@ def analyze_model(model: nn.Module, batches: list, opts: AnalyzeOptions, *, stat
                 log.warning("the search recipe run through prepare+calibrate gives %s, the search measured %s",
                             res["reproduced"], res["metrics"])
                 if res["met"] and not opts.budget.ok(res["reproduced"]):
-                    # a float-cast choice also acts during calibration: what the recipe gives decides
+                    # what the recipe gives decides (a difference the search could not foresee)
                     res["met"], res["reproduced_met"] = False, False
                     recipe = search_recipe(model.quantcore_recipe, model, res, checkpoint=checkpoint)
                     log.warning("the budget (%s) is met on the search's figure but not by the recipe it writes: "

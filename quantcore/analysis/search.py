@@ -5,7 +5,10 @@ Statistics do not depend on bit width: the activation collectors of one calibrat
 (:class:`RangeBank`: ``set_spec`` + ``load_calibration_state`` + ``finalize`` on the quantizer, or
 the weight itself), so no candidate recollects activations. Every configuration the search reports
 is verified by an actual evaluation, and the recipe it writes (the base recipe plus ``overrides``)
-gives the same ranges when run through ``quantcore ptq`` on the same calibration images.
+gives the same ranges when run through ``quantcore ptq`` on the same calibration images. A float cast
+(fp16, ...) acts during calibration and changes what the quantizers after it collect: a configuration
+whose casts differ from the model's gets statistics collected as its recipe calibrates
+(:func:`collect_statistics_as`, one pass per set of casts).
 """
 from __future__ import annotations
 
@@ -67,6 +70,37 @@ def collect_statistics(model: nn.Module, batches: Iterable,
         q.calibrating, q.observe = False, False
         q.amin, q.amax = saved[n]
     return state
+
+
+def acting_casts(eng: Engine, specs: dict[str, QuantSpec | None]) -> frozenset[tuple[str, str]]:
+    """The activation quantizers that act as float casts (fp16, ...) while a recipe giving ``specs``
+    (quantizer -> spec, None = no quantizer) calibrates, with their formats: the only quantizers that
+    change what the others downstream collect (integer ones collect and pass values through, weights are
+    off). Statistics depend on this set, not on bit widths."""
+    return frozenset((n, s.format) for n, s in specs.items()
+                     if s is not None and s.is_float and s.enabled and eng.qs[n].kind == "activation")
+
+
+def collect_statistics_as(eng: Engine, batches: Iterable, specs: dict[str, QuantSpec | None]
+                          ) -> dict[str, dict[str, Any]]:
+    """:func:`collect_statistics` as a recipe giving ``specs`` calibrates: its float casts act, every
+    other activation quantizer collects (under its integer spec in ``specs``, else its own, else as an
+    integer grid of its cast: any integer spec of one calibrator collects the same statistics). The
+    model's specs are restored after."""
+    saved = {n: (q.spec, q.collector) for n, q in eng.qs.items()}
+    try:
+        for n, q in eng.qs.items():
+            if q.kind != "activation" or n not in specs:
+                continue
+            s = specs[n]
+            if s is not None and (s.is_float or not q.spec.is_float):
+                q.spec = s
+            elif q.spec.is_float:  # a cast in the model, not in this recipe: collects as the grid it gets
+                q.spec = choice_spec("8", q.spec)
+        return collect_statistics(eng.model, batches)
+    finally:
+        for n, q in eng.qs.items():
+            q.spec, q.collector = saved[n]
 
 
 def cast_specs(eng: Engine, groups: Any, choices: Sequence[str | int],
@@ -138,18 +172,25 @@ class RangeBank:
 def parse_choices(choices: Sequence[str | int], field: str = "choices") -> list[str]:
     """``4``, ``"6"`` (integer bits), ``"fp16"``/``"bf16"``/``"fp8_e4m3"`` (float casts), ``"float"``
     (no quantizer), returned cheapest first whatever the order given (the search starts from the
-    first). Raises UserError naming ``field``."""
-    out = []
-    for c in choices:
-        c = str(c).strip().lower()
+    first); a string is comma-separated (``"4,8,float"``, as ``--choices``). Raises UserError naming
+    ``field``."""
+    if isinstance(choices, str):  # not its characters: "4,8" is ['4', ',', '8'] as a sequence
+        choices = choices.split(",")
+    out, given = [], {}
+    for raw in choices:
+        c = str(raw).strip().lower()
         if c.isdigit():
             if not 2 <= int(c) <= 16:
                 raise UserError(f"{field}: {c} bits is outside 2..16")
+            c = str(int(c))  # "04" is 4 bits
         elif c != FLOAT and c not in FLOAT_DTYPES:
             raise UserError(f"{field}: unknown choice {c!r} (integer bits, {sorted(FLOAT_DTYPES)} or 'float')")
+        if c in given:
+            raise UserError(f"{field}: choice {c!r} is given twice ({given[c]!r} and {raw!r}); give each once")
+        given[c] = raw
         out.append(c)
-    if not out or len(set(out)) != len(out):
-        raise UserError(f"{field}: give at least one choice, each once (got {list(choices)})")
+    if not out:
+        raise UserError(f"{field}: give at least one choice (got {list(choices)})")
     return sorted(out, key=_choice_bits)
 
 
@@ -353,9 +394,8 @@ class CostModel:
     (16: deployed in FP16). A quantizer that is no product's operand (a residual add, the softmax
     input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them.
 
-    Choice ``fp16``: a cast acts during calibration too, so through ``quantcore ptq`` the ranges
-    downstream of it differ slightly from the statistics the search reuses; ``float`` (no quantizer)
-    reproduces exactly."""
+    Choice ``fp16``: a cast acts during calibration too, so the ranges downstream of it come from
+    statistics collected with it acting (:func:`search` with ``calib_batches``)."""
 
     def __init__(self, engine: Engine, kind: str = "bits") -> None:
         if kind not in ("bits", "bops"):
@@ -427,7 +467,7 @@ def config_ranges(eng: Engine, bank: RangeBank, specs: dict[str, QuantSpec | Non
 
 def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: dict[str, dict[str, Any]], *,
            groups: Any = "quantizer", choices: Sequence[str | int] = ("4", "6", "8", "float"), cost: str = "bits",
-           workers: int = 1, progress=None) -> dict[str, Any]:
+           workers: int = 1, progress=None, calib_batches: Iterable | None = None) -> dict[str, Any]:
     """Cheapest per-group precision among ``choices`` that meets ``budget`` on ``batches``.
 
     1. every group at the cheapest choice; 2. sensitivity: each group alone at the most precise choice
@@ -436,13 +476,19 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     (least sensitive first) and keep the cheapest that still meets it. Every step is an evaluation.
 
     ``stats``: :func:`quantcore.api.calibration_state` of the calibration (ranges of every candidate
-    spec come from it). Returns ``config`` (group -> choice), ``specs`` (quantizer -> spec dict or
+    spec come from it). ``calib_batches``: those calibration images; a configuration whose float casts
+    (fp16, ...) differ from the model's calibrates differently upstream of the rest (a cast acts during
+    calibration), so its statistics are collected from them once per such set of casts, and the figure is
+    the one its recipe gives; without them the model's statistics serve (downstream ranges then differ
+    slightly from the recipe's). Returns ``config`` (group -> choice), ``specs`` (quantizer -> spec dict or
     None = float), ``metrics`` and ``cost`` of the chosen configuration, ``met`` (budget met),
     ``evaluated`` (every configuration tried: cost, metrics, ok) and ``pareto`` (its front), and
     ``fraction_above_lowest`` (of the quantizers). Raises UserError naming the field on bad input."""
     t0 = time.perf_counter()
     ch = parse_choices(choices)
+    calib_batches = list(calib_batches) if calib_batches is not None else None  # read once per set of casts
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
+    eng.require_quantized()
     budget.check_reachable(sum(x.shape[0] for x, _ in eng.batches))
     grp = make_groups(eng, groups, field="search_groups")
     where: dict[str, str] = {}
@@ -480,8 +526,19 @@ def search(model: nn.Module, batches: Iterable | Engine, budget: Budget, stats: 
     def cost_of(cfg: dict[str, str]) -> float:
         return costf({**own, **specs_of(cfg)})
 
+    base_casts = acting_casts(eng, own)
+    banks = {base_casts: bank}
+
     def engine_config(cfg: dict[str, str]) -> dict:
-        return config_ranges(eng, bank, specs_of(cfg))
+        specs = specs_of(cfg)
+        full = {**own, **specs}
+        casts = acting_casts(eng, full)
+        if casts == base_casts or calib_batches is None:
+            return config_ranges(eng, bank, specs)
+        if casts not in banks:  # one more pass over the calibration images per set of casts
+            banks[casts] = RangeBank(eng.model, collect_statistics_as(eng, calib_batches, full))
+        # every quantizer's range as this recipe calibrates it, the unsearched ones' too
+        return config_ranges(eng, banks[casts], full)
 
     evaluated: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}

@@ -24,6 +24,7 @@ def sensitivity(model: nn.Module, batches: Iterable | Engine, groups: Any = "mod
     grouping or a glob matching nothing (naming ``groups``)."""
     t0 = time.perf_counter()
     eng = batches if isinstance(batches, Engine) else Engine(model, batches)
+    eng.require_quantized()
     grp = make_groups(eng, groups)
     reuse = (errors or {}).get("groups") or {}
     if {g: r["quantizers"] for g, r in reuse.items()} != grp:
