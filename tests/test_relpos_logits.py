@@ -291,3 +291,101 @@ def test_an_attention_over_constants_alone_is_still_quantized():
     torch.manual_seed(0)
     m, _ = _prepared(Dec().eval(), _X)
     assert m.quantcore_placement.attention == ["self_attn", "cross_attn"]
+
+
+# -- review of the constant-skip change (helper-116): placement and the run time must agree -------------
+_N, _D, _H = 16, 32, 2
+
+
+class _ConstAttn(nn.Module):
+    """An explicit attention whose logits get a bias made of constants, made in one of several ways."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.qkv, self.proj = nn.Linear(_D, 3 * _D), nn.Linear(_D, _D)
+        self.table = nn.Parameter(torch.randn(_H, _N, 8) * 3)
+        self.register_buffer("look", torch.randn(8, _N))
+        self.register_buffer("eye", torch.eye(_N) * 2)
+        self.w = nn.Parameter(torch.randn(_D // _H, _N) * 0.3)
+        self.seen: dict[str, torch.Tensor] = {}
+        if mode == "child_param_site":
+            self.child = _PosChild()
+
+    def bias(self, q, ext):
+        if self.mode == "own":  # its own parameter and buffers
+            return torch.einsum("hnm,mk->hnk", self.table, self.look) @ self.eye
+        if self.mode == "cached":  # a lookup cached as a plain attribute on the first call
+            if getattr(self, "lut", None) is None:
+                self.lut = torch.einsum("hnm,mk->hnk", self.table, self.look)
+            return self.lut @ self.eye
+        if self.mode == "parent_buffers":  # the parent's buffers, passed in: data to the run time
+            return torch.einsum("hnm,mk->hnk", self.table, ext[0]) @ ext[1]
+        if self.mode == "param_site":  # a data @ parameter site beside the constants, in its own forward
+            return q @ self.w + torch.einsum("hnm,mk->hnk", self.table, self.look) @ self.eye
+        if self.mode == "child_param_site":  # ... in a child, which gets a plan: its products are not the call's
+            rel, lut = self.child(q)
+            return rel + lut @ self.eye
+        raise ValueError(self.mode)
+
+    def forward(self, x, ext):
+        b = x.shape[0]
+        q, k, v = self.qkv(x).reshape(b, _N, 3, _H, _D // _H).permute(2, 0, 3, 1, 4)
+        bias = self.bias(q, ext)  # before q @ k^T: the run time takes the first matmul on data for it
+        a = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        self.seen.update(q=q, k=k, v=v)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, _N, _D))
+
+
+class _PosChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(_H, _N, 8) * 3)
+        self.register_buffer("look", torch.randn(8, _N))
+        self.w = nn.Parameter(torch.randn(_D // _H, _N) * 0.3)
+
+    def forward(self, q):
+        return q @ self.w, torch.einsum("hnm,mk->hnk", self.table, self.look)
+
+
+class _ConstNet(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(8, _D), _ConstAttn(mode), nn.Linear(_D, 5)
+        self.register_buffer("plook", torch.randn(8, _N))
+        self.register_buffer("peye", torch.eye(_N) * 2)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x), (self.plook, self.peye)).mean(1))
+
+
+@pytest.mark.parametrize("mode,quantized", [("own", True), ("cached", True), ("parent_buffers", False),
+                                            ("param_site", True), ("child_param_site", False)])
+def test_constants_are_the_same_to_placement_and_run_time(mode, quantized):
+    """The probe called any model buffer and any hooked child's product constant, the run time only the
+    attention's own buffers and its own ops' products; a lookup cached as an attribute was a product on
+    the probe's call only. Where they disagreed the bias lookup was quantized as q @ k^T (q's range
+    14-27x too wide). Now an attention is quantized only where both agree, and then q/k/v get the real
+    tensors' ranges; otherwise it stays float with its reason."""
+    torch.manual_seed(0)
+    net = _ConstNet(mode).eval()
+    x = torch.randn(4, _N, 8, generator=torch.Generator().manual_seed(1))
+    m = quantcore.prepare(copy.deepcopy(net), {**RECIPE, "quant": {"weights": {"bits": 8}, "activations": {
+        "bits": 8, "calibrator": "max"}}}, example_input=x[:2])
+    pl = m.quantcore_placement
+    assert (pl.attention == ["attn"]) == quantized, (pl.attention, pl.float_reasons)
+    if not quantized:
+        assert "attn" in pl.float_reasons
+    quantcore.calibrate(m, [x])
+    with torch.no_grad():
+        ref = net(x)
+        with quantcore.quantization_disabled(m):
+            assert torch.equal(m(x), ref)
+            m(x)  # the float tensors of m's own forward
+        want = {r: m.attn.seen[r].abs().max() for r in ("q", "k", "v")}
+    qs = quantizers(m)
+    for r, top in want.items():
+        q = qs.get(f"attn.{r}_quantizer")
+        assert (q is not None) == quantized
+        if q is not None:
+            assert torch.allclose(q.amax, top, rtol=0.02), (r, q.amax, top)

@@ -275,18 +275,28 @@ def _attention_seq(trace: Trace) -> tuple[dict[tuple[str, int], list[tuple[str, 
     part of softmax(QK^T)V. "Constant" is what the run-time interception can tell (which finds q @ k^T
     by the order of a call's matmuls and must skip the same ops, :attr:`ModulePlan.skip_constant`): each
     operand a parameter, a buffer, or such a product made earlier in the same call, by an op no
-    module with a plan of its own runs (a hooked child's ops are not the call's at run time)."""
-    hooked = {op.stack[-1][0] for op in trace.ops if op.kind == "weighted" and op.stack}
+    module with a plan of its own runs (a hooked child's ops are not the call's at run time). A buffer or
+    tensor attribute counts only when the called module holds it (the run time knows its own ones)."""
+    # modules that may get a plan: callers of F.linear/conv, and of a data @ parameter matmul (a possible
+    # site, BoTNet's q @ rel_k^T): a superset is safe (their products just stay data)
+    hooked = {op.stack[-1][0] for op in trace.ops if op.stack and (
+        op.kind == "weighted" or (op.kind == "matmul_param" and op.param_operand is not None))}
     seqs: dict[tuple[str, int], list[tuple[str, str]]] = {}
     const: dict[tuple[str, int], set[int]] = {}  # per call: ids of its constant products so far
     skipped: set[tuple[str, int]] = set()
+
+    def constant(src: Any, frame: tuple[str, int], known: set[int]) -> bool:
+        if isinstance(src, tuple):
+            return src[0] == "p" or _within(src[1], frame[0])
+        return src in known
+
     for op in trace.ops:
         if not op.operand_src and op.kind not in _ATTN_KINDS:
             continue
         for depth, frame in enumerate(op.stack):
             if op.operand_src and not any(f[0] in hooked for f in op.stack[depth + 1:]):
                 known = const.setdefault(frame, set())
-                if all(src in ("p", "b") or src in known for src in op.operand_src):
+                if all(constant(src, frame, known) for src in op.operand_src):
                     known.update(op.outputs)
                     if op.kind in _ATTN_KINDS:
                         skipped.add(frame)

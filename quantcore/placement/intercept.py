@@ -89,15 +89,32 @@ def is_param_like(t: Any) -> bool:
     return isinstance(base, nn.Parameter)
 
 
-def constant_operand(t: Any, buffer_ids: set[int] | frozenset[int]) -> Optional[str]:
-    """``"p"`` for a parameter or a view of one, ``"b"`` for a buffer (ids in ``buffer_ids``) or a view of
-    one, else None: what an attention's run-time interception can tell of a matmul operand, and what
-    the probe records of it, so that both call the same ops constant (:class:`ModulePlan`.skip_constant)."""
+def module_tensors(module: nn.Module, prefix: str = "") -> dict[int, str]:
+    """Ids of the tensors ``module`` and its submodules hold that are not parameters: buffers, and plain
+    tensor attributes (a lookup table cached on a first call, ``self.lut = ...``), mapped to the holding
+    module's name (``prefix``-qualified). What an attention's forward may multiply as a constant."""
+    out: dict[int, str] = {}
+    for name, m in module.named_modules(prefix=prefix):
+        for b in m._buffers.values():
+            if b is not None:
+                out.setdefault(id(b), name)
+        for attr, v in vars(m).items():
+            if not attr.startswith("_") and isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                out.setdefault(id(v), name)
+    return out
+
+
+def constant_operand(t: Any, held: dict[int, str]) -> Optional[tuple[str, str]]:
+    """``("p", "")`` for a parameter or a view of one, ``("b", holder)`` for a tensor in ``held``
+    (:func:`module_tensors`) or a view of one, else None: what an attention's run-time interception can
+    tell of a matmul operand, and what the probe records of it, so that both call the same ops constant
+    (:class:`ModulePlan`.skip_constant)."""
     if is_param_like(t):
-        return "p"
-    if id(t) in buffer_ids or id(getattr(t, "_base", None)) in buffer_ids:
-        return "b"
-    return None
+        return ("p", "")
+    owner = held.get(id(t))
+    if owner is None:
+        owner = held.get(id(getattr(t, "_base", None)))
+    return ("b", owner) if owner is not None else None
 
 
 def param_of(t: Any) -> Optional[nn.Parameter]:
@@ -259,10 +276,11 @@ class _Ctx:
         self.phase = 0  # explicit attention: 0 expect q@k, 1 expect softmax, 2 expect attn@v
         self.cycles = 0
         self.quant: dict[str, Optional[TensorQuantizer]] = {}
-        self.buffer_ids: frozenset[int] = frozenset()
+        self.buffer_ids: dict[int, str] = {}
         self.const: dict[int, torch.Tensor] = {}  # products of constants in this call (kept alive: ids unique)
         if plan is not None and plan.skip_constant:
-            self.buffer_ids = frozenset(id(b) for b in module.buffers())
+            # this module's own tensors only, as placement counts them (_attention_seq)
+            self.buffer_ids = module_tensors(module)
         if plan is not None:
             for s in plan.weighted:
                 if s.param is None:

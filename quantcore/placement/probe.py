@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
-                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, constant_operand, einsum_operands, is_param_like, output_axis, row_slice_base,
-                        see_through, weighted_args, weighted_bias)
+                        TRANSPOSED_CONV_OPS, WEIGHTED_OPS, constant_operand, einsum_operands, is_param_like,
+                        module_tensors, output_axis, row_slice_base, see_through, weighted_args, weighted_bias)
 
 #: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
 #: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
@@ -64,8 +64,9 @@ class OpEvent:
     # last axis (its output channel), None when no single axis does
     weight_axis: Optional[int] = None
     param_operand: Optional[int] = None  # matmul_param: which operand (0/1) is the parameter
-    # two-operand matmul/einsum: each operand as the run-time interception can tell it, "p" (a parameter or
-    # a view of one), "b" (a buffer or a view of one) or the tensor's id (see intercept.constant_operand)
+    # two-operand matmul/einsum: each operand as the run-time interception can tell it, ("p", "") (a
+    # parameter or a view of one), ("b", holder) (a buffer or plain tensor attribute of module holder, or
+    # a view of one) or the tensor's id (see intercept.constant_operand)
     operand_src: tuple = ()
 
 
@@ -94,7 +95,7 @@ class Trace:
     derived: list[tuple[str, tuple[int, ...], float, float]] = field(default_factory=list)
     # ids of tensors computed from the model input (a freed id a later op reuses is set again by it)
     tainted: set[int] = field(default_factory=set)
-    buffer_ids: set[int] = field(default_factory=set)
+    buffer_ids: dict[int, str] = field(default_factory=dict)  # intercept.module_tensors of the model
     constant_products: set[int] = field(default_factory=set)  # ids of matmul/einsum products of constants
     # tensors the forward left on a module as a plain attribute (``self.feat = y``, also in a list/dict
     # there), by id and by the id of the tensor they view: read after the forward, by a caller
@@ -194,7 +195,7 @@ class _Recorder(TorchFunctionMode):
         """A product of parameters, buffers and such products is kept alive: placement follows it by id
         (:func:`~.core._attention_seq`), and a freed id reused by a data tensor would make that one a constant."""
         products = self.trace.constant_products
-        if ev.operand_src and all(s in ("p", "b") or s in products for s in ev.operand_src):
+        if ev.operand_src and all(isinstance(s, tuple) or s in products for s in ev.operand_src):
             self.trace.keep.append(out)
             products.update(ev.outputs)
 
@@ -330,7 +331,7 @@ def run_probe(model: nn.Module, example_input: Any) -> tuple[Trace, Any]:
     trace = Trace()
     for name, p in model.named_parameters(remove_duplicate=False):
         trace.param_names.setdefault(id(p), []).append(name)
-    trace.buffer_ids = {id(b) for b in model.buffers()}
+    trace.buffer_ids = module_tensors(model)
     stack: list[Frame] = []
     handles = []
     names = {}
