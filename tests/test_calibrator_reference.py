@@ -359,6 +359,24 @@ def test_entropy_on_point_masses_matches_reference(kind):
             assert hi == pytest.approx(ref, rel=1e-6), (kind, bits, hi, ref)  # full range, as the reference
 
 
+@pytest.mark.parametrize("bins", [16384])
+def test_entropy_keeps_point_masses_at_finer_reference_grids(bins):
+    """A finer reference grid (calibration.bins) leaves less room to collect finer: at 16384 the lone-bin
+    re-binning switched on and off with where amax sat below its power of two (integers -3..3: the full
+    range at scale 1.0, a third of it at 0.7). The reference keeps the full range at every scale."""
+    from quantcore.calib.registry import calibrator
+
+    x = _point_masses("integers", n=100_000)
+    spec = QuantSpec(bits=8, calibrator="entropy")
+    for s in (1.0, 0.7):
+        st = calibrator("entropy").new_state(spec, bins)
+        st.update(x * s)
+        h, e = _ref_hist(x * s, bins)
+        ref, _ = _ref_entropy(h, e, 8)
+        _, hi = find_range(st, spec)
+        assert hi == pytest.approx(ref, rel=1e-6) and ref == pytest.approx(3 * s, rel=1e-6), (bins, s, hi, ref)
+
+
 def test_negative_values_fold_onto_the_same_magnitude_bins():
     """|x| histogram of a state is the exact fold: -v and v land in the same |x| bin, also on a bin edge
     (before, -1.0 fell one bin below +1.0). Reference: numpy floor(|x| * bins / R)."""
