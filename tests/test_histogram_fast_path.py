@@ -4,8 +4,7 @@ tensors, q/k/v strided views of the fused qkv output, softmax probabilities, GEL
 
 Reference, written from the definition in ``quantcore.calib.histogram`` (numpy, float64): over all the
 values a quantizer saw, ``R = 2**e`` with ``e`` the smallest integer such that ``max|x| < 2**e``, and
-the count of bin ``b(x * bins / R) + bins`` with ``b(y) = floor(y)`` for ``y >= 0`` and ``-floor(-y) - 1``
-below zero (bins by magnitude, mirrored). Exact equality is required: the binning is exact, so
+the count of bin ``floor(x * bins / R) + bins``. Exact equality is required: the binning is exact, so
 the state must not depend on batch split, piece size or rank count.
 """
 from __future__ import annotations
@@ -47,9 +46,7 @@ def _reference(values: list[np.ndarray], bins: int) -> dict:
     amax = float(np.abs(v).max())
     exp = math.frexp(amax)[1] if amax > 0 else None
     scale = bins / 2.0 ** (exp if exp is not None else 0)
-    y = v * scale
-    idx = np.where(y < 0, -np.floor(-y) - 1, np.floor(y))
-    counts = np.bincount((idx + bins).astype(np.int64), minlength=2 * bins)
+    counts = np.bincount((np.floor(v * scale) + bins).astype(np.int64), minlength=2 * bins)
     return {"exp": exp, "counts": counts, "min": float(v.min()), "max": float(v.max()), "total": v.size}
 
 

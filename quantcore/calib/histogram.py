@@ -1,16 +1,12 @@
 """Streaming histogram whose state merges exactly across data-parallel workers.
 
-Binning: the signed histogram covers ``[-R, R]`` with ``2 * bins`` equal bins and ``R = 2**exp``, the
-smallest power of two above the running abs-max. With ``y = x * bins / R``, a value falls in bin
-``floor(y)`` when ``y >= 0`` and ``-floor(-y) - 1`` when ``y < 0`` (offset by ``bins``): by magnitude,
-mirrored, so ``-v`` and ``v`` land in mirror bins and the |x| histogram is an exact fold (with plain
-``floor``, -1.0 on a bin edge fell one |x| bin below +1.0: integer and grid-valued data). Multiplying by
-a power of two and taking ``floor`` are exact in floating point, and ``floor(floor(y) / 2) ==
-floor(y / 2)`` (also for the mirrored negative index), so doubling ``R`` maps bin ``i`` to
-``floor(i / 2)`` exactly. Hence the final histogram depends only on the multiset of values seen, not on
-batch order or on how the batches were split between workers: merging K workers' states gives
-bit-for-bit the state of one worker that saw everything. Memory is fixed (``2 * bins`` int64 counts)
-whatever the data size.
+Binning: the signed histogram covers ``[-R, R)`` with ``2 * bins`` equal bins and ``R = 2**exp``, the
+smallest power of two above the running abs-max. A value ``x`` falls in bin ``floor(x * bins / R)``
+(offset by ``bins``). Multiplying by a power of two and taking ``floor`` are exact in floating point,
+and ``floor(floor(y) / 2) == floor(y / 2)``, so doubling ``R`` maps bin ``i`` to ``floor(i / 2)``
+exactly. Hence the final histogram depends only on the multiset of values seen, not on batch order or
+on how the batches were split between workers: merging K workers' states gives bit-for-bit the state
+of one worker that saw everything. Memory is fixed (``2 * bins`` int64 counts) whatever the data size.
 
 The one exception is float32 underflow: a negative value so small that ``x * bins / R`` underflows to
 -0.0 (below about ``R * 2**-160`` at 2048 bins: subnormal-level data, where real activations hold exact
@@ -107,14 +103,6 @@ def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
     return list(y.split(max(1, _CPU_PIECE // row)))
 
 
-def _bin_index(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The signed bin of each scaled value ``y`` into integer ``out`` (before the ``+ bins`` offset):
-    ``floor(y)`` for ``y >= 0``, ``-floor(-y) - 1`` for ``y < 0``, i.e. the integer conversion's
-    truncation toward zero, one less below zero (the mirrored binning of the module docstring)."""
-    out.copy_(y)  # truncates toward zero
-    return out.sub_((y < 0).view(torch.int8))  # a bool tensor cannot be subtracted; its bytes can
-
-
 def _coarsened(counts: torch.Tensor, exp: int, new_exp: int) -> torch.Tensor:
     """``counts`` (``2 * bins`` bins over ``[-2**exp, 2**exp)``) re-binned exactly onto
     ``[-2**new_exp, 2**new_exp)``: bin ``i`` (signed) goes to ``floor(i / 2**(new_exp - exp))``."""
@@ -204,11 +192,11 @@ class HistogramState:
                 h._bincount_piece(src, e)
                 h = h.counts
             else:
-                torch.mul(src, scale, out=f)
-                if n & (n - 1):  # the scale is not a power of two: a rounded product can reach +-n
-                    f.clamp_(min=-(n - 1), max=n - 1)
+                torch.mul(src, scale, out=f).floor_()
+                if n & (n - 1):  # the scale is not a power of two: a rounded product can reach n
+                    f.clamp_(max=n - 1)
                 idx = ibuf[:k]
-                _bin_index(f, idx)
+                idx.copy_(f)
                 if lanes > 1:
                     idx.add_(_lane_offsets(k, lanes, n, idtype))
                     h = torch.bincount(idx, minlength=lanes * 2 * n).view(lanes, 2 * n).sum(0)
@@ -272,26 +260,21 @@ class HistogramState:
         x, scale = self._scale(x, exp)
         fbuf, ibuf = _scratch_buffers(x.numel(), x.dtype, torch.int16 if 2 * n <= 32768 else torch.int32)
         buf = fbuf[:x.numel()].view(x.shape)
-        torch.mul(x, scale, out=buf)
-        if n & (n - 1):  # the scale is not a power of two: a rounded product can reach +-n
-            buf.clamp_(min=-(n - 1), max=n - 1)
+        torch.mul(x, scale, out=buf).floor_().add_(n)
+        if n & (n - 1):  # the scale is not a power of two: a rounded product can reach n exactly
+            buf.clamp_(max=2 * n - 1)
         idx = ibuf[:x.numel()]
-        _bin_index(buf.view(-1), idx)
-        self.counts += torch.bincount(idx.add_(n), minlength=2 * n)
+        idx.copy_(buf.view(-1))
+        self.counts += torch.bincount(idx, minlength=2 * n)
 
     def _histc(self, x: torch.Tensor, exp: int) -> None:
         n = self.bins
         x, scale = self._scale(x, exp)
         buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous even for a view
-        torch.mul(x, scale, out=buf)
-        if n & (n - 1):  # a rounded product can reach +-n
-            buf.clamp_(min=-(n - 1), max=n - 1)
-        # the bin index as a float (exact: |index| <= bins): floor(y), or -floor(-y) - 1 below zero
-        neg = buf < 0
-        buf.abs_().floor_()
-        flat = torch.where(neg, -buf - 1, buf).view(-1)
+        torch.mul(x, scale, out=buf).floor_()
+        flat = buf.view(-1)
         if n & (n - 1):  # histc finds the bin as (v + n) * 2n / 2n in float: exact for 2n = 2**k only
-            flat = flat.add_(n).to(torch.int32 if 2 * n <= 2**31 else torch.int64)
+            flat = flat.add_(n).clamp_(max=2 * n - 1).to(torch.int32 if 2 * n <= 2**31 else torch.int64)
             self.counts += torch.bincount(flat, minlength=2 * n).cpu()
             return
         h = torch.zeros(2 * n, dtype=torch.int64, device=x.device)

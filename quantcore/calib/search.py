@@ -404,30 +404,55 @@ def _reference_bins(state: HistogramState) -> int:
     return state.reference_bins or state.bins
 
 
-def _rebin(counts: torch.Tensor, e0: float, w: float, lo: float, hi: float, edges: torch.Tensor) -> torch.Tensor:
-    """``counts`` re-binned onto ``edges`` by :func:`_resample`; when ours are at least 2x finer (a state
-    collected for this, :class:`~.registry.EntropyCalibrator`), an occupied bin of ours with empty
-    neighbours is a point mass (integers, pixels, an upstream quantizer's grid; a lone tail sample): it
-    goes whole to the new bin holding its midpoint (clamped to ``[lo, hi]``), as the value does in the
-    reference's own histogram, instead of being spread across a new bin's edge. Dense stretches are
-    interpolated (assigning whole fine bins there adds a count noise that moves the KL minimum: 3 % median
-    against ModelOpt on ViT activations, 0.3 % interpolated)."""
-    if (edges[1] - edges[0]) < 2 * w or counts.numel() < 2:
-        return _resample(counts, e0, w, lo, hi, edges)
-    c = counts.to(torch.float64)
+def _lone(c: torch.Tensor) -> torch.Tensor:
+    """Occupied bins whose neighbours are empty."""
     occ = c > 0
     lone = occ.clone()
     lone[1:] &= ~occ[:-1]
     lone[:-1] &= ~occ[1:]
+    return lone
+
+
+def _rebin(counts: torch.Tensor, e0: float, w: float, lo: float, hi: float, edges: torch.Tensor) -> torch.Tensor:
+    """``counts`` re-binned onto ``edges`` by :func:`_resample`; when ours are at least 2x finer (a state
+    collected for this, :class:`~.registry.EntropyCalibrator`), an occupied bin of ours with empty
+    neighbours is a point mass (integers, pixels, an upstream quantizer's grid; a lone tail sample): it
+    goes whole to the new bin holding its midpoint (the observed extreme for the first/last bin), as the
+    value does in the reference's own histogram, instead of being spread across a new bin's edge. Dense
+    stretches are interpolated (assigning whole fine bins there adds a count noise that moves the KL
+    minimum: 3 % median against ModelOpt on ViT activations, 0.3 % interpolated)."""
+    if (edges[1] - edges[0]) < 2 * w or counts.numel() < 2:
+        return _resample(counts, e0, w, lo, hi, edges)
+    c = counts.to(torch.float64)
+    lone = _lone(c)
     out = torch.zeros(edges.numel() - 1, dtype=torch.float64, device=c.device)
     if bool(lone.any()):
         k = torch.nonzero(lone).flatten()
-        mids = (e0 + w * (k.to(torch.float64) + 0.5)).clamp_(lo, hi)
-        j = (torch.searchsorted(edges, mids, right=True) - 1).clamp_(0, edges.numel() - 2)
+        pos = e0 + w * (k.to(torch.float64) + 0.5)
+        pos = torch.where(k == counts.numel() - 1, hi, torch.where(k == 0, lo, pos)).clamp_(lo, hi)
+        j = (torch.searchsorted(edges, pos, right=True) - 1).clamp_(0, edges.numel() - 2)
         out.index_add_(0, j, c[k])
     dense = torch.where(lone, 0.0, c)
     if bool(dense.any()):
         out += _resample(dense, e0, w, lo, hi, edges)
+    return out
+
+
+def _pair_mirrored_spikes(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """``neg`` (the negative half folded onto |x|) with each lone bin ``j`` whose positive twin sits one
+    bin up (``pos[j + 1]`` occupied, ``pos[j]`` empty) moved onto ``j + 1``. Bins are ``[e, e + w)``, so
+    ``-v`` on a bin edge folds one |x| bin below ``v`` (integers, power-of-two grids); apart they would
+    land in two reference bins, together they are the one value they are."""
+    lone = _lone(neg)
+    lone[-1] = False
+    move = lone.clone()
+    move[:-1] &= (pos[1:] > 0) & (pos[:-1] == 0)
+    if not bool(move.any()):
+        return neg
+    out = neg.clone()
+    k = torch.nonzero(move).flatten()
+    out[k + 1] += out[k]
+    out[k] = 0
     return out
 
 
@@ -490,9 +515,11 @@ def _reference_abs_hist(state: HistogramState) -> tuple[torch.Tensor, torch.Tens
     _cap_zero_bins(signed, n)
     edges = torch.linspace(0.0, _abs_max(state), nr + 1, dtype=torch.float64, device=dev)
     ref = torch.zeros(nr, dtype=torch.float64, device=dev)
-    # the two halves folded (mirror bins hold the same magnitudes), each re-binned within its own
-    # extreme (GELU's edge at -0.17)
-    for half, end in ((signed[n:], state.max), (signed[:n].flip(0), -state.min)):
+    # the two halves folded, each re-binned within its own extreme (GELU's edge at -0.17)
+    pos, neg = signed[n:], signed[:n].flip(0)
+    if _reference_bins(state) != n:  # collected finer for this: spikes are resolved (see _rebin)
+        neg = _pair_mirrored_spikes(pos, neg)
+    for half, end in ((pos, state.max), (neg, -state.min)):
         if end > 0 and bool(half.any()):
             last = int(torch.nonzero(half).flatten()[-1]) + 1
             ref += _rebin(half[:last], 0.0, w, 0.0, end, edges)
