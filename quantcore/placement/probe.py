@@ -22,7 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .intercept import (BADDBMM_OPS, EINSUM_OPS, MATMUL_OPS, SDPA_OPS, SEE_THROUGH, SOFTMAX_OPS,
                         TRANSPOSED_CONV_OPS, WEIGHTED_OPS, constant_operand, einsum_operands, is_param_like,
-                        module_tensors, output_axis, row_slice_base, see_through, weighted_args, weighted_bias)
+                        module_tensors, output_axis, row_slice_base, see_through, two_operands, weighted_args,
+                        weighted_bias)
 
 #: ops a tensor passes through with its values unchanged at inference (dropout is the identity in eval;
 #: a cast keeps what a quantizer grid sees; a transpose or reshape only moves them, and a per-tensor
@@ -256,7 +257,6 @@ class _Recorder(TorchFunctionMode):
         elif func in MATMUL_OPS or func in BADDBMM_OPS:
             i, j = (1, 2) if func in BADDBMM_OPS else (0, 1)
             a, b = args[i], args[j]
-            ev.operand_src = tuple(self._src(t) for t in (a, b))
             if is_param_like(a) or is_param_like(b):
                 ev.kind = "matmul_param"
                 p = a if is_param_like(a) else b
@@ -284,8 +284,6 @@ class _Recorder(TorchFunctionMode):
             ev.kind = "sdpa"
         elif func in EINSUM_OPS:
             ein = einsum_operands(args)
-            if ein is not None:
-                ev.operand_src = tuple(self._src(t) for t in ein[1])
             if ein is not None and not any(is_param_like(o) for o in ein[1]):
                 ev.kind = "matmul_act"  # a two-operand einsum of activations is a batched matmul
                 ev.operands = tuple(id(o) for o in ein[1])
@@ -295,6 +293,7 @@ class _Recorder(TorchFunctionMode):
                 ev.weight = pname(p) or pname(getattr(p, "_base", None))
             else:
                 ev.kind = "einsum"
+        ev.operand_src = tuple(self._src(t) for t in two_operands(func, args))
         self._keep_constant_product(ev, out)
         if ev.kind == "other":
             found = []
