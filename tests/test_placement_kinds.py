@@ -843,13 +843,8 @@ def test_a_weight_merged_from_parameters_is_quantized_as_one_and_not_listed_floa
 
 
 # -- a module running its own weight and a computed one (helper break pass) ---------------------------
-class LoRALinear(nn.Linear):
+class LoRALinear(_LoRAMerged):
     """LoRA written as a second F.linear on the merged low-rank delta, after the layer's own."""
-
-    def __init__(self, i, o, r=4):
-        super().__init__(i, o)
-        self.A = nn.Parameter(torch.randn(r, i) * 0.1)
-        self.B = nn.Parameter(torch.randn(o, r) * 0.1)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + 2.0 * F.linear(x, self.B @ self.A)
