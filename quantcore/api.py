@@ -34,6 +34,7 @@ from .fold import FoldError
 from .models import create_model
 from .placement import (place_quantizers, quantizers, unequal_shared_ranges, unify_shared_ranges,
                         unwrap)
+from .quantizer import TensorQuantizer
 from .quantizer_kinds.affine import MIN_SCALE
 from .recipe import load_recipe, recipe_from_dict
 from .versions import library_versions
@@ -100,8 +101,30 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
         if f"recipe {recipe.name!r}" in str(err):
             raise
         raise type(err)(f"recipe {recipe.name!r}: {err}") from None
+    _quantizers_to_host_devices(inner)
     inner.quantcore_recipe = recipe
     return model
+
+
+def _quantizers_to_host_devices(model: nn.Module) -> None:
+    """Put each quantizer (built on the CPU) on the device of the module that holds it: a model
+    prepared where it already lives (a GPU) then keeps its ranges there, instead of on the CPU beside
+    GPU weights (seen: QAT's PTQ copy failed with "cuda:0 and cpu" at its first forward)."""
+    def device_of(m: nn.Module) -> torch.device | None:
+        own = itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))
+        kids = (t for c in m.children() if not isinstance(c, TensorQuantizer)
+                for t in itertools.chain(c.parameters(), c.buffers()))
+        return next((t.device for t in itertools.chain(own, kids)), None)
+
+    fallback = _device(model)
+    for host in model.modules():
+        if isinstance(host, TensorQuantizer):
+            continue
+        qs = [c for c in host.children() if isinstance(c, TensorQuantizer)]
+        if qs:
+            dev = device_of(host) or fallback
+            for q in qs:
+                q.to(dev)
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -322,6 +322,10 @@ class QATConfig(_Strict):
     amp: Literal["auto", "off", "fp16", "bf16"] = Field(
         "auto", description="autocast: auto = bf16 on a GPU that supports it (else fp16 with a grad scaler), "
         "off on CPU")
+    compile: bool = Field(
+        False, description="torch.compile the training forward/backward (quantizers included): fake quantization "
+        "is many small elementwise ops, which the compiler fuses; on a GPU the eager QAT step is bound by their "
+        "launches (docs/benchmarks.md). Costs a compilation at the start (tens of seconds to minutes)")
     bn: Literal["fold", "freeze", "train"] = Field(
         "fold", description="fold: BatchNorm folded into the conv before calibration (placement.fold_bn) so "
         "training sees the deployed graph; freeze: unfolded BN with running statistics frozen from "

@@ -938,6 +938,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                                                   static_graph=True)
         if torch.distributed.get_backend() == "gloo" and ctx.world_size > 2:  # (2 ranks: a + b either way)
             net.register_comm_hook(None, distributed.ordered_mean_hook)
+    if cfg.compile:  # training forward/backward only: validation, checkpoints and the report use `model`
+        net = torch.compile(net)
     opt = _optimizer(_param_groups(model, cfg), cfg)
     sched = _scheduler(opt, cfg, total_steps)
     amp = _amp_dtype(cfg, dev)

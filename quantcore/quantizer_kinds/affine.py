@@ -77,17 +77,19 @@ class LSQFakeQuant(torch.autograd.Function):
 
 
 def _fixed_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                      axis: int | None) -> torch.Tensor:
+                      axis: int | None, symmetric: bool | None = None) -> torch.Tensor:
     """Fake quantization with a fixed range: the values of torch's ``fake_quantize_per_{tensor,channel}
     _affine`` (``(clamp(round(x * (1/s)) + z) - z) * s``) and their straight-through gradient, in
     vectorized elementwise ops (2-4x faster than torch's CPU kernels: this is every quantizer of a
-    PTQ evaluation and of QAT with frozen ranges). ``scale``/``zero_point``: ``()`` or ``(C,)``."""
+    PTQ evaluation and of QAT with frozen ranges). ``scale``/``zero_point``: ``()`` or ``(C,)``;
+    ``symmetric``: the zero point is 0 (the spec says so; None: read it, a device sync on a GPU)."""
     shape = [1] * x.dim()
     if axis is not None:
         shape[axis] = -1
     s = scale.reshape(shape) if scale.dim() else scale
     z = zero_point.to(x.dtype).reshape(shape) if zero_point.dim() else zero_point.to(x.dtype)
-    symmetric = not bool(zero_point.any())
+    if symmetric is None:  # reading the zero point waits for the device: callers that know pass it
+        symmetric = not bool(zero_point.any())
     if not (x.requires_grad and torch.is_grad_enabled()):
         q = (x * s.reciprocal()).round_()
         if symmetric:
@@ -128,7 +130,7 @@ class UniformAffine(QuantizerKind):
             g = 1.0 / math.sqrt(max(1, per // quantizer.scale.numel()) * max(qmax, 1))
             return LSQFakeQuant.apply(x, quantizer.scale, quantizer.zero_point, qmin, qmax, g, axis)
         scale, zp = quantizer.scale_zero_point()
-        return _fixed_fake_quant(x, scale, zp, qmin, qmax, axis)
+        return _fixed_fake_quant(x, scale, zp, qmin, qmax, axis, symmetric=spec.symmetric)
 
     def grid_range(self, lo, hi, spec):
         """A range narrower than the floor scale allows (``(quant_max - quant_min) * MIN_SCALE``;
