@@ -26,6 +26,13 @@ def write_section(section: str, start: str, end: str, path: Path = DOC) -> None:
     os.replace(tmp, path)
 
 
+def markers(bench: str, device: str = "cpu") -> tuple[str, str]:
+    """The start/end markers of ``bench``'s section for a run on ``device`` (``cpu``, ``cuda``,
+    ``cuda:1``): GPU runs own ``bench:NAME-gpu``, so a GPU run never overwrites the CPU figures."""
+    tag = bench if str(device).split(":")[0] == "cpu" else f"{bench}-gpu"
+    return f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
+
+
 def loadavg() -> str:
     """The 1/5/15-minute load averages, for the record of how busy the machine was."""
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -27,7 +27,7 @@ Results: ``bench/results/qat-<device>.json`` and the section between the ``bench
 """
 from __future__ import annotations
 
-from bench._docs import finish, new_record, write_section
+from bench._docs import finish, markers, new_record, write_section
 
 import argparse
 import contextlib
@@ -52,8 +52,7 @@ import quantcore
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
-START = "<!-- bench:qat:start -->"
-END = "<!-- bench:qat:end -->"
+START, END = markers("qat")  # CPU runs; GPU runs own bench:qat-gpu
 TARGET_RATIO = 1.3
 NOISY_SPREAD = 1.2  # per-repetition ratios further apart than this (max/min): the run was disturbed
 
@@ -150,16 +149,20 @@ def build_qat(fp32: nn.Module, placement: dict, name: str, calib: list[torch.Ten
 class Stepper:
     """forward + cross-entropy + backward + SGD(momentum) step (+ the QAT range clamp)."""
 
-    def __init__(self, model: nn.Module, qat: bool, lr: float = 1e-4) -> None:
+    def __init__(self, model: nn.Module, qat: bool, lr: float = 1e-4, amp: torch.dtype | None = None,
+                 compile: bool = False) -> None:
         self.model = model.train()
+        self.net = torch.compile(model) if compile else model  # the range clamp acts on `model`
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
         self.clamp = _clamp_fn() if qat else None
         self.loss_fn = nn.CrossEntropyLoss()
+        self.amp = amp  # autocast dtype of forward + loss, as the QAT loop's qat.amp (bf16: no grad scaler)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        with torch.autocast(x.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = self.loss_fn(self.net(x), y)
         loss.backward()
         self.opt.step()
         if self.clamp is not None:
@@ -183,6 +186,7 @@ def timed_steps(step: Stepper, x: torch.Tensor, y: torch.Tensor, n: int,
 # 1. step-time ratio
 # --------------------------------------------------------------------------------------------------
 VARIANTS = {"learned": "QAT, learned ranges (LSQ)", "frozen": "QAT, frozen ranges (STE)"}
+AMP = {"off": None, "bf16": torch.bfloat16}  # FP16 would need a grad scaler in the step: not measured
 
 
 def bench_ratio(key: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -202,10 +206,10 @@ def bench_ratio(key: str, args: argparse.Namespace, device: torch.device) -> dic
         model, n_learned = build_qat(fp32, placement, name, calib, device, learned=v == "learned")
         info[v] = {"learnable_quantizers": n_learned, "quantizers": len(quantcore.quantizers(model)),
                    "setup_s": time.perf_counter() - t0}
-        steppers[v] = Stepper(model, qat=v == "learned")
+        steppers[v] = Stepper(model, qat=v == "learned", amp=AMP[args.amp], compile=args.compile)
         log(f"{key} {v}: {n_learned} learnable quantizers of {info[v]['quantizers']}, "
             f"set-up {info[v]['setup_s']:.1f}s")
-    steppers = {"fp32": Stepper(fp32.to(device), qat=False), **steppers}
+    steppers = {"fp32": Stepper(fp32.to(device), qat=False, amp=AMP[args.amp], compile=args.compile), **steppers}
     log(f"{key}: warm-up")
     for s in steppers.values():
         for _ in range(args.warmup):
@@ -233,7 +237,8 @@ def bench_ratio(key: str, args: argparse.Namespace, device: torch.device) -> dic
                 "best_ratio": min(t[v]) / min(t["fp32"]), "ratios": ratios,
                 "noisy": max(ratios) / min(ratios) > NOISY_SPREAD, "s": t[v]}
 
-    row = {"model": key, "label": label, "placement": placement, "batch": args.batch, "clock": clock,
+    row = {"model": key, "label": label, "placement": placement, "batch": args.batch, "clock": clock, "amp": args.amp,
+           "compile": args.compile,
            "steps_per_rep": args.steps, "fp32_ms": median(times["fp32"]) * 1e3, "fp32_s": times["fp32"],
            "fp32_best_ms": min(times["fp32"]) * 1e3, "fp32_wall_ms": median(wall["fp32"]) * 1e3,
            "fp32_cpu_s": cpu["fp32"], "fp32_wall_s": wall["fp32"],
@@ -491,10 +496,10 @@ def interpretation(res: dict[str, Any]) -> list[str]:
                 why = (" (ft1's explicit attention, quantized at its matmul inputs, instead of the fused kernel)"
                        if row["placement"].get("family") == "vit" else "")
                 line += (f" Other ops only QAT runs{why}: "
-                         + ", ".join(f"`{t['op']}` (+{t['extra_ms']:.0f} ms)" for t in others_top))
+                         + ", ".join(f"`{_op(t['op'])}` (+{t['extra_ms']:.0f} ms)" for t in others_top))
                 saved = prof.get("top_saved") or []
                 if saved:
-                    line += "; saved: " + ", ".join(f"`{t['op']}` ({t['extra_ms']:.0f} ms)" for t in saved[:2])
+                    line += "; saved: " + ", ".join(f"`{_op(t['op'])}` ({t['extra_ms']:.0f} ms)" for t in saved[:2])
                 line += "."
         out.append(line)
     d = res.get("ddp")
@@ -530,9 +535,16 @@ def interpretation(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _op(name: str, width: int = 70) -> str:
+    """A profiler op name for the docs: CUDA kernels' template signatures run to thousands of characters."""
+    return name if len(name) <= width else name[:width] + "…"
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
-    lines = [START, "## QAT step cost and data-parallel scaling (issue #8)", "",
+    start, end = markers("qat-compiled" if res.get("compile") else "qat", m["device"])
+    gpu = (" on the GPU" if m["device"].split(":")[0] != "cpu" else "") + (", torch.compile" if res.get("compile") else "")
+    lines = [start, f"## QAT step cost and data-parallel scaling{gpu} (issue #8)", "",
              f"`{res['command']}` on {m['cpu']}, {m['logical_cpus']} logical CPUs, {res['date']}; "
              f"torch {m['torch']}, timm {m.get('timm', '?')}, torchvision {m.get('torchvision', '?')}; "
              f"device `{m['device']}`" + (f" ({m['gpu']})" if m.get("gpu") else "") + ". "
@@ -546,7 +558,9 @@ def render(res: dict[str, Any]) -> str:
         nrep = len(r0["fp32_s"])
         lines += ["### QAT step ÷ FP32 step (target ≤ 1.3)", "",
                   f"Step = forward + cross-entropy + backward + SGD (momentum) step, batch {r0['batch']} at "
-                  f"224x224, {res['threads']} intra-op thread(s), {r0['steps_per_rep']} step(s) per repetition, "
+                  f"224x224{', forward and loss under bf16 autocast (both models)' if r0.get('amp') == 'bf16' else ''}"
+                  f"{', every model under torch.compile (warm-up steps include the compilation)' if r0.get('compile') else ''}, "
+                  f"{res['threads']} intra-op thread(s), {r0['steps_per_rep']} step(s) per repetition, "
                   f"{nrep} repetitions with every model timed in each (the order rotates), median of the "
                   "per-repetition ratios. QAT = `quantcore.prepare` with W8A8 (per-channel weights, per-tensor "
                   "activations), calibrated on random batches; *learned*: every integer quantizer made learnable "
@@ -581,7 +595,7 @@ def render(res: dict[str, Any]) -> str:
                       f"activation quantizers {act:.0f}, of the weight quantizers {wt:.0f}, backward {bwd:.0f}):",
                       "", "| op | QAT | FP32 | difference |", "|---|---:|---:|---:|"]
             for t in p["top_extra"][:8] + (p.get("top_saved") or [])[:2]:
-                lines.append(f"| `{t['op']}` | {t['qat_ms']:.1f} | {t['fp32_ms']:.1f} | {t['extra_ms']:+.1f} |")
+                lines.append(f"| `{_op(t['op'])}` | {t['qat_ms']:.1f} | {t['fp32_ms']:.1f} | {t['extra_ms']:+.1f} |")
     d = res.get("ddp")
     if d:
         lines += ["", "### Data parallel: 2 ranks vs 1 (the same QAT step under DDP)", ""]
@@ -618,12 +632,14 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", "### Reading", ""] + [f"- {s}" for s in res["interpretation"]]
     for note in res.get("notes") or []:
         lines.append(f"- {note}")
-    lines += ["", f"Raw numbers: `{res['results_file']}`.", END]
+    lines += ["", f"Raw numbers: `{res['results_file']}`.", end]
     return "\n".join(lines) + "\n"
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    write_section(section, START, END, path)
+    """Into the section whose start marker opens ``section`` (CPU or GPU, see :func:`markers`)."""
+    start = section.split("\n", 1)[0]
+    write_section(section, start, start.replace(":start -->", ":end -->"), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1, help="timed steps per repetition and model (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (default 1)")
     p.add_argument("--calib-batches", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model's training step (FP32 and QAT alike), as qat.compile: true")
+    p.add_argument("--amp", choices=tuple(AMP), default="off",
+                   help="autocast forward + loss of every model (FP32 and QAT alike) in this dtype (default off)")
     p.add_argument("--models", default=",".join(MODELS), help="comma separated")
     p.add_argument("--variants", default="learned,frozen", help="QAT variants: learned,frozen (first = the target)")
     p.add_argument("--note", action="append", default=[],
@@ -664,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp_worker:
         return ddp_worker(args)
     device = torch.device(args.device)
-    results_file = RESULTS / f"qat-{device.type}.json"
+    results_file = RESULTS / f"qat-{device.type}{'-compiled' if args.compile else ''}.json"
     if args.render:
         res = json.loads(results_file.read_text())
         if args.note:  # --render --note ...: replace the saved notes
@@ -699,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
 
     res: dict[str, Any] = new_record("qat", argv, results_file, quick=args.quick, machine=machine(device),
-                                     threads=torch.get_num_threads(), ratio=[], notes=args.note)
+                                     threads=torch.get_num_threads(), ratio=[], notes=args.note, compile=args.compile)
     t0 = time.perf_counter()
     if "ratio" not in skip:
         for mname in models:

@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._docs import finish, new_record, write_section
+from bench._docs import finish, markers, new_record, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
-START = "<!-- bench:variants:start -->"
-END = "<!-- bench:variants:end -->"
+START, END = markers("variants")  # CPU runs; GPU runs own bench:variants-gpu
 MODEL = "vit_small_patch16_224"
 CLASSES = 10  # bench.loader's generator: 10 class folders
 
@@ -165,7 +164,8 @@ def interpretation(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
 def render(res: dict[str, Any]) -> str:
     rows = summarize(res)
     mc = res["machine"]
-    lines = [START, "## Many variants in one pass", "",
+    start, end = markers("variants", res["device"])
+    lines = [start, "## Many variants in one pass" + (" on the GPU" if start != START else ""), "",
              f"`{res['command']}` — {res['date']}, {res['device']}, {mc.get('cpu')} ({mc.get('affinity_cpus')} "
              f"CPUs usable), torch {mc.get('torch')}, {res['threads']} torch thread(s); load average "
              f"{res['loadavg_start']} at start, {res['loadavg_end']} at end (other jobs shared the machine: absolute "
@@ -184,7 +184,7 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", f"Peak: {src}. Models MB: every parameter and buffer of FP32 and the variants, each storage "
               "counted once (exact).", ""]
     lines += [p + "\n" for p in interpretation(res, rows)]
-    lines += [f"Raw numbers: `{res['results_file']}`.", END, ""]
+    lines += [f"Raw numbers: `{res['results_file']}`.", end, ""]
     return "\n".join(lines)
 
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(results_file.read_text())
         section = render(res)
         if not args.no_write:
-            write_section(section, START, END, DOC)
+            write_section(section, *markers("variants", res["device"]), DOC)
         print(section)
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  total {r['time']['total']['ms_per_image']:.1f} ms/img, models "
                 f"{r['memory']['models_bytes'] / 2 ** 20:.0f} MB, peak {r['memory']['peak_bytes'] / 2 ** 20:.0f} MB")
             res["runs"].append(r)
-    return finish(res, t0, render, results_file, lambda sec: write_section(sec, START, END, DOC), args.no_write)
+    return finish(res, t0, render, results_file, lambda sec: write_section(sec, *markers("variants", res["device"]), DOC), args.no_write)
 
 
 if __name__ == "__main__":
