@@ -620,7 +620,8 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
 
 # Fields of a recipe that may change between a run and its resumption (they do not change the
 # trained weights); anything else is another run and is refused.
-_RESUMABLE_CHANGES = ("eval_every", "eval_limit", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers")
+_RESUMABLE_CHANGES = ("eval_every", "eval_limit", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers",
+                      "compile")  # compile: the same math (to rounding); a run whose compilation fails resumes eagerly
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -856,6 +857,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     check_cache_dir(train, evald)
     check_out(out)
     dev = ctx.device
+    if cfg.compile:
+        _check_compiler(recipe, dev)
     # --no-resume under a torchrun restart resumes only once this run's first start has discarded the
     # old checkpoints (its marker): a rank that died before that would otherwise resume the old run
     resume = opts.resume or (_torchrun_restart() > 0 and _discarded_by_this_run(out))
@@ -939,7 +942,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         if torch.distributed.get_backend() == "gloo" and ctx.world_size > 2:  # (2 ranks: a + b either way)
             net.register_comm_hook(None, distributed.ordered_mean_hook)
     if cfg.compile:  # training forward/backward only: validation, checkpoints and the report use `model`
-        net = torch.compile(net)
+        net = compile_for_training(net)
     opt = _optimizer(_param_groups(model, cfg), cfg)
     sched = _scheduler(opt, cfg, total_steps)
     amp = _amp_dtype(cfg, dev)
@@ -1119,6 +1122,29 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     cal_info["train_images"] = n  # popped by _finish: the global batch actually used
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
+
+
+def compile_for_training(net: nn.Module) -> nn.Module:
+    """``torch.compile`` of the training forward/backward (``qat.compile``). With float-cast quantizers
+    (FP16/BF16 formats) Inductor is told to keep eager's rounding of low-precision casts: by default it
+    elides a ``float32 -> float16/bfloat16 -> float32`` round trip, which is the whole of such a quantizer
+    (``x.to(fp16).to(x.dtype)``), so the compiled model would train in FP32 while the deployed one runs
+    FP16. Integer grids round explicitly and compile with the defaults (what docs/benchmarks.md measured)."""
+    casts = any(q.spec.enabled and q.spec.kind.is_float for q in api.quantizers(net).values())
+    return torch.compile(net, options={"emulate_precision_casts": True} if casts else None)
+
+
+def _check_compiler(recipe: Recipe, device: torch.device) -> None:
+    """``qat.compile``: compile a tiny function on ``device`` first, so a machine that cannot (no C++
+    compiler for the CPU, no Triton for the GPU) is told before calibration, naming the field, instead
+    of failing at the first training step with Inductor's traceback."""
+    try:
+        torch.compile(lambda t: t * 2.0 + 1.0)(torch.ones(4, device=device))
+    except Exception as err:  # noqa: BLE001 - any backend failure means the option cannot apply here
+        why = " ".join(str(err).split())[:300]  # Inductor's messages run over many lines
+        raise UserError(f"recipe {recipe.name!r}: qat.compile: true, but torch.compile cannot build code on "
+                        f"this machine ({type(err).__name__}: {why}); install what it "
+                        "names (a C++ compiler on the CPU, Triton on a GPU) or set qat.compile: false") from None
 
 
 def _train_step(net, teacher, images, labels, global_count, ctx, cfg, opt, sched, scaler, amp, example_shape,

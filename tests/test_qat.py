@@ -1145,3 +1145,48 @@ def test_compiled_training_step_trains_like_the_eager_one(tmp_path):
     for k in eager:
         if eager[k].is_floating_point():  # ... and the compiled loop moved them the same way
             torch.testing.assert_close(comp[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_compiled_training_keeps_float_format_rounding(fmt):
+    """``qat.compile`` must train the model that is deployed: Inductor elides a float32 -> fp16/bf16 ->
+    float32 round trip unless told to keep it, and that round trip is all an FP16/BF16 quantizer does, so
+    the compiled model would silently compute in FP32."""
+    from tiny_data import TINY_RECIPE
+
+    from quantcore.qat import compile_for_training
+
+    torch.manual_seed(0)
+    r = Recipe.model_validate({**TINY_RECIPE, "quant": {"weights": {"format": fmt}, "activations": {"format": fmt}}})
+    model = api.prepare(api.build_model(r), r).train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        api.set_quantization(model, False)
+        fp32 = model(x)
+        api.set_quantization(model, True)
+        torch._dynamo.reset()
+        compiled = compile_for_training(model)(x)
+    assert not torch.equal(eager, fp32)  # the casts round
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)  # ... compiled too (FP32: ~1e-4 off)
+
+
+def test_compile_refused_before_calibration_where_it_cannot_build(tmp_path, monkeypatch):
+    """``qat.compile: true`` on a machine where torch.compile cannot build code (seen: no C++ compiler,
+    Inductor's InvalidCxxCompiler at the first training step, after calibration, exit 1) is a user error
+    naming the field, raised before anything is calibrated or written."""
+    from tiny_data import TINY_RECIPE, make_images
+
+    data = make_images(tmp_path / "imgs", splits=(("train", 4),))
+
+    def broken(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in\ntorch._inductor.config.cpp.cxx")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    r = Recipe.model_validate({**TINY_RECIPE, "qat": {"epochs": 1, "batch_size": 4, "augment": {"kind": "none"},
+                                                       "num_workers": 0, "compile": True}})
+    with pytest.raises(UserError, match=r"qat\.compile: true, but torch\.compile cannot build code.*InvalidCxxCompiler"):
+        run_qat(r, DataSpec(str(data), "train"), None, str(tmp_path / "o"), QATOptions(progress=False, device="cpu"))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))
