@@ -146,13 +146,22 @@ def build_qat(fp32: nn.Module, placement: dict, name: str, calib: list[torch.Ten
     return model.train(), len(names)
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    """What ``qat.compile: true`` runs (the loop's own function when the tree has it)."""
+    with contextlib.suppress(ImportError):
+        from quantcore.qat import compile_for_training
+
+        return compile_for_training(model)
+    return torch.compile(model)
+
+
 class Stepper:
     """forward + cross-entropy + backward + SGD(momentum) step (+ the QAT range clamp)."""
 
     def __init__(self, model: nn.Module, qat: bool, lr: float = 1e-4, amp: torch.dtype | None = None,
                  compile: bool = False) -> None:
         self.model = model.train()
-        self.net = torch.compile(model) if compile else model  # the range clamp acts on `model`
+        self.net = _compiled(model) if compile else model  # the range clamp acts on `model`
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
         self.clamp = _clamp_fn() if qat else None
