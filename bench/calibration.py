@@ -525,8 +525,9 @@ def render(res: dict[str, Any]) -> str:
              "unmodified model on the same N images, `torch.no_grad`, eval). Per repetition: plain "
              "inference, then every contender in turn on the same batches; the ratio is taken per "
              "repetition and the median is reported, times are medians too. *CPU-time ratio*: the same with "
-             "process CPU time (`time.process_time`) instead of wall time; with one intra-op thread it is "
-             "what the work costs whatever other jobs on this shared machine take from the cores. ModelOpt max = "
+             "process CPU time (`time.process_time`) instead of wall time" + (
+                 "; with one intra-op thread it is what the work costs whatever other jobs on this shared machine "
+                 "take from the cores" if mc["torch_threads"] == 1 else "") + ". ModelOpt max = "
              "`mtq.calibrate(model, 'max', forward_loop)` on an `INT8_DEFAULT_CFG` model (quantizers "
              "inserted beforehand, as quantcore's `prepare`); ModelOpt histogram = histogram "
              "calibrators on its input quantizers, `enable_stats_collection`, forward, "
@@ -676,9 +677,12 @@ def interpretation(res: dict[str, Any]) -> list[str]:
         if len(plain) > 1:
             spreads.append(f"{ov['model']} {_f(min(plain))}–{_f(max(plain))} s")
     if spreads:
+        # the widest relative spread of one contender's per-repetition ratios, measured, not assumed
+        rel = max(((max(r["ratios"]) - min(r["ratios"])) / 2 / r["ratio"] for ov in res["overhead"]
+                   for r in ov.get("rows", []) if len(r.get("ratios", [])) > 1 and r["ratio"] > 0), default=0.0)
         out.append("- Noise: plain inference alone varied " + ", ".join(spreads) + " across repetitions, "
-                   "and wall-time ratios of single repetitions spread by ±0.1–0.2 (see the per-repetition "
-                   "column), so differences of ~0.1 between contenders are within the noise; the "
+                   f"and wall-time ratios of single repetitions spread by up to ±{100 * rel:.0f}% of their median "
+                   "(see the per-repetition column), so contenders closer than that are within the noise; the "
                    "medians are the numbers to compare.")
     mc = res["machine"]
     if mc["device"] == "cpu" and mc["torch_threads"] == 1 and (mc["logical_cpus"] or 1) > 1:

@@ -109,22 +109,30 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
 def _quantizers_to_host_devices(model: nn.Module) -> None:
     """Put each quantizer (built on the CPU) on the device of the module that holds it: a model
     prepared where it already lives (a GPU) then keeps its ranges there, instead of on the CPU beside
-    GPU weights (seen: QAT's PTQ copy failed with "cuda:0 and cpu" at its first forward)."""
-    def device_of(m: nn.Module) -> torch.device | None:
-        own = itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))
-        kids = (t for c in m.children() if not isinstance(c, TensorQuantizer)
-                for t in itertools.chain(c.parameters(), c.buffers()))
-        return next((t.device for t in itertools.chain(own, kids)), None)
+    GPU weights (seen: QAT's PTQ copy failed with "cuda:0 and cpu" at its first forward).
 
-    fallback = _device(model)
-    for host in model.modules():
-        if isinstance(host, TensorQuantizer):
-            continue
-        qs = [c for c in host.children() if isinstance(c, TensorQuantizer)]
-        if qs:
-            dev = device_of(host) or fallback
-            for q in qs:
-                q.to(dev)
+    A holder's device is that of its nearest parameter or buffer (its own first, then its descendants',
+    breadth first, quantizers at any depth skipped: they are still on the CPU); a holder with none
+    takes its parent's, so a split model's quantizers follow their own part."""
+    def own_device(m: nn.Module) -> torch.device | None:
+        level = [m]
+        while level:
+            for cur in level:
+                for t in itertools.chain(cur.parameters(recurse=False), cur.buffers(recurse=False)):
+                    return t.device
+            level = [c for cur in level for c in cur.children() if not isinstance(c, TensorQuantizer)]
+        return None
+
+    def walk(m: nn.Module, inherited: torch.device | None) -> None:
+        dev = own_device(m) or inherited
+        for child in m.children():
+            if isinstance(child, TensorQuantizer):
+                if dev is not None:
+                    child.to(dev)
+            else:
+                walk(child, dev)
+
+    walk(model, None)
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -1129,8 +1129,13 @@ def compile_for_training(net: nn.Module) -> nn.Module:
     (FP16/BF16 formats) Inductor is told to keep eager's rounding of low-precision casts: by default it
     elides a ``float32 -> float16/bfloat16 -> float32`` round trip, which is the whole of such a quantizer
     (``x.to(fp16).to(x.dtype)``), so the compiled model would train in FP32 while the deployed one runs
-    FP16. Integer grids round explicitly and compile with the defaults (what docs/benchmarks.md measured)."""
-    casts = any(q.spec.enabled and q.spec.kind.is_float for q in api.quantizers(net).values())
+    FP16. So do plug-in kinds (their ``fake_quant`` may cast). Built-in integer grids round explicitly and
+    compile with the defaults (what docs/benchmarks.md measured). Returns torch's ``OptimizedModule``
+    around ``net`` (compilation happens at its first call; errors then are Inductor's)."""
+    from .plugins import is_plugin
+
+    casts = any(q.spec.enabled and (q.spec.kind.is_float or is_plugin(q.spec.kind))
+                for q in api.quantizers(net).values())
     return torch.compile(net, options={"emulate_precision_casts": True} if casts else None)
 
 

@@ -1112,17 +1112,43 @@ def test_three_rank_resume_ends_bit_identical(fmnist, tmp_path):
     _assert_same_weights(_state(a / "t_w4" / "model.qc.pt"), _state(b / "t_w4" / "model.qc.pt"))
 
 
+def _in_fresh_python(fn: str, *args: str) -> None:
+    """Run ``tests/test_qat.<fn>(*args)`` in a new Python process. A compiled backward starts autograd's
+    device threads in the process that runs it, and a fork-based test later on the same xdist worker
+    (``run_ranks`` in test_recon/test_distributed_ptq) then cannot run backward in its ranks ("Unable to
+    handle autograd's threading in combination with fork-based multiprocessing"; seen in the suite)."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_qat; test_qat.{fn}(*{args!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+
+
 def test_compiled_training_step_trains_like_the_eager_one(tmp_path):
     """``qat.compile: true`` runs the training forward/backward under torch.compile (the fake-quant ops
     fused): the same steps as the eager loop to float rounding (learned ranges, asymmetric zero points
-    too), a checkpoint with the unwrapped model's names that loads back."""
+    too), a checkpoint with the unwrapped model's names that loads back. (In a fresh process.)"""
+    _in_fresh_python("_compiled_vs_eager", str(tmp_path))
+
+
+def _compiled_vs_eager(tmp: str) -> None:
+    tmp_path = Path(tmp)
     from tiny_data import TINY_RECIPE, make_images
 
     data = make_images(tmp_path / "imgs", splits=(("train", 8),))
     torch.manual_seed(0)
     weights = tmp_path / "fp32.pt"
     torch.save(api.build_model(Recipe.model_validate(TINY_RECIPE)).state_dict(), weights)
+    from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.utils import counters
+
+    import quantcore.qat as qat_mod
+
+    made = []
+    real = qat_mod.compile_for_training
+
+    def spy(net):
+        made.append(real(net))
+        return made[-1]
 
     graphs = {}
     for compiled in (False, True):
@@ -1131,12 +1157,17 @@ def test_compiled_training_step_trains_like_the_eager_one(tmp_path):
             **TINY_RECIPE, "model": {**TINY_RECIPE["model"], "checkpoint": str(weights)},
             "quant": {"activations": {"symmetric": False}},
             "calibration": {"method": "max", "num_batches": 2, "batch_size": 4},
+            # AdamW bounds each step by ~lr; SGD (lr 0.05) let LSQ's scale gradient, which jumps where a rounding
+            # flips, move a weight range 7% apart
             "qat": {"epochs": 1, "batch_size": 4, "ranges": "learned", "optimizer": {"name": "adamw", "lr": 1e-3},
                     "augment": {"kind": "none"}, "num_workers": 0, "compile": compiled}})
         out = tmp_path / f"o{int(compiled)}"
-        run_qat(r, DataSpec(str(data), "train"), None, str(out), QATOptions(progress=False, max_steps=4, device="cpu"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qat_mod, "compile_for_training", spy)
+            run_qat(r, DataSpec(str(data), "train"), None, str(out), QATOptions(progress=False, max_steps=4, device="cpu"))
         graphs[compiled] = counters["stats"]["unique_graphs"]
-    assert graphs[False] == 0 and graphs[True] >= 1  # the compiled run did compile
+    # the training model was compiled (the compiler probe's own function is one more graph) and only then
+    assert len(made) == 1 and isinstance(made[0], OptimizedModule) and graphs[False] == 0 and graphs[True] >= 2
     fp32 = torch.load(weights, weights_only=True)
     eager, comp = (api.load(str(tmp_path / f"o{i}" / "tiny_w8a8" / "model.qc.pt")).state_dict() for i in (0, 1))
     assert eager.keys() == comp.keys() and not any("_orig_mod" in k for k in comp)
@@ -1144,14 +1175,18 @@ def test_compiled_training_step_trains_like_the_eager_one(tmp_path):
     assert len(trained) > len(fp32) // 2  # the steps moved the weights ...
     for k in eager:
         if eager[k].is_floating_point():  # ... and the compiled loop moved them the same way
-            torch.testing.assert_close(comp[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
+            torch.testing.assert_close(comp[k], eager[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "bf16"])
 def test_compiled_training_keeps_float_format_rounding(fmt):
     """``qat.compile`` must train the model that is deployed: Inductor elides a float32 -> fp16/bf16 ->
     float32 round trip unless told to keep it, and that round trip is all an FP16/BF16 quantizer does, so
-    the compiled model would silently compute in FP32."""
+    the compiled model would silently compute in FP32. (In a fresh process.)"""
+    _in_fresh_python("_float_rounding_compiled", fmt)
+
+
+def _float_rounding_compiled(fmt: str) -> None:
     from tiny_data import TINY_RECIPE
 
     from quantcore.qat import compile_for_training
@@ -1160,13 +1195,15 @@ def test_compiled_training_keeps_float_format_rounding(fmt):
     r = Recipe.model_validate({**TINY_RECIPE, "quant": {"weights": {"format": fmt}, "activations": {"format": fmt}}})
     model = api.prepare(api.build_model(r), r).train()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        eager = model(x)
-        api.set_quantization(model, False)
+    eager = model(x)  # with autograd, as the training step runs it
+    with api.quantization_disabled(model):
         fp32 = model(x)
-        api.set_quantization(model, True)
-        torch._dynamo.reset()
+    torch._dynamo.reset()
+    try:
         compiled = compile_for_training(model)(x)
+        compiled.sum().backward()  # the training graph, backward included, compiles and runs
+    finally:
+        torch._dynamo.reset()  # no compiled code left for later tests
     assert not torch.equal(eager, fp32)  # the casts round
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)  # ... compiled too (FP32: ~1e-4 off)
 
@@ -1185,8 +1222,39 @@ def test_compile_refused_before_calibration_where_it_cannot_build(tmp_path, monk
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+
+    def calibrate(*a, **k):
+        raise AssertionError("calibrated before the compiler was checked")
+
+    monkeypatch.setattr(api, "calibrate", calibrate)
     r = Recipe.model_validate({**TINY_RECIPE, "qat": {"epochs": 1, "batch_size": 4, "augment": {"kind": "none"},
                                                        "num_workers": 0, "compile": True}})
     with pytest.raises(UserError, match=r"qat\.compile: true, but torch\.compile cannot build code.*InvalidCxxCompiler"):
         run_qat(r, DataSpec(str(data), "train"), None, str(tmp_path / "o"), QATOptions(progress=False, device="cpu"))
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))
+
+
+def test_quantizers_go_to_their_holders_device():
+    """prepare() builds quantizers on the CPU; each then goes to its holder's device: the nearest
+    parameter or buffer, its own or its descendants' (quantizers at any depth skipped, they are still on
+    the CPU), else its parent's. ``meta`` stands in for a GPU, two parts of a split model for two GPUs."""
+    from quantcore.api import _quantizers_to_host_devices
+    from quantcore.formats import QuantSpec
+    from quantcore.quantizer import TensorQuantizer
+
+    def q() -> TensorQuantizer:
+        return TensorQuantizer(QuantSpec())
+
+    class Holder(torch.nn.Module):  # no parameters of its own; first child quantized but parameter-free
+        def __init__(self, device):
+            super().__init__()
+            self.act = torch.nn.Sequential(torch.nn.GELU())
+            self.act.output_quantizer = q()
+            self.fc = torch.nn.Linear(2, 2, device=device)
+            self.add_quantizer = q()
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Holder("meta"), torch.nn.Sequential(torch.nn.ReLU()))
+    model[2].relu_quantizer = q()  # no device below it: its parent's (the model's, cpu)
+    _quantizers_to_host_devices(model)
+    got = {n: m.amax.device.type for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    assert got == {"1.act.output_quantizer": "meta", "1.add_quantizer": "meta", "2.relu_quantizer": "cpu"}, got

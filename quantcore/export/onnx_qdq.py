@@ -189,6 +189,8 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, lo, hi, qmin, qmax, axis, clip):  # noqa: D102
+        # symmetric left to be read from the zero point: the opset-21 uint8 rewrite gives a symmetric
+        # grid the zero point 128 (_as_uint8), so the spec's symmetric flag would be wrong here
         return _fixed_fake_quant(x, scale, zero_point.to(torch.int32), qmin, qmax, axis)
 
     @staticmethod
