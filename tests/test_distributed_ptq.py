@@ -62,10 +62,14 @@ def _rank_main(rank: int, port: int, fn, args) -> None:
         distributed.teardown(ctx)
 
 
-def run_ranks(fn, *args) -> None:
-    """Run ``fn(rank, *args)`` on WORLD forked ranks of one gloo group; raise if any rank fails."""
+def run_ranks(fn, *args, start_method: str = "fork") -> None:
+    """Run ``fn(rank, *args)`` on WORLD forked ranks of one gloo group; raise if any rank fails.
+    ``start_method="spawn"`` for ranks that run backward: a forked rank inherits the worker's autograd
+    state, and once an earlier test on the same xdist worker has started autograd's device threads (a
+    compiled backward does) its backward fails ("Unable to handle autograd's threading in combination
+    with fork-based multiprocessing"; seen in the suite). ``fn`` must then be importable (module level)."""
     ctx = torch.multiprocessing.start_processes(_rank_main, args=(_free_port(), fn, args), nprocs=WORLD,
-                                                join=False, start_method="fork")
+                                                join=False, start_method=start_method)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):

@@ -1020,7 +1020,7 @@ def test_bn_train_on_two_ranks_reports_the_model_it_saves(fmnist, tmp_path):
     recipe = _cnn_recipe(tmp_path, 3, "cnn_bn", bn="train", optimizer={"name": "sgd", "lr": 0.05})
     ck, small = recipe["model"]["checkpoint"], recipe["model"]["kwargs"]
     out = tmp_path / "o"
-    run_ranks(_bn_train_rank, recipe, data, str(out))
+    run_ranks(_bn_train_rank, recipe, data, str(out), start_method="spawn")  # the ranks run backward
     rep = json.loads((out / "report.json").read_text())
     model = api.load(str(out / "cnn_bn" / "model.qc.pt")).eval()
     fp32 = timm.create_model("resnet10t", in_chans=1, num_classes=10, **small)

@@ -343,7 +343,7 @@ def test_two_ranks_round_like_one_process(trained_vit, fmnist, tmp_path, drop_pr
     calib = fmnist["calib"][:96]  # 6 batches of 16: 3 per rank
     model = _prepared(trained_vit, _vit_recipe(8), calib)
     cfg = ReconstructionConfig(mode="block", iterations=60, batch_size=24, num_images=96, drop_prob=drop_prob)
-    run_ranks(_recon_rank, model, calib, cfg, tmp_path)
+    run_ranks(_recon_rank, model, calib, cfg, tmp_path, start_method="spawn")  # the ranks run backward
     got = torch.load(tmp_path / "rank0.pt")
     one = copy.deepcopy(model)
     res = reconstruct(one, calib.split(16), cfg)
