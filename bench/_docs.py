@@ -33,6 +33,13 @@ def markers(bench: str, device: str = "cpu") -> tuple[str, str]:
     return f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
 
 
+def write_marked(section: str, path: Path = DOC) -> None:
+    """:func:`write_section` into the section whose start marker opens ``section`` (the CPU or GPU
+    one, :func:`markers`): the renderer chose it, so writers need not work it out again."""
+    start = section.split("\n", 1)[0]
+    write_section(section, start, start.replace(":start -->", ":end -->"), path)
+
+
 def loadavg() -> str:
     """The 1/5/15-minute load averages, for the record of how busy the machine was."""
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -23,7 +23,7 @@ Every timing is a ratio or an absolute number for the record; nothing here asser
 """
 from __future__ import annotations
 
-from bench._docs import finish, markers, new_record, write_section
+from bench._docs import finish, markers, new_record, write_marked
 
 import argparse
 import contextlib
@@ -694,9 +694,7 @@ def interpretation(res: dict[str, Any]) -> list[str]:
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    """Into the section whose start marker opens ``section`` (CPU or GPU, see :func:`markers`)."""
-    start = section.split("\n", 1)[0]
-    write_section(section, start, start.replace(":start -->", ":end -->"), path)
+    write_marked(section, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench._docs import new_record, write_section
+from bench._docs import markers, new_record, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -247,8 +247,7 @@ def summarize(reps: list[dict[str, dict]]) -> dict[str, Any]:
 
 
 def render(res: dict[str, Any], gpu: bool) -> tuple[str, str, str]:
-    tag = "decode-gpu" if gpu else "decode"
-    start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
+    start, end = markers("decode", "cuda" if gpu else "cpu")
     s, mc = res["summary"], res["machine"]
     title = ("## Image decoding on the GPU: batched nvJPEG (issue #10)" if gpu else
              "## Image decoding: PIL vs. torchvision.io (issue #10)")

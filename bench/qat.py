@@ -27,7 +27,7 @@ Results: ``bench/results/qat-<device>.json`` and the section between the ``bench
 """
 from __future__ import annotations
 
-from bench._docs import finish, markers, new_record, write_section
+from bench._docs import finish, markers, new_record, write_marked
 
 import argparse
 import contextlib
@@ -646,9 +646,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    """Into the section whose start marker opens ``section`` (CPU or GPU, see :func:`markers`)."""
-    start = section.split("\n", 1)[0]
-    write_section(section, start, start.replace(":start -->", ":end -->"), path)
+    write_marked(section, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._docs import finish, markers, new_record, write_section
+from bench._docs import finish, markers, new_record, write_marked
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(results_file.read_text())
         section = render(res)
         if not args.no_write:
-            write_section(section, *markers("variants", res["device"]), DOC)
+            write_marked(section, DOC)
         print(section)
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  total {r['time']['total']['ms_per_image']:.1f} ms/img, models "
                 f"{r['memory']['models_bytes'] / 2 ** 20:.0f} MB, peak {r['memory']['peak_bytes'] / 2 ** 20:.0f} MB")
             res["runs"].append(r)
-    return finish(res, t0, render, results_file, lambda sec: write_section(sec, *markers("variants", res["device"]), DOC), args.no_write)
+    return finish(res, t0, render, results_file, lambda sec: write_marked(sec, DOC), args.no_write)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from quantcore.config import Recipe
 from quantcore.pipeline import DataSpec
 from quantcore.qat import QATOptions, run_qat
 
+from test_distributed_ptq import _free_port
 from tiny_data import TINY_RECIPE, make_images
 
 DEVICE = os.environ.get("QUANTCORE_TEST_DEVICE", "cuda")
@@ -223,12 +223,6 @@ def test_qat_trains_on_the_gpu_under_autocast(tmp_path, compiled):
     scales = [s for e in enc if e.get("enabled") and "scale" in e
               for s in (e["scale"] if isinstance(e["scale"], list) else [e["scale"]])]
     assert scales and all(math.isfinite(s) and s > 0 for s in scales)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
