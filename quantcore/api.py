@@ -101,6 +101,12 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
         if f"recipe {recipe.name!r}" in str(err):
             raise
         raise type(err)(f"recipe {recipe.name!r}: {err}") from None
+    if not quantizers(inner):
+        # a "quantized" checkpoint with nothing quantized would evaluate as FP32 and export as FP32
+        raise PlacementError(
+            f"recipe {recipe.name!r}: prepare placed no quantizer in {type(inner).__name__}: the example input "
+            f"reached no quantizable op (Linear, Conv, matmul of attention), or the recipe's overrides keep "
+            f"every one float; nothing would be quantized")
     _quantizers_to_host_devices(inner)
     inner.quantcore_recipe = recipe
     return model

@@ -912,9 +912,9 @@ def test_a_model_with_nothing_quantized_is_refused_not_reported_as_meeting_its_b
         def forward(self, x):
             return x.flatten(1)[:, :10]
 
-    bare = api.prepare(NoLayer(), {"name": "n", "placement": {"family": "generic"}},
-                       example_input=torch.randn(1, 3, 16, 16))
-    assert quantizers(bare) == {}  # prepare accepts it (an all-float recipe gives such models too)
+    with pytest.raises(UserError, match="recipe 'n': prepare placed no quantizer in NoLayer"):
+        api.prepare(NoLayer(), {"name": "n", "placement": {"family": "generic"}}, example_input=torch.randn(1, 3, 16, 16))
+    bare = NoLayer()  # prepare refuses it; handed to analysis unprepared, analysis refuses it too
     with pytest.raises(UserError, match="no quantizers.*no quantizable layer"):
         api.analyze(bare, data, search=True, budget={"sqnr_db": 40}, calib_batches=data)
     with pytest.raises(UserError, match="no quantizable layer"):

@@ -397,6 +397,26 @@ def test_prepare_and_load_an_own_module_without_a_model_section(tmp_path):
         quantcore.build_model(recipe)
 
 
+
+class _NoWeights(torch.nn.Module):
+    """Pooling and an activation only: no Linear, Conv or attention matmul to quantize."""
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(x), 2).flatten(1)
+
+
+@pytest.mark.parametrize("case", ["no quantizable op", "every layer float"])
+def test_prepare_refuses_a_model_left_with_no_quantizer(case):
+    """A checkpoint with nothing quantized would evaluate and export as FP32 under a quantized name."""
+    if case == "no quantizable op":
+        model, over = _NoWeights(), {}
+    else:
+        model, over = SmallNet(), {"overrides": [{"match": "*", "float": True}]}
+    recipe = quantcore.load_recipe({"name": "nothing", "placement": {"family": "generic"}, **over})
+    with pytest.raises(quantcore.errors.PlacementError, match=r"recipe 'nothing': prepare placed no quantizer in "
+                       + type(model).__name__):
+        quantcore.prepare(model, recipe, example_input=torch.randn(2, 1, 28, 28))
+
 def test_build_model_records_where_its_weights_came_from(tmp_path):
     from quantcore.models import BUILDERS, PRETRAINED_BUILDERS, register_builder
 
