@@ -160,6 +160,26 @@ def _string_map(value: Optional[Dict[str, str]], flag: str, label_values: bool) 
     return out
 
 
+def _key_values(value: Any, flag: str) -> Dict[str, str]:
+    """``value`` (None, a dict, or TorchX's K1=V1,K2=V2 text, parsed as TorchX parses its Dict
+    arguments) as a new dict; ComponentError naming ``flag`` when the text holds no K=V pair.
+
+    The components declare these options ``Optional[str]`` so that TorchX hands over the text and a
+    malformed one is refused here, naming the flag: TorchX's own Dict decoding ended in a ValueError
+    traceback (``--env FOO``). Python callers may pass a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    from torchx.util.types import to_dict
+
+    try:
+        return to_dict(str(value))
+    except ValueError:
+        raise ComponentError(f"{flag} {value!r}: expected KEY=VALUE pairs separated by commas (K1=V1,K2=V2; a "
+                             f"value cannot hold '=', an empty value is written \"\")") from None
+
+
 def check_image(image: str) -> str:
     """``image`` if it is a pinned reference: REPO:TAG, REPO@sha256:HEX or REPO:TAG@sha256:HEX;
     refused: malformed references, no tag and no digest (that is `latest`) and the `latest` tag."""
@@ -301,7 +321,7 @@ class PodOptions:
                                     "start-up (the pod's service account needs `get` on it) unless the "
                                     "credentials are already in the environment. Unset: the pod mounts no "
                                     "service-account token")
-    env: Optional[Dict[str, str]] = _opt(None, "extra environment variables, K1=V1,K2=V2")
+    env: Optional[str] = _opt(None, "extra environment variables, K1=V1,K2=V2")
     mounts: Optional[List[str]] = _opt(None, "PersistentVolumeClaims to mount, "
                                        "type=volume,src=PVC_NAME,dst=/data[,readonly] (more: repeat from "
                                        "type=volume); host paths (type=bind) and devices are refused, the "
@@ -311,13 +331,13 @@ class PodOptions:
     tolerations: Optional[List[str]] = _opt(None, "extra tolerations, comma-separated KEY[=VALUE][:EFFECT] "
                                             "(kubectl taint syntax; no value: any value, no effect: every "
                                             "effect), e.g. dedicated=ml:NoSchedule")
-    node_selector: Optional[Dict[str, str]] = _opt(None, "node labels the pods must match, K=V,K2=V2 (e.g. "
+    node_selector: Optional[str] = _opt(None, "node labels the pods must match, K=V,K2=V2 (e.g. "
                                                    "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3); the GPU "
                                                    "request alone already keeps pods with GPUs on GPU nodes")
-    labels: Optional[Dict[str, str]] = _opt(None, "labels of the Volcano Job and its pods, K=V,K2=V2 (e.g. "
+    labels: Optional[str] = _opt(None, "labels of the Volcano Job and its pods, K=V,K2=V2 (e.g. "
                                             "team=vision; kueue.x-k8s.io/queue-name only matters with Kueue's "
                                             "pod integration)")
-    annotations: Optional[Dict[str, str]] = _opt(None, "annotations of the Volcano Job and its pods, K=V,K2=V2")
+    annotations: Optional[str] = _opt(None, "annotations of the Volcano Job and its pods, K=V,K2=V2")
     deadline_s: int = _opt(0, "activeDeadlineSeconds of every pod: the kubelet stops a pod that runs longer, "
                            "which counts as an infrastructure failure (restarted while max_retries last, so "
                            "the bound is per attempt); 0: no deadline")
@@ -330,6 +350,9 @@ class PodOptions:
         """The shared options among a component's arguments (its ``locals()`` on entry), checked;
         new lists and dicts, the caller's are never kept."""
         opts = cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
+        # the K=V options arrive as text from the CLI (see _key_values) and leave as dicts
+        opts = dataclasses.replace(opts, **{name: _key_values(getattr(opts, name), f"--{name}") for name in
+                                            ("env", "node_selector", "labels", "annotations")})
         for name, low, why in (("gpus", 0, ""), ("cpu", 1, " (CPU cores of the container's limit)"),
                                ("memMB", MIN_MEM_MB, " (the memory limit; the pod requests 1024 MB less)"),
                                ("deadline_s", 0, ""), ("max_retries", 0, "")):
@@ -724,13 +747,13 @@ def calibrate(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
@@ -791,13 +814,13 @@ def evaluate(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
@@ -851,13 +874,13 @@ def export(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
@@ -925,13 +948,13 @@ def ptq(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
@@ -1002,13 +1025,13 @@ def ddp(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:
@@ -1134,13 +1157,13 @@ def qat(
     cache_gb: int = OPTS.cache_gb,
     s3_endpoint: Optional[str] = OPTS.s3_endpoint,
     s3_secret: Optional[str] = OPTS.s3_secret,
-    env: Optional[Dict[str, str]] = OPTS.env,
+    env: Optional[str] = OPTS.env,
     mounts: Optional[List[str]] = OPTS.mounts,
     image_pull_secrets: Optional[List[str]] = OPTS.image_pull_secrets,
     tolerations: Optional[List[str]] = OPTS.tolerations,
-    node_selector: Optional[Dict[str, str]] = OPTS.node_selector,
-    labels: Optional[Dict[str, str]] = OPTS.labels,
-    annotations: Optional[Dict[str, str]] = OPTS.annotations,
+    node_selector: Optional[str] = OPTS.node_selector,
+    labels: Optional[str] = OPTS.labels,
+    annotations: Optional[str] = OPTS.annotations,
     deadline_s: int = OPTS.deadline_s,
     max_retries: int = OPTS.max_retries,
 ) -> specs.AppDef:

@@ -189,3 +189,19 @@ def test_env_values_are_literal_and_shm_is_half_the_memory_on_kubernetes():
     (task,) = job["spec"]["tasks"]
     (shm,) = [v for v in task["template"]["spec"]["volumes"] if v["name"] == "dshm"]
     assert shm["emptyDir"]["sizeLimit"] == f"{256 * 1024}Mi"
+
+
+@pytest.mark.parametrize("flag", ["env", "node_selector", "labels", "annotations"])
+def test_key_value_options_malformed_on_the_command_line_name_the_flag(flag):
+    """`torchx run ... --env FOO` ended in a ValueError traceback from TorchX's own Dict decoding;
+    the text is now parsed here (as TorchX parses it) and a malformed one refused naming the flag."""
+    from torchx.specs.builders import materialize_appdef
+
+    args = ["--recipe", "r", "--data", "s3://b/d", "--out", "s3://b/o"]
+    with pytest.raises(ValueError, match=re.escape(f"--{flag} 'FOO': expected KEY=VALUE pairs")):
+        materialize_appdef(components.qat, args + [f"--{flag}", "FOO"])
+    text = "team=vision,tier=a" if flag != "env" else "FOO=1,BAR=x"
+    from_text = materialize_appdef(components.qat, args + [f"--{flag}", text])
+    from_dict = components.qat(**BASE, **{flag: dict(kv.split("=") for kv in text.split(","))})
+    same = [(a.roles, a.metadata) for a in (from_text, from_dict, components.qat(**BASE))]
+    assert same[0] == same[1] and same[0] != same[2]  # the text gives the dict's job, and the option reaches it
