@@ -1,13 +1,15 @@
 """Reconstruction PTQ (AdaRound / BRECQ, issue #11) on the demo model: top-1 on all 10,000 Fashion-MNIST test images.
 
 Builds the demo ViT from trained FP32 weights (``--weights``, default: the demo store's), calibrates it as
-``quantcore ptq`` does (the recipe's calibration images of the train split), and evaluates side by side
-in one process: FP32, plain PTQ and PTQ + reconstruction for W4A4 (recipe ``fmnist_w4a4_ft1`` and its
-``fmnist_w4a4_ft1_adaround`` reconstruction settings, plus layer-mode and QDrop variants) and for W4
-weights only (activations float: the weight part of the error). Reconstruction time is wall and
-process CPU time on ``--threads`` intra-op threads.
+``quantcore ptq`` does (the calibration images of the train split it picks for the row's image count), and
+evaluates side by side in one process: FP32, plain PTQ (512 and the recipe's 4096 images) and PTQ +
+reconstruction for W4A4 (recipe ``fmnist_w4a4_ft1`` with the reconstruction settings of
+``fmnist_w4a4_ft1_adaround``, then each of its choices undone alone: fixed activation step sizes, mse loss,
+layer units, plus QDrop, 512 images) and for W4 weights only (activations float: the weight part of the
+error). Top-1, agreement and logit SQNR against FP32; reconstruction time is wall and process CPU time on
+``--threads`` intra-op threads.
 
-    flock /tmp/bench.lock .venv/bin/python -m bench.recon            # ~3-4 min on one CPU thread
+    flock /tmp/bench.lock .venv/bin/python -m bench.recon            # ~15 min on one CPU thread
     .venv/bin/python -m bench.recon --render                         # the section from the saved JSON
 
 Writes ``bench/results/recon-cpu.json`` and the "Reconstruction PTQ" section of docs/benchmarks.md.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -32,24 +35,41 @@ DEMO = "demo-store"  # the demo's store (scripts/setup.sh demo); --store
 TARGET = 0.2  # issue #11: W4A4 within 0.2 point of FP32
 
 
-def _variants(iterations: int | None) -> list[tuple[str, str, dict | None]]:
-    """(name, activations: a4|float, reconstruction overrides or None for plain PTQ)."""
+def _variants(iterations: int | None) -> list[tuple[str, str, dict | None, int]]:
+    """(name, activations: a4|float, reconstruction settings or None for plain PTQ, calibration images):
+    the recipe's settings, then each of its choices undone alone (ablations)."""
     from quantcore.recipe import load_recipe
 
-    base = load_recipe("fmnist_w4a4_ft1_adaround").reconstruction.model_dump()
+    r = load_recipe("fmnist_w4a4_ft1_adaround")
+    base = r.reconstruction.model_dump()
     if iterations:
         base["iterations"] = iterations
-    return [("W4A4 PTQ", "a4", None),
-            ("W4A4 + AdaRound block (recipe)", "a4", base),
-            ("W4A4 + AdaRound layer", "a4", {**base, "mode": "layer"}),
-            ("W4A4 + AdaRound block + QDrop 0.5", "a4", {**base, "drop_prob": 0.5}),
-            ("W4 PTQ (A float)", "float", None),
-            ("W4 + AdaRound block (A float)", "float", {**base, "act_quant": False})]
+    n = r.calibration.num_batches * r.calibration.batch_size
+    small = load_recipe("fmnist_w4a4_ft1").calibration
+    n0 = small.num_batches * small.batch_size
+    fixed = {**base, "act_ranges": "fixed"}
+    return [("W4A4 PTQ", "a4", None, n0),
+            (f"W4A4 PTQ, {n} calibration images", "a4", None, n),
+            ("W4A4 + reconstruction (recipe)", "a4", base, n),
+            ("... activation step sizes fixed", "a4", fixed, n),
+            ("... loss mse instead of fisher", "a4", {**base, "loss": "mse"}, n),
+            ("... AdaRound layer by layer", "a4", {**base, "mode": "layer"}, n),
+            ("... plus QDrop 0.5", "a4", {**base, "drop_prob": 0.5}, n),
+            (f"... {n0} images, {n0 // 512 * 1000} iterations", "a4",
+             {**base, "num_images": n0, "iterations": iterations or 1000}, n0),
+            (f"... {n0} images, fixed steps, mse (before 2026-12-04)", "a4",
+             {**fixed, "loss": "mse", "num_images": n0, "iterations": iterations or 1000}, n0),
+            ("W4 PTQ (A float)", "float", None, n),
+            ("W4 + AdaRound block (A float)", "float", {**fixed, "act_quant": False}, n)]
 
 
 @torch.no_grad()
-def _predict(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+
+
+def _sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return 10.0 * math.log10(float(ref.pow(2).sum()) / max(float((out - ref).pow(2).sum()), 1e-30))
 
 
 def measure(a) -> dict:
@@ -67,14 +87,24 @@ def measure(a) -> dict:
     fp32.eval()
     recipe = load_recipe("fmnist_w4a4_ft1")
     ds = open_dataset(a.data, "train", eval_transform(fp32))
-    idx = _calibration_indices(ds, recipe)
     bs = recipe.calibration.batch_size
-    calib = torch.cat([b[0] for b in make_loader(ds, bs, 0, indices=idx)])
+    calib_sets: dict[int, torch.Tensor] = {}
+
+    def calib_images(n: int) -> torch.Tensor:  # the images `quantcore ptq` picks for n = num_batches x batch_size
+        if n not in calib_sets:
+            d = recipe.model_dump(mode="json")
+            d["calibration"]["num_batches"] = n // bs
+            idx = _calibration_indices(ds, load_recipe(d))
+            calib_sets[n] = torch.cat([b[0] for b in make_loader(ds, bs, 0, indices=idx)])
+        return calib_sets[n]
+
     xt, yt = _load_split_tensor(a.data, "test", fp32)
-    ref = _predict(fp32, xt)
-    res = {"calib_images": len(calib), "test_images": len(yt), "fp32_top1": 100.0 * float((ref == yt).float().mean()),
-           "variants": []}
-    for name, acts, rc in _variants(a.iterations):
+    ref_logits = _logits(fp32, xt)
+    ref = ref_logits.argmax(1)
+    res = {"calib_images": len(calib_images(bs * recipe.calibration.num_batches)), "test_images": len(yt),
+           "fp32_top1": 100.0 * float((ref == yt).float().mean()), "variants": []}
+    for name, acts, rc, n_calib in _variants(a.iterations):
+        calib = calib_images(n_calib)
         r = recipe
         if acts == "float":
             d = recipe.model_dump(mode="json")
@@ -83,15 +113,16 @@ def measure(a) -> dict:
             r = load_recipe(d)
         m = api.prepare(copy.deepcopy(fp32), r)
         api.calibrate(m, calib.split(bs))
-        row = {"name": name, "activations": acts, "reconstruction": rc}
+        row = {"name": name, "activations": acts, "reconstruction": rc, "calib_images": len(calib)}
         if rc is not None:
             w0, c0 = time.perf_counter(), time.process_time()
             out = reconstruct(m, calib.split(bs), ReconstructionConfig(**rc))
             row.update(recon_wall_s=time.perf_counter() - w0, recon_cpu_s=time.process_time() - c0,
                        units=out.as_dict()["units"], skipped=out.skipped)
-        pred = _predict(m, xt)
+        logits = _logits(m, xt)
+        pred = logits.argmax(1)
         row.update(top1=100.0 * float((pred == yt).float().mean()),
-                   agreement=100.0 * float((pred == ref).float().mean()))
+                   agreement=100.0 * float((pred == ref).float().mean()), sqnr_db=_sqnr_db(logits, ref_logits))
         print(f"{name:<38} top-1 {row['top1']:.2f}  agree {row['agreement']:.2f}"
               + (f"  recon {row['recon_wall_s']:.1f} s" if rc else ""), flush=True)
         res["variants"].append(row)
@@ -105,14 +136,20 @@ def render(res: dict) -> str:
          f"Measured {res['date']} with `{res['command']}` ({res['machine']}; torch {res['torch']}, "
          f"{res['threads']} intra-op thread(s); load average {res['loadavg_start']} at start, "
          f"{res['loadavg_end']} at the end). Demo ViT (`quantcore/vit_fmnist`, trained FP32 weights), "
-         f"calibration and reconstruction on the recipe's {res['calib_images']} calibration images of the train "
-         f"split, top-1 on all {res['test_images']:,} test images; agreement = same class as FP32.", "",
-         "| variant | top-1 % | Δ vs FP32 | agreement % | reconstruction wall s (CPU s) |",
-         "|---|---:|---:|---:|---:|", f"| FP32 | {fp:.2f} | | 100.00 | |"]
+         f"calibration and reconstruction on the calibration images of the train split that `quantcore ptq` "
+         f"picks for the row's image count, top-1 on all {res['test_images']:,} test images; agreement = same "
+         f"class as FP32; SQNR of the logits against FP32's. Rows starting with ... change one setting of "
+         f"the recipe's reconstruction (`fmnist_w4a4_ft1_adaround`).", "",
+         "| variant | calibration images | top-1 % | Δ vs FP32 | agreement % | logit SQNR dB "
+         "| reconstruction wall s (CPU s) |",
+         "|---|---:|---:|---:|---:|---:|---:|", f"| FP32 | | {fp:.2f} | | 100.00 | | |"]
     for r in res["variants"]:
         t = f"{r['recon_wall_s']:.1f} ({r['recon_cpu_s']:.1f})" if "recon_wall_s" in r else ""
-        L.append(f"| {r['name']} | {r['top1']:.2f} | {r['top1'] - fp:+.2f} | {r['agreement']:.2f} | {t} |")
-    ptq, rec = v.get("W4A4 PTQ"), v.get("W4A4 + AdaRound block (recipe)")
+        sq = f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else ""
+        L.append(f"| {r['name']} | {r.get('calib_images', res['calib_images'])} | {r['top1']:.2f} | "
+                 f"{r['top1'] - fp:+.2f} | {r['agreement']:.2f} | {sq} | {t} |")
+    ptq = v.get("W4A4 PTQ")
+    rec = next((r for r in res["variants"] if r["name"].endswith("(recipe)")), None)
     best = max((r for r in res["variants"] if r["activations"] == "a4"), key=lambda r: r["top1"])
     L += ["", f"**Target** (W4A4 within {TARGET} point of FP32): "
           + ("met" if fp - best["top1"] <= TARGET else "**not met**")
@@ -120,18 +157,18 @@ def render(res: dict) -> str:
     if rec is not None and ptq is not None:
         u = rec.get("units", [])
         red = ", ".join(f"{x['name']} {100 * (1 - x['loss'] / x['loss_rtn']):.0f} %" for x in u)
-        L += ["", f"Block reconstruction lowers each block's output error against FP32 (on the calibration images) "
-              f"by {red}, and agreement with FP32 goes {ptq['agreement']:.2f} → {rec['agreement']:.2f} %; "
-              f"top-1 moves {rec['top1'] - ptq['top1']:+.2f} point."]
+        L += ["", f"The recipe's reconstruction lowers each block's output error against FP32 (on the calibration "
+              f"images) by {red}; agreement with FP32 goes {ptq['agreement']:.2f} → {rec['agreement']:.2f} % and "
+              f"top-1 moves {rec['top1'] - ptq['top1']:+.2f} point against plain PTQ."]
     w4, w4r = v.get("W4 PTQ (A float)"), v.get("W4 + AdaRound block (A float)")
     if w4 is not None:
         L += ["", f"Weights alone at W4 (activations float) cost {w4['top1'] - fp:+.2f} point with round-to-nearest"
               + (f" and {w4r['top1'] - fp:+.2f} with AdaRound (agreement {w4['agreement']:.2f} → "
                  f"{w4r['agreement']:.2f} %)" if w4r else "")
-              + ": the W4A4 loss is the 4-bit activations', which weight rounding can only partly "
-                "compensate. Differences of ±0.1-0.15 point (10-15 of 10,000 images) are within the noise of "
-                "one rounding choice."]
-    L += ["", "Reconstruction time grows with iterations × units (1000 steps of a 32-image batch per block here); "
+              + ": the W4A4 loss is the 4-bit activations'. Differences of ±0.1-0.15 point of top-1 (10-15 of "
+                "10,000 images) are within the noise of one rounding choice; agreement and SQNR are the steadier "
+                "measures."]
+    L += ["", "Reconstruction time grows with iterations × units (steps of a 32-image batch per block or layer); "
           "the CPU time column is this process's, independent of other jobs on the machine.", END]
     return "\n".join(L) + "\n"
 
