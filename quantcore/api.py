@@ -101,12 +101,6 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
         if f"recipe {recipe.name!r}" in str(err):
             raise
         raise type(err)(f"recipe {recipe.name!r}: {err}") from None
-    if not quantizers(inner):
-        # a "quantized" checkpoint with nothing quantized would evaluate as FP32 and export as FP32
-        raise PlacementError(
-            f"recipe {recipe.name!r}: prepare placed no quantizer in {type(inner).__name__}: the example input "
-            f"reached no quantizable op (Linear, Conv, matmul of attention), or the recipe's overrides keep "
-            f"every one float; nothing would be quantized")
     _quantizers_to_host_devices(inner)
     inner.quantcore_recipe = recipe
     return model
@@ -734,7 +728,7 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
         fold_pairs = None
     try:
         _prepare(model, recipe, example_input=example_input, fold_pairs=fold_pairs)
-    except FoldError as err:
+    except (FoldError, PlacementError) as err:  # the stored recipe does not place on this model: name the file
         raise CheckpointError(f"checkpoint {uri}: {err}") from None
     qs = quantizers(model)
     specs = meta.get("quantizer_specs", {})

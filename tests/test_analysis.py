@@ -912,7 +912,7 @@ def test_a_model_with_nothing_quantized_is_refused_not_reported_as_meeting_its_b
         def forward(self, x):
             return x.flatten(1)[:, :10]
 
-    with pytest.raises(UserError, match="recipe 'n': prepare placed no quantizer in NoLayer"):
+    with pytest.raises(UserError, match="recipe 'n': no quantizer to place: the example input .* reached no quantizable op"):
         api.prepare(NoLayer(), {"name": "n", "placement": {"family": "generic"}}, example_input=torch.randn(1, 3, 16, 16))
     bare = NoLayer()  # prepare refuses it; handed to analysis unprepared, analysis refuses it too
     with pytest.raises(UserError, match="no quantizers.*no quantizable layer"):
@@ -986,3 +986,4 @@ def test_analysis_input_checks_name_the_option():
             api.analyze(model, _small_batches(1, 3), workers=bad)
     with pytest.raises(UserError, match="workers: .* got -1"):
         Engine(model, _small_batches(1, 3)).evaluate({"a": {}, "b": {}}, workers=-1)
+

@@ -405,17 +405,46 @@ class _NoWeights(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(torch.relu(x), 2).flatten(1)
 
 
-@pytest.mark.parametrize("case", ["no quantizable op", "every layer float"])
-def test_prepare_refuses_a_model_left_with_no_quantizer(case):
-    """A checkpoint with nothing quantized would evaluate and export as FP32 under a quantized name."""
+@pytest.mark.parametrize("case", ["no quantizable op", "every layer float", "keep_float", "BatchNorm folded first"])
+def test_prepare_refuses_a_model_left_with_no_quantizer_and_leaves_it_as_it_was(case, tmp_path):
+    """A checkpoint with nothing quantized would evaluate and export as FP32 under a quantized name. The
+    refusal leaves the model as it was (a BatchNorm fold undone), so a corrected recipe can prepare it."""
+    from quantcore.errors import PlacementError
+
+    over = {}
     if case == "no quantizable op":
-        model, over = _NoWeights(), {}
+        model, why = _NoWeights(), "reached no quantizable op"
+    elif case == "every layer float":
+        model, over, why = SmallNet(), {"overrides": [{"match": "*", "float": True}]}, r"kept float by overrides\[0\]"
+    elif case == "keep_float":
+        model, over, why = SmallNet(), {"placement": {"family": "generic", "keep_float": ["*"]}}, "keep_float"
     else:
-        model, over = SmallNet(), {"overrides": [{"match": "*", "float": True}]}
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        model[1].running_mean.uniform_(-1, 1)
+        over, why = {"overrides": [{"match": "*", "float": True}]}, "overrides"
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
     recipe = quantcore.load_recipe({"name": "nothing", "placement": {"family": "generic"}, **over})
-    with pytest.raises(quantcore.errors.PlacementError, match=r"recipe 'nothing': prepare placed no quantizer in "
-                       + type(model).__name__):
+    with pytest.raises(PlacementError, match=r"recipe 'nothing': no quantizer to place: .*" + why):
         quantcore.prepare(model, recipe, example_input=torch.randn(2, 1, 28, 28))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    if case != "no quantizable op":  # the same model object, a recipe that quantizes: prepared as if fresh
+        quantcore.prepare(model, {"name": "fixed", "placement": {"family": "generic"}},
+                          example_input=torch.randn(2, 1, 28, 28))
+        assert quantcore.quantizers(model)
+
+
+def test_a_checkpoint_whose_recipe_places_nothing_on_the_model_names_the_file(tmp_path):
+    recipe = quantcore.load_recipe({"name": "own", "placement": {"family": "generic"}})
+    model = quantcore.prepare(SmallNet(), recipe, example_input=torch.randn(2, 1, 28, 28))
+    quantcore.calibrate(model, batches(1))
+    path = str(tmp_path / "own.qc.pt")
+    quantcore.save(model, path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*own\.qc\.pt: recipe 'own': no quantizer to place"):
+        quantcore.load(path, model=_NoWeights())
+
 
 def test_build_model_records_where_its_weights_came_from(tmp_path):
     from quantcore.models import BUILDERS, PRETRAINED_BUILDERS, register_builder
@@ -766,3 +795,4 @@ def test_prepare_on_a_wrapped_model_places_on_the_model_inside():
         ranges.append(qkv)
         assert quantcore.encodings(m)["placement"]["attention"]
     assert ranges[0] == ranges[1]
+

@@ -860,6 +860,15 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     for qname, spec in final_specs.items():
         if qname not in removed and planned[qname] is act_spec:
             _act_check(qname, spec)
+    if not set(planned) - removed:
+        # a "quantized" model with nothing quantized would evaluate and export as FP32 under its recipe's name
+        why = sorted({r for r in float_reasons.values()})
+        raise PlacementError(
+            "no quantizer to place: "
+            + ("every quantizable layer stays float" if planned or float_reasons else
+               f"the example input (shape {shape}) reached no quantizable op (Linear, Conv, matmul of attention)")
+            + (f" ({'; '.join(why[:3])}{'; ...' if len(why) > 3 else ''})" if why else "")
+            + "; nothing would be quantized")
     for qname in planned:
         owner, _, attr = qname.rpartition(".")
         holder = mods.get(owner) if owner else model
