@@ -987,3 +987,19 @@ def test_analysis_input_checks_name_the_option():
     with pytest.raises(UserError, match="workers: .* got -1"):
         Engine(model, _small_batches(1, 3)).evaluate({"a": {}, "b": {}}, workers=-1)
 
+
+def test_cli_analyze_a_recipe_without_weights_is_a_user_error(tmp_path, capsys):
+    """A recipe whose model has no weights (no model.checkpoint, no pretrained) and no --checkpoint ended
+    in an AttributeError (exit 1) while reading the classes, before its own 'no FP32 weights' error."""
+    import yaml
+
+    from quantcore.cli import main
+    from tiny_data import TINY_RECIPE, make_images
+
+    root = make_images(tmp_path / "imgs")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    assert main(["analyze", "-r", str(recipe), "-d", str(root), "--split", "train", "--limit", "4",
+                 "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'tiny_w8a8': no FP32 weights to calibrate: give --checkpoint" in err and "Traceback" not in err

@@ -218,6 +218,9 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
         fp32 = api.build_model(r).to(dev).eval()
         fp32_ckpt = fp32_ckpt or r.model.checkpoint
     check_searchable(r, opts, model)
+    if model is None and fp32 is None:  # before anything reads the model (its eval transform, its classes)
+        raise UserError(f"recipe {r.name!r}: no FP32 weights to calibrate: give --checkpoint (FP32 weights or a "
+                        f"calibrated model.qc.pt), or set model.checkpoint / model.pretrained in the recipe")
     ref = fp32 if fp32 is not None else model
     ds = open_dataset(data, split, eval_transform(ref))
     # the final check's split is opened before any calibration or analysis: a missing one fails first
@@ -226,8 +229,6 @@ def run_cli(recipe: str | None, checkpoint: str | None, data: str, out: str, *, 
     calib = _batches(ds, cidx, r.calibration.batch_size, workers, dev)
     _check_classes(ref, calib, {f"{data} (split {split!r})": ds, f"{data} (split {eval_split!r})": eds})
     if model is None:
-        if fp32 is None:
-            raise UserError(f"recipe {r.name!r}: no FP32 weights to calibrate (model.checkpoint)")
         model = api.prepare(copy.deepcopy(fp32), r)
         api.calibrate(model, calib)
         stats = api.calibration_state(model)
