@@ -85,7 +85,9 @@ class Override(_Strict):
     names (``blocks.*.attn.softmax_input_quantizer``). Later overrides win."""
 
     match: str = Field(min_length=1)
-    float: bool = Field(False, description="leave matching modules in float (no quantizers at all)")
+    float: bool | None = Field(None, description="true: leave matching modules in float (no quantizers at all); "
+                               "false: quantize them even where the placement family keeps them float by default "
+                               "(a ViT's patch embedding and head); unset: no decision (a saved recipe keeps it unset)")
     spec: SpecPatch | None = Field(None, description="change bits/format/symmetry/calibrator/enabled")
     enabled: bool | None = Field(None, description="shortcut for spec.enabled")
 

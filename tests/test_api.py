@@ -796,3 +796,27 @@ def test_prepare_on_a_wrapped_model_places_on_the_model_inside():
         assert quantcore.encodings(m)["placement"]["attention"]
     assert ranges[0] == ranges[1]
 
+
+def test_an_override_without_float_keeps_no_float_decision_through_save_and_load(tmp_path):
+    """An override setting only spec/enabled on a glob that also matches modules the ViT family keeps
+    float (patch embedding, head) was saved with an explicit float: false, which on load re-quantized
+    those modules: the checkpoint could not be loaded ('stored quantizers differ'). The same dump wrote
+    the mixed-precision search's recipes."""
+    recipe = tiny_recipe(overrides=[{"match": "*", "spec": {"bits": 6}}, {"match": "blocks.0.*", "enabled": False}])
+    assert all(o.float is None for o in recipe.overrides)
+    torch.manual_seed(0)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    assert not any(n.startswith(("head.", "patch_embed.")) for n in quantcore.quantizers(model))
+    quantcore.calibrate(model, batches(2))
+    path = str(tmp_path / "m.qc.pt")
+    quantcore.save(model, path)
+    loaded = quantcore.load(path)
+    assert list(quantcore.quantizers(loaded)) == list(quantcore.quantizers(model))
+    x = batches(1, seed=5)[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    again = quantcore.load_recipe(yaml.safe_load(yaml.safe_dump(recipe.model_dump(mode="json"))))
+    assert [o.float for o in again.overrides] == [None, None]
+    explicit = tiny_recipe(overrides=[{"match": "head", "float": False}])  # an explicit false still re-quantizes
+    m2 = quantcore.prepare(quantcore.build_model(explicit), explicit)
+    assert any(n.startswith("head.") for n in quantcore.quantizers(m2))

@@ -53,7 +53,7 @@ def build_rules(keep_float: list[str] | None, default_keep_float: list[str],
         rules += [Rule(p, float=True, source=f"keep_float {p!r}") for p in keep_float]
     for i, ov in enumerate(overrides):
         ov = ov if isinstance(ov, Override) else Override.model_validate(ov)
-        fl = ov.float if "float" in ov.model_fields_set or ov.float else None
+        fl = ov.float  # None: no decision (an explicit false re-quantizes what the family keeps float)
         rule = Rule(ov.match, float=fl, patch=ov.spec, enabled=ov.enabled, source=f"overrides[{i}] {ov.match!r}")
         if rule.float is None and not rule.changes_spec:
             raise PlacementError(f"override {ov.match!r} (overrides[{i}]) sets none of float, spec, enabled")
