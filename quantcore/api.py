@@ -360,6 +360,8 @@ def _floored(qs: dict[str, Any]) -> list[str]:
 #: values and its expected squared error is at least DEGENERATE_ERROR times that of the plain min/max
 DEGENERATE_CLIP = 0.1
 DEGENERATE_ERROR = 4.0
+#: ... or, when at least half the values are (near) zero, clips this share of the non-zero ones
+DEGENERATE_CLIP_NONZERO = 0.5
 
 
 def _degenerate(qs: dict[str, Any]) -> list[str]:
@@ -380,17 +382,35 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
         counts, e0 = occupied_bins(c)
         w = bin_width(c)
         centers = e0 + (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * w
-        clipped = float(counts[(centers < lo) | (centers > hi)].sum()) / max(float(counts.sum()), 1.0)
-        if clipped < DEGENERATE_CLIP:
+        total = max(float(counts.sum()), 1.0)
+        clipped_n = float(counts[(centers < lo) | (centers > hi)].sum())
+        clipped = clipped_n / total
+        # the bin holding zero: a post-ReLU map can be 99 % exact zeros, and a range that clips every
+        # non-zero value then clips "only" 1 % of the values (percentile 99 inside the zero mass)
+        iz = int(round(-e0 / w))
+        zeros = float(counts[iz]) if 0 <= iz < counts.numel() else 0.0
+        nonzero = total - zeros
+        clipped_nz = clipped_n / nonzero if nonzero > 0 else 0.0
+        zero_heavy = zeros >= 0.5 * total and clipped_nz >= DEGENERATE_CLIP_NONZERO
+        if clipped < DEGENERATE_CLIP and not zero_heavy:
             continue
         err = float(mse_objective(c, q.spec, lo, hi)[0])
         ref = float(mse_objective(c, q.spec, min(c.min, 0.0), max(c.max, 0.0))[0])  # grids hold zero
         if err < DEGENERATE_ERROR * max(ref, 1e-30):
             continue
-        out.append(f"quantizer {name!r} ({q.spec.bits}-bit, calibrator {q.spec.calibrator!r}): range "
-                   f"[{lo:.4g}, {hi:.4g}] clips {100 * clipped:.1f}% of the calibration values (data "
-                   f"[{c.min:.4g}, {c.max:.4g}]); expected squared error {err / max(ref, 1e-30):.3g}x that of "
-                   f"the min/max range. The {q.spec.calibrator} search assumes most values lie near zero"
+        head = (f"quantizer {name!r} ({q.spec.bits}-bit, calibrator {q.spec.calibrator!r}): range "
+                f"[{lo:.4g}, {hi:.4g}] clips ")
+        tail = (f" (data [{c.min:.4g}, {c.max:.4g}]); expected squared error {err / max(ref, 1e-30):.3g}x that "
+                f"of the min/max range")
+        if clipped < DEGENERATE_CLIP:  # zero-heavy: the percentile (or search) landed in the zeros
+            out.append(head + f"{100 * clipped_nz:.1f}% of the non-zero calibration values ({100 * zeros / total:.1f}% "
+                       f"of all are zero or nearly; " + tail.removeprefix(" (") + ". A percentile counts the zeros: "
+                       + (f"percentile {q.spec.percentile:g} lies inside them; "
+                          if q.spec.calibrator == "percentile" else "")
+                       + "use calibrator 'mse' or 'max', or a higher percentile, for it (an override)")
+            continue
+        out.append(head + f"{100 * clipped:.1f}% of the calibration values" + tail
+                   + f". The {q.spec.calibrator} search assumes most values lie near zero"
                    + (" (KL search: every threshold below the data folds it into one bin)"
                       if q.spec.calibrator == "entropy" else "")
                    + "; use calibrator 'mse' or 'percentile' for it (an override)")
