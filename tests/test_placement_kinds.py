@@ -908,3 +908,32 @@ def test_torchscript_is_refused_naming_the_module():
         quantcore.prepare(torch.jit.trace(copy.deepcopy(base), x), recipe, example_input=x)
     with pytest.raises(PlacementError, match=r"module '0' is TorchScript"):
         quantcore.prepare(nn.Sequential(torch.jit.script(copy.deepcopy(base)), nn.Flatten()), recipe, example_input=x)
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral_norm", "weight_norm"])
+def test_a_parametrized_weight_is_quantized_and_its_parametrization_is_named_for_what_it_is(kind):
+    """torch.nn.utils.parametrize layers: the layer is quantized on the weight its parametrization
+    produces, and the parametrization's own ops (matmuls, mv) were listed float as 'matmul outside
+    attention' / 'used by mv', which read as if part of the layer stayed float."""
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    fc = getattr(P, kind)(nn.Linear(16, 16))
+    model = nn.Sequential(fc, nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        ref = model(x)
+    res = place_quantizers(model, PlacementConfig(), W, A, example_input=x)
+    assert {"0.input_quantizer", "0.weight_quantizer"} <= set(res.quantizers)
+    about = {n: r for n, r in res.float_reasons.items() if n.startswith("0.")}
+    assert all(n.startswith("0.parametrizations.weight") and r.startswith("computes 0.weight (a torch.nn.utils."
+               "parametrize parametrization); the weight it produces is quantized by 0's weight quantizer")
+               for n, r in about.items()), about
+    quantcore.calibrate(model, [x])
+    qs = quantizers(model)
+    with torch.no_grad():
+        w = fc.weight  # what the parametrization produces: its per-channel max is the calibrated range
+        assert torch.allclose(qs["0.weight_quantizer"].amax.flatten(), w.abs().amax(1), rtol=1e-6)
+        assert not torch.equal(model(x), ref)
+        with quantcore.quantization_disabled(model):
+            assert torch.allclose(model(x), ref, atol=1e-6)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils.parametrize import is_parametrized
 
 from ..config import Override, PlacementConfig
 from ..errors import PlacementError
@@ -651,6 +652,20 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         elif isinstance(mod, nn.MultiheadAttention) and name not in attn_frames and name not in float_reasons:
             float_reasons[name] = ("not called on the example input" if not trace.call_counts.get(name)
                                    else "no softmax(QK^T)V seen in its forward")
+    # A torch.nn.utils.parametrize parametrization (weight norm, orthogonal, spectral norm, LoRA-style)
+    # computes its layer's weight: its own ops are not layers of the network, and a reason such as "matmul
+    # outside attention" read as if part of the layer stayed float. Said for what it is.
+    for name, mod in mods.items():
+        plist = getattr(mod, "parametrizations", None)
+        if not name or not isinstance(plist, nn.ModuleDict) or not is_parametrized(mod):
+            continue
+        quantized = any(s.owner == name for s in sites.values() if s.kind == "weighted")
+        for tensor in plist:
+            prefix = f"{name}.parametrizations.{tensor}"
+            for n in [n for n in float_reasons if n == prefix or n.startswith(prefix + ".")]:
+                float_reasons[n] = (f"computes {name}.{tensor} (a torch.nn.utils.parametrize parametrization)"
+                                    + (f"; the weight it produces is quantized by {name}'s weight quantizer"
+                                       if quantized and tensor == "weight" else ""))
     return sorted(sites.values(), key=lambda s: s.order), float_reasons
 
 
