@@ -398,18 +398,18 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
         ref = float(mse_objective(c, q.spec, min(c.min, 0.0), max(c.max, 0.0))[0])  # grids hold zero
         if err < DEGENERATE_ERROR * max(ref, 1e-30):
             continue
-        head = (f"quantizer {name!r} ({q.spec.bits}-bit, calibrator {q.spec.calibrator!r}): range "
-                f"[{lo:.4g}, {hi:.4g}] clips ")
-        tail = (f" (data [{c.min:.4g}, {c.max:.4g}]); expected squared error {err / max(ref, 1e-30):.3g}x that "
-                f"of the min/max range")
+        head = (f"quantizer {name!r} ({q.spec.bits}-bit, calibrator {q.spec.calibrator!r}): "
+                f"range [{lo:.4g}, {hi:.4g}] clips")
+        data = f"data [{c.min:.4g}, {c.max:.4g}]"
+        excess = f"expected squared error {err / max(ref, 1e-30):.3g}x that of the min/max range"
         if clipped < DEGENERATE_CLIP:  # zero-heavy: the percentile (or search) landed in the zeros
-            out.append(head + f"{100 * clipped_nz:.1f}% of the non-zero calibration values ({100 * zeros / total:.1f}% "
-                       f"of all are zero or nearly; " + tail.removeprefix(" (") + ". A percentile counts the zeros: "
+            out.append(f"{head} {100 * clipped_nz:.1f}% of the non-zero calibration values ({100 * zeros / total:.1f}% "
+                       f"of all are zero or nearly; {data}); {excess}. A percentile counts the zeros: "
                        + (f"percentile {q.spec.percentile:g} lies inside them; "
                           if q.spec.calibrator == "percentile" else "")
                        + "use calibrator 'mse' or 'max', or a higher percentile, for it (an override)")
             continue
-        out.append(head + f"{100 * clipped:.1f}% of the calibration values" + tail
+        out.append(f"{head} {100 * clipped:.1f}% of the calibration values ({data}); {excess}"
                    + f". The {q.spec.calibrator} search assumes most values lie near zero"
                    + (" (KL search: every threshold below the data folds it into one bin)"
                       if q.spec.calibrator == "entropy" else "")

@@ -656,11 +656,10 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
     # computes its layer's weight: its own ops are not layers of the network, and a reason such as "matmul
     # outside attention" read as if part of the layer stayed float. Said for what it is.
     for name, mod in mods.items():
-        plist = getattr(mod, "parametrizations", None)
-        if not name or not isinstance(plist, nn.ModuleDict) or not is_parametrized(mod):
+        if not name or not is_parametrized(mod):
             continue
         quantized = any(s.owner == name for s in sites.values() if s.kind == "weighted")
-        for tensor in plist:
+        for tensor in mod.parametrizations:
             prefix = f"{name}.parametrizations.{tensor}"
             for n in [n for n in float_reasons if n == prefix or n.startswith(prefix + ".")]:
                 float_reasons[n] = (f"computes {name}.{tensor} (a torch.nn.utils.parametrize parametrization)"
@@ -877,7 +876,7 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             _act_check(qname, spec)
     if not set(planned) - removed:
         # a "quantized" model with nothing quantized would evaluate and export as FP32 under its recipe's name
-        why = sorted({r for r in float_reasons.values()})
+        why = sorted(set(float_reasons.values()))
         raise PlacementError(
             "no quantizer to place: "
             + ("every quantizable layer stays float" if planned or float_reasons else
