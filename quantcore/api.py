@@ -58,11 +58,13 @@ class CalibrationResult:
         return dict(self.__dict__)
 
 
-def build_model(recipe: Recipe | str | dict, load_weights: bool = True) -> nn.Module:
+def build_model(recipe: Recipe | str | dict, load_weights: bool = True, seed: int | None = None) -> nn.Module:
     """The recipe's FP32 model (eval mode). ``model.quantcore_weights`` says where its weights came
-    from (``None``: random initialization, no checkpoint/pretrained/pretrained_file). Raises
-    :class:`~quantcore.models.ModelError` naming ``model.name`` when the recipe has no ``model:``."""
-    return create_model(_recipe(recipe).model, load_weights=load_weights)
+    from (``None``: random initialization, no checkpoint/pretrained/pretrained_file). ``seed``: the
+    torch seed a random initialization is drawn with (the caller's RNG is left alone); ``None`` draws
+    from the caller's RNG. Raises :class:`~quantcore.models.ModelError` naming ``model.name`` when the
+    recipe has no ``model:``."""
+    return create_model(_recipe(recipe).model, load_weights=load_weights, seed=seed)
 
 
 def prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any = None) -> nn.Module:

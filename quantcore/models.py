@@ -77,9 +77,11 @@ def _kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
-def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Module:
+def create_model(cfg: ModelConfig | None, load_weights: bool = True, seed: int | None = None) -> nn.Module:
     """The FP32 model described by ``cfg``, in eval mode. ``load_weights=False`` skips weights
-    (used when a quantized checkpoint supplies every tensor).
+    (used when a quantized checkpoint supplies every tensor). ``seed``: build under this torch seed, so a
+    randomly initialized model is the same on every run; the caller's RNG state is left as it was.
+    ``None`` draws from the caller's RNG (its own ``torch.manual_seed`` decides).
 
     The model comes from the registered source :func:`quantcore.model_sources.resolve_source` picks
     (builder, timm, torchvision, hf directory, Google ViT ``.npz``); ``model.checkpoint`` (torch
@@ -93,7 +95,12 @@ def create_model(cfg: ModelConfig | None, load_weights: bool = True) -> nn.Modul
     from .model_sources import resolve_source
 
     source, name = resolve_source(cfg)
-    model, weights = source.build(cfg, name, load_weights)
+    if seed is None:
+        model, weights = source.build(cfg, name, load_weights)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the global RNG is the caller's: restored afterwards
+            torch.manual_seed(seed)
+            model, weights = source.build(cfg, name, load_weights)
     if load_weights and cfg.checkpoint and not source.consumes_checkpoint:
         weights = f"model.checkpoint {cfg.checkpoint}{load_state_dict_uri(model, cfg.checkpoint)}"
     if load_weights:

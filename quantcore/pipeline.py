@@ -222,7 +222,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         if recipes[0].model is None:
             raise RecipeError(f"recipe {recipes[0].name!r}: model.name is missing (no model: section); the "
                               f"pipeline builds the FP32 model from it")
-        fp32 = api.build_model(recipes[0])
+        fp32 = api.build_model(recipes[0], seed=RANDOM_INIT_SEED)
     weights = getattr(fp32, "quantcore_weights", "given by the caller")
     if weights is None and distributed.rank() == 0:
         log.warning(random_weights_warning(recipes[0], [r.name for r in recipes[1:]]))
@@ -331,14 +331,20 @@ def _check_recipes(recipes: Sequence[Recipe]) -> None:
                               f"differ); one run calibrates one FP32 model: run them separately")
 
 
-def random_weights_warning(recipe: Recipe, others: Sequence[str] = ()) -> str:
+# Without weights, a model is initialized under this torch seed: two runs of one recipe calibrate the same
+# model, so their ranges and figures compare (the report's seeds are then the whole story).
+RANDOM_INIT_SEED = 0
+
+
+def random_weights_warning(recipe: Recipe, others: Sequence[str] = (), seed: int = RANDOM_INIT_SEED) -> str:
     """The warning for an FP32 model with random weights; ``others``: further recipes of the run (they
-    quantize the same model)."""
+    quantize the same model); ``seed``: the torch seed it was initialized with."""
     name = recipe.model.name if recipe.model is not None else "?"
     names = ", ".join(repr(n) for n in [recipe.name, *others])
     return (f"the FP32 model {name} (recipe{'s' if others else ''} {names}) has RANDOM WEIGHTS: the recipe sets none of "
             f"model.checkpoint, model.pretrained, model.pretrained_file, and no --checkpoint was given. Its "
-            f"accuracy, and every quantized variant's, will be at chance level.")
+            f"accuracy, and every quantized variant's, will be at chance level (initialized with torch seed "
+            f"{seed}: the same model on every run).")
 
 
 def _dedupe(records: list[dict]) -> list[dict]:

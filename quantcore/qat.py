@@ -584,7 +584,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     torch.manual_seed(cfg.seed)  # a randomly initialized model is the same on every rank
     fp32 = api.build_model(recipe).to(ctx.device).eval()
     if getattr(fp32, "quantcore_weights", "") is None and ctx.is_main:
-        log.warning(random_weights_warning(recipe))
+        log.warning(random_weights_warning(recipe, seed=cfg.seed))
     teacher = _prechecks(cfg, fp32, ctx.device, eval_classes, fold_bn=recipe.placement.fold_bn)
     if resuming:
         try:

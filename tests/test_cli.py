@@ -592,6 +592,25 @@ def test_comma_separated_recipes_and_a_calibration_only_report(image_folder, tmp
                       "quant.activations", "weights only")
 
 
+def test_random_fp32_weights_are_the_same_on_every_run(image_folder, recipe_file, tmp_path, capsys):
+    """A recipe without weights calibrated a different random model on each run (the global RNG's state
+    at build time), so two runs of one recipe gave different ranges and figures under the same seeds."""
+    enc = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever the caller's RNG holds
+        out = tmp_path / f"run{i}"
+        assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+        enc.append(json.loads((out / "tiny_w8a8" / "encodings.json").read_text())["quantizers"])
+    assert enc[0] == enc[1] and len(enc[0]) > 10
+    assert "torch seed 0" in capsys.readouterr().err
+    # the build's seed is its own: the caller's RNG stream goes on as if nothing drew from it
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    quantcore.build_model(quantcore.load_recipe(recipe_file), seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_random_weights_warning_names_every_recipe_of_the_run():
     """`ptq --recipe a,b` quantizes one FP32 model: the warning named only the first recipe."""
     import quantcore
