@@ -405,7 +405,8 @@ class _NoWeights(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(torch.relu(x), 2).flatten(1)
 
 
-@pytest.mark.parametrize("case", ["no quantizable op", "every layer float", "keep_float", "BatchNorm folded first"])
+@pytest.mark.parametrize("case", ["no quantizable op", "every layer float", "keep_float", "BatchNorm folded first",
+                                  "every quantizer disabled", "quant sections disabled", "spec.enabled"])
 def test_prepare_refuses_a_model_left_with_no_quantizer_and_leaves_it_as_it_was(case, tmp_path):
     """A checkpoint with nothing quantized would evaluate and export as FP32 under a quantized name. The
     refusal leaves the model as it was (a BatchNorm fold undone), so a corrected recipe can prepare it."""
@@ -418,15 +419,31 @@ def test_prepare_refuses_a_model_left_with_no_quantizer_and_leaves_it_as_it_was(
         model, over, why = SmallNet(), {"overrides": [{"match": "*", "float": True}]}, r"kept float by overrides\[0\]"
     elif case == "keep_float":
         model, over, why = SmallNet(), {"placement": {"family": "generic", "keep_float": ["*"]}}, "keep_float"
-    else:
+    elif case == "BatchNorm folded first":
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
         model[1].running_mean.uniform_(-1, 1)
         over, why = {"overrides": [{"match": "*", "float": True}]}, "overrides"
+    else:  # placed, but not one quantizer would act (a fold to undo here too)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.LazyLinear(3))
+        model(torch.randn(2, 1, 28, 28))
+        model[1].running_mean.uniform_(-1, 1)
+        over, why = {
+            "every quantizer disabled": ({"overrides": [{"match": "*", "enabled": False}]},
+                                         r"\(4, e.g. '0.input_quantizer'\) is disabled \(overrides\[0\] '\*'\)"),
+            "quant sections disabled": ({"quant": {"weights": {"enabled": False}, "activations": {"enabled": False}}},
+                                        r"is disabled \(quant.weights enabled: false; quant.activations enabled: false\)"),
+            "spec.enabled": ({"quant": {"activations": {"enabled": False}},
+                              "overrides": [{"match": "*weight_quantizer", "spec": {"enabled": False}}]},
+                             r"is disabled \(quant.activations enabled: false; overrides\[0\] '\*weight_quantizer'\)"),
+        }[case]
     model.eval()
     before = copy.deepcopy(model.state_dict())
     recipe = quantcore.load_recipe({"name": "nothing", "placement": {"family": "generic"}, **over})
-    with pytest.raises(PlacementError, match=r"recipe 'nothing': no quantizer to place: .*" + why):
+    prefix = r"every quantizer placed .*" if "disabled" in case or case == "spec.enabled" else "no quantizer to place: .*"
+    with pytest.raises(PlacementError, match=r"recipe 'nothing': " + prefix + why):
         quantcore.prepare(model, recipe, example_input=torch.randn(2, 1, 28, 28))
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from quantcore.config import Override, PlacementConfig, SpecPatch
+from quantcore.errors import PlacementError
 from quantcore.fold import fold_batchnorm
 from quantcore.formats import QuantSpec
 from quantcore.nn import QuantResidualBlock
@@ -298,9 +299,16 @@ def test_disabled_is_bit_exact_and_calibrated_is_close(key):
 def test_placed_with_disabled_specs_is_bit_exact(key):
     model, x = get_model(key)
     ref = copy.deepcopy(model)
-    res = place_quantizers(model, PlacementConfig(mode="ft2", fold_bn=False, quantize_model_input=True), W_OFF, A_OFF)
+    # every spec disabled at placement is refused (nothing would act), the model left as it was
+    with pytest.raises(PlacementError, match=r"every quantizer placed .* is disabled \(quant.weights enabled: false; "
+                                             r"quant.activations enabled: false\)"):
+        place_quantizers(model, PlacementConfig(mode="ft2", fold_bn=False, quantize_model_input=True), W_OFF, A_OFF)
+    assert not quantizers(model)
+    res = place_quantizers(model, PlacementConfig(mode="ft2", fold_bn=False, quantize_model_input=True), W, A_OFF)
     assert res.folded_bn == []
-    calibrate(model, x)  # ranges exist, but every spec says enabled=False
+    calibrate(model, x)  # ranges exist; activations disabled, and now the weights too
+    for q in quantizers(model).values():
+        q.set_spec(q.spec.model_copy(update={"enabled": False}))
     assert torch.equal(run(model, x), run(ref, x))
 
 

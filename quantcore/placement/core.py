@@ -883,6 +883,17 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
                f"the example input (shape {shape}) reached no quantizable op (Linear, Conv, matmul of attention)")
             + (f" ({'; '.join(why[:3])}{'; ...' if len(why) > 3 else ''})" if why else "")
             + "; nothing would be quantized")
+    kept = sorted(set(planned) - removed)
+    if not any(final_specs[q].enabled for q in kept):
+        # placed but all switched off: the same FP32 model under a quantized recipe's name
+        why = [f"quant.{w} enabled: false" for w, spec in (("weights", weight_spec), ("activations", act_spec))
+               if not spec.enabled]
+        why += [r.source for r in rules if r.source and r.hits & set(kept)
+                and False in (r.enabled, getattr(r.patch, "enabled", None))]
+        raise PlacementError(
+            f"every quantizer placed ({len(kept)}, e.g. {kept[0]!r}) is disabled"
+            + (f" ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''})" if why else "")
+            + ": nothing would be quantized; enable some (enabled: true), or evaluate the FP32 model itself")
     for qname in planned:
         owner, _, attr = qname.rpartition(".")
         holder = mods.get(owner) if owner else model
