@@ -499,7 +499,16 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     t_write = time.perf_counter()
     scores, data_info, eval_skipped = ({}, {}, [])
     if evald is not None:
-        scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
+        try:
+            scores, data_info, eval_skipped = evaluate_variants(fp32, variants, evald, opts)
+        except Exception:
+            # the run stops without a report: say that the calibration's results are there to keep
+            if distributed.rank() == 0:
+                log.warning("evaluation failed (the error follows); the calibrated checkpoints are written and "
+                            "kept, without a report: %s; once the cause is fixed, evaluate them with `quantcore "
+                            "evaluate --checkpoint URI --data ...` (no re-calibration)",
+                            ", ".join(a["checkpoint"] for a in artifacts.values()))
+            raise
     t_eval = time.perf_counter()
     ds_classes = data_info.pop("class_names", None) or None
     eval_cost = data_info.pop("evaluation_cost", None)

@@ -611,6 +611,26 @@ def test_random_fp32_weights_are_the_same_on_every_run(image_folder, recipe_file
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_ptq_whose_evaluation_fails_says_the_checkpoints_are_kept(image_folder, recipe_file, tmp_path, capsys):
+    """A corrupt evaluation image stopped ptq after the checkpoints were written: exit 2 with the image's
+    name, but nothing said that model.qc.pt/encodings.json were there (without a report) and usable."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    splits = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name != "train")
+    cls = sorted(p for p in (data / splits[0]).iterdir() if p.is_dir())[0]
+    (cls / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", data, "--eval-split", splits[0], "--out", out,
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    ckpt = out / "tiny_w8a8" / "model.qc.pt"
+    assert "broken.jpg" in err and "calibrated checkpoints are written and kept" in err and str(ckpt) in err, err
+    assert err.index("written and kept") < err.index("error:")  # the note, then the error itself
+    assert quantcore.quantizers(quantcore.load(str(ckpt))) and not (out / "report.json").exists()
+
+
 def test_random_weights_warning_names_every_recipe_of_the_run():
     """`ptq --recipe a,b` quantizes one FP32 model: the warning named only the first recipe."""
     import quantcore
