@@ -389,8 +389,11 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
         clipped = clipped_n / total
         # the bin holding zero: a post-ReLU map can be 99 % exact zeros, and a range that clips every
         # non-zero value then clips "only" 1 % of the values (percentile 99 inside the zero mass)
-        iz = int(round(-e0 / w))
-        zeros = float(counts[iz]) if 0 <= iz < counts.numel() else 0.0
+        if w > 0:
+            iz = int(round(-e0 / w))
+            zeros = float(counts[iz]) if 0 <= iz < counts.numel() else 0.0
+        else:  # every value the same (a dead layer: all zeros): one point, no bins
+            zeros = total if c.min == 0.0 == c.max else 0.0
         nonzero = total - zeros
         clipped_nz = clipped_n / nonzero if nonzero > 0 else 0.0
         zero_heavy = zeros >= 0.5 * total and clipped_nz >= DEGENERATE_CLIP_NONZERO

@@ -643,6 +643,44 @@ def test_a_range_inside_the_zero_mass_of_a_sparse_activation_is_named(percentile
             assert "of the non-zero calibration values" in said[0] and f"percentile {percentile:g}" in said[0]
             assert any("fc.input_quantizer" in r.message for r in caplog.records)
 
+@pytest.mark.parametrize("value", [0.0, 0.75, -3.0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_point_mass_activation_calibrates_with_every_calibrator(value, symmetric):
+    """A dead layer (every value exactly 0, e.g. a ReLU after a negative map of a randomly initialized
+    HF MobileViT) or a constant one: the histogram has zero width, and the range-warning check divided by
+    it (ZeroDivisionError, exit 1, for percentile/mse/entropy/tf_enhanced). Each calibrator gives a range
+    that holds the value, and the quantized layer reproduces it (to half a grid step)."""
+    import quantcore
+    from quantcore.api import encodings
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x * 0.0 + value)
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    for method in METHODS:
+        torch.manual_seed(0)
+        m = Net().eval()
+        ref = m(x)
+        quantcore.prepare(m, {"version": 1, "name": "point", "placement": {"family": "generic"},
+                              "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
+                              "calibration": {"method": method, "num_batches": 1, "batch_size": len(x)}},
+                          example_input=x[:2])
+        res = quantcore.calibrate(m, [x])
+        row = next(r for r in encodings(m)["quantizers"] if r["name"] == "fc.input_quantizer")
+        lo, hi = _grid_of_row(row)
+        assert lo - 1e-6 <= value <= hi + 1e-6, (method, symmetric, value, row)  # float32 scale x 127
+        step = (hi - lo) / (row["quant_max"] - row["quant_min"]) if hi > lo else 0.0
+        q_in = m.fc.input_quantizer(torch.full((1, 8), value))
+        assert float((q_in - value).abs().max()) <= step / 2 + 1e-6, (method, symmetric, value, row)
+        assert not [w for w in res.warnings if "'fc.input_quantizer'" in w and "clips" in w], res.warnings
+        assert torch.isfinite(m(x)).all() and ref.shape == m(x).shape
+
+
 # -- awkward data: what a range cannot come from is refused by name, never a silent range ------------
 
 def _two_branch_model():
