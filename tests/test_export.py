@@ -635,6 +635,54 @@ def test_an_export_onnxruntime_computes_wrongly_is_refused_not_written(tmp_path)
     assert rep["smoke"]["top1_agreement"] == 100.0 and (tmp_path / "a8" / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_ranges_per_input_channel_are_refused_by_export(layer, symmetric, tmp_path, monkeypatch):
+    """A recipe may calibrate a weight per channel on axis 1 (its input channels): valid fake quantization,
+    but no integer kernel takes one scale per input channel. The export wrote a model.onnx onnxruntime's
+    default session refuses (symmetric activations: exit 0, no word) or died in onnxruntime's traceback
+    (asymmetric: exit 1). Now refused naming the quantizer, before anything is written; and a graph
+    onnxruntime cannot load at its defaults is refused as such even without --check-data."""
+    from quantcore.export import onnx_qdq
+    from quantcore.export.run import export_model
+
+    class Tokens(torch.nn.Module):  # (N, C, H, W) -> (N, HW, C): a Linear on tokens exports as MatMul, as in a ViT
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(1)
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                            Tokens(), torch.nn.Linear(16, 32), Mean(), torch.nn.Linear(32, 10)).eval()
+    target = "2.weight_quantizer" if layer == "conv" else "4.weight_quantizer"
+    r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
+         "quant": {"activations": {"bits": 8, "symmetric": symmetric}},
+         "overrides": [{"match": target, "spec": {"per_channel": True, "axis": 1}}]}
+    q = api.prepare(m, r, example_input=torch.randn(2, 3, 16, 16))
+    api.calibrate(q, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
+    assert api.quantizers(q)[target].amax.numel() == 16  # the recipe's grid is per input channel
+    for fmt in (["onnx"], ["aimet"], ["trt-table"]):
+        with pytest.raises(ExportError, match=rf"quantizer {target}: per-channel weight ranges on axis 1 .*not its "
+                                              r"output channels.*axis 0"):
+            export_model(q, str(tmp_path / fmt[0]), formats=fmt, x=torch.randn(1, 3, 16, 16))
+        assert not (tmp_path / fmt[0]).exists()
+    # the graph it used to write: onnxruntime's fused MatMulIntegerToFloat refuses it (now an ExportError
+    # naming that, not its traceback), and the convolution runs in float
+    monkeypatch.setattr(onnx_qdq, "_check_weight_axis", lambda *a: None)
+    if layer == "linear":
+        with pytest.raises(ExportError, match=r"onnxruntime (\(optimization all-exact\)|with its default graph "
+                                              r"optimizations) cannot run the exported graph.*MatMulIntegerToFloat.*"
+                                              r"nothing was written"):
+            export_model(q, str(tmp_path / "raw"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
+        assert not (tmp_path / "raw" / "model.onnx").exists()
+    else:
+        rep = export_model(q, str(tmp_path / "raw"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
+        assert "ConvInteger" not in rep.get("integer_ops", {}) and (tmp_path / "raw" / "model.onnx").exists()
+
+
 def test_trt_table_and_aimet_describe_the_quantizers_grid_at_opset_21(tmp_path):
     """A 4-bit weight forces opset 21, where model.onnx writes int8 activations as uint8 (+128) for
     onnxruntime; the range table and AIMET encodings read that rewritten grid: every symmetric int8

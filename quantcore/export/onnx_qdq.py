@@ -142,11 +142,37 @@ def grid_plans(model: nn.Module) -> dict[str, QdqSpec]:
     (no ONNX-only rewrite such as :func:`_as_uint8`): what the TensorRT range table and AIMET
     encodings describe."""
     plans = {}
+    mods = dict(unwrap(model).named_modules())
     for name, q in quantizers(unwrap(model)).items():
         p = quantizer_qdq(name, q)
         if p is not None:
+            _check_weight_axis(name, p, mods.get(name.rpartition(".")[0]))
             plans[name] = p
     return plans
+
+
+def _check_weight_axis(name: str, p: QdqSpec, owner: Optional[nn.Module]) -> None:
+    """A per-channel weight grid must run along the layer's output channels: an integer GEMM/convolution
+    factors one scale per output channel out of its sums (onnxruntime's MatMulInteger/ConvInteger fusions
+    take exactly that); per input channel, every product would need its own scale. Such a graph is valid
+    ONNX, but onnxruntime's default session refuses it for a MatMul (its MatMulIntegerToFloat fusion) and
+    runs a convolution in float."""
+    if p.op != "qdq" or p.kind != "weight" or p.axis is None or p.scale.size <= 1:
+        return
+    if isinstance(owner, nn.modules.conv._ConvTransposeNd):
+        out_axis = 1  # (in, out / groups, *kernel)
+    elif isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
+        out_axis = 0
+    else:
+        return
+    ndim = owner.weight.dim()
+    if p.axis % ndim != out_axis:
+        raise ExportError(f"quantizer {name}: per-channel weight ranges on axis {p.axis} of "
+                          f"{type(owner).__name__} weight {tuple(owner.weight.shape)}, not its output channels: an "
+                          f"integer GEMM/convolution factors one scale per output channel (axis {out_axis}) out of "
+                          f"its sums, so no integer kernel runs it (onnxruntime's default session refuses such a "
+                          f"MatMul and runs such a convolution in float). Calibrate it with axis {out_axis} or per "
+                          f"tensor (an override) to export it; the checkpoint's fake quantization is unaffected")
 
 
 def plan_export(model: nn.Module, opset: Optional[int] = None) -> tuple[dict[str, QdqSpec], int]:
