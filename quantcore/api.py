@@ -640,6 +640,9 @@ def save(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> Non
     tf = _transform_record(model)
     if tf is not None:
         meta["eval_transform"] = tf
+    definition = getattr(model, "quantcore_definition", None)
+    if definition:  # the files the architecture was read from (an HF directory's config.json ...)
+        meta["model_definition"] = definition
     storage.write_bytes(uri, checkpoint_bytes(model, meta))
 
 
@@ -726,7 +729,7 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
             raise CheckpointError(f"checkpoint {uri}: its recipe has no model: section to rebuild the model "
                                   f"from; pass the module: quantcore.load(uri, model=MyModel())")
         try:
-            model = create_model(recipe.model, load_weights=False)
+            model = _rebuild(recipe, meta)
         except UserError as err:
             raise CheckpointError(f"checkpoint {uri}: the model is rebuilt from its recipe's model: section "
                                   f"(weights from the checkpoint), which failed: {err}") from None
@@ -783,6 +786,24 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
                     "ranges here and encodings.json does not report them as shared; re-calibrate (quantcore ptq), "
                     "or quantcore.placement.unify_shared_ranges(model) gives them the union", uri, ", ".join(group))
     return model.eval()
+
+
+def _rebuild(recipe: Recipe, meta: dict[str, Any]) -> nn.Module:
+    """The stored recipe's model without weights; from the definition files the checkpoint stores when it
+    has them (an HF directory's config.json/preprocessor_config.json), so the checkpoint loads the model it
+    was calibrated on wherever it is loaded, whatever the directory at ``model.name`` holds by then."""
+    definition = meta.get("model_definition") or {}
+    if definition.get("source") != "hf" or not definition.get("files"):
+        return create_model(recipe.model, load_weights=False)
+    from .model_sources.hf import PREPROCESSOR, stored_definition
+
+    with stored_definition(definition["files"]) as tmp:
+        model = create_model(recipe.model.model_copy(update={"name": tmp}), load_weights=False)
+    pre = (getattr(model, "pretrained_cfg", None) or {}).get("hf_preprocessing") or {}
+    if pre.get("file"):  # named as the directory it came from, not the temporary copy
+        pre["file"] = f"{recipe.model.name.rstrip('/')}/{PREPROCESSOR} (stored in the checkpoint)"
+    model.quantcore_definition = definition
+    return model
 
 
 def _recipe(recipe: Recipe | str | dict) -> Recipe:

@@ -95,12 +95,20 @@ _FILE_FIELDS = ("checkpoint", "pretrained_file")
 
 
 def _relative_to_recipe(data: Any, src: str) -> None:
-    """Resolve relative ``model.checkpoint``/``model.pretrained_file`` paths against the recipe's own
-    folder (or S3 prefix), as Helm values or compose files do: resolved against the working
-    directory, the same recipe loaded other weights depending on where it was run from."""
+    """Resolve relative ``model.checkpoint``/``model.pretrained_file`` paths, and a ``model.name`` written
+    as a relative path (``./``, ``../``: a model directory), against the recipe's own folder (or S3
+    prefix), as Helm values or compose files do: resolved against the working directory, the same recipe
+    loaded another model depending on where it was run from. A bare ``model.name`` is a registry name
+    (or a directory in the working directory)."""
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         return
+    name = model.get("name")
+    if isinstance(name, str) and name.startswith(("./", "../")):  # a model directory given as a path (HF)
+        try:
+            model["name"] = relative_to_file(name, src)
+        except ValueError as err:
+            raise RecipeError(f"recipe {src}: model.name {name!r} {err}") from None
     for key in _FILE_FIELDS:
         val = model.get(key)
         if isinstance(val, str) and val:

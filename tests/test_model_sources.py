@@ -391,6 +391,63 @@ def test_hf_model_prepares_calibrates_saves_and_loads(tmp_path):
         assert torch.equal(logits(loaded(x)), q)
 
 
+def test_an_hf_checkpoint_is_the_model_it_was_calibrated_on_wherever_the_directory_goes(tmp_path, monkeypatch):
+    """A quantized HF checkpoint rebuilt its model from whatever config.json sat at model.name when it was
+    loaded, resolved against the working directory: an edited config (another activation, relabelled
+    classes) gave other logits and labels without a word, and another working directory could not load it.
+    It now stores the definition files; and a relative model.name is relative to the recipe, as
+    model.checkpoint is."""
+    import shutil
+
+    import yaml
+
+    import quantcore.data
+
+    ref = hf_model("vit")
+    d = tmp_path / "models" / "vit"
+    ref.save_pretrained(d)
+    hf_processor("vit").save_pretrained(d)
+    rdir = tmp_path / "recipes"
+    rdir.mkdir()
+    (rdir / "r.yaml").write_text(yaml.safe_dump({
+        "name": "hf_rel", "model": {"name": "../models/vit"},
+        "calibration": {"method": "max", "num_batches": 1, "batch_size": 4}}))
+    elsewhere = tmp_path / "run"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the recipe's folder nor the model's parent
+    recipe = quantcore.load_recipe(str(rdir / "r.yaml"))
+    assert recipe.model.name == str(d)
+    model = quantcore.prepare(quantcore.build_model(recipe), recipe)
+    quantcore.calibrate(model, [images(4, 32, seed=1)])
+    x = images(3, 32, seed=2)
+    with torch.no_grad():
+        q = logits(model(x))
+    labels = dict(model.config.id2label)
+    path = str(tmp_path / "vit.qc.pt")
+    quantcore.save(model, path)
+    tf = quantcore.data.describe_transform(model)
+    # the directory changes under the checkpoint: another activation, reversed labels, other statistics
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_act"] = "relu"
+    cfg["id2label"] = {k: v for k, v in zip(cfg["id2label"], reversed(list(cfg["id2label"].values())))}
+    (d / "config.json").write_text(json.dumps(cfg))
+    pre = json.loads((d / "preprocessor_config.json").read_text())
+    pre["image_mean"] = [0.5, 0.5, 0.5]
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    changed = quantcore.build_model(recipe)
+    with torch.no_grad():
+        assert not torch.allclose(logits(changed(x)), logits(ref(x)), atol=1e-4)  # the edit does change the model
+    for where in (elsewhere, tmp_path):
+        monkeypatch.chdir(where)
+        loaded = quantcore.load(path)
+        with torch.no_grad():
+            assert torch.equal(logits(loaded(x)), q)
+        assert dict(loaded.config.id2label) == labels and loaded.config.hidden_act == ref.config.hidden_act
+        assert quantcore.data.describe_transform(loaded)["mean"] == tf["mean"]
+    shutil.rmtree(d)  # gone: the checkpoint alone still loads
+    assert torch.equal(logits(quantcore.load(path)(x)), q)
+
+
 def test_hf_directory_on_s3_and_npz_on_s3(tmp_path, s3_bucket):
     from quantcore.io import storage
 
@@ -883,8 +940,9 @@ def test_cli_exits_2_naming_the_file(tmp_path, capsys):
 
 
 def test_a_checkpoint_warns_when_its_model_files_now_preprocess_otherwise(tmp_path, caplog):
-    """model.qc.pt of a HF directory rebuilds the model from that directory: an edited
-    preprocessor_config.json would evaluate the calibrated ranges on other pixels without a word."""
+    """A model.qc.pt written before checkpoints stored the HF definition files rebuilds the model from
+    that directory: an edited preprocessor_config.json would evaluate the calibrated ranges on other pixels
+    without a word. (Checkpoints written now carry the files: the test above.)"""
     import logging
 
     from quantcore.checkpoint import CheckpointError
@@ -895,6 +953,7 @@ def test_a_checkpoint_warns_when_its_model_files_now_preprocess_otherwise(tmp_pa
     rec = {"name": "w8", "model": {"name": str(d)}, "placement": {"family": "vit"}}
     model = quantcore.prepare(quantcore.build_model(rec), rec)
     quantcore.calibrate(model, [images(2, 32)])
+    del model.quantcore_definition  # as an older quantcore wrote it: no stored config.json
     quantcore.save(model, str(tmp_path / "m.qc.pt"))
     with caplog.at_level(logging.WARNING, logger="quantcore.api"):
         quantcore.load(str(tmp_path / "m.qc.pt"))

@@ -102,13 +102,42 @@ class HFSource(ModelSource):
                 model = cls(config)
                 weights = None
             pcfg = hf_data_config(local, name, config, arch)
+            definition = _definition_files(local)
         model.float()
+        # what the architecture and preprocessing were read from: a checkpoint stores it, so it loads the
+        # same model wherever it is loaded and whatever the directory holds by then (quantcore.load)
+        model.quantcore_definition = {"source": self.name, "files": definition}
         model.pretrained_cfg = pcfg
         model.default_cfg = pcfg
         if pcfg["hf_preprocessing"]["flip_channel_order"]:
             model.register_forward_pre_hook(flip_channel_order, with_kwargs=True)
         _check_input_size(model, pcfg, name, config)
         return model, weights
+
+
+def _definition_files(local: str) -> dict[str, str]:
+    """``{file name: text}`` of the files that define the model apart from its weights (``config.json``,
+    ``preprocessor_config.json`` when present)."""
+    out = {}
+    for file in (CONFIG, PREPROCESSOR):
+        path = os.path.join(local, file)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                out[file] = f.read()
+    return out
+
+
+@contextlib.contextmanager
+def stored_definition(files: dict[str, str]) -> Iterator[str]:
+    """A temporary directory holding a checkpoint's stored definition files (``config.json`` ...), for
+    rebuilding its model without the original directory."""
+    with tempfile.TemporaryDirectory(prefix="quantcore-hf-def-") as tmp:
+        for file, text in files.items():
+            if file not in (CONFIG, PREPROCESSOR):  # only the names this source writes
+                continue
+            with open(os.path.join(tmp, file), "w", encoding="utf-8") as f:
+                f.write(text)
+        yield tmp
 
 
 def _join(name: str, file: str) -> str:
