@@ -36,9 +36,8 @@ from torch import nn
 
 from . import api, distributed
 from .config import Recipe
-from .data import (describe_transform, eval_transform, first_batches, limit_subset, make_loader, model_label_names,
-                   unused_files, unused_files_warning,
-                   open_dataset, per_class_subset)
+from .data import (describe_transform, eval_transform, first_batches, label_notes, limit_subset, make_loader,
+                   model_label_names, open_dataset, per_class_subset, unused_files, unused_files_warning)
 from .data.errors import DataError
 from .errors import UserError
 from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
@@ -381,8 +380,12 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
             "evaluation_cost": _cost_info(cost, models, dev)}
     unused = unused_files(ds)
+    notes = [f"evaluation data: {n}" for n in label_notes(ds)]  # open_dataset logged them
     if unused:
-        info.update(unused_files=unused, warnings=[f"evaluation data: {unused_files_warning(ds)}"])
+        info.update(unused_files=unused)
+        notes.append(f"evaluation data: {unused_files_warning(ds)}")
+    if notes:
+        info["warnings"] = notes
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
 
 
@@ -616,6 +619,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         warnings.append(random_weights_warning(model.quantcore_recipe))
         if distributed.rank() == 0:
             log.warning(warnings[-1])
+    warnings += [f"evaluation data: {n}" for n in label_notes(ds)]  # open_dataset logged them
     unused = unused_files(ds)
     if unused:  # open_dataset logged it
         warnings.append(f"evaluation data: {unused_files_warning(ds)}")

@@ -839,7 +839,8 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
 
 def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
          ctx: distributed.DistContext) -> dict:
-    from .data import DataError, class_mismatch, model_label_names, open_dataset, unused_files, unused_files_warning
+    from .data import (DataError, class_mismatch, label_notes, model_label_names, open_dataset, unused_files,
+                       unused_files_warning)
     from .data.transforms import train_transform
     from .placement import unwrap
 
@@ -1041,6 +1042,9 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         return uri
 
     eval_ctx = _EvalContext(evald, fp32, opts, workers) if evald is not None else None
+    # how the data's labels map to the model's classes (open_dataset logged it): kept for the report
+    setup_warnings += [f"training data: {n}" for n in label_notes(ds)]
+    setup_warnings += [f"evaluation data: {n}" for n in label_notes(eval_ctx.ds)] if eval_ctx is not None else []
     diff = class_mismatch(ds.classes, eval_ctx.ds.classes) if eval_ctx is not None else None
     if diff:  # training labels and evaluation labels must be the same classes: label i is class i in both
         raise DataError(f"the training data ({train.uri} split {train.split!r}) and the evaluation data ({evald.uri} "

@@ -295,6 +295,41 @@ def test_calibration_on_fewer_images_than_the_recipe_asks_is_said(image_folder, 
     assert any("has 19: calibrated on 18 (1 unreadable, skipped)" in w for w in rep["warnings"]), rep["warnings"]
 
 
+def test_how_evaluation_labels_map_to_the_models_classes_is_in_the_report(image_folder, recipe_file, tmp_path,
+                                                                          capsys):
+    """A checkpoint calibrated on cat/dog/fox, evaluated on folders that lack one of them (folders and packed
+    shards) or share no name with them at all: the label mapping was said on stderr only (absent classes) or
+    not at all (no shared name: labels by position, silently). Each is now in report.json and on stderr."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    ckpt = out / "tiny_w8a8" / "model.qc.pt"
+    classes = sorted(p.name for p in (image_folder / "val").iterdir() if p.is_dir())
+    sub = tmp_path / "sub"
+    shutil.copytree(image_folder / "val", sub / "val", ignore=shutil.ignore_patterns(classes[0]))
+    other = tmp_path / "other"
+    for i, c in enumerate(classes):
+        shutil.copytree(image_folder / "val" / c, other / "val" / f"class_{i}")
+    assert run("pack", sub, tmp_path / "sub_shards", "--split", "val") == 0
+    capsys.readouterr()
+    for data, said in [(sub, "has no class folder for 1 of the model's 3 classes"),
+                       (tmp_path / "sub_shards", "has no images of 1 of the model's 3 classes"),
+                       (other, "share no name with the model's labels")]:
+        ev = tmp_path / f"ev_{data.name}"
+        assert run("evaluate", "-c", ckpt, "-d", data, "-o", ev, "--no-progress") == 0
+        assert said in capsys.readouterr().err
+        warned = json.loads((ev / "report.json").read_text())["warnings"]
+        assert [w for w in warned if said in w and w.startswith("evaluation data: ")], (said, warned)
+        assert said in (ev / "report.md").read_text()
+    # ptq (FP32 model without label names of its own) compares the calibration and evaluation classes instead
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--eval-data", other, "--out",
+               tmp_path / "run2", "--no-progress") == 0
+    assert "list different classes" in capsys.readouterr().err
+    assert [w for w in json.loads((tmp_path / "run2" / "report.json").read_text())["warnings"]
+            if "list different classes" in w]
+
+
 def test_files_that_are_not_samples_are_in_every_report_and_the_pack_index(image_folder, recipe_file, tmp_path):
     """A GIF, a text file and a hidden file among the images are not samples: the ptq, evaluate and
     pack outputs list them (report.json data.unused_files, a report.md warning, index.json), so a

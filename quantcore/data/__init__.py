@@ -8,8 +8,8 @@ data-parallel sharding, and skip-aware loading.
         ...
 """
 from .base import IMG_EXTS, ImageDataset, decode_image, to_8bit
-from .detect import (LAYOUTS, class_mismatch, detect_layout, model_label_names, open_dataset, unused_files,
-                     unused_files_warning)
+from .detect import (LAYOUTS, class_mismatch, detect_layout, label_notes, model_label_names, open_dataset,
+                     unused_files, unused_files_warning)
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 from .folder import FolderDataset
 from .loader import SkipAwareLoader, collate_skip, make_loader
@@ -27,7 +27,7 @@ __all__ = [
     "class_mismatch",
     "DataError", "SkipLog", "SkipRecord", "Skipped",
     "ImageDataset", "FolderDataset", "ZipShardDataset", "ImagePathsDataset", "Resisc45Dataset", "Shard",
-    "open_dataset", "unused_files", "unused_files_warning", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
+    "open_dataset", "unused_files", "unused_files_warning", "label_notes", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",
     "load_label_map", "INDEX_NAME",
     "pack", "pack_arrays", "write_shards",
     "per_class_subset", "first_batches", "random_subset", "shard_indices", "stratified_subset", "class_quotas",

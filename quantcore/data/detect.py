@@ -114,6 +114,27 @@ def s3_prefix_has_objects(prefix_uri: str) -> bool:
     return False
 
 
+def _label_note(ds: Any, msg: str, *args: Any) -> None:
+    """Log a warning about how the data's labels map to the model's classes, and keep it on ``ds``
+    (``ds.label_notes``, see :func:`label_notes`) for the run's report: a console line alone is lost."""
+    text = msg % args if args else msg
+    log.warning("%s", text)
+    ds.label_notes = [*getattr(ds, "label_notes", []), text]
+
+
+def label_notes(ds: Any) -> list[str]:
+    """The label-mapping warnings :func:`open_dataset` gave for ``ds`` (empty when none)."""
+    return list(getattr(ds, "label_notes", []))
+
+
+def _no_shared_name(ds: Any, where: str, order: str, names: list[str]) -> None:
+    """Not one class of the data is named as one of the model's labels: labels go by position."""
+    _label_note(ds, "the classes of %s share no name with the model's labels (e.g. %r is label 0 here, the "
+                "model's class 0 is %r): labels are taken by position (%s), so the data's class i is scored as "
+                "the model's class i; right if they are the same classes under other names, otherwise top-1 is "
+                "scored against other labels", where, ds.classes[0] if ds.classes else None, names[0], order)
+
+
 def open_dataset(uri: str, split: str = "val", transform: Callable | None = None, layout: str = "auto",
                  skip_bad: bool = False, cache_dir: str | None = None, **kwargs: Any):
     """Open ``split`` of the dataset at ``uri`` (local path, ``file://`` or ``s3://``).
@@ -150,35 +171,39 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         moved = off is not None or len(ds.classes) != len(keyed)
         if names and moved and _take_model_labels(ds, list(names), keyed):
             if ds.absent_classes:
-                log.warning("split %r of %s has no images of %d of the model's %d classes (e.g. %r): the others "
+                _label_note(ds, "split %r of %s has no images of %d of the model's %d classes (e.g. %r): the others "
                             "keep the model's label indices, and the absent ones are scored with no images", split,
                             uri, len(ds.absent_classes), len(names), ds.absent_classes[0])
             else:
-                log.warning("the classes of %s are the model's in another order: labels follow the model's order "
+                _label_note(ds, "the classes of %s are the model's in another order: labels follow the model's order "
                             "(id2label), not the order packed in its index", uri)
+        elif names and off is not None and not {key(c) for c in ds.classes} & set(keyed):
+            _no_shared_name(ds, uri, "label order of its index", list(names))
         elif names and off is not None and {key(c) for c in ds.classes} & set(keyed):
             i, c = off
             where = f"class {keyed.index(key(c))} in the model" if key(c) in keyed else "not a label of the model"
-            log.warning("the class names of %s (label order of its index) differ from the model's label order: "
+            _label_note(ds, "the class names of %s (label order of its index) differ from the model's label order: "
                         "e.g. %r is label %d there, %s; only a split whose classes are all the model's "
                         "labels is mapped by name, so its labels are used as packed", uri, c, i, where)
         _warn_unused(ds)
         return ds
     ds = FolderDataset(uri, split, transform, skip_bad=skip_bad, label_names=names, **kwargs)
     if names and "classes" not in kwargs and ds.classes == list(names) and ds.classes != sorted(ds.classes):
-        log.warning("class folders under %s carry the model's label names: labels follow the model's order "
+        _label_note(ds, "class folders under %s carry the model's label names: labels follow the model's order "
                     "(id2label), not the sorted folder names", ds.root)
     elif names and ds.absent_classes:
-        log.warning("split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
+        _label_note(ds, "split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
                     "model's label indices, and the absent ones are scored with no images", ds.root,
                     len(ds.absent_classes), len(names), ds.absent_classes[0])
     elif names and getattr(ds, "label_match", None):
         i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
-        log.warning("class folders under %s carry the model's label names up to letter case or Unicode form "
+        _label_note(ds, "class folders under %s carry the model's label names up to letter case or Unicode form "
                     "(e.g. folder %r is the model's %r, class %d): labels follow the model's order (id2label), "
                     "not the sorted folder names", ds.root, ds.classes[i], names[i], i)
+    elif names and ds.classes != list(names) and not set(ds.classes) & set(names):
+        _no_shared_name(ds, ds.root, "sorted folder names", list(names))
     elif names and ds.classes != list(names) and set(ds.classes) & set(names):
-        log.warning("class folders under %s share names with the model's labels but are not the same set: "
+        _label_note(ds, "class folders under %s share names with the model's labels but are not the same set: "
                     "label i is the i-th sorted folder, which may not be the model's class i (e.g. folder %r is "
                     "label %d, the model's %r is class %d)", ds.root, *_first_mismatch(ds.classes, list(names)))
     _warn_unused(ds)
