@@ -467,22 +467,36 @@ class Recipe(_Strict):
                 out[field] = (f"calibration.{field}: {getattr(c, field)!r} and {section}.calibrator: "
                               f"{patch.calibrator!r} contradict each other ({section}.calibrator wins, so "
                               f"calibration.{field} would act on nothing); give one")
-        readers = {qa.calibrator or c.method, qw.calibrator or c.weights_method, *over}
+        # a section whose format is a float cast (fp16, bf16, fp8) has no range, so no calibrator reads for
+        # it; unless an override turns some of its quantizers into an integer grid (they keep its calibrator)
+        from .quantizer_kinds import quantizer_kind
+
+        to_grid = any(o.spec is not None and o.spec.format is not None and not quantizer_kind(o.spec.format).is_float
+                      for o in self.overrides)
+        sections = {"quant.activations": (qa, c.method, "method"), "quant.weights": (qw, c.weights_method, "weights_method")}
+        reading = {}
+        for section, (patch, method, field) in sections.items():
+            fmt = patch.format or "int"
+            if quantizer_kind(fmt).is_float and not to_grid:
+                out.setdefault(field, f"calibration.{field}: {method!r} cannot act: {section} is format {fmt!r}, a "
+                                      f"float cast with no range to calibrate; remove it")
+            else:
+                reading[section] = (patch.calibrator or method, patch.percentile)
+        readers = {cal for cal, _ in reading.values()} | set(over)
         # calibration.percentile is read by a section whose calibrator is percentile and which sets no
         # percentile of its own (weights too: Recipe.weight_spec), and by overrides to percentile
-        own = {"quant.activations": (qa.calibrator or c.method, qa.percentile),
-               "quant.weights": (qw.calibrator or c.weights_method, qw.percentile)}
+        own = reading
         replaced = [f"{k}.percentile" for k, (cal, pct) in own.items() if cal == "percentile" and pct is not None]
         read = any(cal == "percentile" and pct is None for cal, pct in own.values()) or "percentile" in over
         if not read:
             why = (f"{' and '.join(replaced)} {'replaces' if len(replaced) == 1 else 'replace'} it" if replaced
-                   else f"no quantizer uses calibrator percentile (calibrators: {', '.join(sorted(readers))})")
+                   else f"no quantizer uses calibrator percentile (calibrators: {', '.join(sorted(readers)) or 'none'})")
             out["percentile"] = f"calibration.percentile: {c.percentile} cannot act: {why}; remove it"
         from .calib.registry import calibrator
 
         if not any(calibrator(r).statistics == "histogram" for r in readers):
             out["bins"] = (f"calibration.bins: {c.bins} cannot act: no quantizer uses a histogram calibrator "
-                           f"(calibrators: {', '.join(sorted(readers))}); remove it")
+                           f"(calibrators: {', '.join(sorted(readers)) or 'none'}); remove it")
         if c.images_per_class and c.num_batches is not None:  # num_batches: null says "not this way"
             out["num_batches"] = (f"calibration.images_per_class: {c.images_per_class} and num_batches: "
                                   f"{c.num_batches} both choose the calibration images (images_per_class wins); "

@@ -119,7 +119,18 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
              ("calibration.percentile: 99.0 cannot act", "quant.weights.percentile replaces it")),
             ({"calibration": {"num_batches": 8, "images_per_class": 2}}, ("images_per_class", "num_batches")),
             ({"overrides": [{"match": "*fc2.input_quantizer", "enabled": True, "spec": {"enabled": False}}]},
-             ("enabled", "spec.enabled"))]:
+             ("enabled", "spec.enabled")),
+            # a float cast has no range: the calibrator settings of its section act on nothing (they were
+            # accepted, and encodings.json said method 'none')
+            ({"quant": {"activations": {"format": "fp16"}}, "calibration": {"method": "mse"}},
+             ("calibration.method: 'mse' cannot act", "quant.activations is format 'fp16'")),
+            ({"quant": {"activations": {"format": "bf16"}}, "calibration": {"method": "percentile", "percentile": 99.0}},
+             ("calibration.method: 'percentile' cannot act", "'bf16'")),
+            ({"quant": {"weights": {"format": "fp8_e4m3"}}, "calibration": {"weights_method": "percentile",
+                                                                             "percentile": 99.0, "method": "max"}},
+             ("calibration.weights_method: 'percentile' cannot act", "quant.weights is format 'fp8_e4m3'")),
+            ({"quant": {"activations": {"format": "fp16"}, "weights": {"format": "fp16"}},
+              "calibration": {"bins": 512}}, ("calibration.bins: 512 cannot act", "calibrators: none"))]:
         bad.write_text(yaml.safe_dump({"model": TINY, **section}))
         with pytest.raises(RecipeError) as err:
             quantcore.load_recipe(str(bad))
@@ -129,6 +140,11 @@ def test_recipe_settings_that_nothing_reads_or_that_contradict_are_refused(tmp_p
                     "quant": {"activations": {"percentile": 99.9}, "weights": {"per_channel": False}}}
     bad.write_text(yaml.safe_dump(weights_read))
     assert quantcore.load_recipe(str(bad)).weight_spec().percentile == 99.0
+    # a cast section whose quantizers an override puts on an integer grid reads its calibrator there
+    to_grid = {"model": TINY, "quant": {"activations": {"format": "fp16"}}, "calibration": {"method": "mse"},
+               "overrides": [{"match": "*fc2.input_quantizer", "spec": {"format": "int", "bits": 8}}]}
+    bad.write_text(yaml.safe_dump(to_grid))
+    assert quantcore.load_recipe(str(bad)).calibration.method == "mse"
     ok = {"model": TINY, "calibration": {"method": "max", "bins": 64, "percentile": 99.0},
           "overrides": [{"match": "*fc2.input_quantizer", "spec": {"calibrator": "percentile"}}]}
     bad.write_text(yaml.safe_dump(ok))

@@ -465,7 +465,7 @@ def test_float_formats_train_with_autocast_and_deit_distillation_from_a_cnn_teac
                                        "num_classes": 10, "kwargs": {"patch_size": 7, "depth": 1}},
         "placement": {"family": "vit", "mode": "ft1"},
         "quant": {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}},
-        "calibration": {"method": "max", "num_batches": 1, "batch_size": 16},
+        "calibration": {"num_batches": 1, "batch_size": 16},
         "qat": {"epochs": 1, "batch_size": 16, "amp": "bf16", "optimizer": {"name": "adamw", "lr": 1e-3},
                 "ranges": "frozen",
                 "distill": {"kind": "deit_hard", "teacher": {"name": "resnet10t", "in_chans": 1, "num_classes": 10,
@@ -888,6 +888,7 @@ def test_qat_options_that_cannot_act_are_refused(fmnist, tmp_path):
     Recipe.model_validate(_recipe(ckpt, distill={"kind": "logit_mse", "alpha": 0.5}, label_smoothing=0.1))
     r = _recipe(ckpt)
     r["quant"] = {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}}
+    r["calibration"] = {"num_batches": 2, "batch_size": 32}  # casts: no calibrator to name
     r["overrides"] = []
     with pytest.raises(UserError, match="qat.ranges: learned.*set qat.ranges: frozen"):
         run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "f"),
@@ -1192,7 +1193,8 @@ def _float_rounding_compiled(fmt: str) -> None:
     from quantcore.qat import compile_for_training
 
     torch.manual_seed(0)
-    r = Recipe.model_validate({**TINY_RECIPE, "quant": {"weights": {"format": fmt}, "activations": {"format": fmt}}})
+    r = Recipe.model_validate({**TINY_RECIPE, "quant": {"weights": {"format": fmt}, "activations": {"format": fmt}},
+                               "calibration": {"num_batches": 2, "batch_size": 4}})  # casts: no calibrator
     model = api.prepare(api.build_model(r), r).train()
     x = torch.randn(2, 3, 32, 32)
     eager = model(x)  # with autograd, as the training step runs it

@@ -314,6 +314,7 @@ def test_a_section_or_option_with_nothing_to_act_on_is_refused(trained_vit, fmni
         reconstruct(m, calib.split(32), ReconstructionConfig(iterations=2, act_ranges="learned"))
     fa = _vit_recipe(4)
     fa["quant"]["activations"] = {"format": "fp16"}
+    fa["calibration"].pop("method")  # a cast has no calibrator
     m = _prepared(trained_vit, fa, calib)
     with pytest.raises(UserError, match=r"reconstruction\.act_ranges: learned"):
         reconstruct(m, calib.split(32), ReconstructionConfig(iterations=2, act_ranges="learned"))
