@@ -554,6 +554,12 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     if opts.init:
         model = api.load(opts.init)
         _check_init(recipe, model.quantcore_recipe, opts.init)
+        if (model.quantcore_meta.get("extra") or {}).get("qat"):
+            raise UserError(f"--init {opts.init}: this checkpoint was trained by QAT, so its float path is the "
+                            "trained weights, not the FP32 model: they would be the teacher (distillation from the "
+                            "model itself) and the report's fp32 row. Start from that run's PTQ checkpoint "
+                            "(<its --out>/ptq/model.qc.pt) or the FP32 weights (--checkpoint); to train a run "
+                            "further, rerun it into its own --out with more qat.epochs (it resumes)")
         if getattr(model.quantcore_recipe, "reconstruction", None) is not None:
             raise UserError(f"--init {opts.init}: its weights were rewritten by reconstruction (AdaRound/BRECQ) onto "
                             "their grid, so its float path is not the FP32 model the teacher and the report need; "

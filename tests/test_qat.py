@@ -670,6 +670,14 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
     # --no-resume discards the old checkpoints instead of keeping them above its own
     _run(fmnist, out, qat={"epochs": 1, "optimizer": {"name": "adamw", "lr": 5e-3}}, max_steps=2, resume=False)
     assert [s for s, _ in list_checkpoints(str(out))] == [2]
+    # --init with a QAT-trained checkpoint: its float path is the trained weights, which would be taken for
+    # the FP32 model (the teacher, the report's fp32 row) without a word; refused, pointing to the PTQ one
+    trained = next(p for p in out.glob("*/model.qc.pt") if p.parent.name != "ptq")
+    with pytest.raises(UserError, match=r"--init .*model\.qc\.pt: this checkpoint was trained by QAT.*ptq/model\.qc\.pt"):
+        run_qat(Recipe.model_validate(_recipe(ckpt, epochs=1, optimizer={"name": "adamw", "lr": 5e-3})),
+                DataSpec(data, "train"), None, str(tmp_path / "from_qat"),
+                QATOptions(progress=False, init=str(trained), max_steps=1))
+    assert not (tmp_path / "from_qat" / "ptq").exists()
     # --init with a checkpoint of other formats is refused
     with pytest.raises(UserError, match="quant"):
         r = _recipe(ckpt)
