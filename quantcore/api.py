@@ -414,11 +414,17 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
                           if q.spec.calibrator == "percentile" else "")
                        + "use calibrator 'mse' or 'max', or a higher percentile, for it (an override)")
             continue
+        if q.spec.calibrator == "percentile":  # it clips by design: the percentile is what to change
+            out.append(f"{head} {100 * clipped:.1f}% of the calibration values ({data}); {excess}. The range is "
+                       f"percentile {q.spec.percentile:g} of the calibration values, as asked; use a higher "
+                       f"percentile, or calibrator 'mse', for it (an override)")
+            continue
+        others = [c for c in ("mse", "percentile") if c != q.spec.calibrator]
         out.append(f"{head} {100 * clipped:.1f}% of the calibration values ({data}); {excess}"
                    + f". The {q.spec.calibrator} search assumes most values lie near zero"
                    + (" (KL search: every threshold below the data folds it into one bin)"
                       if q.spec.calibrator == "entropy" else "")
-                   + "; use calibrator 'mse' or 'percentile' for it (an override)")
+                   + f"; use calibrator {' or '.join(repr(c) for c in others)} for it (an override)")
     return out
 
 

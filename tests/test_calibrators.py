@@ -643,6 +643,29 @@ def test_a_range_inside_the_zero_mass_of_a_sparse_activation_is_named(percentile
             assert "of the non-zero calibration values" in said[0] and f"percentile {percentile:g}" in said[0]
             assert any("fc.input_quantizer" in r.message for r in caplog.records)
 
+def test_a_low_percentile_is_told_to_rise_not_to_use_the_percentile_calibrator():
+    """Percentile 50 clips most values: the warning suggested calibrator 'percentile' (the one in use) and
+    spoke of a search that 'assumes most values lie near zero' (the entropy calibrator's failure)."""
+    import quantcore
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0)) * 3 + 10  # far from zero: all clipped
+    m = Net().eval()
+    quantcore.prepare(m, {"version": 1, "name": "p50", "placement": {"family": "generic"},
+                          "calibration": {"method": "percentile", "percentile": 50.0, "num_batches": 1,
+                                          "batch_size": len(x)}}, example_input=x[:2])
+    said = [w for w in quantcore.calibrate(m, [x]).warnings if "'fc.input_quantizer'" in w]
+    assert len(said) == 1 and "percentile 50 of the calibration values" in said[0], said
+    assert "higher percentile" in said[0] and "use calibrator 'mse' or 'percentile'" not in said[0] and "near zero" not in said[0]
+
+
 @pytest.mark.parametrize("value", [0.0, 0.75, -3.0])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_a_point_mass_activation_calibrates_with_every_calibrator(value, symmetric):
