@@ -473,7 +473,8 @@ class Recipe(_Strict):
 
         to_grid = any(o.spec is not None and o.spec.format is not None and not quantizer_kind(o.spec.format).is_float
                       for o in self.overrides)
-        sections = {"quant.activations": (qa, c.method, "method"), "quant.weights": (qw, c.weights_method, "weights_method")}
+        sections = {"quant.activations": (qa, c.method, "method"),
+                    "quant.weights": (qw, c.weights_method, "weights_method")}
         reading = {}
         for section, (patch, method, field) in sections.items():
             fmt = patch.format or "int"
