@@ -295,6 +295,21 @@ def test_disabled_is_bit_exact_and_calibrated_is_close(key):
     assert torch.equal(run(model, x), y_ref)
 
 
+def test_keep_float_replacing_the_family_list_is_noted():
+    """placement.keep_float replaces the family's default float list (patch embedding, head): a user adding
+    one glob quantized the head without a word. The placement notes name what that list would keep float."""
+    model, _ = get_model("vit")
+    res = place_quantizers(model, PlacementConfig(family="vit", keep_float=["blocks.1.*"]), W, A)
+    assert any(n.endswith("weight_quantizer") and n.startswith("head.") for n in quantizers(model))
+    (note,) = [n for n in res.notes if "keep_float replaces" in n]
+    assert "'head'" in note and "family" in note
+    model, _ = get_model("vit")
+    res = place_quantizers(model, PlacementConfig(family="vit", keep_float=["blocks.1.*", "head", "patch_embed"]), W, A)
+    assert not [n for n in res.notes if "keep_float replaces" in n]
+    model, _ = get_model("vit")
+    assert not [n for n in place_quantizers(model, PlacementConfig(family="vit"), W, A).notes if "keep_float" in n]
+
+
 @pytest.mark.parametrize("key", ["vit", "mobilevit"])
 def test_placed_with_disabled_specs_is_bit_exact(key):
     model, x = get_model(key)

@@ -798,7 +798,8 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
     settings = mode_settings(placement) if attn_sites else None
     blocks = sorted({_block_of(s.owner, mods) for s in attn_sites})
 
-    rules = build_rules(placement.keep_float, list(plan.default_keep_float), overrides)
+    family_float = list(plan.default_keep_float)
+    rules = build_rules(placement.keep_float, family_float, overrides)
     mark_module_hits([n for n in mods if n], rules)
     for conv, bn in folded:  # a folded BatchNorm is now part of its conv: keeping "it" float would do nothing
         r = next((r for r in rules if r.user and r.float and matches(r.pattern, bn) and not matches(r.pattern, conv)),
@@ -1034,6 +1035,17 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             f"{kept[0]!r}) are quantized per tensor, "
             f"as the mode defines, not as quant.weights ({weight_spec.short()}); an override on "
             f"'*.weight_quantizer' names (spec: {{per_channel: ...}}) sets them")
+    if placement.keep_float is not None and family_float:
+        # keep_float replaces the family's list (its field says so): say what that quantizes, once
+        owners = sorted({q.rpartition(".")[0] for q in names})
+        now = [m for m in owners if any(matches(p, m) for p in family_float)
+               and not any(matches(p, m) for p in placement.keep_float)]
+        if now:
+            hit = [p for p in family_float if any(matches(p, m) for m in now)]
+            result.notes.append(
+                f"placement.keep_float replaces the {family} family's default float list (here "
+                f"{', '.join(map(repr, hit))}): {len(now)} module(s) that list keeps float "
+                f"are quantized here (e.g. {now[0]!r}); add them to keep_float to keep them float")
     # a module run more than once per forward (a reused conv, a recurrent or tied block) has one
     # quantizer per input/weight for all its calls: one range over values that may differ in scale
     reused = {}
