@@ -419,7 +419,7 @@ def _degenerate(qs: dict[str, Any]) -> list[str]:
                        f"percentile {q.spec.percentile:g} of the calibration values, as asked; use a higher "
                        f"percentile, or calibrator 'mse', for it (an override)")
             continue
-        others = [c for c in ("mse", "percentile") if c != q.spec.calibrator]
+        others = [m for m in ("mse", "percentile") if m != q.spec.calibrator]
         out.append(f"{head} {100 * clipped:.1f}% of the calibration values ({data}); {excess}"
                    + f". The {q.spec.calibrator} search assumes most values lie near zero"
                    + (" (KL search: every threshold below the data folds it into one bin)"
@@ -796,20 +796,19 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
 
 def _rebuild(recipe: Recipe, meta: dict[str, Any]) -> nn.Module:
     """The stored recipe's model without weights; from the definition files the checkpoint stores when it
-    has them (an HF directory's config.json/preprocessor_config.json), so the checkpoint loads the model it
-    was calibrated on wherever it is loaded, whatever the directory at ``model.name`` holds by then."""
+    has them (an HF directory's config.json/preprocessor_config.json, through its source's ``rebuild``), so
+    the checkpoint loads the model it was calibrated on wherever it is loaded, whatever the directory at
+    ``model.name`` holds by then."""
     definition = meta.get("model_definition") or {}
-    if definition.get("source") != "hf" or not definition.get("files"):
+    if not definition.get("files"):
         return create_model(recipe.model, load_weights=False)
-    from .model_sources.hf import PREPROCESSOR, stored_definition
+    from .model_sources import SOURCES
 
-    with stored_definition(definition["files"]) as tmp:
-        model = create_model(recipe.model.model_copy(update={"name": tmp}), load_weights=False)
-    pre = (getattr(model, "pretrained_cfg", None) or {}).get("hf_preprocessing") or {}
-    if pre.get("file"):  # named as the directory it came from, not the temporary copy
-        pre["file"] = f"{recipe.model.name.rstrip('/')}/{PREPROCESSOR} (stored in the checkpoint)"
-    model.quantcore_definition = definition
-    return model
+    try:
+        source = SOURCES.get(definition.get("source", ""))
+    except ValueError as err:  # a plug-in source not registered here
+        raise UserError(str(err)) from None
+    return source.rebuild(recipe.model, definition["files"])
 
 
 def _recipe(recipe: Recipe | str | dict) -> Recipe:

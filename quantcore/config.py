@@ -475,18 +475,17 @@ class Recipe(_Strict):
                       for o in self.overrides)
         sections = {"quant.activations": (qa, c.method, "method"),
                     "quant.weights": (qw, c.weights_method, "weights_method")}
-        reading = {}
+        own = {}  # section -> (its calibrator, its own percentile), for the sections that calibrate
         for section, (patch, method, field) in sections.items():
             fmt = patch.format or "int"
             if quantizer_kind(fmt).is_float and not to_grid:
                 out.setdefault(field, f"calibration.{field}: {method!r} cannot act: {section} is format {fmt!r}, a "
                                       f"float cast with no range to calibrate; remove it")
             else:
-                reading[section] = (patch.calibrator or method, patch.percentile)
-        readers = {cal for cal, _ in reading.values()} | set(over)
+                own[section] = (patch.calibrator or method, patch.percentile)
+        readers = {cal for cal, _ in own.values()} | set(over)
         # calibration.percentile is read by a section whose calibrator is percentile and which sets no
         # percentile of its own (weights too: Recipe.weight_spec), and by overrides to percentile
-        own = reading
         replaced = [f"{k}.percentile" for k, (cal, pct) in own.items() if cal == "percentile" and pct is not None]
         read = any(cal == "percentile" and pct is None for cal, pct in own.values()) or "percentile" in over
         if not read:

@@ -380,13 +380,21 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
             "num_classes": ds.num_classes, "class_names": list(getattr(ds, "classes", None) or []),
             "evaluation_cost": _cost_info(cost, models, dev)}
     unused = unused_files(ds)
-    notes = [f"evaluation data: {n}" for n in label_notes(ds)]  # open_dataset logged them
     if unused:
-        info.update(unused_files=unused)
-        notes.append(f"evaluation data: {unused_files_warning(ds)}")
+        info["unused_files"] = unused
+    notes = _data_warnings(ds)
     if notes:
         info["warnings"] = notes
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
+
+
+def _data_warnings(ds: Any, what: str = "evaluation data") -> list[str]:
+    """What :func:`open_dataset` warned about ``ds`` (logged there: how its labels map to the model's
+    classes, files that are not samples), for the report."""
+    notes = [f"{what}: {n}" for n in label_notes(ds)]
+    if unused_files(ds):
+        notes.append(f"{what}: {unused_files_warning(ds)}")
+    return notes
 
 
 def _cost_info(cost: EvalCost, models: dict[str, nn.Module], dev: torch.device) -> dict[str, Any]:
@@ -619,10 +627,8 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         warnings.append(random_weights_warning(model.quantcore_recipe))
         if distributed.rank() == 0:
             log.warning(warnings[-1])
-    warnings += [f"evaluation data: {n}" for n in label_notes(ds)]  # open_dataset logged them
+    warnings += _data_warnings(ds)
     unused = unused_files(ds)
-    if unused:  # open_dataset logged it
-        warnings.append(f"evaluation data: {unused_files_warning(ds)}")
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),
                        scores=scores, reference="fp32",

@@ -103,15 +103,10 @@ def _relative_to_recipe(data: Any, src: str) -> None:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         return
-    name = model.get("name")
-    if isinstance(name, str) and name.startswith(("./", "../")):  # a model directory given as a path (HF)
-        try:
-            model["name"] = relative_to_file(name, src)
-        except ValueError as err:
-            raise RecipeError(f"recipe {src}: model.name {name!r} {err}") from None
-    for key in _FILE_FIELDS:
+    for key in ("name", *_FILE_FIELDS):
         val = model.get(key)
-        if isinstance(val, str) and val:
+        # a name is a path only when written as one (a model directory, HF); else a registry name
+        if isinstance(val, str) and val and (key != "name" or val.startswith(("./", "../"))):
             try:
                 model[key] = relative_to_file(val, src)
             except ValueError as err:

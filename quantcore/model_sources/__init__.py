@@ -50,6 +50,12 @@ class ModelSource:
         Raises :class:`quantcore.models.ModelError` naming the recipe field / file on bad input."""
         raise NotImplementedError
 
+    def rebuild(self, cfg: "ModelConfig", files: "dict[str, str]") -> "nn.Module":
+        """The architecture (no weights, eval mode) from the definition files a checkpoint stored: what
+        :meth:`build` recorded as ``model.quantcore_definition["files"]``. Only a source that records
+        them is asked (:func:`quantcore.load`)."""
+        raise NotImplementedError
+
 
 SOURCES: Registry[ModelSource] = Registry("model source", reserved=("auto",), base=ModelSource)
 

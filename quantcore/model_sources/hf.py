@@ -115,6 +115,16 @@ class HFSource(ModelSource):
         return model, weights
 
 
+    def rebuild(self, cfg, files: dict[str, str]) -> nn.Module:
+        with stored_definition(files) as tmp:
+            model, _ = self.build(cfg.model_copy(update={"name": tmp}), tmp, False)
+        pre = model.pretrained_cfg["hf_preprocessing"]
+        if pre.get("file"):  # named as the directory it came from, not the temporary copy
+            pre["file"] = f"{_join(cfg.name, PREPROCESSOR)} (stored in the checkpoint)"
+        model.quantcore_definition = {"source": self.name, "files": files}
+        return model.eval()
+
+
 def _definition_files(local: str) -> dict[str, str]:
     """``{file name: text}`` of the files that define the model apart from its weights (``config.json``,
     ``preprocessor_config.json`` when present)."""
