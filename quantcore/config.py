@@ -35,7 +35,7 @@ class _Strict(BaseModel):
 
 
 #: the fields only an integer (or other range-based) grid reads; a float cast reads none of them
-GRID_FIELDS = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "calibrator", "percentile")
+GRID_FIELDS = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "block_size", "calibrator", "percentile")
 
 
 class SpecPatch(_Strict):
@@ -47,6 +47,8 @@ class SpecPatch(_Strict):
     axis: int | None = None
     per_channel: bool | None = Field(None, description="shortcut: True = axis 0, False = per-tensor")
     narrow_range: bool | None = None
+    block_size: int | None = Field(None, ge=1, description="format int_dynamic: elements of the last dimension "
+                                   "sharing one run-time scale (unset: the whole last dimension, per token)")
     calibrator: CalibMethod | None = None
     percentile: float | None = Field(None, gt=0.0, le=100.0)
     enabled: bool | None = None
@@ -77,6 +79,10 @@ class SpecPatch(_Strict):
         if self.per_channel is not None and "axis" not in upd:
             upd["axis"] = 0 if self.per_channel else None
         base = spec.model_dump() if isinstance(spec, QuantSpec) else spec
+        if "format" in upd and "block_size" not in upd and not quantizer_kind(upd["format"]).supports_blocks:
+            # the section's run-time block size belongs to its format: a patch that picks another
+            # format (an int/fp16 override of an int_dynamic section, a search choice) leaves it behind
+            base = {**base, "block_size": None}
         return QuantSpec.model_validate({**base, **upd})
 
 

@@ -41,6 +41,8 @@ class QuantSpec(BaseModel):
     symmetric: bool = True
     axis: int | None = Field(None, description="channel axis for per-channel ranges; None = per-tensor")
     narrow_range: bool = Field(False, description="symmetric grid without the most negative code")
+    block_size: int | None = Field(None, ge=1, description="format int_dynamic: elements of the last dimension "
+                                   "that share one run-time scale; None = the whole last dimension (per token)")
     calibrator: CalibMethod = "max"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
     learnable: bool = Field(False, description="use torch's learnable fake-quant ops (QAT)")
@@ -49,12 +51,12 @@ class QuantSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
         kind = quantizer_kind(self.format)
+        kind.validate(self)  # first: a kind's own rule (no per-channel ranges at all) says more
         if not kind.is_float and self.axis is not None and not calibrator(self.calibrator).per_channel:
             per_ch = [n for n in calibrator_names() if calibrator(n).per_channel]
             raise ValueError(f"per-channel ranges support calibrator {per_ch} only, not {self.calibrator!r}")
         if self.narrow_range and not self.symmetric:
             raise ValueError("narrow_range applies to symmetric quantizers only")
-        kind.validate(self)
         return self
 
     @property
@@ -81,6 +83,8 @@ class QuantSpec(BaseModel):
             return self.format
         kind = "sym" if self.symmetric else "asym"
         gran = f"ch{self.axis}" if self.axis is not None else "tensor"
+        if quantizer_kind(self.format).supports_blocks:  # run-time scales: per token or per block
+            gran = "token" if self.block_size is None else f"block{self.block_size}"
         # the registered kind by name: a 4-bit log2 or twin grid is not int4
         grid = f"int{self.bits}" if self.format == "int" else f"{self.format}:{self.bits}b"
         return f"{grid}/{kind}/{gran}/{self.calibrator}"

@@ -107,18 +107,24 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def acts(images) -> dict[str, torch.Tensor]:
     """Post-softmax and post-GELU tensors of block 1 of the demo ViT on Fashion-MNIST test images."""
+    return quantizer_inputs({"softmax": "blocks.1.attn.attn_quantizer", "gelu": "blocks.1.mlp.fc2.input_quantizer"},
+                            images[:128])
+
+
+def quantizer_inputs(sites: dict[str, str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the demo ViT's quantizers ``sites`` (key -> quantizer name) receive for images ``x``."""
     m = _demo_model()
     quantcore.prepare(m, recipe_from_dict(_recipe()))
     qs = quantizers(m)
     got = {}
-    hooks = [qs[f"blocks.1.{k}"].register_forward_pre_hook(lambda _m, a, k=k: got.__setitem__(k, a[0].detach().clone()))
-             for k in ("attn.attn_quantizer", "mlp.fc2.input_quantizer")]
+    hooks = [qs[site].register_forward_pre_hook(lambda _m, a, k=k: got.__setitem__(k, a[0].detach().clone()))
+             for k, site in sites.items()]
     quantcore.api.start_calibration(m)  # collecting quantizers pass their input through unchanged
     with torch.no_grad():
-        m(images[:128])
+        m(x)
     for h in hooks:
         h.remove()
-    return {"softmax": got["attn.attn_quantizer"], "gelu": got["mlp.fc2.input_quantizer"]}
+    return got
 
 
 def _calibrated(fmt: str, bits: int, x: torch.Tensor, calibrator: str = "mse", bins: int = 2048) -> TensorQuantizer:

@@ -172,6 +172,8 @@ class Trace:
     qpos: dict[str, int] = field(default_factory=dict)
     ends: dict[str, int] = field(default_factory=dict)
     numel_per_image: dict[str, float] = field(default_factory=dict)
+    #: the size of the last dimension of what each quantizer received (its run-time scale blocks' limit)
+    last_dim: dict[str, int] = field(default_factory=dict)
     macs: dict[tuple[str | None, str | None], float] = field(default_factory=dict)
 
 
@@ -297,6 +299,7 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
             counter[0] += 1
             t = args[0] if args else None
             if isinstance(t, torch.Tensor):
+                tr.last_dim[name] = int(t.shape[-1]) if t.dim() else 1
                 if mod.kind == "activation":  # every call's values
                     tr.numel_per_image[name] = tr.numel_per_image.get(name, 0.0) + t.numel() / batch
                 else:  # one stored tensor, however often a tied/shared module uses it

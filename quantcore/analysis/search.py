@@ -392,7 +392,10 @@ class CostModel:
     :class:`~.engine.Trace` ``macs``) of MACs per image x the bits of its two operands, in GBOPs
     (van Baalen et al. 2020). An operand no quantizer feeds, or a float one, counts ``float_bits``
     (16: deployed in FP16). A quantizer that is no product's operand (a residual add, the softmax
-    input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them.
+    input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them. In ``bits``, a grid
+    whose scales are computed at run time per block (``int_dynamic``) also pays for them: a 16-bit
+    scale (and, asymmetric, a ``bits``-bit zero point) per block of ``block_size`` elements (or of
+    the tensor's last dimension, per token); BOPs count the operands' bits only.
 
     Choice ``fp16``: a cast acts during calibration too, so the ranges downstream of it come from
     statistics collected with it acting (:func:`search` with ``calib_batches``)."""
@@ -409,9 +412,21 @@ class CostModel:
     float_bits = 16.0  # a float (unquantized) tensor is deployed in FP16
 
     def bits_of(self, spec: QuantSpec | None) -> float:
+        """Bits of one element of the operand (the grid's code bits; a cast's width; float_bits)."""
         if spec is None:
             return self.float_bits
         return float(_FLOAT_BITS.get(spec.format, 16)) if spec.is_float else float(spec.bits)
+
+    def stored_bits(self, name: str, spec: QuantSpec | None) -> float:
+        """Bits per element of quantizer ``name``'s tensor: :meth:`bits_of` plus, for run-time block
+        scales, the scale (16 bits) and zero point (asymmetric) shared by each block."""
+        b = self.bits_of(spec)
+        if spec is not None and spec.on_grid and spec.kind.supports_blocks:
+            last = self.eng.trace.last_dim.get(name, 0)
+            block = min(spec.block_size or last, last) if last else spec.block_size
+            if block:
+                b += (self.float_bits + (0 if spec.symmetric else spec.bits)) / block
+        return b
 
     def uncosted(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose precision does not change this cost model's figure."""
@@ -423,7 +438,7 @@ class CostModel:
     def __call__(self, specs: dict[str, QuantSpec | None]) -> float:
         if self.kind == "bits":
             tot = sum(self.numel.values())
-            return sum(self.numel[n] * self.bits_of(specs.get(n)) for n in self.numel) / max(tot, 1)
+            return sum(self.numel[n] * self.stored_bits(n, specs.get(n)) for n in self.numel) / max(tot, 1)
         total = 0.0
         for (a, b), macs in self.eng.trace.macs.items():
             total += macs * self.bits_of(specs.get(a) if a else None) * self.bits_of(specs.get(b) if b else None)

@@ -106,6 +106,12 @@ def quantizer_qdq(name: str, q: TensorQuantizer) -> Optional[QdqSpec]:
                               f"{sorted(_FLOAT_CASTS)}; FP8 needs opset 19 float8 types TensorRT/onnxruntime "
                               f"do not run as Q/DQ on CPU); the checkpoint itself keeps the FP8 fake quantization")
         return QdqSpec(name, "cast", q.kind, spec.format, dtype=_FLOAT_CASTS[spec.format], min_opset=MIN_OPSET)
+    if spec.format != "int" and spec.kind.supports_blocks:
+        raise ExportError(f"quantizer {name}: format {spec.format!r} computes its scale and zero point at run time "
+                          f"(per token or block of the last dimension): every export format holds static scales "
+                          f"(ONNX QuantizeLinear/DequantizeLinear, AIMET encodings, the TensorRT range table). Its "
+                          f"rule and clip bound are in encodings.json; for a static deployment calibrate it as "
+                          f"format int or keep it float (an override)")
     if spec.format != "int":
         raise ExportError(f"quantizer {name}: format {spec.format!r} is not a uniform affine grid; every export "
                           f"format expresses format 'int' only (ONNX QuantizeLinear/DequantizeLinear, AIMET "

@@ -8,6 +8,7 @@ from .base import QuantizerKind, Range, quantizer_kind, quantizer_kind_names, re
 from . import affine, floatcast  # noqa: F401,E402 - registers the built-in kinds
 from . import log2  # noqa: F401,E402 - log2 / log_sqrt2 (FQ-ViT, RepQ-ViT)
 from . import twin  # noqa: F401,E402 - twin_int (PTQ4ViT)
+from . import dynamic  # noqa: F401,E402 - int_dynamic (run-time scales per token / block)
 from .floatcast import FLOAT_DTYPES  # noqa: E402
 
 __all__ = ["FLOAT_DTYPES", "QuantizerKind", "Range", "quantizer_kind", "quantizer_kind_names",

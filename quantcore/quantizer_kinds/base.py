@@ -31,6 +31,7 @@ class QuantizerKind:
         supports_learnable: QAT may learn this kind's range (LSQ-style scale/zero point).
         supports_per_channel: per-channel (``axis``) ranges are meaningful.
         supports_asymmetric: ``symmetric: false`` is meaningful.
+        supports_blocks: ``block_size`` is meaningful (run-time scales per block of the last dimension).
         calibrators: the calibrator names this kind accepts (``None``: every registered one).
     """
 
@@ -39,12 +40,17 @@ class QuantizerKind:
     supports_learnable: bool = False
     supports_per_channel: bool = True
     supports_asymmetric: bool = True
+    supports_blocks: bool = False
     calibrators: tuple[str, ...] | None = None
 
     def validate(self, spec: "QuantSpec") -> None:
         """Raise ``ValueError`` (naming the spec field) for a combination this kind cannot do."""
-        if self.is_float:
+        if self.is_float:  # a cast reads no grid field (a recipe that sets one for it is refused there)
             return
+        if spec.block_size is not None and not self.supports_blocks:
+            blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
+            raise ValueError(f"block_size: format {spec.format!r} has no run-time block scales (formats that "
+                             f"take block_size: {blocks})")
         if spec.axis is not None and not self.supports_per_channel:
             raise ValueError(f"format {spec.format!r} has per-tensor ranges only (remove axis/per_channel)")
         if not spec.symmetric and not self.supports_asymmetric:

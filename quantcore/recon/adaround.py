@@ -538,7 +538,8 @@ def _check_can_act(order: list, skipped: dict[str, str], qs: dict[str, TensorQua
     if cfg.act_ranges == "learned" and not any(_step_sizes_to_learn(qs, u.name) for u in order):
         raise UserError("reconstruction.act_ranges: learned learns the step size of integer activation "
                         "quantizers inside the reconstructed units, and there are none (activations float, "
-                        "disabled or not on an int grid): set act_ranges: fixed")
+                        "disabled, or not on format int, whose static step is what is learned; int_dynamic's "
+                        "step is computed at run time): set act_ranges: fixed")
 
 
 def _optimize(module: nn.Module, rounds: list[_Rounding], q_in: _Batched, fp_in: _Batched | None,

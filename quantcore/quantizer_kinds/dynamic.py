@@ -1,0 +1,116 @@
+"""Dynamic (run-time) integer quantization per token or per block: format ``int_dynamic``.
+
+The uniform affine grid of format ``int``, but its scale (and zero point) is computed from the tensor
+itself at every forward, one per slice of the **last dimension**: per token for the ``(..., tokens,
+features)`` inputs of Linear layers and attention matmuls (the per-token dynamic activation
+quantization of W4A4 LLM/ViT work: ZeroQuant, Yao et al. 2022; QuaRot, Ashkboos et al. 2024), or per
+``block_size`` consecutive elements of it (block scaling, as ModelOpt's dynamic block quantization and
+the OCP Microscaling formats; a last dimension that is not a multiple of ``block_size`` ends with a
+shorter block). For a weight ``(out, in)`` this is group-wise quantization along the input features.
+
+For a slice ``x_b``:
+
+* symmetric: ``a = min(max|x_b|, amax)``, ``s = a / quant_max``, ``x_hat = clamp(round(x_b / s),
+  quant_min, quant_max) * s``;
+* asymmetric: ``lo = max(min(x_b, 0), amin)``, ``hi = min(max(x_b, 0), amax)``, ``s = (hi - lo) /
+  (quant_max - quant_min)``, ``z = clamp(round(quant_min - lo / s))``, ``x_hat = (clamp(round(x_b / s) +
+  z) - z) * s``.
+
+The calibrated static range ``[amin, amax]`` is a clip bound over the whole tensor (asymmetric: the
+rounded zero point moves the grid's ends by up to half a step, as for format ``int``): calibrator ``max``
+never clips (pure dynamic quantization), ``percentile`` clips the rare outliers beyond it in every
+slice. ``mse`` and ``entropy`` (and ``tf_enhanced``) search the range of one per-tensor grid, which
+is not the grid applied here, so they are refused. A scale below ``MIN_SCALE`` (an all-zero slice) is
+floored as format ``int`` floors it.
+
+Gradient: straight-through for values inside the clip bound (the run-time scale is treated as a
+constant, as in QuaRot/LLM-QAT), zero outside. No learnable (LSQ) range: the step is not a parameter.
+Deployment: the scales exist only at run time, so ONNX QDQ, AIMET encodings and the TensorRT range table
+cannot express it (export refuses it by name); ``encodings.json`` records the rule and the clip bound.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .affine import MIN_SCALE
+from .base import QuantizerKind, register_quantizer_kind
+
+
+def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.Tensor, qmin: int, qmax: int,
+                       symmetric: bool, block_size: int | None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (float32, any shape, at least 1-D) with one run-time scale per slice
+    of the last dimension (``block_size`` None: the whole dimension). ``lo_bound``/``hi_bound``:
+    0-d float32 clip bound (``hi_bound > 0``; ``lo_bound <= 0``). Returns a tensor like ``x``;
+    straight-through gradient inside the clip bound (see the module docstring)."""
+    n = x.shape[-1]
+    xb = x
+    pad = 0
+    if block_size is not None and block_size < n:
+        pad = (-n) % block_size
+        # zeros do not move a block's max|x| (nor its min/max, which include 0 anyway)
+        xp = F.pad(x, (0, pad)) if pad else x
+        xb = xp.reshape(*x.shape[:-1], (n + pad) // block_size, block_size)
+    grad = x.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        if symmetric:
+            a = xb.abs().amax(-1, keepdim=True).clamp_(max=hi_bound)
+            s = (a / qmax).clamp_(min=MIN_SCALE)
+            inside = (xb.abs() <= a) if grad else None
+            y = (xb / s).round_().clamp_(qmin, qmax).mul_(s)
+        else:
+            lo = xb.amin(-1, keepdim=True).clamp_(max=0.0).clamp_(min=lo_bound)
+            hi = xb.amax(-1, keepdim=True).clamp_(min=0.0).clamp_(max=hi_bound)
+            s = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+            z = (qmin - lo / s).round_().clamp_(qmin, qmax)
+            inside = ((xb >= lo) & (xb <= hi)) if grad else None
+            y = (xb / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+    if xb is not x:
+        y = y.reshape(*x.shape[:-1], n + pad)[..., :n]
+        if grad:
+            inside = inside.reshape(*x.shape[:-1], n + pad)[..., :n]
+    if not grad:
+        return y
+    return torch.where(inside, x + (y - x).detach(), y)
+
+
+class DynamicInt(QuantizerKind):
+    """Uniform integer grid with run-time scales per token (last dimension) or per ``block_size``
+    elements of it; the calibrated range is a clip bound. See the module docstring."""
+
+    name = "int_dynamic"
+    supports_learnable = False
+    supports_per_channel = False
+    supports_blocks = True
+    calibrators = ("max", "percentile")
+
+    def validate(self, spec) -> None:
+        if spec.axis is not None:
+            raise ValueError(f"axis/per_channel: format {spec.format!r} computes its scales at run time per token "
+                             f"(the last dimension) or per block_size elements of it, not per channel; remove "
+                             f"axis/per_channel (weights: per_channel: false)")
+        super().validate(spec)
+
+    def fake_quant(self, quantizer, x: torch.Tensor) -> torch.Tensor:
+        spec = quantizer.spec
+        qmin, qmax = spec.qrange()
+        lo, hi = quantizer.amin.float().reshape(()), quantizer.amax.float().reshape(())
+        y = dynamic_fake_quant(x.reshape(1) if x.dim() == 0 else x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
+        return y.reshape(x.shape)
+
+    def encoding(self, quantizer) -> dict:
+        spec = quantizer.spec
+        qmin, qmax = spec.qrange()
+        per = ("each token (the whole last dimension)" if spec.block_size is None
+               else f"each block of {spec.block_size} consecutive elements of the last dimension")
+        if spec.symmetric:
+            rule = (f"for {per}: s = min(max|x|, amax)/{qmax}, x_hat = clamp(round(x/s), {qmin}, {qmax})*s")
+        else:
+            rule = (f"for {per}: lo = max(min(x, 0), min), hi = min(max(x, 0), max), s = (hi - lo)/{qmax - qmin}, "
+                    f"z = clamp(round({qmin} - lo/s), {qmin}, {qmax}), x_hat = (clamp(round(x/s) + z, {qmin}, "
+                    f"{qmax}) - z)*s")
+        return {"block_size": spec.block_size, "scale": "dynamic (computed at run time)", "formula": rule,
+                "clip_bound": "min/max: the calibrated range, a bound on every run-time range"}
+
+
+register_quantizer_kind(DynamicInt())

@@ -1,0 +1,235 @@
+"""Format ``int_dynamic`` (issue #11): a uniform integer grid whose scale and zero point are computed at
+run time per token (last dimension) or per ``block_size`` elements of it, bounded by the calibrated range.
+
+The grid is checked against a numpy reference that loops over the slices one by one (written from the
+formula in the module docstring, not calling quantcore) on real activations of the demo ViT on
+Fashion-MNIST: LayerNorm outputs (qkv input), post-GELU (fc2 input) and post-softmax values.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import quantcore
+from quantcore.formats import QuantSpec
+from quantcore.placement import quantizers
+from quantcore.quantizer import TensorQuantizer
+from quantcore.recipe import RecipeError, recipe_from_dict
+from test_vit_quantizers import _demo_model, images, quantizer_inputs  # noqa: F401 - images: a fixture
+
+SITES = {"layernorm": "blocks.1.attn.qkv.input_quantizer", "gelu": "blocks.1.mlp.fc2.input_quantizer",
+         "softmax": "blocks.1.attn.attn_quantizer"}
+
+
+def ref_dynamic(x: np.ndarray, lo_b: float, hi_b: float, bits: int, symmetric: bool, block: int | None) -> np.ndarray:
+    """One slice at a time: the slice's own range (bounded by [lo_b, hi_b]), then the uniform grid."""
+    x = x.astype(np.float64)
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(flat)
+    n = flat.shape[1]
+    b = n if block is None else min(block, n)
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2**bits - 1
+    for r in range(flat.shape[0]):
+        for start in range(0, n, b):
+            v = flat[r, start:start + b]
+            if symmetric:
+                a = min(np.abs(v).max(), hi_b)
+                s = max(a / qmax, 1e-8)
+                y = np.clip(np.round(v / s), qmin, qmax) * s
+            else:
+                lo = max(min(v.min(), 0.0), lo_b)
+                hi = min(max(v.max(), 0.0), hi_b)
+                s = max((hi - lo) / (qmax - qmin), 1e-8)
+                z = np.clip(np.round(qmin - lo / s), qmin, qmax)
+                y = (np.clip(np.round(v / s) + z, qmin, qmax) - z) * s
+            out[r, start:start + b] = y
+    return out.reshape(x.shape)
+
+
+@pytest.fixture(scope="module")
+def acts(images) -> dict[str, torch.Tensor]:
+    """What three quantizers of block 1 receive on 32 Fashion-MNIST test images."""
+    return quantizer_inputs(SITES, images[:32])
+
+
+def _quantizer(x: torch.Tensor, bits: int, symmetric: bool, block: int | None, calibrator: str = "max",
+               percentile: float = 99.99) -> TensorQuantizer:
+    q = TensorQuantizer(QuantSpec(format="int_dynamic", bits=bits, symmetric=symmetric, block_size=block,
+                                  calibrator=calibrator, percentile=percentile))
+    q.start_calibration()
+    q(x)
+    assert q.finalize()
+    return q
+
+
+@pytest.mark.parametrize("site", list(SITES))
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (3, False)])
+@pytest.mark.parametrize("block", [None, 16, 24])  # 24: the 64 features end with a block of 16
+@pytest.mark.parametrize("calibrator", ["max", "percentile"])
+def test_grid_matches_slice_by_slice_reference(acts, site, bits, symmetric, block, calibrator):
+    x = acts[site]
+    if site == "softmax":  # (B, heads, N, N): one query row's probabilities per slice
+        x = x[:4]
+    q = _quantizer(x, bits, symmetric, block, calibrator, percentile=99.0)
+    with torch.no_grad():
+        y = q(x)
+    ref = ref_dynamic(x.numpy(), float(q.amin), float(q.amax), bits, symmetric, block)
+    # float32 kernel vs float64 reference: a value exactly at a rounding midpoint may go either way
+    diff = np.abs(y.double().numpy() - ref)
+    step = np.abs(ref).max() / 2 ** (bits - 1)
+    assert (diff > 1e-5 * step).mean() < 1e-4 and diff.max() <= step
+    if calibrator == "percentile":  # the bound clips: some slices hold values beyond it
+        # (asymmetric: the rounded zero point moves the grid's ends by up to half a step)
+        half = 0.0 if symmetric else float(q.amax - q.amin) / (2**bits - 1) / 2
+        assert float(x.max()) > float(q.amax) and float(y.max()) <= float(q.amax) + half + 1e-6
+    # finer than one static grid over the same bound, the point of the format
+    static = TensorQuantizer(QuantSpec(format="int", bits=bits, symmetric=symmetric))
+    static.set_range(q.amin, q.amax)
+    with torch.no_grad():
+        assert float((y - x).pow(2).mean()) < float((static(x) - x).pow(2).mean())
+
+
+def test_block_size_larger_than_the_dimension_is_per_token(acts):
+    x = acts["layernorm"]
+    with torch.no_grad():
+        a = _quantizer(x, 4, False, 1000)(x)
+        b = _quantizer(x, 4, False, None)(x)
+    assert torch.equal(a, b)
+
+
+def test_zero_and_constant_slices():
+    x = torch.zeros(3, 8)
+    x[1] = 2.5
+    x[2, :4] = -1.0
+    for sym in (True, False):
+        q = _quantizer(x, 4, sym, 4)
+        with torch.no_grad():
+            y = q(x)
+        assert torch.isfinite(y).all() and torch.equal(y[0], x[0])
+        assert torch.allclose(y, x, atol=1e-6)  # one value per block: the block's end point
+
+
+def test_straight_through_gradient_inside_the_bound(acts):
+    x = acts["gelu"][:2].clone()
+    q = _quantizer(x, 4, False, 16, "percentile", percentile=99.0)
+    xg = x.clone().requires_grad_(True)
+    q(xg).pow(2).sum().backward()
+    y = q(x).detach()
+    inside = (x >= float(q.amin)) & (x <= float(q.amax))
+    assert (~inside).any() and inside.any()
+    assert torch.allclose(xg.grad, torch.where(inside, 2 * y, torch.zeros_like(y)))
+
+
+def test_half_precision_input_is_quantized_in_float32(acts):
+    x = acts["layernorm"][:4]
+    q = _quantizer(x, 4, True, 16)
+    with torch.no_grad():
+        y16 = q(x.half())
+        y32 = q(x.half().float())
+    assert y16.dtype == torch.float16 and torch.equal(y16, y32.half())
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"block_size": 16}, r"block_size: format 'int' has no run-time block scales.*int_dynamic"),
+    ({"format": "int_dynamic", "calibrator": "mse"}, r"'int_dynamic' takes calibrator one of \['max', 'percentile'\]"),
+    ({"format": "int_dynamic", "per_channel": True}, r"'int_dynamic' computes its scales at run time.*not per channel"),
+    ({"format": "twin_int", "symmetric": False, "calibrator": "mse", "block_size": 8}, r"block_size: format 'twin_int'"),
+])
+def test_invalid_specs_are_refused_naming_the_override(patch, msg):
+    r = recipe_from_dict({"name": "bad", "model": {"name": "quantcore/vit_fmnist"},
+                          "overrides": [{"match": "blocks.*.attn.attn_quantizer", "spec": patch}]})
+    with pytest.raises(ValueError, match=msg) as err:
+        quantcore.prepare(_demo_model(), r)
+    assert "overrides" in str(err.value) and "attn_quantizer" in str(err.value)
+
+
+def test_block_size_on_a_float_cast_or_section_is_refused():
+    with pytest.raises(RecipeError, match=r"block_size.*not an option of format 'fp16'"):
+        recipe_from_dict({"name": "bad", "model": {"name": "quantcore/vit_fmnist"},
+                          "overrides": [{"match": "*", "spec": {"format": "fp16", "block_size": 16}}]})
+    with pytest.raises(RecipeError, match=r"quant\.activations.*block_size: format 'int' has no run-time"):
+        recipe_from_dict({"name": "bad", "model": {"name": "quantcore/vit_fmnist"},
+                          "quant": {"activations": {"bits": 4, "block_size": 16}}})
+    with pytest.raises(RecipeError, match=r"quant\.activations.*'int_dynamic' takes calibrator"):
+        recipe_from_dict({"name": "bad", "model": {"name": "quantcore/vit_fmnist"}, "calibration": {"method": "mse"},
+                          "quant": {"activations": {"format": "int_dynamic", "bits": 4}}})
+
+
+def test_shipped_recipe_calibrates_saves_loads_and_export_refuses_by_name(images, tmp_path):
+    r = quantcore.load_recipe("fmnist_w4a4_ft1_dynamic")
+    m = quantcore.prepare(_demo_model(), r)
+    quantcore.calibrate(m, [images[:64], images[64:128]])
+    qs = quantizers(m)
+    acts_q = [n for n, q in qs.items() if q.kind == "activation" and q.spec.enabled]
+    assert acts_q and all(qs[n].spec.format == "int_dynamic" and qs[n].spec.block_size == 16 for n in acts_q)
+    x = images[128:192]
+    with torch.no_grad():
+        y = m(x)
+        with quantcore.api.quantization_disabled(m):
+            y_fp = m(x)
+    assert not torch.equal(y, y_fp)
+    enc = {row["name"]: row for row in quantcore.encodings(m)["quantizers"]}
+    row = enc[SITES["gelu"]]
+    assert row["format"] == "int_dynamic" and row["block_size"] == 16 and row["scale"].startswith("dynamic")
+    assert row["max"] == pytest.approx(float(qs[SITES["gelu"]].amax)) and "formula" in row
+    json.dumps(quantcore.encodings(m), allow_nan=False)
+    uri = str(tmp_path / "m.qc.pt")
+    quantcore.save(m, uri)
+    m2 = quantcore.load(uri)
+    with torch.no_grad():
+        assert torch.equal(m2(x), y)
+    from quantcore.export.onnx_qdq import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match=r"input_quantizer.*'int_dynamic' computes its scale and zero point at run time"):
+        export_onnx(m2, x[:1])
+
+
+def test_cost_model_counts_the_run_time_scales(images):
+    """Effective bits: each block of B values carries a 16-bit scale (and, asymmetric, a zero point);
+    per token, B is the tensor's last dimension (64 features for the demo ViT's Linear inputs)."""
+    from quantcore.analysis.engine import Engine
+    from quantcore.analysis.search import CostModel
+
+    r = quantcore.load_recipe("fmnist_w4a4_ft1_dynamic")
+    m = quantcore.prepare(_demo_model(), r)
+    quantcore.calibrate(m, [images[:64]])
+    eng = Engine(m, [images[64:96]])
+    cost = CostModel(eng, "bits")
+    site = SITES["layernorm"]
+    spec = quantizers(m)[site].spec
+    assert cost.stored_bits(site, spec) == pytest.approx(4 + (16 + 4) / 16)
+    tok = spec.model_copy(update={"block_size": None, "symmetric": True})
+    assert eng.trace.last_dim[site] == 64 and cost.stored_bits(site, tok) == pytest.approx(4 + 16 / 64)
+    assert cost.stored_bits(site, QuantSpec(bits=4)) == 4.0
+    specs = {n: q.spec for n, q in quantizers(m).items() if q.spec.enabled}
+    w = {n: cost.numel[n] for n in cost.numel}
+    want = sum(w[n] * (specs[n].bits + ((16 + 4) / 16 if specs[n].format == "int_dynamic" else 0)) for n in w
+               if n in specs) / sum(w.values())
+    assert cost(specs) == pytest.approx(want) and cost(specs) > 4.0 and not math.isnan(want)
+
+
+def test_an_override_to_another_format_leaves_the_sections_block_size_behind(images):
+    """An int_dynamic section with block_size, and overrides that put some quantizers on a static int
+    grid or an fp16 cast: those take the section's other fields, not its run-time block size."""
+    r = recipe_from_dict({"name": "mixed", "model": {"name": "quantcore/vit_fmnist"},
+                          "quant": {"activations": {"format": "int_dynamic", "bits": 4, "block_size": 16}},
+                          "calibration": {"method": "max"},
+                          "overrides": [{"match": "blocks.0.*", "spec": {"format": "int"}},
+                                        {"match": "blocks.1.attn.attn_quantizer", "spec": {"format": "fp16"}}]})
+    m = quantcore.prepare(_demo_model(), r)
+    qs = quantizers(m)
+    assert qs["blocks.0.attn.qkv.input_quantizer"].spec.format == "int"
+    assert qs["blocks.0.attn.qkv.input_quantizer"].spec.block_size is None
+    assert qs["blocks.0.attn.qkv.input_quantizer"].spec.bits == 4
+    assert qs["blocks.1.attn.attn_quantizer"].spec.format == "fp16"
+    assert qs["blocks.2.attn.qkv.input_quantizer"].spec.block_size == 16
+    quantcore.calibrate(m, [images[:64]])
+    with torch.no_grad():
+        assert torch.isfinite(m(images[64:80])).all()
