@@ -325,13 +325,17 @@ def analyze(ctx: typer.Context,
     given = _given("budget_top1", "budget_agreement", "budget_sqnr", "budget_confidence")
     if given and not search:
         raise UserError(f"{', '.join(given)}: only the mixed-precision search uses a budget; add --search")
-    unused = _given("search_limit", "search_groups", "choices", "cost") if not search else []
-    unused += _given("eval_limit") if eval_split is None else []
+    if no_errors and no_sensitivity and not search and eval_split is None:
+        raise UserError("--no-errors and --no-sensitivity without --search or --eval-split: this run would "
+                        "analyze nothing; drop one of them, or add --search / --eval-split")
+    why = [(_given("search_limit", "search_groups", "choices", "cost") if not search else [],
+            "the search options need --search"),
+           (_given("eval_limit") if eval_split is None else [], "--eval-limit needs --eval-split"),
+           (_given("groups") if no_errors and no_sensitivity else [],
+            "--groups is for the error analysis and the sensitivity sweep, both switched off")]
+    unused = [o for opts_, _ in why for o in opts_]
     if unused:
-        raise UserError(f"{', '.join(unused)}: not used by this run ("
-                        + "; ".join(w for w, on in (("the search options need --search", not search),
-                                                    ("--eval-limit needs --eval-split", eval_split is None)) if on)
-                        + ")")
+        raise UserError(f"{', '.join(unused)}: not used by this run (" + "; ".join(w for o, w in why if o) + ")")
     if search:
         budget = Budget.from_options(budget_top1, budget_agreement, budget_sqnr, budget_confidence)
     opts = AnalyzeOptions(errors=not no_errors, sensitivity=not no_sensitivity, search=search, budget=budget,

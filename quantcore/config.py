@@ -98,11 +98,27 @@ class Override(_Strict):
     enabled: bool | None = Field(None, description="shortcut for spec.enabled")
 
     @model_validator(mode="after")
-    def _one_enabled(self) -> "Override":
+    def _one_enabled(self, info: ValidationInfo) -> "Override":
         if self.enabled is not None and self.spec is not None and self.spec.enabled is not None \
                 and self.enabled != self.spec.enabled:
             raise ValueError(f"override {self.match!r}: enabled: {self.enabled} and spec.enabled: {self.spec.enabled} "
                              "contradict each other; give one")
+        if _stored(info):
+            return self
+        # settings this same override keeps from acting are refused, not recorded as if they applied
+        fields = [f"spec.{k}" for k in (self.spec.model_fields_set if self.spec is not None else ())
+                  if k != "enabled" and getattr(self.spec, k) is not None]
+        if self.float:
+            given = fields + (["enabled"] if self.enabled is not None else []) + \
+                (["spec.enabled"] if self.spec is not None and self.spec.enabled is not None else [])
+            if given:
+                raise ValueError(f"override {self.match!r}: float: true leaves the matching modules without "
+                                 f"quantizers, so {', '.join(given)} cannot act; drop them, or drop float: true")
+        disabled = self.enabled is False or (self.spec is not None and self.spec.enabled is False)
+        if disabled and fields:
+            raise ValueError(f"override {self.match!r}: enabled: false switches the matching quantizers off, so "
+                             f"{', '.join(fields)} cannot act; drop them, or set them in an override that "
+                             f"enables those quantizers")
         return self
 
 

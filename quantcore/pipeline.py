@@ -187,7 +187,8 @@ def _with_checkpoint(recipe: Recipe, checkpoint: str | None) -> Recipe:
     # recorded in the reports and the stored recipe, where a relative path would be read against the
     # recipe's folder, not the working directory it was given in
     checkpoint = storage.absolute(checkpoint)
-    model = recipe.model.model_copy(update={"checkpoint": checkpoint, "pretrained": False})
+    # it replaces every source of weights the recipe names (pretrained_file would not be read either)
+    model = recipe.model.model_copy(update={"checkpoint": checkpoint, "pretrained": False, "pretrained_file": None})
     return recipe.model_copy(update={"model": model})
 
 
@@ -214,8 +215,9 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
     :class:`~quantcore.evaluate.WeightSharing` (change a variant's weights in place only after
     copying it). Under an active process group each rank calibrates on its shard of the calibration images and
     every rank ends with the same (exactly merged) ranges; the skipped list covers all ranks."""
-    _check_recipes(recipes)
+    # --checkpoint first: recipes that differ only in the weights it replaces calibrate one model
     recipes = [_with_checkpoint(r, opts.checkpoint) for r in recipes]
+    _check_recipes(recipes)
     dev = _rank_device(opts.device)
     if fp32 is None:
         if recipes[0].model is None:

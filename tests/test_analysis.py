@@ -3,6 +3,7 @@ of the full model, recipes with overrides run through prepare + calibrate."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 
@@ -1003,3 +1004,21 @@ def test_cli_analyze_a_recipe_without_weights_is_a_user_error(tmp_path, capsys):
                  "-o", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "recipe 'tiny_w8a8': no FP32 weights to calibrate: give --checkpoint" in err and "Traceback" not in err
+
+
+def test_outputs_an_earlier_analysis_left_are_removed_not_passed_off_as_this_runs(setup, tmp_path, caplog):
+    """analyze --search wrote search_recipe.yaml and pareto.png; a later analyze without the search into the
+    same folder rewrote analysis.json/md and left them there, as if this run had chosen that recipe."""
+    _, _, model, calib, evalb = setup
+    out = tmp_path / "o"
+    api.analyze(model, evalb[:1], search=True, budget={"sqnr_db": 5.0}, calib_batches=calib[:1], groups=["blocks.0.mlp.fc1"],
+                search_groups=["blocks.0.*"], choices=("4", "8"), out=str(out))
+    made = {p.name for p in out.iterdir()}
+    assert {"search_recipe.yaml", "pareto.png", "analysis.json"} <= made
+    with caplog.at_level("WARNING", logger="quantcore"):
+        res = api.analyze(model, evalb[:1], groups=["blocks.0.mlp.fc1"], out=str(out))
+    left = {p.name for p in out.iterdir()}
+    assert "search_recipe.yaml" not in left and "pareto.png" not in left and "analysis.json" in left
+    assert "search" not in json.loads((out / "analysis.json").read_text()) and "search" not in res
+    assert "removed pareto.png, search_recipe.yaml of an earlier analysis" in caplog.text
+    assert ("sqnr.png" in made) == ("sqnr.png" in left)  # this run made its own error analysis

@@ -853,3 +853,30 @@ def test_an_override_without_float_keeps_no_float_decision_through_save_and_load
     explicit = tiny_recipe(overrides=[{"match": "head", "float": False}])  # an explicit false still re-quantizes
     m2 = quantcore.prepare(quantcore.build_model(explicit), explicit)
     assert any(n.startswith("head.") for n in quantcore.quantizers(m2))
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"enabled": False, "spec": {"bits": 4}}, ["enabled: false", "spec.bits"]),
+    ({"spec": {"enabled": False, "symmetric": False, "calibrator": "max"}}, ["enabled: false", "spec.symmetric",
+                                                                          "spec.calibrator"]),
+    ({"float": True, "spec": {"bits": 4}}, ["float: true", "spec.bits"]),
+    ({"float": True, "enabled": False}, ["float: true", "enabled"]),
+    ({"float": True, "spec": {"enabled": True}}, ["float: true", "spec.enabled"]),
+])
+def test_override_settings_the_same_override_keeps_from_acting_are_refused(override, words):
+    """An override that switches its quantizers off (or leaves its modules float) and also sets their
+    grid: nothing could read those fields, yet encodings.json recorded them (``bits: 4, enabled: false``)."""
+    rec = {"name": "ov", "model": {"name": "quantcore/vit_fmnist"},
+           "overrides": [{"match": "blocks.0.mlp.fc1", **override}]}
+    with pytest.raises(RecipeError) as err:
+        quantcore.load_recipe(rec)
+    assert "overrides.0" in str(err.value) and "blocks.0.mlp.fc1" in str(err.value)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    # what acts is accepted: each part alone, or the grid in an override that enables
+    for ok in ({"enabled": False}, {"float": True}, {"enabled": True, "spec": {"bits": 4}}, {"spec": {"bits": 4}}):
+        quantcore.load_recipe({**rec, "overrides": [{"match": "blocks.0.mlp.fc1", **ok}]})
+    # a recipe stored in a checkpoint before this rule still loads
+    from quantcore.config import Recipe
+
+    Recipe.model_validate({**rec, "version": 1}, context={"stored": True})

@@ -223,6 +223,11 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
     expect_user_error(capsys, ptq_with(good, "--layout", "zipp"), "--layout", "'zipp'")
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--cost", "bops",
                                "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
+    expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--no-errors",
+                               "--no-sensitivity"), "--no-errors", "--no-sensitivity", "nothing")
+    expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--no-errors",
+                               "--no-sensitivity", "--eval-split", "val", "--groups", "block"),
+                      "--groups", "both switched off")
     expect_user_error(capsys, ptq_with(good, "--eval-split", "no_such_split"), "--eval-split", "no_such_split")
     # a shard cache for data read in place: ptq, evaluate and qat all refuse it
     expect_user_error(capsys, ptq_with(good, "--cache-dir", tmp_path / "cache"), "--cache-dir", str(image_folder))
@@ -699,3 +704,29 @@ def test_no_progress_also_silences_the_libraries_bars(monkeypatch):
         import huggingface_hub.utils as hub_utils
 
         hub_utils.enable_progress_bars()
+
+
+def test_checkpoint_option_replaces_every_recipes_weights_before_they_are_compared(image_folder, tmp_path, capsys):
+    """--checkpoint overrides the recipes' weights: recipes that differ only in model.checkpoint /
+    model.pretrained_file calibrate that one model (they were refused as 'different models'); without
+    --checkpoint they are still refused, and so are recipes that differ in anything else."""
+    weights = tmp_path / "fp32.pt"
+    torch.manual_seed(0)
+    torch.save(quantcore.build_model(quantcore.load_recipe(dict(RECIPE))).state_dict(), weights)
+    other = tmp_path / "other.pt"
+    torch.save(torch.load(weights), other)
+    a = _recipe(tmp_path, "wa", name="wa", model={**RECIPE["model"], "checkpoint": str(other)})
+    b = _recipe(tmp_path, "wb", name="wb")
+    c = _recipe(tmp_path, "wc", name="wc", model={**RECIPE["model"], "pretrained_file": str(other)})
+    out = tmp_path / "c"
+    assert run("calibrate", "-r", a, "-r", b, "-r", c, "-d", image_folder, "-o", out, "--checkpoint", weights,
+               "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    for name in ("wa", "wb", "wc"):
+        model = rep["variants"][name]["recipe"]["model"]
+        assert model["checkpoint"] == str(weights) and model.get("pretrained_file") is None, model
+    expect_user_error(capsys, ("calibrate", "-r", a, "-r", b, "-d", image_folder, "-o", tmp_path / "d",
+                               "--no-progress"), "different models", "model.checkpoint")
+    d = _recipe(tmp_path, "wd", name="wd", model={**RECIPE["model"], "kwargs": {"patch_size": 8, "depth": 2}})
+    expect_user_error(capsys, ("calibrate", "-r", b, "-r", d, "-d", image_folder, "-o", tmp_path / "e",
+                               "--checkpoint", weights, "--no-progress"), "different models", "model.kwargs")

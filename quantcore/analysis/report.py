@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from typing import Any
 
@@ -184,6 +185,18 @@ def write_outputs(result: dict[str, Any], out: str, recipe_yaml: str | None = No
         storage.write_bytes(uris["recipe"], recipe_yaml.encode())
     storage.write_bytes(uris["md"], markdown(result).encode("utf-8", "backslashreplace"))
     storage.write_bytes(uris["json"], (json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n").encode())
+    # an earlier analysis in this folder left outputs this run does not make: beside the new
+    # analysis.json they would pass for this run's (a pipeline picking up search_recipe.yaml)
+    stale = [name for key, name in (("sqnr_plot", "sqnr.png"), ("pareto_plot", "pareto.png"),
+                                    ("recipe", "search_recipe.yaml"))
+             if key not in uris and storage.exists(storage.join(out, name))]
+    for name in stale:
+        storage.delete(storage.join(out, name))
+    if stale:
+        logging.getLogger("quantcore").warning(
+            "removed %s of an earlier analysis in %s: this run made no %s, and analysis.json/analysis.md now "
+            "describe this run", ", ".join(stale), out, "search or error analysis" if len(stale) > 1 else
+            ("search" if stale[0] != "sqnr.png" else "error analysis"))
     return uris
 
 
