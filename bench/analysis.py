@@ -1,6 +1,7 @@
 """Analysis and mixed-precision search benchmark (issue #11 items 2-4).
 
-    flock /tmp/bench.lock python -m bench.analysis [--parts search,search_conf,vitb,workers,seed001]
+    flock /tmp/bench.lock python -m bench.analysis [--parts search,search_conf,search_dyn,search_dyn_conf,
+        search_dyn16,vitb,workers,seed001]
         [--search-images N] [--confidence 0.9]
 
 1. **search**: the demo W4A4 ft1 PTQ checkpoint; the search (per-quantizer groups, choices 4/6/8/float,
@@ -11,6 +12,10 @@
    **search_conf**: the same search with the budget checked on the lower ``--confidence`` bound of
    the held-out Δ (``--budget-confidence``), so that a result within the noise of 5,000 images does
    not count as met.
+   **search_dyn** / **search_dyn_conf**: the same two searches started from W4A4 with ``int_dynamic``
+   activations (``fmnist_w4a4_ft1_dynamic`` with its scales per token: the start misses the budget, so
+   the search has work to do); **search_dyn16**: started from the recipe itself (blocks of 16), budget
+   on the held-out Δ; effective bits count the run-time scales.
 2. **vitb**: error analysis (tensor SQNR isolated/cumulative for all quantizers, logit effects per
    block) and sensitivity of a timm ViT-B/16 (random weights, ``vit_base_patch16_224``, recipe
    vit_b16_int8, 8 images), timed.
@@ -90,15 +95,45 @@ def part_search_conf(args) -> dict[str, Any]:
     return _search(args, args.confidence)
 
 
-def _search(args, confidence: float | None) -> dict[str, Any]:
+def part_search_dyn(args) -> dict[str, Any]:
+    return _search(args, None, dynamic="token")
+
+
+def part_search_dyn_conf(args) -> dict[str, Any]:
+    return _search(args, args.confidence, dynamic="token")
+
+
+def part_search_dyn16(args) -> dict[str, Any]:
+    return _search(args, None, dynamic="16")
+
+
+def _dynamic_start(block: str):
+    """``fmnist_w4a4_ft1_dynamic`` (blocks of 16), or with its run-time scales per token."""
+    from quantcore.recipe import load_recipe
+
+    d = load_recipe("fmnist_w4a4_ft1_dynamic").model_dump(mode="json")
+    if block == "token":
+        d["name"] = "fmnist_w4a4_ft1_dynamic_token"
+        d["quant"]["activations"]["block_size"] = None
+    return load_recipe(d)
+
+
+def _search(args, confidence: float | None, dynamic: str | None = None) -> dict[str, Any]:
     from quantcore import api
     from quantcore.analysis import Budget, collect_statistics, search, search_recipe, verify_recipe
     from quantcore.analysis.engine import Engine
 
-    model = api.load(W4A4)
-    recipe = model.quantcore_recipe
-    calib, held, test = demo_data(recipe, model, args.search_images)
-    fp32 = api.build_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"checkpoint": FP32})}))
+    if dynamic:
+        recipe = _dynamic_start(dynamic)
+        fp32 = api.build_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"checkpoint": FP32})}))
+        model = api.prepare(copy.deepcopy(fp32), recipe)
+        calib, held, test = demo_data(recipe, model, args.search_images)
+        api.calibrate(model, calib)
+    else:
+        model = api.load(W4A4)
+        recipe = model.quantcore_recipe
+        calib, held, test = demo_data(recipe, model, args.search_images)
+        fp32 = api.build_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"checkpoint": FP32})}))
     t0 = time.perf_counter()
     stats = collect_statistics(model, calib)
     t_stats = time.perf_counter() - t0
@@ -113,9 +148,15 @@ def _search(args, confidence: float | None) -> dict[str, Any]:
     test_base = Engine(model, test).evaluate({"m": {}})["m"]
     from quantcore.recipe import dump_recipe
 
-    name = "analysis_search_recipe.yaml" if confidence is None else "analysis_search_conf_recipe.yaml"
+    name = f"analysis_search{'_dyn' + ('' if dynamic == 'token' else dynamic) if dynamic else ''}" \
+           f"{'' if confidence is None else '_conf'}_recipe.yaml"
     (RESULTS.parent / name).write_text(dump_recipe(rec))
-    return {"search_images": res["images"], "stats_s": t_stats, "search_s": res["seconds"],
+    from quantcore.analysis.search import CostModel
+    from quantcore.placement import quantizers
+
+    start_specs = {n: q.spec for n, q in quantizers(model).items() if q.spec.on_grid}
+    return {"start": recipe.name, "start_cost_bits": CostModel(Engine(model, held[:1]), "bits")(start_specs),
+            "search_images": res["images"], "stats_s": t_stats, "search_s": res["seconds"],
             "verify_s": time.perf_counter() - t1, "evaluated": len(res["evaluated"]),
             "pareto": [{"cost": p["cost"], "score": p["score"]} for p in res["pareto"]],
             "met_on_search": res["met"], "search_metrics": res["metrics"], "reproduced": reproduced,
@@ -228,10 +269,13 @@ def _disc(m: dict[str, Any]) -> str:
     return "–" if m.get("gained") is None else f"{m['gained']} / {m['lost']}"
 
 
-def _render_search(res: dict[str, Any]) -> list[str]:
-    runs = [(k, res[k]) for k in ("search", "search_conf") if res.get(k)]
+def _render_search(res: dict[str, Any], dynamic: str | None = None) -> list[str]:
+    keys = {"token": ("search_dyn", "search_dyn_conf"), "16": ("search_dyn16",)}.get(dynamic, ("search", "search_conf"))
+    runs = [(k, res[k]) for k in keys if res.get(k)]
     b = runs[0][1]["test_w4a4"]
-    L = ["### Mixed-precision search on the demo ViT (W4A4 ft1 start, budget Δ top-1 <= "
+    start = {"token": "W4A4 ft1, int_dynamic activations per token",
+             "16": "fmnist_w4a4_ft1_dynamic: int_dynamic activations in blocks of 16"}.get(dynamic, "W4A4 ft1")
+    L = [f"### Mixed-precision search on the demo ViT ({start} start, budget Δ top-1 <= "
          f"{res['budget']:g} point)", "",
          f"Searched on {runs[0][1]['search_images']} held-out TRAIN images (calibration images excluded); each "
          "chosen recipe was run through prepare + calibrate and evaluated on all 10,000 TEST images. *Budget "
@@ -239,8 +283,9 @@ def _render_search(res: dict[str, Any]) -> list[str]:
          "per-image differences, Agresti-Min adjusted Wald bound). Gained / lost: images whose top-1 became right / wrong.",
          "", "| search | images | top-1 | Δ top-1 | 90 % bound of Δ | gained / lost | agreement | logit SQNR dB "
          "| quantizers above 4 bits | effective bits |", "|---|---|---|---|---|---|---|---|---|---|",
-         f"| W4A4 ft1 (start) | test | {b['top1']:.2f} | {b['delta_top1']:+.2f} | "
-         f"{_f(_bound90(b), '{:+.2f}')} | {_disc(b)} | {b['agreement']:.2f} | {_f(b['sqnr_db'], '{:.1f}')} | 0 | 4 |"]
+         f"| {start} (start) | test | {b['top1']:.2f} | {b['delta_top1']:+.2f} | "
+         f"{_f(_bound90(b), '{:+.2f}')} | {_disc(b)} | {b['agreement']:.2f} | {_f(b['sqnr_db'], '{:.1f}')} | 0 | "
+         f"{runs[0][1].get('start_cost_bits', 4):.3f} |"]
     for key, s in runs:
         what = "Δ itself" if s.get("confidence") is None else f"{100 * s['confidence']:g} % bound"
         for label, m in (("held-out train", s["search_metrics"]), ("**test**", s["test_mixed"])):
@@ -261,14 +306,24 @@ def _render_search(res: dict[str, Any]) -> list[str]:
               f"budget). Issue target (Δ <= {res['budget']:g} on test with < 15% of the quantizers above 4 bits): "
               f"**{'met' if met else 'not met'}**.",
               f"  Raised: {', '.join(f'`{g}`={c}' for g, c in s['choices'].items()) or 'none'}."]
-    pt = dict(runs).get("search")
-    if pt:
+    if dynamic == "token":
+        L += ["- Effective bits count each run-time scale (16 bits) and zero point (4 bits) per token: 20/64 per "
+              "Linear input value, 20/16 per q/k/v value (16 per head), 20/N per attention-row value; a quantizer "
+              "counts as 4-bit by its code width."]
+    if dynamic == "16":
+        L += ["- Effective bits count each run-time scale (16 bits) and zero point (4 bits) per block of 16 "
+              "activation values (20/16 per value; fewer where a last dimension is shorter)."]
+    pt = dict(runs).get({"token": "search_dyn", "16": "search_dyn16"}.get(dynamic, "search"))
+    conf = runs[1][1] if len(runs) > 1 else None
+    if pt and conf:
         m, t = pt["search_metrics"], pt["test_mixed"]
+        held = conf["test_mixed"]["delta_top1"] >= -res["budget"] - 1e-9
         L += [f"- Reading: the point-estimate search stopped at held-out Δ {m['delta_top1']:+.2f} with "
               f"{m['gained'] + m['lost']} images changing correctness, whose 90 % bound is {_bound90(m):+.2f}; the "
               f"test set then gave {t['delta_top1']:+.2f}. A budget met by the point estimate alone is met on other "
               "images about half the time (`tests/test_budget_confidence.py` measures this on real W4A4 "
-              "predictions); the bound costs more bits and, here, held on the test set."]
+              f"predictions); the bound costs more bits ({conf['cost_bits']:.3f} against {pt['cost_bits']:.3f} "
+              f"effective) and, here, {'held' if held else 'did not hold'} on the test set."]
     L.append("")
     return L
 
@@ -288,6 +343,10 @@ def render(res: dict[str, Any]) -> str:
          + ("".join(f" Part {k} kept from the run of {d}." for k, d in (res.get("kept_from") or {}).items())), ""]
     if res.get("search") or res.get("search_conf"):
         L += _render_search(res)
+    if res.get("search_dyn") or res.get("search_dyn_conf"):
+        L += _render_search(res, dynamic="token")
+    if res.get("search_dyn16"):
+        L += _render_search(res, dynamic="16")
     v = res.get("vitb")
     if v:
         L += ["### ViT-B/16 analysis time (random weights, 8 images, recipe vit_b16_int8)", "",
@@ -320,7 +379,7 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.analysis", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="search,search_conf,vitb,workers,seed001")
+    p.add_argument("--parts", default="search,search_conf,search_dyn,search_dyn_conf,search_dyn16,vitb,workers,seed001")
     p.add_argument("--search-images", type=int, default=5000)
     p.add_argument("--worker-images", type=int, default=2000)
     p.add_argument("--budget", type=float, default=0.1)
@@ -340,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         old = json.loads(RESULTS.read_text())
-        for k in ("search", "search_conf", "vitb", "workers", "seed001"):
+        for k in ("search", "search_conf", "search_dyn", "search_dyn_conf", "search_dyn16", "vitb", "workers",
+                  "seed001"):
             if k not in parts and k in old:
                 res[k] = old[k]
                 res.setdefault("kept_from", {})[k] = (old.get("kept_from") or {}).get(k, old.get("date"))
