@@ -28,7 +28,7 @@ from .recipe import load_recipe
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle_boot"]
-DEMO_RECIPES = ("fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1", "fmnist_w4a4_ft1_dynamic")
+DEMO_RECIPES = ("fmnist_w8a8_ft1", "fmnist_w8a8_ft2", "fmnist_w4a4_ft1")
 # QAT after PTQ (each recipe's qat: section): where PTQ alone misses what QAT reaches
 DEMO_QAT = ("fmnist_w4a4_ft1", "fmnist_w8a8_ft2")
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist   (or run: scripts/setup.sh demo)"
@@ -127,7 +127,7 @@ class DemoResult:
     qat_reports: dict = None  # recipe name -> QAT report.json
 
 
-TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5, "w4a4_dynamic_drop": 0.2,
+TARGETS = {"w8a8_drop": 0.1, "w8a8_agreement": 99.5, "w4a4_drop": 0.5,
            "qat_w4a4_drop": 0.2, "qat_ft2_agreement": 99.7}
 
 
@@ -282,8 +282,7 @@ def target_rows(rep: dict, qat_reports: dict | None = None) -> list[dict]:
         drop, agree = round(fp32 - r["top1"], 6), round(r["agreement"], 6)
         qat = ranks is not None
         if "w4a4" in name:
-            # run-time (int_dynamic) activation scales: issue #11's W4A4 PTQ target
-            lim = TARGETS["qat_w4a4_drop" if qat else "w4a4_dynamic_drop" if "dynamic" in name else "w4a4_drop"]
+            lim = TARGETS["qat_w4a4_drop" if qat else "w4a4_drop"]
             ok, tgt = drop <= lim, f"drop <= {lim}"
         elif qat:
             ok, tgt = agree >= TARGETS["qat_ft2_agreement"], f"agree >= {TARGETS['qat_ft2_agreement']}"

@@ -96,6 +96,13 @@ def _qat_config(recipe: Recipe, opts: QATOptions) -> QATConfig:
     return cfg.model_copy(update=upd) if upd else cfg
 
 
+def _unlearnable_formats() -> str:
+    """The registered formats without a learnable range, for messages."""
+    from .quantizer_kinds import quantizer_kind, quantizer_kind_names
+
+    return "formats " + ", ".join(n for n in quantizer_kind_names() if not quantizer_kind(n).supports_learnable)
+
+
 def learnable_quantizers(model: nn.Module, learn_zero_point: bool = True) -> list[str]:
     """Turn every calibrated integer quantizer into its LSQ form (learnable scale, and zero point
     when asymmetric and ``learn_zero_point``); returns their names. Float-format quantizers (FP16,
@@ -857,7 +864,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     recipe = recipe.model_copy(update={"qat": cfg})
     if cfg.ranges == "learned" and not _may_learn(recipe):  # before calibrating; checked again on the model
         raise UserError(f"recipe {recipe.name!r}: qat.ranges: learned (the default), but none of its formats "
-                        "has a learnable range (float casts such as fp16/bf16, log2 or twin grids); set "
+                        f"has a learnable range ({_unlearnable_formats()}); set "
                         "qat.ranges: frozen" + (" and drop optimizer.range_lr" if cfg.optimizer.range_lr else ""))
     if not opts.init:
         recipe = _with_checkpoint(recipe, opts.checkpoint)
@@ -933,6 +940,15 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
 
     for msg in cal_info.pop("start_warnings", []):
         setup_warning(msg)
+    if learned:  # quantizers on a grid with no learnable form keep their calibrated range: said, not silent
+        frozen = {}
+        for qn, qq in api.quantizers(model).items():
+            if qq.spec.on_grid and qq.is_calibrated and not qq.spec.kind.supports_learnable:
+                frozen.setdefault(qq.spec.format, []).append(qn)
+        for fmt, qnames in frozen.items():
+            setup_warning(f"qat.ranges: learned: {len(qnames)} quantizer(s) of format {fmt!r} have no learnable "
+                          f"range and keep their calibrated one (e.g. {qnames[0]!r}); only the weights' and other "
+                          f"format 'int' quantizers' ranges are learned")
 
     if cfg.max_steps is not None:
         if cfg.max_steps > total_steps:

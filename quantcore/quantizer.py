@@ -249,9 +249,9 @@ class TensorQuantizer(nn.Module):
             return True
         return not self.spec.is_float and is_plugin(calibrator(self.spec.calibrator))
 
-    def _plugin_fake_quant(self, _q: "TensorQuantizer", x: torch.Tensor) -> torch.Tensor:
+    def _plugin_fake_quant(self, _q: "TensorQuantizer", x: torch.Tensor, **kw) -> torch.Tensor:
         try:
-            y = self.spec.kind.fake_quant(self, x)
+            y = self.spec.kind.fake_quant(self, x, **kw)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a plug-in's failure, named
@@ -294,7 +294,11 @@ class TensorQuantizer(nn.Module):
         return rng
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dims: tuple[int, ...] | int | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` (or collect its statistics while calibrating). ``dims``: the dimension(s)
+        of ``x`` that the product op consuming it contracts (a Linear input's features, a conv weight's
+        in x kh x kw), given by the placement's call sites; only kinds with run-time block scales
+        (``supports_blocks``) read it, and None means the last dimension."""
         if self.calibrating:
             if x.device.type == "cpu" and not _dense(x):
                 # A strided view (q/k/v sliced from a fused qkv output): the collector would copy it
@@ -312,6 +316,8 @@ class TensorQuantizer(nn.Module):
             return x
         kind = self.spec.kind
         fq = kind.fake_quant if not is_plugin(kind) else self._plugin_fake_quant
+        if kind.supports_blocks and dims is not None:
+            fq = (lambda q, t, f=fq: f(q, t, dims=dims))
         if kind.is_float:
             return fq(self, x)
         orig = x.dtype

@@ -42,9 +42,6 @@ def test_w8a8_matches_fp32_and_w4a4_degrades_gracefully(demo_run):
     w4 = res["fmnist_w4a4_ft1"]
     assert w4["sqnr_db"] < res["fmnist_w8a8_ft1"]["sqnr_db"] - 6.0  # 4 bits are visibly coarser
     assert w4["agreement"] >= 85.0 and w4["sqnr_db"] >= 12.0
-    # run-time scales per block of 16 (int_dynamic) are finer than one static range per tensor
-    wd = res["fmnist_w4a4_ft1_dynamic"]
-    assert wd["sqnr_db"] > w4["sqnr_db"] + 2.0 and wd["agreement"] > w4["agreement"], (wd, w4)
 
 
 def test_thresholds_catch_broken_ranges(demo_run):

@@ -208,10 +208,17 @@ def test_cost_model_counts_the_run_time_scales(images):
     tok = spec.model_copy(update={"block_size": None, "symmetric": True})
     assert eng.trace.last_dim[site] == 64 and cost.stored_bits(site, tok) == pytest.approx(4 + 16 / 64)
     assert cost.stored_bits(site, QuantSpec(bits=4)) == 4.0
+    # the attention rows (17 keys) and v (attn @ v contracts its 17 tokens) need two blocks of 16 per slice
+    for other in ("blocks.1.attn.attn_quantizer", "blocks.1.attn.v_quantizer"):
+        assert eng.trace.last_dim[other] == 17
+        assert cost.stored_bits(other, quantizers(m)[other].spec) == pytest.approx(4 + 2 * (16 + 4) / 17)
     specs = {n: q.spec for n, q in quantizers(m).items() if q.spec.enabled}
     w = {n: cost.numel[n] for n in cost.numel}
-    want = sum(w[n] * (specs[n].bits + ((16 + 4) / 16 if specs[n].format == "int_dynamic" else 0)) for n in w
-               if n in specs) / sum(w.values())
+    def per_value(n):
+        k = eng.trace.last_dim[n]
+        return -(-k // 16) * (16 + 4) / k if specs[n].format == "int_dynamic" else 0.0
+
+    want = sum(w[n] * (specs[n].bits + per_value(n)) for n in w if n in specs) / sum(w.values())
     assert cost(specs) == pytest.approx(want) and cost(specs) > 4.0 and not math.isnan(want)
 
 
@@ -233,3 +240,86 @@ def test_an_override_to_another_format_leaves_the_sections_block_size_behind(ima
     quantcore.calibrate(m, [images[:64]])
     with torch.no_grad():
         assert torch.isfinite(m(images[64:80])).all()
+
+
+_DYN = {"version": 1, "name": "dyn", "placement": {"family": "vit", "mode": "ft1"},
+        "quant": {"weights": {"bits": 8, "symmetric": True, "per_channel": True},
+                  "activations": {"format": "int_dynamic", "bits": 4, "symmetric": False, "block_size": 16}},
+        "calibration": {"method": "max", "num_batches": 1, "batch_size": 2}}
+
+
+def _scaled_slices(model, x) -> dict[str, tuple]:
+    """Per quantizer: the shape it first receives and the dims its call site passes."""
+    from quantcore.quantizer import TensorQuantizer
+
+    seen = {}
+    hooks = [mod.register_forward_pre_hook(
+        lambda mod, a, kw, n=n: (seen.setdefault(n, (tuple(a[0].shape), kw.get("dims"))), None)[1], with_kwargs=True)
+        for n, mod in model.named_modules() if isinstance(mod, TensorQuantizer)]
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return y, seen
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_attention_slices_are_the_same_whatever_attention_path_the_model_takes(family):
+    """k reaches its quantizer as (B, H, N, d) through fused SDPA but as k^T (B, H, d, N) through
+    ``q @ k.transpose(-2, -1)`` (timm fused_attn=False, Swin, HF eager): its run-time scales must cover
+    the head dimension both times (what q @ k^T contracts), and v's the tokens (what attn @ v contracts),
+    so both paths give the same outputs. They differed by 0.11 in the logits when scales followed the
+    last dimension."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    outs, shapes = {}, {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        if family == "timm":
+            import timm
+
+            m = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, depth=2, pretrained=False)
+            for b in m.blocks:
+                b.attn.fused_attn = fused
+        else:
+            from transformers import ViTConfig, ViTForImageClassification
+
+            cfg = ViTConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, num_labels=10, attn_implementation="sdpa" if fused else "eager")
+            m = ViTForImageClassification(cfg)
+        m = quantcore.prepare(m.eval(), recipe_from_dict(_DYN), example_input=x)
+        quantcore.calibrate(m, [x])
+        outs[fused], shapes[fused] = _scaled_slices(m, x)
+        with torch.no_grad(), quantcore.api.quantization_disabled(m):
+            fp = m(x)
+        fp = getattr(fp, "logits", fp)
+        assert (getattr(outs[fused], "logits", outs[fused]) - fp).abs().max() > 1e-3  # the grids act
+    k = {f: next(v for n, v in shapes[f].items() if n.endswith("k_quantizer")) for f in shapes}
+    assert k[True][0] != k[False][0]  # the paths really differ: (B, H, N, d) vs (B, H, d, N)
+    a, b = (getattr(outs[f], "logits", outs[f]) for f in (True, False))
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_convolutions_scale_a_pixels_channels_and_a_filters_weights():
+    """A conv input's run-time scales cover the channels of one pixel (what the conv contracts), not a
+    row of pixels; its weight's, one output channel's in x kh x kw; a Linear's, its input features."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(24, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    rec = {"version": 1, "name": "cnn", "placement": {"family": "generic"},
+           "quant": {"weights": {"format": "int_dynamic", "bits": 4, "per_channel": False, "block_size": 16},
+                     "activations": {"format": "int_dynamic", "bits": 4, "symmetric": False, "block_size": 16}},
+           "calibration": {"method": "max", "weights_method": "max", "num_batches": 1}}
+    x = torch.randn(2, 24, 6, 6)
+    q = quantcore.prepare(m, recipe_from_dict(rec), example_input=x)
+    quantcore.calibrate(q, [x])
+    _, seen = _scaled_slices(q, x)
+    assert seen["0.input_quantizer"][1] == (1,) and seen["0.weight_quantizer"][1] == (1, 2, 3)
+    qs = quantizers(q)
+    iq, wq = qs["0.input_quantizer"], qs["0.weight_quantizer"]
+    with torch.no_grad():
+        got = iq(x, dims=(1,))
+        ref = ref_dynamic(x.permute(0, 2, 3, 1).numpy(), float(iq.amin), float(iq.amax), 4, False, 16)
+        assert np.allclose(got.permute(0, 2, 3, 1).numpy(), ref, atol=1e-6)
+        w = m[0].weight
+        gw = wq(w, dims=(1, 2, 3))
+        rw = ref_dynamic(w.reshape(8, -1).numpy(), float(wq.amin), float(wq.amax), 4, True, 16)
+        assert np.allclose(gw.reshape(8, -1).numpy(), rw, atol=1e-6)

@@ -1268,3 +1268,28 @@ def test_quantizers_go_to_their_holders_device():
     _quantizers_to_host_devices(model)
     got = {n: m.amax.device.type for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
     assert got == {"1.act.output_quantizer": "meta", "1.add_quantizer": "meta", "2.relu_quantizer": "cpu"}, got
+
+
+def test_learned_ranges_say_which_quantizers_keep_their_calibrated_range(fmnist, tmp_path):
+    """qat.ranges: learned with run-time-scaled (int_dynamic) or twin_int activations: the weights learn
+    their ranges, those quantizers cannot; the report said '16 learned ranges' and nothing about the 32
+    others. The warning names the formats; a recipe where no format can learn names int_dynamic too."""
+    data, ckpt = fmnist
+    r = _recipe(ckpt, epochs=1)
+    r["quant"]["activations"] = {"format": "int_dynamic", "bits": 4, "symmetric": False, "block_size": 16}
+    r["calibration"]["method"] = "max"
+    r["overrides"] = [{"match": "blocks.*.attn.attn_quantizer", "spec": {"format": "twin_int", "calibrator": "mse"}}]
+    rep = run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "o"),
+                  QATOptions(progress=False, max_steps=2))
+    model = api.load(str(tmp_path / "o" / "t_w4" / "model.qc.pt"))
+    qs = api.quantizers(model)
+    weights = [n for n, q in qs.items() if q.kind == "weight" and q.spec.on_grid]
+    assert rep["qat"]["learned_quantizers"] == len(weights)
+    warned = " ".join(rep["warnings"])
+    for fmt in ("int_dynamic", "twin_int"):
+        n = sum(q.spec.format == fmt for q in qs.values())
+        assert n and f"{n} quantizer(s) of format {fmt!r} have no learnable range" in warned, warned
+    r["quant"]["weights"] = {"format": "fp16"}
+    with pytest.raises(UserError, match=r"none of its formats has a learnable range \(formats [^)]*int_dynamic"):
+        run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "p"),
+                QATOptions(progress=False, max_steps=2))

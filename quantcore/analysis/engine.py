@@ -172,7 +172,8 @@ class Trace:
     qpos: dict[str, int] = field(default_factory=dict)
     ends: dict[str, int] = field(default_factory=dict)
     numel_per_image: dict[str, float] = field(default_factory=dict)
-    #: the size of the last dimension of what each quantizer received (its run-time scale blocks' limit)
+    #: per quantizer, the size of what the product consuming its tensor contracts (a Linear input's
+    #: features; the last dimension where no product consumes it): the slice run-time scales cover
     last_dim: dict[str, int] = field(default_factory=dict)
     macs: dict[tuple[str | None, str | None], float] = field(default_factory=dict)
 
@@ -292,14 +293,16 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
     batch = x.shape[0]
 
     def qpre(name):
-        def f(mod, args):
+        def f(mod, args, kwargs):
             if name not in tr.qpos:
                 tr.qpos[name] = counter[0]
                 tr.order.append(name)
             counter[0] += 1
             t = args[0] if args else None
             if isinstance(t, torch.Tensor):
-                tr.last_dim[name] = int(t.shape[-1]) if t.dim() else 1
+                dims = kwargs.get("dims")  # what the consuming product contracts (None: the last dimension)
+                dims = (dims,) if isinstance(dims, int) else (dims or (-1,))
+                tr.last_dim[name] = math.prod(int(t.shape[d]) for d in dims) if t.dim() else 1
                 if mod.kind == "activation":  # every call's values
                     tr.numel_per_image[name] = tr.numel_per_image.get(name, 0.0) + t.numel() / batch
                 else:  # one stored tensor, however often a tied/shared module uses it
@@ -331,7 +334,7 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
     try:
         for n, m in inner.named_modules():
             if isinstance(m, TensorQuantizer):
-                hooks.append(m.register_forward_pre_hook(qpre(n)))
+                hooks.append(m.register_forward_pre_hook(qpre(n), with_kwargs=True))
             elif n:
                 hooks.append(m.register_forward_hook(mend(n, m)))
         with identity_quantizers(qs, seen), _MacCounter(tr, batch, source, mark):  # quantizers run, float downstream

@@ -394,8 +394,9 @@ class CostModel:
     (16: deployed in FP16). A quantizer that is no product's operand (a residual add, the softmax
     input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them. In ``bits``, a grid
     whose scales are computed at run time per block (``int_dynamic``) also pays for them: a 16-bit
-    scale (and, asymmetric, a ``bits``-bit zero point) per block of ``block_size`` elements (or of
-    the tensor's last dimension, per token); BOPs count the operands' bits only.
+    scale (and, asymmetric, a ``bits``-bit zero point) per block of ``block_size`` elements of the
+    slice the consuming product contracts (``ceil(K / block_size)`` blocks per slice of K; one per
+    slice without block_size); BOPs count the operands' bits only.
 
     Choice ``fp16``: a cast acts during calibration too, so the ranges downstream of it come from
     statistics collected with it acting (:func:`search` with ``calib_batches``)."""
@@ -422,10 +423,12 @@ class CostModel:
         scales, the scale (16 bits) and zero point (asymmetric) shared by each block."""
         b = self.bits_of(spec)
         if spec is not None and spec.on_grid and spec.kind.supports_blocks:
-            last = self.eng.trace.last_dim.get(name, 0)
-            block = min(spec.block_size or last, last) if last else spec.block_size
-            if block:
-                b += (self.float_bits + (0 if spec.symmetric else spec.bits)) / block
+            k = self.eng.trace.last_dim.get(name, 0)  # the slice one scale (per block) covers
+            if k:
+                blocks = math.ceil(k / spec.block_size) if spec.block_size else 1  # a shorter last block too
+                b += blocks * (self.float_bits + (0 if spec.symmetric else spec.bits)) / k
+            elif spec.block_size:
+                b += (self.float_bits + (0 if spec.symmetric else spec.bits)) / spec.block_size
         return b
 
     def uncosted(self, names: Iterable[str]) -> list[str]:

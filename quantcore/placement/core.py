@@ -174,11 +174,15 @@ def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
     q = module._modules.get(ROOT_INPUT_QUANTIZER)
     if q is None:
         return None
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        # an image (N, C, H, W) meets a convolution first, which contracts its channels
+        return q(x, dims=(1,)) if x.dim() == 4 else q(x)
+
     if args and isinstance(args[0], torch.Tensor):
-        return (q(args[0]),) + tuple(args[1:]), kwargs
+        return (apply(args[0]),) + tuple(args[1:]), kwargs
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return args, {**kwargs, k: q(v)}
+            return args, {**kwargs, k: apply(v)}
     return None
 
 

@@ -313,8 +313,31 @@ class _State(threading.local):
 _state = _State()
 
 
-def _apply(q: Optional[TensorQuantizer], x: torch.Tensor) -> torch.Tensor:
-    return q(x) if q is not None else x
+def _apply(q: Optional[TensorQuantizer], x: torch.Tensor, dims: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """``q(x)``; ``dims``: what the product consuming ``x`` contracts (read by run-time block scales)."""
+    if q is None:
+        return x
+    return q(x) if dims is None else q(x, dims=dims)
+
+
+def _weighted_dims(func, w: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Contracted dimensions of a linear/conv call's input and weight: a linear's features; a conv
+    input's channels and its weight's in x kernel."""
+    if WEIGHTED_OPS.get(func) == "linear":
+        return (-1,), (-1,)
+    return (1,), tuple(range(1, w.dim()))
+
+
+def _einsum_dims(eq: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Contracted dimensions of a two-operand einsum's operands: the indices the output drops."""
+    lhs, _, out = eq.replace(" ", "").partition("->")
+    a, b = lhs.split(",")
+    if not _:
+        out = "".join(sorted(c for c in set(a + b) if (a + b).count(c) == 1))
+    summed = [c for c in a if c in b and c not in out]
+    if "..." in a or "..." in b or not summed:
+        return (-1,), (-2,)
+    return tuple(a.index(c) - len(a) for c in summed), tuple(b.index(c) - len(b) for c in summed)
 
 
 class QuantOpMode(TorchFunctionMode):
@@ -352,14 +375,17 @@ class QuantOpMode(TorchFunctionMode):
                 ein = einsum_operands(args)
                 if ein is not None:
                     eq, (a, b) = ein
-                    return self._matmul(ctx, lambda x, y: torch.einsum(eq, x, y), (a, b), {}, (0, 1))
+                    return self._matmul(ctx, lambda x, y: torch.einsum(eq, x, y), (a, b), {}, (0, 1),
+                                        _einsum_dims(eq))
             if func in SOFTMAX_OPS and ctx.phase == 1:
                 ctx.phase = 2
                 if ctx.plan.probs_at_matmul:  # quantized where attn@v receives them (talking heads)
                     return func(*args, **kwargs)
                 # The probabilities are quantized where softmax makes them: before dropout's 1/(1-p)
                 # rescale in training, which an eval-calibrated range would clip.
-                return _apply(self._attn_q(ctx, "attn_quantizer"), func(*args, **kwargs))
+                sm_dim = kwargs.get("dim", args[1] if len(args) > 1 else None)  # attn @ v contracts the keys
+                return _apply(self._attn_q(ctx, "attn_quantizer"), func(*args, **kwargs),
+                              (sm_dim,) if isinstance(sm_dim, int) else None)
         return func(*args, **kwargs)
 
     # weighted ------------------------------------------------------------------------------------
@@ -373,8 +399,9 @@ class QuantOpMode(TorchFunctionMode):
                 iq = ctx.q(site.owner, site.prefix + "input_quantizer")
                 wq = ctx.q(site.owner, site.prefix + "weight_quantizer")
                 oq = ctx.q(site.owner, site.prefix + "output_quantizer")
-                wv = take_rows(wq(base), w, base) if wq is not None else w
-                return _apply(oq, func(_apply(iq, x), wv, *rest, **kw))
+                dx, dw = _weighted_dims(func, base)
+                wv = take_rows(_apply(wq, base, dw), w, base) if wq is not None else w
+                return _apply(oq, func(_apply(iq, x, dx), wv, *rest, **kw))
         if site is None:
             if is_param_like(w):  # another module's (float) weight: never a computed-weight site
                 return func(*args, **kwargs)
@@ -388,7 +415,8 @@ class QuantOpMode(TorchFunctionMode):
         oq = ctx.q(site.owner, site.prefix + "output_quantizer")
         if wq is not None and site.param is None and (wq.observe or not wq.is_calibrated):
             wq.observed = w.detach()  # a derived weight is calibrated from what the op receives
-        out = func(_apply(iq, x), _apply(wq, w), *rest, **kw)
+        dx, dw = _weighted_dims(func, w)
+        out = func(_apply(iq, x, dx), _apply(wq, w, dw), *rest, **kw)
         return _apply(oq, out)
 
     def _param_matmul(self, ctx: _Ctx, site: WeightedSite, func, args, kwargs, p: torch.Tensor):
@@ -397,20 +425,23 @@ class QuantOpMode(TorchFunctionMode):
         iq = ctx.q(site.owner, site.prefix + "input_quantizer")
         wq = ctx.q(site.owner, site.prefix + "weight_quantizer")
         b = quantized_view(wq(p), args[1], p) if wq is not None else args[1]
-        return func(_apply(iq, args[0]), b, *args[2:], **kwargs)
+        return func(_apply(iq, args[0], (-1,)), b, *args[2:], **kwargs)
 
     # attention -----------------------------------------------------------------------------------
     def _attn_q(self, ctx: _Ctx, name: str) -> Optional[TensorQuantizer]:
         return ctx.q("", name) if ctx.cycles == 0 else None
 
-    def _matmul(self, ctx: _Ctx, func, args, kwargs, ops: tuple[int, int]):
+    def _matmul(self, ctx: _Ctx, func, args, kwargs, ops: tuple[int, int],
+                dims: tuple[tuple[int, ...], tuple[int, ...]] = ((-1,), (-2,))):
+        """An attention product; ``dims``: what it contracts in each operand (a matmul: the first's last
+        dimension, the second's second-to-last; an einsum: from its equation)."""
         a, b = args[ops[0]], args[ops[1]]
         if is_param_like(a) or is_param_like(b) or ctx.cycles > 0:
             return func(*args, **kwargs)
         args = list(args)
         if ctx.phase == 0:
-            args[ops[0]] = _apply(self._attn_q(ctx, "q_quantizer"), a)
-            args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b)
+            args[ops[0]] = _apply(self._attn_q(ctx, "q_quantizer"), a, dims[0])
+            args[ops[1]] = _apply(self._attn_q(ctx, "k_quantizer"), b, dims[1])
             ctx.phase = 1
             sq = self._attn_q(ctx, "softmax_input_quantizer")
             if func in BADDBMM_OPS and _busy(sq):
@@ -424,9 +455,10 @@ class QuantOpMode(TorchFunctionMode):
             return _apply(sq, func(*args, **kwargs))
         if ctx.phase == 2:  # probabilities already quantized at the softmax, unless they changed since
             p, v = (ops[1], ops[0]) if ctx.plan.probs_operand == 1 else ops
+            dp, dv = (dims[1], dims[0]) if ctx.plan.probs_operand == 1 else dims
             if ctx.plan.probs_at_matmul:
-                args[p] = _apply(self._attn_q(ctx, "attn_quantizer"), args[p])
-            args[v] = _apply(self._attn_q(ctx, "v_quantizer"), args[v])
+                args[p] = _apply(self._attn_q(ctx, "attn_quantizer"), args[p], dp)
+            args[v] = _apply(self._attn_q(ctx, "v_quantizer"), args[v], dv)
             ctx.phase = 0
             ctx.cycles += 1
             return func(*args, **kwargs)
@@ -450,9 +482,10 @@ def quantized_sdpa(qs: dict[str, Optional[TensorQuantizer]], query: torch.Tensor
     mask: ``-inf`` never reaches a calibrator), the probabilities and v. Shapes ``(..., L, E)``,
     ``(..., S, E)``, ``(..., S, Ev)`` -> ``(..., L, Ev)``. The softmax scale is applied after q is
     quantized, as an integer GEMM would rescale its accumulator."""
-    q = _apply(qs.get("q_quantizer"), query)
-    k = _apply(qs.get("k_quantizer"), key)
-    v = _apply(qs.get("v_quantizer"), value)
+    # q @ k^T contracts the head dimension, attn @ v the keys
+    q = _apply(qs.get("q_quantizer"), query, (-1,))
+    k = _apply(qs.get("k_quantizer"), key, (-1,))
+    v = _apply(qs.get("v_quantizer"), value, (-2,))
     if enable_gqa and k.dim() >= 3 and q.size(-3) != k.size(-3):
         rep = q.size(-3) // k.size(-3)
         k = k.repeat_interleave(rep, dim=-3)
@@ -474,7 +507,7 @@ def quantized_sdpa(qs: dict[str, Optional[TensorQuantizer]], query: torch.Tensor
         # A fully masked row: softmax gives NaN, torch's SDPA gives 0 (no key to attend to). Without a
         # mask no row is masked (two passes over the L x S probabilities saved: ~2% of a ViT-S forward).
         attn = torch.nan_to_num(attn, nan=0.0)
-    attn = _apply(qs.get("attn_quantizer"), attn)  # before dropout's 1/(1-p) rescale (training)
+    attn = _apply(qs.get("attn_quantizer"), attn, (-1,))  # before dropout's 1/(1-p) rescale (training)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v

@@ -31,7 +31,9 @@ class QuantizerKind:
         supports_learnable: QAT may learn this kind's range (LSQ-style scale/zero point).
         supports_per_channel: per-channel (``axis``) ranges are meaningful.
         supports_asymmetric: ``symmetric: false`` is meaningful.
-        supports_blocks: ``block_size`` is meaningful (run-time scales per block of the last dimension).
+        supports_blocks: ``block_size`` is meaningful (run-time scales per block of the dimension a
+            product contracts); such a kind's ``fake_quant`` also takes ``dims`` (see
+            :meth:`~quantcore.quantizer.TensorQuantizer.forward`).
         calibrators: the calibrator names this kind accepts (``None``: every registered one).
     """
 

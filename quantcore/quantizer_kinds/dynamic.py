@@ -1,12 +1,22 @@
 """Dynamic (run-time) integer quantization per token or per block: format ``int_dynamic``.
 
 The uniform affine grid of format ``int``, but its scale (and zero point) is computed from the tensor
-itself at every forward, one per slice of the **last dimension**: per token for the ``(..., tokens,
-features)`` inputs of Linear layers and attention matmuls (the per-token dynamic activation
-quantization of W4A4 LLM/ViT work: ZeroQuant, Yao et al. 2022; QuaRot, Ashkboos et al. 2024), or per
-``block_size`` consecutive elements of it (block scaling, as ModelOpt's dynamic block quantization and
-the OCP Microscaling formats; a last dimension that is not a multiple of ``block_size`` ends with a
-shorter block). For a weight ``(out, in)`` this is group-wise quantization along the input features.
+itself at every forward, one per slice along the dimension(s) that the product consuming the tensor
+**contracts** (the GEMM's K, along which an integer or block-scaled kernel can factor the scales out),
+or per ``block_size`` consecutive elements of that slice (block scaling, as ModelOpt's dynamic block
+quantization and the OCP Microscaling formats; a slice that is not a multiple of ``block_size`` ends
+with a shorter block). The placement's call sites say which dimension that is:
+
+* Linear input ``(..., tokens, features)``: the features of a token (per-token dynamic activation
+  quantization of W4A4 LLM/ViT work: ZeroQuant, Yao et al. 2022; QuaRot, Ashkboos et al. 2024);
+  Linear weight ``(out, in)``: the input features (group-wise weight quantization);
+* attention: q and k along the head dimension, the probabilities along the keys, v along the tokens
+  (``attn @ v`` contracts over them), whether the model calls fused SDPA, ``q @ k.transpose(-2, -1)``
+  or an einsum (the same slices, the same outputs);
+* convolution: the channels of one pixel (input ``(N, C, H, W)``); ``in x kh x kw`` of one output
+  channel, flattened in that order as im2col orders K (weight);
+* the model's image input ``(N, C, H, W)`` (``placement.quantize_model_input``): the channels of a pixel;
+* a tensor no product consumes (a residual add, the softmax input, a GEMM output): the last dimension.
 
 For a slice ``x_b``:
 
@@ -75,8 +85,9 @@ def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.
 
 
 class DynamicInt(QuantizerKind):
-    """Uniform integer grid with run-time scales per token (last dimension) or per ``block_size``
-    elements of it; the calibrated range is a clip bound. See the module docstring."""
+    """Uniform integer grid with run-time scales per slice along the consuming product's contracted
+    dimension(s) (a token's features) or per ``block_size`` elements of it; the calibrated range is a
+    clip bound. See the module docstring."""
 
     name = "int_dynamic"
     supports_learnable = False
@@ -87,22 +98,37 @@ class DynamicInt(QuantizerKind):
     def validate(self, spec) -> None:
         if spec.axis is not None:
             raise ValueError(f"axis/per_channel: format {spec.format!r} computes its scales at run time per token "
-                             f"(the last dimension) or per block_size elements of it, not per channel; remove "
+                             f"(along what the consuming product contracts) or per block_size elements of it, not per channel; remove "
                              f"axis/per_channel (weights: per_channel: false)")
         super().validate(spec)
 
-    def fake_quant(self, quantizer, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, quantizer, x: torch.Tensor, dims: tuple[int, ...] | int | None = None) -> torch.Tensor:
         spec = quantizer.spec
         qmin, qmax = spec.qrange()
         lo, hi = quantizer.amin.float().reshape(()), quantizer.amax.float().reshape(())
-        y = dynamic_fake_quant(x.reshape(1) if x.dim() == 0 else x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
-        return y.reshape(x.shape)
+        if x.dim() == 0:
+            return dynamic_fake_quant(x.reshape(1), lo, hi, qmin, qmax, spec.symmetric, spec.block_size).reshape(())
+        d = sorted({i % x.dim() for i in ((dims,) if isinstance(dims, int) else (dims or (-1,)))})
+        if d == [x.dim() - 1]:
+            return dynamic_fake_quant(x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
+        # the contracted dimensions last, flattened in their order (a conv weight's in x kh x kw, as
+        # im2col orders a GEMM's K), then back
+        rest = [i for i in range(x.dim()) if i not in d]
+        xp = x.permute(*rest, *d)
+        y = dynamic_fake_quant(xp.reshape(*xp.shape[:len(rest)], -1), lo, hi, qmin, qmax, spec.symmetric,
+                               spec.block_size)
+        inverse = [0] * x.dim()
+        for pos, i in enumerate(rest + d):
+            inverse[i] = pos
+        return y.reshape(xp.shape).permute(*inverse)
 
     def encoding(self, quantizer) -> dict:
         spec = quantizer.spec
         qmin, qmax = spec.qrange()
-        per = ("each token (the whole last dimension)" if spec.block_size is None
-               else f"each block of {spec.block_size} consecutive elements of the last dimension")
+        per = ("each slice along the dimension(s) the consuming product contracts (a token's features; "
+               "see quantcore/quantizer_kinds/dynamic.py)" if spec.block_size is None
+               else f"each block of {spec.block_size} consecutive elements of the slice along the dimension(s) "
+                    f"the consuming product contracts (a token's features; see quantcore/quantizer_kinds/dynamic.py)")
         if spec.symmetric:
             rule = (f"for {per}: s = min(max|x|, amax)/{qmax}, x_hat = clamp(round(x/s), {qmin}, {qmax})*s")
         else:

@@ -201,7 +201,9 @@ def _select(model: nn.Module, cfg: ReconstructionConfig) -> tuple[dict[str, str]
         elif q.spec.is_float:
             skipped[qname] = f"float format {q.spec.format} (no rounding to learn)"
         elif q.spec.format != "int":
-            skipped[qname] = f"format {q.spec.format!r} is not a uniform integer grid"
+            skipped[qname] = (f"format {q.spec.format!r} computes its step at run time (no static grid to round "
+                              f"to)" if q.spec.kind.supports_blocks else
+                              f"format {q.spec.format!r} is not a uniform integer grid")
         elif q.spec.learnable or q.scale is not None:
             skipped[qname] = "learnable (QAT) range: reconstruct before make_learnable"
         elif q.weight_attr is None:
