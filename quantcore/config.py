@@ -47,8 +47,9 @@ class SpecPatch(_Strict):
     axis: int | None = None
     per_channel: bool | None = Field(None, description="shortcut: True = axis 0, False = per-tensor")
     narrow_range: bool | None = None
-    block_size: int | None = Field(None, ge=1, description="format int_dynamic: elements of the last dimension "
-                                   "sharing one run-time scale (unset: the whole last dimension, per token)")
+    block_size: int | None = Field(None, ge=2, description="format int_dynamic: consecutive elements of the slice "
+                                   "the consuming product contracts sharing one run-time scale (unset: the whole "
+                                   "slice, per token)")
     calibrator: CalibMethod | None = None
     percentile: float | None = Field(None, gt=0.0, le=100.0)
     enabled: bool | None = None

@@ -41,8 +41,9 @@ class QuantSpec(BaseModel):
     symmetric: bool = True
     axis: int | None = Field(None, description="channel axis for per-channel ranges; None = per-tensor")
     narrow_range: bool = Field(False, description="symmetric grid without the most negative code")
-    block_size: int | None = Field(None, ge=1, description="format int_dynamic: elements of the last dimension "
-                                   "that share one run-time scale; None = the whole last dimension (per token)")
+    block_size: int | None = Field(None, ge=2, description="format int_dynamic: consecutive elements of the slice "
+                                   "the consuming product contracts (a token's features) that share one run-time "
+                                   "scale; None = the whole slice (per token)")
     calibrator: CalibMethod = "max"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
     learnable: bool = Field(False, description="use torch's learnable fake-quant ops (QAT)")

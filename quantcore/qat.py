@@ -947,8 +947,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 frozen.setdefault(qq.spec.format, []).append(qn)
         for fmt, qnames in frozen.items():
             setup_warning(f"qat.ranges: learned: {len(qnames)} quantizer(s) of format {fmt!r} have no learnable "
-                          f"range and keep their calibrated one (e.g. {qnames[0]!r}); only the weights' and other "
-                          f"format 'int' quantizers' ranges are learned")
+                          f"range and keep their calibrated one (e.g. {qnames[0]!r}); only format 'int' "
+                          f"quantizers learn theirs")
 
     if cfg.max_steps is not None:
         if cfg.max_steps > total_steps:

@@ -299,6 +299,8 @@ class TensorQuantizer(nn.Module):
         of ``x`` that the product op consuming it contracts (a Linear input's features, a conv weight's
         in x kh x kw), given by the placement's call sites; only kinds with run-time block scales
         (``supports_blocks``) read it, and None means the last dimension."""
+        if self.spec.on_grid and self.spec.kind.supports_blocks:  # while collecting too: before a checkpoint
+            self._check_slices(x, dims)
         if self.calibrating:
             if x.device.type == "cpu" and not _dense(x):
                 # A strided view (q/k/v sliced from a fused qkv output): the collector would copy it
@@ -330,6 +332,21 @@ class TensorQuantizer(nn.Module):
             fi = torch.finfo(orig)
             y = y.clamp(fi.min, fi.max)
         return y.to(orig)
+
+    def _check_slices(self, x: torch.Tensor, dims) -> None:
+        """Run-time scales over slices of one value would reproduce every value exactly: a quantizer in
+        the tables that does nothing (a 1-channel image, a conv on one channel). Refused by name."""
+        from .quantizer_kinds.base import contracted_dims
+
+        k = 1
+        for d in contracted_dims(dims, x.dim()):
+            k *= int(x.shape[d])
+        if x.dim() and k < 2:
+            raise CalibrationError(
+                f"quantizer {self.qname or '(unnamed)'!r} (format {self.spec.format!r}): its run-time scales cover "
+                f"slices of {k} value of a {tuple(x.shape)} tensor (what the product consuming it contracts), so "
+                f"every value would be its own scale and nothing would be quantized; give it format int (an "
+                f"override) or leave it float")
 
     # -- persistence -------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

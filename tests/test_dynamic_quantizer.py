@@ -312,14 +312,41 @@ def test_convolutions_scale_a_pixels_channels_and_a_filters_weights():
     q = quantcore.prepare(m, recipe_from_dict(rec), example_input=x)
     quantcore.calibrate(q, [x])
     _, seen = _scaled_slices(q, x)
-    assert seen["0.input_quantizer"][1] == (1,) and seen["0.weight_quantizer"][1] == (1, 2, 3)
+    assert seen["0.input_quantizer"][1] == (-3,) and seen["0.weight_quantizer"][1] == (1,)
     qs = quantizers(q)
     iq, wq = qs["0.input_quantizer"], qs["0.weight_quantizer"]
     with torch.no_grad():
-        got = iq(x, dims=(1,))
+        got = iq(x, dims=(-3,))
         ref = ref_dynamic(x.permute(0, 2, 3, 1).numpy(), float(iq.amin), float(iq.amax), 4, False, 16)
         assert np.allclose(got.permute(0, 2, 3, 1).numpy(), ref, atol=1e-6)
         w = m[0].weight
-        gw = wq(w, dims=(1, 2, 3))
-        rw = ref_dynamic(w.reshape(8, -1).numpy(), float(wq.amin), float(wq.amax), 4, True, 16)
-        assert np.allclose(gw.reshape(8, -1).numpy(), rw, atol=1e-6)
+        gw = wq(w, dims=(1,))
+        rw = ref_dynamic(w.permute(0, 2, 3, 1).numpy(), float(wq.amin), float(wq.amax), 4, True, 16)
+        assert np.allclose(gw.permute(0, 2, 3, 1).numpy(), rw, atol=1e-6)
+        # what the model computes is these grids: the conv of the quantized input and weight
+        y = torch.nn.functional.conv2d(got, gw, m[0].bias)
+        assert torch.allclose(q[0](x), y, atol=1e-5)
+
+
+def test_einsum_contracted_dims_follow_the_equation():
+    from quantcore.placement.intercept import _einsum_dims
+
+    assert _einsum_dims("bhid,bhjd->bhij") == ((-1,), (-1,))
+    assert _einsum_dims("bhij,bhjd->bhid") == ((-1,), (-2,))
+    assert _einsum_dims("...id,...jd->...ij") == ((-1,), (-1,))  # an ellipsis before the letters
+    assert _einsum_dims("...ij,...jd->...id") == ((-1,), (-2,))
+    assert _einsum_dims("id...,jd...->ij...") == ((1,), (1,))  # ... and after them
+    assert _einsum_dims("bid,bjd") == ((-3, -1), (-3, -1))  # implicit output: b and d are summed
+
+
+def test_slices_of_one_value_and_block_size_one_are_refused():
+    """A one-channel convolution input (the Fashion-MNIST image) scaled per pixel: every value its own
+    scale, nothing quantized; refused naming the quantizer, at calibration."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    rec = {"version": 1, "name": "one", "placement": {"family": "generic"},
+           "quant": {"activations": {"format": "int_dynamic", "bits": 4}}, "calibration": {"method": "max"}}
+    q = quantcore.prepare(m, recipe_from_dict(rec), example_input=torch.randn(2, 1, 6, 6))
+    with pytest.raises(quantcore.CalibrationError, match=r"'0\.input_quantizer'.*slices of 1 value.*format int"):
+        quantcore.calibrate(q, [torch.randn(2, 1, 6, 6)])
+    with pytest.raises(RecipeError, match=r"block_size"):
+        recipe_from_dict({**rec, "quant": {"activations": {"format": "int_dynamic", "block_size": 1}}})

@@ -194,9 +194,8 @@ def write_outputs(result: dict[str, Any], out: str, recipe_yaml: str | None = No
         storage.delete(storage.join(out, name))
     if stale:
         logging.getLogger("quantcore").warning(
-            "removed %s of an earlier analysis in %s: this run made no %s, and analysis.json/analysis.md now "
-            "describe this run", ", ".join(stale), out, "search or error analysis" if len(stale) > 1 else
-            ("search" if stale[0] != "sqnr.png" else "error analysis"))
+            "removed %s of an earlier analysis in %s: this run wrote none of them, and analysis.json/analysis.md "
+            "now describe this run", ", ".join(stale), out)
     return uris
 
 

@@ -108,7 +108,8 @@ def quantizer_qdq(name: str, q: TensorQuantizer) -> Optional[QdqSpec]:
         return QdqSpec(name, "cast", q.kind, spec.format, dtype=_FLOAT_CASTS[spec.format], min_opset=MIN_OPSET)
     if spec.format != "int" and spec.kind.supports_blocks:
         raise ExportError(f"quantizer {name}: format {spec.format!r} computes its scale and zero point at run time "
-                          f"(per token or block of the last dimension): every export format holds static scales "
+                          f"(per slice or block of what the consuming product contracts): every export format "
+                          f"holds static scales "
                           f"(ONNX QuantizeLinear/DequantizeLinear, AIMET encodings, the TensorRT range table). Its "
                           f"rule and clip bound are in encodings.json; for a static deployment calibrate it as "
                           f"format int or keep it float (an override)")
@@ -250,7 +251,9 @@ class _Cast(torch.autograd.Function):
 _BUF = ("_qdq_scale", "_qdq_zero_point", "_qdq_lo", "_qdq_hi")
 
 
-def _export_forward(self: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+def _export_forward(self: TensorQuantizer, x: torch.Tensor, dims=None) -> torch.Tensor:
+    # ``dims`` (what the consuming product contracts) only moves run-time block scales, which
+    # quantizer_qdq refuses before the graph is traced
     p: QdqSpec = self._qdq_plan
     if p.op == "cast":
         return _Cast.apply(x, p.dtype)

@@ -317,27 +317,39 @@ def _apply(q: Optional[TensorQuantizer], x: torch.Tensor, dims: Optional[tuple[i
     """``q(x)``; ``dims``: what the product consuming ``x`` contracts (read by run-time block scales)."""
     if q is None:
         return x
-    return q(x) if dims is None else q(x, dims=dims)
+    # only run-time block scales read dims: every other quantizer is called as before (an export or a
+    # user's wrapper that replaces forward keeps its one-argument form)
+    return q(x, dims=dims) if dims is not None and q.spec.kind.supports_blocks else q(x)
 
 
 def _weighted_dims(func, w: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Contracted dimensions of a linear/conv call's input and weight: a linear's features; a conv
-    input's channels and its weight's in x kernel."""
+    """Contracted dimensions of a linear/conv call's input and weight, paired as a block-scaled GEMM
+    pairs them: a linear's features; a conv input's channels at each pixel (counted from the end, so
+    an unbatched input works too) and its weight's input channels at each kernel tap (K in im2col's
+    channels-last order)."""
     if WEIGHTED_OPS.get(func) == "linear":
         return (-1,), (-1,)
-    return (1,), tuple(range(1, w.dim()))
+    return (-(w.dim() - 1),), (1,)
 
 
 def _einsum_dims(eq: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Contracted dimensions of a two-operand einsum's operands: the indices the output drops."""
-    lhs, _, out = eq.replace(" ", "").partition("->")
+    """Contracted dimensions of a two-operand einsum's operands: the letters both operands carry and
+    the output drops, as indices counted from the operand's end (letters after an ellipsis) or from
+    its start (letters before one). ``"bhid,bhjd->bhij"`` -> ``((3,), (3,))`` counted as ``((-1,), (-1,))``."""
+    lhs, arrow, out = eq.replace(" ", "").partition("->")
     a, b = lhs.split(",")
-    if not _:
-        out = "".join(sorted(c for c in set(a + b) if (a + b).count(c) == 1))
-    summed = [c for c in a if c in b and c not in out]
-    if "..." in a or "..." in b or not summed:
+    if not arrow:  # implicit output: the letters that appear once, sorted
+        letters = (a + b).replace(".", "")
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+
+    def index(op: str, c: str) -> int:
+        head, ell, tail = op.partition("...")
+        return tail.index(c) - len(tail) if ell and c in tail else head.index(c) - (0 if ell else len(head))
+
+    summed = [c for c in dict.fromkeys(a.replace(".", "")) if c in b and c not in out]
+    if not summed:
         return (-1,), (-2,)
-    return tuple(a.index(c) - len(a) for c in summed), tuple(b.index(c) - len(b) for c in summed)
+    return tuple(index(a, c) for c in summed), tuple(index(b, c) for c in summed)
 
 
 class QuantOpMode(TorchFunctionMode):

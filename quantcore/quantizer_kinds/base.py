@@ -23,6 +23,19 @@ if TYPE_CHECKING:  # pragma: no cover - typing only (formats imports this packag
 Range = tuple[float, float]
 
 
+def contracted_dims(dims: "int | tuple[int, ...] | None", ndim: int) -> tuple[int, ...]:
+    """The dimensions a product contracts in a tensor of ``ndim`` dimensions, as sorted non-negative
+    indices without repeats; ``None``: the last one. Raises ``ValueError`` for an index outside the
+    tensor (a call site's mistake, never wrapped around to another dimension)."""
+    given = (dims,) if isinstance(dims, int) else tuple(dims) if dims else (-1,)
+    if ndim == 0:
+        return ()
+    bad = [d for d in given if not -ndim <= d < ndim]
+    if bad:
+        raise ValueError(f"contracted dimension(s) {bad} outside a {ndim}-D tensor")
+    return tuple(sorted({d % ndim for d in given}))
+
+
 class QuantizerKind:
     """Base of every quantizer kind. Subclasses override what differs from a uniform integer grid.
 

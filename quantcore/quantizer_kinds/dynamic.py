@@ -13,10 +13,14 @@ with a shorter block). The placement's call sites say which dimension that is:
 * attention: q and k along the head dimension, the probabilities along the keys, v along the tokens
   (``attn @ v`` contracts over them), whether the model calls fused SDPA, ``q @ k.transpose(-2, -1)``
   or an einsum (the same slices, the same outputs);
-* convolution: the channels of one pixel (input ``(N, C, H, W)``); ``in x kh x kw`` of one output
-  channel, flattened in that order as im2col orders K (weight);
+* convolution: the input channels, at each pixel of the input ``(N, C, H, W)`` and at each kernel tap
+  of the weight ``(out, in, kh, kw)``: the pairing of a block-scaled GEMM over im2col's channels-last K
+  (for a grouped convolution, pick a ``block_size`` that divides the channels per group);
 * the model's image input ``(N, C, H, W)`` (``placement.quantize_model_input``): the channels of a pixel;
-* a tensor no product consumes (a residual add, the softmax input, a GEMM output): the last dimension.
+* a slice of one value (a one-channel image or convolution) is refused by quantizer name: every value
+  would be its own scale;
+* a tensor no product consumes (a residual add, the softmax input, a GEMM output), and a
+  relative-position parameter viewed inside attention (BoTNet/HaloNet): the last dimension.
 
 For a slice ``x_b``:
 
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import MIN_SCALE
-from .base import QuantizerKind, register_quantizer_kind
+from .base import QuantizerKind, contracted_dims, register_quantizer_kind
 
 
 def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.Tensor, qmin: int, qmax: int,
@@ -108,7 +112,7 @@ class DynamicInt(QuantizerKind):
         lo, hi = quantizer.amin.float().reshape(()), quantizer.amax.float().reshape(())
         if x.dim() == 0:
             return dynamic_fake_quant(x.reshape(1), lo, hi, qmin, qmax, spec.symmetric, spec.block_size).reshape(())
-        d = sorted({i % x.dim() for i in ((dims,) if isinstance(dims, int) else (dims or (-1,)))})
+        d = list(contracted_dims(dims, x.dim()))
         if d == [x.dim() - 1]:
             return dynamic_fake_quant(x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
         # the contracted dimensions last, flattened in their order (a conv weight's in x kh x kw, as
