@@ -307,12 +307,13 @@ def _render_search(res: dict[str, Any], dynamic: str | None = None) -> list[str]
               f"**{'met' if met else 'not met'}**.",
               f"  Raised: {', '.join(f'`{g}`={c}' for g, c in s['choices'].items()) or 'none'}."]
     if dynamic == "token":
-        L += ["- Effective bits count each run-time scale (16 bits) and zero point (4 bits) per token: 20/64 per "
-              "Linear input value, 20/16 per q/k/v value (16 per head), 20/N per attention-row value; a quantizer "
-              "counts as 4-bit by its code width."]
+        L += ["- Effective bits count each run-time scale (16 bits) and zero point (4 bits) per slice along what "
+              "the consuming product contracts: 20/64 per Linear input value, 20/16 per q/k value (16 per head), "
+              "20/17 per attention-row and v value (17 keys / tokens); a quantizer counts as 4-bit by its code width."]
     if dynamic == "16":
         L += ["- Effective bits count each run-time scale (16 bits) and zero point (4 bits) per block of 16 "
-              "activation values (20/16 per value; fewer where a last dimension is shorter)."]
+              "activation values: 20/16 per value, 40/17 for the 17 keys of an attention row and the 17 tokens "
+              "of v (two blocks)."]
     pt = dict(runs).get({"token": "search_dyn", "16": "search_dyn16"}.get(dynamic, "search"))
     conf = runs[1][1] if len(runs) > 1 else None
     if pt and conf:

@@ -173,12 +173,13 @@ def section(res: dict[str, Any]) -> str:
             L.append(f"| {VARIANTS[k][0]} | {row['top1']:.2f} | {row['delta']:+.2f} | {row['agreement']:.2f} | {sq} "
                      f"| {row['calibrate_s']:.2f} | {'met' if ok else 'missed'} |")
         L.append("")
-    L += ["*int_dynamic* rows: the scale and zero point of every activation quantizer are computed at run time "
-          "(per token = per slice of the last dimension: 64 features of a Linear input, 16 of a head's q/k/v, one "
-          "attention row; or per block of 16/32 of them) and cost a 16-bit scale plus a zero point per block: 20/16 "
-          "= 1.25 more bits per activation value at 4 bits in blocks of 16, 0.63 in blocks of 32, 0.31 per 64-wide "
-          "token. No static QDQ graph holds them (export refuses the format); they are for run-time kernels with "
-          "block scales (NVFP4/MX-style) or dynamic per-token quantization.", ""]
+    L += ["*int_dynamic* rows: the scale and zero point of every activation quantizer are computed at run time, "
+          "per slice along what the consuming product contracts (per token: the 64 features of a Linear input, the "
+          "16 of a head's q or k, the 17 keys of an attention row, the 17 tokens of v; or per block of 16/32 of "
+          "them) and cost a 16-bit scale plus a zero point per block: 20/16 = 1.25 more bits per activation value "
+          "at 4 bits in blocks of 16, 0.63 in blocks of 32, 0.31 per 64-wide token. No static QDQ graph holds "
+          "them (export refuses the format); they are for run-time kernels with block scales (NVFP4/MX-style) or "
+          "dynamic per-token quantization.", ""]
     if "reparam_cost" in res:
         c = res["reparam_cost"]
         L += [f"Reparameterization cost (W4A4, 512 calibration images, median of 3): the extra FP32 pass with its "
