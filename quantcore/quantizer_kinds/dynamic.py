@@ -129,10 +129,10 @@ class DynamicInt(QuantizerKind):
     def encoding(self, quantizer) -> dict:
         spec = quantizer.spec
         qmin, qmax = spec.qrange()
-        per = ("each slice along the dimension(s) the consuming product contracts (a token's features; "
-               "see quantcore/quantizer_kinds/dynamic.py)" if spec.block_size is None
-               else f"each block of {spec.block_size} consecutive elements of the slice along the dimension(s) "
-                    f"the consuming product contracts (a token's features; see quantcore/quantizer_kinds/dynamic.py)")
+        where = ("the dimension(s) the consuming product contracts (a Linear input: a token's features; a conv "
+                 "input: a pixel's channels; v: the tokens; quantcore/quantizer_kinds/dynamic.py lists each)")
+        per = (f"each slice along {where}" if spec.block_size is None
+               else f"each block of {spec.block_size} consecutive elements of the slice along {where}")
         if spec.symmetric:
             rule = (f"for {per}: s = min(max|x|, amax)/{qmax}, x_hat = clamp(round(x/s), {qmin}, {qmax})*s")
         else:
