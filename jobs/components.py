@@ -533,6 +533,29 @@ def check_pod_paths(paths: Tuple[Tuple[str, Optional[str], bool], ...], mounts: 
                                  f"mounts readonly at {vol.dst_path}; drop readonly from that mount")
 
 
+def _splits(**given: Optional[str]) -> None:
+    """Refuse an empty or blank split name (``--eval_split ''``): the pod would fail looking for class
+    folders directly under the dataset root."""
+    for name, value in given.items():
+        if value is not None and not str(value).strip():
+            raise ComponentError(f"--{name}: empty split name; give one such as train, val or test")
+
+
+def _limit_and_batch(limit: int, batch_size: int) -> None:
+    if limit < 0:
+        raise ComponentError(f"--limit must be >= 0 (0: the whole split), got {limit}")
+    if batch_size < 1:
+        raise ComponentError(f"--batch_size must be >= 1, got {batch_size}")
+
+
+def _unique_recipes(recipes: List[str]) -> None:
+    """The same recipe twice would write one output folder twice: quantcore refuses it in the pod."""
+    names = [n.strip() for r in recipes for n in r.split(",")]  # quantcore reads --recipe a,b as two
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ComponentError(f"--recipe: {', '.join(dupes)} given more than once; each recipe once per run")
+
+
 def _uris(**given: Optional[str]) -> None:
     """Refuse an empty or blank URI (``--data ''``): quantcore would read or write the working directory."""
     for name, value in given.items():
@@ -781,9 +804,11 @@ def calibrate(
     pod = PodOptions.of(locals())
     _check_workers(workers)
     _uris(data=data, out=out, checkpoint=checkpoint)
+    _splits(split=split)
     recipes = _as_list(recipe, "--recipe")
     if not recipes:
         raise ComponentError("--recipe: at least one recipe is needed")
+    _unique_recipes(recipes)
     args: List[str] = []
     for r in recipes:
         args += ["--recipe", r]
@@ -847,8 +872,8 @@ def evaluate(
     pod = PodOptions.of(locals())
     _check_workers(workers)
     _uris(checkpoint=checkpoint, data=data, out=out)
-    if limit < 0 or batch_size < 1:
-        raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
+    _splits(split=split)
+    _limit_and_batch(limit, batch_size)
     args = ["--checkpoint", checkpoint, "--data", data, "--split", split, "--out", out,
             "--batch-size", str(batch_size)]
     if limit:
@@ -910,6 +935,7 @@ def export(
         raise ComponentError(f"--format {format!r}: give one of {list(EXPORT_FORMATS)}, a comma-separated list of "
                              f"them, or all")
     _uris(checkpoint=checkpoint, out=out, check_data=check_data)
+    _splits(check_split=check_split)
     if not check_data and (check_split or check_limit or check_skip_bad):
         raise ComponentError("--check_split, --check_limit and --check_skip_bad apply to the images of --check_data: "
                              "set --check_data, or remove them")
@@ -986,11 +1012,12 @@ def ptq(
     pod = PodOptions.of(locals())
     _check_workers(workers)
     _uris(calib_data=calib_data, out=out, eval_data=eval_data, checkpoint=checkpoint)
-    if limit < 0 or batch_size < 1:
-        raise ComponentError(f"--limit must be >= 0 and --batch_size >= 1, got {limit} and {batch_size}")
+    _splits(calib_split=calib_split, eval_split=eval_split)
+    _limit_and_batch(limit, batch_size)
     recipes = _as_list(recipe, "--recipe")
     if not recipes:
         raise ComponentError("--recipe: at least one recipe is needed")
+    _unique_recipes(recipes)
     args: List[str] = []
     for r in recipes:
         args += ["--recipe", r]
@@ -1244,6 +1271,7 @@ def qat(
         raise ComponentError(f"--recipe {recipe_ref!r}: qat trains one recipe (a comma separates recipes in the "
                              f"calibrate and ptq components); submit one qat job per recipe")
     _uris(data=data, out=out, eval_data=eval_data, checkpoint=checkpoint, init=init)
+    _splits(split=split, eval_split=eval_split)
     if init and checkpoint:  # as quantcore.qat.check_start, at submission rather than in the pod
         raise ComponentError(f"--init {init} and --checkpoint {checkpoint}: give one (--init starts from a "
                              f"calibrated checkpoint and its own FP32 weights; --checkpoint calibrates FP32 weights)")

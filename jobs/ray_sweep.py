@@ -95,18 +95,19 @@ def _recipe_alias(data: Any) -> Any:
 
 
 class _RunFields(BaseModel):
-    """Fields a run may set; ``defaults:`` may set the same ones (except ``name``)."""
+    """Fields a run may set; ``defaults:`` may set the same ones (except ``name``). Types are strict, as
+    the CLI's: ``batch_size: true`` or ``limit: "200"`` are mistakes, not 1 and 200."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     recipes: Optional[List[RecipeRef]] = Field(
         None, description="Recipes of the run (one model): built-in names, YAML paths, s3:// URIs or "
                           "inline recipe mappings. `recipe:` takes one or a list too.")
     checkpoint: Optional[str] = Field(None, description="FP32 weights overriding the recipes' model weights.")
     calib_data: Optional[str] = Field(None, description="Calibration dataset URI.")
-    calib_split: str = "train"
+    calib_split: str = Field("train", min_length=1)
     eval_data: Optional[str] = Field(None, description="Evaluation dataset URI (default: calib_data).")
-    eval_split: str = "val"
+    eval_split: str = Field("val", min_length=1)
     limit: Optional[int] = Field(None, ge=0, description="Evaluate on a seeded, class-stratified sample of N images "
                                                           "(as --limit: 0 or unset, the whole split).")
     batch_size: int = Field(64, gt=0, description="Evaluation batch size.")

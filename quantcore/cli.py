@@ -174,13 +174,19 @@ def evaluate(checkpoint: List[str] = typer.Option(..., "--checkpoint", "-c", hel
              out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write report.json/md/png."),
              limit: Optional[int] = LimitOpt,
              layout: str = LayoutOpt, skip_bad: bool = SkipOpt, cache_dir: Optional[str] = CacheOpt,
-             batch_size: int = BatchOpt, workers: int = WorkersOpt, device: str = DeviceOpt,
+             batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Evaluation batch size."),
+             workers: int = WorkersOpt, device: str = DeviceOpt,
              progress: bool = ProgressOpt) -> None:
     """Evaluate a calibrated checkpoint, quantized vs its own float path, in one pass over the data."""
+    from .errors import UserError
+    from .io import storage
     from .pipeline import DataSpec, evaluate_checkpoint
 
-    checkpoint = _one(checkpoint, "--checkpoint/-c", "evaluate one checkpoint per run (`quantcore ptq -r a -r b` "
-                      "calibrates and evaluates several recipes in one pass)")
+    why = ("evaluate one checkpoint per run (`quantcore ptq -r a -r b` calibrates and evaluates several recipes "
+           "in one pass)")
+    checkpoint = _one(checkpoint, "--checkpoint/-c", why)
+    if "," in checkpoint and not storage.exists(checkpoint):  # `ptq -r a,b` takes a list: -c does not
+        raise UserError(f"--checkpoint/-c {checkpoint}: one checkpoint, not a comma-separated list; {why}")
     rep = evaluate_checkpoint(checkpoint, DataSpec(data, split, layout, skip_bad, cache_dir, limit), out,
                               _opts(batch_size, workers, device, progress))
     _print_results(rep)

@@ -1316,6 +1316,20 @@ SWEEP_REFUSALS = {
     "cuda-default-on-cpu-tasks": ({"gpusPerTask": 0, "config": {"defaults": {"device": "cuda:0"}, "runs": [
         {"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]}},
         "sweep.config.defaults.device: cuda:0 (run a) needs a GPU"),
+    # what jobs.ray_sweep refuses only once the cluster is up (helper-126): names, recipes, types
+    "duplicate-run-name": ({"config": {"runs": [{"name": "a", "recipe": "r", "calib_data": "s3://data/x"},
+                                                {"name": "a", "recipe": "q", "calib_data": "s3://data/x"}]}},
+                           'sweep.config.runs[1].name: duplicate run name "a" (also runs[0])'),
+    "run-without-recipe": ({"config": {"runs": [{"name": "a", "calib_data": "s3://data/x"}]}},
+                           "sweep.config.runs[0] (a): missing recipe (or recipes)"),
+    "odd-run-name": ({"config": {"runs": [{"name": "A b/c", "recipe": "r", "calib_data": "s3://data/x"}]}},
+                     "/sweep/config/runs/0/name"),
+    "limit-as-string": ({"config": {"defaults": {"limit": "abc"}, "runs": [
+        {"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]}}, "/sweep/config/defaults/limit"),
+    "batch-size-as-bool": ({"config": {"runs": [{"name": "a", "recipe": "r", "calib_data": "s3://data/x",
+                                                 "batch_size": True}]}}, "/sweep/config/runs/0/batch_size"),
+    "version-2": ({"config": {"version": 2, "runs": [{"name": "a", "recipe": "r", "calib_data": "s3://data/x"}]}},
+                  "/sweep/config/version"),
 }
 
 
@@ -1330,7 +1344,11 @@ def test_sweep_settings_are_refused_when_rendering(bins, tmp_path, case):
 def test_jobs_ray_sweep_refuses_what_the_chart_refuses():
     """The render-time sweep checks are jobs.ray_sweep's own rules, not stricter ones."""
     ray_sweep = _jobs_module("jobs.ray_sweep")
-    for config in ({"version": 1, "runs": []}, {"version": 1}, {"runs": ["vit_b16_int8"]}):
+    run = {"name": "a", "recipe": "r", "calib_data": "s3://d/x"}
+    for config in ({"version": 1, "runs": []}, {"version": 1}, {"runs": ["vit_b16_int8"]},
+                   {"runs": [run, run]}, {"runs": [{"name": "a", "calib_data": "s3://d/x"}]},
+                   {"runs": [{**run, "name": "A b/c"}]}, {"runs": [{**run, "limit": "abc"}]},
+                   {"runs": [{**run, "batch_size": True}]}, {"version": 2, "runs": [run]}):
         with pytest.raises(ray_sweep.SweepError):
             ray_sweep.parse_sweep(config)
     sweep = ray_sweep.parse_sweep({"runs": [{"name": "b", "recipe": "r", "calib_data": "s3://d/x", "device": "cuda"}]})
@@ -1371,6 +1389,10 @@ def test_extra_args_may_not_repeat_a_flag_the_chart_sets(bins, tmp_path):
     assert "rayQat.extraArgs: --num-workers" in refused(bins, tmp_path, {"rayQat": ray_qat})
     sweep = {**CPU_SWEEP, "extraArgs": ["--out", "s3://out/other"]}
     assert "sweep.extraArgs: --out" in refused(bins, tmp_path, {"sweep": sweep})
+    # the CLI's short forms are the same flags (helper-126: -b 8 and -o passed the render, the pod failed)
+    for extra, flag in ((["-b", "8"], "-b"), (["-b8"], "-b8"), (["-o", "s3://outbkt/other"], "-o")):
+        short = {**GOOD_RUN, "mode": "ptq", "extraArgs": extra}
+        assert f"runs[0].extraArgs: {flag} is set by the chart" in refused(bins, tmp_path, {"runs": [short]})
     # a flag the chart does not set passes through
     ok = render(bins, values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad"]}]}))
     assert any("--skip-bad" in quantcore_argv(j) for j in of_kind(ok, "Job"))

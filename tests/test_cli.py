@@ -225,6 +225,10 @@ def test_options_that_cannot_apply_are_refused_before_any_work(image_folder, tmp
                                "--eval-limit", "5"), "--cost", "--eval-limit", "--search", "--eval-split")
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--no-errors",
                                "--no-sensitivity"), "--no-errors", "--no-sensitivity", "nothing")
+    # an empty split name looked for class folders right under the dataset root; -c a,b is not a list
+    expect_user_error(capsys, ptq_with(good, "--eval-split", ""), "split: empty name")
+    expect_user_error(capsys, ("evaluate", "-c", f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", "-d", image_folder),
+                      "one checkpoint, not a comma-separated list")
     expect_user_error(capsys, ("analyze", "-c", tmp_path / "x.pt", "-d", image_folder, "-o", out, "--no-errors",
                                "--no-sensitivity", "--eval-split", "val", "--groups", "block"),
                       "--groups", "both switched off")

@@ -75,6 +75,21 @@ def test_empty_uris_are_refused(make, flag):
             make(value)
 
 
+def test_empty_splits_duplicate_recipes_and_bad_counts_are_refused_at_submission():
+    """Each would only fail in the pod (helper-126): an empty split looked for class folders under the
+    dataset root, a repeated recipe wrote one folder twice; --batch_size 0 named --limit too."""
+    with pytest.raises(ValueError, match="--eval_split: empty split name"):
+        components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", eval_split="")
+    with pytest.raises(ValueError, match="--split: empty split name"):
+        components.evaluate(checkpoint="s3://b/c", data="s3://b/d", out="s3://b/o", split=" ")
+    with pytest.raises(ValueError, match="--recipe: fmnist_w8a8_ft1 given more than once"):
+        components.ptq(recipe=["fmnist_w8a8_ft1,fmnist_w8a8_ft1"], calib_data="s3://b/d", out="s3://b/o")
+    with pytest.raises(ValueError, match=r"^--batch_size must be >= 1, got 0$"):
+        components.ptq(recipe=["r"], calib_data="s3://b/d", out="s3://b/o", batch_size=0)
+    with pytest.raises(ValueError, match=r"^--limit must be >= 0"):
+        components.evaluate(checkpoint="s3://b/c", data="s3://b/d", out="s3://b/o", limit=-1)
+
+
 def test_local_paths_on_kubernetes_must_lie_on_a_mounted_claim():
     ro = ["type=volume", "src=imagenet", "dst=/data", "readonly"]
     rw = ["type=volume", "src=runs", "dst=/results"]

@@ -153,6 +153,9 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     from .zipped import ZipShardDataset
 
     names = kwargs.pop("label_names", None)
+    if not str(split).strip():  # '' would look for class folders right under the dataset root
+        raise DataError(f"split: empty name for the dataset at {uri}; give one such as train, val or test",
+                        file=uri)
     lay = normalize_layout(layout)
     if lay == "auto":
         lay = detect_layout(uri, split)
