@@ -365,7 +365,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     dev = _rank_device(opts.device)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir, label_names=model_label_names(unwrap(fp32)))
-    indices, subset = _limited(ds, data)
+    indices, subset, limit_note = _limited(ds, data)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
     models: dict[str, Any] = {"fp32": fp32.to(dev)}
@@ -384,7 +384,7 @@ def evaluate_variants(fp32: nn.Module, variants: Sequence[VariantResult], data: 
     unused = unused_files(ds)
     if unused:
         info["unused_files"] = unused
-    notes = _data_warnings(ds)
+    notes = _data_warnings(ds) + ([limit_note] if limit_note else [])
     if notes:
         info["warnings"] = notes
     return scores, info, _gather_skipped(_dedupe(list(loader.skipped.as_list())))
@@ -455,12 +455,16 @@ def check_cache_dir(*specs: "DataSpec | None") -> None:
 
 
 def _limited(ds: Any, data: "DataSpec") -> tuple:
-    """:func:`limit_subset` of ``--limit``, saying (rank 0) when the split holds fewer images than asked:
-    all of them are used, which a report reader could otherwise take for the asked number."""
-    if data.limit and int(data.limit) > len(ds) and distributed.rank() == 0:
-        log.warning("--limit %d: split %r of %s has %d images; all of them are evaluated", int(data.limit),
-                    data.split, data.uri, len(ds))
-    return limit_subset(ds, data.limit)
+    """``(indices, subset, note)``: :func:`limit_subset` of ``--limit``, and when the split holds fewer
+    images than asked the note saying all of them are used (logged on rank 0 and kept for the report,
+    whose reader could otherwise take the count for the asked number), else None."""
+    note = None
+    if data.limit and int(data.limit) > len(ds):
+        note = (f"--limit {int(data.limit)}: split {data.split!r} of {data.uri} has {len(ds)} images; all of "
+                f"them are evaluated")
+        if distributed.rank() == 0:
+            log.warning("%s", note)
+    return (*limit_subset(ds, data.limit), note)
 
 
 def check_out(out: str, flag: str = "--out") -> None:
@@ -612,7 +616,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
     model = api.load(checkpoint).to(dev)
     ds = open_dataset(evald.uri, evald.split, eval_transform(model), layout=evald.layout,
                       skip_bad=evald.skip_bad, cache_dir=evald.cache_dir, label_names=model_label_names(unwrap(model)))
-    indices, subset = _limited(ds, evald)
+    indices, subset, limit_note = _limited(ds, evald)
     indices = _my_shard(indices, len(ds), opts.batch_size)
     loader = _loader(ds, opts.batch_size, opts.num_workers, indices, dev)
     name = model.quantcore_recipe.name
@@ -629,7 +633,7 @@ def _evaluate_checkpoint(checkpoint: str, evald: DataSpec, out: str | None, opts
         warnings.append(random_weights_warning(model.quantcore_recipe))
         if distributed.rank() == 0:
             log.warning(warnings[-1])
-    warnings += _data_warnings(ds)
+    warnings += _data_warnings(ds) + ([limit_note] if limit_note else [])
     unused = unused_files(ds)
     rep = build_report(model=_model_name(model.quantcore_recipe, model),
                        recipe=model.quantcore_recipe.model_dump(mode="json"),

@@ -734,3 +734,22 @@ def test_checkpoint_option_replaces_every_recipes_weights_before_they_are_compar
     d = _recipe(tmp_path, "wd", name="wd", model={**RECIPE["model"], "kwargs": {"patch_size": 8, "depth": 2}})
     expect_user_error(capsys, ("calibrate", "-r", b, "-r", d, "-d", image_folder, "-o", tmp_path / "e",
                                "--checkpoint", weights, "--no-progress"), "different models", "model.kwargs")
+
+
+def test_a_limit_above_the_split_size_is_in_the_report(image_folder, recipe_file, tmp_path):
+    """--limit 100 on a 12-image split evaluates all 12: said on the log only, so report.json read
+    like a 100-image sample had been asked for and got (helper-126). ptq and evaluate record it."""
+    out = tmp_path / "p"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--limit", "100",
+               "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    want = "--limit 100: split 'val'"
+    assert rep["data"]["eval_count"] == 12 and any(want in w and "12 images" in w for w in rep["warnings"]), rep
+    ev = tmp_path / "e"
+    assert run("evaluate", "-c", out / "tiny_w8a8" / "model.qc.pt", "-d", image_folder, "-o", ev, "--limit", "100",
+               "--no-progress") == 0
+    assert any(want in w for w in json.loads((ev / "report.json").read_text())["warnings"])
+    # a limit within the split says nothing
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", tmp_path / "q", "--limit", "6",
+               "--no-progress") == 0
+    assert not any("--limit" in w for w in json.loads((tmp_path / "q" / "report.json").read_text()).get("warnings", []))
