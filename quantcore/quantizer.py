@@ -16,6 +16,7 @@ from .errors import CalibrationError, UserError
 from .formats import QuantSpec
 from .plugins import PluginError, is_plugin
 from .quantizer_kinds.affine import MIN_SCALE as _MIN_SCALE
+from .quantizer_kinds.base import contracted_size
 from .quantizer_kinds.affine import LSQFakeQuant, _fixed_fake_quant  # noqa: F401 - public here since 0.1
 
 
@@ -296,8 +297,8 @@ class TensorQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, dims: tuple[int, ...] | int | None = None) -> torch.Tensor:
         """Fake-quantize ``x`` (or collect its statistics while calibrating). ``dims``: the dimension(s)
-        of ``x`` that the product op consuming it contracts (a Linear input's features, a conv weight's
-        in x kh x kw), given by the placement's call sites; only kinds with run-time block scales
+        of ``x`` that the product op consuming it contracts (a Linear input's features, a conv input's or
+        weight's channels), given by the placement's call sites; only kinds with run-time block scales
         (``supports_blocks``) read it, and None means the last dimension."""
         if self.spec.on_grid and self.spec.kind.supports_blocks:  # while collecting too: before a checkpoint
             self._check_slices(x, dims)
@@ -336,11 +337,7 @@ class TensorQuantizer(nn.Module):
     def _check_slices(self, x: torch.Tensor, dims) -> None:
         """Run-time scales over slices of one value would reproduce every value exactly: a quantizer in
         the tables that does nothing (a 1-channel image, a conv on one channel). Refused by name."""
-        from .quantizer_kinds.base import contracted_dims
-
-        k = 1
-        for d in contracted_dims(dims, x.dim()):
-            k *= int(x.shape[d])
+        k = contracted_size(dims, x.shape)
         if x.dim() and k < 2:
             raise CalibrationError(
                 f"quantizer {self.qname or '(unnamed)'!r} (format {self.spec.format!r}): its run-time scales cover "

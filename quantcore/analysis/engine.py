@@ -33,7 +33,7 @@ from ..formats import QuantSpec
 from ..models import output_logits
 from ..placement import quantizers, unwrap
 from ..quantizer import TensorQuantizer
-from ..quantizer_kinds.base import contracted_dims
+from ..quantizer_kinds.base import contracted_size
 
 #: Per-quantizer state of a configuration: ``None`` = off (float), else ``(spec, amin, amax)``;
 #: ``amin``/``amax`` may be ``None`` to keep the quantizer's current range (spec unchanged then).
@@ -302,7 +302,7 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> Trace:
             t = args[0] if args else None
             if isinstance(t, torch.Tensor):
                 # what the consuming product contracts (None: the last dimension)
-                tr.last_dim[name] = math.prod(int(t.shape[d]) for d in contracted_dims(kwargs.get("dims"), t.dim()))
+                tr.last_dim[name] = contracted_size(kwargs.get("dims"), t.shape)
                 if mod.kind == "activation":  # every call's values
                     tr.numel_per_image[name] = tr.numel_per_image.get(name, 0.0) + t.numel() / batch
                 else:  # one stored tensor, however often a tied/shared module uses it

@@ -423,12 +423,13 @@ class CostModel:
         scales, the scale (16 bits) and zero point (asymmetric) shared by each block."""
         b = self.bits_of(spec)
         if spec is not None and spec.on_grid and spec.kind.supports_blocks:
+            per_block = self.float_bits + (0 if spec.symmetric else spec.bits)  # scale (+ zero point)
             k = self.eng.trace.last_dim.get(name, 0)  # the slice one scale (per block) covers
             if k:
                 blocks = math.ceil(k / spec.block_size) if spec.block_size else 1  # a shorter last block too
-                b += blocks * (self.float_bits + (0 if spec.symmetric else spec.bits)) / k
+                b += blocks * per_block / k
             elif spec.block_size:
-                b += (self.float_bits + (0 if spec.symmetric else spec.bits)) / spec.block_size
+                b += per_block / spec.block_size
         return b
 
     def uncosted(self, names: Iterable[str]) -> list[str]:

@@ -26,7 +26,7 @@ from ..nn.residual import RESIDUAL_QUANTIZERS, QuantResidualBlock, check_block, 
 from ..quantizer import TensorQuantizer
 from .families import FamilyFacts, detect, family_names, family_plan
 from .generic import module_refs, set_module
-from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, install_hooks
+from .intercept import ATTENTION_QUANTIZERS, ModulePlan, WeightedSite, _apply, install_hooks
 from .overrides import (apply_quantizer_rules, build_rules, check_all_matched, decide_float, mark_module_hits,
                         matches, module_aliases)
 from .probe import PASS_THROUGH, OpEvent, Trace, input_dependent_weights, run_probe
@@ -174,9 +174,10 @@ def _quantize_model_input(module: nn.Module, args: tuple, kwargs: dict):
     q = module._modules.get(ROOT_INPUT_QUANTIZER)
     if q is None:
         return None
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         # an image (N, C, H, W) meets a convolution first, which contracts its channels
-        return q(x, dims=(1,)) if x.dim() == 4 else q(x)
+        return _apply(q, x, (1,) if x.dim() == 4 else None)
 
     if args and isinstance(args[0], torch.Tensor):
         return (apply(args[0]),) + tuple(args[1:]), kwargs

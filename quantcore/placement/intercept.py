@@ -335,7 +335,8 @@ def _weighted_dims(func, w: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, .
 def _einsum_dims(eq: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Contracted dimensions of a two-operand einsum's operands: the letters both operands carry and
     the output drops, as indices counted from the operand's end (letters after an ellipsis) or from
-    its start (letters before one). ``"bhid,bhjd->bhij"`` -> ``((3,), (3,))`` counted as ``((-1,), (-1,))``."""
+    its start (letters before one): ``"bhid,bhjd->bhij"`` -> ``((-1,), (-1,))``, ``"bhij,bhjd->bhid"`` ->
+    ``((-1,), (-2,))``; no summed letter: the matmul convention ``((-1,), (-2,))``."""
     lhs, arrow, out = eq.replace(" ", "").partition("->")
     a, b = lhs.split(",")
     if not arrow:  # implicit output: the letters that appear once, sorted

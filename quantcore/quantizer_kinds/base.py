@@ -36,6 +36,15 @@ def contracted_dims(dims: "int | tuple[int, ...] | None", ndim: int) -> tuple[in
     return tuple(sorted({d % ndim for d in given}))
 
 
+def contracted_size(dims: "int | tuple[int, ...] | None", shape: "tuple[int, ...] | torch.Size") -> int:
+    """How many values one slice along the contracted ``dims`` of a tensor of ``shape`` holds (the K one
+    run-time scale covers without blocks); 1 for a 0-d tensor."""
+    k = 1
+    for d in contracted_dims(dims, len(shape)):
+        k *= int(shape[d])
+    return k
+
+
 class QuantizerKind:
     """Base of every quantizer kind. Subclasses override what differs from a uniform integer grid.
 

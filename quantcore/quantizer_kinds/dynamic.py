@@ -101,9 +101,9 @@ class DynamicInt(QuantizerKind):
 
     def validate(self, spec) -> None:
         if spec.axis is not None:
-            raise ValueError(f"axis/per_channel: format {spec.format!r} computes its scales at run time per token "
-                             f"(along what the consuming product contracts) or per block_size elements of it, not per channel; remove "
-                             f"axis/per_channel (weights: per_channel: false)")
+            raise ValueError(f"axis/per_channel: format {spec.format!r} computes its scales at run time per slice "
+                             f"along what the consuming product contracts (or per block_size elements of it), not "
+                             f"per channel; remove axis/per_channel (weights: per_channel: false)")
         super().validate(spec)
 
     def fake_quant(self, quantizer, x: torch.Tensor, dims: tuple[int, ...] | int | None = None) -> torch.Tensor:
@@ -115,8 +115,8 @@ class DynamicInt(QuantizerKind):
         d = list(contracted_dims(dims, x.dim()))
         if d == [x.dim() - 1]:
             return dynamic_fake_quant(x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
-        # the contracted dimensions last, flattened in their order (a conv weight's in x kh x kw, as
-        # im2col orders a GEMM's K), then back
+        # the contracted dimensions last (a conv's channels; an einsum's summed letters, flattened in
+        # their order), then back
         rest = [i for i in range(x.dim()) if i not in d]
         xp = x.permute(*rest, *d)
         y = dynamic_fake_quant(xp.reshape(*xp.shape[:len(rest)], -1), lo, hi, qmin, qmax, spec.symmetric,
