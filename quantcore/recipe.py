@@ -87,7 +87,22 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         raise RecipeError(f"recipe {src} is not valid YAML: {' '.join(str(err).replace('<unicode string>', src).split())}") from None
     if src not in shipped:
         _relative_to_recipe(data, src)
+        _name_from_file(data, src)
     return recipe_from_dict(data, src, written=True)
+
+
+def _name_from_file(data: Any, src: str) -> None:
+    """A recipe file without ``name:`` is named after the file (``int8_fast.yaml`` -> ``int8_fast``), as
+    built-in recipes are: two such files in one run would otherwise both be ``custom`` (refused as a
+    duplicate) and their outputs would share one folder name. A stem that is not a valid recipe name
+    leaves the default."""
+    if not isinstance(data, dict) or "name" in data:
+        return
+    from .config import _RECIPE_NAME, RUN_FILES
+
+    stem = posixpath.splitext(posixpath.basename(src.rstrip("/")))[0]
+    if _RECIPE_NAME.match(stem) and stem.lower() not in RUN_FILES and stem != "fp32":
+        data["name"] = stem
 
 
 #: recipe fields holding a weights file: a relative path there is relative to the recipe file

@@ -216,6 +216,22 @@ def test_a_relative_checkpoint_in_a_recipe_file_is_relative_to_that_file(tmp_pat
     assert quantcore.load_recipe({"model": {**TINY, "checkpoint": "w.pt"}}).model.checkpoint == "w.pt"
 
 
+def test_a_recipe_file_without_a_name_is_named_after_the_file(tmp_path):
+    """Before: every such file was 'custom', so two of them in one run were refused as duplicates
+    (the chart's inline recipes, mounted as <key>.yaml, hit this in the pod)."""
+    body = yaml.safe_dump({"model": TINY})
+    for stem in ("int8_fast", "W4A4.v2", "fp32", "bad name", "checkpoints"):
+        (tmp_path / f"{stem}.yaml").write_text(body)
+    got = {stem: quantcore.load_recipe(str(tmp_path / f"{stem}.yaml")).name
+           for stem in ("int8_fast", "W4A4.v2", "fp32", "bad name", "checkpoints")}
+    # a stem that is not a valid or free recipe name keeps the default
+    assert got == {"int8_fast": "int8_fast", "W4A4.v2": "W4A4.v2", "fp32": "custom", "bad name": "custom",
+                   "checkpoints": "custom"}
+    (tmp_path / "named.yaml").write_text(yaml.safe_dump({"name": "mine", "model": TINY}))
+    assert quantcore.load_recipe(str(tmp_path / "named.yaml")).name == "mine"
+    assert quantcore.load_recipe({"model": TINY}).name == "custom"
+
+
 # -- API --------------------------------------------------------------------------------------------
 def test_calibrate_sets_every_range_and_quantization_changes_outputs(calibrated):
     model, fp32, res = calibrated
