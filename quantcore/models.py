@@ -153,7 +153,22 @@ def _unwrapped_names(sd: dict, names: Iterable[str] | None) -> dict:
         if prefix is None:
             break
         sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if names is not None and set(sd) != set(names):
+        # a training wrapper's attribute (Lightning's self.model, self.net): every name under one prefix
+        # that, removed, gives exactly the model's names
+        prefix = _owner_prefix(sd, names)
+        if prefix is not None and all(str(k).startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def _owner_prefix(sd: dict, names: Iterable[str]) -> str | None:
+    """The first-level prefix (``'model.'``) under which the file's names are exactly ``names``, if any."""
+    want = set(names)
+    for prefix in sorted({str(k).split(".", 1)[0] + "." for k in sd if "." in str(k)}):
+        if {str(k)[len(prefix):] for k in sd if str(k).startswith(prefix)} == want:
+            return prefix
+    return None
 
 
 def _check_float_values(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str) -> None:
@@ -196,9 +211,15 @@ def load_state_dict_uri(model: nn.Module, uri: str) -> str:
         raise ModelError(f"model.checkpoint {uri} does not match the model: "
                          f"{'; '.join(lines[:3]) or err}{' ...' if len(lines) > 3 else ''}") from None
     if missing or unexpected:
+        owner = _owner_prefix(sd, state.keys())
+        others = [k for k in sd if owner is not None and not str(k).startswith(owner)]
         raise ModelError(f"model.checkpoint {uri} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}"
+                         + (f"; the names under {owner!r} are exactly the model's, but the file also holds "
+                            f"{len(others)} other tensor(s) (e.g. {others[:3]}): save the model's alone, e.g. "
+                            f"{{k[{len(owner)}:]: v for k, v in sd.items() if k.startswith({owner!r})}}"
+                            if owner is not None else "")
                          + ("; this is a calibrated quantcore checkpoint (model.qc.pt): load it with "
                             "quantcore.load or pass it as --checkpoint/-c, not as model.checkpoint"
                             if any(k.endswith((".amax", ".amin")) for k in unexpected) else "")

@@ -123,6 +123,24 @@ def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_m
     assert any("the model's in another order" in r.getMessage() for r in caplog.records), caplog.records
 
 
+def test_a_split_with_some_of_the_models_classes_in_another_letter_case_keeps_the_models_indices(tmp_path, caplog):
+    """A small val split with folders Bird/FISH for labels bird/cat/dog/fish: before, matched by name only
+    when all four were there, so it fell back to sorted order (Bird 0, FISH 1: fish scored as cat) and a
+    run stopped on '4 logits but 2 classes', pointing at num_classes."""
+    names = ["bird", "cat", "dog", "fish"]
+    for c in ("Bird", "FISH"):
+        _img(tmp_path / "d" / "val" / c / "x.png")
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        ds = open_dataset(str(tmp_path / "d"), "val", label_names=names)
+    assert {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)} == {"Bird": 0, "FISH": 3}
+    assert ds.classes == ["Bird", "cat", "dog", "FISH"] and ds.absent_classes == ["cat", "dog"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "no class folder for 2 of the model's 4 classes" in said and "up to letter case" in said
+    # a folder that is no label (up to case) is not mapped by name: sorted, and warned
+    _img(tmp_path / "d" / "val" / "Cow" / "x.png")
+    assert open_dataset(str(tmp_path / "d"), "val", label_names=names).classes == ["Bird", "Cow", "FISH"]
+
+
 def test_a_bad_image_reads_the_same_every_time():
     """The reason is part of the skipped record's identity (calibration + evaluation list it once)."""
     from quantcore.data.base import decode_image

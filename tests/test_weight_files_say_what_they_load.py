@@ -99,6 +99,32 @@ def test_wrapper_prefixes_are_removed_and_a_submodule_called_module_is_not(tmp_p
     assert torch.equal(again.module.weight, holder.module.weight)
 
 
+def test_a_lightning_style_prefix_is_removed_only_when_it_holds_exactly_the_model(tmp_path):
+    """A LightningModule saves its network as 'model.<name>' (or 'net.', ...) under 'state_dict': it was
+    refused as missing every tensor with no hint, where DDP's 'module.' was removed. Removed now when
+    every name carries one prefix and the rest are the model's names; a file that also holds other
+    tensors (a teacher, a loss buffer) is refused, naming the prefix and what else it holds."""
+    from quantcore.models import load_state_dict_uri
+
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for prefix in ("model.", "net."):
+        torch.save({"state_dict": {prefix + k: v for k, v in src.state_dict().items()}, "epoch": 2},
+                   tmp_path / "l.ckpt")
+        dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        load_state_dict_uri(dst, str(tmp_path / "l.ckpt"))
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items()), prefix
+    extra = {**{"model." + k: v for k, v in src.state_dict().items()}, "criterion.weight": torch.ones(2)}
+    torch.save({"state_dict": extra}, tmp_path / "x.ckpt")
+    dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ModelError, match=r"names under 'model\.' are exactly the model's.*1 other tensor.*criterion"):
+        load_state_dict_uri(dst, str(tmp_path / "x.ckpt"))
+    # a prefix under which only some of the model's names are: refused as before (missing tensors)
+    torch.save({"model.0.weight": src[0].weight}, tmp_path / "part.pt")
+    with pytest.raises(ModelError, match="missing"):
+        load_state_dict_uri(dst, str(tmp_path / "part.pt"))
+
+
 def test_a_training_checkpoint_without_a_known_key_names_what_it_holds(tmp_path):
     lin = torch.nn.Linear(3, 2)
     torch.save({"state_dict_ema": lin.state_dict(), "epoch": 4}, tmp_path / "ema.pt")

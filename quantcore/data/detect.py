@@ -196,8 +196,10 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                     "(id2label), not the sorted folder names", ds.root)
     elif names and ds.absent_classes:
         _label_note(ds, "split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
-                    "model's label indices, and the absent ones are scored with no images", ds.root,
-                    len(ds.absent_classes), len(names), ds.absent_classes[0])
+                    "model's label indices%s, and the absent ones are scored with no images", ds.root,
+                    len(ds.absent_classes), len(names), ds.absent_classes[0],
+                    " (folders matched to its labels up to letter case or Unicode form)"
+                    if getattr(ds, "label_match", None) else "")
     elif names and getattr(ds, "label_match", None):
         i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
         _label_note(ds, "class folders under %s carry the model's label names up to letter case or Unicode form "

@@ -97,8 +97,9 @@ class FolderDataset(ImageDataset):
             self.absent_classes = [c for c in label_names if c not in per_class]
         elif label_names and (matched := _match_ignoring_case_and_form(list(per_class), list(label_names))):
             # the same names up to letter case or Unicode form (macOS NFD): the model's order too - sorted
-            # order would relabel every class without a word ("Tench" sorts after "Cock", "tench" is class 0)
-            self.classes = matched
+            # order would relabel every class without a word ("Tench" sorts after "Cock", "tench" is class 0);
+            # also for a split holding only some of the model's classes, as with exact names
+            self.classes, self.absent_classes = matched
             self.label_match = "case/Unicode-insensitive"
         else:
             self.classes = sorted(per_class)
@@ -142,11 +143,14 @@ def class_name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name).casefold()
 
 
-def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> list[str] | None:
-    """The folders in the labels' order when each folder is one label's name up to letter case and
-    Unicode normalization (one to one), else None."""
+def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
+    """``(classes, absent)`` when each folder is one label's name up to letter case and Unicode
+    normalization (one to one; labels without a folder allowed): ``classes`` in the labels' order, a
+    folder's own spelling where there is one, the label's otherwise; ``absent`` the labels without a
+    folder. None otherwise."""
     by_key = {class_name_key(f): f for f in folders}
     keys = [class_name_key(n) for n in labels]
-    if len(by_key) != len(folders) or len(set(keys)) != len(keys) or set(by_key) != set(keys):
+    if len(by_key) != len(folders) or len(set(keys)) != len(keys) or not set(by_key) <= set(keys):
         return None
-    return [by_key[k] for k in keys]
+    return ([by_key.get(k, n) for n, k in zip(labels, keys)],
+            [n for n, k in zip(labels, keys) if k not in by_key])
