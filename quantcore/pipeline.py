@@ -477,6 +477,7 @@ def check_out(out: str, flag: str = "--out") -> None:
     if distributed.rank() != 0:
         return
     probe = storage.join(out, f".quantcore-write-check-{os.getpid()}")
+    made = _missing_dirs(out)
     try:
         storage.write_bytes(probe, b"")
     except (OSError, ValueError) as e:  # StorageError is an OSError
@@ -487,6 +488,23 @@ def check_out(out: str, flag: str = "--out") -> None:
     except (OSError, ValueError) as e:  # writing is what the run needs; a role without delete rights may
         log.warning("%s %s: could not delete the write probe %s (%s); it is empty and can be removed", flag, out,
                     probe, e)
+        return
+    for d in made:  # the folders the probe made: a run refused later leaves no empty output folder behind
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def _missing_dirs(out: str) -> list[str]:
+    """The local directories of ``out`` that do not exist yet, deepest first (none for s3://)."""
+    if storage.is_s3(out):
+        return []
+    made, d = [], os.path.abspath(storage.local_path(out))
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        made.append(d)
+        d = os.path.dirname(d)
+    return made
 
 
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,

@@ -461,6 +461,23 @@ def test_an_out_that_takes_writes_but_not_deletes_is_accepted_with_a_warning(tmp
     assert any("could not delete the write probe" in r.getMessage() for r in caplog.records)
 
 
+def test_a_refused_run_leaves_no_empty_output_folder(image_folder, tmp_path, capsys):
+    """--out's write probe made the folder, so a run refused later (a corrupt image, a missing split)
+    left an empty one behind, as if it had written something. The folders it made are removed; one
+    that was there before stays."""
+    from quantcore import pipeline
+
+    pipeline.check_out(str(tmp_path / "a" / "b" / "c"))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    pipeline.check_out(str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    out = tmp_path / "new" / "run"
+    assert run("ptq", "-r", "fmnist_w8a8_ft1", "--calib-data", image_folder, "--calib-split", "nosuch",
+               "-o", out, "--no-progress") == 2
+    assert "nosuch" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_a_single_valued_option_given_twice_is_refused(image_folder, tmp_path, capsys):
     """click and argparse keep the last of a repeated option silently (a launcher's --device cuda,
     then --device cpu in extra arguments): every entrypoint refuses the repeat instead."""
