@@ -185,7 +185,10 @@ def _load_reason(err: Exception) -> str:
     text = str(err)
     if "WeightsUnpickler error:" in text:
         rest = text.split("WeightsUnpickler error:", 1)[1].strip()
-        return (rest.splitlines() or [type(err).__name__])[0][:200]
+        first = (rest.splitlines() or [type(err).__name__])[0]
+        # torch's advice after the first sentence (add_safe_globals) would load code, which we refuse
+        return first.split(" was not an allowed global", 1)[0].replace("Unsupported global: GLOBAL ",
+                                                                          "it pickles ")[:200]
     return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 

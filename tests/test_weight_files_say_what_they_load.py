@@ -125,6 +125,18 @@ def test_a_lightning_style_prefix_is_removed_only_when_it_holds_exactly_the_mode
         load_state_dict_uri(dst, str(tmp_path / "part.pt"))
 
 
+def test_a_pickled_module_is_refused_naming_the_class_in_one_sentence(tmp_path):
+    """torch's own text advises add_safe_globals (loading code) and was cut mid-word at 200 characters."""
+    from quantcore.models import load_state_dict_uri
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
+    with pytest.raises(ModelError) as err:
+        load_state_dict_uri(torch.nn.Linear(2, 2), str(tmp_path / "whole.pt"))
+    msg = str(err.value)
+    assert "whole.pt" in msg and "it pickles torch.nn.modules.linear.Linear)" in msg, msg
+    assert "add_safe_globals" not in msg and "pickled modules are refused" in msg, msg
+
+
 def test_a_training_checkpoint_without_a_known_key_names_what_it_holds(tmp_path):
     lin = torch.nn.Linear(3, 2)
     torch.save({"state_dict_ema": lin.state_dict(), "epoch": 4}, tmp_path / "ema.pt")
