@@ -108,7 +108,8 @@ def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_m
     assert ds.classes == folders  # the folders, in the model's label order
     assert {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)} == {f: i for i, f in enumerate(folders)}
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert "up to letter case or Unicode form" in said and "'Tench' is the model's 'tench', class 0" in said
+    assert "up to letter case, word separators (space, _, -) or Unicode form" in said
+    assert "'Tench' is the model's 'tench', class 0" in said
     # two folders that differ only in case cannot be matched one to one: sorted order, as before
     _img(tmp_path / "e" / "val" / "Tench" / "x.png")
     _img(tmp_path / "e" / "val" / "tench" / "x.png")
@@ -139,6 +140,26 @@ def test_a_split_with_some_of_the_models_classes_in_another_letter_case_keeps_th
     # a folder that is no label (up to case) is not mapped by name: sorted, and warned
     _img(tmp_path / "d" / "val" / "Cow" / "x.png")
     assert open_dataset(str(tmp_path / "d"), "val", label_names=names).classes == ["Bird", "Cow", "FISH"]
+
+
+def test_class_folders_spelled_with_other_word_separators_are_the_models_classes(tmp_path, caplog):
+    """The demo model's labels are t-shirt_top ... ankle_boot; a user's folders are 'T-shirt top',
+    'Ankle boot' (a label with '/' cannot be a folder name). Before: no name matched, so label i was the
+    i-th sorted folder ('Ankle boot' label 0, the model's t-shirt_top) - top-1 38 % for an 87 % model."""
+    from quantcore.demo import FMNIST_CLASSES
+
+    folders = {"t-shirt_top": "T-shirt top", "trouser": "Trouser", "sandal": "Sandal", "ankle_boot": "Ankle boot",
+               "bag": "bag"}
+    for f in folders.values():
+        _img(tmp_path / "d" / "val" / f / "x.png")
+    with caplog.at_level(logging.WARNING, logger="quantcore.data.detect"):
+        ds = open_dataset(str(tmp_path / "d"), "val", label_names=FMNIST_CLASSES)
+    got = {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)}
+    assert got == {f: FMNIST_CLASSES.index(n) for n, f in folders.items()}
+    assert "word separators" in " ".join(r.getMessage() for r in caplog.records)
+    # labels that would be one name without their separators are not matched by name (ambiguous)
+    assert open_dataset(str(tmp_path / "d"), "val", label_names=[*FMNIST_CLASSES, "t shirt top"]).classes == sorted(
+        folders.values())
 
 
 def test_a_bad_image_reads_the_same_every_time():

@@ -165,7 +165,8 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     if lay in ("zip", "resisc"):
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
-        # compared up to letter case and Unicode form: "Tench" packed beside a model's "tench" is the same class
+        # compared up to letter case, word separators and Unicode form: "Tench" packed beside a model's
+        # "tench" is the same class
         from .folder import class_name_key as key
 
         keyed = [key(n) for n in names or []]
@@ -198,11 +199,12 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         _label_note(ds, "split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
                     "model's label indices%s, and the absent ones are scored with no images", ds.root,
                     len(ds.absent_classes), len(names), ds.absent_classes[0],
-                    " (folders matched to its labels up to letter case or Unicode form)"
+                    " (folders matched to its labels up to letter case, word separators or Unicode form)"
                     if getattr(ds, "label_match", None) else "")
     elif names and getattr(ds, "label_match", None):
         i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
-        _label_note(ds, "class folders under %s carry the model's label names up to letter case or Unicode form "
+        _label_note(ds, "class folders under %s carry the model's label names up to letter case, word separators "
+                    "(space, _, -) or Unicode form "
                     "(e.g. folder %r is the model's %r, class %d): labels follow the model's order (id2label), "
                     "not the sorted folder names", ds.root, ds.classes[i], names[i], i)
     elif names and ds.classes != list(names) and not set(ds.classes) & set(names):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from typing import Callable
 
@@ -96,9 +97,9 @@ class FolderDataset(ImageDataset):
             self.classes = list(label_names)
             self.absent_classes = [c for c in label_names if c not in per_class]
         elif label_names and (matched := _match_ignoring_case_and_form(list(per_class), list(label_names))):
-            # the same names up to letter case or Unicode form (macOS NFD): the model's order too - sorted
-            # order would relabel every class without a word ("Tench" sorts after "Cock", "tench" is class 0);
-            # also for a split holding only some of the model's classes, as with exact names
+            # the same names up to letter case, word separators or Unicode form (macOS NFD): the model's
+            # order too - sorted order would relabel every class without a word ("Tench" sorts after
+            # "Cock", "tench" is class 0); also for a split holding only some of the model's classes
             self.classes, self.absent_classes = matched
             self.label_match = "case/Unicode-insensitive"
         else:
@@ -139,15 +140,16 @@ def _names_object(uri: str) -> bool:
 
 
 def class_name_key(name: str) -> str:
-    """A class name compared up to letter case and Unicode normalization (macOS writes NFD)."""
-    return unicodedata.normalize("NFC", name).casefold()
+    """A class name compared up to letter case, Unicode normalization (macOS writes NFD) and word
+    separators (``'Ankle boot'``, ``'ankle_boot'`` and ``'ankle-boot'`` are one name: folder names
+    cannot hold every label's spelling, e.g. Fashion-MNIST's ``'T-shirt/top'``)."""
+    return re.sub(r"[\s_\-/]+", "", unicodedata.normalize("NFC", name).casefold())
 
 
 def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
-    """``(classes, absent)`` when each folder is one label's name up to letter case and Unicode
-    normalization (one to one; labels without a folder allowed): ``classes`` in the labels' order, a
-    folder's own spelling where there is one, the label's otherwise; ``absent`` the labels without a
-    folder. None otherwise."""
+    """``(classes, absent)`` when each folder is one label's name up to :func:`class_name_key` (one to
+    one; labels without a folder allowed): ``classes`` in the labels' order, a folder's own spelling
+    where there is one, the label's otherwise; ``absent`` the labels without a folder. None otherwise."""
     by_key = {class_name_key(f): f for f in folders}
     keys = [class_name_key(n) for n in labels]
     if len(by_key) != len(folders) or len(set(keys)) != len(keys) or not set(by_key) <= set(keys):
