@@ -203,7 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ChildFailedError as err:
         first_rank, _ = err.get_first_failure()
         code = exit_status({rank: f.exitcode for rank, f in err.failures.items()}, first_rank)
-        log(f"{err}\nexit status {code}")
+        if code == USER_ERROR:  # the rank printed its one-line error; elastic's failure table adds nothing
+            bad = min(r for r, f in err.failures.items() if f.exitcode == USER_ERROR)
+            log(f"rank {bad} stopped on the error above, the other ranks with it; exit status {code}")
+        else:
+            log(f"{err}\nexit status {code}")
         return code
     except SignalException as err:
         code = 128 + int(err.sigval)

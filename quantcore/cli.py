@@ -540,8 +540,26 @@ def _main(argv: list[str] | None) -> int:
         if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             return err.exit_code
+        if _peer_left(err):
+            # another rank stopped first (a bad image in its shard, a user error): its one-line error is
+            # the news; this rank's collective failing after it is not (it was a page of gloo traceback)
+            _echo(f"error: rank {_rank_from_env()}: stopped because another rank stopped first (its error is "
+                  "in this log)", err=True)
+            return 1
         raise
     return 0
+
+
+def _peer_left(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank of this process group exited."""
+    try:  # the group may be torn down by the time the error reaches here: the launcher's variable
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if not isinstance(err, RuntimeError) or world < 2:
+        return False
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 if __name__ == "__main__":

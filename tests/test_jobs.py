@@ -189,7 +189,30 @@ def test_multi_gpu_component_command_ends_on_a_user_error_with_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"recipe '{missing}' not found" in proc.stderr  # quantcore's own user error, on the ranks
-    assert "jobs.torchrun FAILED" in proc.stderr and proc.stderr.rstrip().endswith("exit status 2")
+    # one line per rank and one from the launcher, not elastic's failure table or a gloo traceback
+    assert "FAILED" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().endswith("stopped on the error above, the other ranks with it; exit status 2")
+
+
+def test_a_bad_image_on_one_rank_ends_with_one_line_per_rank_not_a_peer_traceback(tmp_path):
+    """A corrupt image in one rank's calibration shard, no --skip-bad: that rank prints the one-line
+    error; the other one's collective then failed with a page of gloo traceback ('Connection closed by
+    peer ... GLHF!') and the launcher added elastic's failure table. Now each says one line; exit 2."""
+    root = make_images(tmp_path / "imgs", splits=(("train", 4),))
+    bad = sorted((root / "train").rglob("*.jpg"))[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rec = tmp_path / "tiny.yaml"
+    rec.write_text(yaml.safe_dump(RECIPE))
+    cmd = [sys.executable, "-m", "jobs.torchrun", "--standalone", "--nproc_per_node", "2", "--monitor_interval",
+           "0.1", "-m", "quantcore.cli", "calibrate", "-r", str(rec), "-d", str(root), "--split", "train",
+           "-o", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(OMP_NUM_THREADS="1", LOGLEVEL="WARNING"),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: cannot decode image {bad}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "GLHF" not in proc.stderr and "FAILED" not in proc.stderr, \
+        proc.stderr[-3000:]
+    assert proc.stderr.rstrip().endswith("the other ranks with it; exit status 2")
 
 
 @pytest.mark.parametrize("fn", ["ddp", "qat"])
