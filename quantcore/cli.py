@@ -426,8 +426,10 @@ def _print_results(rep: dict) -> None:
         _echo(f"{name:<22} top-1 {r['top1']:.2f}%  top-{r.get('top5_k', 5)} {r['top5']:.2f}%{extra}")
     sub = (rep.get("data") or {}).get("eval_subset")
     if sub:  # the figures are of a sample, as report.md says
-        _echo(f"(subset: {sub['selected']} of {sub['of']} images of the split, {sub['classes_represented']} of "
-              f"{sub['num_classes']} classes, seed {sub['seed']}: estimates, not the full split)")
+        n = (rep.get("data") or {}).get("eval_count")
+        scored = f", {n} scored (the others bad, skipped)" if isinstance(n, int) and n != sub["selected"] else ""
+        _echo(f"(subset: {sub['selected']} of {sub['of']} images of the split{scored}, {sub['classes_represented']} "
+              f"of {sub['num_classes']} classes, seed {sub['seed']}: estimates, not the full split)")
     if rep.get("skipped"):
         _echo(f"skipped {len(rep['skipped'])} bad samples (listed in report.json)")
     note = (rep.get("data") or {}).get("reference_note")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import logging
 import re
 import math
 import os
+import warnings
 from typing import Any
 
 from .evaluate import ModelScore
@@ -87,7 +89,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [f"> **WARNING**: {w}", ""]
     sub = rep["data"].get("eval_subset")
     if sub:
-        lines += [f"**Subset evaluation**: {sub['selected']} of {sub['of']} images of the split "
+        n = rep["data"].get("eval_count")
+        scored = f", {n} of them scored (the others bad, skipped)" if isinstance(n, int) and n != sub["selected"] else ""
+        lines += [f"**Subset evaluation**: {sub['selected']} of {sub['of']} images of the split{scored} "
                   f"({sub['classes_represented']} of {sub['num_classes']} classes), {sub['method']} "
                   f"(seed {sub['seed']}). Accuracies are estimates on this sample, not the full split.", ""]
     cal = rep.get("calibration") or {}
@@ -190,11 +194,31 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
     for t in legend.get_texts():
         t.set_parse_math(False)
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    _say_missing_glyphs(seen)
     return buf.getvalue()
+
+
+def _say_missing_glyphs(seen: list) -> None:
+    """One line for class names the plot font cannot draw (CJK folder names with DejaVu Sans), instead
+    of matplotlib's warning per character and draw call; other warnings go on as they came."""
+    glyphs = []
+    for w in seen:
+        m = re.match(r"Glyph (\d+) \(.*\) missing from font", str(w.message))
+        if m:
+            glyphs.append(chr(int(m.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if glyphs:
+        logging.getLogger(__name__).warning(
+            "per_class.png: the plot's font has no glyph for %d character(s) of the class names (e.g. %s); they "
+            "are drawn as boxes there (report.md and report.json have the names)", len(set(glyphs)),
+            repr(sorted(set(glyphs))[0]))
 
 
 def ranges_plot(encodings: dict[str, Any], title: str = "Activation ranges") -> bytes:

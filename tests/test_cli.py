@@ -304,6 +304,44 @@ def test_calibration_on_fewer_images_than_the_recipe_asks_is_said(image_folder, 
     assert any("has 19: calibrated on 18 (1 unreadable, skipped)" in w for w in rep["warnings"]), rep["warnings"]
 
 
+def test_a_subset_with_bad_images_says_how_many_were_scored_and_cjk_class_names_warn_once(image_folder, recipe_file,
+                                                                                            tmp_path, capsys):
+    """--limit N --skip-bad: the subset line said 'N of M images' when fewer were scored (helper-129). And
+    class folders the plot font cannot draw (CJK) gave matplotlib's warning per character and call."""
+    import shutil
+    import warnings
+
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    data = tmp_path / "with_bad"
+    shutil.copytree(image_folder, data)
+    for p in sorted((data / "val").rglob("*.jpg")):
+        p.write_bytes(b"")  # every image bad but one per class
+    for c in sorted(d for d in (data / "val").iterdir() if d.is_dir()):
+        shutil.copy(next((image_folder / "val" / c.name).glob("*.jpg")), c / "ok.jpg")
+    capsys.readouterr()
+    n_all = len(list((data / "val").rglob("*.jpg")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no UserWarning escapes
+        assert run("evaluate", "-c", out / "tiny_w8a8" / "model.qc.pt", "-d", data, "-o", tmp_path / "e",
+                   "--limit", n_all - 1, "--skip-bad", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((tmp_path / "e" / "report.json").read_text())
+    n = rep["data"]["eval_count"]
+    assert n < n_all - 1 and f"subset: {n_all - 1} of {n_all} images of the split, {n} scored" in printed, printed
+    assert f"{n} of them scored" in (tmp_path / "e" / "report.md").read_text()
+    # class names the plot's font lacks: one line, no matplotlib warning
+    cjk = tmp_path / "cjk"
+    for c, name in zip(sorted(d.name for d in (image_folder / "val").iterdir() if d.is_dir()), ("日本", "猫", "犬")):
+        shutil.copytree(image_folder / "val" / c, cjk / "val" / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert run("evaluate", "-c", out / "tiny_w8a8" / "model.qc.pt", "-d", cjk, "-o", tmp_path / "e2",
+                   "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert err.count("per_class.png: the plot's font has no glyph") == 1, err
+
+
 def test_how_evaluation_labels_map_to_the_models_classes_is_in_the_report(image_folder, recipe_file, tmp_path,
                                                                           capsys):
     """A checkpoint calibrated on cat/dog/fox, evaluated on folders that lack one of them (folders and packed
