@@ -39,6 +39,7 @@ import functools
 import os
 import re
 import runpy
+import signal
 import sys
 from typing import List, Mapping, MutableMapping, Optional, Sequence
 
@@ -69,6 +70,13 @@ def exit_status(codes: Mapping[int, int], first_rank: Optional[int] = None) -> i
         return USER_ERROR
     rank = first_rank if first_rank in codes else min(codes)
     return status_of(codes[rank]) or 1
+
+
+def only_user_error(codes: Mapping[int, int]) -> bool:
+    """Whether the failed ranks' exit codes ({global rank: exit code}) say one user error and nothing
+    else: some rank exited 2 and the others 1 (a peer's collective failing after it) or by the agent's
+    SIGTERM. A crash, an OOM kill (-9) or another status is news of its own."""
+    return USER_ERROR in codes.values() and all(c in (1, USER_ERROR, -int(signal.SIGTERM)) for c in codes.values())
 
 
 def stop_restarts_after_user_error() -> bool:
@@ -203,7 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ChildFailedError as err:
         first_rank, _ = err.get_first_failure()
         code = exit_status({rank: f.exitcode for rank, f in err.failures.items()}, first_rank)
-        if code == USER_ERROR:  # the rank printed its one-line error; elastic's failure table adds nothing
+        # a rank printed its one-line user error and the others stopped with it (exit 1: a peer's failed
+        # collective, or SIGTERM from the agent): elastic's failure table adds nothing. A crash, an OOM
+        # kill or any other status keeps it.
+        if only_user_error({rank: f.exitcode for rank, f in err.failures.items()}):
             bad = min(r for r, f in err.failures.items() if f.exitcode == USER_ERROR)
             log(f"rank {bad} stopped on the error above, the other ranks with it; exit status {code}")
         else:

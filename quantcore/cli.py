@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import List, Optional
 
 import typer
@@ -545,11 +546,20 @@ def _main(argv: list[str] | None) -> int:
         if _peer_left(err):
             # another rank stopped first (a bad image in its shard, a user error): its one-line error is
             # the news; this rank's collective failing after it is not (it was a page of gloo traceback)
-            _echo(f"error: rank {_rank_from_env()}: stopped because another rank stopped first (its error is "
-                  "in this log)", err=True)
+            first = " ".join(str(err).split())[:240]
+            _echo(f"error: rank {_rank_from_env()}: a collective failed, most likely because another rank stopped "
+                  f"first (its error is in its log): {type(err).__name__}: {first}", err=True)
+            # Leave the launcher time to see the other rank's own exit first: a rank with a user error
+            # tears its process group down before it exits 2, and had this rank's exit 1 been seen first,
+            # the job would end with status 1 (retried by podFailurePolicy, restarted by torchrun) and
+            # the agent's SIGTERM would hide the 2.
+            time.sleep(_PEER_GRACE_S)
             return 1
         raise
     return 0
+
+
+_PEER_GRACE_S = 5.0
 
 
 def _peer_left(err: BaseException) -> bool:

@@ -127,7 +127,9 @@ def read_state_dict(uri: str, names: Iterable[str] | None = None) -> dict[str, t
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ModelError(f"model.checkpoint {uri}: not a readable torch state_dict ({_load_reason(err)}); "
-                         "expected a torch.save'd state_dict (pickled modules are refused)") from None
+                         "expected a torch.save'd state_dict of tensors (pickled objects are refused: loading them "
+                         "runs code). A training checkpoint with other objects (hyper-parameters, a pickled model): "
+                         "torch.save(ckpt['state_dict'], 'weights.pt') where you trust it, and give that") from None
     for key in _STATE_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -148,25 +150,32 @@ def _unwrapped_names(sd: dict, names: Iterable[str] | None) -> dict:
     every name carries it and the names are not the model's own already."""
     if names is not None and set(sd) <= set(names):
         return sd
+    sd = _without_wrappers(sd)
+    if names is not None and set(sd) != set(names):
+        # a training wrapper's attribute (Lightning's self.model, self.net), possibly around DDP/compile
+        # names: every name under one prefix that, removed, gives exactly the model's names
+        prefix = _owner_prefix(sd, names)
+        if prefix is not None and all(str(k).startswith(prefix) for k in sd):
+            sd = _without_wrappers({k[len(prefix):]: v for k, v in sd.items()})
+    return sd
+
+
+def _without_wrappers(sd: dict) -> dict:
+    """``sd`` with DDP's / torch.compile's prefix removed while every name carries one."""
     for _ in range(4):
         prefix = next((p for p in _WRAPPER_PREFIXES if sd and all(str(k).startswith(p) for k in sd)), None)
         if prefix is None:
             break
         sd = {k[len(prefix):]: v for k, v in sd.items()}
-    if names is not None and set(sd) != set(names):
-        # a training wrapper's attribute (Lightning's self.model, self.net): every name under one prefix
-        # that, removed, gives exactly the model's names
-        prefix = _owner_prefix(sd, names)
-        if prefix is not None and all(str(k).startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
 def _owner_prefix(sd: dict, names: Iterable[str]) -> str | None:
-    """The first-level prefix (``'model.'``) under which the file's names are exactly ``names``, if any."""
+    """The first-level prefix (``'model.'``) under which the file's names, without wrapper prefixes,
+    are exactly ``names``, if any."""
     want = set(names)
     for prefix in sorted({str(k).split(".", 1)[0] + "." for k in sd if "." in str(k)}):
-        if {str(k)[len(prefix):] for k in sd if str(k).startswith(prefix)} == want:
+        if set(_without_wrappers({str(k)[len(prefix):]: None for k in sd if str(k).startswith(prefix)})) == want:
             return prefix
     return None
 
@@ -188,7 +197,7 @@ def _load_reason(err: Exception) -> str:
         first = (rest.splitlines() or [type(err).__name__])[0]
         # torch's advice after the first sentence (add_safe_globals) would load code, which we refuse
         return first.split(" was not an allowed global", 1)[0].replace("Unsupported global: GLOBAL ",
-                                                                          "it pickles ")[:200]
+                                                                          "it holds a pickled ")[:200]
     return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 

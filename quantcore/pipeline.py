@@ -318,7 +318,8 @@ def _check_recipes(recipes: Sequence[Recipe]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RecipeError(f"name: recipe names must be unique within one run; {', '.join(map(repr, dupes))} "
-                          f"appears more than once")
+                          f"appears more than once (a recipe file without name: is named after the file: give "
+                          f"each a name:)")
     if "fp32" in names:
         raise RecipeError("name: 'fp32' is reserved for the FP32 reference in reports; rename that recipe")
     first = recipes[0]
@@ -477,10 +478,15 @@ def check_out(out: str, flag: str = "--out") -> None:
     if distributed.rank() != 0:
         return
     probe = storage.join(out, f".quantcore-write-check-{os.getpid()}")
-    made = _missing_dirs(out)
+    # the output folder the probe makes is removed with it: a run refused later leaves no empty folder.
+    # Only that folder, never a parent the probe made too: another run may be creating its own folder
+    # beside it in the same new parent.
+    leaf = None if storage.is_s3(out) else os.path.abspath(storage.local_path(out))
+    made = leaf is not None and not os.path.exists(leaf)
     try:
         storage.write_bytes(probe, b"")
     except (OSError, ValueError) as e:  # StorageError is an OSError
+        _remove_empty(leaf if made else None)
         raise UserError(f"{flag} {out}: cannot write there ({type(e).__name__}: {e}); give a writable directory "
                         "or s3:// prefix") from None
     try:
@@ -489,22 +495,15 @@ def check_out(out: str, flag: str = "--out") -> None:
         log.warning("%s %s: could not delete the write probe %s (%s); it is empty and can be removed", flag, out,
                     probe, e)
         return
-    for d in made:  # the folders the probe made: a run refused later leaves no empty output folder behind
+    _remove_empty(leaf if made else None)
+
+
+def _remove_empty(path: str | None) -> None:
+    if path:
         try:
-            os.rmdir(d)
+            os.rmdir(path)  # only if empty: anything written there meanwhile stays
         except OSError:
-            break
-
-
-def _missing_dirs(out: str) -> list[str]:
-    """The local directories of ``out`` that do not exist yet, deepest first (none for s3://)."""
-    if storage.is_s3(out):
-        return []
-    made, d = [], os.path.abspath(storage.local_path(out))
-    while not os.path.exists(d) and os.path.dirname(d) != d:
-        made.append(d)
-        d = os.path.dirname(d)
-    return made
+            pass
 
 
 def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str, opts: RunOptions,

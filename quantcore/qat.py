@@ -647,7 +647,10 @@ def _check_same_run(stored_json: str, recipe: Recipe, uri: str) -> None:
     stored = json.loads(stored_json)
     now = recipe.model_dump(mode="json")
     for d in (stored, now):
+        # neither changes what is trained; a file named after its stem, renamed between a preemption and
+        # the retry (or an unnamed one stored as 'custom'), resumes
         d.pop("description", None)
+        d.pop("name", None)
         for k in _RESUMABLE_CHANGES:
             (d.get("qat") or {}).pop(k, None)
     diff = _diff(stored, now)

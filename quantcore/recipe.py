@@ -101,7 +101,7 @@ def _name_from_file(data: Any, src: str) -> None:
     from .config import _RECIPE_NAME, RUN_FILES
 
     stem = posixpath.splitext(posixpath.basename(src.rstrip("/")))[0]
-    if _RECIPE_NAME.match(stem) and stem.lower() not in RUN_FILES and stem != "fp32":
+    if _RECIPE_NAME.match(stem) and stem.lower() not in RUN_FILES and stem.lower() != "fp32":
         data["name"] = stem
 
 

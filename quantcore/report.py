@@ -1,6 +1,7 @@
 """Run reports: ``report.json`` (machine-readable), ``report.md`` (people) and PNG plots."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import logging
@@ -195,30 +196,39 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     for t in legend.get_texts():
         t.set_parse_math(False)
     buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
+    with _missing_glyphs_said_once("per_class.png"):
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _say_missing_glyphs(seen)
     return buf.getvalue()
 
 
-def _say_missing_glyphs(seen: list) -> None:
-    """One line for class names the plot font cannot draw (CJK folder names with DejaVu Sans), instead
-    of matplotlib's warning per character and draw call; other warnings go on as they came."""
-    glyphs = []
-    for w in seen:
-        m = re.match(r"Glyph (\d+) \(.*\) missing from font", str(w.message))
-        if m:
-            glyphs.append(chr(int(m.group(1))))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font")
+
+
+@contextlib.contextmanager
+def _missing_glyphs_said_once(plot: str):
+    """One log line for characters the plot's font cannot draw (CJK folder names with DejaVu Sans)
+    instead of matplotlib's warning per character and draw call. Only those warnings are taken; every
+    other one goes through the filters and display it would have had."""
+    glyphs: list[str] = []
+    with warnings.catch_warnings():  # restores the filters and showwarning
+        warnings.filterwarnings("always", message=_GLYPH.pattern)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            m = _GLYPH.match(str(message))
+            if m:
+                glyphs.append(chr(int(m.group(1))))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
     if glyphs:
         logging.getLogger(__name__).warning(
-            "per_class.png: the plot's font has no glyph for %d character(s) of the class names (e.g. %s); they "
-            "are drawn as boxes there (report.md and report.json have the names)", len(set(glyphs)),
-            repr(sorted(set(glyphs))[0]))
+            "%s: the plot's font has no glyph for %d character(s) of its labels (e.g. %r); they are drawn as "
+            "boxes there (report.md and report.json have the names)", plot, len(set(glyphs)), sorted(set(glyphs))[0])
 
 
 def ranges_plot(encodings: dict[str, Any], title: str = "Activation ranges") -> bytes:

@@ -108,7 +108,7 @@ def test_class_folders_named_as_the_labels_up_to_case_or_unicode_form_take_the_m
     assert ds.classes == folders  # the folders, in the model's label order
     assert {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)} == {f: i for i, f in enumerate(folders)}
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert "up to letter case, word separators (space, _, -) or Unicode form" in said
+    assert "up to letter case, Unicode form or word separators (spaces, _, -, /)" in said
     assert "'Tench' is the model's 'tench', class 0" in said
     # two folders that differ only in case cannot be matched one to one: sorted order, as before
     _img(tmp_path / "e" / "val" / "Tench" / "x.png")
@@ -157,9 +157,20 @@ def test_class_folders_spelled_with_other_word_separators_are_the_models_classes
     got = {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)}
     assert got == {f: FMNIST_CLASSES.index(n) for n, f in folders.items()}
     assert "word separators" in " ".join(r.getMessage() for r in caplog.records)
-    # labels that would be one name without their separators are not matched by name (ambiguous)
+    # labels that would be one name without their separators are not matched loosely (ambiguous)
     assert open_dataset(str(tmp_path / "d"), "val", label_names=[*FMNIST_CLASSES, "t shirt top"]).classes == sorted(
         folders.values())
+    # ... but by the strict key (case, Unicode form) when it tells them apart: 'bottom-feeder' and 'bottom
+    # feeder' are two ImageNet-21k classes; folders, then zip shards packed from them
+    from quantcore.data import pack
+
+    for c in ("a_b", "AB"):
+        _img(tmp_path / "e" / "val" / c / "x.png")
+    ds = open_dataset(str(tmp_path / "e"), "val", label_names=["A_b", "ab"])
+    assert {s.split("/")[0]: label for s, label in zip(ds.samples, ds.labels)} == {"a_b": 0, "AB": 1}
+    pack(str(tmp_path / "e"), str(tmp_path / "z"), "val")
+    z = open_dataset(str(tmp_path / "z"), "val", label_names=["ab", "a_b"])
+    assert {s.split("/")[0]: label for s, label in zip(z.samples, z.labels)} == {"a_b": 1, "AB": 0}
 
 
 def test_a_bad_image_reads_the_same_every_time():

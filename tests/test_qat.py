@@ -759,6 +759,21 @@ def test_adamw_range_steps_are_relative_to_each_calibrated_scale(name):
         assert lrs == [1e-3, 1e-3, 1e-2] or lrs == [1e-3, 1e-2], lrs
 
 
+def test_a_resume_does_not_depend_on_the_recipes_name():
+    """An unnamed recipe file was stored as 'custom' before files were named after their stem, and a
+    chart's inline recipe key can be renamed between a preemption and the retry: the name changes no
+    trained value, so the resume goes on (helper-130); a changed setting is still refused."""
+    from quantcore import load_recipe
+    from quantcore.checkpoint import CheckpointError
+    from quantcore.qat import _check_same_run
+
+    base = {"model": {"name": "quantcore/vit_fmnist"}, "qat": {"epochs": 1}}
+    stored = json.dumps(load_recipe({**base, "name": "custom"}).model_dump(mode="json"))
+    _check_same_run(stored, load_recipe({**base, "name": "my_qat", "description": "x"}), "o")
+    with pytest.raises(CheckpointError, match="qat.epochs"):
+        _check_same_run(stored, load_recipe({**base, "name": "my_qat", "qat": {"epochs": 2}}), "o")
+
+
 def test_resume_refuses_other_data_or_rank_count(fmnist, tmp_path):
     """A resume continues the stored data position and RNG streams: on another split, dataset or rank
     count it would mix two runs silently, so it is refused naming what changed."""

@@ -114,6 +114,11 @@ def test_a_lightning_style_prefix_is_removed_only_when_it_holds_exactly_the_mode
         dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         load_state_dict_uri(dst, str(tmp_path / "l.ckpt"))
         assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items()), prefix
+    for prefix in ("model._orig_mod.", "model.module."):  # Lightning around torch.compile / DDP names
+        torch.save({"state_dict": {prefix + k: v for k, v in src.state_dict().items()}}, tmp_path / "c.ckpt")
+        dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        load_state_dict_uri(dst, str(tmp_path / "c.ckpt"))
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items()), prefix
     extra = {**{"model." + k: v for k, v in src.state_dict().items()}, "criterion.weight": torch.ones(2)}
     torch.save({"state_dict": extra}, tmp_path / "x.ckpt")
     dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -133,8 +138,15 @@ def test_a_pickled_module_is_refused_naming_the_class_in_one_sentence(tmp_path):
     with pytest.raises(ModelError) as err:
         load_state_dict_uri(torch.nn.Linear(2, 2), str(tmp_path / "whole.pt"))
     msg = str(err.value)
-    assert "whole.pt" in msg and "it pickles torch.nn.modules.linear.Linear)" in msg, msg
-    assert "add_safe_globals" not in msg and "pickled modules are refused" in msg, msg
+    assert "whole.pt" in msg and "it holds a pickled torch.nn.modules.linear.Linear)" in msg, msg
+    assert "add_safe_globals" not in msg and "pickled objects are refused" in msg, msg
+    # a Lightning checkpoint whose hyper-parameters hold a Path: the way out is said
+    import pathlib
+
+    torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict(), "hyper_parameters": {"root": pathlib.Path("/d")}},
+               tmp_path / "l.ckpt")
+    with pytest.raises(ModelError, match=r"a pickled pathlib\.PosixPath\).*torch\.save\(ckpt\['state_dict'\]"):
+        load_state_dict_uri(torch.nn.Linear(2, 2), str(tmp_path / "l.ckpt"))
 
 
 def test_a_training_checkpoint_without_a_known_key_names_what_it_holds(tmp_path):

@@ -165,15 +165,15 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
     if lay in ("zip", "resisc"):
         ds = (ZipShardDataset(uri, split, transform, skip_bad=skip_bad, cache_dir=cache_dir, **kwargs) if lay == "zip"
               else ImagePathsDataset(uri, split, transform, skip_bad=skip_bad, **kwargs))
-        # compared up to letter case, word separators and Unicode form: "Tench" packed beside a model's
-        # "tench" is the same class
+        # compared up to letter case and Unicode form ("Tench" packed beside a model's "tench" is the same
+        # class), then word separators (match_names)
         from .folder import class_name_key as key
 
         keyed = [key(n) for n in names or []]
         off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
         # also a split holding the model's first classes only (off is None: no position differs)
         moved = off is not None or len(ds.classes) != len(keyed)
-        if names and moved and _take_model_labels(ds, list(names), keyed):
+        if names and moved and _take_model_labels(ds, list(names)):
             if ds.absent_classes:
                 _label_note(ds, "split %r of %s has no images of %d of the model's %d classes (e.g. %r): the others "
                             "keep the model's label indices, and the absent ones are scored with no images", split,
@@ -199,12 +199,12 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         _label_note(ds, "split %s has no class folder for %d of the model's %d classes (e.g. %r): the others keep the "
                     "model's label indices%s, and the absent ones are scored with no images", ds.root,
                     len(ds.absent_classes), len(names), ds.absent_classes[0],
-                    " (folders matched to its labels up to letter case, word separators or Unicode form)"
+                    " (folders matched to its labels up to letter case, Unicode form or word separators)"
                     if getattr(ds, "label_match", None) else "")
     elif names and getattr(ds, "label_match", None):
         i = next((i for i, (c, n) in enumerate(zip(ds.classes, names)) if c != n), 0)
-        _label_note(ds, "class folders under %s carry the model's label names up to letter case, word separators "
-                    "(space, _, -) or Unicode form "
+        _label_note(ds, "class folders under %s carry the model's label names up to letter case, Unicode form or "
+                    "word separators (spaces, _, -, /) "
                     "(e.g. folder %r is the model's %r, class %d): labels follow the model's order (id2label), "
                     "not the sorted folder names", ds.root, ds.classes[i], names[i], i)
     elif names and ds.classes != list(names) and not set(ds.classes) & set(names):
@@ -284,15 +284,17 @@ def _first_mismatch(folders: list[str], names: list[str]) -> tuple[str, int, str
     return f, folders.index(f), f, names.index(f)
 
 
-def _take_model_labels(ds: Any, names: list[str], keyed: list[str]) -> bool:
-    """Relabel a zip/resisc split whose class names are all the model's (up to case/Unicode form; every
-    name once on both sides) to the model's label indices, as class folders are: another order, or only
-    some of the classes (a small validation split, a subset). False, unchanged, otherwise."""
-    from .folder import class_name_key as key
+def _take_model_labels(ds: Any, names: list[str]) -> bool:
+    """Relabel a zip/resisc split whose class names are all the model's (up to case/Unicode form, else
+    word separators: :func:`~quantcore.data.folder.match_names`; every name once on both sides) to the
+    model's label indices, as class folders are: another order, or only some of the classes (a small
+    validation split, a subset). False, unchanged, otherwise."""
+    from .folder import match_names
 
-    own = [key(c) for c in ds.classes]
-    if not own or len(set(keyed)) != len(keyed) or len(set(own)) != len(own) or not set(own) <= set(keyed):
+    matched = match_names(list(ds.classes), names)
+    if matched is None:
         return False
+    own, keyed = matched
     to_model = [keyed.index(k) for k in own]
     ds.labels = [to_model[y] for y in ds.labels]
     spelled = dict(zip(own, ds.classes))  # a packed class keeps its own spelling ("Tench" for "tench")

@@ -139,20 +139,32 @@ def _names_object(uri: str) -> bool:
     return bool(key) and not key.endswith("/") and _fs.exists(uri)
 
 
-def class_name_key(name: str) -> str:
-    """A class name compared up to letter case, Unicode normalization (macOS writes NFD) and word
-    separators (``'Ankle boot'``, ``'ankle_boot'`` and ``'ankle-boot'`` are one name: folder names
-    cannot hold every label's spelling, e.g. Fashion-MNIST's ``'T-shirt/top'``)."""
-    return re.sub(r"[\s_\-/]+", "", unicodedata.normalize("NFC", name).casefold())
+def class_name_key(name: str, loose: bool = False) -> str:
+    """A class name compared up to letter case and Unicode normalization (macOS writes NFD); ``loose``:
+    also up to word separators (space, ``_``, ``-``, ``/``: ``'Ankle boot'`` is ``'ankle_boot'``; a
+    folder name cannot hold Fashion-MNIST's ``'T-shirt/top'``). Matching tries the strict key first:
+    label sets with ``'bottom-feeder'`` and ``'bottom feeder'`` stay apart."""
+    key = unicodedata.normalize("NFC", name).casefold()
+    return re.sub(r"[\s_\-/]+", "", key) if loose else key
+
+
+def match_names(own: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
+    """``(keys of own, keys of labels)`` under the strictest :func:`class_name_key` that makes both
+    sides one-to-one with ``own`` among ``labels``; None when neither does."""
+    for loose in (False, True):
+        a, b = [class_name_key(n, loose) for n in own], [class_name_key(n, loose) for n in labels]
+        if own and len(set(a)) == len(a) and len(set(b)) == len(b) and set(a) <= set(b):
+            return a, b
+    return None
 
 
 def _match_ignoring_case_and_form(folders: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
     """``(classes, absent)`` when each folder is one label's name up to :func:`class_name_key` (one to
     one; labels without a folder allowed): ``classes`` in the labels' order, a folder's own spelling
     where there is one, the label's otherwise; ``absent`` the labels without a folder. None otherwise."""
-    by_key = {class_name_key(f): f for f in folders}
-    keys = [class_name_key(n) for n in labels]
-    if len(by_key) != len(folders) or len(set(keys)) != len(keys) or not set(by_key) <= set(keys):
+    matched = match_names(folders, labels)
+    if matched is None:
         return None
+    by_key, keys = dict(zip(matched[0], folders)), matched[1]
     return ([by_key.get(k, n) for n, k in zip(labels, keys)],
             [n for n, k in zip(labels, keys) if k not in by_key])
