@@ -210,12 +210,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torchrun_main(through_rank_shim(args))
     except ChildFailedError as err:
         first_rank, _ = err.get_first_failure()
-        code = exit_status({rank: f.exitcode for rank, f in err.failures.items()}, first_rank)
+        codes = {rank: f.exitcode for rank, f in err.failures.items()}
+        code = exit_status(codes, first_rank)
         # a rank printed its one-line user error and the others stopped with it (exit 1: a peer's failed
         # collective, or SIGTERM from the agent): elastic's failure table adds nothing. A crash, an OOM
         # kill or any other status keeps it.
-        if only_user_error({rank: f.exitcode for rank, f in err.failures.items()}):
-            bad = min(r for r, f in err.failures.items() if f.exitcode == USER_ERROR)
+        if only_user_error(codes):
+            bad = min(r for r, c in codes.items() if c == USER_ERROR)
             log(f"rank {bad} stopped on the error above, the other ranks with it; exit status {code}")
         else:
             log(f"{err}\nexit status {code}")

@@ -396,6 +396,21 @@ class QATConfig(_Strict):
         return self
 
 
+def recipe_name_problem(name: str, stored: bool = False) -> str | None:
+    """Why ``name`` cannot name a recipe (the message), or None. ``stored``: a checkpoint's recipe,
+    written before the folder rules existed (only 'fp32' is refused there)."""
+    if name == "fp32":
+        return "name: 'fp32' is reserved for the FP32 reference in reports; choose another name"
+    if not stored and not _RECIPE_NAME.match(name):
+        # it becomes the folder <out>/<name>/: '../x' or '.' would write into another run's folder
+        return (f"name {name!r}: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (it "
+                "names the output folder <out>/<name>/)")
+    if not stored and name.lower() in RUN_FILES:
+        # <out>/<name>/ would take the place of a file the run writes beside it, after all the work
+        return f"name {name!r}: a run writes <out>/{name} itself (its reports, plots, checkpoints); choose another name"
+    return None
+
+
 class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "custom"
@@ -415,16 +430,9 @@ class Recipe(_Strict):
     def _version(self, info: ValidationInfo) -> "Recipe":
         if self.version > RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is newer than this quantcore ({RECIPE_VERSION})")
-        if self.name == "fp32":
-            raise ValueError("name: 'fp32' is reserved for the FP32 reference in reports; choose another name")
-        if not _stored(info) and not _RECIPE_NAME.match(self.name):
-            # it becomes the folder <out>/<name>/: '../x' or '.' would write into another run's folder
-            raise ValueError(f"name {self.name!r}: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                             "or digit (it names the output folder <out>/<name>/)")
-        if not _stored(info) and self.name.lower() in RUN_FILES:
-            # <out>/<name>/ would take the place of a file the run writes beside it, after all the work
-            raise ValueError(f"name {self.name!r}: a run writes <out>/{self.name} itself (its reports, plots, "
-                             "checkpoints); choose another name")
+        problem = recipe_name_problem(self.name, stored=_stored(info))
+        if problem:
+            raise ValueError(problem)
         qa = self.quant.activations
         if qa.per_channel or qa.axis is not None:  # first: the calibrator's own per-channel rule would mislead
             raise ValueError("quant.activations: per_channel/axis is for weights only (an activation's axis 0 "

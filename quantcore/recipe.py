@@ -98,10 +98,10 @@ def _name_from_file(data: Any, src: str) -> None:
     leaves the default."""
     if not isinstance(data, dict) or "name" in data:
         return
-    from .config import _RECIPE_NAME, RUN_FILES
+    from .config import recipe_name_problem
 
     stem = posixpath.splitext(posixpath.basename(src.rstrip("/")))[0]
-    if _RECIPE_NAME.match(stem) and stem.lower() not in RUN_FILES and stem.lower() != "fp32":
+    if recipe_name_problem(stem) is None and stem.lower() != "fp32":  # FP32.yaml too: a report's reference
         data["name"] = stem
 
 
