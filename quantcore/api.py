@@ -773,6 +773,8 @@ def load(uri: str, model: nn.Module | None = None, example_input: Any = None) ->
     from .formats import QuantSpec
 
     for name, spec in specs.items():
+        if isinstance(spec, dict) and spec.get("format") == "int_dynamic" and "scale_format" not in spec:
+            spec = {**spec, "scale_format": "fp32"}  # written before the field: its scales were float32
         try:
             qs[name].set_spec(QuantSpec.model_validate(spec))
         except ValueError as err:  # pydantic's ValidationError too: a format/calibrator not registered here

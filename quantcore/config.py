@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from .formats import CalibMethod, FormatName, QuantSpec
+from .formats import CalibMethod, FormatName, QuantSpec, ScaleFormat
 from .quantizer_kinds import quantizer_kind
 from .recon.config import ReconstructionConfig
 
@@ -35,7 +35,8 @@ class _Strict(BaseModel):
 
 
 #: the fields only an integer (or other range-based) grid reads; a float cast reads none of them
-GRID_FIELDS = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "block_size", "calibrator", "percentile")
+GRID_FIELDS = ("bits", "symmetric", "axis", "per_channel", "narrow_range", "block_size", "scale_format",
+               "calibrator", "percentile")
 
 
 class SpecPatch(_Strict):
@@ -50,6 +51,8 @@ class SpecPatch(_Strict):
     block_size: int | None = Field(None, ge=2, description="format int_dynamic: consecutive elements of the slice "
                                    "the consuming product contracts sharing one run-time scale (unset: the whole "
                                    "slice, per token)")
+    scale_format: ScaleFormat | None = Field(None, description="format int_dynamic: how each run-time scale is "
+                                             "stored (unset: fp16)")
     calibrator: CalibMethod | None = None
     percentile: float | None = Field(None, gt=0.0, le=100.0)
     enabled: bool | None = None
@@ -80,10 +83,11 @@ class SpecPatch(_Strict):
         if self.per_channel is not None and "axis" not in upd:
             upd["axis"] = 0 if self.per_channel else None
         base = spec.model_dump() if isinstance(spec, QuantSpec) else spec
-        if "format" in upd and "block_size" not in upd and not quantizer_kind(upd["format"]).supports_blocks:
-            # the section's run-time block size belongs to its format: a patch that picks another
-            # format (an int/fp16 override of an int_dynamic section, a search choice) leaves it behind
-            base = {**base, "block_size": None}
+        if "format" in upd and not quantizer_kind(upd["format"]).supports_blocks:
+            # the section's run-time block size and scale format belong to its format: a patch that picks
+            # another format (an int/fp16 override of an int_dynamic section, a search choice) leaves them
+            # behind (those the patch itself gives are refused by the format's own rule)
+            base = {**base, **{k: None for k in ("block_size", "scale_format") if k not in upd}}
         return QuantSpec.model_validate({**base, **upd})
 
 

@@ -5,7 +5,7 @@ A :class:`QuantSpec` is pure data (a validated pydantic model) so that recipes, 
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -28,7 +28,11 @@ FormatName = Annotated[str, AfterValidator(_known_format)]
 #: A registered calibrator (``quantcore.calib.registry``): max, percentile, mse, entropy, tf_enhanced, ...
 CalibMethod = Annotated[str, AfterValidator(_known_calibrator)]
 
-__all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "calibrator_names", "quantizer_kind_names"]
+#: How a run-time scale is stored (format ``int_dynamic``; ``quantizer_kinds.dynamic.SCALE_FORMATS``)
+ScaleFormat = Literal["fp16", "bf16", "fp8_e4m3", "e8m0", "fp32"]
+
+__all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "ScaleFormat", "calibrator_names",
+           "quantizer_kind_names"]
 
 
 class QuantSpec(BaseModel):
@@ -44,6 +48,9 @@ class QuantSpec(BaseModel):
     block_size: int | None = Field(None, ge=2, description="format int_dynamic: consecutive elements of the slice "
                                    "the consuming product contracts (a token's features) that share one run-time "
                                    "scale; None = the whole slice (per token)")
+    scale_format: ScaleFormat | None = Field(
+        None, description="format int_dynamic: how each run-time scale is stored (unset: fp16); see "
+        "quantcore/quantizer_kinds/dynamic.py")
     calibrator: CalibMethod = "max"
     percentile: float = Field(99.99, gt=0.0, le=100.0)
     learnable: bool = Field(False, description="use torch's learnable fake-quant ops (QAT)")
@@ -86,6 +93,8 @@ class QuantSpec(BaseModel):
         gran = f"ch{self.axis}" if self.axis is not None else "tensor"
         if quantizer_kind(self.format).supports_blocks:  # run-time scales: per token or per block
             gran = "token" if self.block_size is None else f"block{self.block_size}"
+            if self.scale_format not in (None, "fp16"):  # the default stays out of every table's rows
+                gran += f"@{self.scale_format}"
         # the registered kind by name: a 4-bit log2 or twin grid is not int4
         grid = f"int{self.bits}" if self.format == "int" else f"{self.format}:{self.bits}b"
         return f"{grid}/{kind}/{gran}/{self.calibrator}"

@@ -393,8 +393,9 @@ class CostModel:
     (van Baalen et al. 2020). An operand no quantizer feeds, or a float one, counts ``float_bits``
     (16: deployed in FP16). A quantizer that is no product's operand (a residual add, the softmax
     input, a GEMM output) costs nothing in BOPs: :meth:`uncosted` names them. In ``bits``, a grid
-    whose scales are computed at run time per block (``int_dynamic``) also pays for them: a 16-bit
-    scale (and, asymmetric, a ``bits``-bit zero point) per block of ``block_size`` elements of the
+    whose scales are computed at run time per block (``int_dynamic``) also pays for them: a scale of
+    its ``scale_format``'s bits (16 unless set; fp8_e4m3's per-tensor float32 scale is not counted)
+    (and, asymmetric, a ``bits``-bit zero point) per block of ``block_size`` elements of the
     slice the consuming product contracts (``ceil(K / block_size)`` blocks per slice of K; one per
     slice without block_size); BOPs count the operands' bits only.
 
@@ -420,10 +421,12 @@ class CostModel:
 
     def stored_bits(self, name: str, spec: QuantSpec | None) -> float:
         """Bits per element of quantizer ``name``'s tensor: :meth:`bits_of` plus, for run-time block
-        scales, the scale (16 bits) and zero point (asymmetric) shared by each block."""
+        scales, the scale (its ``scale_format``'s bits) and zero point (asymmetric) shared by each block."""
         b = self.bits_of(spec)
         if spec is not None and spec.on_grid and spec.kind.supports_blocks:
-            per_block = self.float_bits + (0 if spec.symmetric else spec.bits)  # scale (+ zero point)
+            from ..quantizer_kinds.dynamic import SCALE_FORMATS, spec_scale_format
+
+            per_block = SCALE_FORMATS[spec_scale_format(spec)] + (0 if spec.symmetric else spec.bits)  # scale (+ zp)
             k = self.eng.trace.last_dim.get(name, 0)  # the slice one scale (per block) covers
             if k:
                 blocks = math.ceil(k / spec.block_size) if spec.block_size else 1  # a shorter last block too

@@ -53,8 +53,8 @@ class QuantizerKind:
         supports_learnable: QAT may learn this kind's range (LSQ-style scale/zero point).
         supports_per_channel: per-channel (``axis``) ranges are meaningful.
         supports_asymmetric: ``symmetric: false`` is meaningful.
-        supports_blocks: ``block_size`` is meaningful (run-time scales per block of the dimension a
-            product contracts); such a kind's ``fake_quant`` also takes ``dims`` (see
+        supports_blocks: ``block_size`` and ``scale_format`` are meaningful (run-time scales per block of
+            the dimension a product contracts); such a kind's ``fake_quant`` also takes ``dims`` (see
             :meth:`~quantcore.quantizer.TensorQuantizer.forward`).
         calibrators: the calibrator names this kind accepts (``None``: every registered one).
     """
@@ -75,6 +75,10 @@ class QuantizerKind:
             blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
             raise ValueError(f"block_size: format {spec.format!r} has no run-time block scales (formats that "
                              f"take block_size: {blocks})")
+        if spec.scale_format is not None and not self.supports_blocks:
+            blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
+            raise ValueError(f"scale_format: format {spec.format!r} has no run-time scales to store (formats that "
+                             f"take scale_format: {blocks})")
         if spec.axis is not None and not self.supports_per_channel:
             raise ValueError(f"format {spec.format!r} has per-tensor ranges only (remove axis/per_channel)")
         if not spec.symmetric and not self.supports_asymmetric:

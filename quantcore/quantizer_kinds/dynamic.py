@@ -37,6 +37,23 @@ slice. ``mse`` and ``entropy`` (and ``tf_enhanced``) search the range of one per
 is not the grid applied here, so they are refused. A scale below ``MIN_SCALE`` (an all-zero slice) is
 floored as format ``int`` floors it.
 
+The run-time scale is stored in ``scale_format`` (what the kernel reads, so what the simulation applies;
+rounded to nearest, ties to even, after the slice's scale is computed):
+
+* ``fp16`` (the default; QuaRot's and most per-token INT4/INT8 kernels' scales) and ``bf16``: the scale
+  cast to that type (fp16 kept within its range, 2**-24 .. 65504);
+* ``fp8_e4m3``: NVFP4's two-level scheme (NVIDIA, 2025): a float32 scale per tensor, ``g = (the
+  largest scale the clip bound allows) / 448``, times an E4M3 scale per block, ``fp8(s / g)``, kept
+  within E4M3's 2**-9 .. 448;
+* ``e8m0``: a power of two, rounded **up** (``2**ceil(log2 s)``), so the block's largest value is never
+  clipped (the OCP Microscaling formats' shared exponent; the MX spec's own rule rounds down and clips);
+* ``fp32``: the exact scale (quantcore before 2026-12-05; what an ``int_dynamic`` checkpoint written
+  then loads with).
+
+A scale rounded down leaves the block's largest value up to half a scale step beyond the last code,
+where the grid clips it, as the deployed kernel does. The cost model (``quantcore analyze``) counts the
+format's bits per block (32, 16, 16, 8, 8).
+
 Gradient: straight-through for values inside the clip bound (the run-time scale is treated as a
 constant, as in QuaRot/LLM-QAT), zero outside. No learnable (LSQ) range: the step is not a parameter.
 Deployment: the scales exist only at run time, so ONNX QDQ, AIMET encodings and the TensorRT range table
@@ -50,13 +67,44 @@ import torch.nn.functional as F
 from .affine import MIN_SCALE
 from .base import QuantizerKind, contracted_dims, register_quantizer_kind
 
+#: ``scale_format`` -> bits of one stored scale (the cost model's figure)
+SCALE_FORMATS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "e8m0": 8, "fp32": 32}
+DEFAULT_SCALE_FORMAT = "fp16"
+_E4M3_MAX, _E4M3_MIN = 448.0, 2.0**-9  # largest finite and smallest subnormal E4M3 magnitudes
+
+
+def round_scale(s: torch.Tensor, scale_format: str, top: torch.Tensor) -> torch.Tensor:
+    """``s`` (float32 scales, all >= MIN_SCALE) as ``scale_format`` stores them, back in float32.
+    ``top``: 0-d, the largest scale the clip bound allows (``fp8_e4m3``'s per-tensor scale is
+    ``top / 448``). Raises ``ValueError`` for an unknown format."""
+    if scale_format == "fp32":
+        return s
+    if scale_format == "fp16":
+        return s.clamp(2.0**-24, 65504.0).half().float()
+    if scale_format == "bf16":
+        return s.bfloat16().float()
+    if scale_format == "fp8_e4m3":
+        g = (top / _E4M3_MAX).clamp(min=MIN_SCALE)
+        return (s / g).clamp_(_E4M3_MIN, _E4M3_MAX).to(torch.float8_e4m3fn).float().mul_(g)
+    if scale_format == "e8m0":
+        m, e = torch.frexp(s)  # s = m * 2**e, 0.5 <= m < 1: the next power of two up is 2**e, or s itself
+        return torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e))
+    raise ValueError(f"scale_format: {scale_format!r} is not one of {sorted(SCALE_FORMATS)}")
+
+
+def spec_scale_format(spec) -> str:
+    """The ``scale_format`` a spec's run-time scales are stored in (unset: :data:`DEFAULT_SCALE_FORMAT`)."""
+    return spec.scale_format or DEFAULT_SCALE_FORMAT
+
 
 def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.Tensor, qmin: int, qmax: int,
-                       symmetric: bool, block_size: int | None) -> torch.Tensor:
+                       symmetric: bool, block_size: int | None,
+                       scale_format: str = DEFAULT_SCALE_FORMAT) -> torch.Tensor:
     """Quantize-dequantize ``x`` (float32, any shape, at least 1-D) with one run-time scale per slice
-    of the last dimension (``block_size`` None: the whole dimension). ``lo_bound``/``hi_bound``:
-    0-d float32 clip bound (``hi_bound > 0``; ``lo_bound <= 0``). Returns a tensor like ``x``;
-    straight-through gradient inside the clip bound (see the module docstring)."""
+    of the last dimension (``block_size`` None: the whole dimension), stored in ``scale_format``
+    (:func:`round_scale`). ``lo_bound``/``hi_bound``: 0-d float32 clip bound (``hi_bound > 0``;
+    ``lo_bound <= 0``). Returns a tensor like ``x``; straight-through gradient inside the clip bound
+    (see the module docstring)."""
     n = x.shape[-1]
     xb = x
     pad = 0
@@ -69,13 +117,14 @@ def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.
     with torch.no_grad():
         if symmetric:
             a = xb.abs().amax(-1, keepdim=True).clamp_(max=hi_bound)
-            s = (a / qmax).clamp_(min=MIN_SCALE)
+            s = round_scale((a / qmax).clamp_(min=MIN_SCALE), scale_format, hi_bound / qmax)
             inside = (xb.abs() <= a) if grad else None
             y = (xb / s).round_().clamp_(qmin, qmax).mul_(s)
         else:
             lo = xb.amin(-1, keepdim=True).clamp_(max=0.0).clamp_(min=lo_bound)
             hi = xb.amax(-1, keepdim=True).clamp_(min=0.0).clamp_(max=hi_bound)
-            s = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+            s = round_scale(((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE), scale_format,
+                            (hi_bound - lo_bound) / (qmax - qmin))
             z = (qmin - lo / s).round_().clamp_(qmin, qmax)
             inside = ((xb >= lo) & (xb <= hi)) if grad else None
             y = (xb / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
@@ -110,17 +159,19 @@ class DynamicInt(QuantizerKind):
         spec = quantizer.spec
         qmin, qmax = spec.qrange()
         lo, hi = quantizer.amin.float().reshape(()), quantizer.amax.float().reshape(())
+        fmt = spec_scale_format(spec)
         if x.dim() == 0:
-            return dynamic_fake_quant(x.reshape(1), lo, hi, qmin, qmax, spec.symmetric, spec.block_size).reshape(())
+            return dynamic_fake_quant(x.reshape(1), lo, hi, qmin, qmax, spec.symmetric, spec.block_size,
+                                      fmt).reshape(())
         d = list(contracted_dims(dims, x.dim()))
         if d == [x.dim() - 1]:
-            return dynamic_fake_quant(x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size)
+            return dynamic_fake_quant(x, lo, hi, qmin, qmax, spec.symmetric, spec.block_size, fmt)
         # the contracted dimensions last (a conv's channels; an einsum's summed letters, flattened in
         # their order), then back
         rest = [i for i in range(x.dim()) if i not in d]
         xp = x.permute(*rest, *d)
         y = dynamic_fake_quant(xp.reshape(*xp.shape[:len(rest)], -1), lo, hi, qmin, qmax, spec.symmetric,
-                               spec.block_size)
+                               spec.block_size, fmt)
         inverse = [0] * x.dim()
         for pos, i in enumerate(rest + d):
             inverse[i] = pos
@@ -133,13 +184,19 @@ class DynamicInt(QuantizerKind):
                  "input: a pixel's channels; v: the tokens; quantcore/quantizer_kinds/dynamic.py lists each)")
         per = (f"each slice along {where}" if spec.block_size is None
                else f"each block of {spec.block_size} consecutive elements of the slice along {where}")
+        fmt = spec_scale_format(spec)
         if spec.symmetric:
-            rule = (f"for {per}: s = min(max|x|, amax)/{qmax}, x_hat = clamp(round(x/s), {qmin}, {qmax})*s")
+            rule = (f"for {per}: s = {fmt}(min(max|x|, amax)/{qmax}), x_hat = clamp(round(x/s), {qmin}, {qmax})*s")
         else:
-            rule = (f"for {per}: lo = max(min(x, 0), min), hi = min(max(x, 0), max), s = (hi - lo)/{qmax - qmin}, "
+            rule = (f"for {per}: lo = max(min(x, 0), min), hi = min(max(x, 0), max), s = {fmt}((hi - lo)/{qmax - qmin}), "
                     f"z = clamp(round({qmin} - lo/s), {qmin}, {qmax}), x_hat = (clamp(round(x/s) + z, {qmin}, "
                     f"{qmax}) - z)*s")
+        stored = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
+                  "e8m0": "a power of two (E8M0), rounded up",
+                  "fp8_e4m3": "E4M3 per block times one float32 scale per tensor, (the largest scale the clip "
+                              "bound allows)/448 (NVFP4's two levels)"}[fmt]
         return {"block_size": spec.block_size, "scale": "dynamic (computed at run time)", "formula": rule,
+                "scale_format": fmt, "scale_stored_as": stored,
                 "clip_bound": "min/max: the calibrated range, a bound on every run-time range"}
 
 
