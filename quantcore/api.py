@@ -104,6 +104,8 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
             raise
         raise type(err)(f"recipe {recipe.name!r}: {err}") from None
     _quantizers_to_host_devices(inner)
+    for name, q in quantizers(inner).items():  # errors name the quantizer on every path (a load too)
+        q.qname = name
     inner.quantcore_recipe = recipe
     return model
 
@@ -486,8 +488,15 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
         getattr(inner, "quantcore_reparam", None) is None
     recon = recipe is not None and getattr(recipe, "reconstruction", None) is not None and \
         getattr(inner, "quantcore_reconstruction", None) is None
-    if (reparam or recon) and iter(batches) is batches:  # a one-shot iterator: every pass reads the same batches
-        batches = list(batches)
+    from .plugins import is_plugin
+
+    # a plug-in kind's fake_quant first runs after calibration: one checking forward on two calibration
+    # images, so no checkpoint is written that fails at its first forward (the built-in kinds refuse
+    # what they cannot carry while the range is computed)
+    plugin_kinds = sorted({q.spec.format for q in quantizers(inner).values()
+                           if q.spec.enabled and is_plugin(q.spec.kind)})
+    if (reparam or recon or plugin_kinds) and iter(batches) is batches:  # a one-shot iterator: every pass
+        batches = list(batches)                                            # reads the same batches
     if recon:
         refuse_multi_input(model, "reconstruction")
     if reparam:
@@ -503,11 +512,25 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
         from .recon import reconstruct
 
         reconstruct(model, batches, recipe.reconstruction)
+    if plugin_kinds:
+        _check_forward(model, batches)
     for key, attr in (("reparam_layernorm", "quantcore_reparam"), ("reconstruction", "quantcore_reconstruction")):
         done = getattr(inner, attr, None)
         if done is not None and hasattr(done, "as_dict"):
             res.transforms[key] = done.as_dict()
     return res
+
+
+def _check_forward(model: nn.Module, batches: Iterable) -> None:
+    """One quantized forward of the first batch's first two images (a plug-in kind's failure raises
+    its PluginError naming the quantizer here, not at the first evaluation)."""
+    first = next(iter(batches), None)
+    if first is None:  # this rank's shard was empty
+        return
+    dev = _device(model)
+    xs = tuple(t[:2].to(dev) for t in _model_inputs(model, first))
+    with torch.no_grad(), eval_mode(model):
+        model(*xs)
 
 
 def sync_calibration(model: nn.Module, result: CalibrationResult | None = None) -> None:
@@ -659,7 +682,10 @@ _TRANSFORM_KEYS = ("input_size", "resize_size", "mean", "std", "crop_pct", "crop
 
 def _transform_record(model: nn.Module) -> dict[str, Any] | None:
     from .data import describe_transform
+    from .data.transforms import has_data_config
 
+    if not has_data_config(unwrap(model)):  # torchvision's fixed preset: nothing the files could change
+        return None  # (and describing it would warn about a preset on every save and load)
     try:
         cfg = describe_transform(model)
     except Exception:  # noqa: BLE001 - a model quantcore has no data config for: nothing to record

@@ -133,11 +133,17 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
         for prm in m.parameters(recurse=False):
             owners[id(prm)] = owners.get(id(prm), 0) + 1
     shared: dict[int, str] = {}  # output id -> conv whose weight another module holds too
+    refused: dict[int, str] = {}  # output id -> why the conv that wrote it cannot take a fold
     for name, mod in mods.items():
         if not _is_conv(mod):
             continue
         calls = trace.calls_of(name)
         if len(calls) != 1 or counts.get(id(mod), 0) != 1:
+            why = (f"its conv {name!r} is called {len(calls)} times (one folded weight cannot serve each "
+                   f"call's BatchNorm)" if len(calls) > 1 else f"its conv {name!r} is registered more than once")
+            for c in calls:
+                if len(c.outputs) == 1:
+                    refused[c.outputs[0]] = why
             continue
         call = calls[0]
         if any(owners.get(id(prm), 0) > 1 for prm in mod.parameters(recurse=False)):
@@ -151,9 +157,13 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
             continue
         op = convs[0]
         if op.weight != (f"{name}.weight" if name else "weight"):
+            refused[call.outputs[0]] = (f"its conv {name!r} computes its weight in forward (a parametrization "
+                                        f"such as weight_norm, or a weight read from elsewhere): there is no "
+                                        f"stored weight to fold into")
             continue
         want_bias = f"{name}.bias" if mod.bias is not None else None
         if op.bias != want_bias:
+            refused[call.outputs[0]] = f"its conv {name!r} adds a bias other than its own"
             continue
         conv_of_output[call.outputs[0]] = (name, op.seq)
 
@@ -166,6 +176,8 @@ def _pairs_from_trace(model: nn.Module, trace: Any) -> FoldResult:
             src = calls[0].inputs[0] if len(calls) == 1 and calls[0].inputs else None
             if src in shared:
                 why = f"its conv {shared[src]!r} shares its weight with another module (folding would change both)"
+            elif src in refused and why.startswith("its input is not the direct output"):
+                why = refused[src]
             res.unfolded[bn_name] = why
     return res
 

@@ -247,7 +247,10 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         sharing.share(model)  # before calibrating: the transient copy is freed here
         gc.collect()  # ... also what reference cycles of the copy hold (freed by the cyclic collector only)
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
-            res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
+            try:
+                res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
+            except UserError as err:  # several recipes run at once: say whose field it is
+                raise _naming_recipe(err, r.name) from None
         # gathered per recipe: the list is in recipe order (then image order), whatever the rank count
         # (the dataset's log holds every recipe's skips, once per name: this recipe's are those of its
         # images, and those skipped while the dataset was listed)
@@ -427,6 +430,15 @@ def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
     _write_json(enc_uri, enc)
     storage.write_bytes(plot, ranges_plot(enc, f"Activation ranges: {v.name}"))
     return uris
+
+
+def _naming_recipe(err: UserError, name: str) -> UserError:
+    """``err`` (same type and fields) with ``recipe 'name': `` before its text, unless it names it."""
+    if f"recipe {name!r}" in str(err) or not err.args:
+        return err
+    new = copy.copy(err)
+    new.args = (f"recipe {name!r}: {err.args[0]}",) + tuple(err.args[1:])
+    return new
 
 
 def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str,

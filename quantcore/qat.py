@@ -692,7 +692,8 @@ def _start_identity(init: str | None, fp32: nn.Module, teacher: nn.Module | None
 
     out = {"init": None if init is None else str(init), "fp32_sha256": _digest({}, fp32.state_dict())}
     if teacher is not None and teacher is not fp32:
-        out["teacher_sha256"] = _digest({}, teacher.state_dict())
+        inner = teacher.inner if isinstance(teacher, TeacherInputs) else teacher  # its weights, not the wrapper's
+        out["teacher_sha256"] = _digest({}, inner.state_dict())
     return out
 
 
@@ -759,8 +760,16 @@ def _check_init(recipe: Recipe, stored: Recipe, uri: str) -> None:
     if recipe.model is None:
         diff = [f for f in diff if not f.startswith("model")]
     if diff:
-        raise UserError(f"--init {uri}: the checkpoint was calibrated with recipe {stored.name!r}, which differs "
-                        f"from {recipe.name!r} in {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; "
+        def at(d: Any, path: str) -> Any:
+            for k in path.split("."):
+                d = d.get(k) if isinstance(d, dict) else None
+            return d
+
+        said = "; ".join(f"{f}: {json.dumps(at(a, f))} in the checkpoint, {json.dumps(at(b, f))} here"
+                         for f in diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        whose = (f"another version of recipe {recipe.name!r}" if stored.name == recipe.name else
+                 f"recipe {stored.name!r}, not {recipe.name!r},")
+        raise UserError(f"--init {uri}: the checkpoint was calibrated with {whose} with other settings ({said}); "
                         f"pass the recipe it was made with plus your qat: section")
 
 
@@ -818,10 +827,12 @@ def _prechecks(cfg: QATConfig, fp32: nn.Module, device: torch.device, eval_class
                 got = output_logits(teacher(x.to(device))).shape[-1]
             except Exception as err:
                 raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} cannot take the student's "
-                                f"input {tuple(x.shape)} (the teacher sees the student's transformed images): "
-                                f"{type(err).__name__}: {err}") from None
+                                f"input {tuple(x.shape)} (the teacher sees the student's images, in its own "
+                                f"normalization and input size): {type(err).__name__}: {err}") from None
         if got != want:
-            raise UserError(f"qat.distill.teacher.num_classes: the teacher gives {got} logits, the student {want}")
+            raise UserError(f"qat.distill.teacher: {cfg.distill.teacher.name} gives {got} logits, the student {want}: "
+                            f"a teacher must be trained on the student's classes (its num_classes, or "
+                            f"kwargs.num_classes, and its weights)")
     return teacher
 
 
@@ -829,6 +840,69 @@ def _workers(opts: QATOptions, recipe: Recipe) -> int:
     if opts.num_workers is not None:
         return opts.num_workers
     return recipe.qat.num_workers if recipe.qat else 0
+
+
+class TeacherInputs(nn.Module):
+    """A distillation teacher fed the student's images re-expressed in the teacher's own preprocessing:
+    ``(N, C, H, W)`` student-normalized images -> the teacher's mean/std (exact: a per-channel affine
+    map ``x * std_s / std_t + (mean_s - mean_t) / std_t``) and, when the input sizes differ, resized to
+    the teacher's (``F.interpolate`` with its interpolation, antialiased; an approximation of its own
+    resize-and-crop pipeline). ``inner`` is the teacher itself (its weights, its digest)."""
+
+    def __init__(self, inner: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 size: tuple[int, int] | None, interpolation: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self._affine = None if scale is None else (scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
+        self.size, self.interpolation = size, interpolation
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self._affine is not None:
+            scale, shift = self._affine
+            x = x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
+        return self.inner(x)
+
+
+def _teacher_inputs(teacher: nn.Module, fp32: nn.Module, name: str) -> nn.Module:
+    """``teacher`` wrapped in :class:`TeacherInputs` when its preprocessing differs from the student's
+    (what the student's images are normalized and sized by); as is when they agree, or when the
+    teacher carries no preprocessing config to compare (said once). Raises UserError when the channel
+    counts differ (nothing maps one onto the other)."""
+    from .data.transforms import describe_transform, has_data_config
+    from .placement import unwrap
+
+    if not has_data_config(teacher):
+        log.warning("qat.distill.teacher: %s carries no preprocessing config (timm pretrained_cfg, torchvision "
+                    "weights, Hugging Face processor), so it sees the student's images as they are; give it "
+                    "one (a timm name, torchvision:<name> or an HF directory) if it was trained on other "
+                    "normalization or size", name)
+        return teacher
+    s, t = describe_transform(unwrap(fp32)), describe_transform(teacher)
+    cs, ct = int(s["input_size"][0]), int(t["input_size"][0])
+    if cs != ct:
+        raise UserError(f"qat.distill.teacher: {name} takes {ct}-channel images, the student {cs}-channel ones; "
+                        f"a teacher must see the student's images")
+    ms, ss = torch.tensor(s["mean"], dtype=torch.float64), torch.tensor(s["std"], dtype=torch.float64)
+    mt, st = torch.tensor(t["mean"], dtype=torch.float64), torch.tensor(t["std"], dtype=torch.float64)
+    renorm = not (torch.equal(ms, mt) and torch.equal(ss, st))
+    size_s, size_t = tuple(int(v) for v in s["input_size"][1:]), tuple(int(v) for v in t["input_size"][1:])
+    resize = size_s != size_t
+    if not renorm and not resize:
+        return teacher
+    said = []
+    if renorm:
+        said.append(f"renormalized from the student's mean/std {s['mean']}/{s['std']} to its own {t['mean']}/"
+                    f"{t['std']} (exact)")
+    interp = t.get("interpolation") if t.get("interpolation") in ("bilinear", "bicubic") else "bilinear"
+    if resize:
+        said.append(f"resized from {size_s[0]}x{size_s[1]} to its input size {size_t[0]}x{size_t[1]} ({interp}, "
+                    f"antialiased; its own pipeline would resize and crop the original image instead)")
+    (log.warning if resize else log.info)("qat.distill.teacher: %s sees the student's images %s", name,
+                                          " and ".join(said))
+    return TeacherInputs(teacher, (ss / st).float() if renorm else None, ((ms - mt) / st).float() if renorm else None,
+                         size_t if resize else None, interp)
 
 
 def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module | None:
@@ -850,6 +924,7 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
     if t is not fp32:  # (the FP32 model is copied into the student later: its flags must stay as they are)
         for p in t.parameters():
             p.requires_grad_(False)
+        t = _teacher_inputs(t, fp32, cfg.distill.teacher.name)
     return t
 
 

@@ -154,6 +154,10 @@ def test_every_kind_of_user_mistake_is_one_line_and_exit_2(image_folder, tmp_pat
     # depends on the quantizer) names the override, the quantizer and the fix, on one line.
     expect_user_error(capsys, ptq_with(_recipe(tmp_path, "twin", overrides=[{"match": "*", "spec": {"format": "twin_int"}}])),
                       "overrides[0]", "invalid spec for quantizer", "before the override: int8/", "set symmetric: false")
+    # A calibration-time field (reconstruction) of the second of two recipes names its recipe (helper-132)
+    expect_user_error(capsys, ptq_with(good, "-r", _recipe(tmp_path, "rec", name="rec", reconstruction={
+        "mode": "layer", "iterations": 2, "modules": ["layer*"]})),
+                      "recipe 'rec': reconstruction.modules", "'layer*'")
     # Bad files: FP32 weights that are no state_dict, weights of another model, a calibrated
     # checkpoint that is no checkpoint, a data directory that does not exist.
     garbage = tmp_path / "garbage.pt"

@@ -4,6 +4,7 @@ against torch's fake-quant kernels, the TensorRT range table, and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -612,13 +613,13 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert "--check-limit must be >= 0" in capsys.readouterr().err
 
 
-def _tiny_cnn(act_bits: int, weight_bits: int = 8):
+def _tiny_cnn(act_bits: int, weight_bits: int = 8, symmetric: bool = True):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
                             torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
                             torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
     r = {"name": "t", "placement": {"family": "generic"}, "calibration": {"method": "max"},
-         "quant": {"activations": {"bits": act_bits, "symmetric": True}, "weights": {"bits": weight_bits}}}
+         "quant": {"activations": {"bits": act_bits, "symmetric": symmetric}, "weights": {"bits": weight_bits}}}
     q = api.prepare(m, r, example_input=torch.randn(2, 3, 16, 16))
     api.calibrate(q, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
     return q
@@ -629,9 +630,21 @@ def test_an_export_onnxruntime_computes_wrongly_is_refused_not_written(tmp_path)
     result (the unoptimized graph agrees to 1e-8), and the export used to write it and exit 0."""
     from quantcore.export.run import export_model
 
-    with pytest.raises(ExportError, match=r"optimizations \(all-exact\) disagrees.*nothing was written"):
+    with pytest.raises(ExportError, match=r"optimizations \(all-exact\) disagrees.*nothing was written") as err:
         export_model(_tiny_cnn(4), str(tmp_path / "a4"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
     assert not (tmp_path / "a4" / "model.onnx").exists()
+    # the cause is named (helper-131: the advice said "use an asymmetric grid" to a model that had one):
+    # onnxruntime drops the ReLU before a 4-bit grid with negative codes, here both convolutions after one
+    assert re.search(r"drops a ReLU before a 4-bit grid.*here: 2\.input_quantizer, 4\.input_quantizer\. ",
+                     str(err.value)), str(err.value)
+    # asymmetric 4-bit grids after the ReLUs: zero point 0 (calibrated) is right; one above 0 (as QAT may
+    # learn) is named
+    m = _tiny_cnn(4, symmetric=False)
+    assert float(api.quantizers(m)["2.input_quantizer"].amin) == 0.0
+    q = api.quantizers(m)["4.input_quantizer"]
+    q.set_range(-q.amax / 15, q.amax.clone())  # zero point 1
+    with pytest.raises(ExportError, match=r"drops a ReLU.*here: 4\.input_quantizer\. .*learn_zero_point: false"):
+        export_model(m, str(tmp_path / "u4z"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
     rep = export_model(_tiny_cnn(8), str(tmp_path / "a8"), formats=["onnx"], x=torch.randn(1, 3, 16, 16))
     assert rep["smoke"]["top1_agreement"] == 100.0 and (tmp_path / "a8" / "model.onnx").exists()
 

@@ -246,6 +246,34 @@ def test_a_conv_with_a_tied_weight_is_left_unfolded_with_the_reason():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+class _ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b1, self.b2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.d, self.bn_d = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1)), nn.BatchNorm2d(8)
+        self.e, self.bn_e = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.b1(self.c(x)).relu() + self.b2(self.c(x.flip(-1))).relu()
+        return self.bn_e(self.e(self.bn_d(self.d(y)).relu()))
+
+
+def test_an_unfolded_batchnorm_after_a_conv_says_why_that_conv_cannot_take_it():
+    """helper-133: a conv called twice (one BatchNorm per call) and a weight-normalized conv left their
+    BatchNorms unfolded, rightly, 'because the input is not the direct output of a convolution'."""
+    torch.manual_seed(0)
+    model = randomize_bn(_ConvCalledTwice()).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    res = fold_batchnorm(model, x)
+    assert res.pairs == [("e", "bn_e")]
+    for bn in ("b1", "b2"):
+        assert "its conv 'c' is called 2 times" in res.unfolded[bn], res.unfolded
+    assert "its conv 'd' computes its weight in forward" in res.unfolded["bn_d"], res.unfolded
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_model_folds_within_its_own_precision(dtype):
     """fp16/bf16 CNNs fold: the check allows the dtype's rounding (8 epsilons) and no more; the folded

@@ -484,6 +484,28 @@ def test_unmatched_override_raises(bad):
         place_quantizers(model, PlacementConfig(), W, A, bad)
 
 
+@pytest.mark.parametrize("rules,said", [
+    # a quantizer of a module an earlier override keeps float: the name is right, the rule above removed it
+    ([Override(match="blocks.*.mlp.*", float=True), Override(match="blocks.0.mlp.fc2.input_quantizer",
+                                                              spec=SpecPatch(bits=4))],
+     r"overrides\[1\] .* matches the quantizers of module 'blocks\.0\.mlp\.fc2', which overrides\[0\] "
+     r"'blocks\.\*\.mlp\.\*' keeps float"),
+    # the family's default keep_float (the ViT head)
+    ([Override(match="head.input_quantizer", spec=SpecPatch(bits=4))],
+     r"module 'head', which default keep_float 'head' keeps float"),
+    # a spec override, then float: true on the same modules (the later float wins whatever the order)
+    ([Override(match="blocks.0.mlp.*", spec=SpecPatch(bits=4)), Override(match="blocks.0.mlp.*", float=True)],
+     r"overrides\[0\] .* but no quantizer there: overrides\[1\] 'blocks\.0\.mlp\.\*' keeps those modules float"),
+    ([Override(match="head", spec=SpecPatch(bits=4))],
+     r"default keep_float 'head' keeps those modules float.*float: false"),
+])
+def test_an_override_meeting_modules_another_rule_keeps_float_says_which_rule(rules, said):
+    """helper-132: the message said 'matches no module and no quantizer ... check the name' for a
+    quantizer name that was right, removed by an earlier float rule."""
+    with pytest.raises(ValueError, match=said):
+        place_quantizers(get_model("vit")[0], PlacementConfig(), W, A, rules)
+
+
 def test_keep_float_typo_and_noop_override_raise():
     with pytest.raises(ValueError, match="patch_embd"):
         place_quantizers(get_model("vit")[0], PlacementConfig(keep_float=["patch_embd"]), W, A)

@@ -88,10 +88,35 @@ def test_a_broken_plugin_kind_is_named_by_quantizer(case, registry_guard):
     fq, said = BROKEN_KINDS[case]
     register_quantizer_kind(_Kind(f"t_bad_{case}", fq))
     registry_guard.append((kind_base._KINDS, f"t_bad_{case}"))
-    m = _calibrated({"format": f"t_bad_{case}"})
-    with pytest.raises(PluginError) as e, torch.no_grad():
-        m(torch.randn(2, 1, 28, 28))
+    with pytest.raises(PluginError) as e:  # calibration's checking forward, before any checkpoint is written
+        _calibrated({"format": f"t_bad_{case}"})
     assert TARGET in str(e.value) and f"t_bad_{case}" in str(e.value) and said in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("case", ["shape", "nan"])
+def test_a_broken_plugin_kind_fails_calibration_not_the_first_forward_after_it(case, registry_guard, tmp_path):
+    """calibrate ran no quantized forward, so `quantcore calibrate` wrote a checkpoint whose first
+    evaluation failed (helper-132); and a loaded checkpoint named its quantizers '(unnamed)'."""
+    fq, said = BROKEN_KINDS[case]
+    register_quantizer_kind(_Kind(f"t_late_{case}", fq))
+    registry_guard.append((kind_base._KINDS, f"t_late_{case}"))
+    m = _model({"format": f"t_late_{case}"})
+    batches = iter([torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28)])  # a one-shot iterator too
+    with pytest.raises(PluginError) as e:
+        api.calibrate(m, batches)
+    assert TARGET in str(e.value) and said in str(e.value), str(e.value)
+    # a kind that works while calibrating, then breaks: the loaded model names the quantizer too
+    kind = _Kind(f"t_later_{case}")
+    register_quantizer_kind(kind)
+    registry_guard.append((kind_base._KINDS, f"t_later_{case}"))
+    m = _calibrated({"format": f"t_later_{case}"})
+    api.save(m, str(tmp_path / "m.qc.pt"))
+    loaded = api.load(str(tmp_path / "m.qc.pt"))
+    assert all(q.qname == n for n, q in quantizers(loaded).items())
+    kind._fq = fq
+    with pytest.raises(PluginError) as e, torch.no_grad():
+        loaded(torch.randn(2, 1, 28, 28))
+    assert f"quantizer '{TARGET}'" in str(e.value) and "(unnamed)" not in str(e.value), str(e.value)
 
 
 BROKEN_CALS = {

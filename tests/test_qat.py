@@ -525,6 +525,61 @@ def test_hugging_face_deit_with_teacher_trains_its_distillation_head(fmnist, tmp
     assert moved, "the distillation head did not train"
 
 
+def test_a_teacher_sees_the_students_images_in_its_own_preprocessing(tmp_path, caplog):
+    """A teacher whose data config normalizes otherwise (an HF processor's 0.5/0.5 against the student's
+    Fashion-MNIST mean/std) gets the student's images mapped exactly onto its own normalization; another
+    input size is resized to, with a warning; a teacher without a data config, or with another channel
+    count, is said or refused (helper-131: a ResNet teacher scored 79 % on its own inputs, 24 % on the
+    student's)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from quantcore.config import ModelConfig
+    from quantcore.data.transforms import eval_transform
+    from quantcore.models import create_model, output_logits
+    from quantcore.qat import TeacherInputs, _teacher_inputs
+
+    student = create_model(ModelConfig(name="quantcore/vit_fmnist"))
+    rng = np.random.RandomState(0)
+    imgs = [Image.fromarray(rng.randint(0, 256, (28, 28), dtype=np.uint8), "L") for _ in range(4)]
+    xs = torch.stack([eval_transform(student)(im) for im in imgs])
+
+    def hf_teacher(size: int, chans: int = 1):
+        torch.manual_seed(0)
+        d = tmp_path / f"t{size}_{chans}"
+        ViTForImageClassification(ViTConfig(image_size=size, patch_size=size // 4, num_channels=chans, hidden_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                             num_labels=10)).save_pretrained(d)
+        ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * chans,
+                          image_std=[0.5] * chans).save_pretrained(d)
+        return create_model(ModelConfig(name=str(d))).eval()
+
+    teacher = hf_teacher(28)
+    wrapped = _teacher_inputs(teacher, student, "t28")
+    assert isinstance(wrapped, TeacherInputs) and wrapped.inner is teacher and wrapped.size is None
+    xt = torch.stack([eval_transform(teacher)(im) for im in imgs])
+    with torch.no_grad():
+        want = output_logits(teacher(xt))
+        torch.testing.assert_close(output_logits(wrapped(xs)), want, atol=1e-5, rtol=1e-5)
+        assert (output_logits(teacher(xs)) - want).abs().max() > 1e-2  # what it was fed before
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantcore"):
+        big = _teacher_inputs(hf_teacher(32), student, "t32")
+    assert big.size == (32, 32) and "resized from 28x28 to its input size 32x32" in caplog.text
+    with torch.no_grad():
+        assert output_logits(big(xs)).shape == (4, 10)
+    same = create_model(ModelConfig(name="quantcore/vit_fmnist"))
+    assert _teacher_inputs(same, student, "same") is same
+    with pytest.raises(UserError, match=r"qat\.distill\.teacher: t3 takes 3-channel images, the student 1-channel"):
+        _teacher_inputs(hf_teacher(28, 3), student, "t3")
+    caplog.clear()
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with caplog.at_level(logging.WARNING, logger="quantcore"):
+        assert _teacher_inputs(bare, student, "bare") is bare
+    assert "carries no preprocessing config" in caplog.text and "as they are" in caplog.text
+
+
 def _cnn_recipe(tmp_path: Path, seed: int, name: str, **qat) -> dict:
     """A QAT recipe for a random-init timm resnet10t on 28x28 Fashion-MNIST with BatchNorm kept
     unfolded (its weights written to ``tmp_path/cnn.pt``); ``qat`` adds to its qat: section."""
@@ -651,7 +706,7 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
     t_ck = tmp_path / "t.pt"
     torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=7).state_dict(), t_ck)
     teacher = {"name": "resnet10t", "in_chans": 1, "num_classes": 7, "checkpoint": str(t_ck)}
-    for qat, msg in (({"distill": {"kind": "kd", "teacher": teacher}}, "teacher.num_classes"),
+    for qat, msg in (({"distill": {"kind": "kd", "teacher": teacher}}, "gives 7 logits, the student 10"),
                      ({"distill": {"kind": "kd", "teacher": {"name": "no_such_model_xyz", "checkpoint": str(t_ck)}}},
                       "qat.distill.teacher"),
                      ({"bn": "freeze", "bn_freeze_step": 2}, "no BatchNorm"),
@@ -679,7 +734,9 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
                 QATOptions(progress=False, init=str(trained), max_steps=1))
     assert not (tmp_path / "from_qat" / "ptq").exists()
     # --init with a checkpoint of other formats is refused
-    with pytest.raises(UserError, match="quant"):
+    # (naming each field with both values: the same recipe name on both sides read as a file compared to itself)
+    with pytest.raises(UserError, match=r"another version of recipe 't_w4' with other settings \(quant\.weights\.bits: "
+                                        r"4 in the checkpoint, 8 here\)"):
         r = _recipe(ckpt)
         r["quant"]["weights"]["bits"] = 8
         run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "i"),

@@ -363,6 +363,12 @@ def _find_resize(t) -> list[int] | None:
     return None
 
 
+def has_data_config(model: nn.Module | None) -> bool:
+    """The model carries its own preprocessing (torchvision weights, a timm pretrained_cfg, a Hugging
+    Face processor), rather than falling back to torchvision's standard preset."""
+    return bool(_recorded_weights(model)) or _pretrained_cfg(model) is not None
+
+
 def eval_transform(model: nn.Module | None = None, *, weights: Any = None, overrides: dict | None = None,
                    use_test_size: bool = False, decoder: str = "auto") -> EvalTransform:
     """The model's evaluation transform: PIL image (or, through ``from_bytes``, encoded bytes) ->

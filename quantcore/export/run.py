@@ -190,6 +190,36 @@ def _runnable_compare(model: nn.Module, onnx_bytes: bytes, x: torch.Tensor, opti
                           f"{str(e).splitlines()[0][:300]}; nothing was written") from None
 
 
+def _four_bit_hint(plans: dict, onnx_bytes: bytes) -> str:
+    """What is known to make onnxruntime's optimized kernels compute a QDQ graph otherwise, and which of
+    ``plans`` (quantizer -> QdqSpec) meet it in the graph ``onnx_bytes``: its Relu -> QuantizeLinear
+    fusion drops the Relu before a 4-bit grid that holds negative codes (signed int4, or uint4 with a
+    zero point above 0), so negative values reach the grid (measured, onnxruntime 1.2x CPU)."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    seen = []
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear" or "/" not in n.name:
+            continue
+        name = n.name.rsplit("/", 1)[0]
+        p, src = plans.get(name), producer.get(n.input[0])
+        if p is None or p.bits != 4 or src is None or src.op_type != "Relu" or name in seen:
+            continue
+        if p.signed or bool(np.any(np.asarray(p.zero_point) > 0)):
+            seen.append(name)
+    rule = ("onnxruntime's Relu -> QuantizeLinear fusion drops a ReLU before a 4-bit grid that holds negative "
+            "codes (signed int4, or uint4 with a zero point above 0, as QAT learns with qat.learn_zero_point: "
+            "true), so negative values reach the grid")
+    if not seen:
+        return f"{rule}, and no quantizer here is of that kind: the cause is another fused kernel"
+    more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
+    return (f"{rule}; here: {', '.join(seen[:3])}{more}. A ReLU's output is never negative: give those "
+            f"quantizers asymmetric ranges from 0 (zero point 0; what calibration finds after a ReLU, and what "
+            f"QAT keeps with qat.learn_zero_point: false), or 8 bits")
+
+
 def _off(res: dict[str, Any]) -> bool:
     """Whether a check comparison (``compare`` with labels) disagrees enough to warn about."""
     return res["top1_agreement"] < CHECK_AGREEMENT_WARN or abs(res.get("top1_delta", 0.0)) >= CHECK_TOP1_WARN
@@ -296,10 +326,9 @@ def export_model(model: nn.Module, out: str, formats: Sequence[str] = FORMATS, o
                 f"onnxruntime CPU deployment set placement.quantize_softmax_input: false")
         elif wrong:
             raise ExportError(f"onnxruntime with its graph optimizations ({CHECK_OPTIMIZATION}) disagrees with "
-                              f"the quantized model on the check inputs ({what}): its fused kernels "
-                              f"({kernels}) do not compute this graph's grids (seen before: 4-bit symmetric "
-                              f"activations into QLinearConv; other activation bits or an asymmetric grid "
-                              f"there avoid it); nothing was written")
+                              f"the quantized model on the check inputs ({what}), while the graph itself is "
+                              f"exact (unoptimized onnxruntime agrees): its fused kernels ({kernels}) do not "
+                              f"compute this graph's grids; {_four_bit_hint(ex.plans, onnx_bytes)}; nothing was written")
         else:
             report.setdefault("warnings", []).append(
                 f"onnxruntime's optimized kernels ({CHECK_OPTIMIZATION}: {kernels}) differ from the quantized "

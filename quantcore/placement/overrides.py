@@ -154,6 +154,22 @@ def _alias_hint(pattern: str, aliases: dict[str, str]) -> str:
             f"quantizers use its first name, {hit[1]!r}")
 
 
+def _kept_float_by(rule: Rule, rules: list[Rule]) -> tuple[str, str] | None:
+    """(module, rule source) when ``rule``'s pattern names quantizers of a module an earlier rule left
+    float (its quantizers were never placed, so the pattern meets nothing)."""
+    parent = rule.pattern.rsplit(".", 1)[0] if "." in rule.pattern else None
+    if parent is None:
+        return None
+    for r in rules:
+        if r is rule:
+            break
+        if r.float:
+            for mod in sorted(r.hits):
+                if fnmatchcase(mod, parent) or matches(parent, mod):
+                    return mod, r.source
+    return None
+
+
 def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]],
                       aliases: dict[str, str] | None = None) -> None:
     """Raise ValueError for a user rule that matched nothing (silent no-ops hide typos); a rule naming
@@ -170,8 +186,22 @@ def check_all_matched(rules: list[Rule], spec_hits: dict[str, list[str]],
         if r.changes_spec and not spec_hits.get(r.source):
             if r.hits:
                 some = sorted(r.hits)[:5]
+                by = next((o for o in rules if o.float and o is not r and o.hits & r.hits), None)
+                if by is not None:
+                    fix = ("leave them out of one of the two rules" if by.user else
+                           "add an override with float: false for them to quantize them")
+                    raise PlacementError(f"{r.source} matches {some} but no quantizer there: {by.source} keeps "
+                                         f"those modules float (a float module has no quantizers, whatever order "
+                                         f"the rules come in); {fix}")
                 raise PlacementError(f"{r.source} matches {some} but no quantizer there: those modules are "
                                  "float (add float: false to quantize them) or have no quantizers")
+            kept = _kept_float_by(r, rules)
+            if kept:
+                mod, by = kept
+                raise PlacementError(f"{r.source} matches the quantizers of module {mod!r}, which {by} keeps "
+                                     f"float (float: true), so they do not exist; to quantize that module, "
+                                     f"leave it out of that rule or give it float: false in an override "
+                                     f"after it")
             raise PlacementError(f"{r.source} matches no module and no quantizer of this model "
                              "(check the name; quantizer names look like "
                              "'blocks.4.mlp.fc2.input_quantizer')")

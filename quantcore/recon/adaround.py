@@ -32,6 +32,7 @@ take the steps one process would on the union of the shards (up to float summati
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -45,6 +46,8 @@ from ..errors import UserError
 from ..placement import quantizers, unwrap
 from ..quantizer import TensorQuantizer
 from .config import ReconstructionConfig
+
+log = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -450,9 +453,7 @@ def reconstruct(model: nn.Module, batches: Iterable, cfg: ReconstructionConfig,
     if asked and n_global < cfg.num_images:  # said, not silent: the recipe asked for more than calibration gave
         res.warnings.append(f"reconstruction.num_images is {cfg.num_images}, but only {n_global} calibration images "
                             "were given (all used); raise calibration.num_batches x batch_size to use more")
-        import warnings
-
-        warnings.warn(res.warnings[-1], stacklevel=2)
+        log.warning(res.warnings[-1])  # the CLI's warning: line (a Python warning printed file and line)
     mods = dict(inner.named_modules())
     qs = quantizers(inner)
 
