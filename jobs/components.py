@@ -1197,7 +1197,9 @@ def qat(
     """Quantization-aware training, data-parallel on nnodes x nproc_per_node ranks: `quantcore qat` under torchrun.
 
     nnodes containers (one Volcano gang) each run `python -m jobs.launch python -m jobs.torchrun
-    --max_restarts R --rdzv_conf read_timeout=300 --rdzv_backend c10d ... -m quantcore.cli qat ARGS`:
+    --max_restarts R --rdzv_conf read_timeout=300,join_timeout=900 --rdzv_backend c10d ... -m quantcore.cli qat
+    ARGS` (a gang's pods may start minutes apart, image pulls on fresh GPU nodes: the ranks wait 15 minutes
+    for each other, as the chart's QAT Job does):
     jobs.launch loads the S3 credentials, jobs.torchrun is torchrun (c10d rendezvous on rank 0's
     host) that keeps the ranks' exit status: 2 (a user error: bad recipe, URI, data) stops at once,
     with no restart and no retry of the job; any other failure restarts all ranks in place up to
@@ -1309,7 +1311,7 @@ def qat(
     # read_timeout: how long the other nodes wait for rank 0's store to come up (its image pull may
     # be slower than theirs). shutdown_timeout: the ranks' time to checkpoint after SIGTERM, within
     # the pod's grace period (as the Helm chart's qat Jobs).
-    opts = ["--max_restarts", str(max_restarts), "--rdzv_conf", "read_timeout=300",
+    opts = ["--max_restarts", str(max_restarts), "--rdzv_conf", "read_timeout=300,join_timeout=900",
             "--shutdown_timeout", str(grace_s - 15)]
     qat_app = _torchrun_app(app, "qat", pod, opts, cache_dir, grace_s,
                             (("--data", data, False), ("--eval_data", eval_data or data, False),

@@ -1186,6 +1186,74 @@ LOCAL_PATH_REFUSALS = {
 }
 
 
+_SWEEP = {"enabled": True, "out": "s3://out/sweep"}
+_NO_QAT = {"version": 1, "name": "myr", "model": {"name": "resnet50"}, "placement": {"family": "cnn"}}
+# helper-134: values that rendered, then failed in the API server or in the pod after it was scheduled
+RENDER_REFUSALS = {
+    "sweep-recipe-relative-file": ({"sweep": {**_SWEEP, "config": {"runs": [
+        {"name": "a", "recipes": ["my/recipe.yaml"], "calib_data": "s3://data/x"}]}}},
+        "/sweep/config/runs/0/recipes/0"),
+    "sweep-recipe-dotdot": ({"sweep": {**_SWEEP, "config": {"runs": [
+        {"name": "a", "recipe": "../recipes/foo.yaml", "calib_data": "s3://data/x"}]}}},
+        "/sweep/config/runs/0/recipe"),
+    "sweep-default-recipe-relative": ({"sweep": {**_SWEEP, "config": {"defaults": {"recipe": "r/x.yaml"}, "runs": [
+        {"name": "a", "calib_data": "s3://data/x"}]}}}, "/sweep/config/defaults/recipe"),
+    "node-affinity-typo": ({"runs": [{**GOOD_RUN, "affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpression": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}}}]},
+        "additional properties 'matchExpression' not allowed"),
+    "node-affinity-field-typo": ({"defaults": {"affinity": {"nodeAffinity": {"requiredDuringScheduling": {}}}},
+                                  "runs": [GOOD_RUN]}, "additional properties 'requiredDuringScheduling' not allowed"),
+    "affinity-operator": ({"runs": [{**GOOD_RUN, "affinity": {"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+            "matchExpressions": [{"key": "app", "operator": "Gt", "values": ["1"]}]}}]}}}]},
+        "/runs/0/affinity/podAntiAffinity"),
+    "pod-affinity-without-topology": ({"runs": [{**GOOD_RUN, "affinity": {"podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchLabels": {"a": "b"}}}]}}}]},
+        "missing property 'topologyKey'"),
+    "extra-ingress-typo": ({"networkPolicy": {"extraIngress": [{"from": [{"podSelectr": {}}]}]}, "runs": [GOOD_RUN]},
+                           "additional properties 'podSelectr' not allowed"),
+    "dashboard-peer-typo": ({"networkPolicy": {"rayDashboardFrom": [{"namespaceSelectr": {}}]}, "runs": [GOOD_RUN]},
+                            "additional properties 'namespaceSelectr' not allowed"),
+    "qat-inline-recipe-without-qat": ({"recipes": {"myr": _NO_QAT}, "runs": [
+        {"name": "a", "mode": "qat", "model": "recipe", "recipe": "myr", "data": "s3://data/x", "out": "s3://outs/x"}]},
+        'runs[0] (a).recipe: inline recipe "myr" (recipes.myr) has no qat: section'),
+    "ray-qat-inline-recipe-without-qat": ({"recipes": {"myr": _NO_QAT}, "rayQat": {
+        "enabled": True, "recipe": "myr", "data": "s3://data/x", "out": "s3://outs/rq"}},
+        'rayQat.recipe: inline recipe "myr" (recipes.myr) has no qat: section'),
+}
+
+
+RENDER_REFUSALS.update({
+    "extra-args-unknown-flag": ({"runs": [{**GOOD_RUN, "extraArgs": ["--seed", "3"]}]},
+                                "runs[0].extraArgs: --seed is not an option of `quantcore calibrate`"),
+    "qat-extra-args-unknown-flag": ({"runs": [{**GOOD_QAT, "extraArgs": ["--limit=5"]}]},
+                                    "runs[0].extraArgs: --limit is not an option of `quantcore qat`"),
+    "ray-qat-extra-args-unknown-flag": ({"rayQat": {"enabled": True, "recipe": "vit_b16_int8_qat",
+                                                    "data": "s3://data/x", "out": "s3://outs/rq",
+                                                    "extraArgs": ["--device", "cuda"]}},
+                                        "rayQat.extraArgs: --device is not an option of `python -m jobs.ray_qat`"),
+})
+
+
+@pytest.mark.parametrize("case", sorted(RENDER_REFUSALS))
+def test_values_the_api_server_or_the_pod_would_refuse_are_refused_when_rendering(bins, tmp_path, case):
+    values, message = RENDER_REFUSALS[case]
+    assert message in refused(bins, tmp_path, values)
+
+
+def test_the_chart_knows_every_commands_options_and_extra_args_it_has_render(bins, tmp_path):
+    """files/cli-flags.yaml is what the commands' parsers say today (regenerate: python -m
+    scripts.chart_flags), and flags they have (short, joined, --no- forms, negative values) render."""
+    from scripts.chart_flags import FILE, render as current
+
+    assert FILE.read_text() == current(), "charts/quantcore/files/cli-flags.yaml is stale: python -m scripts.chart_flags"
+    values = values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad"]},
+                                             {**GOOD_QAT, "extraArgs": ["--eval-limit", "-1", "--skip-bad", "-b8"]}]})
+    proc = helm_template(bins, values)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("case", sorted(LOCAL_PATH_REFUSALS))
 def test_local_paths_without_a_volume_are_refused(bins, tmp_path, case):
     values, message = LOCAL_PATH_REFUSALS[case]

@@ -542,15 +542,24 @@ variables (YAML list text), .extra: extraEnv, .where: the values path. */}}
 {{/* extraArgs must not repeat a flag the chart sets from the run's values (or one another): the
 command's parser would keep one of them silently (e.g. --device cpu after the chart's --device cuda
 runs a GPU pod on the CPU). --no-X and --X count as one flag, and a short form as its long one
-(-b8 and -b 8 as --batch-size: the CLI's short options). .args: the chart's arguments, .extra:
-extraArgs, .where: the values path. */}}
+(-b8 and -b 8 as --batch-size: the CLI's short options); a flag the command does not have is refused
+(files/cli-flags.yaml, generated from the commands' parsers by scripts/chart_flags.py). .args: the
+chart's arguments, .extra: extraArgs, .where: the values path, .root: the chart's root context, .cmd:
+the command's key in files/cli-flags.yaml, .program: how the message names it. */}}
 {{- define "quantcore.checkExtraArgs" -}}
 {{- $short := dict "-b" "--batch-size" "-c" "--checkpoint" "-d" "--data" "-f" "--format" "-o" "--out" "-r" "--recipe" "-s" "--split" "-j" "--workers" -}}
 {{- $own := dict -}}
 {{- range .args }}{{ $f := toString . }}{{ if hasPrefix "-" $f }}{{ $_ := set $own (replace "--no-" "--" (first (splitList "=" $f))) true }}{{ end }}{{ end -}}
 {{- $seen := dict -}}
+{{- $known := list -}}
+{{- if .cmd }}{{ $known = get (.root.Files.Get "files/cli-flags.yaml" | fromYaml) .cmd }}{{ end -}}
 {{- range $a := default (list) .extra -}}
-{{- $f := replace "--no-" "--" (first (splitList "=" (toString $a))) -}}
+{{- $raw := first (splitList "=" (toString $a)) -}}
+{{- $isFlag := and (hasPrefix "-" $raw) (gt (len $raw) 1) (not (regexMatch "^-[0-9.]" $raw)) -}}
+{{- if and $isFlag $known (not (has $raw $known)) (not (and (not (hasPrefix "--" $raw)) (has (substr 0 2 $raw) $known))) -}}
+{{- fail (printf "%s: %s is not an option of %s (its options: %s); the pod would stop at start" $.where $raw $.program (join " " $known)) -}}
+{{- end -}}
+{{- $f := replace "--no-" "--" $raw -}}
 {{- if and (hasPrefix "-" $f) (not (hasPrefix "--" $f)) (ge (len $f) 2) }}{{ $f = default $f (get $short (substr 0 2 $f)) }}{{ end -}}
 {{- if and (hasPrefix "-" $f) (hasKey $own $f) -}}
 {{- fail (printf "%s: %s is set by the chart from this run's values; set that value instead (a repeated flag would leave one of them silently unused)" $.where (toString $a)) -}}

@@ -100,6 +100,7 @@
 {{- if and (eq $run.mode "qat") (kindIs "slice" $run.recipe) -}}
 {{- fail (printf "%s.recipe: qat trains one recipe, got a list of %d: give each recipe its own qat run" $who (len $run.recipe)) -}}
 {{- end -}}
+{{- if eq $run.mode "qat" }}{{ include "quantcore.checkQatRecipe" (dict "who" $who "ref" $run.recipe "recipes" $v.recipes) }}{{ end -}}
 {{- if and (has $run.mode (list "evaluate" "export")) (eq (toString $run.model) "recipe") -}}
 {{- fail (printf "%s.model: mode %s needs the URI of a calibrated checkpoint (…/model.qc.pt, written by calibrate, ptq or qat), not `recipe`" $who $run.mode) -}}
 {{- end -}}
@@ -167,6 +168,7 @@
 {{- end -}}
 {{- if $v.rayQat.enabled -}}
 {{- $q := $v.rayQat -}}
+{{- include "quantcore.checkQatRecipe" (dict "who" "rayQat" "ref" $q.recipe "recipes" $v.recipes) -}}
 {{- $paths := list (dict "field" "out" "uri" $q.out "write" true) (dict "field" "storagePath" "uri" $q.storagePath "write" true) -}}
 {{- range $f := list "recipe" "model" "init" "data" "evalData" }}{{ $paths = append $paths (dict "field" $f "uri" (get $q $f)) }}{{ end -}}
 {{- $workloads = append $workloads (dict "who" "rayQat" "vols" (concat $global (default (list) $q.volumes)) "paths" $paths "hint" "volumes (every pod) or rayQat.volumes" "volWhere" "volumes + rayQat.volumes") -}}
@@ -279,6 +281,18 @@
 {{- if and (ne $r.who $w.who) (or (eq (trimSuffix "/" $uri) $out) (hasPrefix (printf "%s/" $out) $uri)) -}}
 {{- fail (printf "%s.%s reads %s, which %s writes (out %s): the Jobs of one release start together, so it would read before the other has written. Calibrate and evaluate in one run of mode ptq, or install the reading run in a later release once %s has finished" $r.who $r.field $uri $w.who $out $w.who) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A QAT workload's inline recipe (a key of `recipes`) must have a qat: section: the pod would
+     stop at start on "no qat: section" after the gang of GPU pods was scheduled. Built-in names and
+     files are read in the pod (helm test loads them). Renders nothing. ctx: dict who, ref, recipes */}}
+{{- define "quantcore.checkQatRecipe" -}}
+{{- if and (kindIs "string" .ref) (hasKey .recipes .ref) -}}
+{{- $r := get .recipes .ref -}}
+{{- if and (kindIs "map" $r) (not $r.qat) -}}
+{{- fail (printf "%s.recipe: inline recipe %q (recipes.%s) has no qat: section, which QAT trains with (epochs, optimizer, distillation; README \"Quantization-aware training\"): add one, or use a recipe that has it" .who .ref .ref) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
