@@ -495,8 +495,10 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
     # what they cannot carry while the range is computed)
     plugin_kinds = sorted({q.spec.format for q in quantizers(inner).values()
                            if q.spec.enabled and is_plugin(q.spec.kind)})
-    if (reparam or recon or plugin_kinds) and iter(batches) is batches:  # a one-shot iterator: every pass
-        batches = list(batches)                                            # reads the same batches
+    if (reparam or recon) and iter(batches) is batches:  # a one-shot iterator: every pass reads the same batches
+        batches = list(batches)
+    if plugin_kinds:  # the first batch is kept as it passes (a one-shot or endless iterator is read once)
+        batches = _FirstKept(batches)
     if recon:
         refuse_multi_input(model, "reconstruction")
     if reparam:
@@ -513,7 +515,7 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
 
         reconstruct(model, batches, recipe.reconstruction)
     if plugin_kinds:
-        _check_forward(model, batches)
+        _check_forward(model, batches.first)
     for key, attr in (("reparam_layernorm", "quantcore_reparam"), ("reconstruction", "quantcore_reconstruction")):
         done = getattr(inner, attr, None)
         if done is not None and hasattr(done, "as_dict"):
@@ -521,14 +523,33 @@ def _calibrate(model: nn.Module, batches: Iterable, max_batches: int | None, pro
     return res
 
 
-def _check_forward(model: nn.Module, batches: Iterable) -> None:
-    """One quantized forward of the first batch's first two images (a plug-in kind's failure raises
-    its PluginError naming the quantizer here, not at the first evaluation)."""
-    first = next(iter(batches), None)
-    if first is None:  # this rank's shard was empty
+class _FirstKept:
+    """``batches`` as they are (iterated once per pass, ``len`` when it has one), keeping the first
+    batch that passes in ``first`` (None until then)."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches, self.first = batches, None
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            if self.first is None:
+                self.first = batch
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type] - TypeError without one, as the batches'
+
+
+def _check_forward(model: nn.Module, first: Any) -> None:
+    """One quantized forward of the first two images of ``first`` (a calibration batch; None: this
+    rank's shard was empty): a plug-in kind's failure raises its PluginError naming the quantizer here,
+    not at the first evaluation. Inputs without the batch dimension are passed whole."""
+    if first is None:
         return
     dev = _device(model)
-    xs = tuple(t[:2].to(dev) for t in _model_inputs(model, first))
+    xs = _model_inputs(model, first)
+    n = xs[0].shape[0] if xs and xs[0].dim() else None
+    xs = tuple((t[:2] if n is not None and t.dim() and t.shape[0] == n else t).to(dev) for t in xs)
     with torch.no_grad(), eval_mode(model):
         model(*xs)
 

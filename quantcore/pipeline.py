@@ -249,6 +249,8 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         with _bar(len(idx), f"calibrate {r.name}", opts) as bar:
             try:
                 res = api.calibrate(model, loader, progress=bar.update)  # + the recipe's reparam/reconstruction
+            except DataError:  # about the images, whichever recipe read them
+                raise
             except UserError as err:  # several recipes run at once: say whose field it is
                 raise _naming_recipe(err, r.name) from None
         # gathered per recipe: the list is in recipe order (then image order), whatever the rank count

@@ -694,6 +694,7 @@ def _start_identity(init: str | None, fp32: nn.Module, teacher: nn.Module | None
     if teacher is not None and teacher is not fp32:
         inner = teacher.inner if isinstance(teacher, TeacherInputs) else teacher  # its weights, not the wrapper's
         out["teacher_sha256"] = _digest({}, inner.state_dict())
+        out["teacher_inputs"] = teacher.describe() if isinstance(teacher, TeacherInputs) else None
     return out
 
 
@@ -712,6 +713,13 @@ def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) ->
         raise CheckpointError(f"--out holds training checkpoints of a run {what}; {uri}): the "
                               f"{'--init checkpoint' if start['init'] else 'model weights'} changed since; resuming "
                               f"would mix both. Restore them, use another --out, or --no-resume to discard them")
+    if "teacher_inputs" in start and stored.get("teacher_inputs") != start["teacher_inputs"]:
+        # (a run started before the mapping existed fed the teacher the student's images as they are)
+        raise CheckpointError(f"--out holds training checkpoints of a run whose teacher saw its inputs otherwise "
+                              f"({stored.get('teacher_inputs') or 'the student images as they are'}; now "
+                              f"{start['teacher_inputs'] or 'as they are'}; {uri}): resuming would train the rest "
+                              f"of the run on another teacher signal. Use another --out, or --no-resume to "
+                              f"discard them")
     if "teacher_sha256" in start and stored.get("teacher_sha256", start["teacher_sha256"]) != start["teacher_sha256"]:
         raise CheckpointError(f"--out holds training checkpoints of a run distilled from other teacher weights "
                               f"({uri}): the weights of qat.distill.teacher changed since; resuming would train "
@@ -856,6 +864,17 @@ class TeacherInputs(nn.Module):
         self._affine = None if scale is None else (scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
         self.size, self.interpolation = size, interpolation
 
+    def describe(self) -> str:
+        """What the mapping does, in words (recorded with a run's checkpoints)."""
+        parts = []
+        if self._affine is not None:
+            scale, shift = self._affine
+            parts.append(f"x*{[round(float(v), 6) for v in scale.flatten()]}"
+                         f"+{[round(float(v), 6) for v in shift.flatten()]}")
+        if self.size is not None:
+            parts.append(f"resized to {self.size[0]}x{self.size[1]} ({self.interpolation})")
+        return ", ".join(parts)
+
     def forward(self, x: torch.Tensor) -> Any:
         if self._affine is not None:
             scale, shift = self._affine
@@ -865,14 +884,38 @@ class TeacherInputs(nn.Module):
         return self.inner(x)
 
 
-def _teacher_inputs(teacher: nn.Module, fp32: nn.Module, name: str) -> nn.Module:
+def _config_describes_weights(mcfg: Any, teacher: nn.Module) -> bool:
+    """Whether the teacher's data config says how its weights were trained: torchvision weights, a
+    Hugging Face processor, a builder's own config, timm pretrained weights or a user's
+    ``kwargs.pretrained_cfg_overlay``; not timm's default for the architecture under weights from
+    ``model.checkpoint`` (a CNN trained on 28x28 images still says 224 there)."""
+    from .data.transforms import has_data_config
+    from .model_sources import resolve_source
+
+    if not has_data_config(teacher):
+        return False
+    try:
+        source, _ = resolve_source(mcfg)
+    except Exception:  # noqa: BLE001 - it was built from this config a moment ago; be conservative
+        return False
+    if source.name != "timm":
+        return True
+    overlay = (getattr(mcfg, "kwargs", None) or {}).get("pretrained_cfg_overlay") or {}
+    return bool(mcfg.pretrained or mcfg.pretrained_file or any(k in overlay for k in ("mean", "std", "input_size")))
+
+
+def _teacher_inputs(teacher: nn.Module, fp32: nn.Module, name: str,
+                    describes_weights: bool | None = None) -> nn.Module:
     """``teacher`` wrapped in :class:`TeacherInputs` when its preprocessing differs from the student's
     (what the student's images are normalized and sized by); as is when they agree, or when the
-    teacher carries no preprocessing config to compare (said once). Raises UserError when the channel
-    counts differ (nothing maps one onto the other)."""
+    teacher's data config does not say how its weights were trained (``describes_weights`` False:
+    :func:`_config_describes_weights`; None: whenever it has one), said once when it differs. Raises
+    UserError when the channel counts differ (nothing maps one onto the other)."""
     from .data.transforms import describe_transform, has_data_config
     from .placement import unwrap
 
+    if describes_weights is None:
+        describes_weights = has_data_config(teacher)
     if not has_data_config(teacher):
         log.warning("qat.distill.teacher: %s carries no preprocessing config (timm pretrained_cfg, torchvision "
                     "weights, Hugging Face processor), so it sees the student's images as they are; give it "
@@ -890,6 +933,14 @@ def _teacher_inputs(teacher: nn.Module, fp32: nn.Module, name: str) -> nn.Module
     size_s, size_t = tuple(int(v) for v in s["input_size"][1:]), tuple(int(v) for v in t["input_size"][1:])
     resize = size_s != size_t
     if not renorm and not resize:
+        return teacher
+    if not describes_weights:
+        log.warning("qat.distill.teacher: %s has weights from model.checkpoint and timm's default preprocessing "
+                    "for its architecture (%s, mean/std %s/%s), which says nothing about how they were trained: "
+                    "it sees the student's images as they are (%s, mean/std %s/%s). If it was trained otherwise, "
+                    "say how in its kwargs.pretrained_cfg_overlay {input_size, mean, std}, and its inputs are "
+                    "mapped to that", name, "x".join(map(str, t["input_size"])), t["mean"], t["std"],
+                    "x".join(map(str, s["input_size"])), s["mean"], s["std"])
         return teacher
     said = []
     if renorm:
@@ -924,7 +975,7 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
     if t is not fp32:  # (the FP32 model is copied into the student later: its flags must stay as they are)
         for p in t.parameters():
             p.requires_grad_(False)
-        t = _teacher_inputs(t, fp32, cfg.distill.teacher.name)
+        t = _teacher_inputs(t, fp32, cfg.distill.teacher.name, _config_describes_weights(cfg.distill.teacher, t))
     return t
 
 

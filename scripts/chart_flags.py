@@ -14,8 +14,9 @@ FILE = Path(__file__).resolve().parents[1] / "charts" / "quantcore" / "files" / 
 COMMANDS = ("calibrate", "evaluate", "ptq", "export", "qat")
 
 
-def flags() -> dict[str, list[str]]:
-    """Command -> its sorted option names (long and short, ``--no-x`` forms included)."""
+def flags() -> dict[str, dict[str, list[str]]]:
+    """Command -> ``options`` (its sorted option names: long and short, ``--no-x`` forms included) and
+    ``with_value`` (those that read the next argument as their value)."""
     import typer
 
     from jobs import ray_qat, ray_sweep
@@ -24,10 +25,15 @@ def flags() -> dict[str, list[str]]:
     group = typer.main.get_command(cli.app)
     out = {}
     for name in COMMANDS:
-        cmd = group.commands[name]
-        out[name] = sorted({o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
+        params = [p for p in group.commands[name].params if getattr(p, "opts", None)]
+        names = lambda ps: sorted({o for p in ps for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})  # noqa: E731
+        out[name] = {"options": names(params),
+                     "with_value": names([p for p in params if not (getattr(p, "is_flag", False) or
+                                                                    getattr(p, "count", False))])}
     for name, mod in (("jobs.ray_qat", ray_qat), ("jobs.ray_sweep", ray_sweep)):
-        out[name] = sorted({o for a in mod._parser()._actions for o in a.option_strings})
+        acts = [a for a in mod._parser()._actions if a.option_strings]
+        out[name] = {"options": sorted({o for a in acts for o in a.option_strings}),
+                     "with_value": sorted({o for a in acts if a.nargs != 0 for o in a.option_strings})}
     return out
 
 

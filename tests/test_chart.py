@@ -1242,13 +1242,26 @@ def test_values_the_api_server_or_the_pod_would_refuse_are_refused_when_renderin
     assert message in refused(bins, tmp_path, values)
 
 
+def test_an_inline_qat_recipe_with_an_empty_qat_section_renders(bins, tmp_path):
+    """`qat: {}` takes every default (helper-135: refused as "no qat: section"); sweep recipes named
+    like a relative .yaml file are refused as the paths they are."""
+    values = values_file(tmp_path, {"recipes": {"myr": {**_NO_QAT, "qat": {}}}, "runs": [
+        {"name": "a", "mode": "qat", "model": "recipe", "recipe": "myr", "data": "s3://data/x", "out": "s3://outs/x"}]})
+    proc = helm_template(bins, values)
+    assert proc.returncode == 0, proc.stderr
+    err = refused(bins, tmp_path, {"sweep": {**_SWEEP, "config": {"runs": [
+        {"name": "a", "recipes": ["my_recipe.yaml"], "calib_data": "s3://data/x"}]}}})
+    assert "sweep.config.runs[0].recipes: my_recipe.yaml is a relative path" in err
+
+
 def test_the_chart_knows_every_commands_options_and_extra_args_it_has_render(bins, tmp_path):
     """files/cli-flags.yaml is what the commands' parsers say today (regenerate: python -m
-    scripts.chart_flags), and flags they have (short, joined, --no- forms, negative values) render."""
+    scripts.chart_flags), and flags they have render: short and joined forms, an option's value that
+    starts with '-' (a negative number, a file name), and '--' (helper-135)."""
     from scripts.chart_flags import FILE, render as current
 
     assert FILE.read_text() == current(), "charts/quantcore/files/cli-flags.yaml is stale: python -m scripts.chart_flags"
-    values = values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad"]},
+    values = values_file(tmp_path, {"runs": [{**GOOD_RUN, "extraArgs": ["--skip-bad", "--checkpoint", "-w.pt", "--"]},
                                              {**GOOD_QAT, "extraArgs": ["--eval-limit", "-1", "--skip-bad", "-b8"]}]})
     proc = helm_template(bins, values)
     assert proc.returncode == 0, proc.stderr

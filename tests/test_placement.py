@@ -498,6 +498,16 @@ def test_unmatched_override_raises(bad):
      r"overrides\[0\] .* but no quantizer there: overrides\[1\] 'blocks\.0\.mlp\.\*' keeps those modules float"),
     ([Override(match="head", spec=SpecPatch(bits=4))],
      r"default keep_float 'head' keeps those modules float.*float: false"),
+    # the float rule after the quantizer's override (helper-135: only earlier rules were looked at)
+    ([Override(match="blocks.0.mlp.fc2.input_quantizer", spec=SpecPatch(bits=4)),
+      Override(match="blocks.*.mlp.*", float=True)],
+     r"overrides\[0\] .* matches the quantizers of module 'blocks\.0\.mlp\.fc2', which overrides\[1\]"),
+    # a typo below a float module is a typo: told to check the name, not to un-float the module
+    ([Override(match="blocks.0.mlp", float=True), Override(match="blocks.0.mlp.fc9", spec=SpecPatch(bits=4))],
+     r"overrides\[1\] 'blocks\.0\.mlp\.fc9' matches no module and no quantizer of this model \(check the name"),
+    ([Override(match="blocks.0.mlp.fc2", float=True),
+      Override(match="blocks.0.mlp.fc2.input_quantiser", spec=SpecPatch(bits=4))],
+     r"'blocks\.0\.mlp\.fc2\.input_quantiser' matches no module and no quantizer of this model \(check the name"),
 ])
 def test_an_override_meeting_modules_another_rule_keeps_float_says_which_rule(rules, said):
     """helper-132: the message said 'matches no module and no quantizer ... check the name' for a

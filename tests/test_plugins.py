@@ -109,7 +109,13 @@ def test_a_broken_plugin_kind_fails_calibration_not_the_first_forward_after_it(c
     kind = _Kind(f"t_later_{case}")
     register_quantizer_kind(kind)
     registry_guard.append((kind_base._KINDS, f"t_later_{case}"))
-    m = _calibrated({"format": f"t_later_{case}"})
+    m = _model({"format": f"t_later_{case}"})
+
+    def endless():  # an endless stream with max_batches: the check keeps the first batch, reads no more
+        while True:
+            yield torch.randn(2, 1, 28, 28)
+
+    api.calibrate(m, endless(), max_batches=2)
     api.save(m, str(tmp_path / "m.qc.pt"))
     loaded = api.load(str(tmp_path / "m.qc.pt"))
     assert all(q.qname == n for n, q in quantizers(loaded).items())

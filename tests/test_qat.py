@@ -573,11 +573,48 @@ def test_a_teacher_sees_the_students_images_in_its_own_preprocessing(tmp_path, c
     assert _teacher_inputs(same, student, "same") is same
     with pytest.raises(UserError, match=r"qat\.distill\.teacher: t3 takes 3-channel images, the student 1-channel"):
         _teacher_inputs(hf_teacher(28, 3), student, "t3")
+    # timm's default preprocessing for an architecture whose weights come from model.checkpoint says
+    # nothing about how they were trained (a CNN trained on these 28x28 images): not applied, said;
+    # a pretrained_cfg_overlay is the user saying it, and is applied
+    import timm
+
+    from quantcore.qat import _config_describes_weights
+
+    ck = tmp_path / "cnn.pt"
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=10).state_dict(), ck)
+    plain = ModelConfig(name="resnet10t", in_chans=1, num_classes=10, checkpoint=str(ck))
+    cnn = create_model(plain)
+    assert not _config_describes_weights(plain, cnn)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantcore"):
+        assert _teacher_inputs(cnn, student, "cnn", _config_describes_weights(plain, cnn)) is cnn
+    assert "says nothing about how they were trained" in caplog.text and "pretrained_cfg_overlay" in caplog.text
+    told = ModelConfig(name="resnet10t", in_chans=1, num_classes=10, checkpoint=str(ck), kwargs={
+        "pretrained_cfg_overlay": {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "crop_pct": 1.0}})
+    cnn2 = create_model(told)
+    assert _config_describes_weights(told, cnn2)
+    mapped = _teacher_inputs(cnn2, student, "cnn2", True)
+    assert isinstance(mapped, TeacherInputs) and mapped.size is None and "x*[" in mapped.describe()
     caplog.clear()
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     with caplog.at_level(logging.WARNING, logger="quantcore"):
         assert _teacher_inputs(bare, student, "bare") is bare
     assert "carries no preprocessing config" in caplog.text and "as they are" in caplog.text
+
+
+def test_a_run_whose_teacher_inputs_changed_is_not_resumed():
+    """A run started before the teacher's inputs were mapped (or mapped otherwise) would continue on
+    another teacher signal: refused like other teacher weights, while an unchanged one resumes."""
+    from quantcore.checkpoint import CheckpointError
+    from quantcore.qat import _check_same_start
+
+    base = {"init": None, "fp32_sha256": "a", "teacher_sha256": "t"}
+    _check_same_start({"start": dict(base)}, {**base, "teacher_inputs": None}, "u")  # before: as they are
+    _check_same_start({"start": {**base, "teacher_inputs": "x*[2.0]+[0.5]"}},
+                      {**base, "teacher_inputs": "x*[2.0]+[0.5]"}, "u")
+    for stored in (dict(base), {**base, "teacher_inputs": "resized to 32x32 (bilinear)"}):
+        with pytest.raises(CheckpointError, match=r"teacher saw its inputs otherwise"):
+            _check_same_start({"start": stored}, {**base, "teacher_inputs": "x*[2.0]+[0.5]"}, "u")
 
 
 def _cnn_recipe(tmp_path: Path, seed: int, name: str, **qat) -> dict:

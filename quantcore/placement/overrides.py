@@ -155,15 +155,14 @@ def _alias_hint(pattern: str, aliases: dict[str, str]) -> str:
 
 
 def _kept_float_by(rule: Rule, rules: list[Rule]) -> tuple[str, str] | None:
-    """(module, rule source) when ``rule``'s pattern names quantizers of a module an earlier rule left
-    float (its quantizers were never placed, so the pattern meets nothing)."""
-    parent = rule.pattern.rsplit(".", 1)[0] if "." in rule.pattern else None
-    if parent is None:
+    """(module, rule source) when ``rule``'s pattern names quantizers (``*_quantizer``) of a module
+    another rule, before or after it, leaves float (its quantizers were never placed, so the pattern
+    meets nothing); None for anything else (a typo in the name is told to check it)."""
+    parent, _, leaf = rule.pattern.rpartition(".")
+    if not parent or not leaf.endswith("_quantizer"):
         return None
     for r in rules:
-        if r is rule:
-            break
-        if r.float:
+        if r is not rule and r.float:
             for mod in sorted(r.hits):
                 if fnmatchcase(mod, parent) or matches(parent, mod):
                     return mod, r.source

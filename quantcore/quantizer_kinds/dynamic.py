@@ -50,9 +50,13 @@ rounded to nearest, ties to even, after the slice's scale is computed):
 * ``fp32``: the exact scale (quantcore before 2026-12-05; what an ``int_dynamic`` checkpoint written
   then loads with).
 
-A scale rounded down leaves the block's largest value up to half a scale step beyond the last code,
-where the grid clips it, as the deployed kernel does. The cost model (``quantcore analyze``) counts the
-format's bits per block (32, 16, 16, 8, 8).
+A scale rounded down clips the block's largest values at the last code, as the deployed kernel does:
+by up to the format's relative rounding of the scale times ``quant_max`` steps (fp16 2**-11, bf16 2**-8,
+E4M3 2**-4: at 8 bits up to ~8 steps; more for fp16 scales in its subnormal range, below 2**-14). A scale
+rounded up (e8m0 always, up to 2x) would let values past the calibrated bound onto the wider grid: they
+are clipped to the bound first, so it stays a clip bound for every scale format (within half a step).
+The straight-through gradient is that of the exact scale's grid (``|x| <= a``, or ``lo <= x <= hi``).
+The cost model (``quantcore analyze``) counts the format's bits per block (32, 16, 16, 8, 8).
 
 Gradient: straight-through for values inside the clip bound (the run-time scale is treated as a
 constant, as in QuaRot/LLM-QAT), zero outside. No learnable (LSQ) range: the step is not a parameter.
@@ -119,7 +123,10 @@ def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.
             a = xb.abs().amax(-1, keepdim=True).clamp_(max=hi_bound)
             s = round_scale((a / qmax).clamp_(min=MIN_SCALE), scale_format, hi_bound / qmax)
             inside = (xb.abs() <= a) if grad else None
-            y = (xb / s).round_().clamp_(qmin, qmax).mul_(s)
+            # a rounded scale (e8m0 rounds up, up to 2x) must not let values past the calibrated bound:
+            # they are clipped to it first, as the exact scale's grid clips them (fp32: no change)
+            xq = xb if scale_format == "fp32" else torch.minimum(torch.maximum(xb, -a * ((qmax + 1) / qmax)), a)
+            y = (xq / s).round_().clamp_(qmin, qmax).mul_(s)
         else:
             lo = xb.amin(-1, keepdim=True).clamp_(max=0.0).clamp_(min=lo_bound)
             hi = xb.amax(-1, keepdim=True).clamp_(min=0.0).clamp_(max=hi_bound)
@@ -127,7 +134,8 @@ def dynamic_fake_quant(x: torch.Tensor, lo_bound: torch.Tensor, hi_bound: torch.
                             (hi_bound - lo_bound) / (qmax - qmin))
             z = (qmin - lo / s).round_().clamp_(qmin, qmax)
             inside = ((xb >= lo) & (xb <= hi)) if grad else None
-            y = (xb / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            xq = xb if scale_format == "fp32" else torch.minimum(torch.maximum(xb, lo), hi)
+            y = (xq / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
     if xb is not x:
         y = y.reshape(*x.shape[:-1], n + pad)[..., :n]
         if grad:

@@ -491,7 +491,7 @@ schedulerName: {{ . }}
 {{- else if hasPrefix "file:/" $low }}{{ $path = substr 5 -1 $uri }}
 {{- else if hasPrefix "/" $uri }}{{ $path = $uri }}
 {{- else if contains "://" $uri }}{{ fail (printf "%s: %s: unsupported URI scheme (quantcore reads local paths, file:// and s3:// URIs)" .field $uri) }}
-{{- else if and $uri (not .named) }}{{ fail (printf "%s: %s is a relative path; in the pod it would resolve into a read-only folder (the image's working directory, or the chart's config for a sweep file), which holds no data or runs: give an absolute path on a volume under %s, or an s3:// URI" .field $uri .hint) }}
+{{- else if and $uri (or (not .named) (hasSuffix ".yaml" $low) (hasSuffix ".yml" $low)) }}{{ fail (printf "%s: %s is a relative path; in the pod it would resolve into a read-only folder (the image's working directory, or the chart's config for a sweep file), which holds no data or runs%s: give an absolute path on a volume under %s, or an s3:// URI" .field $uri (ternary " (a recipe is a built-in name, a key of `recipes`, an absolute .yaml path or an s3:// URI)" "" (default false .named)) .hint) }}
 {{- end -}}
 {{- if and $path (not (hasPrefix "/" $path)) }}{{ fail (printf "%s: %s: a file URI names an absolute path on this machine (file:///p)" .field $uri) }}{{ end -}}
 {{- if $path -}}
@@ -551,14 +551,21 @@ the command's key in files/cli-flags.yaml, .program: how the message names it. *
 {{- $own := dict -}}
 {{- range .args }}{{ $f := toString . }}{{ if hasPrefix "-" $f }}{{ $_ := set $own (replace "--no-" "--" (first (splitList "=" $f))) true }}{{ end }}{{ end -}}
 {{- $seen := dict -}}
-{{- $known := list -}}
+{{- $known := dict -}}
 {{- if .cmd }}{{ $known = get (.root.Files.Get "files/cli-flags.yaml" | fromYaml) .cmd }}{{ end -}}
+{{- $options := default (list) $known.options -}}
+{{- $valueNext := false -}}{{- $positional := false -}}
 {{- range $a := default (list) .extra -}}
 {{- $raw := first (splitList "=" (toString $a)) -}}
-{{- $isFlag := and (hasPrefix "-" $raw) (gt (len $raw) 1) (not (regexMatch "^-[0-9.]" $raw)) -}}
-{{- if and $isFlag $known (not (has $raw $known)) (not (and (not (hasPrefix "--" $raw)) (has (substr 0 2 $raw) $known))) -}}
-{{- fail (printf "%s: %s is not an option of %s (its options: %s); the pod would stop at start" $.where $raw $.program (join " " $known)) -}}
+{{- /* the value of the option before it (even "-inf" or "-w.pt"), or after "--": not a flag */ -}}
+{{- $isFlag := and (hasPrefix "-" $raw) (gt (len $raw) 1) (ne $raw "--") (not $valueNext) (not $positional) (not (regexMatch "^-[0-9.]" $raw)) -}}
+{{- if eq $raw "--" }}{{ $positional = true }}{{ end -}}
+{{- $valueNext = false -}}
+{{- if and $isFlag $options (not (has $raw $options)) (not (and (not (hasPrefix "--" $raw)) (has (substr 0 2 $raw) $options))) -}}
+{{- fail (printf "%s: %s is not an option of %s (its options: %s); the pod would stop at start" $.where $raw $.program (join " " $options)) -}}
 {{- end -}}
+{{- if and $isFlag (has $raw (default (list) $known.with_value)) (not (contains "=" (toString $a))) }}{{ $valueNext = true }}{{ end -}}
+{{- if not $isFlag }}{{ continue }}{{ end -}}
 {{- $f := replace "--no-" "--" $raw -}}
 {{- if and (hasPrefix "-" $f) (not (hasPrefix "--" $f)) (ge (len $f) 2) }}{{ $f = default $f (get $short (substr 0 2 $f)) }}{{ end -}}
 {{- if and (hasPrefix "-" $f) (hasKey $own $f) -}}

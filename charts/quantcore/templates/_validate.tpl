@@ -286,12 +286,13 @@
 {{- end -}}
 
 {{/* A QAT workload's inline recipe (a key of `recipes`) must have a qat: section: the pod would
-     stop at start on "no qat: section" after the gang of GPU pods was scheduled. Built-in names and
+     stop at start on "no qat: section" after the gang of GPU pods was scheduled (`qat: {}` is one: every
+     field has a default). Built-in names and
      files are read in the pod (helm test loads them). Renders nothing. ctx: dict who, ref, recipes */}}
 {{- define "quantcore.checkQatRecipe" -}}
 {{- if and (kindIs "string" .ref) (hasKey .recipes .ref) -}}
 {{- $r := get .recipes .ref -}}
-{{- if and (kindIs "map" $r) (not $r.qat) -}}
+{{- if and (kindIs "map" $r) (or (not (hasKey $r "qat")) (kindIs "invalid" (get $r "qat"))) -}}
 {{- fail (printf "%s.recipe: inline recipe %q (recipes.%s) has no qat: section, which QAT trains with (epochs, optimizer, distillation; README \"Quantization-aware training\"): add one, or use a recipe that has it" .who .ref .ref) -}}
 {{- end -}}
 {{- end -}}
