@@ -419,11 +419,11 @@ def test_rayjob_entrypoint_and_mounts(chart_renders, bins):
     # arguments with blanks reach jobs.ray_sweep as one word each; shell metacharacters are refused, since
     # the entrypoint passes two shells (KubeRay's bash, Ray's job supervisor) and one quoting cannot serve both
     objs = render(bins, CHART / "ci" / "sweep-values.yaml",
-                  sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=a test with 2 GPUs"])
+                  sets=["sweep.extraArgs[0]=--only", "sweep.extraArgs[1]=a test with 2 GPUs"])
     (rj,) = of_kind(objs, "RayJob")
-    assert shlex.split(rj["spec"]["entrypoint"])[-2:] == ["--note", "a test with 2 GPUs"]
+    assert shlex.split(rj["spec"]["entrypoint"])[-2:] == ["--only", "a test with 2 GPUs"]
     proc = helm_template(bins, CHART / "ci" / "sweep-values.yaml",
-                         sets=["sweep.extraArgs[0]=--note", "sweep.extraArgs[1]=it's a test; rm -rf /"])
+                         sets=["sweep.extraArgs[0]=--only", "sweep.extraArgs[1]=it's a test; rm -rf /"])
     assert proc.returncode != 0 and "has characters a shell interprets" in proc.stderr
 
 
@@ -1724,13 +1724,13 @@ def test_rayjob_qat_entrypoint_and_workers(chart_renders, kustomize_qat_render):
 def test_rayjob_qat_on_cpu_workers_and_with_a_sweep(bins):
     objs = render(bins, CHART / "ci" / "qat-values.yaml", CHART / "ci" / "sweep-values.yaml",
                   sets=["rayQat.workers.gpus=0", "rayQat.workers.replicas=3", "rayQat.model=s3://models/fp32.pt", "rayQat.init=",
-                        "rayQat.extraArgs[0]=--note", "rayQat.extraArgs[1]=a QAT run"])
+                        "rayQat.extraArgs[0]=--name", "rayQat.extraArgs[1]=a QAT run"])
     rayjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in of_kind(objs, "RayJob")}
     assert set(rayjobs) == {"ray-qat", "sweep"}
     argv = shlex.split(rayjobs["ray-qat"]["spec"]["entrypoint"])
     args, extra = _ray_qat_parser().parse_known_args(argv[3:])
     assert args.num_workers == 3 and not args.use_gpu and args.checkpoint == "s3://models/fp32.pt"
-    assert extra == ["--note", "a QAT run"]
+    assert extra == [] and args.name == "a QAT run"  # (extraArgs take the entrypoint's own options only)
     worker = rayjobs["ray-qat"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert _gpu_limit(worker["containers"][0]) is None and "tolerations" not in worker
     assert kt.validate_all(objs) == []
