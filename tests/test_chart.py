@@ -1196,6 +1196,10 @@ RENDER_REFUSALS = {
     "sweep-recipe-dotdot": ({"sweep": {**_SWEEP, "config": {"runs": [
         {"name": "a", "recipe": "../recipes/foo.yaml", "calib_data": "s3://data/x"}]}}},
         "/sweep/config/runs/0/recipe"),
+    "sweep-run-reads-another-runs-output": ({"sweep": {**_SWEEP, "config": {"runs": [
+        {"name": "a", "recipe": "vit_b16_int8", "calib_data": "s3://data/x"},
+        {"name": "b", "recipe": "vit_b16_int8", "calib_data": "s3://out/sweep/a/data"}]}}},
+        "sweep.config.runs[1].calib_data reads s3://out/sweep/a/data, which sweep run a writes"),
     "sweep-default-recipe-relative": ({"sweep": {**_SWEEP, "config": {"defaults": {"recipe": "r/x.yaml"}, "runs": [
         {"name": "a", "calib_data": "s3://data/x"}]}}}, "/sweep/config/defaults/recipe"),
     "node-affinity-typo": ({"runs": [{**GOOD_RUN, "affinity": {"nodeAffinity": {

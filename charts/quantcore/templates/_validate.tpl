@@ -265,6 +265,17 @@
 {{- range $field := list "checkpoint" "calib_data" "eval_data" -}}
 {{- $uri := get $entry $field -}}
 {{- if kindIs "string" $uri }}{{ $readers = append $readers (dict "who" "sweep" "field" (printf "%s.%s" $where $field) "uri" $uri) }}{{ end -}}
+{{- /* a sweep's runs run side by side, each writing <out>/<name>/: one reading another's races it */ -}}
+{{- if kindIs "string" $uri -}}
+{{- range $run := (default (list) $cfg.runs) -}}
+{{- if and (kindIs "map" $run) (kindIs "string" $run.name) -}}
+{{- $its := printf "%s/%s" (trimSuffix "/" (toString $v.sweep.out)) $run.name -}}
+{{- if or (eq (trimSuffix "/" (toString $uri)) $its) (hasPrefix (printf "%s/" $its) (toString $uri)) -}}
+{{- fail (printf "sweep.%s.%s reads %s, which sweep run %s writes (%s/): the sweep's runs run side by side, so it would read before that run has written. Read it in a later sweep or release, once run %s has finished" $where $field (toString $uri) $run.name $its $run.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
