@@ -29,7 +29,7 @@ from .calib.registry import calibrator
 from .checkpoint import CheckpointError, checkpoint_bytes, load_state_strict, read_checkpoint
 from .config import Recipe
 from .encoding_table import encodings_table
-from .errors import CalibrationError, PlacementError, UserError, one_line
+from .errors import CalibrationError, PlacementError, UserError, naming_recipe, one_line
 from .fold import FoldError
 from .models import create_model
 from .placement import (place_quantizers, quantizers, unequal_shared_ranges, unify_shared_ranges,
@@ -100,9 +100,7 @@ def _prepare(model: nn.Module, recipe: Recipe | str | dict, example_input: Any =
                          recipe.overrides, bins=recipe.calibration.bins, example_input=example_input,
                          fold_pairs=fold_pairs)
     except PlacementError as err:  # several recipes run at once: say whose field it is
-        if f"recipe {recipe.name!r}" in str(err):
-            raise
-        raise type(err)(f"recipe {recipe.name!r}: {err}") from None
+        raise naming_recipe(err, recipe.name) from None
     _quantizers_to_host_devices(inner)
     for name, q in quantizers(inner).items():  # errors name the quantizer on every path (a load too)
         q.qname = name

@@ -9,6 +9,8 @@ quantcore is a bug and keeps its traceback (exit 1).
 """
 from __future__ import annotations
 
+import copy
+
 
 class QuantcoreError(Exception):
     """Base of every error quantcore raises on purpose."""
@@ -37,6 +39,16 @@ class Preempted(QuantcoreError):
     def __init__(self, step: int, uri: str) -> None:
         super().__init__(f"SIGTERM at step {step}; checkpoint {uri} written, a restart resumes there")
         self.step, self.uri = step, uri
+
+
+def naming_recipe(err: UserError, name: str) -> UserError:
+    """``err`` (same type and fields) with ``recipe 'name': `` before its text, unless it names it
+    already: when several recipes run at once, whose field it is."""
+    if f"recipe {name!r}" in str(err) or not err.args:
+        return err
+    new = copy.copy(err)
+    new.args = (f"recipe {name!r}: {err.args[0]}",) + tuple(err.args[1:])
+    return new
 
 
 def one_line(err: Exception) -> str:

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from .calib.registry import calibrator, calibrator_names
 from .quantizer_kinds import FLOAT_DTYPES, quantizer_kind, quantizer_kind_names
+from .quantizer_kinds.dynamic import SCALE_FORMATS
 
 
 def _known_format(name: str) -> str:
@@ -28,8 +29,8 @@ FormatName = Annotated[str, AfterValidator(_known_format)]
 #: A registered calibrator (``quantcore.calib.registry``): max, percentile, mse, entropy, tf_enhanced, ...
 CalibMethod = Annotated[str, AfterValidator(_known_calibrator)]
 
-#: How a run-time scale is stored (format ``int_dynamic``; ``quantizer_kinds.dynamic.SCALE_FORMATS``)
-ScaleFormat = Literal["fp16", "bf16", "fp8_e4m3", "e8m0", "fp32"]
+#: How a run-time scale is stored (format ``int_dynamic``): the keys of ``quantizer_kinds.dynamic.SCALE_FORMATS``
+ScaleFormat = Literal[tuple(SCALE_FORMATS)]  # type: ignore[valid-type]
 
 __all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "ScaleFormat", "calibrator_names",
            "quantizer_kind_names"]

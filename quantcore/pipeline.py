@@ -39,7 +39,7 @@ from .config import Recipe
 from .data import (describe_transform, eval_transform, first_batches, label_notes, limit_subset, make_loader,
                    model_label_names, open_dataset, per_class_subset, unused_files, unused_files_warning)
 from .data.errors import DataError
-from .errors import UserError
+from .errors import UserError, naming_recipe
 from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
                        peak_memory, quant_toggle)
 from .io import StorageError, storage
@@ -252,7 +252,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
             except DataError:  # about the images, whichever recipe read them
                 raise
             except UserError as err:  # several recipes run at once: say whose field it is
-                raise _naming_recipe(err, r.name) from None
+                raise naming_recipe(err, r.name) from None
         # gathered per recipe: the list is in recipe order (then image order), whatever the rank count
         # (the dataset's log holds every recipe's skips, once per name: this recipe's are those of its
         # images, and those skipped while the dataset was listed)
@@ -432,15 +432,6 @@ def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
     _write_json(enc_uri, enc)
     storage.write_bytes(plot, ranges_plot(enc, f"Activation ranges: {v.name}"))
     return uris
-
-
-def _naming_recipe(err: UserError, name: str) -> UserError:
-    """``err`` (same type and fields) with ``recipe 'name': `` before its text, unless it names it."""
-    if f"recipe {name!r}" in str(err) or not err.args:
-        return err
-    new = copy.copy(err)
-    new.args = (f"recipe {name!r}: {err.args[0]}",) + tuple(err.args[1:])
-    return new
 
 
 def ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out: str,

@@ -235,15 +235,22 @@ def test_a_conv_with_a_tied_weight_is_left_unfolded_with_the_reason():
     """Folding rescales a conv's weight: with the weight shared by another conv (each with its own
     BatchNorm) both would change. Those pairs stay, named; the rest of the model still folds (it
     failed as a whole on the output check)."""
+    res = _fold_keeping_outputs(_TiedConvs)
+    assert res.pairs == [("c", "bn_c")]
+    assert all("shares its weight" in res.unfolded[n] for n in ("bn_a", "bn_b")), res.unfolded
+
+
+def _fold_keeping_outputs(net_class: type):
+    """``fold_batchnorm`` on ``net_class()`` (built under seed 0, BatchNorm statistics randomized) on a
+    2x3x8x8 input; its outputs must be the unfolded model's. Returns the fold result."""
     torch.manual_seed(0)
-    model = randomize_bn(_TiedConvs()).eval()
+    model = randomize_bn(net_class()).eval()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8)
     res = fold_batchnorm(model, x)
-    assert res.pairs == [("c", "bn_c")]
-    assert all("shares its weight" in res.unfolded[n] for n in ("bn_a", "bn_b")), res.unfolded
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    return res
 
 
 class _ConvCalledTwice(nn.Module):
@@ -261,17 +268,11 @@ class _ConvCalledTwice(nn.Module):
 def test_an_unfolded_batchnorm_after_a_conv_says_why_that_conv_cannot_take_it():
     """helper-133: a conv called twice (one BatchNorm per call) and a weight-normalized conv left their
     BatchNorms unfolded, rightly, 'because the input is not the direct output of a convolution'."""
-    torch.manual_seed(0)
-    model = randomize_bn(_ConvCalledTwice()).eval()
-    ref = copy.deepcopy(model)
-    x = torch.randn(2, 3, 8, 8)
-    res = fold_batchnorm(model, x)
+    res = _fold_keeping_outputs(_ConvCalledTwice)
     assert res.pairs == [("e", "bn_e")]
     for bn in ("b1", "b2"):
         assert "its conv 'c' is called 2 times" in res.unfolded[bn], res.unfolded
     assert "its conv 'd' computes its weight in forward" in res.unfolded["bn_d"], res.unfolded
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -71,14 +71,11 @@ class QuantizerKind:
         """Raise ``ValueError`` (naming the spec field) for a combination this kind cannot do."""
         if self.is_float:  # a cast reads no grid field (a recipe that sets one for it is refused there)
             return
-        if spec.block_size is not None and not self.supports_blocks:
-            blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
-            raise ValueError(f"block_size: format {spec.format!r} has no run-time block scales (formats that "
-                             f"take block_size: {blocks})")
-        if spec.scale_format is not None and not self.supports_blocks:
-            blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
-            raise ValueError(f"scale_format: format {spec.format!r} has no run-time scales to store (formats that "
-                             f"take scale_format: {blocks})")
+        for field, lacks in (("block_size", "no run-time block scales"),
+                             ("scale_format", "no run-time scales to store")):
+            if getattr(spec, field) is not None and not self.supports_blocks:
+                blocks = [n for n in quantizer_kind_names() if quantizer_kind(n).supports_blocks]
+                raise ValueError(f"{field}: format {spec.format!r} has {lacks} (formats that take {field}: {blocks})")
         if spec.axis is not None and not self.supports_per_channel:
             raise ValueError(f"format {spec.format!r} has per-tensor ranges only (remove axis/per_channel)")
         if not spec.symmetric and not self.supports_asymmetric:
