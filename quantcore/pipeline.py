@@ -36,8 +36,8 @@ from torch import nn
 
 from . import api, distributed
 from .config import Recipe
-from .data import (describe_transform, eval_transform, first_batches, label_notes, limit_subset, make_loader,
-                   model_label_names, open_dataset, per_class_subset, unused_files, unused_files_warning)
+from .data import (class_names, describe_transform, eval_transform, first_batches, label_notes, limit_subset,
+                   make_loader, model_label_names, open_dataset, per_class_subset, unused_files, unused_files_warning)
 from .data.errors import DataError
 from .errors import UserError, naming_recipe
 from .evaluate import (EvalCost, ModelScore, WeightSharing, evaluate_models, model_memory,
@@ -232,7 +232,8 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
         distributed.broadcast_module(fp32)
     ds = open_dataset(data.uri, data.split, eval_transform(fp32), layout=data.layout, skip_bad=data.skip_bad,
                       cache_dir=data.cache_dir)
-    class_note = _check_classes(data, list(ds.classes), *eval_classes) if eval_classes else None
+    # made-up names (a map's label numbers) are not compared: there is nothing to say the classes differ
+    class_note = _check_classes(data, class_names(ds), *eval_classes) if eval_classes and class_names(ds) else None
     skipped: list[dict] = []
     variants = []
     sharing = WeightSharing(fp32)
@@ -279,7 +280,7 @@ def calibrate_variants(recipes: Sequence[Recipe], data: DataSpec, opts: RunOptio
                "calibrators": used, "uri": storage.absolute(data.uri), "split": data.split, "images": res.images,
                "batches": res.batches, "images_per_class": r.calibration.images_per_class,
                "seed": r.calibration.seed, "collect_s": res.collect_s, "finalize_s": res.finalize_s,
-               "uncalibrated": res.uncalibrated, "fp32_weights": weights, "classes": list(ds.classes),
+               "uncalibrated": res.uncalibrated, "fp32_weights": weights, "classes": class_names(ds),
                **res.transforms}
         notes += [f"recipe {r.name!r}: {w}" for w in res.warnings]  # api.finalize logged them
         if class_note:
@@ -520,8 +521,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     eval_classes = None
     if evald is not None and evald != calib:  # a missing split is found before calibration, not after
         try:
-            eval_classes = list(open_dataset(evald.uri, evald.split, None, layout=evald.layout,
-                                             skip_bad=evald.skip_bad, cache_dir=evald.cache_dir).classes)
+            eval_classes = class_names(open_dataset(evald.uri, evald.split, None, layout=evald.layout,
+                                                    skip_bad=evald.skip_bad, cache_dir=evald.cache_dir))
         except DataError as e:
             # without --eval-data the evaluation split is read from the calibration data: say so (only then:
             # an --eval-data naming the calibration folder was given, nothing fell back)

@@ -554,7 +554,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
                  ) -> tuple[nn.Module, nn.Module, dict, nn.Module | None]:
     """(FP32 model, calibrated model, calibration info, teacher), on ``ctx.device``. Everything that
     can be refused (distillation, teacher, BatchNorm options) is checked before calibrating."""
-    from .data import eval_transform, make_loader, open_dataset
+    from .data import class_names, eval_transform, make_loader, open_dataset
     from .pipeline import _calibration_indices, random_weights_warning
 
     ptq_uri = storage.join(out, "ptq", "model.qc.pt")
@@ -623,7 +623,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
             "skipped": cal_skipped,
             "batches": res.batches, "seed": recipe.calibration.seed, "collect_s": res.collect_s,
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
-            "fp32_weights": getattr(fp32, "quantcore_weights", "given"), "classes": list(ds.classes),
+            "fp32_weights": getattr(fp32, "quantcore_weights", "given"), "classes": class_names(ds),
             **res.transforms}
     if ctx.is_main:
         api.save(model, ptq_uri, extra={"calibration": info})
@@ -981,8 +981,8 @@ def _teacher(cfg: QATConfig, fp32: nn.Module, device: torch.device) -> nn.Module
 
 def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptions,
          ctx: distributed.DistContext) -> dict:
-    from .data import (DataError, class_mismatch, label_notes, model_label_names, open_dataset, unused_files,
-                       unused_files_warning)
+    from .data import (DataError, class_mismatch, class_names, label_notes, model_label_names, open_dataset,
+                       unused_files, unused_files_warning)
     from .data.transforms import train_transform
     from .placement import unwrap
 
@@ -1196,7 +1196,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     # how the data's labels map to the model's classes (open_dataset logged it): kept for the report
     setup_warnings += [f"training data: {n}" for n in label_notes(ds)]
     setup_warnings += [f"evaluation data: {n}" for n in label_notes(eval_ctx.ds)] if eval_ctx is not None else []
-    diff = class_mismatch(ds.classes, eval_ctx.ds.classes) if eval_ctx is not None else None
+    named = (class_names(ds), class_names(eval_ctx.ds)) if eval_ctx is not None else (None, None)
+    diff = class_mismatch(*named) if None not in named else None  # made-up names: nothing to compare
     if diff:  # training labels and evaluation labels must be the same classes: label i is class i in both
         raise DataError(f"the training data ({train.uri} split {train.split!r}) and the evaluation data ({evald.uri} "
                         f"split {evald.split!r}) label their classes differently: {diff}; every top-1 would be "

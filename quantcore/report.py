@@ -181,7 +181,9 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     results = rep["results"]
     names = list(results)
     ncls = len(next(iter(results.values()))["per_class"])
-    labels = rep.get("class_names") or [str(i) for i in range(ncls)]
+    # a folder name that is not UTF-8 arrives with surrogate escapes, which no font can draw (matplotlib
+    # raises): shown with the byte escaped, as report.md shows it
+    labels = [_printable(c) for c in rep.get("class_names") or [str(i) for i in range(ncls)]]
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * ncls + 2), 4))
     for i, n in enumerate(names):
@@ -191,7 +193,7 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
     ax.set_xticks(np.arange(ncls) + 0.4 - width / 2, labels, rotation=45, ha="right", fontsize=8, parse_math=False)
     ax.set_ylabel("top-1 %")
     ax.set_ylim(max(0, min(min(v or 0 for v in r["per_class"]) for r in results.values()) - 5), 100)
-    ax.set_title(f"Per-class accuracy: {rep['model']}", parse_math=False)
+    ax.set_title(_printable(f"Per-class accuracy: {rep['model']}"), parse_math=False)
     legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
     for t in legend.get_texts():
         t.set_parse_math(False)
@@ -201,6 +203,11 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
         fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _printable(text: Any) -> str:
+    """``text`` with surrogate escapes (bytes of a non-UTF-8 file name) written as ``\\xNN``."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 _GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font")

@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 
 from quantcore.data import (
     DataError,
+    Skipped,
     FolderDataset,
     ImagePathsDataset,
     ZipShardDataset,
@@ -234,6 +235,38 @@ def test_sharded_reading_by_listing(packed, folder):
     os.remove(os.path.join(packed, "train-00001_map.txt"))
     with pytest.raises(DataError, match="train-00001.zip has no map file"):
         open_dataset(packed, "train")
+
+
+def test_zip_files_that_are_not_shards_numbered_from_zero_are_refused(packed, tmp_path):
+    """Split 'test' read test-2019.zip and test-2020.zip (splits of their own) as its shards, merged; a
+    shard missing from 0..N-1 left its images out silently."""
+    root = tmp_path / "years"
+    root.mkdir()
+    for year in (2019, 2020):
+        write_zip(root / f"test-{year}.zip", {f"c0/{year}.jpg": _img_bytes(year)})
+        (root / f"test-{year}_map.txt").write_text(f"c0/{year}.jpg\t0\n")
+    with pytest.raises(DataError, match=r"not shards numbered 0..N-1.*give one as the split \(e.g. 'test-2019'\)"):
+        open_dataset(str(root), "test", layout="zip")
+    assert len(open_dataset(str(root), "test-2019")) == 1
+    os.remove(os.path.join(packed, "index.json"))
+    for ext in (".zip", "_map.txt"):
+        os.remove(os.path.join(packed, f"train-00001{ext}"))
+    with pytest.raises(DataError, match="train-00001.zip missing"):
+        open_dataset(packed, "train")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this OS")
+def test_a_named_pipe_among_the_images_is_named_not_read(tmp_path):
+    """A FIFO called pipe.png blocked the run forever, with or without --skip-bad."""
+    root = make_folder(tmp_path / "f", "val", n=2)
+    os.mkfifo(os.path.join(root, "val", CLASSES[0], "pipe.png"))
+    ds = open_dataset(root, "val")
+    i = ds.samples.index(f"{CLASSES[0]}/pipe.png")
+    with pytest.raises(DataError, match="pipe.png is not a regular file"):
+        ds.read_raw(i)
+    skipping = open_dataset(root, "val", skip_bad=True)
+    assert isinstance(skipping[i], Skipped) and "not a regular file" in skipping[i].reason
+    assert any(n.endswith("pipe.png") for n in skipping.skipped.names)
 
 
 def test_pack_arrays_grayscale_and_rgb(tmp_path):

@@ -284,3 +284,64 @@ def test_report_md_says_which_preprocessing_made_the_figures():
                        data={"eval_uri": "d", "eval_count": 4}, extra={"transform": tf})
     assert ("Preprocessing (timm): input 1x28x28, resize [28] bilinear, crop center (crop_pct 1.0), mean [0.286], "
             "std [0.353], mode L.") in report_markdown(rep)
+
+
+def _user_zip(folder_ds, root):
+    """``folder_ds``'s images as a hand-made ``val.zip`` + ``val_map.txt`` (labels: the folder dataset's,
+    i.e. the model's class indices), no index.json: the map gives label numbers and no class names."""
+    import os
+    import zipfile
+
+    os.makedirs(root, exist_ok=True)
+    with zipfile.ZipFile(os.path.join(root, "val.zip"), "w") as zf, open(os.path.join(root, "val_map.txt"), "w") as mf:
+        for i, (s, y) in enumerate(zip(folder_ds.samples, folder_ds.labels)):
+            zf.writestr(s, folder_ds.read_raw(i))
+            mf.write(f"{s}\t{y}\n")
+
+
+def test_a_map_files_label_numbers_are_never_matched_as_class_names(tmp_path):
+    """A zip split without index.json got made-up class names "0".."K-1", which were then matched to a
+    model's names as if they were the data's own: with numeric class folders 0..11 (sorted as text:
+    0, 1, 10, 11, 2, ...) 20 of 24 labels were rewritten and a 100 % model scored 16.67 %; a checkpoint
+    calibrated on such a zip recorded the made-up names as its classes and mislabelled folders later."""
+    from quantcore.data import class_names, label_notes, model_label_names, open_dataset, pack
+
+    classes = [str(i) for i in range(12)]
+    _folder(tmp_path / "f", "val", classes, per_class=2)
+    folder = open_dataset(str(tmp_path / "f"), "val", None)
+    assert folder.classes[:4] == ["0", "1", "10", "11"]  # ImageFolder's order: sorted as text
+    _user_zip(folder, str(tmp_path / "z"))
+    # a model whose labels are the folder names in that order (a checkpoint calibrated on the folders)
+    zipped = open_dataset(str(tmp_path / "z"), "val", None, label_names=list(folder.classes))
+    assert zipped.labels == folder.labels and zipped.samples == folder.samples
+    assert class_names(zipped) is None and label_notes(zipped) == []  # no "another order" note either
+    # a checkpoint calibrated on the zip carries no class names, so folders keep their own labels
+    recipe = quantcore.load_recipe({"version": 1, "name": "z12", "model": {"name": "quantcore/vit_fmnist",
+                                                                            "num_classes": 12},
+                                    "calibration": {"num_batches": 1, "batch_size": 4}})
+    from quantcore.pipeline import DataSpec, RunOptions, ptq
+
+    torch.manual_seed(0)
+    ptq([recipe], DataSpec(str(tmp_path / "z"), "val"), DataSpec(str(tmp_path / "f"), "val"), str(tmp_path / "run"),
+        RunOptions(batch_size=4, progress=False))
+    model = quantcore.load(str(tmp_path / "run" / "z12" / "model.qc.pt"))
+    assert model_label_names(model) is None
+    again = open_dataset(str(tmp_path / "f"), "val", None, label_names=model_label_names(model))
+    assert again.labels == folder.labels
+    # repacked, the split still has no names (none are made up in its index)
+    pack(str(tmp_path / "z"), str(tmp_path / "p"), "val")
+    repacked = open_dataset(str(tmp_path / "p"), "val", None, label_names=list(folder.classes))
+    assert class_names(repacked) is None and repacked.labels == folder.labels and repacked.num_classes == 12
+
+
+def test_a_class_name_that_is_not_utf8_is_drawn_escaped_in_the_plot():
+    """A Latin-1 folder name (surrogate-escaped by os.fsdecode) crashed the per-class plot after
+    calibration and evaluation, so report.json/report.md were never written."""
+    from quantcore.report import per_class_plot
+
+    acc = EvalAccumulator(["fp32", "q"], 2, "fp32")
+    logits = torch.eye(2)[[0, 1]] * 5
+    acc.update({"fp32": logits, "q": logits}, torch.tensor([0, 1]))
+    rep = build_report(model="m", recipe=None, scores=acc.scores(), reference="fp32", data={},
+                       class_names=[b"caf\xe9".decode("utf-8", "surrogateescape"), "tea"])
+    assert per_class_plot(rep)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ data-parallel sharding, and skip-aware loading.
         ...
 """
 from .base import IMG_EXTS, ImageDataset, decode_image, to_8bit
-from .detect import (LAYOUTS, class_mismatch, detect_layout, label_notes, model_label_names, open_dataset,
+from .detect import (LAYOUTS, class_mismatch, class_names, detect_layout, label_notes, model_label_names, open_dataset,
                      unused_files, unused_files_warning)
 from .errors import DataError, SkipLog, Skipped, SkipRecord
 from .folder import FolderDataset
@@ -24,7 +24,7 @@ from .zipped import INDEX_NAME, Shard, ZipShardDataset, find_shards, load_index
 Resisc45Dataset = ImagePathsDataset
 
 __all__ = [
-    "class_mismatch",
+    "class_mismatch", "class_names",
     "DataError", "SkipLog", "SkipRecord", "Skipped",
     "ImageDataset", "FolderDataset", "ZipShardDataset", "ImagePathsDataset", "Resisc45Dataset", "Shard",
     "open_dataset", "unused_files", "unused_files_warning", "label_notes", "model_label_names", "detect_layout", "LAYOUTS", "IMG_EXTS", "decode_image", "find_shards", "load_index",

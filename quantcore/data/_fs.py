@@ -3,6 +3,7 @@ module state) plus a few URI helpers the data package needs."""
 from __future__ import annotations
 
 import os
+import stat
 
 
 def storage():
@@ -83,6 +84,16 @@ def read_or_data_error(uri: str, what: str = "file") -> bytes:
     data and must never be "skipped"."""
     from .errors import DataError
 
+    lp = local_path(uri)
+    if lp is not None:
+        try:
+            mode = os.stat(lp).st_mode
+        except OSError:
+            mode = None  # missing, a broken or looping link: the read below names it
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # a named pipe would block the read forever; a device could return anything
+            raise DataError(f"{what} {uri} is not a regular file (a named pipe, socket or device file); "
+                            "only regular files are read", file=uri)
     try:
         return storage().read_bytes(uri)
     except (FileNotFoundError, IsADirectoryError) as e:

@@ -153,6 +153,9 @@ class ImageDataset(Dataset):
         self.skipped = SkipLog()
         self.ignored: list[str] = []  # non-image files seen and ignored (folder layout)
         self.absent_classes: list[str] = []  # the model's classes this split has no folder for (folder layout)
+        # False when ``classes`` are made up ("0".."K-1": a zip split whose map gives label numbers and no
+        # index names them): such names are never matched against a model's or another split's names
+        self.classes_named = True
 
     # -------------------------------------------------------------------------------- to implement
     def read_raw(self, index: int) -> bytes:

@@ -169,6 +169,8 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
         # class), then word separators (match_names)
         from .folder import class_name_key as key
 
+        if not ds.classes_named:  # made-up names "0".."K-1": the map's label numbers are used as given
+            names = None
         keyed = [key(n) for n in names or []]
         off = next(((i, c) for i, c in enumerate(ds.classes) if i >= len(keyed) or key(c) != keyed[i]), None)
         # also a split holding the model's first classes only (off is None: no position differs)
@@ -215,6 +217,13 @@ def open_dataset(uri: str, split: str = "val", transform: Callable | None = None
                     "label %d, the model's %r is class %d)", ds.root, *_first_mismatch(ds.classes, list(names)))
     _warn_unused(ds)
     return ds
+
+
+def class_names(ds: Any) -> list[str] | None:
+    """``ds.classes`` when they are the data's own class names; None when they were made up
+    (``classes_named`` False: a zip split whose map gives label numbers only), so that they are neither
+    recorded as the model's class names nor compared with another split's."""
+    return list(ds.classes) if getattr(ds, "classes_named", True) else None
 
 
 def class_mismatch(a: list[str], b: list[str]) -> str | None:

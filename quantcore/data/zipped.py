@@ -108,6 +108,16 @@ def find_shards(root: str, split: str, index: dict | None = None) -> list[Shard]
     if f"{split}.zip" in zips and len(zips) > 1:
         raise DataError(f"{root}: both {split}.zip and sharded {split}-NNNNN.zip files exist; remove one set",
                         file=_fs.join(root, f"{split}.zip"))
+    nums = sorted(int(pat.match(z).group(1)[1:]) for z in zips if pat.match(z).group(1))
+    if nums and nums != list(range(len(nums))):
+        # "test-2019.zip", "test-2020.zip" are splits of their own, not shards of "test"; and a shard
+        # missing from 0..N-1 would leave its images out silently
+        gaps = sorted(set(range(nums[-1] + 1)) - set(nums))[:3]
+        raise DataError(f"{root}: split {split!r} has zip files {', '.join(zips[:4])}{' ...' if len(zips) > 4 else ''} "
+                        f"that are not shards numbered 0..N-1 ({split}-00000.zip, {split}-00001.zip, ...)"
+                        + (f": {', '.join(f'{split}-{g:05d}.zip' for g in gaps)} missing" if nums[0] == 0 else "")
+                        + f"; if they are splits of their own, give one as the split (e.g. {zips[0][:-4]!r})",
+                        file=_fs.join(root, zips[0]))
     map_pat = re.compile(rf"^{re.escape(split)}(-\d+)?_map\.txt$")
     for m in sorted(n for n in names if map_pat.match(n)):
         z = m[: -len("_map.txt")] + ".zip"
@@ -192,8 +202,8 @@ class ZipShardDataset(ImageDataset):
                 self.skipped.add(SkipRecord(str(r["name"]), why if why.startswith(_LEFT_OUT) else _LEFT_OUT + why))
         # files of the packed folder that were not samples (hidden, no image extension): said again here
         self.ignored = [str(f) for f in ent.get("unused_files") or ()]
-        if classes is None:
-            classes = ent.get("classes") or (self.index or {}).get("classes")
+        if classes is None:  # "classes": null in a split's entry: packed from a split without class names
+            classes = ent.get("classes") if "classes" in ent else (self.index or {}).get("classes")
         if classes is not None:
             self.classes = [str(c) for c in classes]
             if num_classes is not None and num_classes != len(self.classes):
@@ -210,10 +220,13 @@ class ZipShardDataset(ImageDataset):
         for k, sh in enumerate(self.shards):
             entries.extend(self._index_shard(k, sh))
         k_classes = len(self.classes) if self.classes else num_classes
+        if k_classes is None:  # a pack of a split without class names recorded how many classes it had
+            k_classes = ent.get("num_classes") if isinstance(ent.get("num_classes"), int) else None
         if k_classes is None:
             k_classes = (max(e[4] for e in entries) + 1) if entries else 0
-        if not self.classes:
+        if not self.classes:  # the map's label numbers are the labels; these names are only for display
             self.classes = [str(i) for i in range(k_classes)]
+            self.classes_named = False
         for k, lineno, path, member, label in entries:
             if not 0 <= label < k_classes:
                 sh = self.shards[k]
