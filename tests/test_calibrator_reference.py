@@ -65,6 +65,8 @@ def synthetic(kind: str, n: int = 1_000_000, seed: int = 0) -> torch.Tensor:
         return (z * 6.16 - 6.65).clamp(0.0, 6.0)
     if kind == "relu":
         return z.relu()
+    if kind == "relu_sparse":  # 99.9% exact zeros: a sparse post-ReLU map
+        return torch.where(torch.rand(n, generator=g) < 0.999, 0.0, 2 * z.abs())
     if kind == "gelu":
         return torch.nn.functional.gelu(2 * z)
     if kind == "gelu_stream":  # 2% of pre-activations 10x larger, max 130: just above 2**7
@@ -510,6 +512,31 @@ def test_mse_and_tf_enhanced_match_bruteforce(kind, bits, symmetric, method, gam
     assert math.isfinite(lo) and math.isfinite(hi) and lo <= max(0.0, float(x.min())) and 0 < hi
     ours = float(_objective(x, [(lo, hi)], spec, gamma)[0])
     assert ours <= 1.01 * _bruteforce(x, spec, gamma)
+
+
+@pytest.mark.parametrize("method,gamma", [("mse", 1.0), ("tf_enhanced", 3.0)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,bins", [(8, 256), (8, 512), (10, 2048), (12, 2048)])
+@pytest.mark.parametrize("kind", ["relu_sparse", "relu6_sparse", "relu", "resnet18.layer2.1.relu",
+                                  "mobilenet_v2.features.7.conv.1.2"])
+def test_zero_heavy_data_on_grids_as_fine_as_the_bins(kind, bits, bins, symmetric, method, gamma):
+    """Exact zeros read as spread over the bin [0, w) were charged rounding error once the grid step
+    neared the bin width, and a range clipping the largest values looked better (99.9 % zeros, 8 bits on
+    256 bins: 177x the squared error of the min/max range on the raw values; 10 bits on 2048: 21x)."""
+    g = torch.Generator().manual_seed(1)
+    x = activation(kind)
+    n = 200_000 if kind == "relu_sparse" else 20_000  # the sparse map keeps ~200 non-zero values
+    x = x[torch.randperm(x.numel(), generator=g)[:n]]
+    spec = QuantSpec(bits=bits, symmetric=symmetric, calibrator=method)
+    st = HistogramState(bins)
+    for chunk in x.chunk(4):
+        st.update(chunk)
+    lo, hi = find_range(st, spec)
+    ours = float(_objective(x, [(lo, hi)], spec, gamma)[0])
+    a = float(x.abs().max())
+    minmax = float(_objective(x, [(-a, a) if symmetric else (min(float(x.min()), 0.0), a)], spec, gamma)[0])
+    assert ours <= 1.05 * minmax, (lo, hi, ours / minmax)
+    assert ours <= 1.10 * _bruteforce(x, spec, gamma), (lo, hi)
 
 
 # --------------------------------------------------------------------------------------------------
