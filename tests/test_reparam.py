@@ -174,3 +174,66 @@ def test_recipe_switch_calibrate_save_load(tmp_path):
     m2 = quantcore.load(uri)
     assert torch.equal(_logits(m2, x[128:]), y)
     assert torch.equal(m2.blocks[0].norm1.weight, m.blocks[0].norm1.weight)
+
+
+class _GatedLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass with a forward of its own (zero-centred gamma: ``norm(x) * (1 + weight)``)."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.normalized_shape, 1 + self.weight, self.bias, self.eps)
+
+
+class _LoRALinear(nn.Linear):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.lora_a = nn.Linear(self.in_features, 4, bias=False)
+        self.lora_b = nn.Linear(4, self.out_features, bias=False)
+        nn.init.normal_(self.lora_b.weight, std=0.2)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_b(self.lora_a(x))
+
+
+def _small_timm_vit(variant: str) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import Attention, VisionTransformer
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    if variant == "own_norm":
+        kw["norm_layer"] = _GatedLayerNorm
+    m = VisionTransformer(**kw)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.normal_(1.0, 0.3)
+                mod.bias.normal_(0.0, 0.3)
+    for b in m.blocks:
+        if variant == "lora":
+            lora = _LoRALinear(b.mlp.fc1.in_features, b.mlp.fc1.out_features)
+            lora.load_state_dict(b.mlp.fc1.state_dict(), strict=False)
+            b.mlp.fc1 = lora
+        if variant == "gated":  # timm's own option: attn.gate reads norm1's output as well as attn.qkv
+            b.attn = Attention(32, 2, qkv_bias=True, gated=True)
+    assert timm is not None
+    return m.eval()
+
+
+@pytest.mark.parametrize("variant,folded", [("lora", ["norm1"]), ("gated", ["norm2"]), ("own_norm", [])])
+def test_pairs_whose_fold_would_change_the_float_model_are_left_as_they_are(variant, folded, caplog):
+    """The pairs were taken by type alone: a LayerNorm subclass with its own forward, a LoRA branch on
+    fc1, or timm's gated attention reading norm1's output changed the FP32 model by 2-25 % of its output
+    scale, silently. Now the fold is checked on the first calibration batch, as BatchNorm folding is."""
+    m = _small_timm_vit(variant)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y0 = _logits(m, x)
+    if not folded:
+        with pytest.raises(PlacementError, match="no LayerNorm -> Linear pair can be folded.*forward of its own"):
+            reparam_layernorm(m, [x])
+        torch.testing.assert_close(_logits(m, x), y0, rtol=0, atol=0)  # left exactly as it was
+        return
+    res = reparam_layernorm(m, [x])
+    assert sorted(p.split(" ->")[0] for p in res.pairs) == sorted(f"blocks.{i}.{n}" for i in range(2) for n in folded)
+    left = [s for s in res.skipped if "reparameterization changed" in s["reason"]]
+    assert len(left) == 2 and any("left as it is" in r.message for r in caplog.records)
+    torch.testing.assert_close(_logits(m, x), y0, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
