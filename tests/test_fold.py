@@ -430,3 +430,23 @@ def test_load_folds_what_the_checkpoint_recorded_whatever_the_placeholder_weight
     assert [tuple(p) for p in old.quantcore_placement.folded_bn] == [tuple(p) for p in folded]
     with torch.no_grad():
         assert torch.equal(old(x), m(x))
+
+
+@pytest.mark.parametrize("hooked", [0, 1])
+def test_a_conv_or_batchnorm_with_forward_hooks_is_left_unfolded_with_the_reason(hooked):
+    """A user's feature-extractor hook that stores its output let the pair fold: the BatchNorm's hook
+    then never fired (an Identity took its place) and the conv's saw the BatchNorm's output, silently."""
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                                   nn.BatchNorm2d(4))).eval()
+    seen = {}
+    m[hooked].register_forward_hook(lambda mod, i, o: seen.__setitem__("x", o))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        m(x)
+    before = seen.pop("x").clone()
+    res = fold_batchnorm(m, x)
+    assert res.pairs == [("3", "4")] and "'%d' has forward hooks" % hooked in res.unfolded["1"]
+    with torch.no_grad():
+        m(x)
+    torch.testing.assert_close(seen["x"], before, rtol=0, atol=0)  # the hook sees what it saw before
