@@ -177,7 +177,10 @@ class PlacementConfig(_Strict):
         None, description="one range for the q/k/v that are their GEMM's output as it is, shared with that "
                           "GEMM's output quantizer; default: ft2 only")
     quantize_residual: bool = Field(False, description="quantize both inputs of residual adds")
-    quantize_model_input: bool = Field(False, description="quantize the image fed to the model")
+    quantize_model_input: bool = Field(False, description="quantize the image fed to the model: when the first "
+                                       "layer reads it directly, that layer's input quantizer does (other readers of "
+                                       "the image, such as a skip connection, keep it float); otherwise a quantizer "
+                                       "on the model's own input")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding conv before calibration")
     keep_float: list[str] | None = Field(None, description="module globs left float; None = family default")
     reparam_layernorm: bool = Field(False, description="RepQ-ViT: fold per-channel post-LayerNorm ranges into the "

@@ -937,3 +937,60 @@ def test_a_parametrized_weight_is_quantized_and_its_parametrization_is_named_for
         assert not torch.equal(model(x), ref)
         with quantcore.quantization_disabled(model):
             assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+def _fq_row(x: torch.Tensor, row: dict) -> torch.Tensor:
+    """``x`` fake-quantized with one encodings.json row (per tensor or per channel), by torch's ops."""
+    sc, zp = row["scale"], row["zero_point"]
+    if isinstance(sc, list):
+        return torch.fake_quantize_per_channel_affine(x, torch.tensor(sc), torch.tensor(zp, dtype=torch.int32),
+                                                      row["axis"] % x.dim(), row["quant_min"], row["quant_max"])
+    return torch.fake_quantize_per_tensor_affine(x, float(sc), int(zp), row["quant_min"], row["quant_max"])
+
+
+def test_parameters_named_x_and_x_weight_each_get_their_own_quantizers():
+    """``gate`` and ``gate_weight`` both mapped to the quantizer prefix ``gate_``: one site, so the
+    F.linear on ``gate`` ran float while the tables listed it quantized and no float reason was given."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_weight = nn.Parameter(torch.randn(16, 16) * 0.3)
+            self.gate = nn.Parameter(torch.randn(16, 16) * 0.3)
+
+        def forward(self, x):
+            return F.linear(x, self.gate_weight) * torch.sigmoid(F.linear(x, self.gate))
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Gated(), nn.Linear(16, 4)).eval()
+    ref = copy.deepcopy(m)
+    x = torch.randn(32, 16)
+    quantcore.prepare(m, {"name": "t", "placement": {"family": "generic"}}, example_input=x[:2])
+    quantcore.calibrate(m, [x])
+    assert m.quantcore_placement.float_reasons == {}
+    e = {r["name"]: r for r in quantcore.encodings(m)["quantizers"]}
+    g = ref[0]
+    h = (F.linear(_fq_row(x, e["0.gate_weight_input_quantizer"]), _fq_row(g.gate_weight, e["0.gate_weight_weight_quantizer"]))
+         * torch.sigmoid(F.linear(_fq_row(x, e["0.gate_input_quantizer"]), _fq_row(g.gate, e["0.gate_weight_quantizer"]))))
+    want = F.linear(_fq_row(h, e["1.input_quantizer"]), _fq_row(ref[1].weight, e["1.weight_quantizer"]), ref[1].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_is_itself_a_layer_with_a_model_input_quantizer_is_refused():
+    """An nn.Linear subclass as the whole model, with quantize_model_input: its own input_quantizer and
+    the model-input quantizer were one module, calibrated on both tensors (one row in the tables)."""
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            return super().forward(torch.tanh(x.flatten(1)) * 3)
+
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(PlacementError, match="itself a quantized layer.*Wrap the model in a container"):
+        quantcore.prepare(Probe(12, 4).eval(), {"name": "t", "placement": {"family": "generic",
+                                                                             "quantize_model_input": True}},
+                          example_input=x)
+    wrapped = nn.Sequential(Probe(12, 4)).eval()
+    quantcore.prepare(wrapped, {"name": "t", "placement": {"family": "generic", "quantize_model_input": True}},
+                      example_input=x)
+    assert {"input_quantizer", "0.input_quantizer"} <= set(quantizers(wrapped))

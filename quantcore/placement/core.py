@@ -532,6 +532,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
                                          "it does not contain: that op stays float")
                 continue
             base = attr[: -len("_weight")] if attr.endswith("_weight") else attr
+            if base != attr and f"{owner}.{base}".lstrip(".") in params:
+                base = attr  # both "gate" and "gate_weight": one site each ("gate_", "gate_weight_")
             prefix = "" if attr == "weight" else base + "_"
             name = owner if not prefix else (f"{owner}.{base}" if owner else base)
             param = _rel(op.weight, caller)
@@ -865,6 +867,11 @@ def _place(model, placement, weight_spec, act_spec, overrides, bins, example_inp
             if ROOT_INPUT_QUANTIZER in model._modules or hasattr(model, ROOT_INPUT_QUANTIZER):
                 raise PlacementError(f"the model already has an attribute {ROOT_INPUT_QUANTIZER!r}; cannot add "
                                      "the model-input quantizer (placement.quantize_model_input)")
+            if ROOT_INPUT_QUANTIZER in planned:  # the model is itself a layer (an nn.Linear subclass)
+                raise PlacementError(f"the model is itself a quantized layer whose own {ROOT_INPUT_QUANTIZER!r} "
+                                     "would also be the model-input quantizer (placement.quantize_model_input): one "
+                                     "range for two tensors. Wrap the model in a container module, or leave "
+                                     "quantize_model_input off")
             planned = {ROOT_INPUT_QUANTIZER: act_spec, **planned}
 
     try:
