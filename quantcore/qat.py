@@ -182,6 +182,54 @@ def _sync_bn_statistics(model: nn.Module, cfg: QATConfig) -> None:
         distributed.broadcast_module(m)
 
 
+def _check_bn_step_sizes(recipe: Recipe, cfg: QATConfig, model: nn.Module, n: int, world: int,
+                         steps_per_epoch: int, example_shape: list[int], device: torch.device) -> None:
+    """``qat.bn: train`` (or ``freeze`` before its step): a rank's step of one image (a per-rank batch of
+    1, or the short last global batch split over the ranks, e.g. 5 images as 2/2/1; an empty share runs
+    one placeholder image) gives a BatchNorm whose input is 1x1 spatially one value per channel, which
+    training-mode BatchNorm refuses with a traceback: every launcher retry would calibrate and train up
+    to that step again. Refused here, naming the layer, before the first step."""
+    if cfg.bn == "fold" or len(example_shape) < 2:
+        return
+    gb = cfg.batch_size * world
+    last = n % gb
+    # the first step at which some rank has at most one image: (step index, its images on the smallest rank)
+    if cfg.batch_size <= 1:
+        first, k = 0, cfg.batch_size
+    elif last and last // world <= 1:
+        first, k = steps_per_epoch - 1, last // world
+    else:
+        return
+    if cfg.bn == "freeze" and cfg.bn_freeze_step <= first:
+        return  # statistics frozen by then: BatchNorm runs in eval mode
+    from .placement import unwrap
+
+    single = []
+
+    def hook(mod, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() // max(x.shape[1], 1) <= 1 and not single:
+            single.append(mod)
+
+    inner = unwrap(model)
+    names = {id(m): name for name, m in inner.named_modules()}
+    handles = [m.register_forward_pre_hook(hook) for m in _bn_modules(inner)]
+    try:
+        with torch.no_grad(), api.eval_mode(inner):
+            inner(torch.zeros([1] + example_shape[1:], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    if single:
+        why = (f"qat.batch_size {cfg.batch_size}" if cfg.batch_size <= 1 else
+               f"the last global batch of each epoch holds {last} of the {n} training images, split over {world} "
+               f"rank(s), so a rank trains on {k} image(s){' (one placeholder)' if k == 0 else ''}")
+        raise UserError(f"recipe {recipe.name!r}: qat.bn: {cfg.bn} trains BatchNorm statistics, but {why}, and "
+                        f"{names.get(id(single[0]), '?')!r} then sees one value per channel (its input is 1x1), which "
+                        "training-mode BatchNorm cannot normalize; choose qat.batch_size (or the number of ranks) so "
+                        "every rank's share is at least 2 images, or set qat.bn: fold / freeze")
+
+
 def _set_train_mode(model: nn.Module, cfg: QATConfig, step: int) -> None:
     model.train()
     frozen = cfg.bn == "fold" or (cfg.bn == "freeze" and step >= cfg.bn_freeze_step)
@@ -407,10 +455,17 @@ _DISCARD_MARK = "no-resume-run"
 
 
 def _run_id() -> str:
-    """torchrun's ``TORCHELASTIC_RUN_ID``; "" when there is none that names a run ("none": torchrun
-    without --rdzv-id or --standalone)."""
+    """torchrun's ``TORCHELASTIC_RUN_ID``; without one that names a run ("none": torchrun without
+    --rdzv-id or --standalone) the torchrun agent's host and process id, which its in-place restarts
+    share and a new invocation does not (its ranks are the agent's children); "" outside torchrun."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return "" if run_id.lower() == "none" else run_id
+    if run_id and run_id.lower() != "none":
+        return run_id
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return ""
+    import socket
+
+    return f"agent {socket.gethostname()} {os.getppid()}"
 
 
 def _discarded_by_this_run(out: str) -> bool:
@@ -433,6 +488,33 @@ def _mark_discarded(out: str) -> None:
 def _unmark_discarded(out: str) -> None:
     """Drop an earlier run's marker before discarding (a run reusing its id must not find it)."""
     storage.delete(storage.join(out, _CKPT_DIR, _DISCARD_MARK), missing_ok=True)
+
+
+_OWNER = "run-owner"
+
+
+def _claim_out(out: str) -> str:
+    """Record in ``OUT/checkpoints/run-owner`` which run writes this ``--out`` now (rank 0, at every
+    start): torchrun's run id (the same across its in-place restarts), else a new random token. Returns it."""
+    import uuid
+
+    token = _run_id() or f"start {uuid.uuid4().hex}"
+    storage.write_bytes(storage.join(out, _CKPT_DIR, _OWNER), token.encode())
+    return token
+
+
+def _check_owner(out: str, token: str) -> None:
+    """Before rank 0 writes a checkpoint or the run's results: refuse when another run has claimed
+    ``--out`` since this one started (two runs given one --out would overwrite and prune each other's
+    checkpoints, and the later one's results replace the earlier one's without a word)."""
+    try:
+        now = storage.read_bytes(storage.join(out, _CKPT_DIR, _OWNER)).decode(errors="replace")
+    except FileNotFoundError:
+        return
+    if now != token:
+        raise UserError(f"--out {out}: another run started writing here after this one ({now!r}, this run "
+                        f"{token!r}); this run stops without writing, so that neither overwrites nor prunes the "
+                        "other's checkpoints. Give each run its own --out")
 
 
 def discard_checkpoints(out: str) -> int:
@@ -565,8 +647,9 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
             raise UserError(f"--init {opts.init}: this checkpoint was trained by QAT, so its float path is the "
                             "trained weights, not the FP32 model: they would be the teacher (distillation from the "
                             "model itself) and the report's fp32 row. Start from that run's PTQ checkpoint "
-                            "(<its --out>/ptq/model.qc.pt) or the FP32 weights (--checkpoint); to train a run "
-                            "further, rerun it into its own --out with more qat.epochs (it resumes)")
+                            "(<its --out>/ptq/model.qc.pt) or the FP32 weights (--checkpoint); to train longer, run QAT "
+                            "again from that start with more qat.epochs into a new --out (a run's schedule spans its "
+                            "epochs, so an --out is not resumed with another count)")
         if getattr(model.quantcore_recipe, "reconstruction", None) is not None:
             raise UserError(f"--init {opts.init}: its weights were rewritten by reconstruction (AdaRound/BRECQ) onto "
                             "their grid, so its float path is not the FP32 model the teacher and the report need; "
@@ -691,6 +774,14 @@ def _start_identity(init: str | None, fp32: nn.Module, teacher: nn.Module | None
     from .checkpoint import _digest
 
     out = {"init": None if init is None else str(init), "fp32_sha256": _digest({}, fp32.state_dict())}
+    try:  # the student's own preprocessing (an HF preprocessor_config.json, a timm data config): the final
+        # evaluation reads it again, so a resume after it changed would report on other inputs
+        from .data import describe_transform
+
+        seen = describe_transform(fp32)
+        out["student_inputs"] = {k: seen[k] for k in sorted(seen) if k not in ("decoder", "source")}
+    except Exception:  # noqa: BLE001 - a model without a transform quantcore can describe: not compared
+        pass
     if teacher is not None and teacher is not fp32:
         inner = teacher.inner if isinstance(teacher, TeacherInputs) else teacher  # its weights, not the wrapper's
         out["teacher_sha256"] = _digest({}, inner.state_dict())
@@ -713,6 +804,14 @@ def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) ->
         raise CheckpointError(f"--out holds training checkpoints of a run {what}; {uri}): the "
                               f"{'--init checkpoint' if start['init'] else 'model weights'} changed since; resuming "
                               f"would mix both. Restore them, use another --out, or --no-resume to discard them")
+    if "student_inputs" in stored and stored["student_inputs"] != start.get("student_inputs"):
+        diff = [f"{k} {stored['student_inputs'].get(k)!r} -> {(start.get('student_inputs') or {}).get(k)!r}"
+                for k in sorted(set(stored["student_inputs"]) | set(start.get("student_inputs") or {}))
+                if stored["student_inputs"].get(k) != (start.get("student_inputs") or {}).get(k)]
+        raise CheckpointError(f"--out holds training checkpoints of a run whose model read its images otherwise "
+                              f"({'; '.join(diff[:4])}; {uri}): its preprocessing (the model's data config, an HF "
+                              f"preprocessor_config.json) changed since, and the rest of the run and its report would "
+                              f"use the new one. Restore it, use another --out, or --no-resume to discard them")
     if "teacher_inputs" in start and stored.get("teacher_inputs") != start["teacher_inputs"]:
         # (a run started before the mapping existed fed the teacher the student's images as they are)
         raise CheckpointError(f"--out holds training checkpoints of a run whose teacher saw its inputs otherwise "
@@ -1012,6 +1111,13 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     elif not opts.resume:
         log.info("--no-resume: restart %d of this run by torchrun, which resumes from the run's own checkpoints "
                  "(the earlier ones were discarded at its first start)", _torchrun_restart())
+    if ctx.is_main:  # a write killed mid-way (preemption) left its temp file / multipart upload; the
+        # run's only checkpoint writer is this rank, which has not started writing yet
+        left = storage.cleanup_incomplete_writes(storage.join(out, _CKPT_DIR), older_than_s=0)
+        if left:
+            log.info("removed %d unfinished checkpoint write(s) of an earlier start under %s", left,
+                     storage.join(out, _CKPT_DIR))
+    owner = _claim_out(out) if ctx.is_main else ""
     unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
     found = latest_checkpoint(out, unverified) if (resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
@@ -1086,6 +1192,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                           f"is never reached; it trains {total_steps}")
         total_steps = min(total_steps, cfg.max_steps)
     example_shape = list(getattr(unwrap(model).quantcore_placement, "example_input_shape", []) or [])
+    _check_bn_step_sizes(recipe, cfg, model, n, ctx.world_size, steps_per_epoch, example_shape, dev)
 
     net: nn.Module = model
     if ctx.is_distributed:
@@ -1177,6 +1284,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         windows = distributed.all_gather_object((window["loss"], window["n"]))
         uri = _ckpt_uri(out, st.step)
         if ctx.is_main:
+            _check_owner(out, owner)
             state = {"format": "quantcore.train-state/1", "step": st.step, "epoch": st.epoch,
                      "consumed": st.consumed, "world_size": ctx.world_size, "learned": learned,
                      "param_groups": _group_layout(model, opt),
@@ -1276,6 +1384,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 "train_unused": (unused_files_warning(ds), unused_files(ds))}  # popped by _finish
     cal_info["setup_warnings"] = setup_warnings  # popped by _finish into the report's warnings
     cal_info["train_images"] = n  # popped by _finish: the global batch actually used
+    if ctx.is_main:
+        _check_owner(out, owner)  # the results of a run whose --out another run took are not written
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 

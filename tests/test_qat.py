@@ -806,6 +806,15 @@ def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmn
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start of a new run: starts over
     _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)
     assert [s for s, _ in list_checkpoints(str(out))] == [2]
+    # without --rdzv-id ("none") a restart deleted the run's own checkpoints: the torchrun agent (the
+    # ranks' parent process, the same across its in-place restarts) names the run then
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
+    own = list_checkpoints(str(out))
+    written = {uri: os.stat(uri).st_mtime_ns for _, uri in own}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    rep = _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
+    assert rep["qat"]["steps"] == 4 and {uri: os.stat(uri).st_mtime_ns for _, uri in own} == written
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
@@ -1402,3 +1411,78 @@ def test_learned_ranges_say_which_quantizers_keep_their_calibrated_range(fmnist,
     with pytest.raises(UserError, match=r"none of its formats has a learnable range \(formats [^)]*int_dynamic"):
         run_qat(Recipe.model_validate(r), DataSpec(data, "train"), None, str(tmp_path / "p"),
                 QATOptions(progress=False, max_steps=2))
+
+
+@pytest.mark.parametrize("batch_size", [1, N_TRAIN - 1])
+def test_bn_train_with_a_one_image_step_is_refused_before_training(fmnist, tmp_path, batch_size):
+    """qat.bn: train on 3 ranks with 101 images split the last global batch 2/2/1: the rank with one
+    image crashed in training-mode BatchNorm (1x1 input: one value per channel) with a traceback and
+    exit 1, which every launcher retry repeated. Refused now, naming the layer; bn: freeze from step 0
+    never trains the statistics and runs."""
+    data, _ = fmnist
+    recipe = _cnn_recipe(tmp_path, 3, "cnn_one", bn="train", batch_size=batch_size)
+    with pytest.raises(UserError, match=r"qat\.bn: train trains BatchNorm statistics, but .*'layer4\.0\.bn\d'.* one "
+                                        r"value per channel"):
+        run_qat(Recipe.model_validate(recipe), DataSpec(data, "train"), None, str(tmp_path / "o"),
+                QATOptions(progress=False, max_steps=2))
+    frozen = _cnn_recipe(tmp_path, 3, "cnn_one", bn="freeze", bn_freeze_step=0, batch_size=batch_size)
+    run_qat(Recipe.model_validate(frozen), DataSpec(data, "train"), None, str(tmp_path / "f"),
+            QATOptions(progress=False, max_steps=1))
+
+
+def test_a_resume_after_the_students_preprocessing_changed_is_refused():
+    """A resumed run re-read the student's data config (an edited HF preprocessor_config.json): its
+    training kept the stored transform but the final evaluation used the new one, so report.json
+    described other inputs than the run trained on (PTQ SQNR 37.55 -> 39.85 dB), with no warning."""
+    import timm
+
+    from quantcore.checkpoint import CheckpointError
+    from quantcore.qat import _check_same_start, _start_identity
+
+    m = timm.create_model("resnet10t", num_classes=3, pretrained_cfg_overlay={"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    stored = {"start": _start_identity(None, m)}
+    assert stored["start"]["student_inputs"]["mean"] == [0.5] * 3
+    _check_same_start(stored, _start_identity(None, m), "ckpt")  # unchanged: resumes
+    m.pretrained_cfg = {**m.pretrained_cfg, "mean": (0.4, 0.4, 0.4)}
+    with pytest.raises(CheckpointError, match=r"read its images otherwise \(mean \[0\.5, 0\.5, 0\.5\] -> \[0\.4"):
+        _check_same_start(stored, _start_identity(None, m), "ckpt")
+    _check_same_start({"start": {k: v for k, v in stored["start"].items() if k != "student_inputs"}},
+                      _start_identity(None, m), "ckpt")  # a checkpoint from before the record: not compared
+
+
+def test_a_checkpoint_write_killed_midway_leaves_no_temp_file_after_the_restart(fmnist, tmp_path):
+    """A kill during a checkpoint write left its half-written .qctmp file (29 MB in the report) under
+    checkpoints/ for good: the restarted run now removes it before resuming, and keeps the rest."""
+    out = tmp_path / "run"
+    qat = {"epochs": 1, "checkpoint_every": 2}
+    _run(fmnist, out, qat=qat, max_steps=4, eval_limit=20)
+    before = list_checkpoints(str(out))
+    stale = out / "checkpoints" / ".step-000000006.pt.1234abcd.qctmp"
+    stale.write_bytes(b"\0" * 1000)
+    rep = _run(fmnist, out, qat=qat, max_steps=4, eval_limit=20)
+    assert rep["qat"]["steps"] == 4 and not stale.exists() and list_checkpoints(str(out)) == before
+
+
+def test_a_second_run_on_the_same_out_stops_the_first_before_it_writes(fmnist, tmp_path, monkeypatch):
+    """Two runs given one --out: the later one overwrote and pruned the earlier one's checkpoints and its
+    results replaced the other's, both exiting 0. A run now claims --out at each start and checks the
+    claim before every checkpoint and its results; a resumed or restarted run claims it again."""
+    import quantcore.qat as qat_mod
+
+    out = tmp_path / "run"
+    real = qat_mod._write_metrics
+    taken = []
+
+    def another_run_starts(uri, metrics):  # after this run's first checkpoint, another run claims --out
+        real(uri, metrics)
+        if not taken:
+            taken.append(qat_mod._claim_out(str(out)))
+
+    monkeypatch.setattr(qat_mod, "_write_metrics", another_run_starts)
+    with pytest.raises(UserError, match=r"another run started writing here after this one .*Give each run its own"):
+        _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]  # its step-4 checkpoint was not written
+    assert not (out / "t_w4").exists()  # nor its results
+    monkeypatch.setattr(qat_mod, "_write_metrics", real)
+    rep = _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)  # resumes
+    assert rep["qat"]["steps"] == 6
