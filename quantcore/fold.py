@@ -203,8 +203,10 @@ def _pair_for(bn_name, bn, trace, readers, conv_of_output, mods, counts, res) ->
         return f"channel count differs from {conv_name!r}"
     hooked = [n for n, m in ((conv_name, conv), (bn_name, bn)) if m._forward_hooks or m._forward_pre_hooks]
     if hooked:  # folded, the conv's hooks would see the BatchNorm's output and the BatchNorm's would not run
-        return (f"{hooked[0]!r} has forward hooks (a feature extractor's, for example), which folding would "
-                f"silently change: remove them before quantizing, or register them afterwards")
+        # (a conv's pre-hook may recompute its weight, as torch.nn.utils.weight_norm's and pruning's do)
+        return (f"{hooked[0]!r} has forward hooks (a feature extractor's, or a pre-hook that recomputes the weight "
+                f"such as weight_norm's or pruning's), which folding would silently change or undo: remove them "
+                f"before quantizing, or register them afterwards")
     root = next((c for c in trace.calls if c.name == "" and c.index == 0), None)
     if root is not None and src in root.outputs:
         return f"the output of {conv_name!r} is also returned by the model"

@@ -183,7 +183,8 @@ def _sync_bn_statistics(model: nn.Module, cfg: QATConfig) -> None:
 
 
 def _check_bn_step_sizes(recipe: Recipe, cfg: QATConfig, model: nn.Module, n: int, world: int,
-                         steps_per_epoch: int, example_shape: list[int], device: torch.device) -> None:
+                         steps_per_epoch: int, total_steps: int, example_shape: list[int],
+                         device: torch.device) -> None:
     """``qat.bn: train`` (or ``freeze`` before its step): a rank's step of one image (a per-rank batch of
     1, or the short last global batch split over the ranks, e.g. 5 images as 2/2/1; an empty share runs
     one placeholder image) gives a BatchNorm whose input is 1x1 spatially one value per channel, which
@@ -200,14 +201,16 @@ def _check_bn_step_sizes(recipe: Recipe, cfg: QATConfig, model: nn.Module, n: in
         first, k = steps_per_epoch - 1, last // world
     else:
         return
-    if cfg.bn == "freeze" and cfg.bn_freeze_step <= first:
-        return  # statistics frozen by then: BatchNorm runs in eval mode
+    if first >= total_steps or (cfg.bn == "freeze" and cfg.bn_freeze_step <= first):
+        return  # never reached (qat.max_steps), or statistics frozen by then: BatchNorm runs in eval mode
     from .placement import unwrap
 
     single = []
 
     def hook(mod, args):
         x = args[0] if args else None
+        if isinstance(mod, nn.SyncBatchNorm) and world > 1:
+            return  # its statistics are over every rank's images
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() // max(x.shape[1], 1) <= 1 and not single:
             single.append(mod)
 
@@ -465,7 +468,11 @@ def _run_id() -> str:
         return ""
     import socket
 
-    return f"agent {socket.gethostname()} {os.getppid()}"
+    # the agent's log folder for this launch (a fresh temporary folder, the same for its restarts:
+    # <log dir>/attempt_<restart>/<local rank>/error.json), else the agent's process id (the ranks' parent)
+    err = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    launch = err.split(f"{os.sep}attempt_", 1)[0] if f"{os.sep}attempt_" in err else f"pid {os.getppid()}"
+    return f"agent {socket.gethostname()} {launch}"
 
 
 def _discarded_by_this_run(out: str) -> bool:
@@ -493,28 +500,58 @@ def _unmark_discarded(out: str) -> None:
 _OWNER = "run-owner"
 
 
-def _claim_out(out: str) -> str:
-    """Record in ``OUT/checkpoints/run-owner`` which run writes this ``--out`` now (rank 0, at every
-    start): torchrun's run id (the same across its in-place restarts), else a new random token. Returns it."""
+def _claim_out(out: str, ctx: distributed.DistContext) -> str:
+    """Record in ``OUT/checkpoints/run-owner`` which run writes this ``--out`` now (rank 0; every rank
+    returns the token): torchrun's run id (the same across its in-place restarts), else a new random
+    token. The file keeps the earlier claims, one per line, the current one last. An in-place restart
+    of a run that had claimed ``--out`` and lost it to another run since is refused on every rank
+    (taking it back would stop that run and resume from its checkpoints)."""
     import uuid
 
-    token = _run_id() or f"start {uuid.uuid4().hex}"
-    storage.write_bytes(storage.join(out, _CKPT_DIR, _OWNER), token.encode())
+    token, refused = _run_id() or f"start {uuid.uuid4().hex}", ""
+    if ctx.is_main:
+        claims = _claims(out)
+        if _torchrun_restart() > 0 and token in claims and claims[-1] != token:
+            refused = _taken(out, claims[-1], token)
+        elif not claims or claims[-1] != token:
+            text = "\n".join([*claims[-99:], token]) + "\n"
+            storage.write_bytes(storage.join(out, _CKPT_DIR, _OWNER), text.encode())
+    refused = distributed.broadcast_object(refused)
+    if refused:
+        raise UserError(refused)
     return token
 
 
-def _check_owner(out: str, token: str) -> None:
-    """Before rank 0 writes a checkpoint or the run's results: refuse when another run has claimed
-    ``--out`` since this one started (two runs given one --out would overwrite and prune each other's
-    checkpoints, and the later one's results replace the earlier one's without a word)."""
+def _claims(out: str) -> list[str]:
     try:
-        now = storage.read_bytes(storage.join(out, _CKPT_DIR, _OWNER)).decode(errors="replace")
+        text = storage.read_bytes(storage.join(out, _CKPT_DIR, _OWNER)).decode(errors="replace")
     except FileNotFoundError:
-        return
-    if now != token:
-        raise UserError(f"--out {out}: another run started writing here after this one ({now!r}, this run "
-                        f"{token!r}); this run stops without writing, so that neither overwrites nor prunes the "
-                        "other's checkpoints. Give each run its own --out")
+        return []
+    return [line for line in text.split("\n") if line]
+
+
+def _owner_of(out: str) -> str | None:
+    claims = _claims(out)
+    return claims[-1] if claims else None
+
+
+def _taken(out: str, now: str, token: str) -> str:
+    return (f"--out {out}: another run started writing here after this one ({now!r}, this run {token!r}); this "
+            "run stops without writing, so that neither overwrites nor prunes the other's checkpoints. Give each "
+            "run its own --out")
+
+
+def _check_owner(out: str, token: str, ctx: distributed.DistContext) -> None:
+    """Before a checkpoint or the run's results are written: refused on every rank when another run has
+    claimed ``--out`` since this one did (two runs given one --out would overwrite and prune each other's
+    checkpoints, and the later one's results replace the earlier one's without a word)."""
+    msg = ""
+    if ctx.is_main:
+        now = _owner_of(out)
+        msg = _taken(out, now, token) if now is not None and now != token else ""
+    msg = distributed.broadcast_object(msg)
+    if msg:
+        raise UserError(msg)
 
 
 def discard_checkpoints(out: str) -> int:
@@ -1111,13 +1148,18 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     elif not opts.resume:
         log.info("--no-resume: restart %d of this run by torchrun, which resumes from the run's own checkpoints "
                  "(the earlier ones were discarded at its first start)", _torchrun_restart())
-    if ctx.is_main:  # a write killed mid-way (preemption) left its temp file / multipart upload; the
-        # run's only checkpoint writer is this rank, which has not started writing yet
-        left = storage.cleanup_incomplete_writes(storage.join(out, _CKPT_DIR), older_than_s=0)
+    if ctx.is_main and not storage.parse_uri(out).is_s3:
+        # a local write killed mid-way (preemption) left its temp file; this rank is the run's only checkpoint
+        # writer and has not started writing. (On S3 an unfinished multipart upload is the bucket's lifecycle
+        # rule's to abort: listing them needs a permission many policies lack.)
+        try:
+            left = storage.cleanup_incomplete_writes(storage.join(out, _CKPT_DIR), older_than_s=0)
+        except OSError as err:
+            left = 0
+            log.warning("could not remove unfinished checkpoint writes under %s: %s", out, err)
         if left:
             log.info("removed %d unfinished checkpoint write(s) of an earlier start under %s", left,
                      storage.join(out, _CKPT_DIR))
-    owner = _claim_out(out) if ctx.is_main else ""
     unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
     found = latest_checkpoint(out, unverified) if (resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
@@ -1192,7 +1234,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                           f"is never reached; it trains {total_steps}")
         total_steps = min(total_steps, cfg.max_steps)
     example_shape = list(getattr(unwrap(model).quantcore_placement, "example_input_shape", []) or [])
-    _check_bn_step_sizes(recipe, cfg, model, n, ctx.world_size, steps_per_epoch, example_shape, dev)
+    _check_bn_step_sizes(recipe, cfg, model, n, ctx.world_size, steps_per_epoch, total_steps, example_shape, dev)
 
     net: nn.Module = model
     if ctx.is_distributed:
@@ -1283,8 +1325,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
         rngs = distributed.all_gather_object(_rng_state(dev))
         windows = distributed.all_gather_object((window["loss"], window["n"]))
         uri = _ckpt_uri(out, st.step)
+        _check_owner(out, owner, ctx)
         if ctx.is_main:
-            _check_owner(out, owner)
             state = {"format": "quantcore.train-state/1", "step": st.step, "epoch": st.epoch,
                      "consumed": st.consumed, "world_size": ctx.world_size, "learned": learned,
                      "param_groups": _group_layout(model, opt),
@@ -1311,6 +1353,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         f"split {evald.split!r}) label their classes differently: {diff}; every top-1 would be "
                         "scored against shifted labels. Give both splits the same class folders (or pack them "
                         "with one class list)", file=evald.uri)
+    owner = _claim_out(out, ctx)  # every start-up check passed: this run writes --out from here on
     flag = torch.zeros(2)  # [SIGTERM seen, training diverged], max over ranks
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
         while st.step < total_steps:
@@ -1384,8 +1427,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                 "train_unused": (unused_files_warning(ds), unused_files(ds))}  # popped by _finish
     cal_info["setup_warnings"] = setup_warnings  # popped by _finish into the report's warnings
     cal_info["train_images"] = n  # popped by _finish: the global batch actually used
-    if ctx.is_main:
-        _check_owner(out, owner)  # the results of a run whose --out another run took are not written
+    _check_owner(out, owner, ctx)  # the results of a run whose --out another run took are not written
     return _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, st, cal_info, learned,
                    train_s)
 

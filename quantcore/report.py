@@ -207,7 +207,10 @@ def per_class_plot(rep: dict[str, Any]) -> bytes:
 
 def _printable(text: Any) -> str:
     """``text`` with surrogate escapes (bytes of a non-UTF-8 file name) written as ``\\xNN``."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font")

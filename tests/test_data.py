@@ -248,6 +248,11 @@ def test_zip_files_that_are_not_shards_numbered_from_zero_are_refused(packed, tm
     with pytest.raises(DataError, match=r"not shards numbered 0..N-1.*give one as the split \(e.g. 'test-2019'\)"):
         open_dataset(str(root), "test", layout="zip")
     assert len(open_dataset(str(root), "test-2019")) == 1
+    for name in ("test-0", "test-00000"):  # one shard number written twice
+        write_zip(root / f"{name}.zip", {"c0/x.jpg": _img_bytes(1)})
+        (root / f"{name}_map.txt").write_text("c0/x.jpg\t0\n")
+    with pytest.raises(DataError, match="shard number\\(s\\) 0 written twice"):
+        open_dataset(str(root), "test", layout="zip")
     os.remove(os.path.join(packed, "index.json"))
     for ext in (".zip", "_map.txt"):
         os.remove(os.path.join(packed, f"train-00001{ext}"))

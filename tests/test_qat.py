@@ -806,9 +806,18 @@ def test_no_resume_under_a_torchrun_restart_resumes_the_runs_own_checkpoints(fmn
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start of a new run: starts over
     _run(fmnist, out, qat=qat, max_steps=2, resume=False, eval_limit=20)
     assert [s for s, _ in list_checkpoints(str(out))] == [2]
-    # without --rdzv-id ("none") a restart deleted the run's own checkpoints: the torchrun agent (the
-    # ranks' parent process, the same across its in-place restarts) names the run then
+    # without --rdzv-id ("none") a restart deleted the run's own checkpoints: the torchrun agent's launch
+    # (its log folder, the same across its in-place restarts; else its process id) names the run then
+    from quantcore.qat import _run_id
+
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", "/tmp/torchelastic_ab12/none_x9/attempt_0/1/error.json")
+    first = _run_id()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", "/tmp/torchelastic_ab12/none_x9/attempt_3/0/error.json")
+    assert _run_id() == first and "torchelastic_ab12/none_x9" in first
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", "/tmp/torchelastic_cd34/none_y1/attempt_0/0/error.json")
+    assert _run_id() != first  # another launch
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
     _run(fmnist, out, qat=qat, max_steps=4, resume=False, eval_limit=20)
     own = list_checkpoints(str(out))
     written = {uri: os.stat(uri).st_mtime_ns for _, uri in own}
@@ -1428,6 +1437,9 @@ def test_bn_train_with_a_one_image_step_is_refused_before_training(fmnist, tmp_p
     frozen = _cnn_recipe(tmp_path, 3, "cnn_one", bn="freeze", bn_freeze_step=0, batch_size=batch_size)
     run_qat(Recipe.model_validate(frozen), DataSpec(data, "train"), None, str(tmp_path / "f"),
             QATOptions(progress=False, max_steps=1))
+    if batch_size > 1:  # qat.max_steps ends the run before the short last batch: nothing to refuse
+        run_qat(Recipe.model_validate(recipe), DataSpec(data, "train"), None, str(tmp_path / "m"),
+                QATOptions(progress=False, max_steps=1))
 
 
 def test_a_resume_after_the_students_preprocessing_changed_is_refused():
@@ -1467,6 +1479,8 @@ def test_a_second_run_on_the_same_out_stops_the_first_before_it_writes(fmnist, t
     """Two runs given one --out: the later one overwrote and pruned the earlier one's checkpoints and its
     results replaced the other's, both exiting 0. A run now claims --out at each start and checks the
     claim before every checkpoint and its results; a resumed or restarted run claims it again."""
+    from types import SimpleNamespace
+
     import quantcore.qat as qat_mod
 
     out = tmp_path / "run"
@@ -1476,13 +1490,28 @@ def test_a_second_run_on_the_same_out_stops_the_first_before_it_writes(fmnist, t
     def another_run_starts(uri, metrics):  # after this run's first checkpoint, another run claims --out
         real(uri, metrics)
         if not taken:
-            taken.append(qat_mod._claim_out(str(out)))
+            with monkeypatch.context() as env:
+                env.setenv("TORCHELASTIC_RUN_ID", "run-b")
+                taken.append(qat_mod._claim_out(str(out), SimpleNamespace(is_main=True)))
 
     monkeypatch.setattr(qat_mod, "_write_metrics", another_run_starts)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(UserError, match=r"another run started writing here after this one .*Give each run its own"):
         _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
     assert [s for s, _ in list_checkpoints(str(out))] == [2]  # its step-4 checkpoint was not written
     assert not (out / "t_w4").exists()  # nor its results
     monkeypatch.setattr(qat_mod, "_write_metrics", real)
-    rep = _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)  # resumes
+    assert taken == ["run-b"] and qat_mod._claims(str(out)) == ["run-a", "run-b"]
+    # an in-place torchrun restart of the first run does not take --out back from the one that claimed it
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(UserError, match="another run started writing here after this one"):
+        _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a new start of it claims it and resumes
+    rep = _run(fmnist, out, qat={"epochs": 1, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
     assert rep["qat"]["steps"] == 6
+    # a start refused by a check (another recipe) leaves the claim to the run that holds it
+    holder = qat_mod._owner_of(str(out))
+    with pytest.raises(UserError, match="recipe differs in qat.epochs"):
+        _run(fmnist, out, qat={"epochs": 2, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
+    assert qat_mod._owner_of(str(out)) == holder

@@ -332,6 +332,16 @@ def test_a_map_files_label_numbers_are_never_matched_as_class_names(tmp_path):
     pack(str(tmp_path / "z"), str(tmp_path / "p"), "val")
     repacked = open_dataset(str(tmp_path / "p"), "val", None, label_names=list(folder.classes))
     assert class_names(repacked) is None and repacked.labels == folder.labels and repacked.num_classes == 12
+    # files written before: an index and a checkpoint that recorded the made-up names "0".."11"
+    import json
+
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    index["splits"]["val"]["classes"] = classes
+    (tmp_path / "p" / "index.json").write_text(json.dumps(index))
+    old = open_dataset(str(tmp_path / "p"), "val", None, label_names=list(folder.classes))
+    assert class_names(old) is None and old.labels == folder.labels
+    model.quantcore_meta["extra"]["calibration"]["classes"] = classes
+    assert model_label_names(model) is None
 
 
 def test_a_class_name_that_is_not_utf8_is_drawn_escaped_in_the_plot():

@@ -113,9 +113,11 @@ def find_shards(root: str, split: str, index: dict | None = None) -> list[Shard]
         # "test-2019.zip", "test-2020.zip" are splits of their own, not shards of "test"; and a shard
         # missing from 0..N-1 would leave its images out silently
         gaps = sorted(set(range(nums[-1] + 1)) - set(nums))[:3]
+        twice = sorted({k for k in nums if nums.count(k) > 1})[:3]
         raise DataError(f"{root}: split {split!r} has zip files {', '.join(zips[:4])}{' ...' if len(zips) > 4 else ''} "
                         f"that are not shards numbered 0..N-1 ({split}-00000.zip, {split}-00001.zip, ...)"
-                        + (f": {', '.join(f'{split}-{g:05d}.zip' for g in gaps)} missing" if nums[0] == 0 else "")
+                        + (f": {', '.join(f'{split}-{g:05d}.zip' for g in gaps)} missing" if nums[0] == 0 and gaps else "")
+                        + (f": shard number(s) {', '.join(map(str, twice))} written twice" if twice else "")
                         + f"; if they are splits of their own, give one as the split (e.g. {zips[0][:-4]!r})",
                         file=_fs.join(root, zips[0]))
     map_pat = re.compile(rf"^{re.escape(split)}(-\d+)?_map\.txt$")
@@ -130,6 +132,13 @@ def find_shards(root: str, split: str, index: dict | None = None) -> list[Shard]
             raise DataError(f"zip shard {_fs.join(root, z)} has no map file {m} beside it", file=_fs.join(root, z))
         shards.append(Shard(_fs.join(root, z), _fs.join(root, m)))
     return shards
+
+
+def _made_up(classes: list) -> bool:
+    """Whether ``classes`` are the names made up for a split whose map gives label numbers only
+    ("0".."K-1" in numeric order). With more than 10 no folder dataset lists them so (folders sort as text:
+    "0", "1", "10", ...); with 10 or fewer, name and number give the same label, so nothing changes."""
+    return len(classes) > 10 and [str(c) for c in classes] == [str(i) for i in range(len(classes))]
 
 
 def _close_zip(zf: zipfile.ZipFile) -> None:
@@ -204,6 +213,8 @@ class ZipShardDataset(ImageDataset):
         self.ignored = [str(f) for f in ent.get("unused_files") or ()]
         if classes is None:  # "classes": null in a split's entry: packed from a split without class names
             classes = ent.get("classes") if "classes" in ent else (self.index or {}).get("classes")
+        if classes is not None and _made_up(classes):
+            classes = None  # written by a pack before made-up names were told apart: numbers, not names
         if classes is not None:
             self.classes = [str(c) for c in classes]
             if num_classes is not None and num_classes != len(self.classes):

@@ -484,6 +484,7 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
         if op.kind == "weighted" and op.weight is None and op.stack:
             derived_per_call[op.stack[-1]] = derived_per_call.get(op.stack[-1], 0) + 1
     params = dict(model.named_parameters(remove_duplicate=False))
+    weighted = {op.weight for op in trace.ops if op.kind == "weighted" and op.weight}  # F.linear/conv weights
     for op in trace.ops:
         if op.kind == "other" and op.func in _UNQUANTIZED_ATTENTION:
             float_reasons.setdefault((op.stack[-1][0] if op.stack else "") or "<model>", f"attention computed by {_FLEX_HINT}")
@@ -532,8 +533,8 @@ def _analyze(model: nn.Module, trace: Trace, input_dependent: frozenset[str] | s
                                          "it does not contain: that op stays float")
                 continue
             base = attr[: -len("_weight")] if attr.endswith("_weight") else attr
-            if base != attr and f"{owner}.{base}".lstrip(".") in params:
-                base = attr  # both "gate" and "gate_weight": one site each ("gate_", "gate_weight_")
+            if base != attr and f"{owner}.{base}".lstrip(".") in weighted:
+                base = attr  # both "gate" and "gate_weight" feed F.linear/conv: one site each ("gate_", "gate_weight_")
             prefix = "" if attr == "weight" else base + "_"
             name = owner if not prefix else (f"{owner}.{base}" if owner else base)
             param = _rel(op.weight, caller)
