@@ -765,7 +765,9 @@ def test_mistakes_are_refused_before_calibrating_and_runs_are_never_mixed(fmnist
     # --init with a QAT-trained checkpoint: its float path is the trained weights, which would be taken for
     # the FP32 model (the teacher, the report's fp32 row) without a word; refused, pointing to the PTQ one
     trained = next(p for p in out.glob("*/model.qc.pt") if p.parent.name != "ptq")
-    with pytest.raises(UserError, match=r"--init .*model\.qc\.pt: this checkpoint was trained by QAT.*ptq/model\.qc\.pt"):
+    # (its advice once was "rerun it into its own --out with more qat.epochs", which resuming refuses)
+    with pytest.raises(UserError, match=r"--init .*model\.qc\.pt: this checkpoint was trained by QAT.*ptq/model\.qc\.pt"
+                                        r".*run QAT again from that start with more qat\.epochs into a new --out"):
         run_qat(Recipe.model_validate(_recipe(ckpt, epochs=1, optimizer={"name": "adamw", "lr": 5e-3})),
                 DataSpec(data, "train"), None, str(tmp_path / "from_qat"),
                 QATOptions(progress=False, init=str(trained), max_steps=1))
