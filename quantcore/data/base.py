@@ -17,10 +17,10 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTS)
 
 
-def decode_image(data: bytes, where: str, alpha: str = "drop"):
+def decode_image(data: bytes, where: str, alpha: str = "drop", mode: str | None = None):
     """Fully decode ``data`` with PIL (so truncation is caught here, not in the transform) and bring it
-    to 8 bits per channel with :func:`to_8bit` (``alpha``: its policy): the result is always mode
-    ``'L'`` or ``'RGB'``."""
+    to 8 bits per channel with :func:`to_8bit` (``alpha``: its policy; ``mode``: the mode the model
+    reads, when known): the result is always mode ``'L'`` or ``'RGB'``."""
     from PIL import Image
 
     try:
@@ -30,7 +30,7 @@ def decode_image(data: bytes, where: str, alpha: str = "drop"):
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"): a reason must read the same every run
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         raise DataError(f"cannot decode image {where}: {type(e).__name__}: {why}", file=where) from e
-    return to_8bit(img, where, alpha)
+    return to_8bit(img, where, alpha, mode)
 
 
 # Formats whose 32-bit ``'I'`` images hold at most 16-bit samples (old Pillow's 16-bit PNGs; Netpbm
@@ -54,6 +54,17 @@ def alpha_policy(transform: Any) -> str:
     return _declared_alpha(transform) or "drop"
 
 
+def _declared_mode(transform: Any) -> str | None:
+    """The PIL mode ``transform`` converts its images to (its ``ConvertMode``, also inside an
+    EvalTransform/TrainTransform or a Compose), None when it declares none."""
+    from .transforms import ConvertMode
+
+    for conv in (transform, getattr(transform, "convert", None)):
+        if isinstance(conv, ConvertMode):
+            return conv.mode
+    return next(filter(None, map(_declared_mode, getattr(transform, "transforms", None) or [])), None)
+
+
 def _declared_alpha(transform: Any) -> str | None:
     alpha = getattr(transform, "alpha", None)  # torchvision's ElasticTransform/MixUp have a numeric alpha
     if isinstance(alpha, str) and alpha in ALPHA_POLICIES:
@@ -67,8 +78,11 @@ def has_alpha(img) -> bool:
     return img.mode in ALPHA_MODES or img.info.get("transparency") is not None
 
 
-def to_8bit(img, where: str, alpha: str = "drop"):
-    """``img`` as an 8-bit ``'L'`` (one channel) or ``'RGB'`` image; never clips silently.
+def to_8bit(img, where: str, alpha: str = "drop", mode: str | None = None):
+    """``img`` as an 8-bit ``'L'`` (one channel) or ``'RGB'`` image; never clips silently. ``mode``: the
+    mode the model reads, when known: a ``YCbCr`` image read as ``'L'`` is its Y band, as
+    ``Image.convert('L')`` (timm's ``input_img_mode='L'`` loader) gives, not the luma of its RGB
+    conversion (up to 3 levels apart).
 
     Rules, by PIL mode:
       * ``L``, ``RGB``: unchanged. ``1``: ``L`` with 0/255.
@@ -86,7 +100,9 @@ def to_8bit(img, where: str, alpha: str = "drop"):
     16-bit RGB(A) PNG/TIFF/PPM files are already reduced to 8 bits by PIL's decoder. EXIF orientation
     and ICC profiles are not applied (as in torchvision/timm), so pixels are the stored ones.
     """
-    mode = img.mode
+    target, mode = mode, img.mode
+    if target == "L" and mode == "YCbCr":
+        return img.convert("L")
     if alpha not in ALPHA_POLICIES:
         raise ValueError(f"alpha must be one of {ALPHA_POLICIES} (got {alpha!r})")
     if alpha == "white" and mode in ("1", "L", "P", "RGB", "LA", "La", "PA", "RGBA", "RGBa") and has_alpha(img):
@@ -202,7 +218,8 @@ class ImageDataset(Dataset):
         """Decoded PIL image of sample ``index`` (no transform); raises :class:`DataError`. ``alpha``: the
         transparency policy (:data:`ALPHA_POLICIES`); None: the dataset transform's (:func:`alpha_policy`),
         so a model whose preprocessing composites onto white gets that in training as in evaluation."""
-        return decode_image(self.read_raw(index), self.where(index), alpha or alpha_policy(self.transform))
+        return decode_image(self.read_raw(index), self.where(index), alpha or alpha_policy(self.transform),
+                            _declared_mode(self.transform))
 
     def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
         index = int(index)

@@ -128,7 +128,7 @@ def pil_to_tensor(data: Any, where: str, mode: str | None, alpha: str = "drop") 
     ``uint8`` ``C x H x W`` CPU tensor in ``mode``."""
     from .base import decode_image
 
-    img = decode_image(_as_bytes(data), where, alpha)
+    img = decode_image(_as_bytes(data), where, alpha, mode)
     if mode and img.mode != mode:
         img = img.convert(mode)
     return F.pil_to_tensor(img)

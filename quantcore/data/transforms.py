@@ -53,7 +53,7 @@ class ConvertMode:
             if img.mode not in ("L", "RGB") or keyed:
                 from .base import to_8bit
 
-                img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>", self.alpha)
+                img = to_8bit(img, getattr(img, "filename", None) or f"<{img.mode} image>", self.alpha, self.mode)
             return img if img.mode == self.mode else img.convert(self.mode)
         return img
 
@@ -110,7 +110,7 @@ class EvalTransform:
         if x is not None:
             self.counts["torchvision"] += 1
             return self.plan(to_mode(x, self.config.get("mode")))
-        img = decode_image(data, where, self.alpha)
+        img = decode_image(data, where, self.alpha, self.config.get("mode"))
         self.counts["pil"] += 1
         return self(img)
 
