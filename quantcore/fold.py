@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -388,28 +388,37 @@ def _mismatch(model: nn.Module, inputs: tuple, reference: list, rtol: float, ato
             f"(|after - before| <= {at:g} x scale + {rt:g} x |before|)")
 
 
+def split_by_check(items: list, changes: Callable[[list], str]) -> tuple[list, list[tuple[Any, str]], str]:
+    """``(good items, [(item, why)], problem)`` for transforms checked on the model's outputs:
+    ``changes(some)`` applies ``some``, compares the outputs, undoes them and returns what went wrong
+    ('' when nothing). All items first; on a mismatch each alone (something may read one outside the
+    data flow), then the good ones together (``problem``: what those still change). Used by BatchNorm
+    folding and the LayerNorm reparameterization."""
+    if not changes(list(items)):
+        return list(items), [], ""
+    good, bad = [], []
+    for item in items:
+        why = changes([item])
+        if why:
+            bad.append((item, why))
+        else:
+            good.append(item)
+    return good, bad, changes(good) if good else ""
+
+
 def _verified(model: nn.Module, inputs: tuple, reference: list, pairs: list, rtol: float, atol: float
               ) -> tuple[list, dict[str, str], str]:
-    """``(good pairs, {bn: why unfolded}, problem)``; ``model`` is left unfolded. All pairs first; on a
-    mismatch each alone (something may read one outside the data flow), then the good ones together."""
-    backup = _fold(model, pairs)
-    problem = _mismatch(model, inputs, reference, rtol, atol)
-    FoldResult(_backup=backup, _model=model).undo()
-    if not problem:
-        return list(pairs), {}, ""
-    good, unfolded = [], {}
-    for pair in pairs:
-        backup = _fold(model, [pair])
-        why = _mismatch(model, inputs, reference, rtol, atol)
-        FoldResult(_backup=backup, _model=model).undo()
-        if why:
-            unfolded[pair[1]] = f"{why} when folded into {pair[0]!r} (something reads it outside the data flow)"
-        else:
-            good.append(pair)
-    backup = _fold(model, good)
-    problem = _mismatch(model, inputs, reference, rtol, atol)
-    FoldResult(_backup=backup, _model=model).undo()
-    return good, unfolded, problem
+    """``(good pairs, {bn: why unfolded}, problem)``; ``model`` is left unfolded (:func:`split_by_check`)."""
+    def changes(some: list) -> str:
+        backup = _fold(model, some)
+        try:
+            return _mismatch(model, inputs, reference, rtol, atol)
+        finally:
+            FoldResult(_backup=backup, _model=model).undo()
+
+    good, bad, problem = split_by_check(pairs, changes)
+    return good, {pair[1]: f"{why} when folded into {pair[0]!r} (something reads it outside the data flow)"
+                  for pair, why in bad}, problem
 
 
 def _verified_in_float64(model: nn.Module, inputs: tuple, pairs: list, rtol: float, atol: float

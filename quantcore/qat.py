@@ -459,8 +459,8 @@ _DISCARD_MARK = "no-resume-run"
 
 def _run_id() -> str:
     """torchrun's ``TORCHELASTIC_RUN_ID``; without one that names a run ("none": torchrun without
-    --rdzv-id or --standalone) the torchrun agent's host and process id, which its in-place restarts
-    share and a new invocation does not (its ranks are the agent's children); "" outside torchrun."""
+    --rdzv-id or --standalone) the torchrun agent's launch (its host and log folder, else its process
+    id), which its in-place restarts share and a new invocation does not; "" outside torchrun."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id.lower() != "none":
         return run_id
@@ -516,7 +516,7 @@ def _claim_out(out: str, ctx: distributed.DistContext) -> str:
         elif not claims or claims[-1] != token:
             text = "\n".join([*claims[-99:], token]) + "\n"
             storage.write_bytes(storage.join(out, _CKPT_DIR, _OWNER), text.encode())
-    refused = distributed.broadcast_object(refused)
+    token, refused = distributed.broadcast_object((token, refused))  # rank 0's token: one per run
     if refused:
         raise UserError(refused)
     return token
@@ -842,9 +842,8 @@ def _check_same_start(state: dict[str, Any], start: dict[str, Any], uri: str) ->
                               f"{'--init checkpoint' if start['init'] else 'model weights'} changed since; resuming "
                               f"would mix both. Restore them, use another --out, or --no-resume to discard them")
     if "student_inputs" in stored and stored["student_inputs"] != start.get("student_inputs"):
-        diff = [f"{k} {stored['student_inputs'].get(k)!r} -> {(start.get('student_inputs') or {}).get(k)!r}"
-                for k in sorted(set(stored["student_inputs"]) | set(start.get("student_inputs") or {}))
-                if stored["student_inputs"].get(k) != (start.get("student_inputs") or {}).get(k)]
+        was, now = stored["student_inputs"], start.get("student_inputs") or {}
+        diff = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
         raise CheckpointError(f"--out holds training checkpoints of a run whose model read its images otherwise "
                               f"({'; '.join(diff[:4])}; {uri}): its preprocessing (the model's data config, an HF "
                               f"preprocessor_config.json) changed since, and the rest of the run and its report would "

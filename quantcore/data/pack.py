@@ -197,12 +197,12 @@ def pack(src_uri: str, dst_uri: str, split: str, layout: str = "auto", shard_siz
             return None
         return ds.samples[i], data, ds.labels[i]
 
-    from .detect import unused_files
+    from .detect import class_names, unused_files
 
     extra: dict[str, Any] = {"source_layout": ds.layout}
     if unused_files(ds):  # not samples (hidden, no image extension): recorded, as skipped ones are
         extra["unused_files"] = unused_files(ds)
-    if not getattr(ds, "classes_named", True):  # a map's label numbers only: no names are made up for them
+    if class_names(ds) is None:  # a map's label numbers only: no names are made up for them
         extra["classes"] = None
     return write_shards(len(ds), get, dst_uri, dst_split or split, ds.classes, shard_size, tmp_dir=tmp_dir,
                         skipped=skipped, extra=extra)

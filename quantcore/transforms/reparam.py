@@ -278,7 +278,7 @@ def _verified_pairs(model: nn.Module, pairs: list[LayerNormPair], states: dict[s
     the LayerNorm's output (timm's gated attention reads ``norm1`` in ``attn.gate``) or a consumer's
     input. All together first; on a mismatch each alone. The model is left as it was."""
     from ..api import quantization_disabled
-    from ..fold import _mismatch
+    from ..fold import _mismatch, split_by_check
 
     if not first:
         return pairs, []
@@ -294,22 +294,14 @@ def _verified_pairs(model: nn.Module, pairs: list[LayerNormPair], states: dict[s
             for m, n, v in reversed(saved):
                 setattr(m, n, v)
 
-    if not changes(pairs):
-        return pairs, []
-    good, bad = [], []
-    for p in pairs:
-        why = changes([p])
-        if why:
-            bad.append({"name": p.norm_name, "reason": why.replace("folding", "the reparameterization") +
-                        f" on the first calibration batch: {p.norm_name!r} or {', '.join(p.consumer_names)} computes "
-                        "something else than nn.LayerNorm / nn.Linear (a forward of its own), or something else "
-                        "reads the LayerNorm's output"})
-        else:
-            good.append(p)
-    if good and changes(good):
+    good, bad, problem = split_by_check(pairs, changes)
+    if problem:
         raise PlacementError(f"placement.reparam_layernorm: the pairs {[p.norm_name for p in good][:6]} each keep the "
                              "model's float outputs but not together; leave it off (placement.reparam_layernorm: false)")
-    return good, bad
+    return good, [{"name": p.norm_name, "reason": why.replace("folding", "the reparameterization") +
+                   f" on the first calibration batch: {p.norm_name!r} or {', '.join(p.consumer_names)} computes "
+                   "something else than nn.LayerNorm / nn.Linear (a forward of its own), or something else reads "
+                   "the LayerNorm's output"} for p, why in bad]
 
 
 # the fold is exact up to float32 rounding of the rescaled weights (~1e-6 of the output scale on a ViT-B)
