@@ -60,10 +60,11 @@ import traceback
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs._args import parse_once
 from jobs._tags import ascii_tag
+from quantcore._model import Section
 from quantcore.errors import UserError
 from quantcore.yaml_input import DuplicateKeyError, load_yaml
 
@@ -94,7 +95,7 @@ def _recipe_alias(data: Any) -> Any:
     return data
 
 
-class _RunFields(BaseModel):
+class _RunFields(Section):
     """Fields a run may set; ``defaults:`` may set the same ones (except ``name``). Types are strict, as
     the CLI's: ``batch_size: true`` or ``limit: "200"`` are mistakes, not 1 and 200."""
 
@@ -175,7 +176,7 @@ class RunSpec(_RunFields):
         return [r if isinstance(r, str) else str(r.get("name", "<inline>")) for r in self.recipes or []]
 
 
-class Sweep(BaseModel):
+class Sweep(Section):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: Literal[1] = 1

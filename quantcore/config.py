@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from ._model import Section
 from .formats import CalibMethod, FormatName, QuantSpec, ScaleFormat
 from .quantizer_kinds import quantizer_kind
 from .recon.config import ReconstructionConfig
@@ -30,7 +31,7 @@ RUN_FILES = frozenset({"report.json", "report.md", "per_class.png", "training.pn
 _RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class _Strict(BaseModel):
+class _Strict(Section):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+from ._model import Section
 
 from .calib.registry import calibrator, calibrator_names
 from .quantizer_kinds import FLOAT_DTYPES, quantizer_kind, quantizer_kind_names
@@ -36,7 +38,7 @@ __all__ = ["FLOAT_DTYPES", "CalibMethod", "FormatName", "QuantSpec", "ScaleForma
            "quantizer_kind_names"]
 
 
-class QuantSpec(BaseModel):
+class QuantSpec(Section):
     """Descriptor of one quantizer (what, not how)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)

@@ -425,6 +425,28 @@ def variant_artifact_uris(name: str, out: str) -> dict[str, str]:
             "ranges_plot": storage.join(base, "ranges.png")}
 
 
+def earlier_variants(out: str, names: Sequence[str]) -> str | None:
+    """A warning when ``out`` holds an earlier ptq run's variants that this run (recipes ``names``) does
+    not write, else None. This run's report.json replaces that run's and lists only its own variants;
+    their folders stay as they are (never deleted: they may be all that is left of that run), so the
+    report must not pass them over in silence. An unreadable earlier report gives no warning: the run
+    replaces it either way."""
+    try:
+        old = json.loads(storage.read_bytes(storage.join(out, "report.json")))
+    except (OSError, ValueError, StorageError):  # none (the usual case), or not a report of ours
+        return None
+    listed = old.get("variants") if isinstance(old, dict) else None
+    if not isinstance(listed, dict):
+        return None
+    left = [n for n in listed if isinstance(n, str) and n not in names
+            and storage.exists(variant_artifact_uris(n, out)["checkpoint"])]
+    if not left:
+        return None
+    return (f"--out {out} holds an earlier run's results for {', '.join(map(repr, left))}: this run's report "
+            f"replaces that run's and lists only its own variants; their folders ({', '.join(left)}) are left "
+            f"as they are (use a new --out per run to keep reports and checkpoints together)")
+
+
 def write_variant_artifacts(v: VariantResult, out: str) -> dict[str, str]:
     uris = variant_artifact_uris(v.name, out)
     ckpt, enc_uri, plot = uris["checkpoint"], uris["encodings"], uris["ranges_plot"]
@@ -516,6 +538,9 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
          fp32: nn.Module | None) -> dict[str, Any]:
     check_cache_dir(calib, evald)
     check_out(out)
+    earlier = earlier_variants(out, [r.name for r in recipes]) if distributed.rank() == 0 else None
+    if earlier:
+        log.warning("%s", earlier)
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
     eval_classes = None
@@ -560,7 +585,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     first = variants[0]
     general = ([random_weights_warning(first.recipe, [v.recipe.name for v in variants[1:]])]
                if first.calibration.get("fp32_weights", "") is None else [])
-    general += data_info.pop("warnings", [])
+    general += data_info.pop("warnings", []) + ([earlier] if earlier else [])
     own = {v.name: list(v.calibration.get("warnings", ())) for v in variants}
     # the calibration data's note once, not once per variant
     warnings = list(dict.fromkeys(general[:1] + [w for v in variants for w in own[v.name]] + general[1:]))

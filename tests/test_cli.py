@@ -813,3 +813,24 @@ def test_a_limit_above_the_split_size_is_in_the_report(image_folder, recipe_file
     assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", tmp_path / "q", "--limit", "6",
                "--no-progress") == 0
     assert not any("--limit" in w for w in json.loads((tmp_path / "q" / "report.json").read_text()).get("warnings", []))
+
+
+def test_ptq_into_an_out_of_an_earlier_run_names_what_its_report_no_longer_lists(image_folder, recipe_file, tmp_path,
+                                                                                  caplog):
+    """A second ptq into the same --out with other recipes replaced report.json (listing only its own
+    variants) and left the first run's variant folder behind without a word (helper-141); now the
+    report and the log name it, and nothing is deleted. The same recipes again (a retried job) say nothing."""
+    out = tmp_path / "run"
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(RECIPE, name="tiny_other")))
+    assert run("ptq", "-r", recipe_file, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    assert not any("earlier run" in w for w in json.loads((out / "report.json").read_text())["warnings"])
+    caplog.clear()
+    assert run("ptq", "-r", other, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["variants"]) == {"tiny_other"}
+    said = [w for w in rep["warnings"] if "earlier run" in w]
+    assert len(said) == 1 and "'tiny_w8a8'" in said[0] and "tiny_other" not in said[0], rep["warnings"]
+    assert any("earlier run" in r.getMessage() and "tiny_w8a8" in r.getMessage() for r in caplog.records)
+    assert (out / "tiny_w8a8" / "model.qc.pt").is_file()  # left as it was

@@ -54,3 +54,35 @@ def test_secret_mistakes_exit_2(tmp_path, capsys):
     assert launch.main(["true"], reader=reader, environ={"QUANTCORE_S3_SECRET": "qc-s3"}, sa_dir=str(sa),
                        execvpe=lambda *a: None) == 2
     assert "AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("quant:\n  weights: {bits: %s}\n", "quant.weights.bits", "true"),
+    ("calibration: {method: percentile, percentile: %s}\n", "calibration.percentile", "true"),
+    ("calibration: {num_batches: %s}\n", "calibration.num_batches", "true"),
+    ("overrides:\n  - match: 'fc.*'\n    spec: {bits: %s}\n", "overrides.0.spec.bits", "false"),
+    ("qat: {epochs: 1, optimizer: {lr: %s}}\n", "qat.optimizer.lr", "true"),
+    ("reconstruction: {iterations: %s}\n", "reconstruction.iterations", "true"),
+])
+def test_a_boolean_where_a_number_is_expected_is_named(tmp_path, capsys, section, field, value):
+    """YAML's true/false in a numeric field: pydantic's lax mode read them as 1/0 (``percentile: true`` ran
+    as the 1st percentile, ``bits: true`` was told 'should be >= 2'); refused, naming file and field."""
+    from quantcore.cli import main
+
+    f = tmp_path / "r.yaml"
+    f.write_text("version: 1\nname: r\nmodel: {name: resnet18}\n" + section % value)
+    assert main(["show-recipe", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "r.yaml" in err and field in err and "is a boolean (true/false)" in err and "\n" not in err, err
+    # the same field with a number is fine (the refusal is about the boolean, not the field)
+    f.write_text("version: 1\nname: r\nmodel: {name: resnet18}\n" + section % ("8" if "bits" in field else "1"))
+    assert main(["show-recipe", str(f)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def test_a_boolean_in_a_sweep_number_is_named(tmp_path, capsys):
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("calib_data: /tmp/x\nruns: [{name: a, recipe: fmnist_w8a8_ft1, limit: true}]\n")
+    assert ray_sweep.main(["--sweep", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sweep.yaml" in err and "limit" in err and "boolean" in err.replace(str(tmp_path), ""), err

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from .._model import Section
 
 #: reconstruction units: one weighted layer at a time, or a whole block (BRECQ)
 RECON_MODES = ("layer", "block")
 
 
-class ReconstructionConfig(BaseModel):
+class ReconstructionConfig(Section):
     """Reconstruction-based PTQ after calibration (``quantcore.recon.reconstruct``).
 
     Each unit (a layer, or a transformer/residual block in ``block`` mode) learns whether each weight
