@@ -1710,6 +1710,12 @@ def _training_markdown(info: dict, metrics: list[dict]) -> str:
     lines = ["", "## Quantization-aware training", "",
              f"{info['steps']} steps on {info['world_size']} rank(s), global batch {info['global_batch']}, "
              f"{info['learned_quantizers']} learned ranges, {info['train_s']:.0f} s."]
+    bn = (info.get("config") or {}).get("bn")
+    if bn == "freeze":  # what happened to the BatchNorms the placement kept (folded ones are in the placement line)
+        lines.append(f"BatchNorm statistics updated for {info['config'].get('bn_freeze_step')} steps, then frozen "
+                     f"(qat.bn: freeze).")
+    elif bn == "train":
+        lines.append("BatchNorm statistics updated at every step (qat.bn: train).")
     if losses:
         lines.append(f"Loss {losses[0]['loss']:.4f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.4f} "
                      f"(step {losses[-1]['step']}); {losses[-1]['images_per_s']:.0f} images/s at the end.")

@@ -1022,3 +1022,16 @@ def test_outputs_an_earlier_analysis_left_are_removed_not_passed_off_as_this_run
     assert "search" not in json.loads((out / "analysis.json").read_text()) and "search" not in res
     assert "removed pareto.png, search_recipe.yaml of an earlier analysis" in caplog.text
     assert ("sqnr.png" in made) == ("sqnr.png" in left)  # this run made its own error analysis
+
+
+def test_a_top1_budget_on_unlabelled_images_names_the_option_as_the_caller_gave_it():
+    """From Python the budget is a dict key, not the CLI flag (the API's error said '--budget-top1')."""
+    from quantcore.analysis.search import Budget
+    from quantcore.errors import UserError
+
+    unlabelled = {"delta_top1": None, "agreement": 99.0, "count": 8}
+    api_names = {k: f"budget[{k!r}]" for k in ("delta_top1", "agreement", "sqnr_db", "confidence")}
+    with pytest.raises(UserError, match=r"^budget\['delta_top1'\] needs labelled data"):
+        Budget.from_options(delta_top1=0.1, names=api_names).bound(unlabelled)
+    with pytest.raises(UserError, match=r"^--budget-top1 needs labelled data"):
+        Budget.from_options(delta_top1=0.1).bound(unlabelled)

@@ -642,6 +642,14 @@ def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, capl
     key = next(k for k in states[3] if k.endswith("running_mean"))
     assert not torch.equal(states[3][key], _state(tmp_path / "o" / "ptq" / "model.qc.pt")[key])  # updated before
     assert torch.equal(states[3][key], states[6][key]) and torch.equal(states[6][key], states[9][key])  # frozen after
+    # the report says what happened to them (it said "0 BatchNorms folded, 0 kept" and nothing of the freeze)
+    import timm
+
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in timm.create_model("resnet10t").modules())
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert f"0 BatchNorms folded, {n_bn} kept" in md and "updated for 3 steps, then frozen (qat.bn: freeze)" in md, md
+    pl = json.loads((tmp_path / "o" / "report.json").read_text())["variants"]["cnn"]["placement"]
+    assert len(pl["unfolded_bn"]) == n_bn and set(pl["unfolded_bn"].values()) == {"placement.fold_bn: false"}
     with pytest.raises(ValueError, match="fold_bn"):
         Recipe.model_validate({**base, "qat": {"bn": "fold"}})
     # freeze with the BatchNorms folded away (placement.fold_bn: true, the default): nothing to freeze

@@ -281,7 +281,8 @@ class Budget:
         budget on unlabelled images."""
         if self.metric == "delta_top1":
             if m.get("delta_top1") is None:
-                raise UserError("--budget-top1 needs labelled data (the search images have no labels)")
+                opt = dict(self.names).get("delta_top1", BUDGET_METRICS["delta_top1"])  # the CLI flag or API key
+                raise UserError(f"{opt} needs labelled data (the search images have no labels)")
             if self.confidence is None:
                 return m["delta_top1"]
             return delta_lower_bound(m["gained"], m["lost"], m["count"], self.confidence)

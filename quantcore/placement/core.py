@@ -766,6 +766,8 @@ def place_quantizers(model: nn.Module, placement: PlacementConfig, weight_spec: 
         except Exception as err:  # noqa: BLE001 - the user's model failed on the example input
             raise _probe_failed(shape, "BatchNorm folding was checked", err) from None
         folded, unfolded, fold_res = res.pairs, res.unfolded, res
+    elif has_bn:  # every BatchNorm stays: the placement record counts them as the report says ("N kept")
+        unfolded = {n: "placement.fold_bn: false" for n, m in model.named_modules() if is_batchnorm(m)}
     try:
         return _place(model, placement, weight_spec, act_spec, overrides, bins, example_input, shape, explicit,
                       has_bn, folded, unfolded)
