@@ -137,13 +137,20 @@ def relative_to_file(val: str, src: str) -> str:
     if _is_s3(src):
         from .io.uri import parse_uri, s3_uri
 
-        # S3 keys are not paths, but ``../w/fp32.pt`` means the same as on a disk: the segments are
-        # resolved (``.`` and ``..``), never sent as a literal key
+        # S3 keys are not paths, but ``../w/fp32.pt`` means the same as on a disk: the ``.`` and ``..``
+        # segments are resolved, never sent as a literal key. Every other segment is kept as written,
+        # empty ones too: ``a//b`` and ``a/b`` are two keys (normpath merged them, so a recipe under
+        # ``rr//exp/`` loaded the weights of ``rr/exp/``).
         p = parse_uri(src)
-        key_path = posixpath.normpath(posixpath.join(posixpath.dirname(p.key), val))
-        if key_path.startswith("../") or key_path == "..":
-            raise ValueError("leads above the bucket's root")
-        return s3_uri(p.bucket, key_path)
+        segments = p.key.split("/")[:-1]  # the recipe's "folder", '' segments included
+        for seg in val.split("/"):
+            if seg == "..":
+                if not segments:
+                    raise ValueError("leads above the bucket's root")
+                segments.pop()
+            elif seg != ".":
+                segments.append(seg)
+        return s3_uri(p.bucket, "/".join(segments))
     return str((Path(_local(src)).resolve().parent / val).resolve())
 
 

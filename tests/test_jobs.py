@@ -894,6 +894,26 @@ def test_relative_paths_in_a_sweep_file_are_relative_to_the_file(tmp_path, monke
         load_sweep(f"s3://{s3_bucket}/s.yaml")
 
 
+@pytest.mark.parametrize("src, val, want", [
+    ("s3://bkt/team/sweeps/s.yaml", "r/w4.yaml", "s3://bkt/team/sweeps/r/w4.yaml"),
+    ("s3://bkt/team/sweeps/s.yaml", "../w.pt", "s3://bkt/team/w.pt"),
+    ("s3://bkt/team/sweeps/s.yaml", "./a/./b.pt", "s3://bkt/team/sweeps/a/b.pt"),
+    # keys are not paths: an empty segment is a key of its own, kept wherever it is (normpath merged it,
+    # so a recipe under rr//exp/ loaded the weights of rr/exp/ - helper-144)
+    ("s3://bkt/rr//exp/recipe.yaml", "fp32.pt", "s3://bkt/rr//exp/fp32.pt"),
+    ("s3://bkt/rr//exp/recipe.yaml", "../w.pt", "s3://bkt/rr//w.pt"),
+    ("s3://bkt/rr//exp/recipe.yaml", "../../w.pt", "s3://bkt/rr/w.pt"),
+    ("s3://bkt/r.yaml", "w//x.pt", "s3://bkt/w//x.pt"),
+    ("s3://bkt/r.yaml", "w.pt", "s3://bkt/w.pt"),
+])
+def test_a_relative_path_in_a_file_on_s3_keeps_every_key_segment(src, val, want):
+    from quantcore.recipe import relative_to_file
+
+    assert relative_to_file(val, src) == want
+    with pytest.raises(ValueError, match="above the bucket's root"):
+        relative_to_file("../" * (src.count("/") - 2) + "../x.pt", src)  # one more than the key has folders
+
+
 def test_ray_sweep_cli_exits_2_on_a_bad_sweep_file(tmp_path):
     bad = tmp_path / "sweep.yaml"
     bad.write_text(yaml.safe_dump({"runs": [{"name": "a", "recipe": "x", "calib_dta": "d"}]}))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,6 +468,17 @@ def test_hf_directory_on_s3_and_npz_on_s3(tmp_path, s3_bucket):
                                  ).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
     with pytest.raises(ModelError, match=rf"s3://{s3_bucket}/models/none: no files"):
         quantcore.build_model({"model": {"name": f"s3://{s3_bucket}/models/none"}})
+
+    # keys that are no file name inside the model folder: '//' made the remainder an absolute path and '..'
+    # climbed out of the temporary folder, so listing the prefix wrote files anywhere (helper-144)
+    outside = tmp_path / "escaped"
+    for bad in (f"models/vit//{str(outside).lstrip('/')}/x.json", "models/vit/../escaped.json",
+                "models/vit/./x.json"):
+        storage.write_bytes(f"s3://{s3_bucket}/{bad}", b"{}")
+        with pytest.raises(ModelError, match=r"object key .* has an empty, '\.' or '\.\.' path segment"):
+            quantcore.build_model({"model": {"name": f"s3://{s3_bucket}/models/vit"}}, load_weights=False)
+        storage.delete(f"s3://{s3_bucket}/{bad}")
+    assert not outside.exists() and not any(p.name.startswith("escaped") for p in Path(tempfile.gettempdir()).iterdir())
 
     torch.manual_seed(0)
     vit = randomize(tiny_vit())

@@ -219,6 +219,11 @@ def _local_dir(name: str, want_weights: bool) -> Iterator[str]:
             rel = uri[len(prefix) + 1:]
             if not want_weights and not rel.endswith(".json"):
                 continue
+            # an object key is not a path: a '' (from '//'), '.' or '..' segment would land the file at
+            # another place, outside the temporary folder too (an absolute path, or above it)
+            if any(seg in ("", ".", "..") for seg in rel.split("/")):
+                raise ModelError(f"model.name {name}: object key {uri!r} has an empty, '.' or '..' path segment; "
+                                 f"it cannot be placed in a model folder (rename or remove it)")
             storage.download_file(uri, os.path.join(tmp, rel))
         yield tmp
 
