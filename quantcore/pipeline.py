@@ -425,23 +425,38 @@ def variant_artifact_uris(name: str, out: str) -> dict[str, str]:
             "ranges_plot": storage.join(base, "ranges.png")}
 
 
-def earlier_variants(out: str, names: Sequence[str]) -> str | None:
-    """A warning when ``out`` holds an earlier ptq run's variants that this run (recipes ``names``) does
-    not write, else None. This run's report.json replaces that run's and lists only its own variants;
-    their folders stay as they are (never deleted: they may be all that is left of that run), so the
-    report must not pass them over in silence. An unreadable earlier report gives no warning: the run
-    replaces it either way."""
+def earlier_variants(out: str, names: Sequence[str]) -> list[str] | None:
+    """The variants an earlier ptq run wrote into ``out`` that this run (recipes ``names``) does not
+    write, and whose checkpoints are still there; None when there are none.
+
+    This run's report.json replaces that run's and lists only its own variants; their folders stay as
+    they are (never deleted: they may be all that is left of that run), so the report must not pass
+    them over in silence: it names them in a warning and under ``earlier_variants``, which the next run
+    reads too. An unreadable earlier report gives no warning: the run replaces it either way."""
     try:
         old = json.loads(storage.read_bytes(storage.join(out, "report.json")))
     except (OSError, ValueError, StorageError):  # none (the usual case), or not a report of ours
         return None
-    listed = old.get("variants") if isinstance(old, dict) else None
-    if not isinstance(listed, dict):
+    if not isinstance(old, dict) or not isinstance(old.get("variants"), dict):
         return None
-    left = [n for n in listed if isinstance(n, str) and n not in names
-            and storage.exists(variant_artifact_uris(n, out)["checkpoint"])]
+    # with those an earlier run's report itself warned about: they stay named run after run
+    carried = old.get("earlier_variants")
+    listed = list(old["variants"]) + (carried if isinstance(carried, list) else [])
+
+    def there(n: str) -> bool:
+        try:
+            return storage.exists(variant_artifact_uris(n, out)["checkpoint"])
+        except (OSError, ValueError, StorageError):  # advisory: a name we cannot look up is not there
+            return False
+
+    left = list(dict.fromkeys(n for n in listed if isinstance(n, str) and n not in names and there(n)))
     if not left:
         return None
+    return left
+
+
+def earlier_variants_warning(out: str, left: Sequence[str]) -> str:
+    """The report's and log's line for :func:`earlier_variants`' names."""
     return (f"--out {out} holds an earlier run's results for {', '.join(map(repr, left))}: this run's report "
             f"replaces that run's and lists only its own variants; their folders ({', '.join(left)}) are left "
             f"as they are (use a new --out per run to keep reports and checkpoints together)")
@@ -540,7 +555,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     check_out(out)
     earlier = earlier_variants(out, [r.name for r in recipes]) if distributed.rank() == 0 else None
     if earlier:
-        log.warning("%s", earlier)
+        log.warning("%s", earlier_variants_warning(out, earlier))
     if evald is not None and evald.limit is not None and int(evald.limit) < 0:
         raise UserError(f"--limit: must be >= 0 (0 = the whole split), got {evald.limit}")
     eval_classes = None
@@ -585,7 +600,7 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
     first = variants[0]
     general = ([random_weights_warning(first.recipe, [v.recipe.name for v in variants[1:]])]
                if first.calibration.get("fp32_weights", "") is None else [])
-    general += data_info.pop("warnings", []) + ([earlier] if earlier else [])
+    general += data_info.pop("warnings", []) + ([earlier_variants_warning(out, earlier)] if earlier else [])
     own = {v.name: list(v.calibration.get("warnings", ())) for v in variants}
     # the calibration data's note once, not once per variant
     warnings = list(dict.fromkeys(general[:1] + [w for v in variants for w in own[v.name]] + general[1:]))
@@ -599,7 +614,8 @@ def _ptq(recipes: Sequence[Recipe], calib: DataSpec, evald: DataSpec | None, out
                                                     "placement": v.model.quantcore_placement.as_dict()}
                                            for v in variants},
                               "transform": describe_transform(fp32), "device": str(_rank_device(opts.device)),
-                              **({"evaluation_cost": eval_cost} if eval_cost else {})})
+                              **({"evaluation_cost": eval_cost} if eval_cost else {}),
+                              **({"earlier_variants": earlier} if earlier else {})})
     if scores:
         rep["plots"] = ["per_class.png"]
 

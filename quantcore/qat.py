@@ -1710,10 +1710,15 @@ def _training_markdown(info: dict, metrics: list[dict]) -> str:
     lines = ["", "## Quantization-aware training", "",
              f"{info['steps']} steps on {info['world_size']} rank(s), global batch {info['global_batch']}, "
              f"{info['learned_quantizers']} learned ranges, {info['train_s']:.0f} s."]
-    bn = (info.get("config") or {}).get("bn")
-    if bn == "freeze":  # what happened to the BatchNorms the placement kept (folded ones are in the placement line)
-        lines.append(f"BatchNorm statistics updated for {info['config'].get('bn_freeze_step')} steps, then frozen "
-                     f"(qat.bn: freeze).")
+    cfg = info.get("config") or {}
+    bn, at = cfg.get("bn"), cfg.get("bn_freeze_step")
+    # what happened to the BatchNorms the placement kept (folded ones are in the placement line)
+    if bn == "freeze" and isinstance(at, int) and at < info["steps"]:
+        lines.append("BatchNorm statistics frozen from the first step (qat.bn: freeze, bn_freeze_step 0)." if at == 0
+                     else f"BatchNorm statistics updated for {at} steps, then frozen (qat.bn: freeze).")
+    elif bn == "freeze":
+        lines.append(f"BatchNorm statistics updated at every step: qat.bn_freeze_step {at} was not reached in "
+                     f"{info['steps']} steps.")
     elif bn == "train":
         lines.append("BatchNorm statistics updated at every step (qat.bn: train).")
     if losses:

@@ -150,7 +150,10 @@ def relative_to_file(val: str, src: str) -> str:
                 segments.pop()
             elif seg != ".":
                 segments.append(seg)
-        return s3_uri(p.bucket, "/".join(segments))
+        key = "/".join(segments)
+        # a trailing '/' names a folder, as on a disk, where it is dropped: so it is here (a sweep's run
+        # fingerprint includes the resolved URIs)
+        return s3_uri(p.bucket, key[:-1] if val.endswith("/") and key.endswith("/") else key)
     return str((Path(_local(src)).resolve().parent / val).resolve())
 
 

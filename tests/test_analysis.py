@@ -311,6 +311,10 @@ def test_api_budget_errors_name_the_api_keys(setup):
         api.analyze(model, evalb, search=True)
     with pytest.raises(UserError, match=r"budget\['confidence'\]: applies to"):
         api.analyze(model, evalb, search=True, budget={"sqnr_db": 20, "confidence": 0.9})
+    # a top-1 budget on images without labels: named as the API's key, not the CLI flag
+    unlabelled = [b[0] if isinstance(b, (tuple, list)) else b for b in evalb]
+    with pytest.raises(UserError, match=r"^budget\['delta_top1'\] needs labelled data"):
+        api.analyze(model, unlabelled, search=True, budget={"delta_top1": 0.1}, calib_batches=unlabelled)
 
 
 def test_engine_reads_hugging_face_model_outputs():
@@ -1023,15 +1027,3 @@ def test_outputs_an_earlier_analysis_left_are_removed_not_passed_off_as_this_run
     assert "removed pareto.png, search_recipe.yaml of an earlier analysis" in caplog.text
     assert ("sqnr.png" in made) == ("sqnr.png" in left)  # this run made its own error analysis
 
-
-def test_a_top1_budget_on_unlabelled_images_names_the_option_as_the_caller_gave_it():
-    """From Python the budget is a dict key, not the CLI flag (the API's error said '--budget-top1')."""
-    from quantcore.analysis.search import Budget
-    from quantcore.errors import UserError
-
-    unlabelled = {"delta_top1": None, "agreement": 99.0, "count": 8}
-    api_names = {k: f"budget[{k!r}]" for k in ("delta_top1", "agreement", "sqnr_db", "confidence")}
-    with pytest.raises(UserError, match=r"^budget\['delta_top1'\] needs labelled data"):
-        Budget.from_options(delta_top1=0.1, names=api_names).bound(unlabelled)
-    with pytest.raises(UserError, match=r"^--budget-top1 needs labelled data"):
-        Budget.from_options(delta_top1=0.1).bound(unlabelled)

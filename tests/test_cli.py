@@ -834,3 +834,7 @@ def test_ptq_into_an_out_of_an_earlier_run_names_what_its_report_no_longer_lists
     assert len(said) == 1 and "'tiny_w8a8'" in said[0] and "tiny_other" not in said[0], rep["warnings"]
     assert any("earlier run" in r.getMessage() and "tiny_w8a8" in r.getMessage() for r in caplog.records)
     assert (out / "tiny_w8a8" / "model.qc.pt").is_file()  # left as it was
+    # and named again by every later run that does not write it (its report is long gone by then)
+    assert run("ptq", "-r", other, "--calib-data", image_folder, "--out", out, "--no-progress") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["earlier_variants"] == ["tiny_w8a8"] and any("'tiny_w8a8'" in w for w in rep["warnings"])

@@ -63,6 +63,8 @@ def test_secret_mistakes_exit_2(tmp_path, capsys):
     ("overrides:\n  - match: 'fc.*'\n    spec: {bits: %s}\n", "overrides.0.spec.bits", "false"),
     ("qat: {epochs: 1, optimizer: {lr: %s}}\n", "qat.optimizer.lr", "true"),
     ("reconstruction: {iterations: %s}\n", "reconstruction.iterations", "true"),
+    ("qat: {epochs: 1, optimizer: {name: adamw, betas: [%s, 0.999]}}\n", "qat.optimizer.betas", "true"),
+    ("qat: {epochs: 1, augment: {kind: model, scale: [%s, 1.0]}}\n", "qat.augment.scale", "false"),
 ])
 def test_a_boolean_where_a_number_is_expected_is_named(tmp_path, capsys, section, field, value):
     """YAML's true/false in a numeric field: pydantic's lax mode read them as 1/0 (``percentile: true`` ran
@@ -73,16 +75,21 @@ def test_a_boolean_where_a_number_is_expected_is_named(tmp_path, capsys, section
     f.write_text("version: 1\nname: r\nmodel: {name: resnet18}\n" + section % value)
     assert main(["show-recipe", str(f)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "r.yaml" in err and field in err and "is a boolean (true/false)" in err and "\n" not in err, err
+    assert "r.yaml" in err and field in err and "a boolean (true/false)" in err and "\n" not in err, err
     # the same field with a number is fine (the refusal is about the boolean, not the field)
-    f.write_text("version: 1\nname: r\nmodel: {name: resnet18}\n" + section % ("8" if "bits" in field else "1"))
+    number = "8" if "bits" in field else ("0.9" if "betas" in field else ("0.5" if "scale" in field else "1"))
+    f.write_text("version: 1\nname: r\nmodel: {name: resnet18}\n" + section % number)
     assert main(["show-recipe", str(f)]) == 0, capsys.readouterr().err
     capsys.readouterr()
 
 
-def test_a_boolean_in_a_sweep_number_is_named(tmp_path, capsys):
+@pytest.mark.parametrize("doc, field", [
+    ("calib_data: /tmp/x\nruns: [{name: a, recipe: fmnist_w8a8_ft1, limit: true}]\n", "limit"),
+    ("version: true\ncalib_data: /tmp/x\nruns: [{name: a, recipe: fmnist_w8a8_ft1}]\n", "version"),  # Literal[1]
+])
+def test_a_boolean_in_a_sweep_number_is_named(tmp_path, capsys, doc, field):
     bad = tmp_path / "sweep.yaml"
-    bad.write_text("calib_data: /tmp/x\nruns: [{name: a, recipe: fmnist_w8a8_ft1, limit: true}]\n")
+    bad.write_text(doc)
     assert ray_sweep.main(["--sweep", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "sweep.yaml" in err and "limit" in err and "boolean" in err.replace(str(tmp_path), ""), err
+    assert "sweep.yaml" in err and field in err and "boolean" in err.replace(str(tmp_path), ""), err

@@ -905,13 +905,17 @@ def test_relative_paths_in_a_sweep_file_are_relative_to_the_file(tmp_path, monke
     ("s3://bkt/rr//exp/recipe.yaml", "../../w.pt", "s3://bkt/rr/w.pt"),
     ("s3://bkt/r.yaml", "w//x.pt", "s3://bkt/w//x.pt"),
     ("s3://bkt/r.yaml", "w.pt", "s3://bkt/w.pt"),
+    ("s3://bkt/team/s.yaml", "data/", "s3://bkt/team/data"),  # a folder's trailing '/' dropped, as on a disk
+    ("s3://bkt/team/s.yaml", "..", "s3://bkt/"),
 ])
 def test_a_relative_path_in_a_file_on_s3_keeps_every_key_segment(src, val, want):
     from quantcore.recipe import relative_to_file
 
     assert relative_to_file(val, src) == want
+    folders = src.removeprefix("s3://bkt/").count("/")  # '' segments are folders too
+    assert relative_to_file("../" * folders + "x.pt", src) == "s3://bkt/x.pt"
     with pytest.raises(ValueError, match="above the bucket's root"):
-        relative_to_file("../" * (src.count("/") - 2) + "../x.pt", src)  # one more than the key has folders
+        relative_to_file("../" * (folders + 1) + "x.pt", src)
 
 
 def test_ray_sweep_cli_exits_2_on_a_bad_sweep_file(tmp_path):

@@ -666,6 +666,8 @@ def test_bn_freeze_stops_running_statistics_after_n_steps(fmnist, tmp_path, capl
                 QATOptions(progress=False, max_steps=1))
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "never freeze" in said and f"larger than the {N_TRAIN} training images" in said, said
+    md = (tmp_path / "late" / "report.md").read_text()  # and the report does not claim a freeze that never came
+    assert "updated at every step: qat.bn_freeze_step 100 was not reached in 1 steps" in md and "then frozen" not in md
     # validation settings with no validation in the run (one epoch, eval_every past its end) are said
     # too; with evaluation data and eval_every inside the run they are not
     for qat, data_eval, warned in (({"eval_every": 1000, "eval_limit": 5}, True, True),

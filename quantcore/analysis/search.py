@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FLOAT = "float"  # the quantizers pass their tensor through (override enabled: false)
 _FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8}
 BUDGET_METRICS = {"delta_top1": "--budget-top1", "agreement": "--budget-agreement", "sqnr_db": "--budget-sqnr"}
+#: how errors name the budget's options by default (the CLI's flags); the API passes its own (``Budget.names``)
+BUDGET_OPTION_NAMES = {**BUDGET_METRICS, "confidence": "--budget-confidence", "images": "--search-limit"}
 
 
 # -- statistics and ranges ----------------------------------------------------------------------------
@@ -249,7 +251,7 @@ class Budget:
                      names: dict[str, str] | None = None) -> "Budget":
         """Checked budget; ``names``: how errors call each option (default: the CLI flags;
         :func:`quantcore.api.analyze` passes its dict keys). Raises UserError."""
-        names = names or {**BUDGET_METRICS, "confidence": "--budget-confidence"}
+        names = names or BUDGET_OPTION_NAMES
         given = {k: v for k, v in (("delta_top1", delta_top1), ("agreement", agreement), ("sqnr_db", sqnr_db))
                  if v is not None}
         if len(given) != 1:
@@ -275,13 +277,17 @@ class Budget:
                 raise UserError(f"{copt}: a probability in [0.5, 1), e.g. 0.9; got {confidence}")
         return cls(k, float(v), None if confidence is None else float(confidence), tuple(names.items()))
 
+    def option_name(self, key: str) -> str:
+        """How errors name option ``key`` (a metric, ``confidence`` or ``images``) for this budget's caller."""
+        return dict(self.names).get(key) or BUDGET_OPTION_NAMES[key]
+
     def bound(self, m: dict[str, Any]) -> float | None:
         """The value the budget is checked on: the metric itself, or its lower confidence bound
         (points / %; ``None`` = identical logits for ``sqnr_db``). Raises UserError for a top-1
         budget on unlabelled images."""
         if self.metric == "delta_top1":
             if m.get("delta_top1") is None:
-                opt = dict(self.names).get("delta_top1", BUDGET_METRICS["delta_top1"])  # the CLI flag or API key
+                opt = self.option_name("delta_top1")
                 raise UserError(f"{opt} needs labelled data (the search images have no labels)")
             if self.confidence is None:
                 return m["delta_top1"]
@@ -320,10 +326,8 @@ class Budget:
             what = f"even outputs identical to FP32 have a Δ top-1 lower bound of {best(count):+.3f} points"
         if need_ok(best(count)):
             return
-        names = {**BUDGET_METRICS, "confidence": "--budget-confidence", "images": "--search-limit",
-                 **dict(self.names)}
-        opt, copt = names[self.metric], names["confidence"]
-        images_option = images_option or names["images"]
+        opt, copt = self.option_name(self.metric), self.option_name("confidence")
+        images_option = images_option or self.option_name("images")
         head = (f"{opt} {self.value:g} with {copt} {self.confidence:g} cannot be met on {count} "
                 f"search images: {what}")
         if self.metric == "delta_top1" and self.value <= 0:
