@@ -522,6 +522,29 @@ def _claim_out(out: str, ctx: distributed.DistContext) -> str:
     return token
 
 
+def _take_over_out(out: str, ctx: distributed.DistContext, resume: bool) -> None:
+    """What a run that has just claimed ``--out`` (:func:`_claim_out`) removes there, on rank 0:
+    ``--no-resume``'s earlier checkpoints (the old run's must not outrank this one's), and on local
+    storage the temp files of checkpoint writes killed mid-way (this rank is the run's only checkpoint
+    writer and has not started writing; on S3 an unfinished multipart upload is the bucket's lifecycle
+    rule's to abort: listing them needs a permission many policies lack)."""
+    if not ctx.is_main:
+        return
+    if not resume:  # start over
+        _unmark_discarded(out)
+        discard_checkpoints(out)
+        _mark_discarded(out)
+    if not storage.parse_uri(out).is_s3:
+        try:
+            left = storage.cleanup_incomplete_writes(storage.join(out, _CKPT_DIR), older_than_s=0)
+        except OSError as err:
+            left = 0
+            log.warning("could not remove unfinished checkpoint writes under %s: %s", out, err)
+        if left:
+            log.info("removed %d unfinished checkpoint write(s) of an earlier start under %s", left,
+                     storage.join(out, _CKPT_DIR))
+
+
 def _claims(out: str) -> list[str]:
     try:
         text = storage.read_bytes(storage.join(out, _CKPT_DIR, _OWNER)).decode(errors="replace")
@@ -670,9 +693,11 @@ def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOp
 
 def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, ctx: distributed.DistContext,
                  out: str, resuming: bool, eval_classes: int | None = None
-                 ) -> tuple[nn.Module, nn.Module, dict, nn.Module | None]:
-    """(FP32 model, calibrated model, calibration info, teacher), on ``ctx.device``. Everything that
-    can be refused (distillation, teacher, BatchNorm options) is checked before calibrating."""
+                 ) -> tuple[nn.Module, nn.Module, dict, nn.Module | None, dict | None]:
+    """(FP32 model, calibrated model, calibration info, teacher, what to save with the calibrated model
+    as ``OUT/ptq/model.qc.pt``: None when resuming), on ``ctx.device``. Everything that can be refused
+    (distillation, teacher, BatchNorm options) is checked before calibrating. Nothing is written: the
+    caller saves the start once the run has claimed ``--out``."""
     from .data import class_names, eval_transform, make_loader, open_dataset
     from .pipeline import _calibration_indices, random_weights_warning
 
@@ -707,10 +732,9 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
                 f"--init {opts.init}: quantizers {', '.join(g)} were calibrated with different ranges (by an older "
                 f"quantcore) but share one range here: QAT starts them from the union of their ranges, and the PTQ "
                 f"figures are those of the unified model" for g in unequal]
-        if ctx.is_main and not resuming:  # the warnings are this run's, not the checkpoint's
-            api.save(model, ptq_uri, extra={"calibration": {k: v for k, v in info.items() if k != "start_warnings"}})
-        distributed.barrier()
-        return fp32, model.to(ctx.device), info, teacher
+        # (the warnings are this run's, not the checkpoint's)
+        ptq_extra = None if resuming else {"calibration": {k: v for k, v in info.items() if k != "start_warnings"}}
+        return fp32, model.to(ctx.device), info, teacher, ptq_extra
     if recipe.model is None:
         raise UserError(f"recipe {recipe.name!r}: model.name is missing (no model: section) and no --init "
                         f"checkpoint was given: there is no model to train")
@@ -726,7 +750,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
             raise CheckpointError(f"{err}; it is the calibrated start of the run whose training checkpoints are "
                                   f"under {out}/checkpoints: restore it, or start over with --no-resume or "
                                   f"another --out") from None
-        return fp32, model, dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}), teacher
+        return fp32, model, dict(model.quantcore_meta.get("extra", {}).get("calibration") or {}), teacher, None
     ds = open_dataset(train.uri, train.split, eval_transform(fp32), layout=train.layout, skip_bad=train.skip_bad,
                       cache_dir=train.cache_dir)
     # whole batches per rank: each rank computes exactly the batches one process would (bitwise ranges)
@@ -745,10 +769,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
             "finalize_s": res.finalize_s, "uncalibrated": res.uncalibrated,
             "fp32_weights": getattr(fp32, "quantcore_weights", "given"), "classes": class_names(ds),
             **res.transforms}
-    if ctx.is_main:
-        api.save(model, ptq_uri, extra={"calibration": info})
-    distributed.barrier()
-    return fp32, model, info, teacher
+    return fp32, model, info, teacher, {"calibration": copy.deepcopy(info)}
 
 
 # Fields of a recipe that may change between a run and its resumption (they do not change the
@@ -1140,25 +1161,11 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     # --no-resume under a torchrun restart resumes only once this run's first start has discarded the
     # old checkpoints (its marker): a rank that died before that would otherwise resume the old run
     resume = opts.resume or (_torchrun_restart() > 0 and _discarded_by_this_run(out))
-    if not resume and ctx.is_main:  # start over: the old run's checkpoints must not outrank ours
-        _unmark_discarded(out)
-        discard_checkpoints(out)
-        _mark_discarded(out)
-    elif not opts.resume:
+    if resume and not opts.resume:
         log.info("--no-resume: restart %d of this run by torchrun, which resumes from the run's own checkpoints "
                  "(the earlier ones were discarded at its first start)", _torchrun_restart())
-    if ctx.is_main and not storage.parse_uri(out).is_s3:
-        # a local write killed mid-way (preemption) left its temp file; this rank is the run's only checkpoint
-        # writer and has not started writing. (On S3 an unfinished multipart upload is the bucket's lifecycle
-        # rule's to abort: listing them needs a permission many policies lack.)
-        try:
-            left = storage.cleanup_incomplete_writes(storage.join(out, _CKPT_DIR), older_than_s=0)
-        except OSError as err:
-            left = 0
-            log.warning("could not remove unfinished checkpoint writes under %s: %s", out, err)
-        if left:
-            log.info("removed %d unfinished checkpoint write(s) of an earlier start under %s", left,
-                     storage.join(out, _CKPT_DIR))
+    # (--no-resume's discard and the removal of unfinished writes wait for this run's claim of --out: a run
+    # refused at start-up must not delete what another run writes there)
     unverified: set[str] = set()  # checkpoint files skipped as corrupt: never pruned, never counted
     found = latest_checkpoint(out, unverified) if (resume and ctx.is_main) else None
     ckpt_uri = distributed.broadcast_object(found[0] if found else None)
@@ -1176,8 +1183,8 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     if evald is not None:  # a missing evaluation split (or class count) is found now, not after training
         eval_classes = open_dataset(evald.uri, evald.split, None, layout=evald.layout, skip_bad=evald.skip_bad,
                                     cache_dir=evald.cache_dir).num_classes
-    fp32, model, cal_info, teacher = _start_point(recipe, cfg, train, opts, ctx, out, resuming=state_in is not None,
-                                                  eval_classes=eval_classes)
+    fp32, model, cal_info, teacher, ptq_extra = _start_point(recipe, cfg, train, opts, ctx, out,
+                                                             resuming=state_in is not None, eval_classes=eval_classes)
     start_id = _start_identity(opts.init, fp32, teacher)
     if state_in is not None:
         _check_same_start(state_in, start_id, ckpt_uri)
@@ -1353,6 +1360,11 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
                         "scored against shifted labels. Give both splits the same class folders (or pack them "
                         "with one class list)", file=evald.uri)
     owner = _claim_out(out, ctx)  # every start-up check passed: this run writes --out from here on
+    _take_over_out(out, ctx, resume)
+    if ptq_extra is not None:  # the calibrated start, written only now that --out is this run's
+        if ctx.is_main:
+            api.save(ptq_model, storage.join(out, "ptq", "model.qc.pt"), extra=ptq_extra)
+        distributed.barrier()
     flag = torch.zeros(2)  # [SIGTERM seen, training diverged], max over ranks
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
         while st.step < total_steps:

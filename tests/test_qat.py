@@ -1527,3 +1527,16 @@ def test_a_second_run_on_the_same_out_stops_the_first_before_it_writes(fmnist, t
     with pytest.raises(UserError, match="recipe differs in qat.epochs"):
         _run(fmnist, out, qat={"epochs": 2, "checkpoint_every": 2}, max_steps=6, eval_limit=20)
     assert qat_mod._owner_of(str(out)) == holder
+    # a start refused after calibrating (here: learn_zero_point with only symmetric learned ranges) wrote its
+    # calibrated model over the holder's ptq/model.qc.pt, which the holder's resume then loaded, and with
+    # --no-resume it deleted the holder's checkpoints first (helper-146): it now writes and deletes nothing
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    sym = {"epochs": 1, "checkpoint_every": 2, "learn_zero_point": False}
+    data, ckpt = fmnist
+    r = _recipe(ckpt, **sym)
+    r["overrides"] = []  # every quantizer symmetric
+    with pytest.raises(UserError, match="learn_zero_point: false, but every quantizer"):
+        run_qat(Recipe.model_validate(r), DataSpec(data, "train"), DataSpec(data, "test"), str(out),
+                QATOptions(progress=False, max_steps=6, eval_limit=20, resume=False))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
