@@ -450,9 +450,7 @@ def earlier_variants(out: str, names: Sequence[str]) -> list[str] | None:
             return False
 
     left = list(dict.fromkeys(n for n in listed if isinstance(n, str) and n not in names and there(n)))
-    if not left:
-        return None
-    return left
+    return left or None
 
 
 def earlier_variants_warning(out: str, left: Sequence[str]) -> str:

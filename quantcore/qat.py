@@ -691,6 +691,11 @@ def run_qat(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOp
         distributed.teardown(ctx)
 
 
+def _ptq_uri(out: str) -> str:
+    """Where a run keeps its calibrated start (written once it has claimed ``--out``, read on resume)."""
+    return storage.join(out, "ptq", "model.qc.pt")
+
+
 def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, ctx: distributed.DistContext,
                  out: str, resuming: bool, eval_classes: int | None = None
                  ) -> tuple[nn.Module, nn.Module, dict, nn.Module | None, dict | None]:
@@ -701,7 +706,6 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     from .data import class_names, eval_transform, make_loader, open_dataset
     from .pipeline import _calibration_indices, random_weights_warning
 
-    ptq_uri = storage.join(out, "ptq", "model.qc.pt")
     if opts.init:
         model = api.load(opts.init)
         _check_init(recipe, model.quantcore_recipe, opts.init)
@@ -745,7 +749,7 @@ def _start_point(recipe: Recipe, cfg: QATConfig, train: Any, opts: QATOptions, c
     teacher = _prechecks(cfg, fp32, ctx.device, eval_classes, fold_bn=recipe.placement.fold_bn)
     if resuming:
         try:
-            model = api.load(ptq_uri).to(ctx.device)
+            model = api.load(_ptq_uri(out)).to(ctx.device)
         except CheckpointError as err:
             raise CheckpointError(f"{err}; it is the calibrated start of the run whose training checkpoints are "
                                   f"under {out}/checkpoints: restore it, or start over with --no-resume or "
@@ -1363,7 +1367,7 @@ def _run(recipe: Recipe, train: Any, evald: Any | None, out: str, opts: QATOptio
     _take_over_out(out, ctx, resume)
     if ptq_extra is not None:  # the calibrated start, written only now that --out is this run's
         if ctx.is_main:
-            api.save(ptq_model, storage.join(out, "ptq", "model.qc.pt"), extra=ptq_extra)
+            api.save(ptq_model, _ptq_uri(out), extra=ptq_extra)
         distributed.barrier()
     flag = torch.zeros(2)  # [SIGTERM seen, training diverged], max over ranks
     with _Sigterm(opts.handle_sigterm) as sigterm, progress:
@@ -1699,7 +1703,7 @@ def _finish(recipe, cfg, fp32, ptq_model, model, train, evald, out, opts, ctx, s
     if ctx.is_main:
         base = storage.join(out, name)
         art = {"checkpoint": storage.join(base, "model.qc.pt"), "encodings": storage.join(base, "encodings.json"),
-               "ptq_checkpoint": storage.join(out, "ptq", "model.qc.pt")}
+               "ptq_checkpoint": _ptq_uri(out)}
         extra = {"calibration": cal_info, "qat": qat_info}
         api.save(model, art["checkpoint"], extra=extra)
         _write_json(art["encodings"], api.encodings(model, extra=extra))
